@@ -1,0 +1,55 @@
+# Makefile for the billing extension (PGXS).
+#
+#   make / make install   build and install the extension
+#   make test             install what is missing, build with -Werror, run every suite
+#                         on a throwaway cluster, print "N passed, N failed"
+#   make demo             build, install and run the demo scenario on a throwaway cluster
+#   make bench            benchmarks against their peers (not tests)
+
+EXTENSION  = billing
+EXTVERSION = $(shell sed -n "s/^default_version[[:space:]]*=[[:space:]]*'\([^']*\)'.*/\1/p" billing.control)
+
+MODULE_big = billing
+OBJS       = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
+
+# The install script of the current version is assembled from the ordered
+# parts under sql/install/ (one part per concern).  Upgrade scripts
+# (billing--X--Y.sql) are written by hand and frozen once released.
+EXTSQL     = sql/$(EXTENSION)--$(EXTVERSION).sql
+DATA       = $(EXTSQL) $(filter-out $(EXTSQL),$(wildcard sql/$(EXTENSION)--*.sql))
+DOCS       = doc/billing.md
+EXTRA_CLEAN = $(EXTSQL) results regression.diffs regression.out
+
+TESTS      = $(filter-out setup,$(sort $(basename $(notdir $(filter-out sql/$(EXTENSION)--%,$(wildcard sql/*.sql))))))
+REGRESS    = setup $(TESTS)
+REGRESS_OPTS = --load-extension=plpgsql
+
+PG_CONFIG ?= pg_config
+PG_CFLAGS += -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
+ifdef WERROR
+PG_CFLAGS += -Werror
+endif
+
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+all: $(EXTSQL)
+
+$(EXTSQL): $(sort $(wildcard sql/install/*.sql)) billing.control
+	@echo 'assembling $@'
+	@{ printf '%s\n' '-- $@: assembled by make from the parts in sql/install; edit those.'; \
+	   printf '%s\n' '\echo Use "CREATE EXTENSION $(EXTENSION)" to load this file. \quit'; \
+	   for f in $(sort $(wildcard sql/install/*.sql)); do echo; echo "-- ---- $$f ----"; cat $$f; done; } > $@
+
+.PHONY: test demo bench bench-citus
+test:
+	bash test/run_tests.sh
+
+demo:
+	bash test/demo.sh
+
+bench:
+	bash test/bench/run.sh
+
+bench-citus:
+	bash test/bench/citus.sh

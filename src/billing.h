@@ -1,0 +1,28 @@
+/*
+ * billing.h
+ *		Declarations shared by the modules of the billing extension:
+ *		configuration variables (GUCs) and cross-module entry points.
+ */
+#ifndef BILLING_H
+#define BILLING_H
+
+#include "postgres.h"
+
+/* billing.rounding: how money is rounded to the currency's minor unit */
+typedef enum BillingRounding
+{
+	BILLING_ROUND_HALF_UP,		/* ties away from zero (default) */
+	BILLING_ROUND_HALF_EVEN,	/* ties to the even digit */
+	BILLING_ROUND_UP,			/* away from zero */
+	BILLING_ROUND_DOWN			/* toward zero */
+} BillingRounding;
+
+extern int	billing_rounding;
+
+/* billing.grace_period, in seconds */
+extern int	billing_grace_period;
+
+/* ingest.c */
+extern void billing_ingest_init(void);
+
+#endif							/* BILLING_H */

@@ -1,0 +1,247 @@
+/*
+ * decimal.c
+ *		Exact 128-bit fixed-point decimals and their exact conversion from
+ *		and to numeric.  Used wherever a hot loop adds or multiplies
+ *		quantities and money (ingest accumulators, rating) so that it does
+ *		not palloc a numeric per row; anything that does not fit falls back
+ *		to numeric by the caller.
+ *
+ * Reading a numeric relies on its on-disk format (varlena header, a 16-bit
+ * header word carrying sign, display scale and weight in the short form or
+ * sign and display scale followed by a 16-bit weight in the long form, then
+ * base-10000 digits).  That format is stable across major versions because
+ * it is stored on disk.
+ */
+#include "postgres.h"
+
+#include "common/int.h"
+#include "fmgr.h"
+#include "utils/builtins.h"
+#include "utils/numeric.h"
+
+#include "decimal.h"
+
+/* the parts of numeric's on-disk format that we read */
+#define NUM_SIGN_MASK		0xC000
+#define NUM_NEG				0x4000
+#define NUM_SHORT			0x8000
+#define NUM_SPECIAL			0xC000
+#define NUM_SHORT_SIGN		0x2000
+#define NUM_SHORT_WSIGN		0x0040
+#define NUM_SHORT_WMASK		0x003F
+#define NUM_NBASE			10000
+
+const int128_t dec_pow10[DEC_MAX_DIGITS + 1] = {
+	1,
+	10,
+	100,
+	1000,
+	10000,
+	100000,
+	1000000,
+	10000000,
+	100000000,
+	1000000000,
+	10000000000LL,
+	100000000000LL,
+	1000000000000LL,
+	10000000000000LL,
+	100000000000000LL,
+	1000000000000000LL,
+	10000000000000000LL,
+	100000000000000000LL,
+	1000000000000000000LL,
+	(int128_t) 1000000000000000000LL * 10,
+	(int128_t) 1000000000000000000LL * 100,
+	(int128_t) 1000000000000000000LL * 1000,
+	(int128_t) 1000000000000000000LL * 10000,
+	(int128_t) 1000000000000000000LL * 100000,
+	(int128_t) 1000000000000000000LL * 1000000,
+	(int128_t) 1000000000000000000LL * 10000000,
+	(int128_t) 1000000000000000000LL * 100000000,
+	(int128_t) 1000000000000000000LL * 1000000000,
+	(int128_t) 1000000000000000000LL * 10000000000LL,
+	(int128_t) 1000000000000000000LL * 100000000000LL,
+	(int128_t) 1000000000000000000LL * 1000000000000LL,
+	(int128_t) 1000000000000000000LL * 10000000000000LL,
+	(int128_t) 1000000000000000000LL * 100000000000000LL,
+	(int128_t) 1000000000000000000LL * 1000000000000000LL,
+	(int128_t) 1000000000000000000LL * 10000000000000000LL,
+	(int128_t) 1000000000000000000LL * 100000000000000000LL,
+	(int128_t) 1000000000000000000LL * 1000000000000000000LL,
+	(int128_t) 1000000000000000000LL * 1000000000000000000LL * 10,
+	(int128_t) 1000000000000000000LL * 1000000000000000000LL * 100,
+};
+
+#define DEC_LIMIT	dec_pow10[DEC_MAX_DIGITS]	/* exclusive bound on |v| */
+
+/*
+ * dec_from_numeric
+ *		Convert num exactly to a fixed-point value of the given scale
+ *		(0..38).  Returns false when num is NaN or infinite, has non-zero
+ *		digits beyond the scale, or is too large (|v| >= 10^38).
+ */
+bool
+dec_from_numeric(Numeric num, int scale, int128_t *out)
+{
+	const uint16 *p = (const uint16 *) VARDATA_ANY(num);
+	int			len = VARSIZE_ANY_EXHDR(num);
+	uint16		header = p[0];
+	bool		neg;
+	int			weight;
+	const int16 *digits;
+	int			ndigits;
+	int128_t	v = 0;
+	int			i;
+
+	Assert(scale >= 0 && scale <= DEC_MAX_DIGITS);
+
+	if ((header & NUM_SIGN_MASK) == NUM_SPECIAL)
+		return false;
+	if ((header & NUM_SIGN_MASK) == NUM_SHORT)
+	{
+		neg = (header & NUM_SHORT_SIGN) != 0;
+		weight = ((header & NUM_SHORT_WSIGN) ? ~NUM_SHORT_WMASK : 0) |
+			(header & NUM_SHORT_WMASK);
+		digits = (const int16 *) (p + 1);
+		ndigits = (len - (int) sizeof(uint16)) / (int) sizeof(int16);
+	}
+	else
+	{
+		neg = (header & NUM_SIGN_MASK) == NUM_NEG;
+		weight = (int16) p[1];
+		digits = (const int16 *) (p + 2);
+		ndigits = (len - 2 * (int) sizeof(uint16)) / (int) sizeof(int16);
+	}
+
+	/*
+	 * Digit i (base 10000) has weight (weight - i): it contributes
+	 * d * 10000^(weight - i) * 10^scale = d * 10^(4*(weight - i) + scale).
+	 */
+	for (i = 0; i < ndigits; i++)
+	{
+		int			e = 4 * (weight - i) + scale;
+		int128_t	d = digits[i];
+
+		if (d == 0)
+			continue;
+		if (e < 0)
+		{
+			/* fractional digits beyond the scale must divide out exactly */
+			if (e <= -4 || d % dec_pow10[-e] != 0)
+				return false;
+			d /= dec_pow10[-e];
+			e = 0;
+		}
+		if (e >= DEC_MAX_DIGITS)
+			return false;
+		if (d >= DEC_LIMIT / dec_pow10[e])
+			return false;
+		v += d * dec_pow10[e];
+		if (v >= DEC_LIMIT)
+			return false;
+	}
+	*out = neg ? -v : v;
+	return true;
+}
+
+/*
+ * dec_to_cstring
+ *		Print value / 10^scale in plain decimal, without trailing fractional
+ *		zeros, into buf (DEC_CSTRING_LEN bytes).  Returns the length.
+ */
+int
+dec_to_cstring(int128_t value, int scale, char *buf)
+{
+	char		tmp[DEC_CSTRING_LEN];
+	int			n = 0;
+	int			len = 0;
+	unsigned __int128 u = value < 0 ? -(unsigned __int128) value : (unsigned __int128) value;
+	int			i;
+
+	/* digits, least significant first, at least scale + 1 of them */
+	do
+	{
+		tmp[n++] = '0' + (int) (u % 10);
+		u /= 10;
+	} while (u != 0 || n <= scale);
+
+	/* drop trailing fractional zeros */
+	i = 0;
+	while (i < scale && tmp[i] == '0')
+		i++;
+
+	if (value < 0)
+		buf[len++] = '-';
+	for (int k = n - 1; k >= scale; k--)
+		buf[len++] = tmp[k];
+	if (i < scale)
+	{
+		buf[len++] = '.';
+		for (int k = scale - 1; k >= i; k--)
+			buf[len++] = tmp[k];
+	}
+	buf[len] = '\0';
+	return len;
+}
+
+/*
+ * dec_to_numeric
+ *		The numeric equal to value / 10^scale, with no trailing fractional
+ *		zeros.
+ */
+Numeric
+dec_to_numeric(int128_t value, int scale)
+{
+	char		buf[DEC_CSTRING_LEN];
+
+	dec_to_cstring(value, scale, buf);
+	return DatumGetNumeric(DirectFunctionCall3(numeric_in,
+											   CStringGetDatum(buf),
+											   ObjectIdGetDatum(InvalidOid),
+											   Int32GetDatum(-1)));
+}
+
+/*
+ * dec_add
+ *		*out = a + b; false when the result leaves the 38-digit range.
+ */
+bool
+dec_add(int128_t a, int128_t b, int128_t *out)
+{
+	int128_t	r = a + b;		/* |a|, |b| < 10^38 < 2^127 / 2: no overflow */
+
+	if (r >= DEC_LIMIT || r <= -DEC_LIMIT)
+		return false;
+	*out = r;
+	return true;
+}
+
+/*
+ * dec_mul
+ *		*out = a * b (scales add up); false when the result leaves the
+ *		38-digit range.
+ */
+bool
+dec_mul(int128_t a, int128_t b, int128_t *out)
+{
+	int128_t	r;
+
+	if (__builtin_mul_overflow(a, b, &r))
+		return false;
+	if (r >= DEC_LIMIT || r <= -DEC_LIMIT)
+		return false;
+	*out = r;
+	return true;
+}
+
+/*
+ * numeric_trimmed
+ *		num without trailing fractional zeros (trim_scale).
+ */
+Numeric
+numeric_trimmed(Numeric num)
+{
+	return DatumGetNumeric(DirectFunctionCall1(numeric_trim_scale,
+											   NumericGetDatum(num)));
+}

@@ -1,0 +1,76 @@
+# Shared shell functions for make test, make demo and make bench: install the
+# build and test dependencies, build and install the extension, and run a
+# throwaway PostgreSQL cluster on a private socket directory and port.
+#
+# Postgres refuses to run as root, so when these scripts run as root (as CI
+# does) the server runs as the "postgres" user through runuser; clients
+# connect over the private socket as the "postgres" role.
+
+PGVER=${PGVER:-15}
+PGBIN=${PGBIN:-/usr/lib/postgresql/$PGVER/bin}
+export PATH="$PGBIN:$PATH"
+export PG_CONFIG="$PGBIN/pg_config"
+
+# as_root CMD...: run a command with root rights (sudo when not root).
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# as_pg CMD...: run a command as the OS user that owns the server.
+as_pg() {
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# ensure_packages PKG...: apt-get install the packages that are missing.
+ensure_packages() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
+            || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "installing: ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# build_install [make args...]: build warning-free and install.
+build_install() {
+    make -s WERROR=1 "$@" >/dev/null
+    as_root make -s install "$@" >/dev/null
+}
+
+# start_cluster: initdb and start a private cluster; sets PGHOST, PGPORT,
+# PGUSER and CLUSTER_DIR.  Extra server settings come from CLUSTER_OPTS.
+start_cluster() {
+    CLUSTER_DIR=$(mktemp -d /tmp/billing-cluster.XXXXXX)
+    chmod 755 "$CLUSTER_DIR"
+    [ "$(id -u)" = 0 ] && chown postgres: "$CLUSTER_DIR"
+    export PGHOST="$CLUSTER_DIR/sock"
+    export PGPORT=${PGPORT_TEST:-$((54000 + RANDOM % 1000))}
+    export PGUSER=postgres
+    as_pg mkdir -p "$CLUSTER_DIR/sock"
+    as_pg "$PGBIN/initdb" -D "$CLUSTER_DIR/data" -U postgres --auth=trust \
+        --no-sync -E UTF8 --locale=C.UTF-8 >"$CLUSTER_DIR/initdb.log" 2>&1 \
+        || { cat "$CLUSTER_DIR/initdb.log"; return 1; }
+    cat >>"$CLUSTER_DIR/data/postgresql.conf" <<CONF
+listen_addresses = ''
+unix_socket_directories = '$PGHOST'
+port = $PGPORT
+max_connections = 60
+max_prepared_transactions = 10
+fsync = ${CLUSTER_FSYNC:-off}
+log_min_messages = warning
+${CLUSTER_OPTS:-}
+CONF
+    as_pg "$PGBIN/pg_ctl" -D "$CLUSTER_DIR/data" -l "$CLUSTER_DIR/server.log" \
+        -w -t 60 start >/dev/null || { cat "$CLUSTER_DIR/server.log"; return 1; }
+}
+
+# stop_cluster: stop the cluster started by start_cluster and remove it.
+stop_cluster() {
+    [ -n "${CLUSTER_DIR:-}" ] && [ -d "$CLUSTER_DIR" ] || return 0
+    as_pg "$PGBIN/pg_ctl" -D "$CLUSTER_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+    rm -rf "$CLUSTER_DIR"
+    CLUSTER_DIR=
+}

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# make test: install what is missing, build with -Werror, install, start a
+# throwaway cluster, run pg_regress, the isolation specs and pgTAP, stop the
+# cluster, and print one closing line "N passed, N failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+. test/lib.sh
+
+ensure_packages postgresql-server-dev-$PGVER postgresql-$PGVER-pgtap \
+    libtap-parser-sourcehandler-pgtap-perl || exit 1
+make -s clean >/dev/null 2>&1
+build_install || { echo "build failed"; echo "0 passed, 1 failed"; exit 1; }
+
+trap stop_cluster EXIT
+start_cluster || { echo "0 passed, 1 failed"; exit 1; }
+
+passed=0
+failed=0
+out=$(mktemp -d /tmp/billing-test.XXXXXX)
+
+# 1. pg_regress: the documented examples and error messages.
+echo "== pg_regress"
+rm -f regression.diffs regression.out
+make -s installcheck >"$out/regress.log" 2>&1
+rc=$?
+cat "$out/regress.log"
+ok=$(grep -Ec '\.\.\. ok|^ok [0-9]+' "$out/regress.log")
+bad=$(grep -Ec '\.\.\. FAILED|^not ok [0-9]+' "$out/regress.log")
+if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
+passed=$((passed + ok)); failed=$((failed + bad))
+if [ -s regression.diffs ]; then
+    echo "== regression.diffs"
+    cat regression.diffs
+fi
+
+# 2. isolation specs: real concurrent sessions.
+ISO=$("$PG_CONFIG" --pgxs | sed 's|src/makefiles/pgxs.mk|src/test/isolation/pg_isolation_regress|')
+specs=$(ls test/isolation/specs/*.spec 2>/dev/null | xargs -r -n1 basename | sed 's/\.spec$//')
+if [ -n "$specs" ]; then
+    echo "== isolation"
+    "$ISO" --inputdir=test/isolation --outputdir="$out/iso" --use-existing \
+        --dbname=billing_isolation --load-extension=billing $specs >"$out/iso.log" 2>&1
+    rc=$?
+    cat "$out/iso.log"
+    ok=$(grep -Ec '\.\.\. ok|^ok [0-9]+' "$out/iso.log")
+    bad=$(grep -Ec '\.\.\. FAILED|^not ok [0-9]+' "$out/iso.log")
+    if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
+    passed=$((passed + ok)); failed=$((failed + bad))
+    [ -s "$out/iso/regression.diffs" ] && { echo "== isolation regression.diffs"; cat "$out/iso/regression.diffs"; }
+fi
+
+# 3. pgTAP: properties, privileges and schema.
+echo "== pgTAP"
+psql -qX -d postgres -c "DROP DATABASE IF EXISTS billing_tap" -c "CREATE DATABASE billing_tap" >/dev/null
+psql -qX -d billing_tap -c "CREATE EXTENSION pgtap" -c "CREATE EXTENSION billing" >/dev/null
+pg_prove --verbose --ext .sql -d billing_tap -U postgres test/pgtap/ >"$out/tap.log" 2>&1
+rc=$?
+grep -vE '^ok [0-9]+' "$out/tap.log"
+ok=$(grep -Ec '^ *ok [0-9]+' "$out/tap.log")
+bad=$(grep -Ec '^ *not ok [0-9]+' "$out/tap.log")
+if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
+passed=$((passed + ok)); failed=$((failed + bad))
+
+rm -rf "$out"
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
