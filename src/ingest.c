@@ -105,6 +105,7 @@ typedef struct MeterSlot
 {
 	char		name[METER_NAME_LEN];	/* hash key */
 	int32		id;				/* index in IngestState.slots */
+	int			namelen;
 	MeterDef	def;
 	TimestampTz oldest;			/* now() - late_window */
 	TimestampTz expires;		/* now() + dedupe_window */
@@ -122,10 +123,33 @@ typedef struct BucketKey
 typedef struct BucketAcc
 {
 	BucketKey	key;
+	char		status;			/* simplehash's slot status */
 	Qty			value;
 	int64		events;
 	TimestampTz last_ts;		/* last meters: timestamp of value */
 } BucketAcc;
+
+static inline uint32
+bucketkey_hash(const BucketKey *k)
+{
+	uint64		h = hash_combine64((uint64) k->account_id * UINT64CONST(0x9E3779B97F4A7C15),
+								   (uint64) k->bucket_start);
+
+	h = hash_combine64(h, ((uint64) (uint32) k->meter << 32) | (uint32) k->dim);
+	return (uint32) (h ^ (h >> 32));
+}
+
+/* open-addressing hash table of counter cells (lib/simplehash.h) */
+#define SH_PREFIX		cells
+#define SH_ELEMENT_TYPE	BucketAcc
+#define SH_KEY_TYPE		BucketKey
+#define SH_KEY			key
+#define SH_HASH_KEY(tb, k)	bucketkey_hash(&(k))
+#define SH_EQUAL(tb, a, b)	(memcmp(&(a), &(b), sizeof(BucketKey)) == 0)
+#define SH_SCOPE		static inline
+#define SH_DECLARE
+#define SH_DEFINE
+#include "lib/simplehash.h"
 
 /* a report waiting for its event id to be claimed */
 typedef struct PendingRow
@@ -191,8 +215,8 @@ typedef struct IngestState
 	DimEntry  **dims;
 	int			ndims;
 	int			maxdims;
-	HTAB	   *buckets;		/* BucketKey -> BucketAcc */
-	HTAB	   *accounts;		/* account ids not yet checked */
+	int			last_dim;		/* id of the dimension used last */
+	cells_hash *buckets;		/* BucketKey -> BucketAcc */
 	HTAB	   *seen;			/* event ids pending in this batch */
 	PendingRow *pending;
 	int			npending;
@@ -201,7 +225,7 @@ typedef struct IngestState
 	int			ntables;
 	int64		counted;		/* reports counted */
 	int64		duplicates;		/* reports dropped as duplicates */
-	int64		nrows;			/* rows since the last memory check */
+	Size		pending_bytes;	/* memory held by queued event ids */
 } IngestState;
 
 /* trigger accumulators of the current transaction, innermost first */
@@ -504,19 +528,7 @@ state_create(MemoryContext parent)
 	st->dimhash = hash_create("billing ingest dimensions", 16, &ctl,
 							  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(BucketKey);
-	ctl.entrysize = sizeof(BucketAcc);
-	ctl.hcxt = ctx;
-	st->buckets = hash_create("billing ingest buckets", 1024, &ctl,
-							  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
-
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(int64);
-	ctl.entrysize = sizeof(int64);
-	ctl.hcxt = ctx;
-	st->accounts = hash_create("billing ingest accounts", 256, &ctl,
-							   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	st->buckets = cells_create(ctx, 1024, NULL);
 
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = sizeof(SeenKey);
@@ -538,6 +550,14 @@ state_slot(IngestState *st, const char *name, int len)
 	char		key[METER_NAME_LEN];
 	MeterSlot  *slot;
 	bool		found;
+
+	/* a batch uses a handful of meters: compare before hashing */
+	for (int i = 0; i < st->nslots; i++)
+	{
+		slot = st->slots[i];
+		if (slot->namelen == len && memcmp(slot->name, name, len) == 0)
+			return slot;
+	}
 
 	memset(key, 0, sizeof(key));
 	if (len >= METER_NAME_LEN || len == 0 || memchr(name, '\0', len))
@@ -562,6 +582,7 @@ state_slot(IngestState *st, const char *name, int len)
 					 errhint("Meters are defined in billing.meters.")));
 		}
 		slot->def = *def;
+		slot->namelen = strlen(key);
 		slot->oldest = DatumGetTimestampTz(DirectFunctionCall2(timestamptz_mi_interval,
 															   TimestampTzGetDatum(st->now),
 															   IntervalPGetDatum(&def->late_window)));
@@ -589,10 +610,19 @@ state_slot(IngestState *st, const char *name, int len)
 static int32
 state_dim(IngestState *st, const char *s, int len)
 {
-	uint32		h = hash_bytes((const unsigned char *) s, len);
+	uint32		h;
 	DimEntry   *e;
 	bool		found;
 	MemoryContext old;
+
+	/* most reports repeat the previous dimension (usually '') */
+	if (st->ndims > 0)
+	{
+		e = st->dims[st->last_dim];
+		if (e->len == len && memcmp(e->str, s, len) == 0)
+			return e->id;
+	}
+	h = hash_bytes((const unsigned char *) s, len);
 
 	/* linear probing on the hash value keeps collisions exact */
 	for (;;)
@@ -601,7 +631,10 @@ state_dim(IngestState *st, const char *s, int len)
 		if (!found)
 			break;
 		if (e->len == len && memcmp(e->str, s, len) == 0)
+		{
+			st->last_dim = e->id;
 			return e->id;
+		}
 		h++;
 	}
 	old = MemoryContextSwitchTo(st->ctx);
@@ -618,6 +651,7 @@ state_dim(IngestState *st, const char *s, int len)
 	MemoryContextSwitchTo(old);
 	e->id = st->ndims;
 	st->dims[st->ndims++] = e;
+	st->last_dim = e->id;
 	return e->id;
 }
 
@@ -648,7 +682,7 @@ accumulate(IngestState *st, const BucketKey *key, const Qty *v, TimestampTz ts)
 	bool		found;
 	Aggregation agg = st->slots[key->meter]->def.agg;
 
-	acc = hash_search(st->buckets, key, HASH_ENTER, &found);
+	acc = cells_insert(st->buckets, *key, &found);
 	if (!found)
 	{
 		acc->events = 1;
@@ -798,7 +832,6 @@ add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 	BucketKey	key;
 	Qty			v;
 	bool		notfinite;
-	bool		isnew;
 
 	qty_from_datum(qty, qtytype, &v, &notfinite);
 	if (notfinite)
@@ -833,8 +866,6 @@ add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 	key.meter = slot->id;
 	key.dim = state_dim(st, dim, dimlen);
 	key.bucket_start = bucket_of(ts, slot->def.width);
-
-	hash_search(st->accounts, &account_id, HASH_ENTER, &isnew);
 
 	if (event_id != NULL)
 	{
@@ -872,6 +903,7 @@ add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 			memcpy(p->event_id, event_id, event_len);
 			p->event_id[event_len] = '\0';
 			p->event_len = event_len;
+			st->pending_bytes += sizeof(PendingRow) + sizeof(SeenEntry) + 2 * (event_len + 1) + 32;
 			MemoryContextSwitchTo(old);
 			return REPORT_PENDING;
 		}
@@ -888,10 +920,15 @@ add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 static void
 maybe_flush(IngestState *st)
 {
-	if (++st->nrows < 1024)
-		return;
-	st->nrows = 0;
-	if (MemoryContextMemAllocated(st->ctx, true) > (Size) work_mem * 1024)
+	Size		budget = (Size) work_mem * 1024;
+
+	/*
+	 * Flush before the cell table would double past the budget, or when
+	 * the queued event ids reach half of it.
+	 */
+	if ((st->buckets->members + 1 >= st->buckets->grow_threshold &&
+		 (Size) st->buckets->size * 2 * sizeof(BucketAcc) > budget) ||
+		st->pending_bytes > budget / 2)
 		flush_state(st);
 }
 
@@ -902,27 +939,25 @@ maybe_flush(IngestState *st)
 
 /*
  * check_accounts
- *		Raise 23503 when an account reported since the last check does not
- *		exist in billing.accounts.
+ *		Raise 23503 when one of the n account ids (sorted, so that repeats
+ *		are adjacent) does not exist in billing.accounts.
  */
 static void
-check_accounts(IngestState *st)
+check_accounts(const int64 *accounts, long n)
 {
-	long		n = hash_get_num_entries(st->accounts);
 	Datum	   *ids;
-	HASH_SEQ_STATUS seq;
-	int64	   *e;
-	int			i = 0;
+	long		i;
+	int			m = 0;
 	Datum		values[1];
 	Oid			types[1] = {INT8ARRAYOID};
 
 	if (n == 0)
 		return;
 	ids = palloc(n * sizeof(Datum));
-	hash_seq_init(&seq, st->accounts);
-	while ((e = hash_seq_search(&seq)) != NULL)
-		ids[i++] = Int64GetDatum(*e);
-	values[0] = PointerGetDatum(construct_array(ids, i, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	for (i = 0; i < n; i++)
+		if (i == 0 || accounts[i] != accounts[i - 1])
+			ids[m++] = Int64GetDatum(accounts[i]);
+	values[0] = PointerGetDatum(construct_array(ids, m, INT8OID, 8, true, TYPALIGN_DOUBLE));
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -953,17 +988,7 @@ check_accounts(IngestState *st)
 				 errhint("Accounts are defined in billing.accounts.")));
 	}
 	SPI_finish();
-	hash_destroy(st->accounts);
-	{
-		HASHCTL		ctl;
-
-		memset(&ctl, 0, sizeof(ctl));
-		ctl.keysize = sizeof(int64);
-		ctl.entrysize = sizeof(int64);
-		ctl.hcxt = st->ctx;
-		st->accounts = hash_create("billing ingest accounts", 256, &ctl,
-								   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
-	}
+	pfree(ids);
 }
 
 /* order pending rows by (account, meter name, event id): claims in one order */
@@ -1125,6 +1150,7 @@ claim_pending(IngestState *st)
 		pfree(p->event_id);
 	}
 	st->npending = 0;
+	st->pending_bytes = 0;
 	hash_destroy(claimed);
 	hash_destroy(st->seen);
 	memset(&ctl, 0, sizeof(ctl));
@@ -1148,6 +1174,7 @@ typedef struct DeltaWriter
 	int			n;
 	Oid			seqid;
 	CommandId	cid;
+	MemoryContext cxt;			/* holds the writer's own state */
 } DeltaWriter;
 
 static void
@@ -1165,6 +1192,7 @@ writer_open(DeltaWriter *w)
 	w->n = 0;
 	w->seqid = InvalidOid;
 	w->cid = GetCurrentCommandId(true);
+	w->cxt = CurrentMemoryContext;
 }
 
 static void
@@ -1189,39 +1217,45 @@ writer_flush(DeltaWriter *w)
 
 /*
  * writer_add
- *		Queue one delta row.  quantity must stay valid until the next
+ *		Queue one delta row: the cells of one (account, meter, dimension),
+ *		as parallel arrays.  The arrays must stay valid until the next
  *		writer_flush.
  */
 static void
 writer_add(DeltaWriter *w, int64 account_id, const char *meter,
-		   const char *dim, int dimlen, TimestampTz bucket_start,
-		   Numeric quantity, int64 events, bool is_last, TimestampTz last_ts)
+		   const char *dim, int dimlen, Datum starts, Datum quantities,
+		   Datum events, bool is_last, Datum last_ts)
 {
 	TupleTableSlot *slot;
 
 	if (w->slots[w->n] == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(w->cxt);
+
 		w->slots[w->n] = MakeSingleTupleTableSlot(RelationGetDescr(w->rel),
-												  &TTSOpsVirtual);
+												  table_slot_callbacks(w->rel));
+		MemoryContextSwitchTo(old);
+	}
 	slot = w->slots[w->n];
 	ExecClearTuple(slot);
-	/* columns: account_id, meter, dimension, bucket_start, quantity, events, last_ts, last_seq */
+	/* account_id, meter, dimension, seq, bucket_starts, quantities, events, last_ts */
+	memset(slot->tts_isnull, 0, 8 * sizeof(bool));
 	slot->tts_values[0] = Int64GetDatum(account_id);
 	slot->tts_values[1] = PointerGetDatum(cstring_to_text(meter));
 	slot->tts_values[2] = PointerGetDatum(cstring_to_text_with_len(dim, dimlen));
-	slot->tts_values[3] = TimestampTzGetDatum(bucket_start);
-	slot->tts_values[4] = NumericGetDatum(quantity);
-	slot->tts_values[5] = Int64GetDatum(events);
-	memset(slot->tts_isnull, 0, 8 * sizeof(bool));
+	slot->tts_values[4] = starts;
+	slot->tts_values[5] = quantities;
+	slot->tts_values[6] = events;
 	if (is_last)
 	{
 		if (!OidIsValid(w->seqid))
 			w->seqid = billing_relid("usage_seq");
-		slot->tts_values[6] = TimestampTzGetDatum(last_ts);
-		slot->tts_values[7] = Int64GetDatum(nextval_internal(w->seqid, false));
+		slot->tts_values[3] = Int64GetDatum(nextval_internal(w->seqid, false));
+		slot->tts_values[7] = last_ts;
 	}
 	else
 	{
-		slot->tts_isnull[6] = true;
+		slot->tts_isnull[3] = true;
 		slot->tts_isnull[7] = true;
 	}
 	ExecStoreVirtualTuple(slot);
@@ -1243,6 +1277,30 @@ writer_close(DeltaWriter *w)
 	table_close(w->rel, NoLock);
 }
 
+/* a counter cell with its key inline, for sorting without pointer chasing */
+typedef struct CellRef
+{
+	BucketKey	key;
+	BucketAcc  *acc;
+} CellRef;
+
+static int
+cell_cmp(const void *a, const void *b)
+{
+	const BucketKey *x = &((const CellRef *) a)->key;
+	const BucketKey *y = &((const CellRef *) b)->key;
+
+	if (x->account_id != y->account_id)
+		return x->account_id < y->account_id ? -1 : 1;
+	if (x->meter != y->meter)
+		return x->meter < y->meter ? -1 : 1;
+	if (x->dim != y->dim)
+		return x->dim < y->dim ? -1 : 1;
+	if (x->bucket_start != y->bucket_start)
+		return x->bucket_start < y->bucket_start ? -1 : 1;
+	return 0;
+}
+
 /*
  * flush_state
  *		Check accounts, claim queued event ids, write every counter cell as
@@ -1251,51 +1309,99 @@ writer_close(DeltaWriter *w)
 static void
 flush_state(IngestState *st)
 {
-	HASH_SEQ_STATUS seq;
+	cells_iterator it;
 	BucketAcc  *acc;
 	DeltaWriter w;
 	MemoryContext tmp;
 	MemoryContext old;
+	CellRef    *cells;
+	int64	   *accounts;
+	long		ncells;
+	long		i = 0;
+	long		j;
+	Datum	   *starts,
+			   *qtys,
+			   *events,
+			   *lasts;
 
-	check_accounts(st);
 	claim_pending(st);
 
-	if (hash_get_num_entries(st->buckets) == 0)
+	if (st->buckets->members == 0)
 		return;
 
+	/* group the cells by (account, meter, dimension), buckets in order */
+	ncells = st->buckets->members;
+	cells = palloc(ncells * sizeof(CellRef));
+	cells_start_iterate(st->buckets, &it);
+	while ((acc = cells_iterate(st->buckets, &it)) != NULL)
+	{
+		cells[i].key = acc->key;
+		cells[i++].acc = acc;
+	}
+	qsort(cells, ncells, sizeof(CellRef), cell_cmp);
+
+	/* every account counted must exist */
+	accounts = palloc(ncells * sizeof(int64));
+	for (i = 0; i < ncells; i++)
+		accounts[i] = cells[i].key.account_id;
+	check_accounts(accounts, ncells);
+	pfree(accounts);
+
+	starts = palloc(ncells * sizeof(Datum));
+	qtys = palloc(ncells * sizeof(Datum));
+	events = palloc(ncells * sizeof(Datum));
+	lasts = palloc(ncells * sizeof(Datum));
+
+	writer_open(&w);
 	tmp = AllocSetContextCreate(CurrentMemoryContext, "billing flush",
 								ALLOCSET_DEFAULT_SIZES);
 	old = MemoryContextSwitchTo(tmp);
-	writer_open(&w);
-	hash_seq_init(&seq, st->buckets);
-	while ((acc = hash_seq_search(&seq)) != NULL)
+	for (i = 0; i < ncells; i = j)
 	{
-		MeterSlot  *slot = st->slots[acc->key.meter];
-		DimEntry   *dim = st->dims[acc->key.dim];
+		BucketKey  *k = &cells[i].key;
+		MeterSlot  *slot = st->slots[k->meter];
+		DimEntry   *dim = st->dims[k->dim];
+		bool		is_last = (slot->def.agg == AGG_LAST);
+		int			n;
 
-		writer_add(&w, acc->key.account_id, slot->name, dim->str, dim->len,
-				   acc->key.bucket_start,
-				   numeric_trimmed(qty_numeric(&acc->value)), acc->events,
-				   slot->def.agg == AGG_LAST, acc->last_ts);
+		for (j = i; j < ncells && cells[j].key.account_id == k->account_id &&
+			 cells[j].key.meter == k->meter && cells[j].key.dim == k->dim; j++)
+		{
+			acc = cells[j].acc;
+			starts[j - i] = TimestampTzGetDatum(acc->key.bucket_start);
+			qtys[j - i] = NumericGetDatum(acc->value.isdec
+										  ? dec_to_numeric(acc->value.dec, QTY_SCALE)
+										  : numeric_trimmed(acc->value.num));
+			events[j - i] = Int64GetDatum(acc->events);
+
+			lasts[j - i] = TimestampTzGetDatum(acc->last_ts);
+		}
+		n = j - i;
+		writer_add(&w, k->account_id, slot->name, dim->str, dim->len,
+				   PointerGetDatum(construct_array(starts, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE)),
+				   PointerGetDatum(construct_array(qtys, n, NUMERICOID, -1, false, TYPALIGN_INT)),
+				   PointerGetDatum(construct_array(events, n, INT8OID, 8, true, TYPALIGN_DOUBLE)),
+				   is_last,
+				   is_last ? PointerGetDatum(construct_array(lasts, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE))
+				   : (Datum) 0);
 		if (w.n == 0)
 			MemoryContextReset(tmp);	/* batch written: its values are done */
 	}
-	writer_close(&w);
+	writer_flush(&w);
 	MemoryContextSwitchTo(old);
 	MemoryContextDelete(tmp);
+	writer_close(&w);
+	for (i = 0; i < ncells; i++)
+		if (!cells[i].acc->value.isdec)
+			pfree(cells[i].acc->value.num);
+	pfree(cells);
+	pfree(starts);
+	pfree(qtys);
+	pfree(events);
+	pfree(lasts);
 
-	/* empty the counters; numerics held by cells go with a fresh table */
-	hash_destroy(st->buckets);
-	{
-		HASHCTL		ctl;
-
-		memset(&ctl, 0, sizeof(ctl));
-		ctl.keysize = sizeof(BucketKey);
-		ctl.entrysize = sizeof(BucketAcc);
-		ctl.hcxt = st->ctx;
-		st->buckets = hash_create("billing ingest buckets", 1024, &ctl,
-								  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
-	}
+	/* empty the counters; the table keeps its (bounded) capacity */
+	cells_reset(st->buckets);
 	CommandCounterIncrement();
 }
 
@@ -1307,7 +1413,7 @@ flush_state(IngestState *st)
 static bool
 state_is_empty(IngestState *st)
 {
-	return hash_get_num_entries(st->buckets) == 0 && st->npending == 0;
+	return st->buckets->members == 0 && st->npending == 0;
 }
 
 static void
@@ -1858,7 +1964,7 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 	(void) add_report(st, account_id, slot->name, strlen(slot->name),
 					  NumericGetDatum(total), NUMERICOID, ts, NULL, 0,
 					  dstr, dlen, true);
-	check_accounts(st);
+	check_accounts(&account_id, 1);
 	bucket = bucket_of(ts, slot->def.width);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
@@ -1917,17 +2023,7 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 	SPI_finish();
 
 	/* the accumulator holds the report; replace it by the increase */
-	hash_destroy(st->buckets);
-	{
-		HASHCTL		ctl;
-
-		memset(&ctl, 0, sizeof(ctl));
-		ctl.keysize = sizeof(BucketKey);
-		ctl.entrysize = sizeof(BucketAcc);
-		ctl.hcxt = st->ctx;
-		st->buckets = hash_create("billing ingest buckets", 16, &ctl,
-								  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
-	}
+	cells_reset(st->buckets);
 	if (cmp > 0 || new_source)
 	{
 		BucketKey	key;
@@ -1950,7 +2046,7 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 		}
 		accumulate(st, &key, &inc, ts);
 		/* a source counts as one event, the first time it reports */
-		acc = hash_search(st->buckets, &key, HASH_FIND, NULL);
+		acc = cells_lookup(st->buckets, key);
 		acc->events = new_source ? 1 : 0;
 		flush_state(st);
 	}

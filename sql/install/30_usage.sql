@@ -21,18 +21,32 @@ COMMENT ON TABLE billing.usage_buckets IS
     'Compacted usage counters, one row per (account, meter, bucket, dimension); add usage_deltas to read';
 
 CREATE TABLE billing.usage_deltas (
-    account_id    bigint NOT NULL,
-    meter         text COLLATE "C" NOT NULL,
-    dimension     text COLLATE "C" NOT NULL DEFAULT '',
-    bucket_start  timestamptz NOT NULL,
-    quantity      numeric NOT NULL,
-    events        bigint NOT NULL,
-    last_ts       timestamptz,
-    last_seq      bigint
+    account_id     bigint NOT NULL,
+    meter          text COLLATE "C" NOT NULL,
+    dimension      text COLLATE "C" NOT NULL DEFAULT '',
+    seq            bigint,                  -- last meters: arrival order
+    bucket_starts  timestamptz[] NOT NULL,  -- parallel arrays, one element per bucket
+    quantities     numeric[] NOT NULL,
+    events         bigint[] NOT NULL,
+    last_ts        timestamptz[]            -- last meters: timestamp of each quantity
 );
-CREATE INDEX usage_deltas_key ON billing.usage_deltas (account_id, meter, bucket_start);
+CREATE INDEX usage_deltas_account ON billing.usage_deltas (account_id);
 COMMENT ON TABLE billing.usage_deltas IS
-    'Usage counted since the last compact_usage(): per-statement totals, appended, never updated';
+    'Usage counted since the last compact_usage(): per statement, one row per (account, meter, dimension) with the buckets it touched as arrays; appended, never updated';
+
+CREATE VIEW billing.usage_cells AS
+    SELECT b.account_id, b.meter, b.dimension, b.bucket_start, b.quantity, b.events,
+           b.last_ts, b.last_seq
+      FROM billing.usage_buckets b
+    UNION ALL
+    SELECT d.account_id, d.meter, d.dimension, c.bucket_start, c.quantity, c.events,
+           c.last_ts, d.seq
+      FROM billing.usage_deltas d,
+           ROWS FROM (pg_catalog.unnest(d.bucket_starts), pg_catalog.unnest(d.quantities),
+                      pg_catalog.unnest(d.events), pg_catalog.unnest(d.last_ts))
+               AS c(bucket_start, quantity, events, last_ts);
+COMMENT ON VIEW billing.usage_cells IS
+    'Every counter cell, compacted or not: combine cells of one key by the meter''s aggregation';
 
 CREATE SEQUENCE billing.usage_seq;
 COMMENT ON SEQUENCE billing.usage_seq IS
@@ -108,8 +122,7 @@ BEGIN
     IF (TG_OP = 'DELETE' OR NEW.aggregation IS DISTINCT FROM OLD.aggregation
         OR NEW.bucket_width IS DISTINCT FROM OLD.bucket_width
         OR NEW.meter IS DISTINCT FROM OLD.meter)
-       AND (EXISTS (SELECT 1 FROM billing.usage_buckets WHERE meter = OLD.meter)
-            OR EXISTS (SELECT 1 FROM billing.usage_deltas WHERE meter = OLD.meter)) THEN
+       AND EXISTS (SELECT 1 FROM billing.usage_cells WHERE meter = OLD.meter) THEN
         RAISE EXCEPTION 'meter "%" has usage', OLD.meter
             USING ERRCODE = '55000',
                   DETAIL = 'Its name, aggregation and bucket width cannot change, nor can it be deleted, once usage was counted.',
@@ -266,17 +279,21 @@ BEGIN
     WITH moved AS (
         DELETE FROM billing.usage_deltas RETURNING *
     ), cells AS (
-        SELECT d.account_id, d.meter, d.dimension, d.bucket_start,
+        SELECT d.account_id, d.meter, d.dimension, c.bucket_start,
                CASE m.aggregation
-                   WHEN 'max' THEN max(d.quantity)
-                   WHEN 'last' THEN (array_agg(d.quantity ORDER BY d.last_ts DESC, d.last_seq DESC))[1]
-                   ELSE sum(d.quantity) END AS quantity,
-               sum(d.events)::bigint AS events,
-               max(d.last_ts) AS last_ts,
-               (array_agg(d.last_seq ORDER BY d.last_ts DESC, d.last_seq DESC))[1] AS last_seq,
+                   WHEN 'max' THEN max(c.quantity)
+                   WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, d.seq DESC))[1]
+                   ELSE sum(c.quantity) END AS quantity,
+               sum(c.events)::bigint AS events,
+               max(c.last_ts) AS last_ts,
+               (array_agg(d.seq ORDER BY c.last_ts DESC, d.seq DESC))[1] AS last_seq,
                m.aggregation, count(*) AS nrows
-          FROM moved d JOIN billing.meters m ON m.meter = d.meter
-         GROUP BY d.account_id, d.meter, d.dimension, d.bucket_start, m.aggregation
+          FROM moved d
+               CROSS JOIN LATERAL ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities),
+                                             unnest(d.events), unnest(d.last_ts))
+                   AS c(bucket_start, quantity, events, last_ts)
+               JOIN billing.meters m ON m.meter = d.meter
+         GROUP BY d.account_id, d.meter, d.dimension, c.bucket_start, m.aggregation
     ), merged AS (
         INSERT INTO billing.usage_buckets AS b
                (account_id, meter, dimension, bucket_start, quantity, events, last_ts, last_seq)
@@ -301,7 +318,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing.compact_usage() IS
-    'Folds appended usage deltas into the bucket counters; returns the number of delta rows merged';
+    'Folds appended usage deltas into the bucket counters; returns the number of delta cells merged';
 
 -- reading ----------------------------------------------------------------------
 
@@ -353,15 +370,10 @@ CREATE FUNCTION billing.usage(account_id bigint, from_ts timestamptz, to_ts time
     WITH args AS MATERIALIZED (
         SELECT billing._usage_args_ok($1, $2, $3, $4) AS ok
     ), cells AS (
-        SELECT b.meter, b.dimension, b.bucket_start, b.quantity, b.events, b.last_ts, b.last_seq
-          FROM billing.usage_buckets b
-         WHERE b.account_id = $1 AND b.bucket_start >= $2 AND b.bucket_start < $3
-           AND ($5 IS NULL OR b.meter = $5)
-        UNION ALL
-        SELECT d.meter, d.dimension, d.bucket_start, d.quantity, d.events, d.last_ts, d.last_seq
-          FROM billing.usage_deltas d
-         WHERE d.account_id = $1 AND d.bucket_start >= $2 AND d.bucket_start < $3
-           AND ($5 IS NULL OR d.meter = $5)
+        SELECT u.meter, u.dimension, u.bucket_start, u.quantity, u.events, u.last_ts, u.last_seq
+          FROM billing.usage_cells u
+         WHERE u.account_id = $1 AND u.bucket_start >= $2 AND u.bucket_start < $3
+           AND ($5 IS NULL OR u.meter = $5)
     )
     SELECT c.meter::text, c.dimension::text,
            CASE WHEN $4 IS NULL THEN c.bucket_start ELSE billing._bin($4, c.bucket_start) END,
