@@ -157,6 +157,7 @@ typedef struct PendingRow
 	BucketKey	key;
 	Qty			value;
 	TimestampTz ts;
+	int			seq;			/* arrival order within the batch */
 	char	   *event_id;
 	int			event_len;
 } PendingRow;
@@ -169,20 +170,6 @@ typedef struct DimEntry
 	char	   *str;
 	int			len;
 } DimEntry;
-
-/* key of the in-statement event id set */
-typedef struct SeenKey
-{
-	int64		account_id;
-	int32		meter;
-	uint32		hash;			/* hash of the event id */
-} SeenKey;
-
-typedef struct SeenEntry
-{
-	SeenKey		key;
-	List	   *ids;			/* event ids (char *) with that hash */
-} SeenEntry;
 
 /* cached column numbers of one metered table's trigger */
 typedef struct TableConf
@@ -217,7 +204,6 @@ typedef struct IngestState
 	int			maxdims;
 	int			last_dim;		/* id of the dimension used last */
 	cells_hash *buckets;		/* BucketKey -> BucketAcc */
-	HTAB	   *seen;			/* event ids pending in this batch */
 	PendingRow *pending;
 	int			npending;
 	int			maxpending;
@@ -530,12 +516,6 @@ state_create(MemoryContext parent)
 
 	st->buckets = cells_create(ctx, 1024, NULL);
 
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(SeenKey);
-	ctl.entrysize = sizeof(SeenEntry);
-	ctl.hcxt = ctx;
-	st->seen = hash_create("billing ingest event ids", 256, &ctl,
-						   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	return st;
 }
 
@@ -732,44 +712,6 @@ accumulate(IngestState *st, const BucketKey *key, const Qty *v, TimestampTz ts)
 }
 
 /*
- * seen_before
- *		Remember an event id of this batch; true when it was already there.
- */
-static bool
-seen_before(IngestState *st, int64 account_id, int32 meter,
-			const char *id, int len)
-{
-	SeenKey		key;
-	SeenEntry  *e;
-	bool		found;
-	ListCell   *lc;
-	char	   *copy;
-	MemoryContext old;
-
-	memset(&key, 0, sizeof(key));
-	key.account_id = account_id;
-	key.meter = meter;
-	key.hash = hash_bytes((const unsigned char *) id, len);
-	e = hash_search(st->seen, &key, HASH_ENTER, &found);
-	if (!found)
-		e->ids = NIL;
-	foreach(lc, e->ids)
-	{
-		char	   *s = lfirst(lc);
-
-		if ((int) strlen(s) == len && memcmp(s, id, len) == 0)
-			return true;
-	}
-	old = MemoryContextSwitchTo(st->ctx);
-	copy = palloc(len + 1);
-	memcpy(copy, id, len);
-	copy[len] = '\0';
-	e->ids = lappend(e->ids, copy);
-	MemoryContextSwitchTo(old);
-	return false;
-}
-
-/*
  * claim_one
  *		Claim one event id now (INSERT ... ON CONFLICT DO NOTHING); true if
  *		this transaction claimed it.
@@ -869,11 +811,6 @@ add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 
 	if (event_id != NULL)
 	{
-		if (seen_before(st, account_id, slot->id, event_id, event_len))
-		{
-			st->duplicates++;
-			return REPORT_DUPLICATE;
-		}
 		if (claim_now)
 		{
 			if (!claim_one(account_id, slot, event_id, event_len))
@@ -899,11 +836,12 @@ add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 			p->value.num = NULL;
 			qty_store(&p->value, &v, st->ctx);
 			p->ts = ts;
+			p->seq = st->npending - 1;
 			p->event_id = palloc(event_len + 1);
 			memcpy(p->event_id, event_id, event_len);
 			p->event_id[event_len] = '\0';
 			p->event_len = event_len;
-			st->pending_bytes += sizeof(PendingRow) + sizeof(SeenEntry) + 2 * (event_len + 1) + 32;
+			st->pending_bytes += sizeof(PendingRow) + event_len + 1 + 16;
 			MemoryContextSwitchTo(old);
 			return REPORT_PENDING;
 		}
@@ -1013,7 +951,19 @@ pending_cmp(const void *a, const void *b)
 	c = memcmp(x->event_id, y->event_id, Min(x->event_len, y->event_len));
 	if (c != 0)
 		return c;
-	return x->event_len - y->event_len;
+	if (x->event_len != y->event_len)
+		return x->event_len - y->event_len;
+	return x->seq - y->seq;
+}
+
+/* true when two queued reports carry the same (account, meter, event id) */
+static bool
+pending_same_key(const PendingRow *x, const PendingRow *y)
+{
+	return x->key.account_id == y->key.account_id &&
+		x->key.meter == y->key.meter &&
+		x->event_len == y->event_len &&
+		memcmp(x->event_id, y->event_id, x->event_len) == 0;
 }
 
 /*
@@ -1021,21 +971,26 @@ pending_cmp(const void *a, const void *b)
  *		Claim every queued event id with one INSERT ... ON CONFLICT DO
  *		NOTHING RETURNING, in key order (so that concurrent batches cannot
  *		deadlock), and count the reports whose ids this transaction claimed.
+ *		Repeats within the batch are sorted next to each other; the first
+ *		to arrive is the one claimed.
  */
 static void
 claim_pending(IngestState *st)
 {
 	int			n = st->npending;
+	int			nkeys = 0;
 	Datum	   *accts,
 			   *meters,
 			   *ids,
 			   *exp;
+	int		   *first;			/* per key: index of its first report */
+	bool	   *won;			/* per key: claimed by this transaction */
 	Datum		values[4];
 	Oid			types[4] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID};
-	HTAB	   *claimed;
-	HASHCTL		ctl;
-	uint64		i;
-	int			j;
+	PendingRow *ret;
+	int			nret;
+	int			j,
+				k;
 
 	if (n == 0)
 		return;
@@ -1046,28 +1001,26 @@ claim_pending(IngestState *st)
 	meters = palloc(n * sizeof(Datum));
 	ids = palloc(n * sizeof(Datum));
 	exp = palloc(n * sizeof(Datum));
+	first = palloc(n * sizeof(int));
 	for (j = 0; j < n; j++)
 	{
 		PendingRow *p = &st->pending[j];
-		MeterSlot  *slot = st->slots[p->key.meter];
+		MeterSlot  *slot;
 
-		accts[j] = Int64GetDatum(p->key.account_id);
-		meters[j] = PointerGetDatum(cstring_to_text(slot->name));
-		ids[j] = PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len));
-		exp[j] = TimestampTzGetDatum(slot->expires);
+		if (j > 0 && pending_same_key(p, &st->pending[j - 1]))
+			continue;
+		slot = st->slots[p->key.meter];
+		first[nkeys] = j;
+		accts[nkeys] = Int64GetDatum(p->key.account_id);
+		meters[nkeys] = PointerGetDatum(cstring_to_text(slot->name));
+		ids[nkeys] = PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len));
+		exp[nkeys] = TimestampTzGetDatum(slot->expires);
+		nkeys++;
 	}
-	values[0] = PointerGetDatum(construct_array(accts, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
-	values[1] = PointerGetDatum(construct_array(meters, n, TEXTOID, -1, false, TYPALIGN_INT));
-	values[2] = PointerGetDatum(construct_array(ids, n, TEXTOID, -1, false, TYPALIGN_INT));
-	values[3] = PointerGetDatum(construct_array(exp, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
-
-	/* the claimed keys, as (account, meter, id) strings */
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(SeenKey);
-	ctl.entrysize = sizeof(SeenEntry);
-	ctl.hcxt = CurrentMemoryContext;
-	claimed = hash_create("billing claimed ids", n, &ctl,
-						  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	values[0] = PointerGetDatum(construct_array(accts, nkeys, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	values[1] = PointerGetDatum(construct_array(meters, nkeys, TEXTOID, -1, false, TYPALIGN_INT));
+	values[2] = PointerGetDatum(construct_array(ids, nkeys, TEXTOID, -1, false, TYPALIGN_INT));
+	values[3] = PointerGetDatum(construct_array(exp, nkeys, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -1089,76 +1042,71 @@ claim_pending(IngestState *st)
 	if (SPI_execute_plan(claim_batch_plan, values, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "could not claim event ids");
 
-	for (i = 0; i < SPI_processed; i++)
+	/* the claimed keys, in the caller's memory, sorted like the batch */
+	nret = (int) SPI_processed;
+	ret = SPI_palloc(Max(nret, 1) * sizeof(PendingRow));
+	for (j = 0; j < nret; j++)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
+		HeapTuple	tup = SPI_tuptable->vals[j];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		bool		isnull;
-		SeenKey		key;
-		SeenEntry  *e;
-		bool		found;
 		text	   *m = DatumGetTextPP(SPI_getbinval(tup, desc, 2, &isnull));
 		text	   *id = DatumGetTextPP(SPI_getbinval(tup, desc, 3, &isnull));
-		MeterSlot  *slot = state_slot(st, VARDATA_ANY(m), VARSIZE_ANY_EXHDR(m));
-		MemoryContext old;
 
-		memset(&key, 0, sizeof(key));
-		key.account_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-		key.meter = slot->id;
-		key.hash = hash_bytes((unsigned char *) VARDATA_ANY(id), VARSIZE_ANY_EXHDR(id));
-		e = hash_search(claimed, &key, HASH_ENTER, &found);
-		if (!found)
-			e->ids = NIL;
-		/* the list lives in the caller's context, not SPI's */
-		old = MemoryContextSwitchTo(ctl.hcxt);
-		e->ids = lappend(e->ids, text_to_cstring(id));
-		MemoryContextSwitchTo(old);
+		memset(&ret[j], 0, sizeof(PendingRow));
+		ret[j].key.account_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		ret[j].key.meter = state_slot(st, VARDATA_ANY(m), VARSIZE_ANY_EXHDR(m))->id;
+		ret[j].event_len = VARSIZE_ANY_EXHDR(id);
+		ret[j].event_id = SPI_palloc(ret[j].event_len + 1);
+		memcpy(ret[j].event_id, VARDATA_ANY(id), ret[j].event_len);
 	}
 	SPI_finish();
+	qsort(ret, nret, sizeof(PendingRow), pending_cmp);
 
-	for (j = 0; j < n; j++)
+	/* merge: a key was won when it comes back from RETURNING */
+	won = palloc0(Max(nkeys, 1) * sizeof(bool));
+	for (j = 0, k = 0; j < nkeys && k < nret; j++)
+	{
+		PendingRow *p = &st->pending[first[j]];
+
+		while (k < nret && pending_cmp(&ret[k], p) < 0 && !pending_same_key(&ret[k], p))
+			k++;
+		if (k < nret && pending_same_key(&ret[k], p))
+		{
+			won[j] = true;
+			k++;
+		}
+	}
+
+	for (j = 0, k = -1; j < n; j++)
 	{
 		PendingRow *p = &st->pending[j];
-		SeenKey		key;
-		SeenEntry  *e;
-		bool		ok = false;
 
-		memset(&key, 0, sizeof(key));
-		key.account_id = p->key.account_id;
-		key.meter = p->key.meter;
-		key.hash = hash_bytes((unsigned char *) p->event_id, p->event_len);
-		e = hash_search(claimed, &key, HASH_FIND, NULL);
-		if (e)
+		if (k + 1 < nkeys && first[k + 1] == j)
 		{
-			ListCell   *lc;
-
-			foreach(lc, e->ids)
-			{
-				if (strcmp(lfirst(lc), p->event_id) == 0)
-				{
-					ok = true;
-					break;
-				}
-			}
+			k++;
+			if (won[k])
+				accumulate(st, &p->key, &p->value, p->ts);
+			else
+				st->duplicates++;
 		}
-		if (ok)
-			accumulate(st, &p->key, &p->value, p->ts);
 		else
-			st->duplicates++;
+			st->duplicates++;	/* a repeat within the batch */
 		if (!p->value.isdec && p->value.num)
 			pfree(p->value.num);
 		pfree(p->event_id);
 	}
+	for (j = 0; j < nret; j++)
+		pfree(ret[j].event_id);
+	pfree(ret);
+	pfree(won);
+	pfree(first);
+	pfree(accts);
+	pfree(meters);
+	pfree(ids);
+	pfree(exp);
 	st->npending = 0;
 	st->pending_bytes = 0;
-	hash_destroy(claimed);
-	hash_destroy(st->seen);
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(SeenKey);
-	ctl.entrysize = sizeof(SeenEntry);
-	ctl.hcxt = st->ctx;
-	st->seen = hash_create("billing ingest event ids", 256, &ctl,
-						   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 }
 
 /*
