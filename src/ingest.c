@@ -28,8 +28,10 @@
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/tableam.h"
+#include "access/genam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_collation.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "commands/trigger.h"
@@ -42,6 +44,10 @@
 #include "utils/builtins.h"
 #include "utils/datetime.h"
 #include "utils/datum.h"
+#include "utils/fmgroids.h"
+#include "utils/snapmgr.h"
+#include "storage/lmgr.h"
+#include "utils/resowner.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
@@ -967,24 +973,18 @@ pending_same_key(const PendingRow *x, const PendingRow *y)
 }
 
 /*
- * claim_pending
- *		Claim every queued event id with one INSERT ... ON CONFLICT DO
- *		NOTHING RETURNING, in key order (so that concurrent batches cannot
- *		deadlock), and count the reports whose ids this transaction claimed.
- *		Repeats within the batch are sorted next to each other; the first
- *		to arrive is the one claimed.
+ * claim_keys_spi
+ *		Claim the keys first[0..nkeys) with one INSERT ... ON CONFLICT DO
+ *		NOTHING RETURNING; set won[i] for the keys this transaction claimed.
+ *		This path never fails on a concurrent claim of the same key.
  */
 static void
-claim_pending(IngestState *st)
+claim_keys_spi(IngestState *st, const int *first, int nkeys, bool *won)
 {
-	int			n = st->npending;
-	int			nkeys = 0;
-	Datum	   *accts,
-			   *meters,
-			   *ids,
-			   *exp;
-	int		   *first;			/* per key: index of its first report */
-	bool	   *won;			/* per key: claimed by this transaction */
+	Datum	   *accts = palloc(nkeys * sizeof(Datum));
+	Datum	   *meters = palloc(nkeys * sizeof(Datum));
+	Datum	   *ids = palloc(nkeys * sizeof(Datum));
+	Datum	   *exp = palloc(nkeys * sizeof(Datum));
 	Datum		values[4];
 	Oid			types[4] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID};
 	PendingRow *ret;
@@ -992,30 +992,15 @@ claim_pending(IngestState *st)
 	int			j,
 				k;
 
-	if (n == 0)
-		return;
-	sort_state = st;
-	qsort(st->pending, n, sizeof(PendingRow), pending_cmp);
-
-	accts = palloc(n * sizeof(Datum));
-	meters = palloc(n * sizeof(Datum));
-	ids = palloc(n * sizeof(Datum));
-	exp = palloc(n * sizeof(Datum));
-	first = palloc(n * sizeof(int));
-	for (j = 0; j < n; j++)
+	for (j = 0; j < nkeys; j++)
 	{
-		PendingRow *p = &st->pending[j];
-		MeterSlot  *slot;
+		PendingRow *p = &st->pending[first[j]];
+		MeterSlot  *slot = st->slots[p->key.meter];
 
-		if (j > 0 && pending_same_key(p, &st->pending[j - 1]))
-			continue;
-		slot = st->slots[p->key.meter];
-		first[nkeys] = j;
-		accts[nkeys] = Int64GetDatum(p->key.account_id);
-		meters[nkeys] = PointerGetDatum(cstring_to_text(slot->name));
-		ids[nkeys] = PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len));
-		exp[nkeys] = TimestampTzGetDatum(slot->expires);
-		nkeys++;
+		accts[j] = Int64GetDatum(p->key.account_id);
+		meters[j] = PointerGetDatum(cstring_to_text(slot->name));
+		ids[j] = PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len));
+		exp[j] = TimestampTzGetDatum(slot->expires);
 	}
 	values[0] = PointerGetDatum(construct_array(accts, nkeys, INT8OID, 8, true, TYPALIGN_DOUBLE));
 	values[1] = PointerGetDatum(construct_array(meters, nkeys, TEXTOID, -1, false, TYPALIGN_INT));
@@ -1064,7 +1049,6 @@ claim_pending(IngestState *st)
 	qsort(ret, nret, sizeof(PendingRow), pending_cmp);
 
 	/* merge: a key was won when it comes back from RETURNING */
-	won = palloc0(Max(nkeys, 1) * sizeof(bool));
 	for (j = 0, k = 0; j < nkeys && k < nret; j++)
 	{
 		PendingRow *p = &st->pending[first[j]];
@@ -1077,6 +1061,203 @@ claim_pending(IngestState *st)
 			k++;
 		}
 	}
+
+	for (j = 0; j < nret; j++)
+		pfree(ret[j].event_id);
+	pfree(ret);
+	pfree(accts);
+	pfree(meters);
+	pfree(ids);
+	pfree(exp);
+}
+
+/*
+ * probe_key
+ *		Does (account, meter, id) exist in billing.dedupe_keys, committed,
+ *		ours, or inserted by a transaction still in progress?  In the last
+ *		case wait for that transaction and look again.
+ */
+static bool
+probe_key(IndexScanDesc scan, TupleTableSlot *slot, ScanKeyData *skey,
+		  Relation heap, Datum account, Datum meter, Datum id)
+{
+	SnapshotData *dirty = scan->xs_snapshot;
+
+	skey[0].sk_argument = account;
+	skey[1].sk_argument = meter;
+	skey[2].sk_argument = id;
+	for (;;)
+	{
+		bool		found;
+
+		index_rescan(scan, skey, 3, NULL, 0);
+		found = index_getnext_slot(scan, ForwardScanDirection, slot);
+		if (found)
+		{
+			TransactionId xwait = TransactionIdIsValid(dirty->xmin) ? dirty->xmin : dirty->xmax;
+
+			if (TransactionIdIsValid(xwait))
+			{
+				XactLockTableWait(xwait, heap, &slot->tts_tid, XLTW_InsertIndex);
+				continue;
+			}
+		}
+		return found;
+	}
+}
+
+/*
+ * claim_keys_direct
+ *		The fast way to claim keys: probe the primary key index for each
+ *		(sorted) key and multi-insert the new ones, as COPY would, inside a
+ *		subtransaction.  Another transaction claiming one of the keys
+ *		between our probe and our insert makes the unique index raise
+ *		unique_violation; then the subtransaction is rolled back and false
+ *		returned, and the caller claims the batch the slow way.
+ */
+static bool
+claim_keys_direct(IngestState *st, const int *first, int nkeys, bool *won)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	volatile bool ok = true;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		Relation	heap = table_open(billing_relid("dedupe_keys"), RowExclusiveLock);
+		Relation	index = index_open(billing_relid("dedupe_keys_pkey"), RowExclusiveLock);
+		EState	   *estate = CreateExecutorState();
+		ResultRelInfo *rri = makeNode(ResultRelInfo);
+		SnapshotData dirty;
+		IndexScanDesc scan;
+		TupleTableSlot *probe_slot = table_slot_create(heap, NULL);
+		TupleTableSlot **slots = palloc(WRITE_BATCH * sizeof(TupleTableSlot *));
+		ScanKeyData skey[3];
+		CommandId	cid = GetCurrentCommandId(true);
+		int			nslots = 0;
+		int			j;
+		MemoryContext tmp = AllocSetContextCreate(oldcontext, "billing claim",
+												  ALLOCSET_DEFAULT_SIZES);
+
+		InitResultRelInfo(rri, heap, 1, NULL, 0);
+		ExecOpenIndices(rri, false);
+		InitDirtySnapshot(dirty);
+		scan = index_beginscan(heap, index, &dirty, 3, 0);
+		ScanKeyInit(&skey[0], 1, BTEqualStrategyNumber, F_INT8EQ, (Datum) 0);
+		ScanKeyInit(&skey[1], 2, BTEqualStrategyNumber, F_TEXTEQ, (Datum) 0);
+		ScanKeyInit(&skey[2], 3, BTEqualStrategyNumber, F_TEXTEQ, (Datum) 0);
+		skey[1].sk_collation = C_COLLATION_OID;
+		skey[2].sk_collation = C_COLLATION_OID;
+		for (j = 0; j < WRITE_BATCH; j++)
+			slots[j] = table_slot_create(heap, NULL);
+
+		for (j = 0; j <= nkeys; j++)
+		{
+			if (j < nkeys)
+			{
+				PendingRow *p = &st->pending[first[j]];
+				MeterSlot  *m = st->slots[p->key.meter];
+				MemoryContext old = MemoryContextSwitchTo(tmp);
+				Datum		meter = PointerGetDatum(cstring_to_text(m->name));
+				Datum		id = PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len));
+				TupleTableSlot *ts;
+
+				MemoryContextSwitchTo(old);
+				if (probe_key(scan, probe_slot, skey, heap,
+							  Int64GetDatum(p->key.account_id), meter, id))
+					continue;
+				won[j] = true;
+				ts = slots[nslots++];
+				ExecClearTuple(ts);
+				ts->tts_values[0] = Int64GetDatum(p->key.account_id);
+				ts->tts_values[1] = meter;
+				ts->tts_values[2] = id;
+				ts->tts_values[3] = TimestampTzGetDatum(m->expires);
+				memset(ts->tts_isnull, 0, 4 * sizeof(bool));
+				ExecStoreVirtualTuple(ts);
+			}
+			if (nslots > 0 && (nslots == WRITE_BATCH || j == nkeys))
+			{
+				int			i;
+
+				table_multi_insert(heap, slots, nslots, cid, 0, NULL);
+				for (i = 0; i < nslots; i++)
+					list_free(ExecInsertIndexTuples(rri, slots[i], estate,
+													false, false, NULL, NIL));
+				nslots = 0;
+				MemoryContextReset(tmp);
+				/* later probes must see what this batch inserted */
+				CommandCounterIncrement();
+			}
+		}
+		index_endscan(scan);
+		for (j = 0; j < WRITE_BATCH; j++)
+			ExecDropSingleTupleTableSlot(slots[j]);
+		ExecDropSingleTupleTableSlot(probe_slot);
+		ExecCloseIndices(rri);
+		FreeExecutorState(estate);
+		index_close(index, NoLock);
+		table_close(heap, NoLock);
+		MemoryContextDelete(tmp);
+		pfree(slots);
+
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		if (edata->sqlerrcode != ERRCODE_UNIQUE_VIOLATION)
+			ReThrowError(edata);
+		FreeErrorData(edata);
+		memset(won, 0, nkeys * sizeof(bool));
+		ok = false;
+	}
+	PG_END_TRY();
+	return ok;
+}
+
+/*
+ * claim_pending
+ *		Claim every queued event id with one INSERT ... ON CONFLICT DO
+ *		NOTHING RETURNING, in key order (so that concurrent batches cannot
+ *		deadlock), and count the reports whose ids this transaction claimed.
+ *		Repeats within the batch are sorted next to each other; the first
+ *		to arrive is the one claimed.
+ */
+static void
+claim_pending(IngestState *st)
+{
+	int			n = st->npending;
+	int			nkeys = 0;
+	int		   *first;			/* per key: index of its first report */
+	bool	   *won;			/* per key: claimed by this transaction */
+	int			j,
+				k;
+
+	if (n == 0)
+		return;
+	sort_state = st;
+	qsort(st->pending, n, sizeof(PendingRow), pending_cmp);
+
+	first = palloc(n * sizeof(int));
+	for (j = 0; j < n; j++)
+		if (j == 0 || !pending_same_key(&st->pending[j], &st->pending[j - 1]))
+			first[nkeys++] = j;
+
+	won = palloc0(nkeys * sizeof(bool));
+	if (!claim_keys_direct(st, first, nkeys, won))
+		claim_keys_spi(st, first, nkeys, won);
 
 	for (j = 0, k = -1; j < n; j++)
 	{
@@ -1096,15 +1277,8 @@ claim_pending(IngestState *st)
 			pfree(p->value.num);
 		pfree(p->event_id);
 	}
-	for (j = 0; j < nret; j++)
-		pfree(ret[j].event_id);
-	pfree(ret);
 	pfree(won);
 	pfree(first);
-	pfree(accts);
-	pfree(meters);
-	pfree(ids);
-	pfree(exp);
 	st->npending = 0;
 	st->pending_bytes = 0;
 }
