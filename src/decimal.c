@@ -343,7 +343,10 @@ dec_mul(int128_t a, int128_t b, int128_t *out)
 {
 	int128_t	r;
 
-	if (__builtin_mul_overflow(a, b, &r))
+	/* two 64-bit factors: one widening multiply, no overflow possible */
+	if (a == (int64) a && b == (int64) b)
+		r = (int128_t) (int64) a * (int64) b;
+	else if (__builtin_mul_overflow(a, b, &r))
 		return false;
 	if (r >= DEC_LIMIT || r <= -DEC_LIMIT)
 		return false;

@@ -76,6 +76,8 @@ typedef struct PriceCache
 	Size		len;
 	char	   *bytes;
 	Price	   *price;
+	const char *last;			/* where the bytes were last seen: a constant
+								 * argument stays at one address */
 } PriceCache;
 
 /*
@@ -93,8 +95,12 @@ price_from_arg(FunctionCallInfo fcinfo, int argno)
 	PriceCache *c = (PriceCache *) fcinfo->flinfo->fn_extra;
 	MemoryContext old;
 
-	if (c != NULL && c->len == len && memcmp(c->bytes, data, len) == 0)
+	if (c != NULL && c->len == len &&
+		(c->last == data || memcmp(c->bytes, data, len) == 0))
+	{
+		c->last = data;
 		return c->price;
+	}
 	if (c == NULL)
 	{
 		c = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(PriceCache));
@@ -114,6 +120,7 @@ price_from_arg(FunctionCallInfo fcinfo, int argno)
 	price_prepare(c->price);
 	MemoryContextSwitchTo(old);
 	c->len = len;
+	c->last = NULL;
 	return c->price;
 }
 
