@@ -1885,8 +1885,8 @@ array_elems(ArrayType *a, Oid type, int len, bool byval, char align,
 	if (expect >= 0 && n != expect)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("array %s has %d elements, account_ids has %d", name, n, expect),
-				 errdetail("Every array of a batch must have one element per usage report.")));
+				 errmsg("the arrays of a batch must have the same length"),
+				 errdetail("account_ids has %d elements, %s has %d.", expect, name, n)));
 	if (!nulls_ok)
 		for (int i = 0; i < n; i++)
 			if ((*nulls)[i])
