@@ -29,6 +29,8 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/genam.h"
+#include "access/skey.h"
+#include "access/stratnum.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_collation.h"
@@ -223,6 +225,10 @@ typedef struct IngestState
 /* trigger accumulators of the current transaction, innermost first */
 static IngestState *trigger_states = NULL;
 
+/* OIDs of the relations the hot paths open (see billing_relid) */
+#define NUM_CACHED_RELS 6
+static Oid	cached_rel_oids[NUM_CACHED_RELS];
+
 /* backend cache of billing.meters */
 static HTAB *meter_cache = NULL;
 static Oid	meters_relid = InvalidOid;
@@ -251,6 +257,13 @@ static void flush_state(IngestState *st);
 static void
 meters_relcache_cb(Datum arg, Oid relid)
 {
+	bool		cached = false;
+
+	for (int i = 0; i < NUM_CACHED_RELS; i++)
+		if (cached_rel_oids[i] == relid)
+			cached = true;
+	if (relid == InvalidOid || cached)
+		memset(cached_rel_oids, 0, sizeof(cached_rel_oids));
 	if (relid == InvalidOid || relid == meters_relid)
 	{
 		if (meter_cache)
@@ -272,15 +285,32 @@ billing_schema_oid(void)
 
 /*
  * billing_relid
- *		OID of relation billing.<name>.
+ *		OID of relation billing.<name>, cached for the relations the hot
+ *		paths open (the cache is dropped with the meter cache, on any
+ *		invalidation of one of them).
  */
+static const char *const cached_rel_names[] = {
+	"accounts", "accounts_pkey", "usage_deltas", "dedupe_keys", "dedupe_keys_pkey", "usage_seq"
+};
+StaticAssertDecl(lengthof(cached_rel_names) == NUM_CACHED_RELS,
+				 "cached_rel_names and NUM_CACHED_RELS disagree");
+
 static Oid
 billing_relid(const char *name)
 {
-	Oid			relid = get_relname_relid(name, billing_schema_oid());
+	Oid			relid;
+	int			i;
 
+	for (i = 0; i < (int) NUM_CACHED_RELS; i++)
+		if (strcmp(cached_rel_names[i], name) == 0)
+			break;
+	if (i < (int) NUM_CACHED_RELS && OidIsValid(cached_rel_oids[i]))
+		return cached_rel_oids[i];
+	relid = get_relname_relid(name, billing_schema_oid());
 	if (!OidIsValid(relid))
 		elog(ERROR, "relation billing.%s does not exist", name);
+	if (i < (int) NUM_CACHED_RELS)
+		cached_rel_oids[i] = relid;
 	return relid;
 }
 
@@ -496,7 +526,7 @@ qty_add(Qty *acc, const Qty *v, MemoryContext cxt)
  *		A new, empty accumulator in a child of parent.
  */
 static IngestState *
-state_create(MemoryContext parent)
+state_create(MemoryContext parent, uint32 ncells)
 {
 	MemoryContext ctx = AllocSetContextCreate(parent, "billing ingest",
 											  ALLOCSET_DEFAULT_SIZES);
@@ -520,7 +550,7 @@ state_create(MemoryContext parent)
 	st->dimhash = hash_create("billing ingest dimensions", 16, &ctl,
 							  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 
-	st->buckets = cells_create(ctx, 1024, NULL);
+	st->buckets = cells_create(ctx, ncells, NULL);
 
 	return st;
 }
@@ -733,10 +763,10 @@ claim_one(int64 account_id, const MeterSlot *slot, const char *id, int len)
 		elog(ERROR, "SPI_connect failed");
 	if (claim_one_plan == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(
+		SPIPlanPtr	plan = SPI_prepare_cursor(
 									   "INSERT INTO billing.dedupe_keys (account_id, meter, event_id, expires_at) "
 									   "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-									   4, types);
+									   4, types, CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -882,6 +912,28 @@ maybe_flush(IngestState *st)
  */
 
 /*
+ * account_exists
+ *		Is there a row for account_id in billing.accounts (as the current
+ *		command sees it)?  A direct probe of the primary key.
+ */
+static bool
+account_exists(int64 account_id)
+{
+	Relation	rel = table_open(billing_relid("accounts"), AccessShareLock);
+	ScanKeyData key;
+	SysScanDesc scan;
+	bool		found;
+
+	ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(account_id));
+	scan = systable_beginscan(rel, billing_relid("accounts_pkey"), true,
+							  GetActiveSnapshot(), 1, &key);
+	found = HeapTupleIsValid(systable_getnext(scan));
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return found;
+}
+
+/*
  * check_accounts
  *		Raise 23503 when one of the n account ids (sorted, so that repeats
  *		are adjacent) does not exist in billing.accounts.
@@ -897,6 +949,16 @@ check_accounts(const int64 *accounts, long n)
 
 	if (n == 0)
 		return;
+	if (accounts[0] == accounts[n - 1])
+	{
+		/* one account (record, report_cumulative, small batches) */
+		if (!account_exists(accounts[0]))
+			ereport(ERROR,
+					(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
+					 errmsg("account %lld does not exist", (long long) accounts[0]),
+					 errhint("Accounts are defined in billing.accounts.")));
+		return;
+	}
 	ids = palloc(n * sizeof(Datum));
 	for (i = 0; i < n; i++)
 		if (i == 0 || accounts[i] != accounts[i - 1])
@@ -907,11 +969,11 @@ check_accounts(const int64 *accounts, long n)
 		elog(ERROR, "SPI_connect failed");
 	if (check_accounts_plan == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(
+		SPIPlanPtr	plan = SPI_prepare_cursor(
 									   "SELECT a FROM pg_catalog.unnest($1) AS a "
 									   "WHERE NOT EXISTS (SELECT 1 FROM billing.accounts c "
 									   "WHERE c.account_id OPERATOR(pg_catalog.=) a) LIMIT 1",
-									   1, types);
+									   1, types, CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -1011,13 +1073,13 @@ claim_keys_spi(IngestState *st, const int *first, int nkeys, bool *won)
 		elog(ERROR, "SPI_connect failed");
 	if (claim_batch_plan == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(
+		SPIPlanPtr	plan = SPI_prepare_cursor(
 									   "INSERT INTO billing.dedupe_keys (account_id, meter, event_id, expires_at) "
 									   "SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
 									   "pg_catalog.unnest($3), pg_catalog.unnest($4)) "
 									   "ON CONFLICT DO NOTHING "
 									   "RETURNING account_id, meter, event_id",
-									   4, types);
+									   4, types, CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -1615,7 +1677,7 @@ current_trigger_state(void)
 
 	if (trigger_states && trigger_states->subid == subid)
 		return trigger_states;
-	st = state_create(TopTransactionContext);
+	st = state_create(TopTransactionContext, 1024);
 	st->subid = subid;
 	st->next = trigger_states;
 	trigger_states = st;
@@ -1660,7 +1722,7 @@ billing_record(PG_FUNCTION_ARGS)
 	if (!PG_ARGISNULL(5))
 		dim = PG_GETARG_TEXT_PP(5);
 
-	st = state_create(callctx);
+	st = state_create(callctx, 8);
 	r = add_report(st, PG_GETARG_INT64(0),
 				   VARDATA_ANY(meter), VARSIZE_ANY_EXHDR(meter),
 				   PG_GETARG_DATUM(2), NUMERICOID, PG_GETARG_TIMESTAMPTZ(3),
@@ -1914,12 +1976,12 @@ claim_offset(text *source, int32 partition, int64 offset)
 		elog(ERROR, "SPI_connect failed");
 	if (offset_plan == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(
+		SPIPlanPtr	plan = SPI_prepare_cursor(
 									   "INSERT INTO billing.ingest_offsets AS o (source, partition, last_offset) "
 									   "VALUES ($1, $2, $3) ON CONFLICT (source, partition) DO UPDATE "
 									   "SET last_offset = excluded.last_offset, applied_at = pg_catalog.now() "
 									   "WHERE o.last_offset OPERATOR(pg_catalog.<) excluded.last_offset",
-									   3, types);
+									   3, types, CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -2002,7 +2064,7 @@ billing_ingest(PG_FUNCTION_ARGS)
 		return (Datum) 0;
 	}
 
-	st = state_create(CurrentMemoryContext);
+	st = state_create(CurrentMemoryContext, Max(n, 16));
 	for (int i = 0; i < n; i++)
 	{
 		const char *m,
@@ -2074,7 +2136,7 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 		text_arg(PointerGetDatum(dim), &dstr, &dlen);
 	}
 
-	st = state_create(CurrentMemoryContext);
+	st = state_create(CurrentMemoryContext, 8);
 	slot = state_slot(st, VARDATA_ANY(meter), VARSIZE_ANY_EXHDR(meter));
 	if (slot->def.agg != AGG_SUM)
 		ereport(ERROR,
@@ -2093,32 +2155,35 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 		elog(ERROR, "SPI_connect failed");
 	if (cumulative_insert_plan == NULL)
 	{
-		cumulative_insert_plan = SPI_prepare(
+		SPIPlanPtr	ins = SPI_prepare_cursor(
 											 "INSERT INTO billing.cumulative_reports "
 											 "(account_id, meter, dimension, bucket_start, source, total) "
 											 "VALUES ($1, $2, $3, $4, $5, 0) ON CONFLICT DO NOTHING",
-											 5, types);
-		cumulative_lock_plan = SPI_prepare(
+											 5, types, CURSOR_OPT_GENERIC_PLAN);
+		SPIPlanPtr	lck = SPI_prepare_cursor(
 										   "SELECT total FROM billing.cumulative_reports "
 										   "WHERE account_id OPERATOR(pg_catalog.=) $1 "
 										   "AND meter OPERATOR(pg_catalog.=) $2 "
 										   "AND dimension OPERATOR(pg_catalog.=) $3 "
 										   "AND bucket_start OPERATOR(pg_catalog.=) $4 "
 										   "AND source OPERATOR(pg_catalog.=) $5 FOR UPDATE",
-										   5, types);
-		cumulative_update_plan = SPI_prepare(
+										   5, types, CURSOR_OPT_GENERIC_PLAN);
+		SPIPlanPtr	upd = SPI_prepare_cursor(
 											 "UPDATE billing.cumulative_reports SET total = $6 "
 											 "WHERE account_id OPERATOR(pg_catalog.=) $1 "
 											 "AND meter OPERATOR(pg_catalog.=) $2 "
 											 "AND dimension OPERATOR(pg_catalog.=) $3 "
 											 "AND bucket_start OPERATOR(pg_catalog.=) $4 "
 											 "AND source OPERATOR(pg_catalog.=) $5",
-											 6, types);
-		if (!cumulative_insert_plan || !cumulative_lock_plan || !cumulative_update_plan)
+											 6, types, CURSOR_OPT_GENERIC_PLAN);
+		if (!ins || !lck || !upd)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(cumulative_insert_plan);
-		SPI_keepplan(cumulative_lock_plan);
-		SPI_keepplan(cumulative_update_plan);
+		SPI_keepplan(ins);
+		SPI_keepplan(lck);
+		SPI_keepplan(upd);
+		cumulative_insert_plan = ins;
+		cumulative_lock_plan = lck;
+		cumulative_update_plan = upd;
 	}
 	values[0] = Int64GetDatum(account_id);
 	values[1] = PointerGetDatum(cstring_to_text(slot->name));
