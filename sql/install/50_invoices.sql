@@ -189,8 +189,8 @@ CREATE FUNCTION billing._pending_adjustments(p_account bigint)
     LANGUAGE sql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
     SELECT a.adjustment_id, a.meter::text,
-           format('adjustment to invoice %s (%s): %s', a.invoice_id,
-                  coalesce(a.description, a.line_kind), a.reason),
+           format('%s (invoice %s): %s', coalesce(a.description, a.line_kind), a.invoice_id,
+                  a.reason),
            a.new_quantity - a.old_quantity, a.delta
       FROM billing.adjustments a
      WHERE a.account_id = p_account AND a.billed_invoice_id IS NULL
