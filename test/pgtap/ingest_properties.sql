@@ -7,8 +7,9 @@
 -- one with keep_rows true and ingest() batches.  What usage() returns must
 -- equal what SQL computes on its own: the first arrival of each
 -- (account, meter, event_id) counts once, reports without id always count.
+-- Last, one metered statement much larger than work_mem.
 BEGIN;
-SELECT plan(17);
+SELECT plan(19);
 
 CREATE TEMP TABLE params AS
 SELECT date_trunc('hour', now()) - interval '3 hours' AS t0,
@@ -188,6 +189,40 @@ SELECT bag_eq('TABLE actual_buckets', 'TABLE expected_buckets',
               'usage() after compact_usage(): the same buckets');
 SELECT bag_eq('TABLE actual_hours', 'TABLE expected_hours',
               'usage() after compact_usage(): the same hourly roll-ups');
+
+-- one statement far larger than work_mem: the accumulator is flushed early
+-- many times, and still every key counts once (30,000 rows, 15,000 ids, 20%
+-- without id, over 50 accounts, a sum and a last meter, 10 minutes)
+INSERT INTO billing.accounts (account_id) SELECT 8100 + g FROM generate_series(1, 50) g;
+INSERT INTO billing.meters (meter, aggregation) VALUES ('prop_wm_sum', 'sum'), ('prop_wm_last', 'last');
+CREATE TEMP TABLE big AS
+SELECT n, 8101 + (n * 7919) % 50 AS account_id,
+       CASE WHEN n % 3 = 0 THEN 'prop_wm_last' ELSE 'prop_wm_sum' END AS meter,
+       (n % 13)::numeric / 4 AS qty,
+       p.t0 + ((n * 31) % 600) * interval '1 second' + (n % 1000) * interval '1 microsecond' AS ts,
+       CASE WHEN n % 5 = 0 THEN NULL ELSE 'k' || (n % 15000) END AS event_id
+  FROM generate_series(1, 30000) n, params p;
+CREATE TABLE prop_big (LIKE big);
+SELECT billing.meter_table('prop_big', 'account_id', 'meter', 'qty', 'ts', 'event_id', keep_rows => false);
+SET LOCAL work_mem = '64kB';
+INSERT INTO prop_big SELECT * FROM big ORDER BY n;
+RESET work_mem;
+SELECT ok((SELECT count(*) FROM billing.usage_deltas WHERE account_id BETWEEN 8101 AND 8150)
+          > 10 * (SELECT count(DISTINCT (account_id, meter)) FROM big),
+          'the big statement was flushed early, many times');
+SELECT bag_eq(
+    $$SELECT a.account_id, u.meter, u.bucket_start, u.quantity, u.events
+        FROM (SELECT DISTINCT account_id FROM big) a CROSS JOIN params p,
+             billing.usage(a.account_id, p.t0 - interval '1 day', p.t0 + interval '1 day') u$$,
+    $$SELECT account_id, meter, date_bin('1 minute', ts, p.epoch),
+             CASE WHEN meter = 'prop_wm_sum' THEN sum(qty)
+                  ELSE (array_agg(qty ORDER BY ts DESC, n DESC))[1] END,
+             count(*)
+        FROM (SELECT b.*, row_number() OVER (PARTITION BY account_id, meter, event_id ORDER BY n) AS arrival
+                FROM big b) x CROSS JOIN params p
+       WHERE event_id IS NULL OR arrival = 1
+       GROUP BY account_id, meter, 3$$,
+    'the big statement counted every key once');
 
 SELECT * FROM finish();
 ROLLBACK;
