@@ -86,7 +86,9 @@ SELECT meter, aggregation, bucket_width FROM billing.meters
  WHERE meter LIKE 'mt\_%' ORDER BY meter;
 -- TRUNCATE deletes every meter at once: it is refused as well
 BEGIN;
+-- (plainly because charges reference meters: 0A000; with CASCADE, by the guard: 55000)
 SELECT pg_temp.sqlstate_of('TRUNCATE billing.meters') AS truncate_meters;
+SELECT pg_temp.sqlstate_of('TRUNCATE billing.meters CASCADE') AS truncate_meters_cascade;
 ROLLBACK;
 SELECT count(*) AS mt_meters FROM billing.meters WHERE meter LIKE 'mt\_%';
 -- the unit, the late window and the dedupe window may change at any time
