@@ -319,8 +319,9 @@ BEGIN
                                 WHERE i.account_id = s.account_id AND i.period_start = b.ps)
              ORDER BY n
         LOOP
-            -- one finalizer per account at a time; re-checked under the lock
-            PERFORM pg_advisory_xact_lock(1651074162, hashint8(s.account_id) # 2);
+            -- one finalizer per account at a time, re-checked under the lock
+            -- (a row lock: no lock table entry per account)
+            PERFORM 1 FROM billing.accounts a WHERE a.account_id = s.account_id FOR NO KEY UPDATE;
             inv := billing._finalize_period(s.account_id, s.plan, s.currency, s.spend_cap,
                                             per.ps, per.pe);
             IF inv IS NOT NULL THEN
