@@ -120,47 +120,54 @@ COMMENT ON FUNCTION billing._ceil(timestamptz, interval) IS 'Internal: ts rounde
 
 CREATE FUNCTION billing._usage_totals(p_account bigint, from_ts timestamptz, to_ts timestamptz)
     RETURNS TABLE (meter text, quantity numeric)
-    LANGUAGE sql STABLE PARALLEL SAFE
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
     SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
     -- [from_ts, to_ts) = minutes [from_ts, h0) + hours [h0, d0) + days [d0, d1)
     --                  + hours [d1, h1) + minutes [h1, to_ts), with h0/h1 the
-    -- first/last whole hour and d0/d1 the first/last whole UTC day inside;
-    -- every bound is an index range on (account_id, meter, bucket_start)
+    -- first/last whole hour and d0/d1 the first/last whole UTC day inside
+    h0 timestamptz := billing._ceil(from_ts, '1 hour');
+    h1 timestamptz := billing._floor(to_ts, '1 hour');
+    d0 timestamptz := billing._ceil(from_ts, '1 day');
+    d1 timestamptz := billing._floor(to_ts, '1 day');
+    m_end timestamptz := LEAST(h0, to_ts);                 -- leading minutes end
+    m_start timestamptz := GREATEST(h1, h0, from_ts);      -- trailing minutes start
+    hh_end timestamptz := LEAST(d0, h1);                   -- leading hours end
+    ht_start timestamptz := GREATEST(d1, d0, h0);          -- trailing hours start
+BEGIN
+    -- one index range per meter and table: (account_id, meter, bucket_start)
+    RETURN QUERY
     WITH cells AS (
-        SELECT u.meter, u.quantity, u.last_ts, u.last_seq
-          FROM billing.usage_buckets u
-         WHERE u.account_id = p_account AND u.bucket_start >= from_ts
-           AND u.bucket_start < LEAST(billing._ceil(from_ts, '1 hour'), to_ts)
-        UNION ALL
-        SELECT u.meter, u.quantity, u.last_ts, u.last_seq
-          FROM billing.usage_buckets u
-         WHERE u.account_id = p_account
-           AND u.bucket_start >= GREATEST(billing._floor(to_ts, '1 hour'), billing._ceil(from_ts, '1 hour'))
-           AND u.bucket_start < to_ts
-        UNION ALL
-        SELECT u.meter, u.quantity, u.last_ts, u.last_seq
-          FROM billing.usage_hourly u
-         WHERE u.account_id = p_account AND u.bucket_start >= billing._ceil(from_ts, '1 hour')
-           AND u.bucket_start < LEAST(billing._ceil(from_ts, '1 day'), billing._floor(to_ts, '1 hour'))
-        UNION ALL
-        SELECT u.meter, u.quantity, u.last_ts, u.last_seq
-          FROM billing.usage_hourly u
-         WHERE u.account_id = p_account
-           AND u.bucket_start >= GREATEST(billing._floor(to_ts, '1 day'), billing._ceil(from_ts, '1 day'),
-                                          billing._ceil(from_ts, '1 hour'))
-           AND u.bucket_start < billing._floor(to_ts, '1 hour')
-        UNION ALL
-        SELECT u.meter, u.quantity, u.last_ts, u.last_seq
-          FROM billing.usage_daily u
-         WHERE u.account_id = p_account AND u.bucket_start >= billing._ceil(from_ts, '1 day')
-           AND u.bucket_start < billing._floor(to_ts, '1 day')
+        SELECT m.meter, c.quantity, c.last_ts, c.last_seq
+          FROM billing.meters m
+               CROSS JOIN LATERAL (
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= from_ts AND u.bucket_start < m_end
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= m_start AND u.bucket_start < to_ts
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= h0 AND u.bucket_start < hh_end
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= ht_start AND u.bucket_start < h1
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_daily u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= d0 AND u.bucket_start < d1
+               ) c
         UNION ALL
         -- not yet compacted
-        SELECT d.meter, c.quantity, c.last_ts, d.seq
+        SELECT d.meter, x.quantity, x.last_ts, d.seq
           FROM billing.usage_deltas d,
                ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities), unnest(d.last_ts))
-                   AS c(bucket_start, quantity, last_ts)
-         WHERE d.account_id = p_account AND c.bucket_start >= from_ts AND c.bucket_start < to_ts
+                   AS x(bucket_start, quantity, last_ts)
+         WHERE d.account_id = p_account AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
     )
     SELECT c.meter::text,
            CASE m.aggregation
@@ -168,7 +175,8 @@ CREATE FUNCTION billing._usage_totals(p_account bigint, from_ts timestamptz, to_
                WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, c.last_seq DESC))[1]
                ELSE sum(c.quantity) END
       FROM cells c JOIN billing.meters m ON m.meter = c.meter
-     GROUP BY c.meter, m.aggregation
+     GROUP BY c.meter, m.aggregation;
+END
 $$;
 COMMENT ON FUNCTION billing._usage_totals(bigint, timestamptz, timestamptz) IS
     'Internal: quantity per meter of an account over a time range, from roll-ups where whole hours and days allow';
