@@ -118,68 +118,81 @@ CREATE FUNCTION billing._ceil(ts timestamptz, grain interval) RETURNS timestampt
 $$;
 COMMENT ON FUNCTION billing._ceil(timestamptz, interval) IS 'Internal: ts rounded up to the grain (UTC)';
 
-CREATE FUNCTION billing._usage_totals(p_account bigint, from_ts timestamptz, to_ts timestamptz)
-    RETURNS TABLE (meter text, quantity numeric)
+CREATE FUNCTION billing._usage_totals_many(p_accounts bigint[], p_starts timestamptz[],
+                                           p_ends timestamptz[])
+    RETURNS TABLE (idx integer, meter text, quantity numeric)
     LANGUAGE plpgsql STABLE PARALLEL SAFE
     SET search_path = pg_catalog, billing, pg_temp AS $$
-DECLARE
-    -- [from_ts, to_ts) = minutes [from_ts, h0) + hours [h0, d0) + days [d0, d1)
-    --                  + hours [d1, h1) + minutes [h1, to_ts), with h0/h1 the
-    -- first/last whole hour and d0/d1 the first/last whole UTC day inside
-    h0 timestamptz := billing._ceil(from_ts, '1 hour');
-    h1 timestamptz := billing._floor(to_ts, '1 hour');
-    d0 timestamptz := billing._ceil(from_ts, '1 day');
-    d1 timestamptz := billing._floor(to_ts, '1 day');
-    m_end timestamptz := LEAST(h0, to_ts);                 -- leading minutes end
-    m_start timestamptz := GREATEST(h1, h0, from_ts);      -- trailing minutes start
-    hh_end timestamptz := LEAST(d0, h1);                   -- leading hours end
-    ht_start timestamptz := GREATEST(d1, d0, h0);          -- trailing hours start
 BEGIN
-    -- one index range per meter and table: (account_id, meter, bucket_start)
+    -- [ps, pe) = minutes [ps, h0) + hours [h0, d0) + days [d0, d1) + hours [d1, h1)
+    --          + minutes [h1, pe), with h0/h1 the first/last whole hour and d0/d1
+    -- the first/last whole UTC day inside; each piece is an index range on
+    -- (account_id, meter, bucket_start) of the buckets or a roll-up
     RETURN QUERY
-    WITH cells AS (
-        SELECT m.meter, c.quantity, c.last_ts, c.last_seq
-          FROM billing.meters m
-               CROSS JOIN LATERAL (
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
-                    WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= from_ts AND u.bucket_start < m_end
-                   UNION ALL
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
-                    WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= m_start AND u.bucket_start < to_ts
-                   UNION ALL
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
-                    WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= h0 AND u.bucket_start < hh_end
-                   UNION ALL
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
-                    WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= ht_start AND u.bucket_start < h1
-                   UNION ALL
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_daily u
-                    WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= d0 AND u.bucket_start < d1
-               ) c
+    WITH per AS (
+        SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe,
+               billing._ceil(x.s, '1 hour') AS h0, billing._floor(x.e, '1 hour') AS h1,
+               billing._ceil(x.s, '1 day') AS d0, billing._floor(x.e, '1 day') AS d1
+          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)
+    ), b AS (
+        SELECT per.*, m.meter, m.aggregation,
+               LEAST(h0, pe) AS m_end, GREATEST(h1, h0, ps) AS m_start,
+               LEAST(d0, h1) AS hh_end, GREATEST(d1, d0, h0) AS ht_start
+          FROM per CROSS JOIN billing.meters m
+    ), cells AS (
+        SELECT b.idx, b.meter, u.quantity, u.last_ts, u.last_seq
+          FROM b JOIN billing.usage_buckets u
+            ON u.account_id = b.account_id AND u.meter = b.meter
+           AND u.bucket_start >= b.ps AND u.bucket_start < b.m_end
+        UNION ALL
+        SELECT b.idx, b.meter, u.quantity, u.last_ts, u.last_seq
+          FROM b JOIN billing.usage_buckets u
+            ON u.account_id = b.account_id AND u.meter = b.meter
+           AND u.bucket_start >= b.m_start AND u.bucket_start < b.pe
+        UNION ALL
+        SELECT b.idx, b.meter, u.quantity, u.last_ts, u.last_seq
+          FROM b JOIN billing.usage_hourly u
+            ON u.account_id = b.account_id AND u.meter = b.meter
+           AND u.bucket_start >= b.h0 AND u.bucket_start < b.hh_end
+        UNION ALL
+        SELECT b.idx, b.meter, u.quantity, u.last_ts, u.last_seq
+          FROM b JOIN billing.usage_hourly u
+            ON u.account_id = b.account_id AND u.meter = b.meter
+           AND u.bucket_start >= b.ht_start AND u.bucket_start < b.h1
+        UNION ALL
+        SELECT b.idx, b.meter, u.quantity, u.last_ts, u.last_seq
+          FROM b JOIN billing.usage_daily u
+            ON u.account_id = b.account_id AND u.meter = b.meter
+           AND u.bucket_start >= b.d0 AND u.bucket_start < b.d1
         UNION ALL
         -- not yet compacted
-        SELECT d.meter, x.quantity, x.last_ts, d.seq
-          FROM billing.usage_deltas d,
+        SELECT per.idx, d.meter, x.quantity, x.last_ts, d.seq
+          FROM per JOIN billing.usage_deltas d ON d.account_id = per.account_id,
                ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities), unnest(d.last_ts))
                    AS x(bucket_start, quantity, last_ts)
-         WHERE d.account_id = p_account AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
+         WHERE x.bucket_start >= per.ps AND x.bucket_start < per.pe
     )
-    SELECT c.meter::text,
+    SELECT c.idx, c.meter::text,
            CASE m.aggregation
                WHEN 'max' THEN max(c.quantity)
                WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, c.last_seq DESC))[1]
                ELSE sum(c.quantity) END
       FROM cells c JOIN billing.meters m ON m.meter = c.meter
-     GROUP BY c.meter, m.aggregation;
+     GROUP BY c.idx, c.meter, m.aggregation;
 END
 $$;
+COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[]) IS
+    'Internal: quantity per meter of many (account, range) pairs, from roll-ups where whole hours and days allow';
+
+CREATE FUNCTION billing._usage_totals(p_account bigint, from_ts timestamptz, to_ts timestamptz)
+    RETURNS TABLE (meter text, quantity numeric)
+    LANGUAGE sql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SELECT t.meter, t.quantity
+      FROM billing._usage_totals_many(ARRAY[p_account], ARRAY[from_ts], ARRAY[to_ts]) t
+$$;
 COMMENT ON FUNCTION billing._usage_totals(bigint, timestamptz, timestamptz) IS
-    'Internal: quantity per meter of an account over a time range, from roll-ups where whole hours and days allow';
+    'Internal: quantity per meter of an account over a time range';
 
 -- guards ------------------------------------------------------------------------
 

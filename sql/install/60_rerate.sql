@@ -103,17 +103,26 @@ CREATE FUNCTION billing._rerate_diff(from_ts timestamptz, to_ts timestamptz, p_a
          WHERE i.status = 'finalized'
            AND i.period_start < to_ts AND i.period_end > from_ts
            AND (p_account IS NULL OR i.account_id = p_account)
-    ), correct AS (
-        -- today's lines; a period the subscription no longer covers bills nothing
-        SELECT inv.account_id, inv.invoice_id, r.kind, r.meter, r.description, r.quantity, r.amount
-          FROM inv,
-               LATERAL billing._rate_period(inv.account_id, inv.plan, inv.currency, inv.spend_cap,
-                                            inv.period_start,
-                                            LEAST(billing._add_periods(inv.starts_at, inv.period,
-                                                      billing._period_index(inv.starts_at, inv.period,
-                                                                            inv.period_start) + 1),
-                                                  inv.ends_at)) r
+    ), covered AS (
+        -- today's period bounds; a period the subscription no longer covers bills nothing
+        SELECT inv.*, (row_number() OVER (ORDER BY inv.account_id, inv.invoice_id))::integer AS k,
+               LEAST(billing._add_periods(inv.starts_at, inv.period,
+                         billing._period_index(inv.starts_at, inv.period, inv.period_start) + 1),
+                     inv.ends_at) AS pe
+          FROM inv
          WHERE inv.starts_at IS NOT NULL
+    ), arrays AS (
+        SELECT array_agg(account_id ORDER BY k) AS accounts, array_agg(plan ORDER BY k) AS plans,
+               array_agg(currency ORDER BY k) AS currencies, array_agg(spend_cap ORDER BY k) AS caps,
+               array_agg(period_start ORDER BY k) AS starts, array_agg(pe ORDER BY k) AS ends
+          FROM covered
+    ), correct AS (
+        -- today's lines, all periods in one set-based rating
+        SELECT cv.account_id, cv.invoice_id, r.kind, r.meter, r.description, r.quantity, r.amount
+          FROM arrays a,
+               LATERAL billing._rate_periods(a.accounts, a.plans, a.currencies, a.caps,
+                                             a.starts, a.ends) r
+               JOIN covered cv ON cv.k = r.idx
     ), billed AS (
         SELECT l.account_id, l.invoice_id, l.kind, l.meter, l.description, l.quantity, l.amount
           FROM inv JOIN billing.invoice_lines l
