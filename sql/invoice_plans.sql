@@ -10,6 +10,7 @@
 -- Accounts 5101-5199, meters and plans prefixed pl_, periods in 2025.
 SET search_path = billing, public;
 SET timezone = 'UTC';
+SET datestyle = 'ISO, YMD';
 
 -- the SQLSTATE a statement raises ('ok' when none): for guards whose
 -- message is not the point
