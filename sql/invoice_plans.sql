@@ -77,7 +77,9 @@ INSERT INTO charges (plan, meter, price, description) VALUES
 -- a charge needs a known plan and meter, and a price
 INSERT INTO charges (plan, meter, price) VALUES ('pl_nope', 'pl_error', 'unit 1');
 INSERT INTO charges (plan, meter, price) VALUES ('pl_team', 'pl_nope', 'unit 1');
+\set VERBOSITY terse
 INSERT INTO charges (plan, meter, price) VALUES ('pl_team', 'pl_span', NULL);
+\set VERBOSITY default
 
 -- Subscriptions.  The plan must bill in the account's currency.
 INSERT INTO subscriptions (account_id, plan, starts_at) VALUES (5102, 'pl_team', '2025-01-01');
