@@ -11,6 +11,7 @@
 SET search_path = billing, public;
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
+SET intervalstyle = 'postgres';
 
 -- the SQLSTATE a statement raises ('ok' when none): for guards whose
 -- message is not the point

@@ -11,6 +11,7 @@
 SET search_path = billing, public;
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
+SET intervalstyle = 'postgres';
 
 INSERT INTO meters (meter, aggregation, late_window, unit) VALUES
     ('pv_error', 'sum', '100 years', 'event'),
