@@ -218,7 +218,7 @@ INSERT INTO charges (plan, meter, price, description) VALUES
     ('rr_addon', NULL, 'flat 5', 'Support');
 SELECT * FROM pg_temp.rerate('2024-01-01', '2024-02-01', 6107);
 SELECT line_kind, meter, description, old_quantity, new_quantity, old_amount, new_amount, delta
-  FROM adjustments WHERE account_id = 6107 ORDER BY adjustment_id;
+  FROM adjustments WHERE account_id = 6107 ORDER BY line_kind, meter;
 -- 500 late spans: 1,000,500 = 2.001 -> 2.00, no delta; 5000 more:
 -- 1,005,500 = 2.011 -> 2.01, delta 0.01.  What was billed for spans so far
 -- is the 1,000,000 of the first adjustment.
