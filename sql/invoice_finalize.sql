@@ -7,6 +7,7 @@
 -- rounded lines.
 -- Accounts 5301-5399, meters and plans prefixed fz_, periods in late 2025.
 SET search_path = billing, public;
+\set SHOW_CONTEXT never
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 SET intervalstyle = 'postgres';

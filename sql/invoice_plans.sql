@@ -9,6 +9,7 @@
 -- currency (22023); what was invoiced cannot be rewritten (55000).
 -- Accounts 5101-5199, meters and plans prefixed pl_, periods in 2025.
 SET search_path = billing, public;
+\set SHOW_CONTEXT never
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 SET intervalstyle = 'postgres';

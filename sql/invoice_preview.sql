@@ -9,6 +9,7 @@
 -- inside a period.  Reading roll-ups after compact_usage() changes nothing.
 -- Accounts 5201-5299, meters and plans prefixed pv_, periods in 2026.
 SET search_path = billing, public;
+\set SHOW_CONTEXT never
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 SET intervalstyle = 'postgres';

@@ -6,6 +6,7 @@
 -- the other meters eats the same budget.
 -- Accounts 5401-5499, meters and plans prefixed rm_, periods in May 2025.
 SET search_path = billing, public;
+\set SHOW_CONTEXT never
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 

@@ -9,6 +9,7 @@
 -- price, a charge added in the past, a changed spend cap or end.
 -- Accounts 6101-6199, meters and plans prefixed rr_, periods in 2024.
 SET search_path = billing, public;
+\set SHOW_CONTEXT never
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 

@@ -6,6 +6,7 @@
 -- rating of its quantity with the price that rated it.
 -- Accounts 6201-6299, meters and plans prefixed rc_, usage on 2023-07-04.
 SET search_path = billing, public;
+\set SHOW_CONTEXT never
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 
@@ -16,8 +17,8 @@ INSERT INTO meters (meter, aggregation, late_window) VALUES
 INSERT INTO accounts (account_id, name) VALUES (6201, 'a'), (6202, 'b'), (6203, 'c');
 
 -- The raw events, kept, and counted as they are inserted.
-CREATE TABLE rc_events (account_id bigint, meter text, quantity numeric, ts timestamptz, event_id text);
-SELECT meter_table('rc_events', 'account_id', 'meter', 'quantity', 'ts', 'event_id');
+CREATE TABLE public.rc_events (account_id bigint, meter text, quantity numeric, ts timestamptz, event_id text);
+SELECT meter_table('public.rc_events', 'account_id', 'meter', 'quantity', 'ts', 'event_id');
 -- 3 accounts x 60 events of each meter between 10:00 and 11:59
 INSERT INTO rc_events
 SELECT a, m, (n % 7) + 1, timestamptz '2023-07-04 10:00' + n * interval '2 minutes' + (a - 6200) * interval '7 seconds',
@@ -58,7 +59,7 @@ SELECT count(*) FROM reconcile('rc_events', 'account_id', 'meter', 'quantity', '
 SELECT account_id, meter, bucket_start, difference
   FROM reconcile('rc_events', 'account_id', 'meter', 'quantity', 'ts', '2023-07-04 10:30', '2023-07-04 10:31');
 -- any relation works as the source, e.g. a view with other column names
-CREATE VIEW rc_export AS SELECT account_id AS acct, meter AS what, quantity AS n, ts AS at FROM rc_events;
+CREATE VIEW public.rc_export AS SELECT account_id AS acct, meter AS what, quantity AS n, ts AS at FROM rc_events;
 SELECT account_id, meter, bucket_start, difference
   FROM reconcile('rc_export', 'acct', 'what', 'n', 'at', '2023-07-04', '2023-07-05');
 
@@ -110,3 +111,8 @@ UPDATE invoices SET total = total - 0.01
 ALTER TABLE invoice_lines ENABLE TRIGGER invoice_lines_immutable;
 ALTER TABLE invoices ENABLE TRIGGER invoices_immutable;
 SELECT count(*) FROM verify_invoices() WHERE account_id BETWEEN 6201 AND 6299;
+
+-- clean up: the events table is no longer metered
+SELECT unmeter_table('public.rc_events');
+DROP VIEW public.rc_export;
+DROP TABLE public.rc_events;
