@@ -13,6 +13,14 @@ SET search_path = billing, public;
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 
+-- the SQLSTATE a statement raises ('ok' when none)
+CREATE FUNCTION pg_temp.sqlstate_of(stmt text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE stmt;
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLSTATE;
+END $$;
 -- finalize, showing only this file's accounts
 CREATE FUNCTION pg_temp.finalize(as_of timestamptz)
     RETURNS TABLE (account_id bigint, period_start timestamptz, total numeric)
@@ -90,6 +98,11 @@ SELECT count(*) FILTER (WHERE kind = 'adjustment') AS adjustment_lines
   FROM invoice_preview(6101, '2024-03-10');
 -- and re-rating January and February again finds nothing (February's
 -- adjustment line is not one of its own lines to recompute)
+SELECT * FROM pg_temp.rerate('2024-01-01', '2024-03-01', 6101);
+-- An adjustment never changes once written (55000): were the one February
+-- carried deleted or zeroed, the next rerate would bill its 2.90 again.
+SELECT pg_temp.sqlstate_of($$DELETE FROM billing.adjustments WHERE account_id = 6101$$) AS delete_adjustment,
+       pg_temp.sqlstate_of($$UPDATE billing.adjustments SET delta = 0 WHERE account_id = 6101$$) AS update_adjustment;
 SELECT * FROM pg_temp.rerate('2024-01-01', '2024-03-01', 6101);
 
 -- 2. A backdated price: deltas for exactly the periods it covers.
