@@ -4,7 +4,8 @@
  */
 
 ALTER TABLE billing.accounts
-    ADD CONSTRAINT accounts_currency_known CHECK (billing.currency_exponent(currency) >= 0);
+    ADD CONSTRAINT accounts_currency_known
+        CHECK (COALESCE(billing.currency_exponent(currency), -1) >= 0);
 
 CREATE TABLE billing.plans (
     plan      text COLLATE "C" PRIMARY KEY CHECK (plan <> ''),
@@ -15,7 +16,7 @@ CREATE TABLE billing.plans (
                           OR pg_catalog.date_part('day', period) = 0
                              AND pg_catalog.date_trunc('day', period) = period)),
     currency  text NOT NULL DEFAULT 'USD'
-              CHECK (currency ~ '^[A-Z]{3}$' AND billing.currency_exponent(currency) >= 0)
+              CHECK (currency ~ '^[A-Z]{3}$' AND COALESCE(billing.currency_exponent(currency), -1) >= 0)
 );
 COMMENT ON TABLE billing.plans IS
     'Price plans: a billing period (whole months, or days and time) and a currency';
@@ -102,22 +103,6 @@ COMMENT ON FUNCTION billing._period_index(timestamptz, interval, timestamptz) IS
  * edges, and the deltas not yet compacted, so a month costs a few hundred
  * rows, not tens of thousands of minute buckets.
  */
--- ts rounded down / up to a multiple of grain since 1970-01-01 UTC
-CREATE FUNCTION billing._floor(ts timestamptz, grain interval) RETURNS timestamptz
-    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT pg_catalog.date_bin(grain, ts, timestamptz '1970-01-01 00:00:00+00')
-$$;
-COMMENT ON FUNCTION billing._floor(timestamptz, interval) IS 'Internal: ts rounded down to the grain (UTC)';
-CREATE FUNCTION billing._ceil(ts timestamptz, grain interval) RETURNS timestamptz
-    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT CASE WHEN pg_catalog.date_bin(grain, ts, timestamptz '1970-01-01 00:00:00+00')
-                     OPERATOR(pg_catalog.=) ts
-                THEN ts
-                ELSE pg_catalog.date_bin(grain, ts, timestamptz '1970-01-01 00:00:00+00')
-                     OPERATOR(pg_catalog.+) grain END
-$$;
-COMMENT ON FUNCTION billing._ceil(timestamptz, interval) IS 'Internal: ts rounded up to the grain (UTC)';
-
 CREATE FUNCTION billing._usage_totals_many(p_accounts bigint[], p_starts timestamptz[],
                                            p_ends timestamptz[])
     RETURNS TABLE (idx integer, meter text, quantity numeric)
@@ -130,40 +115,44 @@ BEGIN
     -- (account_id, meter, bucket_start) of the buckets or a roll-up
     RETURN QUERY
     WITH per AS (
-        SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe,
-               billing._ceil(x.s, '1 hour') AS h0, billing._floor(x.e, '1 hour') AS h1,
-               billing._ceil(x.s, '1 day') AS d0, billing._floor(x.e, '1 day') AS d1
-          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)
+        SELECT y.idx, y.account_id, y.ps, y.pe,
+               CASE WHEN y.fh = y.ps THEN y.fh ELSE y.fh + interval '1 hour' END AS h0,
+               date_bin('1 hour', y.pe, timestamptz '1970-01-01 00:00:00+00') AS h1,
+               CASE WHEN y.fd = y.ps THEN y.fd ELSE y.fd + interval '1 day' END AS d0,
+               date_bin('1 day', y.pe, timestamptz '1970-01-01 00:00:00+00') AS d1
+          FROM (SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe,
+                       date_bin('1 hour', x.s, timestamptz '1970-01-01 00:00:00+00') AS fh,
+                       date_bin('1 day', x.s, timestamptz '1970-01-01 00:00:00+00') AS fd
+                  FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)) y
     ), b AS (
         SELECT per.*, m.meter, m.aggregation,
                LEAST(h0, pe) AS m_end, GREATEST(h1, h0, ps) AS m_start,
                LEAST(d0, h1) AS hh_end, GREATEST(d1, d0, h0) AS ht_start
           FROM per CROSS JOIN billing.meters m
     ), cells AS (
-        SELECT b.idx, b.meter, u.quantity, u.last_ts, u.last_seq
-          FROM b JOIN billing.usage_buckets u
-            ON u.account_id = b.account_id AND u.meter = b.meter
-           AND u.bucket_start >= b.ps AND u.bucket_start < b.m_end
-        UNION ALL
-        SELECT b.idx, b.meter, u.quantity, u.last_ts, u.last_seq
-          FROM b JOIN billing.usage_buckets u
-            ON u.account_id = b.account_id AND u.meter = b.meter
-           AND u.bucket_start >= b.m_start AND u.bucket_start < b.pe
-        UNION ALL
-        SELECT b.idx, b.meter, u.quantity, u.last_ts, u.last_seq
-          FROM b JOIN billing.usage_hourly u
-            ON u.account_id = b.account_id AND u.meter = b.meter
-           AND u.bucket_start >= b.h0 AND u.bucket_start < b.hh_end
-        UNION ALL
-        SELECT b.idx, b.meter, u.quantity, u.last_ts, u.last_seq
-          FROM b JOIN billing.usage_hourly u
-            ON u.account_id = b.account_id AND u.meter = b.meter
-           AND u.bucket_start >= b.ht_start AND u.bucket_start < b.h1
-        UNION ALL
-        SELECT b.idx, b.meter, u.quantity, u.last_ts, u.last_seq
-          FROM b JOIN billing.usage_daily u
-            ON u.account_id = b.account_id AND u.meter = b.meter
-           AND u.bucket_start >= b.d0 AND u.bucket_start < b.d1
+        -- per (period, meter) a handful of index range scans, most of them empty
+        SELECT b.idx, b.meter, c.quantity, c.last_ts, c.last_seq
+          FROM b CROSS JOIN LATERAL (
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = b.account_id AND u.meter = b.meter
+                      AND u.bucket_start >= b.ps AND u.bucket_start < b.m_end
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = b.account_id AND u.meter = b.meter
+                      AND u.bucket_start >= b.m_start AND u.bucket_start < b.pe
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = b.account_id AND u.meter = b.meter
+                      AND u.bucket_start >= b.h0 AND u.bucket_start < b.hh_end
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = b.account_id AND u.meter = b.meter
+                      AND u.bucket_start >= b.ht_start AND u.bucket_start < b.h1
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_daily u
+                    WHERE u.account_id = b.account_id AND u.meter = b.meter
+                      AND u.bucket_start >= b.d0 AND u.bucket_start < b.d1
+               ) c
         UNION ALL
         -- not yet compacted
         SELECT per.idx, d.meter, x.quantity, x.last_ts, d.seq
@@ -203,7 +192,13 @@ DECLARE
     plan_currency text;
 BEGIN
     SELECT a.currency INTO acc_currency FROM billing.accounts a WHERE a.account_id = NEW.account_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account % does not exist', NEW.account_id USING ERRCODE = '23503';
+    END IF;
     SELECT p.currency INTO plan_currency FROM billing.plans p WHERE p.plan = NEW.plan;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'plan "%" does not exist', NEW.plan USING ERRCODE = '23503';
+    END IF;
     IF acc_currency IS DISTINCT FROM plan_currency THEN
         RAISE EXCEPTION 'plan "%" bills in %, account % in %', NEW.plan, plan_currency,
               NEW.account_id, acc_currency
@@ -272,3 +267,21 @@ COMMENT ON FUNCTION billing._plans_check() IS
     'Internal: a plan in use keeps its currency and period';
 CREATE TRIGGER plans_check BEFORE UPDATE ON billing.plans
     FOR EACH ROW EXECUTE FUNCTION billing._plans_check();
+
+CREATE FUNCTION billing._accounts_currency_check() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF NEW.currency IS DISTINCT FROM OLD.currency
+       AND EXISTS (SELECT 1 FROM billing.subscriptions s JOIN billing.plans p ON p.plan = s.plan
+                    WHERE s.account_id = OLD.account_id AND p.currency <> NEW.currency) THEN
+        RAISE EXCEPTION 'account % is subscribed to a plan in %', OLD.account_id, OLD.currency
+            USING ERRCODE = '22023',
+                  HINT = 'An account''s currency must match the plans it is subscribed to.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION billing._accounts_currency_check() IS
+    'Internal: an account keeps the currency of the plans it is subscribed to';
+CREATE TRIGGER accounts_currency_check BEFORE UPDATE OF currency ON billing.accounts
+    FOR EACH ROW EXECUTE FUNCTION billing._accounts_currency_check();

@@ -297,10 +297,15 @@ COMMENT ON FUNCTION billing.invoice_preview(bigint, timestamptz) IS
 
 -- finalization ----------------------------------------------------------------------------
 
+CREATE FUNCTION billing._grace_seconds() RETURNS integer
+    LANGUAGE C STABLE AS 'MODULE_PATHNAME', 'billing_grace_seconds';
+COMMENT ON FUNCTION billing._grace_seconds() IS
+    'Internal: billing.grace_period in seconds, as validated by the module';
 CREATE FUNCTION billing._grace_period() RETURNS interval
     LANGUAGE sql STABLE
     SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce(nullif(current_setting('billing.grace_period', true), ''), '1h')::interval
+    -- exact seconds (a '24h' setting must not become a calendar day)
+    SELECT make_interval(secs => billing._grace_seconds())
 $$;
 COMMENT ON FUNCTION billing._grace_period() IS 'Internal: the billing.grace_period GUC as an interval';
 

@@ -144,7 +144,11 @@ CREATE FUNCTION billing._rerate_diff(from_ts timestamptz, to_ts timestamptz, p_a
     SELECT coalesce(c.account_id, b.account_id), coalesce(c.invoice_id, b.invoice_id),
            coalesce(c.kind, b.kind), coalesce(c.meter, b.meter),
            coalesce(c.description, b.description),
-           b.quantity, coalesce(b.amount, 0), c.quantity, coalesce(c.amount, 0),
+           -- a usage line missing on either side billed or should bill 0 units
+           CASE WHEN coalesce(c.kind, b.kind) = 'usage' THEN coalesce(b.quantity, 0) ELSE b.quantity END,
+           coalesce(b.amount, 0),
+           CASE WHEN coalesce(c.kind, b.kind) = 'usage' THEN coalesce(c.quantity, 0) ELSE c.quantity END,
+           coalesce(c.amount, 0),
            coalesce(c.amount, 0) - coalesce(b.amount, 0)
       FROM correct c
            FULL JOIN billed_sum b
