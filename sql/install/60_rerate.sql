@@ -243,6 +243,17 @@ BEGIN
                 USING ERRCODE = '42703';
         END IF;
     END LOOP;
+    -- a source row for a meter that does not exist cannot be compared: say so
+    EXECUTE format($q$
+        SELECT s.%1$I::text FROM %2$s s
+         WHERE s.%3$I >= $1 AND s.%3$I < $2
+           AND NOT EXISTS (SELECT 1 FROM billing.meters m WHERE m.meter = s.%1$I::text)
+         LIMIT 1 $q$, meter_column, source, ts_column)
+       INTO col USING from_ts, to_ts;
+    IF col IS NOT NULL THEN
+        RAISE EXCEPTION 'source "%" has usage of meter "%", which does not exist', source, col
+            USING ERRCODE = '23503';
+    END IF;
     -- both sides per (account, meter, bucket), combined by the meter's aggregation
     RETURN QUERY EXECUTE format($q$
         WITH src AS (
