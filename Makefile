@@ -53,3 +53,6 @@ bench:
 
 bench-citus:
 	bash test/bench/citus.sh
+
+# every object depends on every header (PGXS tracks no header dependencies)
+$(OBJS): $(wildcard src/*.h)

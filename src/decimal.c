@@ -195,6 +195,23 @@ dec_to_numeric(int128_t value, int scale)
 {
 	char		buf[DEC_CSTRING_LEN];
 
+	/* drop trailing fractional zeros; small values take the int64 path */
+	for (int k = 16; k >= 1; k /= 2)
+	{
+		while (scale >= k && value % dec_pow10[k] == 0)
+		{
+			value /= dec_pow10[k];
+			scale -= k;
+		}
+	}
+	if (value >= PG_INT64_MIN && value <= PG_INT64_MAX)
+	{
+		if (scale == 0)
+			return int64_to_numeric((int64) value);
+		if (scale <= 18)
+			return int64_div_fast_to_numeric((int64) value, scale);
+	}
+
 	dec_to_cstring(value, scale, buf);
 	return DatumGetNumeric(DirectFunctionCall3(numeric_in,
 											   CStringGetDatum(buf),

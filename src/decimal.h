@@ -13,7 +13,14 @@
 #include "postgres.h"
 #include "utils/numeric.h"
 
-typedef __int128 int128_t;
+/*
+ * PostgreSQL's int128 is declared with 8-byte alignment, so it may live in
+ * palloc'd and dynahash memory (a bare __int128 wants 16 and crashes there).
+ */
+#ifndef HAVE_INT128
+#error "billing needs a compiler with 128-bit integers"
+#endif
+typedef int128 int128_t;
 
 /* 10^38 - 1 is the largest magnitude we keep; beyond it, use numeric */
 #define DEC_MAX_DIGITS	38

@@ -1,9 +1,2055 @@
 /*
- * ingest.c  (placeholder, replaced below)
+ * ingest.c
+ *		Usage ingest: billing.record, the metered-table triggers,
+ *		billing.ingest and billing.report_cumulative.
+ *
+ * Every path validates a usage report the same way (known meter, finite
+ * quantity, non-negative unless the meter is max/last, timestamp inside the
+ * meter's late window and at most 5 minutes ahead), claims its event id in
+ * billing.dedupe_keys in the same transaction as the count, and adds it to
+ * the bucket counters.
+ *
+ * Counting never updates a row at ingest time.  Reports are accumulated in
+ * backend memory per (account, meter, dimension, bucket) and written as
+ * delta rows into billing.usage_deltas with a multi-insert when the
+ * statement ends (or earlier, when the accumulator outgrows work_mem).
+ * Readers add billing.usage_buckets and billing.usage_deltas; the function
+ * billing.compact_usage() folds deltas into the buckets.  Many sessions
+ * writing the same hot bucket therefore never wait for each other.
+ *
+ * The accumulator of the metered-table triggers lives from the first row of
+ * a statement until its AFTER STATEMENT trigger flushes it.  One
+ * accumulator is kept per subtransaction, so that a subtransaction that
+ * aborts drops exactly the reports it made; a commit that would leave a
+ * report unflushed is refused.
  */
 #include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "commands/sequence.h"
+#include "commands/trigger.h"
+#include "common/hashfn.h"
+#include "executor/executor.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/datum.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/numeric.h"
+#include "utils/rel.h"
+#include "utils/timestamp.h"
+
 #include "billing.h"
+#include "decimal.h"
+
+PG_FUNCTION_INFO_V1(billing_record);
+PG_FUNCTION_INFO_V1(billing_meter_row);
+PG_FUNCTION_INFO_V1(billing_meter_flush);
+PG_FUNCTION_INFO_V1(billing_ingest);
+PG_FUNCTION_INFO_V1(billing_report_cumulative);
+PG_FUNCTION_INFO_V1(billing_meters_changed);
+
+/* quantities are accumulated as fixed point with this many fraction digits */
+#define QTY_SCALE			20
+/* longest meter name (billing.meters has the same CHECK) */
+#define METER_NAME_LEN		64
+/* how far into the future a report may be stamped */
+#define FUTURE_SLACK_USEC	(5 * USECS_PER_MINUTE)
+/* delta rows written per multi-insert batch */
+#define WRITE_BATCH			1000
+/* offset from the PostgreSQL epoch (2000) back to the Unix epoch (1970) */
+#define UNIX_EPOCH_USEC		((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY)
+
+typedef enum Aggregation
+{
+	AGG_SUM,
+	AGG_COUNT,
+	AGG_MAX,
+	AGG_LAST
+} Aggregation;
+
+/* a meter as defined in billing.meters */
+typedef struct MeterDef
+{
+	char		name[METER_NAME_LEN];	/* hash key, zero padded */
+	Aggregation agg;
+	int64		width;			/* bucket width in microseconds */
+	Interval	late_window;
+	Interval	dedupe_window;
+} MeterDef;
+
+/*
+ * An exact quantity: fixed point (value / 10^QTY_SCALE) when it fits,
+ * numeric otherwise.
+ */
+typedef struct Qty
+{
+	bool		isdec;
+	int128_t	dec;
+	Numeric		num;
+} Qty;
+
+/* a meter as used by one accumulator, with its cut-offs for this xact */
+typedef struct MeterSlot
+{
+	char		name[METER_NAME_LEN];	/* hash key */
+	int32		id;				/* index in IngestState.slots */
+	int			namelen;
+	MeterDef	def;
+	TimestampTz oldest;			/* now() - late_window */
+	TimestampTz expires;		/* now() + dedupe_window */
+} MeterSlot;
+
+/* key of one counter cell; 24 bytes without padding */
+typedef struct BucketKey
+{
+	int64		account_id;
+	TimestampTz bucket_start;
+	int32		meter;			/* MeterSlot.id */
+	int32		dim;			/* index in IngestState.dims */
+} BucketKey;
+
+typedef struct BucketAcc
+{
+	BucketKey	key;
+	char		status;			/* simplehash's slot status */
+	Qty			value;
+	int64		events;
+	TimestampTz last_ts;		/* last meters: timestamp of value */
+} BucketAcc;
+
+static inline uint32
+bucketkey_hash(const BucketKey *k)
+{
+	uint64		h = hash_combine64((uint64) k->account_id * UINT64CONST(0x9E3779B97F4A7C15),
+								   (uint64) k->bucket_start);
+
+	h = hash_combine64(h, ((uint64) (uint32) k->meter << 32) | (uint32) k->dim);
+	return (uint32) (h ^ (h >> 32));
+}
+
+/* open-addressing hash table of counter cells (lib/simplehash.h) */
+#define SH_PREFIX		cells
+#define SH_ELEMENT_TYPE	BucketAcc
+#define SH_KEY_TYPE		BucketKey
+#define SH_KEY			key
+#define SH_HASH_KEY(tb, k)	bucketkey_hash(&(k))
+#define SH_EQUAL(tb, a, b)	(memcmp(&(a), &(b), sizeof(BucketKey)) == 0)
+#define SH_SCOPE		static inline
+#define SH_DECLARE
+#define SH_DEFINE
+#include "lib/simplehash.h"
+
+/* a report waiting for its event id to be claimed */
+typedef struct PendingRow
+{
+	BucketKey	key;
+	Qty			value;
+	TimestampTz ts;
+	char	   *event_id;
+	int			event_len;
+} PendingRow;
+
+/* a dimension string, interned */
+typedef struct DimEntry
+{
+	uint32		hash;			/* hash key part 1 */
+	int32		id;
+	char	   *str;
+	int			len;
+} DimEntry;
+
+/* key of the in-statement event id set */
+typedef struct SeenKey
+{
+	int64		account_id;
+	int32		meter;
+	uint32		hash;			/* hash of the event id */
+} SeenKey;
+
+typedef struct SeenEntry
+{
+	SeenKey		key;
+	List	   *ids;			/* event ids (char *) with that hash */
+} SeenEntry;
+
+/* cached column numbers of one metered table's trigger */
+typedef struct TableConf
+{
+	Oid			tgoid;
+	AttrNumber	account_att;
+	AttrNumber	meter_att;
+	AttrNumber	qty_att;
+	AttrNumber	ts_att;
+	AttrNumber	event_att;		/* 0: none */
+	AttrNumber	dim_att;		/* 0: none */
+	Oid			qty_type;
+	bool		keep_rows;
+} TableConf;
+
+/*
+ * IngestState: one accumulator.  Everything hangs off ctx.
+ */
+typedef struct IngestState
+{
+	MemoryContext ctx;
+	SubTransactionId subid;		/* owner, for the trigger accumulators */
+	struct IngestState *next;	/* stack of trigger accumulators */
+	TimestampTz now;
+	HTAB	   *meters;			/* name -> MeterSlot */
+	MeterSlot **slots;
+	int			nslots;
+	int			maxslots;
+	HTAB	   *dimhash;		/* (hash, string) -> DimEntry, chained */
+	DimEntry  **dims;
+	int			ndims;
+	int			maxdims;
+	int			last_dim;		/* id of the dimension used last */
+	cells_hash *buckets;		/* BucketKey -> BucketAcc */
+	HTAB	   *seen;			/* event ids pending in this batch */
+	PendingRow *pending;
+	int			npending;
+	int			maxpending;
+	TableConf  *tables;
+	int			ntables;
+	int64		counted;		/* reports counted */
+	int64		duplicates;		/* reports dropped as duplicates */
+	Size		pending_bytes;	/* memory held by queued event ids */
+} IngestState;
+
+/* trigger accumulators of the current transaction, innermost first */
+static IngestState *trigger_states = NULL;
+
+/* backend cache of billing.meters */
+static HTAB *meter_cache = NULL;
+static Oid	meters_relid = InvalidOid;
+
+/* saved plans */
+static SPIPlanPtr claim_batch_plan = NULL;
+static SPIPlanPtr claim_one_plan = NULL;
+static SPIPlanPtr check_accounts_plan = NULL;
+static SPIPlanPtr offset_plan = NULL;
+static SPIPlanPtr cumulative_insert_plan = NULL;
+static SPIPlanPtr cumulative_lock_plan = NULL;
+static SPIPlanPtr cumulative_update_plan = NULL;
+
+static void flush_state(IngestState *st);
+
+/* ---------------------------------------------------------------------
+ * Meter cache
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * meters_relcache_cb
+ *		Drop the meter cache when billing.meters changes (its trigger sends a
+ *		relcache invalidation) or on a full reset.
+ */
+static void
+meters_relcache_cb(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == meters_relid)
+	{
+		if (meter_cache)
+			hash_destroy(meter_cache);
+		meter_cache = NULL;
+		meters_relid = InvalidOid;
+	}
+}
+
+/*
+ * billing_schema_oid
+ *		OID of schema billing; errors when the extension is not installed.
+ */
+static Oid
+billing_schema_oid(void)
+{
+	return get_namespace_oid("billing", false);
+}
+
+/*
+ * billing_relid
+ *		OID of relation billing.<name>.
+ */
+static Oid
+billing_relid(const char *name)
+{
+	Oid			relid = get_relname_relid(name, billing_schema_oid());
+
+	if (!OidIsValid(relid))
+		elog(ERROR, "relation billing.%s does not exist", name);
+	return relid;
+}
+
+/*
+ * load_meters
+ *		(Re)build the backend cache of billing.meters.
+ */
+static void
+load_meters(void)
+{
+	HASHCTL		ctl;
+	HTAB	   *cache;
+	uint64		i;
+
+	meters_relid = billing_relid("meters");
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = METER_NAME_LEN;
+	ctl.entrysize = sizeof(MeterDef);
+	ctl.hcxt = TopMemoryContext;
+	cache = hash_create("billing meters", 64, &ctl,
+						HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (SPI_execute("SELECT meter, aggregation, bucket_width, late_window, "
+					"dedupe_window FROM billing.meters", true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read billing.meters");
+
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char		key[METER_NAME_LEN];
+		char	   *name = SPI_getvalue(tup, desc, 1);
+		char	   *agg = SPI_getvalue(tup, desc, 2);
+		bool		isnull;
+		Interval   *width = DatumGetIntervalP(SPI_getbinval(tup, desc, 3, &isnull));
+		MeterDef   *m;
+
+		memset(key, 0, sizeof(key));
+		strlcpy(key, name, sizeof(key));
+		m = hash_search(cache, key, HASH_ENTER, NULL);
+		if (strcmp(agg, "sum") == 0)
+			m->agg = AGG_SUM;
+		else if (strcmp(agg, "count") == 0)
+			m->agg = AGG_COUNT;
+		else if (strcmp(agg, "max") == 0)
+			m->agg = AGG_MAX;
+		else
+			m->agg = AGG_LAST;
+		m->width = width->time + (int64) width->day * USECS_PER_DAY;
+		m->late_window = *DatumGetIntervalP(SPI_getbinval(tup, desc, 4, &isnull));
+		m->dedupe_window = *DatumGetIntervalP(SPI_getbinval(tup, desc, 5, &isnull));
+	}
+	SPI_finish();
+
+	if (meter_cache)
+		hash_destroy(meter_cache);
+	meter_cache = cache;
+}
+
+/*
+ * lookup_meter
+ *		The definition of a meter, or NULL when it does not exist.
+ */
+static MeterDef *
+lookup_meter(const char *key)
+{
+	if (meter_cache == NULL)
+		load_meters();
+	return hash_search(meter_cache, key, HASH_FIND, NULL);
+}
+
+/*
+ * billing_meters_changed
+ *		Statement trigger on billing.meters: tell every backend (this one
+ *		included, at the next command) to reload its meter cache.
+ */
+Datum
+billing_meters_changed(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "billing_meters_changed: not called by trigger manager");
+	CacheInvalidateRelcacheByRelid(((TriggerData *) fcinfo->context)->tg_relation->rd_id);
+	return PointerGetDatum(NULL);
+}
+
+/* ---------------------------------------------------------------------
+ * Quantities
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * qty_from_datum
+ *		Read a quantity of type numeric, int2, int4 or int8.  Sets *nan or
+ *		*inf when it is not finite.
+ */
+static void
+qty_from_datum(Datum d, Oid type, Qty *q, bool *notfinite)
+{
+	*notfinite = false;
+	q->num = NULL;
+	switch (type)
+	{
+		case INT2OID:
+			q->isdec = true;
+			q->dec = (int128_t) DatumGetInt16(d) * dec_pow10[QTY_SCALE];
+			return;
+		case INT4OID:
+			q->isdec = true;
+			q->dec = (int128_t) DatumGetInt32(d) * dec_pow10[QTY_SCALE];
+			return;
+		case INT8OID:
+			q->isdec = true;
+			q->dec = (int128_t) DatumGetInt64(d) * dec_pow10[QTY_SCALE];
+			return;
+		default:
+			{
+				Numeric		n = DatumGetNumeric(d);
+
+				if (numeric_is_nan(n) || numeric_is_inf(n))
+				{
+					*notfinite = true;
+					q->isdec = false;
+					return;
+				}
+				q->isdec = dec_from_numeric(n, QTY_SCALE, &q->dec);
+				if (!q->isdec)
+					q->num = n;
+			}
+	}
+}
+
+/*
+ * qty_numeric
+ *		The quantity as a numeric (allocated in the current context).
+ */
+static Numeric
+qty_numeric(const Qty *q)
+{
+	if (q->isdec)
+		return dec_to_numeric(q->dec, QTY_SCALE);
+	return q->num;
+}
+
+static int
+qty_sign(const Qty *q)
+{
+	if (q->isdec)
+		return q->dec > 0 ? 1 : (q->dec < 0 ? -1 : 0);
+	return DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(q->num),
+											 NumericGetDatum(int64_to_numeric(0))));
+}
+
+static int
+qty_cmp(const Qty *a, const Qty *b)
+{
+	if (a->isdec && b->isdec)
+		return a->dec < b->dec ? -1 : (a->dec > b->dec ? 1 : 0);
+	return DatumGetInt32(DirectFunctionCall2(numeric_cmp,
+											 NumericGetDatum(qty_numeric(a)),
+											 NumericGetDatum(qty_numeric(b))));
+}
+
+/*
+ * qty_store
+ *		Copy *src into *dst, keeping any numeric in cxt.
+ */
+static void
+qty_store(Qty *dst, const Qty *src, MemoryContext cxt)
+{
+	if (!dst->isdec && dst->num)
+		pfree(dst->num);
+	*dst = *src;
+	if (!src->isdec)
+	{
+		MemoryContext old = MemoryContextSwitchTo(cxt);
+
+		dst->num = DatumGetNumeric(datumCopy(NumericGetDatum(src->num), false, -1));
+		MemoryContextSwitchTo(old);
+	}
+}
+
+/*
+ * qty_add
+ *		*acc += *v exactly, spilling to numeric when fixed point overflows.
+ */
+static void
+qty_add(Qty *acc, const Qty *v, MemoryContext cxt)
+{
+	Qty			r;
+
+	if (acc->isdec && v->isdec && dec_add(acc->dec, v->dec, &r.dec))
+	{
+		acc->dec = r.dec;
+		return;
+	}
+	r.isdec = false;
+	r.num = DatumGetNumeric(DirectFunctionCall2(numeric_add,
+												NumericGetDatum(qty_numeric(acc)),
+												NumericGetDatum(qty_numeric(v))));
+	qty_store(acc, &r, cxt);
+}
+
+/* ---------------------------------------------------------------------
+ * Accumulators
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * state_create
+ *		A new, empty accumulator in a child of parent.
+ */
+static IngestState *
+state_create(MemoryContext parent)
+{
+	MemoryContext ctx = AllocSetContextCreate(parent, "billing ingest",
+											  ALLOCSET_DEFAULT_SIZES);
+	IngestState *st = MemoryContextAllocZero(ctx, sizeof(IngestState));
+	HASHCTL		ctl;
+
+	st->ctx = ctx;
+	st->now = GetCurrentTransactionStartTimestamp();
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = METER_NAME_LEN;
+	ctl.entrysize = sizeof(MeterSlot);
+	ctl.hcxt = ctx;
+	st->meters = hash_create("billing ingest meters", 16, &ctl,
+							 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(uint32);
+	ctl.entrysize = sizeof(DimEntry);
+	ctl.hcxt = ctx;
+	st->dimhash = hash_create("billing ingest dimensions", 16, &ctl,
+							  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+
+	st->buckets = cells_create(ctx, 1024, NULL);
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(SeenKey);
+	ctl.entrysize = sizeof(SeenEntry);
+	ctl.hcxt = ctx;
+	st->seen = hash_create("billing ingest event ids", 256, &ctl,
+						   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	return st;
+}
+
+/*
+ * state_slot
+ *		The accumulator's slot for a meter, given its name as bytes;
+ *		raises 23503 for an unknown meter.
+ */
+static MeterSlot *
+state_slot(IngestState *st, const char *name, int len)
+{
+	char		key[METER_NAME_LEN];
+	MeterSlot  *slot;
+	bool		found;
+
+	/* a batch uses a handful of meters: compare before hashing */
+	for (int i = 0; i < st->nslots; i++)
+	{
+		slot = st->slots[i];
+		if (slot->namelen == len && memcmp(slot->name, name, len) == 0)
+			return slot;
+	}
+
+	memset(key, 0, sizeof(key));
+	if (len >= METER_NAME_LEN || len == 0 || memchr(name, '\0', len))
+		ereport(ERROR,
+				(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
+				 errmsg("meter \"%.*s\" does not exist", Min(len, 200), name),
+				 errhint("Meters are defined in billing.meters.")));
+	memcpy(key, name, len);
+
+	slot = hash_search(st->meters, key, HASH_ENTER, &found);
+	if (!found)
+	{
+		MeterDef   *def = lookup_meter(key);
+		MemoryContext old;
+
+		if (def == NULL)
+		{
+			hash_search(st->meters, key, HASH_REMOVE, NULL);
+			ereport(ERROR,
+					(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
+					 errmsg("meter \"%s\" does not exist", key),
+					 errhint("Meters are defined in billing.meters.")));
+		}
+		slot->def = *def;
+		slot->namelen = strlen(key);
+		slot->oldest = DatumGetTimestampTz(DirectFunctionCall2(timestamptz_mi_interval,
+															   TimestampTzGetDatum(st->now),
+															   IntervalPGetDatum(&def->late_window)));
+		slot->expires = DatumGetTimestampTz(DirectFunctionCall2(timestamptz_pl_interval,
+																TimestampTzGetDatum(st->now),
+																IntervalPGetDatum(&def->dedupe_window)));
+		old = MemoryContextSwitchTo(st->ctx);
+		if (st->nslots == st->maxslots)
+		{
+			st->maxslots = st->maxslots ? st->maxslots * 2 : 8;
+			st->slots = st->slots ? repalloc(st->slots, st->maxslots * sizeof(MeterSlot *))
+				: palloc(st->maxslots * sizeof(MeterSlot *));
+		}
+		MemoryContextSwitchTo(old);
+		slot->id = st->nslots;
+		st->slots[st->nslots++] = slot;
+	}
+	return slot;
+}
+
+/*
+ * state_dim
+ *		Intern a dimension string; returns its id.
+ */
+static int32
+state_dim(IngestState *st, const char *s, int len)
+{
+	uint32		h;
+	DimEntry   *e;
+	bool		found;
+	MemoryContext old;
+
+	/* most reports repeat the previous dimension (usually '') */
+	if (st->ndims > 0)
+	{
+		e = st->dims[st->last_dim];
+		if (e->len == len && memcmp(e->str, s, len) == 0)
+			return e->id;
+	}
+	h = hash_bytes((const unsigned char *) s, len);
+
+	/* linear probing on the hash value keeps collisions exact */
+	for (;;)
+	{
+		e = hash_search(st->dimhash, &h, HASH_ENTER, &found);
+		if (!found)
+			break;
+		if (e->len == len && memcmp(e->str, s, len) == 0)
+		{
+			st->last_dim = e->id;
+			return e->id;
+		}
+		h++;
+	}
+	old = MemoryContextSwitchTo(st->ctx);
+	e->str = palloc(len + 1);
+	memcpy(e->str, s, len);
+	e->str[len] = '\0';
+	e->len = len;
+	if (st->ndims == st->maxdims)
+	{
+		st->maxdims = st->maxdims ? st->maxdims * 2 : 8;
+		st->dims = st->dims ? repalloc(st->dims, st->maxdims * sizeof(DimEntry *))
+			: palloc(st->maxdims * sizeof(DimEntry *));
+	}
+	MemoryContextSwitchTo(old);
+	e->id = st->ndims;
+	st->dims[st->ndims++] = e;
+	st->last_dim = e->id;
+	return e->id;
+}
+
+/*
+ * bucket_of
+ *		Start of the bucket of width usec that holds ts, aligned to
+ *		multiples of the width since 1970-01-01 00:00 UTC.
+ */
+static TimestampTz
+bucket_of(TimestampTz ts, int64 width)
+{
+	int64		t = ts + UNIX_EPOCH_USEC;
+	int64		r = t % width;
+
+	if (r < 0)
+		r += width;
+	return ts - r;
+}
+
+/*
+ * accumulate
+ *		Add one report (already validated and claimed) to the counters.
+ */
+static void
+accumulate(IngestState *st, const BucketKey *key, const Qty *v, TimestampTz ts)
+{
+	BucketAcc  *acc;
+	bool		found;
+	Aggregation agg = st->slots[key->meter]->def.agg;
+
+	acc = cells_insert(st->buckets, *key, &found);
+	if (!found)
+	{
+		acc->events = 1;
+		acc->last_ts = ts;
+		acc->value.isdec = true;
+		acc->value.dec = 0;
+		acc->value.num = NULL;
+		if (agg == AGG_COUNT)
+			acc->value.dec = dec_pow10[QTY_SCALE];
+		else
+			qty_store(&acc->value, v, st->ctx);
+		st->counted++;
+		return;
+	}
+
+	if (pg_add_s64_overflow(acc->events, 1, &acc->events))
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("event count of a usage bucket is out of range")));
+	st->counted++;
+
+	switch (agg)
+	{
+		case AGG_SUM:
+			qty_add(&acc->value, v, st->ctx);
+			break;
+		case AGG_COUNT:
+			{
+				Qty			one = {true, dec_pow10[QTY_SCALE], NULL};
+
+				qty_add(&acc->value, &one, st->ctx);
+			}
+			break;
+		case AGG_MAX:
+			if (qty_cmp(v, &acc->value) > 0)
+				qty_store(&acc->value, v, st->ctx);
+			break;
+		case AGG_LAST:
+			/* a later report with the same timestamp wins */
+			if (ts >= acc->last_ts)
+			{
+				qty_store(&acc->value, v, st->ctx);
+				acc->last_ts = ts;
+			}
+			break;
+	}
+}
+
+/*
+ * seen_before
+ *		Remember an event id of this batch; true when it was already there.
+ */
+static bool
+seen_before(IngestState *st, int64 account_id, int32 meter,
+			const char *id, int len)
+{
+	SeenKey		key;
+	SeenEntry  *e;
+	bool		found;
+	ListCell   *lc;
+	char	   *copy;
+	MemoryContext old;
+
+	memset(&key, 0, sizeof(key));
+	key.account_id = account_id;
+	key.meter = meter;
+	key.hash = hash_bytes((const unsigned char *) id, len);
+	e = hash_search(st->seen, &key, HASH_ENTER, &found);
+	if (!found)
+		e->ids = NIL;
+	foreach(lc, e->ids)
+	{
+		char	   *s = lfirst(lc);
+
+		if ((int) strlen(s) == len && memcmp(s, id, len) == 0)
+			return true;
+	}
+	old = MemoryContextSwitchTo(st->ctx);
+	copy = palloc(len + 1);
+	memcpy(copy, id, len);
+	copy[len] = '\0';
+	e->ids = lappend(e->ids, copy);
+	MemoryContextSwitchTo(old);
+	return false;
+}
+
+/*
+ * claim_one
+ *		Claim one event id now (INSERT ... ON CONFLICT DO NOTHING); true if
+ *		this transaction claimed it.
+ */
+static bool
+claim_one(int64 account_id, const MeterSlot *slot, const char *id, int len)
+{
+	Datum		values[4];
+	Oid			types[4] = {INT8OID, TEXTOID, TEXTOID, TIMESTAMPTZOID};
+	bool		claimed;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (claim_one_plan == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(
+									   "INSERT INTO billing.dedupe_keys (account_id, meter, event_id, expires_at) "
+									   "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+									   4, types);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		claim_one_plan = plan;
+	}
+	values[0] = Int64GetDatum(account_id);
+	values[1] = PointerGetDatum(cstring_to_text(slot->name));
+	values[2] = PointerGetDatum(cstring_to_text_with_len(id, len));
+	values[3] = TimestampTzGetDatum(slot->expires);
+	if (SPI_execute_plan(claim_one_plan, values, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not claim event id");
+	claimed = (SPI_processed == 1);
+	SPI_finish();
+	return claimed;
+}
+
+/*
+ * Outcome of one report.
+ */
+typedef enum ReportResult
+{
+	REPORT_COUNTED,
+	REPORT_DUPLICATE,
+	REPORT_PENDING				/* waits for its claim at the next flush */
+} ReportResult;
+
+/*
+ * add_report
+ *		Validate one usage report and count it, or queue its event id for a
+ *		batch claim (claim_now false), or claim it at once (claim_now true).
+ *		Raises the SPEC section 3 errors for bad input.
+ */
+static ReportResult
+add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
+		   Datum qty, Oid qtytype, TimestampTz ts,
+		   const char *event_id, int event_len,
+		   const char *dim, int dimlen, bool claim_now)
+{
+	MeterSlot  *slot = state_slot(st, meter, meterlen);
+	BucketKey	key;
+	Qty			v;
+	bool		notfinite;
+
+	qty_from_datum(qty, qtytype, &v, &notfinite);
+	if (notfinite)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("usage quantity must be finite"),
+				 errdetail("Meter \"%s\", account %lld.", slot->name, (long long) account_id)));
+	if ((slot->def.agg == AGG_SUM || slot->def.agg == AGG_COUNT) && qty_sign(&v) < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("usage quantity must not be negative"),
+				 errdetail("Meter \"%s\" adds quantities; account %lld reported %s.",
+						   slot->name, (long long) account_id,
+						   DatumGetCString(DirectFunctionCall1(numeric_out,
+															   NumericGetDatum(qty_numeric(&v)))))));
+	if (ts < slot->oldest || ts > st->now + FUTURE_SLACK_USEC ||
+		TIMESTAMP_NOT_FINITE(ts))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_DATETIME_FORMAT),
+				 errmsg("usage timestamp %s is outside the accepted window",
+						TIMESTAMP_NOT_FINITE(ts) ? "(infinite)" : pstrdup(timestamptz_to_str(ts))),
+				 errdetail("Meter \"%s\" accepts reports from %s (its late window) to 5 minutes ahead of %s.",
+						   slot->name, pstrdup(timestamptz_to_str(slot->oldest)),
+						   pstrdup(timestamptz_to_str(st->now)))));
+	if (account_id <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
+				 errmsg("account %lld does not exist", (long long) account_id)));
+
+	memset(&key, 0, sizeof(key));
+	key.account_id = account_id;
+	key.meter = slot->id;
+	key.dim = state_dim(st, dim, dimlen);
+	key.bucket_start = bucket_of(ts, slot->def.width);
+
+	if (event_id != NULL)
+	{
+		if (seen_before(st, account_id, slot->id, event_id, event_len))
+		{
+			st->duplicates++;
+			return REPORT_DUPLICATE;
+		}
+		if (claim_now)
+		{
+			if (!claim_one(account_id, slot, event_id, event_len))
+			{
+				st->duplicates++;
+				return REPORT_DUPLICATE;
+			}
+		}
+		else
+		{
+			PendingRow *p;
+			MemoryContext old = MemoryContextSwitchTo(st->ctx);
+
+			if (st->npending == st->maxpending)
+			{
+				st->maxpending = st->maxpending ? st->maxpending * 2 : 256;
+				st->pending = st->pending ? repalloc(st->pending, st->maxpending * sizeof(PendingRow))
+					: palloc(st->maxpending * sizeof(PendingRow));
+			}
+			p = &st->pending[st->npending++];
+			p->key = key;
+			p->value.isdec = true;
+			p->value.num = NULL;
+			qty_store(&p->value, &v, st->ctx);
+			p->ts = ts;
+			p->event_id = palloc(event_len + 1);
+			memcpy(p->event_id, event_id, event_len);
+			p->event_id[event_len] = '\0';
+			p->event_len = event_len;
+			st->pending_bytes += sizeof(PendingRow) + sizeof(SeenEntry) + 2 * (event_len + 1) + 32;
+			MemoryContextSwitchTo(old);
+			return REPORT_PENDING;
+		}
+	}
+	accumulate(st, &key, &v, ts);
+	return REPORT_COUNTED;
+}
+
+/*
+ * maybe_flush
+ *		Flush early when the accumulator has grown past work_mem, so memory
+ *		stays bounded however many rows a statement sends.
+ */
+static void
+maybe_flush(IngestState *st)
+{
+	Size		budget = (Size) work_mem * 1024;
+
+	/*
+	 * Flush before the cell table would double past the budget, or when
+	 * the queued event ids reach half of it.
+	 */
+	if ((st->buckets->members + 1 >= st->buckets->grow_threshold &&
+		 (Size) st->buckets->size * 2 * sizeof(BucketAcc) > budget) ||
+		st->pending_bytes > budget / 2)
+		flush_state(st);
+}
+
+/* ---------------------------------------------------------------------
+ * Flushing
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * check_accounts
+ *		Raise 23503 when one of the n account ids (sorted, so that repeats
+ *		are adjacent) does not exist in billing.accounts.
+ */
+static void
+check_accounts(const int64 *accounts, long n)
+{
+	Datum	   *ids;
+	long		i;
+	int			m = 0;
+	Datum		values[1];
+	Oid			types[1] = {INT8ARRAYOID};
+
+	if (n == 0)
+		return;
+	ids = palloc(n * sizeof(Datum));
+	for (i = 0; i < n; i++)
+		if (i == 0 || accounts[i] != accounts[i - 1])
+			ids[m++] = Int64GetDatum(accounts[i]);
+	values[0] = PointerGetDatum(construct_array(ids, m, INT8OID, 8, true, TYPALIGN_DOUBLE));
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (check_accounts_plan == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(
+									   "SELECT a FROM pg_catalog.unnest($1) AS a "
+									   "WHERE NOT EXISTS (SELECT 1 FROM billing.accounts c "
+									   "WHERE c.account_id OPERATOR(pg_catalog.=) a) LIMIT 1",
+									   1, types);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		check_accounts_plan = plan;
+	}
+	if (SPI_execute_plan(check_accounts_plan, values, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not check accounts");
+	if (SPI_processed > 0)
+	{
+		bool		isnull;
+		int64		missing = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+														  SPI_tuptable->tupdesc, 1, &isnull));
+
+		ereport(ERROR,
+				(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
+				 errmsg("account %lld does not exist", (long long) missing),
+				 errhint("Accounts are defined in billing.accounts.")));
+	}
+	SPI_finish();
+	pfree(ids);
+}
+
+/* order pending rows by (account, meter name, event id): claims in one order */
+static IngestState *sort_state;
+
+static int
+pending_cmp(const void *a, const void *b)
+{
+	const PendingRow *x = a;
+	const PendingRow *y = b;
+	int			c;
+
+	if (x->key.account_id != y->key.account_id)
+		return x->key.account_id < y->key.account_id ? -1 : 1;
+	if (x->key.meter != y->key.meter)
+	{
+		c = strcmp(sort_state->slots[x->key.meter]->name,
+				   sort_state->slots[y->key.meter]->name);
+		if (c != 0)
+			return c;
+	}
+	c = memcmp(x->event_id, y->event_id, Min(x->event_len, y->event_len));
+	if (c != 0)
+		return c;
+	return x->event_len - y->event_len;
+}
+
+/*
+ * claim_pending
+ *		Claim every queued event id with one INSERT ... ON CONFLICT DO
+ *		NOTHING RETURNING, in key order (so that concurrent batches cannot
+ *		deadlock), and count the reports whose ids this transaction claimed.
+ */
+static void
+claim_pending(IngestState *st)
+{
+	int			n = st->npending;
+	Datum	   *accts,
+			   *meters,
+			   *ids,
+			   *exp;
+	Datum		values[4];
+	Oid			types[4] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID};
+	HTAB	   *claimed;
+	HASHCTL		ctl;
+	uint64		i;
+	int			j;
+
+	if (n == 0)
+		return;
+	sort_state = st;
+	qsort(st->pending, n, sizeof(PendingRow), pending_cmp);
+
+	accts = palloc(n * sizeof(Datum));
+	meters = palloc(n * sizeof(Datum));
+	ids = palloc(n * sizeof(Datum));
+	exp = palloc(n * sizeof(Datum));
+	for (j = 0; j < n; j++)
+	{
+		PendingRow *p = &st->pending[j];
+		MeterSlot  *slot = st->slots[p->key.meter];
+
+		accts[j] = Int64GetDatum(p->key.account_id);
+		meters[j] = PointerGetDatum(cstring_to_text(slot->name));
+		ids[j] = PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len));
+		exp[j] = TimestampTzGetDatum(slot->expires);
+	}
+	values[0] = PointerGetDatum(construct_array(accts, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	values[1] = PointerGetDatum(construct_array(meters, n, TEXTOID, -1, false, TYPALIGN_INT));
+	values[2] = PointerGetDatum(construct_array(ids, n, TEXTOID, -1, false, TYPALIGN_INT));
+	values[3] = PointerGetDatum(construct_array(exp, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
+
+	/* the claimed keys, as (account, meter, id) strings */
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(SeenKey);
+	ctl.entrysize = sizeof(SeenEntry);
+	ctl.hcxt = CurrentMemoryContext;
+	claimed = hash_create("billing claimed ids", n, &ctl,
+						  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (claim_batch_plan == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(
+									   "INSERT INTO billing.dedupe_keys (account_id, meter, event_id, expires_at) "
+									   "SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
+									   "pg_catalog.unnest($3), pg_catalog.unnest($4)) "
+									   "ON CONFLICT DO NOTHING "
+									   "RETURNING account_id, meter, event_id",
+									   4, types);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		claim_batch_plan = plan;
+	}
+	if (SPI_execute_plan(claim_batch_plan, values, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "could not claim event ids");
+
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		SeenKey		key;
+		SeenEntry  *e;
+		bool		found;
+		text	   *m = DatumGetTextPP(SPI_getbinval(tup, desc, 2, &isnull));
+		text	   *id = DatumGetTextPP(SPI_getbinval(tup, desc, 3, &isnull));
+		MeterSlot  *slot = state_slot(st, VARDATA_ANY(m), VARSIZE_ANY_EXHDR(m));
+		MemoryContext old;
+
+		memset(&key, 0, sizeof(key));
+		key.account_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		key.meter = slot->id;
+		key.hash = hash_bytes((unsigned char *) VARDATA_ANY(id), VARSIZE_ANY_EXHDR(id));
+		e = hash_search(claimed, &key, HASH_ENTER, &found);
+		if (!found)
+			e->ids = NIL;
+		/* the list lives in the caller's context, not SPI's */
+		old = MemoryContextSwitchTo(ctl.hcxt);
+		e->ids = lappend(e->ids, text_to_cstring(id));
+		MemoryContextSwitchTo(old);
+	}
+	SPI_finish();
+
+	for (j = 0; j < n; j++)
+	{
+		PendingRow *p = &st->pending[j];
+		SeenKey		key;
+		SeenEntry  *e;
+		bool		ok = false;
+
+		memset(&key, 0, sizeof(key));
+		key.account_id = p->key.account_id;
+		key.meter = p->key.meter;
+		key.hash = hash_bytes((unsigned char *) p->event_id, p->event_len);
+		e = hash_search(claimed, &key, HASH_FIND, NULL);
+		if (e)
+		{
+			ListCell   *lc;
+
+			foreach(lc, e->ids)
+			{
+				if (strcmp(lfirst(lc), p->event_id) == 0)
+				{
+					ok = true;
+					break;
+				}
+			}
+		}
+		if (ok)
+			accumulate(st, &p->key, &p->value, p->ts);
+		else
+			st->duplicates++;
+		if (!p->value.isdec && p->value.num)
+			pfree(p->value.num);
+		pfree(p->event_id);
+	}
+	st->npending = 0;
+	st->pending_bytes = 0;
+	hash_destroy(claimed);
+	hash_destroy(st->seen);
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(SeenKey);
+	ctl.entrysize = sizeof(SeenEntry);
+	ctl.hcxt = st->ctx;
+	st->seen = hash_create("billing ingest event ids", 256, &ctl,
+						   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+}
+
+/*
+ * DeltaWriter: multi-inserts rows into billing.usage_deltas and their
+ * index entries, the way COPY does.
+ */
+typedef struct DeltaWriter
+{
+	Relation	rel;
+	EState	   *estate;
+	ResultRelInfo *rri;
+	TupleTableSlot *slots[WRITE_BATCH];
+	int			n;
+	Oid			seqid;
+	CommandId	cid;
+	MemoryContext cxt;			/* holds the writer's own state */
+} DeltaWriter;
+
+static void
+writer_open(DeltaWriter *w)
+{
+	int			i;
+
+	w->rel = table_open(billing_relid("usage_deltas"), RowExclusiveLock);
+	w->estate = CreateExecutorState();
+	w->rri = makeNode(ResultRelInfo);
+	InitResultRelInfo(w->rri, w->rel, 1, NULL, 0);
+	ExecOpenIndices(w->rri, false);
+	for (i = 0; i < WRITE_BATCH; i++)
+		w->slots[i] = NULL;
+	w->n = 0;
+	w->seqid = InvalidOid;
+	w->cid = GetCurrentCommandId(true);
+	w->cxt = CurrentMemoryContext;
+}
+
+static void
+writer_flush(DeltaWriter *w)
+{
+	int			i;
+
+	if (w->n == 0)
+		return;
+	table_multi_insert(w->rel, w->slots, w->n, w->cid, 0, NULL);
+	for (i = 0; i < w->n; i++)
+	{
+		List	   *r = ExecInsertIndexTuples(w->rri, w->slots[i], w->estate,
+											  false, false, NULL, NIL);
+
+		list_free(r);
+		ExecClearTuple(w->slots[i]);
+	}
+	ResetPerTupleExprContext(w->estate);
+	w->n = 0;
+}
+
+/*
+ * writer_add
+ *		Queue one delta row: the cells of one (account, meter, dimension),
+ *		as parallel arrays.  The arrays must stay valid until the next
+ *		writer_flush.
+ */
+static void
+writer_add(DeltaWriter *w, int64 account_id, const char *meter,
+		   const char *dim, int dimlen, Datum starts, Datum quantities,
+		   Datum events, bool is_last, Datum last_ts)
+{
+	TupleTableSlot *slot;
+
+	if (w->slots[w->n] == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(w->cxt);
+
+		w->slots[w->n] = MakeSingleTupleTableSlot(RelationGetDescr(w->rel),
+												  table_slot_callbacks(w->rel));
+		MemoryContextSwitchTo(old);
+	}
+	slot = w->slots[w->n];
+	ExecClearTuple(slot);
+	/* account_id, meter, dimension, seq, bucket_starts, quantities, events, last_ts */
+	memset(slot->tts_isnull, 0, 8 * sizeof(bool));
+	slot->tts_values[0] = Int64GetDatum(account_id);
+	slot->tts_values[1] = PointerGetDatum(cstring_to_text(meter));
+	slot->tts_values[2] = PointerGetDatum(cstring_to_text_with_len(dim, dimlen));
+	slot->tts_values[4] = starts;
+	slot->tts_values[5] = quantities;
+	slot->tts_values[6] = events;
+	if (is_last)
+	{
+		if (!OidIsValid(w->seqid))
+			w->seqid = billing_relid("usage_seq");
+		slot->tts_values[3] = Int64GetDatum(nextval_internal(w->seqid, false));
+		slot->tts_values[7] = last_ts;
+	}
+	else
+	{
+		slot->tts_isnull[3] = true;
+		slot->tts_isnull[7] = true;
+	}
+	ExecStoreVirtualTuple(slot);
+	if (++w->n == WRITE_BATCH)
+		writer_flush(w);
+}
+
+static void
+writer_close(DeltaWriter *w)
+{
+	int			i;
+
+	writer_flush(w);
+	for (i = 0; i < WRITE_BATCH; i++)
+		if (w->slots[i])
+			ExecDropSingleTupleTableSlot(w->slots[i]);
+	ExecCloseIndices(w->rri);
+	FreeExecutorState(w->estate);
+	table_close(w->rel, NoLock);
+}
+
+/* a counter cell with its key inline, for sorting without pointer chasing */
+typedef struct CellRef
+{
+	BucketKey	key;
+	BucketAcc  *acc;
+} CellRef;
+
+static int
+cell_cmp(const void *a, const void *b)
+{
+	const BucketKey *x = &((const CellRef *) a)->key;
+	const BucketKey *y = &((const CellRef *) b)->key;
+
+	if (x->account_id != y->account_id)
+		return x->account_id < y->account_id ? -1 : 1;
+	if (x->meter != y->meter)
+		return x->meter < y->meter ? -1 : 1;
+	if (x->dim != y->dim)
+		return x->dim < y->dim ? -1 : 1;
+	if (x->bucket_start != y->bucket_start)
+		return x->bucket_start < y->bucket_start ? -1 : 1;
+	return 0;
+}
+
+/*
+ * flush_state
+ *		Check accounts, claim queued event ids, write every counter cell as
+ *		a delta row, and empty the accumulator.
+ */
+static void
+flush_state(IngestState *st)
+{
+	cells_iterator it;
+	BucketAcc  *acc;
+	DeltaWriter w;
+	MemoryContext tmp;
+	MemoryContext old;
+	CellRef    *cells;
+	int64	   *accounts;
+	long		ncells;
+	long		i = 0;
+	long		j;
+	Datum	   *starts,
+			   *qtys,
+			   *events,
+			   *lasts;
+
+	claim_pending(st);
+
+	if (st->buckets->members == 0)
+		return;
+
+	/* group the cells by (account, meter, dimension), buckets in order */
+	ncells = st->buckets->members;
+	cells = palloc(ncells * sizeof(CellRef));
+	cells_start_iterate(st->buckets, &it);
+	while ((acc = cells_iterate(st->buckets, &it)) != NULL)
+	{
+		cells[i].key = acc->key;
+		cells[i++].acc = acc;
+	}
+	qsort(cells, ncells, sizeof(CellRef), cell_cmp);
+
+	/* every account counted must exist */
+	accounts = palloc(ncells * sizeof(int64));
+	for (i = 0; i < ncells; i++)
+		accounts[i] = cells[i].key.account_id;
+	check_accounts(accounts, ncells);
+	pfree(accounts);
+
+	starts = palloc(ncells * sizeof(Datum));
+	qtys = palloc(ncells * sizeof(Datum));
+	events = palloc(ncells * sizeof(Datum));
+	lasts = palloc(ncells * sizeof(Datum));
+
+	writer_open(&w);
+	tmp = AllocSetContextCreate(CurrentMemoryContext, "billing flush",
+								ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(tmp);
+	for (i = 0; i < ncells; i = j)
+	{
+		BucketKey  *k = &cells[i].key;
+		MeterSlot  *slot = st->slots[k->meter];
+		DimEntry   *dim = st->dims[k->dim];
+		bool		is_last = (slot->def.agg == AGG_LAST);
+		int			n;
+
+		for (j = i; j < ncells && cells[j].key.account_id == k->account_id &&
+			 cells[j].key.meter == k->meter && cells[j].key.dim == k->dim; j++)
+		{
+			acc = cells[j].acc;
+			starts[j - i] = TimestampTzGetDatum(acc->key.bucket_start);
+			qtys[j - i] = NumericGetDatum(acc->value.isdec
+										  ? dec_to_numeric(acc->value.dec, QTY_SCALE)
+										  : numeric_trimmed(acc->value.num));
+			events[j - i] = Int64GetDatum(acc->events);
+
+			lasts[j - i] = TimestampTzGetDatum(acc->last_ts);
+		}
+		n = j - i;
+		writer_add(&w, k->account_id, slot->name, dim->str, dim->len,
+				   PointerGetDatum(construct_array(starts, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE)),
+				   PointerGetDatum(construct_array(qtys, n, NUMERICOID, -1, false, TYPALIGN_INT)),
+				   PointerGetDatum(construct_array(events, n, INT8OID, 8, true, TYPALIGN_DOUBLE)),
+				   is_last,
+				   is_last ? PointerGetDatum(construct_array(lasts, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE))
+				   : (Datum) 0);
+		if (w.n == 0)
+			MemoryContextReset(tmp);	/* batch written: its values are done */
+	}
+	writer_flush(&w);
+	MemoryContextSwitchTo(old);
+	MemoryContextDelete(tmp);
+	writer_close(&w);
+	for (i = 0; i < ncells; i++)
+		if (!cells[i].acc->value.isdec)
+			pfree(cells[i].acc->value.num);
+	pfree(cells);
+	pfree(starts);
+	pfree(qtys);
+	pfree(events);
+	pfree(lasts);
+
+	/* empty the counters; the table keeps its (bounded) capacity */
+	cells_reset(st->buckets);
+	CommandCounterIncrement();
+}
+
+/* ---------------------------------------------------------------------
+ * Transaction hooks for the trigger accumulators
+ * ---------------------------------------------------------------------
+ */
+
+static bool
+state_is_empty(IngestState *st)
+{
+	return st->buckets->members == 0 && st->npending == 0;
+}
+
+static void
+ingest_xact_cb(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_PRE_COMMIT:
+		case XACT_EVENT_PARALLEL_PRE_COMMIT:
+		case XACT_EVENT_PRE_PREPARE:
+			{
+				IngestState *st;
+
+				for (st = trigger_states; st; st = st->next)
+					if (!state_is_empty(st))
+						ereport(ERROR,
+								(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+								 errmsg("usage counted by a metered table was not flushed"),
+								 errdetail("The statement-level trigger billing_meter_flush did not run."),
+								 errhint("Do not disable the triggers that billing.meter_table creates.")));
+			}
+			break;
+		default:
+			/* commit or abort: the memory goes with TopTransactionContext */
+			trigger_states = NULL;
+			break;
+	}
+}
+
+static void
+ingest_subxact_cb(SubXactEvent event, SubTransactionId mySubid,
+				  SubTransactionId parentSubid, void *arg)
+{
+	IngestState *st;
+
+	switch (event)
+	{
+		case SUBXACT_EVENT_ABORT_SUB:
+			/* drop the reports the aborted subtransaction made */
+			while (trigger_states && trigger_states->subid == mySubid)
+			{
+				st = trigger_states;
+				trigger_states = st->next;
+				MemoryContextDelete(st->ctx);
+			}
+			break;
+		case SUBXACT_EVENT_COMMIT_SUB:
+			for (st = trigger_states; st && st->subid == mySubid; st = st->next)
+				st->subid = parentSubid;
+			break;
+		default:
+			break;
+	}
+}
+
+/*
+ * billing_ingest_init
+ *		Register the cache and transaction callbacks (from _PG_init).
+ */
 void
 billing_ingest_init(void)
 {
+	CacheRegisterRelcacheCallback(meters_relcache_cb, (Datum) 0);
+	RegisterXactCallback(ingest_xact_cb, NULL);
+	RegisterSubXactCallback(ingest_subxact_cb, NULL);
+}
+
+/*
+ * current_trigger_state
+ *		The accumulator of the current subtransaction, created on demand.
+ */
+static IngestState *
+current_trigger_state(void)
+{
+	SubTransactionId subid = GetCurrentSubTransactionId();
+	IngestState *st;
+
+	if (trigger_states && trigger_states->subid == subid)
+		return trigger_states;
+	st = state_create(TopTransactionContext);
+	st->subid = subid;
+	st->next = trigger_states;
+	trigger_states = st;
+	return st;
+}
+
+/* ---------------------------------------------------------------------
+ * SQL-callable functions
+ * ---------------------------------------------------------------------
+ */
+
+static void
+require_arg(FunctionCallInfo fcinfo, int n, const char *name)
+{
+	if (PG_ARGISNULL(n))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+}
+
+/*
+ * billing.record(account_id, meter, quantity, ts, event_id, dimension)
+ *		Count one usage report; false when event_id was already counted.
+ */
+Datum
+billing_record(PG_FUNCTION_ARGS)
+{
+	IngestState *st;
+	text	   *meter;
+	text	   *event_id = NULL;
+	text	   *dim = NULL;
+	ReportResult r;
+	MemoryContext callctx = CurrentMemoryContext;
+
+	require_arg(fcinfo, 0, "account_id");
+	require_arg(fcinfo, 1, "meter");
+	require_arg(fcinfo, 2, "quantity");
+	require_arg(fcinfo, 3, "ts");
+	meter = PG_GETARG_TEXT_PP(1);
+	if (!PG_ARGISNULL(4))
+		event_id = PG_GETARG_TEXT_PP(4);
+	if (!PG_ARGISNULL(5))
+		dim = PG_GETARG_TEXT_PP(5);
+
+	st = state_create(callctx);
+	r = add_report(st, PG_GETARG_INT64(0),
+				   VARDATA_ANY(meter), VARSIZE_ANY_EXHDR(meter),
+				   PG_GETARG_DATUM(2), NUMERICOID, PG_GETARG_TIMESTAMPTZ(3),
+				   event_id ? VARDATA_ANY(event_id) : NULL,
+				   event_id ? VARSIZE_ANY_EXHDR(event_id) : 0,
+				   dim ? VARDATA_ANY(dim) : "", dim ? VARSIZE_ANY_EXHDR(dim) : 0,
+				   true);
+	flush_state(st);
+	MemoryContextDelete(st->ctx);
+	PG_RETURN_BOOL(r == REPORT_COUNTED);
+}
+
+/*
+ * table_conf
+ *		Column numbers of a metered table's trigger, resolved once per
+ *		accumulator.  Trigger arguments: account, meter, quantity, ts,
+ *		event id ('' if none), dimension ('' if none), keep_rows ('t'/'f').
+ */
+static TableConf *
+table_conf(IngestState *st, TriggerData *td)
+{
+	Trigger    *tg = td->tg_trigger;
+	TupleDesc	desc = RelationGetDescr(td->tg_relation);
+	TableConf  *c;
+	int			i;
+	AttrNumber *atts[6];
+	MemoryContext old;
+
+	for (i = 0; i < st->ntables; i++)
+		if (st->tables[i].tgoid == tg->tgoid)
+			return &st->tables[i];
+
+	if (tg->tgnargs != 7)
+		elog(ERROR, "billing_meter_row: expected 7 trigger arguments, got %d", tg->tgnargs);
+
+	old = MemoryContextSwitchTo(st->ctx);
+	st->tables = st->tables ? repalloc(st->tables, (st->ntables + 1) * sizeof(TableConf))
+		: palloc(sizeof(TableConf));
+	MemoryContextSwitchTo(old);
+	c = &st->tables[st->ntables];
+	memset(c, 0, sizeof(*c));
+	c->tgoid = tg->tgoid;
+	atts[0] = &c->account_att;
+	atts[1] = &c->meter_att;
+	atts[2] = &c->qty_att;
+	atts[3] = &c->ts_att;
+	atts[4] = &c->event_att;
+	atts[5] = &c->dim_att;
+	for (i = 0; i < 6; i++)
+	{
+		const char *col = tg->tgargs[i];
+
+		*atts[i] = 0;
+		if (col[0] == '\0')
+			continue;
+		for (int a = 0; a < desc->natts; a++)
+		{
+			Form_pg_attribute att = TupleDescAttr(desc, a);
+
+			if (!att->attisdropped && strcmp(NameStr(att->attname), col) == 0)
+			{
+				*atts[i] = att->attnum;
+				if (i == 2)
+					c->qty_type = att->atttypid;
+				break;
+			}
+		}
+		if (*atts[i] == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_COLUMN),
+					 errmsg("column \"%s\" of metered table \"%s\" does not exist",
+							col, RelationGetRelationName(td->tg_relation)),
+					 errhint("Run billing.meter_table again after renaming or dropping columns.")));
+	}
+	c->keep_rows = (tg->tgargs[6][0] == 't');
+	st->ntables++;
+	return c;
+}
+
+/* text bytes of a text-like column (text, varchar) */
+static void
+text_arg(Datum d, const char **s, int *len)
+{
+	text	   *t = DatumGetTextPP(d);
+
+	*s = VARDATA_ANY(t);
+	*len = VARSIZE_ANY_EXHDR(t);
+}
+
+/*
+ * billing_meter_row
+ *		BEFORE INSERT FOR EACH ROW trigger of a metered table: counts the
+ *		row; returns it when keep_rows is set and it is not a duplicate,
+ *		NULL (drop) otherwise.
+ */
+Datum
+billing_meter_row(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	IngestState *st;
+	TableConf  *c;
+	HeapTuple	tup;
+	TupleDesc	desc;
+	Datum		account,
+				meter,
+				qty,
+				ts;
+	bool		n1,
+				n2,
+				n3,
+				n4;
+	const char *mstr,
+			   *estr = NULL,
+			   *dstr = "";
+	int			mlen,
+				elen = 0,
+				dlen = 0;
+	ReportResult r;
+	int64		account_id;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "billing_meter_row: not called by trigger manager");
+	if (!TRIGGER_FIRED_BEFORE(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
+		!TRIGGER_FIRED_BY_INSERT(td->tg_event))
+		elog(ERROR, "billing_meter_row: must be fired BEFORE INSERT FOR EACH ROW");
+
+	st = current_trigger_state();
+	c = table_conf(st, td);
+	tup = td->tg_trigtuple;
+	desc = RelationGetDescr(td->tg_relation);
+
+	account = heap_getattr(tup, c->account_att, desc, &n1);
+	meter = heap_getattr(tup, c->meter_att, desc, &n2);
+	qty = heap_getattr(tup, c->qty_att, desc, &n3);
+	ts = heap_getattr(tup, c->ts_att, desc, &n4);
+	if (n1 || n2 || n3 || n4)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s of a metered row must not be null",
+						n1 ? "account" : n2 ? "meter" : n3 ? "quantity" : "timestamp"),
+				 errdetail("Table \"%s\".", RelationGetRelationName(td->tg_relation))));
+
+	switch (TupleDescAttr(desc, c->account_att - 1)->atttypid)
+	{
+		case INT2OID:
+			account_id = DatumGetInt16(account);
+			break;
+		case INT4OID:
+			account_id = DatumGetInt32(account);
+			break;
+		default:
+			account_id = DatumGetInt64(account);
+			break;
+	}
+	text_arg(meter, &mstr, &mlen);
+	if (c->event_att)
+	{
+		bool		isnull;
+		Datum		e = heap_getattr(tup, c->event_att, desc, &isnull);
+
+		if (!isnull)
+			text_arg(e, &estr, &elen);
+	}
+	if (c->dim_att)
+	{
+		bool		isnull;
+		Datum		d = heap_getattr(tup, c->dim_att, desc, &isnull);
+
+		if (!isnull)
+			text_arg(d, &dstr, &dlen);
+	}
+
+	r = add_report(st, account_id, mstr, mlen, qty, c->qty_type,
+				   DatumGetTimestampTz(ts), estr, elen, dstr, dlen,
+				   c->keep_rows);
+	maybe_flush(st);
+
+	if (c->keep_rows && r == REPORT_COUNTED)
+		return PointerGetDatum(tup);
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * billing_meter_flush
+ *		AFTER INSERT FOR EACH STATEMENT trigger of a metered table: writes
+ *		what the statement counted.
+ */
+Datum
+billing_meter_flush(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	SubTransactionId subid = GetCurrentSubTransactionId();
+	IngestState *st;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "billing_meter_flush: not called by trigger manager");
+	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event))
+		elog(ERROR, "billing_meter_flush: must be fired AFTER ... FOR EACH STATEMENT");
+
+	for (st = trigger_states; st && st->subid == subid; st = st->next)
+		flush_state(st);
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * array_elems
+ *		Deconstruct a one-dimensional array argument; raises 22004 on NULL
+ *		elements (when nulls_ok is false) and 22023 on a length mismatch.
+ */
+static int
+array_elems(ArrayType *a, Oid type, int len, bool byval, char align,
+			Datum **elems, bool **nulls, int expect, const char *name,
+			bool nulls_ok)
+{
+	int			n;
+
+	if (ARR_NDIM(a) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be a one-dimensional array", name)));
+	deconstruct_array(a, type, len, byval, align, elems, nulls, &n);
+	if (expect >= 0 && n != expect)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("array %s has %d elements, account_ids has %d", name, n, expect),
+				 errdetail("Every array of a batch must have one element per usage report.")));
+	if (!nulls_ok)
+		for (int i = 0; i < n; i++)
+			if ((*nulls)[i])
+				ereport(ERROR,
+						(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+						 errmsg("element %d of %s must not be null", i + 1, name)));
+	return n;
+}
+
+/*
+ * claim_offset
+ *		Advance the stored offset of (source, partition) to batch_offset;
+ *		false when it already is at or past it.  The row stays locked to the
+ *		end of the transaction, so concurrent batches of one partition apply
+ *		one at a time and each exactly once.
+ */
+static bool
+claim_offset(text *source, int32 partition, int64 offset)
+{
+	Datum		values[3];
+	Oid			types[3] = {TEXTOID, INT4OID, INT8OID};
+	bool		applied;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (offset_plan == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(
+									   "INSERT INTO billing.ingest_offsets AS o (source, partition, last_offset) "
+									   "VALUES ($1, $2, $3) ON CONFLICT (source, partition) DO UPDATE "
+									   "SET last_offset = excluded.last_offset, applied_at = pg_catalog.now() "
+									   "WHERE o.last_offset OPERATOR(pg_catalog.<) excluded.last_offset",
+									   3, types);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		offset_plan = plan;
+	}
+	values[0] = PointerGetDatum(source);
+	values[1] = Int32GetDatum(partition);
+	values[2] = Int64GetDatum(offset);
+	if (SPI_execute_plan(offset_plan, values, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not store the batch offset");
+	applied = (SPI_processed == 1);
+	SPI_finish();
+	return applied;
+}
+
+/*
+ * billing.ingest(source, partition, batch_offset, account_ids, meters,
+ *				  quantities, ts, event_ids, dimensions)
+ *		Apply a batch exactly once per (source, partition, batch_offset).
+ */
+Datum
+billing_ingest(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	Datum		out[3];
+	bool		outnull[3] = {false, false, false};
+	text	   *source;
+	int32		partition;
+	int64		offset;
+	Datum	   *accts,
+			   *meters,
+			   *qtys,
+			   *tss,
+			   *ids = NULL,
+			   *dims = NULL;
+	bool	   *an,
+			   *mn,
+			   *qn,
+			   *tn,
+			   *idn = NULL,
+			   *dn = NULL;
+	int			n;
+	IngestState *st;
+
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+
+	require_arg(fcinfo, 0, "source");
+	require_arg(fcinfo, 1, "partition");
+	require_arg(fcinfo, 2, "batch_offset");
+	require_arg(fcinfo, 3, "account_ids");
+	require_arg(fcinfo, 4, "meters");
+	require_arg(fcinfo, 5, "quantities");
+	require_arg(fcinfo, 6, "ts");
+	source = PG_GETARG_TEXT_PP(0);
+	partition = PG_GETARG_INT32(1);
+	offset = PG_GETARG_INT64(2);
+
+	n = array_elems(PG_GETARG_ARRAYTYPE_P(3), INT8OID, 8, true, TYPALIGN_DOUBLE,
+					&accts, &an, -1, "account_ids", false);
+	array_elems(PG_GETARG_ARRAYTYPE_P(4), TEXTOID, -1, false, TYPALIGN_INT,
+				&meters, &mn, n, "meters", false);
+	array_elems(PG_GETARG_ARRAYTYPE_P(5), NUMERICOID, -1, false, TYPALIGN_INT,
+				&qtys, &qn, n, "quantities", false);
+	array_elems(PG_GETARG_ARRAYTYPE_P(6), TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE,
+				&tss, &tn, n, "ts", false);
+	if (!PG_ARGISNULL(7))
+		array_elems(PG_GETARG_ARRAYTYPE_P(7), TEXTOID, -1, false, TYPALIGN_INT,
+					&ids, &idn, n, "event_ids", true);
+	if (!PG_ARGISNULL(8))
+		array_elems(PG_GETARG_ARRAYTYPE_P(8), TEXTOID, -1, false, TYPALIGN_INT,
+					&dims, &dn, n, "dimensions", true);
+
+	if (!claim_offset(source, partition, offset))
+	{
+		out[0] = Int32GetDatum(0);
+		out[1] = Int32GetDatum(0);
+		out[2] = BoolGetDatum(true);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, out, outnull);
+		return (Datum) 0;
+	}
+
+	st = state_create(CurrentMemoryContext);
+	for (int i = 0; i < n; i++)
+	{
+		const char *m,
+				   *e = NULL,
+				   *d = "";
+		int			ml,
+					el = 0,
+					dl = 0;
+
+		text_arg(meters[i], &m, &ml);
+		if (ids && !idn[i])
+			text_arg(ids[i], &e, &el);
+		if (dims && !dn[i])
+			text_arg(dims[i], &d, &dl);
+		add_report(st, DatumGetInt64(accts[i]), m, ml, qtys[i], NUMERICOID,
+				   DatumGetTimestampTz(tss[i]), e, el, d, dl, false);
+		maybe_flush(st);
+	}
+	flush_state(st);
+
+	out[0] = Int32GetDatum((int32) st->counted);
+	out[1] = Int32GetDatum((int32) st->duplicates);
+	out[2] = BoolGetDatum(false);
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, out, outnull);
+	MemoryContextDelete(st->ctx);
+	return (Datum) 0;
+}
+
+/*
+ * billing.report_cumulative(source, account_id, meter, bucket_start, total,
+ *							 dimension)
+ *		Record a collector's running total for a bucket; the bucket counts
+ *		the sum over sources of each source's greatest total.
+ */
+Datum
+billing_report_cumulative(PG_FUNCTION_ARGS)
+{
+	IngestState *st;
+	text	   *source;
+	int64		account_id;
+	text	   *meter;
+	TimestampTz ts;
+	Numeric		total;
+	text	   *dim;
+	const char *dstr = "";
+	int			dlen = 0;
+	MeterSlot  *slot;
+	TimestampTz bucket;
+	Datum		values[6];
+	Oid			types[6] = {INT8OID, TEXTOID, TEXTOID, TIMESTAMPTZOID, TEXTOID, NUMERICOID};
+	bool		new_source;
+	Numeric		old_total;
+	bool		isnull;
+	int			cmp;
+
+	require_arg(fcinfo, 0, "source");
+	require_arg(fcinfo, 1, "account_id");
+	require_arg(fcinfo, 2, "meter");
+	require_arg(fcinfo, 3, "bucket_start");
+	require_arg(fcinfo, 4, "total");
+	source = PG_GETARG_TEXT_PP(0);
+	account_id = PG_GETARG_INT64(1);
+	meter = PG_GETARG_TEXT_PP(2);
+	ts = PG_GETARG_TIMESTAMPTZ(3);
+	total = PG_GETARG_NUMERIC(4);
+	if (!PG_ARGISNULL(5))
+	{
+		dim = PG_GETARG_TEXT_PP(5);
+		text_arg(PointerGetDatum(dim), &dstr, &dlen);
+	}
+
+	st = state_create(CurrentMemoryContext);
+	slot = state_slot(st, VARDATA_ANY(meter), VARSIZE_ANY_EXHDR(meter));
+	if (slot->def.agg != AGG_SUM)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("meter \"%s\" does not add quantities", slot->name),
+				 errdetail("Cumulative totals can only be reported for meters with aggregation 'sum'.")));
+
+	/* validates total, timestamp and account like any report */
+	(void) add_report(st, account_id, slot->name, strlen(slot->name),
+					  NumericGetDatum(total), NUMERICOID, ts, NULL, 0,
+					  dstr, dlen, true);
+	check_accounts(&account_id, 1);
+	bucket = bucket_of(ts, slot->def.width);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (cumulative_insert_plan == NULL)
+	{
+		cumulative_insert_plan = SPI_prepare(
+											 "INSERT INTO billing.cumulative_reports "
+											 "(account_id, meter, dimension, bucket_start, source, total) "
+											 "VALUES ($1, $2, $3, $4, $5, 0) ON CONFLICT DO NOTHING",
+											 5, types);
+		cumulative_lock_plan = SPI_prepare(
+										   "SELECT total FROM billing.cumulative_reports "
+										   "WHERE account_id OPERATOR(pg_catalog.=) $1 "
+										   "AND meter OPERATOR(pg_catalog.=) $2 "
+										   "AND dimension OPERATOR(pg_catalog.=) $3 "
+										   "AND bucket_start OPERATOR(pg_catalog.=) $4 "
+										   "AND source OPERATOR(pg_catalog.=) $5 FOR UPDATE",
+										   5, types);
+		cumulative_update_plan = SPI_prepare(
+											 "UPDATE billing.cumulative_reports SET total = $6 "
+											 "WHERE account_id OPERATOR(pg_catalog.=) $1 "
+											 "AND meter OPERATOR(pg_catalog.=) $2 "
+											 "AND dimension OPERATOR(pg_catalog.=) $3 "
+											 "AND bucket_start OPERATOR(pg_catalog.=) $4 "
+											 "AND source OPERATOR(pg_catalog.=) $5",
+											 6, types);
+		if (!cumulative_insert_plan || !cumulative_lock_plan || !cumulative_update_plan)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(cumulative_insert_plan);
+		SPI_keepplan(cumulative_lock_plan);
+		SPI_keepplan(cumulative_update_plan);
+	}
+	values[0] = Int64GetDatum(account_id);
+	values[1] = PointerGetDatum(cstring_to_text(slot->name));
+	values[2] = PointerGetDatum(cstring_to_text_with_len(dstr, dlen));
+	values[3] = TimestampTzGetDatum(bucket);
+	values[4] = PointerGetDatum(source);
+	values[5] = NumericGetDatum(total);
+
+	if (SPI_execute_plan(cumulative_insert_plan, values, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not record cumulative total");
+	new_source = (SPI_processed == 1);
+	if (SPI_execute_plan(cumulative_lock_plan, values, NULL, false, 1) != SPI_OK_SELECT ||
+		SPI_processed != 1)
+		elog(ERROR, "could not lock cumulative total");
+	old_total = DatumGetNumeric(SPI_getbinval(SPI_tuptable->vals[0],
+											  SPI_tuptable->tupdesc, 1, &isnull));
+	cmp = DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(total),
+											NumericGetDatum(old_total)));
+	if (cmp > 0)
+	{
+		if (SPI_execute_plan(cumulative_update_plan, values, NULL, false, 0) != SPI_OK_UPDATE)
+			elog(ERROR, "could not update cumulative total");
+	}
+	SPI_finish();
+
+	/* the accumulator holds the report; replace it by the increase */
+	cells_reset(st->buckets);
+	if (cmp > 0 || new_source)
+	{
+		BucketKey	key;
+		Qty			inc;
+		bool		notfinite;
+		BucketAcc  *acc;
+
+		memset(&key, 0, sizeof(key));
+		key.account_id = account_id;
+		key.meter = slot->id;
+		key.dim = state_dim(st, dstr, dlen);
+		key.bucket_start = bucket;
+		qty_from_datum(DirectFunctionCall2(numeric_sub, NumericGetDatum(total),
+										   NumericGetDatum(old_total)),
+					   NUMERICOID, &inc, &notfinite);
+		if (cmp <= 0)
+		{
+			inc.isdec = true;
+			inc.dec = 0;
+		}
+		accumulate(st, &key, &inc, ts);
+		/* a source counts as one event, the first time it reports */
+		acc = cells_lookup(st->buckets, key);
+		acc->events = new_source ? 1 : 0;
+		flush_state(st);
+	}
+	MemoryContextDelete(st->ctx);
+	PG_RETURN_VOID();
 }

@@ -4,7 +4,7 @@
 
 CREATE TABLE billing.meters (
     meter          text COLLATE "C" PRIMARY KEY
-                   CHECK (meter <> ''),
+                   CHECK (meter <> '' AND pg_catalog.octet_length(meter) < 64),
     aggregation    text NOT NULL DEFAULT 'sum'
                    CHECK (aggregation IN ('sum', 'count', 'max', 'last')),
     bucket_width   interval NOT NULL DEFAULT '1 minute'

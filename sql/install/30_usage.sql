@@ -1,0 +1,391 @@
+/*
+ * Usage counters and ingest (SPEC sections 3 and 4).
+ *
+ * Ingest never updates a counter row: every statement appends its
+ * per-bucket totals to usage_deltas, and compact_usage() folds them into
+ * usage_buckets.  Readers combine both.
+ */
+
+CREATE TABLE billing.usage_buckets (
+    account_id    bigint NOT NULL,
+    meter         text COLLATE "C" NOT NULL,
+    dimension     text COLLATE "C" NOT NULL DEFAULT '',
+    bucket_start  timestamptz NOT NULL,
+    quantity      numeric NOT NULL,
+    events        bigint NOT NULL,
+    last_ts       timestamptz,          -- last meters: timestamp of quantity
+    last_seq      bigint,               -- last meters: arrival order
+    PRIMARY KEY (account_id, meter, bucket_start, dimension)
+);
+COMMENT ON TABLE billing.usage_buckets IS
+    'Compacted usage counters, one row per (account, meter, bucket, dimension); add usage_deltas to read';
+
+CREATE TABLE billing.usage_deltas (
+    account_id     bigint NOT NULL,
+    meter          text COLLATE "C" NOT NULL,
+    dimension      text COLLATE "C" NOT NULL DEFAULT '',
+    seq            bigint,                  -- last meters: arrival order
+    bucket_starts  timestamptz[] NOT NULL,  -- parallel arrays, one element per bucket
+    quantities     numeric[] NOT NULL,
+    events         bigint[] NOT NULL,
+    last_ts        timestamptz[]            -- last meters: timestamp of each quantity
+);
+CREATE INDEX usage_deltas_account ON billing.usage_deltas (account_id);
+COMMENT ON TABLE billing.usage_deltas IS
+    'Usage counted since the last compact_usage(): per statement, one row per (account, meter, dimension) with the buckets it touched as arrays; appended, never updated';
+
+CREATE VIEW billing.usage_cells AS
+    SELECT b.account_id, b.meter, b.dimension, b.bucket_start, b.quantity, b.events,
+           b.last_ts, b.last_seq
+      FROM billing.usage_buckets b
+    UNION ALL
+    SELECT d.account_id, d.meter, d.dimension, c.bucket_start, c.quantity, c.events,
+           c.last_ts, d.seq
+      FROM billing.usage_deltas d,
+           ROWS FROM (pg_catalog.unnest(d.bucket_starts), pg_catalog.unnest(d.quantities),
+                      pg_catalog.unnest(d.events), pg_catalog.unnest(d.last_ts))
+               AS c(bucket_start, quantity, events, last_ts);
+COMMENT ON VIEW billing.usage_cells IS
+    'Every counter cell, compacted or not: combine cells of one key by the meter''s aggregation';
+
+CREATE SEQUENCE billing.usage_seq;
+COMMENT ON SEQUENCE billing.usage_seq IS
+    'Arrival order of values of last meters (ties of timestamps go to the later arrival)';
+
+CREATE TABLE billing.dedupe_keys (
+    account_id  bigint NOT NULL,
+    meter       text COLLATE "C" NOT NULL,
+    event_id    text COLLATE "C" NOT NULL,
+    expires_at  timestamptz NOT NULL,
+    PRIMARY KEY (account_id, meter, event_id)
+);
+CREATE INDEX dedupe_keys_expires ON billing.dedupe_keys (expires_at);
+COMMENT ON TABLE billing.dedupe_keys IS
+    'Event ids already counted, per (account, meter); kept at least dedupe_window, removed by purge_dedupe()';
+
+CREATE TABLE billing.ingest_offsets (
+    source       text COLLATE "C" NOT NULL,
+    partition    integer NOT NULL,
+    last_offset  bigint NOT NULL,
+    applied_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (source, partition)
+);
+COMMENT ON TABLE billing.ingest_offsets IS
+    'Last batch offset applied by billing.ingest() per (source, partition)';
+
+CREATE TABLE billing.cumulative_reports (
+    account_id    bigint NOT NULL,
+    meter         text COLLATE "C" NOT NULL,
+    dimension     text COLLATE "C" NOT NULL DEFAULT '',
+    bucket_start  timestamptz NOT NULL,
+    source        text COLLATE "C" NOT NULL,
+    total         numeric NOT NULL,
+    PRIMARY KEY (account_id, meter, bucket_start, dimension, source)
+);
+COMMENT ON TABLE billing.cumulative_reports IS
+    'Greatest running total each source reported for a bucket (billing.report_cumulative)';
+
+CREATE TABLE billing.metered_tables (
+    tbl               regclass PRIMARY KEY,
+    account_column    name NOT NULL,
+    meter_column      name NOT NULL,
+    quantity_column   name NOT NULL,
+    ts_column         name NOT NULL,
+    event_id_column   name,
+    dimension_column  name,
+    keep_rows         boolean NOT NULL
+);
+COMMENT ON TABLE billing.metered_tables IS
+    'Tables whose INSERT and COPY count usage (billing.meter_table)';
+
+SELECT pg_catalog.pg_extension_config_dump('billing.usage_buckets', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.usage_deltas', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.usage_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.dedupe_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.ingest_offsets', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.cumulative_reports', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.metered_tables', '');
+
+-- Meter definitions are cached per backend; changes invalidate the caches.
+CREATE FUNCTION billing._meters_changed() RETURNS trigger
+    LANGUAGE C AS 'MODULE_PATHNAME', 'billing_meters_changed';
+COMMENT ON FUNCTION billing._meters_changed() IS
+    'Internal: invalidates the meter caches of all backends';
+CREATE TRIGGER meters_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON billing.meters
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._meters_changed();
+
+-- A meter's aggregation and bucket width cannot change once it has usage.
+CREATE FUNCTION billing._meters_guard() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF (TG_OP = 'DELETE' OR NEW.aggregation IS DISTINCT FROM OLD.aggregation
+        OR NEW.bucket_width IS DISTINCT FROM OLD.bucket_width
+        OR NEW.meter IS DISTINCT FROM OLD.meter)
+       AND EXISTS (SELECT 1 FROM billing.usage_cells WHERE meter = OLD.meter) THEN
+        RAISE EXCEPTION 'meter "%" has usage', OLD.meter
+            USING ERRCODE = '55000',
+                  DETAIL = 'Its name, aggregation and bucket width cannot change, nor can it be deleted, once usage was counted.',
+                  HINT = 'Create a new meter instead.';
+    END IF;
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$$;
+COMMENT ON FUNCTION billing._meters_guard() IS
+    'Internal: refuses changes to a meter that would reinterpret counted usage';
+CREATE TRIGGER meters_guard
+    BEFORE UPDATE OR DELETE ON billing.meters
+    FOR EACH ROW EXECUTE FUNCTION billing._meters_guard();
+
+-- record -----------------------------------------------------------------
+
+CREATE FUNCTION billing.record(account_id bigint, meter text, quantity numeric,
+                               ts timestamptz DEFAULT pg_catalog.now(),
+                               event_id text DEFAULT NULL,
+                               dimension text DEFAULT '')
+    RETURNS boolean
+    LANGUAGE C VOLATILE AS 'MODULE_PATHNAME', 'billing_record';
+COMMENT ON FUNCTION billing.record(bigint, text, numeric, timestamptz, text, text) IS
+    'Counts one usage report; false when event_id was already counted for (account, meter)';
+
+-- metered tables -----------------------------------------------------------
+
+CREATE FUNCTION billing._meter_row() RETURNS trigger
+    LANGUAGE C AS 'MODULE_PATHNAME', 'billing_meter_row';
+COMMENT ON FUNCTION billing._meter_row() IS
+    'Internal: BEFORE INSERT row trigger of metered tables; counts the row';
+CREATE FUNCTION billing._meter_flush() RETURNS trigger
+    LANGUAGE C AS 'MODULE_PATHNAME', 'billing_meter_flush';
+COMMENT ON FUNCTION billing._meter_flush() IS
+    'Internal: AFTER INSERT statement trigger of metered tables; writes the counters';
+
+CREATE FUNCTION billing.meter_table(tbl regclass, account_column name, meter_column name,
+                                    quantity_column name, ts_column name,
+                                    event_id_column name DEFAULT NULL,
+                                    dimension_column name DEFAULT NULL,
+                                    keep_rows boolean DEFAULT true)
+    RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    col  name;
+    typ  regtype;
+    kind text;
+    allowed regtype[];
+BEGIN
+    IF tbl IS NULL OR account_column IS NULL OR meter_column IS NULL
+       OR quantity_column IS NULL OR ts_column IS NULL OR keep_rows IS NULL THEN
+        RAISE EXCEPTION 'meter_table: table, account, meter, quantity and ts columns and keep_rows must not be null'
+            USING ERRCODE = '22004';
+    END IF;
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) <> 'r' THEN
+        RAISE EXCEPTION '"%" is not an ordinary table', tbl
+            USING ERRCODE = '42809', HINT = 'Only ordinary (non-partitioned) tables can be metered.';
+    END IF;
+    FOR col, kind, allowed IN
+        SELECT * FROM (VALUES
+            (account_column, 'account', ARRAY['bigint', 'integer', 'smallint']::regtype[]),
+            (meter_column, 'meter', ARRAY['text', 'character varying']::regtype[]),
+            (quantity_column, 'quantity', ARRAY['numeric', 'bigint', 'integer', 'smallint']::regtype[]),
+            (ts_column, 'timestamp', ARRAY['timestamp with time zone']::regtype[]),
+            (event_id_column, 'event id', ARRAY['text', 'character varying']::regtype[]),
+            (dimension_column, 'dimension', ARRAY['text', 'character varying']::regtype[])) v
+    LOOP
+        CONTINUE WHEN col IS NULL;
+        SELECT a.atttypid::regtype INTO typ FROM pg_attribute a
+         WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'column "%" of table "%" does not exist', col, tbl
+                USING ERRCODE = '42703';
+        END IF;
+        IF NOT typ = ANY (allowed) THEN
+            RAISE EXCEPTION '% column "%" of table "%" has type %', kind, col, tbl, typ
+                USING ERRCODE = '42804',
+                      DETAIL = format('A %s column must be of type %s.', kind, array_to_string(allowed, ' or '));
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM billing.metered_tables m WHERE m.tbl = meter_table.tbl) THEN
+        PERFORM billing.unmeter_table(tbl);
+    END IF;
+    INSERT INTO billing.metered_tables VALUES (tbl, account_column, meter_column, quantity_column,
+        ts_column, event_id_column, dimension_column, keep_rows);
+    EXECUTE format('CREATE TRIGGER billing_meter_row BEFORE INSERT ON %s FOR EACH ROW '
+                   'EXECUTE FUNCTION billing._meter_row(%L, %L, %L, %L, %L, %L, %L)',
+                   tbl, account_column, meter_column, quantity_column, ts_column,
+                   coalesce(event_id_column, ''), coalesce(dimension_column, ''),
+                   CASE WHEN keep_rows THEN 't' ELSE 'f' END);
+    EXECUTE format('CREATE TRIGGER billing_meter_flush AFTER INSERT ON %s FOR EACH STATEMENT '
+                   'EXECUTE FUNCTION billing._meter_flush()', tbl);
+END
+$$;
+COMMENT ON FUNCTION billing.meter_table(regclass, name, name, name, name, name, name, boolean) IS
+    'Makes every INSERT and COPY into an ordinary table count usage';
+
+CREATE FUNCTION billing.unmeter_table(tbl regclass) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'unmeter_table: table must not be null' USING ERRCODE = '22004';
+    END IF;
+    DELETE FROM billing.metered_tables m WHERE m.tbl = unmeter_table.tbl;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table "%" is not metered', tbl USING ERRCODE = '42704';
+    END IF;
+    EXECUTE format('DROP TRIGGER IF EXISTS billing_meter_row ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS billing_meter_flush ON %s', tbl);
+END
+$$;
+COMMENT ON FUNCTION billing.unmeter_table(regclass) IS
+    'Stops counting usage from a table metered by billing.meter_table';
+
+-- batches ------------------------------------------------------------------
+
+CREATE FUNCTION billing.ingest(source text, partition int, batch_offset bigint,
+                               account_ids bigint[], meters text[], quantities numeric[],
+                               ts timestamptz[], event_ids text[] DEFAULT NULL,
+                               dimensions text[] DEFAULT NULL)
+    RETURNS TABLE (accepted int, duplicates int, already_applied boolean)
+    LANGUAGE C VOLATILE AS 'MODULE_PATHNAME', 'billing_ingest';
+COMMENT ON FUNCTION billing.ingest(text, int, bigint, bigint[], text[], numeric[], timestamptz[], text[], text[]) IS
+    'Applies a batch of usage exactly once per (source, partition, batch_offset)';
+
+CREATE FUNCTION billing.report_cumulative(source text, account_id bigint, meter text,
+                                          bucket_start timestamptz, total numeric,
+                                          dimension text DEFAULT '')
+    RETURNS void
+    LANGUAGE C VOLATILE AS 'MODULE_PATHNAME', 'billing_report_cumulative';
+COMMENT ON FUNCTION billing.report_cumulative(text, bigint, text, timestamptz, numeric, text) IS
+    'Records a running total for a bucket from one source; the bucket counts the sum over sources of their greatest totals';
+
+-- maintenance ----------------------------------------------------------------
+
+CREATE FUNCTION billing.purge_dedupe(as_of timestamptz DEFAULT pg_catalog.now())
+    RETURNS bigint
+    LANGUAGE sql SET search_path = pg_catalog, billing, pg_temp AS $$
+    WITH gone AS (
+        DELETE FROM billing.dedupe_keys WHERE expires_at <= as_of RETURNING 1
+    )
+    SELECT count(*) FROM gone
+$$;
+COMMENT ON FUNCTION billing.purge_dedupe(timestamptz) IS
+    'Removes event ids whose dedupe window ended by as_of (an index range delete); returns how many';
+
+CREATE FUNCTION billing.compact_usage() RETURNS bigint
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    -- one compaction at a time; concurrent ingest goes on
+    PERFORM pg_advisory_xact_lock('billing.usage_buckets'::regclass::oid::bigint);
+    WITH moved AS (
+        DELETE FROM billing.usage_deltas RETURNING *
+    ), cells AS (
+        SELECT d.account_id, d.meter, d.dimension, c.bucket_start,
+               CASE m.aggregation
+                   WHEN 'max' THEN max(c.quantity)
+                   WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, d.seq DESC))[1]
+                   ELSE sum(c.quantity) END AS quantity,
+               sum(c.events)::bigint AS events,
+               max(c.last_ts) AS last_ts,
+               (array_agg(d.seq ORDER BY c.last_ts DESC, d.seq DESC))[1] AS last_seq,
+               m.aggregation, count(*) AS nrows
+          FROM moved d
+               CROSS JOIN LATERAL ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities),
+                                             unnest(d.events), unnest(d.last_ts))
+                   AS c(bucket_start, quantity, events, last_ts)
+               JOIN billing.meters m ON m.meter = d.meter
+         GROUP BY d.account_id, d.meter, d.dimension, c.bucket_start, m.aggregation
+    ), merged AS (
+        INSERT INTO billing.usage_buckets AS b
+               (account_id, meter, dimension, bucket_start, quantity, events, last_ts, last_seq)
+        SELECT account_id, meter, dimension, bucket_start, quantity, events, last_ts, last_seq
+          FROM cells
+         ORDER BY account_id, meter, bucket_start, dimension
+        ON CONFLICT (account_id, meter, bucket_start, dimension) DO UPDATE SET
+            quantity = CASE (SELECT aggregation FROM billing.meters WHERE meter = b.meter)
+                WHEN 'max' THEN greatest(b.quantity, excluded.quantity)
+                WHEN 'last' THEN CASE WHEN (excluded.last_ts, excluded.last_seq) > (b.last_ts, b.last_seq)
+                                      THEN excluded.quantity ELSE b.quantity END
+                ELSE b.quantity + excluded.quantity END,
+            events = b.events + excluded.events,
+            last_ts = CASE WHEN (excluded.last_ts, excluded.last_seq) > (b.last_ts, b.last_seq)
+                           THEN excluded.last_ts ELSE b.last_ts END,
+            last_seq = CASE WHEN (excluded.last_ts, excluded.last_seq) > (b.last_ts, b.last_seq)
+                            THEN excluded.last_seq ELSE b.last_seq END
+        RETURNING 1
+    )
+    SELECT coalesce(sum(nrows), 0) INTO n FROM cells, (SELECT count(*) FROM merged) x;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION billing.compact_usage() IS
+    'Folds appended usage deltas into the bucket counters; returns the number of delta cells merged';
+
+-- reading ----------------------------------------------------------------------
+
+CREATE FUNCTION billing._bin(grain interval, ts timestamptz) RETURNS timestamptz
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN date_part('month', grain) = 0 AND date_part('year', grain) = 0
+            THEN date_bin(grain, ts, timestamptz '1970-01-01 00:00:00+00')
+        ELSE (make_timestamptz(1970, 1, 1, 0, 0, 0, 'UTC')
+              + make_interval(months =>
+                    ((extract(year from ts AT TIME ZONE 'UTC')::int - 1970) * 12
+                     + extract(month from ts AT TIME ZONE 'UTC')::int - 1)
+                    / (extract(year from grain)::int * 12 + extract(month from grain)::int)
+                    * (extract(year from grain)::int * 12 + extract(month from grain)::int)))
+        END
+$$;
+COMMENT ON FUNCTION billing._bin(interval, timestamptz) IS
+    'Internal: start of the UTC-aligned roll-up bin of width grain that holds ts';
+
+CREATE FUNCTION billing._usage_args_ok(account_id bigint, from_ts timestamptz,
+                                      to_ts timestamptz, grain interval)
+    RETURNS boolean
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF account_id IS NULL OR from_ts IS NULL OR to_ts IS NULL THEN
+        RAISE EXCEPTION 'usage: account_id, from_ts and to_ts must not be null'
+            USING ERRCODE = '22004';
+    END IF;
+    IF grain IS NOT NULL AND (grain <= interval '0'
+        OR ((date_part('month', grain) <> 0 OR date_part('year', grain) <> 0)
+            AND (date_part('day', grain) <> 0 OR date_trunc('day', grain) <> grain))) THEN
+        RAISE EXCEPTION 'invalid usage grain "%"', grain
+            USING ERRCODE = '22023',
+                  HINT = 'Use a positive interval of days and time (''1 hour'', ''1 day'') or of whole months (''1 month'').';
+    END IF;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION billing._usage_args_ok(bigint, timestamptz, timestamptz, interval) IS
+    'Internal: validates the arguments of billing.usage';
+
+CREATE FUNCTION billing.usage(account_id bigint, from_ts timestamptz, to_ts timestamptz,
+                              grain interval DEFAULT NULL, meter text DEFAULT NULL)
+    RETURNS TABLE (meter text, dimension text, bucket_start timestamptz,
+                   quantity numeric, events bigint)
+    LANGUAGE sql STABLE SET search_path = pg_catalog, billing, pg_temp AS $$
+    WITH args AS MATERIALIZED (
+        SELECT billing._usage_args_ok($1, $2, $3, $4) AS ok
+    ), cells AS (
+        SELECT u.meter, u.dimension, u.bucket_start, u.quantity, u.events, u.last_ts, u.last_seq
+          FROM billing.usage_cells u
+         WHERE u.account_id = $1 AND u.bucket_start >= $2 AND u.bucket_start < $3
+           AND ($5 IS NULL OR u.meter = $5)
+    )
+    SELECT c.meter::text, c.dimension::text,
+           CASE WHEN $4 IS NULL THEN c.bucket_start ELSE billing._bin($4, c.bucket_start) END,
+           CASE m.aggregation
+               WHEN 'max' THEN max(c.quantity)
+               WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, c.last_seq DESC))[1]
+               ELSE sum(c.quantity) END,
+           sum(c.events)::bigint
+      FROM args, cells c JOIN billing.meters m ON m.meter = c.meter
+     WHERE args.ok
+     GROUP BY c.meter, c.dimension, 3, m.aggregation
+     ORDER BY c.meter, c.dimension, 3
+$$;
+COMMENT ON FUNCTION billing.usage(bigint, timestamptz, timestamptz, interval, text) IS
+    'Usage of an account: stored buckets (grain NULL) or UTC-aligned roll-ups; max/last meters roll up by max/latest';
