@@ -30,6 +30,12 @@
 #define NUM_SHORT_WSIGN		0x0040
 #define NUM_SHORT_WMASK		0x003F
 #define NUM_NBASE			10000
+#define NUM_EXT_SIGN_MASK	0xF000
+#define NUM_PINF			0xD000
+#define NUM_NINF			0xF000
+#define NUM_SHORT_DSCALE_MASK	0x1F80
+#define NUM_SHORT_DSCALE_SHIFT	7
+#define NUM_DSCALE_MASK		0x3FFF
 
 const int128_t dec_pow10[DEC_MAX_DIGITS + 1] = {
 	1,
@@ -135,7 +141,8 @@ dec_from_numeric(Numeric num, int scale, int128_t *out)
 		}
 		if (e >= DEC_MAX_DIGITS)
 			return false;
-		if (d >= DEC_LIMIT / dec_pow10[e])
+		/* d < 10^4, so d * 10^e < 10^(e + 4): only large e need a check */
+		if (e + 4 > DEC_MAX_DIGITS && d >= DEC_LIMIT / dec_pow10[e])
 			return false;
 		v += d * dec_pow10[e];
 		if (v >= DEC_LIMIT)
@@ -187,36 +194,128 @@ dec_to_cstring(int128_t value, int scale, char *buf)
 
 /*
  * dec_to_numeric
- *		The numeric equal to value / 10^scale, with no trailing fractional
- *		zeros.
+ *		The numeric equal to value / 10^scale (scale 0..38), with no trailing
+ *		fractional zeros.  Builds the numeric's short on-disk form directly
+ *		(base-10000 digits aligned on the decimal point), which is what
+ *		numeric_in would produce for the same digits, without a round trip
+ *		through text: rating calls this once per row.
  */
 Numeric
 dec_to_numeric(int128_t value, int scale)
 {
-	char		buf[DEC_CSTRING_LEN];
+	unsigned __int128 u;
+	uint64		u64;
+	char		dig[DEC_CSTRING_LEN];	/* decimal digits, least significant first */
+	int			n = 0;
+	int			lo;
+	int			elo,
+				ehi,
+				glo,
+				ghi;
+	int			ndig;
+	int16		digits[DEC_CSTRING_LEN / 4 + 2];
+	Numeric		result;
+	uint16	   *p;
+	int			dscale;
+	static const int16 p10[4] = {1, 10, 100, 1000};
 
-	/* drop trailing fractional zeros; small values take the int64 path */
-	for (int k = 16; k >= 1; k /= 2)
+	Assert(scale >= 0 && scale <= DEC_MAX_DIGITS);
+	u = value < 0 ? -(unsigned __int128) value : (unsigned __int128) value;
+
+	/* decimal digits; 64-bit arithmetic for the common case */
+	if (u >> 64)
 	{
-		while (scale >= k && value % dec_pow10[k] == 0)
+		unsigned __int128 hi = u / UINT64CONST(10000000000000000000);
+
+		u64 = (uint64) (u - hi * UINT64CONST(10000000000000000000));
+		for (int k = 0; k < 19; k++)
 		{
-			value /= dec_pow10[k];
-			scale -= k;
+			dig[n++] = (char) (u64 % 10);
+			u64 /= 10;
 		}
+		u64 = (uint64) hi;		/* < 2^127 / 10^19 < 2^64 */
 	}
-	if (value >= PG_INT64_MIN && value <= PG_INT64_MAX)
+	else
+		u64 = (uint64) u;
+	while (u64 != 0)
 	{
-		if (scale == 0)
-			return int64_to_numeric((int64) value);
-		if (scale <= 18)
-			return int64_div_fast_to_numeric((int64) value, scale);
+		dig[n++] = (char) (u64 % 10);
+		u64 /= 10;
+	}
+	while (n > 0 && dig[n - 1] == 0)
+		n--;
+
+	if (n == 0)
+	{
+		/* zero: no digits, weight 0, positive, scale 0 */
+		result = (Numeric) palloc(VARHDRSZ + sizeof(uint16));
+		SET_VARSIZE(result, VARHDRSZ + sizeof(uint16));
+		p = (uint16 *) VARDATA(result);
+		p[0] = NUM_SHORT;
+		return result;
 	}
 
-	dec_to_cstring(value, scale, buf);
-	return DatumGetNumeric(DirectFunctionCall3(numeric_in,
-											   CStringGetDatum(buf),
-											   ObjectIdGetDatum(InvalidOid),
-											   Int32GetDatum(-1)));
+	/* lowest non-zero digit; digit k has decimal exponent k - scale */
+	lo = 0;
+	while (dig[lo] == 0)
+		lo++;
+	elo = lo - scale;
+	ehi = (n - 1) - scale;
+	glo = elo >= 0 ? elo / 4 : -((-elo + 3) / 4);
+	ghi = ehi >= 0 ? ehi / 4 : -((-ehi + 3) / 4);
+	ndig = ghi - glo + 1;
+	memset(digits, 0, sizeof(int16) * ndig);
+	for (int k = lo; k < n; k++)
+	{
+		int			e = k - scale;
+		int			g = e >= 0 ? e / 4 : -((-e + 3) / 4);
+
+		digits[ghi - g] += dig[k] * p10[e - 4 * g];
+	}
+	dscale = elo < 0 ? -elo : 0;
+
+	result = (Numeric) palloc(VARHDRSZ + sizeof(uint16) * (1 + ndig));
+	SET_VARSIZE(result, VARHDRSZ + sizeof(uint16) * (1 + ndig));
+	p = (uint16 *) VARDATA(result);
+	p[0] = NUM_SHORT | (value < 0 ? NUM_SHORT_SIGN : 0) |
+		(uint16) (dscale << NUM_SHORT_DSCALE_SHIFT) |
+		(ghi < 0 ? NUM_SHORT_WSIGN : 0) | (uint16) (ghi & NUM_SHORT_WMASK);
+	memcpy(p + 1, digits, sizeof(int16) * ndig);
+	return result;
+}
+
+/*
+ * dec_numeric_classify
+ *		Read a numeric's header (packed or not): its kind (DEC_NUM_*) and,
+ *		for finite values, its display scale in *dscale.
+ */
+int
+dec_numeric_classify(Numeric num, int *dscale)
+{
+	const uint16 *p = (const uint16 *) VARDATA_ANY(num);
+	int			len = VARSIZE_ANY_EXHDR(num);
+	uint16		header = p[0];
+
+	*dscale = 0;
+	if ((header & NUM_SIGN_MASK) == NUM_SPECIAL)
+	{
+		if ((header & NUM_EXT_SIGN_MASK) == NUM_PINF)
+			return DEC_NUM_PINF;
+		if ((header & NUM_EXT_SIGN_MASK) == NUM_NINF)
+			return DEC_NUM_NINF;
+		return DEC_NUM_NAN;
+	}
+	if ((header & NUM_SIGN_MASK) == NUM_SHORT)
+	{
+		*dscale = (header & NUM_SHORT_DSCALE_MASK) >> NUM_SHORT_DSCALE_SHIFT;
+		if (len <= (int) sizeof(uint16))
+			return DEC_NUM_ZERO;
+		return (header & NUM_SHORT_SIGN) ? DEC_NUM_NEG : DEC_NUM_POS;
+	}
+	*dscale = header & NUM_DSCALE_MASK;
+	if (len <= 2 * (int) sizeof(uint16))
+		return DEC_NUM_ZERO;
+	return (header & NUM_SIGN_MASK) == NUM_NEG ? DEC_NUM_NEG : DEC_NUM_POS;
 }
 
 /*
@@ -244,7 +343,10 @@ dec_mul(int128_t a, int128_t b, int128_t *out)
 {
 	int128_t	r;
 
-	if (__builtin_mul_overflow(a, b, &r))
+	/* two 64-bit factors: one widening multiply, no overflow possible */
+	if (a == (int64) a && b == (int64) b)
+		r = (int128_t) (int64) a * (int64) b;
+	else if (__builtin_mul_overflow(a, b, &r))
 		return false;
 	if (r >= DEC_LIMIT || r <= -DEC_LIMIT)
 		return false;

@@ -14,13 +14,15 @@
 #include "utils/numeric.h"
 
 /*
- * PostgreSQL's int128 is declared with 8-byte alignment, so it may live in
- * palloc'd and dynahash memory (a bare __int128 wants 16 and crashes there).
+ * Aligned like PostgreSQL's own int128 (c.h): palloc only guarantees
+ * MAXALIGN, and a 16-byte-aligned int128 in a palloc'd struct would let the
+ * compiler emit aligned vector moves on misaligned memory.
  */
-#ifndef HAVE_INT128
-#error "billing needs a compiler with 128-bit integers"
+typedef __int128 int128_t
+#if defined(pg_attribute_aligned)
+			pg_attribute_aligned(MAXIMUM_ALIGNOF)
 #endif
-typedef int128 int128_t;
+		   ;
 
 /* 10^38 - 1 is the largest magnitude we keep; beyond it, use numeric */
 #define DEC_MAX_DIGITS	38
@@ -33,6 +35,16 @@ extern int	dec_to_cstring(int128_t value, int scale, char *buf);
 extern bool dec_add(int128_t a, int128_t b, int128_t *out);
 extern bool dec_mul(int128_t a, int128_t b, int128_t *out);
 extern Numeric numeric_trimmed(Numeric num);
+
+/* what dec_numeric_classify says a numeric is */
+#define DEC_NUM_ZERO	0
+#define DEC_NUM_POS		1
+#define DEC_NUM_NEG		2
+#define DEC_NUM_NAN		3
+#define DEC_NUM_PINF	4
+#define DEC_NUM_NINF	5
+
+extern int	dec_numeric_classify(Numeric num, int *dscale);
 
 /* bytes dec_to_cstring may write: sign, 39 digits, point, NUL */
 #define DEC_CSTRING_LEN	48

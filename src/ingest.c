@@ -28,8 +28,12 @@
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/tableam.h"
+#include "access/genam.h"
+#include "access/skey.h"
+#include "access/stratnum.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_collation.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "commands/trigger.h"
@@ -42,6 +46,10 @@
 #include "utils/builtins.h"
 #include "utils/datetime.h"
 #include "utils/datum.h"
+#include "utils/fmgroids.h"
+#include "utils/snapmgr.h"
+#include "storage/lmgr.h"
+#include "utils/resowner.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
@@ -157,6 +165,7 @@ typedef struct PendingRow
 	BucketKey	key;
 	Qty			value;
 	TimestampTz ts;
+	int			seq;			/* arrival order within the batch */
 	char	   *event_id;
 	int			event_len;
 } PendingRow;
@@ -169,20 +178,6 @@ typedef struct DimEntry
 	char	   *str;
 	int			len;
 } DimEntry;
-
-/* key of the in-statement event id set */
-typedef struct SeenKey
-{
-	int64		account_id;
-	int32		meter;
-	uint32		hash;			/* hash of the event id */
-} SeenKey;
-
-typedef struct SeenEntry
-{
-	SeenKey		key;
-	List	   *ids;			/* event ids (char *) with that hash */
-} SeenEntry;
 
 /* cached column numbers of one metered table's trigger */
 typedef struct TableConf
@@ -217,7 +212,6 @@ typedef struct IngestState
 	int			maxdims;
 	int			last_dim;		/* id of the dimension used last */
 	cells_hash *buckets;		/* BucketKey -> BucketAcc */
-	HTAB	   *seen;			/* event ids pending in this batch */
 	PendingRow *pending;
 	int			npending;
 	int			maxpending;
@@ -230,6 +224,10 @@ typedef struct IngestState
 
 /* trigger accumulators of the current transaction, innermost first */
 static IngestState *trigger_states = NULL;
+
+/* OIDs of the relations the hot paths open (see billing_relid) */
+#define NUM_CACHED_RELS 6
+static Oid	cached_rel_oids[NUM_CACHED_RELS];
 
 /* backend cache of billing.meters */
 static HTAB *meter_cache = NULL;
@@ -259,6 +257,13 @@ static void flush_state(IngestState *st);
 static void
 meters_relcache_cb(Datum arg, Oid relid)
 {
+	bool		cached = false;
+
+	for (int i = 0; i < NUM_CACHED_RELS; i++)
+		if (cached_rel_oids[i] == relid)
+			cached = true;
+	if (relid == InvalidOid || cached)
+		memset(cached_rel_oids, 0, sizeof(cached_rel_oids));
 	if (relid == InvalidOid || relid == meters_relid)
 	{
 		if (meter_cache)
@@ -280,15 +285,32 @@ billing_schema_oid(void)
 
 /*
  * billing_relid
- *		OID of relation billing.<name>.
+ *		OID of relation billing.<name>, cached for the relations the hot
+ *		paths open (the cache is dropped with the meter cache, on any
+ *		invalidation of one of them).
  */
+static const char *const cached_rel_names[] = {
+	"accounts", "accounts_pkey", "usage_deltas", "dedupe_keys", "dedupe_keys_pkey", "usage_seq"
+};
+StaticAssertDecl(lengthof(cached_rel_names) == NUM_CACHED_RELS,
+				 "cached_rel_names and NUM_CACHED_RELS disagree");
+
 static Oid
 billing_relid(const char *name)
 {
-	Oid			relid = get_relname_relid(name, billing_schema_oid());
+	Oid			relid;
+	int			i;
 
+	for (i = 0; i < (int) NUM_CACHED_RELS; i++)
+		if (strcmp(cached_rel_names[i], name) == 0)
+			break;
+	if (i < (int) NUM_CACHED_RELS && OidIsValid(cached_rel_oids[i]))
+		return cached_rel_oids[i];
+	relid = get_relname_relid(name, billing_schema_oid());
 	if (!OidIsValid(relid))
 		elog(ERROR, "relation billing.%s does not exist", name);
+	if (i < (int) NUM_CACHED_RELS)
+		cached_rel_oids[i] = relid;
 	return relid;
 }
 
@@ -504,7 +526,7 @@ qty_add(Qty *acc, const Qty *v, MemoryContext cxt)
  *		A new, empty accumulator in a child of parent.
  */
 static IngestState *
-state_create(MemoryContext parent)
+state_create(MemoryContext parent, uint32 ncells)
 {
 	MemoryContext ctx = AllocSetContextCreate(parent, "billing ingest",
 											  ALLOCSET_DEFAULT_SIZES);
@@ -528,14 +550,8 @@ state_create(MemoryContext parent)
 	st->dimhash = hash_create("billing ingest dimensions", 16, &ctl,
 							  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 
-	st->buckets = cells_create(ctx, 1024, NULL);
+	st->buckets = cells_create(ctx, ncells, NULL);
 
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(SeenKey);
-	ctl.entrysize = sizeof(SeenEntry);
-	ctl.hcxt = ctx;
-	st->seen = hash_create("billing ingest event ids", 256, &ctl,
-						   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	return st;
 }
 
@@ -732,44 +748,6 @@ accumulate(IngestState *st, const BucketKey *key, const Qty *v, TimestampTz ts)
 }
 
 /*
- * seen_before
- *		Remember an event id of this batch; true when it was already there.
- */
-static bool
-seen_before(IngestState *st, int64 account_id, int32 meter,
-			const char *id, int len)
-{
-	SeenKey		key;
-	SeenEntry  *e;
-	bool		found;
-	ListCell   *lc;
-	char	   *copy;
-	MemoryContext old;
-
-	memset(&key, 0, sizeof(key));
-	key.account_id = account_id;
-	key.meter = meter;
-	key.hash = hash_bytes((const unsigned char *) id, len);
-	e = hash_search(st->seen, &key, HASH_ENTER, &found);
-	if (!found)
-		e->ids = NIL;
-	foreach(lc, e->ids)
-	{
-		char	   *s = lfirst(lc);
-
-		if ((int) strlen(s) == len && memcmp(s, id, len) == 0)
-			return true;
-	}
-	old = MemoryContextSwitchTo(st->ctx);
-	copy = palloc(len + 1);
-	memcpy(copy, id, len);
-	copy[len] = '\0';
-	e->ids = lappend(e->ids, copy);
-	MemoryContextSwitchTo(old);
-	return false;
-}
-
-/*
  * claim_one
  *		Claim one event id now (INSERT ... ON CONFLICT DO NOTHING); true if
  *		this transaction claimed it.
@@ -785,10 +763,10 @@ claim_one(int64 account_id, const MeterSlot *slot, const char *id, int len)
 		elog(ERROR, "SPI_connect failed");
 	if (claim_one_plan == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(
+		SPIPlanPtr	plan = SPI_prepare_cursor(
 									   "INSERT INTO billing.dedupe_keys (account_id, meter, event_id, expires_at) "
 									   "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-									   4, types);
+									   4, types, CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -869,11 +847,6 @@ add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 
 	if (event_id != NULL)
 	{
-		if (seen_before(st, account_id, slot->id, event_id, event_len))
-		{
-			st->duplicates++;
-			return REPORT_DUPLICATE;
-		}
 		if (claim_now)
 		{
 			if (!claim_one(account_id, slot, event_id, event_len))
@@ -899,11 +872,12 @@ add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 			p->value.num = NULL;
 			qty_store(&p->value, &v, st->ctx);
 			p->ts = ts;
+			p->seq = st->npending - 1;
 			p->event_id = palloc(event_len + 1);
 			memcpy(p->event_id, event_id, event_len);
 			p->event_id[event_len] = '\0';
 			p->event_len = event_len;
-			st->pending_bytes += sizeof(PendingRow) + sizeof(SeenEntry) + 2 * (event_len + 1) + 32;
+			st->pending_bytes += sizeof(PendingRow) + event_len + 1 + 16;
 			MemoryContextSwitchTo(old);
 			return REPORT_PENDING;
 		}
@@ -938,6 +912,28 @@ maybe_flush(IngestState *st)
  */
 
 /*
+ * account_exists
+ *		Is there a row for account_id in billing.accounts (as the current
+ *		command sees it)?  A direct probe of the primary key.
+ */
+static bool
+account_exists(int64 account_id)
+{
+	Relation	rel = table_open(billing_relid("accounts"), AccessShareLock);
+	ScanKeyData key;
+	SysScanDesc scan;
+	bool		found;
+
+	ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(account_id));
+	scan = systable_beginscan(rel, billing_relid("accounts_pkey"), true,
+							  GetActiveSnapshot(), 1, &key);
+	found = HeapTupleIsValid(systable_getnext(scan));
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return found;
+}
+
+/*
  * check_accounts
  *		Raise 23503 when one of the n account ids (sorted, so that repeats
  *		are adjacent) does not exist in billing.accounts.
@@ -953,6 +949,16 @@ check_accounts(const int64 *accounts, long n)
 
 	if (n == 0)
 		return;
+	if (accounts[0] == accounts[n - 1])
+	{
+		/* one account (record, report_cumulative, small batches) */
+		if (!account_exists(accounts[0]))
+			ereport(ERROR,
+					(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
+					 errmsg("account %lld does not exist", (long long) accounts[0]),
+					 errhint("Accounts are defined in billing.accounts.")));
+		return;
+	}
 	ids = palloc(n * sizeof(Datum));
 	for (i = 0; i < n; i++)
 		if (i == 0 || accounts[i] != accounts[i - 1])
@@ -963,11 +969,11 @@ check_accounts(const int64 *accounts, long n)
 		elog(ERROR, "SPI_connect failed");
 	if (check_accounts_plan == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(
+		SPIPlanPtr	plan = SPI_prepare_cursor(
 									   "SELECT a FROM pg_catalog.unnest($1) AS a "
 									   "WHERE NOT EXISTS (SELECT 1 FROM billing.accounts c "
 									   "WHERE c.account_id OPERATOR(pg_catalog.=) a) LIMIT 1",
-									   1, types);
+									   1, types, CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -1013,42 +1019,44 @@ pending_cmp(const void *a, const void *b)
 	c = memcmp(x->event_id, y->event_id, Min(x->event_len, y->event_len));
 	if (c != 0)
 		return c;
-	return x->event_len - y->event_len;
+	if (x->event_len != y->event_len)
+		return x->event_len - y->event_len;
+	return x->seq - y->seq;
+}
+
+/* true when two queued reports carry the same (account, meter, event id) */
+static bool
+pending_same_key(const PendingRow *x, const PendingRow *y)
+{
+	return x->key.account_id == y->key.account_id &&
+		x->key.meter == y->key.meter &&
+		x->event_len == y->event_len &&
+		memcmp(x->event_id, y->event_id, x->event_len) == 0;
 }
 
 /*
- * claim_pending
- *		Claim every queued event id with one INSERT ... ON CONFLICT DO
- *		NOTHING RETURNING, in key order (so that concurrent batches cannot
- *		deadlock), and count the reports whose ids this transaction claimed.
+ * claim_keys_spi
+ *		Claim the keys first[0..nkeys) with one INSERT ... ON CONFLICT DO
+ *		NOTHING RETURNING; set won[i] for the keys this transaction claimed.
+ *		This path never fails on a concurrent claim of the same key.
  */
 static void
-claim_pending(IngestState *st)
+claim_keys_spi(IngestState *st, const int *first, int nkeys, bool *won)
 {
-	int			n = st->npending;
-	Datum	   *accts,
-			   *meters,
-			   *ids,
-			   *exp;
+	Datum	   *accts = palloc(nkeys * sizeof(Datum));
+	Datum	   *meters = palloc(nkeys * sizeof(Datum));
+	Datum	   *ids = palloc(nkeys * sizeof(Datum));
+	Datum	   *exp = palloc(nkeys * sizeof(Datum));
 	Datum		values[4];
 	Oid			types[4] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID};
-	HTAB	   *claimed;
-	HASHCTL		ctl;
-	uint64		i;
-	int			j;
+	PendingRow *ret;
+	int			nret;
+	int			j,
+				k;
 
-	if (n == 0)
-		return;
-	sort_state = st;
-	qsort(st->pending, n, sizeof(PendingRow), pending_cmp);
-
-	accts = palloc(n * sizeof(Datum));
-	meters = palloc(n * sizeof(Datum));
-	ids = palloc(n * sizeof(Datum));
-	exp = palloc(n * sizeof(Datum));
-	for (j = 0; j < n; j++)
+	for (j = 0; j < nkeys; j++)
 	{
-		PendingRow *p = &st->pending[j];
+		PendingRow *p = &st->pending[first[j]];
 		MeterSlot  *slot = st->slots[p->key.meter];
 
 		accts[j] = Int64GetDatum(p->key.account_id);
@@ -1056,30 +1064,22 @@ claim_pending(IngestState *st)
 		ids[j] = PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len));
 		exp[j] = TimestampTzGetDatum(slot->expires);
 	}
-	values[0] = PointerGetDatum(construct_array(accts, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
-	values[1] = PointerGetDatum(construct_array(meters, n, TEXTOID, -1, false, TYPALIGN_INT));
-	values[2] = PointerGetDatum(construct_array(ids, n, TEXTOID, -1, false, TYPALIGN_INT));
-	values[3] = PointerGetDatum(construct_array(exp, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
-
-	/* the claimed keys, as (account, meter, id) strings */
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(SeenKey);
-	ctl.entrysize = sizeof(SeenEntry);
-	ctl.hcxt = CurrentMemoryContext;
-	claimed = hash_create("billing claimed ids", n, &ctl,
-						  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	values[0] = PointerGetDatum(construct_array(accts, nkeys, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	values[1] = PointerGetDatum(construct_array(meters, nkeys, TEXTOID, -1, false, TYPALIGN_INT));
+	values[2] = PointerGetDatum(construct_array(ids, nkeys, TEXTOID, -1, false, TYPALIGN_INT));
+	values[3] = PointerGetDatum(construct_array(exp, nkeys, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	if (claim_batch_plan == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(
+		SPIPlanPtr	plan = SPI_prepare_cursor(
 									   "INSERT INTO billing.dedupe_keys (account_id, meter, event_id, expires_at) "
 									   "SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
 									   "pg_catalog.unnest($3), pg_catalog.unnest($4)) "
 									   "ON CONFLICT DO NOTHING "
 									   "RETURNING account_id, meter, event_id",
-									   4, types);
+									   4, types, CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -1089,76 +1089,260 @@ claim_pending(IngestState *st)
 	if (SPI_execute_plan(claim_batch_plan, values, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "could not claim event ids");
 
-	for (i = 0; i < SPI_processed; i++)
+	/* the claimed keys, in the caller's memory, sorted like the batch */
+	nret = (int) SPI_processed;
+	ret = SPI_palloc(Max(nret, 1) * sizeof(PendingRow));
+	for (j = 0; j < nret; j++)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
+		HeapTuple	tup = SPI_tuptable->vals[j];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		bool		isnull;
-		SeenKey		key;
-		SeenEntry  *e;
-		bool		found;
 		text	   *m = DatumGetTextPP(SPI_getbinval(tup, desc, 2, &isnull));
 		text	   *id = DatumGetTextPP(SPI_getbinval(tup, desc, 3, &isnull));
-		MeterSlot  *slot = state_slot(st, VARDATA_ANY(m), VARSIZE_ANY_EXHDR(m));
-		MemoryContext old;
 
-		memset(&key, 0, sizeof(key));
-		key.account_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-		key.meter = slot->id;
-		key.hash = hash_bytes((unsigned char *) VARDATA_ANY(id), VARSIZE_ANY_EXHDR(id));
-		e = hash_search(claimed, &key, HASH_ENTER, &found);
-		if (!found)
-			e->ids = NIL;
-		/* the list lives in the caller's context, not SPI's */
-		old = MemoryContextSwitchTo(ctl.hcxt);
-		e->ids = lappend(e->ids, text_to_cstring(id));
-		MemoryContextSwitchTo(old);
+		memset(&ret[j], 0, sizeof(PendingRow));
+		ret[j].key.account_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		ret[j].key.meter = state_slot(st, VARDATA_ANY(m), VARSIZE_ANY_EXHDR(m))->id;
+		ret[j].event_len = VARSIZE_ANY_EXHDR(id);
+		ret[j].event_id = SPI_palloc(ret[j].event_len + 1);
+		memcpy(ret[j].event_id, VARDATA_ANY(id), ret[j].event_len);
 	}
 	SPI_finish();
+	qsort(ret, nret, sizeof(PendingRow), pending_cmp);
 
-	for (j = 0; j < n; j++)
+	/* merge: a key was won when it comes back from RETURNING */
+	for (j = 0, k = 0; j < nkeys && k < nret; j++)
 	{
-		PendingRow *p = &st->pending[j];
-		SeenKey		key;
-		SeenEntry  *e;
-		bool		ok = false;
+		PendingRow *p = &st->pending[first[j]];
 
-		memset(&key, 0, sizeof(key));
-		key.account_id = p->key.account_id;
-		key.meter = p->key.meter;
-		key.hash = hash_bytes((unsigned char *) p->event_id, p->event_len);
-		e = hash_search(claimed, &key, HASH_FIND, NULL);
-		if (e)
+		while (k < nret && pending_cmp(&ret[k], p) < 0 && !pending_same_key(&ret[k], p))
+			k++;
+		if (k < nret && pending_same_key(&ret[k], p))
 		{
-			ListCell   *lc;
+			won[j] = true;
+			k++;
+		}
+	}
 
-			foreach(lc, e->ids)
+	for (j = 0; j < nret; j++)
+		pfree(ret[j].event_id);
+	pfree(ret);
+	pfree(accts);
+	pfree(meters);
+	pfree(ids);
+	pfree(exp);
+}
+
+/*
+ * probe_key
+ *		Does (account, meter, id) exist in billing.dedupe_keys, committed,
+ *		ours, or inserted by a transaction still in progress?  In the last
+ *		case wait for that transaction and look again.
+ */
+static bool
+probe_key(IndexScanDesc scan, TupleTableSlot *slot, ScanKeyData *skey,
+		  Relation heap, Datum account, Datum meter, Datum id)
+{
+	SnapshotData *dirty = scan->xs_snapshot;
+
+	skey[0].sk_argument = account;
+	skey[1].sk_argument = meter;
+	skey[2].sk_argument = id;
+	for (;;)
+	{
+		bool		found;
+
+		index_rescan(scan, skey, 3, NULL, 0);
+		found = index_getnext_slot(scan, ForwardScanDirection, slot);
+		if (found)
+		{
+			TransactionId xwait = TransactionIdIsValid(dirty->xmin) ? dirty->xmin : dirty->xmax;
+
+			if (TransactionIdIsValid(xwait))
 			{
-				if (strcmp(lfirst(lc), p->event_id) == 0)
-				{
-					ok = true;
-					break;
-				}
+				XactLockTableWait(xwait, heap, &slot->tts_tid, XLTW_InsertIndex);
+				continue;
 			}
 		}
-		if (ok)
-			accumulate(st, &p->key, &p->value, p->ts);
+		return found;
+	}
+}
+
+/*
+ * claim_keys_direct
+ *		The fast way to claim keys: probe the primary key index for each
+ *		(sorted) key and multi-insert the new ones, as COPY would, inside a
+ *		subtransaction.  Another transaction claiming one of the keys
+ *		between our probe and our insert makes the unique index raise
+ *		unique_violation; then the subtransaction is rolled back and false
+ *		returned, and the caller claims the batch the slow way.
+ */
+static bool
+claim_keys_direct(IngestState *st, const int *first, int nkeys, bool *won)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	volatile bool ok = true;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		Relation	heap = table_open(billing_relid("dedupe_keys"), RowExclusiveLock);
+		Relation	index = index_open(billing_relid("dedupe_keys_pkey"), RowExclusiveLock);
+		EState	   *estate = CreateExecutorState();
+		ResultRelInfo *rri = makeNode(ResultRelInfo);
+		SnapshotData dirty;
+		IndexScanDesc scan;
+		TupleTableSlot *probe_slot = table_slot_create(heap, NULL);
+		TupleTableSlot **slots = palloc(WRITE_BATCH * sizeof(TupleTableSlot *));
+		ScanKeyData skey[3];
+		CommandId	cid = GetCurrentCommandId(true);
+		int			nslots = 0;
+		int			j;
+		MemoryContext tmp = AllocSetContextCreate(oldcontext, "billing claim",
+												  ALLOCSET_DEFAULT_SIZES);
+
+		InitResultRelInfo(rri, heap, 1, NULL, 0);
+		ExecOpenIndices(rri, false);
+		InitDirtySnapshot(dirty);
+		scan = index_beginscan(heap, index, &dirty, 3, 0);
+		ScanKeyInit(&skey[0], 1, BTEqualStrategyNumber, F_INT8EQ, (Datum) 0);
+		ScanKeyInit(&skey[1], 2, BTEqualStrategyNumber, F_TEXTEQ, (Datum) 0);
+		ScanKeyInit(&skey[2], 3, BTEqualStrategyNumber, F_TEXTEQ, (Datum) 0);
+		skey[1].sk_collation = C_COLLATION_OID;
+		skey[2].sk_collation = C_COLLATION_OID;
+		for (j = 0; j < WRITE_BATCH; j++)
+			slots[j] = table_slot_create(heap, NULL);
+
+		for (j = 0; j <= nkeys; j++)
+		{
+			if (j < nkeys)
+			{
+				PendingRow *p = &st->pending[first[j]];
+				MeterSlot  *m = st->slots[p->key.meter];
+				MemoryContext old = MemoryContextSwitchTo(tmp);
+				Datum		meter = PointerGetDatum(cstring_to_text(m->name));
+				Datum		id = PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len));
+				TupleTableSlot *ts;
+
+				MemoryContextSwitchTo(old);
+				if (probe_key(scan, probe_slot, skey, heap,
+							  Int64GetDatum(p->key.account_id), meter, id))
+					continue;
+				won[j] = true;
+				ts = slots[nslots++];
+				ExecClearTuple(ts);
+				ts->tts_values[0] = Int64GetDatum(p->key.account_id);
+				ts->tts_values[1] = meter;
+				ts->tts_values[2] = id;
+				ts->tts_values[3] = TimestampTzGetDatum(m->expires);
+				memset(ts->tts_isnull, 0, 4 * sizeof(bool));
+				ExecStoreVirtualTuple(ts);
+			}
+			if (nslots > 0 && (nslots == WRITE_BATCH || j == nkeys))
+			{
+				int			i;
+
+				table_multi_insert(heap, slots, nslots, cid, 0, NULL);
+				for (i = 0; i < nslots; i++)
+					list_free(ExecInsertIndexTuples(rri, slots[i], estate,
+													false, false, NULL, NIL));
+				nslots = 0;
+				MemoryContextReset(tmp);
+				/* later probes must see what this batch inserted */
+				CommandCounterIncrement();
+			}
+		}
+		index_endscan(scan);
+		for (j = 0; j < WRITE_BATCH; j++)
+			ExecDropSingleTupleTableSlot(slots[j]);
+		ExecDropSingleTupleTableSlot(probe_slot);
+		ExecCloseIndices(rri);
+		FreeExecutorState(estate);
+		index_close(index, NoLock);
+		table_close(heap, NoLock);
+		MemoryContextDelete(tmp);
+		pfree(slots);
+
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		if (edata->sqlerrcode != ERRCODE_UNIQUE_VIOLATION)
+			ReThrowError(edata);
+		FreeErrorData(edata);
+		memset(won, 0, nkeys * sizeof(bool));
+		ok = false;
+	}
+	PG_END_TRY();
+	return ok;
+}
+
+/*
+ * claim_pending
+ *		Claim every queued event id with one INSERT ... ON CONFLICT DO
+ *		NOTHING RETURNING, in key order (so that concurrent batches cannot
+ *		deadlock), and count the reports whose ids this transaction claimed.
+ *		Repeats within the batch are sorted next to each other; the first
+ *		to arrive is the one claimed.
+ */
+static void
+claim_pending(IngestState *st)
+{
+	int			n = st->npending;
+	int			nkeys = 0;
+	int		   *first;			/* per key: index of its first report */
+	bool	   *won;			/* per key: claimed by this transaction */
+	int			j,
+				k;
+
+	if (n == 0)
+		return;
+	sort_state = st;
+	qsort(st->pending, n, sizeof(PendingRow), pending_cmp);
+
+	first = palloc(n * sizeof(int));
+	for (j = 0; j < n; j++)
+		if (j == 0 || !pending_same_key(&st->pending[j], &st->pending[j - 1]))
+			first[nkeys++] = j;
+
+	won = palloc0(nkeys * sizeof(bool));
+	if (!claim_keys_direct(st, first, nkeys, won))
+		claim_keys_spi(st, first, nkeys, won);
+
+	for (j = 0, k = -1; j < n; j++)
+	{
+		PendingRow *p = &st->pending[j];
+
+		if (k + 1 < nkeys && first[k + 1] == j)
+		{
+			k++;
+			if (won[k])
+				accumulate(st, &p->key, &p->value, p->ts);
+			else
+				st->duplicates++;
+		}
 		else
-			st->duplicates++;
+			st->duplicates++;	/* a repeat within the batch */
 		if (!p->value.isdec && p->value.num)
 			pfree(p->value.num);
 		pfree(p->event_id);
 	}
+	pfree(won);
+	pfree(first);
 	st->npending = 0;
 	st->pending_bytes = 0;
-	hash_destroy(claimed);
-	hash_destroy(st->seen);
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(SeenKey);
-	ctl.entrysize = sizeof(SeenEntry);
-	ctl.hcxt = st->ctx;
-	st->seen = hash_create("billing ingest event ids", 256, &ctl,
-						   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 }
 
 /*
@@ -1493,7 +1677,7 @@ current_trigger_state(void)
 
 	if (trigger_states && trigger_states->subid == subid)
 		return trigger_states;
-	st = state_create(TopTransactionContext);
+	st = state_create(TopTransactionContext, 1024);
 	st->subid = subid;
 	st->next = trigger_states;
 	trigger_states = st;
@@ -1538,7 +1722,7 @@ billing_record(PG_FUNCTION_ARGS)
 	if (!PG_ARGISNULL(5))
 		dim = PG_GETARG_TEXT_PP(5);
 
-	st = state_create(callctx);
+	st = state_create(callctx, 8);
 	r = add_report(st, PG_GETARG_INT64(0),
 				   VARDATA_ANY(meter), VARSIZE_ANY_EXHDR(meter),
 				   PG_GETARG_DATUM(2), NUMERICOID, PG_GETARG_TIMESTAMPTZ(3),
@@ -1763,8 +1947,8 @@ array_elems(ArrayType *a, Oid type, int len, bool byval, char align,
 	if (expect >= 0 && n != expect)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("array %s has %d elements, account_ids has %d", name, n, expect),
-				 errdetail("Every array of a batch must have one element per usage report.")));
+				 errmsg("the arrays of a batch must have the same length"),
+				 errdetail("account_ids has %d elements, %s has %d.", expect, name, n)));
 	if (!nulls_ok)
 		for (int i = 0; i < n; i++)
 			if ((*nulls)[i])
@@ -1792,12 +1976,12 @@ claim_offset(text *source, int32 partition, int64 offset)
 		elog(ERROR, "SPI_connect failed");
 	if (offset_plan == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(
+		SPIPlanPtr	plan = SPI_prepare_cursor(
 									   "INSERT INTO billing.ingest_offsets AS o (source, partition, last_offset) "
 									   "VALUES ($1, $2, $3) ON CONFLICT (source, partition) DO UPDATE "
 									   "SET last_offset = excluded.last_offset, applied_at = pg_catalog.now() "
 									   "WHERE o.last_offset OPERATOR(pg_catalog.<) excluded.last_offset",
-									   3, types);
+									   3, types, CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -1880,7 +2064,7 @@ billing_ingest(PG_FUNCTION_ARGS)
 		return (Datum) 0;
 	}
 
-	st = state_create(CurrentMemoryContext);
+	st = state_create(CurrentMemoryContext, Max(n, 16));
 	for (int i = 0; i < n; i++)
 	{
 		const char *m,
@@ -1952,7 +2136,7 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 		text_arg(PointerGetDatum(dim), &dstr, &dlen);
 	}
 
-	st = state_create(CurrentMemoryContext);
+	st = state_create(CurrentMemoryContext, 8);
 	slot = state_slot(st, VARDATA_ANY(meter), VARSIZE_ANY_EXHDR(meter));
 	if (slot->def.agg != AGG_SUM)
 		ereport(ERROR,
@@ -1971,32 +2155,35 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 		elog(ERROR, "SPI_connect failed");
 	if (cumulative_insert_plan == NULL)
 	{
-		cumulative_insert_plan = SPI_prepare(
+		SPIPlanPtr	ins = SPI_prepare_cursor(
 											 "INSERT INTO billing.cumulative_reports "
 											 "(account_id, meter, dimension, bucket_start, source, total) "
 											 "VALUES ($1, $2, $3, $4, $5, 0) ON CONFLICT DO NOTHING",
-											 5, types);
-		cumulative_lock_plan = SPI_prepare(
+											 5, types, CURSOR_OPT_GENERIC_PLAN);
+		SPIPlanPtr	lck = SPI_prepare_cursor(
 										   "SELECT total FROM billing.cumulative_reports "
 										   "WHERE account_id OPERATOR(pg_catalog.=) $1 "
 										   "AND meter OPERATOR(pg_catalog.=) $2 "
 										   "AND dimension OPERATOR(pg_catalog.=) $3 "
 										   "AND bucket_start OPERATOR(pg_catalog.=) $4 "
 										   "AND source OPERATOR(pg_catalog.=) $5 FOR UPDATE",
-										   5, types);
-		cumulative_update_plan = SPI_prepare(
+										   5, types, CURSOR_OPT_GENERIC_PLAN);
+		SPIPlanPtr	upd = SPI_prepare_cursor(
 											 "UPDATE billing.cumulative_reports SET total = $6 "
 											 "WHERE account_id OPERATOR(pg_catalog.=) $1 "
 											 "AND meter OPERATOR(pg_catalog.=) $2 "
 											 "AND dimension OPERATOR(pg_catalog.=) $3 "
 											 "AND bucket_start OPERATOR(pg_catalog.=) $4 "
 											 "AND source OPERATOR(pg_catalog.=) $5",
-											 6, types);
-		if (!cumulative_insert_plan || !cumulative_lock_plan || !cumulative_update_plan)
+											 6, types, CURSOR_OPT_GENERIC_PLAN);
+		if (!ins || !lck || !upd)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(cumulative_insert_plan);
-		SPI_keepplan(cumulative_lock_plan);
-		SPI_keepplan(cumulative_update_plan);
+		SPI_keepplan(ins);
+		SPI_keepplan(lck);
+		SPI_keepplan(upd);
+		cumulative_insert_plan = ins;
+		cumulative_lock_plan = lck;
+		cumulative_update_plan = upd;
 	}
 	values[0] = Int64GetDatum(account_id);
 	values[1] = PointerGetDatum(cstring_to_text(slot->name));
