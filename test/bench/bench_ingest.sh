@@ -39,6 +39,7 @@ BIG_DATA=$TMP/usage_${BIG_ROWS}.tsv
 LOG=$TMP/bench_ingest.log              # errors of our paths end up here
 METERS="'error', 'span', 'replay', 'attachment', 'profile', 'monitor'"
 HOT_ACCOUNTS=20                        # record(): 20 accounts x 6 meters
+HOT_METERS=6
 
 # ---------------------------------------------------------------- helpers
 
@@ -221,7 +222,7 @@ check_ours() {
 pgbench_run() {
     local script=$TMP/record.pgb out
     { echo "\\set aid random(1, $HOT_ACCOUNTS)"
-      echo "\\set m random(1, 6)"
+      echo "\\set m random(1, $HOT_METERS)"
       echo "$1"; } >"$script"
     out=$(PGOPTIONS=${2:-} pgbench -n -M prepared -c 8 -j 2 -T "$PGBENCH_T" \
           -f "$script" "$DB" 2>&1) || { echo "$out" >>"$LOG"; return 1; }
@@ -411,6 +412,9 @@ for unit in $UNITS; do
         # the same without waiting for the WAL flush: CPU and locking only
         PGBENCH_T=$(( PGBENCH_T * 2 / 3 )) record_bench "$unit" \
             "record() 8 clients, sync_commit=off" "-c synchronous_commit=off" info
+        # one hot bucket: the peer's row lock is held until its commit
+        PGBENCH_T=$(( PGBENCH_T * 2 / 3 )) HOT_ACCOUNTS=1 HOT_METERS=1 \
+            record_bench "$unit" "record() 8 clients, 1 hot bucket" "" info
     fi
     print_table "ingest, $unit buckets, $ROWS rows (ratio = peer ms / our ms; tps: ours / peer)"
 done
