@@ -269,54 +269,135 @@ $$;
 COMMENT ON FUNCTION billing.purge_dedupe(timestamptz) IS
     'Removes event ids whose dedupe window ended by as_of (an index range delete); returns how many';
 
+CREATE TABLE billing.usage_hourly (
+    account_id    bigint NOT NULL,
+    meter         text COLLATE "C" NOT NULL,
+    dimension     text COLLATE "C" NOT NULL DEFAULT '',
+    bucket_start  timestamptz NOT NULL,     -- hour (UTC) holding the buckets
+    quantity      numeric NOT NULL,
+    events        bigint NOT NULL,
+    last_ts       timestamptz,
+    last_seq      bigint,
+    PRIMARY KEY (account_id, meter, bucket_start, dimension)
+);
+COMMENT ON TABLE billing.usage_hourly IS
+    'Compacted usage rolled up by hour (kept by compact_usage with usage_buckets)';
+
+CREATE TABLE billing.usage_daily (LIKE billing.usage_hourly INCLUDING ALL);
+COMMENT ON TABLE billing.usage_daily IS
+    'Compacted usage rolled up by UTC day (kept by compact_usage with usage_buckets)';
+
+SELECT pg_catalog.pg_extension_config_dump('billing.usage_hourly', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.usage_daily', '');
+
+-- combine two values of one counter cell by the meter's aggregation
+CREATE FUNCTION billing._combine(aggregation text, q1 numeric, ts1 timestamptz, seq1 bigint,
+                                 q2 numeric, ts2 timestamptz, seq2 bigint)
+    RETURNS numeric
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE aggregation
+        WHEN 'max' THEN GREATEST(q1, q2)
+        WHEN 'last' THEN CASE WHEN (ts2, seq2) OPERATOR(pg_catalog.>) (ts1, seq1) THEN q2 ELSE q1 END
+        ELSE q1 OPERATOR(pg_catalog.+) q2 END
+$$;
+COMMENT ON FUNCTION billing._combine(text, numeric, timestamptz, bigint, numeric, timestamptz, bigint) IS
+    'Internal: combines two values of a counter cell (sum/count add, max keeps the larger, last the later)';
+
 CREATE FUNCTION billing.compact_usage() RETURNS bigint
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 DECLARE
     n bigint;
 BEGIN
-    -- one compaction at a time; concurrent ingest goes on
-    PERFORM pg_advisory_xact_lock('billing.usage_buckets'::regclass::oid::bigint);
+    -- one compaction at a time; concurrent ingest goes on (it only appends)
+    PERFORM pg_advisory_xact_lock(1651074162, 1);
+    CREATE TEMP TABLE IF NOT EXISTS billing_compact_cells (
+        account_id bigint, meter text COLLATE "C", dimension text COLLATE "C",
+        bucket_start timestamptz, quantity numeric, events bigint,
+        last_ts timestamptz, last_seq bigint, aggregation text, nrows bigint
+    ) ON COMMIT DELETE ROWS;
+
+    -- 1. take the deltas out, one cell per key
     WITH moved AS (
         DELETE FROM billing.usage_deltas RETURNING *
-    ), cells AS (
-        SELECT d.account_id, d.meter, d.dimension, c.bucket_start,
-               CASE m.aggregation
-                   WHEN 'max' THEN max(c.quantity)
-                   WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, d.seq DESC))[1]
-                   ELSE sum(c.quantity) END AS quantity,
-               sum(c.events)::bigint AS events,
-               max(c.last_ts) AS last_ts,
-               (array_agg(d.seq ORDER BY c.last_ts DESC, d.seq DESC))[1] AS last_seq,
-               m.aggregation, count(*) AS nrows
-          FROM moved d
-               CROSS JOIN LATERAL ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities),
-                                             unnest(d.events), unnest(d.last_ts))
-                   AS c(bucket_start, quantity, events, last_ts)
-               JOIN billing.meters m ON m.meter = d.meter
-         GROUP BY d.account_id, d.meter, d.dimension, c.bucket_start, m.aggregation
-    ), merged AS (
-        INSERT INTO billing.usage_buckets AS b
-               (account_id, meter, dimension, bucket_start, quantity, events, last_ts, last_seq)
-        SELECT account_id, meter, dimension, bucket_start, quantity, events, last_ts, last_seq
-          FROM cells
-         ORDER BY account_id, meter, bucket_start, dimension
-        ON CONFLICT (account_id, meter, bucket_start, dimension) DO UPDATE SET
-            quantity = CASE (SELECT aggregation FROM billing.meters WHERE meter = b.meter)
-                WHEN 'max' THEN greatest(b.quantity, excluded.quantity)
-                WHEN 'last' THEN CASE WHEN (excluded.last_ts, excluded.last_seq) > (b.last_ts, b.last_seq)
-                                      THEN excluded.quantity ELSE b.quantity END
-                ELSE b.quantity + excluded.quantity END,
-            events = b.events + excluded.events,
-            last_ts = CASE WHEN (excluded.last_ts, excluded.last_seq) > (b.last_ts, b.last_seq)
-                           THEN excluded.last_ts ELSE b.last_ts END,
-            last_seq = CASE WHEN (excluded.last_ts, excluded.last_seq) > (b.last_ts, b.last_seq)
-                            THEN excluded.last_seq ELSE b.last_seq END
-        RETURNING 1
     )
-    SELECT coalesce(sum(nrows), 0) INTO n FROM cells, (SELECT count(*) FROM merged) x;
+    INSERT INTO billing_compact_cells
+    SELECT d.account_id, d.meter, d.dimension, c.bucket_start,
+           CASE m.aggregation
+               WHEN 'max' THEN max(c.quantity)
+               WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, d.seq DESC))[1]
+               ELSE sum(c.quantity) END,
+           sum(c.events)::bigint,
+           max(c.last_ts),
+           (array_agg(d.seq ORDER BY c.last_ts DESC, d.seq DESC))[1],
+           m.aggregation, count(*)
+      FROM moved d
+           CROSS JOIN LATERAL ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities),
+                                         unnest(d.events), unnest(d.last_ts))
+               AS c(bucket_start, quantity, events, last_ts)
+           JOIN billing.meters m ON m.meter = d.meter
+     GROUP BY d.account_id, d.meter, d.dimension, c.bucket_start, m.aggregation;
+    SELECT coalesce(sum(nrows), 0) INTO n FROM billing_compact_cells;
+    IF n = 0 THEN
+        RETURN 0;
+    END IF;
+
+    -- 2. fold them into the buckets and the hour and day roll-ups
+    PERFORM billing._compact_into('usage_buckets', NULL);
+    PERFORM billing._compact_into('usage_hourly', '1 hour');
+    PERFORM billing._compact_into('usage_daily', '1 day');
+    TRUNCATE billing_compact_cells;
     RETURN n;
 END
 $$;
+
+CREATE FUNCTION billing._compact_into(target text, grain interval) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    EXECUTE format($q$
+        WITH cells AS (
+            SELECT account_id, meter, dimension,
+                   %s AS bucket_start,
+                   CASE aggregation
+                       WHEN 'max' THEN max(quantity)
+                       WHEN 'last' THEN (array_agg(quantity ORDER BY last_ts DESC, last_seq DESC))[1]
+                       ELSE sum(quantity) END AS quantity,
+                   sum(events)::bigint AS events,
+                   max(last_ts) AS last_ts,
+                   (array_agg(last_seq ORDER BY last_ts DESC, last_seq DESC))[1] AS last_seq,
+                   aggregation
+              FROM billing_compact_cells
+             GROUP BY 1, 2, 3, 4, aggregation
+        ), updated AS (
+            UPDATE billing.%I AS b
+               SET quantity = billing._combine(c.aggregation, b.quantity, b.last_ts, b.last_seq,
+                                               c.quantity, c.last_ts, c.last_seq),
+                   events = b.events + c.events,
+                   last_ts = CASE WHEN (c.last_ts, c.last_seq) > (b.last_ts, b.last_seq)
+                                  THEN c.last_ts ELSE b.last_ts END,
+                   last_seq = CASE WHEN (c.last_ts, c.last_seq) > (b.last_ts, b.last_seq)
+                                   THEN c.last_seq ELSE b.last_seq END
+              FROM cells c
+             WHERE b.account_id = c.account_id AND b.meter = c.meter
+               AND b.bucket_start = c.bucket_start AND b.dimension = c.dimension
+        )
+        INSERT INTO billing.%I (account_id, meter, dimension, bucket_start, quantity, events,
+                                last_ts, last_seq)
+        SELECT c.account_id, c.meter, c.dimension, c.bucket_start, c.quantity, c.events,
+               c.last_ts, c.last_seq
+          FROM cells c
+         WHERE NOT EXISTS (SELECT 1 FROM billing.%I b
+                            WHERE b.account_id = c.account_id AND b.meter = c.meter
+                              AND b.bucket_start = c.bucket_start AND b.dimension = c.dimension)
+         ORDER BY 1, 2, 4, 3
+        $q$,
+        CASE WHEN grain IS NULL THEN 'bucket_start'
+             ELSE format('date_bin(%L, bucket_start, timestamptz %L)', grain, '1970-01-01 00:00:00+00') END,
+        target, target, target);
+END
+$$;
+COMMENT ON FUNCTION billing._compact_into(text, interval) IS
+    'Internal: folds the cells being compacted into a bucket or roll-up table';
+
 COMMENT ON FUNCTION billing.compact_usage() IS
     'Folds appended usage deltas into the bucket counters; returns the number of delta cells merged';
 

@@ -1,0 +1,228 @@
+/*
+ * Plans, charges and subscriptions (SPEC section 2), billing periods, and
+ * the period totals that invoices rate.
+ */
+
+ALTER TABLE billing.accounts
+    ADD CONSTRAINT accounts_currency_known CHECK (billing.currency_exponent(currency) >= 0);
+
+CREATE TABLE billing.plans (
+    plan      text COLLATE "C" PRIMARY KEY CHECK (plan <> ''),
+    period    interval NOT NULL DEFAULT '1 month'
+              CHECK (period > interval '0'
+                     AND (pg_catalog.date_part('month', period) = 0
+                          AND pg_catalog.date_part('year', period) = 0
+                          OR pg_catalog.date_part('day', period) = 0
+                             AND pg_catalog.date_trunc('day', period) = period)),
+    currency  text NOT NULL DEFAULT 'USD'
+              CHECK (currency ~ '^[A-Z]{3}$' AND billing.currency_exponent(currency) >= 0)
+);
+COMMENT ON TABLE billing.plans IS
+    'Price plans: a billing period (whole months, or days and time) and a currency';
+
+CREATE TABLE billing.charges (
+    charge_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    plan         text COLLATE "C" NOT NULL REFERENCES billing.plans ON UPDATE CASCADE,
+    meter        text COLLATE "C" NULL REFERENCES billing.meters,
+    price        billing.price NOT NULL,
+    valid_from   timestamptz NOT NULL DEFAULT '-infinity',
+    description  text,
+    created_at   timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+-- a usage charge is identified by (plan, meter), a fixed fee by (plan, description)
+CREATE UNIQUE INDEX charges_usage_version ON billing.charges (plan, meter, valid_from)
+    WHERE meter IS NOT NULL;
+CREATE UNIQUE INDEX charges_fixed_version
+    ON billing.charges (plan, (COALESCE(description, '')), valid_from)
+    WHERE meter IS NULL;
+COMMENT ON TABLE billing.charges IS
+    'Charges of a plan, versioned by valid_from: the version in force at a period''s start rates the whole period; a NULL meter is a fixed fee per period (rated with quantity 0)';
+
+CREATE TABLE billing.subscriptions (
+    account_id  bigint NOT NULL REFERENCES billing.accounts,
+    plan        text COLLATE "C" NOT NULL REFERENCES billing.plans ON UPDATE CASCADE,
+    starts_at   timestamptz NOT NULL CHECK (pg_catalog.isfinite(starts_at)),
+    ends_at     timestamptz NULL,
+    spend_cap   numeric NULL CHECK (spend_cap >= 0),
+    PRIMARY KEY (account_id, starts_at),
+    CHECK (ends_at > starts_at)
+);
+COMMENT ON TABLE billing.subscriptions IS
+    'An account on a plan from starts_at to ends_at; periods run [starts_at + n*period, starts_at + (n+1)*period) cut at ends_at; spend_cap caps the usage lines of each period';
+
+SELECT pg_catalog.pg_extension_config_dump('billing.plans', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.charges', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.subscriptions', '');
+
+-- billing periods ---------------------------------------------------------------
+
+-- ts + n periods, with month arithmetic in UTC (independent of TimeZone)
+CREATE FUNCTION billing._add_periods(ts timestamptz, period interval, n integer)
+    RETURNS timestamptz
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT pg_catalog.timezone('UTC', pg_catalog.timezone('UTC', ts) OPERATOR(pg_catalog.+)
+                                      (period OPERATOR(pg_catalog.*) n::float8))
+$$;
+COMMENT ON FUNCTION billing._add_periods(timestamptz, interval, integer) IS
+    'Internal: ts plus n billing periods, month arithmetic in UTC';
+
+-- index n of the period [starts_at + n*period, starts_at + (n+1)*period) holding at
+CREATE FUNCTION billing._period_index(starts_at timestamptz, period interval, at timestamptz)
+    RETURNS integer
+    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    months integer := (date_part('year', period) * 12 + date_part('month', period))::integer;
+    s timestamp := starts_at AT TIME ZONE 'UTC';
+    a timestamp := at AT TIME ZONE 'UTC';
+    n integer;
+BEGIN
+    IF months > 0 THEN
+        n := floor(((date_part('year', a) - date_part('year', s)) * 12
+                    + date_part('month', a) - date_part('month', s)) / months)::integer;
+    ELSE
+        n := floor(extract(epoch FROM a - s) / extract(epoch FROM period))::integer;
+    END IF;
+    WHILE billing._add_periods(starts_at, period, n) > at LOOP
+        n := n - 1;
+    END LOOP;
+    WHILE billing._add_periods(starts_at, period, n + 1) <= at LOOP
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION billing._period_index(timestamptz, interval, timestamptz) IS
+    'Internal: index of the billing period holding at';
+
+/*
+ * _usage_totals: the quantity of each meter of an account over [from_ts,
+ * to_ts), combined by the meter's aggregation.  Reads day roll-ups for whole
+ * UTC days, hour roll-ups for whole hours, buckets for the minutes at the
+ * edges, and the deltas not yet compacted, so a month costs a few hundred
+ * rows, not tens of thousands of minute buckets.
+ */
+CREATE FUNCTION billing._usage_totals(p_account bigint, from_ts timestamptz, to_ts timestamptz)
+    RETURNS TABLE (meter text, quantity numeric)
+    LANGUAGE sql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    WITH edges AS (
+        SELECT h0, h1, d0, d1
+          FROM (SELECT date_bin('1 hour', from_ts, e) AS fh, date_bin('1 hour', to_ts, e) AS h1,
+                       date_bin('1 day', from_ts, e) AS fd, date_bin('1 day', to_ts, e) AS d1
+                  FROM (SELECT timestamptz '1970-01-01 00:00:00+00' AS e) z) b,
+               LATERAL (SELECT CASE WHEN fh = from_ts THEN fh ELSE fh + interval '1 hour' END AS h0,
+                               CASE WHEN fd = from_ts THEN fd ELSE fd + interval '1 day' END AS d0) c
+    ), cells AS (
+        -- minutes before the first whole hour and after the last
+        SELECT u.meter, u.quantity, u.last_ts, u.last_seq
+          FROM billing.usage_buckets u, edges
+         WHERE u.account_id = p_account AND u.bucket_start >= from_ts AND u.bucket_start < to_ts
+           AND (u.bucket_start < h0 OR u.bucket_start >= h1 OR h0 >= h1)
+        UNION ALL
+        -- whole hours outside whole days
+        SELECT u.meter, u.quantity, u.last_ts, u.last_seq
+          FROM billing.usage_hourly u, edges
+         WHERE h0 < h1 AND u.account_id = p_account AND u.bucket_start >= h0 AND u.bucket_start < h1
+           AND (u.bucket_start < d0 OR u.bucket_start >= d1 OR d0 >= d1)
+        UNION ALL
+        -- whole days
+        SELECT u.meter, u.quantity, u.last_ts, u.last_seq
+          FROM billing.usage_daily u, edges
+         WHERE d0 < d1 AND u.account_id = p_account AND u.bucket_start >= d0 AND u.bucket_start < d1
+        UNION ALL
+        -- not yet compacted
+        SELECT d.meter, c.quantity, c.last_ts, d.seq
+          FROM billing.usage_deltas d,
+               ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities), unnest(d.last_ts))
+                   AS c(bucket_start, quantity, last_ts)
+         WHERE d.account_id = p_account AND c.bucket_start >= from_ts AND c.bucket_start < to_ts
+    )
+    SELECT c.meter::text,
+           CASE m.aggregation
+               WHEN 'max' THEN max(c.quantity)
+               WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, c.last_seq DESC))[1]
+               ELSE sum(c.quantity) END
+      FROM cells c JOIN billing.meters m ON m.meter = c.meter
+     GROUP BY c.meter, m.aggregation
+$$;
+COMMENT ON FUNCTION billing._usage_totals(bigint, timestamptz, timestamptz) IS
+    'Internal: quantity per meter of an account over a time range, from roll-ups where whole hours and days allow';
+
+-- guards ------------------------------------------------------------------------
+
+CREATE FUNCTION billing._subscriptions_check() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    acc_currency text;
+    plan_currency text;
+BEGIN
+    SELECT a.currency INTO acc_currency FROM billing.accounts a WHERE a.account_id = NEW.account_id;
+    SELECT p.currency INTO plan_currency FROM billing.plans p WHERE p.plan = NEW.plan;
+    IF acc_currency IS DISTINCT FROM plan_currency THEN
+        RAISE EXCEPTION 'plan "%" bills in %, account % in %', NEW.plan, plan_currency,
+              NEW.account_id, acc_currency
+            USING ERRCODE = '22023',
+                  HINT = 'Subscribe the account to a plan in its own currency.';
+    END IF;
+    -- one subscription at a time per account
+    PERFORM pg_advisory_xact_lock(1651074162, hashint8(NEW.account_id));
+    IF EXISTS (SELECT 1 FROM billing.subscriptions s
+                WHERE s.account_id = NEW.account_id
+                  AND (TG_OP = 'INSERT' OR s.starts_at <> OLD.starts_at)
+                  AND s.starts_at < coalesce(NEW.ends_at, 'infinity')
+                  AND NEW.starts_at < coalesce(s.ends_at, 'infinity')) THEN
+        RAISE EXCEPTION 'subscription of account % from % overlaps another', NEW.account_id, NEW.starts_at
+            USING ERRCODE = '23P01',
+                  HINT = 'End the current subscription (ends_at) where the next one starts.';
+    END IF;
+    IF TG_OP = 'UPDATE' AND (NEW.plan IS DISTINCT FROM OLD.plan OR NEW.starts_at IS DISTINCT FROM OLD.starts_at
+                             OR NEW.account_id IS DISTINCT FROM OLD.account_id)
+       AND EXISTS (SELECT 1 FROM billing.invoices i
+                    WHERE i.account_id = OLD.account_id AND i.period_start >= OLD.starts_at
+                      AND i.period_start < coalesce(OLD.ends_at, 'infinity')) THEN
+        RAISE EXCEPTION 'subscription of account % from % has finalized invoices', OLD.account_id, OLD.starts_at
+            USING ERRCODE = '55000',
+                  DETAIL = 'Its plan and start cannot change; its end and spend cap can (re-rate to bill the effect).';
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION billing._subscriptions_check() IS
+    'Internal: a subscription''s plan must bill in the account''s currency, and subscriptions of an account must not overlap';
+CREATE TRIGGER subscriptions_check BEFORE INSERT OR UPDATE ON billing.subscriptions
+    FOR EACH ROW EXECUTE FUNCTION billing._subscriptions_check();
+
+CREATE FUNCTION billing._subscriptions_guard() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM billing.invoices i
+                WHERE i.account_id = OLD.account_id AND i.period_start >= OLD.starts_at
+                  AND i.period_start < coalesce(OLD.ends_at, 'infinity')) THEN
+        RAISE EXCEPTION 'subscription of account % from % has finalized invoices', OLD.account_id, OLD.starts_at
+            USING ERRCODE = '55000', HINT = 'Set ends_at instead of deleting it.';
+    END IF;
+    RETURN OLD;
+END
+$$;
+COMMENT ON FUNCTION billing._subscriptions_guard() IS
+    'Internal: a subscription that was invoiced cannot be deleted';
+CREATE TRIGGER subscriptions_guard BEFORE DELETE ON billing.subscriptions
+    FOR EACH ROW EXECUTE FUNCTION billing._subscriptions_guard();
+
+CREATE FUNCTION billing._plans_check() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF (NEW.currency IS DISTINCT FROM OLD.currency OR NEW.period IS DISTINCT FROM OLD.period)
+       AND EXISTS (SELECT 1 FROM billing.subscriptions s WHERE s.plan = OLD.plan) THEN
+        RAISE EXCEPTION 'plan "%" has subscriptions', OLD.plan
+            USING ERRCODE = '55000',
+                  DETAIL = 'Its currency and period cannot change; create a new plan instead.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION billing._plans_check() IS
+    'Internal: a plan in use keeps its currency and period';
+CREATE TRIGGER plans_check BEFORE UPDATE ON billing.plans
+    FOR EACH ROW EXECUTE FUNCTION billing._plans_check();

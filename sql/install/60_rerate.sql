@@ -1,0 +1,294 @@
+/*
+ * Re-rating, usage corrections and reconciliation (SPEC section 6).
+ */
+
+CREATE SEQUENCE billing.correction_id_seq;
+CREATE TABLE billing.usage_corrections (
+    account_id     bigint NOT NULL,
+    correction_id  bigint NOT NULL DEFAULT pg_catalog.nextval('billing.correction_id_seq'),
+    meter          text COLLATE "C" NOT NULL,
+    dimension      text COLLATE "C" NOT NULL,
+    bucket_start   timestamptz NOT NULL,
+    delta          numeric NOT NULL,
+    reason         text NOT NULL,
+    actor          text NOT NULL DEFAULT CURRENT_USER,
+    corrected_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (account_id, correction_id)
+);
+COMMENT ON TABLE billing.usage_corrections IS
+    'Explicit corrections of counted usage (billing.correct_usage), with who, when and why';
+SELECT pg_catalog.pg_extension_config_dump('billing.usage_corrections', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.correction_id_seq', '');
+
+CREATE FUNCTION billing.correct_usage(account_id bigint, meter text, bucket_start timestamptz,
+                                      delta numeric, reason text, dimension text DEFAULT '')
+    RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    m record;
+    cur numeric;
+BEGIN
+    IF account_id IS NULL OR meter IS NULL OR bucket_start IS NULL OR delta IS NULL THEN
+        RAISE EXCEPTION 'correct_usage: account_id, meter, bucket_start and delta must not be null'
+            USING ERRCODE = '22004';
+    END IF;
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'a usage correction needs a reason' USING ERRCODE = '22004';
+    END IF;
+    dimension := coalesce(dimension, '');
+    SELECT * INTO m FROM billing.meters x WHERE x.meter = correct_usage.meter;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'meter "%" does not exist', correct_usage.meter USING ERRCODE = '23503';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.accounts a WHERE a.account_id = correct_usage.account_id) THEN
+        RAISE EXCEPTION 'account % does not exist', correct_usage.account_id USING ERRCODE = '23503';
+    END IF;
+    IF m.aggregation NOT IN ('sum', 'count') THEN
+        RAISE EXCEPTION 'meter "%" has aggregation %', m.meter, m.aggregation
+            USING ERRCODE = '22023', DETAIL = 'Only sum and count meters take corrections.';
+    END IF;
+    IF delta = 'NaN' OR NOT isfinite(bucket_start)
+       OR date_bin(m.bucket_width, bucket_start, timestamptz '1970-01-01 00:00:00+00') <> bucket_start THEN
+        RAISE EXCEPTION 'invalid usage correction'
+            USING ERRCODE = '22023',
+                  DETAIL = format('delta must be a number and bucket_start the start of a %s bucket.', m.bucket_width);
+    END IF;
+    -- corrections of one bucket one at a time (ingest only adds, so it cannot race below zero)
+    PERFORM pg_advisory_xact_lock(1651074162,
+        hashtext(format('%s/%s/%s/%s', account_id, meter, dimension, bucket_start)));
+    SELECT coalesce(sum(u.quantity), 0) INTO cur
+      FROM billing.usage_cells u
+     WHERE u.account_id = correct_usage.account_id AND u.meter = correct_usage.meter
+       AND u.dimension = correct_usage.dimension AND u.bucket_start = correct_usage.bucket_start;
+    IF cur + delta < 0 THEN
+        RAISE EXCEPTION 'correction would make the bucket negative'
+            USING ERRCODE = '22023',
+                  DETAIL = format('The bucket holds %s; the correction is %s.', cur, delta);
+    END IF;
+    INSERT INTO billing.usage_deltas (account_id, meter, dimension, seq, bucket_starts,
+                                      quantities, events, last_ts)
+    VALUES (correct_usage.account_id, correct_usage.meter, correct_usage.dimension, NULL,
+            ARRAY[bucket_start], ARRAY[delta], ARRAY[0::bigint], NULL);
+    INSERT INTO billing.usage_corrections (account_id, meter, dimension, bucket_start, delta, reason)
+    VALUES (correct_usage.account_id, correct_usage.meter, correct_usage.dimension, bucket_start,
+            delta, reason);
+END
+$$;
+COMMENT ON FUNCTION billing.correct_usage(bigint, text, timestamptz, numeric, text, text) IS
+    'Adds a signed correction to one bucket of a sum or count meter (any age), with a reason; the next rerate bills its effect';
+
+/*
+ * _rerate_diff: for each finalized invoice overlapping [from_ts, to_ts) (of
+ * one account or all), what its lines should be today, what was billed
+ * (the line plus the adjustments already recorded for it), and the
+ * difference.  Lines are matched by kind and meter (usage), description
+ * (fixed fees) or kind alone (the spend cap).
+ */
+CREATE FUNCTION billing._rerate_diff(from_ts timestamptz, to_ts timestamptz, p_account bigint)
+    RETURNS TABLE (account_id bigint, invoice_id bigint, line_kind text, meter text,
+                   description text, billed_quantity numeric, billed_amount numeric,
+                   correct_quantity numeric, correct_amount numeric, delta numeric)
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    WITH inv AS (
+        SELECT i.account_id, i.invoice_id, i.plan, i.currency, i.period_start, i.period_end,
+               s.spend_cap, s.starts_at, s.ends_at, p.period
+          FROM billing.invoices i
+               JOIN billing.plans p ON p.plan = i.plan
+               LEFT JOIN billing.subscriptions s
+                      ON s.account_id = i.account_id AND s.plan = i.plan
+                     AND s.starts_at <= i.period_start
+                     AND i.period_start < coalesce(s.ends_at, 'infinity')
+         WHERE i.status = 'finalized'
+           AND i.period_start < to_ts AND i.period_end > from_ts
+           AND (p_account IS NULL OR i.account_id = p_account)
+    ), correct AS (
+        -- today's lines; a period the subscription no longer covers bills nothing
+        SELECT inv.account_id, inv.invoice_id, r.kind, r.meter, r.description, r.quantity, r.amount
+          FROM inv,
+               LATERAL billing._rate_period(inv.account_id, inv.plan, inv.currency, inv.spend_cap,
+                                            inv.period_start,
+                                            LEAST(billing._add_periods(inv.starts_at, inv.period,
+                                                      billing._period_index(inv.starts_at, inv.period,
+                                                                            inv.period_start) + 1),
+                                                  inv.ends_at)) r
+         WHERE inv.starts_at IS NOT NULL
+    ), billed AS (
+        SELECT l.account_id, l.invoice_id, l.kind, l.meter, l.description, l.quantity, l.amount
+          FROM inv JOIN billing.invoice_lines l
+                 ON l.account_id = inv.account_id AND l.invoice_id = inv.invoice_id
+         WHERE l.kind <> 'adjustment'
+        UNION ALL
+        SELECT a.account_id, a.invoice_id, a.line_kind, a.meter, a.description,
+               a.new_quantity - a.old_quantity, a.delta
+          FROM inv JOIN billing.adjustments a
+                 ON a.account_id = inv.account_id AND a.invoice_id = inv.invoice_id
+    ), billed_sum AS (
+        SELECT b.account_id, b.invoice_id, b.kind, b.meter,
+               CASE WHEN b.kind = 'fixed' THEN b.description END AS fixed_key,
+               max(b.description) AS description,
+               sum(b.quantity) AS quantity, sum(b.amount) AS amount
+          FROM billed b
+         GROUP BY 1, 2, 3, 4, 5
+    )
+    SELECT coalesce(c.account_id, b.account_id), coalesce(c.invoice_id, b.invoice_id),
+           coalesce(c.kind, b.kind), coalesce(c.meter, b.meter),
+           coalesce(c.description, b.description),
+           b.quantity, coalesce(b.amount, 0), c.quantity, coalesce(c.amount, 0),
+           coalesce(c.amount, 0) - coalesce(b.amount, 0)
+      FROM correct c
+           FULL JOIN billed_sum b
+                  ON b.account_id = c.account_id AND b.invoice_id = c.invoice_id
+                 AND b.kind = c.kind
+                 AND b.meter IS NOT DISTINCT FROM c.meter
+                 AND b.fixed_key IS NOT DISTINCT FROM CASE WHEN c.kind = 'fixed' THEN c.description END
+$$;
+COMMENT ON FUNCTION billing._rerate_diff(timestamptz, timestamptz, bigint) IS
+    'Internal: billed versus correct lines of the finalized invoices overlapping a range';
+
+CREATE FUNCTION billing._rerate(from_ts timestamptz, to_ts timestamptz, p_account bigint,
+                                dry_run boolean)
+    RETURNS TABLE (r_account bigint, r_invoice bigint, r_meter text,
+                   r_billed_quantity numeric, r_billed_amount numeric,
+                   r_correct_quantity numeric, r_correct_amount numeric, r_delta numeric)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF from_ts IS NULL OR to_ts IS NULL OR dry_run IS NULL THEN
+        RAISE EXCEPTION 'rerate: from_ts, to_ts and dry_run must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF from_ts >= to_ts THEN
+        RAISE EXCEPTION 'rerate: from_ts must be before to_ts' USING ERRCODE = '22023';
+    END IF;
+    IF dry_run THEN
+        RETURN QUERY
+        SELECT d.account_id, d.invoice_id, d.meter, d.billed_quantity, d.billed_amount,
+               d.correct_quantity, d.correct_amount, d.delta
+          FROM billing._rerate_diff(from_ts, to_ts, p_account) d
+         WHERE d.delta <> 0
+         ORDER BY 1, 2, 3;
+        RETURN;
+    END IF;
+    -- one re-rate at a time: a second run waits, then finds the first one's adjustments
+    PERFORM pg_advisory_xact_lock(1651074162, 3);
+    RETURN QUERY
+    WITH d AS (
+        SELECT * FROM billing._rerate_diff(from_ts, to_ts, p_account) x
+         WHERE x.delta <> 0
+    ), written AS (
+        INSERT INTO billing.adjustments (account_id, invoice_id, line_kind, meter, description,
+                                         old_quantity, new_quantity, old_amount, new_amount, delta,
+                                         reason)
+        SELECT d.account_id, d.invoice_id, d.line_kind, d.meter, d.description,
+               d.billed_quantity, d.correct_quantity, d.billed_amount, d.correct_amount, d.delta,
+               format('re-rate of %s to %s', from_ts, to_ts)
+          FROM d
+    )
+    SELECT d.account_id, d.invoice_id, d.meter, d.billed_quantity, d.billed_amount,
+           d.correct_quantity, d.correct_amount, d.delta
+      FROM d
+     ORDER BY 1, 2, 3;
+END
+$$;
+COMMENT ON FUNCTION billing._rerate(timestamptz, timestamptz, bigint, boolean) IS
+    'Internal: the body of billing.rerate';
+
+CREATE FUNCTION billing.rerate(from_ts timestamptz, to_ts timestamptz, account_id bigint DEFAULT NULL,
+                               dry_run boolean DEFAULT false)
+    RETURNS TABLE (account_id bigint, invoice_id bigint, meter text,
+                   billed_quantity numeric, billed_amount numeric,
+                   correct_quantity numeric, correct_amount numeric, delta numeric)
+    LANGUAGE sql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SELECT * FROM billing._rerate($1, $2, $3, $4)
+$$;
+COMMENT ON FUNCTION billing.rerate(timestamptz, timestamptz, bigint, boolean) IS
+    'Recomputes the finalized invoices overlapping [from_ts, to_ts) from today''s usage and charge versions and records the differences as adjustments for the next invoice';
+
+-- reconciliation ------------------------------------------------------------------------------
+
+CREATE FUNCTION billing.reconcile(source regclass, account_column name, meter_column name,
+                                  quantity_column name, ts_column name,
+                                  from_ts timestamptz, to_ts timestamptz)
+    RETURNS TABLE (account_id bigint, meter text, bucket_start timestamptz,
+                   source_quantity numeric, counted_quantity numeric, difference numeric)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    col name;
+BEGIN
+    IF source IS NULL OR account_column IS NULL OR meter_column IS NULL OR quantity_column IS NULL
+       OR ts_column IS NULL OR from_ts IS NULL OR to_ts IS NULL THEN
+        RAISE EXCEPTION 'reconcile: no argument may be null' USING ERRCODE = '22004';
+    END IF;
+    FOREACH col IN ARRAY ARRAY[account_column, meter_column, quantity_column, ts_column] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = source AND a.attname = col
+                          AND a.attnum > 0 AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION 'column "%" of relation "%" does not exist', col, source
+                USING ERRCODE = '42703';
+        END IF;
+    END LOOP;
+    -- both sides per (account, meter, bucket), combined by the meter's aggregation
+    RETURN QUERY EXECUTE format($q$
+        WITH src AS (
+            SELECT s.%1$I::bigint AS account_id, s.%2$I::text AS meter,
+                   date_bin(m.bucket_width, s.%4$I, timestamptz '1970-01-01 00:00:00+00') AS bucket_start,
+                   CASE m.aggregation
+                       WHEN 'count' THEN count(*)::numeric
+                       WHEN 'max' THEN max(s.%3$I::numeric)
+                       WHEN 'last' THEN (array_agg(s.%3$I::numeric ORDER BY s.%4$I DESC))[1]
+                       ELSE sum(s.%3$I::numeric) END AS quantity
+              FROM %5$s s JOIN billing.meters m ON m.meter = s.%2$I::text
+             WHERE s.%4$I >= $1 AND s.%4$I < $2
+             GROUP BY 1, 2, 3, m.aggregation
+        ), counted AS (
+            SELECT u.account_id, u.meter::text AS meter, u.bucket_start,
+                   CASE m.aggregation
+                       WHEN 'max' THEN max(u.quantity)
+                       WHEN 'last' THEN (array_agg(u.quantity ORDER BY u.last_ts DESC, u.last_seq DESC))[1]
+                       ELSE sum(u.quantity) END AS quantity
+              FROM billing.usage_cells u JOIN billing.meters m ON m.meter = u.meter
+             WHERE u.bucket_start >= $1 AND u.bucket_start < $2
+             GROUP BY 1, 2, 3, m.aggregation
+        )
+        SELECT coalesce(s.account_id, c.account_id), coalesce(s.meter, c.meter),
+               coalesce(s.bucket_start, c.bucket_start),
+               coalesce(s.quantity, 0), coalesce(c.quantity, 0),
+               coalesce(s.quantity, 0) - coalesce(c.quantity, 0)
+          FROM src s FULL JOIN counted c
+            ON c.account_id = s.account_id AND c.meter = s.meter AND c.bucket_start = s.bucket_start
+         WHERE coalesce(s.quantity, 0) <> coalesce(c.quantity, 0)
+         ORDER BY 1, 2, 3
+        $q$, account_column, meter_column, quantity_column, ts_column, source)
+    USING from_ts, to_ts;
+END
+$$;
+COMMENT ON FUNCTION billing.reconcile(regclass, name, name, name, name, timestamptz, timestamptz) IS
+    'Compares an independent record of usage with the counters bucket by bucket over a range; returns only the buckets that differ';
+
+CREATE FUNCTION billing.verify_invoices(account_id bigint DEFAULT NULL)
+    RETURNS TABLE (account_id bigint, invoice_id bigint, line_no int, problem text)
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SELECT i.account_id, i.invoice_id, NULL::int,
+           format('total %s is not the sum of the lines (%s)', i.total, coalesce(l.s, 0))
+      FROM billing.invoices i
+           LEFT JOIN LATERAL (SELECT sum(x.amount) AS s FROM billing.invoice_lines x
+                               WHERE x.account_id = i.account_id AND x.invoice_id = i.invoice_id) l ON true
+     WHERE ($1 IS NULL OR i.account_id = $1) AND i.total IS DISTINCT FROM coalesce(l.s, 0)
+    UNION ALL
+    SELECT x.account_id, x.invoice_id, x.line_no,
+           format('%s line rates %s to %s, not %s', x.kind, coalesce(x.quantity, 0),
+                  billing.round_money(billing.rate(x.price, coalesce(x.quantity, 0)), i.currency),
+                  x.amount)
+      FROM billing.invoice_lines x
+           JOIN billing.invoices i ON i.account_id = x.account_id AND i.invoice_id = x.invoice_id
+     WHERE ($1 IS NULL OR x.account_id = $1) AND x.kind IN ('usage', 'fixed')
+       AND (x.price IS NULL
+            OR billing.round_money(billing.rate(x.price, coalesce(x.quantity, 0)), i.currency) <> x.amount)
+    ORDER BY 1, 2, 3
+$$;
+COMMENT ON FUNCTION billing.verify_invoices(bigint) IS
+    'Checks finalized invoices: each total is the sum of its lines, and each usage and fixed line is the rounded rating of its quantity with the price that rated it';
