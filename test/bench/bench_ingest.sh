@@ -24,6 +24,13 @@
 #   BENCH_PGBENCH_T=15      seconds per pgbench run
 #   BENCH_REPEAT=1          runs per COPY path; the fastest is reported
 #   BENCH_UNITS="minute hour"
+#
+# Rows marked "(info)" are context, not goals: our ingest plus the deferred
+# compact_usage(), record() without waiting for the WAL flush, and record()
+# on one hot bucket.  Timings on a shared 2-core machine move by 10-30%
+# between runs; BENCH_REPEAT=2 steadies the COPY rows (about +2 minutes).
+#
+#   PGBIN=/opt/pgC/usr/lib/postgresql/15/bin BENCH_ONLY=ingest make bench
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -113,7 +120,7 @@ reset_ours() {
 
 # ------------------------------------------------------------ sanity checks
 
-# truth UNIT: the reference buckets, a plain GROUP BY over the raw rows.
+# make_truth UNIT: the reference buckets, a plain GROUP BY over the raw rows.
 make_truth() {
     q -c "DROP TABLE IF EXISTS truth" \
       -c "CREATE TABLE truth AS
@@ -124,7 +131,7 @@ make_truth() {
       -c "ANALYZE truth"
 }
 
-# compare_sql LABEL SQL: compare the buckets SQL returns (account_id, meter,
+# compare LABEL SQL: compare the buckets SQL returns (account_id, meter,
 # bucket_start, quantity, events) with truth, bucket by bucket, and add a
 # sanity line with the totals and OK/MISMATCH.
 compare() {
