@@ -189,8 +189,8 @@ CREATE FUNCTION billing._pending_adjustments(p_account bigint)
     LANGUAGE sql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
     SELECT a.adjustment_id, a.meter::text,
-           format('adjustment to invoice %s (%s): %s', a.invoice_id,
-                  coalesce(a.description, a.line_kind), a.reason),
+           format('%s (invoice %s): %s', coalesce(a.description, a.line_kind), a.invoice_id,
+                  a.reason),
            a.new_quantity - a.old_quantity, a.delta
       FROM billing.adjustments a
      WHERE a.account_id = p_account AND a.billed_invoice_id IS NULL
@@ -319,8 +319,9 @@ BEGIN
                                 WHERE i.account_id = s.account_id AND i.period_start = b.ps)
              ORDER BY n
         LOOP
-            -- one finalizer per account at a time; re-checked under the lock
-            PERFORM pg_advisory_xact_lock(1651074162, hashint8(s.account_id) # 2);
+            -- one finalizer per account at a time, re-checked under the lock
+            -- (a row lock: no lock table entry per account)
+            PERFORM 1 FROM billing.accounts a WHERE a.account_id = s.account_id FOR NO KEY UPDATE;
             inv := billing._finalize_period(s.account_id, s.plan, s.currency, s.spend_cap,
                                             per.ps, per.pe);
             IF inv IS NOT NULL THEN
