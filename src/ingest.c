@@ -1168,39 +1168,122 @@ claim_keys_spi(IngestState *st, const int *first, int nkeys, bool *won)
 	pfree(exp);
 }
 
-/*
- * probe_key
- *		Does (account, meter, id) exist in billing.dedupe_keys, committed,
- *		ours, or inserted by a transaction still in progress?  In the last
- *		case wait for that transaction and look again.
- */
-static bool
-probe_key(IndexScanDesc scan, TupleTableSlot *slot, ScanKeyData *skey,
-		  Relation heap, Datum account, Datum meter, Datum id)
+/* index tuples a merge walk may pass over before it descends the index again */
+#define CLAIM_SKIP_LIMIT 16
+
+/* compare an event id (text) with a queued one, in "C" collation order */
+static int
+event_id_cmp(text *t, const PendingRow *p)
 {
-	SnapshotData *dirty = scan->xs_snapshot;
+	int			len = VARSIZE_ANY_EXHDR(t);
+	int			c = memcmp(VARDATA_ANY(t), p->event_id, Min(len, p->event_len));
 
-	skey[0].sk_argument = account;
-	skey[1].sk_argument = meter;
-	skey[2].sk_argument = id;
-	for (;;)
+	if (c != 0)
+		return c;
+	return len - p->event_len;
+}
+
+/*
+ * mark_existing
+ *		Set exists[i] for the keys first[0..nkeys) (sorted) that are in
+ *		billing.dedupe_keys, committed, ours, or inserted by a transaction
+ *		still in progress (then wait for it and look again).
+ *
+ *		The keys of one (account, meter) are looked up with one ordered
+ *		index range scan from the first of them, merged against the sorted
+ *		ids: a replayed batch, whose ids are all there, reads each index
+ *		entry once instead of descending the index once per id.  When the
+ *		walk passes more than CLAIM_SKIP_LIMIT entries that are not in the
+ *		batch, it descends again at the next id, so sparse batches cost no
+ *		more than a lookup per id.
+ */
+static void
+mark_existing(IngestState *st, const int *first, int nkeys, bool *exists,
+			  Relation heap, Relation index, MemoryContext tmp)
+{
+	SnapshotData dirty;
+	IndexScanDesc scan;
+	TupleTableSlot *slot = table_slot_create(heap, NULL);
+	ScanKeyData skey[3];
+	int			j = 0;
+
+	InitDirtySnapshot(dirty);
+	scan = index_beginscan(heap, index, &dirty, 3, 0);
+	ScanKeyInit(&skey[0], 1, BTEqualStrategyNumber, F_INT8EQ, (Datum) 0);
+	ScanKeyInit(&skey[1], 2, BTEqualStrategyNumber, F_TEXTEQ, (Datum) 0);
+	ScanKeyInit(&skey[2], 3, BTGreaterEqualStrategyNumber, F_TEXT_GE, (Datum) 0);
+	skey[1].sk_collation = C_COLLATION_OID;
+	skey[2].sk_collation = C_COLLATION_OID;
+
+	while (j < nkeys)
 	{
-		bool		found;
+		PendingRow *p0 = &st->pending[first[j]];
+		int			g = j + 1;
+		int			k = j;
+		bool		restart = true;
+		bool		have = false;
+		int			skipped = 0;
+		MemoryContext old;
 
-		index_rescan(scan, skey, 3, NULL, 0);
-		found = index_getnext_slot(scan, ForwardScanDirection, slot);
-		if (found)
+		/* the keys of this (account, meter) are first[j..g) */
+		while (g < nkeys &&
+			   st->pending[first[g]].key.account_id == p0->key.account_id &&
+			   st->pending[first[g]].key.meter == p0->key.meter)
+			g++;
+
+		old = MemoryContextSwitchTo(tmp);
+		skey[0].sk_argument = Int64GetDatum(p0->key.account_id);
+		skey[1].sk_argument = PointerGetDatum(cstring_to_text(st->slots[p0->key.meter]->name));
+		MemoryContextSwitchTo(old);
+
+		while (k < g)
 		{
-			TransactionId xwait = TransactionIdIsValid(dirty->xmin) ? dirty->xmin : dirty->xmax;
+			PendingRow *p = &st->pending[first[k]];
+			TransactionId xwait;
+			bool		isnull;
+			int			c;
 
-			if (TransactionIdIsValid(xwait))
+			if (restart)
 			{
-				XactLockTableWait(xwait, heap, &slot->tts_tid, XLTW_InsertIndex);
-				continue;
+				old = MemoryContextSwitchTo(tmp);
+				skey[2].sk_argument =
+					PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len));
+				MemoryContextSwitchTo(old);
+				index_rescan(scan, skey, 3, NULL, 0);
+				have = index_getnext_slot(scan, ForwardScanDirection, slot);
+				skipped = 0;
+				restart = false;
 			}
+			if (!have)
+				break;			/* nothing at or after this id: the rest are new */
+
+			c = event_id_cmp(DatumGetTextPP(slot_getattr(slot, 3, &isnull)), p);
+			if (c == 0)
+			{
+				/* our id, claimed by a transaction still in progress: wait, look again */
+				xwait = TransactionIdIsValid(dirty.xmin) ? dirty.xmin : dirty.xmax;
+				if (TransactionIdIsValid(xwait))
+				{
+					XactLockTableWait(xwait, heap, &slot->tts_tid, XLTW_InsertIndex);
+					restart = true;
+					continue;
+				}
+				exists[k++] = true;
+				have = index_getnext_slot(scan, ForwardScanDirection, slot);
+				skipped = 0;
+			}
+			else if (c > 0)
+				k++;			/* the index is past this id: it is new */
+			else if (++skipped > CLAIM_SKIP_LIMIT)
+				restart = true;
+			else
+				have = index_getnext_slot(scan, ForwardScanDirection, slot);
 		}
-		return found;
+		MemoryContextReset(tmp);
+		j = g;
 	}
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
 }
 
 /*
@@ -1227,53 +1310,41 @@ claim_keys_direct(IngestState *st, const int *first, int nkeys, bool *won)
 		Relation	index = index_open(billing_relid("dedupe_keys_pkey"), RowExclusiveLock);
 		EState	   *estate = CreateExecutorState();
 		ResultRelInfo *rri = makeNode(ResultRelInfo);
-		SnapshotData dirty;
-		IndexScanDesc scan;
-		TupleTableSlot *probe_slot = table_slot_create(heap, NULL);
 		TupleTableSlot **slots = palloc(WRITE_BATCH * sizeof(TupleTableSlot *));
-		ScanKeyData skey[3];
 		CommandId	cid = GetCurrentCommandId(true);
 		int			nslots = 0;
 		int			j;
 		MemoryContext tmp = AllocSetContextCreate(oldcontext, "billing claim",
 												  ALLOCSET_DEFAULT_SIZES);
+		bool	   *exists = palloc0(Max(nkeys, 1) * sizeof(bool));
 
 		InitResultRelInfo(rri, heap, 1, NULL, 0);
 		ExecOpenIndices(rri, false);
-		InitDirtySnapshot(dirty);
-		scan = index_beginscan(heap, index, &dirty, 3, 0);
-		ScanKeyInit(&skey[0], 1, BTEqualStrategyNumber, F_INT8EQ, (Datum) 0);
-		ScanKeyInit(&skey[1], 2, BTEqualStrategyNumber, F_TEXTEQ, (Datum) 0);
-		ScanKeyInit(&skey[2], 3, BTEqualStrategyNumber, F_TEXTEQ, (Datum) 0);
-		skey[1].sk_collation = C_COLLATION_OID;
-		skey[2].sk_collation = C_COLLATION_OID;
 		for (j = 0; j < WRITE_BATCH; j++)
 			slots[j] = table_slot_create(heap, NULL);
 
+		/* 1. which keys exist already */
+		mark_existing(st, first, nkeys, exists, heap, index, tmp);
+
+		/* 2. multi-insert the others */
 		for (j = 0; j <= nkeys; j++)
 		{
-			if (j < nkeys)
+			if (j < nkeys && !exists[j])
 			{
 				PendingRow *p = &st->pending[first[j]];
 				MeterSlot  *m = st->slots[p->key.meter];
 				MemoryContext old = MemoryContextSwitchTo(tmp);
-				Datum		meter = PointerGetDatum(cstring_to_text(m->name));
-				Datum		id = PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len));
-				TupleTableSlot *ts;
+				TupleTableSlot *ts = slots[nslots++];
 
-				MemoryContextSwitchTo(old);
-				if (probe_key(scan, probe_slot, skey, heap,
-							  Int64GetDatum(p->key.account_id), meter, id))
-					continue;
-				won[j] = true;
-				ts = slots[nslots++];
 				ExecClearTuple(ts);
 				ts->tts_values[0] = Int64GetDatum(p->key.account_id);
-				ts->tts_values[1] = meter;
-				ts->tts_values[2] = id;
+				ts->tts_values[1] = PointerGetDatum(cstring_to_text(m->name));
+				ts->tts_values[2] = PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len));
 				ts->tts_values[3] = TimestampTzGetDatum(m->expires);
 				memset(ts->tts_isnull, 0, 4 * sizeof(bool));
 				ExecStoreVirtualTuple(ts);
+				MemoryContextSwitchTo(old);
+				won[j] = true;
 			}
 			if (nslots > 0 && (nslots == WRITE_BATCH || j == nkeys))
 			{
@@ -1285,14 +1356,12 @@ claim_keys_direct(IngestState *st, const int *first, int nkeys, bool *won)
 													false, false, NULL, NIL));
 				nslots = 0;
 				MemoryContextReset(tmp);
-				/* later probes must see what this batch inserted */
-				CommandCounterIncrement();
 			}
 		}
-		index_endscan(scan);
+		CommandCounterIncrement();
+		pfree(exists);
 		for (j = 0; j < WRITE_BATCH; j++)
 			ExecDropSingleTupleTableSlot(slots[j]);
-		ExecDropSingleTupleTableSlot(probe_slot);
 		ExecCloseIndices(rri);
 		FreeExecutorState(estate);
 		index_close(index, NoLock);
