@@ -4,7 +4,7 @@
  */
 
 ALTER TABLE billing.accounts
-    ADD CONSTRAINT accounts_currency_known CHECK (billing.currency_exponent(currency) >= 0);
+    ADD CONSTRAINT accounts_currency_known CHECK (billing.currency_exponent(currency) IS NOT NULL);
 
 CREATE TABLE billing.plans (
     plan      text COLLATE "C" PRIMARY KEY CHECK (plan <> ''),
@@ -15,7 +15,7 @@ CREATE TABLE billing.plans (
                           OR pg_catalog.date_part('day', period) = 0
                              AND pg_catalog.date_trunc('day', period) = period)),
     currency  text NOT NULL DEFAULT 'USD'
-              CHECK (currency ~ '^[A-Z]{3}$' AND billing.currency_exponent(currency) >= 0)
+              CHECK (currency ~ '^[A-Z]{3}$' AND billing.currency_exponent(currency) IS NOT NULL)
 );
 COMMENT ON TABLE billing.plans IS
     'Price plans: a billing period (whole months, or days and time) and a currency';
@@ -43,7 +43,7 @@ CREATE TABLE billing.subscriptions (
     plan        text COLLATE "C" NOT NULL REFERENCES billing.plans ON UPDATE CASCADE,
     starts_at   timestamptz NOT NULL CHECK (pg_catalog.isfinite(starts_at)),
     ends_at     timestamptz NULL,
-    spend_cap   numeric NULL CHECK (spend_cap >= 0),
+    spend_cap   numeric NULL CHECK (spend_cap >= 0 AND spend_cap < 'Infinity'),
     PRIMARY KEY (account_id, starts_at),
     CHECK (ends_at > starts_at)
 );

@@ -48,7 +48,7 @@ BEGIN
         RAISE EXCEPTION 'meter "%" has aggregation %', m.meter, m.aggregation
             USING ERRCODE = '22023', DETAIL = 'Only sum and count meters take corrections.';
     END IF;
-    IF delta = 'NaN' OR NOT isfinite(bucket_start)
+    IF delta IN ('NaN', 'Infinity', '-Infinity') OR NOT isfinite(bucket_start)
        OR date_bin(m.bucket_width, bucket_start, timestamptz '1970-01-01 00:00:00+00') <> bucket_start THEN
         RAISE EXCEPTION 'invalid usage correction'
             USING ERRCODE = '22023',
