@@ -159,7 +159,7 @@ DECLARE
 BEGIN
     SELECT a.currency INTO acc_currency FROM billing.accounts a WHERE a.account_id = NEW.account_id;
     SELECT p.currency INTO plan_currency FROM billing.plans p WHERE p.plan = NEW.plan;
-    IF acc_currency IS DISTINCT FROM plan_currency THEN
+    IF acc_currency <> plan_currency THEN  -- unknown account or plan: its foreign key raises 23503
         RAISE EXCEPTION 'plan "%" bills in %, account % in %', NEW.plan, plan_currency,
               NEW.account_id, acc_currency
             USING ERRCODE = '22023',
