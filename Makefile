@@ -5,6 +5,7 @@
 #                         on a throwaway cluster, print "N passed, N failed"
 #   make demo             build, install and run the demo scenario on a throwaway cluster
 #   make bench            benchmarks against their peers (not tests)
+#   make check-valgrind   the core paths in one backend under valgrind memcheck
 
 EXTENSION  = billing
 EXTVERSION = $(shell sed -n "s/^default_version[[:space:]]*=[[:space:]]*'\([^']*\)'.*/\1/p" billing.control)
@@ -41,9 +42,12 @@ $(EXTSQL): $(sort $(wildcard sql/install/*.sql)) billing.control
 	   printf '%s\n' '\echo Use "CREATE EXTENSION $(EXTENSION)" to load this file. \quit'; \
 	   for f in $(sort $(wildcard sql/install/*.sql)); do echo; echo "-- ---- $$f ----"; cat $$f; done; } > $@
 
-.PHONY: test demo bench bench-citus
+.PHONY: test demo bench bench-citus check-valgrind
 test:
 	bash test/run_tests.sh
+
+check-valgrind:
+	bash test/valgrind/run.sh
 
 demo:
 	bash test/demo.sh

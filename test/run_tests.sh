@@ -61,6 +61,22 @@ bad=$(grep -Ec '^ *not ok [0-9]+' "$out/tap.log")
 if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
 passed=$((passed + ok)); failed=$((failed + bad))
 
+# 4. pg_dump round trip: one pass or fail.  5. faults (kills and restarts the
+# cluster, so it runs last): one per check.
+echo "== pg_dump round trip"
+bash test/dump/run.sh >"$out/dump.log" 2>&1
+rc=$?
+cat "$out/dump.log"
+if [ $rc -eq 0 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+echo "== fault tests"
+CLUSTER_DIR="$CLUSTER_DIR" bash test/fault/run.sh >"$out/fault.log" 2>&1
+rc=$?
+cat "$out/fault.log"
+ok=$(grep -Ec '^ok [0-9]+' "$out/fault.log")
+bad=$(grep -Ec '^not ok [0-9]+' "$out/fault.log")
+if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
+passed=$((passed + ok)); failed=$((failed + bad))
+
 rm -rf "$out"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

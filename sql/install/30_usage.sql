@@ -358,6 +358,9 @@ DECLARE
 BEGIN
     -- one compaction at a time; concurrent ingest goes on (it only appends)
     PERFORM pg_advisory_xact_lock(1651074162, 1);
+    IF to_regclass('pg_temp.billing_compact_cells') IS NOT NULL THEN  -- never a caller's table
+        DROP TABLE pg_temp.billing_compact_cells;                     -- (SECURITY DEFINER)
+    END IF;
     CREATE TEMP TABLE IF NOT EXISTS billing_compact_cells (
         account_id bigint, meter text COLLATE "C", dimension text COLLATE "C",
         bucket_start timestamptz, quantity numeric, events bigint,

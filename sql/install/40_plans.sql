@@ -44,7 +44,7 @@ CREATE TABLE billing.subscriptions (
     plan        text COLLATE "C" NOT NULL REFERENCES billing.plans ON UPDATE CASCADE,
     starts_at   timestamptz NOT NULL CHECK (pg_catalog.isfinite(starts_at)),
     ends_at     timestamptz NULL,
-    spend_cap   numeric NULL CHECK (spend_cap >= 0),
+    spend_cap   numeric NULL CHECK (spend_cap >= 0 AND spend_cap < 'Infinity'),
     PRIMARY KEY (account_id, starts_at),
     CHECK (ends_at > starts_at)
 );

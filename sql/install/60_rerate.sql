@@ -48,7 +48,7 @@ BEGIN
         RAISE EXCEPTION 'meter "%" has aggregation %', m.meter, m.aggregation
             USING ERRCODE = '22023', DETAIL = 'Only sum and count meters take corrections.';
     END IF;
-    IF delta = 'NaN' OR NOT isfinite(bucket_start)
+    IF delta IN ('NaN', 'Infinity', '-Infinity') OR NOT isfinite(bucket_start)
        OR date_bin(m.bucket_width, bucket_start, timestamptz '1970-01-01 00:00:00+00') <> bucket_start THEN
         RAISE EXCEPTION 'invalid usage correction'
             USING ERRCODE = '22023',
@@ -167,6 +167,8 @@ CREATE FUNCTION billing._rerate(from_ts timestamptz, to_ts timestamptz, p_accoun
                    r_correct_quantity numeric, r_correct_amount numeric, r_delta numeric)
     LANGUAGE plpgsql
     SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    n_written bigint;
 BEGIN
     IF from_ts IS NULL OR to_ts IS NULL OR dry_run IS NULL THEN
         RAISE EXCEPTION 'rerate: from_ts, to_ts and dry_run must not be null' USING ERRCODE = '22004';
@@ -202,6 +204,8 @@ BEGIN
            d.correct_quantity, d.correct_amount, d.delta
       FROM d
      ORDER BY 1, 2, 3;
+    GET DIAGNOSTICS n_written = ROW_COUNT;
+    PERFORM billing._audit_rerate(from_ts, to_ts, p_account, coalesce(p_reason, 're-rate'), n_written);
 END
 $$;
 COMMENT ON FUNCTION billing._rerate(timestamptz, timestamptz, bigint, boolean, text) IS

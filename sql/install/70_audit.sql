@@ -1,0 +1,478 @@
+/*
+ * The audit log (SPEC section 7) and the immutability of what it records
+ * (SPEC section 5).
+ *
+ * One hash chain per account (account_id of the account concerned) and one
+ * for catalog changes (account_id 0), so the log shards with the accounts.
+ * A chain's head (last seq and hash) lives in billing.audit_heads; an
+ * append locks that one row (SELECT ... FOR UPDATE) until the transaction
+ * ends, so appends to one chain are serialized, seq stays gap-free, and
+ * writers of different chains never wait for each other.
+ *
+ * What writes a row (action, chain, object):
+ *   meters, plans, charges, metered_tables   insert/update/delete, chain 0
+ *   accounts, subscriptions                   insert/update/delete, the account
+ *   TRUNCATE of any of those tables           truncate, chain 0
+ *   invoices (finalize_invoices)              finalize, the account
+ *   adjustments (rerate)                      adjust, the account
+ *   usage_corrections (correct_usage)         correct, the account
+ *   a rerate run (not a dry run)              rerate, chain 0
+ * The hash and its canonical encoding are in src/audit.c.
+ */
+
+CREATE TABLE billing.audit_log (
+    account_id  bigint NOT NULL CHECK (account_id >= 0),
+    seq         bigint NOT NULL CHECK (seq >= 1),
+    at          timestamptz NOT NULL CHECK (pg_catalog.isfinite(at)),
+    actor       text NOT NULL,
+    action      text NOT NULL,
+    object      text NOT NULL,
+    details     jsonb NOT NULL,
+    prev_hash   bytea,
+    hash        bytea NOT NULL,
+    PRIMARY KEY (account_id, seq)
+);
+COMMENT ON TABLE billing.audit_log IS
+    'Append-only audit trail: one SHA-256 hash chain per account (account_id 0: catalog changes); hash = sha256(prev_hash || canonical row)';
+
+CREATE TABLE billing.audit_heads (
+    account_id  bigint PRIMARY KEY CHECK (account_id >= 0),
+    seq         bigint NOT NULL CHECK (seq >= 0),
+    hash        bytea
+);
+COMMENT ON TABLE billing.audit_heads IS
+    'Last seq and hash of each audit chain; an append locks its chain''s row. Copy it elsewhere to anchor the chains';
+
+SELECT pg_catalog.pg_extension_config_dump('billing.audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.audit_heads', '');
+
+-- the C half ---------------------------------------------------------------------------
+
+CREATE FUNCTION billing._audit_encode(account_id bigint, seq bigint, at timestamptz,
+                                      actor text, action text, object text, details jsonb)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'billing_audit_encode'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing._audit_encode(bigint, bigint, timestamptz, text, text, text, jsonb) IS
+    'Internal: canonical encoding (version 1) of an audit row, the input of its hash (doc/guarantees.md)';
+
+CREATE FUNCTION billing._audit_hash(prev_hash bytea, account_id bigint, seq bigint,
+                                    at timestamptz, actor text, action text, object text,
+                                    details jsonb)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'billing_audit_hash'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing._audit_hash(bytea, bigint, bigint, timestamptz, text, text, text, jsonb) IS
+    'Internal: sha256(prev_hash || canonical encoding of the row); a NULL prev_hash counts as no bytes';
+
+CREATE FUNCTION billing._audit_actor() RETURNS text
+    AS 'MODULE_PATHNAME', 'billing_audit_actor'
+    LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing._audit_actor() IS
+    'Internal: the role the client acts as (session user or SET ROLE), unchanged by SECURITY DEFINER functions';
+
+CREATE FUNCTION billing._audit_suspended() RETURNS boolean
+    AS 'MODULE_PATHNAME', 'billing_audit_suspended'
+    LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION billing._audit_suspended() IS
+    'Internal: true in a superuser session with check_function_bodies off (a pg_dump restore reloading audited tables)';
+
+-- appending -----------------------------------------------------------------------------
+
+/*
+ * _audit_append: add a row to the chain of p_chain.  Locks the chain's
+ * head row to the end of the transaction.  Under REPEATABLE READ or
+ * SERIALIZABLE a concurrent append to the same chain makes this raise
+ * 40001 (retry the transaction).
+ */
+CREATE FUNCTION billing._audit_append(p_chain bigint, p_action text, p_object text,
+                                      p_details jsonb)
+    RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    v_seq   bigint;
+    v_prev  bytea;
+    v_at    timestamptz;
+    v_actor text := billing._audit_actor();
+    v_hash  bytea;
+BEGIN
+    SELECT h.seq, h.hash INTO v_seq, v_prev
+      FROM billing.audit_heads h WHERE h.account_id = p_chain FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO billing.audit_heads (account_id, seq, hash) VALUES (p_chain, 0, NULL)
+            ON CONFLICT (account_id) DO NOTHING;
+        SELECT h.seq, h.hash INTO v_seq, v_prev
+          FROM billing.audit_heads h WHERE h.account_id = p_chain FOR UPDATE;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'audit chain % was created by a concurrent transaction', p_chain
+                USING ERRCODE = '40001', HINT = 'Retry the transaction.';
+        END IF;
+    END IF;
+    -- taken under the lock: at never goes back within a chain
+    v_at := clock_timestamp();
+    v_seq := v_seq + 1;
+    v_hash := billing._audit_hash(v_prev, p_chain, v_seq, v_at, v_actor, p_action, p_object,
+                                  p_details);
+    INSERT INTO billing.audit_log (account_id, seq, at, actor, action, object, details,
+                                   prev_hash, hash)
+    VALUES (p_chain, v_seq, v_at, v_actor, p_action, p_object, p_details, v_prev, v_hash);
+    UPDATE billing.audit_heads SET seq = v_seq, hash = v_hash WHERE account_id = p_chain;
+    RETURN v_seq;
+END
+$$;
+COMMENT ON FUNCTION billing._audit_append(bigint, text, text, jsonb) IS
+    'Internal: appends a row to one audit chain (serialized per chain by its head row); returns its seq';
+
+-- triggers ------------------------------------------------------------------------------
+
+/*
+ * _audit_change: AFTER ROW trigger of the audited reference tables, and
+ * BEFORE/AFTER TRUNCATE statement trigger.  Arguments: the object kind
+ * ('meter', 'account', ...), the chain ('catalog': 0, 'account': the row's
+ * account_id), then the key columns naming the object.  Details: the row
+ * images ({"new": ...}, {"old": ..., "new": ...}, {"old": ...}), rendered
+ * in UTC.  An UPDATE that changes nothing writes nothing.
+ */
+CREATE FUNCTION billing._audit_change() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+DECLARE
+    o jsonb;
+    n jsonb;
+    r jsonb;
+    k text;
+    key text := '';
+    chains bigint[];
+    c bigint;
+BEGIN
+    IF billing._audit_suspended() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'TRUNCATE' THEN
+        PERFORM billing._audit_append(0, 'truncate', format('table:%s', TG_TABLE_NAME),
+                                      jsonb_build_object('table', format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)));
+        RETURN NULL;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        o := to_jsonb(OLD);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        n := to_jsonb(NEW);
+    END IF;
+    IF TG_OP = 'UPDATE' AND o = n THEN
+        RETURN NULL;
+    END IF;
+    r := coalesce(n, o);
+    FOR i IN 2 .. TG_NARGS - 1 LOOP
+        k := r ->> TG_ARGV[i];
+        key := key || CASE WHEN i > 2 THEN '/' ELSE '' END || coalesce(k, '');
+    END LOOP;
+    IF TG_ARGV[1] = 'catalog' THEN
+        chains := ARRAY[0::bigint];
+    ELSE
+        chains := ARRAY(SELECT DISTINCT x FROM unnest(ARRAY[(o ->> 'account_id')::bigint,
+                                                           (n ->> 'account_id')::bigint]) x
+                         WHERE x IS NOT NULL ORDER BY x);
+    END IF;
+    FOREACH c IN ARRAY chains LOOP
+        PERFORM billing._audit_append(c, lower(TG_OP), format('%s:%s', TG_ARGV[0], key),
+                                      CASE TG_OP WHEN 'INSERT' THEN jsonb_build_object('new', n)
+                                                 WHEN 'DELETE' THEN jsonb_build_object('old', o)
+                                                 ELSE jsonb_build_object('old', o, 'new', n) END);
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._audit_change() IS
+    'Internal: audit trigger of meters, accounts, plans, charges, subscriptions and metered_tables';
+
+CREATE TRIGGER meters_audit AFTER INSERT OR UPDATE OR DELETE ON billing.meters
+    FOR EACH ROW EXECUTE FUNCTION billing._audit_change('meter', 'catalog', 'meter');
+CREATE TRIGGER plans_audit AFTER INSERT OR UPDATE OR DELETE ON billing.plans
+    FOR EACH ROW EXECUTE FUNCTION billing._audit_change('plan', 'catalog', 'plan');
+CREATE TRIGGER charges_audit AFTER INSERT OR UPDATE OR DELETE ON billing.charges
+    FOR EACH ROW EXECUTE FUNCTION billing._audit_change('charge', 'catalog', 'charge_id');
+CREATE TRIGGER metered_tables_audit AFTER INSERT OR UPDATE OR DELETE ON billing.metered_tables
+    FOR EACH ROW EXECUTE FUNCTION billing._audit_change('metered_table', 'catalog', 'tbl');
+CREATE TRIGGER accounts_audit AFTER INSERT OR UPDATE OR DELETE ON billing.accounts
+    FOR EACH ROW EXECUTE FUNCTION billing._audit_change('account', 'account', 'account_id');
+CREATE TRIGGER subscriptions_audit AFTER INSERT OR UPDATE OR DELETE ON billing.subscriptions
+    FOR EACH ROW EXECUTE FUNCTION billing._audit_change('subscription', 'account', 'account_id', 'starts_at');
+
+CREATE TRIGGER meters_audit_truncate AFTER TRUNCATE ON billing.meters
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_change('meter', 'catalog');
+CREATE TRIGGER plans_audit_truncate AFTER TRUNCATE ON billing.plans
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_change('plan', 'catalog');
+CREATE TRIGGER charges_audit_truncate AFTER TRUNCATE ON billing.charges
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_change('charge', 'catalog');
+CREATE TRIGGER metered_tables_audit_truncate AFTER TRUNCATE ON billing.metered_tables
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_change('metered_table', 'catalog');
+CREATE TRIGGER accounts_audit_truncate AFTER TRUNCATE ON billing.accounts
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_change('account', 'catalog');
+CREATE TRIGGER subscriptions_audit_truncate AFTER TRUNCATE ON billing.subscriptions
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_change('subscription', 'catalog');
+
+/*
+ * _audit_invoice: AFTER INSERT ROW trigger of invoices.  The row carries
+ * the invoice and its lines as written by the same statement (finalize
+ * writes both in one statement), so verify_audit_log can tell when either
+ * changed later.
+ */
+CREATE FUNCTION billing._audit_invoice() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+BEGIN
+    IF billing._audit_suspended() THEN
+        RETURN NULL;
+    END IF;
+    PERFORM billing._audit_append(
+        NEW.account_id, 'finalize', format('invoice:%s', NEW.invoice_id),
+        jsonb_build_object(
+            'invoice', to_jsonb(NEW),
+            'lines', (SELECT coalesce(jsonb_agg(to_jsonb(l) ORDER BY l.line_no), '[]'::jsonb)
+                        FROM billing.invoice_lines l
+                       WHERE l.account_id = NEW.account_id AND l.invoice_id = NEW.invoice_id)));
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._audit_invoice() IS
+    'Internal: writes the audit row of a finalized invoice, with its lines';
+CREATE TRIGGER invoices_audit AFTER INSERT ON billing.invoices
+    FOR EACH ROW EXECUTE FUNCTION billing._audit_invoice();
+
+/*
+ * _audit_insert: AFTER INSERT ROW trigger of adjustments and
+ * usage_corrections.  Arguments: action, object kind, key column.
+ */
+CREATE FUNCTION billing._audit_insert() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+DECLARE
+    n jsonb := to_jsonb(NEW);
+BEGIN
+    IF billing._audit_suspended() THEN
+        RETURN NULL;
+    END IF;
+    PERFORM billing._audit_append((n ->> 'account_id')::bigint, TG_ARGV[0],
+                                  format('%s:%s', TG_ARGV[1], n ->> TG_ARGV[2]), n);
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._audit_insert() IS
+    'Internal: writes the audit row of an adjustment or a usage correction';
+CREATE TRIGGER adjustments_audit AFTER INSERT ON billing.adjustments
+    FOR EACH ROW EXECUTE FUNCTION billing._audit_insert('adjust', 'adjustment', 'adjustment_id');
+CREATE TRIGGER usage_corrections_audit AFTER INSERT ON billing.usage_corrections
+    FOR EACH ROW EXECUTE FUNCTION billing._audit_insert('correct', 'usage_correction', 'correction_id');
+
+/*
+ * _audit_rerate: the row of one rerate run (called by billing._rerate after
+ * it wrote its adjustments; dry runs change nothing and write nothing).
+ * In the catalog chain: a run may span every account.  Each adjustment
+ * also has its own row in its account's chain.
+ */
+CREATE FUNCTION billing._audit_rerate(from_ts timestamptz, to_ts timestamptz, p_account bigint,
+                                      p_reason text, p_adjustments bigint)
+    RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+BEGIN
+    IF billing._audit_suspended() THEN
+        RETURN;
+    END IF;
+    PERFORM billing._audit_append(0, 'rerate', 'rerate',
+        jsonb_build_object('from_ts', from_ts, 'to_ts', to_ts, 'account_id', p_account,
+                           'reason', p_reason, 'adjustments', p_adjustments));
+END
+$$;
+COMMENT ON FUNCTION billing._audit_rerate(timestamptz, timestamptz, bigint, text, bigint) IS
+    'Internal: writes the audit row of a rerate run (range, account filter, reason, adjustments written)';
+
+-- the actor of adjustments and corrections: the client's role, also inside SECURITY DEFINER
+ALTER TABLE billing.adjustments ALTER COLUMN actor SET DEFAULT billing._audit_actor();
+ALTER TABLE billing.usage_corrections ALTER COLUMN actor SET DEFAULT billing._audit_actor();
+
+-- immutability ----------------------------------------------------------------------------
+
+CREATE FUNCTION billing._append_only() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
+        USING ERRCODE = '55000',
+              DETAIL = format('%s is append-only.', TG_TABLE_NAME);
+END
+$$;
+COMMENT ON FUNCTION billing._append_only() IS
+    'Internal: refuses UPDATE, DELETE and TRUNCATE of append-only tables (audit_log, usage_corrections)';
+
+CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON billing.audit_log
+    FOR EACH ROW EXECUTE FUNCTION billing._append_only();
+CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON billing.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._append_only();
+CREATE TRIGGER usage_corrections_append_only BEFORE UPDATE OR DELETE ON billing.usage_corrections
+    FOR EACH ROW EXECUTE FUNCTION billing._append_only();
+CREATE TRIGGER usage_corrections_no_truncate BEFORE TRUNCATE ON billing.usage_corrections
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._append_only();
+
+-- a chain head only moves forward, one row at a time, and is never removed
+CREATE FUNCTION billing._audit_heads_guard() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND NEW.account_id = OLD.account_id AND NEW.seq = OLD.seq + 1 THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION '% of audit_heads is not allowed', lower(TG_OP)
+        USING ERRCODE = '55000',
+              DETAIL = 'An audit chain head only advances by one row per append.';
+END
+$$;
+COMMENT ON FUNCTION billing._audit_heads_guard() IS
+    'Internal: an audit chain head only advances by one per append and is never deleted';
+CREATE TRIGGER audit_heads_guard BEFORE UPDATE OR DELETE ON billing.audit_heads
+    FOR EACH ROW EXECUTE FUNCTION billing._audit_heads_guard();
+CREATE TRIGGER audit_heads_no_truncate BEFORE TRUNCATE ON billing.audit_heads
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._append_only();
+
+-- an adjustment is written once; finalization only records the invoice that carried it
+CREATE FUNCTION billing._adjustments_guard() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND OLD.billed_invoice_id IS NULL AND NEW.billed_invoice_id IS NOT NULL
+       AND (to_jsonb(NEW) - 'billed_invoice_id') = (to_jsonb(OLD) - 'billed_invoice_id') THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION '% of adjustments is not allowed', lower(TG_OP)
+        USING ERRCODE = '55000',
+              DETAIL = 'An adjustment never changes, except to record once the invoice that carried it.',
+              HINT = 'Correct an adjustment with a later rerate, which writes a new one.';
+END
+$$;
+COMMENT ON FUNCTION billing._adjustments_guard() IS
+    'Internal: adjustments are immutable but for billed_invoice_id, set once by finalization';
+CREATE TRIGGER adjustments_guard BEFORE UPDATE OR DELETE ON billing.adjustments
+    FOR EACH ROW EXECUTE FUNCTION billing._adjustments_guard();
+CREATE TRIGGER adjustments_no_truncate BEFORE TRUNCATE ON billing.adjustments
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._append_only();
+
+-- verification ----------------------------------------------------------------------------
+
+/*
+ * verify_audit_log: every row of every chain, checked on its own, so one
+ * problem is reported where it is and not at every later row:
+ *   - seq must follow the previous row's seq by one (1 for the first row):
+ *     rows were removed or inserted;
+ *   - prev_hash must be the previous row's hash: a row was removed, or the
+ *     previous row's hash was rewritten;
+ *   - hash must be sha256(prev_hash || canonical row): the row was altered;
+ *   - the last row must be the chain head of billing.audit_heads: rows
+ *     were removed at or appended past the end;
+ * and what the log records must still be so: each finalized invoice (and
+ * its lines), adjustment and usage correction must have its audit row and
+ * still match it (billed_invoice_id of adjustments excepted, set later).
+ * A rewrite of a whole chain from some row up to its head, head included,
+ * is only detected against a copy of audit_heads kept elsewhere.
+ */
+CREATE FUNCTION billing.verify_audit_log()
+    RETURNS TABLE (account_id bigint, seq bigint, problem text)
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+    WITH chain AS (
+        SELECT a.*, lag(a.seq) OVER w AS p_seq, lag(a.hash) OVER w AS p_hash,
+               lead(a.seq) OVER w IS NULL AS is_last
+          FROM billing.audit_log a
+        WINDOW w AS (PARTITION BY a.account_id ORDER BY a.seq)
+    ), row_problems AS (
+        SELECT c.account_id, c.seq,
+               CASE
+                   WHEN c.seq <> coalesce(c.p_seq, 0) + 1 THEN
+                       format('seq %s follows %s: rows were removed or inserted',
+                              c.seq, coalesce(c.p_seq::text, 'the start of the chain'))
+                   WHEN c.prev_hash IS DISTINCT FROM c.p_hash THEN
+                       'prev_hash is not the hash of the previous row'
+                   WHEN c.hash IS DISTINCT FROM
+                        billing._audit_hash(c.prev_hash, c.account_id, c.seq, c.at, c.actor,
+                                            c.action, c.object, c.details) THEN
+                       'hash does not match the row: the row was altered'
+               END AS problem
+          FROM chain c
+    ), head_problems AS (
+        SELECT coalesce(h.account_id, c.account_id) AS account_id,
+               coalesce(c.seq, h.seq) AS seq,
+               CASE
+                   WHEN h.account_id IS NULL THEN 'no chain head for this chain'
+                   WHEN c.account_id IS NULL AND h.seq > 0 THEN
+                       format('chain head is at seq %s but the chain has no rows', h.seq)
+                   WHEN c.seq <> h.seq THEN
+                       format('last row is seq %s but the chain head is at seq %s', c.seq, h.seq)
+                   WHEN c.hash IS DISTINCT FROM h.hash THEN
+                       'last row''s hash is not the chain head''s hash'
+               END AS problem
+          FROM (SELECT * FROM chain WHERE is_last) c
+               FULL JOIN billing.audit_heads h ON h.account_id = c.account_id
+    ), recorded AS (
+        SELECT a.account_id, a.seq, a.action, a.object, a.details
+          FROM billing.audit_log a
+         WHERE a.action IN ('finalize', 'adjust', 'correct')
+    ), invoice_problems AS (
+        SELECT i.account_id, r.seq,
+               CASE
+                   WHEN r.seq IS NULL THEN format('invoice %s has no audit row', i.invoice_id)
+                   WHEN NOT to_jsonb(i) @> (r.details -> 'invoice')
+                        OR jsonb_array_length(r.details -> 'lines') <> coalesce(l.n, 0)
+                        OR EXISTS (
+                            SELECT 1
+                              FROM jsonb_array_elements(r.details -> 'lines') rl(line)
+                                   LEFT JOIN billing.invoice_lines x
+                                          ON x.account_id = i.account_id
+                                         AND x.invoice_id = i.invoice_id
+                                         AND x.line_no = (rl.line ->> 'line_no')::int
+                             WHERE x.line_no IS NULL OR NOT to_jsonb(x) @> rl.line) THEN
+                       format('invoice %s differs from its audit row', i.invoice_id)
+               END AS problem
+          FROM billing.invoices i
+               LEFT JOIN recorded r
+                      ON r.account_id = i.account_id AND r.action = 'finalize'
+                     AND r.object = format('invoice:%s', i.invoice_id)
+               LEFT JOIN LATERAL (SELECT count(*) AS n FROM billing.invoice_lines x
+                                   WHERE x.account_id = i.account_id
+                                     AND x.invoice_id = i.invoice_id) l ON true
+    ), adjustment_problems AS (
+        SELECT j.account_id, r.seq,
+               CASE
+                   WHEN r.seq IS NULL THEN format('adjustment %s has no audit row', j.adjustment_id)
+                   WHEN NOT (to_jsonb(j) - 'billed_invoice_id') @> (r.details - 'billed_invoice_id') THEN
+                       format('adjustment %s differs from its audit row', j.adjustment_id)
+               END AS problem
+          FROM billing.adjustments j
+               LEFT JOIN recorded r
+                      ON r.account_id = j.account_id AND r.action = 'adjust'
+                     AND r.object = format('adjustment:%s', j.adjustment_id)
+    ), correction_problems AS (
+        SELECT u.account_id, r.seq,
+               CASE
+                   WHEN r.seq IS NULL THEN format('usage correction %s has no audit row', u.correction_id)
+                   WHEN NOT to_jsonb(u) @> r.details THEN
+                       format('usage correction %s differs from its audit row', u.correction_id)
+               END AS problem
+          FROM billing.usage_corrections u
+               LEFT JOIN recorded r
+                      ON r.account_id = u.account_id AND r.action = 'correct'
+                     AND r.object = format('usage_correction:%s', u.correction_id)
+    )
+    SELECT p.account_id, p.seq, p.problem
+      FROM (SELECT * FROM row_problems
+            UNION ALL SELECT * FROM head_problems
+            UNION ALL SELECT * FROM invoice_problems
+            UNION ALL SELECT * FROM adjustment_problems
+            UNION ALL SELECT * FROM correction_problems) p
+     WHERE p.problem IS NOT NULL
+     ORDER BY 1, 2, 3
+$$;
+COMMENT ON FUNCTION billing.verify_audit_log() IS
+    'Checks every audit chain (seq, prev_hash, hash, head) and that finalized invoices, adjustments and usage corrections still match their audit rows; returns nothing when all is intact';
