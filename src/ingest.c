@@ -64,6 +64,7 @@
 
 PG_FUNCTION_INFO_V1(billing_record);
 PG_FUNCTION_INFO_V1(billing_meter_row);
+PG_FUNCTION_INFO_V1(billing_meter_after_row);
 PG_FUNCTION_INFO_V1(billing_meter_flush);
 PG_FUNCTION_INFO_V1(billing_ingest);
 PG_FUNCTION_INFO_V1(billing_report_cumulative);
@@ -136,6 +137,7 @@ typedef struct BucketAcc
 	Qty			value;
 	int64		events;
 	TimestampTz last_ts;		/* last meters: timestamp of value */
+	int64		last_ord;		/* last meters: arrival order of value */
 } BucketAcc;
 
 static inline uint32
@@ -166,7 +168,7 @@ typedef struct PendingRow
 	BucketKey	key;
 	Qty			value;
 	TimestampTz ts;
-	int			seq;			/* arrival order within the batch */
+	int64		ord;			/* arrival order within the accumulator */
 	char	   *event_id;
 	int			event_len;
 } PendingRow;
@@ -221,6 +223,7 @@ typedef struct IngestState
 	int64		counted;		/* reports counted */
 	int64		duplicates;		/* reports dropped as duplicates */
 	Size		pending_bytes;	/* memory held by queued event ids */
+	int64		nreports;		/* reports seen: their arrival order */
 } IngestState;
 
 /* trigger accumulators of the current transaction, innermost first */
@@ -767,7 +770,8 @@ bucket_of(TimestampTz ts, int64 width)
  *		Add one report (already validated and claimed) to the counters.
  */
 static void
-accumulate(IngestState *st, const BucketKey *key, const Qty *v, TimestampTz ts)
+accumulate(IngestState *st, const BucketKey *key, const Qty *v, TimestampTz ts,
+		   int64 ord)
 {
 	BucketAcc  *acc;
 	bool		found;
@@ -778,6 +782,7 @@ accumulate(IngestState *st, const BucketKey *key, const Qty *v, TimestampTz ts)
 	{
 		acc->events = 1;
 		acc->last_ts = ts;
+		acc->last_ord = ord;
 		acc->value.isdec = true;
 		acc->value.dec = 0;
 		acc->value.num = NULL;
@@ -812,11 +817,12 @@ accumulate(IngestState *st, const BucketKey *key, const Qty *v, TimestampTz ts)
 				qty_store(&acc->value, v, st->ctx);
 			break;
 		case AGG_LAST:
-			/* a later report with the same timestamp wins */
-			if (ts >= acc->last_ts)
+			/* on a tie of timestamps the later arrival wins */
+			if (ts > acc->last_ts || (ts == acc->last_ts && ord > acc->last_ord))
 			{
 				qty_store(&acc->value, v, st->ctx);
 				acc->last_ts = ts;
+				acc->last_ord = ord;
 			}
 			break;
 	}
@@ -860,6 +866,17 @@ claim_one(int64 account_id, const MeterSlot *slot, const char *id, int len)
 }
 
 /*
+ * How add_report treats an event id.
+ */
+typedef enum ReportMode
+{
+	MODE_QUEUE,					/* count later: claim with the batch at flush */
+	MODE_CLAIM_NOW,				/* claim now, count if claimed */
+	MODE_CLAIM_ONLY,			/* claim now, do not count (an AFTER trigger will) */
+	MODE_COUNT_ONLY				/* count, the id was claimed before */
+} ReportMode;
+
+/*
  * Outcome of one report.
  */
 typedef enum ReportResult
@@ -871,16 +888,19 @@ typedef enum ReportResult
 
 /*
  * add_report
- *		Validate one usage report and count it, or queue its event id for a
- *		batch claim (claim_now false), or claim it at once (claim_now true).
- *		Raises the SPEC section 3 errors for bad input.
+ *		Validate one usage report, then, by mode: count it or queue its event
+ *		id for the batch claim at flush (MODE_QUEUE), claim its id now and
+ *		count it if claimed (MODE_CLAIM_NOW), only claim (MODE_CLAIM_ONLY),
+ *		or only count (MODE_COUNT_ONLY).  Raises the SPEC section 3 errors
+ *		for bad input.
  */
 static ReportResult
 add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 		   Datum qty, Oid qtytype, TimestampTz ts,
 		   const char *event_id, int event_len,
-		   const char *dim, int dimlen, bool claim_now)
+		   const char *dim, int dimlen, ReportMode mode)
 {
+	int64		ord = ++st->nreports;
 	MeterSlot  *slot = state_slot(st, meter, meterlen);
 	BucketKey	key;
 	Qty			v;
@@ -920,9 +940,9 @@ add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 	key.dim = state_dim(st, dim, dimlen);
 	key.bucket_start = bucket_of(ts, slot->def.width);
 
-	if (event_id != NULL)
+	if (event_id != NULL && mode != MODE_COUNT_ONLY)
 	{
-		if (claim_now)
+		if (mode != MODE_QUEUE)
 		{
 			if (!claim_one(account_id, slot, event_id, event_len))
 			{
@@ -947,7 +967,7 @@ add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 			p->value.num = NULL;
 			qty_store(&p->value, &v, st->ctx);
 			p->ts = ts;
-			p->seq = st->npending - 1;
+			p->ord = ord;
 			p->event_id = palloc(event_len + 1);
 			memcpy(p->event_id, event_id, event_len);
 			p->event_id[event_len] = '\0';
@@ -957,7 +977,8 @@ add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 			return REPORT_PENDING;
 		}
 	}
-	accumulate(st, &key, &v, ts);
+	if (mode != MODE_CLAIM_ONLY)
+		accumulate(st, &key, &v, ts, ord);
 	return REPORT_COUNTED;
 }
 
@@ -1202,7 +1223,7 @@ pending_cmp(const void *a, const void *b)
 		return c;
 	if (x->event_len != y->event_len)
 		return x->event_len - y->event_len;
-	return x->seq - y->seq;
+	return x->ord < y->ord ? -1 : (x->ord > y->ord ? 1 : 0);
 }
 
 /* true when two queued reports carry the same (account, meter, event id) */
@@ -1511,7 +1532,7 @@ claim_pending(IngestState *st)
 		{
 			k++;
 			if (won[k])
-				accumulate(st, &p->key, &p->value, p->ts);
+				accumulate(st, &p->key, &p->value, p->ts, p->ord);
 			else
 				st->duplicates++;
 		}
@@ -2072,7 +2093,7 @@ billing_record(PG_FUNCTION_ARGS)
 				   event_id ? VARDATA_ANY(event_id) : NULL,
 				   event_id ? VARSIZE_ANY_EXHDR(event_id) : 0,
 				   dim ? VARDATA_ANY(dim) : "", dim ? VARSIZE_ANY_EXHDR(dim) : 0,
-				   true);
+				   MODE_CLAIM_NOW);
 	flush_state(st);
 	MemoryContextDelete(st->ctx);
 	PG_RETURN_BOOL(r == REPORT_COUNTED);
@@ -2156,19 +2177,14 @@ text_arg(Datum d, const char **s, int *len)
 }
 
 /*
- * billing_meter_row
- *		BEFORE INSERT FOR EACH ROW trigger of a metered table: counts the
- *		row; returns it when keep_rows is set and it is not a duplicate,
- *		NULL (drop) otherwise.
+ * meter_tuple
+ *		Read a metered row's columns and pass it to add_report in mode.
  */
-Datum
-billing_meter_row(PG_FUNCTION_ARGS)
+static ReportResult
+meter_tuple(IngestState *st, TableConf *c, TriggerData *td, ReportMode mode)
 {
-	TriggerData *td = (TriggerData *) fcinfo->context;
-	IngestState *st;
-	TableConf  *c;
-	HeapTuple	tup;
-	TupleDesc	desc;
+	HeapTuple	tup = td->tg_trigtuple;
+	TupleDesc	desc = RelationGetDescr(td->tg_relation);
 	Datum		account,
 				meter,
 				qty,
@@ -2183,19 +2199,7 @@ billing_meter_row(PG_FUNCTION_ARGS)
 	int			mlen,
 				elen = 0,
 				dlen = 0;
-	ReportResult r;
 	int64		account_id;
-
-	if (!CALLED_AS_TRIGGER(fcinfo))
-		elog(ERROR, "billing_meter_row: not called by trigger manager");
-	if (!TRIGGER_FIRED_BEFORE(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
-		!TRIGGER_FIRED_BY_INSERT(td->tg_event))
-		elog(ERROR, "billing_meter_row: must be fired BEFORE INSERT FOR EACH ROW");
-
-	st = current_trigger_state();
-	c = table_conf(st, td);
-	tup = td->tg_trigtuple;
-	desc = RelationGetDescr(td->tg_relation);
 
 	account = heap_getattr(tup, c->account_att, desc, &n1);
 	meter = heap_getattr(tup, c->meter_att, desc, &n2);
@@ -2238,13 +2242,63 @@ billing_meter_row(PG_FUNCTION_ARGS)
 			text_arg(d, &dstr, &dlen);
 	}
 
-	r = add_report(st, account_id, mstr, mlen, qty, c->qty_type,
-				   DatumGetTimestampTz(ts), estr, elen, dstr, dlen,
-				   c->keep_rows);
+	return add_report(st, account_id, mstr, mlen, qty, c->qty_type,
+					  DatumGetTimestampTz(ts), estr, elen, dstr, dlen, mode);
+}
+
+/*
+ * billing_meter_row
+ *		BEFORE INSERT FOR EACH ROW trigger of a metered table.  With
+ *		keep_rows false it counts the row and drops it (returns NULL).  With
+ *		keep_rows true it only claims the row's event id: a duplicate is
+ *		dropped, any other row is stored and counted by the AFTER ROW
+ *		trigger, so that a row skipped later (INSERT ... ON CONFLICT DO
+ *		NOTHING, another BEFORE trigger) is not counted.
+ */
+Datum
+billing_meter_row(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	IngestState *st;
+	TableConf  *c;
+	ReportResult r;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "billing_meter_row: not called by trigger manager");
+	if (!TRIGGER_FIRED_BEFORE(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
+		!TRIGGER_FIRED_BY_INSERT(td->tg_event))
+		elog(ERROR, "billing_meter_row: must be fired BEFORE INSERT FOR EACH ROW");
+
+	st = current_trigger_state();
+	c = table_conf(st, td);
+	r = meter_tuple(st, c, td, c->keep_rows ? MODE_CLAIM_ONLY : MODE_QUEUE);
 	maybe_flush(st);
 
 	if (c->keep_rows && r == REPORT_COUNTED)
-		return PointerGetDatum(tup);
+		return PointerGetDatum(td->tg_trigtuple);
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * billing_meter_after_row
+ *		AFTER INSERT FOR EACH ROW trigger of a metered table with keep_rows:
+ *		counts each row actually stored (its event id was claimed before).
+ */
+Datum
+billing_meter_after_row(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	IngestState *st;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "billing_meter_after_row: not called by trigger manager");
+	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
+		!TRIGGER_FIRED_BY_INSERT(td->tg_event))
+		elog(ERROR, "billing_meter_after_row: must be fired AFTER INSERT FOR EACH ROW");
+
+	st = current_trigger_state();
+	(void) meter_tuple(st, table_conf(st, td), td, MODE_COUNT_ONLY);
+	maybe_flush(st);
 	return PointerGetDatum(NULL);
 }
 
@@ -2436,7 +2490,7 @@ billing_ingest(PG_FUNCTION_ARGS)
 		if (dims && !dn[i])
 			text_arg(dims[i], &d, &dl);
 		add_report(st, DatumGetInt64(accts[i]), m, ml, qtys[i], NUMERICOID,
-				   DatumGetTimestampTz(tss[i]), e, el, d, dl, false);
+				   DatumGetTimestampTz(tss[i]), e, el, d, dl, MODE_QUEUE);
 		maybe_flush(st);
 	}
 	flush_state(st);
@@ -2503,7 +2557,7 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 	/* validates total, timestamp and account like any report */
 	(void) add_report(st, account_id, slot->name, strlen(slot->name),
 					  NumericGetDatum(total), NUMERICOID, ts, NULL, 0,
-					  dstr, dlen, true);
+					  dstr, dlen, MODE_CLAIM_NOW);
 	check_accounts(&account_id, 1);
 	bucket = bucket_of(ts, slot->def.width);
 
@@ -2587,7 +2641,7 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 			inc.isdec = true;
 			inc.dec = 0;
 		}
-		accumulate(st, &key, &inc, ts);
+		accumulate(st, &key, &inc, ts, 0);
 		/* a source counts as one event, the first time it reports */
 		acc = cells_lookup(st->buckets, key);
 		acc->events = new_source ? 1 : 0;

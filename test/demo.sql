@@ -1,76 +1,114 @@
--- The billing demo: an hour of usage for a Sentry-like product.
+-- The billing demo: a month of Sentry-like usage, priced, invoiced and re-rated.
 \pset footer off
 \set QUIET on
+SET timezone = 'UTC';
 CREATE EXTENSION billing;
+SET search_path = billing, public;
+
+-- last month is the month we bill; this month is the one in progress
+SELECT date_trunc('month', now()) - interval '1 month' AS m0,
+       date_trunc('month', now()) AS m1 \gset
 
 \echo
-\echo '== 1. What we meter'
-INSERT INTO billing.meters (meter, aggregation, unit) VALUES
-    ('error',      'sum', 'events'),
-    ('span',       'sum', 'spans'),
-    ('replay',     'sum', 'replays'),
-    ('attachment', 'sum', 'bytes');
-INSERT INTO billing.accounts (account_id, currency, name) VALUES
-    (1, 'USD', 'Acme Corp'),
-    (2, 'USD', 'Globex'),
-    (3, 'EUR', 'Initech');
-SELECT meter, aggregation, bucket_width, late_window, dedupe_window, unit FROM billing.meters;
-
--- all usage is stamped in the last two hours
-SELECT date_trunc('hour', now()) - interval '2 hours' AS t0 \gset
+\echo '== 1. What we meter (late events accepted for 70 days)'
+INSERT INTO meters (meter, aggregation, unit, late_window) VALUES
+    ('error',      'sum', 'events',  '70 days'),
+    ('span',       'sum', 'spans',   '70 days'),
+    ('replay',     'sum', 'replays', '70 days'),
+    ('attachment', 'sum', 'bytes',   '70 days');
+SELECT meter, aggregation, bucket_width, late_window, dedupe_window, unit FROM meters;
 
 \echo
-\echo '== 2. Usage reported one event at a time (billing.record); a retried event counts once'
-SELECT billing.record(1, 'error', 1, :'t0'::timestamptz + interval '5 min', 'evt-1001') AS counted
-UNION ALL
-SELECT billing.record(1, 'error', 1, :'t0'::timestamptz + interval '5 min', 'evt-1001')
-UNION ALL
-SELECT billing.record(1, 'replay', 1, :'t0'::timestamptz + interval '7 min', 'rpl-7');
+\echo '== 2. The Team plan: reserved volume at a fixed fee, pay-as-you-go above it'
+INSERT INTO plans (plan, period, currency) VALUES ('team', '1 month', 'USD');
+INSERT INTO charges (plan, meter, price, description) VALUES
+    ('team', NULL,         'flat 26',                                   'Team plan, base'),
+    ('team', NULL,         'flat 24',                                   'Reserved: 100k errors, 10M spans, 500 replays'),
+    ('team', 'error',      'graduated 100000 @ 0 | inf @ 0.00029',      'Errors above 100k'),
+    ('team', 'span',       'graduated 10000000 @ 0 | inf @ 0.0000016',  'Spans above 10M'),
+    ('team', 'replay',     'graduated 500 @ 0 | inf @ 0.003',           'Replays above 500'),
+    ('team', 'attachment', 'unit 0.00000000025',                        'Attachments, $0.25 per GB');
+SELECT plan, coalesce(meter, '(fixed)') AS meter, price, description FROM charges ORDER BY charge_id;
+
+INSERT INTO accounts (account_id, currency, name) VALUES
+    (1, 'USD', 'Acme Corp'), (2, 'USD', 'Globex'), (3, 'USD', 'Initech');
+-- Globex has a $50 pay-as-you-go budget: usage beyond it is not billed
+INSERT INTO subscriptions (account_id, plan, starts_at, spend_cap) VALUES
+    (1, 'team', :'m0', NULL), (2, 'team', :'m0', 50), (3, 'team', :'m0', NULL);
 
 \echo
-\echo '== 3. An SDK outcome table, metered: every COPY counts usage (raw rows not kept)'
+\echo '== 3. A month of usage arrives: SDK outcomes COPYed into a metered table'
 CREATE TABLE outcomes (org_id bigint, category text, quantity bigint,
                        received timestamptz, event_id text);
-SELECT billing.meter_table('outcomes', 'org_id', 'category', 'quantity', 'received',
-                           event_id_column => 'event_id', keep_rows => false) \g /dev/null
+SELECT meter_table('outcomes', 'org_id', 'category', 'quantity', 'received',
+                   event_id_column => 'event_id', keep_rows => false) \g /dev/null
+-- one report per account, category and hour, from last month's start until now
 INSERT INTO outcomes
-SELECT 1 + (g % 3),
-       (ARRAY['error', 'span', 'span', 'span', 'attachment'])[1 + g % 5],
-       CASE WHEN g % 5 = 4 THEN 250000 + (g * 7919) % 750000 ELSE 1 END,
-       :'t0'::timestamptz + (g % 7200) * interval '1 second',
-       'sdk-' || g
-  FROM generate_series(1, 50000) AS g;
--- the SDK retries a chunk of the same events: nothing is counted twice
+SELECT a, c,
+       CASE c WHEN 'error'      THEN (40 + 60 * a) * (1 + h % 3)
+              WHEN 'span'       THEN 9000 * a * a + (h % 7) * 1000
+              WHEN 'replay'     THEN a * (h % 2)
+              ELSE                   (5 + 10 * a) * 1048576 END,
+       :'m0'::timestamptz + h * interval '1 hour' + interval '17 min',
+       format('%s-%s-%s', a, c, h)
+  FROM generate_series(1, 3) a,
+       unnest(ARRAY['error', 'span', 'replay', 'attachment']) c,
+       generate_series(0, (extract(epoch FROM now() - :'m0'::timestamptz) / 3600)::int - 1) h
+ WHERE :'m0'::timestamptz + h * interval '1 hour' + interval '17 min' < now();
+-- the SDK retries the last day's reports: nothing is counted twice
 INSERT INTO outcomes
-SELECT 1 + (g % 3),
-       (ARRAY['error', 'span', 'span', 'span', 'attachment'])[1 + g % 5],
-       CASE WHEN g % 5 = 4 THEN 250000 + (g * 7919) % 750000 ELSE 1 END,
-       :'t0'::timestamptz + (g % 7200) * interval '1 second',
-       'sdk-' || g
-  FROM generate_series(40001, 50000) AS g;
-SELECT count(*) AS raw_rows_kept FROM outcomes;
+SELECT a, 'error', (40 + 60 * a) * (1 + h % 3),
+       :'m0'::timestamptz + h * interval '1 hour' + interval '17 min',
+       format('%s-%s-%s', a, 'error', h)
+  FROM generate_series(1, 3) a,
+       generate_series((extract(epoch FROM :'m1'::timestamptz - :'m0'::timestamptz) / 3600)::int - 24,
+                       (extract(epoch FROM :'m1'::timestamptz - :'m0'::timestamptz) / 3600)::int - 1) h;
+-- single events go through billing.record; a retried event counts once
+SELECT record(3, 'replay', 1, :'m0'::timestamptz + interval '3 days', 'replay-9f2') AS counted
+UNION ALL
+SELECT record(3, 'replay', 1, :'m0'::timestamptz + interval '3 days', 'replay-9f2');
+SELECT compact_usage() > 0 AS compacted;
 
 \echo
-\echo '== 4. A batch from a queue consumer (billing.ingest), applied exactly once per offset'
-SELECT * FROM billing.ingest('relay', 0, 41,
-    ARRAY[2, 2, 3], ARRAY['span', 'replay', 'error'], ARRAY[1200, 3, 17],
-    ARRAY[:'t0'::timestamptz + interval '61 min', :'t0'::timestamptz + interval '62 min',
-          :'t0'::timestamptz + interval '63 min']);
-\echo 'the consumer crashes before committing its own offset and redelivers the batch:'
-SELECT * FROM billing.ingest('relay', 0, 41,
-    ARRAY[2, 2, 3], ARRAY['span', 'replay', 'error'], ARRAY[1200, 3, 17],
-    ARRAY[:'t0'::timestamptz + interval '61 min', :'t0'::timestamptz + interval '62 min',
-          :'t0'::timestamptz + interval '63 min']);
+\echo '== 4. Last month''s usage per account (billing.usage rolled up by month)'
+SELECT a.name AS account, u.meter, u.quantity, u.events
+  FROM accounts a, usage(a.account_id, :'m0', :'m1', '1 month') u
+ ORDER BY a.account_id, u.meter;
 
 \echo
-\echo '== 5. Usage per account, rolled up by hour (billing.usage)'
-SELECT a.name AS account, u.meter, u.bucket_start, u.quantity, u.events
-  FROM billing.accounts a,
-       billing.usage(a.account_id, :'t0', :'t0'::timestamptz + interval '2 hours', '1 hour') u
- ORDER BY a.account_id, u.meter, u.bucket_start;
+\echo '== 5. The invoice of the month in progress, in real time (Acme, billing.invoice_preview)'
+SELECT line_no, kind, description, quantity, amount FROM invoice_preview(1);
 
 \echo
-\echo '== 6. The same usage, one minute bucket at a time (first five for Acme errors)'
-SELECT bucket_start, quantity, events
-  FROM billing.usage(1, :'t0', :'t0'::timestamptz + interval '2 hours', meter => 'error')
- LIMIT 5;
+\echo '== 6. Last month closes: finalize the invoices once the 1 hour grace period has passed'
+SELECT invoice_id, a.name AS account, period_start::date, period_end::date, total
+  FROM finalize_invoices() f JOIN accounts a USING (account_id)
+ ORDER BY invoice_id;
+\echo 'Globex, capped at its $50 pay-as-you-go budget:'
+SELECT line_no, kind, description, quantity, amount
+  FROM invoice_lines l JOIN invoices i USING (account_id, invoice_id)
+ WHERE i.account_id = 2 AND i.period_start = :'m0'
+ ORDER BY line_no;
+\echo 'a second run finalizes nothing new:'
+SELECT count(*) AS new_invoices FROM finalize_invoices();
+
+\echo
+\echo '== 7. The past changes: late errors for last month, and a retroactive span price cut'
+SELECT * FROM ingest('relay', 0, 7,
+    ARRAY[1, 1, 3], ARRAY['error', 'error', 'error'], ARRAY[25000, 15000, 90000],
+    ARRAY[:'m1'::timestamptz - interval '3 days', :'m1'::timestamptz - interval '2 days',
+          :'m1'::timestamptz - interval '1 day']);
+INSERT INTO charges (plan, meter, price, valid_from, description) VALUES
+    ('team', 'span', 'graduated 10000000 @ 0 | inf @ 0.0000012', :'m0', 'Spans above 10M (new price)');
+\echo 'billing.rerate recomputes the finalized invoices and records the differences:'
+SELECT a.name AS account, r.invoice_id, r.meter, r.billed_quantity, r.billed_amount,
+       r.correct_quantity, r.correct_amount, r.delta
+  FROM rerate(:'m0', :'m1', reason => 'late errors; span price cut') r
+       JOIN accounts a USING (account_id)
+ ORDER BY r.account_id, r.meter;
+\echo 'the finalized invoices did not change; the deltas wait for the next invoice:'
+SELECT line_no, kind, description, quantity, amount FROM invoice_preview(1);
+\echo 'and a second re-rate finds nothing left to correct:'
+SELECT count(*) AS deltas FROM rerate(:'m0', :'m1');
+\echo 'every finalized invoice still adds up and rates its lines:'
+SELECT count(*) AS problems FROM verify_invoices();

@@ -38,7 +38,7 @@ ISO=$("$PG_CONFIG" --pgxs | sed 's|src/makefiles/pgxs.mk|src/test/isolation/pg_i
 specs=$(ls test/isolation/specs/*.spec 2>/dev/null | xargs -r -n1 basename | sed 's/\.spec$//')
 if [ -n "$specs" ]; then
     echo "== isolation"
-    "$ISO" --inputdir=test/isolation --outputdir="$out/iso" --use-existing \
+    "$ISO" --inputdir=test/isolation --outputdir="$out/iso" \
         --dbname=billing_isolation --load-extension=billing $specs >"$out/iso.log" 2>&1
     rc=$?
     cat "$out/iso.log"

@@ -137,6 +137,23 @@ CREATE TRIGGER meters_guard
     BEFORE UPDATE OR DELETE ON billing.meters
     FOR EACH ROW EXECUTE FUNCTION billing._meters_guard();
 
+CREATE FUNCTION billing._meters_truncate_guard() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM billing.usage_cells) THEN
+        RAISE EXCEPTION 'meters have usage'
+            USING ERRCODE = '55000',
+                  DETAIL = 'billing.meters cannot be truncated once usage was counted.';
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._meters_truncate_guard() IS
+    'Internal: refuses TRUNCATE of billing.meters once usage was counted';
+CREATE TRIGGER meters_truncate_guard
+    BEFORE TRUNCATE ON billing.meters
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._meters_truncate_guard();
+
 -- record -----------------------------------------------------------------
 
 CREATE FUNCTION billing.record(account_id bigint, meter text, quantity numeric,
@@ -154,6 +171,10 @@ CREATE FUNCTION billing._meter_row() RETURNS trigger
     LANGUAGE C AS 'MODULE_PATHNAME', 'billing_meter_row';
 COMMENT ON FUNCTION billing._meter_row() IS
     'Internal: BEFORE INSERT row trigger of metered tables; counts the row';
+CREATE FUNCTION billing._meter_after_row() RETURNS trigger
+    LANGUAGE C AS 'MODULE_PATHNAME', 'billing_meter_after_row';
+COMMENT ON FUNCTION billing._meter_after_row() IS
+    'Internal: AFTER INSERT row trigger of metered tables that keep rows; counts each stored row';
 CREATE FUNCTION billing._meter_flush() RETURNS trigger
     LANGUAGE C AS 'MODULE_PATHNAME', 'billing_meter_flush';
 COMMENT ON FUNCTION billing._meter_flush() IS
@@ -177,9 +198,10 @@ BEGIN
         RAISE EXCEPTION 'meter_table: table, account, meter, quantity and ts columns and keep_rows must not be null'
             USING ERRCODE = '22004';
     END IF;
-    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = tbl) <> 'r' THEN
+    IF (SELECT c.relkind <> 'r' OR c.relispartition FROM pg_class c WHERE c.oid = tbl) THEN
         RAISE EXCEPTION '"%" is not an ordinary table', tbl
-            USING ERRCODE = '42809', HINT = 'Only ordinary (non-partitioned) tables can be metered.';
+            USING ERRCODE = '42809',
+                  HINT = 'Only ordinary tables can be metered, not partitioned tables or their partitions.';
     END IF;
     FOR col, kind, allowed IN
         SELECT * FROM (VALUES
@@ -200,7 +222,7 @@ BEGIN
         IF NOT typ = ANY (allowed) THEN
             RAISE EXCEPTION '% column "%" of table "%" has type %', kind, col, tbl, typ
                 USING ERRCODE = '42804',
-                      DETAIL = format('A %s column must be of type %s.', kind, array_to_string(allowed, ' or '));
+                      DETAIL = format('The %s column must be of type %s.', kind, array_to_string(allowed, ' or '));
         END IF;
     END LOOP;
     IF EXISTS (SELECT 1 FROM billing.metered_tables m WHERE m.tbl = meter_table.tbl) THEN
@@ -213,6 +235,12 @@ BEGIN
                    tbl, account_column, meter_column, quantity_column, ts_column,
                    coalesce(event_id_column, ''), coalesce(dimension_column, ''),
                    CASE WHEN keep_rows THEN 't' ELSE 'f' END);
+    IF keep_rows THEN
+        EXECUTE format('CREATE TRIGGER billing_meter_after_row AFTER INSERT ON %s FOR EACH ROW '
+                       'EXECUTE FUNCTION billing._meter_after_row(%L, %L, %L, %L, %L, %L, %L)',
+                       tbl, account_column, meter_column, quantity_column, ts_column,
+                       coalesce(event_id_column, ''), coalesce(dimension_column, ''), 't');
+    END IF;
     EXECUTE format('CREATE TRIGGER billing_meter_flush AFTER INSERT ON %s FOR EACH STATEMENT '
                    'EXECUTE FUNCTION billing._meter_flush()', tbl);
 END
@@ -221,7 +249,9 @@ COMMENT ON FUNCTION billing.meter_table(regclass, name, name, name, name, name, 
     'Makes every INSERT and COPY into an ordinary table count usage';
 
 CREATE FUNCTION billing.unmeter_table(tbl regclass) RETURNS void
-    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    SET client_min_messages = warning AS $$
 BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'unmeter_table: table must not be null' USING ERRCODE = '22004';
@@ -231,11 +261,27 @@ BEGIN
         RAISE EXCEPTION 'table "%" is not metered', tbl USING ERRCODE = '42704';
     END IF;
     EXECUTE format('DROP TRIGGER IF EXISTS billing_meter_row ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS billing_meter_after_row ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS billing_meter_flush ON %s', tbl);
 END
 $$;
 COMMENT ON FUNCTION billing.unmeter_table(regclass) IS
     'Stops counting usage from a table metered by billing.meter_table';
+
+-- a dropped metered table leaves no configuration behind
+CREATE FUNCTION billing._metered_table_dropped() RETURNS event_trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    DELETE FROM billing.metered_tables m
+     WHERE m.tbl::oid IN (SELECT d.objid FROM pg_event_trigger_dropped_objects() d
+                           WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0);
+END
+$$;
+COMMENT ON FUNCTION billing._metered_table_dropped() IS
+    'Internal: forgets metered tables when they are dropped';
+CREATE EVENT TRIGGER billing_metered_table_dropped ON sql_drop
+    WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
+    EXECUTE FUNCTION billing._metered_table_dropped();
 
 -- batches ------------------------------------------------------------------
 
@@ -304,7 +350,9 @@ COMMENT ON FUNCTION billing._combine(text, numeric, timestamptz, bigint, numeric
     'Internal: combines two values of a counter cell (sum/count add, max keeps the larger, last the later)';
 
 CREATE FUNCTION billing.compact_usage() RETURNS bigint
-    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    SET client_min_messages = warning AS $$
 DECLARE
     n bigint;
 BEGIN
@@ -409,10 +457,12 @@ CREATE FUNCTION billing._bin(grain interval, ts timestamptz) RETURNS timestamptz
     SELECT CASE
         WHEN date_part('month', grain) = 0 AND date_part('year', grain) = 0
             THEN date_bin(grain, ts, timestamptz '1970-01-01 00:00:00+00')
-        ELSE (make_timestamptz(1970, 1, 1, 0, 0, 0, 'UTC')
+        -- whole months: count months since 1970-01 in UTC, with timestamp
+        -- (not timestamptz) arithmetic so that TimeZone plays no part
+        ELSE timezone('UTC', make_timestamp(1970, 1, 1, 0, 0, 0)
               + make_interval(months =>
-                    ((extract(year from ts AT TIME ZONE 'UTC')::int - 1970) * 12
-                     + extract(month from ts AT TIME ZONE 'UTC')::int - 1)
+                    ((extract(year from timezone('UTC', ts))::int - 1970) * 12
+                     + extract(month from timezone('UTC', ts))::int - 1)
                     / (extract(year from grain)::int * 12 + extract(month from grain)::int)
                     * (extract(year from grain)::int * 12 + extract(month from grain)::int)))
         END
@@ -448,9 +498,9 @@ CREATE FUNCTION billing.usage(account_id bigint, from_ts timestamptz, to_ts time
     RETURNS TABLE (meter text, dimension text, bucket_start timestamptz,
                    quantity numeric, events bigint)
     LANGUAGE sql STABLE SET search_path = pg_catalog, billing, pg_temp AS $$
-    WITH args AS MATERIALIZED (
-        SELECT billing._usage_args_ok($1, $2, $3, $4) AS ok
-    ), cells AS (
+    -- the arguments are checked by a statement of its own: always, whatever the plan
+    SELECT billing._usage_args_ok($1, $2, $3, $4);
+    WITH cells AS (
         SELECT u.meter, u.dimension, u.bucket_start, u.quantity, u.events, u.last_ts, u.last_seq
           FROM billing.usage_cells u
          WHERE u.account_id = $1 AND u.bucket_start >= $2 AND u.bucket_start < $3
@@ -463,8 +513,7 @@ CREATE FUNCTION billing.usage(account_id bigint, from_ts timestamptz, to_ts time
                WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, c.last_seq DESC))[1]
                ELSE sum(c.quantity) END,
            sum(c.events)::bigint
-      FROM args, cells c JOIN billing.meters m ON m.meter = c.meter
-     WHERE args.ok
+      FROM cells c JOIN billing.meters m ON m.meter = c.meter
      GROUP BY c.meter, c.dimension, 3, m.aggregation
      ORDER BY c.meter, c.dimension, 3
 $$;

@@ -102,41 +102,72 @@ COMMENT ON FUNCTION billing._period_index(timestamptz, interval, timestamptz) IS
  * edges, and the deltas not yet compacted, so a month costs a few hundred
  * rows, not tens of thousands of minute buckets.
  */
+-- ts rounded down / up to a multiple of grain since 1970-01-01 UTC
+CREATE FUNCTION billing._floor(ts timestamptz, grain interval) RETURNS timestamptz
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT pg_catalog.date_bin(grain, ts, timestamptz '1970-01-01 00:00:00+00')
+$$;
+COMMENT ON FUNCTION billing._floor(timestamptz, interval) IS 'Internal: ts rounded down to the grain (UTC)';
+CREATE FUNCTION billing._ceil(ts timestamptz, grain interval) RETURNS timestamptz
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT CASE WHEN pg_catalog.date_bin(grain, ts, timestamptz '1970-01-01 00:00:00+00')
+                     OPERATOR(pg_catalog.=) ts
+                THEN ts
+                ELSE pg_catalog.date_bin(grain, ts, timestamptz '1970-01-01 00:00:00+00')
+                     OPERATOR(pg_catalog.+) grain END
+$$;
+COMMENT ON FUNCTION billing._ceil(timestamptz, interval) IS 'Internal: ts rounded up to the grain (UTC)';
+
 CREATE FUNCTION billing._usage_totals(p_account bigint, from_ts timestamptz, to_ts timestamptz)
     RETURNS TABLE (meter text, quantity numeric)
-    LANGUAGE sql STABLE PARALLEL SAFE
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
     SET search_path = pg_catalog, billing, pg_temp AS $$
-    WITH edges AS (
-        SELECT h0, h1, d0, d1
-          FROM (SELECT date_bin('1 hour', from_ts, e) AS fh, date_bin('1 hour', to_ts, e) AS h1,
-                       date_bin('1 day', from_ts, e) AS fd, date_bin('1 day', to_ts, e) AS d1
-                  FROM (SELECT timestamptz '1970-01-01 00:00:00+00' AS e) z) b,
-               LATERAL (SELECT CASE WHEN fh = from_ts THEN fh ELSE fh + interval '1 hour' END AS h0,
-                               CASE WHEN fd = from_ts THEN fd ELSE fd + interval '1 day' END AS d0) c
-    ), cells AS (
-        -- minutes before the first whole hour and after the last
-        SELECT u.meter, u.quantity, u.last_ts, u.last_seq
-          FROM billing.usage_buckets u, edges
-         WHERE u.account_id = p_account AND u.bucket_start >= from_ts AND u.bucket_start < to_ts
-           AND (u.bucket_start < h0 OR u.bucket_start >= h1 OR h0 >= h1)
-        UNION ALL
-        -- whole hours outside whole days
-        SELECT u.meter, u.quantity, u.last_ts, u.last_seq
-          FROM billing.usage_hourly u, edges
-         WHERE h0 < h1 AND u.account_id = p_account AND u.bucket_start >= h0 AND u.bucket_start < h1
-           AND (u.bucket_start < d0 OR u.bucket_start >= d1 OR d0 >= d1)
-        UNION ALL
-        -- whole days
-        SELECT u.meter, u.quantity, u.last_ts, u.last_seq
-          FROM billing.usage_daily u, edges
-         WHERE d0 < d1 AND u.account_id = p_account AND u.bucket_start >= d0 AND u.bucket_start < d1
+DECLARE
+    -- [from_ts, to_ts) = minutes [from_ts, h0) + hours [h0, d0) + days [d0, d1)
+    --                  + hours [d1, h1) + minutes [h1, to_ts), with h0/h1 the
+    -- first/last whole hour and d0/d1 the first/last whole UTC day inside
+    h0 timestamptz := billing._ceil(from_ts, '1 hour');
+    h1 timestamptz := billing._floor(to_ts, '1 hour');
+    d0 timestamptz := billing._ceil(from_ts, '1 day');
+    d1 timestamptz := billing._floor(to_ts, '1 day');
+    m_end timestamptz := LEAST(h0, to_ts);                 -- leading minutes end
+    m_start timestamptz := GREATEST(h1, h0, from_ts);      -- trailing minutes start
+    hh_end timestamptz := LEAST(d0, h1);                   -- leading hours end
+    ht_start timestamptz := GREATEST(d1, d0, h0);          -- trailing hours start
+BEGIN
+    -- one index range per meter and table: (account_id, meter, bucket_start)
+    RETURN QUERY
+    WITH cells AS (
+        SELECT m.meter, c.quantity, c.last_ts, c.last_seq
+          FROM billing.meters m
+               CROSS JOIN LATERAL (
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= from_ts AND u.bucket_start < m_end
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= m_start AND u.bucket_start < to_ts
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= h0 AND u.bucket_start < hh_end
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= ht_start AND u.bucket_start < h1
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_daily u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= d0 AND u.bucket_start < d1
+               ) c
         UNION ALL
         -- not yet compacted
-        SELECT d.meter, c.quantity, c.last_ts, d.seq
+        SELECT d.meter, x.quantity, x.last_ts, d.seq
           FROM billing.usage_deltas d,
                ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities), unnest(d.last_ts))
-                   AS c(bucket_start, quantity, last_ts)
-         WHERE d.account_id = p_account AND c.bucket_start >= from_ts AND c.bucket_start < to_ts
+                   AS x(bucket_start, quantity, last_ts)
+         WHERE d.account_id = p_account AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
     )
     SELECT c.meter::text,
            CASE m.aggregation
@@ -144,7 +175,8 @@ CREATE FUNCTION billing._usage_totals(p_account bigint, from_ts timestamptz, to_
                WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, c.last_seq DESC))[1]
                ELSE sum(c.quantity) END
       FROM cells c JOIN billing.meters m ON m.meter = c.meter
-     GROUP BY c.meter, m.aggregation
+     GROUP BY c.meter, m.aggregation;
+END
 $$;
 COMMENT ON FUNCTION billing._usage_totals(bigint, timestamptz, timestamptz) IS
     'Internal: quantity per meter of an account over a time range, from roll-ups where whole hours and days allow';
@@ -165,8 +197,9 @@ BEGIN
             USING ERRCODE = '22023',
                   HINT = 'Subscribe the account to a plan in its own currency.';
     END IF;
-    -- one subscription at a time per account
-    PERFORM pg_advisory_xact_lock(1651074162, hashint8(NEW.account_id));
+    -- changes to an account's subscriptions one at a time (a row lock: no
+    -- lock table entry, however many accounts one statement touches)
+    PERFORM 1 FROM billing.accounts a WHERE a.account_id = NEW.account_id FOR NO KEY UPDATE;
     IF EXISTS (SELECT 1 FROM billing.subscriptions s
                 WHERE s.account_id = NEW.account_id
                   AND (TG_OP = 'INSERT' OR s.starts_at <> OLD.starts_at)

@@ -121,8 +121,10 @@ CREATE FUNCTION billing._rate_period(p_account bigint, p_plan text, p_currency t
     RETURNS TABLE (ord integer, kind text, meter text, description text, quantity numeric,
                    amount numeric, unrounded_amount numeric, charge_id bigint,
                    price billing.price)
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    RETURN QUERY
     WITH versions AS (
         SELECT DISTINCT ON (c.meter, CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END)
                c.charge_id, c.meter, c.description, c.price
@@ -153,13 +155,16 @@ CREATE FUNCTION billing._rate_period(p_account bigint, p_plan text, p_currency t
          WHERE l.kind = 'usage' AND p_cap IS NOT NULL
         HAVING sum(l.amount) > billing.round_money(p_cap, p_currency)
     )
-    SELECT (row_number() OVER (ORDER BY grp, description, meter))::integer, kind, meter, description,
-           quantity, amount, unrounded_amount, charge_id, price
-      FROM (SELECT grp, kind, meter, description, quantity, amount, unrounded_amount, charge_id, price
-              FROM lines
+    SELECT (row_number() OVER (ORDER BY x.grp, x.description, x.meter))::integer, x.kind, x.meter,
+           x.description, x.quantity, x.amount, x.unrounded_amount, x.charge_id, x.price
+      FROM (SELECT l.grp, l.kind, l.meter, l.description, l.quantity, l.amount, l.unrounded_amount,
+                   l.charge_id, l.price
+              FROM lines l
             UNION ALL
-            SELECT grp, kind, meter, description, quantity, amount, unrounded_amount, charge_id, price
-              FROM capped) x
+            SELECT c.grp, c.kind, c.meter, c.description, c.quantity, c.amount, c.unrounded_amount,
+                   c.charge_id, c.price
+              FROM capped c) x;
+END
 $$;
 COMMENT ON FUNCTION billing._rate_period(bigint, text, text, numeric, timestamptz, timestamptz) IS
     'Internal: the rated lines of one billing period (fixed fees, usage, spend cap)';
@@ -168,16 +173,27 @@ COMMENT ON FUNCTION billing._rate_period(bigint, text, text, numeric, timestampt
 CREATE FUNCTION billing._period_at(p_account bigint, p_at timestamptz,
                                    OUT plan text, OUT currency text, OUT spend_cap numeric,
                                    OUT period_start timestamptz, OUT period_end timestamptz)
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
-    SELECT s.plan, p.currency, s.spend_cap,
-           billing._add_periods(s.starts_at, p.period, n),
-           LEAST(billing._add_periods(s.starts_at, p.period, n + 1), s.ends_at)
-      FROM billing.subscriptions s
-           JOIN billing.plans p ON p.plan = s.plan,
-           LATERAL billing._period_index(s.starts_at, p.period, p_at) AS n
-     WHERE s.account_id = p_account AND s.starts_at <= p_at
-       AND (s.ends_at IS NULL OR p_at < s.ends_at)
+DECLARE
+    s record;
+    n integer;
+BEGIN
+    SELECT sub.plan, sub.starts_at, sub.ends_at, sub.spend_cap, p.period, p.currency
+      INTO s
+      FROM billing.subscriptions sub JOIN billing.plans p ON p.plan = sub.plan
+     WHERE sub.account_id = p_account AND sub.starts_at <= p_at
+       AND (sub.ends_at IS NULL OR p_at < sub.ends_at);
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    n := billing._period_index(s.starts_at, s.period, p_at);
+    plan := s.plan;
+    currency := s.currency;
+    spend_cap := s.spend_cap;
+    period_start := billing._add_periods(s.starts_at, s.period, n);
+    period_end := LEAST(billing._add_periods(s.starts_at, s.period, n + 1), s.ends_at);
+END
 $$;
 COMMENT ON FUNCTION billing._period_at(bigint, timestamptz) IS
     'Internal: plan, currency, spend cap and period bounds of the subscription holding a moment';
@@ -189,8 +205,8 @@ CREATE FUNCTION billing._pending_adjustments(p_account bigint)
     LANGUAGE sql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
     SELECT a.adjustment_id, a.meter::text,
-           format('adjustment to invoice %s (%s): %s', a.invoice_id,
-                  coalesce(a.description, a.line_kind), a.reason),
+           format('%s (invoice %s): %s', coalesce(a.description, a.line_kind), a.invoice_id,
+                  a.reason),
            a.new_quantity - a.old_quantity, a.delta
       FROM billing.adjustments a
      WHERE a.account_id = p_account AND a.billed_invoice_id IS NULL
@@ -199,27 +215,44 @@ $$;
 COMMENT ON FUNCTION billing._pending_adjustments(bigint) IS
     'Internal: adjustments of an account not yet carried by an invoice';
 
+CREATE FUNCTION billing._invoice_preview(p_account bigint, p_at timestamptz)
+    RETURNS TABLE (r_line_no int, r_kind text, r_meter text, r_description text,
+                   r_period_start timestamptz, r_period_end timestamptz,
+                   r_quantity numeric, r_amount numeric)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    p record;
+BEGIN
+    SELECT * INTO p FROM billing._period_at(p_account, p_at);
+    IF p.plan IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH lines AS (
+        SELECT r.ord::bigint AS ord, r.kind, r.meter, r.description, r.quantity, r.amount
+          FROM billing._rate_period(p_account, p.plan, p.currency, p.spend_cap,
+                                    p.period_start, p.period_end) r
+        UNION ALL
+        SELECT 1000000 + row_number() OVER (ORDER BY a.adjustment_id), 'adjustment', a.meter,
+               a.description, a.quantity, a.amount
+          FROM billing._pending_adjustments(p_account) a
+    )
+    SELECT (row_number() OVER (ORDER BY l.ord))::integer, l.kind, l.meter, l.description,
+           p.period_start, p.period_end, l.quantity, l.amount
+      FROM lines l
+     ORDER BY l.ord;
+END
+$$;
+COMMENT ON FUNCTION billing._invoice_preview(bigint, timestamptz) IS 'Internal: the body of invoice_preview';
+
 CREATE FUNCTION billing.invoice_preview(account_id bigint, at timestamptz DEFAULT pg_catalog.now())
     RETURNS TABLE (line_no int, kind text, meter text, description text,
                    period_start timestamptz, period_end timestamptz,
                    quantity numeric, amount numeric)
     LANGUAGE sql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
-    WITH p AS (
-        SELECT * FROM billing._period_at($1, $2)
-    ), lines AS (
-        SELECT r.ord, r.kind, r.meter, r.description, r.quantity, r.amount
-          FROM p, billing._rate_period($1, p.plan, p.currency, p.spend_cap,
-                                       p.period_start, p.period_end) r
-        UNION ALL
-        SELECT 1000000 + row_number() OVER (ORDER BY a.adjustment_id), 'adjustment', a.meter,
-               a.description, a.quantity, a.amount
-          FROM p, billing._pending_adjustments($1) a
-    )
-    SELECT (row_number() OVER (ORDER BY l.ord))::integer, l.kind, l.meter, l.description,
-           p.period_start, p.period_end, l.quantity, l.amount
-      FROM lines l, p
-     ORDER BY l.ord
+    SELECT * FROM billing._invoice_preview($1, $2)
 $$;
 COMMENT ON FUNCTION billing.invoice_preview(bigint, timestamptz) IS
     'The bill of the period holding at, as it stands: every line rounded to the currency''s minor unit, the spend cap, pending adjustments';
@@ -319,8 +352,9 @@ BEGIN
                                 WHERE i.account_id = s.account_id AND i.period_start = b.ps)
              ORDER BY n
         LOOP
-            -- one finalizer per account at a time; re-checked under the lock
-            PERFORM pg_advisory_xact_lock(1651074162, hashint8(s.account_id) # 2);
+            -- one finalizer per account at a time, re-checked under the lock
+            -- (a row lock: no lock table entry per account)
+            PERFORM 1 FROM billing.accounts a WHERE a.account_id = s.account_id FOR NO KEY UPDATE;
             inv := billing._finalize_period(s.account_id, s.plan, s.currency, s.spend_cap,
                                             per.ps, per.pe);
             IF inv IS NOT NULL THEN

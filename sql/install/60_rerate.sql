@@ -148,7 +148,7 @@ COMMENT ON FUNCTION billing._rerate_diff(timestamptz, timestamptz, bigint) IS
     'Internal: billed versus correct lines of the finalized invoices overlapping a range';
 
 CREATE FUNCTION billing._rerate(from_ts timestamptz, to_ts timestamptz, p_account bigint,
-                                dry_run boolean)
+                                dry_run boolean, p_reason text)
     RETURNS TABLE (r_account bigint, r_invoice bigint, r_meter text,
                    r_billed_quantity numeric, r_billed_amount numeric,
                    r_correct_quantity numeric, r_correct_amount numeric, r_delta numeric)
@@ -182,7 +182,7 @@ BEGIN
                                          reason)
         SELECT d.account_id, d.invoice_id, d.line_kind, d.meter, d.description,
                d.billed_quantity, d.correct_quantity, d.billed_amount, d.correct_amount, d.delta,
-               format('re-rate of %s to %s', from_ts, to_ts)
+               coalesce(p_reason, 're-rate')
           FROM d
     )
     SELECT d.account_id, d.invoice_id, d.meter, d.billed_quantity, d.billed_amount,
@@ -191,19 +191,19 @@ BEGIN
      ORDER BY 1, 2, 3;
 END
 $$;
-COMMENT ON FUNCTION billing._rerate(timestamptz, timestamptz, bigint, boolean) IS
+COMMENT ON FUNCTION billing._rerate(timestamptz, timestamptz, bigint, boolean, text) IS
     'Internal: the body of billing.rerate';
 
 CREATE FUNCTION billing.rerate(from_ts timestamptz, to_ts timestamptz, account_id bigint DEFAULT NULL,
-                               dry_run boolean DEFAULT false)
+                               dry_run boolean DEFAULT false, reason text DEFAULT 're-rate')
     RETURNS TABLE (account_id bigint, invoice_id bigint, meter text,
                    billed_quantity numeric, billed_amount numeric,
                    correct_quantity numeric, correct_amount numeric, delta numeric)
     LANGUAGE sql
     SET search_path = pg_catalog, billing, pg_temp AS $$
-    SELECT * FROM billing._rerate($1, $2, $3, $4)
+    SELECT * FROM billing._rerate($1, $2, $3, $4, $5)
 $$;
-COMMENT ON FUNCTION billing.rerate(timestamptz, timestamptz, bigint, boolean) IS
+COMMENT ON FUNCTION billing.rerate(timestamptz, timestamptz, bigint, boolean, text) IS
     'Recomputes the finalized invoices overlapping [from_ts, to_ts) from today''s usage and charge versions and records the differences as adjustments for the next invoice';
 
 -- reconciliation ------------------------------------------------------------------------------

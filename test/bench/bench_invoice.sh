@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# Benchmarks for invoices and re-rating (issues 5 and 6), against a running
+# server reached through PGHOST/PGPORT/PGUSER (test/bench/run.sh starts one).
+#
+#  1. invoice_preview latency, p50 and p95, for one account with a month of
+#     minute buckets on 6 meters (259,200 buckets), compacted.  Goal: p95 <= 2 ms.
+#  2. finalize_invoices for 10,000 accounts: invoices per second.
+#  3. rerate of a month for 10,000 accounts after a retroactive price change,
+#     against the same recompute written as plain SQL over the same tables
+#     (the peer reads the minute buckets and rates the tiers in SQL).  Goal >= 5x.
+set -euo pipefail
+DB=billing_bench_invoice
+PSQL=(psql -X -q -v ON_ERROR_STOP=1)
+
+"${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
+trap '"${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1 || true' EXIT
+
+"${PSQL[@]}" -d $DB <<'SQL'
+CREATE EXTENSION billing;
+SET search_path = billing, public;
+SET timezone = 'UTC';
+INSERT INTO meters (meter, late_window) VALUES
+    ('error', '400 days'), ('span', '400 days'), ('replay', '400 days'),
+    ('attachment', '400 days'), ('profile', '400 days'), ('monitor', '400 days');
+INSERT INTO plans VALUES ('team', '1 month', 'USD');
+INSERT INTO charges (plan, meter, price, valid_from, description)
+SELECT 'team', m, 'graduated 50000 @ 0 | 500000 @ 0.0003 | 5000000 @ 0.0002 | inf @ 0.0001',
+       '-infinity', m
+  FROM unnest(ARRAY['error', 'span', 'replay', 'attachment', 'profile', 'monitor']) m;
+INSERT INTO charges (plan, meter, price, description) VALUES ('team', NULL, 'flat 26', 'base');
+SQL
+
+# the month billed: two months ago, so it is finalized; m2 = its end
+IFS='|' read -r M0 M1 <<<"$("${PSQL[@]}" -At -d $DB -c \
+  "SELECT to_char(date_trunc('month', now() AT TIME ZONE 'UTC') - interval '2 months', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+          to_char(date_trunc('month', now() AT TIME ZONE 'UTC') - interval '1 month', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')")"
+
+echo "-- 1. invoice_preview: one account, a month of minute buckets on 6 meters"
+"${PSQL[@]}" -d $DB <<SQL
+SET search_path = billing, public;
+INSERT INTO accounts VALUES (1, 'USD', 'hot account');
+INSERT INTO subscriptions VALUES (1, 'team', '$M0', NULL, 5000);
+-- one delta row per (meter, day), 1440 minute buckets each, then compacted
+INSERT INTO usage_deltas (account_id, meter, dimension, seq, bucket_starts, quantities, events, last_ts)
+SELECT 1, m, '', NULL,
+       array_agg(t ORDER BY t), array_agg((1 + (extract(epoch FROM t)::bigint % 37))::numeric ORDER BY t),
+       array_agg(1::bigint ORDER BY t), NULL
+  FROM unnest(ARRAY['error', 'span', 'replay', 'attachment', 'profile', 'monitor']) m,
+       generate_series('$M0'::timestamptz, '$M1'::timestamptz - interval '1 minute', '1 minute') t
+ GROUP BY m, date_trunc('day', t);
+SELECT compact_usage() AS cells_compacted;
+SELECT count(*) AS minute_buckets FROM usage_buckets WHERE account_id = 1;
+-- time 300 previews at a moment inside the month
+CREATE TEMP TABLE lat (ms float8);
+DO \$\$
+DECLARE t0 timestamptz; i int; n int;
+BEGIN
+    FOR i IN 1..330 LOOP
+        t0 := clock_timestamp();
+        SELECT count(*) INTO n FROM billing.invoice_preview(1, '$M0'::timestamptz + interval '20 days');
+        IF i > 30 THEN   -- the first calls warm the caches
+            INSERT INTO lat VALUES (extract(epoch FROM clock_timestamp() - t0) * 1000);
+        END IF;
+    END LOOP;
+END
+\$\$;
+SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 3) AS p50_ms,
+       round(percentile_cont(0.95) WITHIN GROUP (ORDER BY ms)::numeric, 3) AS p95_ms,
+       CASE WHEN percentile_cont(0.95) WITHIN GROUP (ORDER BY ms) <= 2 THEN 'met' ELSE 'NOT met' END AS "goal p95 <= 2 ms"
+  FROM lat;
+SELECT line_no, kind, meter, quantity, amount FROM invoice_preview(1, '$M0'::timestamptz + interval '20 days');
+SQL
+
+echo
+echo "-- 2/3. 10,000 accounts, a month of usage (sparse minute buckets on 2 meters)"
+"${PSQL[@]}" -d $DB <<SQL
+SET search_path = billing, public;
+INSERT INTO accounts SELECT a, 'USD', 'account ' || a FROM generate_series(2, 10001) a;
+INSERT INTO subscriptions SELECT a, 'team', '$M0', NULL, NULL FROM generate_series(2, 10001) a;
+-- 240 minute buckets per account and meter, spread over the month
+INSERT INTO usage_deltas (account_id, meter, dimension, seq, bucket_starts, quantities, events, last_ts)
+SELECT a, m, '', NULL,
+       array_agg('$M0'::timestamptz + (k * 179 + a % 97) * interval '1 minute' ORDER BY k),
+       array_agg(((a * 7919 + k * 104729) % 5000)::numeric ORDER BY k),
+       array_agg(1::bigint ORDER BY k), NULL
+  FROM generate_series(2, 10001) a, unnest(ARRAY['error', 'span']) m, generate_series(0, 239) k
+ GROUP BY a, m;
+SELECT compact_usage() AS cells_compacted;
+SQL
+
+FIN=$("${PSQL[@]}" -At -d $DB <<SQL | tail -1
+SET search_path = billing, public;
+CREATE TEMP TABLE t0 AS SELECT clock_timestamp() AS t;
+CREATE TEMP TABLE fin AS SELECT * FROM finalize_invoices('$M1'::timestamptz + interval '2 hours');
+SELECT (SELECT count(*) FROM fin) || ' ' || round(extract(epoch FROM clock_timestamp() - t) * 1000) FROM t0;
+SQL
+)
+read -r FIN_N FIN_MS <<<"$FIN"
+echo "finalize_invoices: $FIN_N invoices in $FIN_MS ms"
+
+# a retroactive price change: a cheaper span tier from the start of the month
+"${PSQL[@]}" -d $DB -c "INSERT INTO billing.charges (plan, meter, price, valid_from, description) VALUES ('team', 'span', 'graduated 50000 @ 0 | 500000 @ 0.00025 | 5000000 @ 0.0002 | inf @ 0.0001', '$M0', 'span (new price)')"
+
+# the peer: the same recompute in plain SQL, reading the minute buckets,
+# rating the tiers from the price's JSON form, rounding half up per line
+cat >/tmp/billing_peer_rerate.sql <<SQL
+SET search_path = billing, public;
+CREATE TABLE IF NOT EXISTS peer_adjustments (account_id bigint, invoice_id bigint, meter text,
+    billed numeric, correct numeric, delta numeric);
+WITH inv AS (
+    SELECT i.account_id, i.invoice_id, i.plan, i.period_start, i.period_end
+      FROM invoices i WHERE i.period_start < '$M1' AND i.period_end > '$M0'
+), ver AS (
+    SELECT DISTINCT ON (c.meter) c.meter, price_to_jsonb(c.price) AS p
+      FROM charges c WHERE c.plan = 'team' AND c.meter IS NOT NULL AND c.valid_from <= '$M0'
+     ORDER BY c.meter, c.valid_from DESC
+), qty AS (
+    SELECT inv.account_id, inv.invoice_id, v.meter, v.p,
+           coalesce((SELECT sum(u.quantity) FROM usage_buckets u
+                      WHERE u.account_id = inv.account_id AND u.meter = v.meter
+                        AND u.bucket_start >= inv.period_start AND u.bucket_start < inv.period_end), 0) AS q
+      FROM inv CROSS JOIN ver v
+), rated AS (
+    SELECT q.account_id, q.invoice_id, q.meter,
+           round(sum(greatest(0, least(q.q, coalesce(nullif(t.up_to, 'inf')::numeric, q.q)) - t.lo) * t.unit), 2) AS amount
+      FROM qty q,
+           LATERAL (SELECT x ->> 'up_to' AS up_to, (x ->> 'unit_amount')::numeric AS unit,
+                           coalesce(lag(nullif(x ->> 'up_to', 'inf')::numeric) OVER (ORDER BY o), 0) AS lo
+                      FROM jsonb_array_elements(q.p -> 'tiers') WITH ORDINALITY AS e(x, o)) t
+     GROUP BY 1, 2, 3
+), billed AS (
+    SELECT l.account_id, l.invoice_id, l.meter, sum(l.amount) AS amount
+      FROM invoice_lines l JOIN inv USING (account_id, invoice_id)
+     WHERE l.kind = 'usage' GROUP BY 1, 2, 3
+)
+INSERT INTO peer_adjustments
+SELECT r.account_id, r.invoice_id, r.meter, b.amount, r.amount, r.amount - b.amount
+  FROM rated r JOIN billed b USING (account_id, invoice_id, meter)
+ WHERE r.amount <> b.amount;
+SQL
+
+best() { sort -n | head -1; }
+run_ms() {  # run_ms SQL-FILE-or-command: prints elapsed ms (rolled back)
+    "${PSQL[@]}" -At -d $DB <<SQL | tail -1
+BEGIN;
+CREATE TEMP TABLE t0 AS SELECT clock_timestamp() AS t;
+$1
+SELECT round(extract(epoch FROM clock_timestamp() - t) * 1000) FROM t0;
+ROLLBACK;
+SQL
+}
+OURS=(); PEER=()
+for i in 1 2 3; do
+    OURS+=("$(run_ms "SELECT count(*) FROM billing.rerate('$M0', '$M1');")")
+    PEER+=("$(run_ms "\\i /tmp/billing_peer_rerate.sql")")
+done
+N_OURS=$("${PSQL[@]}" -At -d $DB -c "BEGIN; SELECT count(*) FROM billing.rerate('$M0', '$M1'); ROLLBACK;" | sed -n 2p)
+N_PEER=$("${PSQL[@]}" -At -d $DB <<SQL | tail -1
+BEGIN;
+\i /tmp/billing_peer_rerate.sql
+SELECT count(*) FROM billing.peer_adjustments;
+ROLLBACK;
+SQL
+)
+O=$(printf '%s\n' "${OURS[@]}" | best); P=$(printf '%s\n' "${PEER[@]}" | best)
+echo
+echo "-- results (best of 3)"
+printf '%-44s %10s\n' "path" "ms"
+printf '%-44s %10s   (%s invoices, %s invoices/s)\n' "finalize_invoices, 10,000 accounts" "$FIN_MS" "$FIN_N" \
+    "$(awk -v n="$FIN_N" -v ms="$FIN_MS" 'BEGIN { printf "%.0f", n * 1000 / ms }')"
+printf '%-44s %10s   (%s adjustments)\n' "rerate, 10,000 accounts (ours)" "$O" "$N_OURS"
+printf '%-44s %10s   (%s adjustments)\n' "same recompute in plain SQL (peer)" "$P" "$N_PEER"
+awk -v o="$O" -v p="$P" 'BEGIN { r = p / o; printf "ratio peer/ours: %.2fx  goal >= 5x: %s\n", r, (r >= 5 ? "met" : "NOT met") }'
