@@ -252,9 +252,7 @@ static SPIPlanPtr cumulative_insert_plan = NULL;
 static SPIPlanPtr cumulative_lock_plan = NULL;
 static SPIPlanPtr cumulative_update_plan = NULL;
 static SPIPlanPtr citus_account_plan = NULL;
-static SPIPlanPtr citus_accounts_plan = NULL;
 static SPIPlanPtr citus_delta_plan = NULL;
-static SPIPlanPtr citus_deltas_plan = NULL;
 
 static void flush_state(IngestState *st);
 
@@ -1090,12 +1088,10 @@ check_accounts_citus(const int64 *accounts, long n)
 		for (i = 0; i < m; i++)
 			elems[i] = Int64GetDatum(ids[i]);
 		values[0] = PointerGetDatum(construct_array(elems, m, INT8OID, 8, true, TYPALIGN_DOUBLE));
-		if (citus_accounts_plan == NULL)
-			citus_accounts_plan = spi_prepare_kept(
-												   "SELECT account_id FROM billing.accounts "
-												   "WHERE account_id OPERATOR(pg_catalog.=) ANY ($1)",
-												   1, types);
-		if (SPI_execute_plan(citus_accounts_plan, values, NULL, true, 0) != SPI_OK_SELECT)
+		/* planned with the values, so that Citus prunes to their shards */
+		if (SPI_execute_with_args("SELECT account_id FROM billing.accounts "
+								  "WHERE account_id OPERATOR(pg_catalog.=) ANY ($1)",
+								  1, types, values, NULL, true, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not check accounts");
 		nfound = (long) SPI_processed;
 		found = palloc(Max(nfound, 1) * sizeof(int64));
@@ -1236,6 +1232,13 @@ pending_same_key(const PendingRow *x, const PendingRow *y)
 		memcmp(x->event_id, y->event_id, x->event_len) == 0;
 }
 
+#define CLAIM_BATCH_SQL \
+	"INSERT INTO billing.dedupe_keys (account_id, meter, event_id, expires_at) " \
+	"SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), " \
+	"pg_catalog.unnest($3), pg_catalog.unnest($4)) " \
+	"ON CONFLICT DO NOTHING " \
+	"RETURNING account_id, meter, event_id"
+
 /*
  * claim_keys_spi
  *		Claim the keys first[0..nkeys) with one INSERT ... ON CONFLICT DO
@@ -1273,23 +1276,31 @@ claim_keys_spi(IngestState *st, const int *first, int nkeys, bool *won)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (claim_batch_plan == NULL)
+	if (billing_distributed())
 	{
-		SPIPlanPtr	plan = SPI_prepare_cursor(
-									   "INSERT INTO billing.dedupe_keys (account_id, meter, event_id, expires_at) "
-									   "SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
-									   "pg_catalog.unnest($3), pg_catalog.unnest($4)) "
-									   "ON CONFLICT DO NOTHING "
-									   "RETURNING account_id, meter, event_id",
-									   4, types, CURSOR_OPT_GENERIC_PLAN);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		claim_batch_plan = plan;
+		/*
+		 * Citus plans this INSERT ... SELECT only with the values bound (it
+		 * then splits the rows by shard); no generic plan.
+		 */
+		if (SPI_execute_with_args(CLAIM_BATCH_SQL, 4, types, values, NULL, false, 0)
+			!= SPI_OK_INSERT_RETURNING)
+			elog(ERROR, "could not claim event ids");
 	}
-	if (SPI_execute_plan(claim_batch_plan, values, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
-		elog(ERROR, "could not claim event ids");
+	else
+	{
+		if (claim_batch_plan == NULL)
+		{
+			SPIPlanPtr	plan = SPI_prepare_cursor(CLAIM_BATCH_SQL, 4, types,
+												  CURSOR_OPT_GENERIC_PLAN);
+
+			if (plan == NULL)
+				elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+			SPI_keepplan(plan);
+			claim_batch_plan = plan;
+		}
+		if (SPI_execute_plan(claim_batch_plan, values, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
+			elog(ERROR, "could not claim event ids");
+	}
 
 	/* the claimed keys, in the caller's memory, sorted like the batch */
 	nret = (int) SPI_processed;
@@ -1861,16 +1872,15 @@ write_deltas_citus(IngestState *st, CellRef *cells, long ncells)
 			TIMESTAMPTZARRAYOID, NUMERICARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID,
 		INT4ARRAYOID, INT4ARRAYOID};
 
-		if (citus_deltas_plan == NULL)
-			citus_deltas_plan = spi_prepare_kept(
-												 "INSERT INTO billing.usage_deltas (account_id, meter, dimension, seq, "
-												 "bucket_starts, quantities, events, last_ts) "
-												 "SELECT r.a, r.m, r.d, r.s, $5[r.f:r.l], $6[r.f:r.l], $7[r.f:r.l], "
-												 "CASE WHEN r.s IS NOT NULL THEN $8[r.f:r.l] END "
-												 "FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
-												 "pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($9), "
-												 "pg_catalog.unnest($10)) AS r(a, m, d, s, f, l)",
-												 10, types);
+		static const char *sql =
+			"INSERT INTO billing.usage_deltas (account_id, meter, dimension, seq, "
+			"bucket_starts, quantities, events, last_ts) "
+			"SELECT r.a, r.m, r.d, r.s, $5[r.f:r.l], $6[r.f:r.l], $7[r.f:r.l], "
+			"CASE WHEN r.s IS NOT NULL THEN $8[r.f:r.l] END "
+			"FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
+			"pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($9), "
+			"pg_catalog.unnest($10)) AS r(a, m, d, s, f, l)";
+
 		dimsize[0] = (int) nrows;
 		values[0] = PointerGetDatum(construct_array(accts, nrows, INT8OID, 8, true, TYPALIGN_DOUBLE));
 		values[1] = PointerGetDatum(construct_array(meters, nrows, TEXTOID, -1, false, TYPALIGN_INT));
@@ -1883,7 +1893,8 @@ write_deltas_citus(IngestState *st, CellRef *cells, long ncells)
 		values[7] = PointerGetDatum(construct_array(lasts, ncells, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
 		values[8] = PointerGetDatum(construct_array(firsts, nrows, INT4OID, 4, true, TYPALIGN_INT));
 		values[9] = PointerGetDatum(construct_array(lastidx, nrows, INT4OID, 4, true, TYPALIGN_INT));
-		ret = SPI_execute_plan(citus_deltas_plan, values, nulls, false, 0);
+		/* planned with the values: Citus splits the rows by shard */
+		ret = SPI_execute_with_args(sql, 10, types, values, nulls, false, 0);
 	}
 	if (ret != SPI_OK_INSERT || (long) SPI_processed != nrows)
 		elog(ERROR, "could not write usage deltas: %s", SPI_result_code_string(ret));
@@ -2384,9 +2395,18 @@ claim_offset(text *source, int32 partition, int64 offset)
 	{
 		/*
 		 * ingest_offsets is a reference table: Citus 13.2 crashes planning
-		 * a generic plan of this upsert, so plan it with the values.
+		 * a generic plan of this upsert, so plan it with the values; and
+		 * Citus takes only immutable functions in DO UPDATE SET, so now()
+		 * comes in through the inserted row.
 		 */
-		ret = SPI_execute_with_args(sql, 3, types, values, NULL, false, 0);
+		ret = SPI_execute_with_args("INSERT INTO billing.ingest_offsets AS o "
+									"(source, partition, last_offset, applied_at) "
+									"VALUES ($1, $2, $3, pg_catalog.now()) "
+									"ON CONFLICT (source, partition) DO UPDATE "
+									"SET last_offset = excluded.last_offset, "
+									"applied_at = excluded.applied_at "
+									"WHERE o.last_offset OPERATOR(pg_catalog.<) excluded.last_offset",
+									3, types, values, NULL, false, 0);
 	}
 	else
 	{

@@ -202,15 +202,19 @@ COMMENT ON FUNCTION billing._period_at(bigint, timestamptz) IS
 CREATE FUNCTION billing._pending_adjustments(p_account bigint)
     RETURNS TABLE (adjustment_id bigint, meter text, description text, quantity numeric,
                    amount numeric)
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    -- PL/pgSQL, not SQL: Citus routes the query by p_account's value
+    RETURN QUERY
     SELECT a.adjustment_id, a.meter::text,
            format('%s (invoice %s): %s', coalesce(a.description, a.line_kind), a.invoice_id,
                   a.reason),
            a.new_quantity - a.old_quantity, a.delta
       FROM billing.adjustments a
      WHERE a.account_id = p_account AND a.billed_invoice_id IS NULL
-     ORDER BY a.adjustment_id
+     ORDER BY a.adjustment_id;
+END
 $$;
 COMMENT ON FUNCTION billing._pending_adjustments(bigint) IS
     'Internal: adjustments of an account not yet carried by an invoice';
@@ -277,40 +281,56 @@ CREATE FUNCTION billing._finalize_period(p_account bigint, p_plan text, p_curren
     SET search_path = pg_catalog, billing, pg_temp AS $$
 DECLARE
     inv bigint;
+    l_no integer[];
+    l_kind text[];
+    l_meter text[];
+    l_description text[];
+    l_quantity numeric[];
+    l_amount numeric[];
+    l_unrounded numeric[];
+    l_charge bigint[];
+    l_price billing.price[];
+    l_adjustment bigint[];
+    l_total numeric;
 BEGIN
     IF EXISTS (SELECT 1 FROM billing.invoices i
                 WHERE i.account_id = p_account AND i.period_start = p_start) THEN
         RETURN NULL;
     END IF;
     inv := nextval('billing.invoice_id_seq');
-    -- one statement: the invoice with its total, its lines, the adjustments carried
-    WITH lines AS (
-        SELECT r.ord, r.kind, r.meter, r.description, r.quantity, r.amount,
-               r.unrounded_amount, r.charge_id, r.price, NULL::bigint AS adjustment_id
-          FROM billing._rate_period(p_account, p_plan, p_currency, p_cap, p_start, p_end) r
-        UNION ALL
-        SELECT 1000000 + row_number() OVER (ORDER BY a.adjustment_id), 'adjustment', a.meter,
-               a.description, a.quantity, a.amount, NULL, NULL, NULL, a.adjustment_id
-          FROM billing._pending_adjustments(p_account) a
-    ), numbered AS (
-        SELECT (row_number() OVER (ORDER BY ord))::integer AS line_no, * FROM lines
-    ), invoice AS (
-        INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
-                                      currency, total)
-        VALUES (p_account, inv, p_plan, p_start, p_end, p_currency,
-                (SELECT coalesce(sum(amount), 0) FROM lines))
-    ), written AS (
-        INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
-                                          description, quantity, amount, unrounded_amount,
-                                          charge_id, price, adjustment_id)
-        SELECT p_account, inv, line_no, kind, meter, description, quantity, amount,
-               unrounded_amount, charge_id, price, adjustment_id
-          FROM numbered
-        RETURNING adjustment_id
-    )
+    -- the lines first, into arrays; then the invoice with its total, its
+    -- lines and the adjustments carried, one statement each (on Citus a
+    -- statement that writes distributed tables may not also call functions
+    -- that read them, nor hold a subquery in VALUES)
+    SELECT coalesce(array_agg(n.line_no ORDER BY n.line_no), '{}'),
+           array_agg(n.kind ORDER BY n.line_no), array_agg(n.meter ORDER BY n.line_no),
+           array_agg(n.description ORDER BY n.line_no), array_agg(n.quantity ORDER BY n.line_no),
+           array_agg(n.amount ORDER BY n.line_no), array_agg(n.unrounded_amount ORDER BY n.line_no),
+           array_agg(n.charge_id ORDER BY n.line_no), array_agg(n.price ORDER BY n.line_no),
+           array_agg(n.adjustment_id ORDER BY n.line_no), coalesce(sum(n.amount), 0)
+      INTO l_no, l_kind, l_meter, l_description, l_quantity, l_amount, l_unrounded,
+           l_charge, l_price, l_adjustment, l_total
+      FROM (SELECT (row_number() OVER (ORDER BY x.ord))::integer AS line_no, x.*
+              FROM (SELECT r.ord::bigint AS ord, r.kind, r.meter, r.description, r.quantity,
+                           r.amount, r.unrounded_amount, r.charge_id, r.price,
+                           NULL::bigint AS adjustment_id
+                      FROM billing._rate_period(p_account, p_plan, p_currency, p_cap, p_start, p_end) r
+                    UNION ALL
+                    SELECT 1000000 + row_number() OVER (ORDER BY a.adjustment_id), 'adjustment',
+                           a.meter, a.description, a.quantity, a.amount, NULL, NULL, NULL,
+                           a.adjustment_id
+                      FROM billing._pending_adjustments(p_account) a) x) n;
+    INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
+                                  currency, total)
+    VALUES (p_account, inv, p_plan, p_start, p_end, p_currency, l_total);
+    INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
+                                      description, quantity, amount, unrounded_amount,
+                                      charge_id, price, adjustment_id)
+    SELECT p_account, inv, u.*
+      FROM unnest(l_no, l_kind, l_meter, l_description, l_quantity, l_amount, l_unrounded,
+                  l_charge, l_price, l_adjustment) u;
     UPDATE billing.adjustments a SET billed_invoice_id = inv
-      FROM written w
-     WHERE a.account_id = p_account AND a.adjustment_id = w.adjustment_id;
+     WHERE a.account_id = p_account AND a.adjustment_id = ANY (l_adjustment);
     RETURN inv;
 END
 $$;

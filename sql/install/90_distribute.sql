@@ -78,6 +78,41 @@ $$;
 COMMENT ON FUNCTION billing._distributed_functions() IS
     'Internal: the per-account functions billing.distribute() registers with Citus, with their account argument';
 
+/*
+ * _meter_table_citus: meter_table's check on Citus.  When billing is
+ * distributed and the metered table is a Citus table, its rows are counted
+ * by triggers firing on its shards, which may write only co-located shards:
+ * the table must be distributed by its account column with
+ * billing.accounts.  Allows the triggers (citus.enable_unsafe_triggers) for
+ * the rest of the transaction.  A plain table on the coordinator needs
+ * nothing: its triggers run there and Citus routes their writes.
+ */
+CREATE FUNCTION billing._meter_table_citus(tbl regclass, account_column name) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    kind text := billing._citus_table_kind(tbl);
+BEGIN
+    IF kind IS NULL OR billing._citus_table_kind('billing.accounts') IS NULL THEN
+        RETURN;
+    END IF;
+    IF kind <> 'distributed' OR NOT EXISTS (
+        SELECT 1 FROM pg_dist_partition p, pg_dist_partition a
+         WHERE p.logicalrelid = tbl AND a.logicalrelid = 'billing.accounts'::regclass
+           AND p.colocationid = a.colocationid
+           AND column_to_column_name(p.logicalrelid, p.partkey) = account_column) THEN
+        RAISE EXCEPTION 'metered table % must be distributed by its account column with billing.accounts', tbl
+            USING ERRCODE = '55000',
+                  DETAIL = 'Its triggers count each row on the node of the row''s shard, which must also hold the account''s counters.',
+                  HINT = format('SELECT create_distributed_table(%L, %L, colocate_with => %L)',
+                                tbl::text, account_column, 'billing.accounts');
+    END IF;
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+END
+$$;
+COMMENT ON FUNCTION billing._meter_table_citus(regclass, name) IS
+    'Internal: on Citus, a metered Citus table must be co-located with billing.accounts by its account column';
+
 CREATE FUNCTION billing.distribute()
     RETURNS TABLE (object text, distribution text, changed boolean)
     LANGUAGE plpgsql
