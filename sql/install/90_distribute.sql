@@ -113,6 +113,90 @@ $$;
 COMMENT ON FUNCTION billing._meter_table_citus(regclass, name) IS
     'Internal: on Citus, a metered Citus table must be co-located with billing.accounts by its account column';
 
+/*
+ * _rerate_diff_citus: billing._rerate_diff on Citus.  The single-node query
+ * calls _rate_period inside a query over the invoices; on Citus that query
+ * runs on the shards, where a function may not start distributed queries of
+ * its own.  Here the invoices are read first, then for each one today's
+ * lines (a query over functions only, which runs on this node) and what was
+ * billed (one router query), matched the same way.
+ */
+CREATE FUNCTION billing._rerate_diff_citus(from_ts timestamptz, to_ts timestamptz, p_account bigint)
+    RETURNS TABLE (account_id bigint, invoice_id bigint, line_kind text, meter text,
+                   description text, billed_quantity numeric, billed_amount numeric,
+                   correct_quantity numeric, correct_amount numeric, delta numeric)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    inv record;
+    rc record;
+    rb record;
+BEGIN
+    FOR inv IN
+        SELECT i.account_id, i.invoice_id, i.plan, i.currency, i.period_start, i.period_end,
+               s.spend_cap, s.starts_at, s.ends_at, p.period
+          FROM billing.invoices i
+               JOIN billing.plans p ON p.plan = i.plan
+               LEFT JOIN billing.subscriptions s
+                      ON s.account_id = i.account_id AND s.plan = i.plan
+                     AND s.starts_at <= i.period_start
+                     AND i.period_start < coalesce(s.ends_at, 'infinity')
+         WHERE i.status = 'finalized'
+           AND i.period_start < to_ts AND i.period_end > from_ts
+           AND (p_account IS NULL OR i.account_id = p_account)
+         ORDER BY i.account_id, i.invoice_id
+    LOOP
+        -- today's lines; a period the subscription no longer covers bills nothing
+        SELECT array_agg(r.kind) AS kinds, array_agg(r.meter) AS meters,
+               array_agg(r.description) AS descriptions, array_agg(r.quantity) AS quantities,
+               array_agg(r.amount) AS amounts
+          INTO rc
+          FROM billing._rate_period(inv.account_id, inv.plan, inv.currency, inv.spend_cap,
+                                    inv.period_start,
+                                    LEAST(billing._add_periods(inv.starts_at, inv.period,
+                                              billing._period_index(inv.starts_at, inv.period,
+                                                                    inv.period_start) + 1),
+                                          inv.ends_at)) r
+         WHERE inv.starts_at IS NOT NULL;
+        -- what was billed: the lines plus the adjustments made since
+        SELECT array_agg(x.kind) AS kinds, array_agg(x.meter) AS meters,
+               array_agg(x.fixed_key) AS fixed_keys, array_agg(x.description) AS descriptions,
+               array_agg(x.quantity) AS quantities, array_agg(x.amount) AS amounts
+          INTO rb
+          FROM (SELECT y.kind, y.meter::text AS meter,
+                       CASE WHEN y.kind = 'fixed' THEN y.description END AS fixed_key,
+                       max(y.description) AS description, sum(y.quantity) AS quantity,
+                       sum(y.amount) AS amount
+                  FROM (SELECT l.kind, l.meter, l.description, l.quantity, l.amount
+                          FROM billing.invoice_lines l
+                         WHERE l.account_id = inv.account_id AND l.invoice_id = inv.invoice_id
+                           AND l.kind <> 'adjustment'
+                        UNION ALL
+                        SELECT a.line_kind, a.meter, a.description,
+                               a.new_quantity - a.old_quantity, a.delta
+                          FROM billing.adjustments a
+                         WHERE a.account_id = inv.account_id AND a.invoice_id = inv.invoice_id) y
+                 GROUP BY 1, 2, 3) x;
+        RETURN QUERY
+        SELECT inv.account_id, inv.invoice_id, coalesce(c.kind, b.kind), coalesce(c.meter, b.meter),
+               coalesce(c.description, b.description),
+               b.quantity, coalesce(b.amount, 0), c.quantity, coalesce(c.amount, 0),
+               coalesce(c.amount, 0) - coalesce(b.amount, 0)
+          FROM unnest(rc.kinds, rc.meters, rc.descriptions, rc.quantities, rc.amounts)
+                   AS c(kind, meter, description, quantity, amount)
+               FULL JOIN unnest(rb.kinds, rb.meters, rb.fixed_keys, rb.descriptions,
+                                rb.quantities, rb.amounts)
+                   AS b(kind, meter, fixed_key, description, quantity, amount)
+                  ON b.kind = c.kind
+                 AND b.meter IS NOT DISTINCT FROM c.meter
+                 AND b.fixed_key IS NOT DISTINCT FROM CASE WHEN c.kind = 'fixed' THEN c.description END;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._rerate_diff_citus(timestamptz, timestamptz, bigint) IS
+    'Internal: _rerate_diff on Citus, one invoice at a time';
+
 CREATE FUNCTION billing.distribute()
     RETURNS TABLE (object text, distribution text, changed boolean)
     LANGUAGE plpgsql
