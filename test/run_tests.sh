@@ -61,6 +61,16 @@ bad=$(grep -Ec '^ *not ok [0-9]+' "$out/tap.log")
 if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
 passed=$((passed + ok)); failed=$((failed + bad))
 
+# 4. Citus: the same scenario on a coordinator and two workers as on one node.
+echo "== citus"
+bash test/citus/run.sh >"$out/citus.log" 2>&1
+rc=$?
+grep -vE '^ok [0-9]+' "$out/citus.log"
+ok=$(grep -Ec '^ok [0-9]+' "$out/citus.log")
+bad=$(grep -Ec '^not ok [0-9]+' "$out/citus.log")
+if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
+passed=$((passed + ok)); failed=$((failed + bad))
+
 rm -rf "$out"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
