@@ -406,6 +406,10 @@ $$;
 CREATE FUNCTION billing._compact_into(target text, grain interval) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 BEGIN
+    IF billing._citus_table_kind('billing.usage_deltas') IS NOT NULL THEN
+        PERFORM billing._compact_into_citus(target, grain);   -- see 90_distribute.sql
+        RETURN;
+    END IF;
     EXECUTE format($q$
         WITH cells AS (
             SELECT account_id, meter, dimension,

@@ -197,6 +197,50 @@ $$;
 COMMENT ON FUNCTION billing._rerate_diff_citus(timestamptz, timestamptz, bigint) IS
     'Internal: _rerate_diff on Citus, one invoice at a time';
 
+/*
+ * _compact_into_citus: billing._compact_into on Citus, which refuses its
+ * UPDATE ... FROM plus INSERT ... WHERE NOT EXISTS over the cells.  The same
+ * fold as one upsert per aggregation (Citus takes ON CONFLICT DO UPDATE with
+ * immutable functions only, and the aggregation is not a column of the
+ * target, so it is a constant of each statement).
+ */
+CREATE FUNCTION billing._compact_into_citus(target text, grain interval) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    agg text;
+BEGIN
+    FOREACH agg IN ARRAY ARRAY['sum', 'count', 'max', 'last'] LOOP
+        EXECUTE format($q$
+            INSERT INTO billing.%I AS b (account_id, meter, dimension, bucket_start, quantity,
+                                         events, last_ts, last_seq)
+            SELECT account_id, meter, dimension, %s,
+                   %s, sum(events)::bigint, max(last_ts),
+                   (array_agg(last_seq ORDER BY last_ts DESC, last_seq DESC))[1]
+              FROM billing_compact_cells
+             WHERE aggregation = %L
+             GROUP BY 1, 2, 3, 4
+            ON CONFLICT (account_id, meter, bucket_start, dimension) DO UPDATE
+               SET quantity = billing._combine(%L, b.quantity, b.last_ts, b.last_seq,
+                                               excluded.quantity, excluded.last_ts, excluded.last_seq),
+                   events = b.events + excluded.events,
+                   last_ts = CASE WHEN (excluded.last_ts, excluded.last_seq) > (b.last_ts, b.last_seq)
+                                  THEN excluded.last_ts ELSE b.last_ts END,
+                   last_seq = CASE WHEN (excluded.last_ts, excluded.last_seq) > (b.last_ts, b.last_seq)
+                                   THEN excluded.last_seq ELSE b.last_seq END
+            $q$,
+            target,
+            CASE WHEN grain IS NULL THEN 'bucket_start'
+                 ELSE format('date_bin(%L, bucket_start, timestamptz %L)', grain, '1970-01-01 00:00:00+00') END,
+            CASE agg WHEN 'max' THEN 'max(quantity)'
+                     WHEN 'last' THEN '(array_agg(quantity ORDER BY last_ts DESC, last_seq DESC))[1]'
+                     ELSE 'sum(quantity)' END,
+            agg, agg);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._compact_into_citus(text, interval) IS
+    'Internal: _compact_into on Citus, one upsert per aggregation';
+
 CREATE FUNCTION billing.distribute()
     RETURNS TABLE (object text, distribution text, changed boolean)
     LANGUAGE plpgsql

@@ -53,6 +53,9 @@ CREATE TABLE events (account_id bigint NOT NULL, meter text NOT NULL, quantity b
                      ts timestamptz NOT NULL);
 $( [ "$citus" = true ] && echo "SELECT create_distributed_table('events', 'account_id', colocate_with => 'billing.accounts');" )
 SELECT billing.meter_table('events', 'account_id', 'meter', 'quantity', 'ts', keep_rows => false);
+-- the same rows into an unmetered table: what COPY itself costs
+CREATE TABLE events_plain (LIKE events);
+$( [ "$citus" = true ] && echo "SELECT create_distributed_table('events_plain', 'account_id', colocate_with => 'billing.accounts');" )
 SQL
 }
 setup false "${SINGLE[@]}"
@@ -64,7 +67,10 @@ declare -A R
 for target in single cluster; do
     if [ $target = single ]; then args=("${SINGLE[@]}"); else args=("${CLUSTER[@]}"); fi
 
-    # 1. metered COPY
+    # 1. COPY without metering (the transport), then metered COPY
+    t=$(date +%s.%N)
+    psql -qX -v ON_ERROR_STOP=1 "${args[@]}" -c "\\copy events_plain FROM '$WORK/rows.csv' WITH (FORMAT csv)"
+    R[$target.plain]=$(secs "$t" "$(date +%s.%N)")
     t=$(date +%s.%N)
     psql -qX -v ON_ERROR_STOP=1 "${args[@]}" -c "\\copy events FROM '$WORK/rows.csv' WITH (FORMAT csv)"
     R[$target.copy]=$(secs "$t" "$(date +%s.%N)")
@@ -77,7 +83,7 @@ for target in single cluster; do
 SELECT billing.record(:acc, 'error', 1, now(), NULL, 'pgbench');
 EOF
     pgbench -n "${args[@]}" -c 8 -j 2 -t 1250 -f "$WORK/record.sql" >"$WORK/$target.record" 2>&1
-    R[$target.record_tps]=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORK/$target.record" | head -1)
+    R[$target.record_tps]=$(sed -n 's/^tps = \([0-9]*\).*/\1/p' "$WORK/$target.record" | head -1)
     R[$target.record_lat]=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' "$WORK/$target.record")
     R[$target.record_count]=$(psql -qXAt "${args[@]}" -c \
         "SELECT sum(quantity) FROM billing.usage_cells WHERE dimension = 'pgbench'")
@@ -95,6 +101,8 @@ ratio() { python3 -c "import sys; print('%.1fx' % (float(sys.argv[1]) / float(sy
 echo
 echo "billing on one node vs a loopback Citus cluster (coordinator + 2 workers, one machine)"
 printf '%-44s %14s %14s %10s\n' "path" "one node" "cluster" "overhead"
+printf '%-44s %13ss %13ss %10s\n' "plain COPY, 1M rows, no metering (transport)" \
+    "${R[single.plain]}" "${R[cluster.plain]}" "$(ratio "${R[cluster.plain]}" "${R[single.plain]}")"
 printf '%-44s %13ss %13ss %10s\n' "metered COPY, 1M rows (keep_rows = false)" \
     "${R[single.copy]}" "${R[cluster.copy]}" "$(ratio "${R[cluster.copy]}" "${R[single.copy]}")"
 printf '%-44s %10s tps %10s tps %10s\n' "record(), 8 clients, 10k calls" \

@@ -71,7 +71,7 @@ run_scenario "$WORK/citus.out" true -h "$CITUS_DIR/sock" -p "$CITUS_COORD_PORT" 
 check "scenario runs on the Citus cluster" [ $? -eq 0 ]
 
 # 3. what both runs must agree on, check by check, then the whole output
-for c in usage invoices invoice_lines adjustments verify_invoices audit; do
+for c in usage usage_compacted invoices invoice_lines adjustments verify_invoices audit; do
     a=$(grep -E "^ check:$c +\|" "$WORK/single.out")
     b=$(grep -E "^ check:$c +\|" "$WORK/citus.out")
     if [ "$c" = audit ] && echo "$a" | grep -q 'not in this build'; then
@@ -108,9 +108,9 @@ r=$(cq "SELECT count(DISTINCT colocationid) FROM pg_dist_partition
 check "the per-account tables form one co-location group ($r)" [ "$r" = 1 ]
 r=$(cq "SELECT string_agg(nodeport || ':' || n, ' ' ORDER BY nodeport) FROM (
           SELECT nodeport, sum(result::bigint) AS n
-            FROM run_command_on_placements('billing.usage_deltas', 'SELECT count(*) FROM %s')
+            FROM run_command_on_placements('billing.usage_buckets', 'SELECT count(*) FROM %s')
            GROUP BY nodeport) x WHERE n > 0")
-check "usage deltas are spread over both workers ($r)" [ "$(echo "$r" | wc -w)" = 2 ]
+check "usage buckets are spread over both workers ($r)" [ "$(echo "$r" | wc -w)" = 2 ]
 # the C ingest must never write the shells (direct heap inserts would land there)
 r=$(cq "SELECT pg_relation_size('billing.usage_deltas') + pg_relation_size('billing.dedupe_keys')")
 w=$(cq "SELECT string_agg(result, ',') FROM run_command_on_workers(

@@ -98,6 +98,17 @@ SELECT 'check:usage' AS check, sum(quantity) AS quantity, sum(events) AS events,
 SELECT * FROM billing.usage(7, :'t0'::timestamptz - interval '4 days',
                             :'t0'::timestamptz + interval '1 hour', '1 day');
 
+-- compaction folds the deltas into buckets and hour and day roll-ups;
+-- usage reads the same afterwards
+SELECT billing.compact_usage() > 0 AS compacted;
+SELECT count(*) AS deltas_left FROM billing.usage_deltas;
+SELECT 'check:usage_compacted' AS check, sum(quantity) AS quantity, sum(events) AS events,
+       md5(string_agg(format('%s/%s/%s/%s/%s', a, meter, bucket_start, quantity, events),
+                      ',' ORDER BY a, meter, bucket_start)) AS digest
+  FROM generate_series(1, 60) a,
+       LATERAL billing.usage(a, :'t0'::timestamptz - interval '4 days',
+                             :'t0'::timestamptz + interval '1 hour', '1 hour') u;
+
 -- 4. finalize the closed days (twice: idempotent)
 SELECT count(*) AS invoices, sum(total) AS total
   FROM billing.finalize_invoices(:'t0'::timestamptz);
