@@ -28,6 +28,19 @@ static const struct config_enum_entry rounding_options[] = {
 
 void		_PG_init(void);
 
+PG_FUNCTION_INFO_V1(billing_grace_seconds);
+
+/*
+ * billing_grace_seconds
+ *		billing.grace_period in seconds.  Calling it loads the module, so a
+ *		value set before the module was loaded has been validated.
+ */
+Datum
+billing_grace_seconds(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INT32(billing_grace_period);
+}
+
 /*
  * _PG_init
  *		Define the GUCs and set up per-backend state of the modules.

@@ -143,11 +143,17 @@ typedef struct BucketAcc
 static inline uint32
 bucketkey_hash(const BucketKey *k)
 {
-	uint64		h = hash_combine64((uint64) k->account_id * UINT64CONST(0x9E3779B97F4A7C15),
-								   (uint64) k->bucket_start);
+	uint64		h = (uint64) k->account_id * UINT64CONST(0x9E3779B97F4A7C15);
 
-	h = hash_combine64(h, ((uint64) (uint32) k->meter << 32) | (uint32) k->dim);
-	return (uint32) (h ^ (h >> 32));
+	h ^= (uint64) k->bucket_start * UINT64CONST(0xC2B2AE3D27D4EB4F);
+	h ^= (((uint64) (uint32) k->meter << 32) | (uint32) k->dim) * UINT64CONST(0x165667B19E3779F9);
+	/* the 64-bit finalizer of MurmurHash3: every input bit reaches every output bit */
+	h ^= h >> 33;
+	h *= UINT64CONST(0xFF51AFD7ED558CCD);
+	h ^= h >> 33;
+	h *= UINT64CONST(0xC4CEB9FE1A85EC53);
+	h ^= h >> 33;
+	return (uint32) h;
 }
 
 /* open-addressing hash table of counter cells (lib/simplehash.h) */
@@ -992,12 +998,20 @@ maybe_flush(IngestState *st)
 
 	/*
 	 * Flush before the cell table would double past the budget, or when
-	 * the queued event ids reach half of it.
+	 * the queued event ids reach half of it.  simplehash may also double
+	 * early when probes run long; if the table got past the budget that
+	 * way, flush and start again from a small table.
 	 */
 	if ((st->buckets->members + 1 >= st->buckets->grow_threshold &&
 		 (Size) st->buckets->size * 2 * sizeof(BucketAcc) > budget) ||
 		st->pending_bytes > budget / 2)
 		flush_state(st);
+	if ((Size) st->buckets->size * sizeof(BucketAcc) > budget)
+	{
+		flush_state(st);
+		cells_destroy(st->buckets);
+		st->buckets = cells_create(st->ctx, 1024, NULL);
+	}
 }
 
 /* ---------------------------------------------------------------------

@@ -4,7 +4,8 @@
  */
 
 ALTER TABLE billing.accounts
-    ADD CONSTRAINT accounts_currency_known CHECK (billing.currency_exponent(currency) >= 0);
+    ADD CONSTRAINT accounts_currency_known
+        CHECK (COALESCE(billing.currency_exponent(currency), -1) >= 0);
 
 CREATE TABLE billing.plans (
     plan      text COLLATE "C" PRIMARY KEY CHECK (plan <> ''),
@@ -15,7 +16,7 @@ CREATE TABLE billing.plans (
                           OR pg_catalog.date_part('day', period) = 0
                              AND pg_catalog.date_trunc('day', period) = period)),
     currency  text NOT NULL DEFAULT 'USD'
-              CHECK (currency ~ '^[A-Z]{3}$' AND billing.currency_exponent(currency) >= 0)
+              CHECK (currency ~ '^[A-Z]{3}$' AND COALESCE(billing.currency_exponent(currency), -1) >= 0)
 );
 COMMENT ON TABLE billing.plans IS
     'Price plans: a billing period (whole months, or days and time) and a currency';
@@ -102,84 +103,85 @@ COMMENT ON FUNCTION billing._period_index(timestamptz, interval, timestamptz) IS
  * edges, and the deltas not yet compacted, so a month costs a few hundred
  * rows, not tens of thousands of minute buckets.
  */
--- ts rounded down / up to a multiple of grain since 1970-01-01 UTC
-CREATE FUNCTION billing._floor(ts timestamptz, grain interval) RETURNS timestamptz
-    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT pg_catalog.date_bin(grain, ts, timestamptz '1970-01-01 00:00:00+00')
-$$;
-COMMENT ON FUNCTION billing._floor(timestamptz, interval) IS 'Internal: ts rounded down to the grain (UTC)';
-CREATE FUNCTION billing._ceil(ts timestamptz, grain interval) RETURNS timestamptz
-    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT CASE WHEN pg_catalog.date_bin(grain, ts, timestamptz '1970-01-01 00:00:00+00')
-                     OPERATOR(pg_catalog.=) ts
-                THEN ts
-                ELSE pg_catalog.date_bin(grain, ts, timestamptz '1970-01-01 00:00:00+00')
-                     OPERATOR(pg_catalog.+) grain END
-$$;
-COMMENT ON FUNCTION billing._ceil(timestamptz, interval) IS 'Internal: ts rounded up to the grain (UTC)';
-
-CREATE FUNCTION billing._usage_totals(p_account bigint, from_ts timestamptz, to_ts timestamptz)
-    RETURNS TABLE (meter text, quantity numeric)
+CREATE FUNCTION billing._usage_totals_many(p_accounts bigint[], p_starts timestamptz[],
+                                           p_ends timestamptz[])
+    RETURNS TABLE (idx integer, meter text, quantity numeric)
     LANGUAGE plpgsql STABLE PARALLEL SAFE
     SET search_path = pg_catalog, billing, pg_temp AS $$
-DECLARE
-    -- [from_ts, to_ts) = minutes [from_ts, h0) + hours [h0, d0) + days [d0, d1)
-    --                  + hours [d1, h1) + minutes [h1, to_ts), with h0/h1 the
-    -- first/last whole hour and d0/d1 the first/last whole UTC day inside
-    h0 timestamptz := billing._ceil(from_ts, '1 hour');
-    h1 timestamptz := billing._floor(to_ts, '1 hour');
-    d0 timestamptz := billing._ceil(from_ts, '1 day');
-    d1 timestamptz := billing._floor(to_ts, '1 day');
-    m_end timestamptz := LEAST(h0, to_ts);                 -- leading minutes end
-    m_start timestamptz := GREATEST(h1, h0, from_ts);      -- trailing minutes start
-    hh_end timestamptz := LEAST(d0, h1);                   -- leading hours end
-    ht_start timestamptz := GREATEST(d1, d0, h0);          -- trailing hours start
 BEGIN
-    -- one index range per meter and table: (account_id, meter, bucket_start)
+    -- [ps, pe) = minutes [ps, h0) + hours [h0, d0) + days [d0, d1) + hours [d1, h1)
+    --          + minutes [h1, pe), with h0/h1 the first/last whole hour and d0/d1
+    -- the first/last whole UTC day inside; each piece is an index range on
+    -- (account_id, meter, bucket_start) of the buckets or a roll-up
     RETURN QUERY
-    WITH cells AS (
-        SELECT m.meter, c.quantity, c.last_ts, c.last_seq
-          FROM billing.meters m
-               CROSS JOIN LATERAL (
+    WITH per AS (
+        SELECT y.idx, y.account_id, y.ps, y.pe,
+               CASE WHEN y.fh = y.ps THEN y.fh ELSE y.fh + interval '1 hour' END AS h0,
+               date_bin('1 hour', y.pe, timestamptz '1970-01-01 00:00:00+00') AS h1,
+               CASE WHEN y.fd = y.ps THEN y.fd ELSE y.fd + interval '1 day' END AS d0,
+               date_bin('1 day', y.pe, timestamptz '1970-01-01 00:00:00+00') AS d1
+          FROM (SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe,
+                       date_bin('1 hour', x.s, timestamptz '1970-01-01 00:00:00+00') AS fh,
+                       date_bin('1 day', x.s, timestamptz '1970-01-01 00:00:00+00') AS fd
+                  FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)) y
+    ), b AS (
+        SELECT per.*, m.meter, m.aggregation,
+               LEAST(h0, pe) AS m_end, GREATEST(h1, h0, ps) AS m_start,
+               LEAST(d0, h1) AS hh_end, GREATEST(d1, d0, h0) AS ht_start
+          FROM per CROSS JOIN billing.meters m
+    ), cells AS (
+        -- per (period, meter) a handful of index range scans, most of them empty
+        SELECT b.idx, b.meter, c.quantity, c.last_ts, c.last_seq
+          FROM b CROSS JOIN LATERAL (
                    SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
-                    WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= from_ts AND u.bucket_start < m_end
+                    WHERE u.account_id = b.account_id AND u.meter = b.meter
+                      AND u.bucket_start >= b.ps AND u.bucket_start < b.m_end
                    UNION ALL
                    SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
-                    WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= m_start AND u.bucket_start < to_ts
+                    WHERE u.account_id = b.account_id AND u.meter = b.meter
+                      AND u.bucket_start >= b.m_start AND u.bucket_start < b.pe
                    UNION ALL
                    SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
-                    WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= h0 AND u.bucket_start < hh_end
+                    WHERE u.account_id = b.account_id AND u.meter = b.meter
+                      AND u.bucket_start >= b.h0 AND u.bucket_start < b.hh_end
                    UNION ALL
                    SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
-                    WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= ht_start AND u.bucket_start < h1
+                    WHERE u.account_id = b.account_id AND u.meter = b.meter
+                      AND u.bucket_start >= b.ht_start AND u.bucket_start < b.h1
                    UNION ALL
                    SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_daily u
-                    WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= d0 AND u.bucket_start < d1
+                    WHERE u.account_id = b.account_id AND u.meter = b.meter
+                      AND u.bucket_start >= b.d0 AND u.bucket_start < b.d1
                ) c
         UNION ALL
         -- not yet compacted
-        SELECT d.meter, x.quantity, x.last_ts, d.seq
-          FROM billing.usage_deltas d,
+        SELECT per.idx, d.meter, x.quantity, x.last_ts, d.seq
+          FROM per JOIN billing.usage_deltas d ON d.account_id = per.account_id,
                ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities), unnest(d.last_ts))
                    AS x(bucket_start, quantity, last_ts)
-         WHERE d.account_id = p_account AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
+         WHERE x.bucket_start >= per.ps AND x.bucket_start < per.pe
     )
-    SELECT c.meter::text,
+    SELECT c.idx, c.meter::text,
            CASE m.aggregation
                WHEN 'max' THEN max(c.quantity)
                WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, c.last_seq DESC))[1]
                ELSE sum(c.quantity) END
       FROM cells c JOIN billing.meters m ON m.meter = c.meter
-     GROUP BY c.meter, m.aggregation;
+     GROUP BY c.idx, c.meter, m.aggregation;
 END
 $$;
+COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[]) IS
+    'Internal: quantity per meter of many (account, range) pairs, from roll-ups where whole hours and days allow';
+
+CREATE FUNCTION billing._usage_totals(p_account bigint, from_ts timestamptz, to_ts timestamptz)
+    RETURNS TABLE (meter text, quantity numeric)
+    LANGUAGE sql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SELECT t.meter, t.quantity
+      FROM billing._usage_totals_many(ARRAY[p_account], ARRAY[from_ts], ARRAY[to_ts]) t
+$$;
 COMMENT ON FUNCTION billing._usage_totals(bigint, timestamptz, timestamptz) IS
-    'Internal: quantity per meter of an account over a time range, from roll-ups where whole hours and days allow';
+    'Internal: quantity per meter of an account over a time range';
 
 -- guards ------------------------------------------------------------------------
 
@@ -190,7 +192,13 @@ DECLARE
     plan_currency text;
 BEGIN
     SELECT a.currency INTO acc_currency FROM billing.accounts a WHERE a.account_id = NEW.account_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account % does not exist', NEW.account_id USING ERRCODE = '23503';
+    END IF;
     SELECT p.currency INTO plan_currency FROM billing.plans p WHERE p.plan = NEW.plan;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'plan "%" does not exist', NEW.plan USING ERRCODE = '23503';
+    END IF;
     IF acc_currency IS DISTINCT FROM plan_currency THEN
         RAISE EXCEPTION 'plan "%" bills in %, account % in %', NEW.plan, plan_currency,
               NEW.account_id, acc_currency
@@ -259,3 +267,21 @@ COMMENT ON FUNCTION billing._plans_check() IS
     'Internal: a plan in use keeps its currency and period';
 CREATE TRIGGER plans_check BEFORE UPDATE ON billing.plans
     FOR EACH ROW EXECUTE FUNCTION billing._plans_check();
+
+CREATE FUNCTION billing._accounts_currency_check() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF NEW.currency IS DISTINCT FROM OLD.currency
+       AND EXISTS (SELECT 1 FROM billing.subscriptions s JOIN billing.plans p ON p.plan = s.plan
+                    WHERE s.account_id = OLD.account_id AND p.currency <> NEW.currency) THEN
+        RAISE EXCEPTION 'account % is subscribed to a plan in %', OLD.account_id, OLD.currency
+            USING ERRCODE = '22023',
+                  HINT = 'An account''s currency must match the plans it is subscribed to.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION billing._accounts_currency_check() IS
+    'Internal: an account keeps the currency of the plans it is subscribed to';
+CREATE TRIGGER accounts_currency_check BEFORE UPDATE OF currency ON billing.accounts
+    FOR EACH ROW EXECUTE FUNCTION billing._accounts_currency_check();

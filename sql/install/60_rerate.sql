@@ -112,17 +112,26 @@ BEGIN
          WHERE i.status = 'finalized'
            AND i.period_start < to_ts AND i.period_end > from_ts
            AND (p_account IS NULL OR i.account_id = p_account)
-    ), correct AS (
-        -- today's lines; a period the subscription no longer covers bills nothing
-        SELECT inv.account_id, inv.invoice_id, r.kind, r.meter, r.description, r.quantity, r.amount
-          FROM inv,
-               LATERAL billing._rate_period(inv.account_id, inv.plan, inv.currency, inv.spend_cap,
-                                            inv.period_start,
-                                            LEAST(billing._add_periods(inv.starts_at, inv.period,
-                                                      billing._period_index(inv.starts_at, inv.period,
-                                                                            inv.period_start) + 1),
-                                                  inv.ends_at)) r
+    ), covered AS (
+        -- today's period bounds; a period the subscription no longer covers bills nothing
+        SELECT inv.*, (row_number() OVER (ORDER BY inv.account_id, inv.invoice_id))::integer AS k,
+               LEAST(billing._add_periods(inv.starts_at, inv.period,
+                         billing._period_index(inv.starts_at, inv.period, inv.period_start) + 1),
+                     inv.ends_at) AS pe
+          FROM inv
          WHERE inv.starts_at IS NOT NULL
+    ), arrays AS (
+        SELECT array_agg(account_id ORDER BY k) AS accounts, array_agg(plan ORDER BY k) AS plans,
+               array_agg(currency ORDER BY k) AS currencies, array_agg(spend_cap ORDER BY k) AS caps,
+               array_agg(period_start ORDER BY k) AS starts, array_agg(pe ORDER BY k) AS ends
+          FROM covered
+    ), correct AS (
+        -- today's lines, all periods in one set-based rating
+        SELECT cv.account_id, cv.invoice_id, r.kind, r.meter, r.description, r.quantity, r.amount
+          FROM arrays a,
+               LATERAL billing._rate_periods(a.accounts, a.plans, a.currencies, a.caps,
+                                             a.starts, a.ends) r
+               JOIN covered cv ON cv.k = r.idx
     ), billed AS (
         SELECT l.account_id, l.invoice_id, l.kind, l.meter, l.description, l.quantity, l.amount
           FROM inv JOIN billing.invoice_lines l
@@ -144,7 +153,11 @@ BEGIN
     SELECT coalesce(c.account_id, b.account_id), coalesce(c.invoice_id, b.invoice_id),
            coalesce(c.kind, b.kind), coalesce(c.meter, b.meter),
            coalesce(c.description, b.description),
-           b.quantity, coalesce(b.amount, 0), c.quantity, coalesce(c.amount, 0),
+           -- a usage line missing on either side billed or should bill 0 units
+           CASE WHEN coalesce(c.kind, b.kind) = 'usage' THEN coalesce(b.quantity, 0) ELSE b.quantity END,
+           coalesce(b.amount, 0),
+           CASE WHEN coalesce(c.kind, b.kind) = 'usage' THEN coalesce(c.quantity, 0) ELSE c.quantity END,
+           coalesce(c.amount, 0),
            coalesce(c.amount, 0) - coalesce(b.amount, 0)
       FROM correct c
            FULL JOIN billed_sum b
@@ -240,6 +253,17 @@ BEGIN
                 USING ERRCODE = '42703';
         END IF;
     END LOOP;
+    -- a source row for a meter that does not exist cannot be compared: say so
+    EXECUTE format($q$
+        SELECT s.%1$I::text FROM %2$s s
+         WHERE s.%3$I >= $1 AND s.%3$I < $2
+           AND NOT EXISTS (SELECT 1 FROM billing.meters m WHERE m.meter = s.%1$I::text)
+         LIMIT 1 $q$, meter_column, source, ts_column)
+       INTO col USING from_ts, to_ts;
+    IF col IS NOT NULL THEN
+        RAISE EXCEPTION 'source "%" has usage of meter "%", which does not exist', source, col
+            USING ERRCODE = '23503';
+    END IF;
     -- both sides per (account, meter, bucket), combined by the meter's aggregation
     RETURN QUERY EXECUTE format($q$
         WITH src AS (

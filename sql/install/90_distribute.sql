@@ -241,6 +241,101 @@ $$;
 COMMENT ON FUNCTION billing._compact_into_citus(text, interval) IS
     'Internal: _compact_into on Citus, one upsert per aggregation';
 
+/*
+ * _finalize_citus: the body of finalize_invoices on Citus, for the periods
+ * ended by cutoff.  The single-node body writes every invoice in one
+ * statement that rates periods inside a query over distributed tables,
+ * which Citus refuses.  Here: each subscription's due periods in order
+ * (under the account's row lock), each rated by a query over functions
+ * only, then written with one statement per table.  The account's pending
+ * adjustments go on its earliest new invoice, as on one node.
+ */
+CREATE FUNCTION billing._finalize_citus(cutoff timestamptz)
+    RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
+                   r_period_end timestamptz, r_total numeric)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    s record;
+    per record;
+    inv bigint;
+    l_no integer[];
+    l_kind text[];
+    l_meter text[];
+    l_description text[];
+    l_quantity numeric[];
+    l_amount numeric[];
+    l_unrounded numeric[];
+    l_charge bigint[];
+    l_price billing.price[];
+    l_adjustment bigint[];
+    l_total numeric;
+BEGIN
+    FOR s IN
+        SELECT sub.account_id, sub.plan, sub.starts_at, sub.ends_at, sub.spend_cap,
+               p.period, p.currency
+          FROM billing.subscriptions sub JOIN billing.plans p ON p.plan = sub.plan
+         WHERE sub.starts_at < cutoff
+         ORDER BY sub.account_id, sub.starts_at
+    LOOP
+        PERFORM 1 FROM billing.accounts a WHERE a.account_id = s.account_id FOR NO KEY UPDATE;
+        FOR per IN
+            SELECT ps, pe
+              FROM generate_series(0,
+                       CASE WHEN s.ends_at IS NOT NULL AND s.ends_at <= cutoff
+                            THEN billing._period_index(s.starts_at, s.period, s.ends_at - interval '1 microsecond')
+                            ELSE billing._period_index(s.starts_at, s.period, cutoff) - 1 END) AS n,
+                   LATERAL (SELECT billing._add_periods(s.starts_at, s.period, n) AS ps,
+                                   LEAST(billing._add_periods(s.starts_at, s.period, n + 1), s.ends_at) AS pe) b
+             WHERE pe <= cutoff
+               AND NOT EXISTS (SELECT 1 FROM billing.invoices i
+                                WHERE i.account_id = s.account_id AND i.period_start = b.ps)
+             ORDER BY n
+        LOOP
+            inv := nextval('billing.invoice_id_seq');
+            SELECT coalesce(array_agg(n.line_no ORDER BY n.line_no), '{}'),
+                   array_agg(n.kind ORDER BY n.line_no), array_agg(n.meter ORDER BY n.line_no),
+                   array_agg(n.description ORDER BY n.line_no), array_agg(n.quantity ORDER BY n.line_no),
+                   array_agg(n.amount ORDER BY n.line_no), array_agg(n.unrounded_amount ORDER BY n.line_no),
+                   array_agg(n.charge_id ORDER BY n.line_no), array_agg(n.price ORDER BY n.line_no),
+                   array_agg(n.adjustment_id ORDER BY n.line_no), coalesce(sum(n.amount), 0)
+              INTO l_no, l_kind, l_meter, l_description, l_quantity, l_amount, l_unrounded,
+                   l_charge, l_price, l_adjustment, l_total
+              FROM (SELECT (row_number() OVER (ORDER BY x.ord))::integer AS line_no, x.*
+                      FROM (SELECT r.ord::bigint AS ord, r.kind, r.meter, r.description, r.quantity,
+                                   r.amount, r.unrounded_amount, r.charge_id, r.price,
+                                   NULL::bigint AS adjustment_id
+                              FROM billing._rate_period(s.account_id, s.plan, s.currency, s.spend_cap,
+                                                        per.ps, per.pe) r
+                            UNION ALL
+                            SELECT 1000000 + row_number() OVER (ORDER BY a.adjustment_id), 'adjustment',
+                                   a.meter, a.description, a.quantity, a.amount, NULL, NULL, NULL,
+                                   a.adjustment_id
+                              FROM billing._pending_adjustments(s.account_id) a) x) n;
+            INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
+                                          currency, total)
+            VALUES (s.account_id, inv, s.plan, per.ps, per.pe, s.currency, l_total);
+            INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
+                                              description, quantity, amount, unrounded_amount,
+                                              charge_id, price, adjustment_id)
+            SELECT s.account_id, inv, u.*
+              FROM unnest(l_no, l_kind, l_meter, l_description, l_quantity, l_amount, l_unrounded,
+                          l_charge, l_price, l_adjustment) u;
+            UPDATE billing.adjustments a SET billed_invoice_id = inv
+             WHERE a.account_id = s.account_id AND a.adjustment_id = ANY (l_adjustment);
+            r_invoice_id := inv;
+            r_account_id := s.account_id;
+            r_period_start := per.ps;
+            r_period_end := per.pe;
+            r_total := l_total;
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._finalize_citus(timestamptz) IS
+    'Internal: finalize_invoices on Citus, one period at a time';
+
 CREATE FUNCTION billing.distribute()
     RETURNS TABLE (object text, distribution text, changed boolean)
     LANGUAGE plpgsql
