@@ -246,7 +246,8 @@ BEGIN
     -- PL/pgSQL, not SQL: Citus routes the query by p_account's value
     RETURN QUERY
     SELECT a.adjustment_id, a.meter::text,
-           billing._adjustment_text(a),
+           -- the row rebuilt as billing.adjustments (on Citus a is a shard's row)
+           billing._adjustment_text(ROW(a.*)::billing.adjustments),
            a.new_quantity - a.old_quantity, a.delta
       FROM billing.adjustments a
      WHERE a.account_id = p_account AND a.billed_invoice_id IS NULL

@@ -336,6 +336,77 @@ $$;
 COMMENT ON FUNCTION billing._finalize_citus(timestamptz) IS
     'Internal: finalize_invoices on Citus, one period at a time';
 
+/*
+ * _usage_totals_citus: the quantity per meter of one account over [from_ts,
+ * to_ts) on Citus, from the minute buckets at the edges, hour and day
+ * roll-ups, and the deltas: one router query to the account's shards (the
+ * set-based _usage_totals_many joins many accounts with arrays, which Citus
+ * cannot plan).  _usage_totals_many calls it once per account.
+ */
+CREATE FUNCTION billing._usage_totals_citus(p_account bigint, from_ts timestamptz, to_ts timestamptz)
+    RETURNS TABLE (meter text, quantity numeric)
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    -- [from_ts, to_ts) = minutes [from_ts, h0) + hours [h0, d0) + days [d0, d1)
+    --                  + hours [d1, h1) + minutes [h1, to_ts), with h0/h1 the
+    -- first/last whole hour and d0/d1 the first/last whole UTC day inside
+    h0 timestamptz := (date_bin('1 hour', from_ts - interval '1 microsecond', timestamptz '1970-01-01 00:00:00+00') + interval '1 hour');
+    h1 timestamptz := date_bin('1 hour', to_ts, timestamptz '1970-01-01 00:00:00+00');
+    d0 timestamptz := (date_bin('1 day', from_ts - interval '1 microsecond', timestamptz '1970-01-01 00:00:00+00') + interval '1 day');
+    d1 timestamptz := date_bin('1 day', to_ts, timestamptz '1970-01-01 00:00:00+00');
+    m_end timestamptz := LEAST(h0, to_ts);                 -- leading minutes end
+    m_start timestamptz := GREATEST(h1, h0, from_ts);      -- trailing minutes start
+    hh_end timestamptz := LEAST(d0, h1);                   -- leading hours end
+    ht_start timestamptz := GREATEST(d1, d0, h0);          -- trailing hours start
+BEGIN
+    -- one index range per meter and table: (account_id, meter, bucket_start)
+    RETURN QUERY
+    WITH cells AS (
+        SELECT m.meter, c.quantity, c.last_ts, c.last_seq
+          FROM billing.meters m
+               CROSS JOIN LATERAL (
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= from_ts AND u.bucket_start < m_end
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= m_start AND u.bucket_start < to_ts
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= h0 AND u.bucket_start < hh_end
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= ht_start AND u.bucket_start < h1
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_daily u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= d0 AND u.bucket_start < d1
+               ) c
+        UNION ALL
+        -- not yet compacted
+        SELECT d.meter, x.quantity, x.last_ts, d.seq
+          FROM billing.usage_deltas d,
+               ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities), unnest(d.last_ts))
+                   AS x(bucket_start, quantity, last_ts)
+         WHERE d.account_id = p_account AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
+    )
+    SELECT c.meter::text,
+           CASE m.aggregation
+               WHEN 'max' THEN max(c.quantity)
+               WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, c.last_seq DESC))[1]
+               ELSE sum(c.quantity) END
+      FROM cells c JOIN billing.meters m ON m.meter = c.meter
+     GROUP BY c.meter, m.aggregation;
+END
+$$;
+
+COMMENT ON FUNCTION billing._usage_totals_citus(bigint, timestamptz, timestamptz) IS
+    'Internal: _usage_totals of one account on Citus (a router query)';
+
 CREATE FUNCTION billing.distribute()
     RETURNS TABLE (object text, distribution text, changed boolean)
     LANGUAGE plpgsql

@@ -66,9 +66,13 @@ run_scenario() {   # run_scenario OUT citus-bool psql-args...
         -f test/citus/scenario.sql >"$out" 2>&1
 }
 run_scenario "$WORK/single.out" false -d postgres
-check "scenario runs on one node" [ $? -eq 0 ]
+rc=$?
+[ $rc -eq 0 ] || tail -20 "$WORK/single.out" | sed 's/^/# /'
+check "scenario runs on one node" [ $rc -eq 0 ]
 run_scenario "$WORK/citus.out" true -h "$CITUS_DIR/sock" -p "$CITUS_COORD_PORT" -U postgres -d postgres
-check "scenario runs on the Citus cluster" [ $? -eq 0 ]
+rc=$?
+[ $rc -eq 0 ] || grep -B2 -A8 'ERROR' "$WORK/citus.out" | grep -v 'account 999' | head -30 | sed 's/^/# /'
+check "scenario runs on the Citus cluster" [ $rc -eq 0 ]
 
 # 3. what both runs must agree on, check by check, then the whole output
 for c in usage usage_compacted invoices invoice_lines adjustments verify_invoices audit; do
