@@ -46,6 +46,8 @@ fi
 
 # 2. the nodes: one plain node, and a coordinator with two workers
 start=$(date +%s)
+# ports apart from make test's own node (54000-54999) and the cluster (55000-55802)
+export PGPORT_TEST=$((53000 + RANDOM % 900))
 if start_cluster >"$WORK/single.log" 2>&1 && citus_start 2 >"$WORK/cluster.log" 2>&1; then
     ok "one node and a cluster of a coordinator and 2 workers started"
 else
