@@ -73,7 +73,7 @@ citus_stop() {
     [ -n "${CITUS_DIR:-}" ] && [ -d "$CITUS_DIR" ] || return 0
     local d
     for d in "$CITUS_DIR"/coord "$CITUS_DIR"/worker*; do
-        [ -f "$d/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$d" -m fast -w stop >/dev/null 2>&1
+        [ -f "$d/postmaster.pid" ] && { as_pg "$PGBIN/pg_ctl" -D "$d" -m fast -w stop >/dev/null 2>&1 || true; }
     done
     rm -rf "$CITUS_DIR"
     CITUS_DIR=
