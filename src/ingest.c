@@ -33,6 +33,7 @@
 #include "access/stratnum.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
+#include "commands/extension.h"
 #include "catalog/pg_collation.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
@@ -238,6 +239,12 @@ static IngestState *trigger_states = NULL;
 #define NUM_CACHED_RELS 6
 static Oid	cached_rel_oids[NUM_CACHED_RELS];
 
+/*
+ * Is billing distributed by Citus (usage_deltas is a Citus table)?  -1:
+ * not known yet; reset with the relation OID cache.
+ */
+static int	citus_mode = -1;
+
 /* backend cache of billing.meters */
 static HTAB *meter_cache = NULL;
 static Oid	meters_relid = InvalidOid;
@@ -250,6 +257,8 @@ static SPIPlanPtr offset_plan = NULL;
 static SPIPlanPtr cumulative_insert_plan = NULL;
 static SPIPlanPtr cumulative_lock_plan = NULL;
 static SPIPlanPtr cumulative_update_plan = NULL;
+static SPIPlanPtr citus_account_plan = NULL;
+static SPIPlanPtr citus_delta_plan = NULL;
 
 static void flush_state(IngestState *st);
 
@@ -272,7 +281,10 @@ meters_relcache_cb(Datum arg, Oid relid)
 		if (cached_rel_oids[i] == relid)
 			cached = true;
 	if (relid == InvalidOid || cached)
+	{
 		memset(cached_rel_oids, 0, sizeof(cached_rel_oids));
+		citus_mode = -1;
+	}
 	if (relid == InvalidOid || relid == meters_relid)
 	{
 		if (meter_cache)
@@ -321,6 +333,60 @@ billing_relid(const char *name)
 	if (i < (int) NUM_CACHED_RELS)
 		cached_rel_oids[i] = relid;
 	return relid;
+}
+
+/*
+ * billing_distributed
+ *		Are billing's tables distributed by Citus?  Then the relations this
+ *		file would open directly are shells on this node, and every access
+ *		must go through statements that Citus routes to the shards.  Known
+ *		once per backend, again after an invalidation of a cached relation
+ *		(distributing a table sends one).
+ */
+static bool
+billing_distributed(void)
+{
+	if (citus_mode < 0)
+	{
+		Datum		values[1];
+		Oid			types[1] = {OIDOID};
+		bool		isnull;
+		bool		dist = false;
+		Oid			deltas = billing_relid("usage_deltas");
+
+		if (OidIsValid(get_extension_oid("citus", true)))
+		{
+			if (SPI_connect() != SPI_OK_CONNECT)
+				elog(ERROR, "SPI_connect failed");
+			values[0] = ObjectIdGetDatum(deltas);
+			if (SPI_execute_with_args("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition "
+									  "WHERE logicalrelid OPERATOR(pg_catalog.=) $1)",
+									  1, types, values, NULL, true, 1) != SPI_OK_SELECT)
+				elog(ERROR, "could not read pg_dist_partition");
+			dist = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+											  SPI_tuptable->tupdesc, 1, &isnull));
+			SPI_finish();
+		}
+		citus_mode = dist ? 1 : 0;
+	}
+	return citus_mode == 1;
+}
+
+/*
+ * spi_prepare_kept
+ *		Prepare and keep a plan for the Citus paths.  Citus plans statements
+ *		on distributed tables per execution (pruning by the parameters), so
+ *		these plans are not forced generic.
+ */
+static SPIPlanPtr
+spi_prepare_kept(const char *sql, int nargs, Oid *types)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
+
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+	SPI_keepplan(plan);
+	return plan;
 }
 
 /*
@@ -405,6 +471,13 @@ billing_meters_changed(PG_FUNCTION_ARGS)
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		elog(ERROR, "billing_meters_changed: not called by trigger manager");
 	CacheInvalidateRelcacheByRelid(((TriggerData *) fcinfo->context)->tg_relation->rd_id);
+
+	/*
+	 * On Citus the trigger fires on a placement of the reference table
+	 * (billing.meters_NNN); the caches key on billing.meters.
+	 */
+	if (((TriggerData *) fcinfo->context)->tg_relation->rd_id != billing_relid("meters"))
+		CacheInvalidateRelcacheByRelid(billing_relid("meters"));
 	return PointerGetDatum(NULL);
 }
 
@@ -968,6 +1041,105 @@ account_exists(int64 account_id)
 	return found;
 }
 
+static int
+int64_cmp(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return x < y ? -1 : (x > y ? 1 : 0);
+}
+
+/*
+ * check_accounts_citus
+ *		check_accounts on Citus: billing.accounts is distributed, so ask
+ *		Citus (one router query for one account; for several, one query
+ *		pruned to their shards) and find the first missing id.
+ */
+static void
+check_accounts_citus(const int64 *accounts, long n)
+{
+	int64	   *ids = palloc(n * sizeof(int64));
+	int64	   *found;
+	long		i,
+				j;
+	long		m = 0;
+	long		nfound;
+	int64		missing = 0;
+	bool		is_missing = false;
+
+	for (i = 0; i < n; i++)
+		if (i == 0 || accounts[i] != accounts[i - 1])
+			ids[m++] = accounts[i];
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (m == 1)
+	{
+		Datum		values[1];
+		Oid			types[1] = {INT8OID};
+
+		if (citus_account_plan == NULL)
+			citus_account_plan = spi_prepare_kept(
+												  "SELECT 1 FROM billing.accounts "
+												  "WHERE account_id OPERATOR(pg_catalog.=) $1",
+												  1, types);
+		values[0] = Int64GetDatum(ids[0]);
+		if (SPI_execute_plan(citus_account_plan, values, NULL, true, 1) != SPI_OK_SELECT)
+			elog(ERROR, "could not check accounts");
+		if (SPI_processed == 0)
+		{
+			is_missing = true;
+			missing = ids[0];
+		}
+	}
+	else
+	{
+		Datum	   *elems = palloc(m * sizeof(Datum));
+		Datum		values[1];
+		Oid			types[1] = {INT8ARRAYOID};
+
+		for (i = 0; i < m; i++)
+			elems[i] = Int64GetDatum(ids[i]);
+		values[0] = PointerGetDatum(construct_array(elems, m, INT8OID, 8, true, TYPALIGN_DOUBLE));
+		/* planned with the values, so that Citus prunes to their shards */
+		if (SPI_execute_with_args("SELECT account_id FROM billing.accounts "
+								  "WHERE account_id OPERATOR(pg_catalog.=) ANY ($1)",
+								  1, types, values, NULL, true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not check accounts");
+		nfound = (long) SPI_processed;
+		found = palloc(Max(nfound, 1) * sizeof(int64));
+		for (i = 0; i < nfound; i++)
+		{
+			bool		isnull;
+
+			found[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+												   SPI_tuptable->tupdesc, 1, &isnull));
+		}
+		qsort(found, nfound, sizeof(int64), int64_cmp);
+		for (i = 0, j = 0; i < m; i++)
+		{
+			while (j < nfound && found[j] < ids[i])
+				j++;
+			if (j >= nfound || found[j] != ids[i])
+			{
+				is_missing = true;
+				missing = ids[i];
+				break;
+			}
+		}
+		pfree(found);
+		pfree(elems);
+	}
+	SPI_finish();
+	pfree(ids);
+	if (is_missing)
+		ereport(ERROR,
+				(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
+				 errmsg("account %lld does not exist", (long long) missing),
+				 errhint("Accounts are defined in billing.accounts.")));
+}
+
 /*
  * check_accounts
  *		Raise 23503 when one of the n account ids (sorted, so that repeats
@@ -984,6 +1156,11 @@ check_accounts(const int64 *accounts, long n)
 
 	if (n == 0)
 		return;
+	if (billing_distributed())
+	{
+		check_accounts_citus(accounts, n);
+		return;
+	}
 	if (accounts[0] == accounts[n - 1])
 	{
 		/* one account (record, report_cumulative, small batches) */
@@ -1069,6 +1246,13 @@ pending_same_key(const PendingRow *x, const PendingRow *y)
 		memcmp(x->event_id, y->event_id, x->event_len) == 0;
 }
 
+#define CLAIM_BATCH_SQL \
+	"INSERT INTO billing.dedupe_keys (account_id, meter, event_id, expires_at) " \
+	"SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), " \
+	"pg_catalog.unnest($3), pg_catalog.unnest($4)) " \
+	"ON CONFLICT DO NOTHING " \
+	"RETURNING account_id, meter, event_id"
+
 /*
  * claim_keys_spi
  *		Claim the keys first[0..nkeys) with one INSERT ... ON CONFLICT DO
@@ -1106,23 +1290,31 @@ claim_keys_spi(IngestState *st, const int *first, int nkeys, bool *won)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (claim_batch_plan == NULL)
+	if (billing_distributed())
 	{
-		SPIPlanPtr	plan = SPI_prepare_cursor(
-									   "INSERT INTO billing.dedupe_keys (account_id, meter, event_id, expires_at) "
-									   "SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
-									   "pg_catalog.unnest($3), pg_catalog.unnest($4)) "
-									   "ON CONFLICT DO NOTHING "
-									   "RETURNING account_id, meter, event_id",
-									   4, types, CURSOR_OPT_GENERIC_PLAN);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		claim_batch_plan = plan;
+		/*
+		 * Citus plans this INSERT ... SELECT only with the values bound (it
+		 * then splits the rows by shard); no generic plan.
+		 */
+		if (SPI_execute_with_args(CLAIM_BATCH_SQL, 4, types, values, NULL, false, 0)
+			!= SPI_OK_INSERT_RETURNING)
+			elog(ERROR, "could not claim event ids");
 	}
-	if (SPI_execute_plan(claim_batch_plan, values, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
-		elog(ERROR, "could not claim event ids");
+	else
+	{
+		if (claim_batch_plan == NULL)
+		{
+			SPIPlanPtr	plan = SPI_prepare_cursor(CLAIM_BATCH_SQL, 4, types,
+												  CURSOR_OPT_GENERIC_PLAN);
+
+			if (plan == NULL)
+				elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+			SPI_keepplan(plan);
+			claim_batch_plan = plan;
+		}
+		if (SPI_execute_plan(claim_batch_plan, values, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
+			elog(ERROR, "could not claim event ids");
+	}
 
 	/* the claimed keys, in the caller's memory, sorted like the batch */
 	nret = (int) SPI_processed;
@@ -1422,7 +1614,8 @@ claim_pending(IngestState *st)
 			first[nkeys++] = j;
 
 	won = palloc0(nkeys * sizeof(bool));
-	if (!claim_keys_direct(st, first, nkeys, won))
+	/* on Citus dedupe_keys is a shell here: claim through Citus */
+	if (billing_distributed() || !claim_keys_direct(st, first, nkeys, won))
 		claim_keys_spi(st, first, nkeys, won);
 
 	for (j = 0, k = -1; j < n; j++)
@@ -1590,50 +1783,24 @@ cell_cmp(const void *a, const void *b)
 }
 
 /*
- * flush_state
- *		Check accounts, claim queued event ids, write every counter cell as
- *		a delta row, and empty the accumulator.
+ * write_deltas_heap
+ *		Write the sorted counter cells as delta rows, one per (account,
+ *		meter, dimension), with multi-inserts straight into the heap and
+ *		index of billing.usage_deltas (single node).
  */
 static void
-flush_state(IngestState *st)
+write_deltas_heap(IngestState *st, CellRef *cells, long ncells)
 {
-	cells_iterator it;
 	BucketAcc  *acc;
 	DeltaWriter w;
 	MemoryContext tmp;
 	MemoryContext old;
-	CellRef    *cells;
-	int64	   *accounts;
-	long		ncells;
-	long		i = 0;
+	long		i;
 	long		j;
 	Datum	   *starts,
 			   *qtys,
 			   *events,
 			   *lasts;
-
-	claim_pending(st);
-
-	if (st->buckets->members == 0)
-		return;
-
-	/* group the cells by (account, meter, dimension), buckets in order */
-	ncells = st->buckets->members;
-	cells = palloc(ncells * sizeof(CellRef));
-	cells_start_iterate(st->buckets, &it);
-	while ((acc = cells_iterate(st->buckets, &it)) != NULL)
-	{
-		cells[i].key = acc->key;
-		cells[i++].acc = acc;
-	}
-	qsort(cells, ncells, sizeof(CellRef), cell_cmp);
-
-	/* every account counted must exist */
-	accounts = palloc(ncells * sizeof(int64));
-	for (i = 0; i < ncells; i++)
-		accounts[i] = cells[i].key.account_id;
-	check_accounts(accounts, ncells);
-	pfree(accounts);
 
 	starts = palloc(ncells * sizeof(Datum));
 	qtys = palloc(ncells * sizeof(Datum));
@@ -1679,14 +1846,201 @@ flush_state(IngestState *st)
 	MemoryContextSwitchTo(old);
 	MemoryContextDelete(tmp);
 	writer_close(&w);
-	for (i = 0; i < ncells; i++)
-		if (!cells[i].acc->value.isdec)
-			pfree(cells[i].acc->value.num);
-	pfree(cells);
 	pfree(starts);
 	pfree(qtys);
 	pfree(events);
 	pfree(lasts);
+}
+
+/*
+ * write_deltas_citus
+ *		write_deltas_heap on Citus: the same delta rows, written by SQL that
+ *		Citus routes to the shards.  One row goes in a router INSERT; more
+ *		go in one INSERT ... SELECT over parallel arrays (the cells of all
+ *		rows flattened, each row taking a slice), which Citus splits by
+ *		shard and copies to each shard in one go.  The sequence numbers of
+ *		last meters come from this node's billing.usage_seq, as on one node.
+ */
+static void
+write_deltas_citus(IngestState *st, CellRef *cells, long ncells)
+{
+	Datum	   *accts = palloc(ncells * sizeof(Datum));
+	Datum	   *meters = palloc(ncells * sizeof(Datum));
+	Datum	   *dims = palloc(ncells * sizeof(Datum));
+	Datum	   *seqs = palloc(ncells * sizeof(Datum));
+	bool	   *seqnull = palloc(ncells * sizeof(bool));
+	Datum	   *firsts = palloc(ncells * sizeof(Datum));
+	Datum	   *lastidx = palloc(ncells * sizeof(Datum));
+	Datum	   *starts = palloc(ncells * sizeof(Datum));
+	Datum	   *qtys = palloc(ncells * sizeof(Datum));
+	Datum	   *events = palloc(ncells * sizeof(Datum));
+	Datum	   *lasts = palloc(ncells * sizeof(Datum));
+	Datum		values[10];
+	char		nulls[10];
+	int			dimsize[1];
+	int			lbound[1] = {1};
+	Oid			seqid = InvalidOid;
+	long		nrows = 0;
+	long		i,
+				j;
+	int			ret;
+
+	for (i = 0; i < ncells; i++)
+	{
+		BucketAcc  *acc = cells[i].acc;
+
+		starts[i] = TimestampTzGetDatum(acc->key.bucket_start);
+		qtys[i] = NumericGetDatum(acc->value.isdec
+								  ? dec_to_numeric(acc->value.dec, QTY_SCALE)
+								  : numeric_trimmed(acc->value.num));
+		events[i] = Int64GetDatum(acc->events);
+		lasts[i] = TimestampTzGetDatum(acc->last_ts);
+	}
+	for (i = 0; i < ncells; i = j)
+	{
+		BucketKey  *k = &cells[i].key;
+		MeterSlot  *slot = st->slots[k->meter];
+		DimEntry   *dim = st->dims[k->dim];
+
+		for (j = i; j < ncells && cells[j].key.account_id == k->account_id &&
+			 cells[j].key.meter == k->meter && cells[j].key.dim == k->dim; j++)
+			;
+		accts[nrows] = Int64GetDatum(k->account_id);
+		meters[nrows] = PointerGetDatum(cstring_to_text(slot->name));
+		dims[nrows] = PointerGetDatum(cstring_to_text_with_len(dim->str, dim->len));
+		seqnull[nrows] = (slot->def.agg != AGG_LAST);
+		if (!seqnull[nrows])
+		{
+			if (!OidIsValid(seqid))
+				seqid = billing_relid("usage_seq");
+			seqs[nrows] = Int64GetDatum(nextval_internal(seqid, false));
+		}
+		else
+			seqs[nrows] = (Datum) 0;
+		firsts[nrows] = Int32GetDatum((int32) i + 1);
+		lastidx[nrows] = Int32GetDatum((int32) j);
+		nrows++;
+	}
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	memset(nulls, ' ', sizeof(nulls));
+	if (nrows == 1)
+	{
+		/* a router INSERT of one row (record, report_cumulative, ...) */
+		Oid			types[8] = {INT8OID, TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZARRAYOID,
+		NUMERICARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
+
+		if (citus_delta_plan == NULL)
+			citus_delta_plan = spi_prepare_kept(
+												"INSERT INTO billing.usage_deltas (account_id, meter, dimension, seq, "
+												"bucket_starts, quantities, events, last_ts) "
+												"VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+												8, types);
+		values[0] = accts[0];
+		values[1] = meters[0];
+		values[2] = dims[0];
+		values[3] = seqs[0];
+		nulls[3] = seqnull[0] ? 'n' : ' ';
+		values[4] = PointerGetDatum(construct_array(starts, ncells, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
+		values[5] = PointerGetDatum(construct_array(qtys, ncells, NUMERICOID, -1, false, TYPALIGN_INT));
+		values[6] = PointerGetDatum(construct_array(events, ncells, INT8OID, 8, true, TYPALIGN_DOUBLE));
+		values[7] = PointerGetDatum(construct_array(lasts, ncells, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
+		nulls[7] = seqnull[0] ? 'n' : ' ';
+		ret = SPI_execute_plan(citus_delta_plan, values, nulls, false, 0);
+	}
+	else
+	{
+		Oid			types[10] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID,
+			TIMESTAMPTZARRAYOID, NUMERICARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID,
+		INT4ARRAYOID, INT4ARRAYOID};
+
+		static const char *sql =
+			"INSERT INTO billing.usage_deltas (account_id, meter, dimension, seq, "
+			"bucket_starts, quantities, events, last_ts) "
+			"SELECT r.a, r.m, r.d, r.s, $5[r.f:r.l], $6[r.f:r.l], $7[r.f:r.l], "
+			"CASE WHEN r.s IS NOT NULL THEN $8[r.f:r.l] END "
+			"FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
+			"pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($9), "
+			"pg_catalog.unnest($10)) AS r(a, m, d, s, f, l)";
+
+		dimsize[0] = (int) nrows;
+		values[0] = PointerGetDatum(construct_array(accts, nrows, INT8OID, 8, true, TYPALIGN_DOUBLE));
+		values[1] = PointerGetDatum(construct_array(meters, nrows, TEXTOID, -1, false, TYPALIGN_INT));
+		values[2] = PointerGetDatum(construct_array(dims, nrows, TEXTOID, -1, false, TYPALIGN_INT));
+		values[3] = PointerGetDatum(construct_md_array(seqs, seqnull, 1, dimsize, lbound,
+													   INT8OID, 8, true, TYPALIGN_DOUBLE));
+		values[4] = PointerGetDatum(construct_array(starts, ncells, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
+		values[5] = PointerGetDatum(construct_array(qtys, ncells, NUMERICOID, -1, false, TYPALIGN_INT));
+		values[6] = PointerGetDatum(construct_array(events, ncells, INT8OID, 8, true, TYPALIGN_DOUBLE));
+		values[7] = PointerGetDatum(construct_array(lasts, ncells, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
+		values[8] = PointerGetDatum(construct_array(firsts, nrows, INT4OID, 4, true, TYPALIGN_INT));
+		values[9] = PointerGetDatum(construct_array(lastidx, nrows, INT4OID, 4, true, TYPALIGN_INT));
+		/* planned with the values: Citus splits the rows by shard */
+		ret = SPI_execute_with_args(sql, 10, types, values, nulls, false, 0);
+	}
+	if (ret != SPI_OK_INSERT || (long) SPI_processed != nrows)
+		elog(ERROR, "could not write usage deltas: %s", SPI_result_code_string(ret));
+	SPI_finish();
+	pfree(accts);
+	pfree(meters);
+	pfree(dims);
+	pfree(seqs);
+	pfree(seqnull);
+	pfree(firsts);
+	pfree(lastidx);
+	pfree(starts);
+	pfree(qtys);
+	pfree(events);
+	pfree(lasts);
+}
+
+/*
+ * flush_state
+ *		Check accounts, claim queued event ids, write every counter cell as
+ *		a delta row, and empty the accumulator.
+ */
+static void
+flush_state(IngestState *st)
+{
+	cells_iterator it;
+	BucketAcc  *acc;
+	CellRef    *cells;
+	int64	   *accounts;
+	long		ncells;
+	long		i = 0;
+
+	claim_pending(st);
+
+	if (st->buckets->members == 0)
+		return;
+
+	/* group the cells by (account, meter, dimension), buckets in order */
+	ncells = st->buckets->members;
+	cells = palloc(ncells * sizeof(CellRef));
+	cells_start_iterate(st->buckets, &it);
+	while ((acc = cells_iterate(st->buckets, &it)) != NULL)
+	{
+		cells[i].key = acc->key;
+		cells[i++].acc = acc;
+	}
+	qsort(cells, ncells, sizeof(CellRef), cell_cmp);
+
+	/* every account counted must exist */
+	accounts = palloc(ncells * sizeof(int64));
+	for (i = 0; i < ncells; i++)
+		accounts[i] = cells[i].key.account_id;
+	check_accounts(accounts, ncells);
+	pfree(accounts);
+
+	if (billing_distributed())
+		write_deltas_citus(st, cells, ncells);
+	else
+		write_deltas_heap(st, cells, ncells);
+	for (i = 0; i < ncells; i++)
+		if (!cells[i].acc->value.isdec)
+			pfree(cells[i].acc->value.num);
+	pfree(cells);
 
 	/* empty the counters; the table keeps its (bounded) capacity */
 	cells_reset(st->buckets);
@@ -2105,34 +2459,56 @@ array_elems(ArrayType *a, Oid type, int len, bool byval, char align,
 static bool
 claim_offset(text *source, int32 partition, int64 offset)
 {
+	static const char *sql =
+		"INSERT INTO billing.ingest_offsets AS o (source, partition, last_offset) "
+		"VALUES ($1, $2, $3) ON CONFLICT (source, partition) DO UPDATE "
+		"SET last_offset = excluded.last_offset, applied_at = pg_catalog.now() "
+		"WHERE o.last_offset OPERATOR(pg_catalog.<) excluded.last_offset";
 	Datum		values[3];
 	Oid			types[3] = {TEXTOID, INT4OID, INT8OID};
 	bool		applied;
+	int			ret;
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (offset_plan == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare_cursor(
-									   "INSERT INTO billing.ingest_offsets AS o (source, partition, last_offset) "
-									   "VALUES ($1, $2, $3) ON CONFLICT (source, partition) DO UPDATE "
-									   "SET last_offset = excluded.last_offset, applied_at = pg_catalog.now() "
-									   "WHERE o.last_offset OPERATOR(pg_catalog.<) excluded.last_offset",
-									   3, types, CURSOR_OPT_GENERIC_PLAN);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		offset_plan = plan;
-	}
 	values[0] = PointerGetDatum(source);
 	values[1] = Int32GetDatum(partition);
 	values[2] = Int64GetDatum(offset);
-	if (SPI_execute_plan(offset_plan, values, NULL, false, 0) != SPI_OK_INSERT)
+	if (billing_distributed())
+	{
+		/*
+		 * ingest_offsets is a reference table: Citus 13.2 crashes planning
+		 * a generic plan of this upsert, so plan it with the values; and
+		 * Citus takes only immutable functions in DO UPDATE SET, so now()
+		 * comes in through the inserted row.
+		 */
+		ret = SPI_execute_with_args("INSERT INTO billing.ingest_offsets AS o "
+									"(source, partition, last_offset, applied_at) "
+									"VALUES ($1, $2, $3, pg_catalog.now()) "
+									"ON CONFLICT (source, partition) DO UPDATE "
+									"SET last_offset = excluded.last_offset, "
+									"applied_at = excluded.applied_at "
+									"WHERE o.last_offset OPERATOR(pg_catalog.<) excluded.last_offset",
+									3, types, values, NULL, false, 0);
+	}
+	else
+	{
+		if (offset_plan == NULL)
+		{
+			SPIPlanPtr	plan = SPI_prepare_cursor(sql, 3, types, CURSOR_OPT_GENERIC_PLAN);
+
+			if (plan == NULL)
+				elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+			SPI_keepplan(plan);
+			offset_plan = plan;
+		}
+		ret = SPI_execute_plan(offset_plan, values, NULL, false, 0);
+	}
+	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not store the batch offset");
 	applied = (SPI_processed == 1);
 	SPI_finish();
-	return applied;
+		return applied;
 }
 
 /*

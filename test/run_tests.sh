@@ -61,7 +61,17 @@ bad=$(grep -Ec '^ *not ok [0-9]+' "$out/tap.log")
 if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
 passed=$((passed + ok)); failed=$((failed + bad))
 
-# 4. pg_dump round trip: one pass or fail.  5. faults (kills and restarts the
+# 4. Citus: the same scenario on a coordinator and two workers as on one node.
+echo "== citus"
+bash test/citus/run.sh >"$out/citus.log" 2>&1
+rc=$?
+grep -vE '^ok [0-9]+' "$out/citus.log"
+ok=$(grep -Ec '^ok [0-9]+' "$out/citus.log")
+bad=$(grep -Ec '^not ok [0-9]+' "$out/citus.log")
+if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
+passed=$((passed + ok)); failed=$((failed + bad))
+
+# 5. pg_dump round trip: one pass or fail.  6. faults (kills and restarts the
 # cluster, so it runs last): one per check.
 echo "== pg_dump round trip"
 bash test/dump/run.sh >"$out/dump.log" 2>&1

@@ -118,7 +118,7 @@ CREATE TRIGGER meters_changed
 -- A meter's aggregation and bucket width cannot change once it has usage.
 CREATE FUNCTION billing._meters_guard() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN
+BEGIN IF billing._in_citus_task() THEN RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END; END IF;  -- Citus: see _in_citus_task
     IF (TG_OP = 'DELETE' OR NEW.aggregation IS DISTINCT FROM OLD.aggregation
         OR NEW.bucket_width IS DISTINCT FROM OLD.bucket_width
         OR NEW.meter IS DISTINCT FROM OLD.meter)
@@ -228,6 +228,7 @@ BEGIN
     IF EXISTS (SELECT 1 FROM billing.metered_tables m WHERE m.tbl = meter_table.tbl) THEN
         PERFORM billing.unmeter_table(tbl);
     END IF;
+    PERFORM billing._meter_table_citus(tbl, account_column);    -- on Citus: co-located, triggers allowed
     INSERT INTO billing.metered_tables VALUES (tbl, account_column, meter_column, quantity_column,
         ts_column, event_id_column, dimension_column, keep_rows);
     EXECUTE format('CREATE TRIGGER billing_meter_row BEFORE INSERT ON %s FOR EACH ROW '
@@ -306,11 +307,15 @@ COMMENT ON FUNCTION billing.report_cumulative(text, bigint, text, timestamptz, n
 
 CREATE FUNCTION billing.purge_dedupe(as_of timestamptz DEFAULT pg_catalog.now())
     RETURNS bigint
-    LANGUAGE sql SET search_path = pg_catalog, billing, pg_temp AS $$
-    WITH gone AS (
-        DELETE FROM billing.dedupe_keys WHERE expires_at <= as_of RETURNING 1
-    )
-    SELECT count(*) FROM gone
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    -- PL/pgSQL, not SQL: Citus plans the delete only with as_of's value
+    DELETE FROM billing.dedupe_keys WHERE expires_at <= as_of;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
 $$;
 COMMENT ON FUNCTION billing.purge_dedupe(timestamptz) IS
     'Removes event ids whose dedupe window ended by as_of (an index range delete); returns how many';
@@ -404,6 +409,10 @@ $$;
 CREATE FUNCTION billing._compact_into(target text, grain interval) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 BEGIN
+    IF billing._citus_table_kind('billing.usage_deltas') IS NOT NULL THEN
+        PERFORM billing._compact_into_citus(target, grain);   -- see 90_distribute.sql
+        RETURN;
+    END IF;
     EXECUTE format($q$
         WITH cells AS (
             SELECT account_id, meter, dimension,
@@ -496,21 +505,23 @@ $$;
 COMMENT ON FUNCTION billing._usage_args_ok(bigint, timestamptz, timestamptz, interval) IS
     'Internal: validates the arguments of billing.usage';
 
-CREATE FUNCTION billing.usage(account_id bigint, from_ts timestamptz, to_ts timestamptz,
-                              grain interval DEFAULT NULL, meter text DEFAULT NULL)
-    RETURNS TABLE (meter text, dimension text, bucket_start timestamptz,
-                   quantity numeric, events bigint)
-    LANGUAGE sql STABLE SET search_path = pg_catalog, billing, pg_temp AS $$
-    -- the arguments are checked by a statement of its own: always, whatever the plan
-    SELECT billing._usage_args_ok($1, $2, $3, $4);
+-- PL/pgSQL: its plans get the argument values, which Citus needs to route
+-- the query to the account's shards (it cannot plan an SQL function's query)
+CREATE FUNCTION billing._usage(p_account bigint, p_from timestamptz, p_to timestamptz,
+                               p_grain interval, p_meter text)
+    RETURNS TABLE (r_meter text, r_dimension text, r_bucket_start timestamptz,
+                   r_quantity numeric, r_events bigint)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    RETURN QUERY
     WITH cells AS (
         SELECT u.meter, u.dimension, u.bucket_start, u.quantity, u.events, u.last_ts, u.last_seq
           FROM billing.usage_cells u
-         WHERE u.account_id = $1 AND u.bucket_start >= $2 AND u.bucket_start < $3
-           AND ($5 IS NULL OR u.meter = $5)
+         WHERE u.account_id = p_account AND u.bucket_start >= p_from AND u.bucket_start < p_to
+           AND (p_meter IS NULL OR u.meter = p_meter)
     )
     SELECT c.meter::text, c.dimension::text,
-           CASE WHEN $4 IS NULL THEN c.bucket_start ELSE billing._bin($4, c.bucket_start) END,
+           CASE WHEN p_grain IS NULL THEN c.bucket_start ELSE billing._bin(p_grain, c.bucket_start) END,
            CASE m.aggregation
                WHEN 'max' THEN max(c.quantity)
                WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, c.last_seq DESC))[1]
@@ -518,7 +529,20 @@ CREATE FUNCTION billing.usage(account_id bigint, from_ts timestamptz, to_ts time
            sum(c.events)::bigint
       FROM cells c JOIN billing.meters m ON m.meter = c.meter
      GROUP BY c.meter, c.dimension, 3, m.aggregation
-     ORDER BY c.meter, c.dimension, 3
+     ORDER BY c.meter, c.dimension, 3;
+END
+$$;
+COMMENT ON FUNCTION billing._usage(bigint, timestamptz, timestamptz, interval, text) IS
+    'Internal: the body of billing.usage';
+
+CREATE FUNCTION billing.usage(account_id bigint, from_ts timestamptz, to_ts timestamptz,
+                              grain interval DEFAULT NULL, meter text DEFAULT NULL)
+    RETURNS TABLE (meter text, dimension text, bucket_start timestamptz,
+                   quantity numeric, events bigint)
+    LANGUAGE sql STABLE SET search_path = pg_catalog, billing, pg_temp AS $$
+    -- the arguments are checked by a statement of its own: always, whatever the plan
+    SELECT billing._usage_args_ok($1, $2, $3, $4);
+    SELECT * FROM billing._usage($1, $2, $3, $4, $5)
 $$;
 COMMENT ON FUNCTION billing.usage(bigint, timestamptz, timestamptz, interval, text) IS
     'Usage of an account: stored buckets (grain NULL) or UTC-aligned roll-ups; max/last meters roll up by max/latest';

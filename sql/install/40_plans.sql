@@ -109,6 +109,14 @@ CREATE FUNCTION billing._usage_totals_many(p_accounts bigint[], p_starts timesta
     LANGUAGE plpgsql STABLE PARALLEL SAFE
     SET search_path = pg_catalog, billing, pg_temp AS $$
 BEGIN
+    -- on Citus: one router query per account (see 90_distribute.sql)
+    IF billing._citus_table_kind('billing.usage_deltas') IS NOT NULL THEN
+        RETURN QUERY
+        SELECT x.i::integer, t.meter, t.quantity
+          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i),
+               LATERAL billing._usage_totals_citus(x.a, x.s, x.e) t;
+        RETURN;
+    END IF;
     -- [ps, pe) = minutes [ps, h0) + hours [h0, d0) + days [d0, d1) + hours [d1, h1)
     --          + minutes [h1, pe), with h0/h1 the first/last whole hour and d0/d1
     -- the first/last whole UTC day inside; each piece is an index range on
@@ -253,7 +261,7 @@ CREATE TRIGGER subscriptions_guard BEFORE DELETE ON billing.subscriptions
 
 CREATE FUNCTION billing._plans_check() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN
+BEGIN IF billing._in_citus_task() THEN RETURN NEW; END IF;  -- Citus: see _in_citus_task
     IF (NEW.currency IS DISTINCT FROM OLD.currency OR NEW.period IS DISTINCT FROM OLD.period)
        AND EXISTS (SELECT 1 FROM billing.subscriptions s WHERE s.plan = OLD.plan) THEN
         RAISE EXCEPTION 'plan "%" has subscriptions', OLD.plan

@@ -94,7 +94,7 @@ CREATE TRIGGER invoice_lines_no_truncate BEFORE TRUNCATE ON billing.invoice_line
 
 CREATE FUNCTION billing._charges_guard() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN
+BEGIN IF billing._in_citus_task() THEN RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END; END IF;  -- Citus: see _in_citus_task
     IF EXISTS (SELECT 1 FROM billing.invoice_lines l WHERE l.charge_id = OLD.charge_id) THEN
         RAISE EXCEPTION 'charge version % rated a finalized invoice', OLD.charge_id
             USING ERRCODE = '55000',
@@ -240,14 +240,19 @@ COMMENT ON FUNCTION billing._adjustment_text(billing.adjustments) IS
 CREATE FUNCTION billing._pending_adjustments(p_account bigint)
     RETURNS TABLE (adjustment_id bigint, meter text, description text, quantity numeric,
                    amount numeric)
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    -- PL/pgSQL, not SQL: Citus routes the query by p_account's value
+    RETURN QUERY
     SELECT a.adjustment_id, a.meter::text,
-           billing._adjustment_text(a),
+           -- the row rebuilt as billing.adjustments (on Citus a is a shard's row)
+           billing._adjustment_text(ROW(a.*)::billing.adjustments),
            a.new_quantity - a.old_quantity, a.delta
       FROM billing.adjustments a
      WHERE a.account_id = p_account AND a.billed_invoice_id IS NULL
-     ORDER BY a.adjustment_id
+     ORDER BY a.adjustment_id;
+END
 $$;
 COMMENT ON FUNCTION billing._pending_adjustments(bigint) IS
     'Internal: adjustments of an account not yet carried by an invoice';
@@ -366,6 +371,12 @@ BEGIN
         RAISE EXCEPTION 'finalize_invoices: as_of must not be null' USING ERRCODE = '22004';
     END IF;
     cutoff := p_as_of - billing._grace_period();
+    -- on Citus these statements may not call functions that read the
+    -- shards: the same invoices, one period at a time (90_distribute.sql)
+    IF billing._citus_table_kind('billing.invoices') IS NOT NULL THEN
+        RETURN QUERY SELECT * FROM billing._finalize_citus(cutoff);
+        RETURN;
+    END IF;
     PERFORM 1 FROM billing.accounts a
      WHERE a.account_id IN (SELECT d.account_id FROM billing._due_periods(cutoff) d)
      ORDER BY a.account_id

@@ -89,8 +89,17 @@ CREATE FUNCTION billing._rerate_diff(from_ts timestamptz, to_ts timestamptz, p_a
     RETURNS TABLE (account_id bigint, invoice_id bigint, line_kind text, meter text,
                    description text, billed_quantity numeric, billed_amount numeric,
                    correct_quantity numeric, correct_amount numeric, delta numeric)
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    -- on Citus, a query over the invoices may not call _rate_period (it reads
+    -- distributed tables itself): the same diff, one invoice at a time
+    IF billing._citus_table_kind('billing.invoices') IS NOT NULL THEN
+        RETURN QUERY SELECT * FROM billing._rerate_diff_citus(from_ts, to_ts, p_account);
+        RETURN;
+    END IF;
+    RETURN QUERY
     WITH inv AS (
         SELECT i.account_id, i.invoice_id, i.plan, i.currency, i.period_start, i.period_end,
                s.spend_cap, s.starts_at, s.ends_at, p.period
@@ -155,7 +164,8 @@ CREATE FUNCTION billing._rerate_diff(from_ts timestamptz, to_ts timestamptz, p_a
                   ON b.account_id = c.account_id AND b.invoice_id = c.invoice_id
                  AND b.kind = c.kind
                  AND b.meter IS NOT DISTINCT FROM c.meter
-                 AND b.fixed_key IS NOT DISTINCT FROM CASE WHEN c.kind = 'fixed' THEN c.description END
+                 AND b.fixed_key IS NOT DISTINCT FROM CASE WHEN c.kind = 'fixed' THEN c.description END;
+END
 $$;
 COMMENT ON FUNCTION billing._rerate_diff(timestamptz, timestamptz, bigint) IS
     'Internal: billed versus correct lines of the finalized invoices overlapping a range';
@@ -296,16 +306,19 @@ $$;
 COMMENT ON FUNCTION billing.reconcile(regclass, name, name, name, name, timestamptz, timestamptz) IS
     'Compares an independent record of usage with the counters bucket by bucket over a range; returns only the buckets that differ';
 
-CREATE FUNCTION billing.verify_invoices(account_id bigint DEFAULT NULL)
-    RETURNS TABLE (account_id bigint, invoice_id bigint, line_no int, problem text)
-    LANGUAGE sql STABLE
+-- PL/pgSQL: Citus plans its queries only with the argument's value
+CREATE FUNCTION billing._verify_invoices(p_account bigint)
+    RETURNS TABLE (r_account_id bigint, r_invoice_id bigint, r_line_no int, r_problem text)
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    RETURN QUERY
     SELECT i.account_id, i.invoice_id, NULL::int,
            format('total %s is not the sum of the lines (%s)', i.total, coalesce(l.s, 0))
       FROM billing.invoices i
            LEFT JOIN LATERAL (SELECT sum(x.amount) AS s FROM billing.invoice_lines x
                                WHERE x.account_id = i.account_id AND x.invoice_id = i.invoice_id) l ON true
-     WHERE ($1 IS NULL OR i.account_id = $1) AND i.total IS DISTINCT FROM coalesce(l.s, 0)
+     WHERE (p_account IS NULL OR i.account_id = p_account) AND i.total IS DISTINCT FROM coalesce(l.s, 0)
     UNION ALL
     SELECT x.account_id, x.invoice_id, x.line_no,
            format('%s line rates %s to %s, not %s', x.kind, coalesce(x.quantity, 0),
@@ -313,10 +326,19 @@ CREATE FUNCTION billing.verify_invoices(account_id bigint DEFAULT NULL)
                   x.amount)
       FROM billing.invoice_lines x
            JOIN billing.invoices i ON i.account_id = x.account_id AND i.invoice_id = x.invoice_id
-     WHERE ($1 IS NULL OR x.account_id = $1) AND x.kind IN ('usage', 'fixed')
+     WHERE (p_account IS NULL OR x.account_id = p_account) AND x.kind IN ('usage', 'fixed')
        AND (x.price IS NULL
             OR billing.round_money(billing.rate(x.price, coalesce(x.quantity, 0)), i.currency) <> x.amount)
-    ORDER BY 1, 2, 3
+    ORDER BY 1, 2, 3;
+END
+$$;
+COMMENT ON FUNCTION billing._verify_invoices(bigint) IS 'Internal: the body of verify_invoices';
+
+CREATE FUNCTION billing.verify_invoices(account_id bigint DEFAULT NULL)
+    RETURNS TABLE (account_id bigint, invoice_id bigint, line_no int, problem text)
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SELECT * FROM billing._verify_invoices($1)
 $$;
 COMMENT ON FUNCTION billing.verify_invoices(bigint) IS
     'Checks finalized invoices: each total is the sum of its lines, and each usage and fixed line is the rounded rating of its quantity with the price that rated it';

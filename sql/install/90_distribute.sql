@@ -1,0 +1,550 @@
+/*
+ * Scaling out on Citus (issue 8).
+ *
+ * billing.distribute(), run once by an admin on the coordinator after
+ * CREATE EXTENSION citus (every node) and CREATE EXTENSION billing, turns
+ * the schema into a distributed one:
+ *
+ *   - every table with an account_id column is distributed by account_id,
+ *     co-located with billing.accounts (so one account's rows of every
+ *     table live on one node);
+ *   - every other table of the schema (meters, plans, charges,
+ *     ingest_offsets, ...) becomes a reference table, copied to every
+ *     node, except billing.metered_tables (regclass values are per node;
+ *     only meter_table/unmeter_table on the coordinator read it);
+ *   - the per-account functions are registered with
+ *     create_distributed_function on their account_id argument, so that a
+ *     call runs on the node that holds the account.
+ *
+ * The schema keeps the rules this needs (the pgTAP test citus_rules.sql
+ * checks them without Citus): every primary or unique key of a table with
+ * account_id starts with account_id, and such a table has foreign keys only
+ * to reference tables or to a co-located table on (account_id, ...).
+ */
+
+/*
+ * _citus_table_kind: 'distributed', 'reference' or NULL (not a Citus
+ * table, or Citus missing).  Reads the catalog dynamically so that the
+ * extension installs without Citus.
+ */
+CREATE FUNCTION billing._citus_table_kind(rel regclass) RETURNS text
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    method "char";
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE 'SELECT partmethod FROM pg_catalog.pg_dist_partition WHERE logicalrelid = $1'
+        INTO method USING rel;
+    RETURN CASE WHEN method IS NULL THEN NULL WHEN method = 'h' THEN 'distributed'
+                WHEN method = 'n' THEN 'reference' ELSE 'other' END;
+END
+$$;
+COMMENT ON FUNCTION billing._citus_table_kind(regclass) IS
+    'Internal: how Citus holds a table (distributed, reference) or NULL when it does not';
+
+/*
+ * _in_citus_task: is this backend running a statement that another Citus
+ * node sent (a shard or reference placement task)?  Guards that read
+ * every shard skip their check there: the node the client talks to has
+ * run it already, and a task may not start distributed queries.
+ */
+CREATE FUNCTION billing._in_citus_task() RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_catalog.current_setting('application_name') LIKE 'citus\_internal gpid=%'
+$$;
+COMMENT ON FUNCTION billing._in_citus_task() IS
+    'Internal: true in a backend executing a task sent by another Citus node';
+
+/*
+ * The per-account functions and the argument that names the account.  A
+ * call whose account argument is a constant, outside an explicit
+ * transaction block, is run on the node holding that account.
+ */
+CREATE FUNCTION billing._distributed_functions()
+    RETURNS TABLE (fn regprocedure, account_arg text)
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    VALUES ('billing.record(bigint,text,numeric,timestamptz,text,text)'::regprocedure, '$1'),
+           ('billing.report_cumulative(text,bigint,text,timestamptz,numeric,text)', '$2'),
+           ('billing.usage(bigint,timestamptz,timestamptz,interval,text)', '$1'),
+           ('billing.remaining(bigint,text,timestamptz)', '$1'),
+           ('billing.invoice_preview(bigint,timestamptz)', '$1'),
+           ('billing.correct_usage(bigint,text,timestamptz,numeric,text,text)', '$1')
+$$;
+COMMENT ON FUNCTION billing._distributed_functions() IS
+    'Internal: the per-account functions billing.distribute() registers with Citus, with their account argument';
+
+/*
+ * _meter_table_citus: meter_table's check on Citus.  When billing is
+ * distributed and the metered table is a Citus table, its rows are counted
+ * by triggers firing on its shards, which may write only co-located shards:
+ * the table must be distributed by its account column with
+ * billing.accounts.  Allows the triggers (citus.enable_unsafe_triggers) for
+ * the rest of the transaction.  A plain table on the coordinator needs
+ * nothing: its triggers run there and Citus routes their writes.
+ */
+CREATE FUNCTION billing._meter_table_citus(tbl regclass, account_column name) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    kind text := billing._citus_table_kind(tbl);
+BEGIN
+    IF kind IS NULL OR billing._citus_table_kind('billing.accounts') IS NULL THEN
+        RETURN;
+    END IF;
+    IF kind <> 'distributed' OR NOT EXISTS (
+        SELECT 1 FROM pg_dist_partition p, pg_dist_partition a
+         WHERE p.logicalrelid = tbl AND a.logicalrelid = 'billing.accounts'::regclass
+           AND p.colocationid = a.colocationid
+           AND column_to_column_name(p.logicalrelid, p.partkey) = account_column) THEN
+        RAISE EXCEPTION 'metered table % must be distributed by its account column with billing.accounts', tbl
+            USING ERRCODE = '55000',
+                  DETAIL = 'Its triggers count each row on the node of the row''s shard, which must also hold the account''s counters.',
+                  HINT = format('SELECT create_distributed_table(%L, %L, colocate_with => %L)',
+                                tbl::text, account_column, 'billing.accounts');
+    END IF;
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+END
+$$;
+COMMENT ON FUNCTION billing._meter_table_citus(regclass, name) IS
+    'Internal: on Citus, a metered Citus table must be co-located with billing.accounts by its account column';
+
+/*
+ * _rerate_diff_citus: billing._rerate_diff on Citus.  The single-node query
+ * calls _rate_period inside a query over the invoices; on Citus that query
+ * runs on the shards, where a function may not start distributed queries of
+ * its own.  Here the invoices are read first, then for each one today's
+ * lines (a query over functions only, which runs on this node) and what was
+ * billed (one router query), matched the same way.
+ */
+CREATE FUNCTION billing._rerate_diff_citus(from_ts timestamptz, to_ts timestamptz, p_account bigint)
+    RETURNS TABLE (account_id bigint, invoice_id bigint, line_kind text, meter text,
+                   description text, billed_quantity numeric, billed_amount numeric,
+                   correct_quantity numeric, correct_amount numeric, delta numeric)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    inv record;
+    rc record;
+    rb record;
+BEGIN
+    FOR inv IN
+        SELECT i.account_id, i.invoice_id, i.plan, i.currency, i.period_start, i.period_end,
+               s.spend_cap, s.starts_at, s.ends_at, p.period
+          FROM billing.invoices i
+               JOIN billing.plans p ON p.plan = i.plan
+               LEFT JOIN billing.subscriptions s
+                      ON s.account_id = i.account_id AND s.plan = i.plan
+                     AND s.starts_at <= i.period_start
+                     AND i.period_start < coalesce(s.ends_at, 'infinity')
+         WHERE i.status = 'finalized'
+           AND i.period_start < to_ts AND i.period_end > from_ts
+           AND (p_account IS NULL OR i.account_id = p_account)
+         ORDER BY i.account_id, i.invoice_id
+    LOOP
+        -- today's lines; a period the subscription no longer covers bills nothing
+        SELECT array_agg(r.kind) AS kinds, array_agg(r.meter) AS meters,
+               array_agg(r.description) AS descriptions, array_agg(r.quantity) AS quantities,
+               array_agg(r.amount) AS amounts
+          INTO rc
+          FROM billing._rate_period(inv.account_id, inv.plan, inv.currency, inv.spend_cap,
+                                    inv.period_start,
+                                    LEAST(billing._add_periods(inv.starts_at, inv.period,
+                                              billing._period_index(inv.starts_at, inv.period,
+                                                                    inv.period_start) + 1),
+                                          inv.ends_at)) r
+         WHERE inv.starts_at IS NOT NULL;
+        -- what was billed: the lines plus the adjustments made since
+        SELECT array_agg(x.kind) AS kinds, array_agg(x.meter) AS meters,
+               array_agg(x.fixed_key) AS fixed_keys, array_agg(x.description) AS descriptions,
+               array_agg(x.quantity) AS quantities, array_agg(x.amount) AS amounts
+          INTO rb
+          FROM (SELECT y.kind, y.meter::text AS meter,
+                       CASE WHEN y.kind = 'fixed' THEN y.description END AS fixed_key,
+                       max(y.description) AS description, sum(y.quantity) AS quantity,
+                       sum(y.amount) AS amount
+                  FROM (SELECT l.kind, l.meter, l.description, l.quantity, l.amount
+                          FROM billing.invoice_lines l
+                         WHERE l.account_id = inv.account_id AND l.invoice_id = inv.invoice_id
+                           AND l.kind <> 'adjustment'
+                        UNION ALL
+                        SELECT a.line_kind, a.meter, a.description,
+                               a.new_quantity - a.old_quantity, a.delta
+                          FROM billing.adjustments a
+                         WHERE a.account_id = inv.account_id AND a.invoice_id = inv.invoice_id) y
+                 GROUP BY 1, 2, 3) x;
+        RETURN QUERY
+        SELECT inv.account_id, inv.invoice_id, coalesce(c.kind, b.kind), coalesce(c.meter, b.meter),
+               coalesce(c.description, b.description),
+               b.quantity, coalesce(b.amount, 0), c.quantity, coalesce(c.amount, 0),
+               coalesce(c.amount, 0) - coalesce(b.amount, 0)
+          FROM unnest(rc.kinds, rc.meters, rc.descriptions, rc.quantities, rc.amounts)
+                   AS c(kind, meter, description, quantity, amount)
+               FULL JOIN unnest(rb.kinds, rb.meters, rb.fixed_keys, rb.descriptions,
+                                rb.quantities, rb.amounts)
+                   AS b(kind, meter, fixed_key, description, quantity, amount)
+                  ON b.kind = c.kind
+                 AND b.meter IS NOT DISTINCT FROM c.meter
+                 AND b.fixed_key IS NOT DISTINCT FROM CASE WHEN c.kind = 'fixed' THEN c.description END;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._rerate_diff_citus(timestamptz, timestamptz, bigint) IS
+    'Internal: _rerate_diff on Citus, one invoice at a time';
+
+/*
+ * _compact_into_citus: billing._compact_into on Citus, which refuses its
+ * UPDATE ... FROM plus INSERT ... WHERE NOT EXISTS over the cells.  The same
+ * fold as one upsert per aggregation (Citus takes ON CONFLICT DO UPDATE with
+ * immutable functions only, and the aggregation is not a column of the
+ * target, so it is a constant of each statement).
+ */
+CREATE FUNCTION billing._compact_into_citus(target text, grain interval) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    agg text;
+BEGIN
+    FOREACH agg IN ARRAY ARRAY['sum', 'count', 'max', 'last'] LOOP
+        EXECUTE format($q$
+            INSERT INTO billing.%I AS b (account_id, meter, dimension, bucket_start, quantity,
+                                         events, last_ts, last_seq)
+            SELECT account_id, meter, dimension, %s,
+                   %s, sum(events)::bigint, max(last_ts),
+                   (array_agg(last_seq ORDER BY last_ts DESC, last_seq DESC))[1]
+              FROM billing_compact_cells
+             WHERE aggregation = %L
+             GROUP BY 1, 2, 3, 4
+            ON CONFLICT (account_id, meter, bucket_start, dimension) DO UPDATE
+               SET quantity = billing._combine(%L, b.quantity, b.last_ts, b.last_seq,
+                                               excluded.quantity, excluded.last_ts, excluded.last_seq),
+                   events = b.events + excluded.events,
+                   last_ts = CASE WHEN (excluded.last_ts, excluded.last_seq) > (b.last_ts, b.last_seq)
+                                  THEN excluded.last_ts ELSE b.last_ts END,
+                   last_seq = CASE WHEN (excluded.last_ts, excluded.last_seq) > (b.last_ts, b.last_seq)
+                                   THEN excluded.last_seq ELSE b.last_seq END
+            $q$,
+            target,
+            CASE WHEN grain IS NULL THEN 'bucket_start'
+                 ELSE format('date_bin(%L, bucket_start, timestamptz %L)', grain, '1970-01-01 00:00:00+00') END,
+            CASE agg WHEN 'max' THEN 'max(quantity)'
+                     WHEN 'last' THEN '(array_agg(quantity ORDER BY last_ts DESC, last_seq DESC))[1]'
+                     ELSE 'sum(quantity)' END,
+            agg, agg);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._compact_into_citus(text, interval) IS
+    'Internal: _compact_into on Citus, one upsert per aggregation';
+
+/*
+ * _finalize_citus: the body of finalize_invoices on Citus, for the periods
+ * ended by cutoff.  The single-node body writes every invoice in one
+ * statement that rates periods inside a query over distributed tables,
+ * which Citus refuses.  Here: each subscription's due periods in order
+ * (under the account's row lock), each rated by a query over functions
+ * only, then written with one statement per table.  The account's pending
+ * adjustments go on its earliest new invoice, as on one node.
+ */
+CREATE FUNCTION billing._finalize_citus(cutoff timestamptz)
+    RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
+                   r_period_end timestamptz, r_total numeric)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    s record;
+    per record;
+    inv bigint;
+    l_no integer[];
+    l_kind text[];
+    l_meter text[];
+    l_description text[];
+    l_quantity numeric[];
+    l_amount numeric[];
+    l_unrounded numeric[];
+    l_charge bigint[];
+    l_price billing.price[];
+    l_adjustment bigint[];
+    l_total numeric;
+BEGIN
+    FOR s IN
+        SELECT sub.account_id, sub.plan, sub.starts_at, sub.ends_at, sub.spend_cap,
+               p.period, p.currency
+          FROM billing.subscriptions sub JOIN billing.plans p ON p.plan = sub.plan
+         WHERE sub.starts_at < cutoff
+         ORDER BY sub.account_id, sub.starts_at
+    LOOP
+        PERFORM 1 FROM billing.accounts a WHERE a.account_id = s.account_id FOR NO KEY UPDATE;
+        FOR per IN
+            SELECT ps, pe
+              FROM generate_series(0,
+                       CASE WHEN s.ends_at IS NOT NULL AND s.ends_at <= cutoff
+                            THEN billing._period_index(s.starts_at, s.period, s.ends_at - interval '1 microsecond')
+                            ELSE billing._period_index(s.starts_at, s.period, cutoff) - 1 END) AS n,
+                   LATERAL (SELECT billing._add_periods(s.starts_at, s.period, n) AS ps,
+                                   LEAST(billing._add_periods(s.starts_at, s.period, n + 1), s.ends_at) AS pe) b
+             WHERE pe <= cutoff
+               AND NOT EXISTS (SELECT 1 FROM billing.invoices i
+                                WHERE i.account_id = s.account_id AND i.period_start = b.ps)
+             ORDER BY n
+        LOOP
+            inv := nextval('billing.invoice_id_seq');
+            SELECT coalesce(array_agg(n.line_no ORDER BY n.line_no), '{}'),
+                   array_agg(n.kind ORDER BY n.line_no), array_agg(n.meter ORDER BY n.line_no),
+                   array_agg(n.description ORDER BY n.line_no), array_agg(n.quantity ORDER BY n.line_no),
+                   array_agg(n.amount ORDER BY n.line_no), array_agg(n.unrounded_amount ORDER BY n.line_no),
+                   array_agg(n.charge_id ORDER BY n.line_no), array_agg(n.price ORDER BY n.line_no),
+                   array_agg(n.adjustment_id ORDER BY n.line_no), coalesce(sum(n.amount), 0)
+              INTO l_no, l_kind, l_meter, l_description, l_quantity, l_amount, l_unrounded,
+                   l_charge, l_price, l_adjustment, l_total
+              FROM (SELECT (row_number() OVER (ORDER BY x.ord))::integer AS line_no, x.*
+                      FROM (SELECT r.ord::bigint AS ord, r.kind, r.meter, r.description, r.quantity,
+                                   r.amount, r.unrounded_amount, r.charge_id, r.price,
+                                   NULL::bigint AS adjustment_id
+                              FROM billing._rate_period(s.account_id, s.plan, s.currency, s.spend_cap,
+                                                        per.ps, per.pe) r
+                            UNION ALL
+                            SELECT 1000000 + row_number() OVER (ORDER BY a.adjustment_id), 'adjustment',
+                                   a.meter, a.description, a.quantity, a.amount, NULL, NULL, NULL,
+                                   a.adjustment_id
+                              FROM billing._pending_adjustments(s.account_id) a) x) n;
+            INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
+                                          currency, total)
+            VALUES (s.account_id, inv, s.plan, per.ps, per.pe, s.currency, l_total);
+            INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
+                                              description, quantity, amount, unrounded_amount,
+                                              charge_id, price, adjustment_id)
+            SELECT s.account_id, inv, u.*
+              FROM unnest(l_no, l_kind, l_meter, l_description, l_quantity, l_amount, l_unrounded,
+                          l_charge, l_price, l_adjustment) u;
+            UPDATE billing.adjustments a SET billed_invoice_id = inv
+             WHERE a.account_id = s.account_id AND a.adjustment_id = ANY (l_adjustment);
+            r_invoice_id := inv;
+            r_account_id := s.account_id;
+            r_period_start := per.ps;
+            r_period_end := per.pe;
+            r_total := l_total;
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._finalize_citus(timestamptz) IS
+    'Internal: finalize_invoices on Citus, one period at a time';
+
+/*
+ * _usage_totals_citus: the quantity per meter of one account over [from_ts,
+ * to_ts) on Citus, from the minute buckets at the edges, hour and day
+ * roll-ups, and the deltas: one router query to the account's shards (the
+ * set-based _usage_totals_many joins many accounts with arrays, which Citus
+ * cannot plan).  _usage_totals_many calls it once per account.
+ */
+CREATE FUNCTION billing._usage_totals_citus(p_account bigint, from_ts timestamptz, to_ts timestamptz)
+    RETURNS TABLE (meter text, quantity numeric)
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    -- [from_ts, to_ts) = minutes [from_ts, h0) + hours [h0, d0) + days [d0, d1)
+    --                  + hours [d1, h1) + minutes [h1, to_ts), with h0/h1 the
+    -- first/last whole hour and d0/d1 the first/last whole UTC day inside
+    h0 timestamptz := (date_bin('1 hour', from_ts - interval '1 microsecond', timestamptz '1970-01-01 00:00:00+00') + interval '1 hour');
+    h1 timestamptz := date_bin('1 hour', to_ts, timestamptz '1970-01-01 00:00:00+00');
+    d0 timestamptz := (date_bin('1 day', from_ts - interval '1 microsecond', timestamptz '1970-01-01 00:00:00+00') + interval '1 day');
+    d1 timestamptz := date_bin('1 day', to_ts, timestamptz '1970-01-01 00:00:00+00');
+    m_end timestamptz := LEAST(h0, to_ts);                 -- leading minutes end
+    m_start timestamptz := GREATEST(h1, h0, from_ts);      -- trailing minutes start
+    hh_end timestamptz := LEAST(d0, h1);                   -- leading hours end
+    ht_start timestamptz := GREATEST(d1, d0, h0);          -- trailing hours start
+BEGIN
+    -- one index range per meter and table: (account_id, meter, bucket_start)
+    RETURN QUERY
+    WITH cells AS (
+        SELECT m.meter, c.quantity, c.last_ts, c.last_seq
+          FROM billing.meters m
+               CROSS JOIN LATERAL (
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= from_ts AND u.bucket_start < m_end
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= m_start AND u.bucket_start < to_ts
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= h0 AND u.bucket_start < hh_end
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= ht_start AND u.bucket_start < h1
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_daily u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= d0 AND u.bucket_start < d1
+               ) c
+        UNION ALL
+        -- not yet compacted
+        SELECT d.meter, x.quantity, x.last_ts, d.seq
+          FROM billing.usage_deltas d,
+               ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities), unnest(d.last_ts))
+                   AS x(bucket_start, quantity, last_ts)
+         WHERE d.account_id = p_account AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
+    )
+    SELECT c.meter::text,
+           CASE m.aggregation
+               WHEN 'max' THEN max(c.quantity)
+               WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, c.last_seq DESC))[1]
+               ELSE sum(c.quantity) END
+      FROM cells c JOIN billing.meters m ON m.meter = c.meter
+     GROUP BY c.meter, m.aggregation;
+END
+$$;
+
+COMMENT ON FUNCTION billing._usage_totals_citus(bigint, timestamptz, timestamptz) IS
+    'Internal: _usage_totals of one account on Citus (a router query)';
+
+CREATE FUNCTION billing.distribute()
+    RETURNS TABLE (object text, distribution text, changed boolean)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    t record;
+    f record;
+    fk record;
+    fks text[] := '{}';
+    kind text;
+    had_rows boolean;
+    emptied regclass[] := '{}';
+    rel regclass;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+        RAISE EXCEPTION 'citus is not installed'
+            USING ERRCODE = '55000',
+                  DETAIL = 'billing.distribute() shards the billing tables with Citus.',
+                  HINT = 'Load citus (shared_preload_libraries), run CREATE EXTENSION citus on every node, add the workers, then call billing.distribute() on the coordinator.';
+    END IF;
+    IF NOT citus_is_coordinator() THEN
+        RAISE EXCEPTION 'billing.distribute() must run on the coordinator'
+            USING ERRCODE = '55000';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_dist_node WHERE groupid = 0) THEN
+        RAISE EXCEPTION 'the coordinator is not in the Citus metadata'
+            USING ERRCODE = '55000',
+                  DETAIL = 'Reference tables need a copy on the coordinator, where guards on them run.',
+                  HINT = 'Run SELECT citus_set_coordinator_host(''host'', port) first.';
+    END IF;
+
+    -- the billing triggers move with their tables (they write only the
+    -- account's own, co-located rows); one connection per node keeps the
+    -- foreign keys created in this transaction valid
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
+
+    -- foreign keys between tables not yet converted: drop now, add back
+    -- once both sides are Citus tables (Citus converts only whole graphs)
+    FOR fk IN
+        SELECT format('billing.%I', r.relname) AS rel, c.conname, pg_get_constraintdef(c.oid) AS def
+          FROM pg_constraint c JOIN pg_class r ON r.oid = c.conrelid
+         WHERE c.contype = 'f' AND r.relnamespace = 'billing'::regnamespace
+           AND (billing._citus_table_kind(c.conrelid) IS NULL
+                OR billing._citus_table_kind(c.confrelid) IS NULL)
+         ORDER BY r.relname, c.conname
+    LOOP
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', fk.rel, fk.conname);
+        -- the workers' copies of the extension's tables become the shells
+        PERFORM run_command_on_workers(
+            format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I', fk.rel, fk.conname));
+        fks := fks || format('ALTER TABLE %s ADD CONSTRAINT %I %s', fk.rel, fk.conname, fk.def);
+    END LOOP;
+
+    -- tables: accounts first (the co-location group), reference tables next
+    FOR t IN
+        SELECT c.oid::regclass AS rel, c.relname,
+               EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = c.oid AND a.attname = 'account_id'
+                          AND a.attnum > 0 AND NOT a.attisdropped) AS per_account
+          FROM pg_class c
+         WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'r'
+           AND NOT c.relispartition
+         ORDER BY c.relname <> 'accounts', 3, c.relname
+    LOOP
+        kind := billing._citus_table_kind(t.rel);
+        IF t.relname = 'metered_tables' THEN
+            object := t.rel::text;
+            distribution := 'local (coordinator)';
+            changed := false;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        changed := kind IS NULL;
+        IF kind IS NULL THEN
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', t.rel) INTO had_rows;
+            IF t.per_account THEN
+                PERFORM create_distributed_table(t.rel, 'account_id',
+                    colocate_with => CASE WHEN t.relname = 'accounts' THEN 'default'
+                                          ELSE 'billing.accounts' END);
+            ELSE
+                PERFORM create_reference_table(t.rel);
+            END IF;
+            IF had_rows THEN
+                emptied := emptied || t.rel;
+            END IF;
+        ELSIF t.per_account AND (kind <> 'distributed'
+              OR NOT EXISTS (SELECT 1 FROM pg_dist_partition p, pg_dist_partition a
+                              WHERE p.logicalrelid = t.rel
+                                AND a.logicalrelid = 'billing.accounts'::regclass
+                                AND p.colocationid = a.colocationid
+                                AND p.partkey IS NOT NULL
+                                AND column_to_column_name(p.logicalrelid, p.partkey) = 'account_id')) THEN
+            RAISE EXCEPTION 'table % is a Citus table, but not distributed by account_id with billing.accounts', t.rel
+                USING ERRCODE = '55000',
+                      HINT = 'Undistribute it (undistribute_table) and run billing.distribute() again.';
+        ELSIF NOT t.per_account AND kind <> 'reference' THEN
+            RAISE EXCEPTION 'table % is a Citus table, but not a reference table', t.rel
+                USING ERRCODE = '55000',
+                      HINT = 'Undistribute it (undistribute_table) and run billing.distribute() again.';
+        END IF;
+        object := t.rel::text;
+        distribution := CASE WHEN t.per_account THEN 'distributed by account_id'
+                             ELSE 'reference' END;
+        RETURN NEXT;
+    END LOOP;
+
+    FOREACH object IN ARRAY fks LOOP
+        EXECUTE object;
+    END LOOP;
+
+    -- the data now lives in the shards; empty the coordinator's copies
+    -- (without firing the immutability triggers of invoices: nothing is
+    -- deleted, only moved)
+    IF array_length(emptied, 1) > 0 THEN
+        PERFORM set_config('session_replication_role', 'replica', true);
+        FOREACH rel IN ARRAY emptied LOOP
+            PERFORM truncate_local_data_after_distributing_table(rel);
+        END LOOP;
+        PERFORM set_config('session_replication_role', 'origin', true);
+    END IF;
+
+    -- functions: a call runs where its account is
+    FOR f IN SELECT * FROM billing._distributed_functions() LOOP
+        changed := NOT EXISTS (SELECT 1 FROM pg_dist_object o
+                                WHERE o.classid = 'pg_proc'::regclass AND o.objid = f.fn
+                                  AND o.distribution_argument_index IS NOT NULL);
+        IF changed THEN
+            PERFORM create_distributed_function(f.fn, f.account_arg,
+                                                colocate_with => 'billing.accounts');
+        END IF;
+        object := f.fn::text;
+        distribution := format('runs on the node of account %s', f.account_arg);
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing.distribute() IS
+    'On a Citus coordinator: distributes the per-account tables by account_id (co-located), makes the catalog tables reference tables and runs the per-account functions where their account is; idempotent';
+
+REVOKE ALL ON FUNCTION billing.distribute() FROM PUBLIC;
