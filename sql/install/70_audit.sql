@@ -147,7 +147,7 @@ DECLARE
     chains bigint[];
     c bigint;
 BEGIN
-    IF billing._audit_suspended() THEN
+    IF billing._audit_suspended() OR billing._in_citus_task() THEN
         RETURN NULL;
     END IF;
     IF TG_OP = 'TRUNCATE' THEN
@@ -225,7 +225,7 @@ CREATE FUNCTION billing._audit_invoice() RETURNS trigger
     SET search_path = pg_catalog, billing, pg_temp
     SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
 BEGIN
-    IF billing._audit_suspended() THEN
+    IF billing._audit_suspended() OR billing._in_citus_task() THEN
         RETURN NULL;
     END IF;
     PERFORM billing._audit_append(
@@ -254,7 +254,7 @@ CREATE FUNCTION billing._audit_insert() RETURNS trigger
 DECLARE
     n jsonb := to_jsonb(NEW);
 BEGIN
-    IF billing._audit_suspended() THEN
+    IF billing._audit_suspended() OR billing._in_citus_task() THEN
         RETURN NULL;
     END IF;
     PERFORM billing._audit_append((n ->> 'account_id')::bigint, TG_ARGV[0],
@@ -282,7 +282,7 @@ CREATE FUNCTION billing._audit_rerate(from_ts timestamptz, to_ts timestamptz, p_
     SET search_path = pg_catalog, billing, pg_temp
     SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
 BEGIN
-    IF billing._audit_suspended() THEN
+    IF billing._audit_suspended() OR billing._in_citus_task() THEN
         RETURN;
     END IF;
     PERFORM billing._audit_append(0, 'rerate', 'rerate',

