@@ -54,7 +54,7 @@ CREATE FUNCTION billing._audit_encode(account_id bigint, seq bigint, at timestam
     AS 'MODULE_PATHNAME', 'billing_audit_encode'
     LANGUAGE C IMMUTABLE PARALLEL SAFE;
 COMMENT ON FUNCTION billing._audit_encode(bigint, bigint, timestamptz, text, text, text, jsonb) IS
-    'Internal: canonical encoding (version 1) of an audit row, the input of its hash (doc/guarantees.md)';
+    'Internal: canonical encoding (version 1) of an audit row, the input of its hash (doc/billing.md, Guarantees)';
 
 CREATE FUNCTION billing._audit_hash(prev_hash bytea, account_id bigint, seq bigint,
                                     at timestamptz, actor text, action text, object text,

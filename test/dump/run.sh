@@ -195,7 +195,7 @@ SQL
         "$(printf 'f\nt\n2\n5\n0')" "$out"
 done
 
-# CREATE EXTENSION by a non-superuser: refused (trusted = false, see doc/guarantees.md)
+# CREATE EXTENSION by a non-superuser: refused (trusted = false, see doc/billing.md, Guarantees)
 recreate billing_dump_owner
 psql -X -q -d postgres -c "DROP ROLE IF EXISTS dump_dbowner" -c "CREATE ROLE dump_dbowner LOGIN" \
     -c "ALTER DATABASE billing_dump_owner OWNER TO dump_dbowner" >/dev/null 2>&1

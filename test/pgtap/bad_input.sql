@@ -2,7 +2,7 @@
 -- negative and huge numbers, NaN and Infinity, wrong currencies and
 -- out-of-range timestamps answers with its documented SQLSTATE (or a
 -- documented result), never XX000 and never a crash.  The SQLSTATEs are
--- listed in doc/guarantees.md ("Bad input").  One test per call; the
+-- listed in doc/billing.md ("Bad input").  One test per call; the
 -- last tests check that no call raised XX000 and the backend survived.
 BEGIN;
 SELECT plan(271);
