@@ -413,13 +413,14 @@ BEGIN
     ), numbered AS (
         SELECT r.*, (row_number() OVER (PARTITION BY r.invoice_id ORDER BY r.ord))::integer AS line_no
           FROM rated r
+    ), totals AS (
+        SELECT n.invoice_id, sum(n.amount) AS total FROM numbered n GROUP BY n.invoice_id
     ), invoices_written AS (
         INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
                                       currency, total)
         SELECT due.account_id, due.invoice_id, due.plan, due.period_start, due.period_end,
-               due.currency,
-               coalesce((SELECT sum(n.amount) FROM numbered n WHERE n.invoice_id = due.invoice_id), 0)
-          FROM due
+               due.currency, coalesce(t.total, 0)
+          FROM due LEFT JOIN totals t ON t.invoice_id = due.invoice_id
         RETURNING billing.invoices.invoice_id, billing.invoices.account_id,
                   billing.invoices.period_start, billing.invoices.period_end,
                   billing.invoices.total
