@@ -357,6 +357,8 @@ COMMENT ON FUNCTION billing._combine(text, numeric, timestamptz, bigint, numeric
 CREATE FUNCTION billing.compact_usage() RETURNS bigint
     LANGUAGE plpgsql
     SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off
     SET client_min_messages = warning AS $$
 DECLARE
     n bigint;
@@ -407,7 +409,9 @@ END
 $$;
 
 CREATE FUNCTION billing._compact_into(target text, grain interval) RETURNS void
-    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
 BEGIN
     IF billing._citus_table_kind('billing.usage_deltas') IS NOT NULL THEN
         PERFORM billing._compact_into_citus(target, grain);   -- see 90_distribute.sql

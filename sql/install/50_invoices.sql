@@ -126,7 +126,9 @@ CREATE FUNCTION billing._rate_periods(p_accounts bigint[], p_plans text[], p_cur
                    quantity numeric, amount numeric, unrounded_amount numeric,
                    charge_id bigint, price billing.price)
     LANGUAGE plpgsql STABLE
-    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
 BEGIN
     RETURN QUERY
     WITH per AS (
@@ -323,7 +325,9 @@ CREATE FUNCTION billing._due_periods(cutoff timestamptz)
     RETURNS TABLE (account_id bigint, plan text, currency text, spend_cap numeric,
                    period_start timestamptz, period_end timestamptz)
     LANGUAGE sql STABLE
-    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
     WITH subs AS (
         SELECT s.account_id, s.plan, s.starts_at, s.ends_at, s.spend_cap, p.period, p.currency,
                CASE WHEN s.ends_at IS NOT NULL AND s.ends_at <= cutoff
@@ -363,7 +367,9 @@ CREATE FUNCTION billing._finalize(p_as_of timestamptz)
     RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
                    r_period_end timestamptz, r_total numeric)
     LANGUAGE plpgsql
-    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
 DECLARE
     cutoff timestamptz;
 BEGIN

@@ -90,7 +90,9 @@ CREATE FUNCTION billing._rerate_diff(from_ts timestamptz, to_ts timestamptz, p_a
                    description text, billed_quantity numeric, billed_amount numeric,
                    correct_quantity numeric, correct_amount numeric, delta numeric)
     LANGUAGE plpgsql STABLE
-    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
 #variable_conflict use_column
 BEGIN
     -- on Citus, a query over the invoices may not call _rate_period (it reads
@@ -176,7 +178,9 @@ CREATE FUNCTION billing._rerate(from_ts timestamptz, to_ts timestamptz, p_accoun
                    r_billed_quantity numeric, r_billed_amount numeric,
                    r_correct_quantity numeric, r_correct_amount numeric, r_delta numeric)
     LANGUAGE plpgsql
-    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
 DECLARE
     n_written bigint;
 BEGIN
