@@ -154,7 +154,7 @@ for i in 1 2 3; do
     OURS+=("$(run_ms "SELECT count(*) FROM billing.rerate('$M0', '$M1');")")
     PEER+=("$(run_ms "\\i /tmp/billing_peer_rerate.sql")")
 done
-N_OURS=$("${PSQL[@]}" -At -d $DB -c "BEGIN" -c "SELECT count(*) FROM billing.rerate('$M0', '$M1')" -c "ROLLBACK" | sed -n 2p)
+N_OURS=$("${PSQL[@]}" -At -d $DB -c "BEGIN" -c "SELECT count(*) FROM billing.rerate('$M0', '$M1')" -c "ROLLBACK" | grep -E "^[0-9]+$" | head -1)
 N_PEER=$("${PSQL[@]}" -At -d $DB <<SQL | tail -1
 BEGIN;
 \i /tmp/billing_peer_rerate.sql
