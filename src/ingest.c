@@ -74,6 +74,9 @@ PG_FUNCTION_INFO_V1(billing_meters_changed);
 #define QTY_SCALE			20
 /* longest meter name (billing.meters has the same CHECK) */
 #define METER_NAME_LEN		64
+/* longest dimension and event id: both are index keys (billing.usage_buckets, billing.dedupe_keys) */
+#define MAX_DIMENSION_LEN	256
+#define MAX_EVENT_ID_LEN	512
 /* how far into the future a report may be stamped */
 #define FUTURE_SLACK_USEC	(5 * USECS_PER_MINUTE)
 /* delta rows written per multi-insert batch */
@@ -937,6 +940,18 @@ add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 		ereport(ERROR,
 				(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
 				 errmsg("account %lld does not exist", (long long) account_id)));
+	if (dimlen > MAX_DIMENSION_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("usage dimension is too long"),
+				 errdetail("A dimension has at most %d bytes; this one has %d.",
+						   MAX_DIMENSION_LEN, dimlen)));
+	if (event_id != NULL && event_len > MAX_EVENT_ID_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("event id is too long"),
+				 errdetail("An event id has at most %d bytes; this one has %d.",
+						   MAX_EVENT_ID_LEN, event_len)));
 
 	memset(&key, 0, sizeof(key));
 	key.account_id = account_id;

@@ -37,6 +37,10 @@ BEGIN
         RAISE EXCEPTION 'a usage correction needs a reason' USING ERRCODE = '22004';
     END IF;
     dimension := coalesce(dimension, '');
+    IF octet_length(dimension) > 256 THEN
+        RAISE EXCEPTION 'usage dimension is too long'
+            USING ERRCODE = '22023', DETAIL = 'A dimension has at most 256 bytes.';
+    END IF;
     SELECT * INTO m FROM billing.meters x WHERE x.meter = correct_usage.meter;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'meter "%" does not exist', correct_usage.meter USING ERRCODE = '23503';
