@@ -97,8 +97,8 @@ COMMENT ON FUNCTION billing._period_index(timestamptz, interval, timestamptz) IS
     'Internal: index of the billing period holding at';
 
 /*
- * _usage_totals: the quantity of each meter of an account over [from_ts,
- * to_ts), combined by the meter's aggregation.  Reads day roll-ups for whole
+ * _usage_totals_many: the quantity of each meter of each (account,
+ * [from, to)) given, combined by the meter's aggregation.  Reads day roll-ups for whole
  * UTC days, hour roll-ups for whole hours, buckets for the minutes at the
  * edges, and the deltas not yet compacted, so a month costs a few hundred
  * rows, not tens of thousands of minute buckets.
@@ -187,16 +187,6 @@ END
 $$;
 COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[]) IS
     'Internal: quantity per meter of many (account, range) pairs, from roll-ups where whole hours and days allow';
-
-CREATE FUNCTION billing._usage_totals(p_account bigint, from_ts timestamptz, to_ts timestamptz)
-    RETURNS TABLE (meter text, quantity numeric)
-    LANGUAGE sql STABLE PARALLEL SAFE
-    SET search_path = pg_catalog, billing, pg_temp AS $$
-    SELECT t.meter, t.quantity
-      FROM billing._usage_totals_many(ARRAY[p_account], ARRAY[from_ts], ARRAY[to_ts]) t
-$$;
-COMMENT ON FUNCTION billing._usage_totals(bigint, timestamptz, timestamptz) IS
-    'Internal: quantity per meter of an account over a time range';
 
 -- guards ------------------------------------------------------------------------
 

@@ -405,7 +405,7 @@ END
 $$;
 
 COMMENT ON FUNCTION billing._usage_totals_citus(bigint, timestamptz, timestamptz) IS
-    'Internal: _usage_totals of one account on Citus (a router query)';
+    'Internal: usage totals of one account on Citus (a router query)';
 
 CREATE FUNCTION billing.distribute()
     RETURNS TABLE (object text, distribution text, changed boolean)

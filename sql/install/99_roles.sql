@@ -97,7 +97,6 @@ GRANT EXECUTE ON FUNCTION
     billing._usage_args_ok(bigint, timestamptz, timestamptz, interval),
     billing._add_periods(timestamptz, interval, integer),
     billing._period_index(timestamptz, interval, timestamptz),
-    billing._usage_totals(bigint, timestamptz, timestamptz),
     billing._rate_period(bigint, text, text, numeric, timestamptz, timestamptz),
     billing._rate_periods(bigint[], text[], text[], numeric[], timestamptz[], timestamptz[]),
     billing._usage_totals_many(bigint[], timestamptz[], timestamptz[]),
