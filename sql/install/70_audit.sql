@@ -86,7 +86,7 @@ COMMENT ON FUNCTION billing._audit_suspended() IS
  * 40001 (retry the transaction).
  */
 CREATE FUNCTION billing._audit_append(p_chain bigint, p_action text, p_object text,
-                                      p_details jsonb)
+                                      p_details jsonb, p_on_placement boolean DEFAULT false)
     RETURNS bigint
     LANGUAGE plpgsql
     SET search_path = pg_catalog, billing, pg_temp AS $$
@@ -97,6 +97,11 @@ DECLARE
     v_actor text := billing._audit_actor();
     v_hash  bytea;
 BEGIN
+    -- on Citus, a trigger on a reference table fires on every node's copy:
+    -- only the node holding the chain's shard writes the row
+    IF p_on_placement AND NOT billing._citus_chain_is_local(p_chain) THEN
+        RETURN NULL;
+    END IF;
     SELECT h.seq, h.hash INTO v_seq, v_prev
       FROM billing.audit_heads h WHERE h.account_id = p_chain FOR UPDATE;
     IF NOT FOUND THEN
@@ -121,8 +126,8 @@ BEGIN
     RETURN v_seq;
 END
 $$;
-COMMENT ON FUNCTION billing._audit_append(bigint, text, text, jsonb) IS
-    'Internal: appends a row to one audit chain (serialized per chain by its head row); returns its seq';
+COMMENT ON FUNCTION billing._audit_append(bigint, text, text, jsonb, boolean) IS
+    'Internal: appends a row to one audit chain (serialized per chain by its head row); returns its seq, or NULL when a Citus placement leaves it to another node';
 
 -- triggers ------------------------------------------------------------------------------
 
@@ -146,13 +151,18 @@ DECLARE
     key text := '';
     chains bigint[];
     c bigint;
+    -- on Citus the trigger fires on a shard or a reference table's copy,
+    -- named after the table with the shard's number
+    on_placement boolean := TG_TABLE_NAME ~ '_[0-9]+$';
+    tbl text := regexp_replace(TG_TABLE_NAME, '_[0-9]+$', '');
 BEGIN
-    IF billing._audit_suspended() OR billing._in_citus_task() THEN
+    IF billing._audit_suspended() THEN
         RETURN NULL;
     END IF;
     IF TG_OP = 'TRUNCATE' THEN
-        PERFORM billing._audit_append(0, 'truncate', format('table:%s', TG_TABLE_NAME),
-                                      jsonb_build_object('table', format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)));
+        PERFORM billing._audit_append(0, 'truncate', format('table:%s', tbl),
+                                      jsonb_build_object('table', format('%I.%I', TG_TABLE_SCHEMA, tbl)),
+                                      on_placement);
         RETURN NULL;
     END IF;
     IF TG_OP <> 'INSERT' THEN
@@ -180,7 +190,8 @@ BEGIN
         PERFORM billing._audit_append(c, lower(TG_OP), format('%s:%s', TG_ARGV[0], key),
                                       CASE TG_OP WHEN 'INSERT' THEN jsonb_build_object('new', n)
                                                  WHEN 'DELETE' THEN jsonb_build_object('old', o)
-                                                 ELSE jsonb_build_object('old', o, 'new', n) END);
+                                                 ELSE jsonb_build_object('old', o, 'new', n) END,
+                                      on_placement);
     END LOOP;
     RETURN NULL;
 END
@@ -218,14 +229,16 @@ CREATE TRIGGER subscriptions_audit_truncate AFTER TRUNCATE ON billing.subscripti
  * _audit_invoice: AFTER INSERT ROW trigger of invoices.  The row carries
  * the invoice and its lines as written by the same statement (finalize
  * writes both in one statement), so verify_audit_log can tell when either
- * changed later.
+ * changed later.  On Citus, where an invoice and its lines are written by
+ * two statements, billing.distribute() makes it a deferred constraint
+ * trigger: the row is written at commit.
  */
 CREATE FUNCTION billing._audit_invoice() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, billing, pg_temp
     SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
 BEGIN
-    IF billing._audit_suspended() OR billing._in_citus_task() THEN
+    IF billing._audit_suspended() THEN
         RETURN NULL;
     END IF;
     PERFORM billing._audit_append(
@@ -254,7 +267,7 @@ CREATE FUNCTION billing._audit_insert() RETURNS trigger
 DECLARE
     n jsonb := to_jsonb(NEW);
 BEGIN
-    IF billing._audit_suspended() OR billing._in_citus_task() THEN
+    IF billing._audit_suspended() THEN
         RETURN NULL;
     END IF;
     PERFORM billing._audit_append((n ->> 'account_id')::bigint, TG_ARGV[0],
@@ -282,7 +295,7 @@ CREATE FUNCTION billing._audit_rerate(from_ts timestamptz, to_ts timestamptz, p_
     SET search_path = pg_catalog, billing, pg_temp
     SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
 BEGIN
-    IF billing._audit_suspended() OR billing._in_citus_task() THEN
+    IF billing._audit_suspended() THEN
         RETURN;
     END IF;
     PERFORM billing._audit_append(0, 'rerate', 'rerate',
@@ -420,26 +433,26 @@ CREATE FUNCTION billing.verify_audit_log()
           FROM billing.audit_log a
          WHERE a.action IN ('finalize', 'adjust', 'correct')
     ), invoice_problems AS (
+        -- lines compared in line_no order, each recorded line contained in
+        -- today's line at the same place (one lateral per invoice: Citus
+        -- pushes it down to the shards)
         SELECT i.account_id, r.seq,
                CASE
                    WHEN r.seq IS NULL THEN format('invoice %s has no audit row', i.invoice_id)
                    WHEN NOT to_jsonb(i) @> (r.details -> 'invoice')
-                        OR jsonb_array_length(r.details -> 'lines') <> coalesce(l.n, 0)
-                        OR EXISTS (
-                            SELECT 1
-                              FROM jsonb_array_elements(r.details -> 'lines') rl(line)
-                                   LEFT JOIN billing.invoice_lines x
-                                          ON x.account_id = i.account_id
-                                         AND x.invoice_id = i.invoice_id
-                                         AND x.line_no = (rl.line ->> 'line_no')::int
-                             WHERE x.line_no IS NULL OR NOT to_jsonb(x) @> rl.line) THEN
+                        OR jsonb_array_length(r.details -> 'lines') <> jsonb_array_length(l.lines)
+                        OR EXISTS (SELECT 1
+                                     FROM generate_series(0, jsonb_array_length(l.lines) - 1) k
+                                    WHERE NOT (l.lines -> k) @> (r.details -> 'lines' -> k)) THEN
                        format('invoice %s differs from its audit row', i.invoice_id)
                END AS problem
           FROM billing.invoices i
                LEFT JOIN recorded r
                       ON r.account_id = i.account_id AND r.action = 'finalize'
                      AND r.object = format('invoice:%s', i.invoice_id)
-               LEFT JOIN LATERAL (SELECT count(*) AS n FROM billing.invoice_lines x
+               LEFT JOIN LATERAL (SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY x.line_no),
+                                                  '[]'::jsonb) AS lines
+                                    FROM billing.invoice_lines x
                                    WHERE x.account_id = i.account_id
                                      AND x.invoice_id = i.invoice_id) l ON true
     ), adjustment_problems AS (

@@ -60,6 +60,27 @@ COMMENT ON FUNCTION billing._in_citus_task() IS
     'Internal: true in a backend executing a task sent by another Citus node';
 
 /*
+ * _citus_chain_is_local: does this node hold the shard of audit chain
+ * p_chain?  True when the audit log is not distributed.  A trigger on a
+ * reference table fires on every node's copy in one distributed
+ * transaction; only the node holding the chain writes the audit row.
+ */
+CREATE FUNCTION billing._citus_chain_is_local(p_chain bigint) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF billing._citus_table_kind('billing.audit_log') IS DISTINCT FROM 'distributed' THEN
+        RETURN true;
+    END IF;
+    RETURN EXISTS (SELECT 1 FROM pg_dist_placement p
+                    WHERE p.shardid = get_shard_id_for_distribution_column('billing.audit_log', p_chain)
+                      AND p.groupid = (SELECT l.groupid FROM pg_dist_local_group l));
+END
+$$;
+COMMENT ON FUNCTION billing._citus_chain_is_local(bigint) IS
+    'Internal: true when this node holds the audit chain (always, without Citus)';
+
+/*
  * The per-account functions and the argument that names the account.  A
  * call whose account argument is a constant, outside an explicit
  * transaction block, is run on the node holding that account.
@@ -444,6 +465,18 @@ BEGIN
     PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
     PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
 
+    -- on Citus an invoice and its lines are written by two statements
+    -- (_finalize_citus): its audit row, which carries the lines, is written
+    -- at commit
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                    WHERE tgrelid = 'billing.invoices'::regclass AND tgname = 'invoices_audit'
+                      AND tginitdeferred) THEN
+        DROP TRIGGER invoices_audit ON billing.invoices;
+        CREATE CONSTRAINT TRIGGER invoices_audit AFTER INSERT ON billing.invoices
+            DEFERRABLE INITIALLY DEFERRED
+            FOR EACH ROW EXECUTE FUNCTION billing._audit_invoice();
+    END IF;
+
     -- foreign keys between tables not yet converted: drop now, add back
     -- once both sides are Citus tables (Citus converts only whole graphs)
     FOR fk IN
@@ -473,9 +506,8 @@ BEGIN
          ORDER BY c.relname <> 'accounts', 3, c.relname
     LOOP
         kind := billing._citus_table_kind(t.rel);
-        IF t.relname IN ('metered_tables', 'audit_log', 'audit_heads') THEN
-            -- metered_tables holds regclass values, which differ per node; the
-            -- audit log is not kept on Citus yet (see doc/billing.md, Scaling out)
+        IF t.relname = 'metered_tables' THEN
+            -- metered_tables holds regclass values, which differ per node
             object := t.rel::text;
             distribution := 'local (coordinator)';
             changed := false;
