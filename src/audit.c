@@ -41,6 +41,7 @@
 
 PG_FUNCTION_INFO_V1(billing_audit_encode);
 PG_FUNCTION_INFO_V1(billing_audit_hash);
+PG_FUNCTION_INFO_V1(billing_audit_chain_step);
 PG_FUNCTION_INFO_V1(billing_audit_actor);
 PG_FUNCTION_INFO_V1(billing_audit_suspended);
 
@@ -164,26 +165,21 @@ billing_audit_encode(PG_FUNCTION_ARGS)
 }
 
 /*
- * billing_audit_hash
- *		billing._audit_hash(prev_hash, account_id, seq, at, actor, action,
- *		object, details) RETURNS bytea: sha256(prev_hash || encoding), a NULL
- *		prev_hash (the first row of a chain) counting as no bytes.
+ * hash_row
+ *		sha256(prev || encoding of the row in args[first] ..), prev NULL
+ *		counting as no bytes.
  */
-Datum
-billing_audit_hash(PG_FUNCTION_ARGS)
+static bytea *
+hash_row(bytea *prev, FunctionCallInfo fcinfo, int first)
 {
 	StringInfoData buf;
 	pg_cryptohash_ctx *ctx;
 	uint8		digest[PG_SHA256_DIGEST_LENGTH];
 
 	initStringInfo(&buf);
-	if (!PG_ARGISNULL(0))
-	{
-		bytea	   *prev = PG_GETARG_BYTEA_PP(0);
-
+	if (prev != NULL)
 		appendBinaryStringInfo(&buf, VARDATA_ANY(prev), VARSIZE_ANY_EXHDR(prev));
-	}
-	encode_row(fcinfo, 1, &buf);
+	encode_row(fcinfo, first, &buf);
 
 	ctx = pg_cryptohash_create(PG_SHA256);
 	if (pg_cryptohash_init(ctx) < 0 ||
@@ -197,7 +193,39 @@ billing_audit_hash(PG_FUNCTION_ARGS)
 	}
 	pg_cryptohash_free(ctx);
 	pfree(buf.data);
-	PG_RETURN_BYTEA_P(buf_to_bytea((const char *) digest, sizeof(digest)));
+	return buf_to_bytea((const char *) digest, sizeof(digest));
+}
+
+/*
+ * billing_audit_hash
+ *		billing._audit_hash(prev_hash, account_id, seq, at, actor, action,
+ *		object, details) RETURNS bytea: sha256(prev_hash || encoding), a NULL
+ *		prev_hash (the first row of a chain) counting as no bytes.
+ */
+Datum
+billing_audit_hash(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BYTEA_P(hash_row(PG_ARGISNULL(0) ? NULL : PG_GETARG_BYTEA_PP(0), fcinfo, 1));
+}
+
+/*
+ * billing_audit_chain_step
+ *		Transition function of the aggregate billing._audit_chain(head_hash,
+ *		account_id, seq, at, actor, action, object, details), run as a window
+ *		aggregate over one chain's new rows in seq order: the state is the
+ *		hash of the previous row (head_hash, the chain head's hash, before
+ *		the first one), the result the hash of the current row.
+ */
+Datum
+billing_audit_chain_step(PG_FUNCTION_ARGS)
+{
+	bytea	   *prev = NULL;
+
+	if (!PG_ARGISNULL(0))
+		prev = PG_GETARG_BYTEA_PP(0);
+	else if (!PG_ARGISNULL(1))
+		prev = PG_GETARG_BYTEA_PP(1);
+	PG_RETURN_BYTEA_P(hash_row(prev, fcinfo, 2));
 }
 
 /*

@@ -96,6 +96,16 @@ $$;
 COMMENT ON FUNCTION billing._period_index(timestamptz, interval, timestamptz) IS
     'Internal: index of the billing period holding at';
 
+CREATE FUNCTION billing._rollup_totals(p_accounts bigint[], p_starts timestamptz[],
+                                      p_ends timestamptz[], p_meters text[],
+                                      p_aggregations text[])
+    RETURNS TABLE (idx integer, meter text, quantity numeric, last_ts timestamptz,
+                   last_seq bigint)
+    AS 'MODULE_PATHNAME', 'billing_rollup_totals'
+    LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing._rollup_totals(bigint[], timestamptz[], timestamptz[], text[], text[]) IS
+    'Internal: per period (1-based index) and meter, the aggregate of the buckets and roll-ups covering [start, end), with the latest cell''s last_ts and last_seq (src/totals.c)';
+
 /*
  * _usage_totals_many: the quantity of each meter of each (account,
  * [from, to)) given, combined by the meter's aggregation.  Reads day roll-ups for whole
@@ -119,70 +129,39 @@ BEGIN
                LATERAL billing._usage_totals_citus(x.a, x.s, x.e) t;
         RETURN;
     END IF;
-    -- [ps, pe) = minutes [ps, h0) + hours [h0, d0) + days [d0, d1) + hours [d1, h1)
-    --          + minutes [h1, pe), with h0/h1 the first/last whole hour and d0/d1
-    -- the first/last whole UTC day inside; each piece is an index range on
-    -- (account_id, meter, bucket_start) of the buckets or a roll-up
+    -- the roll-ups and buckets covering each period, each meter aggregated
+    -- in C (billing._rollup_totals), plus the deltas not yet compacted; a
+    -- last meter's latest value compared as [epoch of last_ts, last_seq,
+    -- quantity], the array order being ORDER BY last_ts DESC, last_seq DESC
+    -- with NULLs first
     RETURN QUERY
-    WITH per AS (
-        SELECT y.idx, y.account_id, y.ps, y.pe,
-               CASE WHEN y.fh = y.ps THEN y.fh ELSE y.fh + interval '1 hour' END AS h0,
-               date_bin('1 hour', y.pe, timestamptz '1970-01-01 00:00:00+00') AS h1,
-               CASE WHEN y.fd = y.ps THEN y.fd ELSE y.fd + interval '1 day' END AS d0,
-               date_bin('1 day', y.pe, timestamptz '1970-01-01 00:00:00+00') AS d1
-          FROM (SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe,
-                       date_bin('1 hour', x.s, timestamptz '1970-01-01 00:00:00+00') AS fh,
-                       date_bin('1 day', x.s, timestamptz '1970-01-01 00:00:00+00') AS fd
-                  FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)) y
-    ), b AS (
-        SELECT per.*, m.meter, m.aggregation,
-               LEAST(h0, pe) AS m_end, GREATEST(h1, h0, ps) AS m_start,
-               LEAST(d0, h1) AS hh_end, GREATEST(d1, d0, h0) AS ht_start
-          FROM per CROSS JOIN billing.meters m
-    ), cells AS (
-        -- per (period, meter) a handful of index range scans, most of them empty
-        SELECT b.idx, b.meter, c.quantity, c.last_ts, c.last_seq
-          FROM b CROSS JOIN LATERAL (
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
-                    WHERE b.ps < b.m_end    -- (a one-time filter: empty ranges cost no scan)
-                      AND u.account_id = b.account_id AND u.meter = b.meter
-                      AND u.bucket_start >= b.ps AND u.bucket_start < b.m_end
-                   UNION ALL
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
-                    WHERE b.m_start < b.pe
-                      AND u.account_id = b.account_id AND u.meter = b.meter
-                      AND u.bucket_start >= b.m_start AND u.bucket_start < b.pe
-                   UNION ALL
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
-                    WHERE b.h0 < b.hh_end
-                      AND u.account_id = b.account_id AND u.meter = b.meter
-                      AND u.bucket_start >= b.h0 AND u.bucket_start < b.hh_end
-                   UNION ALL
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
-                    WHERE b.ht_start < b.h1
-                      AND u.account_id = b.account_id AND u.meter = b.meter
-                      AND u.bucket_start >= b.ht_start AND u.bucket_start < b.h1
-                   UNION ALL
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_daily u
-                    WHERE b.d0 < b.d1
-                      AND u.account_id = b.account_id AND u.meter = b.meter
-                      AND u.bucket_start >= b.d0 AND u.bucket_start < b.d1
-               ) c
+    WITH ms AS (
+        SELECT array_agg(m.meter::text ORDER BY m.meter) AS meters,
+               array_agg(m.aggregation::text ORDER BY m.meter) AS aggs
+          FROM billing.meters m
+    ), per AS (
+        SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe
+          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)
+    ), folded AS (
+        SELECT r.idx, r.meter COLLATE "C" AS meter, r.quantity,
+               ARRAY[extract(epoch FROM r.last_ts), r.last_seq, r.quantity] AS w
+          FROM ms, billing._rollup_totals(p_accounts, p_starts, p_ends, ms.meters, ms.aggs) r
         UNION ALL
         -- not yet compacted
-        SELECT per.idx, d.meter, x.quantity, x.last_ts, d.seq
+        SELECT per.idx, d.meter, x.quantity,
+               ARRAY[extract(epoch FROM x.last_ts), d.seq, x.quantity]
           FROM per JOIN billing.usage_deltas d ON d.account_id = per.account_id,
                ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities), unnest(d.last_ts))
                    AS x(bucket_start, quantity, last_ts)
          WHERE x.bucket_start >= per.ps AND x.bucket_start < per.pe
     )
-    SELECT c.idx, c.meter::text,
+    SELECT f.idx, f.meter::text,
            CASE m.aggregation
-               WHEN 'max' THEN max(c.quantity)
-               WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, c.last_seq DESC))[1]
-               ELSE sum(c.quantity) END
-      FROM cells c JOIN billing.meters m ON m.meter = c.meter
-     GROUP BY c.idx, c.meter, m.aggregation;
+               WHEN 'max' THEN max(f.quantity)
+               WHEN 'last' THEN (max(f.w))[3]
+               ELSE sum(f.quantity) END
+      FROM folded f JOIN billing.meters m ON m.meter = f.meter
+     GROUP BY f.idx, f.meter, m.aggregation;
 END
 $$;
 COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[]) IS

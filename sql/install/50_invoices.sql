@@ -135,30 +135,39 @@ BEGIN
         SELECT x.i::integer AS idx, x.pl AS plan, x.cur AS currency, x.cap, x.s AS ps
           FROM unnest(p_plans, p_currencies, p_caps, p_starts) WITH ORDINALITY AS x(pl, cur, cap, s, i)
     ), versions AS (
-        SELECT DISTINCT ON (per.idx, c.meter,
-                            CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END)
-               per.idx, per.currency, c.charge_id, c.meter, c.description, c.price
-          FROM per JOIN billing.charges c ON c.plan = per.plan AND c.valid_from <= per.ps
-         ORDER BY per.idx, c.meter, CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END,
-                  c.valid_from DESC
+        -- the charge versions in force, once per (plan, period start) however
+        -- many accounts share them, numbered in invoice order: fixed fees by
+        -- description, then usage by meter (the spend cap comes last)
+        SELECT v.*, (row_number() OVER (PARTITION BY v.plan, v.ps
+                                        ORDER BY v.grp, v.description, v.meter))::integer AS ord,
+               (count(*) OVER (PARTITION BY v.plan, v.ps))::integer AS n_lines
+          FROM (SELECT DISTINCT ON (k.plan, k.ps, c.meter,
+                                    CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END)
+                       k.plan, k.ps, c.charge_id, c.meter::text AS meter,
+                       coalesce(c.description, c.meter) AS description, c.price,
+                       CASE WHEN c.meter IS NULL THEN 1 ELSE 2 END AS grp
+                  FROM (SELECT DISTINCT per.plan, per.ps FROM per) k
+                       JOIN billing.charges c ON c.plan = k.plan AND c.valid_from <= k.ps
+                 ORDER BY k.plan, k.ps, c.meter,
+                          CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END,
+                          c.valid_from DESC) v
     ), totals AS (
         SELECT t.idx, t.meter, t.quantity
           FROM billing._usage_totals_many(p_accounts, p_starts, p_ends) t
     ), rated AS (
-        SELECT v.idx, v.currency,
-               CASE WHEN v.meter IS NULL THEN 1 ELSE 2 END AS grp,
+        SELECT per.idx, per.currency, v.ord, v.n_lines, v.grp,
                CASE WHEN v.meter IS NULL THEN 'fixed' ELSE 'usage' END AS kind,
-               v.meter::text AS meter,
-               coalesce(v.description, v.meter) AS description,
+               v.meter, v.description,
                CASE WHEN v.meter IS NULL THEN NULL ELSE coalesce(t.quantity, 0) END AS quantity,
                billing.rate(v.price, CASE WHEN v.meter IS NULL THEN 0 ELSE coalesce(t.quantity, 0) END)
                    AS unrounded_amount,
                v.charge_id, v.price
-          FROM versions v LEFT JOIN totals t ON t.idx = v.idx AND t.meter = v.meter
+          FROM per JOIN versions v ON v.plan = per.plan AND v.ps = per.ps
+               LEFT JOIN totals t ON t.idx = per.idx AND t.meter = v.meter
     ), lines AS (
         SELECT r.*, billing.round_money(r.unrounded_amount, r.currency) AS amount FROM rated r
     ), capped AS (
-        SELECT per.idx, 3 AS grp, 'cap'::text AS kind, NULL::text AS meter,
+        SELECT per.idx, max(l.n_lines) + 1 AS ord, 'cap'::text AS kind, NULL::text AS meter,
                'spend cap'::text AS description, NULL::numeric AS quantity,
                NULL::numeric AS unrounded_amount, NULL::bigint AS charge_id,
                NULL::billing.price AS price,
@@ -168,17 +177,13 @@ BEGIN
          GROUP BY per.idx, per.cap, per.currency
         HAVING sum(l.amount) > billing.round_money(per.cap, per.currency)
     )
-    SELECT x.idx,
-           (row_number() OVER (PARTITION BY x.idx ORDER BY x.grp, x.description, x.meter))::integer,
-           x.kind, x.meter, x.description, x.quantity, x.amount, x.unrounded_amount, x.charge_id,
-           x.price
-      FROM (SELECT l.idx, l.grp, l.kind, l.meter, l.description, l.quantity, l.amount,
-                   l.unrounded_amount, l.charge_id, l.price
-              FROM lines l
-            UNION ALL
-            SELECT c.idx, c.grp, c.kind, c.meter, c.description, c.quantity, c.amount,
-                   c.unrounded_amount, c.charge_id, c.price
-              FROM capped c) x;
+    SELECT l.idx, l.ord, l.kind, l.meter, l.description, l.quantity, l.amount,
+           l.unrounded_amount, l.charge_id, l.price
+      FROM lines l
+    UNION ALL
+    SELECT c.idx, c.ord, c.kind, c.meter, c.description, c.quantity, c.amount,
+           c.unrounded_amount, c.charge_id, c.price
+      FROM capped c;
 END
 $$;
 COMMENT ON FUNCTION billing._rate_periods(bigint[], text[], text[], numeric[], timestamptz[], timestamptz[]) IS

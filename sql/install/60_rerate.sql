@@ -217,6 +217,10 @@ BEGIN
                d.billed_quantity, d.correct_quantity, d.billed_amount, d.correct_amount, d.delta,
                coalesce(p_reason, 're-rate')
           FROM d
+         -- adjustment ids in invoice line order (fixed fees, usage, the cap)
+         ORDER BY d.account_id, d.invoice_id,
+                  CASE d.line_kind WHEN 'fixed' THEN 1 WHEN 'usage' THEN 2 ELSE 3 END,
+                  d.description, d.meter
     )
     SELECT d.account_id, d.invoice_id, d.meter, d.billed_quantity, d.billed_amount,
            d.correct_quantity, d.correct_amount, d.delta

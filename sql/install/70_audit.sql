@@ -65,6 +65,24 @@ CREATE FUNCTION billing._audit_hash(prev_hash bytea, account_id bigint, seq bigi
 COMMENT ON FUNCTION billing._audit_hash(bytea, bigint, bigint, timestamptz, text, text, text, jsonb) IS
     'Internal: sha256(prev_hash || canonical encoding of the row); a NULL prev_hash counts as no bytes';
 
+CREATE FUNCTION billing._audit_chain_step(state bytea, head_hash bytea, account_id bigint,
+                                          seq bigint, at timestamptz, actor text, action text,
+                                          object text, details jsonb)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'billing_audit_chain_step'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing._audit_chain_step(bytea, bytea, bigint, bigint, timestamptz, text, text, text, jsonb) IS
+    'Internal: transition function of billing._audit_chain';
+
+CREATE AGGREGATE billing._audit_chain(head_hash bytea, account_id bigint, seq bigint,
+                                      at timestamptz, actor text, action text, object text,
+                                      details jsonb) (
+    SFUNC = billing._audit_chain_step,
+    STYPE = bytea
+);
+COMMENT ON AGGREGATE billing._audit_chain(bytea, bigint, bigint, timestamptz, text, text, text, jsonb) IS
+    'Internal: as a window aggregate over one chain''s new rows in seq order, the hash of each row (starting from the chain head''s hash)';
+
 CREATE FUNCTION billing._audit_actor() RETURNS text
     AS 'MODULE_PATHNAME', 'billing_audit_actor'
     LANGUAGE C STABLE PARALLEL SAFE;
@@ -128,6 +146,64 @@ END
 $$;
 COMMENT ON FUNCTION billing._audit_append(bigint, text, text, jsonb, boolean) IS
     'Internal: appends a row to one audit chain (serialized per chain by its head row); returns its seq, or NULL when a Citus placement leaves it to another node';
+
+/*
+ * _audit_append_many: _audit_append for many rows at once (one statement
+ * writing adjustments or usage corrections), each chain's in the order of
+ * p_keys (the adjustment or correction ids).  Locks
+ * the chains' heads in account order, numbers each chain's rows after its
+ * head, hashes them in order with the window aggregate _audit_chain, and
+ * advances each head once.  One time stamp for the whole batch.  Not on
+ * Citus (billing.distribute() puts the row-level triggers back).
+ */
+CREATE FUNCTION billing._audit_append_many(p_chains bigint[], p_keys bigint[], p_action text,
+                                           p_objects text[], p_details jsonb[])
+    RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    v_actor text := billing._audit_actor();
+    v_at    timestamptz;
+    n_heads integer;
+BEGIN
+    INSERT INTO billing.audit_heads (account_id, seq, hash)
+    SELECT DISTINCT c, 0, NULL::bytea FROM unnest(p_chains) c
+    ON CONFLICT (account_id) DO NOTHING;
+    PERFORM 1 FROM billing.audit_heads h
+      WHERE h.account_id = ANY (p_chains) ORDER BY h.account_id FOR UPDATE;
+    GET DIAGNOSTICS n_heads = ROW_COUNT;
+    IF n_heads <> (SELECT count(DISTINCT c) FROM unnest(p_chains) c) THEN
+        RAISE EXCEPTION 'an audit chain was created by a concurrent transaction'
+            USING ERRCODE = '40001', HINT = 'Retry the transaction.';
+    END IF;
+    -- taken under the locks: at never goes back within a chain
+    v_at := clock_timestamp();
+    WITH numbered AS (
+        SELECT x.chain, x.object, x.details, h.hash AS head_hash,
+               h.seq + row_number() OVER (PARTITION BY x.chain ORDER BY x.k) AS seq
+          FROM unnest(p_chains, p_keys, p_objects, p_details) AS x(chain, k, object, details)
+               JOIN billing.audit_heads h ON h.account_id = x.chain
+    ), hashed AS (
+        SELECT n.*, billing._audit_chain(n.head_hash, n.chain, n.seq, v_at, v_actor, p_action,
+                                         n.object, n.details)
+                        OVER (PARTITION BY n.chain ORDER BY n.seq) AS hash
+          FROM numbered n
+    ), written AS (
+        INSERT INTO billing.audit_log (account_id, seq, at, actor, action, object, details,
+                                       prev_hash, hash)
+        SELECT y.chain, y.seq, v_at, v_actor, p_action, y.object, y.details,
+               coalesce(lag(y.hash) OVER (PARTITION BY y.chain ORDER BY y.seq), y.head_hash), y.hash
+          FROM hashed y
+        RETURNING billing.audit_log.account_id, billing.audit_log.seq, billing.audit_log.hash
+    )
+    UPDATE billing.audit_heads h SET seq = w.seq, hash = w.hash
+      FROM (SELECT DISTINCT ON (w.account_id) w.account_id, w.seq, w.hash
+              FROM written w ORDER BY w.account_id, w.seq DESC) w
+     WHERE h.account_id = w.account_id;
+END
+$$;
+COMMENT ON FUNCTION billing._audit_append_many(bigint[], bigint[], text, text[], jsonb[]) IS
+    'Internal: appends many rows to their audit chains in one go (the statement-level audit of adjustments and usage corrections)';
 
 -- triggers ------------------------------------------------------------------------------
 
@@ -276,11 +352,44 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing._audit_insert() IS
-    'Internal: writes the audit row of an adjustment or a usage correction';
+    'Internal: writes the audit row of an adjustment or a usage correction (the row-level trigger billing.distribute() installs on Citus)';
+/*
+ * _audit_insert_rows: the same as an AFTER INSERT statement trigger (one
+ * set-based append per statement: a rerate writes thousands of
+ * adjustments).  Arguments as _audit_insert's; each chain's rows in key
+ * order.
+ */
+CREATE FUNCTION billing._audit_insert_rows() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+DECLARE
+    chains bigint[];
+    keys bigint[];
+    objects text[];
+    details jsonb[];
+BEGIN
+    IF billing._audit_suspended() THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('SELECT array_agg(n.account_id), array_agg(n.%1$I), array_agg(%2$L || n.%1$I),
+                           array_agg(to_jsonb(n))
+                      FROM new_rows n', TG_ARGV[2], TG_ARGV[1] || ':')
+       INTO chains, keys, objects, details;
+    IF chains IS NOT NULL THEN
+        PERFORM billing._audit_append_many(chains, keys, TG_ARGV[0], objects, details);
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._audit_insert_rows() IS
+    'Internal: writes the audit rows of the adjustments or usage corrections one statement inserted';
 CREATE TRIGGER adjustments_audit AFTER INSERT ON billing.adjustments
-    FOR EACH ROW EXECUTE FUNCTION billing._audit_insert('adjust', 'adjustment', 'adjustment_id');
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_insert_rows('adjust', 'adjustment', 'adjustment_id');
 CREATE TRIGGER usage_corrections_audit AFTER INSERT ON billing.usage_corrections
-    FOR EACH ROW EXECUTE FUNCTION billing._audit_insert('correct', 'usage_correction', 'correction_id');
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_insert_rows('correct', 'usage_correction', 'correction_id');
 
 /*
  * _audit_rerate: the row of one rerate run (called by billing._rerate after
@@ -332,21 +441,22 @@ CREATE TRIGGER usage_corrections_append_only BEFORE UPDATE OR DELETE ON billing.
 CREATE TRIGGER usage_corrections_no_truncate BEFORE TRUNCATE ON billing.usage_corrections
     FOR EACH STATEMENT EXECUTE FUNCTION billing._append_only();
 
--- a chain head only moves forward, one row at a time, and is never removed
+-- a chain head only moves forward and is never removed (the condition is
+-- checked without a function call on every append)
 CREATE FUNCTION billing._audit_heads_guard() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 BEGIN
-    IF TG_OP = 'UPDATE' AND NEW.account_id = OLD.account_id AND NEW.seq = OLD.seq + 1 THEN
-        RETURN NEW;
-    END IF;
     RAISE EXCEPTION '% of audit_heads is not allowed', lower(TG_OP)
         USING ERRCODE = '55000',
-              DETAIL = 'An audit chain head only advances by one row per append.';
+              DETAIL = 'An audit chain head only moves forward, with the rows appended to its chain.';
 END
 $$;
 COMMENT ON FUNCTION billing._audit_heads_guard() IS
-    'Internal: an audit chain head only advances by one per append and is never deleted';
-CREATE TRIGGER audit_heads_guard BEFORE UPDATE OR DELETE ON billing.audit_heads
+    'Internal: an audit chain head only moves forward and is never deleted';
+CREATE TRIGGER audit_heads_guard BEFORE UPDATE ON billing.audit_heads
+    FOR EACH ROW WHEN (NOT (NEW.account_id = OLD.account_id AND NEW.seq > OLD.seq))
+    EXECUTE FUNCTION billing._audit_heads_guard();
+CREATE TRIGGER audit_heads_no_delete BEFORE DELETE ON billing.audit_heads
     FOR EACH ROW EXECUTE FUNCTION billing._audit_heads_guard();
 CREATE TRIGGER audit_heads_no_truncate BEFORE TRUNCATE ON billing.audit_heads
     FOR EACH STATEMENT EXECUTE FUNCTION billing._append_only();

@@ -476,6 +476,18 @@ BEGIN
             DEFERRABLE INITIALLY DEFERRED
             FOR EACH ROW EXECUTE FUNCTION billing._audit_invoice();
     END IF;
+    -- adjustments and usage corrections: audited row by row on Citus (the
+    -- set-based append of one node reads and writes many chains at once)
+    IF EXISTS (SELECT 1 FROM pg_trigger
+                WHERE tgrelid = 'billing.adjustments'::regclass AND tgname = 'adjustments_audit'
+                  AND tgnewtable IS NOT NULL) THEN
+        DROP TRIGGER adjustments_audit ON billing.adjustments;
+        CREATE TRIGGER adjustments_audit AFTER INSERT ON billing.adjustments
+            FOR EACH ROW EXECUTE FUNCTION billing._audit_insert('adjust', 'adjustment', 'adjustment_id');
+        DROP TRIGGER usage_corrections_audit ON billing.usage_corrections;
+        CREATE TRIGGER usage_corrections_audit AFTER INSERT ON billing.usage_corrections
+            FOR EACH ROW EXECUTE FUNCTION billing._audit_insert('correct', 'usage_correction', 'correction_id');
+    END IF;
 
     -- foreign keys between tables not yet converted: drop now, add back
     -- once both sides are Citus tables (Citus converts only whole graphs)

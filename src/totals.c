@@ -1,0 +1,412 @@
+/*
+ * totals.c
+ *		The rolled-up part of the usage totals of many billing periods, read
+ *		straight from the primary-key indexes of the bucket tables.
+ *
+ * billing._rollup_totals(accounts bigint[], starts timestamptz[],
+ * ends timestamptz[], meters text[], aggregations text[]) covers each
+ * period [start, end) of an account with
+ * the coarsest cells that fit (UTC hours and days from the roll-ups
+ * usage_hourly and usage_daily, minute buckets at the edges):
+ *
+ *		[ps, pe) = buckets [ps, h0) + hours [h0, d0) + days [d0, d1)
+ *				 + hours [d1, h1) + buckets [h1, pe)
+ *
+ * with h0/h1 the first/last whole hour and d0/d1 the first/last whole UTC
+ * day inside the period (the same split as billing._usage_totals_citus).
+ * Each piece of each meter is one range of the primary key (account_id,
+ * meter, bucket_start, dimension), so an account's long history is never
+ * read.  Per period and meter with cells it returns the meter's
+ * aggregate: the sum (sum, count), the maximum (max), or the cell that is
+ * latest by (last_ts, last_seq, quantity), NULL counting as greatest as
+ * in ORDER BY ... DESC (last), with that cell's last_ts and last_seq so
+ * that billing._usage_totals_many can fold in the deltas not yet
+ * compacted.
+ *
+ * In SQL the same is a lateral subquery per period and meter: five index
+ * scans under one-time filters, then an aggregate.  Here it is one index
+ * rescan per non-empty piece, with no plan node per cell: rating a month
+ * for 10,000 accounts reads about 600,000 daily cells.
+ */
+#include "postgres.h"
+
+#include "access/genam.h"
+#include "access/relscan.h"
+#include "access/skey.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "executor/tuptable.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/fmgroids.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/numeric.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+#include "utils/tuplestore.h"
+
+#include "billing.h"
+
+PG_FUNCTION_INFO_V1(billing_rollup_totals);
+
+/* date_bin's origin, 1970-01-01 00:00:00 UTC, in PostgreSQL microseconds */
+#define UNIX_EPOCH_USECS \
+	(-((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY))
+
+/* the bucket tables, finest first */
+enum
+{
+	T_BUCKETS,
+	T_HOURLY,
+	T_DAILY,
+	NUM_TABLES
+};
+
+static const char *const table_names[NUM_TABLES] = {
+	"usage_buckets", "usage_hourly", "usage_daily"
+};
+
+/* one open bucket table and its primary key */
+typedef struct CellTable
+{
+	Relation	heap;
+	Relation	index;
+	IndexScanDesc scan;
+	TupleTableSlot *slot;
+	AttrNumber	att_quantity;
+	AttrNumber	att_last_ts;
+	AttrNumber	att_last_seq;
+} CellTable;
+
+/* what one aggregation does with the cells of a meter */
+typedef enum AggKind
+{
+	AGG_SUM,					/* sum and count meters */
+	AGG_MAX,
+	AGG_LAST
+} AggKind;
+
+/* the aggregate of one meter over one period */
+typedef struct MeterTotal
+{
+	bool		any;			/* a cell was folded in */
+	Datum		q;				/* numeric: sum, max or latest quantity */
+	TimestampTz last_ts;		/* AGG_LAST: the latest cell's */
+	int64		last_seq;
+	bool		last_ts_null;
+	bool		last_seq_null;
+} MeterTotal;
+
+/* the start of the width-wide bin holding t (date_bin with the Unix epoch) */
+static TimestampTz
+bin_start(TimestampTz t, int64 width)
+{
+	int64		off = t - UNIX_EPOCH_USECS;
+	int64		rem = off % width;
+
+	if (rem < 0)
+		rem += width;
+	return t - rem;
+}
+
+static AttrNumber
+column_number(Relation rel, const char *name)
+{
+	AttrNumber	att = get_attnum(RelationGetRelid(rel), name);
+
+	if (att == InvalidAttrNumber)
+		elog(ERROR, "column %s of %s does not exist", name, RelationGetRelationName(rel));
+	return att;
+}
+
+static void
+open_table(CellTable *t, const char *name, Oid schema, Snapshot snapshot)
+{
+	Oid			relid = get_relname_relid(name, schema);
+	Oid			pkey;
+
+	if (!OidIsValid(relid))
+		elog(ERROR, "relation billing.%s does not exist", name);
+	t->heap = table_open(relid, AccessShareLock);
+	pkey = RelationGetPrimaryKeyIndex(t->heap);
+	if (!OidIsValid(pkey))
+		elog(ERROR, "billing.%s has no primary key", name);
+	t->index = index_open(pkey, AccessShareLock);
+	/* the key this file scans: (account_id, meter, bucket_start, ...) */
+	if (t->index->rd_index->indnkeyatts < 3 ||
+		t->index->rd_index->indkey.values[0] != column_number(t->heap, "account_id") ||
+		t->index->rd_index->indkey.values[1] != column_number(t->heap, "meter") ||
+		t->index->rd_index->indkey.values[2] != column_number(t->heap, "bucket_start"))
+		elog(ERROR, "the primary key of billing.%s is not (account_id, meter, bucket_start, ...)",
+			 name);
+	t->att_quantity = column_number(t->heap, "quantity");
+	t->att_last_ts = column_number(t->heap, "last_ts");
+	t->att_last_seq = column_number(t->heap, "last_seq");
+	t->slot = table_slot_create(t->heap, NULL);
+	t->scan = index_beginscan(t->heap, t->index, snapshot, 4, 0);
+}
+
+static void
+close_table(CellTable *t)
+{
+	index_endscan(t->scan);
+	ExecDropSingleTupleTableSlot(t->slot);
+	index_close(t->index, AccessShareLock);
+	table_close(t->heap, AccessShareLock);
+}
+
+/* -1, 0, 1 as a < b, a = b, a > b; NULL greater than any value */
+static int
+cmp_nullable(bool a_null, bool b_null, int cmp)
+{
+	if (a_null || b_null)
+		return (a_null ? 1 : 0) - (b_null ? 1 : 0);
+	return cmp;
+}
+
+static int
+cmp_int64(int64 a, int64 b)
+{
+	return (a > b) - (a < b);
+}
+
+/* fold one cell into a meter's aggregate */
+static void
+add_cell(MeterTotal *m, AggKind kind, Datum q, TimestampTz ts, bool ts_null, int64 seq,
+		 bool seq_null)
+{
+	int			c;
+
+	if (!m->any)
+	{
+		m->any = true;
+		m->q = datumCopy(q, false, -1);
+		m->last_ts = ts;
+		m->last_ts_null = ts_null;
+		m->last_seq = seq;
+		m->last_seq_null = seq_null;
+		return;
+	}
+	switch (kind)
+	{
+		case AGG_SUM:
+			m->q = DirectFunctionCall2(numeric_add, m->q, q);
+			return;
+		case AGG_MAX:
+			if (DatumGetInt32(DirectFunctionCall2(numeric_cmp, q, m->q)) > 0)
+				m->q = datumCopy(q, false, -1);
+			return;
+		case AGG_LAST:
+			break;
+	}
+	/* is this cell later than the latest so far, by (last_ts, last_seq, quantity)? */
+	c = cmp_nullable(ts_null, m->last_ts_null,
+					 ts_null || m->last_ts_null ? 0 : cmp_int64(ts, m->last_ts));
+	if (c == 0)
+		c = cmp_nullable(seq_null, m->last_seq_null,
+						 seq_null || m->last_seq_null ? 0 : cmp_int64(seq, m->last_seq));
+	if (c == 0)
+		c = DatumGetInt32(DirectFunctionCall2(numeric_cmp, q, m->q));
+	if (c > 0)
+	{
+		m->q = datumCopy(q, false, -1);
+		m->last_ts = ts;
+		m->last_ts_null = ts_null;
+		m->last_seq = seq;
+		m->last_seq_null = seq_null;
+	}
+}
+
+/* fold every cell of one account and meter in [lo, hi) of one table */
+static void
+scan_range(CellTable *t, int64 account, Datum meter, TimestampTz lo, TimestampTz hi,
+		   AggKind kind, MeterTotal *m)
+{
+	ScanKeyData keys[4];
+
+	if (lo >= hi)
+		return;
+	ScanKeyInit(&keys[0], 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(account));
+	ScanKeyInit(&keys[1], 2, BTEqualStrategyNumber, F_TEXTEQ, meter);
+	ScanKeyInit(&keys[2], 3, BTGreaterEqualStrategyNumber, F_TIMESTAMP_GE,
+				TimestampTzGetDatum(lo));
+	ScanKeyInit(&keys[3], 3, BTLessStrategyNumber, F_TIMESTAMP_LT, TimestampTzGetDatum(hi));
+	index_rescan(t->scan, keys, 4, NULL, 0);
+	while (index_getnext_slot(t->scan, ForwardScanDirection, t->slot))
+	{
+		bool		null_q,
+					null_ts = true,
+					null_seq = true;
+		Datum		q = slot_getattr(t->slot, t->att_quantity, &null_q);
+		Datum		ts = 0,
+					seq = 0;
+
+		CHECK_FOR_INTERRUPTS();
+		if (null_q)
+			continue;
+		if (kind == AGG_LAST)
+		{
+			ts = slot_getattr(t->slot, t->att_last_ts, &null_ts);
+			seq = slot_getattr(t->slot, t->att_last_seq, &null_seq);
+		}
+		add_cell(m, kind, q, null_ts ? 0 : DatumGetTimestampTz(ts), null_ts,
+				 null_seq ? 0 : DatumGetInt64(seq), null_seq);
+	}
+}
+
+/* the elements of a one-dimensional array argument, NULLs included */
+static void
+array_arg(FunctionCallInfo fcinfo, int arg, Oid elemtype, Datum **values, bool **nulls,
+		  int *n)
+{
+	ArrayType  *a = PG_GETARG_ARRAYTYPE_P(arg);
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+
+	get_typlenbyvalalign(elemtype, &typlen, &typbyval, &typalign);
+	deconstruct_array(a, elemtype, typlen, typbyval, typalign, values, nulls, n);
+}
+
+/*
+ * billing_rollup_totals
+ *		billing._rollup_totals(accounts, starts, ends, meters, aggregations)
+ *		RETURNS TABLE (idx integer, meter text, quantity numeric, last_ts
+ *		timestamptz, last_seq bigint): per period (1-based idx into the
+ *		arrays) and meter with cells in the period, the meter's aggregate
+ *		(see the top of the file).
+ */
+Datum
+billing_rollup_totals(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	Datum	   *accounts,
+			   *starts,
+			   *ends,
+			   *meters,
+			   *aggs;
+	bool	   *acc_null,
+			   *start_null,
+			   *end_null,
+			   *meter_null,
+			   *agg_null;
+	int			n_acc,
+				n_start,
+				n_end,
+				n_meter,
+				n_agg;
+	AggKind    *kinds;
+	CellTable	tables[NUM_TABLES];
+	Snapshot	snapshot = GetActiveSnapshot();
+	Oid			schema = get_namespace_oid("billing", false);
+	MemoryContext per_period,
+				old;
+
+	for (int a = 0; a < 5; a++)
+		if (PG_ARGISNULL(a))
+			PG_RETURN_NULL();
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+	array_arg(fcinfo, 0, INT8OID, &accounts, &acc_null, &n_acc);
+	array_arg(fcinfo, 1, TIMESTAMPTZOID, &starts, &start_null, &n_start);
+	array_arg(fcinfo, 2, TIMESTAMPTZOID, &ends, &end_null, &n_end);
+	array_arg(fcinfo, 3, TEXTOID, &meters, &meter_null, &n_meter);
+	array_arg(fcinfo, 4, TEXTOID, &aggs, &agg_null, &n_agg);
+	if (n_acc != n_start || n_acc != n_end || n_meter != n_agg)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("accounts, starts and ends, and meters and aggregations, must have the same length")));
+	kinds = palloc(Max(n_meter, 1) * sizeof(AggKind));
+	for (int k = 0; k < n_meter; k++)
+	{
+		char	   *agg = agg_null[k] ? "sum" : TextDatumGetCString(aggs[k]);
+
+		kinds[k] = strcmp(agg, "max") == 0 ? AGG_MAX :
+			strcmp(agg, "last") == 0 ? AGG_LAST : AGG_SUM;
+	}
+
+	for (int t = 0; t < NUM_TABLES; t++)
+		open_table(&tables[t], table_names[t], schema, snapshot);
+
+	per_period = AllocSetContextCreate(CurrentMemoryContext, "billing rollup totals",
+									   ALLOCSET_DEFAULT_SIZES);
+	for (int i = 0; i < n_acc; i++)
+	{
+		int64		account;
+		TimestampTz ps,
+					pe,
+					fh,
+					fd,
+					h0,
+					h1,
+					d0,
+					d1;
+
+		if (acc_null[i] || start_null[i] || end_null[i])
+			continue;
+		account = DatumGetInt64(accounts[i]);
+		ps = DatumGetTimestampTz(starts[i]);
+		pe = DatumGetTimestampTz(ends[i]);
+		if (TIMESTAMP_NOT_FINITE(ps) || TIMESTAMP_NOT_FINITE(pe))
+			ereport(ERROR,
+					(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+					 errmsg("a billing period must have finite bounds")));
+		if (ps >= pe)
+			continue;
+
+		fh = bin_start(ps, USECS_PER_HOUR);
+		fd = bin_start(ps, USECS_PER_DAY);
+		h0 = (fh == ps) ? fh : fh + USECS_PER_HOUR;
+		h1 = bin_start(pe, USECS_PER_HOUR);
+		d0 = (fd == ps) ? fd : fd + USECS_PER_DAY;
+		d1 = bin_start(pe, USECS_PER_DAY);
+
+		for (int k = 0; k < n_meter; k++)
+		{
+			MeterTotal	m = {0};
+			Datum		values[5];
+			bool		nulls[5] = {false, false, false, false, false};
+
+			if (meter_null[k])
+				continue;
+			old = MemoryContextSwitchTo(per_period);
+			/* minutes before the first whole hour, and after the last one */
+			scan_range(&tables[T_BUCKETS], account, meters[k], ps, Min(h0, pe), kinds[k], &m);
+			scan_range(&tables[T_BUCKETS], account, meters[k], Max(Max(h1, h0), ps), pe,
+					   kinds[k], &m);
+			/* hours before the first whole day, and after the last one */
+			scan_range(&tables[T_HOURLY], account, meters[k], h0, Min(d0, h1), kinds[k], &m);
+			scan_range(&tables[T_HOURLY], account, meters[k], Max(Max(d1, d0), h0), h1,
+					   kinds[k], &m);
+			/* whole days */
+			scan_range(&tables[T_DAILY], account, meters[k], d0, d1, kinds[k], &m);
+			MemoryContextSwitchTo(old);
+
+			if (m.any)
+			{
+				values[0] = Int32GetDatum(i + 1);
+				values[1] = meters[k];
+				values[2] = m.q;
+				values[3] = TimestampTzGetDatum(m.last_ts);
+				nulls[3] = m.last_ts_null;
+				values[4] = Int64GetDatum(m.last_seq);
+				nulls[4] = m.last_seq_null;
+				tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+			}
+			MemoryContextReset(per_period);
+		}
+	}
+	MemoryContextDelete(per_period);
+
+	for (int t = 0; t < NUM_TABLES; t++)
+		close_table(&tables[t]);
+	return (Datum) 0;
+}
