@@ -226,10 +226,15 @@ add_cell(MeterTotal *m, AggKind kind, Datum q, TimestampTz ts, bool ts_null, int
 	}
 }
 
-/* fold every cell of one account and meter in [lo, hi) of one table */
+/*
+ * fold every cell of one account and meter in [lo, hi) of one table; the
+ * aggregate's memory comes from cxt (the scan itself allocates in the
+ * caller's context, which lives as long as the scan: btree keeps memory it
+ * allocates while scanning until the scan ends)
+ */
 static void
 scan_range(CellTable *t, int64 account, Datum meter, TimestampTz lo, TimestampTz hi,
-		   AggKind kind, MeterTotal *m)
+		   AggKind kind, MeterTotal *m, MemoryContext cxt)
 {
 	ScanKeyData keys[4];
 
@@ -250,6 +255,8 @@ scan_range(CellTable *t, int64 account, Datum meter, TimestampTz lo, TimestampTz
 		Datum		ts = 0,
 					seq = 0;
 
+		MemoryContext old;
+
 		CHECK_FOR_INTERRUPTS();
 		if (null_q)
 			continue;
@@ -258,8 +265,10 @@ scan_range(CellTable *t, int64 account, Datum meter, TimestampTz lo, TimestampTz
 			ts = slot_getattr(t->slot, t->att_last_ts, &null_ts);
 			seq = slot_getattr(t->slot, t->att_last_seq, &null_seq);
 		}
+		old = MemoryContextSwitchTo(cxt);
 		add_cell(m, kind, q, null_ts ? 0 : DatumGetTimestampTz(ts), null_ts,
 				 null_seq ? 0 : DatumGetInt64(seq), null_seq);
+		MemoryContextSwitchTo(old);
 	}
 }
 
@@ -308,8 +317,7 @@ billing_rollup_totals(PG_FUNCTION_ARGS)
 	CellTable	tables[NUM_TABLES];
 	Snapshot	snapshot = GetActiveSnapshot();
 	Oid			schema = get_namespace_oid("billing", false);
-	MemoryContext per_period,
-				old;
+	MemoryContext per_period;
 
 	for (int a = 0; a < 5; a++)
 		if (PG_ARGISNULL(a))
@@ -377,18 +385,18 @@ billing_rollup_totals(PG_FUNCTION_ARGS)
 
 			if (meter_null[k])
 				continue;
-			old = MemoryContextSwitchTo(per_period);
 			/* minutes before the first whole hour, and after the last one */
-			scan_range(&tables[T_BUCKETS], account, meters[k], ps, Min(h0, pe), kinds[k], &m);
+			scan_range(&tables[T_BUCKETS], account, meters[k], ps, Min(h0, pe), kinds[k], &m,
+					   per_period);
 			scan_range(&tables[T_BUCKETS], account, meters[k], Max(Max(h1, h0), ps), pe,
-					   kinds[k], &m);
+					   kinds[k], &m, per_period);
 			/* hours before the first whole day, and after the last one */
-			scan_range(&tables[T_HOURLY], account, meters[k], h0, Min(d0, h1), kinds[k], &m);
+			scan_range(&tables[T_HOURLY], account, meters[k], h0, Min(d0, h1), kinds[k], &m,
+					   per_period);
 			scan_range(&tables[T_HOURLY], account, meters[k], Max(Max(d1, d0), h0), h1,
-					   kinds[k], &m);
+					   kinds[k], &m, per_period);
 			/* whole days */
-			scan_range(&tables[T_DAILY], account, meters[k], d0, d1, kinds[k], &m);
-			MemoryContextSwitchTo(old);
+			scan_range(&tables[T_DAILY], account, meters[k], d0, d1, kinds[k], &m, per_period);
 
 			if (m.any)
 			{
