@@ -20,6 +20,10 @@ CREATE TABLE billing.invoices (
 );
 COMMENT ON TABLE billing.invoices IS
     'Finalized invoices, one per account and billing period; immutable';
+-- an invoice number is unique on its own too (SPEC section 5); on Citus,
+-- which enforces uniqueness per shard only, billing.distribute() drops this
+-- index and the one sequence keeps the numbers apart
+CREATE UNIQUE INDEX invoices_invoice_id_key ON billing.invoices (invoice_id);
 
 CREATE TABLE billing.invoice_lines (
     account_id     bigint NOT NULL,

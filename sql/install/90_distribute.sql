@@ -465,6 +465,12 @@ BEGIN
     PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
     PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
 
+    -- Citus enforces unique keys per shard only, so they must hold the
+    -- distribution column: invoice numbers stay unique through their sequence
+    IF to_regclass('billing.invoices_invoice_id_key') IS NOT NULL THEN
+        DROP INDEX billing.invoices_invoice_id_key;
+    END IF;
+
     -- on Citus an invoice and its lines are written by two statements
     -- (_finalize_citus): its audit row, which carries the lines, is written
     -- at commit

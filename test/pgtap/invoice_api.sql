@@ -3,7 +3,7 @@
 -- and result columns; the pinned tables have their columns and keys; every
 -- error raises its SQLSTATE.
 BEGIN;
-SELECT plan(111);
+SELECT plan(112);
 
 -- signatures ---------------------------------------------------------------
 SELECT has_function('billing', 'invoice_preview', ARRAY['bigint', 'timestamp with time zone'],
@@ -246,6 +246,9 @@ SELECT throws_ok($$SELECT * FROM billing.reconcile('api_events', 'account_id', '
 SELECT throws_ok($$SELECT * FROM billing.reconcile('api_events', 'account_id', 'meter', 'qty', 'ts',
                                                    NULL, '2024-02-01')$$,
                  '22004', NULL, 'reconcile: NULL from_ts');
+
+SELECT index_is_unique('billing', 'invoices', 'invoices_invoice_id_key',
+                       'invoice_id is unique on its own too (SPEC section 5)');
 
 SELECT * FROM finish();
 ROLLBACK;
