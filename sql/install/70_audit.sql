@@ -353,6 +353,7 @@ END
 $$;
 COMMENT ON FUNCTION billing._audit_insert() IS
     'Internal: writes the audit row of an adjustment or a usage correction (the row-level trigger billing.distribute() installs on Citus)';
+
 /*
  * _audit_insert_rows: the same as an AFTER INSERT statement trigger (one
  * set-based append per statement: a rerate writes thousands of
