@@ -233,6 +233,7 @@ typedef struct IngestState
 	int64		duplicates;		/* reports dropped as duplicates */
 	Size		pending_bytes;	/* memory held by queued event ids */
 	int64		nreports;		/* reports seen: their arrival order */
+	HTAB	   *known_accounts; /* accounts checked by this statement's flushes */
 } IngestState;
 
 /* trigger accumulators of the current transaction, innermost first */
@@ -2011,6 +2012,66 @@ write_deltas_citus(IngestState *st, CellRef *cells, long ncells)
 }
 
 /*
+ * The accounts one statement's flushes have checked already: a COPY of a
+ * million rows flushes dozens of times over the same accounts, and each
+ * flush would look every one of them up again.  Forgotten when the
+ * statement ends (billing_meter_flush), so a later statement checks again;
+ * at most KNOWN_ACCOUNTS_MAX entries (about 2 MB), then no more are added.
+ */
+#define KNOWN_ACCOUNTS_MAX 65536
+
+/* the distinct accounts of the sorted cells not checked yet, into out */
+static long
+unknown_accounts(IngestState *st, const CellRef *cells, long ncells, int64 *out)
+{
+	long		n = 0;
+
+	for (long i = 0; i < ncells; i++)
+	{
+		int64		a = cells[i].key.account_id;
+		bool		found = false;
+
+		if (i > 0 && a == cells[i - 1].key.account_id)
+			continue;
+		if (st->known_accounts)
+			hash_search(st->known_accounts, &a, HASH_FIND, &found);
+		if (!found)
+			out[n++] = a;
+	}
+	return n;
+}
+
+/* remember accounts that exist (just checked) */
+static void
+remember_accounts(IngestState *st, const int64 *accounts, long n)
+{
+	if (st->known_accounts == NULL)
+	{
+		HASHCTL		ctl;
+
+		memset(&ctl, 0, sizeof(ctl));
+		ctl.keysize = sizeof(int64);
+		ctl.entrysize = sizeof(int64);
+		ctl.hcxt = st->ctx;
+		st->known_accounts = hash_create("billing known accounts", 1024, &ctl,
+										 HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	}
+	for (long i = 0; i < n && hash_get_num_entries(st->known_accounts) < KNOWN_ACCOUNTS_MAX; i++)
+		hash_search(st->known_accounts, &accounts[i], HASH_ENTER, NULL);
+}
+
+/* the statement ended: its account checks no longer hold */
+static void
+forget_accounts(IngestState *st)
+{
+	if (st->known_accounts)
+	{
+		hash_destroy(st->known_accounts);
+		st->known_accounts = NULL;
+	}
+}
+
+/*
  * flush_state
  *		Check accounts, claim queued event ids, write every counter cell as
  *		a delta row, and empty the accumulator.
@@ -2018,6 +2079,7 @@ write_deltas_citus(IngestState *st, CellRef *cells, long ncells)
 static void
 flush_state(IngestState *st)
 {
+	long		naccounts;
 	cells_iterator it;
 	BucketAcc  *acc;
 	CellRef    *cells;
@@ -2043,9 +2105,9 @@ flush_state(IngestState *st)
 
 	/* every account counted must exist */
 	accounts = palloc(ncells * sizeof(int64));
-	for (i = 0; i < ncells; i++)
-		accounts[i] = cells[i].key.account_id;
-	check_accounts(accounts, ncells);
+	naccounts = unknown_accounts(st, cells, ncells, accounts);
+	check_accounts(accounts, naccounts);
+	remember_accounts(st, accounts, naccounts);
 	pfree(accounts);
 
 	if (billing_distributed())
@@ -2429,7 +2491,10 @@ billing_meter_flush(PG_FUNCTION_ARGS)
 		elog(ERROR, "billing_meter_flush: must be fired AFTER ... FOR EACH STATEMENT");
 
 	for (st = trigger_states; st && st->subid == subid; st = st->next)
+	{
 		flush_state(st);
+		forget_accounts(st);
+	}
 	return PointerGetDatum(NULL);
 }
 

@@ -2,7 +2,7 @@
 -- with their pinned signatures, argument names and result columns, and
 -- every bad input raises its SQLSTATE.
 BEGIN;
-SELECT plan(102);
+SELECT plan(104);
 
 -- signatures ---------------------------------------------------------------
 SELECT has_function('billing', 'record',
@@ -275,6 +275,18 @@ SELECT results_eq(
     $$VALUES ('api_last'::text, ''::text, -5::numeric, 1::bigint), ('api_max', '', 0, 2),
              ('api_sum', '', 1, 2), ('api_sum', 'eu', 1, 1)$$,
     'only the good reports were counted');
+
+-- the accounts one statement checked are checked again by the next one
+INSERT INTO billing.accounts (account_id) SELECT generate_series(7101, 7110);
+CREATE TABLE api_known (account_id bigint, meter text, quantity numeric, ts timestamptz);
+SELECT billing.meter_table('api_known', 'account_id', 'meter', 'quantity', 'ts');
+SELECT lives_ok($$INSERT INTO api_known SELECT 7101 + i % 10, 'api_sum', 1, now()
+                    FROM generate_series(1, 100) i$$, 'a statement counting 10 accounts');
+DELETE FROM billing.accounts WHERE account_id = 7110;
+SELECT throws_ok($$INSERT INTO api_known SELECT 7101 + i % 10, 'api_sum', 1, now()
+                     FROM generate_series(1, 100) i$$,
+                 '23503', 'account 7110 does not exist',
+                 'the next statement finds the account deleted in between');
 
 SELECT * FROM finish();
 ROLLBACK;
