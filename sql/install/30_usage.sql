@@ -379,14 +379,19 @@ BEGIN
         DELETE FROM billing.usage_deltas RETURNING *
     )
     INSERT INTO billing_compact_cells
+    -- a last meter's value: the greatest [epoch of last_ts, seq, quantity],
+    -- an array order that is ORDER BY last_ts DESC, seq DESC with NULLs
+    -- first, without a sort per cell
     SELECT d.account_id, d.meter, d.dimension, c.bucket_start,
            CASE m.aggregation
                WHEN 'max' THEN max(c.quantity)
-               WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, d.seq DESC))[1]
+               WHEN 'last' THEN (max(ARRAY[extract(epoch FROM c.last_ts), d.seq, c.quantity])
+                                     FILTER (WHERE m.aggregation = 'last'))[3]
                ELSE sum(c.quantity) END,
            sum(c.events)::bigint,
            max(c.last_ts),
-           (array_agg(d.seq ORDER BY c.last_ts DESC, d.seq DESC))[1],
+           ((max(ARRAY[extract(epoch FROM c.last_ts), d.seq, c.quantity])
+                 FILTER (WHERE m.aggregation = 'last'))[2])::bigint,
            m.aggregation, count(*)
       FROM moved d
            CROSS JOIN LATERAL ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities),
@@ -423,11 +428,13 @@ BEGIN
                    %s AS bucket_start,
                    CASE aggregation
                        WHEN 'max' THEN max(quantity)
-                       WHEN 'last' THEN (array_agg(quantity ORDER BY last_ts DESC, last_seq DESC))[1]
+                       WHEN 'last' THEN (max(ARRAY[extract(epoch FROM last_ts), last_seq, quantity])
+                                             FILTER (WHERE aggregation = 'last'))[3]
                        ELSE sum(quantity) END AS quantity,
                    sum(events)::bigint AS events,
                    max(last_ts) AS last_ts,
-                   (array_agg(last_seq ORDER BY last_ts DESC, last_seq DESC))[1] AS last_seq,
+                   ((max(ARRAY[extract(epoch FROM last_ts), last_seq, quantity])
+                         FILTER (WHERE aggregation = 'last'))[2])::bigint AS last_seq,
                    aggregation
               FROM billing_compact_cells
              GROUP BY 1, 2, 3, 4, aggregation
