@@ -58,13 +58,14 @@
 #include "utils/numeric.h"
 #include "utils/rel.h"
 #include "utils/timestamp.h"
+#include "utils/tuplestore.h"
 
 #include "billing.h"
 #include "decimal.h"
 
 PG_FUNCTION_INFO_V1(billing_record);
 PG_FUNCTION_INFO_V1(billing_meter_row);
-PG_FUNCTION_INFO_V1(billing_meter_after_row);
+PG_FUNCTION_INFO_V1(billing_meter_after_rows);
 PG_FUNCTION_INFO_V1(billing_meter_flush);
 PG_FUNCTION_INFO_V1(billing_ingest);
 PG_FUNCTION_INFO_V1(billing_report_cumulative);
@@ -2348,14 +2349,14 @@ text_arg(Datum d, const char **s, int *len)
 }
 
 /*
- * meter_tuple
- *		Read a metered row's columns and pass it to add_report in mode.
+ * meter_slot
+ *		Read a metered row's columns from slot and pass it to add_report in
+ *		mode.
  */
 static ReportResult
-meter_tuple(IngestState *st, TableConf *c, TriggerData *td, ReportMode mode)
+meter_slot(IngestState *st, TableConf *c, TupleTableSlot *slot, Relation rel, ReportMode mode)
 {
-	HeapTuple	tup = td->tg_trigtuple;
-	TupleDesc	desc = RelationGetDescr(td->tg_relation);
+	TupleDesc	desc = RelationGetDescr(rel);
 	Datum		account,
 				meter,
 				qty,
@@ -2372,16 +2373,16 @@ meter_tuple(IngestState *st, TableConf *c, TriggerData *td, ReportMode mode)
 				dlen = 0;
 	int64		account_id;
 
-	account = heap_getattr(tup, c->account_att, desc, &n1);
-	meter = heap_getattr(tup, c->meter_att, desc, &n2);
-	qty = heap_getattr(tup, c->qty_att, desc, &n3);
-	ts = heap_getattr(tup, c->ts_att, desc, &n4);
+	account = slot_getattr(slot, c->account_att, &n1);
+	meter = slot_getattr(slot, c->meter_att, &n2);
+	qty = slot_getattr(slot, c->qty_att, &n3);
+	ts = slot_getattr(slot, c->ts_att, &n4);
 	if (n1 || n2 || n3 || n4)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("%s of a metered row must not be null",
 						n1 ? "account" : n2 ? "meter" : n3 ? "quantity" : "timestamp"),
-				 errdetail("Table \"%s\".", RelationGetRelationName(td->tg_relation))));
+				 errdetail("Table \"%s\".", RelationGetRelationName(rel))));
 
 	switch (TupleDescAttr(desc, c->account_att - 1)->atttypid)
 	{
@@ -2399,7 +2400,7 @@ meter_tuple(IngestState *st, TableConf *c, TriggerData *td, ReportMode mode)
 	if (c->event_att)
 	{
 		bool		isnull;
-		Datum		e = heap_getattr(tup, c->event_att, desc, &isnull);
+		Datum		e = slot_getattr(slot, c->event_att, &isnull);
 
 		if (!isnull)
 			text_arg(e, &estr, &elen);
@@ -2407,7 +2408,7 @@ meter_tuple(IngestState *st, TableConf *c, TriggerData *td, ReportMode mode)
 	if (c->dim_att)
 	{
 		bool		isnull;
-		Datum		d = heap_getattr(tup, c->dim_att, desc, &isnull);
+		Datum		d = slot_getattr(slot, c->dim_att, &isnull);
 
 		if (!isnull)
 			text_arg(d, &dstr, &dlen);
@@ -2417,14 +2418,22 @@ meter_tuple(IngestState *st, TableConf *c, TriggerData *td, ReportMode mode)
 					  DatumGetTimestampTz(ts), estr, elen, dstr, dlen, mode);
 }
 
+/* meter_slot for the row a row trigger fired for */
+static ReportResult
+meter_tuple(IngestState *st, TableConf *c, TriggerData *td, ReportMode mode)
+{
+	return meter_slot(st, c, td->tg_trigslot, td->tg_relation, mode);
+}
+
 /*
  * billing_meter_row
  *		BEFORE INSERT FOR EACH ROW trigger of a metered table.  With
  *		keep_rows false it counts the row and drops it (returns NULL).  With
  *		keep_rows true it only claims the row's event id: a duplicate is
- *		dropped, any other row is stored and counted by the AFTER ROW
- *		trigger, so that a row skipped later (INSERT ... ON CONFLICT DO
- *		NOTHING, another BEFORE trigger) is not counted.
+ *		dropped, any other row is stored and counted by the AFTER STATEMENT
+ *		trigger over the inserted rows, so that a row skipped later
+ *		(INSERT ... ON CONFLICT DO NOTHING, another BEFORE trigger) is not
+ *		counted.
  */
 Datum
 billing_meter_row(PG_FUNCTION_ARGS)
@@ -2451,25 +2460,53 @@ billing_meter_row(PG_FUNCTION_ARGS)
 }
 
 /*
- * billing_meter_after_row
- *		AFTER INSERT FOR EACH ROW trigger of a metered table with keep_rows:
- *		counts each row actually stored (its event id was claimed before).
+ * billing_meter_after_rows
+ *		AFTER INSERT FOR EACH STATEMENT trigger of a metered table with
+ *		keep_rows, with the statement's inserted rows as its transition
+ *		table: counts each row actually stored (its event id was claimed by
+ *		the BEFORE ROW trigger).  It fires before billing_meter_flush (AFTER
+ *		STATEMENT triggers fire in name order), which writes the counts.
+ *		The transition table spills to disk beyond work_mem, so a large COPY
+ *		queues nothing per row in memory.
  */
 Datum
-billing_meter_after_row(PG_FUNCTION_ARGS)
+billing_meter_after_rows(PG_FUNCTION_ARGS)
 {
 	TriggerData *td = (TriggerData *) fcinfo->context;
 	IngestState *st;
+	TableConf  *c;
+	TupleTableSlot *slot;
+	MemoryContext rowcxt;
+	int			ptr;
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
-		elog(ERROR, "billing_meter_after_row: not called by trigger manager");
-	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
-		!TRIGGER_FIRED_BY_INSERT(td->tg_event))
-		elog(ERROR, "billing_meter_after_row: must be fired AFTER INSERT FOR EACH ROW");
+		elog(ERROR, "billing_meter_after_rows: not called by trigger manager");
+	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event) ||
+		!TRIGGER_FIRED_BY_INSERT(td->tg_event) || td->tg_newtable == NULL)
+		elog(ERROR, "billing_meter_after_rows: must be fired AFTER INSERT FOR EACH STATEMENT with a NEW TABLE");
 
 	st = current_trigger_state();
-	(void) meter_tuple(st, table_conf(st, td), td, MODE_COUNT_ONLY);
-	maybe_flush(st);
+	c = table_conf(st, td);
+	slot = MakeSingleTupleTableSlot(RelationGetDescr(td->tg_relation), &TTSOpsMinimalTuple);
+	/* a read pointer of our own, from the start */
+	ptr = tuplestore_alloc_read_pointer(td->tg_newtable, EXEC_FLAG_REWIND);
+	tuplestore_select_read_pointer(td->tg_newtable, ptr);
+	tuplestore_rescan(td->tg_newtable);
+	/* what reading one row allocates (detoasted values) is freed with it */
+	rowcxt = AllocSetContextCreate(CurrentMemoryContext, "billing metered row",
+								   ALLOCSET_DEFAULT_SIZES);
+	while (tuplestore_gettupleslot(td->tg_newtable, true, false, slot))
+	{
+		MemoryContext old = MemoryContextSwitchTo(rowcxt);
+
+		(void) meter_slot(st, c, slot, td->tg_relation, MODE_COUNT_ONLY);
+		maybe_flush(st);
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(rowcxt);
+	}
+	MemoryContextDelete(rowcxt);
+	tuplestore_select_read_pointer(td->tg_newtable, 0);
+	ExecDropSingleTupleTableSlot(slot);
 	return PointerGetDatum(NULL);
 }
 

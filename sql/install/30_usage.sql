@@ -171,10 +171,10 @@ CREATE FUNCTION billing._meter_row() RETURNS trigger
     LANGUAGE C AS 'MODULE_PATHNAME', 'billing_meter_row';
 COMMENT ON FUNCTION billing._meter_row() IS
     'Internal: BEFORE INSERT row trigger of metered tables; counts the row';
-CREATE FUNCTION billing._meter_after_row() RETURNS trigger
-    LANGUAGE C AS 'MODULE_PATHNAME', 'billing_meter_after_row';
-COMMENT ON FUNCTION billing._meter_after_row() IS
-    'Internal: AFTER INSERT row trigger of metered tables that keep rows; counts each stored row';
+CREATE FUNCTION billing._meter_after_rows() RETURNS trigger
+    LANGUAGE C AS 'MODULE_PATHNAME', 'billing_meter_after_rows';
+COMMENT ON FUNCTION billing._meter_after_rows() IS
+    'Internal: AFTER INSERT statement trigger of metered tables that keep their rows: counts the rows stored (from the transition table)';
 CREATE FUNCTION billing._meter_flush() RETURNS trigger
     LANGUAGE C AS 'MODULE_PATHNAME', 'billing_meter_flush';
 COMMENT ON FUNCTION billing._meter_flush() IS
@@ -237,8 +237,11 @@ BEGIN
                    coalesce(event_id_column, ''), coalesce(dimension_column, ''),
                    CASE WHEN keep_rows THEN 't' ELSE 'f' END);
     IF keep_rows THEN
-        EXECUTE format('CREATE TRIGGER billing_meter_after_row AFTER INSERT ON %s FOR EACH ROW '
-                       'EXECUTE FUNCTION billing._meter_after_row(%L, %L, %L, %L, %L, %L, %L)',
+        -- the rows stored, counted at the end of the statement (before
+        -- billing_meter_flush: statement triggers fire in name order)
+        EXECUTE format('CREATE TRIGGER billing_meter_after_rows AFTER INSERT ON %s '
+                       'REFERENCING NEW TABLE AS billing_new_rows FOR EACH STATEMENT '
+                       'EXECUTE FUNCTION billing._meter_after_rows(%L, %L, %L, %L, %L, %L, %L)',
                        tbl, account_column, meter_column, quantity_column, ts_column,
                        coalesce(event_id_column, ''), coalesce(dimension_column, ''), 't');
     END IF;
@@ -262,7 +265,7 @@ BEGIN
         RAISE EXCEPTION 'table "%" is not metered', tbl USING ERRCODE = '42704';
     END IF;
     EXECUTE format('DROP TRIGGER IF EXISTS billing_meter_row ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS billing_meter_after_row ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS billing_meter_after_rows ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS billing_meter_flush ON %s', tbl);
 END
 $$;

@@ -201,7 +201,7 @@ SELECT results_eq(
        WHERE p.pronamespace = 'billing'::regnamespace AND p.prosecdef ORDER BY 1$$,
     $$VALUES ('billing._audit_change()'), ('billing._audit_insert()'), ('billing._audit_insert_rows()'),
              ('billing._audit_invoice()'),
-             ('billing._meter_after_row()'), ('billing._meter_flush()'), ('billing._meter_row()'),
+             ('billing._meter_after_rows()'), ('billing._meter_flush()'), ('billing._meter_row()'),
              ('billing.compact_usage()'),
              ('billing.correct_usage(bigint,text,timestamp with time zone,numeric,text,text)'),
              ('billing.finalize_invoices(timestamp with time zone)'),
@@ -215,7 +215,7 @@ SELECT results_eq(
     $$SELECT p.oid::regprocedure::text FROM pg_proc p
        WHERE p.pronamespace = 'billing'::regnamespace AND p.prosecdef
          AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, billing, pg_temp'], false) ORDER BY 1$$,
-    $$VALUES ('billing._meter_after_row()'), ('billing._meter_row()')$$,
+    $$VALUES ('billing._meter_after_rows()'), ('billing._meter_row()')$$,
     'each pins search_path = pg_catalog, billing, pg_temp (but the per-row metering trigger, see 99_roles.sql)');
 
 -- compact_usage (SECURITY DEFINER) does not use a temp table the caller prepared
