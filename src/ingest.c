@@ -1378,7 +1378,7 @@ claim_keys_spi(IngestState *st, const int *first, int nkeys, bool *won)
 }
 
 /* index tuples a merge walk may pass over before it descends the index again */
-#define CLAIM_SKIP_LIMIT 16
+#define CLAIM_SKIP_LIMIT 64
 
 /* compare an event id (text) with a queued one, in "C" collation order */
 static int
@@ -1401,7 +1401,9 @@ event_id_cmp(text *t, const PendingRow *p)
  *		The keys of one (account, meter) are looked up with one ordered
  *		index range scan from the first of them, merged against the sorted
  *		ids: a replayed batch, whose ids are all there, reads each index
- *		entry once instead of descending the index once per id.  When the
+ *		entry once instead of descending the index once per id.  Ids are
+ *		compared in the index entries; the heap is visited only for an
+ *		entry of a batch id (is that row there, or being inserted?).  When the
  *		walk passes more than CLAIM_SKIP_LIMIT entries that are not in the
  *		batch, it descends again at the next id, so sparse batches cost no
  *		more than a lookup per id.
@@ -1418,6 +1420,7 @@ mark_existing(IngestState *st, const int *first, int nkeys, bool *exists,
 
 	InitDirtySnapshot(dirty);
 	scan = index_beginscan(heap, index, &dirty, 3, 0);
+	scan->xs_want_itup = true;	/* compare ids in the index, visit the heap on a match */
 	ScanKeyInit(&skey[0], 1, BTEqualStrategyNumber, F_INT8EQ, (Datum) 0);
 	ScanKeyInit(&skey[1], 2, BTEqualStrategyNumber, F_TEXTEQ, (Datum) 0);
 	ScanKeyInit(&skey[2], 3, BTGreaterEqualStrategyNumber, F_TEXT_GE, (Datum) 0);
@@ -1459,16 +1462,23 @@ mark_existing(IngestState *st, const int *first, int nkeys, bool *exists,
 					PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len));
 				MemoryContextSwitchTo(old);
 				index_rescan(scan, skey, 3, NULL, 0);
-				have = index_getnext_slot(scan, ForwardScanDirection, slot);
+				have = index_getnext_tid(scan, ForwardScanDirection) != NULL;
 				skipped = 0;
 				restart = false;
 			}
 			if (!have)
 				break;			/* nothing at or after this id: the rest are new */
 
-			c = event_id_cmp(DatumGetTextPP(slot_getattr(slot, 3, &isnull)), p);
+			c = event_id_cmp(DatumGetTextPP(index_getattr(scan->xs_itup, 3, scan->xs_itupdesc,
+														  &isnull)), p);
 			if (c == 0)
 			{
+				/* the id's entry: does it point to a row that is, or may be, there? */
+				if (!index_fetch_heap(scan, slot))
+				{
+					have = index_getnext_tid(scan, ForwardScanDirection) != NULL;
+					continue;	/* a dead version: look at the next entry */
+				}
 				/* our id, claimed by a transaction still in progress: wait, look again */
 				xwait = TransactionIdIsValid(dirty.xmin) ? dirty.xmin : dirty.xmax;
 				if (TransactionIdIsValid(xwait))
@@ -1478,7 +1488,7 @@ mark_existing(IngestState *st, const int *first, int nkeys, bool *exists,
 					continue;
 				}
 				exists[k++] = true;
-				have = index_getnext_slot(scan, ForwardScanDirection, slot);
+				have = index_getnext_tid(scan, ForwardScanDirection) != NULL;
 				skipped = 0;
 			}
 			else if (c > 0)
@@ -1486,7 +1496,7 @@ mark_existing(IngestState *st, const int *first, int nkeys, bool *exists,
 			else if (++skipped > CLAIM_SKIP_LIMIT)
 				restart = true;
 			else
-				have = index_getnext_slot(scan, ForwardScanDirection, slot);
+				have = index_getnext_tid(scan, ForwardScanDirection) != NULL;
 		}
 		MemoryContextReset(tmp);
 		j = g;
