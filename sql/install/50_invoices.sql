@@ -76,25 +76,40 @@ SELECT pg_catalog.pg_extension_config_dump('billing.adjustment_id_seq', '');
 
 -- immutability ----------------------------------------------------------------------
 
-CREATE FUNCTION billing._immutable() RETURNS trigger
+/*
+ * _refuse_change: a BEFORE trigger that refuses the statement with 55000,
+ * "<op> of <table> is not allowed".  Arguments: the DETAIL, then an
+ * optional HINT.  Serves every table that is immutable or append-only.
+ */
+CREATE FUNCTION billing._refuse_change() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 BEGIN
+    IF TG_NARGS > 1 THEN
+        RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
+            USING ERRCODE = '55000', DETAIL = TG_ARGV[0], HINT = TG_ARGV[1];
+    END IF;
     RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
-        USING ERRCODE = '55000',
-              DETAIL = 'Finalized invoices and their lines never change.',
-              HINT = 'Corrections are billed as adjustments on a later invoice (billing.rerate).';
+        USING ERRCODE = '55000', DETAIL = TG_ARGV[0];
 END
 $$;
-COMMENT ON FUNCTION billing._immutable() IS
-    'Internal: refuses UPDATE, DELETE and TRUNCATE of finalized invoices';
+COMMENT ON FUNCTION billing._refuse_change() IS
+    'Internal: refuses UPDATE, DELETE or TRUNCATE of immutable and append-only tables (arguments: detail, hint)';
 CREATE TRIGGER invoices_immutable BEFORE UPDATE OR DELETE ON billing.invoices
-    FOR EACH ROW EXECUTE FUNCTION billing._immutable();
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change(
+        'Finalized invoices and their lines never change.',
+        'Corrections are billed as adjustments on a later invoice (billing.rerate).');
 CREATE TRIGGER invoices_no_truncate BEFORE TRUNCATE ON billing.invoices
-    FOR EACH STATEMENT EXECUTE FUNCTION billing._immutable();
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change(
+        'Finalized invoices and their lines never change.',
+        'Corrections are billed as adjustments on a later invoice (billing.rerate).');
 CREATE TRIGGER invoice_lines_immutable BEFORE UPDATE OR DELETE ON billing.invoice_lines
-    FOR EACH ROW EXECUTE FUNCTION billing._immutable();
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change(
+        'Finalized invoices and their lines never change.',
+        'Corrections are billed as adjustments on a later invoice (billing.rerate).');
 CREATE TRIGGER invoice_lines_no_truncate BEFORE TRUNCATE ON billing.invoice_lines
-    FOR EACH STATEMENT EXECUTE FUNCTION billing._immutable();
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change(
+        'Finalized invoices and their lines never change.',
+        'Corrections are billed as adjustments on a later invoice (billing.rerate).');
 
 CREATE FUNCTION billing._charges_guard() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$

@@ -422,45 +422,26 @@ ALTER TABLE billing.usage_corrections ALTER COLUMN actor SET DEFAULT billing._au
 
 -- immutability ----------------------------------------------------------------------------
 
-CREATE FUNCTION billing._append_only() RETURNS trigger
-    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN
-    RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
-        USING ERRCODE = '55000',
-              DETAIL = format('%s is append-only.', TG_TABLE_NAME);
-END
-$$;
-COMMENT ON FUNCTION billing._append_only() IS
-    'Internal: refuses UPDATE, DELETE and TRUNCATE of append-only tables (audit_log, usage_corrections)';
-
 CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON billing.audit_log
-    FOR EACH ROW EXECUTE FUNCTION billing._append_only();
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change('audit_log is append-only.');
 CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON billing.audit_log
-    FOR EACH STATEMENT EXECUTE FUNCTION billing._append_only();
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('audit_log is append-only.');
 CREATE TRIGGER usage_corrections_append_only BEFORE UPDATE OR DELETE ON billing.usage_corrections
-    FOR EACH ROW EXECUTE FUNCTION billing._append_only();
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change('usage_corrections is append-only.');
 CREATE TRIGGER usage_corrections_no_truncate BEFORE TRUNCATE ON billing.usage_corrections
-    FOR EACH STATEMENT EXECUTE FUNCTION billing._append_only();
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('usage_corrections is append-only.');
 
 -- a chain head only moves forward and is never removed (the condition is
 -- checked without a function call on every append)
-CREATE FUNCTION billing._audit_heads_guard() RETURNS trigger
-    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN
-    RAISE EXCEPTION '% of audit_heads is not allowed', lower(TG_OP)
-        USING ERRCODE = '55000',
-              DETAIL = 'An audit chain head only moves forward, with the rows appended to its chain.';
-END
-$$;
-COMMENT ON FUNCTION billing._audit_heads_guard() IS
-    'Internal: an audit chain head only moves forward and is never deleted';
 CREATE TRIGGER audit_heads_guard BEFORE UPDATE ON billing.audit_heads
     FOR EACH ROW WHEN (NOT (NEW.account_id = OLD.account_id AND NEW.seq > OLD.seq))
-    EXECUTE FUNCTION billing._audit_heads_guard();
+    EXECUTE FUNCTION billing._refuse_change(
+        'An audit chain head only moves forward, with the rows appended to its chain.');
 CREATE TRIGGER audit_heads_no_delete BEFORE DELETE ON billing.audit_heads
-    FOR EACH ROW EXECUTE FUNCTION billing._audit_heads_guard();
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change(
+        'An audit chain head only moves forward, with the rows appended to its chain.');
 CREATE TRIGGER audit_heads_no_truncate BEFORE TRUNCATE ON billing.audit_heads
-    FOR EACH STATEMENT EXECUTE FUNCTION billing._append_only();
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('audit_heads is append-only.');
 
 -- an adjustment is written once; finalization only records the invoice that carried it
 CREATE FUNCTION billing._adjustments_guard() RETURNS trigger
@@ -481,7 +462,7 @@ COMMENT ON FUNCTION billing._adjustments_guard() IS
 CREATE TRIGGER adjustments_guard BEFORE UPDATE OR DELETE ON billing.adjustments
     FOR EACH ROW EXECUTE FUNCTION billing._adjustments_guard();
 CREATE TRIGGER adjustments_no_truncate BEFORE TRUNCATE ON billing.adjustments
-    FOR EACH STATEMENT EXECUTE FUNCTION billing._append_only();
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('adjustments is append-only.');
 
 -- verification ----------------------------------------------------------------------------
 
