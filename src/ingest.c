@@ -61,6 +61,7 @@
 #include "utils/tuplestore.h"
 
 #include "billing.h"
+#include "cells.h"
 #include "decimal.h"
 
 PG_FUNCTION_INFO_V1(billing_record);
@@ -207,6 +208,24 @@ typedef struct TableConf
 } TableConf;
 
 /*
+ * Buffers a flush reuses (grown to the largest flush, kept with the
+ * accumulator): fresh ones each flush would fault their pages in again.
+ */
+typedef struct FlushBufs
+{
+	long		cap;			/* cells (and so rows) the arrays hold */
+	struct CellRef *cells;		/* the cells, sorted */
+	int64	   *accounts;		/* accounts to check */
+	int64	   *row_accounts;	/* delta rows: account, */
+	Datum	   *row_seqs;		/* seq, */
+	bool	   *row_noseq;		/* seq is NULL, */
+	Datum	   *row_cells;		/* packed cells (bytea in pack) */
+	int		   *row_offsets;	/* offset of each row's cells in pack */
+	long		nrows;
+	StringInfoData pack;
+} FlushBufs;
+
+/*
  * IngestState: one accumulator.  Everything hangs off ctx.
  */
 typedef struct IngestState
@@ -235,6 +254,7 @@ typedef struct IngestState
 	Size		pending_bytes;	/* memory held by queued event ids */
 	int64		nreports;		/* reports seen: their arrival order */
 	HTAB	   *known_accounts; /* accounts checked by this statement's flushes */
+	FlushBufs	fb;
 } IngestState;
 
 /* trigger accumulators of the current transaction, innermost first */
@@ -1725,14 +1745,11 @@ writer_flush(DeltaWriter *w)
 
 /*
  * writer_add
- *		Queue one delta row: the cells of one (account, meter, dimension),
- *		as parallel arrays.  The arrays must stay valid until the next
- *		writer_flush.
+ *		Queue one delta row: an account's packed cells.  The value must stay
+ *		valid until the next writer_flush.
  */
 static void
-writer_add(DeltaWriter *w, int64 account_id, const char *meter,
-		   const char *dim, int dimlen, Datum starts, Datum quantities,
-		   Datum events, bool is_last, Datum last_ts)
+writer_add(DeltaWriter *w, int64 account_id, bool has_seq, int64 seq, Datum cells)
 {
 	TupleTableSlot *slot;
 
@@ -1746,26 +1763,13 @@ writer_add(DeltaWriter *w, int64 account_id, const char *meter,
 	}
 	slot = w->slots[w->n];
 	ExecClearTuple(slot);
-	/* account_id, meter, dimension, seq, bucket_starts, quantities, events, last_ts */
-	memset(slot->tts_isnull, 0, 8 * sizeof(bool));
+	/* account_id, seq, cells */
 	slot->tts_values[0] = Int64GetDatum(account_id);
-	slot->tts_values[1] = PointerGetDatum(cstring_to_text(meter));
-	slot->tts_values[2] = PointerGetDatum(cstring_to_text_with_len(dim, dimlen));
-	slot->tts_values[4] = starts;
-	slot->tts_values[5] = quantities;
-	slot->tts_values[6] = events;
-	if (is_last)
-	{
-		if (!OidIsValid(w->seqid))
-			w->seqid = billing_relid("usage_seq");
-		slot->tts_values[3] = Int64GetDatum(nextval_internal(w->seqid, false));
-		slot->tts_values[7] = last_ts;
-	}
-	else
-	{
-		slot->tts_isnull[3] = true;
-		slot->tts_isnull[7] = true;
-	}
+	slot->tts_isnull[0] = false;
+	slot->tts_values[1] = Int64GetDatum(seq);
+	slot->tts_isnull[1] = !has_seq;
+	slot->tts_values[2] = cells;
+	slot->tts_isnull[2] = false;
 	ExecStoreVirtualTuple(slot);
 	if (++w->n == WRITE_BATCH)
 		writer_flush(w);
@@ -1792,11 +1796,11 @@ typedef struct CellRef
 	BucketAcc  *acc;
 } CellRef;
 
-static int
-cell_cmp(const void *a, const void *b)
+static inline int
+cell_cmp(const CellRef *a, const CellRef *b)
 {
-	const BucketKey *x = &((const CellRef *) a)->key;
-	const BucketKey *y = &((const CellRef *) b)->key;
+	const BucketKey *x = &a->key;
+	const BucketKey *y = &b->key;
 
 	if (x->account_id != y->account_id)
 		return x->account_id < y->account_id ? -1 : 1;
@@ -1809,217 +1813,189 @@ cell_cmp(const void *a, const void *b)
 	return 0;
 }
 
+/* sort_cells(CellRef *, size_t): qsort with cell_cmp inlined */
+#define ST_SORT			sort_cells
+#define ST_ELEMENT_TYPE	CellRef
+#define ST_COMPARE(a, b)	cell_cmp(a, b)
+#define ST_SCOPE		static
+#define ST_DECLARE
+#define ST_DEFINE
+#include "lib/sort_template.h"
+
+/*
+ * flush_bufs
+ *		The accumulator's flush buffers, able to hold ncells cells.
+ */
+static FlushBufs *
+flush_bufs(IngestState *st, long ncells)
+{
+	FlushBufs  *fb = &st->fb;
+
+	if (fb->cap < ncells)
+	{
+		MemoryContext old = MemoryContextSwitchTo(st->ctx);
+		long		cap = Max(ncells, Max(fb->cap * 2, 16));
+
+		if (fb->cap > 0)
+		{
+			pfree(fb->cells);
+			pfree(fb->accounts);
+			pfree(fb->row_accounts);
+			pfree(fb->row_seqs);
+			pfree(fb->row_noseq);
+			pfree(fb->row_cells);
+			pfree(fb->row_offsets);
+		}
+		else
+			initStringInfo(&fb->pack);
+		fb->cells = palloc(cap * sizeof(CellRef));
+		fb->accounts = palloc(cap * sizeof(int64));
+		fb->row_accounts = palloc(cap * sizeof(int64));
+		fb->row_seqs = palloc(cap * sizeof(Datum));
+		fb->row_noseq = palloc(cap * sizeof(bool));
+		fb->row_cells = palloc(cap * sizeof(Datum));
+		fb->row_offsets = palloc(cap * sizeof(int));
+		fb->cap = cap;
+		MemoryContextSwitchTo(old);
+	}
+	return fb;
+}
+
+/*
+ * pack_deltas
+ *		Pack the sorted counter cells into delta rows: one row per account,
+ *		or several when its cells would not fit in CELLS_ROW_BYTES.  A row
+ *		with cells of a last meter takes a number of billing.usage_seq, its
+ *		arrival order.
+ */
+static void
+pack_deltas(IngestState *st, FlushBufs *fb, long ncells)
+{
+	CellRef    *cells = fb->cells;
+	Oid			seqid = InvalidOid;
+	long		i = 0;
+
+	fb->nrows = 0;
+	resetStringInfo(&fb->pack);
+	while (i < ncells)
+	{
+		int64		account = cells[i].key.account_id;
+		int32		meter = -1;
+		int32		dim = -1;
+		bool		has_last = false;
+		CellWriter	cw;
+		long		r = fb->nrows++;
+
+		cells_begin(&cw, &fb->pack);
+		for (; i < ncells && cells[i].key.account_id == account; i++)
+		{
+			BucketKey  *k = &cells[i].key;
+			BucketAcc  *acc = cells[i].acc;
+
+			if (cells_size(&cw) >= CELLS_ROW_BYTES)
+				break;			/* the rest in another row */
+			if (k->meter != meter || k->dim != dim)
+			{
+				MeterSlot  *slot = st->slots[k->meter];
+				DimEntry   *d = st->dims[k->dim];
+				bool		is_last = (slot->def.agg == AGG_LAST);
+
+				cells_series(&cw, slot->name, slot->namelen, d->str, d->len, is_last);
+				has_last |= is_last;
+				meter = k->meter;
+				dim = k->dim;
+			}
+			cells_add(&cw, k->bucket_start, acc->events, acc->value.isdec,
+					  acc->value.dec, acc->value.num, acc->last_ts);
+		}
+		fb->row_accounts[r] = account;
+		fb->row_noseq[r] = !has_last;
+		if (has_last)
+		{
+			if (!OidIsValid(seqid))
+				seqid = billing_relid("usage_seq");
+			fb->row_seqs[r] = Int64GetDatum(nextval_internal(seqid, false));
+		}
+		else
+			fb->row_seqs[r] = (Datum) 0;
+		fb->row_offsets[r] = cells_end(&cw);
+	}
+	/* the buffer is complete: point at the values */
+	for (long r = 0; r < fb->nrows; r++)
+		fb->row_cells[r] = PointerGetDatum(fb->pack.data + fb->row_offsets[r]);
+}
+
 /*
  * write_deltas_heap
- *		Write the sorted counter cells as delta rows, one per (account,
- *		meter, dimension), with multi-inserts straight into the heap and
+ *		Write the delta rows with multi-inserts straight into the heap and
  *		index of billing.usage_deltas (single node).
  */
 static void
-write_deltas_heap(IngestState *st, CellRef *cells, long ncells)
+write_deltas_heap(FlushBufs *rows)
 {
-	BucketAcc  *acc;
 	DeltaWriter w;
-	MemoryContext tmp;
-	MemoryContext old;
-	long		i;
-	long		j;
-	Datum	   *starts,
-			   *qtys,
-			   *events,
-			   *lasts;
-
-	starts = palloc(ncells * sizeof(Datum));
-	qtys = palloc(ncells * sizeof(Datum));
-	events = palloc(ncells * sizeof(Datum));
-	lasts = palloc(ncells * sizeof(Datum));
 
 	writer_open(&w);
-	tmp = AllocSetContextCreate(CurrentMemoryContext, "billing flush",
-								ALLOCSET_DEFAULT_SIZES);
-	old = MemoryContextSwitchTo(tmp);
-	for (i = 0; i < ncells; i = j)
-	{
-		BucketKey  *k = &cells[i].key;
-		MeterSlot  *slot = st->slots[k->meter];
-		DimEntry   *dim = st->dims[k->dim];
-		bool		is_last = (slot->def.agg == AGG_LAST);
-		int			n;
-
-		for (j = i; j < ncells && cells[j].key.account_id == k->account_id &&
-			 cells[j].key.meter == k->meter && cells[j].key.dim == k->dim; j++)
-		{
-			acc = cells[j].acc;
-			starts[j - i] = TimestampTzGetDatum(acc->key.bucket_start);
-			qtys[j - i] = NumericGetDatum(acc->value.isdec
-										  ? dec_to_numeric(acc->value.dec, QTY_SCALE)
-										  : numeric_trimmed(acc->value.num));
-			events[j - i] = Int64GetDatum(acc->events);
-
-			lasts[j - i] = TimestampTzGetDatum(acc->last_ts);
-		}
-		n = j - i;
-		writer_add(&w, k->account_id, slot->name, dim->str, dim->len,
-				   PointerGetDatum(construct_array(starts, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE)),
-				   PointerGetDatum(construct_array(qtys, n, NUMERICOID, -1, false, TYPALIGN_INT)),
-				   PointerGetDatum(construct_array(events, n, INT8OID, 8, true, TYPALIGN_DOUBLE)),
-				   is_last,
-				   is_last ? PointerGetDatum(construct_array(lasts, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE))
-				   : (Datum) 0);
-		if (w.n == 0)
-			MemoryContextReset(tmp);	/* batch written: its values are done */
-	}
-	writer_flush(&w);
-	MemoryContextSwitchTo(old);
-	MemoryContextDelete(tmp);
+	for (long i = 0; i < rows->nrows; i++)
+		writer_add(&w, rows->row_accounts[i], !rows->row_noseq[i],
+				   DatumGetInt64(rows->row_seqs[i]), rows->row_cells[i]);
 	writer_close(&w);
-	pfree(starts);
-	pfree(qtys);
-	pfree(events);
-	pfree(lasts);
 }
 
 /*
  * write_deltas_citus
  *		write_deltas_heap on Citus: the same delta rows, written by SQL that
  *		Citus routes to the shards.  One row goes in a router INSERT; more
- *		go in one INSERT ... SELECT over parallel arrays (the cells of all
- *		rows flattened, each row taking a slice), which Citus splits by
- *		shard and copies to each shard in one go.  The sequence numbers of
- *		last meters come from this node's billing.usage_seq, as on one node.
+ *		go in one INSERT ... SELECT over parallel arrays, which Citus splits
+ *		by shard and copies to each shard in one go.
  */
 static void
-write_deltas_citus(IngestState *st, CellRef *cells, long ncells)
+write_deltas_citus(FlushBufs *rows)
 {
-	Datum	   *accts = palloc(ncells * sizeof(Datum));
-	Datum	   *meters = palloc(ncells * sizeof(Datum));
-	Datum	   *dims = palloc(ncells * sizeof(Datum));
-	Datum	   *seqs = palloc(ncells * sizeof(Datum));
-	bool	   *seqnull = palloc(ncells * sizeof(bool));
-	Datum	   *firsts = palloc(ncells * sizeof(Datum));
-	Datum	   *lastidx = palloc(ncells * sizeof(Datum));
-	Datum	   *starts = palloc(ncells * sizeof(Datum));
-	Datum	   *qtys = palloc(ncells * sizeof(Datum));
-	Datum	   *events = palloc(ncells * sizeof(Datum));
-	Datum	   *lasts = palloc(ncells * sizeof(Datum));
-	Datum		values[10];
-	char		nulls[10];
-	int			dimsize[1];
-	int			lbound[1] = {1};
-	Oid			seqid = InvalidOid;
-	long		nrows = 0;
-	long		i,
-				j;
+	Datum		values[3];
+	char		nulls[3] = {' ', ' ', ' '};
 	int			ret;
-
-	for (i = 0; i < ncells; i++)
-	{
-		BucketAcc  *acc = cells[i].acc;
-
-		starts[i] = TimestampTzGetDatum(acc->key.bucket_start);
-		qtys[i] = NumericGetDatum(acc->value.isdec
-								  ? dec_to_numeric(acc->value.dec, QTY_SCALE)
-								  : numeric_trimmed(acc->value.num));
-		events[i] = Int64GetDatum(acc->events);
-		lasts[i] = TimestampTzGetDatum(acc->last_ts);
-	}
-	for (i = 0; i < ncells; i = j)
-	{
-		BucketKey  *k = &cells[i].key;
-		MeterSlot  *slot = st->slots[k->meter];
-		DimEntry   *dim = st->dims[k->dim];
-
-		for (j = i; j < ncells && cells[j].key.account_id == k->account_id &&
-			 cells[j].key.meter == k->meter && cells[j].key.dim == k->dim; j++)
-			;
-		accts[nrows] = Int64GetDatum(k->account_id);
-		meters[nrows] = PointerGetDatum(cstring_to_text(slot->name));
-		dims[nrows] = PointerGetDatum(cstring_to_text_with_len(dim->str, dim->len));
-		seqnull[nrows] = (slot->def.agg != AGG_LAST);
-		if (!seqnull[nrows])
-		{
-			if (!OidIsValid(seqid))
-				seqid = billing_relid("usage_seq");
-			seqs[nrows] = Int64GetDatum(nextval_internal(seqid, false));
-		}
-		else
-			seqs[nrows] = (Datum) 0;
-		firsts[nrows] = Int32GetDatum((int32) i + 1);
-		lastidx[nrows] = Int32GetDatum((int32) j);
-		nrows++;
-	}
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	memset(nulls, ' ', sizeof(nulls));
-	if (nrows == 1)
+	if (rows->nrows == 1)
 	{
 		/* a router INSERT of one row (record, report_cumulative, ...) */
-		Oid			types[8] = {INT8OID, TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZARRAYOID,
-		NUMERICARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
+		Oid			types[3] = {INT8OID, INT8OID, BYTEAOID};
 
 		if (citus_delta_plan == NULL)
 			citus_delta_plan = spi_prepare_kept(
-												"INSERT INTO billing.usage_deltas (account_id, meter, dimension, seq, "
-												"bucket_starts, quantities, events, last_ts) "
-												"VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-												8, types);
-		values[0] = accts[0];
-		values[1] = meters[0];
-		values[2] = dims[0];
-		values[3] = seqs[0];
-		nulls[3] = seqnull[0] ? 'n' : ' ';
-		values[4] = PointerGetDatum(construct_array(starts, ncells, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
-		values[5] = PointerGetDatum(construct_array(qtys, ncells, NUMERICOID, -1, false, TYPALIGN_INT));
-		values[6] = PointerGetDatum(construct_array(events, ncells, INT8OID, 8, true, TYPALIGN_DOUBLE));
-		values[7] = PointerGetDatum(construct_array(lasts, ncells, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
-		nulls[7] = seqnull[0] ? 'n' : ' ';
+												"INSERT INTO billing.usage_deltas (account_id, seq, cells) "
+												"VALUES ($1, $2, $3)",
+												3, types);
+		values[0] = Int64GetDatum(rows->row_accounts[0]);
+		values[1] = rows->row_seqs[0];
+		nulls[1] = rows->row_noseq[0] ? 'n' : ' ';
+		values[2] = rows->row_cells[0];
 		ret = SPI_execute_plan(citus_delta_plan, values, nulls, false, 0);
 	}
 	else
 	{
-		Oid			types[10] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID,
-			TIMESTAMPTZARRAYOID, NUMERICARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID,
-		INT4ARRAYOID, INT4ARRAYOID};
+		Oid			types[3] = {INT8ARRAYOID, INT8ARRAYOID, BYTEAARRAYOID};
+		Datum	   *accts = palloc(rows->nrows * sizeof(Datum));
+		int			dimsize[1] = {(int) rows->nrows};
+		int			lbound[1] = {1};
 
-		static const char *sql =
-			"INSERT INTO billing.usage_deltas (account_id, meter, dimension, seq, "
-			"bucket_starts, quantities, events, last_ts) "
-			"SELECT r.a, r.m, r.d, r.s, $5[r.f:r.l], $6[r.f:r.l], $7[r.f:r.l], "
-			"CASE WHEN r.s IS NOT NULL THEN $8[r.f:r.l] END "
-			"FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
-			"pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($9), "
-			"pg_catalog.unnest($10)) AS r(a, m, d, s, f, l)";
-
-		dimsize[0] = (int) nrows;
-		values[0] = PointerGetDatum(construct_array(accts, nrows, INT8OID, 8, true, TYPALIGN_DOUBLE));
-		values[1] = PointerGetDatum(construct_array(meters, nrows, TEXTOID, -1, false, TYPALIGN_INT));
-		values[2] = PointerGetDatum(construct_array(dims, nrows, TEXTOID, -1, false, TYPALIGN_INT));
-		values[3] = PointerGetDatum(construct_md_array(seqs, seqnull, 1, dimsize, lbound,
+		for (long i = 0; i < rows->nrows; i++)
+			accts[i] = Int64GetDatum(rows->row_accounts[i]);
+		values[0] = PointerGetDatum(construct_array(accts, rows->nrows, INT8OID, 8, true, TYPALIGN_DOUBLE));
+		values[1] = PointerGetDatum(construct_md_array(rows->row_seqs, rows->row_noseq, 1, dimsize, lbound,
 													   INT8OID, 8, true, TYPALIGN_DOUBLE));
-		values[4] = PointerGetDatum(construct_array(starts, ncells, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
-		values[5] = PointerGetDatum(construct_array(qtys, ncells, NUMERICOID, -1, false, TYPALIGN_INT));
-		values[6] = PointerGetDatum(construct_array(events, ncells, INT8OID, 8, true, TYPALIGN_DOUBLE));
-		values[7] = PointerGetDatum(construct_array(lasts, ncells, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
-		values[8] = PointerGetDatum(construct_array(firsts, nrows, INT4OID, 4, true, TYPALIGN_INT));
-		values[9] = PointerGetDatum(construct_array(lastidx, nrows, INT4OID, 4, true, TYPALIGN_INT));
+		values[2] = PointerGetDatum(construct_array(rows->row_cells, rows->nrows, BYTEAOID, -1, false, TYPALIGN_INT));
 		/* planned with the values: Citus splits the rows by shard */
-		ret = SPI_execute_with_args(sql, 10, types, values, nulls, false, 0);
+		ret = SPI_execute_with_args("INSERT INTO billing.usage_deltas (account_id, seq, cells) "
+									"SELECT * FROM ROWS FROM (pg_catalog.unnest($1), "
+									"pg_catalog.unnest($2), pg_catalog.unnest($3))",
+									3, types, values, nulls, false, 0);
 	}
-	if (ret != SPI_OK_INSERT || (long) SPI_processed != nrows)
+	if (ret != SPI_OK_INSERT || (long) SPI_processed != rows->nrows)
 		elog(ERROR, "could not write usage deltas: %s", SPI_result_code_string(ret));
 	SPI_finish();
-	pfree(accts);
-	pfree(meters);
-	pfree(dims);
-	pfree(seqs);
-	pfree(seqnull);
-	pfree(firsts);
-	pfree(lastidx);
-	pfree(starts);
-	pfree(qtys);
-	pfree(events);
-	pfree(lasts);
 }
 
 /*
@@ -2093,10 +2069,11 @@ flush_state(IngestState *st)
 	long		naccounts;
 	cells_iterator it;
 	BucketAcc  *acc;
-	CellRef    *cells;
-	int64	   *accounts;
+	FlushBufs  *fb;
 	long		ncells;
 	long		i = 0;
+	MemoryContext tmp;
+	MemoryContext old;
 
 	claim_pending(st);
 
@@ -2105,30 +2082,33 @@ flush_state(IngestState *st)
 
 	/* group the cells by (account, meter, dimension), buckets in order */
 	ncells = st->buckets->members;
-	cells = palloc(ncells * sizeof(CellRef));
+	fb = flush_bufs(st, ncells);
 	cells_start_iterate(st->buckets, &it);
 	while ((acc = cells_iterate(st->buckets, &it)) != NULL)
 	{
-		cells[i].key = acc->key;
-		cells[i++].acc = acc;
+		fb->cells[i].key = acc->key;
+		fb->cells[i++].acc = acc;
 	}
-	qsort(cells, ncells, sizeof(CellRef), cell_cmp);
+	sort_cells(fb->cells, ncells);
 
 	/* every account counted must exist */
-	accounts = palloc(ncells * sizeof(int64));
-	naccounts = unknown_accounts(st, cells, ncells, accounts);
-	check_accounts(accounts, naccounts);
-	remember_accounts(st, accounts, naccounts);
-	pfree(accounts);
+	naccounts = unknown_accounts(st, fb->cells, ncells, fb->accounts);
+	check_accounts(fb->accounts, naccounts);
+	remember_accounts(st, fb->accounts, naccounts);
 
+	tmp = AllocSetContextCreate(CurrentMemoryContext, "billing flush",
+								ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(tmp);
+	pack_deltas(st, fb, ncells);
 	if (billing_distributed())
-		write_deltas_citus(st, cells, ncells);
+		write_deltas_citus(fb);
 	else
-		write_deltas_heap(st, cells, ncells);
+		write_deltas_heap(fb);
+	MemoryContextSwitchTo(old);
+	MemoryContextDelete(tmp);
 	for (i = 0; i < ncells; i++)
-		if (!cells[i].acc->value.isdec)
-			pfree(cells[i].acc->value.num);
-	pfree(cells);
+		if (!fb->cells[i].acc->value.isdec)
+			pfree(fb->cells[i].acc->value.num);
 
 	/* empty the counters; the table keeps its (bounded) capacity */
 	cells_reset(st->buckets);

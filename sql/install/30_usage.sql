@@ -21,30 +21,47 @@ COMMENT ON TABLE billing.usage_buckets IS
     'Compacted usage counters, one row per (account, meter, bucket, dimension); add usage_deltas to read';
 
 CREATE TABLE billing.usage_deltas (
-    account_id     bigint NOT NULL,
-    meter          text COLLATE "C" NOT NULL,
-    dimension      text COLLATE "C" NOT NULL DEFAULT '',
-    seq            bigint,                  -- last meters: arrival order
-    bucket_starts  timestamptz[] NOT NULL,  -- parallel arrays, one element per bucket
-    quantities     numeric[] NOT NULL,
-    events         bigint[] NOT NULL,
-    last_ts        timestamptz[]            -- last meters: timestamp of each quantity
+    account_id  bigint NOT NULL,
+    seq         bigint,         -- arrival order, when cells holds a last meter
+    cells       bytea NOT NULL  -- packed cells: read with billing._delta_cells(cells)
 );
 CREATE INDEX usage_deltas_account ON billing.usage_deltas (account_id);
 COMMENT ON TABLE billing.usage_deltas IS
-    'Usage counted since the last compact_usage(): per statement, one row per (account, meter, dimension) with the buckets it touched as arrays; appended, never updated';
+    'Usage counted since the last compact_usage(): per flush of an ingest statement, one row per account with the cells it touched, packed; appended, never updated';
+
+CREATE TYPE billing.delta_cell AS (
+    meter         text COLLATE "C",
+    dimension     text COLLATE "C",
+    bucket_start  timestamptz,
+    quantity      numeric,
+    events        bigint,
+    last_ts       timestamptz           -- last meters only
+);
+COMMENT ON TYPE billing.delta_cell IS 'Internal: one counter cell of usage_deltas, as billing._delta_cells returns it';
+
+CREATE FUNCTION billing._delta_cells(cells bytea) RETURNS SETOF billing.delta_cell
+    AS 'MODULE_PATHNAME', 'billing_delta_cells'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE ROWS 8;
+COMMENT ON FUNCTION billing._delta_cells(bytea) IS
+    'Internal: the counter cells packed in usage_deltas.cells (last_ts is NULL but for last meters)';
+
+CREATE FUNCTION billing._delta_pack(meters text[], dimensions text[], bucket_starts timestamptz[],
+                                    quantities numeric[], events bigint[], last_ts timestamptz[])
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'billing_delta_pack'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing._delta_pack(text[], text[], timestamptz[], numeric[], bigint[], timestamptz[]) IS
+    'Internal: pack parallel arrays of counter cells for usage_deltas.cells (a cell with a last_ts is of a last meter)';
 
 CREATE VIEW billing.usage_cells AS
     SELECT b.account_id, b.meter, b.dimension, b.bucket_start, b.quantity, b.events,
            b.last_ts, b.last_seq
       FROM billing.usage_buckets b
     UNION ALL
-    SELECT d.account_id, d.meter, d.dimension, c.bucket_start, c.quantity, c.events,
-           c.last_ts, d.seq
-      FROM billing.usage_deltas d,
-           ROWS FROM (pg_catalog.unnest(d.bucket_starts), pg_catalog.unnest(d.quantities),
-                      pg_catalog.unnest(d.events), pg_catalog.unnest(d.last_ts))
-               AS c(bucket_start, quantity, events, last_ts);
+    SELECT d.account_id, c.meter, c.dimension, c.bucket_start,
+           c.quantity, c.events, c.last_ts,
+           CASE WHEN c.last_ts IS NOT NULL THEN d.seq END
+      FROM billing.usage_deltas d, billing._delta_cells(d.cells) c;
 COMMENT ON VIEW billing.usage_cells IS
     'Every counter cell, compacted or not: combine cells of one key by the meter''s aggregation';
 
@@ -385,7 +402,7 @@ BEGIN
     -- a last meter's value: the greatest [epoch of last_ts, seq, quantity],
     -- an array order that is ORDER BY last_ts DESC, seq DESC with NULLs
     -- first, without a sort per cell
-    SELECT d.account_id, d.meter, d.dimension, c.bucket_start,
+    SELECT d.account_id, c.meter, c.dimension, c.bucket_start,
            CASE m.aggregation
                WHEN 'max' THEN max(c.quantity)
                WHEN 'last' THEN (max(ARRAY[extract(epoch FROM c.last_ts), d.seq, c.quantity])
@@ -397,11 +414,9 @@ BEGIN
                  FILTER (WHERE m.aggregation = 'last'))[2])::bigint,
            m.aggregation, count(*)
       FROM moved d
-           CROSS JOIN LATERAL ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities),
-                                         unnest(d.events), unnest(d.last_ts))
-               AS c(bucket_start, quantity, events, last_ts)
-           JOIN billing.meters m ON m.meter = d.meter
-     GROUP BY d.account_id, d.meter, d.dimension, c.bucket_start, m.aggregation;
+           CROSS JOIN LATERAL billing._delta_cells(d.cells) c
+           JOIN billing.meters m ON m.meter = c.meter
+     GROUP BY d.account_id, c.meter, c.dimension, c.bucket_start, m.aggregation;
     SELECT coalesce(sum(nrows), 0) INTO n FROM billing_compact_cells;
     IF n = 0 THEN
         RETURN 0;

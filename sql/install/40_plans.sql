@@ -148,11 +148,10 @@ BEGIN
           FROM ms, billing._rollup_totals(p_accounts, p_starts, p_ends, ms.meters, ms.aggs) r
         UNION ALL
         -- not yet compacted
-        SELECT per.idx, d.meter, x.quantity,
+        SELECT per.idx, x.meter, x.quantity,
                ARRAY[extract(epoch FROM x.last_ts), d.seq, x.quantity]
           FROM per JOIN billing.usage_deltas d ON d.account_id = per.account_id,
-               ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities), unnest(d.last_ts))
-                   AS x(bucket_start, quantity, last_ts)
+               billing._delta_cells(d.cells) x
          WHERE x.bucket_start >= per.ps AND x.bucket_start < per.pe
     )
     SELECT f.idx, f.meter::text,

@@ -70,10 +70,10 @@ BEGIN
             USING ERRCODE = '22023',
                   DETAIL = format('The bucket holds %s; the correction is %s.', cur, delta);
     END IF;
-    INSERT INTO billing.usage_deltas (account_id, meter, dimension, seq, bucket_starts,
-                                      quantities, events, last_ts)
-    VALUES (correct_usage.account_id, correct_usage.meter, correct_usage.dimension, NULL,
-            ARRAY[bucket_start], ARRAY[delta], ARRAY[0::bigint], NULL);
+    INSERT INTO billing.usage_deltas (account_id, seq, cells)
+    VALUES (correct_usage.account_id, NULL,
+            billing._delta_pack(ARRAY[correct_usage.meter], ARRAY[correct_usage.dimension],
+                                ARRAY[bucket_start], ARRAY[delta], ARRAY[0::bigint], NULL));
     INSERT INTO billing.usage_corrections (account_id, meter, dimension, bucket_start, delta, reason)
     VALUES (correct_usage.account_id, correct_usage.meter, correct_usage.dimension, bucket_start,
             delta, reason);

@@ -409,10 +409,8 @@ BEGIN
                ) c
         UNION ALL
         -- not yet compacted
-        SELECT d.meter, x.quantity, x.last_ts, d.seq
-          FROM billing.usage_deltas d,
-               ROWS FROM (unnest(d.bucket_starts), unnest(d.quantities), unnest(d.last_ts))
-                   AS x(bucket_start, quantity, last_ts)
+        SELECT x.meter, x.quantity, x.last_ts, d.seq
+          FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
          WHERE d.account_id = p_account AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
     )
     SELECT c.meter::text,

@@ -41,10 +41,11 @@ SET search_path = billing, public;
 INSERT INTO accounts VALUES (1, 'USD', 'hot account');
 INSERT INTO subscriptions VALUES (1, 'team', '$M0', NULL, 5000);
 -- one delta row per (meter, day), 1440 minute buckets each, then compacted
-INSERT INTO usage_deltas (account_id, meter, dimension, seq, bucket_starts, quantities, events, last_ts)
-SELECT 1, m, '', NULL,
-       array_agg(t ORDER BY t), array_agg((1 + (extract(epoch FROM t)::bigint % 37))::numeric ORDER BY t),
-       array_agg(1::bigint ORDER BY t), NULL
+INSERT INTO usage_deltas (account_id, seq, cells)
+SELECT 1, NULL,
+       _delta_pack(array_agg(m ORDER BY t), array_agg(''::text ORDER BY t), array_agg(t ORDER BY t),
+                   array_agg((1 + (extract(epoch FROM t)::bigint % 37))::numeric ORDER BY t),
+                   array_agg(1::bigint ORDER BY t), NULL)
   FROM unnest(ARRAY['error', 'span', 'replay', 'attachment', 'profile', 'monitor']) m,
        generate_series('$M0'::timestamptz, '$M1'::timestamptz - interval '1 minute', '1 minute') t
  GROUP BY m, date_trunc('day', t);
@@ -78,11 +79,12 @@ SET search_path = billing, public;
 INSERT INTO accounts SELECT a, 'USD', 'account ' || a FROM generate_series(2, 10001) a;
 INSERT INTO subscriptions SELECT a, 'team', '$M0', NULL, NULL FROM generate_series(2, 10001) a;
 -- 240 minute buckets per account and meter, spread over the month
-INSERT INTO usage_deltas (account_id, meter, dimension, seq, bucket_starts, quantities, events, last_ts)
-SELECT a, m, '', NULL,
-       array_agg('$M0'::timestamptz + (k * 179 + a % 97) * interval '1 minute' ORDER BY k),
-       array_agg(((a * 7919 + k * 104729) % 5000)::numeric ORDER BY k),
-       array_agg(1::bigint ORDER BY k), NULL
+INSERT INTO usage_deltas (account_id, seq, cells)
+SELECT a, NULL,
+       _delta_pack(array_agg(m ORDER BY k), array_agg(''::text ORDER BY k),
+                   array_agg('$M0'::timestamptz + (k * 179 + a % 97) * interval '1 minute' ORDER BY k),
+                   array_agg(((a * 7919 + k * 104729) % 5000)::numeric ORDER BY k),
+                   array_agg(1::bigint ORDER BY k), NULL)
   FROM generate_series(2, 10001) a, unnest(ARRAY['error', 'span']) m, generate_series(0, 239) k
  GROUP BY a, m;
 SELECT compact_usage() AS cells_compacted;

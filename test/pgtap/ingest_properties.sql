@@ -208,7 +208,7 @@ SET LOCAL work_mem = '64kB';
 INSERT INTO prop_big SELECT * FROM big ORDER BY n;
 RESET work_mem;
 SELECT ok((SELECT count(*) FROM billing.usage_deltas WHERE account_id BETWEEN 8101 AND 8150)
-          > 10 * (SELECT count(DISTINCT (account_id, meter)) FROM big),
+          > 10 * (SELECT count(DISTINCT account_id) FROM big),
           'the big statement was flushed early, many times');
 SELECT bag_eq(
     $$SELECT a.account_id, u.meter, u.bucket_start, u.quantity, u.events

@@ -85,8 +85,8 @@ SELECT throws_ok($$SELECT * FROM billing.usage(8101, now() - interval '1 day', n
 SELECT throws_ok($$SELECT * FROM billing.invoice_preview(8101)$$, '42501', NULL,
                  'writer cannot preview invoices');
 SELECT throws_ok($$SELECT * FROM billing.invoices$$, '42501', NULL, 'writer cannot read invoices');
-SELECT throws_ok($$INSERT INTO billing.usage_deltas (account_id, meter, bucket_starts, quantities, events)
-                   VALUES (8101, 'ro_events', ARRAY[now()], ARRAY[1e6], ARRAY[1])$$,
+SELECT throws_ok($$INSERT INTO billing.usage_deltas (account_id, cells)
+                   VALUES (8101, billing._delta_pack(ARRAY['ro_events'], ARRAY[''], ARRAY[now()], ARRAY[1e6], ARRAY[1::bigint], NULL))$$,
                  '42501', NULL, 'writer cannot write counters directly');
 SELECT throws_ok($$INSERT INTO billing.dedupe_keys VALUES (8101, 'ro_events', 'ro-2', 'infinity')$$,
                  '42501', NULL, 'writer cannot claim event ids directly');
@@ -162,8 +162,8 @@ SELECT throws_ok($$INSERT INTO billing.invoices (account_id, plan, period_start,
 SELECT throws_ok($$INSERT INTO billing.adjustments (account_id, invoice_id, line_kind, old_amount, new_amount, delta, reason)
                    SELECT 8101, invoice_id, 'usage', 0, -100, -100, 'gift' FROM billing.invoices WHERE account_id = 8101 LIMIT 1$$,
                  '42501', NULL, 'admin cannot write an adjustment by hand');
-SELECT throws_ok($$INSERT INTO billing.usage_deltas (account_id, meter, bucket_starts, quantities, events)
-                   VALUES (8101, 'ro_events', ARRAY[now()], ARRAY[-5], ARRAY[0])$$,
+SELECT throws_ok($$INSERT INTO billing.usage_deltas (account_id, cells)
+                   VALUES (8101, billing._delta_pack(ARRAY['ro_events'], ARRAY[''], ARRAY[now()], ARRAY[-5], ARRAY[0::bigint], NULL))$$,
                  '42501', NULL, 'admin cannot write counters by hand (corrections go through correct_usage)');
 SELECT throws_ok($$DELETE FROM billing.audit_log$$, '42501', NULL, 'admin cannot delete the audit log');
 SELECT throws_ok($$UPDATE billing.audit_heads SET seq = seq + 1$$, '42501', NULL, 'admin cannot move a chain head');

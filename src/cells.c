@@ -1,0 +1,385 @@
+/*
+ * cells.c
+ *		Packing and reading the usage cells of billing.usage_deltas (see
+ *		cells.h for the format).
+ *
+ * Ingest writes one delta row per account and flush instead of one per
+ * (account, meter, dimension): fewer heap tuples and index entries, and no
+ * array or numeric to build per cell.  Readers unpack the rows with
+ * billing._delta_cells(); SQL that writes deltas (correct_usage) packs them
+ * with billing._delta_pack().
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "funcapi.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+#include "utils/tuplestore.h"
+
+#include "cells.h"
+
+PG_FUNCTION_INFO_V1(billing_delta_cells);
+PG_FUNCTION_INFO_V1(billing_delta_pack);
+
+/* ---------------------------------------------------------------------
+ * Writing
+ * ---------------------------------------------------------------------
+ */
+
+static inline void
+put_bytes(StringInfo b, const void *p, int n)
+{
+	appendBinaryStringInfoNT(b, p, n);
+}
+
+static inline void
+put_uint(StringInfo b, uint64 v, int nbytes)
+{
+	unsigned char tmp[8];
+
+	for (int i = 0; i < nbytes; i++)
+		tmp[i] = (unsigned char) (v >> (8 * i));
+	put_bytes(b, tmp, nbytes);
+}
+
+static inline void
+put_i128(StringInfo b, int128_t v)
+{
+	unsigned __int128 u = (unsigned __int128) v;
+
+	put_uint(b, (uint64) u, 8);
+	put_uint(b, (uint64) (u >> 64), 8);
+}
+
+/*
+ * cells_begin
+ *		Start a packed value at the end of buf.
+ */
+void
+cells_begin(CellWriter *w, StringInfo buf)
+{
+	w->buf = buf;
+	appendStringInfoSpaces(buf, MAXALIGN(buf->len) - buf->len);
+	w->start = buf->len;
+	appendStringInfoSpaces(buf, VARHDRSZ);
+	put_uint(buf, CELLS_VERSION, 1);
+	w->count_at = -1;
+	w->ncells = 0;
+	w->is_last = false;
+}
+
+/* write the open series' cell count into its header */
+static void
+close_series(CellWriter *w)
+{
+	if (w->count_at < 0)
+		return;
+	for (int i = 0; i < 4; i++)
+		w->buf->data[w->count_at + i] = (char) (w->ncells >> (8 * i));
+	w->count_at = -1;
+}
+
+/*
+ * cells_series
+ *		Open the series of one (meter, dimension); the cells added next
+ *		belong to it.
+ */
+void
+cells_series(CellWriter *w, const char *meter, int meterlen,
+			 const char *dim, int dimlen, bool is_last)
+{
+	Assert(meterlen > 0 && meterlen < 256 && dimlen >= 0 && dimlen < 65536);
+	close_series(w);
+	put_uint(w->buf, meterlen, 1);
+	put_bytes(w->buf, meter, meterlen);
+	put_uint(w->buf, dimlen, 2);
+	put_bytes(w->buf, dim, dimlen);
+	put_uint(w->buf, is_last ? CELLS_LAST : 0, 1);
+	w->count_at = w->buf->len;
+	put_uint(w->buf, 0, 4);
+	w->ncells = 0;
+	w->is_last = is_last;
+}
+
+/*
+ * cells_add
+ *		Add one cell to the open series: the quantity is dec (fixed point,
+ *		CELLS_QTY_SCALE digits) when isdec, num otherwise.
+ */
+void
+cells_add(CellWriter *w, TimestampTz bucket_start, int64 events,
+		  bool isdec, int128_t dec, Numeric num, TimestampTz last_ts)
+{
+	Assert(w->count_at >= 0);
+	put_uint(w->buf, (uint64) bucket_start, 8);
+	put_uint(w->buf, (uint64) events, 8);
+	if (isdec)
+	{
+		put_uint(w->buf, CELLS_QTY_DEC, 1);
+		put_i128(w->buf, dec);
+	}
+	else
+	{
+		char	   *s = DatumGetCString(DirectFunctionCall1(numeric_out,
+															NumericGetDatum(num)));
+		int			len = strlen(s);
+
+		if (len > PG_UINT16_MAX)
+			ereport(ERROR,
+					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+					 errmsg("usage quantity has too many digits")));
+		put_uint(w->buf, CELLS_QTY_TEXT, 1);
+		put_uint(w->buf, len, 2);
+		put_bytes(w->buf, s, len);
+		pfree(s);
+	}
+	if (w->is_last)
+		put_uint(w->buf, (uint64) last_ts, 8);
+	w->ncells++;
+}
+
+/*
+ * cells_end
+ *		Finish the packed value; returns its offset in the buffer (the
+ *		buffer may still move while more values are written).
+ */
+int
+cells_end(CellWriter *w)
+{
+	close_series(w);
+	SET_VARSIZE(w->buf->data + w->start, cells_size(w));
+	return w->start;
+}
+
+/* ---------------------------------------------------------------------
+ * Reading
+ * ---------------------------------------------------------------------
+ */
+
+typedef struct CellReader
+{
+	const unsigned char *p;
+	const unsigned char *end;
+} CellReader;
+
+static void
+corrupt(void)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_DATA_CORRUPTED),
+			 errmsg("packed usage cells are corrupt"),
+			 errhint("A row of billing.usage_deltas was written by something other than billing.")));
+}
+
+static inline const unsigned char *
+take(CellReader *r, int n)
+{
+	const unsigned char *p = r->p;
+
+	if (r->end - r->p < n)
+		corrupt();
+	r->p += n;
+	return p;
+}
+
+static inline uint64
+get_uint(CellReader *r, int nbytes)
+{
+	const unsigned char *p = take(r, nbytes);
+	uint64		v = 0;
+
+	for (int i = 0; i < nbytes; i++)
+		v |= (uint64) p[i] << (8 * i);
+	return v;
+}
+
+static inline int128_t
+get_i128(CellReader *r)
+{
+	uint64		lo = get_uint(r, 8);
+	uint64		hi = get_uint(r, 8);
+
+	return (int128_t) (((unsigned __int128) hi << 64) | lo);
+}
+
+/*
+ * billing._delta_cells(cells bytea)
+ *		RETURNS TABLE (meter text, dimension text, bucket_start timestamptz,
+ *					   quantity numeric, events bigint, last_ts timestamptz)
+ *		The cells of one packed value; last_ts is NULL but for last meters.
+ */
+Datum
+billing_delta_cells(PG_FUNCTION_ARGS)
+{
+	bytea	   *b = PG_GETARG_BYTEA_PP(0);
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	CellReader	r;
+	MemoryContext tmp;
+	MemoryContext old;
+	Datum		values[6];
+	bool		nulls[6] = {false, false, false, false, false, false};
+
+	InitMaterializedSRF(fcinfo, 0);
+	r.p = (const unsigned char *) VARDATA_ANY(b);
+	r.end = r.p + VARSIZE_ANY_EXHDR(b);
+	if (get_uint(&r, 1) != CELLS_VERSION)
+		corrupt();
+
+	tmp = AllocSetContextCreate(CurrentMemoryContext, "billing delta cells",
+								ALLOCSET_SMALL_SIZES);
+	old = MemoryContextSwitchTo(tmp);
+	while (r.p < r.end)
+	{
+		int			mlen = (int) get_uint(&r, 1);
+		const char *meter = (const char *) take(&r, mlen);
+		int			dlen = (int) get_uint(&r, 2);
+		const char *dim = (const char *) take(&r, dlen);
+		int			flags = (int) get_uint(&r, 1);
+		uint32		n = (uint32) get_uint(&r, 4);
+
+		if (mlen == 0 || (flags & ~CELLS_LAST) != 0 || n == 0)
+			corrupt();
+		values[0] = PointerGetDatum(cstring_to_text_with_len(meter, mlen));
+		values[1] = PointerGetDatum(cstring_to_text_with_len(dim, dlen));
+		nulls[5] = (flags & CELLS_LAST) == 0;
+		for (uint32 i = 0; i < n; i++)
+		{
+			int			kind;
+
+			values[2] = TimestampTzGetDatum((TimestampTz) get_uint(&r, 8));
+			values[4] = Int64GetDatum((int64) get_uint(&r, 8));
+			kind = (int) get_uint(&r, 1);
+			if (kind == CELLS_QTY_DEC)
+				values[3] = NumericGetDatum(dec_to_numeric(get_i128(&r), CELLS_QTY_SCALE));
+			else if (kind == CELLS_QTY_TEXT)
+			{
+				int			len = (int) get_uint(&r, 2);
+				char	   *s = pnstrdup((const char *) take(&r, len), len);
+
+				values[3] = DirectFunctionCall3(numeric_in, CStringGetDatum(s),
+												ObjectIdGetDatum(InvalidOid),
+												Int32GetDatum(-1));
+			}
+			else
+				corrupt();
+			if (!nulls[5])
+				values[5] = TimestampTzGetDatum((TimestampTz) get_uint(&r, 8));
+			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+			if (kind == CELLS_QTY_DEC)
+				pfree(DatumGetPointer(values[3]));
+		}
+		MemoryContextReset(tmp);
+	}
+	MemoryContextSwitchTo(old);
+	MemoryContextDelete(tmp);
+	return (Datum) 0;
+}
+
+/* the elements of a one-dimensional array without NULLs (or with, when nulls) */
+static int
+array_items(ArrayType *a, const char *name, Datum **elems, bool **nulls)
+{
+	Oid			type = ARR_ELEMTYPE(a);
+	int16		len;
+	bool		byval;
+	char		align;
+	int			n;
+	bool	   *nn;
+
+	if (ARR_NDIM(a) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("%s must be a one-dimensional array", name)));
+	get_typlenbyvalalign(type, &len, &byval, &align);
+	deconstruct_array(a, type, len, byval, align, elems, &nn, &n);
+	if (nulls)
+		*nulls = nn;
+	else
+		for (int i = 0; i < n; i++)
+			if (nn[i])
+				ereport(ERROR,
+						(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+						 errmsg("%s must not contain NULLs", name)));
+	return n;
+}
+
+static bool
+same_text(text *a, text *b)
+{
+	return VARSIZE_ANY_EXHDR(a) == VARSIZE_ANY_EXHDR(b) &&
+		memcmp(VARDATA_ANY(a), VARDATA_ANY(b), VARSIZE_ANY_EXHDR(a)) == 0;
+}
+
+/*
+ * billing._delta_pack(meters text[], dimensions text[],
+ *					   bucket_starts timestamptz[], quantities numeric[],
+ *					   events bigint[], last_ts timestamptz[]) RETURNS bytea
+ *		Pack parallel arrays of cells; a cell whose last_ts is not NULL
+ *		belongs to a last meter.  Consecutive cells of the same meter and
+ *		dimension share a series.
+ */
+Datum
+billing_delta_pack(PG_FUNCTION_ARGS)
+{
+	Datum	   *meters,
+			   *dims,
+			   *starts,
+			   *qtys,
+			   *events,
+			   *lasts = NULL;
+	bool	   *lastnull = NULL;
+	int			n;
+	CellWriter	w;
+	StringInfoData buf;
+	int			prev = -1;
+
+	for (int i = 0; i < 5; i++)
+		if (PG_ARGISNULL(i))
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("only last_ts may be NULL")));
+	n = array_items(PG_GETARG_ARRAYTYPE_P(0), "meters", &meters, NULL);
+	if (array_items(PG_GETARG_ARRAYTYPE_P(1), "dimensions", &dims, NULL) != n ||
+		array_items(PG_GETARG_ARRAYTYPE_P(2), "bucket_starts", &starts, NULL) != n ||
+		array_items(PG_GETARG_ARRAYTYPE_P(3), "quantities", &qtys, NULL) != n ||
+		array_items(PG_GETARG_ARRAYTYPE_P(4), "events", &events, NULL) != n ||
+		(!PG_ARGISNULL(5) &&
+		 array_items(PG_GETARG_ARRAYTYPE_P(5), "last_ts", &lasts, &lastnull) != n))
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("the cell arrays must have the same length")));
+
+	initStringInfo(&buf);
+	cells_begin(&w, &buf);
+	for (int i = 0; i < n; i++)
+	{
+		text	   *m = DatumGetTextPP(meters[i]);
+		text	   *d = DatumGetTextPP(dims[i]);
+		bool		is_last = lasts != NULL && !lastnull[i];
+		Numeric		q = DatumGetNumeric(qtys[i]);
+		int128_t	dec = 0;
+		bool		isdec;
+
+		if (VARSIZE_ANY_EXHDR(m) == 0 || VARSIZE_ANY_EXHDR(m) > 255 ||
+			VARSIZE_ANY_EXHDR(d) > PG_UINT16_MAX)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("meter or dimension too long or empty")));
+		if (numeric_is_nan(q) || numeric_is_inf(q))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("usage quantity must be finite")));
+		if (prev < 0 || is_last != (lasts != NULL && !lastnull[prev]) ||
+			!same_text(m, DatumGetTextPP(meters[prev])) ||
+			!same_text(d, DatumGetTextPP(dims[prev])))
+			cells_series(&w, VARDATA_ANY(m), VARSIZE_ANY_EXHDR(m),
+						 VARDATA_ANY(d), VARSIZE_ANY_EXHDR(d), is_last);
+		isdec = dec_from_numeric(q, CELLS_QTY_SCALE, &dec);
+		cells_add(&w, DatumGetTimestampTz(starts[i]), DatumGetInt64(events[i]),
+				  isdec, dec, q, is_last ? DatumGetTimestampTz(lasts[i]) : 0);
+		prev = i;
+	}
+	PG_RETURN_BYTEA_P((bytea *) (buf.data + cells_end(&w)));
+}
