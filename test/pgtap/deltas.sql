@@ -1,0 +1,96 @@
+-- deltas: the packed cells of billing.usage_deltas (src/cells.c).  What
+-- billing._delta_pack packs, billing._delta_cells reads back exactly; the
+-- byte format is pinned (dumps and existing deltas must keep reading);
+-- corrupt values raise XX001 and never crash; an account with many cells
+-- in one flush is split into rows that stay out of TOAST, and its usage
+-- reads back as sent.
+BEGIN;
+SELECT plan(14);
+SET LOCAL timezone = 'UTC';
+
+CREATE TEMP TABLE packed AS
+SELECT billing._delta_pack(
+           ARRAY['m1', 'm1', 'm2'], ARRAY['', '', 'eu'],
+           ARRAY['2026-01-01 00:00+00', '2026-01-01 00:01+00', '2026-01-01 00:00+00']::timestamptz[],
+           ARRAY[1.5, 1e-25, -3]::numeric[], ARRAY[2, 1, 1]::bigint[],
+           ARRAY[NULL, NULL, '2026-01-01 00:00:30+00']::timestamptz[]) AS v;
+
+SELECT results_eq(
+    $$SELECT meter COLLATE "default", dimension COLLATE "default", bucket_start, quantity, events, last_ts
+        FROM packed, billing._delta_cells(v)$$,
+    $$VALUES ('m1'::text, ''::text, '2026-01-01 00:00+00'::timestamptz, 1.5::numeric, 2::bigint, NULL::timestamptz),
+             ('m1', '', '2026-01-01 00:01+00', 1e-25, 1, NULL),
+             ('m2', 'eu', '2026-01-01 00:00+00', -3, 1, '2026-01-01 00:00:30+00')$$,
+    'cells read back as packed: series, a quantity past fixed point, a negative one, a last meter');
+
+SELECT is((SELECT v FROM packed),
+          '\x01026d31000000020000000060e80a47ea020002000000000000000000009814440dab21080000000000000000e77b0e47ea02000100000000000000011b00302e30303030303030303030303030303030303030303030303031026d320200657501010000000060e80a47ea02000100000000000000000000d0d677e5a9bcefffffffffffffff8023b20c47ea0200'::bytea,
+          'the byte format is pinned (little-endian, version 1)');
+
+-- quantities at the edges of the fixed-point range keep every digit
+SELECT results_eq(
+    $$SELECT quantity FROM billing._delta_cells(billing._delta_pack(
+          ARRAY['m', 'm', 'm', 'm'], ARRAY['', '', '', ''],
+          ARRAY[now(), now(), now(), now()], ARRAY[0, 123456789012345678.12345678901234567890,
+                                                   1e40, -0.00000000000000000001]::numeric[],
+          ARRAY[0, 0, 0, 0]::bigint[], NULL))$$,
+    $$VALUES (0::numeric), (123456789012345678.12345678901234567890), (1e40), (-0.00000000000000000001)$$,
+    'zero, 38 digits, 1e40 and the smallest fixed-point step read back exactly');
+
+SELECT is((SELECT count(*) FROM billing._delta_cells(billing._delta_pack(
+              '{}'::text[], '{}', '{}', '{}', '{}', NULL)))::int, 0, 'no cells: no rows');
+
+-- bad input to the packer
+SELECT throws_ok($$SELECT billing._delta_pack(ARRAY['m'], ARRAY['', ''], ARRAY[now()], ARRAY[1], ARRAY[1::bigint], NULL)$$,
+                 '2202E', NULL, 'arrays of different lengths');
+SELECT throws_ok($$SELECT billing._delta_pack(ARRAY['m'], ARRAY[NULL::text], ARRAY[now()], ARRAY[1], ARRAY[1::bigint], NULL)$$,
+                 '22004', NULL, 'a NULL element');
+SELECT throws_ok($$SELECT billing._delta_pack(ARRAY['m'], ARRAY[''], ARRAY[now()], ARRAY['NaN'::numeric], ARRAY[1::bigint], NULL)$$,
+                 '22023', NULL, 'a NaN quantity');
+
+-- corrupt values: every prefix of a valid value but the whole and the
+-- version alone, a wrong version, a wrong kind byte
+CREATE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE q;
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLSTATE;
+END
+$$;
+SELECT is((SELECT string_agg(n::text, ',')
+             FROM packed, generate_series(2, length(v) - 1) n
+            WHERE pg_temp.sqlstate_of(format('SELECT count(*) FROM billing._delta_cells(%L::bytea)',
+                                             substr(v, 1, n))) <> 'XX001'),
+          '90', 'every truncated value raises XX001 but the one ending after the first series');
+SELECT throws_ok($$SELECT * FROM billing._delta_cells('\x02'::bytea)$$, 'XX001', NULL, 'an unknown version');
+SELECT throws_ok($$SELECT * FROM billing._delta_cells(set_byte((SELECT v FROM packed), 27, 7))$$,
+                 'XX001', NULL, 'an unknown quantity kind');
+SELECT throws_ok($$SELECT * FROM billing._delta_cells(''::bytea)$$, 'XX001', NULL, 'an empty value');
+
+-- one account sending many cells in one statement: several delta rows,
+-- each small enough to stay in the heap page
+INSERT INTO billing.meters (meter, aggregation, late_window) VALUES
+    ('dl_sum', 'sum', '30 days'), ('dl_last', 'last', '30 days');
+INSERT INTO billing.accounts (account_id) VALUES (7401);
+CREATE TEMP TABLE sent AS
+SELECT CASE WHEN n % 2 = 0 THEN 'dl_sum' ELSE 'dl_last' END AS meter,
+       date_trunc('minute', now()) - n * interval '1 minute' AS ts,
+       (n % 97)::numeric / 8 AS q
+  FROM generate_series(1, 3000) n;
+SELECT count(billing.record(7401, meter, q, ts)) FROM sent;
+CREATE TABLE dl_rows (account_id bigint, meter text, qty numeric, ts timestamptz);
+SELECT billing.meter_table('dl_rows', 'account_id', 'meter', 'qty', 'ts', keep_rows => false);
+CREATE TEMP TABLE before AS SELECT count(*) AS n FROM billing.usage_deltas WHERE account_id = 7401;
+INSERT INTO dl_rows SELECT 7401, meter, q, ts FROM sent;
+SELECT ok((SELECT count(*) FROM billing.usage_deltas WHERE account_id = 7401) - (SELECT n FROM before) > 20,
+          'the statement of 3000 cells wrote its account as several rows');
+SELECT ok((SELECT max(pg_column_size(cells)) FROM billing.usage_deltas WHERE account_id = 7401) < 2032,
+          'no row reaches the TOAST threshold');
+SELECT bag_eq(
+    $$SELECT meter COLLATE "default", bucket_start, quantity, events FROM billing.usage_cells WHERE account_id = 7401$$,
+    $$SELECT meter, ts, q, 1::bigint FROM sent UNION ALL SELECT meter, ts, q, 1::bigint FROM sent$$,
+    'every cell reads back as sent');
+
+SELECT * FROM finish();
+ROLLBACK;
