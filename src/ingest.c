@@ -255,6 +255,7 @@ typedef struct IngestState
 	int64		nreports;		/* reports seen: their arrival order */
 	HTAB	   *known_accounts; /* accounts checked by this statement's flushes */
 	FlushBufs	fb;
+	bool		numeric_cells;	/* a cell may hold a numeric (to free at flush) */
 } IngestState;
 
 /* trigger accumulators of the current transaction, innermost first */
@@ -819,6 +820,7 @@ accumulate(IngestState *st, const BucketKey *key, const Qty *v, TimestampTz ts,
 			acc->value.dec = dec_pow10[QTY_SCALE];
 		else
 			qty_store(&acc->value, v, st->ctx);
+		st->numeric_cells |= !acc->value.isdec;
 		st->counted++;
 		return;
 	}
@@ -855,6 +857,7 @@ accumulate(IngestState *st, const BucketKey *key, const Qty *v, TimestampTz ts,
 			}
 			break;
 	}
+	st->numeric_cells |= !acc->value.isdec;
 }
 
 /*
@@ -2106,9 +2109,11 @@ flush_state(IngestState *st)
 		write_deltas_heap(fb);
 	MemoryContextSwitchTo(old);
 	MemoryContextDelete(tmp);
-	for (i = 0; i < ncells; i++)
-		if (!fb->cells[i].acc->value.isdec)
-			pfree(fb->cells[i].acc->value.num);
+	if (st->numeric_cells)
+		for (i = 0; i < ncells; i++)
+			if (!fb->cells[i].acc->value.isdec)
+				pfree(fb->cells[i].acc->value.num);
+	st->numeric_cells = false;
 
 	/* empty the counters; the table keeps its (bounded) capacity */
 	cells_reset(st->buckets);

@@ -248,11 +248,16 @@ BEGIN
     PERFORM billing._meter_table_citus(tbl, account_column);    -- on Citus: co-located, triggers allowed
     INSERT INTO billing.metered_tables VALUES (tbl, account_column, meter_column, quantity_column,
         ts_column, event_id_column, dimension_column, keep_rows);
-    EXECUTE format('CREATE TRIGGER billing_meter_row BEFORE INSERT ON %s FOR EACH ROW '
-                   'EXECUTE FUNCTION billing._meter_row(%L, %L, %L, %L, %L, %L, %L)',
-                   tbl, account_column, meter_column, quantity_column, ts_column,
-                   coalesce(event_id_column, ''), coalesce(dimension_column, ''),
-                   CASE WHEN keep_rows THEN 't' ELSE 'f' END);
+    -- a row trigger only where rows are dropped (keep_rows false) or
+    -- duplicates must be (event ids): a BEFORE ROW trigger makes COPY
+    -- insert one row at a time instead of in batches
+    IF NOT keep_rows OR event_id_column IS NOT NULL THEN
+        EXECUTE format('CREATE TRIGGER billing_meter_row BEFORE INSERT ON %s FOR EACH ROW '
+                       'EXECUTE FUNCTION billing._meter_row(%L, %L, %L, %L, %L, %L, %L)',
+                       tbl, account_column, meter_column, quantity_column, ts_column,
+                       coalesce(event_id_column, ''), coalesce(dimension_column, ''),
+                       CASE WHEN keep_rows THEN 't' ELSE 'f' END);
+    END IF;
     IF keep_rows THEN
         -- the rows stored, counted at the end of the statement (before
         -- billing_meter_flush: statement triggers fire in name order)

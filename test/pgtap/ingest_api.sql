@@ -2,7 +2,7 @@
 -- with their pinned signatures, argument names and result columns, and
 -- every bad input raises its SQLSTATE.
 BEGIN;
-SELECT plan(104);
+SELECT plan(109);
 
 -- signatures ---------------------------------------------------------------
 SELECT has_function('billing', 'record',
@@ -287,6 +287,27 @@ SELECT throws_ok($$INSERT INTO api_known SELECT 7101 + i % 10, 'api_sum', 1, now
                      FROM generate_series(1, 100) i$$,
                  '23503', 'account 7110 does not exist',
                  'the next statement finds the account deleted in between');
+
+-- keep_rows without event ids: no row trigger (COPY then inserts in
+-- batches); the rows are checked and counted at the end of the statement,
+-- and a bad row still undoes the whole statement
+CREATE TABLE api_batch (account_id bigint, meter text, quantity numeric, ts timestamptz);
+SELECT billing.meter_table('api_batch', 'account_id', 'meter', 'quantity', 'ts', keep_rows => true);
+SELECT is((SELECT array_agg(tgname::text ORDER BY tgname) FROM pg_trigger
+            WHERE tgrelid = 'api_batch'::regclass),
+          ARRAY['billing_meter_after_rows', 'billing_meter_flush'],
+          'keep_rows without event ids: statement triggers only');
+SELECT lives_ok($$INSERT INTO api_batch SELECT 7101 + i % 3, 'api_sum', i, now()
+                    FROM generate_series(1, 30) i$$, 'a kept batch');
+SELECT throws_ok($$INSERT INTO api_batch SELECT 7101 + i % 3, 'api_sum', CASE WHEN i = 20 THEN -1 ELSE i END, now()
+                     FROM generate_series(1, 30) i$$,
+                 '22023', NULL, 'a negative quantity in row 20 of a kept batch');
+SELECT is((SELECT count(*) FROM api_batch), 30::bigint, 'the failed statement kept no row');
+SELECT is((SELECT sum(quantity) FROM billing.usage_cells WHERE account_id BETWEEN 7101 AND 7103
+             AND meter = 'api_sum' AND bucket_start >= date_trunc('minute', now())),
+          (SELECT sum(quantity) FROM api_batch)
+            + (SELECT sum(quantity) FROM api_known WHERE account_id BETWEEN 7101 AND 7103),
+          'and counted nothing: usage is what the two tables kept');
 
 SELECT * FROM finish();
 ROLLBACK;
