@@ -25,6 +25,7 @@
  */
 #include "postgres.h"
 
+#include "access/heapam.h"
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/tableam.h"
@@ -256,6 +257,7 @@ typedef struct IngestState
 	HTAB	   *known_accounts; /* accounts checked by this statement's flushes */
 	FlushBufs	fb;
 	bool		numeric_cells;	/* a cell may hold a numeric (to free at flush) */
+	bool		claims_dup_heavy;	/* the last claimed batch was mostly duplicates */
 } IngestState;
 
 /* trigger accumulators of the current transaction, innermost first */
@@ -287,6 +289,7 @@ static SPIPlanPtr citus_account_plan = NULL;
 static SPIPlanPtr citus_delta_plan = NULL;
 
 static void flush_state(IngestState *st);
+static void write_cells(IngestState *st);
 
 /* ---------------------------------------------------------------------
  * Meter cache
@@ -1027,6 +1030,25 @@ add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 }
 
 /*
+ * cells_room
+ *		The memory the cell table may take: all of the budget, or a
+ *		quarter while event ids are queued (the queue takes the rest).
+ */
+static inline Size
+cells_room(IngestState *st, Size budget)
+{
+	return st->npending > 0 ? budget / 4 : budget;
+}
+
+/* would the cell table, about to double, outgrow its room? */
+static inline bool
+cells_at_limit(IngestState *st, Size budget)
+{
+	return st->buckets->members + 1 >= st->buckets->grow_threshold &&
+		(Size) st->buckets->size * 2 * sizeof(BucketAcc) > cells_room(st, budget);
+}
+
+/*
  * maybe_flush
  *		Flush early when the accumulator has grown past work_mem, so memory
  *		stays bounded however many rows a statement sends.
@@ -1037,16 +1059,20 @@ maybe_flush(IngestState *st)
 	Size		budget = (Size) work_mem * 1024;
 
 	/*
-	 * Flush before the cell table would double past the budget, or when
-	 * the queued event ids reach half of it.  simplehash may also double
-	 * early when probes run long; if the table got past the budget that
-	 * way, flush and start again from a small table.
+	 * Flush before the cell table would double past its room, or when the
+	 * queued event ids fill the rest of the budget.  The claim counts the
+	 * winners into the cell table and writes it whenever it fills (see
+	 * claim_pending): big queues make the claim cheaper per id.
 	 */
-	if ((st->buckets->members + 1 >= st->buckets->grow_threshold &&
-		 (Size) st->buckets->size * 2 * sizeof(BucketAcc) > budget) ||
-		st->pending_bytes > budget / 2)
+	if (cells_at_limit(st, budget) || st->pending_bytes > budget - budget / 4)
 		flush_state(st);
-	if ((Size) st->buckets->size * sizeof(BucketAcc) > budget)
+
+	/*
+	 * A table bigger than its room (simplehash doubles early when probes
+	 * run long, and the room shrinks when ids start to queue): flush and
+	 * start again from a small table.
+	 */
+	if ((Size) st->buckets->size * sizeof(BucketAcc) > cells_room(st, budget))
 	{
 		flush_state(st);
 		cells_destroy(st->buckets);
@@ -1529,13 +1555,64 @@ mark_existing(IngestState *st, const int *first, int nkeys, bool *exists,
 }
 
 /*
+ * recheck_claim
+ *		The unique index reported that another entry may hold our new key
+ *		(inserted at tid).  True if a claim other than ours is there (one
+ *		committed, or made earlier by this transaction): ours is then a
+ *		duplicate.  A claim by a transaction still in progress raises
+ *		unique_violation, which sends the batch down the slow path (INSERT
+ *		... ON CONFLICT waits for that transaction properly).
+ */
+static bool
+recheck_claim(Relation heap, Relation index, const PendingRow *p, const char *meter,
+			  ItemPointer tid, TupleTableSlot *slot)
+{
+	SnapshotData dirty;
+	IndexScanDesc scan;
+	ScanKeyData skey[3];
+	bool		found = false;
+	ItemPointer other;
+
+	InitDirtySnapshot(dirty);
+	ScanKeyInit(&skey[0], 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(p->key.account_id));
+	ScanKeyInit(&skey[1], 2, BTEqualStrategyNumber, F_TEXTEQ,
+				PointerGetDatum(cstring_to_text(meter)));
+	ScanKeyInit(&skey[2], 3, BTEqualStrategyNumber, F_TEXTEQ,
+				PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len)));
+	skey[1].sk_collation = C_COLLATION_OID;
+	skey[2].sk_collation = C_COLLATION_OID;
+	scan = index_beginscan(heap, index, &dirty, 3, 0);
+	index_rescan(scan, skey, 3, NULL, 0);
+	while (!found && (other = index_getnext_tid(scan, ForwardScanDirection)) != NULL)
+	{
+		if (ItemPointerEquals(other, tid))
+			continue;			/* our own claim */
+		if (!index_fetch_heap(scan, slot))
+			continue;			/* a dead version */
+		if (TransactionIdIsValid(dirty.xmin) || TransactionIdIsValid(dirty.xmax))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNIQUE_VIOLATION),
+					 errmsg("event id is being claimed by another transaction")));
+		found = true;
+	}
+	index_endscan(scan);
+	return found;
+}
+
+/*
  * claim_keys_direct
- *		The fast way to claim keys: probe the primary key index for each
- *		(sorted) key and multi-insert the new ones, as COPY would, inside a
- *		subtransaction.  Another transaction claiming one of the keys
- *		between our probe and our insert makes the unique index raise
- *		unique_violation; then the subtransaction is rolled back and false
- *		returned, and the caller claims the batch the slow way.
+ *		The fast way to claim keys, inside a subtransaction, in one of two
+ *		ways:
+ *		- when the last batch was mostly duplicates: probe the primary key
+ *		  index for each (sorted) key, then multi-insert the new ones;
+ *		- otherwise (new data): multi-insert every key at once, asking the
+ *		  unique index only to report possible duplicates, then recheck
+ *		  those and delete our rows that turn out to be duplicates.  This
+ *		  saves the probe, one descent of the index per key.
+ *		Another transaction claiming one of the keys at the same time makes
+ *		the unique index (or the recheck) raise unique_violation; then the
+ *		subtransaction is rolled back and false returned, and the caller
+ *		claims the batch the slow way.
  */
 static bool
 claim_keys_direct(IngestState *st, const int *first, int nkeys, bool *won)
@@ -1559,14 +1636,21 @@ claim_keys_direct(IngestState *st, const int *first, int nkeys, bool *won)
 		MemoryContext tmp = AllocSetContextCreate(oldcontext, "billing claim",
 												  ALLOCSET_DEFAULT_SIZES);
 		bool	   *exists = palloc0(Max(nkeys, 1) * sizeof(bool));
+		bool		insert_first = !st->claims_dup_heavy;
+		int		   *slotkey = palloc(WRITE_BATCH * sizeof(int));
+		int		   *flagged = palloc(Max(nkeys, 1) * sizeof(int));
+		ItemPointerData *flagged_tid = palloc(Max(nkeys, 1) * sizeof(ItemPointerData));
+		int			nflagged = 0;
+		int			ndups = 0;
 
 		InitResultRelInfo(rri, heap, 1, NULL, 0);
 		ExecOpenIndices(rri, false);
 		for (j = 0; j < WRITE_BATCH; j++)
 			slots[j] = table_slot_create(heap, NULL);
 
-		/* 1. which keys exist already */
-		mark_existing(st, first, nkeys, exists, heap, index, tmp);
+		/* 1. which keys exist already (unless inserting first) */
+		if (!insert_first)
+			mark_existing(st, first, nkeys, exists, heap, index, tmp);
 
 		/* 2. multi-insert the others */
 		for (j = 0; j <= nkeys; j++)
@@ -1586,6 +1670,7 @@ claim_keys_direct(IngestState *st, const int *first, int nkeys, bool *won)
 				memset(ts->tts_isnull, 0, 4 * sizeof(bool));
 				ExecStoreVirtualTuple(ts);
 				MemoryContextSwitchTo(old);
+				slotkey[nslots - 1] = j;
 				won[j] = true;
 			}
 			if (nslots > 0 && (nslots == WRITE_BATCH || j == nkeys))
@@ -1594,14 +1679,56 @@ claim_keys_direct(IngestState *st, const int *first, int nkeys, bool *won)
 
 				table_multi_insert(heap, slots, nslots, cid, 0, NULL);
 				for (i = 0; i < nslots; i++)
-					list_free(ExecInsertIndexTuples(rri, slots[i], estate,
-													false, false, NULL, NIL));
+				{
+					List	   *conflicts = ExecInsertIndexTuples(rri, slots[i], estate, false,
+																  insert_first, NULL, NIL);
+
+					if (conflicts != NIL)
+					{
+						flagged[nflagged] = slotkey[i];
+						flagged_tid[nflagged++] = slots[i]->tts_tid;
+						list_free(conflicts);
+					}
+				}
 				nslots = 0;
 				MemoryContextReset(tmp);
 			}
 		}
 		CommandCounterIncrement();
+
+		/* 3. keys the index flagged: a duplicate drops our row */
+		if (nflagged > 0)
+		{
+			TupleTableSlot *probe = table_slot_create(heap, NULL);
+
+			for (j = 0; j < nflagged; j++)
+			{
+				PendingRow *p = &st->pending[first[flagged[j]]];
+				MemoryContext old = MemoryContextSwitchTo(tmp);
+				bool		dup = recheck_claim(heap, index, p, st->slots[p->key.meter]->name,
+												&flagged_tid[j], probe);
+
+				MemoryContextSwitchTo(old);
+				MemoryContextReset(tmp);
+				if (dup)
+				{
+					simple_heap_delete(heap, &flagged_tid[j]);
+					won[flagged[j]] = false;
+				}
+			}
+			ExecDropSingleTupleTableSlot(probe);
+			CommandCounterIncrement();
+		}
+
+		/* which way the next batch goes */
+		for (j = 0; j < nkeys; j++)
+			ndups += !won[j];
+		st->claims_dup_heavy = (ndups > nkeys / 4);
+
 		pfree(exists);
+		pfree(slotkey);
+		pfree(flagged);
+		pfree(flagged_tid);
 		for (j = 0; j < WRITE_BATCH; j++)
 			ExecDropSingleTupleTableSlot(slots[j]);
 		ExecCloseIndices(rri);
@@ -1646,6 +1773,7 @@ claim_keys_direct(IngestState *st, const int *first, int nkeys, bool *won)
 static void
 claim_pending(IngestState *st)
 {
+	Size		budget = (Size) work_mem * 1024;
 	int			n = st->npending;
 	int			nkeys = 0;
 	int		   *first;			/* per key: index of its first report */
@@ -1668,6 +1796,11 @@ claim_pending(IngestState *st)
 	if (billing_distributed() || !claim_keys_direct(st, first, nkeys, won))
 		claim_keys_spi(st, first, nkeys, won);
 
+	/*
+	 * Count the winners.  The queue takes most of the budget, so the cell
+	 * table is written out whenever it would outgrow the rest; the queue
+	 * is in account order, so each write covers its own accounts.
+	 */
 	for (j = 0, k = -1; j < n; j++)
 	{
 		PendingRow *p = &st->pending[j];
@@ -1676,7 +1809,11 @@ claim_pending(IngestState *st)
 		{
 			k++;
 			if (won[k])
+			{
+				if (cells_at_limit(st, budget))
+					write_cells(st);
 				accumulate(st, &p->key, &p->value, p->ts, p->ord);
+			}
 			else
 				st->duplicates++;
 		}
@@ -2069,6 +2206,18 @@ forget_accounts(IngestState *st)
 static void
 flush_state(IngestState *st)
 {
+	claim_pending(st);
+	write_cells(st);
+}
+
+/*
+ * write_cells
+ *		Check the accounts of the counter cells, write the cells as delta
+ *		rows, and empty the cell table.
+ */
+static void
+write_cells(IngestState *st)
+{
 	long		naccounts;
 	cells_iterator it;
 	BucketAcc  *acc;
@@ -2077,8 +2226,6 @@ flush_state(IngestState *st)
 	long		i = 0;
 	MemoryContext tmp;
 	MemoryContext old;
-
-	claim_pending(st);
 
 	if (st->buckets->members == 0)
 		return;
