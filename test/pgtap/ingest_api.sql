@@ -2,7 +2,7 @@
 -- with their pinned signatures, argument names and result columns, and
 -- every bad input raises its SQLSTATE.
 BEGIN;
-SELECT plan(109);
+SELECT plan(113);
 
 -- signatures ---------------------------------------------------------------
 SELECT has_function('billing', 'record',
@@ -308,6 +308,26 @@ SELECT is((SELECT sum(quantity) FROM billing.usage_cells WHERE account_id BETWEE
           (SELECT sum(quantity) FROM api_batch)
             + (SELECT sum(quantity) FROM api_known WHERE account_id BETWEEN 7101 AND 7103),
           'and counted nothing: usage is what the two tables kept');
+
+-- claims of a batch of mostly new ids insert first and let the unique index
+-- flag the duplicates: ids committed before, ids claimed earlier in this
+-- transaction and ids repeated within the batch all count once
+INSERT INTO billing.accounts (account_id) VALUES (7120);
+CREATE TABLE api_ids (account_id bigint, meter text, quantity numeric, ts timestamptz, event_id text);
+SELECT billing.meter_table('api_ids', 'account_id', 'meter', 'quantity', 'ts', 'event_id', keep_rows => false);
+INSERT INTO api_ids SELECT 7120, 'api_sum', 1, now(), 'id-' || i FROM generate_series(1, 100) i;
+INSERT INTO api_ids SELECT 7120, 'api_sum', 1, now(), 'id-' || (i % 200 + 50) FROM generate_series(1, 400) i;
+SELECT is((SELECT sum(events) FROM billing.usage_cells WHERE account_id = 7120)::bigint, 249::bigint,
+          'ids 1..249 counted once each, across and within batches');
+SELECT is((SELECT count(*) FROM billing.dedupe_keys WHERE account_id = 7120), 249::bigint,
+          'one live claim per id: the duplicate rows of the batch were deleted');
+SET LOCAL work_mem = '64kB';
+INSERT INTO api_ids SELECT 7120, 'api_sum', 1, now(), 'id-' || (i % 600) FROM generate_series(1, 3000) i;
+RESET work_mem;
+SELECT is((SELECT sum(events) FROM billing.usage_cells WHERE account_id = 7120)::bigint, 600::bigint,
+          'a statement of many small batches, duplicates and new ids mixed (both ways of claiming)');
+SELECT is((SELECT count(*) FROM billing.dedupe_keys WHERE account_id = 7120), 600::bigint,
+          'one live claim per id after it');
 
 SELECT * FROM finish();
 ROLLBACK;
