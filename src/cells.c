@@ -31,17 +31,25 @@ PG_FUNCTION_INFO_V1(billing_delta_pack);
 static inline void
 put_bytes(StringInfo b, const void *p, int n)
 {
-	appendBinaryStringInfoNT(b, p, n);
+	if (b->len + n >= b->maxlen)
+		enlargeStringInfo(b, n);
+	memcpy(b->data + b->len, p, n);
+	b->len += n;
 }
 
+/* the nbytes low bytes of v, least significant first */
 static inline void
 put_uint(StringInfo b, uint64 v, int nbytes)
 {
+#ifdef WORDS_BIGENDIAN
 	unsigned char tmp[8];
 
 	for (int i = 0; i < nbytes; i++)
 		tmp[i] = (unsigned char) (v >> (8 * i));
 	put_bytes(b, tmp, nbytes);
+#else
+	put_bytes(b, &v, nbytes);
+#endif
 }
 
 static inline void

@@ -84,6 +84,12 @@ PG_FUNCTION_INFO_V1(billing_meters_changed);
 #define FUTURE_SLACK_USEC	(5 * USECS_PER_MINUTE)
 /* delta rows written per multi-insert batch */
 #define WRITE_BATCH			1000
+/* a hint to load memory into the cache ahead of use */
+#if defined(__GNUC__) || defined(__clang__)
+#define prefetch(p)			__builtin_prefetch(p)
+#else
+#define prefetch(p)			((void) 0)
+#endif
 /* offset from the PostgreSQL epoch (2000) back to the Unix epoch (1970) */
 #define UNIX_EPOCH_USEC		((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY)
 
@@ -2032,6 +2038,9 @@ pack_deltas(IngestState *st, FlushBufs *fb, long ncells)
 			BucketKey  *k = &cells[i].key;
 			BucketAcc  *acc = cells[i].acc;
 
+			/* the cells are spread over the hash table: fetch ahead */
+			if (i + 8 < ncells)
+				prefetch(cells[i + 8].acc);
 			if (cells_size(&cw) >= CELLS_ROW_BYTES)
 				break;			/* the rest in another row */
 			if (k->meter != meter || k->dim != dim)
