@@ -50,6 +50,7 @@
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
 #include "utils/snapmgr.h"
+#include "storage/bufmgr.h"
 #include "storage/lmgr.h"
 #include "utils/resowner.h"
 #include "utils/hsearch.h"
@@ -1560,6 +1561,176 @@ mark_existing(IngestState *st, const int *first, int nkeys, bool *exists,
 	ExecDropSingleTupleTableSlot(slot);
 }
 
+/* order of a claim row against a queued key, as pending_cmp orders keys */
+static int
+claim_row_cmp(int64 account, const char *meter, int mlen, const char *id, int idlen,
+			  IngestState *st, const PendingRow *p)
+{
+	const char *pm = st->slots[p->key.meter]->name;
+	int			pmlen = st->slots[p->key.meter]->namelen;
+	int			c;
+
+	if (account != p->key.account_id)
+		return account < p->key.account_id ? -1 : 1;
+	c = memcmp(meter, pm, Min(mlen, pmlen));
+	if (c == 0)
+		c = mlen - pmlen;
+	if (c != 0)
+		return c;
+	c = memcmp(id, p->event_id, Min(idlen, p->event_len));
+	if (c != 0)
+		return c;
+	return idlen - p->event_len;
+}
+
+/* how many rows the heap walk of match_heap_run may pass without a match */
+#define HEAP_RUN_MISS_LIMIT 64
+
+/*
+ * match_heap_run
+ *		Mark exists[] for the keys found by walking the heap of dedupe_keys
+ *		forward from the claim of the batch's first key, while its rows come
+ *		in key order.  A batch claimed by one multi-insert is such a sorted
+ *		run, so a replay of the same data (a retried file) finds its ids
+ *		there one after another, without a descent of the index per id.
+ *		Stops at the first row out of order, after HEAP_RUN_MISS_LIMIT rows
+ *		without a match, or at a row another transaction is inserting or
+ *		deleting (the index probe waits for those).  Keys it does not mark
+ *		may still exist: the caller checks them through the index.  Returns
+ *		the number of keys marked.
+ */
+static int
+match_heap_run(IngestState *st, const int *first, int nkeys, bool *exists,
+			   Relation heap, Relation index)
+{
+	TupleDesc	desc = RelationGetDescr(heap);
+	SnapshotData dirty;
+	IndexScanDesc scan;
+	ScanKeyData skey[3];
+	TupleTableSlot *slot;
+	PendingRow *p0 = &st->pending[first[0]];
+	ItemPointerData start;
+	bool		found = false;
+	BlockNumber nblocks;
+	BlockNumber blk;
+	int			k = 0;
+	int			misses = 0;
+	int			marked = 0;
+	bool		stop = false;
+	int64		prev_account = PG_INT64_MIN;
+
+	/* 1. the live claim of the first key, through the index */
+	InitDirtySnapshot(dirty);
+	slot = table_slot_create(heap, NULL);
+	ScanKeyInit(&skey[0], 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(p0->key.account_id));
+	ScanKeyInit(&skey[1], 2, BTEqualStrategyNumber, F_TEXTEQ,
+				PointerGetDatum(cstring_to_text(st->slots[p0->key.meter]->name)));
+	ScanKeyInit(&skey[2], 3, BTEqualStrategyNumber, F_TEXTEQ,
+				PointerGetDatum(cstring_to_text_with_len(p0->event_id, p0->event_len)));
+	skey[1].sk_collation = C_COLLATION_OID;
+	skey[2].sk_collation = C_COLLATION_OID;
+	scan = index_beginscan(heap, index, &dirty, 3, 0);
+	index_rescan(scan, skey, 3, NULL, 0);
+	while (index_getnext_tid(scan, ForwardScanDirection) != NULL)
+	{
+		if (!index_fetch_heap(scan, slot))
+			continue;
+		if (!TransactionIdIsValid(dirty.xmin) && !TransactionIdIsValid(dirty.xmax))
+		{
+			start = slot->tts_tid;
+			found = true;
+		}
+		break;
+	}
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
+	if (!found)
+		return 0;
+
+	/* 2. merge the keys with the heap rows that follow it */
+	nblocks = RelationGetNumberOfBlocks(heap);
+	for (blk = ItemPointerGetBlockNumber(&start); blk < nblocks && !stop && k < nkeys; blk++)
+	{
+		Buffer		buf = ReadBufferExtended(heap, MAIN_FORKNUM, blk, RBM_NORMAL, NULL);
+		Page		page;
+		OffsetNumber off;
+		OffsetNumber maxoff;
+
+		LockBuffer(buf, BUFFER_LOCK_SHARE);
+		page = BufferGetPage(buf);
+		maxoff = PageGetMaxOffsetNumber(page);
+		off = (blk == ItemPointerGetBlockNumber(&start))
+			? ItemPointerGetOffsetNumber(&start) : FirstOffsetNumber;
+		for (; off <= maxoff && !stop && k < nkeys; off++)
+		{
+			ItemId		lp = PageGetItemId(page, off);
+			HeapTupleData tup;
+			Datum		a,
+						m,
+						e;
+			bool		n1,
+						n2,
+						n3;
+			int			c;
+
+			if (!ItemIdIsNormal(lp))
+				continue;
+			tup.t_data = (HeapTupleHeader) PageGetItem(page, lp);
+			tup.t_len = ItemIdGetLength(lp);
+			tup.t_tableOid = RelationGetRelid(heap);
+			ItemPointerSet(&tup.t_self, blk, off);
+			if (!HeapTupleSatisfiesVisibility(&tup, &dirty, buf))
+				continue;		/* a dead claim */
+			if (TransactionIdIsValid(dirty.xmin) || TransactionIdIsValid(dirty.xmax))
+			{
+				stop = true;	/* being inserted or deleted: leave it to the index */
+				break;
+			}
+			a = heap_getattr(&tup, 1, desc, &n1);
+			m = heap_getattr(&tup, 2, desc, &n2);
+			e = heap_getattr(&tup, 3, desc, &n3);
+			if (n1 || n2 || n3 ||
+				VARATT_IS_COMPRESSED(DatumGetPointer(m)) || VARATT_IS_EXTERNAL(DatumGetPointer(m)) ||
+				VARATT_IS_COMPRESSED(DatumGetPointer(e)) || VARATT_IS_EXTERNAL(DatumGetPointer(e)) ||
+				DatumGetInt64(a) < prev_account)
+			{
+				stop = true;	/* not a run of claims in key order */
+				break;
+			}
+			prev_account = DatumGetInt64(a);
+			for (;;)
+			{
+				PendingRow *p = &st->pending[first[k]];
+
+				c = claim_row_cmp(DatumGetInt64(a),
+								  VARDATA_ANY(DatumGetPointer(m)), VARSIZE_ANY_EXHDR(DatumGetPointer(m)),
+								  VARDATA_ANY(DatumGetPointer(e)), VARSIZE_ANY_EXHDR(DatumGetPointer(e)),
+								  st, p);
+				if (c > 0)
+				{
+					/* this key is not in the run (it may be elsewhere) */
+					if (++k == nkeys || ++misses > HEAP_RUN_MISS_LIMIT)
+						break;
+					continue;
+				}
+				if (c == 0)
+				{
+					exists[k++] = true;
+					marked++;
+					misses = 0;
+				}
+				else if (++misses > HEAP_RUN_MISS_LIMIT)
+					stop = true;	/* rows not in the batch: the run is over */
+				break;
+			}
+			if (misses > HEAP_RUN_MISS_LIMIT)
+				stop = true;
+		}
+		UnlockReleaseBuffer(buf);
+	}
+	return marked;
+}
+
 /*
  * recheck_claim
  *		The unique index reported that another entry may hold our new key
@@ -1654,9 +1825,32 @@ claim_keys_direct(IngestState *st, const int *first, int nkeys, bool *won)
 		for (j = 0; j < WRITE_BATCH; j++)
 			slots[j] = table_slot_create(heap, NULL);
 
-		/* 1. which keys exist already (unless inserting first) */
-		if (!insert_first)
-			mark_existing(st, first, nkeys, exists, heap, index, tmp);
+		/*
+		 * 1. which keys exist already: those in the run of claims that
+		 * holds the first key (a replay), then, unless inserting first,
+		 * the others through the index
+		 */
+		if (nkeys > 0 && match_heap_run(st, first, nkeys, exists, heap, index) < nkeys &&
+			!insert_first)
+		{
+			int		   *rest = palloc(nkeys * sizeof(int));
+			int		   *restpos = palloc(nkeys * sizeof(int));
+			bool	   *restexists = palloc0(nkeys * sizeof(bool));
+			int			nrest = 0;
+
+			for (j = 0; j < nkeys; j++)
+				if (!exists[j])
+				{
+					restpos[nrest] = j;
+					rest[nrest++] = first[j];
+				}
+			mark_existing(st, rest, nrest, restexists, heap, index, tmp);
+			for (j = 0; j < nrest; j++)
+				exists[restpos[j]] = restexists[j];
+			pfree(rest);
+			pfree(restpos);
+			pfree(restexists);
+		}
 
 		/* 2. multi-insert the others */
 		for (j = 0; j <= nkeys; j++)
