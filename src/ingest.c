@@ -55,6 +55,7 @@
 #include "utils/resowner.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
+#include "utils/logtape.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/numeric.h"
@@ -83,6 +84,8 @@ PG_FUNCTION_INFO_V1(billing_meters_changed);
 #define MAX_EVENT_ID_LEN	512
 /* how far into the future a report may be stamped */
 #define FUTURE_SLACK_USEC	(5 * USECS_PER_MINUTE)
+/* runs of delta rows a statement keeps on tape before merging them */
+#define MAX_RUNS			64
 /* delta rows written per multi-insert batch */
 #define WRITE_BATCH			1000
 /* a hint to load memory into the cache ahead of use */
@@ -265,6 +268,10 @@ typedef struct IngestState
 	FlushBufs	fb;
 	bool		numeric_cells;	/* a cell may hold a numeric (to free at flush) */
 	bool		claims_dup_heavy;	/* the last claimed batch was mostly duplicates */
+	/* delta rows of earlier flushes of this statement, not written yet */
+	LogicalTapeSet *spill;
+	LogicalTape *runs[MAX_RUNS];	/* one sorted run per flush */
+	int			nruns;
 } IngestState;
 
 /* trigger accumulators of the current transaction, innermost first */
@@ -296,7 +303,8 @@ static SPIPlanPtr citus_account_plan = NULL;
 static SPIPlanPtr citus_delta_plan = NULL;
 
 static void flush_state(IngestState *st);
-static void write_cells(IngestState *st);
+static void flush_some(IngestState *st);
+static void write_cells(IngestState *st, bool final);
 
 /* ---------------------------------------------------------------------
  * Meter cache
@@ -1072,7 +1080,7 @@ maybe_flush(IngestState *st)
 	 * claim_pending): big queues make the claim cheaper per id.
 	 */
 	if (cells_at_limit(st, budget) || st->pending_bytes > budget - budget / 4)
-		flush_state(st);
+		flush_some(st);
 
 	/*
 	 * A table bigger than its room (simplehash doubles early when probes
@@ -1081,9 +1089,14 @@ maybe_flush(IngestState *st)
 	 */
 	if ((Size) st->buckets->size * sizeof(BucketAcc) > cells_room(st, budget))
 	{
-		flush_state(st);
+		uint32		size = 64;
+
+		flush_some(st);
 		cells_destroy(st->buckets);
-		st->buckets = cells_create(st->ctx, 1024, NULL);
+		/* the largest table that fits (at least 64 cells) */
+		while ((Size) size * 2 * sizeof(BucketAcc) <= cells_room(st, budget))
+			size *= 2;
+		st->buckets = cells_create(st->ctx, size / 2, NULL);
 	}
 }
 
@@ -2011,7 +2024,7 @@ claim_pending(IngestState *st)
 			if (won[k])
 			{
 				if (cells_at_limit(st, budget))
-					write_cells(st);
+					write_cells(st, false);
 				accumulate(st, &p->key, &p->value, p->ts, p->ord);
 			}
 			else
@@ -2342,6 +2355,190 @@ write_deltas_citus(FlushBufs *rows)
 }
 
 /*
+ * Delta rows on tape: each is the account, whether it has a seq (a last
+ * meter), the seq, the length of the packed cells and the cells (without
+ * the varlena header).
+ */
+typedef struct RunRow
+{
+	int64		account;
+	int64		seq;
+	bool		has_seq;
+	uint32		len;
+	char	   *data;			/* the packed cells, in the run's buffer */
+	Size		cap;			/* size of that buffer */
+	bool		valid;			/* false at the end of the run */
+} RunRow;
+
+/*
+ * spill_run
+ *		Put the packed delta rows of one flush on tape as a run.
+ */
+static void
+spill_run(IngestState *st, FlushBufs *fb)
+{
+	LogicalTape *lt;
+	/* the tape set and its buffers live as long as the accumulator */
+	MemoryContext old = MemoryContextSwitchTo(st->ctx);
+
+	if (st->spill == NULL)
+		st->spill = LogicalTapeSetCreate(false, NULL, -1);
+	lt = LogicalTapeCreate(st->spill);
+	for (long r = 0; r < fb->nrows; r++)
+	{
+		bytea	   *v = (bytea *) DatumGetPointer(fb->row_cells[r]);
+		uint32		len = VARSIZE(v) - VARHDRSZ;
+		int64		seq = fb->row_noseq[r] ? 0 : DatumGetInt64(fb->row_seqs[r]);
+		char		has_seq = !fb->row_noseq[r];
+
+		LogicalTapeWrite(lt, &fb->row_accounts[r], sizeof(int64));
+		LogicalTapeWrite(lt, &seq, sizeof(int64));
+		LogicalTapeWrite(lt, &has_seq, 1);
+		LogicalTapeWrite(lt, &len, sizeof(uint32));
+		LogicalTapeWrite(lt, VARDATA(v), len);
+	}
+	st->runs[st->nruns++] = lt;
+	MemoryContextSwitchTo(old);
+}
+
+/* the next row of a run, or valid = false at its end */
+static void
+read_run_row(LogicalTape *lt, RunRow *row, MemoryContext cxt)
+{
+	char		has_seq;
+
+	if (LogicalTapeRead(lt, &row->account, sizeof(int64)) != sizeof(int64))
+	{
+		row->valid = false;
+		return;
+	}
+	if (LogicalTapeRead(lt, &row->seq, sizeof(int64)) != sizeof(int64) ||
+		LogicalTapeRead(lt, &has_seq, 1) != 1 ||
+		LogicalTapeRead(lt, &row->len, sizeof(uint32)) != sizeof(uint32))
+		elog(ERROR, "could not read usage deltas back from tape");
+	row->has_seq = has_seq != 0;
+	if (row->len > row->cap)
+	{
+		row->cap = Max(row->len, 2 * row->cap);
+		row->data = row->data ? repalloc(row->data, row->cap)
+			: MemoryContextAlloc(cxt, row->cap);
+	}
+	if (LogicalTapeRead(lt, row->data, row->len) != row->len)
+		elog(ERROR, "could not read usage deltas back from tape");
+	row->valid = true;
+}
+
+/*
+ * merge_runs
+ *		Write the runs on tape as delta rows: for each account, in order,
+ *		its rows of every run joined into as few rows as CELLS_ROW_BYTES
+ *		allows (a packed value is a list of series, so joining is
+ *		appending).  A row with a seq (a last meter) keeps its own row and
+ *		seq: the seq orders values that arrived at the same timestamp.
+ */
+static void
+merge_runs(IngestState *st)
+{
+	MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext, "billing merge",
+											  ALLOCSET_DEFAULT_SIZES);
+	MemoryContext rowcxt = AllocSetContextCreate(cxt, "billing merged rows",
+												 ALLOCSET_DEFAULT_SIZES);
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	RunRow	   *cur = palloc0(st->nruns * sizeof(RunRow));
+	StringInfoData buf;
+	DeltaWriter w;
+	int			r;
+
+	for (r = 0; r < st->nruns; r++)
+	{
+		LogicalTapeRewindForRead(st->runs[r], BLCKSZ);
+		read_run_row(st->runs[r], &cur[r], cxt);
+	}
+	writer_open(&w);
+	initStringInfo(&buf);
+	for (;;)
+	{
+		int64		account = PG_INT64_MAX;
+		bool		any = false;
+
+		for (r = 0; r < st->nruns; r++)
+			if (cur[r].valid && (!any || cur[r].account < account))
+			{
+				account = cur[r].account;
+				any = true;
+			}
+		if (!any)
+			break;
+
+		/* the rows of this account, run by run */
+		resetStringInfo(&buf);
+		for (r = 0; r < st->nruns; r++)
+		{
+			while (cur[r].valid && cur[r].account == account)
+			{
+				RunRow	   *row = &cur[r];
+				bytea	   *v;
+
+				if (row->has_seq)
+				{
+					/* a row of its own */
+					MemoryContextSwitchTo(rowcxt);
+					v = palloc(VARHDRSZ + row->len);
+					SET_VARSIZE(v, VARHDRSZ + row->len);
+					memcpy(VARDATA(v), row->data, row->len);
+					MemoryContextSwitchTo(cxt);
+					writer_add(&w, account, true, row->seq, PointerGetDatum(v));
+					if (w.n == 0)
+						MemoryContextReset(rowcxt);
+				}
+				else
+				{
+					/* append its series (all but the version byte) */
+					if (buf.len > 0 && buf.len + row->len - 1 > CELLS_ROW_BYTES)
+					{
+						MemoryContextSwitchTo(rowcxt);
+						v = palloc(VARHDRSZ + buf.len);
+						SET_VARSIZE(v, VARHDRSZ + buf.len);
+						memcpy(VARDATA(v), buf.data, buf.len);
+						MemoryContextSwitchTo(cxt);
+						writer_add(&w, account, false, 0, PointerGetDatum(v));
+						if (w.n == 0)
+							MemoryContextReset(rowcxt);
+						resetStringInfo(&buf);
+					}
+					if (buf.len == 0)
+						appendBinaryStringInfo(&buf, row->data, 1);
+					appendBinaryStringInfo(&buf, row->data + 1, row->len - 1);
+				}
+				read_run_row(st->runs[r], row, cxt);
+			}
+		}
+		if (buf.len > 0)
+		{
+			bytea	   *v;
+
+			MemoryContextSwitchTo(rowcxt);
+			v = palloc(VARHDRSZ + buf.len);
+			SET_VARSIZE(v, VARHDRSZ + buf.len);
+			memcpy(VARDATA(v), buf.data, buf.len);
+			MemoryContextSwitchTo(cxt);
+			writer_add(&w, account, false, 0, PointerGetDatum(v));
+			if (w.n == 0)
+				MemoryContextReset(rowcxt);
+		}
+	}
+	writer_close(&w);
+	/* the read buffers are in cxt */
+	for (r = 0; r < st->nruns; r++)
+		LogicalTapeClose(st->runs[r]);
+	LogicalTapeSetClose(st->spill);
+	st->spill = NULL;
+	st->nruns = 0;
+	MemoryContextSwitchTo(old);
+	MemoryContextDelete(cxt);
+}
+
+/*
  * The accounts one statement's flushes have checked already: a COPY of a
  * million rows flushes dozens of times over the same accounts, and each
  * flush would look every one of them up again.  Forgotten when the
@@ -2410,7 +2607,19 @@ static void
 flush_state(IngestState *st)
 {
 	claim_pending(st);
-	write_cells(st);
+	write_cells(st, true);
+}
+
+/*
+ * flush_some
+ *		Make room in the accumulator in the middle of a statement: claim
+ *		the queued ids and put the cells aside (see write_cells).
+ */
+static void
+flush_some(IngestState *st)
+{
+	claim_pending(st);
+	write_cells(st, false);
 }
 
 /*
@@ -2419,7 +2628,7 @@ flush_state(IngestState *st)
  *		rows, and empty the cell table.
  */
 static void
-write_cells(IngestState *st)
+write_cells(IngestState *st, bool final)
 {
 	long		naccounts;
 	cells_iterator it;
@@ -2431,7 +2640,14 @@ write_cells(IngestState *st)
 	MemoryContext old;
 
 	if (st->buckets->members == 0)
+	{
+		if (final && st->nruns > 0)
+		{
+			merge_runs(st);
+			CommandCounterIncrement();
+		}
 		return;
+	}
 
 	/* group the cells by (account, meter, dimension), buckets in order */
 	ncells = st->buckets->members;
@@ -2455,8 +2671,23 @@ write_cells(IngestState *st)
 	pack_deltas(st, fb, ncells);
 	if (billing_distributed())
 		write_deltas_citus(fb);
-	else
+	else if (final && st->nruns == 0)
 		write_deltas_heap(fb);
+	else
+	{
+		/*
+		 * In the middle of a statement (or at its end, after such flushes)
+		 * the rows go on tape, sorted by account, and the statement's end
+		 * merges the runs into one row per account: a COPY flushing dozens
+		 * of times would otherwise write a row per account each time, and
+		 * the rows, not their bytes, cost most.
+		 */
+		if (st->nruns == MAX_RUNS)
+			merge_runs(st);
+		spill_run(st, fb);
+		if (final)
+			merge_runs(st);
+	}
 	MemoryContextSwitchTo(old);
 	MemoryContextDelete(tmp);
 	if (st->numeric_cells)
@@ -2478,7 +2709,7 @@ write_cells(IngestState *st)
 static bool
 state_is_empty(IngestState *st)
 {
-	return st->buckets->members == 0 && st->npending == 0;
+	return st->buckets->members == 0 && st->npending == 0 && st->nruns == 0;
 }
 
 static void

@@ -5,7 +5,7 @@
 -- in one flush is split into rows that stay out of TOAST, and its usage
 -- reads back as sent.
 BEGIN;
-SELECT plan(14);
+SELECT plan(18);
 SET LOCAL timezone = 'UTC';
 
 CREATE TEMP TABLE packed AS
@@ -91,6 +91,44 @@ SELECT bag_eq(
     $$SELECT meter COLLATE "default", bucket_start, quantity, events FROM billing.usage_cells WHERE account_id = 7401$$,
     $$SELECT meter, ts, q, 1::bigint FROM sent UNION ALL SELECT meter, ts, q, 1::bigint FROM sent$$,
     'every cell reads back as sent');
+
+-- a statement that flushes many times keeps its rows on tape and merges
+-- them at its end: few rows per account, the same usage; a last meter's
+-- rows keep their own arrival order, so of values sent at one timestamp
+-- the one sent last wins
+INSERT INTO billing.accounts (account_id) SELECT generate_series(7402, 7451);
+CREATE TABLE dl_many (account_id bigint, meter text, qty numeric, ts timestamptz);
+SELECT billing.meter_table('dl_many', 'account_id', 'meter', 'qty', 'ts', keep_rows => false);
+CREATE TEMP TABLE many AS
+SELECT n, 7402 + n % 50 AS account_id, CASE WHEN n % 3 = 0 THEN 'dl_last' ELSE 'dl_sum' END AS meter,
+       CASE WHEN n % 3 = 0 THEN 100000 - n ELSE n END::numeric AS qty,  -- last: falling
+       CASE WHEN n % 3 = 0 THEN date_trunc('hour', now()) - interval '1 hour'
+            ELSE date_trunc('minute', now()) - (n % 3000) * interval '1 minute' END AS ts
+  FROM generate_series(1, 12000) n;
+SET LOCAL work_mem = '64kB';
+INSERT INTO dl_many SELECT account_id, meter, qty, ts FROM many ORDER BY n;
+RESET work_mem;
+SELECT ok((SELECT count(*) FROM billing.usage_deltas d
+            WHERE d.account_id BETWEEN 7402 AND 7451
+              AND NOT EXISTS (SELECT 1 FROM billing._delta_cells(d.cells) c WHERE c.meter = 'dl_last'))
+          < 4 * 50, 'the sum cells of 50 accounts over many flushes: under 4 rows per account');
+SELECT bag_eq(
+    $$SELECT account_id, bucket_start, sum(quantity) AS q, sum(events)::bigint AS n
+        FROM billing.usage_cells WHERE account_id BETWEEN 7402 AND 7451 AND meter = 'dl_sum'
+       GROUP BY 1, 2$$,
+    $$SELECT account_id, ts, sum(qty) AS q, count(*) AS n FROM many WHERE meter = 'dl_sum' GROUP BY 1, 2$$,
+    'the sum meter reads back as sent');
+SELECT is((SELECT count(DISTINCT seq) FROM billing.usage_deltas d
+            WHERE d.account_id = 7402
+              AND EXISTS (SELECT 1 FROM billing._delta_cells(d.cells) c WHERE c.meter = 'dl_last')) > 1,
+          true, 'the last meter was flushed several times, each row with its own seq');
+SELECT bag_eq(
+    $$SELECT a::bigint, u.quantity
+        FROM generate_series(7402, 7451) a,
+             billing.usage(a, now() - interval '1 day', now(), NULL, 'dl_last') u$$,
+    $$SELECT DISTINCT ON (account_id) account_id::bigint, qty FROM many WHERE meter = 'dl_last'
+       ORDER BY account_id, n DESC$$,
+    'of values sent at one timestamp, the last sent wins');
 
 SELECT * FROM finish();
 ROLLBACK;
