@@ -1089,12 +1089,13 @@ maybe_flush(IngestState *st)
 	 */
 	if ((Size) st->buckets->size * sizeof(BucketAcc) > cells_room(st, budget))
 	{
+		Size		room = cells_room(st, budget);
 		uint32		size = 64;
 
 		flush_some(st);
 		cells_destroy(st->buckets);
-		/* the largest table that fits (at least 64 cells) */
-		while ((Size) size * 2 * sizeof(BucketAcc) <= cells_room(st, budget))
+		/* the largest table that fits the room it lacked (at least 64 cells) */
+		while ((Size) size * 2 * sizeof(BucketAcc) <= room)
 			size *= 2;
 		st->buckets = cells_create(st->ctx, size / 2, NULL);
 	}
@@ -3270,7 +3271,7 @@ billing_ingest(PG_FUNCTION_ARGS)
 		return (Datum) 0;
 	}
 
-	st = state_create(CurrentMemoryContext, Max(n, 16));
+	st = state_create(CurrentMemoryContext, Min(Max(n, 16), 1024));
 	for (int i = 0; i < n; i++)
 	{
 		const char *m,

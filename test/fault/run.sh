@@ -225,7 +225,7 @@ check "an ingest batch hits statement_timeout" yes "$(echo "$out" | grep -q 'sta
 check "and changes nothing: no count, no claim, no offset" "23|3|0" \
     "$(q -c "SELECT total('f_cancel'), (SELECT count(*) FROM billing.dedupe_keys WHERE meter = 'f_cancel'), (SELECT count(*) FROM billing.ingest_offsets WHERE source = 'f_cancel_src')")"
 check "the retried batch applies once" "$big" "$(q -f "$work/batch.sql")"
-check "and a second retry is already applied" "" "$(q -f "$work/batch.sql" | grep -v '^0$' | grep -v "^$big$")"
+check "and a second retry is already applied" "0" "$(q -f "$work/batch.sql")"
 check "total after the retries" "$((23 + big))" "$(q -c "SELECT total('f_cancel')")"
 
 check "the audit log verifies after all of it" "" "$(q -c "SELECT * FROM billing.verify_audit_log()")"
