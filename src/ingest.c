@@ -1634,6 +1634,7 @@ match_heap_run(IngestState *st, const int *first, int nkeys, bool *exists,
 	int64		prev_account = PG_INT64_MIN;
 
 	/* 1. the live claim of the first key, through the index */
+	ItemPointerSetInvalid(&start);
 	InitDirtySnapshot(dirty);
 	slot = table_slot_create(heap, NULL);
 	ScanKeyInit(&skey[0], 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(p0->key.account_id));
