@@ -36,7 +36,7 @@ ensure_packages() {
 
 # build_install [make args...]: build warning-free and install.
 build_install() {
-    make -s WERROR=1 "$@" >/dev/null
+    make -s WERROR=1 "$@" >/dev/null || return 1
     as_root make -s install "$@" >/dev/null
 }
 
