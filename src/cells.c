@@ -12,6 +12,7 @@
 #include "postgres.h"
 
 #include "catalog/pg_type.h"
+#include "common/int.h"
 #include "funcapi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -52,13 +53,46 @@ put_uint(StringInfo b, uint64 v, int nbytes)
 #endif
 }
 
+/* an unsigned LEB128 varint: 7 bits a byte, least significant first */
 static inline void
-put_i128(StringInfo b, int128_t v)
+put_varint(StringInfo b, uint64 v)
 {
-	unsigned __int128 u = (unsigned __int128) v;
+	unsigned char tmp[10];
+	int			n = 0;
 
-	put_uint(b, (uint64) u, 8);
-	put_uint(b, (uint64) (u >> 64), 8);
+	while (v >= 0x80)
+	{
+		tmp[n++] = (unsigned char) (v | 0x80);
+		v >>= 7;
+	}
+	tmp[n++] = (unsigned char) v;
+	put_bytes(b, tmp, n);
+}
+
+/* a signed value as a varint (zigzag: small magnitudes, few bytes) */
+static inline void
+put_svarint(StringInfo b, int64 v)
+{
+	put_varint(b, ((uint64) v << 1) ^ (uint64) (v >> 63));
+}
+
+/* bytes that hold v in two's complement (1..16) */
+static inline int
+i128_bytes(int128_t v)
+{
+	unsigned __int128 u = (unsigned __int128) (v < 0 ? ~v : v);
+	uint64		hi = (uint64) (u >> 64);
+	uint64		lo = (uint64) u;
+	int			bits;
+
+	/* significant bits, plus one for the sign */
+	if (hi != 0)
+		bits = 128 - __builtin_clzll(hi) + 1;
+	else if (lo != 0)
+		bits = 64 - __builtin_clzll(lo) + 1;
+	else
+		bits = 1;
+	return (bits + 7) / 8;
 }
 
 /*
@@ -120,13 +154,29 @@ void
 cells_add(CellWriter *w, TimestampTz bucket_start, int64 events,
 		  bool isdec, int128_t dec, Numeric num, TimestampTz last_ts)
 {
+	int			head = 0;
+	int			n = 0;
+	bool		secs = (bucket_start % USECS_PER_SEC) == 0;
+
 	Assert(w->count_at >= 0);
-	put_uint(w->buf, (uint64) bucket_start, 8);
-	put_uint(w->buf, (uint64) events, 8);
+	if (isdec)
+		n = head = i128_bytes(dec);
+	if (secs)
+		head |= CELLS_SECONDS;
+	put_uint(w->buf, head, 1);
+	put_svarint(w->buf, secs ? bucket_start / USECS_PER_SEC : bucket_start);
+	put_svarint(w->buf, events);
 	if (isdec)
 	{
-		put_uint(w->buf, CELLS_QTY_DEC, 1);
-		put_i128(w->buf, dec);
+		unsigned __int128 u = (unsigned __int128) dec;
+
+		if (n <= 8)
+			put_uint(w->buf, (uint64) u, n);
+		else
+		{
+			put_uint(w->buf, (uint64) u, 8);
+			put_uint(w->buf, (uint64) (u >> 64), n - 8);
+		}
 	}
 	else
 	{
@@ -138,13 +188,12 @@ cells_add(CellWriter *w, TimestampTz bucket_start, int64 events,
 			ereport(ERROR,
 					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
 					 errmsg("usage quantity has too many digits")));
-		put_uint(w->buf, CELLS_QTY_TEXT, 1);
 		put_uint(w->buf, len, 2);
 		put_bytes(w->buf, s, len);
 		pfree(s);
 	}
 	if (w->is_last)
-		put_uint(w->buf, (uint64) last_ts, 8);
+		put_svarint(w->buf, last_ts);
 	w->ncells++;
 }
 
@@ -212,6 +261,56 @@ get_i128(CellReader *r)
 	return (int128_t) (((unsigned __int128) hi << 64) | lo);
 }
 
+static inline uint64
+get_varint(CellReader *r)
+{
+	uint64		v = 0;
+
+	for (int shift = 0; shift < 70; shift += 7)
+	{
+		unsigned char c = *take(r, 1);
+
+		v |= (uint64) (c & 0x7F) << shift;
+		if ((c & 0x80) == 0)
+			return v;
+	}
+	corrupt();
+	return 0;					/* keep the compiler quiet */
+}
+
+static inline int64
+get_svarint(CellReader *r)
+{
+	uint64		u = get_varint(r);
+
+	return (int64) (u >> 1) ^ -(int64) (u & 1);
+}
+
+/* n bytes (1..16) of a two's complement value, sign-extended */
+static inline int128_t
+get_i128_bytes(CellReader *r, int n)
+{
+	const unsigned char *p = take(r, n);
+	unsigned __int128 u = 0;
+
+	for (int i = 0; i < n; i++)
+		u |= (unsigned __int128) p[i] << (8 * i);
+	if (n < 16 && (p[n - 1] & 0x80))
+		u |= ~(unsigned __int128) 0 << (8 * n);
+	return (int128_t) u;
+}
+
+/* a quantity stored as the numeric's text: u16 length, the text */
+static Datum
+read_text_qty(CellReader *r)
+{
+	int			len = (int) get_uint(r, 2);
+	char	   *s = pnstrdup((const char *) take(r, len), len);
+
+	return DirectFunctionCall3(numeric_in, CStringGetDatum(s),
+							   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
+}
+
 /*
  * billing._delta_cells(cells bytea)
  *		RETURNS TABLE (meter text, dimension text, bucket_start timestamptz,
@@ -228,11 +327,13 @@ billing_delta_cells(PG_FUNCTION_ARGS)
 	MemoryContext old;
 	Datum		values[6];
 	bool		nulls[6] = {false, false, false, false, false, false};
+	int			version;
 
 	InitMaterializedSRF(fcinfo, 0);
 	r.p = (const unsigned char *) VARDATA_ANY(b);
 	r.end = r.p + VARSIZE_ANY_EXHDR(b);
-	if (get_uint(&r, 1) != CELLS_VERSION)
+	version = (int) get_uint(&r, 1);
+	if (version != 1 && version != CELLS_VERSION)
 		corrupt();
 
 	tmp = AllocSetContextCreate(CurrentMemoryContext, "billing delta cells",
@@ -254,28 +355,52 @@ billing_delta_cells(PG_FUNCTION_ARGS)
 		nulls[5] = (flags & CELLS_LAST) == 0;
 		for (uint32 i = 0; i < n; i++)
 		{
-			int			kind;
+			bool		isdec;
 
-			values[2] = TimestampTzGetDatum((TimestampTz) get_uint(&r, 8));
-			values[4] = Int64GetDatum((int64) get_uint(&r, 8));
-			kind = (int) get_uint(&r, 1);
-			if (kind == CELLS_QTY_DEC)
-				values[3] = NumericGetDatum(dec_to_numeric(get_i128(&r), CELLS_QTY_SCALE));
-			else if (kind == CELLS_QTY_TEXT)
+			if (version == 1)
 			{
-				int			len = (int) get_uint(&r, 2);
-				char	   *s = pnstrdup((const char *) take(&r, len), len);
+				int			kind;
 
-				values[3] = DirectFunctionCall3(numeric_in, CStringGetDatum(s),
-												ObjectIdGetDatum(InvalidOid),
-												Int32GetDatum(-1));
+				values[2] = TimestampTzGetDatum((TimestampTz) get_uint(&r, 8));
+				values[4] = Int64GetDatum((int64) get_uint(&r, 8));
+				kind = (int) get_uint(&r, 1);
+				if (kind == 0)
+					values[3] = NumericGetDatum(dec_to_numeric(get_i128(&r), CELLS_QTY_SCALE));
+				else if (kind == 1)
+					values[3] = read_text_qty(&r);
+				else
+					corrupt();
+				isdec = (kind == 0);
+				if (!nulls[5])
+					values[5] = TimestampTzGetDatum((TimestampTz) get_uint(&r, 8));
 			}
 			else
-				corrupt();
-			if (!nulls[5])
-				values[5] = TimestampTzGetDatum((TimestampTz) get_uint(&r, 8));
+			{
+				int			head = (int) get_uint(&r, 1);
+				int			qbytes = head & CELLS_QTY_BYTES;
+				int64		b;
+
+				if ((head & ~(CELLS_QTY_BYTES | CELLS_SECONDS)) != 0 || qbytes > 16)
+					corrupt();
+				b = get_svarint(&r);
+				if (head & CELLS_SECONDS)
+				{
+					if (pg_mul_s64_overflow(b, USECS_PER_SEC, &b))
+						corrupt();
+				}
+				values[2] = TimestampTzGetDatum((TimestampTz) b);
+				values[4] = Int64GetDatum(get_svarint(&r));
+				isdec = (qbytes > 0);
+				if (isdec)
+					values[3] = NumericGetDatum(dec_to_numeric(get_i128_bytes(&r, qbytes),
+															   CELLS_QTY_SCALE));
+				else
+					values[3] = read_text_qty(&r);
+				if (!nulls[5])
+					values[5] = TimestampTzGetDatum((TimestampTz) get_svarint(&r));
+			}
 			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
-			if (kind == CELLS_QTY_DEC)
+			if (isdec)
 				pfree(DatumGetPointer(values[3]));
 		}
 		MemoryContextReset(tmp);

@@ -11,11 +11,16 @@
  *			u16 dimension length, the dimension
  *			u8 flags (CELLS_LAST: the meter is a last meter, cells carry last_ts)
  *			u32 number of cells, then each cell:
- *				i64 bucket_start, i64 events,
- *				u8 kind, then the quantity:
- *					CELLS_QTY_DEC: i128, fixed point with CELLS_QTY_SCALE digits
- *					CELLS_QTY_TEXT: u16 length, the numeric as text
- *				i64 last_ts (CELLS_LAST only)
+ *				u8 head: the quantity's byte count (CELLS_QTY_BYTES; 0: as
+ *				   text) and CELLS_SECONDS (bucket_start in whole seconds)
+ *				varint bucket_start (microseconds, or seconds), varint events,
+ *				the quantity: that many bytes of an i128 in two's complement,
+ *				   fixed point with CELLS_QTY_SCALE digits; or u16 length and
+ *				   the numeric as text
+ *				varint last_ts (CELLS_LAST only)
+ *		A varint is LEB128 of the zigzag form (small magnitudes, few bytes).
+ *		Version 1 (still read) had fixed-size cells: i64 bucket_start, i64
+ *		events, u8 kind (0: i128 quantity, 1: text), i64 last_ts.
  *
  * Integers are little-endian whatever the machine, so a dump restores on
  * any architecture.  billing._delta_cells() reads the cells back as rows.
@@ -30,11 +35,11 @@
 
 #include "decimal.h"
 
-#define CELLS_VERSION		1
+#define CELLS_VERSION		2
 #define CELLS_QTY_SCALE		20
 #define CELLS_LAST			0x01
-#define CELLS_QTY_DEC		0
-#define CELLS_QTY_TEXT		1
+#define CELLS_QTY_BYTES		0x1F
+#define CELLS_SECONDS		0x20
 
 /*
  * One packed value being written into buf, a buffer that may hold several

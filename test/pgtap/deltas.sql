@@ -1,11 +1,12 @@
 -- deltas: the packed cells of billing.usage_deltas (src/cells.c).  What
 -- billing._delta_pack packs, billing._delta_cells reads back exactly; the
--- byte format is pinned (dumps and existing deltas must keep reading);
+-- byte format is pinned, and version 1 still reads (dumps and existing
+-- deltas must keep reading);
 -- corrupt values raise XX001 and never crash; an account with many cells
 -- in one flush is split into rows that stay out of TOAST, and its usage
 -- reads back as sent.
 BEGIN;
-SELECT plan(18);
+SELECT plan(20);
 SET LOCAL timezone = 'UTC';
 
 CREATE TEMP TABLE packed AS
@@ -24,8 +25,14 @@ SELECT results_eq(
     'cells read back as packed: series, a quantity past fixed point, a negative one, a last meter');
 
 SELECT is((SELECT v FROM packed),
-          '\x01026d31000000020000000060e80a47ea020002000000000000000000009814440dab21080000000000000000e77b0e47ea02000100000000000000011b00302e30303030303030303030303030303030303030303030303031026d320200657501010000000060e80a47ea02000100000000000000000000d0d677e5a9bcefffffffffffffff8023b20c47ea0200'::bytea,
-          'the byte format is pinned (little-endian, version 1)');
+          '\x02026d31000000020000002980d6c38e060400009814440dab210820f8d6c38e06021b00302e30303030303030303030303030303030303030303030303031026d320200657501010000002980d6c38e06020000d0d677e5a9bcef808e91cbe191f502'::bytea,
+          'the byte format is pinned (version 2: varints, quantities in as few bytes as they need)');
+SELECT results_eq(
+    $$SELECT meter COLLATE "default", dimension COLLATE "default", bucket_start, quantity, events, last_ts
+        FROM billing._delta_cells('\x01026d31000000020000000060e80a47ea020002000000000000000000009814440dab21080000000000000000e77b0e47ea02000100000000000000011b00302e30303030303030303030303030303030303030303030303031026d320200657501010000000060e80a47ea02000100000000000000000000d0d677e5a9bcefffffffffffffff8023b20c47ea0200'::bytea)$$,
+    $$SELECT meter COLLATE "default", dimension COLLATE "default", bucket_start, quantity, events, last_ts
+        FROM packed, billing._delta_cells(v)$$,
+    'a value of version 1 (fixed-size cells) still reads, the same cells');
 
 -- quantities at the edges of the fixed-point range keep every digit
 SELECT results_eq(
@@ -36,6 +43,21 @@ SELECT results_eq(
           ARRAY[0, 0, 0, 0]::bigint[], NULL))$$,
     $$VALUES (0::numeric), (123456789012345678.12345678901234567890), (1e40), (-0.00000000000000000001)$$,
     'zero, 38 digits, 1e40 and the smallest fixed-point step read back exactly');
+
+-- timestamps before 2000, off whole seconds, and the extremes of events
+SELECT results_eq(
+    $$SELECT bucket_start, events, last_ts FROM billing._delta_cells(billing._delta_pack(
+          ARRAY['m', 'm', 'm', 'm'], ARRAY['', '', '', ''],
+          ARRAY['1999-12-31 23:59:59.999999+00', '2026-01-01 00:00:00.5+00', '1970-01-01 00:00+00',
+                '2262-01-01 00:00+00']::timestamptz[],
+          ARRAY[1, 2, 3, 4]::numeric[], ARRAY[0, 9223372036854775807, -5, 1]::bigint[],
+          ARRAY['1999-12-31 23:59:59.999999+00', '2026-01-01 00:00:00.5+00', '1970-01-01 00:00:00.000001+00',
+                '2262-01-01 00:00+00']::timestamptz[]))$$,
+    $$VALUES ('1999-12-31 23:59:59.999999+00'::timestamptz, 0::bigint, '1999-12-31 23:59:59.999999+00'::timestamptz),
+             ('2026-01-01 00:00:00.5+00', 9223372036854775807, '2026-01-01 00:00:00.5+00'),
+             ('1970-01-01 00:00+00', -5, '1970-01-01 00:00:00.000001+00'),
+             ('2262-01-01 00:00+00', 1, '2262-01-01 00:00+00')$$,
+    'timestamps before 2000 and off whole seconds, and events at the extremes, read back exactly');
 
 SELECT is((SELECT count(*) FROM billing._delta_cells(billing._delta_pack(
               '{}'::text[], '{}', '{}', '{}', '{}', NULL)))::int, 0, 'no cells: no rows');
@@ -62,10 +84,10 @@ SELECT is((SELECT string_agg(n::text, ',')
              FROM packed, generate_series(2, length(v) - 1) n
             WHERE pg_temp.sqlstate_of(format('SELECT count(*) FROM billing._delta_cells(%L::bytea)',
                                              substr(v, 1, n))) <> 'XX001'),
-          '90', 'every truncated value raises XX001 but the one ending after the first series');
-SELECT throws_ok($$SELECT * FROM billing._delta_cells('\x02'::bytea)$$, 'XX001', NULL, 'an unknown version');
-SELECT throws_ok($$SELECT * FROM billing._delta_cells(set_byte((SELECT v FROM packed), 27, 7))$$,
-                 'XX001', NULL, 'an unknown quantity kind');
+          '63', 'every truncated value raises XX001 but the one ending after the first series');
+SELECT throws_ok($$SELECT * FROM billing._delta_cells('\x03'::bytea)$$, 'XX001', NULL, 'an unknown version');
+SELECT throws_ok($$SELECT * FROM billing._delta_cells(set_byte((SELECT v FROM packed), 11, 64))$$,
+                 'XX001', NULL, 'an unknown flag in a cell''s head byte');
 SELECT throws_ok($$SELECT * FROM billing._delta_cells(''::bytea)$$, 'XX001', NULL, 'an empty value');
 
 -- one account sending many cells in one statement: several delta rows,
