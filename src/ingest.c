@@ -1463,6 +1463,22 @@ event_id_cmp(text *t, const PendingRow *p)
 }
 
 /*
+ * init_claim_keys
+ *		The scan keys of the dedupe_keys primary key: account and meter
+ *		equal, the event id compared with id_strategy/id_proc; text in the
+ *		"C" collation.  The arguments are set by the caller.
+ */
+static void
+init_claim_keys(ScanKeyData *skey, StrategyNumber id_strategy, RegProcedure id_proc)
+{
+	ScanKeyInit(&skey[0], 1, BTEqualStrategyNumber, F_INT8EQ, (Datum) 0);
+	ScanKeyInit(&skey[1], 2, BTEqualStrategyNumber, F_TEXTEQ, (Datum) 0);
+	ScanKeyInit(&skey[2], 3, id_strategy, id_proc, (Datum) 0);
+	skey[1].sk_collation = C_COLLATION_OID;
+	skey[2].sk_collation = C_COLLATION_OID;
+}
+
+/*
  * mark_existing
  *		Set exists[i] for the keys first[0..nkeys) (sorted) that are in
  *		billing.dedupe_keys, committed, ours, or inserted by a transaction
@@ -1491,11 +1507,7 @@ mark_existing(IngestState *st, const int *first, int nkeys, bool *exists,
 	InitDirtySnapshot(dirty);
 	scan = index_beginscan(heap, index, &dirty, 3, 0);
 	scan->xs_want_itup = true;	/* compare ids in the index, visit the heap on a match */
-	ScanKeyInit(&skey[0], 1, BTEqualStrategyNumber, F_INT8EQ, (Datum) 0);
-	ScanKeyInit(&skey[1], 2, BTEqualStrategyNumber, F_TEXTEQ, (Datum) 0);
-	ScanKeyInit(&skey[2], 3, BTGreaterEqualStrategyNumber, F_TEXT_GE, (Datum) 0);
-	skey[1].sk_collation = C_COLLATION_OID;
-	skey[2].sk_collation = C_COLLATION_OID;
+	init_claim_keys(skey, BTGreaterEqualStrategyNumber, F_TEXT_GE);
 
 	while (j < nkeys)
 	{
@@ -1575,6 +1587,57 @@ mark_existing(IngestState *st, const int *first, int nkeys, bool *exists,
 	ExecDropSingleTupleTableSlot(slot);
 }
 
+/* what find_claim found */
+typedef enum ClaimFound
+{
+	CLAIM_NONE,					/* no claim of the key */
+	CLAIM_LIVE,					/* a claim, committed or made by this transaction */
+	CLAIM_BUSY					/* a claim another transaction is making or deleting */
+} ClaimFound;
+
+/*
+ * find_claim
+ *		Look up the claim of a queued key in the dedupe_keys index, with a
+ *		dirty snapshot; on CLAIM_LIVE, *found is its TID.  The entry at skip
+ *		(our own new claim), when given, is passed over, and so are dead
+ *		versions.
+ */
+static ClaimFound
+find_claim(IngestState *st, Relation heap, Relation index, const PendingRow *p,
+		   ItemPointer skip, TupleTableSlot *slot, ItemPointer found)
+{
+	SnapshotData dirty;
+	IndexScanDesc scan;
+	ScanKeyData skey[3];
+	ItemPointer tid;
+	ClaimFound	result = CLAIM_NONE;
+
+	InitDirtySnapshot(dirty);
+	init_claim_keys(skey, BTEqualStrategyNumber, F_TEXTEQ);
+	skey[0].sk_argument = Int64GetDatum(p->key.account_id);
+	skey[1].sk_argument = PointerGetDatum(cstring_to_text(st->slots[p->key.meter]->name));
+	skey[2].sk_argument = PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len));
+	scan = index_beginscan(heap, index, &dirty, 3, 0);
+	index_rescan(scan, skey, 3, NULL, 0);
+	while ((tid = index_getnext_tid(scan, ForwardScanDirection)) != NULL)
+	{
+		if (skip && ItemPointerEquals(tid, skip))
+			continue;
+		if (!index_fetch_heap(scan, slot))
+			continue;
+		if (TransactionIdIsValid(dirty.xmin) || TransactionIdIsValid(dirty.xmax))
+			result = CLAIM_BUSY;
+		else
+		{
+			*found = slot->tts_tid;
+			result = CLAIM_LIVE;
+		}
+		break;
+	}
+	index_endscan(scan);
+	return result;
+}
+
 /* order of a claim row against a queued key, as pending_cmp orders keys */
 static int
 claim_row_cmp(int64 account, const char *meter, int mlen, const char *id, int idlen,
@@ -1619,12 +1682,9 @@ match_heap_run(IngestState *st, const int *first, int nkeys, bool *exists,
 {
 	TupleDesc	desc = RelationGetDescr(heap);
 	SnapshotData dirty;
-	IndexScanDesc scan;
-	ScanKeyData skey[3];
 	TupleTableSlot *slot;
-	PendingRow *p0 = &st->pending[first[0]];
 	ItemPointerData start;
-	bool		found = false;
+	ClaimFound	found;
 	BlockNumber nblocks;
 	BlockNumber blk;
 	int			k = 0;
@@ -1634,33 +1694,12 @@ match_heap_run(IngestState *st, const int *first, int nkeys, bool *exists,
 	int64		prev_account = PG_INT64_MIN;
 
 	/* 1. the live claim of the first key, through the index */
-	ItemPointerSetInvalid(&start);
-	InitDirtySnapshot(dirty);
 	slot = table_slot_create(heap, NULL);
-	ScanKeyInit(&skey[0], 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(p0->key.account_id));
-	ScanKeyInit(&skey[1], 2, BTEqualStrategyNumber, F_TEXTEQ,
-				PointerGetDatum(cstring_to_text(st->slots[p0->key.meter]->name)));
-	ScanKeyInit(&skey[2], 3, BTEqualStrategyNumber, F_TEXTEQ,
-				PointerGetDatum(cstring_to_text_with_len(p0->event_id, p0->event_len)));
-	skey[1].sk_collation = C_COLLATION_OID;
-	skey[2].sk_collation = C_COLLATION_OID;
-	scan = index_beginscan(heap, index, &dirty, 3, 0);
-	index_rescan(scan, skey, 3, NULL, 0);
-	while (index_getnext_tid(scan, ForwardScanDirection) != NULL)
-	{
-		if (!index_fetch_heap(scan, slot))
-			continue;
-		if (!TransactionIdIsValid(dirty.xmin) && !TransactionIdIsValid(dirty.xmax))
-		{
-			start = slot->tts_tid;
-			found = true;
-		}
-		break;
-	}
-	index_endscan(scan);
+	found = find_claim(st, heap, index, &st->pending[first[0]], NULL, slot, &start);
 	ExecDropSingleTupleTableSlot(slot);
-	if (!found)
+	if (found != CLAIM_LIVE)
 		return 0;
+	InitDirtySnapshot(dirty);
 
 	/* 2. merge the keys with the heap rows that follow it */
 	nblocks = RelationGetNumberOfBlocks(heap);
@@ -1744,51 +1783,6 @@ match_heap_run(IngestState *st, const int *first, int nkeys, bool *exists,
 		UnlockReleaseBuffer(buf);
 	}
 	return marked;
-}
-
-/*
- * recheck_claim
- *		The unique index reported that another entry may hold our new key
- *		(inserted at tid).  True if a claim other than ours is there (one
- *		committed, or made earlier by this transaction): ours is then a
- *		duplicate.  A claim by a transaction still in progress raises
- *		unique_violation, which sends the batch down the slow path (INSERT
- *		... ON CONFLICT waits for that transaction properly).
- */
-static bool
-recheck_claim(Relation heap, Relation index, const PendingRow *p, const char *meter,
-			  ItemPointer tid, TupleTableSlot *slot)
-{
-	SnapshotData dirty;
-	IndexScanDesc scan;
-	ScanKeyData skey[3];
-	bool		found = false;
-	ItemPointer other;
-
-	InitDirtySnapshot(dirty);
-	ScanKeyInit(&skey[0], 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(p->key.account_id));
-	ScanKeyInit(&skey[1], 2, BTEqualStrategyNumber, F_TEXTEQ,
-				PointerGetDatum(cstring_to_text(meter)));
-	ScanKeyInit(&skey[2], 3, BTEqualStrategyNumber, F_TEXTEQ,
-				PointerGetDatum(cstring_to_text_with_len(p->event_id, p->event_len)));
-	skey[1].sk_collation = C_COLLATION_OID;
-	skey[2].sk_collation = C_COLLATION_OID;
-	scan = index_beginscan(heap, index, &dirty, 3, 0);
-	index_rescan(scan, skey, 3, NULL, 0);
-	while (!found && (other = index_getnext_tid(scan, ForwardScanDirection)) != NULL)
-	{
-		if (ItemPointerEquals(other, tid))
-			continue;			/* our own claim */
-		if (!index_fetch_heap(scan, slot))
-			continue;			/* a dead version */
-		if (TransactionIdIsValid(dirty.xmin) || TransactionIdIsValid(dirty.xmax))
-			ereport(ERROR,
-					(errcode(ERRCODE_UNIQUE_VIOLATION),
-					 errmsg("event id is being claimed by another transaction")));
-		found = true;
-	}
-	index_endscan(scan);
-	return found;
 }
 
 /*
@@ -1920,12 +1914,21 @@ claim_keys_direct(IngestState *st, const int *first, int nkeys, bool *won)
 			{
 				PendingRow *p = &st->pending[first[flagged[j]]];
 				MemoryContext old = MemoryContextSwitchTo(tmp);
-				bool		dup = recheck_claim(heap, index, p, st->slots[p->key.meter]->name,
-												&flagged_tid[j], probe);
+				ItemPointerData other;
+				ClaimFound	found = find_claim(st, heap, index, p, &flagged_tid[j], probe, &other);
 
 				MemoryContextSwitchTo(old);
 				MemoryContextReset(tmp);
-				if (dup)
+
+				/*
+				 * Another transaction's claim in progress: the slow path
+				 * (INSERT ... ON CONFLICT) waits for it properly.
+				 */
+				if (found == CLAIM_BUSY)
+					ereport(ERROR,
+							(errcode(ERRCODE_UNIQUE_VIOLATION),
+							 errmsg("event id is being claimed by another transaction")));
+				if (found == CLAIM_LIVE)
 				{
 					simple_heap_delete(heap, &flagged_tid[j]);
 					won[flagged[j]] = false;
