@@ -2434,6 +2434,25 @@ read_run_row(LogicalTape *lt, RunRow *row, MemoryContext cxt)
 }
 
 /*
+ * merge_emit
+ *		Queue one merged delta row: a copy of the packed cells data[0..len)
+ *		(version byte and series) in rowcxt, which is emptied once the
+ *		writer has written its batch.
+ */
+static void
+merge_emit(DeltaWriter *w, MemoryContext rowcxt, int64 account, bool has_seq,
+		   int64 seq, const char *data, uint32 len)
+{
+	bytea	   *v = MemoryContextAlloc(rowcxt, VARHDRSZ + len);
+
+	SET_VARSIZE(v, VARHDRSZ + len);
+	memcpy(VARDATA(v), data, len);
+	writer_add(w, account, has_seq, seq, PointerGetDatum(v));
+	if (w->n == 0)
+		MemoryContextReset(rowcxt);
+}
+
+/*
  * merge_runs
  *		Write the runs on tape as delta rows: for each account, in order,
  *		its rows of every run joined into as few rows as CELLS_ROW_BYTES
@@ -2482,33 +2501,15 @@ merge_runs(IngestState *st)
 			while (cur[r].valid && cur[r].account == account)
 			{
 				RunRow	   *row = &cur[r];
-				bytea	   *v;
 
-				if (row->has_seq)
-				{
-					/* a row of its own */
-					MemoryContextSwitchTo(rowcxt);
-					v = palloc(VARHDRSZ + row->len);
-					SET_VARSIZE(v, VARHDRSZ + row->len);
-					memcpy(VARDATA(v), row->data, row->len);
-					MemoryContextSwitchTo(cxt);
-					writer_add(&w, account, true, row->seq, PointerGetDatum(v));
-					if (w.n == 0)
-						MemoryContextReset(rowcxt);
-				}
+				if (row->has_seq)	/* a row of its own */
+					merge_emit(&w, rowcxt, account, true, row->seq, row->data, row->len);
 				else
 				{
 					/* append its series (all but the version byte) */
 					if (buf.len > 0 && buf.len + row->len - 1 > CELLS_ROW_BYTES)
 					{
-						MemoryContextSwitchTo(rowcxt);
-						v = palloc(VARHDRSZ + buf.len);
-						SET_VARSIZE(v, VARHDRSZ + buf.len);
-						memcpy(VARDATA(v), buf.data, buf.len);
-						MemoryContextSwitchTo(cxt);
-						writer_add(&w, account, false, 0, PointerGetDatum(v));
-						if (w.n == 0)
-							MemoryContextReset(rowcxt);
+						merge_emit(&w, rowcxt, account, false, 0, buf.data, buf.len);
 						resetStringInfo(&buf);
 					}
 					if (buf.len == 0)
@@ -2519,18 +2520,7 @@ merge_runs(IngestState *st)
 			}
 		}
 		if (buf.len > 0)
-		{
-			bytea	   *v;
-
-			MemoryContextSwitchTo(rowcxt);
-			v = palloc(VARHDRSZ + buf.len);
-			SET_VARSIZE(v, VARHDRSZ + buf.len);
-			memcpy(VARDATA(v), buf.data, buf.len);
-			MemoryContextSwitchTo(cxt);
-			writer_add(&w, account, false, 0, PointerGetDatum(v));
-			if (w.n == 0)
-				MemoryContextReset(rowcxt);
-		}
+			merge_emit(&w, rowcxt, account, false, 0, buf.data, buf.len);
 	}
 	writer_close(&w);
 	/* the read buffers are in cxt */
