@@ -7,6 +7,7 @@
 #define BILLING_H
 
 #include "postgres.h"
+#include "utils/array.h"
 
 /* billing.rounding: how money is rounded to the currency's minor unit */
 typedef enum BillingRounding
@@ -24,5 +25,8 @@ extern int	billing_grace_period;
 
 /* ingest.c */
 extern void billing_ingest_init(void);
+extern int	array_elems(ArrayType *a, Oid type, int len, bool byval, char align,
+						Datum **elems, bool **nulls, int expect, const char *name,
+						bool nulls_ok);
 
 #endif							/* BILLING_H */

@@ -16,9 +16,9 @@
 #include "funcapi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
-#include "utils/lsyscache.h"
 #include "utils/tuplestore.h"
 
+#include "billing.h"
 #include "cells.h"
 
 PG_FUNCTION_INFO_V1(billing_delta_cells);
@@ -410,34 +410,6 @@ billing_delta_cells(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
-/* the elements of a one-dimensional array without NULLs (or with, when nulls) */
-static int
-array_items(ArrayType *a, const char *name, Datum **elems, bool **nulls)
-{
-	Oid			type = ARR_ELEMTYPE(a);
-	int16		len;
-	bool		byval;
-	char		align;
-	int			n;
-	bool	   *nn;
-
-	if (ARR_NDIM(a) > 1)
-		ereport(ERROR,
-				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
-				 errmsg("%s must be a one-dimensional array", name)));
-	get_typlenbyvalalign(type, &len, &byval, &align);
-	deconstruct_array(a, type, len, byval, align, elems, &nn, &n);
-	if (nulls)
-		*nulls = nn;
-	else
-		for (int i = 0; i < n; i++)
-			if (nn[i])
-				ereport(ERROR,
-						(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-						 errmsg("%s must not contain NULLs", name)));
-	return n;
-}
-
 static bool
 same_text(text *a, text *b)
 {
@@ -463,6 +435,7 @@ billing_delta_pack(PG_FUNCTION_ARGS)
 			   *events,
 			   *lasts = NULL;
 	bool	   *lastnull = NULL;
+	bool	   *nulls;
 	int			n;
 	CellWriter	w;
 	StringInfoData buf;
@@ -473,13 +446,19 @@ billing_delta_pack(PG_FUNCTION_ARGS)
 			ereport(ERROR,
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("only last_ts may be NULL")));
-	n = array_items(PG_GETARG_ARRAYTYPE_P(0), "meters", &meters, NULL);
-	if (array_items(PG_GETARG_ARRAYTYPE_P(1), "dimensions", &dims, NULL) != n ||
-		array_items(PG_GETARG_ARRAYTYPE_P(2), "bucket_starts", &starts, NULL) != n ||
-		array_items(PG_GETARG_ARRAYTYPE_P(3), "quantities", &qtys, NULL) != n ||
-		array_items(PG_GETARG_ARRAYTYPE_P(4), "events", &events, NULL) != n ||
+	n = array_elems(PG_GETARG_ARRAYTYPE_P(0), TEXTOID, -1, false, TYPALIGN_INT,
+					&meters, &nulls, -1, "meters", false);
+	if (array_elems(PG_GETARG_ARRAYTYPE_P(1), TEXTOID, -1, false, TYPALIGN_INT,
+					&dims, &nulls, -1, "dimensions", false) != n ||
+		array_elems(PG_GETARG_ARRAYTYPE_P(2), TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE,
+					&starts, &nulls, -1, "bucket_starts", false) != n ||
+		array_elems(PG_GETARG_ARRAYTYPE_P(3), NUMERICOID, -1, false, TYPALIGN_INT,
+					&qtys, &nulls, -1, "quantities", false) != n ||
+		array_elems(PG_GETARG_ARRAYTYPE_P(4), INT8OID, 8, true, TYPALIGN_DOUBLE,
+					&events, &nulls, -1, "events", false) != n ||
 		(!PG_ARGISNULL(5) &&
-		 array_items(PG_GETARG_ARRAYTYPE_P(5), "last_ts", &lasts, &lastnull) != n))
+		 array_elems(PG_GETARG_ARRAYTYPE_P(5), TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE,
+					 &lasts, &lastnull, -1, "last_ts", true) != n))
 		ereport(ERROR,
 				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
 				 errmsg("the cell arrays must have the same length")));

@@ -3109,9 +3109,10 @@ billing_meter_flush(PG_FUNCTION_ARGS)
 /*
  * array_elems
  *		Deconstruct a one-dimensional array argument; raises 22004 on NULL
- *		elements (when nulls_ok is false) and 22023 on a length mismatch.
+ *		elements (when nulls_ok is false) and, when expect >= 0, 22023 on a
+ *		length other than expect (the arrays of an ingest batch).
  */
-static int
+int
 array_elems(ArrayType *a, Oid type, int len, bool byval, char align,
 			Datum **elems, bool **nulls, int expect, const char *name,
 			bool nulls_ok)
