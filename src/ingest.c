@@ -1296,6 +1296,15 @@ check_accounts(const int64 *accounts, long n)
 	pfree(ids);
 }
 
+/* order of two byte strings: bytewise, then the shorter first */
+static inline int
+bytes_cmp(const char *a, int alen, const char *b, int blen)
+{
+	int			c = memcmp(a, b, Min(alen, blen));
+
+	return c != 0 ? c : alen - blen;
+}
+
 /* order pending rows by (account, meter name, event id): claims in one order */
 static IngestState *sort_state;
 
@@ -1310,16 +1319,16 @@ pending_cmp(const void *a, const void *b)
 		return x->key.account_id < y->key.account_id ? -1 : 1;
 	if (x->key.meter != y->key.meter)
 	{
-		c = strcmp(sort_state->slots[x->key.meter]->name,
-				   sort_state->slots[y->key.meter]->name);
+		const MeterSlot *xm = sort_state->slots[x->key.meter];
+		const MeterSlot *ym = sort_state->slots[y->key.meter];
+
+		c = bytes_cmp(xm->name, xm->namelen, ym->name, ym->namelen);
 		if (c != 0)
 			return c;
 	}
-	c = memcmp(x->event_id, y->event_id, Min(x->event_len, y->event_len));
+	c = bytes_cmp(x->event_id, x->event_len, y->event_id, y->event_len);
 	if (c != 0)
 		return c;
-	if (x->event_len != y->event_len)
-		return x->event_len - y->event_len;
 	return x->ord < y->ord ? -1 : (x->ord > y->ord ? 1 : 0);
 }
 
@@ -1454,12 +1463,7 @@ claim_keys_spi(IngestState *st, const int *first, int nkeys, bool *won)
 static int
 event_id_cmp(text *t, const PendingRow *p)
 {
-	int			len = VARSIZE_ANY_EXHDR(t);
-	int			c = memcmp(VARDATA_ANY(t), p->event_id, Min(len, p->event_len));
-
-	if (c != 0)
-		return c;
-	return len - p->event_len;
+	return bytes_cmp(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t), p->event_id, p->event_len);
 }
 
 /*
@@ -1643,21 +1647,15 @@ static int
 claim_row_cmp(int64 account, const char *meter, int mlen, const char *id, int idlen,
 			  IngestState *st, const PendingRow *p)
 {
-	const char *pm = st->slots[p->key.meter]->name;
-	int			pmlen = st->slots[p->key.meter]->namelen;
+	const MeterSlot *m = st->slots[p->key.meter];
 	int			c;
 
 	if (account != p->key.account_id)
 		return account < p->key.account_id ? -1 : 1;
-	c = memcmp(meter, pm, Min(mlen, pmlen));
-	if (c == 0)
-		c = mlen - pmlen;
+	c = bytes_cmp(meter, mlen, m->name, m->namelen);
 	if (c != 0)
 		return c;
-	c = memcmp(id, p->event_id, Min(idlen, p->event_len));
-	if (c != 0)
-		return c;
-	return idlen - p->event_len;
+	return bytes_cmp(id, idlen, p->event_id, p->event_len);
 }
 
 /* how many rows the heap walk of match_heap_run may pass without a match */
