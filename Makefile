@@ -14,8 +14,11 @@ MODULE_big = billing
 OBJS       = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 
 # The install script of the current version is assembled from the ordered
-# parts under sql/install/ (one part per concern).  Upgrade scripts
-# (billing--X--Y.sql) are written by hand and frozen once released.
+# parts under sql/install/ (one part per concern).  Released install scripts
+# (sql/billing--1.0.sql) are committed and never edited again; every change
+# after a release also goes into the hand-written upgrade script
+# (sql/billing--1.0--1.1.sql), and the upgrade test checks that an upgraded
+# 1.0 equals a fresh install.
 EXTSQL     = sql/$(EXTENSION)--$(EXTVERSION).sql
 DATA       = $(EXTSQL) $(filter-out $(EXTSQL),$(wildcard sql/$(EXTENSION)--*.sql))
 DOCS       = doc/billing.md

@@ -1,3 +1,8 @@
 -- setup: runs first; installs the extension the other regression tests use.
-CREATE EXTENSION billing;
+-- It walks the upgrade chain, as a database created on 1.0 would: the
+-- frozen 1.0 script, then every upgrade script up to the current version.
+-- (pgTAP runs on a fresh install of the current version, and the upgrade
+-- test compares the two.)
+CREATE EXTENSION billing VERSION '1.0';
+ALTER EXTENSION billing UPDATE;
 SELECT extname, extversion FROM pg_extension WHERE extname = 'billing';
