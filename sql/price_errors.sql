@@ -79,7 +79,17 @@ SELECT rate('graduated 10 @ 1 | inf @ 2', -0.0001);
 SELECT _rate_numeric('unit 1', 'NaN');
 
 -- Binary input: a version byte 1, then printable ASCII text; anything else
--- is 22P02 too.
+-- is 22P03 (invalid binary representation), text that does not parse too.
+CREATE FUNCTION pg_temp.recv_sqlstate(b bytea) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM billing._price_recv(b);
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLSTATE;
+END $$;
+SELECT b, pg_temp.recv_sqlstate(b)
+FROM unnest(ARRAY['\x', '\x02756e69742031', '\x01756e69742031ff', '\x01756e6974203100',
+                  '\x01756e6974', '\x01756e69742031']::bytea[]) AS b;
 SELECT _price_recv('\x'::bytea);
 SELECT _price_recv('\x02756e69742031'::bytea);
 SELECT _price_recv('\x01756e69742031ff'::bytea);

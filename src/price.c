@@ -23,8 +23,9 @@
  * Binary form (send/recv): the version byte PRICE_FORMAT_VERSION followed
  * by the canonical text.  recv accepts only printable ASCII after the
  * version byte and feeds it to the same parser and validation as text
- * input, so every recv error is 22P02 like a text input error; nothing is
- * read beyond the message.
+ * input; every recv error is 22P03 (invalid binary representation), with
+ * the same details as a text input error; nothing is read beyond the
+ * message.
  */
 #include "postgres.h"
 
@@ -322,6 +323,7 @@ typedef struct Token
 typedef struct PriceParser
 {
 	const char *input;
+	bool		binary;			/* the text came from recv: errors are 22P03 */
 	const char *cur;
 	Token		tok;			/* the current (peeked) token */
 } PriceParser;
@@ -435,8 +437,8 @@ describe(const char *at)
 
 /*
  * syntax_error
- *		Raise 22P02 for ps->input with a detail naming the position of at
- *		(1-based, in characters) and the message.
+ *		Raise 22P02 (22P03 for binary input) for ps->input with a detail
+ *		naming the position of at (1-based, in characters) and the message.
  */
 static void
 pg_attribute_noreturn()
@@ -444,6 +446,13 @@ syntax_error(PriceParser *ps, const char *at, const char *msg)
 {
 	int			pos = pg_mbstrlen_with_len(ps->input, at - ps->input) + 1;
 
+	if (ps->binary)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+				 errmsg("invalid binary input for type %s: \"%s\"",
+						"price", ps->input),
+				 errdetail("At position %d of the text after the version byte: %s.",
+						   pos, msg)));
 	ereport(ERROR,
 			(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
 			 errmsg("invalid input syntax for type %s: \"%s\"",
@@ -514,8 +523,8 @@ expect_at(PriceParser *ps)
 /*
  * price_parse_cstring
  *		Parse and validate the text form of a price; raises 22P02 with the
- *		position of the problem.  (binary: the text came from recv; only the
- *		error message differs.)
+ *		position of the problem.  (binary: the text came from recv; the
+ *		error is 22P03 instead.)
  */
 Price *
 price_parse_cstring(const char *str, bool binary)
@@ -532,6 +541,7 @@ price_parse_cstring(const char *str, bool binary)
 	int			maxtiers = 0;
 
 	ps.input = str;
+	ps.binary = binary;
 	ps.cur = str;
 	lex(&ps);
 
@@ -664,7 +674,6 @@ price_parse_cstring(const char *str, bool binary)
 			at = pos_min > pos_max ? pos_min : pos_max;
 		syntax_error(&ps, at, msg);
 	}
-	(void) binary;
 	return p;
 }
 
@@ -1028,7 +1037,7 @@ billing_price_out(PG_FUNCTION_ARGS)
  * price_recv_common
  *		Read a binary price from buf: the version byte, then the text, which
  *		must be printable ASCII and is validated like text input.  Consumes
- *		the whole message.  Every error is 22P02.
+ *		the whole message.  Every error is 22P03.
  */
 static struct varlena *
 price_recv_common(StringInfo buf)
@@ -1040,13 +1049,13 @@ price_recv_common(StringInfo buf)
 
 	if (buf->cursor >= buf->len)
 		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
 				 errmsg("invalid binary input for type price"),
 				 errdetail("The value is empty; it must start with the format version byte.")));
 	version = (unsigned char) buf->data[buf->cursor++];
 	if (version != PRICE_FORMAT_VERSION)
 		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
 				 errmsg("invalid binary input for type price"),
 				 errdetail("Unsupported format version %d; expected %d.",
 						   version, PRICE_FORMAT_VERSION)));
@@ -1058,7 +1067,7 @@ price_recv_common(StringInfo buf)
 
 		if (c == 0 || c >= 0x80 || (c < 0x20 && !is_space((char) c)))
 			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+					(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
 					 errmsg("invalid binary input for type price"),
 					 errdetail("Byte %d (0x%02x) is not printable ASCII.",
 							   i + 2, c)));

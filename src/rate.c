@@ -21,7 +21,13 @@
  * (fast path, NULL when it gives up) are internal, for tests.
  *
  * A constant price is decoded once per query: the unpacked price is cached
- * in fn_extra, keyed on its stored bytes.
+ * in fn_extra, keyed on its stored bytes (compared every call).
+ *
+ * billing._rate_check() is the independent rating that verify_invoices
+ * uses: no cache, the price detoasted into a fresh copy and decoded on every
+ * call, the numeric path only.  It shares no state and no fast path with
+ * rate(), which finalize_invoices, invoice_preview and rerate use, so that
+ * one bug there cannot hide itself from the check.
  */
 #include "postgres.h"
 
@@ -37,6 +43,7 @@ PG_FUNCTION_INFO_V1(billing_rate);
 PG_FUNCTION_INFO_V1(billing_rate_numeric);
 PG_FUNCTION_INFO_V1(billing_rate_fast);
 PG_FUNCTION_INFO_V1(billing_rate_tiers);
+PG_FUNCTION_INFO_V1(billing_rate_check);
 
 /* ---------------------------------------------------------------------
  * Quantity checks and the price cache
@@ -74,10 +81,8 @@ typedef struct PriceCache
 {
 	MemoryContext cxt;
 	Size		len;
-	char	   *bytes;
+	char	   *bytes;			/* a copy of the stored bytes decoded */
 	Price	   *price;
-	const char *last;			/* where the bytes were last seen: a constant
-								 * argument stays at one address */
 } PriceCache;
 
 /*
@@ -85,6 +90,11 @@ typedef struct PriceCache
  *		The unpacked, prepared price of argument argno, decoded once and
  *		cached in fn_extra for as long as the argument's bytes stay the same
  *		(a constant: once per query).
+ *
+ * A hit means equal bytes, never an equal address: a per-row price (a cast,
+ * a join, a detoasted value) is often built at the address where the
+ * previous row's price was, with other bytes of the same length.  Stored
+ * prices are canonical, so equal bytes are the same price.
  */
 static Price *
 price_from_arg(FunctionCallInfo fcinfo, int argno)
@@ -95,12 +105,9 @@ price_from_arg(FunctionCallInfo fcinfo, int argno)
 	PriceCache *c = (PriceCache *) fcinfo->flinfo->fn_extra;
 	MemoryContext old;
 
-	if (c != NULL && c->len == len &&
-		(c->last == data || memcmp(c->bytes, data, len) == 0))
-	{
-		c->last = data;
+	if (c != NULL && c->price != NULL && c->len == len &&
+		memcmp(c->bytes, data, len) == 0)
 		return c->price;
-	}
 	if (c == NULL)
 	{
 		c = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(PriceCache));
@@ -111,7 +118,9 @@ price_from_arg(FunctionCallInfo fcinfo, int argno)
 	}
 	else
 		MemoryContextReset(c->cxt);
+	/* empty until the new price is decoded (decoding may raise an error) */
 	c->len = 0;
+	c->bytes = NULL;
 	c->price = NULL;
 	old = MemoryContextSwitchTo(c->cxt);
 	c->bytes = palloc(len + 1);
@@ -120,7 +129,6 @@ price_from_arg(FunctionCallInfo fcinfo, int argno)
 	price_prepare(c->price);
 	MemoryContextSwitchTo(old);
 	c->len = len;
-	c->last = NULL;
 	return c->price;
 }
 
@@ -531,6 +539,25 @@ billing_rate_fast(PG_FUNCTION_ARGS)
 	if (price_rate_fast(p, q, &r))
 		PG_RETURN_NUMERIC(r);
 	PG_RETURN_NULL();
+}
+
+/*
+ * _rate_check(p, q) -> numeric: rate() for checkers (verify_invoices)
+ *		Uncached: the price is detoasted into a fresh copy and decoded on
+ *		every call, and rated on the numeric path only.  Same errors as
+ *		rate() for a bad quantity.
+ */
+Datum
+billing_rate_check(PG_FUNCTION_ARGS)
+{
+	struct varlena *v = PG_DETOAST_DATUM_COPY(PG_GETARG_DATUM(0));
+	Numeric		q = PG_GETARG_NUMERIC(1);
+	Price	   *p;
+
+	price_check_quantity(q);
+	p = price_decode(VARDATA(v), VARSIZE(v) - VARHDRSZ);
+	price_prepare(p);
+	PG_RETURN_NUMERIC(price_rate_slow(p, q, NULL, NULL));
 }
 
 /*

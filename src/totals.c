@@ -319,10 +319,14 @@ billing_rollup_totals(PG_FUNCTION_ARGS)
 	Oid			schema = get_namespace_oid("billing", false);
 	MemoryContext per_period;
 
+	/*
+	 * The function is STRICT from 1.1 on; a 1.0 install (not STRICT) still
+	 * calls this with NULLs: no rows, as STRICT gives, never a NULL row.
+	 */
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
 	for (int a = 0; a < 5; a++)
 		if (PG_ARGISNULL(a))
-			PG_RETURN_NULL();
-	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+			return (Datum) 0;
 	array_arg(fcinfo, 0, INT8OID, &accounts, &acc_null, &n_acc);
 	array_arg(fcinfo, 1, TIMESTAMPTZOID, &starts, &start_null, &n_start);
 	array_arg(fcinfo, 2, TIMESTAMPTZOID, &ends, &end_null, &n_end);

@@ -32,7 +32,7 @@ COMMENT ON FUNCTION billing.price_in(pg_catalog.cstring) IS
 COMMENT ON FUNCTION billing.price_out(billing.price) IS
     'Canonical text output of billing.price';
 COMMENT ON FUNCTION billing.price_recv(pg_catalog.internal) IS
-    'Binary input of billing.price: format version byte 1, then the text form; bad bytes raise 22P02';
+    'Binary input of billing.price: format version byte 1, then the text form; bad bytes raise 22P03';
 COMMENT ON FUNCTION billing.price_send(billing.price) IS
     'Binary output of billing.price: format version byte 1, then the canonical text';
 
@@ -125,6 +125,13 @@ CREATE FUNCTION billing._rate_fast(p billing.price, quantity pg_catalog.numeric)
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION billing._rate_fast(billing.price, pg_catalog.numeric) IS
     'Internal, for tests: rate() computed on the 128-bit fixed-point path only; NULL when the values do not fit';
+
+CREATE FUNCTION billing._rate_check(p billing.price, quantity pg_catalog.numeric)
+    RETURNS pg_catalog.numeric
+    AS 'MODULE_PATHNAME', 'billing_rate_check'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION billing._rate_check(billing.price, pg_catalog.numeric) IS
+    'Internal, for verify_invoices: rate() without any cache (the price decoded on every call) on the numeric path only';
 
 -- JSON.
 CREATE FUNCTION billing.price_to_jsonb(p billing.price) RETURNS pg_catalog.jsonb

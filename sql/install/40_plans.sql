@@ -102,7 +102,7 @@ CREATE FUNCTION billing._rollup_totals(p_accounts bigint[], p_starts timestamptz
     RETURNS TABLE (idx integer, meter text, quantity numeric, last_ts timestamptz,
                    last_seq bigint)
     AS 'MODULE_PATHNAME', 'billing_rollup_totals'
-    LANGUAGE C STABLE PARALLEL SAFE;
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION billing._rollup_totals(bigint[], timestamptz[], timestamptz[], text[], text[]) IS
     'Internal: per period (1-based index) and meter, the aggregate of the buckets and roll-ups covering [start, end), with the latest cell''s last_ts and last_seq (src/totals.c)';
 

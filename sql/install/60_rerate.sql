@@ -318,7 +318,9 @@ $$;
 COMMENT ON FUNCTION billing.reconcile(regclass, name, name, name, name, timestamptz, timestamptz) IS
     'Compares an independent record of usage with the counters bucket by bucket over a range; returns only the buckets that differ';
 
--- PL/pgSQL: Citus plans its queries only with the argument's value
+-- PL/pgSQL: Citus plans its queries only with the argument's value.  Lines
+-- are re-rated with billing._rate_check, which shares no cache and no fast
+-- path with billing.rate (what finalize_invoices wrote them with).
 CREATE FUNCTION billing._verify_invoices(p_account bigint)
     RETURNS TABLE (r_account_id bigint, r_invoice_id bigint, r_line_no int, r_problem text)
     LANGUAGE plpgsql STABLE
@@ -334,13 +336,13 @@ BEGIN
     UNION ALL
     SELECT x.account_id, x.invoice_id, x.line_no,
            format('%s line rates %s to %s, not %s', x.kind, coalesce(x.quantity, 0),
-                  billing.round_money(billing.rate(x.price, coalesce(x.quantity, 0)), i.currency),
+                  billing.round_money(billing._rate_check(x.price, coalesce(x.quantity, 0)), i.currency),
                   x.amount)
       FROM billing.invoice_lines x
            JOIN billing.invoices i ON i.account_id = x.account_id AND i.invoice_id = x.invoice_id
      WHERE (p_account IS NULL OR x.account_id = p_account) AND x.kind IN ('usage', 'fixed')
        AND (x.price IS NULL
-            OR billing.round_money(billing.rate(x.price, coalesce(x.quantity, 0)), i.currency) <> x.amount)
+            OR billing.round_money(billing._rate_check(x.price, coalesce(x.quantity, 0)), i.currency) <> x.amount)
     ORDER BY 1, 2, 3;
 END
 $$;

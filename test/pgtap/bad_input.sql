@@ -40,7 +40,7 @@ $$;
 
 CREATE TEMP TABLE cases (n serial, expect text, q text, got text);
 INSERT INTO cases (expect, q) VALUES
--- billing.price text and binary input: 22P02 ------------------------------------------------------
+-- billing.price text input: 22P02, binary input: 22P03 ---------------------------------------------------
 ('22P02', $$SELECT ''::billing.price$$),
 ('22P02', $$SELECT '   '::billing.price$$),
 ('22P02', $$SELECT 'unit -1'::billing.price$$),
@@ -55,11 +55,11 @@ INSERT INTO cases (expect, q) VALUES
 ('22P02', $$SELECT 'unit 1 min 5 max 1'::billing.price$$),
 ('22P02', $$SELECT 'unit 1 free 1 free 2'::billing.price$$),
 ('22P02', $$SELECT E'unit 1\x01'::billing.price$$),
-('22P02', $$SELECT billing._price_recv(''::bytea)$$),
-('22P02', $$SELECT billing._price_recv('\x00'::bytea)$$),
-('22P02', $$SELECT billing._price_recv('\x02756e69742031'::bytea)$$),
-('22P02', $$SELECT billing._price_recv('\x01'::bytea)$$),
-('22P02', $$SELECT billing._price_recv('\x01ff'::bytea)$$),
+('22P03', $$SELECT billing._price_recv(''::bytea)$$),
+('22P03', $$SELECT billing._price_recv('\x00'::bytea)$$),
+('22P03', $$SELECT billing._price_recv('\x02756e69742031'::bytea)$$),
+('22P03', $$SELECT billing._price_recv('\x01'::bytea)$$),
+('22P03', $$SELECT billing._price_recv('\x01ff'::bytea)$$),
 -- rate, rate_tiers: 22023 for negative, NaN or infinite quantities; huge ones are exact
 ('22023', $$SELECT billing.rate('unit 1', -1)$$),
 ('22023', $$SELECT billing.rate('unit 1', -0.000000000000000000000000001)$$),

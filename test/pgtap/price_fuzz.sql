@@ -1,9 +1,10 @@
 -- Fuzz billing.price input: more than 10,000 malformed and random strings
 -- (mutations of valid prices, random token soups, random characters) and
 -- random byte strings to the binary input.  Each must either parse and
--- round-trip, or raise 22P02: never another error, never a crash.
+-- round-trip, or raise 22P02 (text) / 22P03 (binary): never another error,
+-- never a crash.
 BEGIN;
-SELECT plan(4);
+SELECT plan(5);
 SELECT setseed(0.1717);
 
 CREATE FUNCTION pg_temp.pick(a text[]) RETURNS text LANGUAGE sql VOLATILE AS $$
@@ -108,8 +109,8 @@ BEGIN
                 INSERT INTO outcome VALUES ('binary', encode(b, 'hex'), 'no round trip', p::text);
             END IF;
         EXCEPTION
-            WHEN invalid_text_representation THEN
-                INSERT INTO outcome VALUES ('binary', encode(b, 'hex'), '22P02', NULL);
+            WHEN invalid_binary_representation THEN
+                INSERT INTO outcome VALUES ('binary', encode(b, 'hex'), '22P03', NULL);
             WHEN OTHERS THEN
                 INSERT INTO outcome VALUES ('binary', encode(b, 'hex'), SQLSTATE, SQLERRM);
         END;
@@ -119,16 +120,21 @@ END $$;
 SELECT cmp_ok((SELECT count(*) FROM outcome WHERE kind = 'text'), '>=', 10000::bigint,
               'at least 10,000 strings fed to price_in');
 SELECT ok((SELECT count(*) FILTER (WHERE sqlstate = 'parsed') > 100
-              AND count(*) FILTER (WHERE sqlstate = '22P02') > 100 FROM outcome),
-          'the fuzz hits both valid and invalid input');
+              AND count(*) FILTER (WHERE sqlstate = '22P02') > 100 FROM outcome WHERE kind = 'text'),
+          'the fuzz hits both valid and invalid text input');
+SELECT ok((SELECT count(*) FILTER (WHERE sqlstate = 'parsed') > 30
+              AND count(*) FILTER (WHERE sqlstate = '22P03') > 100 FROM outcome WHERE kind = 'binary'),
+          'the fuzz hits both valid and invalid binary input');
 SELECT is((SELECT count(*) FROM outcome WHERE kind = 'text' AND sqlstate NOT IN ('parsed', '22P02')),
           0::bigint, 'every string parses and round-trips, or raises 22P02');
-SELECT is((SELECT count(*) FROM outcome WHERE kind = 'binary' AND sqlstate NOT IN ('parsed', '22P02')),
-          0::bigint, 'every byte string to price_recv parses and round-trips, or raises 22P02');
+SELECT is((SELECT count(*) FROM outcome WHERE kind = 'binary' AND sqlstate NOT IN ('parsed', '22P03')),
+          0::bigint, 'every byte string to price_recv parses and round-trips, or raises 22P03');
 
 -- On failure, show what went wrong.
 SELECT diag(kind || ' ' || sqlstate || ': ' || quote_literal(input) || ' ' || coalesce(message, ''))
-FROM (SELECT * FROM outcome WHERE sqlstate NOT IN ('parsed', '22P02') LIMIT 10) AS bad;
+FROM (SELECT * FROM outcome
+       WHERE sqlstate NOT IN ('parsed', CASE kind WHEN 'text' THEN '22P02' ELSE '22P03' END)
+       LIMIT 10) AS bad;
 
 SELECT * FROM finish();
 ROLLBACK;

@@ -6,7 +6,7 @@
 -- or hours and for periods starting and ending at any minute, before and
 -- after a compaction and with deltas on top of compacted cells.
 BEGIN;
-SELECT plan(8);
+SELECT plan(10);
 SELECT setseed(0.2511);
 SET LOCAL timezone = 'UTC';
 
@@ -96,6 +96,13 @@ SELECT is((SELECT count(*) FROM billing._rollup_totals(ARRAY[7301::bigint], ARRA
                                                        ARRAY[now() - interval '1 day'],
                                                        ARRAY['tt_sum'], ARRAY['sum'])),
           0::bigint, 'an empty period has no totals');
+-- a set-returning function is STRICT: a NULL argument gives no rows, never
+-- a row of NULLs (issue 13, defect 7)
+SELECT ok((SELECT proisstrict FROM pg_proc WHERE oid = 'billing._rollup_totals'::regproc),
+          '_rollup_totals is STRICT');
+SELECT is((SELECT count(*) FROM billing._rollup_totals(NULL, ARRAY[now()], ARRAY[now()],
+                                                       ARRAY['tt_sum'], ARRAY['sum'])),
+          0::bigint, 'a NULL argument gives no rows');
 
 SELECT * FROM finish();
 ROLLBACK;
