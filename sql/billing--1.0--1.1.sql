@@ -51,3 +51,124 @@ $$;
 COMMENT ON FUNCTION billing.price_recv(pg_catalog.internal) IS
     'Binary input of billing.price: format version byte 1, then the text form; bad bytes raise 22P03';
 ALTER FUNCTION billing._rollup_totals(bigint[], timestamptz[], timestamptz[], text[], text[]) STRICT;
+
+-- ---- issue 18, part 1: the price modifier per N [round up | round down | exact] ---------
+-- The type, its I/O functions and price_from_stripe are C (one billing.so):
+-- only their comments change.  remaining() finds the stretches of a volume
+-- price in raw units when a per modifier converts them, and bisects inside
+-- the first stretch whose last whole unit breaks the budget.
+COMMENT ON TYPE billing.price IS
+    'A pricing rule: unit, package, graduated, volume, flat or percent, with optional free/min/max/per; e.g. ''graduated 5000 @ 0 | inf @ 0.0002 + 10 min 25'', ''unit 0.25 per 1000000000''';
+COMMENT ON FUNCTION billing.price_recv(pg_catalog.internal) IS
+    'Binary input of billing.price: format version byte 1 (no per modifier) or 2, then the text form; bad bytes raise 22P03';
+COMMENT ON FUNCTION billing.price_send(billing.price) IS
+    'Binary output of billing.price: format version byte 1 (2 for a price with a per modifier), then the canonical text';
+COMMENT ON FUNCTION billing.price_from_stripe(pg_catalog.jsonb) IS
+    'The price of a Stripe Price object (per_unit or tiered graduated/volume; transform_quantity becomes per), minor units converted to major; bad objects raise 22023';
+
+CREATE OR REPLACE FUNCTION billing.remaining(account_id bigint, meter text,
+                                  at timestamptz DEFAULT pg_catalog.now())
+    RETURNS numeric
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    per record;
+    line record;
+    others numeric;
+    budget numeric;
+    q0 numeric;
+    j jsonb;
+    ends numeric[];
+    seg_end numeric;
+    lo numeric := 0;          -- largest x known to fit
+    hi numeric;               -- smallest x known not to fit
+    mid numeric;
+BEGIN
+    IF account_id IS NULL OR meter IS NULL OR at IS NULL THEN
+        RAISE EXCEPTION 'remaining: account_id, meter and at must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.accounts a WHERE a.account_id = remaining.account_id) THEN
+        RAISE EXCEPTION 'account % does not exist', remaining.account_id USING ERRCODE = '23503';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.meters m WHERE m.meter = remaining.meter) THEN
+        RAISE EXCEPTION 'meter "%" does not exist', remaining.meter USING ERRCODE = '23503';
+    END IF;
+    SELECT * INTO per FROM billing._period_at(remaining.account_id, at);
+    IF per.plan IS NULL THEN
+        RETURN 0;                 -- no subscription: nothing can be billed
+    END IF;
+    IF per.spend_cap IS NULL THEN
+        RETURN NULL;              -- no cap: unlimited
+    END IF;
+
+    SELECT l.quantity, l.price, l.amount INTO line
+      FROM billing._rate_period(remaining.account_id, per.plan, per.currency, per.spend_cap,
+                                per.period_start, per.period_end) l
+     WHERE l.kind = 'usage' AND l.meter = remaining.meter;
+    IF NOT FOUND THEN
+        RETURN NULL;              -- the plan does not bill this meter
+    END IF;
+    SELECT coalesce(sum(l.amount), 0) INTO others
+      FROM billing._rate_period(remaining.account_id, per.plan, per.currency, per.spend_cap,
+                                per.period_start, per.period_end) l
+     WHERE l.kind = 'usage' AND l.meter <> remaining.meter;
+    budget := billing.round_money(per.spend_cap, per.currency) - others;
+    q0 := line.quantity;
+    IF NOT billing._fits(line.price, q0, per.currency, budget) THEN
+        RETURN 0;
+    END IF;
+
+    -- stretches on which the charge cannot decrease: volume tiers, then the
+    -- rest.  A tier ends where the quantity after per and free passes its
+    -- bound b: at (b + free) * N for per N exact (or no per), at
+    -- floor(b + free) * N for round up; for round down the stretch is open
+    -- at (floor(b + free) + 1) * N, so it ends at the last whole unit from
+    -- q0 before that.
+    j := billing.price_to_jsonb(line.price);
+    IF j ->> 'model' = 'volume' THEN
+        SELECT array_agg(CASE WHEN NOT j ? 'per' OR j ->> 'per_round' = 'exact'
+                                  THEN (b + f) * coalesce((j ->> 'per')::numeric, 1)
+                              WHEN j ->> 'per_round' = 'up'
+                                  THEN floor(b + f) * (j ->> 'per')::numeric
+                              ELSE q0 + ceil((floor(b + f) + 1) * (j ->> 'per')::numeric - q0) - 1
+                         END ORDER BY b)
+          INTO ends
+          FROM jsonb_array_elements(j -> 'tiers') t,
+               LATERAL (SELECT (t ->> 'up_to')::numeric AS b,
+                               coalesce((j ->> 'free')::numeric, 0) AS f) x
+         WHERE t ->> 'up_to' <> 'inf';
+    END IF;
+    -- Whole units from q0 only: in each stretch, its last whole unit; when
+    -- that is over the budget, the answer is in this stretch, where the
+    -- charge cannot decrease, so bisect (lo, hi]; else go on to the next.
+    FOREACH seg_end IN ARRAY coalesce(ends, '{}'::numeric[]) LOOP
+        CONTINUE WHEN floor(seg_end - q0) <= lo;
+        IF billing._fits(line.price, q0 + floor(seg_end - q0), per.currency, budget) THEN
+            lo := floor(seg_end - q0);
+        ELSE
+            hi := floor(seg_end - q0);
+            EXIT;
+        END IF;
+    END LOOP;
+    IF hi IS NULL THEN
+        -- open-ended: double until over the budget (or give up: never over it)
+        hi := greatest(lo * 2, 1);
+        WHILE billing._fits(line.price, q0 + hi, per.currency, budget) LOOP
+            lo := hi;
+            IF hi > 1e30 THEN
+                RETURN NULL;      -- capped price: the budget is never exceeded
+            END IF;
+            hi := hi * 2;
+        END LOOP;
+    END IF;
+    WHILE hi - lo > 1 LOOP
+        mid := floor((lo + hi) / 2);
+        IF billing._fits(line.price, q0 + mid, per.currency, budget) THEN
+            lo := mid;
+        ELSE
+            hi := mid;
+        END IF;
+    END LOOP;
+    RETURN lo;
+END
+$$;

@@ -88,10 +88,10 @@ EXCEPTION WHEN OTHERS THEN
     RETURN SQLSTATE;
 END $$;
 SELECT b, pg_temp.recv_sqlstate(b)
-FROM unnest(ARRAY['\x', '\x02756e69742031', '\x01756e69742031ff', '\x01756e6974203100',
+FROM unnest(ARRAY['\x', '\x03756e69742031', '\x01756e69742031ff', '\x01756e6974203100',
                   '\x01756e6974', '\x01756e69742031']::bytea[]) AS b;
 SELECT _price_recv('\x'::bytea);
-SELECT _price_recv('\x02756e69742031'::bytea);
+SELECT _price_recv('\x03756e69742031'::bytea);
 SELECT _price_recv('\x01756e69742031ff'::bytea);
 SELECT _price_recv('\x01756e6974203100'::bytea);
 SELECT _price_recv('\x01756e6974'::bytea);

@@ -45,7 +45,8 @@ SELECT price_from_stripe('{"currency": "USD", "billing_scheme": "per_unit",
 SELECT price_from_stripe('{"currency": "jpy", "unit_amount": 500}') AS jpy,
        price_from_stripe('{"currency": "kwd", "unit_amount": 1250}') AS kwd,
        price_from_stripe('{"currency": "clf", "unit_amount": 1}') AS clf;
--- transform_quantity: a package price.
+-- transform_quantity: a per modifier (1.0 made it a package price, which
+-- rates the same).
 SELECT price_from_stripe('{"currency": "eur", "unit_amount": 500,
     "transform_quantity": {"divide_by": 1000, "round": "up"}}') AS round_up,
        price_from_stripe('{"currency": "eur", "unit_amount": 500,

@@ -35,3 +35,16 @@ SELECT 'unit 1 min 8 max 7'::price;
 SELECT 'unit 1 max 7 min 8'::price;
 SELECT 'unit 1 free 1 free 2'::price;
 SELECT 'unit 1 max 1 max 1'::price;
+
+-- Zero usage (SPEC §10.1).  A first tier's flat fee is charged only once
+-- some usage falls in the tier (q > 0, a fraction counts), never at q = 0,
+-- graduated or volume; min charges something at zero; a flat price is
+-- charged whatever q is.  (Other billing engines disagree on the first
+-- tier's fee at zero: here it is 0.)
+SELECT q, rate('graduated 1000 @ 0 + 20 | inf @ 0.01', q) AS first_tier_fee,
+       rate('volume 1000 @ 0.02 + 5 | inf @ 0.01', q) AS volume_fee,
+       rate('graduated 1000 @ 0 | inf @ 0.01 min 20', q) AS min_20,
+       rate('flat 20', q) AS flat
+FROM unnest('{0, 0.001, 1, 1000, 3000}'::numeric[]) AS q;
+SELECT * FROM rate_tiers('graduated 1000 @ 0 + 20 | inf @ 0.01', 0);
+SELECT * FROM rate_tiers('graduated 1000 @ 0 | inf @ 0.01 min 20', 0);

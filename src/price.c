@@ -1,12 +1,15 @@
 /*
  * price.c
- *		The billing.price type: text parser and printer (SPEC section 1),
- *		validation, the stored form, binary send/recv, equality and hashing.
+ *		The billing.price type: text parser and printer (SPEC sections 1 and
+ *		10.1), validation, the stored form, binary send/recv, equality and
+ *		hashing.
  *
  * Stored form (after the varlena header), all canonical so that equal
  * prices have equal bytes:
  *
- *		uint8	format version (PRIMARY_FORMAT_VERSION)
+ *		uint8	format version: PRICE_FORMAT_VERSION (1) for a price without
+ *				a per modifier (the 1.0 format, unchanged), else
+ *				PRICE_FORMAT_VERSION_PER (2)
  *		uint8	model (PriceModel)
  *		uint8	flags (PRICE_HAS_FREE | PRICE_HAS_MIN | ...)
  *		uint32	number of tiers, little-endian (0 unless tiered)
@@ -15,13 +18,15 @@
  *			package:				size, amount
  *			graduated, volume:		per tier: bound (not for the last tier,
  *									which is always inf), unit, fee
- *		free, min, max when their flag is set
+ *		free, min, max, per when their flag is set
  *
  * A number is: uint8 scale (0..20), uint8 n (0..16), then n bytes of the
  * coefficient, little-endian, with no high zero bytes (zero has n = 0).
  *
- * Binary form (send/recv): the version byte PRICE_FORMAT_VERSION followed
- * by the canonical text.  recv accepts only printable ASCII after the
+ * Binary form (send/recv): a version byte followed by the canonical text,
+ * version 1 for a price without per (what 1.0 sends and reads), 2 for one
+ * with per (text that version 1 cannot hold).  recv reads both, and
+ * refuses a per modifier under version 1.  recv accepts only printable ASCII after the
  * version byte and feeds it to the same parser and validation as text
  * input; every recv error is 22P03 (invalid binary representation), with
  * the same details as a text input error; nothing is read beyond the
@@ -53,6 +58,7 @@ PG_FUNCTION_INFO_V1(billing_price_hash_extended);
 #define WHERE_SIZE		(-2)
 #define WHERE_MINMAX	(-3)
 #define WHERE_MODEL		(-4)
+#define WHERE_PER		(-5)
 
 static const char *const model_names[] = {
 	NULL, "unit", "package", "graduated", "volume", "flat", "percent"
@@ -207,6 +213,33 @@ num_is_canonical(PriceNum n)
 	return true;
 }
 
+/*
+ * per_factor
+ *		Split the coefficient of n (> 0) into 2^twos * 5^fives * rest and
+ *		return rest.  n / 10^scale has a finite decimal reciprocal exactly
+ *		when rest is 1.
+ */
+static int128_t
+per_factor(PriceNum n, int *twos, int *fives)
+{
+	int128_t	c = n.coef;
+
+	*twos = 0;
+	*fives = 0;
+	Assert(c > 0);
+	while (c % 2 == 0)
+	{
+		c /= 2;
+		(*twos)++;
+	}
+	while (c % 5 == 0)
+	{
+		c /= 5;
+		(*fives)++;
+	}
+	return c;
+}
+
 /* ---------------------------------------------------------------------
  * Validation
  * ---------------------------------------------------------------------
@@ -229,14 +262,17 @@ price_validate(const Price *p, int *where)
 		return "unknown model";
 	}
 	if ((p->flags & ~PRICE_FLAGS_ALL) != 0 ||
-		((p->flags & PRICE_ROUND_DOWN) && p->model != PRICE_PACKAGE))
+		((p->flags & PRICE_ROUND_DOWN) && p->model != PRICE_PACKAGE) ||
+		((p->flags & (PRICE_PER_DOWN | PRICE_PER_EXACT)) &&
+		 !(p->flags & PRICE_HAS_PER)) ||
+		((p->flags & PRICE_PER_DOWN) && (p->flags & PRICE_PER_EXACT)))
 	{
 		*where = WHERE_MODEL;
 		return "unknown flags";
 	}
 	if (!num_is_canonical(p->amount) || !num_is_canonical(p->size) ||
 		!num_is_canonical(p->free) || !num_is_canonical(p->min) ||
-		!num_is_canonical(p->max))
+		!num_is_canonical(p->max) || !num_is_canonical(p->per))
 	{
 		*where = WHERE_MODEL;
 		return "a number is out of range";
@@ -283,6 +319,24 @@ price_validate(const Price *p, int *where)
 	{
 		*where = WHERE_MODEL;
 		return "only graduated and volume prices have tiers";
+	}
+	if (p->flags & PRICE_HAS_PER)
+	{
+		int			twos,
+					fives;
+
+		if (num_is_zero(p->per))
+		{
+			*where = WHERE_PER;
+			return "the per quantity must be greater than 0";
+		}
+		if ((p->flags & PRICE_PER_EXACT) &&
+			per_factor(p->per, &twos, &fives) != 1)
+		{
+			*where = WHERE_PER;
+			return psprintf("per %s exact does not divide into finite decimals: exact needs a product of 2s and 5s times a power of ten (such as 1000, 1024 or 0.25)",
+							price_num_to_cstring(p->per));
+		}
 	}
 	if ((p->flags & PRICE_HAS_MIN) && (p->flags & PRICE_HAS_MAX) &&
 		price_num_cmp(p->min, p->max) > 0)
@@ -534,8 +588,11 @@ price_parse_cstring(const char *str, bool binary)
 	const char *pos_size = NULL;
 	const char *pos_min = NULL;
 	const char *pos_max = NULL;
+	const char *pos_per = NULL;
 	const char **pos_tier = NULL;
 	const char *model_start;
+	const char *after_model;	/* where the modifiers start */
+	const char *after_per = NULL;	/* right after "per N" */
 	const char *msg;
 	int			where;
 	int			maxtiers = 0;
@@ -630,6 +687,7 @@ price_parse_cstring(const char *str, bool binary)
 			}
 			break;
 	}
+	after_model = ps.tok.start;
 
 	/* modifiers */
 	while (ps.tok.type != TOK_END)
@@ -644,21 +702,52 @@ price_parse_cstring(const char *str, bool binary)
 			flag = PRICE_HAS_MIN, target = &p->min, pos_min = start;
 		else if (tok_is_word(&ps.tok, "max"))
 			flag = PRICE_HAS_MAX, target = &p->max, pos_max = start;
-		else if (p->model == PRICE_PACKAGE && !(p->flags & (PRICE_HAS_FREE | PRICE_HAS_MIN | PRICE_HAS_MAX)))
-			expected(&ps, "\"round\", \"free\", \"min\", \"max\" or end of input");
-		else if ((p->model == PRICE_GRADUATED || p->model == PRICE_VOLUME) &&
-				 !(p->flags & (PRICE_HAS_FREE | PRICE_HAS_MIN | PRICE_HAS_MAX)))
-			expected(&ps, "\"|\", \"free\", \"min\", \"max\" or end of input");
+		else if (tok_is_word(&ps.tok, "per"))
+			flag = PRICE_HAS_PER, target = &p->per, pos_per = start;
 		else
-			expected(&ps, "\"free\", \"min\", \"max\" or end of input");
+		{
+			/* what else could have come right here */
+			const char *also = "";
+
+			if (p->model == PRICE_PACKAGE && ps.tok.start == after_model)
+				also = "\"round\", ";
+			else if ((p->model == PRICE_GRADUATED || p->model == PRICE_VOLUME) &&
+					 ps.tok.start == after_model)
+				also = "\"|\", ";
+			else if (ps.tok.start == after_per)
+				also = "\"round\", \"exact\", ";
+			expected(&ps, psprintf("%s\"free\", \"min\", \"max\", \"per\" or end of input",
+								   also));
+		}
 		if (p->flags & flag)
 			syntax_error(&ps, start,
 						 psprintf("\"%.*s\" is given twice",
 								  ps.tok.len, ps.tok.start));
 		p->flags |= flag;
 		advance(&ps);
-		parse_number(&ps, flag == PRICE_HAS_FREE ? "a quantity" : "an amount",
+		parse_number(&ps, flag == PRICE_HAS_FREE || flag == PRICE_HAS_PER ?
+					 "a quantity" : "an amount",
 					 target);
+		if (flag == PRICE_HAS_PER)
+		{
+			/* per N [round up | round down | exact] */
+			if (tok_is_word(&ps.tok, "round"))
+			{
+				advance(&ps);
+				if (tok_is_word(&ps.tok, "down"))
+					p->flags |= PRICE_PER_DOWN;
+				else if (!tok_is_word(&ps.tok, "up"))
+					expected(&ps, "\"up\" or \"down\" after \"round\"");
+				advance(&ps);
+			}
+			else if (tok_is_word(&ps.tok, "exact"))
+			{
+				p->flags |= PRICE_PER_EXACT;
+				advance(&ps);
+			}
+			else
+				after_per = ps.tok.start;
+		}
 	}
 
 	msg = price_validate(p, &where);
@@ -672,6 +761,8 @@ price_parse_cstring(const char *str, bool binary)
 			at = pos_size;
 		else if (where == WHERE_MINMAX)
 			at = pos_min > pos_max ? pos_min : pos_max;
+		else if (where == WHERE_PER)
+			at = pos_per;
 		syntax_error(&ps, at, msg);
 	}
 	return p;
@@ -754,6 +845,15 @@ price_to_cstring(const Price *p)
 		appendStringInfoString(&buf, " max ");
 		append_num(&buf, p->max);
 	}
+	if (p->flags & PRICE_HAS_PER)
+	{
+		appendStringInfoString(&buf, " per ");
+		append_num(&buf, p->per);
+		if (p->flags & PRICE_PER_DOWN)
+			appendStringInfoString(&buf, " round down");
+		else if (p->flags & PRICE_PER_EXACT)
+			appendStringInfoString(&buf, " exact");
+	}
 	return buf.data;
 }
 
@@ -791,7 +891,9 @@ price_encode(const Price *p)
 
 	initStringInfo(&buf);
 	appendStringInfoSpaces(&buf, VARHDRSZ);
-	appendStringInfoChar(&buf, (char) PRICE_FORMAT_VERSION);
+	appendStringInfoChar(&buf, (char) ((p->flags & PRICE_HAS_PER) ?
+									   PRICE_FORMAT_VERSION_PER :
+									   PRICE_FORMAT_VERSION));
 	appendStringInfoChar(&buf, (char) p->model);
 	appendStringInfoChar(&buf, (char) p->flags);
 	for (int k = 0; k < 4; k++)
@@ -824,6 +926,8 @@ price_encode(const Price *p)
 		enc_num(&buf, p->min);
 	if (p->flags & PRICE_HAS_MAX)
 		enc_num(&buf, p->max);
+	if (p->flags & PRICE_HAS_PER)
+		enc_num(&buf, p->per);
 	SET_VARSIZE(buf.data, buf.len);
 	return (struct varlena *) buf.data;
 }
@@ -873,8 +977,9 @@ rd_num(Reader *r)
 
 /*
  * price_decode
- *		Unpack the stored form (data, len: the varlena's contents).  Checks
- *		every length against the buffer; raises XX001 on corrupt data.
+ *		Unpack the stored form (data, len: the varlena's contents), of
+ *		either version.  Checks every length against the buffer; raises
+ *		XX001 on corrupt data.
  */
 Price *
 price_decode(const char *data, Size len)
@@ -882,13 +987,20 @@ price_decode(const char *data, Size len)
 	Reader		r;
 	Price	   *p = palloc0(sizeof(Price));
 	uint32		n = 0;
+	int			version;
 
 	r.p = (const unsigned char *) data;
 	r.end = r.p + len;
-	if (rd_byte(&r) != PRICE_FORMAT_VERSION)
+	version = rd_byte(&r);
+	if (version != PRICE_FORMAT_VERSION && version != PRICE_FORMAT_VERSION_PER)
 		corrupt();
 	p->model = rd_byte(&r);
 	p->flags = rd_byte(&r);
+	/* version 2 exactly when there is a per modifier (canonical) */
+	if ((p->flags & ~PRICE_FLAGS_ALL) != 0 ||
+		((p->flags & PRICE_HAS_PER) != 0) !=
+		(version == PRICE_FORMAT_VERSION_PER))
+		corrupt();
 	for (int k = 0; k < 4; k++)
 		n |= ((uint32) rd_byte(&r)) << (8 * k);
 	if (p->model < PRICE_UNIT || p->model > PRICE_MODEL_MAX ||
@@ -928,6 +1040,8 @@ price_decode(const char *data, Size len)
 		p->min = rd_num(&r);
 	if (p->flags & PRICE_HAS_MAX)
 		p->max = rd_num(&r);
+	if (p->flags & PRICE_HAS_PER)
+		p->per = rd_num(&r);
 	if (r.p != r.end)
 		corrupt();
 	return p;
@@ -955,9 +1069,69 @@ num_at_scale(PriceNum n, int s, int128_t *out)
 }
 
 /*
+ * per_reciprocal
+ *		For per N exact: 1/N exactly, as a Numeric (per_inv_n) and, when it
+ *		fits, as fixed point (per_inv_f / 10^per_inv_scale, per_inv_ok).
+ *		N = c / 10^s with c = 2^a * 5^b (validated), so with k = max(a, b),
+ *		1/N = m / 10^(k - s) where m = 2^(k - a) * 5^(k - b).
+ */
+static void
+per_reciprocal(Price *p)
+{
+	int			twos,
+				fives,
+				k,
+				e,
+				r;
+	int			base;
+	int128_t	mf = 1;
+	bool		fits = true;
+	Numeric		m = int64_to_numeric(1);
+	Numeric		nb;
+
+	if (per_factor(p->per, &twos, &fives) != 1)
+		elog(ERROR, "per %s exact has no finite reciprocal",
+			 price_num_to_cstring(p->per));
+	k = Max(twos, fives);
+	base = twos >= fives ? 5 : 2;	/* one of the two exponents is 0 */
+	e = twos >= fives ? twos - fives : fives - twos;
+	r = k - p->per.scale;
+
+	nb = int64_to_numeric(base);
+	for (int i = 0; i < e; i++)
+	{
+		m = numeric_mul_opt_error(m, nb, NULL);
+		if (fits && !dec_mul(mf, base, &mf))
+			fits = false;
+	}
+	/* m / 10^r, in steps the fixed-point helpers can build */
+	if (r < 0)
+	{
+		m = numeric_mul_opt_error(m, dec_to_numeric(dec_pow10[-r], 0), NULL);
+		if (fits && !dec_mul(mf, dec_pow10[-r], &mf))
+			fits = false;
+	}
+	else
+	{
+		for (int left = r; left > 0; left -= DEC_MAX_DIGITS)
+			m = numeric_mul_opt_error(m,
+									  dec_to_numeric(1, Min(left, DEC_MAX_DIGITS)),
+									  NULL);
+		if (r > DEC_MAX_DIGITS)
+			fits = false;
+	}
+	p->per_inv_n = numeric_trimmed(m);
+	p->per_inv_ok = fits;
+	p->per_inv_f = fits ? mf : 0;
+	p->per_inv_scale = fits ? Max(r, 0) : 0;
+}
+
+/*
  * price_prepare
  *		Fill the rating caches of p: each number as a Numeric, and, when all
- *		of them fit at the largest scale among them, as fixed point.
+ *		of them fit at the largest scale among them, as fixed point.  For
+ *		per N exact, 1/N (a finite decimal) both ways; N itself does not
+ *		take part in the common scale then.
  */
 void
 price_prepare(Price *p)
@@ -972,6 +1146,8 @@ price_prepare(Price *p)
 	s = Max(s, p->free.scale);
 	s = Max(s, p->min.scale);
 	s = Max(s, p->max.scale);
+	if ((p->flags & PRICE_HAS_PER) && !(p->flags & PRICE_PER_EXACT))
+		s = Max(s, p->per.scale);
 	for (int i = 0; i < p->ntiers; i++)
 	{
 		s = Max(s, p->tiers[i].bound.scale);
@@ -984,11 +1160,16 @@ price_prepare(Price *p)
 	ok &= num_at_scale(p->free, s, &p->free_f);
 	ok &= num_at_scale(p->min, s, &p->min_f);
 	ok &= num_at_scale(p->max, s, &p->max_f);
+	if ((p->flags & PRICE_HAS_PER) && !(p->flags & PRICE_PER_EXACT))
+		ok &= num_at_scale(p->per, s, &p->per_f);
 	p->amount_n = price_num_to_numeric(p->amount);
 	p->size_n = price_num_to_numeric(p->size);
 	p->free_n = price_num_to_numeric(p->free);
 	p->min_n = price_num_to_numeric(p->min);
 	p->max_n = price_num_to_numeric(p->max);
+	p->per_n = price_num_to_numeric(p->per);
+	if (p->flags & PRICE_PER_EXACT)
+		per_reciprocal(p);
 	for (int i = 0; i < p->ntiers; i++)
 	{
 		PriceTier  *t = &p->tiers[i];
@@ -1035,9 +1216,10 @@ billing_price_out(PG_FUNCTION_ARGS)
 
 /*
  * price_recv_common
- *		Read a binary price from buf: the version byte, then the text, which
- *		must be printable ASCII and is validated like text input.  Consumes
- *		the whole message.  Every error is 22P03.
+ *		Read a binary price from buf: the version byte (1, or 2 when the
+ *		price may have a per modifier), then the text, which must be
+ *		printable ASCII and is validated like text input.  Consumes the
+ *		whole message.  Every error is 22P03.
  */
 static struct varlena *
 price_recv_common(StringInfo buf)
@@ -1046,6 +1228,7 @@ price_recv_common(StringInfo buf)
 	int			len;
 	const char *s;
 	char	   *str;
+	Price	   *p;
 
 	if (buf->cursor >= buf->len)
 		ereport(ERROR,
@@ -1053,12 +1236,13 @@ price_recv_common(StringInfo buf)
 				 errmsg("invalid binary input for type price"),
 				 errdetail("The value is empty; it must start with the format version byte.")));
 	version = (unsigned char) buf->data[buf->cursor++];
-	if (version != PRICE_FORMAT_VERSION)
+	if (version != PRICE_FORMAT_VERSION && version != PRICE_FORMAT_VERSION_PER)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
 				 errmsg("invalid binary input for type price"),
-				 errdetail("Unsupported format version %d; expected %d.",
-						   version, PRICE_FORMAT_VERSION)));
+				 errdetail("Unsupported format version %d; expected %d or %d.",
+						   version, PRICE_FORMAT_VERSION,
+						   PRICE_FORMAT_VERSION_PER)));
 	len = buf->len - buf->cursor;
 	s = buf->data + buf->cursor;
 	for (int i = 0; i < len; i++)
@@ -1074,7 +1258,14 @@ price_recv_common(StringInfo buf)
 	}
 	str = pnstrdup(s, len);
 	buf->cursor = buf->len;
-	return price_encode(price_parse_cstring(str, true));
+	p = price_parse_cstring(str, true);
+	if (version == PRICE_FORMAT_VERSION && (p->flags & PRICE_HAS_PER))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+				 errmsg("invalid binary input for type price: \"%s\"", str),
+				 errdetail("Format version %d has no \"per\" modifier; a price with one is sent as version %d.",
+						   PRICE_FORMAT_VERSION, PRICE_FORMAT_VERSION_PER)));
+	return price_encode(p);
 }
 
 /*
@@ -1108,7 +1299,8 @@ billing_price_recv_bytea(PG_FUNCTION_ARGS)
 }
 
 /*
- * price_send(billing.price) -> bytea: version byte, then the canonical text
+ * price_send(billing.price) -> bytea: version byte (1, or 2 for a price
+ * with a per modifier), then the canonical text
  */
 Datum
 billing_price_send(PG_FUNCTION_ARGS)
@@ -1119,7 +1311,8 @@ billing_price_send(PG_FUNCTION_ARGS)
 	StringInfoData buf;
 
 	pq_begintypsend(&buf);
-	pq_sendbyte(&buf, PRICE_FORMAT_VERSION);
+	pq_sendbyte(&buf, (p->flags & PRICE_HAS_PER) ? PRICE_FORMAT_VERSION_PER :
+				PRICE_FORMAT_VERSION);
 	pq_sendbytes(&buf, text, strlen(text));
 	PG_RETURN_BYTEA_P(pq_endtypsend(&buf));
 }

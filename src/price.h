@@ -1,7 +1,7 @@
 /*
  * price.h
  *		The billing.price type: one pricing rule (unit, package, graduated,
- *		volume, flat or percent, with optional free/min/max modifiers), its
+ *		volume, flat or percent, with optional free/min/max/per modifiers), its
  *		unpacked in-memory form, and the rating engine's C entry points for
  *		other modules (invoices, re-rating).
  *
@@ -25,8 +25,14 @@
 #define PRICE_MAX_DIGITS	38
 #define PRICE_MAX_SCALE		20
 
-/* version byte leading the stored form and the binary (send/recv) form */
-#define PRICE_FORMAT_VERSION	1
+/*
+ * Version byte leading the stored form and the binary (send/recv) form.  A
+ * price is written in the lowest version that can hold it: 1 (the 1.0
+ * format) unless it has a per modifier, which needs 2 (added in 1.1).
+ * Both are read.
+ */
+#define PRICE_FORMAT_VERSION		1
+#define PRICE_FORMAT_VERSION_PER	2
 
 typedef enum PriceModel
 {
@@ -45,7 +51,11 @@ typedef enum PriceModel
 #define PRICE_HAS_MIN		0x02
 #define PRICE_HAS_MAX		0x04
 #define PRICE_ROUND_DOWN	0x08	/* package only */
-#define PRICE_FLAGS_ALL		0x0F
+#define PRICE_HAS_PER		0x10	/* per N: the quantity is divided by N */
+#define PRICE_PER_DOWN		0x20	/* per N round down (default: up) */
+#define PRICE_PER_EXACT		0x40	/* per N exact (no rounding) */
+#define PRICE_PER_FLAGS		(PRICE_HAS_PER | PRICE_PER_DOWN | PRICE_PER_EXACT)
+#define PRICE_FLAGS_ALL		0x7F
 
 /* an exact non-negative decimal: coef / 10^scale */
 typedef struct PriceNum
@@ -84,6 +94,7 @@ typedef struct Price
 	PriceNum	free;
 	PriceNum	min;
 	PriceNum	max;
+	PriceNum	per;			/* per N (> 0) */
 	int			ntiers;
 	PriceTier  *tiers;
 
@@ -96,11 +107,17 @@ typedef struct Price
 	int128_t	free_f;
 	int128_t	min_f;
 	int128_t	max_f;
+	int128_t	per_f;			/* N at fast_scale (round up/down only) */
+	bool		per_inv_ok;		/* exact: 1/N fits in per_inv_f */
+	int			per_inv_scale;	/* exact: 1/N = per_inv_f / 10^per_inv_scale */
+	int128_t	per_inv_f;
 	Numeric		amount_n;
 	Numeric		size_n;
 	Numeric		free_n;
 	Numeric		min_n;
 	Numeric		max_n;
+	Numeric		per_n;
+	Numeric		per_inv_n;		/* exact: 1/N, exactly */
 } Price;
 
 /* one row of rate_tiers; NULL pointers are SQL NULLs */

@@ -15,10 +15,11 @@
  *	{"model": "flat",      "amount": "10"}
  *	{"model": "percent",   "percent": "2.9"}
  *
- * plus "free", "min", "max" when the price has them.  price_from_jsonb also
- * accepts JSON numbers for every number (jsonb keeps them exact) and
- * treats a missing "round" as "up" and a missing "flat_amount" as 0; any
- * other missing or unknown key is an error (22P02).
+ * plus "free", "min", "max" when the price has them, and for a per modifier
+ * "per": "1000", "per_round": "up" | "down" | "exact".  price_from_jsonb
+ * also accepts JSON numbers for every number (jsonb keeps them exact) and
+ * treats a missing "round" or "per_round" as "up" and a missing
+ * "flat_amount" as 0; any other missing or unknown key is an error (22P02).
  */
 #include "postgres.h"
 
@@ -143,6 +144,13 @@ billing_price_to_jsonb(PG_FUNCTION_ARGS)
 		json_num(&buf, "min", p->min);
 	if (p->flags & PRICE_HAS_MAX)
 		json_num(&buf, "max", p->max);
+	if (p->flags & PRICE_HAS_PER)
+	{
+		json_num(&buf, "per", p->per);
+		appendStringInfo(&buf, ", \"per_round\": \"%s\"",
+						 (p->flags & PRICE_PER_DOWN) ? "down" :
+						 (p->flags & PRICE_PER_EXACT) ? "exact" : "up");
+	}
 	appendStringInfoChar(&buf, '}');
 	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
 }
@@ -257,7 +265,7 @@ jvalidate(const JsonCtx *ctx, const Price *p)
 	jerror(ctx, "%c%s.", pg_toupper((unsigned char) msg[0]), msg + 1);
 }
 
-/* read the modifiers free/min/max of object c into p */
+/* read the modifiers free/min/max/per (and per_round) of object c into p */
 static void
 jmodifiers(const JsonCtx *ctx, JsonbContainer *c, Price *p)
 {
@@ -277,6 +285,24 @@ jmodifiers(const JsonCtx *ctx, JsonbContainer *c, Price *p)
 	{
 		jnumber(ctx, v, "\"max\"", &p->max);
 		p->flags |= PRICE_HAS_MAX;
+	}
+	if ((v = jget(c, "per")) != NULL)
+	{
+		jnumber(ctx, v, "\"per\"", &p->per);
+		p->flags |= PRICE_HAS_PER;
+	}
+	if ((v = jget(c, "per_round")) != NULL)
+	{
+		char	   *r = jstring(ctx, v, "\"per_round\"");
+
+		if (!(p->flags & PRICE_HAS_PER))
+			jerror(ctx, "\"per_round\" is given without \"per\".");
+		if (strcmp(r, "down") == 0)
+			p->flags |= PRICE_PER_DOWN;
+		else if (strcmp(r, "exact") == 0)
+			p->flags |= PRICE_PER_EXACT;
+		else if (strcmp(r, "up") != 0)
+			jerror(ctx, "\"per_round\" must be \"up\", \"down\" or \"exact\", not \"%s\".", r);
 	}
 }
 
@@ -307,7 +333,7 @@ billing_price_from_jsonb(PG_FUNCTION_ARGS)
 	model = jstring(&ctx, v, "\"model\"");
 	if (strcmp(model, "unit") == 0)
 	{
-		static const char *const keys[] = {"model", "unit_amount", "free", "min", "max", NULL};
+		static const char *const keys[] = {"model", "unit_amount", "free", "min", "max", "per", "per_round", NULL};
 
 		jcheck_keys(&ctx, c, keys, "a unit price");
 		p->model = PRICE_UNIT;
@@ -315,7 +341,7 @@ billing_price_from_jsonb(PG_FUNCTION_ARGS)
 	}
 	else if (strcmp(model, "flat") == 0)
 	{
-		static const char *const keys[] = {"model", "amount", "free", "min", "max", NULL};
+		static const char *const keys[] = {"model", "amount", "free", "min", "max", "per", "per_round", NULL};
 
 		jcheck_keys(&ctx, c, keys, "a flat price");
 		p->model = PRICE_FLAT;
@@ -323,7 +349,7 @@ billing_price_from_jsonb(PG_FUNCTION_ARGS)
 	}
 	else if (strcmp(model, "percent") == 0)
 	{
-		static const char *const keys[] = {"model", "percent", "free", "min", "max", NULL};
+		static const char *const keys[] = {"model", "percent", "free", "min", "max", "per", "per_round", NULL};
 
 		jcheck_keys(&ctx, c, keys, "a percent price");
 		p->model = PRICE_PERCENT;
@@ -331,7 +357,7 @@ billing_price_from_jsonb(PG_FUNCTION_ARGS)
 	}
 	else if (strcmp(model, "package") == 0)
 	{
-		static const char *const keys[] = {"model", "package_size", "amount", "round", "free", "min", "max", NULL};
+		static const char *const keys[] = {"model", "package_size", "amount", "round", "free", "min", "max", "per", "per_round", NULL};
 
 		jcheck_keys(&ctx, c, keys, "a package price");
 		p->model = PRICE_PACKAGE;
@@ -349,7 +375,7 @@ billing_price_from_jsonb(PG_FUNCTION_ARGS)
 	}
 	else if (strcmp(model, "graduated") == 0 || strcmp(model, "volume") == 0)
 	{
-		static const char *const keys[] = {"model", "tiers", "free", "min", "max", NULL};
+		static const char *const keys[] = {"model", "tiers", "free", "min", "max", "per", "per_round", NULL};
 		static const char *const tkeys[] = {"up_to", "unit_amount", "flat_amount", NULL};
 		JsonbContainer *tc;
 		int			n;
@@ -465,10 +491,41 @@ stripe_amount(const JsonCtx *ctx, JsonbContainer *c, const char *name,
 }
 
 /*
+ * stripe_transform
+ *		Stripe's "transform_quantity" {divide_by, round} of object c, if
+ *		any, as the per modifier of p: divide_by must be a positive integer,
+ *		round "up" (the default) or "down".
+ */
+static void
+stripe_transform(const JsonCtx *ctx, JsonbContainer *c, Price *p)
+{
+	JsonbValue *v;
+	JsonbContainer *t;
+
+	if ((v = jget(c, "transform_quantity")) == NULL)
+		return;
+	t = jobject(ctx, v, "\"transform_quantity\"");
+	jnumber(ctx, jget(t, "divide_by"), "\"divide_by\" of \"transform_quantity\"", &p->per);
+	if (p->per.scale != 0 || p->per.coef == 0)
+		jerror(ctx, "\"divide_by\" of \"transform_quantity\" must be a positive integer.");
+	p->flags |= PRICE_HAS_PER;
+	if ((v = jget(t, "round")) != NULL)
+	{
+		char	   *r = jstring(ctx, v, "\"round\" of \"transform_quantity\"");
+
+		if (strcmp(r, "down") == 0)
+			p->flags |= PRICE_PER_DOWN;
+		else if (strcmp(r, "up") != 0)
+			jerror(ctx, "\"round\" of \"transform_quantity\" must be \"up\" or \"down\", not \"%s\".", r);
+	}
+}
+
+/*
  * price_from_stripe(stripe_price jsonb) -> billing.price
- *		A Stripe Price object: billing_scheme per_unit (with an optional
- *		transform_quantity, which makes a package price) or tiered
- *		(tiers_mode graduated or volume).  Amounts are in the currency's minor
+ *		A Stripe Price object: billing_scheme per_unit or tiered (tiers_mode
+ *		graduated or volume), either with an optional transform_quantity,
+ *		which becomes a per modifier (1.0 made a per_unit one a package
+ *		price, which rates the same).  Amounts are in the currency's minor
  *		units; the price holds major units.  Unknown keys are ignored (Stripe
  *		objects carry many); errors are 22023.
  */
@@ -514,26 +571,6 @@ billing_price_from_stripe(PG_FUNCTION_ARGS)
 		if (!present)
 			jerror(&ctx, "\"unit_amount_decimal\" or \"unit_amount\" is missing.");
 		p->model = PRICE_UNIT;
-		if ((v = jget(c, "transform_quantity")) != NULL)
-		{
-			JsonbContainer *t = jobject(&ctx, v, "\"transform_quantity\"");
-			PriceNum	d;
-
-			jnumber(&ctx, jget(t, "divide_by"), "\"divide_by\" of \"transform_quantity\"", &d);
-			if (d.scale != 0 || d.coef == 0)
-				jerror(&ctx, "\"divide_by\" of \"transform_quantity\" must be a positive integer.");
-			p->model = PRICE_PACKAGE;
-			p->size = d;
-			if ((v = jget(t, "round")) != NULL)
-			{
-				char	   *r = jstring(&ctx, v, "\"round\" of \"transform_quantity\"");
-
-				if (strcmp(r, "down") == 0)
-					p->flags |= PRICE_ROUND_DOWN;
-				else if (strcmp(r, "up") != 0)
-					jerror(&ctx, "\"round\" of \"transform_quantity\" must be \"up\" or \"down\", not \"%s\".", r);
-			}
-		}
 	}
 	else if (strcmp(scheme, "tiered") == 0)
 	{
@@ -541,8 +578,6 @@ billing_price_from_stripe(PG_FUNCTION_ARGS)
 		JsonbContainer *tc;
 		int			n;
 
-		if (jget(c, "transform_quantity") != NULL)
-			jerror(&ctx, "A tiered price cannot have \"transform_quantity\".");
 		if ((v = jget(c, "tiers_mode")) == NULL)
 			jerror(&ctx, "\"tiers_mode\" is missing for a tiered price.");
 		mode = jstring(&ctx, v, "\"tiers_mode\"");
@@ -592,6 +627,7 @@ billing_price_from_stripe(PG_FUNCTION_ARGS)
 	}
 	else
 		jerror(&ctx, "\"billing_scheme\" must be \"per_unit\" or \"tiered\", not \"%s\".", scheme);
+	stripe_transform(&ctx, c, p);
 
 	jvalidate(&ctx, p);
 	PG_RETURN_POINTER(price_encode(p));

@@ -7,13 +7,16 @@
  *
  *	- the fast path works on 128-bit fixed point.  The price's numbers are
  *	  kept at the largest scale among them (sp), the quantity is read at its
- *	  display scale (sq); quantities are compared at s = max(sp, sq) and
+ *	  display scale (sq) and converted by a per modifier (a whole number of
+ *	  N after round up/down, sq = 0; q times 1/N for exact, sq plus the
+ *	  scale of 1/N); quantities are compared at s = max(sp, sq) and
  *	  amounts are carried at scale s + sp (+ 2 for percent).  Every
  *	  operation checks for overflow beyond 38 digits, and any overflow (or a
  *	  quantity that does not fit) makes it give up;
  *	- the numeric path does the same arithmetic on numeric, which is exact
- *	  for addition, subtraction and multiplication; package counts use
- *	  integer division and remainder, and percent multiplies by 0.01.
+ *	  for addition, subtraction and multiplication; package counts and per
+ *	  N round up/down use integer division and remainder, per N exact
+ *	  multiplies by 1/N (a finite decimal), and percent multiplies by 0.01.
  *
  * rate() tries the fast path and falls back to the numeric path.  Results
  * carry no trailing fractional zeros, so both paths print identically.
@@ -138,6 +141,68 @@ price_from_arg(FunctionCallInfo fcinfo, int argno)
  */
 
 /*
+ * per_fast
+ *		Convert the quantity *Q (at scale *sq) by the per modifier of p: to
+ *		the whole number ceil or floor(q / N) (scale 0), or for exact to
+ *		q * (1/N) (scale *sq plus that of 1/N).  false when a value does
+ *		not fit.
+ */
+static inline bool
+per_fast(const Price *p, int128_t *Q, int *sq)
+{
+	if (p->flags & PRICE_PER_EXACT)
+	{
+		int128_t	r = *Q;
+		int			rs = *sq + p->per_inv_scale;
+
+		if (!p->per_inv_ok || !dec_mul(r, p->per_inv_f, &r))
+			return false;
+		/* drop trailing fractional zeros the scale has no room for */
+		while (rs > DEC_MAX_DIGITS && r % 10 == 0)
+		{
+			r /= 10;
+			rs--;
+		}
+		if (rs > DEC_MAX_DIGITS)
+			return false;
+		*Q = r;
+		*sq = rs;
+	}
+	else
+	{
+		int			sp = p->fast_scale;
+		int			s0 = Max(*sq, sp);
+		int128_t	Qs = *Q,
+					N = p->per_f,
+					k;
+		bool		inexact;
+
+		if (s0 > *sq && !dec_mul(Qs, dec_pow10[s0 - *sq], &Qs))
+			return false;
+		if (s0 > sp && !dec_mul(N, dec_pow10[s0 - sp], &N))
+			return false;
+		if (Qs <= PG_INT64_MAX && N <= PG_INT64_MAX)
+		{
+			int64		q64 = (int64) Qs,
+						n64 = (int64) N;
+
+			k = q64 / n64;
+			inexact = q64 % n64 != 0;
+		}
+		else
+		{
+			k = Qs / N;
+			inexact = Qs % N != 0;
+		}
+		if (inexact && !(p->flags & PRICE_PER_DOWN))
+			k++;
+		*Q = k;
+		*sq = 0;
+	}
+	return true;
+}
+
+/*
  * price_rate_fast
  *		Rate q (checked: finite, >= 0; may be packed) with the fixed-point
  *		engine.  Returns false, with nothing computed, when a value does not
@@ -158,6 +223,8 @@ price_rate_fast(const Price *p, Numeric q, Numeric *result)
 		return false;
 	(void) dec_numeric_classify(q, &sq);
 	if (sq > DEC_MAX_DIGITS || !dec_from_numeric(q, sq, &Q))
+		return false;
+	if ((p->flags & PRICE_HAS_PER) && !per_fast(p, &Q, &sq))
 		return false;
 	sp = p->fast_scale;
 	s = Max(sq, sp);
@@ -364,7 +431,8 @@ add_row(PriceTierRow *rows, int *nrows, int tier, Numeric first,
 /*
  * price_rate_slow
  *		Rate q (checked, not packed) with numeric arithmetic.  When rows is
- *		not NULL it receives the rows of rate_tiers (room for ntiers + 2).
+ *		not NULL it receives the rows of rate_tiers (room for ntiers + 2),
+ *		whose units are those after the per conversion.
  */
 Numeric
 price_rate_slow(const Price *p, Numeric q, PriceTierRow *rows, int *nrows)
@@ -374,6 +442,22 @@ price_rate_slow(const Price *p, Numeric q, PriceTierRow *rows, int *nrows)
 
 	if (nrows)
 		*nrows = 0;
+	if (p->flags & PRICE_HAS_PER)
+	{
+		if (p->flags & PRICE_PER_EXACT)
+			q = numeric_trimmed(n_mul(q, p->per_inv_n));
+		else
+		{
+			Numeric		k = DatumGetNumeric(DirectFunctionCall2(numeric_div_trunc,
+																NumericGetDatum(q),
+																NumericGetDatum(p->per_n)));
+
+			if (!(p->flags & PRICE_PER_DOWN) &&
+				n_cmp(numeric_mod_opt_error(q, p->per_n, NULL), zero) != 0)
+				k = n_add(k, int64_to_numeric(1));
+			q = k;
+		}
+	}
 	if (p->flags & PRICE_HAS_FREE)
 	{
 		q = n_sub(q, p->free_n);

@@ -26,15 +26,15 @@ CREATE TYPE billing.price (
     STORAGE = extended
 );
 COMMENT ON TYPE billing.price IS
-    'A pricing rule: unit, package, graduated, volume, flat or percent, with optional free/min/max; e.g. ''graduated 5000 @ 0 | inf @ 0.0002 + 10 min 25''';
+    'A pricing rule: unit, package, graduated, volume, flat or percent, with optional free/min/max/per; e.g. ''graduated 5000 @ 0 | inf @ 0.0002 + 10 min 25'', ''unit 0.25 per 1000000000''';
 COMMENT ON FUNCTION billing.price_in(pg_catalog.cstring) IS
     'Text input of billing.price (grammar in doc/billing.md); bad text raises 22P02';
 COMMENT ON FUNCTION billing.price_out(billing.price) IS
     'Canonical text output of billing.price';
 COMMENT ON FUNCTION billing.price_recv(pg_catalog.internal) IS
-    'Binary input of billing.price: format version byte 1, then the text form; bad bytes raise 22P03';
+    'Binary input of billing.price: format version byte 1 (no per modifier) or 2, then the text form; bad bytes raise 22P03';
 COMMENT ON FUNCTION billing.price_send(billing.price) IS
-    'Binary output of billing.price: format version byte 1, then the canonical text';
+    'Binary output of billing.price: format version byte 1 (2 for a price with a per modifier), then the canonical text';
 
 CREATE FUNCTION billing._price_recv(pg_catalog.bytea) RETURNS billing.price
     AS 'MODULE_PATHNAME', 'billing_price_recv_bytea'
@@ -148,7 +148,7 @@ CREATE FUNCTION billing.price_from_stripe(stripe_price pg_catalog.jsonb) RETURNS
     AS 'MODULE_PATHNAME', 'billing_price_from_stripe'
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION billing.price_from_stripe(pg_catalog.jsonb) IS
-    'The price of a Stripe Price object (per_unit, transform_quantity, tiered graduated/volume), minor units converted to major; bad objects raise 22023';
+    'The price of a Stripe Price object (per_unit or tiered graduated/volume; transform_quantity becomes per), minor units converted to major; bad objects raise 22023';
 
 -- Money.
 CREATE FUNCTION billing.round_money(amount pg_catalog.numeric, currency pg_catalog.text)

@@ -494,8 +494,9 @@ COMMENT ON FUNCTION billing.finalize_invoices(timestamptz) IS
  * period before the usage lines would exceed the subscription's spend cap.
  * Rating is non-decreasing within each tier of a price (and across tiers,
  * except volume prices, which can get cheaper past a tier bound), so the
- * search walks the tier bounds in order and bisects inside the first
- * stretch that breaks the budget: the answer is the first point where one
+ * search walks the tier bounds in order (in raw units: a per modifier
+ * moves them, see below) and bisects inside the first stretch whose last
+ * whole unit breaks the budget: the answer is the first point where one
  * more unit would be over the cap.
  */
 CREATE FUNCTION billing._fits(p billing.price, q numeric, currency text, budget numeric)
@@ -518,6 +519,7 @@ DECLARE
     others numeric;
     budget numeric;
     q0 numeric;
+    j jsonb;
     ends numeric[];
     seg_end numeric;
     lo numeric := 0;          -- largest x known to fit
@@ -558,25 +560,35 @@ BEGIN
         RETURN 0;
     END IF;
 
-    -- stretches on which the charge cannot decrease: volume tiers, then the rest
-    IF billing.price_to_jsonb(line.price) ->> 'model' = 'volume' THEN
-        SELECT array_agg((t ->> 'up_to')::numeric
-                         + coalesce((billing.price_to_jsonb(line.price) ->> 'free')::numeric, 0)
-                         ORDER BY (t ->> 'up_to')::numeric)
+    -- stretches on which the charge cannot decrease: volume tiers, then the
+    -- rest.  A tier ends where the quantity after per and free passes its
+    -- bound b: at (b + free) * N for per N exact (or no per), at
+    -- floor(b + free) * N for round up; for round down the stretch is open
+    -- at (floor(b + free) + 1) * N, so it ends at the last whole unit from
+    -- q0 before that.
+    j := billing.price_to_jsonb(line.price);
+    IF j ->> 'model' = 'volume' THEN
+        SELECT array_agg(CASE WHEN NOT j ? 'per' OR j ->> 'per_round' = 'exact'
+                                  THEN (b + f) * coalesce((j ->> 'per')::numeric, 1)
+                              WHEN j ->> 'per_round' = 'up'
+                                  THEN floor(b + f) * (j ->> 'per')::numeric
+                              ELSE q0 + ceil((floor(b + f) + 1) * (j ->> 'per')::numeric - q0) - 1
+                         END ORDER BY b)
           INTO ends
-          FROM jsonb_array_elements(billing.price_to_jsonb(line.price) -> 'tiers') t
+          FROM jsonb_array_elements(j -> 'tiers') t,
+               LATERAL (SELECT (t ->> 'up_to')::numeric AS b,
+                               coalesce((j ->> 'free')::numeric, 0) AS f) x
          WHERE t ->> 'up_to' <> 'inf';
     END IF;
+    -- Whole units from q0 only: in each stretch, its last whole unit; when
+    -- that is over the budget, the answer is in this stretch, where the
+    -- charge cannot decrease, so bisect (lo, hi]; else go on to the next.
     FOREACH seg_end IN ARRAY coalesce(ends, '{}'::numeric[]) LOOP
-        CONTINUE WHEN seg_end <= q0 + lo;
-        IF billing._fits(line.price, seg_end, per.currency, budget) THEN
+        CONTINUE WHEN floor(seg_end - q0) <= lo;
+        IF billing._fits(line.price, q0 + floor(seg_end - q0), per.currency, budget) THEN
             lo := floor(seg_end - q0);
         ELSE
-            hi := ceil(seg_end - q0);
-            IF billing._fits(line.price, q0 + hi, per.currency, budget) THEN
-                lo := hi;         -- seg_end was fractional: the next whole unit still fits
-                hi := NULL;
-            END IF;
+            hi := floor(seg_end - q0);
             EXIT;
         END IF;
     END LOOP;

@@ -6,9 +6,11 @@
 #   (b) SELECT sum(billing.rate(p, q))      4-tier graduated constant price
 #   (c) the same with a PL/pgSQL tier loop  the peer a competent user writes
 #   (d) volume and package prices, each against a plain SQL expression
+#   (e) the graduated price in thousands (per 1000, 1.1) against the same
+#       PL/pgSQL tier loop on ceil(q / 1000)
 #
 # Goals: (b) >= 10x faster than (c); (b) >= 0.5x the speed of (a), i.e. at
-# most twice its time.  Every timing is the best of 3 runs (psql \timing,
+# most twice its time; the same for (e) against its loop and (a).  Every timing is the best of 3 runs (psql \timing,
 # server-side execution plus one result row); all sums are checked equal.
 # Parallel query is off (max_parallel_workers_per_gather = 0) so every path
 # runs on one core.
@@ -26,6 +28,7 @@ export PGOPTIONS="${PGOPTIONS:-} -c max_parallel_workers_per_gather=0"
 GRADUATED='graduated 5000 @ 0 | 100000 @ 0.00029 | 1000000 @ 0.0002 | inf @ 0.0001 + 10'
 VOLUME='volume 5000 @ 0.0004 | 100000 @ 0.0003 + 1 | 1000000 @ 0.0002 + 5 | inf @ 0.0001 + 50'
 PACKAGE='package 1000 @ 0.25'
+GRADUATED_PER='graduated 5 @ 0 | 100 @ 0.29 | 1000 @ 0.2 | inf @ 0.1 + 10 per 1000'
 
 psql -X -q -d postgres -v ON_ERROR_STOP=1 \
     -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null
@@ -56,6 +59,28 @@ BEGIN
     FOR i IN 1 .. 4 LOOP
         EXIT WHEN q <= prev;
         hi := CASE WHEN bounds[i] IS NULL THEN q ELSE least(q, bounds[i]) END;
+        amt := amt + (hi - prev) * units[i] + fees[i];
+        EXIT WHEN bounds[i] IS NULL;
+        prev := bounds[i];
+    END LOOP;
+    RETURN amt;
+END \$\$;
+
+-- The peer of the per price: thousands started, then the same tier loop.
+CREATE FUNCTION peer_graduated_per(q numeric) RETURNS numeric
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS \$\$
+DECLARE
+    bounds numeric[] := '{5, 100, 1000, NULL}';
+    units  numeric[] := '{0, 0.29, 0.2, 0.1}';
+    fees   numeric[] := '{0, 0, 0, 10}';
+    k      numeric := ceil(q / 1000);
+    prev   numeric := 0;
+    amt    numeric := 0;
+    hi     numeric;
+BEGIN
+    FOR i IN 1 .. 4 LOOP
+        EXIT WHEN k <= prev;
+        hi := CASE WHEN bounds[i] IS NULL THEN k ELSE least(k, bounds[i]) END;
         amt := amt + (hi - prev) * units[i] + fees[i];
         EXIT WHEN bounds[i] IS NULL;
         prev := bounds[i];
@@ -99,6 +124,9 @@ run_best "SELECT sum(CASE WHEN q = 0 THEN 0
                           ELSE q * 0.0001 + 50 END) FROM usage_q";             t_volp=$BEST_MS;  r_volp=$RESULT
 run_best "SELECT sum(billing.rate('$PACKAGE', q)) FROM usage_q";               t_pkg=$BEST_MS;   r_pkg=$RESULT
 run_best "SELECT sum(ceil(q / 1000) * 0.25) FROM usage_q";                     t_pkgp=$BEST_MS;  r_pkgp=$RESULT
+run_best "SELECT sum(billing.rate('$GRADUATED_PER', q)) FROM usage_q";         t_per=$BEST_MS;   r_per=$RESULT
+run_best "SELECT sum(peer_graduated_per(q)) FROM usage_q";                     t_perp=$BEST_MS;  r_perp=$RESULT
+run_best "SELECT sum(billing._rate_numeric('$GRADUATED_PER', q)) FROM usage_q"; t_pern=$BEST_MS;  r_pern=$RESULT
 
 ok=true
 check() {
@@ -116,6 +144,9 @@ printf '%-48s %10s\n' "(d) sum(rate(volume 4 tiers, q))" "$t_vol"
 printf '%-48s %10s\n' "    sum(SQL CASE expression) (volume peer)" "$t_volp"
 printf '%-48s %10s\n' "(d) sum(rate(package 1000 @ 0.25, q))" "$t_pkg"
 printf '%-48s %10s\n' "    sum(ceil(q / 1000) * 0.25) (package peer)" "$t_pkgp"
+printf '%-48s %10s\n' "(e) sum(rate(graduated 4 tiers per 1000, q))" "$t_per"
+printf '%-48s %10s\n' "    sum(PL/pgSQL loop on ceil(q / 1000)) (peer)" "$t_perp"
+printf '%-48s %10s\n' "    sum(_rate_numeric(per 1000)) (no fast path)" "$t_pern"
 echo
 x_peer=$(ratio "$t_peer" "$t_grad")
 x_sum=$(ratio "$t_sum" "$t_grad")
@@ -125,11 +156,18 @@ echo "rate vs PL/pgSQL tier loop: ${x_peer}x faster (goal >= 10x: $(goal "$x_pee
 echo "rate vs sum(q):             ${x_sum}x its speed (goal >= 0.5x: $(goal "$x_sum" 0.5))"
 echo "fast path vs numeric path:  ${x_num}x"
 echo "volume rate vs SQL CASE:    $(ratio "$t_volp" "$t_vol")x;  package rate vs SQL: $(ratio "$t_pkgp" "$t_pkg")x"
+x_pperp=$(ratio "$t_perp" "$t_per")
+x_psum=$(ratio "$t_sum" "$t_per")
+echo "per 1000 rate vs its PL/pgSQL loop: ${x_pperp}x faster (goal >= 10x: $(goal "$x_pperp" 10))"
+echo "per 1000 rate vs sum(q):            ${x_psum}x its speed (goal >= 0.5x: $(goal "$x_psum" 0.5))"
+echo "per 1000 fast path vs numeric path: $(ratio "$t_pern" "$t_per")x"
 echo
 check "graduated rate = PL/pgSQL peer" "$r_grad" "$r_peer"
 check "graduated rate = numeric path" "$r_grad" "$r_num"
 check "volume rate = SQL CASE" "$r_vol" "$r_volp"
 check "package rate = SQL ceil" "$r_pkg" "$r_pkgp"
+check "per 1000 rate = PL/pgSQL peer" "$r_per" "$r_perp"
+check "per 1000 rate = numeric path" "$r_per" "$r_pern"
 
 psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $DB" >/dev/null
 $ok

@@ -57,7 +57,7 @@ INSERT INTO cases (expect, q) VALUES
 ('22P02', $$SELECT E'unit 1\x01'::billing.price$$),
 ('22P03', $$SELECT billing._price_recv(''::bytea)$$),
 ('22P03', $$SELECT billing._price_recv('\x00'::bytea)$$),
-('22P03', $$SELECT billing._price_recv('\x02756e69742031'::bytea)$$),
+('22P03', $$SELECT billing._price_recv('\x03756e69742031'::bytea)$$),
 ('22P03', $$SELECT billing._price_recv('\x01'::bytea)$$),
 ('22P03', $$SELECT billing._price_recv('\x01ff'::bytea)$$),
 -- rate, rate_tiers: 22023 for negative, NaN or infinite quantities; huge ones are exact

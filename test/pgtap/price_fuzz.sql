@@ -4,7 +4,7 @@
 -- round-trip, or raise 22P02 (text) / 22P03 (binary): never another error,
 -- never a crash.
 BEGIN;
-SELECT plan(5);
+SELECT plan(6);
 SELECT setseed(0.1717);
 
 CREATE FUNCTION pg_temp.pick(a text[]) RETURNS text LANGUAGE sql VOLATILE AS $$
@@ -16,13 +16,16 @@ CREATE FUNCTION pg_temp.fuzz_string() RETURNS text LANGUAGE plpgsql VOLATILE AS 
 DECLARE
     tokens text[] := ARRAY['unit', 'package', 'graduated', 'volume', 'flat', 'percent',
         'free', 'min', 'max', 'round', 'up', 'down', 'inf', 'INF', 'nan', 'infinity', '@', '|',
+        'per', 'PER', 'exact', 'per 1000', 'per 3 exact', 'per 1024 exact', 'round down',
         '+', '-', '.', '0', '1', '10', '0.5', '100', '1e5', '1.2.3', '00.100',
         '99999999999999999999999999999999999999', '999999999999999999999999999999999999999',
         '0.00000000000000000001', '0.000000000000000000001', ' ', E'\t', 'é', '€', ',', ''];
     valid text[] := ARRAY['unit 0.5', 'package 100 @ 5 round down', 'flat 10', 'percent 2.9',
         'graduated 5000 @ 0 | 100000 @ 0.00029 | inf @ 0.0002 + 10 min 25',
-        'volume 100 @ 1 | 1000 @ 0.8 + 5 | inf @ 0.5 + 20 free 10 max 1000'];
-    alphabet text := 'unitpackgrdvolmefsxy@|+-.0123456789 eE';
+        'volume 100 @ 1 | 1000 @ 0.8 + 5 | inf @ 0.5 + 20 free 10 max 1000',
+        'unit 0.25 per 1000000000', 'graduated 5 @ 0 | inf @ 1 per 1000 round down min 1',
+        'package 10 @ 3 round down per 0.5 exact', 'flat 9 per 1024 exact free 2'];
+    alphabet text := 'unitpackgrdvolmefsxy@|+-.0123456789 eE';   -- has the letters of per, exact
     r float8 := random();
     s text := '';
     n int;
@@ -83,8 +86,8 @@ BEGIN
     END LOOP;
 END $$;
 
--- Random bytes to the binary input: mostly version byte 1 then printable
--- characters from the grammar, sometimes fully random bytes.
+-- Random bytes to the binary input: mostly version byte 1 or 2 then
+-- printable characters from the grammar, sometimes fully random bytes.
 DO $$
 DECLARE
     b bytea;
@@ -94,9 +97,10 @@ BEGIN
     FOR i IN 1 .. 3000 LOOP
         n := floor(random() * 40)::int;
         IF random() < 0.5 THEN
-            b := '\x01'::bytea || convert_to(pg_temp.fuzz_string(), 'UTF8');
+            b := CASE WHEN random() < 0.5 THEN '\x01'::bytea ELSE '\x02'::bytea END
+                 || convert_to(pg_temp.fuzz_string(), 'UTF8');
         ELSE
-            SELECT decode(coalesce(string_agg(lpad(to_hex(CASE WHEN g = 1 AND random() < 0.7 THEN 1
+            SELECT decode(coalesce(string_agg(lpad(to_hex(CASE WHEN g = 1 AND random() < 0.7 THEN 1 + floor(random() * 2)::int
                                                             ELSE floor(random() * 256)::int END), 2, '0'), ''), ''), 'hex')
               INTO b FROM generate_series(1, n) AS g;
         END IF;
@@ -122,6 +126,10 @@ SELECT cmp_ok((SELECT count(*) FROM outcome WHERE kind = 'text'), '>=', 10000::b
 SELECT ok((SELECT count(*) FILTER (WHERE sqlstate = 'parsed') > 100
               AND count(*) FILTER (WHERE sqlstate = '22P02') > 100 FROM outcome WHERE kind = 'text'),
           'the fuzz hits both valid and invalid text input');
+SELECT ok((SELECT count(*) FILTER (WHERE sqlstate = 'parsed' AND input ~* 'per') > 30
+              AND count(*) FILTER (WHERE sqlstate = '22P02' AND input ~* 'per') > 100
+              FROM outcome WHERE kind = 'text'),
+          'the fuzz hits valid and invalid prices with per');
 SELECT ok((SELECT count(*) FILTER (WHERE sqlstate = 'parsed') > 30
               AND count(*) FILTER (WHERE sqlstate = '22P03') > 100 FROM outcome WHERE kind = 'binary'),
           'the fuzz hits both valid and invalid binary input');

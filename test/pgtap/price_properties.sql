@@ -1,15 +1,20 @@
--- Properties of billing.price over generated prices and quantities:
--- text, binary and jsonb round trips, equality and hashing of different
--- spellings, rate against an independent PL/pgSQL reference, the fast path
--- against the numeric path, and sum(rate_tiers) = rate.
+-- Properties of billing.price over generated prices and quantities (with
+-- the per modifier of 1.1 on about a third of them): text, binary and
+-- jsonb round trips, equality and hashing of different spellings, rate
+-- against an independent PL/pgSQL reference, the fast path against the
+-- numeric path, and sum(rate_tiers) = rate.
 BEGIN;
-SELECT plan(11);
+SELECT plan(14);
 SELECT setseed(0.4242);
 
 -- a random digit string of n digits
 CREATE FUNCTION pg_temp.digits(n int) RETURNS text LANGUAGE sql AS $$
     SELECT string_agg(floor(random() * 10)::int::text, '') FROM generate_series(1, n)
 $$ VOLATILE;
+
+CREATE FUNCTION pg_temp.pick(a text[]) RETURNS text LANGUAGE sql VOLATILE AS $$
+    SELECT a[1 + floor(random() * array_length(a, 1))::int]
+$$;
 
 -- a random plain decimal literal: mostly small, sometimes 20-digit
 -- fractions, 38-digit integers or mixed 38-digit values
@@ -72,6 +77,14 @@ BEGIN
         ELSE s := s || ' max ' || hi;
         END IF;
     END IF;
+    IF random() < 0.35 THEN
+        -- per N: mostly N made of 2s and 5s (valid with exact), sometimes any
+        s := s || ' per ' ||
+             CASE WHEN random() < 0.6
+                  THEN pg_temp.pick('{1000, 1024, 0.25, 1000000000, 125, 2, 0.5, 3.2, 1280, 0.008}')
+                  ELSE pg_temp.rnum() END ||
+             pg_temp.pick('{"", "", " round up", " round down", " exact", " exact"}');
+    END IF;
     RETURN s;
 END $$;
 
@@ -84,7 +97,8 @@ EXCEPTION WHEN invalid_text_representation THEN
 END $$;
 
 -- An independent reference for rate(), from the JSON form, in plain SQL
--- numeric arithmetic.
+-- numeric arithmetic (per N exact: an integer division at scale 200,
+-- checked to leave no remainder).
 CREATE FUNCTION pg_temp.ref_rate(p billing.price, q numeric) RETURNS numeric
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -95,6 +109,17 @@ DECLARE
     b numeric;
     n numeric;
 BEGIN
+    IF j ? 'per' THEN
+        n := (j->>'per')::numeric;
+        IF j->>'per_round' = 'exact' THEN
+            IF mod(q * 1e200, n) <> 0 THEN
+                RAISE EXCEPTION 'per % exact: % does not divide', n, q;
+            END IF;
+            q := div(q * 1e200, n) * 1e-200;
+        ELSE
+            q := div(q, n) + CASE WHEN j->>'per_round' = 'up' AND mod(q, n) <> 0 THEN 1 ELSE 0 END;
+        END IF;
+    END IF;
     IF j ? 'free' THEN q := greatest(q - (j->>'free')::numeric, 0); END IF;
     CASE j->>'model'
     WHEN 'unit' THEN amt := q * (j->>'unit_amount')::numeric;
@@ -136,6 +161,12 @@ DELETE FROM gen WHERE p IS NULL;
 
 SELECT cmp_ok((SELECT count(*) FROM gen), '>=', 1000::bigint,
               'at least 1000 valid generated prices');
+SELECT cmp_ok((SELECT count(*) FROM gen WHERE p::text LIKE '% per %'), '>=', 250::bigint,
+              'at least 250 of them with a per modifier, of each rounding');
+SELECT ok((SELECT count(*) FILTER (WHERE p::text LIKE '% exact') >= 50
+              AND count(*) FILTER (WHERE p::text LIKE '% per % round down') >= 50
+              AND count(*) FILTER (WHERE p::text ~ ' per [0-9.]+$') >= 50 FROM gen),
+          'per exact, round down and round up (printed without "round up") all occur');
 
 SELECT is((SELECT count(*) FROM gen
            WHERE NOT ((p::text)::billing.price OPERATOR(billing.=) p
@@ -160,7 +191,8 @@ SELECT is((SELECT count(*) FROM gen,
           0::bigint, 'different spellings are equal and hash alike');
 
 -- Quantities: 0, each tier bound and bound +- 1 and +- 0.001, random values
--- of several scales, and huge ones.
+-- of several scales, and huge ones; with per N, also the raw quantities at
+-- each tier bound (bound * N) and near multiples of N.
 CREATE TEMP TABLE cases AS
 SELECT id, p, q FROM gen,
 LATERAL (
@@ -174,6 +206,15 @@ LATERAL (
     UNION ALL SELECT floor(random() * 1000)::numeric
     UNION ALL SELECT ('0.' || pg_temp.digits(1 + (random() * 24)::int))::numeric
     UNION ALL SELECT (pg_temp.digits(1 + (random() * 40)::int))::numeric
+    UNION ALL SELECT (e->>'up_to')::numeric * (billing.price_to_jsonb(p)->>'per')::numeric + d
+    FROM jsonb_array_elements(CASE WHEN billing.price_to_jsonb(p) ?& '{tiers, per}'
+                                   THEN billing.price_to_jsonb(p)->'tiers' ELSE '[]' END) AS e,
+         unnest('{-1, -0.001, 0, 0.001, 1}'::numeric[]) AS d
+    WHERE e->>'up_to' <> 'inf'
+      AND (e->>'up_to')::numeric * (billing.price_to_jsonb(p)->>'per')::numeric + d >= 0
+    UNION ALL SELECT (billing.price_to_jsonb(p)->>'per')::numeric * floor(random() * 100)::numeric + d
+    FROM unnest('{0, 0.001, 1}'::numeric[]) AS d
+    WHERE billing.price_to_jsonb(p) ? 'per'
 ) AS qs;
 
 SELECT cmp_ok((SELECT count(*) FROM cases), '>=', 8000::bigint, 'at least 8000 (price, quantity) cases');
@@ -191,6 +232,9 @@ SELECT is((SELECT count(*) FROM cases
 
 SELECT cmp_ok((SELECT count(*) FILTER (WHERE billing._rate_fast(p, q) IS NOT NULL)::numeric / count(*)
                FROM cases), '>', 0.5, 'the fast path handles most generated cases');
+SELECT cmp_ok((SELECT count(*) FILTER (WHERE billing._rate_fast(p, q) IS NOT NULL)::numeric / count(*)
+               FROM cases WHERE p::text LIKE '% per %'), '>', 0.5,
+              'the fast path handles most generated cases with per too');
 
 SELECT is((SELECT count(*) FROM cases
            WHERE (SELECT coalesce(sum(amount), 0) FROM billing.rate_tiers(p, q)) <> billing.rate(p, q)),
