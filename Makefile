@@ -6,6 +6,8 @@
 #   make demo             build, install and run the demo scenario on a throwaway cluster
 #   make bench            benchmarks against their peers (not tests)
 #   make check-valgrind   the core paths in one backend under valgrind memcheck
+#   make check-upgrade    build, install and run the schema check of the upgrade
+#                         (1.0 + ALTER EXTENSION UPDATE against a fresh install)
 
 EXTENSION  = billing
 EXTVERSION = $(shell sed -n "s/^default_version[[:space:]]*=[[:space:]]*'\([^']*\)'.*/\1/p" billing.control)
@@ -45,9 +47,12 @@ $(EXTSQL): $(sort $(wildcard sql/install/*.sql)) billing.control
 	   printf '%s\n' '\echo Use "CREATE EXTENSION $(EXTENSION)" to load this file. \quit'; \
 	   for f in $(sort $(wildcard sql/install/*.sql)); do echo; echo "-- ---- $$f ----"; cat $$f; done; } > $@
 
-.PHONY: test demo bench bench-citus check-valgrind
+.PHONY: test demo bench bench-citus check-valgrind check-upgrade
 test:
 	bash test/run_tests.sh
+
+check-upgrade:
+	bash -c '. test/lib.sh && build_install' && bash test/upgrade/run.sh --schema
 
 check-valgrind:
 	bash test/valgrind/run.sh

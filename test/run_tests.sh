@@ -71,13 +71,24 @@ bad=$(grep -Ec '^not ok [0-9]+' "$out/citus.log")
 if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
 passed=$((passed + ok)); failed=$((failed + bad))
 
-# 5. pg_dump round trip: one pass or fail.  6. faults (kills and restarts the
-# cluster, so it runs last): one per check.
+# 5. pg_dump round trip: one pass or fail.
 echo "== pg_dump round trip"
 bash test/dump/run.sh >"$out/dump.log" 2>&1
 rc=$?
 cat "$out/dump.log"
 if [ $rc -eq 0 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+# 6. the upgrade: 1.0 from the frozen script + ALTER EXTENSION UPDATE against
+# a fresh install, catalog (the schema check) and data; one line per check.
+echo "== upgrade"
+bash test/upgrade/run.sh >"$out/upgrade.log" 2>&1
+rc=$?
+cat "$out/upgrade.log"
+ok=$(grep -Ec '^ok [0-9]+' "$out/upgrade.log")
+bad=$(grep -Ec '^not ok [0-9]+' "$out/upgrade.log")
+if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
+passed=$((passed + ok)); failed=$((failed + bad))
+
+# 7. faults (kills and restarts the cluster, so it runs last): one per check.
 echo "== fault tests"
 CLUSTER_DIR="$CLUSTER_DIR" bash test/fault/run.sh >"$out/fault.log" 2>&1
 rc=$?
