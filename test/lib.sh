@@ -34,6 +34,25 @@ ensure_packages() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# copy_package_into_pg PKG: when PG_CONFIG belongs to a private copy of
+# PostgreSQL (not the system one apt installs into), copy the extension
+# files of Debian package PKG (its .so and its extension/ scripts) from the
+# system PostgreSQL into that copy.
+copy_package_into_pg() {
+    local pkg=$1 lib share f
+    lib=$("$PG_CONFIG" --pkglibdir)
+    share=$("$PG_CONFIG" --sharedir)
+    [ "$lib" = "/usr/lib/postgresql/$PGVER/lib" ] && return 0
+    dpkg -L "$pkg" 2>/dev/null | while IFS= read -r f; do
+        case $f in
+            /usr/lib/postgresql/$PGVER/lib/*.so)
+                cmp -s "$f" "$lib/${f##*/}" || as_root cp -f "$f" "$lib/" ;;
+            /usr/share/postgresql/$PGVER/extension/*)
+                cmp -s "$f" "$share/extension/${f##*/}" || as_root cp -f "$f" "$share/extension/" ;;
+        esac
+    done
+}
+
 # build_install [make args...]: build warning-free and install.
 build_install() {
     make -s WERROR=1 "$@" >/dev/null || return 1
