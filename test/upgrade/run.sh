@@ -31,8 +31,9 @@
 #    audit log must verify and keep its old rows byte for byte.  Then
 #    history_2.sql continues the history, on the updated database and on a
 #    fresh install fed the whole history: both must read the same (but for
-#    wall-clock columns).  Last, pg_dump of the updated database restores
-#    into a fresh one that reads the same and verifies.
+#    wall-clock columns).  pg_dump of the updated database restores into a
+#    fresh one that reads the same and verifies, and so does a dump taken on
+#    1.0 (restored into the current version, it reads as 1.0 did).
 #
 # Reads of the internal usage store (the tables below) are not compared row
 # by row: the upgrade may migrate them into another store; usage(),
@@ -64,8 +65,8 @@ if [ -z "${PGHOST:-}" ] || ! psql -X -q -d postgres -c 'SELECT 1' >/dev/null 2>&
 fi
 
 WALK=billing_up_walk FRESH=billing_up_fresh A=billing_up_a B=billing_up_b C=billing_up_c
-CHECK=billing_up_check
-DBS="$WALK $FRESH $A $B $C $CHECK"
+D=billing_up_d CHECK=billing_up_check
+DBS="$WALK $FRESH $A $B $C $D $CHECK"
 
 cleanup() {
     local db
@@ -98,20 +99,6 @@ recreate() {
         -c "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE $1" >/dev/null
 }
 ms() { date +%s%3N; }
-# run DESCRIPTION DB FILE [psql args]: one TAP line for a script; its log on failure
-run() {
-    local what=$1 db=$2 file=$3 log
-    shift 3
-    log="$work/$(basename "$file").$db.log"
-    if q "$db" -f "$file" "$@" >"$log" 2>&1; then
-        ok "$what"
-    else
-        not_ok "$what"
-        tail -30 "$log" | diag
-        return 1
-    fi
-}
-
 default_version=$(sed -n "s/^default_version[[:space:]]*=[[:space:]]*'\([^']*\)'.*/\1/p" billing.control)
 t0=$(ms)
 
@@ -260,6 +247,26 @@ snapshot() {
     q "$1" -v label="$2" -f test/upgrade/reads.sql >"$work/$2.tsv" 2>"$work/$2.err" \
         && q $CHECK -c "\\copy snap FROM '$work/$2.tsv'" >/dev/null 2>>"$work/$2.err"
 }
+# snapshots DB LABEL DB LABEL: two snapshots at once (the databases are independent)
+snapshots() {
+    snapshot "$1" "$2" & local pid=$!
+    snapshot "$3" "$4" || diag <"$work/$4.err"
+    wait $pid || diag <"$work/$2.err"
+}
+# run_both FILE DESCRIPTION_A DESCRIPTION_B: FILE on $A and $B at once, one
+# TAP line for each
+run_both() {
+    local file=$1 db rc what
+    for db in $A $B; do
+        ( q $db -f "$file" >"$work/$(basename "$file").$db.log" 2>&1; echo $? >"$work/$db.rc" ) &
+    done
+    wait
+    for db in $A $B; do
+        rc=$(cat "$work/$db.rc")
+        if [ "$db" = "$A" ]; then what=$2; else what=$3; fi
+        if [ "$rc" = 0 ]; then ok "$what"; else not_ok "$what"; tail -30 "$work/$(basename "$file").$db.log" | diag; fi
+    done
+}
 # compare DESCRIPTION OLD NEW PROJECT STRIP_KEYS SKIP_READS: one TAP line,
 # the reads that differ and up to 6 rows of each side as diagnostics
 compare() {
@@ -281,8 +288,9 @@ SQL
     fi
 }
 
-run "history, part 1 (January to March 2026), fed to 1.0 through its public API" $A test/upgrade/history_1.sql
-run "history, part 1, fed to a fresh $default_version install" $B test/upgrade/history_1.sql
+run_both test/upgrade/history_1.sql \
+    "history, part 1 (January to March 2026), fed to 1.0 through its public API" \
+    "history, part 1, fed to a fresh $default_version install"
 # what the 1.0 database holds before the update (1.0's own tables: they
 # never change, so this reads them directly)
 check "before the update: usage compacted and not, kept and dropped metered rows, all ingest paths, invoices with carried and pending adjustments, a correction, audit rows in the catalog chain and account chains" \
@@ -303,6 +311,8 @@ SQL
 snapshot $A before || { diag <"$work/before.err"; }
 check "every read taken before the update ($(wc -l <"$work/before.tsv") rows)" "t" \
     "$(q $CHECK -c "SELECT count(DISTINCT read) > 30 AND bool_and(n > 0) FROM (SELECT read, count(*) n FROM snap WHERE label = 'before' GROUP BY read) r WHERE read !~ '^verify'")"
+
+pg_dump -Fc -d $A -f "$work/a10.dump" 2>"$work/dump10.log" || diag <"$work/dump10.log"
 
 s=$(ms)
 q $A -c "ALTER EXTENSION billing UPDATE" >"$work/update_a.log" 2>&1
@@ -333,10 +343,21 @@ check "after the update, verify_audit_log() returns nothing" "" \
 check "after the update, every audit row of before is there byte for byte (hashes too)" "" \
     "$(q $CHECK -F ' ' -c "SELECT side, data FROM diff('before', 'after', false, '{}', '{}') WHERE read = 'table billing.audit_log' AND side = 'only in before' LIMIT 5")"
 
-run "history, part 2 (March to May 2026), fed to the updated database" $A test/upgrade/history_2.sql
-run "history, part 2, fed to the fresh install" $B test/upgrade/history_2.sql
-snapshot $A updated || { diag <"$work/updated.err"; }
-snapshot $B fresh || { diag <"$work/fresh.err"; }
+# a dump taken on 1.0 restores into the current version (CREATE EXTENSION
+# installs the current version; 1.0's rows load into it)
+recreate $D
+pg_restore --exit-on-error -d $D "$work/a10.dump" >"$work/restore10.log" 2>&1
+check "a pg_dump taken on 1.0 restores into a database of version $default_version" "0|$default_version" \
+    "$?|$(q $D -c "SELECT extversion FROM pg_extension WHERE extname = 'billing'")"
+[ -s "$work/restore10.log" ] && diag <"$work/restore10.log"
+snapshot $D restored-1.0 || { diag <"$work/restored-1.0.err"; }
+compare "restored into $default_version, the 1.0 dump reads as 1.0 did (every read, every table but the usage store; new columns aside)" \
+    before restored-1.0 true "" "$STORE_READS"
+
+run_both test/upgrade/history_2.sql \
+    "history, part 2 (March to May 2026), fed to the updated database" \
+    "history, part 2, fed to the fresh install"
+snapshots $A updated $B fresh
 compare "the updated database, fed the rest of the history, reads as a fresh $default_version install fed all of it (usage, previews, remaining, invoices, lines, adjustments, reconcile, rerate; wall-clock columns aside)" \
     updated fresh false "$CLOCK_KEYS" "$STORE_READS|table billing.audit_heads|table billing.audit_log"
 check "after the rest of the history, verify_audit_log() and verify_invoices() return nothing in both" \
