@@ -8,6 +8,8 @@
 #   make check-valgrind   the core paths in one backend under valgrind memcheck
 #   make check-upgrade    build, install and run the schema check of the upgrade
 #                         (1.0 + ALTER EXTENSION UPDATE against a fresh install)
+#   make dist             billing-<version>.zip for PGXN: git archive of HEAD
+#                         (prefix billing-<version>/) plus the assembled script
 
 EXTENSION  = billing
 EXTVERSION = $(shell sed -n "s/^default_version[[:space:]]*=[[:space:]]*'\([^']*\)'.*/\1/p" billing.control)
@@ -24,7 +26,7 @@ OBJS       = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 EXTSQL     = sql/$(EXTENSION)--$(EXTVERSION).sql
 DATA       = $(EXTSQL) $(filter-out $(EXTSQL),$(wildcard sql/$(EXTENSION)--*.sql))
 DOCS       = doc/billing.md
-EXTRA_CLEAN = $(EXTSQL) results regression.diffs regression.out
+EXTRA_CLEAN = $(EXTSQL) results regression.diffs regression.out $(DISTNAME).zip .dist
 
 TESTS      = $(filter-out setup,$(sort $(basename $(notdir $(filter-out sql/$(EXTENSION)--%,$(wildcard sql/*.sql))))))
 REGRESS    = setup $(TESTS)
@@ -46,6 +48,23 @@ $(EXTSQL): $(sort $(wildcard sql/install/*.sql)) billing.control
 	@{ printf '%s\n' '-- $@: assembled by make from the parts in sql/install; edit those.'; \
 	   printf '%s\n' '\echo Use "CREATE EXTENSION $(EXTENSION)" to load this file. \quit'; \
 	   for f in $(sort $(wildcard sql/install/*.sql)); do echo; echo "-- ---- $$f ----"; cat $$f; done; } > $@
+
+# The PGXN distribution: the version is META.json's (test/dist/run.sh checks
+# it is billing.control's default_version as major.minor.0).  The archive is
+# the last commit (git archive HEAD), plus the install script of the current
+# version assembled from HEAD's sql/install parts (it is not in git).
+DISTVERSION = $(shell perl -MJSON::PP -e 'local $$/; open my $$f, "<", "META.json" or die; print JSON::PP->new->decode(<$$f>)->{version}')
+DISTNAME   = $(EXTENSION)-$(DISTVERSION)
+
+.PHONY: dist
+dist:
+	rm -rf .dist $(DISTNAME).zip && mkdir .dist
+	git archive HEAD | tar -x -C .dist
+	$(MAKE) -s -C .dist $(EXTSQL) PG_CONFIG=$(PG_CONFIG)
+	git archive --format=zip --prefix=$(DISTNAME)/sql/ --add-file=.dist/$(EXTSQL) \
+	    --prefix=$(DISTNAME)/ -o $(DISTNAME).zip HEAD
+	rm -rf .dist
+	@echo "$(DISTNAME).zip"
 
 .PHONY: test demo bench bench-citus check-valgrind check-upgrade
 test:

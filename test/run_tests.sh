@@ -94,7 +94,17 @@ bad=$(grep -Ec '^not ok [0-9]+' "$out/upgrade.log")
 if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
 passed=$((passed + ok)); failed=$((failed + bad))
 
-# 7. faults (kills and restarts the cluster, so it runs last): one per check.
+# 7. the PGXN distribution: META.json, make dist, the archive builds and installs.
+echo "== dist"
+bash test/dist/run.sh >"$out/dist.log" 2>&1
+rc=$?
+cat "$out/dist.log"
+ok=$(grep -Ec '^ok [0-9]+' "$out/dist.log")
+bad=$(grep -Ec '^not ok [0-9]+' "$out/dist.log")
+if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
+passed=$((passed + ok)); failed=$((failed + bad))
+
+# 8. faults (kills and restarts the cluster, so it runs last): one per check.
 echo "== fault tests"
 CLUSTER_DIR="$CLUSTER_DIR" bash test/fault/run.sh >"$out/fault.log" 2>&1
 rc=$?
