@@ -5,6 +5,9 @@
 -- script).  The upgrade test (test/upgrade/run.sh) installs the frozen
 -- sql/billing--1.0.sql, feeds it a history, runs ALTER EXTENSION billing
 -- UPDATE and compares the catalog and the data with a fresh 1.1 install.
+-- After writing a section, run `make check-upgrade` (or, against a running
+-- cluster, `bash test/upgrade/run.sh --schema`): it prints every difference
+-- between 1.0 + this script and a fresh install, object by object.
 \echo Use "ALTER EXTENSION billing UPDATE TO '1.1'" to load this file. \quit
 
 -- ---- issue 13, defect 1: verify_invoices rates lines on its own -------------------------
