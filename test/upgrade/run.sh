@@ -48,6 +48,11 @@ cd "$(dirname "$0")/../.."
 . test/lib.sh
 
 STORE_READS='table billing.usage_buckets|table billing.usage_deltas|table billing.usage_hourly|table billing.usage_daily|sequence billing.usage_seq'
+# Reads that a fix of the new version changes on purpose for this history
+# ('|'-separated read names as the TAP lines give them, e.g. 'remaining',
+# each with its issue in a comment): they are not compared before and after
+# the update, only between the updated database and a fresh install.
+CHANGED_READS=''
 # wall-clock columns, and the audit hashes made from them
 CLOCK_KEYS='finalized_at|created_at|corrected_at|applied_at|expires_at|at|prev_hash|hash'
 # sha256 of the frozen 1.0 install script: it never changes
@@ -301,7 +306,9 @@ run_both test/upgrade/history_1.sql \
     "history, part 1 (January to March 2026), fed to 1.0 through its public API" \
     "history, part 1, fed to a fresh $default_version install"
 # what the 1.0 database holds before the update (1.0's own tables: they
-# never change, so this reads them directly)
+# never change, so this reads them directly).  Nothing may compact the
+# database meanwhile: a maintenance worker that runs compact_usage() in every
+# database would leave no usage uncompacted at the update.
 check "before the update: usage compacted and not, kept and dropped metered rows, all ingest paths, invoices with carried and pending adjustments, a correction, audit rows in the catalog chain and account chains" \
     "t|t|t|t|t|t|t|t|t|t" "$(q $A <<'SQL'
 SELECT (SELECT count(*) FROM billing.usage_buckets) > 1000,
@@ -333,7 +340,8 @@ check "it is at version $default_version" "$default_version" \
 
 snapshot $A after || { diag <"$work/after.err"; }
 # one line per read: each gives what it gave before the update
-skip="$STORE_READS|table billing.audit_heads|table billing.audit_log"
+skip="$STORE_READS|table billing.audit_heads|table billing.audit_log${CHANGED_READS:+|$CHANGED_READS}"
+[ -n "$CHANGED_READS" ] && echo "# changed on purpose by this version, not compared with 1.0: $CHANGED_READS"
 q $CHECK -F "$TAB" >"$work/upd.diff" <<SQL
 SELECT read, side, data FROM diff('before', 'after', true, '{}', string_to_array('$skip', '|'))
 SQL
@@ -361,7 +369,7 @@ check "a pg_dump taken on 1.0 restores into a database of version $default_versi
 [ -s "$work/restore10.log" ] && diag <"$work/restore10.log"
 snapshot $D restored-1.0 || { diag <"$work/restored-1.0.err"; }
 compare "restored into $default_version, the 1.0 dump reads as 1.0 did (every read, every table but the usage store; new columns aside)" \
-    before restored-1.0 true "" "$STORE_READS"
+    before restored-1.0 true "" "$STORE_READS${CHANGED_READS:+|$CHANGED_READS}"
 
 run_both test/upgrade/history_2.sql \
     "history, part 2 (March to May 2026), fed to the updated database" \
