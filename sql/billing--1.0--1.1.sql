@@ -7,7 +7,16 @@
 -- UPDATE and compares the catalog and the data with a fresh 1.1 install.
 -- After writing a section, run `make check-upgrade` (or, against a running
 -- cluster, `bash test/upgrade/run.sh --schema`): it prints every difference
--- between 1.0 + this script and a fresh install, object by object.
+-- between 1.0 + this script and a fresh install, object by object.  What it
+-- usually finds:
+--   - a new function is executable by PUBLIC (the fresh install revokes
+--     that in 99_roles.sql): REVOKE it here and GRANT what 99_roles grants;
+--   - CREATE OR REPLACE FUNCTION resets SECURITY DEFINER and SET clauses
+--     to what the statement says: repeat the ALTER FUNCTION of 99_roles;
+--   - ALTER TABLE ADD COLUMN puts the column last: put it last in the
+--     CREATE TABLE of sql/install too (column order is compared);
+--   - a new table or sequence needs its pg_extension_config_dump, its
+--     grants and its COMMENT here as in the fresh install.
 \echo Use "ALTER EXTENSION billing UPDATE TO '1.1'" to load this file. \quit
 
 -- ---- issue 13, defect 1: verify_invoices rates lines on its own -------------------------
