@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make test: install what is missing, build with -Werror, install, start a
-# throwaway cluster, run pg_regress, the isolation specs and pgTAP, stop the
+# throwaway cluster, run pg_regress, the isolation specs, pgTAP, the Citus,
+# maintenance worker, pg_dump and fault sections, stop the
 # cluster, and print one closing line "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,7 +72,17 @@ bad=$(grep -Ec '^not ok [0-9]+' "$out/citus.log")
 if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
 passed=$((passed + ok)); failed=$((failed + bad))
 
-# 5. pg_dump round trip: one pass or fail.  6. faults (kills and restarts the
+# 5. the maintenance worker, on a cluster of its own (interval 1s).
+echo "== maintenance worker"
+bash test/worker/run.sh >"$out/worker.log" 2>&1
+rc=$?
+grep -vE '^ok [0-9]+' "$out/worker.log"
+ok=$(grep -Ec '^ok [0-9]+' "$out/worker.log")
+bad=$(grep -Ec '^not ok [0-9]+' "$out/worker.log")
+if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
+passed=$((passed + ok)); failed=$((failed + bad))
+
+# 6. pg_dump round trip: one pass or fail.  7. faults (kills and restarts the
 # cluster, so it runs last): one per check.
 echo "== pg_dump round trip"
 bash test/dump/run.sh >"$out/dump.log" 2>&1
