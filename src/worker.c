@@ -54,9 +54,11 @@
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/pg_database.h"
+#include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "commands/defrem.h"
+#include "commands/extension.h"
 #include "common/int.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -68,6 +70,7 @@
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/lmgr.h"
 #include "storage/lwlock.h"
 #include "storage/proc.h"
 #include "storage/shmem.h"
@@ -889,7 +892,8 @@ set_status(MaintJob job, MaintResult result, TimestampTz started,
 		js->started = started;
 	else if (result == RESULT_OK || result == RESULT_ERROR)
 	{
-		js->duration_us = GetCurrentTimestamp() - js->started;
+		js->started = started;
+		js->duration_us = GetCurrentTimestamp() - started;
 		js->has_value = has_value;
 		js->value = value;
 		js->runs++;
@@ -914,58 +918,76 @@ set_status(MaintJob job, MaintResult result, TimestampTz started,
  *		Run one job in a transaction of its own.  An error is logged (with a
  *		context line naming the job), rolled back and recorded; the worker
  *		goes on.  On Citus, billing._maintenance_runs_here(job) decides
- *		whether this node runs it.
+ *		whether this node runs it.  Returns false, having run nothing, when
+ *		the extension is gone.
  */
-static void
+static bool
 run_job(MaintJob job)
 {
 	TimestampTz started = GetCurrentTimestamp();
+	volatile bool gone = false;
 	volatile bool skipped = false;
 	volatile bool has_value = false;
 	volatile int64 value = 0;
 	ErrorData  *edata = NULL;
 	ErrorContextCallback errcb;
 
-	set_status(job, RESULT_RUNNING, started, false, 0, NULL);
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	errcb.callback = job_error_context;
+	errcb.arg = (void *) job_names[job];
+	errcb.previous = error_context_stack;
 	PG_TRY();
 	{
+		Oid			extoid;
 		bool		isnull;
 		Datum		d;
 
-		errcb.callback = job_error_context;
-		errcb.arg = (void *) job_names[job];
-		errcb.previous = error_context_stack;
 		error_context_stack = &errcb;
 
-		SPI_connect();
-		PushActiveSnapshot(GetTransactionSnapshot());
-		pgstat_report_activity(STATE_RUNNING, job_sql[job]);
-		if (has_gate)
+		/*
+		 * Hold the extension for the run: DROP EXTENSION waits for it, and
+		 * a run that waited for DROP EXTENSION finds it gone.
+		 */
+		extoid = get_extension_oid("billing", true);
+		if (OidIsValid(extoid))
 		{
-			Oid			argtypes[1] = {TEXTOID};
-			Datum		args[1];
+			LockDatabaseObject(ExtensionRelationId, extoid, 0, AccessShareLock);
+			if (get_extension_oid("billing", true) != extoid)
+				extoid = InvalidOid;
+		}
+		gone = !OidIsValid(extoid);
+		if (!gone)
+		{
+			set_status(job, RESULT_RUNNING, started, false, 0, NULL);
+			SPI_connect();
+			PushActiveSnapshot(GetTransactionSnapshot());
+			pgstat_report_activity(STATE_RUNNING, job_sql[job]);
+			if (has_gate)
+			{
+				Oid			argtypes[1] = {TEXTOID};
+				Datum		args[1];
 
-			args[0] = CStringGetTextDatum(job_names[job]);
-			if (SPI_execute_with_args("SELECT billing._maintenance_runs_here($1)",
-									  1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT ||
-				SPI_processed != 1)
-				elog(ERROR, "billing._maintenance_runs_here returned no row");
-			d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-			skipped = isnull || !DatumGetBool(d);
+				args[0] = CStringGetTextDatum(job_names[job]);
+				if (SPI_execute_with_args("SELECT billing._maintenance_runs_here($1)",
+										  1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT ||
+					SPI_processed != 1)
+					elog(ERROR, "billing._maintenance_runs_here returned no row");
+				d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+				skipped = isnull || !DatumGetBool(d);
+			}
+			if (!skipped)
+			{
+				if (SPI_execute(job_sql[job], false, 1) != SPI_OK_SELECT ||
+					SPI_processed != 1)
+					elog(ERROR, "billing maintenance job %s returned no row", job_names[job]);
+				d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+				has_value = !isnull;
+				value = isnull ? 0 : DatumGetInt64(d);
+			}
+			SPI_finish();
+			PopActiveSnapshot();
 		}
-		if (!skipped)
-		{
-			if (SPI_execute(job_sql[job], false, 1) != SPI_OK_SELECT ||
-				SPI_processed != 1)
-				elog(ERROR, "billing maintenance job %s returned no row", job_names[job]);
-			d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-			has_value = !isnull;
-			value = isnull ? 0 : DatumGetInt64(d);
-		}
-		SPI_finish();
-		PopActiveSnapshot();
 		error_context_stack = errcb.previous;
 		CommitTransactionCommand();
 	}
@@ -987,10 +1009,13 @@ run_job(MaintJob job)
 		set_status(job, RESULT_ERROR, started, false, 0, edata);
 		FreeErrorData(edata);
 	}
+	else if (gone)
+		return false;
 	else if (skipped)
 		set_status(job, RESULT_SKIPPED, started, false, 0, NULL);
 	else
 		set_status(job, RESULT_OK, started, has_value, value, NULL);
+	return true;
 }
 
 /*
@@ -1013,7 +1038,8 @@ run_jobs(void)
 			set_status(j, RESULT_OFF, 0, false, 0, NULL);
 			continue;
 		}
-		run_job((MaintJob) j);
+		if (!run_job((MaintJob) j))
+			break;				/* DROP EXTENSION; the next check exits */
 	}
 	MemoryContextReset(worker_cxt);
 }
