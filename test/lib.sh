@@ -43,14 +43,17 @@ build_install() {
 # start_cluster: initdb and start a private cluster; sets PGHOST, PGPORT,
 # PGUSER and CLUSTER_DIR.  Extra server settings come from CLUSTER_OPTS.
 #
-# The cluster preloads billing, so its maintenance worker runs (the launcher
-# starts at once).  Its interval is MAINTENANCE_INTERVAL, by default 1h: the
-# suites of make test count compaction results, expired event ids and delta
-# rows, and a worker compacting or purging between two of their statements
-# would change what they see.  With 1h a database's first run comes an hour
-# after its worker starts, long after any suite ends, while the launcher, the
-# per-database workers, the shared state and the hook on DROP DATABASE are all
-# live.  test/worker/run.sh tests the worker itself on a cluster of its own
+# The cluster preloads billing, so the maintenance worker is on: its
+# launcher starts with the server, its shared state and its hook on DROP
+# DATABASE are live in every backend.  billing.maintenance_interval is
+# MAINTENANCE_INTERVAL, by default 1h, set for the whole cluster: the suites
+# count compaction results, delta rows and expired event ids, and a worker
+# compacting or purging between two of their statements would change what
+# they see.  With 1h the launcher's next pass over the databases (the first
+# is at server start, before the suites create theirs) and a worker's first
+# run (an interval after it starts, e.g. in the databases that exist when
+# the fault tests restart the server) both come long after make test ends.
+# test/worker/run.sh tests the worker itself on a cluster of its own
 # (MAINTENANCE_INTERVAL=1s).  CLUSTER_PRELOAD='' starts a cluster without it.
 start_cluster() {
     CLUSTER_DIR=$(mktemp -d /tmp/billing-cluster.XXXXXX)
