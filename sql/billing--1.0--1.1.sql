@@ -184,3 +184,45 @@ BEGIN
     RETURN lo;
 END
 $$;
+
+-- ---- issue 16 part 4: the maintenance worker (sql/install/80_maintenance.sql) ----
+
+CREATE FUNCTION billing._maintenance_status()
+    RETURNS TABLE (job text, worker_pid integer, next_run timestamptz, last_run timestamptz,
+                   last_duration interval, last_result text, last_value bigint,
+                   last_error text, last_success timestamptz, runs bigint, failures bigint)
+    AS 'MODULE_PATHNAME', 'billing_maintenance_status'
+    LANGUAGE C VOLATILE STRICT ROWS 3;
+COMMENT ON FUNCTION billing._maintenance_status() IS
+    'Internal: what the maintenance worker of this database last did, per job (read through billing.maintenance_status)';
+
+CREATE VIEW billing.maintenance_status AS
+    SELECT s.job, s.worker_pid, s.next_run, s.last_run, s.last_duration, s.last_result,
+           s.last_value, s.last_error, s.last_success, s.runs, s.failures
+      FROM billing._maintenance_status() s;
+COMMENT ON VIEW billing.maintenance_status IS
+    'One row per maintenance job (compact_usage, purge_dedupe, finalize_invoices): the worker of this database, its next run, and the last run''s start, duration, result (ok, error, running, skipped, off), returned value and error; since the server started';
+
+CREATE FUNCTION billing._maintenance_runs_here(job text) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    grp integer;
+BEGIN
+    IF billing._citus_table_kind('billing.usage_deltas') IS NULL THEN
+        RETURN true;
+    END IF;
+    EXECUTE 'SELECT groupid FROM pg_catalog.pg_dist_local_group' INTO grp;
+    RETURN grp = 0;
+END
+$$;
+COMMENT ON FUNCTION billing._maintenance_runs_here(text) IS
+    'Internal: whether the maintenance worker of this node runs job (on Citus: the coordinator only)';
+
+-- the grants 99_roles.sql gives a fresh install: internal read-only helpers
+-- and every view to billing_reader, nothing to PUBLIC
+REVOKE ALL ON FUNCTION billing._maintenance_status() FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing._maintenance_runs_here(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._maintenance_status(), billing._maintenance_runs_here(text)
+    TO billing_reader;
+GRANT SELECT ON billing.maintenance_status TO billing_reader;

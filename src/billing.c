@@ -2,7 +2,8 @@
  * billing.c
  *		Module entry point of the billing extension: registers the GUCs
  *		(billing.rounding, billing.grace_period), reserves the "billing."
- *		prefix and initializes the other modules.
+ *		prefix and initializes the other modules (worker.c defines the
+ *		maintenance worker's GUCs and, when preloaded, registers it).
  */
 #include "postgres.h"
 
@@ -69,6 +70,8 @@ _PG_init(void)
 							PGC_USERSET,
 							GUC_UNIT_S,
 							NULL, NULL, NULL);
+
+	billing_worker_init();
 
 	MarkGUCPrefixReserved("billing");
 

@@ -29,4 +29,8 @@ extern int	array_elems(ArrayType *a, Oid type, int len, bool byval, char align,
 						Datum **elems, bool **nulls, int expect, const char *name,
 						bool nulls_ok);
 
+/* worker.c */
+extern void billing_worker_init(void);
+extern bool billing_parse_duration(const char *value, int64 *usecs);
+
 #endif							/* BILLING_H */

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make test: install what is missing, build with -Werror, install, start a
-# throwaway cluster, run pg_regress, the isolation specs and pgTAP, stop the
+# throwaway cluster, run pg_regress, the isolation specs, pgTAP, the Citus,
+# maintenance worker, pg_dump and fault sections, stop the
 # cluster, and print one closing line "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -77,13 +78,23 @@ bad=$(grep -Ec '^not ok [0-9]+' "$out/citus.log")
 if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
 passed=$((passed + ok)); failed=$((failed + bad))
 
-# 5. pg_dump round trip: one pass or fail.
+# 5. the maintenance worker, on a cluster of its own (interval 1s).
+echo "== maintenance worker"
+bash test/worker/run.sh >"$out/worker.log" 2>&1
+rc=$?
+grep -vE '^ok [0-9]+' "$out/worker.log"
+ok=$(grep -Ec '^ok [0-9]+' "$out/worker.log")
+bad=$(grep -Ec '^not ok [0-9]+' "$out/worker.log")
+if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
+passed=$((passed + ok)); failed=$((failed + bad))
+
+# 6. pg_dump round trip: one pass or fail.
 echo "== pg_dump round trip"
 bash test/dump/run.sh >"$out/dump.log" 2>&1
 rc=$?
 cat "$out/dump.log"
 if [ $rc -eq 0 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
-# 6. the upgrade: 1.0 from the frozen script + ALTER EXTENSION UPDATE against
+# 7. the upgrade: 1.0 from the frozen script + ALTER EXTENSION UPDATE against
 # a fresh install, catalog (the schema check) and data; one line per check.
 echo "== upgrade"
 bash test/upgrade/run.sh >"$out/upgrade.log" 2>&1
@@ -94,7 +105,7 @@ bad=$(grep -Ec '^not ok [0-9]+' "$out/upgrade.log")
 if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
 passed=$((passed + ok)); failed=$((failed + bad))
 
-# 7. the PGXN distribution: META.json, make dist, the archive builds and installs.
+# 8. the PGXN distribution: META.json, make dist, the archive builds and installs.
 echo "== dist"
 bash test/dist/run.sh >"$out/dist.log" 2>&1
 rc=$?
@@ -104,7 +115,7 @@ bad=$(grep -Ec '^not ok [0-9]+' "$out/dist.log")
 if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
 passed=$((passed + ok)); failed=$((failed + bad))
 
-# 8. faults (kills and restarts the cluster, so it runs last): one per check.
+# 9. faults (kills and restarts the cluster, so it runs last): one per check.
 echo "== fault tests"
 CLUSTER_DIR="$CLUSTER_DIR" bash test/fault/run.sh >"$out/fault.log" 2>&1
 rc=$?

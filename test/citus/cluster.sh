@@ -1,6 +1,9 @@
 # Shell functions for a loopback Citus cluster: a coordinator and N workers
 # on 127.0.0.1, each a throwaway data directory, run as the "postgres" OS
-# user (through runuser when root).  Source after test/lib.sh.
+# user (through runuser when root).  Source after test/lib.sh.  Every node
+# preloads citus (first, as it requires) and billing, whose maintenance
+# worker runs on every node with the interval of start_cluster (1h unless
+# MAINTENANCE_INTERVAL says otherwise; see test/lib.sh).
 #
 #   citus_start N     start a coordinator and N workers; sets CITUS_DIR,
 #                     CITUS_COORD_PORT and CITUS_WORKER_PORTS
@@ -21,7 +24,8 @@ citus_node() {
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$CITUS_DIR/sock'
 port = $port
-shared_preload_libraries = 'citus'
+shared_preload_libraries = 'citus,billing'
+billing.maintenance_interval = '${MAINTENANCE_INTERVAL:-1h}'
 max_connections = 100
 max_prepared_transactions = 100
 fsync = off

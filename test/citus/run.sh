@@ -132,6 +132,15 @@ check "the shells of usage_deltas and dedupe_keys stay empty on every node ($r,$
     test "$r" = 0 -a "$w" = "0,0"
 r=$(cq "SELECT count(*) FROM pg_dist_object WHERE distribution_argument_index IS NOT NULL")
 check "per-account functions run on the account's node ($r registered)" [ "$r" -ge 6 ]
+# the maintenance worker: on every node; the jobs run from the coordinator
+r=$(cq "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'billing maintenance launcher'")
+w=$(cq "SELECT string_agg(result, ',') FROM run_command_on_workers(
+          \$\$SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'billing maintenance launcher'\$\$)")
+check "every node runs the maintenance launcher ($r,$w)" test "$r" = 1 -a "$w" = "1,1"
+r=$(cq "SELECT billing._maintenance_runs_here('compact_usage')")
+w=$(cq "SELECT string_agg(result, ',') FROM run_command_on_workers(
+          \$\$SELECT billing._maintenance_runs_here('compact_usage')\$\$)")
+check "maintenance jobs run on the coordinator, the workers skip them ($r,$w)" test "$r" = t -a "$w" = "f,f"
 r=$(cq "SELECT billing.record(42, 'error', 1, now(), 'pushed-down')")
 check "record() pushed down to the worker of account 42 counts" [ "$r" = t ]
 
