@@ -226,3 +226,246 @@ REVOKE ALL ON FUNCTION billing._maintenance_runs_here(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION billing._maintenance_status(), billing._maintenance_runs_here(text)
     TO billing_reader;
 GRANT SELECT ON billing.maintenance_status TO billing_reader;
+
+-- ---- issue 13, defect 3: no setting a session can change skips a guard ----
+-- 1.0 skipped the guards of meters, plans and charges when application_name
+-- looked like a Citus task (billing._in_citus_task), which any session can
+-- SET.  The guards now always run; on Citus each node's copy of a reference
+-- table checks the rows of its own node (billing._exists_here).
+/*
+ * _exists_here: does a row of tbl that this node holds satisfy cond?  cond
+ * is a condition over the row (alias x) with one parameter, $1 (val),
+ * written by the guards below, never taken from a user.  The rows this
+ * node holds: those of tbl itself, unless Citus distributes tbl, then those
+ * of the placements of its shards on this node, found in Citus's catalog
+ * (pg_dist_shard, pg_dist_placement, pg_dist_local_group), which no setting
+ * of a session changes.
+ *
+ * The guards of reference tables (meters, plans, charges) need rows of
+ * distributed tables.  Citus changes every node's copy of a reference
+ * table in one distributed transaction and fires the guard on each copy:
+ * each copy checks the rows its node holds, reading its shards directly
+ * (a trigger on a shard may not start a distributed query), and together
+ * the copies check every row, whichever node the statement came from.  No
+ * guard is skipped anywhere: on one node, the one copy checks every row.
+ */
+CREATE FUNCTION billing._exists_here(tbl regclass, cond text, val anyelement) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    rels regclass[] := ARRAY[tbl];
+    found boolean;
+BEGIN
+    IF billing._citus_table_kind(tbl) = 'distributed' THEN
+        EXECUTE $q$
+            SELECT coalesce(array_agg(shard_name(s.logicalrelid, s.shardid)::regclass
+                                      ORDER BY s.shardid), '{}')
+              FROM pg_dist_shard s JOIN pg_dist_placement p ON p.shardid = s.shardid
+             WHERE s.logicalrelid = $1
+               AND p.groupid = (SELECT l.groupid FROM pg_dist_local_group l)
+            $q$ INTO rels USING tbl;
+        IF cardinality(rels) = 0 THEN
+            RETURN false;
+        END IF;
+    END IF;
+    EXECUTE format('SELECT EXISTS (%s)',
+                   (SELECT string_agg(format('SELECT 1 FROM %s x WHERE %s', r, cond), ' UNION ALL ')
+                      FROM unnest(rels) r))
+       INTO found USING val;
+    RETURN found;
+END
+$$;
+COMMENT ON FUNCTION billing._exists_here(regclass, text, anyelement) IS
+    'Internal: whether a row of tbl held by this node (its shards on this node, on Citus) satisfies cond (alias x, parameter $1)';
+REVOKE ALL ON FUNCTION billing._exists_here(regclass, text, anyelement) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._exists_here(regclass, text, anyelement) TO billing_reader;
+
+CREATE OR REPLACE FUNCTION billing._meters_guard() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF (TG_OP = 'DELETE' OR NEW.aggregation IS DISTINCT FROM OLD.aggregation
+        OR NEW.bucket_width IS DISTINCT FROM OLD.bucket_width
+        OR NEW.meter IS DISTINCT FROM OLD.meter)
+       AND (billing._exists_here('billing.usage_buckets', 'x.meter = $1', OLD.meter::text)
+            OR billing._exists_here('billing.usage_deltas',
+                   'EXISTS (SELECT 1 FROM billing._delta_cells(x.cells) c WHERE c.meter = $1)',
+                   OLD.meter::text)) THEN
+        RAISE EXCEPTION 'meter "%" has usage', OLD.meter
+            USING ERRCODE = '55000',
+                  DETAIL = 'Its name, aggregation and bucket width cannot change, nor can it be deleted, once usage was counted.',
+                  HINT = 'Create a new meter instead.';
+    END IF;
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION billing._meters_truncate_guard() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF billing._exists_here('billing.usage_buckets', 'true', NULL::text)
+       OR billing._exists_here('billing.usage_deltas', 'true', NULL::text) THEN
+        RAISE EXCEPTION 'meters have usage'
+            USING ERRCODE = '55000',
+                  DETAIL = 'billing.meters cannot be truncated once usage was counted.';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION billing._charges_guard() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    -- on Citus each node's copy checks the lines of that node (_exists_here)
+    IF billing._exists_here('billing.invoice_lines', 'x.charge_id = $1', OLD.charge_id) THEN
+        RAISE EXCEPTION 'charge version % rated a finalized invoice', OLD.charge_id
+            USING ERRCODE = '55000',
+                  HINT = 'Insert a new version with a later (or, to re-rate the past, an earlier) valid_from.';
+    END IF;
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION billing._plans_check() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    -- on Citus each node's copy checks the subscriptions of that node (_exists_here)
+    IF (NEW.currency IS DISTINCT FROM OLD.currency OR NEW.period IS DISTINCT FROM OLD.period)
+       AND billing._exists_here('billing.subscriptions', 'x.plan = $1', OLD.plan::text) THEN
+        RAISE EXCEPTION 'plan "%" has subscriptions', OLD.plan
+            USING ERRCODE = '55000',
+                  DETAIL = 'Its currency and period cannot change; create a new plan instead.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+DROP FUNCTION billing._in_citus_task();
+
+-- ---- issue 13, defect 5: one _rerate_diff for one node and for Citus ----
+-- _rerate_diff_citus had drifted from _rerate_diff (a usage line missing on
+-- one side had a NULL quantity in adjustments where one node wrote 0); one
+-- body now serves both.
+/*
+ * _rerate_diff: for each finalized invoice overlapping [from_ts, to_ts) (of
+ * one account or all), what its lines should be today, what was billed
+ * (the line plus the adjustments already recorded for it), and the
+ * difference.  Lines are matched by kind and meter (usage), description
+ * (fixed fees) or kind alone (the spend cap); a usage line missing on one
+ * side counts 0 units there.
+ *
+ * One body for one node and for Citus (1.0 had a Citus twin, which
+ * drifted): each step is its own statement, and the statements that rate
+ * (_rate_periods, which reads distributed tables itself) and compare read
+ * no table, as Citus requires.  The steps pass arrays, element k of each
+ * describing line or invoice k.
+ */
+CREATE OR REPLACE FUNCTION billing._rerate_diff(from_ts timestamptz, to_ts timestamptz, p_account bigint)
+    RETURNS TABLE (account_id bigint, invoice_id bigint, line_kind text, meter text,
+                   description text, billed_quantity numeric, billed_amount numeric,
+                   correct_quantity numeric, correct_amount numeric, delta numeric)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+#variable_conflict use_column
+DECLARE
+    inv record;     -- the invoices, and today's bounds of the periods still covered
+    cor record;     -- today's lines
+    bil record;     -- the lines billed
+    adj record;     -- the adjustments made since
+BEGIN
+    -- 1. the invoices; a period the subscription no longer covers bills nothing
+    SELECT array_agg(x.account_id ORDER BY x.account_id, x.invoice_id) AS accounts,
+           array_agg(x.invoice_id ORDER BY x.account_id, x.invoice_id) AS invoices,
+           array_agg(x.account_id ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_accounts,
+           array_agg(x.invoice_id ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_invoices,
+           array_agg(x.plan ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_plans,
+           array_agg(x.currency ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_currencies,
+           array_agg(x.spend_cap ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_caps,
+           array_agg(x.period_start ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_starts,
+           array_agg(x.pe ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_ends
+      INTO inv
+      FROM (SELECT i.account_id, i.invoice_id, i.plan, i.currency, i.period_start, s.spend_cap,
+                   s.starts_at IS NOT NULL AS covered,
+                   LEAST(billing._add_periods(s.starts_at, p.period,
+                             billing._period_index(s.starts_at, p.period, i.period_start) + 1),
+                         s.ends_at) AS pe
+              FROM billing.invoices i
+                   JOIN billing.plans p ON p.plan = i.plan
+                   LEFT JOIN billing.subscriptions s
+                          ON s.account_id = i.account_id AND s.plan = i.plan
+                         AND s.starts_at <= i.period_start
+                         AND i.period_start < coalesce(s.ends_at, 'infinity')
+             WHERE i.status = 'finalized'
+               AND i.period_start < to_ts AND i.period_end > from_ts
+               AND (p_account IS NULL OR i.account_id = p_account)) x;
+    IF inv.accounts IS NULL THEN
+        RETURN;
+    END IF;
+    -- 2. today's lines, all periods in one set-based rating
+    SELECT array_agg(r.idx ORDER BY r.idx, r.ord) AS ks, array_agg(r.kind ORDER BY r.idx, r.ord) AS kinds,
+           array_agg(r.meter ORDER BY r.idx, r.ord) AS meters,
+           array_agg(r.description ORDER BY r.idx, r.ord) AS descriptions,
+           array_agg(r.quantity ORDER BY r.idx, r.ord) AS quantities,
+           array_agg(r.amount ORDER BY r.idx, r.ord) AS amounts
+      INTO cor
+      FROM billing._rate_periods(inv.c_accounts, inv.c_plans, inv.c_currencies, inv.c_caps,
+                                 inv.c_starts, inv.c_ends) r;
+    -- 3. what was billed: the lines, and the adjustments made since
+    SELECT array_agg(l.account_id) AS accounts, array_agg(l.invoice_id) AS invoices,
+           array_agg(l.kind) AS kinds, array_agg(l.meter::text) AS meters,
+           array_agg(l.description) AS descriptions, array_agg(l.quantity) AS quantities,
+           array_agg(l.amount) AS amounts
+      INTO bil
+      FROM billing.invoice_lines l
+     WHERE l.account_id = ANY (inv.accounts) AND l.invoice_id = ANY (inv.invoices)
+       AND l.kind <> 'adjustment';
+    SELECT array_agg(a.account_id) AS accounts, array_agg(a.invoice_id) AS invoices,
+           array_agg(a.line_kind) AS kinds, array_agg(a.meter::text) AS meters,
+           array_agg(a.description) AS descriptions,
+           array_agg(a.new_quantity - a.old_quantity) AS quantities, array_agg(a.delta) AS amounts
+      INTO adj
+      FROM billing.adjustments a
+     WHERE a.account_id = ANY (inv.accounts) AND a.invoice_id = ANY (inv.invoices);
+    -- 4. compare (reads no table)
+    RETURN QUERY
+    WITH correct AS (
+        SELECT inv.c_accounts[u.k] AS account_id, inv.c_invoices[u.k] AS invoice_id, u.kind,
+               u.meter, u.description, u.quantity, u.amount
+          FROM unnest(cor.ks, cor.kinds, cor.meters, cor.descriptions, cor.quantities, cor.amounts)
+                   AS u(k, kind, meter, description, quantity, amount)
+    ), billed AS (
+        SELECT * FROM unnest(bil.accounts, bil.invoices, bil.kinds, bil.meters, bil.descriptions,
+                             bil.quantities, bil.amounts)
+                          AS b(account_id, invoice_id, kind, meter, description, quantity, amount)
+        UNION ALL
+        SELECT * FROM unnest(adj.accounts, adj.invoices, adj.kinds, adj.meters, adj.descriptions,
+                             adj.quantities, adj.amounts)
+                          AS b(account_id, invoice_id, kind, meter, description, quantity, amount)
+    ), billed_sum AS (
+        SELECT b.account_id, b.invoice_id, b.kind, b.meter,
+               CASE WHEN b.kind = 'fixed' THEN b.description END AS fixed_key,
+               max(b.description) AS description,
+               sum(b.quantity) AS quantity, sum(b.amount) AS amount
+          FROM billed b
+         GROUP BY 1, 2, 3, 4, 5
+    )
+    SELECT coalesce(c.account_id, b.account_id), coalesce(c.invoice_id, b.invoice_id),
+           coalesce(c.kind, b.kind), coalesce(c.meter, b.meter),
+           coalesce(c.description, b.description),
+           -- a usage line missing on either side billed or should bill 0 units
+           CASE WHEN coalesce(c.kind, b.kind) = 'usage' THEN coalesce(b.quantity, 0) ELSE b.quantity END,
+           coalesce(b.amount, 0),
+           CASE WHEN coalesce(c.kind, b.kind) = 'usage' THEN coalesce(c.quantity, 0) ELSE c.quantity END,
+           coalesce(c.amount, 0),
+           coalesce(c.amount, 0) - coalesce(b.amount, 0)
+      FROM correct c
+           FULL JOIN billed_sum b
+                  ON b.account_id = c.account_id AND b.invoice_id = c.invoice_id
+                 AND b.kind = c.kind
+                 AND b.meter IS NOT DISTINCT FROM c.meter
+                 AND b.fixed_key IS NOT DISTINCT FROM CASE WHEN c.kind = 'fixed' THEN c.description END;
+END
+$$;
+
+DROP FUNCTION billing._rerate_diff_citus(timestamptz, timestamptz, bigint);

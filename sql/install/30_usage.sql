@@ -132,14 +132,18 @@ CREATE TRIGGER meters_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON billing.meters
     FOR EACH STATEMENT EXECUTE FUNCTION billing._meters_changed();
 
--- A meter's aggregation and bucket width cannot change once it has usage.
+-- A meter's aggregation and bucket width cannot change once it has usage
+-- (on Citus each node's copy checks the usage of that node: _exists_here).
 CREATE FUNCTION billing._meters_guard() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN IF billing._in_citus_task() THEN RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END; END IF;  -- Citus: see _in_citus_task
+BEGIN
     IF (TG_OP = 'DELETE' OR NEW.aggregation IS DISTINCT FROM OLD.aggregation
         OR NEW.bucket_width IS DISTINCT FROM OLD.bucket_width
         OR NEW.meter IS DISTINCT FROM OLD.meter)
-       AND EXISTS (SELECT 1 FROM billing.usage_cells WHERE meter = OLD.meter) THEN
+       AND (billing._exists_here('billing.usage_buckets', 'x.meter = $1', OLD.meter::text)
+            OR billing._exists_here('billing.usage_deltas',
+                   'EXISTS (SELECT 1 FROM billing._delta_cells(x.cells) c WHERE c.meter = $1)',
+                   OLD.meter::text)) THEN
         RAISE EXCEPTION 'meter "%" has usage', OLD.meter
             USING ERRCODE = '55000',
                   DETAIL = 'Its name, aggregation and bucket width cannot change, nor can it be deleted, once usage was counted.',
@@ -157,7 +161,8 @@ CREATE TRIGGER meters_guard
 CREATE FUNCTION billing._meters_truncate_guard() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM billing.usage_cells) THEN
+    IF billing._exists_here('billing.usage_buckets', 'true', NULL::text)
+       OR billing._exists_here('billing.usage_deltas', 'true', NULL::text) THEN
         RAISE EXCEPTION 'meters have usage'
             USING ERRCODE = '55000',
                   DETAIL = 'billing.meters cannot be truncated once usage was counted.';

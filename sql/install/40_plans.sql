@@ -236,9 +236,10 @@ CREATE TRIGGER subscriptions_guard BEFORE DELETE ON billing.subscriptions
 
 CREATE FUNCTION billing._plans_check() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN IF billing._in_citus_task() THEN RETURN NEW; END IF;  -- Citus: see _in_citus_task
+BEGIN
+    -- on Citus each node's copy checks the subscriptions of that node (_exists_here)
     IF (NEW.currency IS DISTINCT FROM OLD.currency OR NEW.period IS DISTINCT FROM OLD.period)
-       AND EXISTS (SELECT 1 FROM billing.subscriptions s WHERE s.plan = OLD.plan) THEN
+       AND billing._exists_here('billing.subscriptions', 'x.plan = $1', OLD.plan::text) THEN
         RAISE EXCEPTION 'plan "%" has subscriptions', OLD.plan
             USING ERRCODE = '55000',
                   DETAIL = 'Its currency and period cannot change; create a new plan instead.';

@@ -113,8 +113,9 @@ CREATE TRIGGER invoice_lines_no_truncate BEFORE TRUNCATE ON billing.invoice_line
 
 CREATE FUNCTION billing._charges_guard() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN IF billing._in_citus_task() THEN RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END; END IF;  -- Citus: see _in_citus_task
-    IF EXISTS (SELECT 1 FROM billing.invoice_lines l WHERE l.charge_id = OLD.charge_id) THEN
+BEGIN
+    -- on Citus each node's copy checks the lines of that node (_exists_here)
+    IF billing._exists_here('billing.invoice_lines', 'x.charge_id = $1', OLD.charge_id) THEN
         RAISE EXCEPTION 'charge version % rated a finalized invoice', OLD.charge_id
             USING ERRCODE = '55000',
                   HINT = 'Insert a new version with a later (or, to re-rate the past, an earlier) valid_from.';

@@ -87,7 +87,14 @@ COMMENT ON FUNCTION billing.correct_usage(bigint, text, timestamptz, numeric, te
  * one account or all), what its lines should be today, what was billed
  * (the line plus the adjustments already recorded for it), and the
  * difference.  Lines are matched by kind and meter (usage), description
- * (fixed fees) or kind alone (the spend cap).
+ * (fixed fees) or kind alone (the spend cap); a usage line missing on one
+ * side counts 0 units there.
+ *
+ * One body for one node and for Citus (1.0 had a Citus twin, which
+ * drifted): each step is its own statement, and the statements that rate
+ * (_rate_periods, which reads distributed tables itself) and compare read
+ * no table, as Citus requires.  The steps pass arrays, element k of each
+ * describing line or invoice k.
  */
 CREATE FUNCTION billing._rerate_diff(from_ts timestamptz, to_ts timestamptz, p_account bigint)
     RETURNS TABLE (account_id bigint, invoice_id bigint, line_kind text, meter text,
@@ -98,56 +105,80 @@ CREATE FUNCTION billing._rerate_diff(from_ts timestamptz, to_ts timestamptz, p_a
     -- JIT compiles these large plans for longer than they run
     SET jit = off AS $$
 #variable_conflict use_column
+DECLARE
+    inv record;     -- the invoices, and today's bounds of the periods still covered
+    cor record;     -- today's lines
+    bil record;     -- the lines billed
+    adj record;     -- the adjustments made since
 BEGIN
-    -- on Citus, a query over the invoices may not call _rate_period (it reads
-    -- distributed tables itself): the same diff, one invoice at a time
-    IF billing._citus_table_kind('billing.invoices') IS NOT NULL THEN
-        RETURN QUERY SELECT * FROM billing._rerate_diff_citus(from_ts, to_ts, p_account);
+    -- 1. the invoices; a period the subscription no longer covers bills nothing
+    SELECT array_agg(x.account_id ORDER BY x.account_id, x.invoice_id) AS accounts,
+           array_agg(x.invoice_id ORDER BY x.account_id, x.invoice_id) AS invoices,
+           array_agg(x.account_id ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_accounts,
+           array_agg(x.invoice_id ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_invoices,
+           array_agg(x.plan ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_plans,
+           array_agg(x.currency ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_currencies,
+           array_agg(x.spend_cap ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_caps,
+           array_agg(x.period_start ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_starts,
+           array_agg(x.pe ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_ends
+      INTO inv
+      FROM (SELECT i.account_id, i.invoice_id, i.plan, i.currency, i.period_start, s.spend_cap,
+                   s.starts_at IS NOT NULL AS covered,
+                   LEAST(billing._add_periods(s.starts_at, p.period,
+                             billing._period_index(s.starts_at, p.period, i.period_start) + 1),
+                         s.ends_at) AS pe
+              FROM billing.invoices i
+                   JOIN billing.plans p ON p.plan = i.plan
+                   LEFT JOIN billing.subscriptions s
+                          ON s.account_id = i.account_id AND s.plan = i.plan
+                         AND s.starts_at <= i.period_start
+                         AND i.period_start < coalesce(s.ends_at, 'infinity')
+             WHERE i.status = 'finalized'
+               AND i.period_start < to_ts AND i.period_end > from_ts
+               AND (p_account IS NULL OR i.account_id = p_account)) x;
+    IF inv.accounts IS NULL THEN
         RETURN;
     END IF;
+    -- 2. today's lines, all periods in one set-based rating
+    SELECT array_agg(r.idx ORDER BY r.idx, r.ord) AS ks, array_agg(r.kind ORDER BY r.idx, r.ord) AS kinds,
+           array_agg(r.meter ORDER BY r.idx, r.ord) AS meters,
+           array_agg(r.description ORDER BY r.idx, r.ord) AS descriptions,
+           array_agg(r.quantity ORDER BY r.idx, r.ord) AS quantities,
+           array_agg(r.amount ORDER BY r.idx, r.ord) AS amounts
+      INTO cor
+      FROM billing._rate_periods(inv.c_accounts, inv.c_plans, inv.c_currencies, inv.c_caps,
+                                 inv.c_starts, inv.c_ends) r;
+    -- 3. what was billed: the lines, and the adjustments made since
+    SELECT array_agg(l.account_id) AS accounts, array_agg(l.invoice_id) AS invoices,
+           array_agg(l.kind) AS kinds, array_agg(l.meter::text) AS meters,
+           array_agg(l.description) AS descriptions, array_agg(l.quantity) AS quantities,
+           array_agg(l.amount) AS amounts
+      INTO bil
+      FROM billing.invoice_lines l
+     WHERE l.account_id = ANY (inv.accounts) AND l.invoice_id = ANY (inv.invoices)
+       AND l.kind <> 'adjustment';
+    SELECT array_agg(a.account_id) AS accounts, array_agg(a.invoice_id) AS invoices,
+           array_agg(a.line_kind) AS kinds, array_agg(a.meter::text) AS meters,
+           array_agg(a.description) AS descriptions,
+           array_agg(a.new_quantity - a.old_quantity) AS quantities, array_agg(a.delta) AS amounts
+      INTO adj
+      FROM billing.adjustments a
+     WHERE a.account_id = ANY (inv.accounts) AND a.invoice_id = ANY (inv.invoices);
+    -- 4. compare (reads no table)
     RETURN QUERY
-    WITH inv AS (
-        SELECT i.account_id, i.invoice_id, i.plan, i.currency, i.period_start, i.period_end,
-               s.spend_cap, s.starts_at, s.ends_at, p.period
-          FROM billing.invoices i
-               JOIN billing.plans p ON p.plan = i.plan
-               LEFT JOIN billing.subscriptions s
-                      ON s.account_id = i.account_id AND s.plan = i.plan
-                     AND s.starts_at <= i.period_start
-                     AND i.period_start < coalesce(s.ends_at, 'infinity')
-         WHERE i.status = 'finalized'
-           AND i.period_start < to_ts AND i.period_end > from_ts
-           AND (p_account IS NULL OR i.account_id = p_account)
-    ), covered AS (
-        -- today's period bounds; a period the subscription no longer covers bills nothing
-        SELECT inv.*, (row_number() OVER (ORDER BY inv.account_id, inv.invoice_id))::integer AS k,
-               LEAST(billing._add_periods(inv.starts_at, inv.period,
-                         billing._period_index(inv.starts_at, inv.period, inv.period_start) + 1),
-                     inv.ends_at) AS pe
-          FROM inv
-         WHERE inv.starts_at IS NOT NULL
-    ), arrays AS (
-        SELECT array_agg(account_id ORDER BY k) AS accounts, array_agg(plan ORDER BY k) AS plans,
-               array_agg(currency ORDER BY k) AS currencies, array_agg(spend_cap ORDER BY k) AS caps,
-               array_agg(period_start ORDER BY k) AS starts, array_agg(pe ORDER BY k) AS ends
-          FROM covered
-    ), correct AS (
-        -- today's lines, all periods in one set-based rating
-        SELECT cv.account_id, cv.invoice_id, r.kind, r.meter, r.description, r.quantity, r.amount
-          FROM arrays a,
-               LATERAL billing._rate_periods(a.accounts, a.plans, a.currencies, a.caps,
-                                             a.starts, a.ends) r
-               JOIN covered cv ON cv.k = r.idx
+    WITH correct AS (
+        SELECT inv.c_accounts[u.k] AS account_id, inv.c_invoices[u.k] AS invoice_id, u.kind,
+               u.meter, u.description, u.quantity, u.amount
+          FROM unnest(cor.ks, cor.kinds, cor.meters, cor.descriptions, cor.quantities, cor.amounts)
+                   AS u(k, kind, meter, description, quantity, amount)
     ), billed AS (
-        SELECT l.account_id, l.invoice_id, l.kind, l.meter, l.description, l.quantity, l.amount
-          FROM inv JOIN billing.invoice_lines l
-                 ON l.account_id = inv.account_id AND l.invoice_id = inv.invoice_id
-         WHERE l.kind <> 'adjustment'
+        SELECT * FROM unnest(bil.accounts, bil.invoices, bil.kinds, bil.meters, bil.descriptions,
+                             bil.quantities, bil.amounts)
+                          AS b(account_id, invoice_id, kind, meter, description, quantity, amount)
         UNION ALL
-        SELECT a.account_id, a.invoice_id, a.line_kind, a.meter, a.description,
-               a.new_quantity - a.old_quantity, a.delta
-          FROM inv JOIN billing.adjustments a
-                 ON a.account_id = inv.account_id AND a.invoice_id = inv.invoice_id
+        SELECT * FROM unnest(adj.accounts, adj.invoices, adj.kinds, adj.meters, adj.descriptions,
+                             adj.quantities, adj.amounts)
+                          AS b(account_id, invoice_id, kind, meter, description, quantity, amount)
     ), billed_sum AS (
         SELECT b.account_id, b.invoice_id, b.kind, b.meter,
                CASE WHEN b.kind = 'fixed' THEN b.description END AS fixed_key,

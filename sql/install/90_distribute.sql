@@ -46,18 +46,50 @@ COMMENT ON FUNCTION billing._citus_table_kind(regclass) IS
     'Internal: how Citus holds a table (distributed, reference) or NULL when it does not';
 
 /*
- * _in_citus_task: is this backend running a statement that another Citus
- * node sent (a shard or reference placement task)?  Guards that read
- * every shard skip their check there: the node the client talks to has
- * run it already, and a task may not start distributed queries.
+ * _exists_here: does a row of tbl that this node holds satisfy cond?  cond
+ * is a condition over the row (alias x) with one parameter, $1 (val),
+ * written by the guards below, never taken from a user.  The rows this
+ * node holds: those of tbl itself, unless Citus distributes tbl, then those
+ * of the placements of its shards on this node, found in Citus's catalog
+ * (pg_dist_shard, pg_dist_placement, pg_dist_local_group), which no setting
+ * of a session changes.
+ *
+ * The guards of reference tables (meters, plans, charges) need rows of
+ * distributed tables.  Citus changes every node's copy of a reference
+ * table in one distributed transaction and fires the guard on each copy:
+ * each copy checks the rows its node holds, reading its shards directly
+ * (a trigger on a shard may not start a distributed query), and together
+ * the copies check every row, whichever node the statement came from.  No
+ * guard is skipped anywhere: on one node, the one copy checks every row.
  */
-CREATE FUNCTION billing._in_citus_task() RETURNS boolean
-    LANGUAGE sql STABLE
-    SET search_path = pg_catalog, pg_temp AS $$
-    SELECT pg_catalog.current_setting('application_name') LIKE 'citus\_internal gpid=%'
+CREATE FUNCTION billing._exists_here(tbl regclass, cond text, val anyelement) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    rels regclass[] := ARRAY[tbl];
+    found boolean;
+BEGIN
+    IF billing._citus_table_kind(tbl) = 'distributed' THEN
+        EXECUTE $q$
+            SELECT coalesce(array_agg(shard_name(s.logicalrelid, s.shardid)::regclass
+                                      ORDER BY s.shardid), '{}')
+              FROM pg_dist_shard s JOIN pg_dist_placement p ON p.shardid = s.shardid
+             WHERE s.logicalrelid = $1
+               AND p.groupid = (SELECT l.groupid FROM pg_dist_local_group l)
+            $q$ INTO rels USING tbl;
+        IF cardinality(rels) = 0 THEN
+            RETURN false;
+        END IF;
+    END IF;
+    EXECUTE format('SELECT EXISTS (%s)',
+                   (SELECT string_agg(format('SELECT 1 FROM %s x WHERE %s', r, cond), ' UNION ALL ')
+                      FROM unnest(rels) r))
+       INTO found USING val;
+    RETURN found;
+END
 $$;
-COMMENT ON FUNCTION billing._in_citus_task() IS
-    'Internal: true in a backend executing a task sent by another Citus node';
+COMMENT ON FUNCTION billing._exists_here(regclass, text, anyelement) IS
+    'Internal: whether a row of tbl held by this node (its shards on this node, on Citus) satisfies cond (alias x, parameter $1)';
 
 /*
  * _citus_chain_is_local: does this node hold the shard of audit chain
@@ -133,90 +165,6 @@ END
 $$;
 COMMENT ON FUNCTION billing._meter_table_citus(regclass, name) IS
     'Internal: on Citus, a metered Citus table must be co-located with billing.accounts by its account column';
-
-/*
- * _rerate_diff_citus: billing._rerate_diff on Citus.  The single-node query
- * calls _rate_period inside a query over the invoices; on Citus that query
- * runs on the shards, where a function may not start distributed queries of
- * its own.  Here the invoices are read first, then for each one today's
- * lines (a query over functions only, which runs on this node) and what was
- * billed (one router query), matched the same way.
- */
-CREATE FUNCTION billing._rerate_diff_citus(from_ts timestamptz, to_ts timestamptz, p_account bigint)
-    RETURNS TABLE (account_id bigint, invoice_id bigint, line_kind text, meter text,
-                   description text, billed_quantity numeric, billed_amount numeric,
-                   correct_quantity numeric, correct_amount numeric, delta numeric)
-    LANGUAGE plpgsql STABLE
-    SET search_path = pg_catalog, billing, pg_temp AS $$
-#variable_conflict use_column
-DECLARE
-    inv record;
-    rc record;
-    rb record;
-BEGIN
-    FOR inv IN
-        SELECT i.account_id, i.invoice_id, i.plan, i.currency, i.period_start, i.period_end,
-               s.spend_cap, s.starts_at, s.ends_at, p.period
-          FROM billing.invoices i
-               JOIN billing.plans p ON p.plan = i.plan
-               LEFT JOIN billing.subscriptions s
-                      ON s.account_id = i.account_id AND s.plan = i.plan
-                     AND s.starts_at <= i.period_start
-                     AND i.period_start < coalesce(s.ends_at, 'infinity')
-         WHERE i.status = 'finalized'
-           AND i.period_start < to_ts AND i.period_end > from_ts
-           AND (p_account IS NULL OR i.account_id = p_account)
-         ORDER BY i.account_id, i.invoice_id
-    LOOP
-        -- today's lines; a period the subscription no longer covers bills nothing
-        SELECT array_agg(r.kind) AS kinds, array_agg(r.meter) AS meters,
-               array_agg(r.description) AS descriptions, array_agg(r.quantity) AS quantities,
-               array_agg(r.amount) AS amounts
-          INTO rc
-          FROM billing._rate_period(inv.account_id, inv.plan, inv.currency, inv.spend_cap,
-                                    inv.period_start,
-                                    LEAST(billing._add_periods(inv.starts_at, inv.period,
-                                              billing._period_index(inv.starts_at, inv.period,
-                                                                    inv.period_start) + 1),
-                                          inv.ends_at)) r
-         WHERE inv.starts_at IS NOT NULL;
-        -- what was billed: the lines plus the adjustments made since
-        SELECT array_agg(x.kind) AS kinds, array_agg(x.meter) AS meters,
-               array_agg(x.fixed_key) AS fixed_keys, array_agg(x.description) AS descriptions,
-               array_agg(x.quantity) AS quantities, array_agg(x.amount) AS amounts
-          INTO rb
-          FROM (SELECT y.kind, y.meter::text AS meter,
-                       CASE WHEN y.kind = 'fixed' THEN y.description END AS fixed_key,
-                       max(y.description) AS description, sum(y.quantity) AS quantity,
-                       sum(y.amount) AS amount
-                  FROM (SELECT l.kind, l.meter, l.description, l.quantity, l.amount
-                          FROM billing.invoice_lines l
-                         WHERE l.account_id = inv.account_id AND l.invoice_id = inv.invoice_id
-                           AND l.kind <> 'adjustment'
-                        UNION ALL
-                        SELECT a.line_kind, a.meter, a.description,
-                               a.new_quantity - a.old_quantity, a.delta
-                          FROM billing.adjustments a
-                         WHERE a.account_id = inv.account_id AND a.invoice_id = inv.invoice_id) y
-                 GROUP BY 1, 2, 3) x;
-        RETURN QUERY
-        SELECT inv.account_id, inv.invoice_id, coalesce(c.kind, b.kind), coalesce(c.meter, b.meter),
-               coalesce(c.description, b.description),
-               b.quantity, coalesce(b.amount, 0), c.quantity, coalesce(c.amount, 0),
-               coalesce(c.amount, 0) - coalesce(b.amount, 0)
-          FROM unnest(rc.kinds, rc.meters, rc.descriptions, rc.quantities, rc.amounts)
-                   AS c(kind, meter, description, quantity, amount)
-               FULL JOIN unnest(rb.kinds, rb.meters, rb.fixed_keys, rb.descriptions,
-                                rb.quantities, rb.amounts)
-                   AS b(kind, meter, fixed_key, description, quantity, amount)
-                  ON b.kind = c.kind
-                 AND b.meter IS NOT DISTINCT FROM c.meter
-                 AND b.fixed_key IS NOT DISTINCT FROM CASE WHEN c.kind = 'fixed' THEN c.description END;
-    END LOOP;
-END
-$$;
-COMMENT ON FUNCTION billing._rerate_diff_citus(timestamptz, timestamptz, bigint) IS
-    'Internal: _rerate_diff on Citus, one invoice at a time';
 
 /*
  * _compact_into_citus: billing._compact_into on Citus, which refuses its
