@@ -1390,10 +1390,13 @@ claim_keys_spi(IngestState *st, const int *first, int nkeys, bool *won)
 	{
 		/*
 		 * Citus plans this INSERT ... SELECT only with the values bound (it
-		 * then splits the rows by shard); no generic plan.
+		 * then splits the rows by shard); no generic plan.  Read through a
+		 * CTE: Citus counts the rows the INSERT was sent, not the ones ON
+		 * CONFLICT DO NOTHING let through and RETURNING gives back, and SPI
+		 * refuses that mismatch ("consistency check on SPI tuple count").
 		 */
-		if (SPI_execute_with_args(CLAIM_BATCH_SQL, 4, types, values, NULL, false, 0)
-			!= SPI_OK_INSERT_RETURNING)
+		if (SPI_execute_with_args("WITH c AS (" CLAIM_BATCH_SQL ") SELECT * FROM c",
+								  4, types, values, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not claim event ids");
 	}
 	else

@@ -7,6 +7,8 @@
 #
 #   citus_start N     start a coordinator and N workers; sets CITUS_DIR,
 #                     CITUS_COORD_PORT and CITUS_WORKER_PORTS
+#   citus_db DB       make database DB (created unless postgres) a Citus
+#                     database on every node
 #   citus_psql PORT   psql to one node (extra args follow)
 #   citus_stop        stop every node and remove the directories
 
@@ -45,8 +47,8 @@ citus_psql() {
     psql -X -v ON_ERROR_STOP=1 -h "$CITUS_DIR/sock" -p "$port" -U postgres "$@"
 }
 
-# citus_start N [DB]: a coordinator and N workers, CREATE EXTENSION citus on
-# each (before citus_add_node), the workers added
+# citus_start N [DB]: a coordinator and N workers, and database DB
+# (default postgres) made a Citus database (citus_db)
 citus_start() {
     local n=$1 db=${2:-postgres} base i
     CITUS_DIR=$(mktemp -d /tmp/billing-citus.XXXXXX)
@@ -61,8 +63,16 @@ citus_start() {
         CITUS_WORKER_PORTS+=($((base + i)))
         citus_node "worker$i" $((base + i)) || return 1
     done
+    citus_db "$db"
+}
+
+# citus_db DB: make DB a Citus database on every node (created first unless
+# it is postgres): CREATE EXTENSION citus on each node (before
+# citus_add_node), the coordinator and the workers added
+citus_db() {
+    local db=$1 p
     for p in "$CITUS_COORD_PORT" "${CITUS_WORKER_PORTS[@]}"; do
-        [ "$db" = postgres ] || citus_psql "$p" -qc "CREATE DATABASE $db" >/dev/null || return 1
+        [ "$db" = postgres ] || citus_psql "$p" -qc "CREATE DATABASE $db" >/dev/null 2>&1 || return 1
         citus_psql "$p" -d "$db" -qc "CREATE EXTENSION citus" >/dev/null || return 1
     done
     citus_psql "$CITUS_COORD_PORT" -d "$db" -qc \

@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# make test, Citus section: the same billing scenario (test/citus/scenario.sql:
-# metered COPY, record with duplicates, ingest batches, finalize, a late
-# event, a correction, a retroactive price change and rerate, the audit
-# log) on one node and on a loopback Citus
-# cluster (a coordinator and two workers); usage, invoices, lines,
-# adjustments, the audit rows and the whole output must be identical, and
-# the audit log must verify on the cluster.
+# make test, Citus section: seeded random billing scenarios
+# (test/citus/gen_scenario.sql: every ingest path, subscriptions ending
+# mid-period, spend caps, finalize, late usage, corrections, retroactive
+# prices, lines missing on either side, rerate twice) run on one node and on
+# a loopback Citus cluster (a coordinator and two workers); every table must
+# be identical row by row (test/citus/compare.sql, which lists the columns
+# left out and why), the whole output too, and the audit log and the
+# invoices must verify.  Then the guards on the cluster: a billing_admin
+# that claims to be a Citus task (application_name 'citus_internal gpid=1')
+# is refused every change the guards forbid, from the coordinator and from a
+# worker (issue 13, defect 3).  Then the cluster itself.
+#
+# Seeds: BILLING_CITUS_SEEDS (default: the fixed list below); each seed is
+# printed, and a failure is replayed with BILLING_CITUS_SEEDS=N bash
+# test/citus/run.sh (BILLING_CITUS_KEEP=DIR keeps the scenarios, outputs and
+# tables there).
 #
 # Builds Citus from ../shared/vendor into a cache outside the repository the
 # first time (about 3 minutes), then reuses it.  Prints one TAP line per check
@@ -22,6 +31,10 @@ if [ -n "${BILLING_SKIP_CITUS:-}" ]; then
     exit 0
 fi
 
+# seeds 3 and 5 make rerate bill a usage line missing on one side (1.0's
+# _rerate_diff_citus wrote a NULL quantity there, one node 0)
+SEEDS=${BILLING_CITUS_SEEDS:-"3 5 8"}
+
 n=0
 failed=0
 ok() { n=$((n + 1)); echo "ok $n - $1"; }
@@ -33,7 +46,13 @@ check() {   # check NAME COMMAND...: one test line from a command's status
 
 WORK=$(mktemp -d /tmp/billing-citus-run.XXXXXX)
 chmod 755 "$WORK"
-cleanup() { citus_stop; stop_cluster; rm -rf "$WORK"; }
+cleanup() {
+    citus_stop; stop_cluster
+    if [ -n "${BILLING_CITUS_KEEP:-}" ]; then
+        mkdir -p "$BILLING_CITUS_KEEP" && cp -r "$WORK"/. "$BILLING_CITUS_KEEP"/
+    fi
+    rm -rf "$WORK"
+}
 trap cleanup EXIT
 
 # 1. Citus, built once into the cache
@@ -50,64 +69,165 @@ start=$(date +%s)
 # ports apart from make test's own node (54000-54999) and the cluster (55000-55802)
 export PGPORT_TEST=$((53000 + RANDOM % 900))
 if start_cluster >"$WORK/single.log" 2>&1 && citus_start 2 >"$WORK/cluster.log" 2>&1; then
-    ok "one node and a cluster of a coordinator and 2 workers started"
+    ok "one node and a cluster of a coordinator and 2 workers started ($(( $(date +%s) - start ))s)"
 else
     cat "$WORK/single.log" "$WORK/cluster.log"
     not_ok "one node and a cluster of a coordinator and 2 workers started"
     exit 1
 fi
+cq() { citus_psql "$CITUS_COORD_PORT" -qAt -d "$DB" -c "$1" 2>&1; }
 
-# the same input for both runs: a fixed hour and a file of metered rows
-t0=$(date -u +'%Y-%m-%d %H:00:00+00')
-csv=$WORK/events.csv
-psql -qX -d postgres -c "\\copy (SELECT 1 + (i * 7919) % 60, (ARRAY['error','span','replay','error'])[1 + i % 4], (i % 17) + 1, timestamptz '$t0' - interval '1 minute' * ((i * 37) % 4000), 'ev-' || (i % 18000) FROM generate_series(1, 20000) i) TO '$csv' WITH (FORMAT csv)"
-chmod 644 "$csv"
-
-run_scenario() {   # run_scenario OUT citus-bool psql-args...
-    local out=$1 citus=$2; shift 2
-    psql -X "$@" -v t0="$t0" -v csv="$csv" -v citus="$citus" \
-        -f test/citus/scenario.sql >"$out" 2>&1
+# split FILE: the tables of compare.sql's output, one file per table (FILE.NAME)
+split_tables() {
+    awk -v f="$1" '/^== / { out = f "." $2; printf "" > out; next } out { print > out }' "$1"
 }
-run_scenario "$WORK/single.out" false -d postgres
-rc=$?
-[ $rc -eq 0 ] || tail -20 "$WORK/single.out" | sed 's/^/# /'
-check "scenario runs on one node" [ $rc -eq 0 ]
-run_scenario "$WORK/citus.out" true -h "$CITUS_DIR/sock" -p "$CITUS_COORD_PORT" -U postgres -d postgres
-rc=$?
-[ $rc -eq 0 ] || grep -B2 -A8 'ERROR' "$WORK/citus.out" | grep -v 'account 999' | head -30 | sed 's/^/# /'
-check "scenario runs on the Citus cluster" [ $rc -eq 0 ]
 
-# 3. what both runs must agree on, check by check, then the whole output
-for c in usage usage_compacted invoices invoice_lines adjustments verify_invoices audit audit_rows; do
-    a=$(grep -E "^ check:$c +\|" "$WORK/single.out")
-    b=$(grep -E "^ check:$c +\|" "$WORK/citus.out")
-    if [ -n "$a" ] && [ "$a" = "$b" ]; then
-        ok "$c identical on the cluster:$(echo "$a" | cut -d'|' -f2- | tr -s ' ')"
-    else
-        echo "# one node: $a"
-        echo "# cluster:  $b"
-        not_ok "$c identical on the cluster"
+# 3. the scenarios, seed by seed
+DB=
+for seed in $SEEDS; do
+    t=$(date +%s)
+    echo "# seed $seed (replay: BILLING_CITUS_SEEDS=$seed bash test/citus/run.sh)"
+    sc=$WORK/scenario_$seed.sql
+    if ! psql -X -d postgres -v seed="$seed" -f test/citus/gen_scenario.sql >"$sc" 2>"$WORK/gen_$seed.log"; then
+        cat "$WORK/gen_$seed.log"
+        not_ok "seed $seed: scenario generated"
+        continue
     fi
-done
-a=$(grep -E "^ check:audit +\|" "$WORK/citus.out" | cut -d'|' -f2 | tr -d ' ')
-check "the audit log verifies on the cluster (${a:-?} problems)" [ "$a" = 0 ]
-if diff -u "$WORK/single.out" "$WORK/citus.out" >"$WORK/diff" 2>&1; then
-    ok "whole scenario output identical ($(wc -l <"$WORK/single.out") lines)"
-else
-    sed 's/^/# /' "$WORK/diff" | head -80
-    not_ok "whole scenario output identical"
-fi
+    prev=$DB
+    DB=seed_$seed
+    psql -qX -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null 2>&1
+    psql -X -d "$DB" -v citus=false -f "$sc" >"$WORK/single_$seed.out" 2>&1
+    rc=$?
+    [ $rc -eq 0 ] || tail -20 "$WORK/single_$seed.out" | sed 's/^/# /'
+    check "seed $seed: the scenario ($(wc -l <"$sc") lines) runs on one node" [ $rc -eq 0 ]
+    psql -X -d "$DB" -f test/citus/compare.sql >"$WORK/single_$seed.tables" 2>&1
+    # one database per seed on the cluster too; the one before is dropped
+    if [ -n "$prev" ]; then
+        for p in "$CITUS_COORD_PORT" "${CITUS_WORKER_PORTS[@]}"; do
+            citus_psql "$p" -qc "DROP DATABASE $prev WITH (FORCE)" >/dev/null 2>&1
+        done
+    fi
+    if ! citus_db "$DB" >"$WORK/citus_db_$seed.log" 2>&1; then
+        cat "$WORK/citus_db_$seed.log"
+        not_ok "seed $seed: a Citus database on every node"
+        continue
+    fi
+    citus_psql "$CITUS_COORD_PORT" -X -v ON_ERROR_STOP=0 -d "$DB" -v citus=true -f "$sc" \
+        >"$WORK/citus_$seed.out" 2>&1
+    rc=$?
+    [ $rc -eq 0 ] || grep -B2 -A8 'ERROR' "$WORK/citus_$seed.out" | head -30 | sed 's/^/# /'
+    check "seed $seed: the scenario runs on the Citus cluster" [ $rc -eq 0 ]
+    citus_psql "$CITUS_COORD_PORT" -X -d "$DB" -f test/citus/compare.sql >"$WORK/citus_$seed.tables" 2>&1
 
-# 4. the cluster itself
-cq() { citus_psql "$CITUS_COORD_PORT" -qAt -d postgres -c "$1" 2>&1; }
+    # every table, row by row
+    split_tables "$WORK/single_$seed.tables"
+    split_tables "$WORK/citus_$seed.tables"
+    for f in "$WORK/single_$seed.tables".*; do
+        tbl=${f##*.tables.}
+        [ "$tbl" = "tables" ] && continue
+        if diff -u "$f" "$WORK/citus_$seed.tables.$tbl" >"$WORK/diff" 2>&1; then
+            ok "seed $seed: $tbl identical on the cluster ($(wc -l <"$f") rows)"
+        else
+            sed 's/^/# /' "$WORK/diff" | head -20
+            not_ok "seed $seed: $tbl identical on the cluster"
+        fi
+    done
+    # every table of the schema is compared (compare.sql lists them)
+    r=$(cat "$WORK/single_$seed.tables.tables")
+    check "seed $seed: compare.sql covers every table of billing (${r})" \
+        [ "$r" = "accounts adjustments audit_heads audit_log charges cumulative_reports dedupe_keys ingest_offsets invoice_lines invoices metered_tables meters plans subscriptions usage_buckets usage_corrections usage_daily usage_deltas usage_hourly" ]
+    r=$(grep -A2 -E '^ (invoice|audit)_problems' "$WORK/citus_$seed.out" | grep -E '^ +[0-9]+$' | tr -d ' ' | tr '\n' ' ')
+    check "seed $seed: invoices and the audit log verify on the cluster (problems: $r)" [ "$r" = "0 0 " ]
+    if diff -u "$WORK/single_$seed.out" "$WORK/citus_$seed.out" >"$WORK/diff" 2>&1; then
+        ok "seed $seed: whole scenario output identical ($(wc -l <"$WORK/single_$seed.out") lines)"
+    else
+        sed 's/^/# /' "$WORK/diff" | head -40
+        not_ok "seed $seed: whole scenario output identical"
+    fi
+    echo "# seed $seed took $(( $(date +%s) - t ))s"
+done
+[ -n "$DB" ] || exit 1
+
+# 4. the guards on the cluster (issue 13, defect 3): a billing_admin claiming
+# to be a Citus task (application_name, and the nested execution Citus then
+# refuses allowed) tries every change the guards forbid, on the coordinator
+# and on a worker (Citus runs a statement from any node); each must fail with
+# 55000 and change nothing on any node
+t=$(date +%s)
+cq "CREATE ROLE mallory LOGIN IN ROLE billing_admin" >/dev/null
+target=$(cq "SELECT l.charge_id || ' ' || i.plan FROM billing.invoice_lines l
+               JOIN billing.invoices i ON i.account_id = l.account_id AND i.invoice_id = l.invoice_id
+              WHERE l.kind = 'usage' ORDER BY l.account_id, l.line_no LIMIT 1")
+charge=${target% *}
+plan=${target#* }
+meter=$(cq "SELECT meter FROM billing.usage_buckets ORDER BY account_id, meter LIMIT 1")
+# and a meter no charge names (deleting one that is charged fails on the
+# foreign key first), with usage on one worker only, not compacted
+cq "INSERT INTO billing.meters (meter, late_window, dedupe_window) VALUES ('guarded', '100 years', '100 years')" >/dev/null
+acct=$(cq "SELECT min(account_id) FROM billing.accounts")
+cq "SELECT billing.record($acct, 'guarded', 1, '2024-03-04 00:00:00+00')" >/dev/null
+refdigest() {   # the reference data on every node
+    cq "SELECT string_agg(nodeport || ':' || result, ' ' ORDER BY nodeport, result)
+          FROM run_command_on_placements('billing.meters', 'SELECT md5(string_agg(x::text, '','' ORDER BY x.meter)) FROM %s x')
+        UNION ALL
+        SELECT string_agg(nodeport || ':' || result, ' ' ORDER BY nodeport, result)
+          FROM run_command_on_placements('billing.charges', 'SELECT md5(string_agg(x::text, '','' ORDER BY x.charge_id)) FROM %s x')
+        UNION ALL
+        SELECT string_agg(nodeport || ':' || result, ' ' ORDER BY nodeport, result)
+          FROM run_command_on_placements('billing.plans', 'SELECT md5(string_agg(x::text, '','' ORDER BY x.plan)) FROM %s x')"
+}
+before=$(refdigest)
+attacks=(
+"price of charge version $charge, which rated a finalized invoice|UPDATE billing.charges SET price = 'unit 0.01' WHERE charge_id = $charge"
+"delete of charge version $charge|DELETE FROM billing.charges WHERE charge_id = $charge"
+"aggregation of meter $meter, which has usage|UPDATE billing.meters SET aggregation = 'max' WHERE meter = '$meter'"
+"bucket width of meter $meter|UPDATE billing.meters SET bucket_width = '2 hours' WHERE meter = '$meter'"
+"aggregation of meter guarded, with usage of account $acct not compacted|UPDATE billing.meters SET aggregation = 'last' WHERE meter = 'guarded'"
+"bucket width of meter guarded|UPDATE billing.meters SET bucket_width = '1 hour' WHERE meter = 'guarded'"
+"delete of meter guarded|DELETE FROM billing.meters WHERE meter = 'guarded'"
+"period of plan $plan, which has invoices|UPDATE billing.plans SET period = '7 days' WHERE plan = '$plan'"
+"currency of plan $plan|UPDATE billing.plans SET currency = 'CHF' WHERE plan = '$plan'"
+"what the guards allow (the unit of meter $meter)|UPDATE billing.meters SET unit = 'u' WHERE meter = '$meter'")
+for port in "$CITUS_COORD_PORT" "${CITUS_WORKER_PORTS[0]}"; do
+    node=$([ "$port" = "$CITUS_COORD_PORT" ] && echo coordinator || echo worker)
+    # one session of mallory, claiming to be a Citus task; each statement
+    # in its own transaction, followed by the SQLSTATE it ended with
+    args=(-c "SELECT 'application_name: ' || current_setting('application_name')")
+    for i in "${!attacks[@]}"; do
+        args+=(-c "${attacks[$i]#*|}" -c "\\echo attack $i :SQLSTATE")
+    done
+    PGAPPNAME='citus_internal gpid=1' PGOPTIONS='-c citus.allow_nested_distributed_execution=on' \
+        psql -X -qAt -h "$CITUS_DIR/sock" -p "$port" -U mallory -d "$DB" \
+             "${args[@]}" >"$WORK/attacks_$node" 2>"$WORK/attacks_$node.err"
+    app=$(head -1 "$WORK/attacks_$node")
+    for i in "${!attacks[@]}"; do
+        r=$(sed -n "s/^attack $i //p" "$WORK/attacks_$node")
+        if [ "$i" = $((${#attacks[@]} - 1)) ]; then
+            check "guards on the cluster ($node, $app): ${attacks[$i]%%|*} passes ($r)" [ "$r" = 00000 ]
+        else
+            check "guards on the cluster ($node, $app): ${attacks[$i]%%|*} refused: ${r:-?}" [ "$r" = 55000 ]
+        fi
+    done
+done
+cq "UPDATE billing.meters SET unit = NULL" >/dev/null
+after=$(refdigest)
+check "the refused changes left meters, charges and plans alike on every node" [ -n "$before" -a "$before" = "$after" ]
+r=$(cq "SELECT (SELECT count(*) FROM billing.verify_invoices()) || '/' || (SELECT count(*) FROM billing.verify_audit_log())")
+check "invoices and the audit log still verify ($r problems)" [ "$r" = "0/0" ]
+
+echo "# the guards on the cluster took $(( $(date +%s) - t ))s"
+
+# 5. the cluster itself
+t=$(date +%s)
 r=$(cq "SELECT count(*) FROM billing.distribute() WHERE changed")
 check "distribute() is idempotent (a second call changes nothing: $r)" [ "$r" = 0 ]
 # tampering with an audit row on a worker (triggers off) is found from the coordinator
+acct=$(cq "SELECT min(account_id) FROM billing.audit_log WHERE account_id > 0 AND seq = 2")
 cq "SELECT run_command_on_placements('billing.audit_log',
-      \$\$SET session_replication_role = replica; UPDATE %s SET actor = 'mallory' WHERE account_id = 5 AND seq = 2\$\$)" >/dev/null
+      \$\$SET session_replication_role = replica; UPDATE %s SET actor = 'mallory' WHERE account_id = $acct AND seq = 2\$\$)" >/dev/null
 r=$(cq "SELECT string_agg(account_id || ':' || seq || ' ' || problem, '; ') FROM billing.verify_audit_log()")
 check "an audit row altered on a worker is reported by verify_audit_log on the coordinator ($r)" \
-    [ "$r" = "5:2 hash does not match the row: the row was altered" ]
+    [ "$r" = "$acct:2 hash does not match the row: the row was altered" ]
 r=$(cq "SELECT string_agg(c.relname, ',' ORDER BY c.relname) FROM pg_class c
          WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'r'
            AND c.relname <> 'metered_tables'
@@ -141,8 +261,10 @@ r=$(cq "SELECT billing._maintenance_runs_here('compact_usage')")
 w=$(cq "SELECT string_agg(result, ',') FROM run_command_on_workers(
           \$\$SELECT billing._maintenance_runs_here('compact_usage')\$\$)")
 check "maintenance jobs run on the coordinator, the workers skip them ($r,$w)" test "$r" = t -a "$w" = "f,f"
-r=$(cq "SELECT billing.record(42, 'error', 1, now(), 'pushed-down')")
-check "record() pushed down to the worker of account 42 counts" [ "$r" = t ]
+acct=$(cq "SELECT max(account_id) FROM billing.accounts")
+r=$(cq "SELECT billing.record($acct, '$meter', 1, now(), 'pushed-down')")
+check "record() pushed down to the worker of account $acct counts" [ "$r" = t ]
 
-echo "# citus section took $(( $(date +%s) - start ))s after the build"
+echo "# the checks of the cluster took $(( $(date +%s) - t ))s"
+echo "# citus section took $(( $(date +%s) - start ))s after the build (seeds: $SEEDS)"
 exit $(( failed > 0 ))
