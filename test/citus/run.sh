@@ -128,7 +128,7 @@ for seed in $SEEDS; do
         if diff -u "$f" "$WORK/citus_$seed.tables.$tbl" >"$WORK/diff" 2>&1; then
             ok "seed $seed: $tbl identical on the cluster ($(wc -l <"$f") rows)"
         else
-            sed 's/^/# /' "$WORK/diff" | head -20
+            sed 's/^/# /' "$WORK/diff" | cut -c1-240 | head -24
             not_ok "seed $seed: $tbl identical on the cluster"
         fi
     done
@@ -141,7 +141,7 @@ for seed in $SEEDS; do
     if diff -u "$WORK/single_$seed.out" "$WORK/citus_$seed.out" >"$WORK/diff" 2>&1; then
         ok "seed $seed: whole scenario output identical ($(wc -l <"$WORK/single_$seed.out") lines)"
     else
-        sed 's/^/# /' "$WORK/diff" | head -40
+        sed 's/^/# /' "$WORK/diff" | cut -c1-240 | head -40
         not_ok "seed $seed: whole scenario output identical"
     fi
     echo "# seed $seed took $(( $(date +%s) - t ))s"
