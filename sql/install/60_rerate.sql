@@ -154,16 +154,18 @@ BEGIN
            array_agg(l.description) AS descriptions, array_agg(l.quantity) AS quantities,
            array_agg(l.amount) AS amounts
       INTO bil
-      FROM billing.invoice_lines l
-     WHERE l.account_id = ANY (inv.accounts) AND l.invoice_id = ANY (inv.invoices)
-       AND l.kind <> 'adjustment';
+      FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
+           JOIN billing.invoice_lines l
+             ON l.account_id = v.account_id AND l.invoice_id = v.invoice_id
+     WHERE l.kind <> 'adjustment';
     SELECT array_agg(a.account_id) AS accounts, array_agg(a.invoice_id) AS invoices,
            array_agg(a.line_kind) AS kinds, array_agg(a.meter::text) AS meters,
            array_agg(a.description) AS descriptions,
            array_agg(a.new_quantity - a.old_quantity) AS quantities, array_agg(a.delta) AS amounts
       INTO adj
-      FROM billing.adjustments a
-     WHERE a.account_id = ANY (inv.accounts) AND a.invoice_id = ANY (inv.invoices);
+      FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
+           JOIN billing.adjustments a
+             ON a.account_id = v.account_id AND a.invoice_id = v.invoice_id;
     -- 4. compare (reads no table)
     RETURN QUERY
     WITH correct AS (
