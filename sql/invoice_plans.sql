@@ -14,16 +14,6 @@ SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 SET intervalstyle = 'postgres';
 
--- the SQLSTATE a statement raises ('ok' when none): for guards whose
--- message is not the point
-CREATE FUNCTION pg_temp.sqlstate_of(stmt text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE stmt;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE;
-END $$;
-
 INSERT INTO meters (meter, late_window, unit) VALUES
     ('pl_error', '100 years', 'event'),
     ('pl_span', '100 years', 'span');
@@ -49,9 +39,9 @@ INSERT INTO plans (plan, period) VALUES ('pl_bad', '0 days');
 -- a currency must be an upper-case ISO 4217 code that round_money knows
 -- (an unknown one would make every invoice of the plan fail to round)
 INSERT INTO plans (plan, currency) VALUES ('pl_bad', 'usd');
-SELECT pg_temp.sqlstate_of($$INSERT INTO billing.plans (plan, currency) VALUES ('pl_bad', 'ABC')$$)
+SELECT test.sqlstate_of($$INSERT INTO billing.plans (plan, currency) VALUES ('pl_bad', 'ABC')$$)
        AS plan_in_unknown_currency,
-       pg_temp.sqlstate_of($$INSERT INTO billing.accounts (account_id, currency) VALUES (5198, 'ABC')$$)
+       test.sqlstate_of($$INSERT INTO billing.accounts (account_id, currency) VALUES (5198, 'ABC')$$)
        AS account_in_unknown_currency;
 SELECT count(*) AS unknown_currencies_stored
   FROM (SELECT currency FROM plans UNION ALL SELECT currency FROM accounts) c
@@ -163,9 +153,9 @@ INSERT INTO subscriptions (account_id, plan, starts_at, spend_cap)
 VALUES (5106, 'pl_weekly', '2026-01-01', -1);
 -- an unknown account or plan is a foreign key violation (23503), not a
 -- currency mismatch
-SELECT pg_temp.sqlstate_of($$INSERT INTO billing.subscriptions (account_id, plan, starts_at)
+SELECT test.sqlstate_of($$INSERT INTO billing.subscriptions (account_id, plan, starts_at)
                               VALUES (5199, 'pl_weekly', '2026-01-01')$$) AS unknown_account,
-       pg_temp.sqlstate_of($$INSERT INTO billing.subscriptions (account_id, plan, starts_at)
+       test.sqlstate_of($$INSERT INTO billing.subscriptions (account_id, plan, starts_at)
                               VALUES (5106, 'pl_nope', '2026-01-01')$$) AS unknown_plan;
 
 -- What was invoiced cannot be rewritten.  Finalize everything that ended by
@@ -200,7 +190,7 @@ UPDATE plans SET period = '2 months' WHERE plan = 'pl_default';   -- no subscrip
 
 -- A charge version that rated a finalized invoice cannot change (55000)
 -- (more in invoice_finalize); one that did not rate anything can.
-SELECT pg_temp.sqlstate_of($$UPDATE billing.charges SET price = 'flat 27'
+SELECT test.sqlstate_of($$UPDATE billing.charges SET price = 'flat 27'
                               WHERE plan = 'pl_team' AND description = 'Team plan'$$) AS update_used_version;
 UPDATE charges SET price = 'flat 13' WHERE plan = 'pl_team' AND description = 'Support'
    AND valid_from = '2025-04-01';
@@ -208,9 +198,9 @@ DELETE FROM charges WHERE plan = 'pl_team' AND description = 'Support' AND valid
 
 -- An account's currency cannot change under a subscription to a plan in
 -- that currency either: the account would be billed in a currency not its own.
-SELECT pg_temp.sqlstate_of($$UPDATE billing.accounts SET currency = 'EUR' WHERE account_id = 5104$$)
+SELECT test.sqlstate_of($$UPDATE billing.accounts SET currency = 'EUR' WHERE account_id = 5104$$)
        AS change_currency_of_subscribed_account;
-SELECT pg_temp.sqlstate_of($$UPDATE billing.accounts SET currency = 'EUR' WHERE account_id = 5106$$)
+SELECT test.sqlstate_of($$UPDATE billing.accounts SET currency = 'EUR' WHERE account_id = 5106$$)
        AS change_currency_of_unsubscribed_account;
 SELECT a.account_id, a.currency AS account_currency, p.currency AS plan_currency
   FROM subscriptions s JOIN accounts a USING (account_id) JOIN plans p USING (plan)

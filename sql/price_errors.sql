@@ -4,14 +4,7 @@
 SET search_path = billing, public;
 
 -- The SQLSTATE of each error (the messages follow below).
-CREATE FUNCTION pg_temp.sqlstate_of(t text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM t::billing.price;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE;
-END $$;
-SELECT t, pg_temp.sqlstate_of(t)
+SELECT t, test.sqlstate_of(format('SELECT %L::billing.price', t)) AS sqlstate_of
 FROM unnest(ARRAY['', 'unit', 'unit -1', 'unit +1', 'unit 1e3', 'unit 1E-3', 'unit NaN',
                   'unit inf', 'unit Infinity', 'unit 1.2.3', 'unit .', 'unit 1 1',
                   'units 1', 'package 0 @ 1', 'graduated 10 @ 1', 'graduated inf @ 1 | 10 @ 2',

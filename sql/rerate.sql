@@ -13,14 +13,6 @@ SET search_path = billing, public;
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 
--- the SQLSTATE a statement raises ('ok' when none)
-CREATE FUNCTION pg_temp.sqlstate_of(stmt text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE stmt;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE;
-END $$;
 -- finalize, showing only this file's accounts
 CREATE FUNCTION pg_temp.finalize(as_of timestamptz)
     RETURNS TABLE (account_id bigint, period_start timestamptz, total numeric)
@@ -101,8 +93,8 @@ SELECT count(*) FILTER (WHERE kind = 'adjustment') AS adjustment_lines
 SELECT * FROM pg_temp.rerate('2024-01-01', '2024-03-01', 6101);
 -- An adjustment never changes once written (55000): were the one February
 -- carried deleted or zeroed, the next rerate would bill its 2.90 again.
-SELECT pg_temp.sqlstate_of($$DELETE FROM billing.adjustments WHERE account_id = 6101$$) AS delete_adjustment,
-       pg_temp.sqlstate_of($$UPDATE billing.adjustments SET delta = 0 WHERE account_id = 6101$$) AS update_adjustment;
+SELECT test.sqlstate_of($$DELETE FROM billing.adjustments WHERE account_id = 6101$$) AS delete_adjustment,
+       test.sqlstate_of($$UPDATE billing.adjustments SET delta = 0 WHERE account_id = 6101$$) AS update_adjustment;
 SELECT * FROM pg_temp.rerate('2024-01-01', '2024-03-01', 6101);
 
 -- 2. A backdated price: deltas for exactly the periods it covers.

@@ -8,18 +8,6 @@
 -- usage is stamped relative to t0, a whole hour three hours ago
 SELECT date_trunc('hour', now()) - interval '3 hours' AS t0 \gset
 
--- sqlstate_of(statement): runs it and returns 'ok' or the SQLSTATE it raised
--- (for errors whose message holds the current time)
-CREATE FUNCTION pg_temp.sqlstate_of(stmt text) RETURNS text
-    LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE stmt;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE;
-END
-$$;
-
 -- the usage of one meter of one account: quantities only (the events of a
 -- cumulative bucket are not pinned by the contract)
 CREATE FUNCTION pg_temp.totals(acct bigint, m text, t0 timestamptz)
@@ -104,8 +92,8 @@ SELECT billing.report_cumulative('A', 501, NULL, :'t0', 1);
 SELECT billing.report_cumulative('A', 501, 'cum_spans', NULL, 1);
 SELECT billing.report_cumulative('A', 501, 'cum_spans', :'t0', NULL);
 -- a bucket outside the window: 22007
-SELECT pg_temp.sqlstate_of($$SELECT billing.report_cumulative('A', 501, 'cum_spans', now() - interval '36 days', 1)$$) AS too_late,
-       pg_temp.sqlstate_of($$SELECT billing.report_cumulative('A', 501, 'cum_spans', now() + interval '1 hour', 1)$$) AS too_early;
+SELECT test.sqlstate_of($$SELECT billing.report_cumulative('A', 501, 'cum_spans', now() - interval '36 days', 1)$$) AS too_late,
+       test.sqlstate_of($$SELECT billing.report_cumulative('A', 501, 'cum_spans', now() + interval '1 hour', 1)$$) AS too_early;
 -- none of them changed anything
 SELECT * FROM pg_temp.totals(501, 'cum_spans', :'t0');
 SELECT count(*) AS reports FROM billing.cumulative_reports WHERE account_id IN (501, 599);

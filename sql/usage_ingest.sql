@@ -10,26 +10,6 @@
 -- usage is stamped relative to t0, a whole hour three hours ago
 SELECT date_trunc('hour', now()) - interval '3 hours' AS t0 \gset
 
--- sqlstate_of(statement): runs it and returns 'ok' or the SQLSTATE it raised
--- (for errors whose message holds the current time)
-CREATE FUNCTION pg_temp.sqlstate_of(stmt text) RETURNS text
-    LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE stmt;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE;
-END
-$$;
-
--- the usage of one account, bucket starts as offsets from t0
-CREATE FUNCTION pg_temp.show(acct bigint, t0 timestamptz)
-    RETURNS TABLE (meter text, dimension text, bucket interval, quantity numeric, events bigint)
-    LANGUAGE sql AS $$
-    SELECT u.meter, u.dimension, u.bucket_start - t0, u.quantity, u.events
-      FROM billing.usage(acct, t0 - interval '1 day', t0 + interval '1 day') u
-$$;
-
 INSERT INTO billing.accounts (account_id) VALUES (401), (402), (403);
 INSERT INTO billing.meters (meter, aggregation) VALUES
     ('ing_spans', 'sum'), ('ing_calls', 'count'), ('ing_peak', 'max'), ('ing_plan', 'last');
@@ -40,8 +20,8 @@ SELECT * FROM billing.ingest('kafka', 0, 10,
     ARRAY['ing_spans', 'ing_spans', 'ing_spans', 'ing_calls'],
     ARRAY[5, 7, 11, 3]::numeric[],
     ARRAY[:'t0', :'t0'::timestamptz + interval '1 minute', :'t0', :'t0']::timestamptz[]);
-SELECT * FROM pg_temp.show(401, :'t0');
-SELECT * FROM pg_temp.show(402, :'t0');
+SELECT * FROM test.show(401, :'t0');
+SELECT * FROM test.show(402, :'t0');
 SELECT source, partition, last_offset FROM billing.ingest_offsets ORDER BY 1, 2;
 
 -- the same offset again (a consumer that restarted): nothing changes
@@ -55,7 +35,7 @@ SELECT * FROM billing.ingest('kafka', 0, 9, ARRAY[401]::bigint[], ARRAY['ing_spa
     ARRAY[1000]::numeric[], ARRAY[:'t0']::timestamptz[]);
 SELECT * FROM billing.ingest('kafka', 0, -1, ARRAY[401]::bigint[], ARRAY['ing_spans'],
     ARRAY[1000]::numeric[], ARRAY[:'t0']::timestamptz[]);
-SELECT * FROM pg_temp.show(401, :'t0');
+SELECT * FROM test.show(401, :'t0');
 -- a higher offset applies, and offsets may skip
 SELECT * FROM billing.ingest('kafka', 0, 15, ARRAY[401]::bigint[], ARRAY['ing_spans'],
     ARRAY[100]::numeric[], ARRAY[:'t0']::timestamptz[]);
@@ -68,7 +48,7 @@ SELECT * FROM billing.ingest('kinesis', 0, 1, ARRAY[401]::bigint[], ARRAY['ing_s
     ARRAY[30]::numeric[], ARRAY[:'t0']::timestamptz[]);
 SELECT * FROM billing.ingest('kafka', 1, 1, ARRAY[401]::bigint[], ARRAY['ing_spans'],
     ARRAY[20]::numeric[], ARRAY[:'t0']::timestamptz[]);
-SELECT * FROM pg_temp.show(401, :'t0');
+SELECT * FROM test.show(401, :'t0');
 SELECT source, partition, last_offset FROM billing.ingest_offsets ORDER BY 1, 2;
 -- an empty batch is applied (it moves the offset) and counts nothing
 SELECT * FROM billing.ingest('kafka', 2, 1, '{}'::bigint[], '{}'::text[], '{}'::numeric[],
@@ -86,7 +66,7 @@ SELECT * FROM billing.ingest('dedupe', 0, 1,
     ARRAY[:'t0', :'t0', :'t0', :'t0', :'t0', :'t0', :'t0']::timestamptz[],
     ARRAY['x1', 'x1', 'x2', NULL, NULL, 'x2', 'x1'],
     ARRAY['', '', 'eu', 'eu', 'eu', 'us', '']);
-SELECT * FROM pg_temp.show(403, :'t0');
+SELECT * FROM test.show(403, :'t0');
 -- ... and against earlier batches and record(), in both directions
 SELECT billing.record(403, 'ing_spans', 8, :'t0', 'r1');
 SELECT * FROM billing.ingest('dedupe', 0, 2,
@@ -94,7 +74,7 @@ SELECT * FROM billing.ingest('dedupe', 0, 2,
     ARRAY[50, 60, 16]::numeric[], ARRAY[:'t0', :'t0', :'t0']::timestamptz[],
     ARRAY['r1', 'x2', 'x3']);
 SELECT billing.record(403, 'ing_spans', 70, :'t0', 'x3');
-SELECT * FROM pg_temp.show(403, :'t0') WHERE meter = 'ing_spans';
+SELECT * FROM test.show(403, :'t0') WHERE meter = 'ing_spans';
 -- a batch rolled back leaves no trace: its offset and its event ids are free
 BEGIN;
 SELECT * FROM billing.ingest('dedupe', 0, 3, ARRAY[403]::bigint[], ARRAY['ing_spans'],
@@ -104,7 +84,7 @@ SELECT * FROM billing.ingest('dedupe', 0, 3, ARRAY[403]::bigint[], ARRAY['ing_sp
     ARRAY[32]::numeric[], ARRAY[:'t0']::timestamptz[], ARRAY['x4']);
 SELECT * FROM billing.ingest('dedupe', 0, 4, ARRAY[403]::bigint[], ARRAY['ing_spans'],
     ARRAY[32]::numeric[], ARRAY[:'t0']::timestamptz[], ARRAY['x4']);
-SELECT * FROM pg_temp.show(403, :'t0') WHERE meter = 'ing_spans';
+SELECT * FROM test.show(403, :'t0') WHERE meter = 'ing_spans';
 
 -- max and last in a batch; on last, a tie on the timestamp goes to the
 -- later arrival, with or without event ids
@@ -125,7 +105,7 @@ SELECT * FROM billing.ingest('agg', 0, 4,
     ARRAY[402, 402]::bigint[], ARRAY['ing_plan', 'ing_plan'], ARRAY[8, 9]::numeric[],
     ARRAY[:'t0'::timestamptz + interval '3 minutes', :'t0'::timestamptz + interval '3 minutes']::timestamptz[],
     ARRAY['c', NULL]);
-SELECT * FROM pg_temp.show(402, :'t0') WHERE meter IN ('ing_peak', 'ing_plan');
+SELECT * FROM test.show(402, :'t0') WHERE meter IN ('ing_peak', 'ing_plan');
 
 -- quantities are exact: beyond 64 bits and beyond 20 fraction digits
 SELECT * FROM billing.ingest('big', 0, 1,
@@ -140,7 +120,7 @@ SELECT * FROM billing.ingest('big', 0, 2,
     ARRAY[0.000000000000000000001, 1, 99999999999999999999999999999999999999]::numeric[],
     ARRAY[:'t0'::timestamptz + interval '7 minutes', :'t0'::timestamptz + interval '7 minutes',
           :'t0'::timestamptz + interval '6 minutes']::timestamptz[]);
-SELECT * FROM pg_temp.show(402, :'t0') WHERE meter = 'ing_spans';
+SELECT * FROM test.show(402, :'t0') WHERE meter = 'ing_spans';
 
 -- errors ---------------------------------------------------------------------
 -- arrays of different lengths: 22023
@@ -195,15 +175,15 @@ SELECT * FROM billing.ingest('err', 0, 1, ARRAY[401, 401]::bigint[], ARRAY['ing_
 SELECT * FROM billing.ingest('err', 0, 1, ARRAY[[401], [401]]::bigint[], ARRAY['ing_spans', 'ing_spans'],
     ARRAY[1, 1]::numeric[], ARRAY[:'t0', :'t0']::timestamptz[]);
 -- a timestamp outside the window: 22007
-SELECT pg_temp.sqlstate_of(format(
+SELECT test.sqlstate_of(format(
     'SELECT billing.ingest(%L, 0, 1, %L::bigint[], %L::text[], %L::numeric[], ARRAY[%L, now() - interval %L]::timestamptz[])',
     'err', '{401,401}', '{ing_spans,ing_spans}', '{1,1}', :'t0', '36 days')) AS too_late,
-       pg_temp.sqlstate_of(format(
+       test.sqlstate_of(format(
     'SELECT billing.ingest(%L, 0, 1, %L::bigint[], %L::text[], %L::numeric[], ARRAY[%L, now() + interval %L]::timestamptz[])',
     'err', '{401,401}', '{ing_spans,ing_spans}', '{1,1}', :'t0', '6 minutes')) AS too_early;
 -- none of these failing batches stored its offset, counted, or claimed an id
 SELECT count(*) AS err_offsets FROM billing.ingest_offsets WHERE source = 'err';
-SELECT * FROM pg_temp.show(401, :'t0');
+SELECT * FROM test.show(401, :'t0');
 SELECT * FROM billing.ingest('err', 0, 1, ARRAY[401, 401]::bigint[], ARRAY['ing_spans', 'ing_spans'],
     ARRAY[1, 1]::numeric[], ARRAY[:'t0', :'t0']::timestamptz[], ARRAY['e1', 'e2']);
-SELECT * FROM pg_temp.show(401, :'t0');
+SELECT * FROM test.show(401, :'t0');

@@ -13,26 +13,6 @@ SELECT date_trunc('hour', now()) - interval '3 hours' AS t0 \gset
 -- out, and the column default stamps the rows with t0
 SELECT set_config('usage_test.t0', :'t0', false) IS NOT NULL AS t0_set;
 
--- sqlstate_of(statement): runs it and returns 'ok' or the SQLSTATE it raised
--- (for errors whose message holds the current time)
-CREATE FUNCTION pg_temp.sqlstate_of(stmt text) RETURNS text
-    LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE stmt;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE;
-END
-$$;
-
--- the usage of one account, bucket starts as offsets from t0
-CREATE FUNCTION pg_temp.show(acct bigint, t0 timestamptz)
-    RETURNS TABLE (meter text, dimension text, bucket interval, quantity numeric, events bigint)
-    LANGUAGE sql AS $$
-    SELECT u.meter, u.dimension, u.bucket_start - t0, u.quantity, u.events
-      FROM billing.usage(acct, t0 - interval '1 day', t0 + interval '1 day') u
-$$;
-
 INSERT INTO billing.accounts (account_id) VALUES (301), (302), (303), (304);
 INSERT INTO billing.meters (meter, aggregation) VALUES
     ('mtab_bytes', 'sum'), ('mtab_calls', 'count'), ('mtab_peak', 'max');
@@ -60,7 +40,7 @@ INSERT INTO events VALUES
     (301, 'mtab_calls', 99, :'t0', 'c1', '', 'a call'),
     (301, 'mtab_peak', 5, :'t0', NULL, '', 'peak 5'),
     (301, 'mtab_peak', 9, :'t0', NULL, '', 'peak 9');
-SELECT * FROM pg_temp.show(301, :'t0');
+SELECT * FROM test.show(301, :'t0');
 -- a duplicate event id in the same statement and across statements is
 -- neither counted nor stored; a row without event id always is
 INSERT INTO events VALUES
@@ -71,7 +51,7 @@ INSERT INTO events VALUES
     (301, 'mtab_bytes', 3, :'t0', NULL, 'eu', 'no id again');
 SELECT account_id, meter, qty, ts - :'t0'::timestamptz AS at, event_id, region, note
   FROM events ORDER BY note;
-SELECT * FROM pg_temp.show(301, :'t0') WHERE meter = 'mtab_bytes';
+SELECT * FROM test.show(301, :'t0') WHERE meter = 'mtab_bytes';
 -- dedupe is shared with the other paths: an id counted by record() is a
 -- duplicate here, and the other way round
 SELECT billing.record(301, 'mtab_bytes', 10, :'t0', 'r1');
@@ -90,7 +70,7 @@ COPY events (account_id, meter, qty, event_id, region, note) FROM STDIN;
 \.
 SELECT account_id, meter, qty, event_id, region, note FROM events
  WHERE note LIKE 'copy%' ORDER BY note;
-SELECT * FROM pg_temp.show(302, :'t0');
+SELECT * FROM test.show(302, :'t0');
 
 -- keep_rows false: counters only, nothing is stored
 CREATE TABLE stream (
@@ -116,7 +96,7 @@ COPY stream (account_id, meter, qty, event_id) FROM STDIN;
 303	mtab_peak	4	\N
 \.
 SELECT count(*) AS stored FROM stream;
-SELECT * FROM pg_temp.show(303, :'t0');
+SELECT * FROM test.show(303, :'t0');
 -- replaying the same COPY counts nothing more (only the row without id)
 COPY stream (account_id, meter, qty, event_id) FROM STDIN;
 303	mtab_bytes	7	s3
@@ -124,7 +104,7 @@ COPY stream (account_id, meter, qty, event_id) FROM STDIN;
 303	mtab_bytes	8	s2
 303	mtab_bytes	9	\N
 \.
-SELECT * FROM pg_temp.show(303, :'t0') WHERE meter = 'mtab_bytes';
+SELECT * FROM test.show(303, :'t0') WHERE meter = 'mtab_bytes';
 
 -- a rolled-back COPY leaves nothing: not the counts, not the rows, not the
 -- event ids, which count when sent again
@@ -136,14 +116,14 @@ COPY events (account_id, meter, qty, event_id, region, note) FROM STDIN;
 COPY stream (account_id, meter, qty, event_id) FROM STDIN;
 304	mtab_bytes	4	d3
 \.
-SELECT * FROM pg_temp.show(304, :'t0');
+SELECT * FROM test.show(304, :'t0');
 ROLLBACK;
-SELECT * FROM pg_temp.show(304, :'t0');
+SELECT * FROM test.show(304, :'t0');
 SELECT count(*) AS stored FROM events WHERE account_id = 304;
 INSERT INTO events (account_id, meter, qty, event_id, note) VALUES
     (304, 'mtab_bytes', 1, 'd1', 'sent again 1');
 INSERT INTO stream (account_id, meter, qty, event_id) VALUES (304, 'mtab_bytes', 4, 'd3');
-SELECT * FROM pg_temp.show(304, :'t0');
+SELECT * FROM test.show(304, :'t0');
 
 -- a savepoint rolled back inside a transaction drops only its own rows
 BEGIN;
@@ -162,7 +142,7 @@ INSERT INTO events (account_id, meter, qty, event_id, note) VALUES
 INSERT INTO stream (account_id, meter, qty, event_id) VALUES (304, 'mtab_calls', 1, 'e4');
 COMMIT;
 SELECT event_id, note FROM events WHERE meter = 'mtab_calls' AND account_id = 304 ORDER BY event_id;
-SELECT * FROM pg_temp.show(304, :'t0') WHERE meter = 'mtab_calls';
+SELECT * FROM test.show(304, :'t0') WHERE meter = 'mtab_calls';
 
 -- one bad row makes the whole COPY (or INSERT) count nothing and store nothing
 COPY stream (account_id, meter, qty, event_id) FROM STDIN;
@@ -185,20 +165,20 @@ INSERT INTO stream (account_id, meter, qty, event_id) VALUES
 INSERT INTO events (account_id, meter, qty, event_id) VALUES
     (304, 'mtab_bytes', 1, 'f1'),
     (304, 'mtab_bytes', 'NaN', 'f2');
-SELECT pg_temp.sqlstate_of(format(
+SELECT test.sqlstate_of(format(
     'INSERT INTO stream (account_id, meter, qty, ts, event_id) VALUES (304, %L, 1, %L, %L), (304, %L, 1, %L, %L)',
     'mtab_bytes', :'t0', 'f1', 'mtab_bytes', '2000-01-01 00:00+00', 'f2')) AS too_late,
-       pg_temp.sqlstate_of(format(
+       test.sqlstate_of(format(
     'INSERT INTO stream (account_id, meter, qty, ts, event_id) VALUES (304, %L, 1, %L, %L), (304, %L, 1, now() + interval %L, %L)',
     'mtab_bytes', :'t0', 'f1', 'mtab_bytes', '1 hour', 'f2')) AS too_early;
 SELECT count(*) AS stored FROM events WHERE event_id LIKE 'f%';
-SELECT * FROM pg_temp.show(304, :'t0') WHERE meter = 'mtab_bytes';
+SELECT * FROM test.show(304, :'t0') WHERE meter = 'mtab_bytes';
 -- the good rows' event ids were not claimed: they count now
 COPY stream (account_id, meter, qty, event_id) FROM STDIN;
 304	mtab_bytes	1	f1
 304	mtab_bytes	1	f2
 \.
-SELECT * FROM pg_temp.show(304, :'t0') WHERE meter = 'mtab_bytes';
+SELECT * FROM test.show(304, :'t0') WHERE meter = 'mtab_bytes';
 
 -- meter_table checks the table and its columns at once --------------------
 CREATE TABLE raw (acct bigint, m text, q numeric, t timestamptz, e text, d text,
@@ -233,7 +213,7 @@ SELECT tgname FROM pg_trigger WHERE tgrelid = 'raw'::regclass;
 SELECT billing.unmeter_table('stream');
 INSERT INTO stream (account_id, meter, qty, event_id) VALUES (303, 'mtab_bytes', 1, 's9');
 SELECT count(*) AS stored FROM stream;
-SELECT * FROM pg_temp.show(303, :'t0') WHERE meter = 'mtab_bytes';
+SELECT * FROM test.show(303, :'t0') WHERE meter = 'mtab_bytes';
 SELECT tbl FROM billing.metered_tables ORDER BY tbl::text;
 SELECT tgname FROM pg_trigger WHERE tgrelid = 'stream'::regclass;
 -- a table that is not metered: 42704; NULL: 22004
@@ -246,7 +226,7 @@ SELECT tbl, event_id_column, dimension_column, keep_rows FROM billing.metered_ta
 INSERT INTO events (account_id, meter, qty, event_id, region) VALUES
     (302, 'mtab_peak', 3, 'b1', 'eu'), (302, 'mtab_peak', 3, 'b1', 'eu');
 SELECT count(*) AS stored FROM events WHERE meter = 'mtab_peak' AND account_id = 302;
-SELECT * FROM pg_temp.show(302, :'t0') WHERE meter = 'mtab_peak';
+SELECT * FROM test.show(302, :'t0') WHERE meter = 'mtab_peak';
 SELECT billing.unmeter_table('events');
 SELECT count(*) AS metered_tables FROM billing.metered_tables;
 DROP VIEW raw_view;

@@ -7,18 +7,6 @@
 -- usage is stamped relative to t0, a whole hour three hours ago
 SELECT date_trunc('hour', now()) - interval '3 hours' AS t0 \gset
 
--- sqlstate_of(statement): runs it and returns 'ok' or the SQLSTATE it raised
--- (for errors whose message holds the current time)
-CREATE FUNCTION pg_temp.sqlstate_of(stmt text) RETURNS text
-    LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE stmt;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE;
-END
-$$;
-
 -- defaults: sum per minute, 35 days late window and dedupe window, no unit
 INSERT INTO billing.meters (meter) VALUES ('mt_default');
 SELECT meter, aggregation, bucket_width, late_window, dedupe_window, unit
@@ -87,8 +75,8 @@ SELECT meter, aggregation, bucket_width FROM billing.meters
 -- TRUNCATE deletes every meter at once: it is refused as well
 BEGIN;
 -- (plainly because charges reference meters: 0A000; with CASCADE, by the guard: 55000)
-SELECT pg_temp.sqlstate_of('TRUNCATE billing.meters') AS truncate_meters;
-SELECT pg_temp.sqlstate_of('TRUNCATE billing.meters CASCADE') AS truncate_meters_cascade;
+SELECT test.sqlstate_of('TRUNCATE billing.meters') AS truncate_meters;
+SELECT test.sqlstate_of('TRUNCATE billing.meters CASCADE') AS truncate_meters_cascade;
 ROLLBACK;
 SELECT count(*) AS mt_meters FROM billing.meters WHERE meter LIKE 'mt\_%';
 -- the unit, the late window and the dedupe window may change at any time
@@ -97,7 +85,7 @@ UPDATE billing.meters SET unit = 'exceptions', late_window = '1 hour', dedupe_wi
 SELECT meter, aggregation, bucket_width, late_window, dedupe_window, unit
   FROM billing.meters WHERE meter = 'mt_errors';
 -- and a new late window applies at once: t0 is three hours ago
-SELECT pg_temp.sqlstate_of(format('SELECT billing.record(101, %L, 1, %L)', 'mt_errors', :'t0'))
+SELECT test.sqlstate_of(format('SELECT billing.record(101, %L, 1, %L)', 'mt_errors', :'t0'))
        AS three_hours_late;
 -- setting the same aggregation again is not a change
 UPDATE billing.meters SET aggregation = 'max', bucket_width = '1 minute' WHERE meter = 'mt_errors';

@@ -10,26 +10,6 @@
 SELECT date_trunc('hour', now()) - interval '3 hours' AS t0 \gset
 SELECT date_bin('1 day', now() - interval '3 days', timestamptz '1970-01-01 00:00+00') AS d0 \gset
 
--- sqlstate_of(statement): runs it and returns 'ok' or the SQLSTATE it raised
-CREATE FUNCTION pg_temp.sqlstate_of(stmt text) RETURNS text
-    LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE stmt;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE;
-END
-$$;
-
--- usage(acct, from t0 - 1 day, to t0 + 1 day, grain, meter), bucket starts
--- as offsets from t0
-CREATE FUNCTION pg_temp.show(acct bigint, t0 timestamptz, grain interval DEFAULT NULL, m text DEFAULT NULL)
-    RETURNS TABLE (meter text, dimension text, bucket interval, quantity numeric, events bigint)
-    LANGUAGE sql AS $$
-    SELECT u.meter, u.dimension, u.bucket_start - t0, u.quantity, u.events
-      FROM billing.usage(acct, t0 - interval '1 day', t0 + interval '1 day', grain, m) u
-$$;
-
 INSERT INTO billing.accounts (account_id) VALUES (601), (602), (603);
 INSERT INTO billing.meters (meter, aggregation) VALUES
     ('rd_spans', 'sum'), ('rd_calls', 'count'), ('rd_seats', 'max'), ('rd_plan', 'last');
@@ -67,16 +47,16 @@ SELECT billing.record(601, 'rd_plan', 6, :'t0'::timestamptz + interval '1 h 30 m
 SELECT billing.record(601, 'rd_plan', 7, :'t0'::timestamptz + interval '1 h 10 min');
 
 -- grain NULL: the stored buckets, each of its meter's width
-SELECT * FROM pg_temp.show(601, :'t0');
+SELECT * FROM test.show(601, :'t0');
 -- hourly roll-ups: sum adds, count counts, max takes the max, last the value
 -- with the latest timestamp; events always add
-SELECT * FROM pg_temp.show(601, :'t0', '1 hour');
+SELECT * FROM test.show(601, :'t0', '1 hour');
 -- one meter only
-SELECT * FROM pg_temp.show(601, :'t0', '1 hour', 'rd_plan');
-SELECT * FROM pg_temp.show(601, :'t0', NULL, 'rd_seats');
-SELECT * FROM pg_temp.show(601, :'t0', NULL, 'rd_nope');
+SELECT * FROM test.show(601, :'t0', '1 hour', 'rd_plan');
+SELECT * FROM test.show(601, :'t0', NULL, 'rd_seats');
+SELECT * FROM test.show(601, :'t0', NULL, 'rd_nope');
 -- another grain: 30 minutes
-SELECT * FROM pg_temp.show(601, :'t0', '30 minutes', 'rd_spans');
+SELECT * FROM test.show(601, :'t0', '30 minutes', 'rd_spans');
 -- the range is half open on stored bucket starts: [from_ts, to_ts)
 SELECT meter, bucket_start - :'t0'::timestamptz AS bucket, quantity
   FROM billing.usage(601, :'t0'::timestamptz + interval '1 minute', :'t0'::timestamptz + interval '59 minutes',
@@ -154,11 +134,11 @@ SELECT billing.record(601, 'rd_spans', 10, :'t0');
 SELECT billing.record(601, 'rd_seats', 20, :'t0');
 SELECT billing.record(601, 'rd_plan', 9, :'t0'::timestamptz + interval '40 min 29 s');
 SELECT billing.record(601, 'rd_plan', 8, :'t0'::timestamptz + interval '1 h 30 min');
-SELECT * FROM pg_temp.show(601, :'t0') WHERE bucket IN ('00:00', '00:40', '01:30');
+SELECT * FROM test.show(601, :'t0') WHERE bucket IN ('00:00', '00:40', '01:30');
 SELECT billing.compact_usage() AS merged;
 SELECT billing.compact_usage() AS merged_again;
-SELECT * FROM pg_temp.show(601, :'t0') WHERE bucket IN ('00:00', '00:40', '01:30');
-SELECT * FROM pg_temp.show(601, :'t0', '1 hour');
+SELECT * FROM test.show(601, :'t0') WHERE bucket IN ('00:00', '00:40', '01:30');
+SELECT * FROM test.show(601, :'t0', '1 hour');
 -- usage_cells: every counter cell, compacted or not
 SELECT billing.record(601, 'rd_spans', 1, :'t0');
 SELECT meter, bucket_start - :'t0'::timestamptz AS bucket, quantity, events
@@ -177,7 +157,7 @@ SELECT billing.purge_dedupe(now() + (SELECT dedupe_window FROM billing.meters WH
 SELECT count(*) AS kept FROM billing.dedupe_keys WHERE account_id = 602 AND event_id = 'purge-me';
 SELECT billing.record(602, 'rd_calls', 1, :'t0', 'purge-me');
 SELECT billing.record(602, 'rd_calls', 1, :'t0', 'purge-me');
-SELECT * FROM pg_temp.show(602, :'t0', NULL, 'rd_calls');
+SELECT * FROM test.show(602, :'t0', NULL, 'rd_calls');
 -- a key is kept at least dedupe_window: expired but not yet purged, it
 -- still dedupes (rd_once has a dedupe window of 0)
 INSERT INTO billing.meters (meter, dedupe_window) VALUES ('rd_once', '0');
@@ -185,7 +165,7 @@ SELECT billing.record(602, 'rd_once', 1, :'t0', 'zero-1');
 SELECT billing.record(602, 'rd_once', 1, :'t0', 'zero-1');
 SELECT billing.purge_dedupe() > 0 AS purged;
 SELECT billing.record(602, 'rd_once', 1, :'t0', 'zero-1');
-SELECT * FROM pg_temp.show(602, :'t0', NULL, 'rd_once');
+SELECT * FROM test.show(602, :'t0', NULL, 'rd_once');
 
 -- errors ---------------------------------------------------------------------
 -- a grain that is not a positive interval of days and time, or of whole
@@ -196,9 +176,9 @@ SELECT * FROM billing.usage(601, :'t0', :'t0'::timestamptz + interval '1 hour', 
 SELECT * FROM billing.usage(601, :'t0', :'t0'::timestamptz + interval '1 hour', '1 month 1 day');
 SELECT * FROM billing.usage(601, :'t0', :'t0'::timestamptz + interval '1 hour', '1 month 1 hour');
 -- (the message of these is shown above; here only the SQLSTATE)
-SELECT pg_temp.sqlstate_of($$SELECT * FROM billing.usage(601, '2001-01-01', '2001-01-02', '-1 hour')$$) AS empty_range_negative,
-       pg_temp.sqlstate_of($$SELECT * FROM billing.usage(601, '2001-01-01', '2001-01-02', '1 month 1 day')$$) AS empty_range_mixed,
-       pg_temp.sqlstate_of($$SELECT * FROM billing.usage(999, now(), now(), '-1 day')$$) AS unknown_account;
-SELECT pg_temp.sqlstate_of(format('SELECT * FROM billing.usage(NULL, %L, now())', :'t0')) AS null_account,
-       pg_temp.sqlstate_of('SELECT * FROM billing.usage(601, NULL, now())') AS null_from,
-       pg_temp.sqlstate_of(format('SELECT * FROM billing.usage(601, %L, NULL)', :'t0')) AS null_to;
+SELECT test.sqlstate_of($$SELECT * FROM billing.usage(601, '2001-01-01', '2001-01-02', '-1 hour')$$) AS empty_range_negative,
+       test.sqlstate_of($$SELECT * FROM billing.usage(601, '2001-01-01', '2001-01-02', '1 month 1 day')$$) AS empty_range_mixed,
+       test.sqlstate_of($$SELECT * FROM billing.usage(999, now(), now(), '-1 day')$$) AS unknown_account;
+SELECT test.sqlstate_of(format('SELECT * FROM billing.usage(NULL, %L, now())', :'t0')) AS null_account,
+       test.sqlstate_of('SELECT * FROM billing.usage(601, NULL, now())') AS null_from,
+       test.sqlstate_of(format('SELECT * FROM billing.usage(601, %L, NULL)', :'t0')) AS null_to;

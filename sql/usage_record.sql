@@ -8,26 +8,6 @@
 -- usage is stamped relative to t0, a whole hour three hours ago
 SELECT date_trunc('hour', now()) - interval '3 hours' AS t0 \gset
 
--- sqlstate_of(statement): runs it and returns 'ok' or the SQLSTATE it raised
--- (for errors whose message holds the current time)
-CREATE FUNCTION pg_temp.sqlstate_of(stmt text) RETURNS text
-    LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE stmt;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE;
-END
-$$;
-
--- the usage of one account, bucket starts as offsets from t0
-CREATE FUNCTION pg_temp.show(acct bigint, t0 timestamptz)
-    RETURNS TABLE (meter text, dimension text, bucket interval, quantity numeric, events bigint)
-    LANGUAGE sql AS $$
-    SELECT u.meter, u.dimension, u.bucket_start - t0, u.quantity, u.events
-      FROM billing.usage(acct, t0 - interval '1 day', t0 + interval '1 day') u
-$$;
-
 INSERT INTO billing.accounts (account_id, name) VALUES (201, 'first'), (202, 'second');
 INSERT INTO billing.meters (meter, aggregation) VALUES
     ('rec_sum', 'sum'), ('rec_count', 'count'), ('rec_max', 'max'), ('rec_last', 'last'),
@@ -43,7 +23,7 @@ SELECT billing.record(201, 'rec_sum', 4, :'t0'::timestamptz + interval '1 minute
 SELECT billing.record(201, 'rec_hourly', 0.1, :'t0'::timestamptz + interval '5 minutes');
 SELECT billing.record(201, 'rec_hourly', 0.2, :'t0'::timestamptz + interval '59 minutes');
 SELECT billing.record(201, 'rec_hourly', 7, :'t0'::timestamptz + interval '60 minutes');
-SELECT * FROM pg_temp.show(201, :'t0');
+SELECT * FROM test.show(201, :'t0');
 
 -- ts defaults to now(): the report lands in the current minute (in a
 -- transaction, so that now() is the same in both statements; rolled back)
@@ -69,15 +49,15 @@ SELECT billing.record(202, 'rec_sum', 1, :'t0', 'evt-1 ');
 -- a report without an event id always counts
 SELECT billing.record(202, 'rec_sum', 1, :'t0', NULL);
 SELECT billing.record(202, 'rec_sum', 1, :'t0', NULL);
-SELECT * FROM pg_temp.show(202, :'t0');
-SELECT * FROM pg_temp.show(201, :'t0') WHERE meter = 'rec_other';
+SELECT * FROM test.show(202, :'t0');
+SELECT * FROM test.show(201, :'t0') WHERE meter = 'rec_other';
 
 -- dimensions split a bucket; the empty dimension is the default
 SELECT billing.record(201, 'rec_other', 1, :'t0'::timestamptz + interval '2 minutes', NULL, 'us');
 SELECT billing.record(201, 'rec_other', 2, :'t0'::timestamptz + interval '2 minutes', NULL, 'eu');
 SELECT billing.record(201, 'rec_other', 4, :'t0'::timestamptz + interval '2 minutes', NULL, 'eu');
 SELECT billing.record(201, 'rec_other', 8, :'t0'::timestamptz + interval '2 minutes');
-SELECT * FROM pg_temp.show(201, :'t0') WHERE meter = 'rec_other';
+SELECT * FROM test.show(201, :'t0') WHERE meter = 'rec_other';
 
 -- count: one per report, whatever the quantity (0 included)
 SELECT billing.record(201, 'rec_count', 0, :'t0');
@@ -96,26 +76,26 @@ SELECT billing.record(201, 'rec_max', -7, :'t0'::timestamptz + interval '1 minut
 SELECT billing.record(201, 'rec_last', 1, :'t0'::timestamptz + interval '10 seconds');
 SELECT billing.record(201, 'rec_last', 2, :'t0'::timestamptz + interval '30 seconds');
 SELECT billing.record(201, 'rec_last', 3, :'t0'::timestamptz + interval '20 seconds');
-SELECT * FROM pg_temp.show(201, :'t0') WHERE meter IN ('rec_count', 'rec_max', 'rec_last');
+SELECT * FROM test.show(201, :'t0') WHERE meter IN ('rec_count', 'rec_max', 'rec_last');
 -- a tie on the timestamp: the later arrival wins (twice, to rule out luck)
 SELECT billing.record(201, 'rec_last', 4, :'t0'::timestamptz + interval '30 seconds');
-SELECT * FROM pg_temp.show(201, :'t0') WHERE meter = 'rec_last';
+SELECT * FROM test.show(201, :'t0') WHERE meter = 'rec_last';
 SELECT billing.record(201, 'rec_last', -6, :'t0'::timestamptz + interval '30 seconds');
-SELECT * FROM pg_temp.show(201, :'t0') WHERE meter = 'rec_last';
+SELECT * FROM test.show(201, :'t0') WHERE meter = 'rec_last';
 -- ... also when both arrive in one statement
 SELECT billing.record(201, 'rec_last', v, :'t0'::timestamptz + interval '1 minute')
   FROM (VALUES (1, 8), (2, 5), (3, 6)) AS r(n, v) ORDER BY n;
-SELECT * FROM pg_temp.show(201, :'t0') WHERE meter = 'rec_last';
+SELECT * FROM test.show(201, :'t0') WHERE meter = 'rec_last';
 
 -- a rolled-back record leaves no trace: the retry counts, once
 BEGIN;
 SELECT billing.record(202, 'rec_other', 50, :'t0', 'retry-1');
-SELECT * FROM pg_temp.show(202, :'t0') WHERE meter = 'rec_other';
+SELECT * FROM test.show(202, :'t0') WHERE meter = 'rec_other';
 ROLLBACK;
-SELECT * FROM pg_temp.show(202, :'t0') WHERE meter = 'rec_other';
+SELECT * FROM test.show(202, :'t0') WHERE meter = 'rec_other';
 SELECT billing.record(202, 'rec_other', 50, :'t0', 'retry-1');
 SELECT billing.record(202, 'rec_other', 50, :'t0', 'retry-1');
-SELECT * FROM pg_temp.show(202, :'t0') WHERE meter = 'rec_other';
+SELECT * FROM test.show(202, :'t0') WHERE meter = 'rec_other';
 -- the same inside a transaction, with a savepoint
 BEGIN;
 SAVEPOINT attempt;
@@ -124,7 +104,7 @@ ROLLBACK TO SAVEPOINT attempt;
 SELECT billing.record(202, 'rec_other', 60, :'t0', 'retry-2');
 SELECT billing.record(202, 'rec_other', 60, :'t0', 'retry-2');
 COMMIT;
-SELECT * FROM pg_temp.show(202, :'t0') WHERE meter = 'rec_other';
+SELECT * FROM test.show(202, :'t0') WHERE meter = 'rec_other';
 
 -- errors -------------------------------------------------------------------
 -- unknown meter or account: 23503
@@ -156,14 +136,14 @@ SELECT billing.record(201, 'rec_sum', 1, NULL);
 -- rec_recent has a late window of 1 hour; rec_sum the default 35 days.
 -- (in a transaction that is rolled back, so that the edges counted go away)
 BEGIN;
-SELECT pg_temp.sqlstate_of($$SELECT billing.record(201, 'rec_recent', 1, now() - interval '1 hour')$$) AS at_late_edge,
-       pg_temp.sqlstate_of($$SELECT billing.record(201, 'rec_recent', 1, now() - interval '1 hour 0.000001 s')$$) AS past_late_edge,
-       pg_temp.sqlstate_of($$SELECT billing.record(201, 'rec_sum', 1, now() - interval '35 days')$$) AS at_35_days,
-       pg_temp.sqlstate_of($$SELECT billing.record(201, 'rec_sum', 1, now() - interval '35 days 1 second')$$) AS past_35_days;
-SELECT pg_temp.sqlstate_of($$SELECT billing.record(201, 'rec_recent', 1, now() + interval '5 minutes')$$) AS at_future_edge,
-       pg_temp.sqlstate_of($$SELECT billing.record(201, 'rec_recent', 1, now() + interval '5 minutes 0.000001 s')$$) AS past_future_edge,
-       pg_temp.sqlstate_of($$SELECT billing.record(201, 'rec_sum', 1, 'infinity')$$) AS infinity,
-       pg_temp.sqlstate_of($$SELECT billing.record(201, 'rec_sum', 1, '-infinity')$$) AS minus_infinity;
+SELECT test.sqlstate_of($$SELECT billing.record(201, 'rec_recent', 1, now() - interval '1 hour')$$) AS at_late_edge,
+       test.sqlstate_of($$SELECT billing.record(201, 'rec_recent', 1, now() - interval '1 hour 0.000001 s')$$) AS past_late_edge,
+       test.sqlstate_of($$SELECT billing.record(201, 'rec_sum', 1, now() - interval '35 days')$$) AS at_35_days,
+       test.sqlstate_of($$SELECT billing.record(201, 'rec_sum', 1, now() - interval '35 days 1 second')$$) AS past_35_days;
+SELECT test.sqlstate_of($$SELECT billing.record(201, 'rec_recent', 1, now() + interval '5 minutes')$$) AS at_future_edge,
+       test.sqlstate_of($$SELECT billing.record(201, 'rec_recent', 1, now() + interval '5 minutes 0.000001 s')$$) AS past_future_edge,
+       test.sqlstate_of($$SELECT billing.record(201, 'rec_sum', 1, 'infinity')$$) AS infinity,
+       test.sqlstate_of($$SELECT billing.record(201, 'rec_sum', 1, '-infinity')$$) AS minus_infinity;
 -- the two edges accepted were counted
 SELECT sum(events) AS recent_events FROM billing.usage_cells WHERE account_id = 201 AND meter = 'rec_recent';
 ROLLBACK;
@@ -176,5 +156,5 @@ INSERT INTO billing.accounts (account_id) VALUES (203);
 SELECT billing.record(203, 'rec_sum', 1, :'t0', 'fix-2');
 SELECT billing.record(203, 'rec_sum', 1, :'t0', 'fix-2');
 -- and nothing else changed: 201's buckets hold only the good reports
-SELECT * FROM pg_temp.show(201, :'t0');
-SELECT * FROM pg_temp.show(203, :'t0');
+SELECT * FROM test.show(201, :'t0');
+SELECT * FROM test.show(203, :'t0');

@@ -7,6 +7,7 @@
 -- reads back as sent.
 BEGIN;
 SELECT plan(20);
+\ir ../helpers.sql
 SET LOCAL timezone = 'UTC';
 
 CREATE TEMP TABLE packed AS
@@ -72,18 +73,10 @@ SELECT throws_ok($$SELECT billing._delta_pack(ARRAY['m'], ARRAY[''], ARRAY[now()
 
 -- corrupt values: every prefix of a valid value but the whole and the
 -- version alone, a wrong version, a wrong kind byte
-CREATE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE q;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE;
-END
-$$;
 SELECT is((SELECT string_agg(n::text, ',')
              FROM packed, generate_series(2, length(v) - 1) n
-            WHERE pg_temp.sqlstate_of(format('SELECT count(*) FROM billing._delta_cells(%L::bytea)',
-                                             substr(v, 1, n))) <> 'XX001'),
+            WHERE test.sqlstate_of(format('SELECT count(*) FROM billing._delta_cells(%L::bytea)',
+                                          substr(v, 1, n))) <> 'XX001'),
           '63', 'every truncated value raises XX001 but the one ending after the first series');
 SELECT throws_ok($$SELECT * FROM billing._delta_cells('\x03'::bytea)$$, 'XX001', NULL, 'an unknown version');
 SELECT throws_ok($$SELECT * FROM billing._delta_cells(set_byte((SELECT v FROM packed), 11, 64))$$,
