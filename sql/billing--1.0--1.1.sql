@@ -471,3 +471,331 @@ END
 $$;
 
 DROP FUNCTION billing._rerate_diff_citus(timestamptz, timestamptz, bigint);
+
+-- ---------------------------------------------------------------------------
+-- issue 13, defect 9: finalize_invoices never finalizes a period that ends
+-- after now() - grace_period, whatever as_of says; remaining() returns the
+-- number for caps of any size (NULL only when the cap can never bind); one
+-- documented limit on usage quantities (|q| < 10^1000, at most 1000 digits
+-- after the point, 22023), also for correct_usage.
+-- ---------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION billing._finalize(p_as_of timestamptz)
+    RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
+                   r_period_end timestamptz, r_total numeric)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+DECLARE
+    cutoff timestamptz;
+BEGIN
+    IF p_as_of IS NULL THEN
+        RAISE EXCEPTION 'finalize_invoices: as_of must not be null' USING ERRCODE = '22004';
+    END IF;
+    -- never a period that ends after now() - grace, whatever as_of says
+    -- (a future or infinite as_of would finalize periods still open)
+    cutoff := LEAST(p_as_of, pg_catalog.now()) - billing._grace_period();
+    -- on Citus these statements may not call functions that read the
+    -- shards: the same invoices, one period at a time (90_distribute.sql)
+    IF billing._citus_table_kind('billing.invoices') IS NOT NULL THEN
+        RETURN QUERY SELECT * FROM billing._finalize_citus(cutoff);
+        RETURN;
+    END IF;
+    PERFORM 1 FROM billing.accounts a
+     WHERE a.account_id IN (SELECT d.account_id FROM billing._due_periods(cutoff) d)
+     ORDER BY a.account_id
+       FOR NO KEY UPDATE;
+
+    RETURN QUERY
+    WITH due AS (
+        SELECT d.*, nextval('billing.invoice_id_seq') AS invoice_id,
+               (row_number() OVER (ORDER BY d.account_id, d.period_start))::integer AS k,
+               row_number() OVER (PARTITION BY d.account_id ORDER BY d.period_start) = 1 AS first_of_account
+          FROM billing._due_periods(cutoff) d
+    ), arrays AS (
+        SELECT array_agg(account_id ORDER BY k) AS accounts, array_agg(plan ORDER BY k) AS plans,
+               array_agg(currency ORDER BY k) AS currencies, array_agg(spend_cap ORDER BY k) AS caps,
+               array_agg(period_start ORDER BY k) AS starts, array_agg(period_end ORDER BY k) AS ends
+          FROM due
+    ), rated AS (
+        SELECT due.account_id, due.invoice_id, r.ord::bigint AS ord, r.kind, r.meter,
+               r.description, r.quantity, r.amount, r.unrounded_amount, r.charge_id, r.price,
+               NULL::bigint AS adjustment_id
+          FROM arrays a,
+               LATERAL billing._rate_periods(a.accounts, a.plans, a.currencies, a.caps,
+                                             a.starts, a.ends) r
+               JOIN due ON due.k = r.idx
+        UNION ALL
+        SELECT due.account_id, due.invoice_id,
+               1000000 + row_number() OVER (PARTITION BY adj.account_id ORDER BY adj.adjustment_id),
+               'adjustment', adj.meter,
+               billing._adjustment_text(adj),
+               adj.new_quantity - adj.old_quantity, adj.delta, NULL, NULL, NULL, adj.adjustment_id
+          FROM due JOIN billing.adjustments adj
+                 ON adj.account_id = due.account_id AND adj.billed_invoice_id IS NULL
+         WHERE due.first_of_account
+    ), numbered AS (
+        SELECT r.*, (row_number() OVER (PARTITION BY r.invoice_id ORDER BY r.ord))::integer AS line_no
+          FROM rated r
+    ), totals AS (
+        SELECT n.invoice_id, sum(n.amount) AS total FROM numbered n GROUP BY n.invoice_id
+    ), invoices_written AS (
+        INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
+                                      currency, total)
+        SELECT due.account_id, due.invoice_id, due.plan, due.period_start, due.period_end,
+               due.currency, coalesce(t.total, 0)
+          FROM due LEFT JOIN totals t ON t.invoice_id = due.invoice_id
+        RETURNING billing.invoices.invoice_id, billing.invoices.account_id,
+                  billing.invoices.period_start, billing.invoices.period_end,
+                  billing.invoices.total
+    ), lines_written AS (
+        INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
+                                          description, quantity, amount, unrounded_amount,
+                                          charge_id, price, adjustment_id)
+        SELECT n.account_id, n.invoice_id, n.line_no, n.kind, n.meter, n.description, n.quantity,
+               n.amount, n.unrounded_amount, n.charge_id, n.price, n.adjustment_id
+          FROM numbered n
+        RETURNING billing.invoice_lines.account_id, billing.invoice_lines.invoice_id,
+                  billing.invoice_lines.adjustment_id
+    ), carried AS (
+        UPDATE billing.adjustments adj SET billed_invoice_id = w.invoice_id
+          FROM lines_written w
+         WHERE w.adjustment_id IS NOT NULL AND adj.account_id = w.account_id
+           AND adj.adjustment_id = w.adjustment_id
+        RETURNING 1
+    )
+    SELECT w.invoice_id, w.account_id, w.period_start, w.period_end, w.total
+      FROM invoices_written w
+     ORDER BY w.account_id, w.period_start;
+END
+$$;
+COMMENT ON FUNCTION billing._finalize(timestamptz) IS 'Internal: the body of finalize_invoices';
+
+CREATE OR REPLACE FUNCTION billing.remaining(account_id bigint, meter text,
+                                  at timestamptz DEFAULT pg_catalog.now())
+    RETURNS numeric
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    per record;
+    line record;
+    others numeric;
+    budget numeric;
+    q0 numeric;
+    j jsonb;
+    ends numeric[];
+    seg_end numeric;
+    lo numeric := 0;          -- largest x known to fit
+    hi numeric;               -- smallest x known not to fit
+    mid numeric;
+    tail numeric;             -- past it, the charge is affine in x
+BEGIN
+    IF account_id IS NULL OR meter IS NULL OR at IS NULL THEN
+        RAISE EXCEPTION 'remaining: account_id, meter and at must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.accounts a WHERE a.account_id = remaining.account_id) THEN
+        RAISE EXCEPTION 'account % does not exist', remaining.account_id USING ERRCODE = '23503';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.meters m WHERE m.meter = remaining.meter) THEN
+        RAISE EXCEPTION 'meter "%" does not exist', remaining.meter USING ERRCODE = '23503';
+    END IF;
+    SELECT * INTO per FROM billing._period_at(remaining.account_id, at);
+    IF per.plan IS NULL THEN
+        RETURN 0;                 -- no subscription: nothing can be billed
+    END IF;
+    IF per.spend_cap IS NULL THEN
+        RETURN NULL;              -- no cap: unlimited
+    END IF;
+
+    SELECT l.quantity, l.price, l.amount INTO line
+      FROM billing._rate_period(remaining.account_id, per.plan, per.currency, per.spend_cap,
+                                per.period_start, per.period_end) l
+     WHERE l.kind = 'usage' AND l.meter = remaining.meter;
+    IF NOT FOUND THEN
+        RETURN NULL;              -- the plan does not bill this meter
+    END IF;
+    SELECT coalesce(sum(l.amount), 0) INTO others
+      FROM billing._rate_period(remaining.account_id, per.plan, per.currency, per.spend_cap,
+                                per.period_start, per.period_end) l
+     WHERE l.kind = 'usage' AND l.meter <> remaining.meter;
+    budget := billing.round_money(per.spend_cap, per.currency) - others;
+    q0 := line.quantity;
+    IF NOT billing._fits(line.price, q0, per.currency, budget) THEN
+        RETURN 0;
+    END IF;
+
+    -- stretches on which the charge cannot decrease: volume tiers, then the
+    -- rest.  A tier ends where the quantity after per and free passes its
+    -- bound b: at (b + free) * N for per N exact (or no per), at
+    -- floor(b + free) * N for round up; for round down the stretch is open
+    -- at (floor(b + free) + 1) * N, so it ends at the last whole unit from
+    -- q0 before that.
+    j := billing.price_to_jsonb(line.price);
+    IF j ->> 'model' = 'volume' THEN
+        SELECT array_agg(CASE WHEN NOT j ? 'per' OR j ->> 'per_round' = 'exact'
+                                  THEN (b + f) * coalesce((j ->> 'per')::numeric, 1)
+                              WHEN j ->> 'per_round' = 'up'
+                                  THEN floor(b + f) * (j ->> 'per')::numeric
+                              ELSE q0 + ceil((floor(b + f) + 1) * (j ->> 'per')::numeric - q0) - 1
+                         END ORDER BY b)
+          INTO ends
+          FROM jsonb_array_elements(j -> 'tiers') t,
+               LATERAL (SELECT (t ->> 'up_to')::numeric AS b,
+                               coalesce((j ->> 'free')::numeric, 0) AS f) x
+         WHERE t ->> 'up_to' <> 'inf';
+    END IF;
+    -- Whole units from q0 only: in each stretch, its last whole unit; when
+    -- that is over the budget, the answer is in this stretch, where the
+    -- charge cannot decrease, so bisect (lo, hi]; else go on to the next.
+    FOREACH seg_end IN ARRAY coalesce(ends, '{}'::numeric[]) LOOP
+        CONTINUE WHEN floor(seg_end - q0) <= lo;
+        IF billing._fits(line.price, q0 + floor(seg_end - q0), per.currency, budget) THEN
+            lo := floor(seg_end - q0);
+        ELSE
+            hi := floor(seg_end - q0);
+            EXIT;
+        END IF;
+    END LOOP;
+    IF hi IS NULL THEN
+        -- open-ended: double until over the budget, however large it is.
+        -- Every point where the charge bends (a tier bound, the free units,
+        -- a package size, where a minimum stops applying: at most the
+        -- largest number K of the price over its smallest rate, 10^-22 a
+        -- unit; times a quantity divisor) lies below tail.  Past it the
+        -- charge is affine in the quantity (or a staircase of steps shorter
+        -- than tail): the same at x and 2x there, it never grows again.
+        SELECT (1 + coalesce(max(n[1]::numeric), 0)) ^ 2 * 1e24 INTO tail
+          FROM regexp_matches(line.price::text, '([0-9]+(\.[0-9]+)?)', 'g') AS n;
+        hi := greatest(lo * 2, 1);
+        WHILE billing._fits(line.price, q0 + hi, per.currency, budget) LOOP
+            IF lo > tail AND billing.rate(line.price, q0 + hi) = billing.rate(line.price, q0 + lo) THEN
+                RETURN NULL;      -- the charge stopped growing below the budget
+            END IF;
+            lo := hi;
+            hi := hi * 2;
+        END LOOP;
+    END IF;
+    WHILE hi - lo > 1 LOOP
+        mid := floor((lo + hi) / 2);
+        IF billing._fits(line.price, q0 + mid, per.currency, budget) THEN
+            lo := mid;
+        ELSE
+            hi := mid;
+        END IF;
+    END LOOP;
+    RETURN lo;
+END
+$$;
+COMMENT ON FUNCTION billing.remaining(bigint, text, timestamptz) IS
+    'Whole units of a meter that can still be used this period before the usage lines exceed the spend cap (NULL: unlimited)';
+
+CREATE FUNCTION billing._check_quantity(quantity numeric, meter text, account_id bigint)
+    RETURNS void
+    LANGUAGE C IMMUTABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'billing_check_quantity_sql';
+COMMENT ON FUNCTION billing._check_quantity(numeric, text, bigint) IS
+    'Internal: raises 22023 for a usage quantity outside the limit every ingest path applies (|q| < 10^1000, at most 1000 fraction digits)';
+REVOKE ALL ON FUNCTION billing._check_quantity(numeric, text, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._check_quantity(numeric, text, bigint) TO billing_reader;
+
+CREATE OR REPLACE FUNCTION billing.correct_usage(account_id bigint, meter text, bucket_start timestamptz,
+                                      delta numeric, reason text, dimension text DEFAULT '')
+    RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    m record;
+    cur numeric;
+BEGIN
+    IF account_id IS NULL OR meter IS NULL OR bucket_start IS NULL OR delta IS NULL THEN
+        RAISE EXCEPTION 'correct_usage: account_id, meter, bucket_start and delta must not be null'
+            USING ERRCODE = '22004';
+    END IF;
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'a usage correction needs a reason' USING ERRCODE = '22004';
+    END IF;
+    dimension := coalesce(dimension, '');
+    IF octet_length(dimension) > 256 THEN
+        RAISE EXCEPTION 'usage dimension is too long'
+            USING ERRCODE = '22023', DETAIL = 'A dimension has at most 256 bytes.';
+    END IF;
+    SELECT * INTO m FROM billing.meters x WHERE x.meter = correct_usage.meter;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'meter "%" does not exist', correct_usage.meter USING ERRCODE = '23503';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.accounts a WHERE a.account_id = correct_usage.account_id) THEN
+        RAISE EXCEPTION 'account % does not exist', correct_usage.account_id USING ERRCODE = '23503';
+    END IF;
+    IF m.aggregation NOT IN ('sum', 'count') THEN
+        RAISE EXCEPTION 'meter "%" has aggregation %', m.meter, m.aggregation
+            USING ERRCODE = '22023', DETAIL = 'Only sum and count meters take corrections.';
+    END IF;
+    IF delta IN ('NaN', 'Infinity', '-Infinity') OR NOT isfinite(bucket_start)
+       OR date_bin(m.bucket_width, bucket_start, timestamptz '1970-01-01 00:00:00+00') <> bucket_start THEN
+        RAISE EXCEPTION 'invalid usage correction'
+            USING ERRCODE = '22023',
+                  DETAIL = format('delta must be a number and bucket_start the start of a %s bucket.', m.bucket_width);
+    END IF;
+    PERFORM billing._check_quantity(delta, correct_usage.meter, correct_usage.account_id);
+    -- corrections of one bucket one at a time (ingest only adds, so it cannot race below zero)
+    PERFORM pg_advisory_xact_lock(1651074162,
+        hashtext(format('%s/%s/%s/%s', account_id, meter, dimension, bucket_start)));
+    SELECT coalesce(sum(u.quantity), 0) INTO cur
+      FROM billing.usage_cells u
+     WHERE u.account_id = correct_usage.account_id AND u.meter = correct_usage.meter
+       AND u.dimension = correct_usage.dimension AND u.bucket_start = correct_usage.bucket_start;
+    IF cur + delta < 0 THEN
+        RAISE EXCEPTION 'correction would make the bucket negative'
+            USING ERRCODE = '22023',
+                  DETAIL = format('The bucket holds %s; the correction is %s.', cur, delta);
+    END IF;
+    INSERT INTO billing.usage_deltas (account_id, seq, cells)
+    VALUES (correct_usage.account_id, NULL,
+            billing._delta_pack(ARRAY[correct_usage.meter], ARRAY[correct_usage.dimension],
+                                ARRAY[bucket_start], ARRAY[delta], ARRAY[0::bigint], NULL));
+    INSERT INTO billing.usage_corrections (account_id, meter, dimension, bucket_start, delta, reason)
+    VALUES (correct_usage.account_id, correct_usage.meter, correct_usage.dimension, bucket_start,
+            delta, reason);
+END
+$$;
+COMMENT ON FUNCTION billing.correct_usage(bigint, text, timestamptz, numeric, text, text) IS
+    'Adds a signed correction to one bucket of a sum or count meter (any age), with a reason; the next rerate bills its effect';
+ALTER FUNCTION billing.correct_usage(bigint, text, timestamptz, numeric, text, text) SECURITY DEFINER;
+
+-- ---------------------------------------------------------------------------
+-- issue 13, defect 10: purge_dedupe keeps an event id until no report with
+-- its timestamp can be accepted any more (late_window + 5 minutes after the
+-- claim), whatever dedupe_window says.  Ids claimed under 1.0 are covered
+-- as they are (the rule is applied when purging, from the meter's windows).
+-- ---------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION billing.purge_dedupe(as_of timestamptz DEFAULT pg_catalog.now())
+    RETURNS bigint
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    n bigint := 0;
+    k bigint;
+    m record;
+BEGIN
+    -- An id is kept until its dedupe window has passed (expires_at, set
+    -- when it was claimed c: c + dedupe_window) and until no report with its
+    -- timestamp can be accepted any more: a report is stamped at most 5
+    -- minutes after c and is accepted until its timestamp + late_window.
+    -- So an id goes once c + greatest(dedupe_window, late_window + 5 min)
+    -- <= as_of, with the meter's windows as they are now.  One delete per
+    -- meter (PL/pgSQL: Citus plans each with constants).
+    FOR m IN
+        SELECT x.meter,
+               as_of - greatest(interval '0', x.late_window + interval '5 minutes' - x.dedupe_window) AS cutoff
+          FROM billing.meters x
+    LOOP
+        DELETE FROM billing.dedupe_keys d WHERE d.meter = m.meter AND d.expires_at <= m.cutoff;
+        GET DIAGNOSTICS k = ROW_COUNT;
+        n := n + k;
+    END LOOP;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION billing.purge_dedupe(timestamptz) IS
+    'Removes event ids whose dedupe window ended by as_of and for which no report can be accepted any more (late_window + 5 minutes after the claim); returns how many';
+ALTER FUNCTION billing.purge_dedupe(timestamptz) SECURITY DEFINER;
+COMMENT ON TABLE billing.dedupe_keys IS
+    'Event ids already counted, per (account, meter); kept at least dedupe_window and late_window + 5 minutes, removed by purge_dedupe()';

@@ -181,15 +181,42 @@ SELECT bool_and(invoice_id > prev) AS increasing
           FROM invoices WHERE account_id = 5304) x;
 SELECT count(*) = count(DISTINCT invoice_id) AS unique_ids FROM invoices;
 
--- A grace period that the server refuses never applies: a fresh session
--- (where the module is not loaded yet) that sets a negative grace period
--- must not finalize a period that has not ended (5301's December ends
--- 2026-01-01; as_of is Dec 15).
+-- billing.grace_period also takes interval syntax, also when it was set
+-- before the billing library was loaded (a fresh connection, where SET is
+-- the first statement and the server cannot check the value yet).
+-- December ends 2026-01-01 00:00: with 2 hours it is final from 02:00 on,
+-- not at 01:00 as with the default of 1 hour.
 \c -
-SET client_min_messages = error;
--- (SET as a placeholder the server cannot check yet; refused, if it can)
-DO $$ BEGIN PERFORM set_config('billing.grace_period', '-40d', false);
-          EXCEPTION WHEN OTHERS THEN NULL; END $$;
-SELECT count(*) AS finalized_before_their_end
-  FROM billing.finalize_invoices('2025-12-15 00:00+00') f
- WHERE f.account_id BETWEEN 5301 AND 5399 AND f.period_end > '2025-12-15 00:00+00';
+SET billing.grace_period = '2 hours';
+SET timezone = 'UTC';
+SET datestyle = 'ISO, YMD';
+SELECT f.account_id, f.period_start, f.total
+  FROM billing.finalize_invoices('2026-01-01 01:59:59.999999+00') f
+ WHERE f.account_id BETWEEN 5301 AND 5304 ORDER BY 1;
+SHOW billing.grace_period;
+SELECT f.account_id, f.period_start, f.total
+  FROM billing.finalize_invoices('2026-01-01 02:00+00') f
+ WHERE f.account_id BETWEEN 5301 AND 5304 ORDER BY 1;
+
+-- A setting that cannot be read is an error, never a silent fallback to
+-- the default: in a fresh session SET takes any text (the library is not
+-- loaded), and finalize_invoices then refuses to run (no invoice is
+-- written with a grace period nobody chose).  Once the library is loaded,
+-- SET itself refuses a bad value.
+SELECT count(*) AS invoices FROM billing.invoices WHERE account_id BETWEEN 5301 AND 5399;
+\c -
+SET billing.grace_period = 'two hours';
+SELECT count(*) FROM billing.finalize_invoices('2026-03-01 01:00+00');
+SHOW billing.grace_period;
+SET billing.grace_period = 'two hours';
+\c -
+SET billing.grace_period = '-40d';
+SET timezone = 'UTC';
+SET datestyle = 'ISO, YMD';
+SELECT count(*) FROM billing.finalize_invoices('2025-12-15 00:00+00');
+SELECT count(*) AS invoices FROM billing.invoices WHERE account_id BETWEEN 5301 AND 5399;
+-- a good value set afterwards applies
+SET billing.grace_period = '90 min';
+SELECT f.account_id, f.period_start, f.total
+  FROM billing.finalize_invoices('2026-02-01 01:30+00') f
+ WHERE f.account_id BETWEEN 5301 AND 5304 ORDER BY 1;

@@ -140,6 +140,35 @@ SELECT rate('unit 0.25', 3.5) AS gb_3_5, rate('package 1000 @ 2', 4000) AS pkg_4
        rate('graduated 100 @ 0 | inf @ 0.1 + 5', 110) AS fee_110,
        rate('graduated 100 @ 0 | inf @ 0.1 + 5', 111) AS fee_111;
 
+-- Caps of any size give the number, not NULL (1.0 gave up past 10^30 units
+-- and answered "unlimited"): a cap of 10^40 at 0.003 a unit allows
+-- 3333...3334 units (the last rounds down to the cap, as above); at 1 a
+-- unit and a cap of 10^31, 10^31.  A price that stops growing below the
+-- cap is still NULL, however long it takes to get there: a minimum of 25
+-- under a cap of 100 at 10^-20 a unit gives about 10^22 (up to 100.00499...,
+-- which rounds to 100.00), while the same price with a max of 50 never
+-- reaches the cap.
+INSERT INTO plans (plan) VALUES ('rm_big'), ('rm_one'), ('rm_tiny'), ('rm_tiny_max');
+INSERT INTO charges (plan, meter, price) VALUES
+    ('rm_big', 'rm_error', 'unit 0.003'),
+    ('rm_one', 'rm_error', 'unit 1'),
+    ('rm_tiny', 'rm_error', 'unit 0.00000000000000000001 min 25'),
+    ('rm_tiny_max', 'rm_error', 'unit 0.00000000000000000001 min 25 max 50');
+INSERT INTO accounts (account_id, name) VALUES
+    (5412, 'cap 10^40'), (5413, 'cap 10^31'), (5414, 'tiny price'), (5415, 'tiny price, max');
+INSERT INTO subscriptions (account_id, plan, starts_at, spend_cap) VALUES
+    (5412, 'rm_big', '2025-05-01', 1e40),
+    (5413, 'rm_one', '2025-05-01', 1e31),
+    (5414, 'rm_tiny', '2025-05-01', 100),
+    (5415, 'rm_tiny_max', '2025-05-01', 100);
+SELECT remaining(5412, 'rm_error', '2025-05-10') AS cap_1e40,
+       remaining(5413, 'rm_error', '2025-05-10') AS cap_1e31;
+SELECT remaining(5414, 'rm_error', '2025-05-10') AS tiny_price,
+       remaining(5415, 'rm_error', '2025-05-10') AS tiny_price_max;
+-- check the edges against the rating itself
+SELECT round_money(rate('unit 0.003', remaining(5412, 'rm_error', '2025-05-10')), 'USD') <= 1e40 AS fits,
+       round_money(rate('unit 0.003', remaining(5412, 'rm_error', '2025-05-10') + 1), 'USD') > 1e40 AS one_more_does_not;
+
 -- Errors: an unknown account or meter (23503), NULL arguments (22004).
 SELECT remaining(5499, 'rm_error', '2025-05-10');
 SELECT remaining(5401, 'rm_nope', '2025-05-10');

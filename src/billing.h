@@ -8,6 +8,7 @@
 
 #include "postgres.h"
 #include "utils/array.h"
+#include "utils/numeric.h"
 
 /* billing.rounding: how money is rounded to the currency's minor unit */
 typedef enum BillingRounding
@@ -22,6 +23,10 @@ extern int	billing_rounding;
 
 /* billing.grace_period, in seconds */
 extern int	billing_grace_period;
+
+/* quantity.c: usage quantities are below 10^1000, with at most 1000 fraction digits */
+#define BILLING_QTY_DIGITS	1000
+extern void billing_check_quantity(Numeric q, const char *meter, int64 account_id);
 
 /* ingest.c */
 extern void billing_ingest_init(void);

@@ -962,6 +962,8 @@ add_report(IngestState *st, int64 account_id, const char *meter, int meterlen,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("usage quantity must be finite"),
 				 errdetail("Meter \"%s\", account %lld.", slot->name, (long long) account_id)));
+	if (!v.isdec)
+		billing_check_quantity(v.num, slot->name, account_id);
 	if ((slot->def.agg == AGG_SUM || slot->def.agg == AGG_COUNT) && qty_sign(&v) < 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

@@ -78,7 +78,7 @@ CREATE TABLE billing.dedupe_keys (
 );
 CREATE INDEX dedupe_keys_expires ON billing.dedupe_keys (expires_at);
 COMMENT ON TABLE billing.dedupe_keys IS
-    'Event ids already counted, per (account, meter); kept at least dedupe_window, removed by purge_dedupe()';
+    'Event ids already counted, per (account, meter); kept at least dedupe_window and late_window + 5 minutes, removed by purge_dedupe()';
 
 CREATE TABLE billing.ingest_offsets (
     source       text COLLATE "C" NOT NULL,
@@ -339,16 +339,31 @@ CREATE FUNCTION billing.purge_dedupe(as_of timestamptz DEFAULT pg_catalog.now())
     RETURNS bigint
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 DECLARE
-    n bigint;
+    n bigint := 0;
+    k bigint;
+    m record;
 BEGIN
-    -- PL/pgSQL, not SQL: Citus plans the delete only with as_of's value
-    DELETE FROM billing.dedupe_keys WHERE expires_at <= as_of;
-    GET DIAGNOSTICS n = ROW_COUNT;
+    -- An id is kept until its dedupe window has passed (expires_at, set
+    -- when it was claimed c: c + dedupe_window) and until no report with its
+    -- timestamp can be accepted any more: a report is stamped at most 5
+    -- minutes after c and is accepted until its timestamp + late_window.
+    -- So an id goes once c + greatest(dedupe_window, late_window + 5 min)
+    -- <= as_of, with the meter's windows as they are now.  One delete per
+    -- meter (PL/pgSQL: Citus plans each with constants).
+    FOR m IN
+        SELECT x.meter,
+               as_of - greatest(interval '0', x.late_window + interval '5 minutes' - x.dedupe_window) AS cutoff
+          FROM billing.meters x
+    LOOP
+        DELETE FROM billing.dedupe_keys d WHERE d.meter = m.meter AND d.expires_at <= m.cutoff;
+        GET DIAGNOSTICS k = ROW_COUNT;
+        n := n + k;
+    END LOOP;
     RETURN n;
 END
 $$;
 COMMENT ON FUNCTION billing.purge_dedupe(timestamptz) IS
-    'Removes event ids whose dedupe window ended by as_of (an index range delete); returns how many';
+    'Removes event ids whose dedupe window ended by as_of and for which no report can be accepted any more (late_window + 5 minutes after the claim); returns how many';
 
 CREATE TABLE billing.usage_hourly (
     account_id    bigint NOT NULL,

@@ -401,7 +401,9 @@ BEGIN
     IF p_as_of IS NULL THEN
         RAISE EXCEPTION 'finalize_invoices: as_of must not be null' USING ERRCODE = '22004';
     END IF;
-    cutoff := p_as_of - billing._grace_period();
+    -- never a period that ends after now() - grace, whatever as_of says
+    -- (a future or infinite as_of would finalize periods still open)
+    cutoff := LEAST(p_as_of, pg_catalog.now()) - billing._grace_period();
     -- on Citus these statements may not call functions that read the
     -- shards: the same invoices, one period at a time (90_distribute.sql)
     IF billing._citus_table_kind('billing.invoices') IS NOT NULL THEN
@@ -526,6 +528,7 @@ DECLARE
     lo numeric := 0;          -- largest x known to fit
     hi numeric;               -- smallest x known not to fit
     mid numeric;
+    tail numeric;             -- past it, the charge is affine in x
 BEGIN
     IF account_id IS NULL OR meter IS NULL OR at IS NULL THEN
         RAISE EXCEPTION 'remaining: account_id, meter and at must not be null' USING ERRCODE = '22004';
@@ -594,13 +597,21 @@ BEGIN
         END IF;
     END LOOP;
     IF hi IS NULL THEN
-        -- open-ended: double until over the budget (or give up: never over it)
+        -- open-ended: double until over the budget, however large it is.
+        -- Every point where the charge bends (a tier bound, the free units,
+        -- a package size, where a minimum stops applying: at most the
+        -- largest number K of the price over its smallest rate, 10^-22 a
+        -- unit; times a quantity divisor) lies below tail.  Past it the
+        -- charge is affine in the quantity (or a staircase of steps shorter
+        -- than tail): the same at x and 2x there, it never grows again.
+        SELECT (1 + coalesce(max(n[1]::numeric), 0)) ^ 2 * 1e24 INTO tail
+          FROM regexp_matches(line.price::text, '([0-9]+(\.[0-9]+)?)', 'g') AS n;
         hi := greatest(lo * 2, 1);
         WHILE billing._fits(line.price, q0 + hi, per.currency, budget) LOOP
-            lo := hi;
-            IF hi > 1e30 THEN
-                RETURN NULL;      -- capped price: the budget is never exceeded
+            IF lo > tail AND billing.rate(line.price, q0 + hi) = billing.rate(line.price, q0 + lo) THEN
+                RETURN NULL;      -- the charge stopped growing below the budget
             END IF;
+            lo := hi;
             hi := hi * 2;
         END LOOP;
     END IF;

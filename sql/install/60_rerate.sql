@@ -20,6 +20,12 @@ COMMENT ON TABLE billing.usage_corrections IS
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_corrections', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.correction_id_seq', '');
 
+CREATE FUNCTION billing._check_quantity(quantity numeric, meter text, account_id bigint)
+    RETURNS void
+    LANGUAGE C IMMUTABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'billing_check_quantity_sql';
+COMMENT ON FUNCTION billing._check_quantity(numeric, text, bigint) IS
+    'Internal: raises 22023 for a usage quantity outside the limit every ingest path applies (|q| < 10^1000, at most 1000 fraction digits)';
+
 CREATE FUNCTION billing.correct_usage(account_id bigint, meter text, bucket_start timestamptz,
                                       delta numeric, reason text, dimension text DEFAULT '')
     RETURNS void
@@ -58,6 +64,7 @@ BEGIN
             USING ERRCODE = '22023',
                   DETAIL = format('delta must be a number and bucket_start the start of a %s bucket.', m.bucket_width);
     END IF;
+    PERFORM billing._check_quantity(delta, correct_usage.meter, correct_usage.account_id);
     -- corrections of one bucket one at a time (ingest only adds, so it cannot race below zero)
     PERFORM pg_advisory_xact_lock(1651074162,
         hashtext(format('%s/%s/%s/%s', account_id, meter, dimension, bucket_start)));
