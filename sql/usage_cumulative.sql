@@ -5,8 +5,9 @@
 -- change nothing, that the order of arrival does not matter, dimensions,
 -- mixing with record(), and the errors.
 
--- usage is stamped relative to t0, a whole hour three hours ago
-SELECT date_trunc('hour', now()) - interval '3 hours' AS t0 \gset
+-- usage is stamped relative to t0, a fixed whole hour (the meters accept
+-- reports 100 years late), so that no output depends on the clock
+SELECT timestamptz '2025-03-12 09:00+00' AS t0 \gset
 
 -- the usage of one meter of one account: quantities only (the events of a
 -- cumulative bucket are not pinned by the contract)
@@ -18,9 +19,11 @@ CREATE FUNCTION pg_temp.totals(acct bigint, m text, t0 timestamptz)
 $$;
 
 INSERT INTO billing.accounts (account_id) VALUES (501), (502), (503);
-INSERT INTO billing.meters (meter, aggregation) VALUES
-    ('cum_spans', 'sum'), ('cum_peak', 'max'), ('cum_plan', 'last'), ('cum_calls', 'count');
-INSERT INTO billing.meters (meter, aggregation, bucket_width) VALUES ('cum_hourly', 'sum', '1 hour');
+INSERT INTO billing.meters (meter, aggregation, late_window) VALUES
+    ('cum_spans', 'sum', '100 years'), ('cum_peak', 'max', '100 years'),
+    ('cum_plan', 'last', '100 years'), ('cum_calls', 'count', '100 years');
+INSERT INTO billing.meters (meter, aggregation, bucket_width, late_window)
+VALUES ('cum_hourly', 'sum', '1 hour', '100 years');
 
 -- collector A reports 10, then its running total grows to 25; collector B
 -- reports 7: the bucket holds 25 + 7
@@ -91,9 +94,10 @@ SELECT billing.report_cumulative('A', NULL, 'cum_spans', :'t0', 1);
 SELECT billing.report_cumulative('A', 501, NULL, :'t0', 1);
 SELECT billing.report_cumulative('A', 501, 'cum_spans', NULL, 1);
 SELECT billing.report_cumulative('A', 501, 'cum_spans', :'t0', NULL);
--- a bucket outside the window: 22007
-SELECT test.sqlstate_of($$SELECT billing.report_cumulative('A', 501, 'cum_spans', now() - interval '36 days', 1)$$) AS too_late,
-       test.sqlstate_of($$SELECT billing.report_cumulative('A', 501, 'cum_spans', now() + interval '1 hour', 1)$$) AS too_early;
+-- a bucket outside the window (more than 100 years late, or in the far
+-- future): 22007
+SELECT test.sqlstate_of($$SELECT billing.report_cumulative('A', 501, 'cum_spans', '1900-01-01 00:00+00', 1)$$) AS too_late,
+       test.sqlstate_of($$SELECT billing.report_cumulative('A', 501, 'cum_spans', '2999-01-01 00:00+00', 1)$$) AS too_early;
 -- none of them changed anything
 SELECT * FROM pg_temp.totals(501, 'cum_spans', :'t0');
 SELECT count(*) AS reports FROM billing.cumulative_reports WHERE account_id IN (501, 599);

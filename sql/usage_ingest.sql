@@ -7,12 +7,14 @@
 -- large and long quantities, and the errors: a failing batch changes
 -- nothing, not even its offset.
 
--- usage is stamped relative to t0, a whole hour three hours ago
-SELECT date_trunc('hour', now()) - interval '3 hours' AS t0 \gset
+-- usage is stamped relative to t0, a fixed whole hour (the meters accept
+-- reports 100 years late), so that no output depends on the clock
+SELECT timestamptz '2025-03-12 09:00+00' AS t0 \gset
 
 INSERT INTO billing.accounts (account_id) VALUES (401), (402), (403);
-INSERT INTO billing.meters (meter, aggregation) VALUES
-    ('ing_spans', 'sum'), ('ing_calls', 'count'), ('ing_peak', 'max'), ('ing_plan', 'last');
+INSERT INTO billing.meters (meter, aggregation, late_window) VALUES
+    ('ing_spans', 'sum', '100 years'), ('ing_calls', 'count', '100 years'),
+    ('ing_peak', 'max', '100 years'), ('ing_plan', 'last', '100 years');
 
 -- a batch: parallel arrays, one element per report
 SELECT * FROM billing.ingest('kafka', 0, 10,
@@ -174,13 +176,14 @@ SELECT * FROM billing.ingest('err', 0, 1, ARRAY[401, 401]::bigint[], ARRAY['ing_
 -- a two-dimensional array: 22023
 SELECT * FROM billing.ingest('err', 0, 1, ARRAY[[401], [401]]::bigint[], ARRAY['ing_spans', 'ing_spans'],
     ARRAY[1, 1]::numeric[], ARRAY[:'t0', :'t0']::timestamptz[]);
--- a timestamp outside the window: 22007
+-- a timestamp outside the window (more than 100 years late, or in the far
+-- future): 22007
 SELECT test.sqlstate_of(format(
-    'SELECT billing.ingest(%L, 0, 1, %L::bigint[], %L::text[], %L::numeric[], ARRAY[%L, now() - interval %L]::timestamptz[])',
-    'err', '{401,401}', '{ing_spans,ing_spans}', '{1,1}', :'t0', '36 days')) AS too_late,
+    'SELECT billing.ingest(%L, 0, 1, %L::bigint[], %L::text[], %L::numeric[], ARRAY[%L, %L]::timestamptz[])',
+    'err', '{401,401}', '{ing_spans,ing_spans}', '{1,1}', :'t0', '1900-01-01 00:00+00')) AS too_late,
        test.sqlstate_of(format(
-    'SELECT billing.ingest(%L, 0, 1, %L::bigint[], %L::text[], %L::numeric[], ARRAY[%L, now() + interval %L]::timestamptz[])',
-    'err', '{401,401}', '{ing_spans,ing_spans}', '{1,1}', :'t0', '6 minutes')) AS too_early;
+    'SELECT billing.ingest(%L, 0, 1, %L::bigint[], %L::text[], %L::numeric[], ARRAY[%L, %L]::timestamptz[])',
+    'err', '{401,401}', '{ing_spans,ing_spans}', '{1,1}', :'t0', '2999-01-01 00:00+00')) AS too_early;
 -- none of these failing batches stored its offset, counted, or claimed an id
 SELECT count(*) AS err_offsets FROM billing.ingest_offsets WHERE source = 'err';
 SELECT * FROM test.show(401, :'t0');

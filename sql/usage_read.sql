@@ -5,15 +5,18 @@
 -- half-open time range, that compact_usage() changes nothing visible, the
 -- usage_cells view, purge_dedupe() and the dedupe window, and the errors.
 
--- usage is stamped relative to t0, a whole hour three hours ago, and d0,
--- a UTC midnight three days ago (for the day roll-ups)
-SELECT date_trunc('hour', now()) - interval '3 hours' AS t0 \gset
-SELECT date_bin('1 day', now() - interval '3 days', timestamptz '1970-01-01 00:00+00') AS d0 \gset
+-- usage is stamped relative to fixed times, whatever the clock says: t0, a
+-- whole hour, and d0, a UTC midnight three days before (for the day
+-- roll-ups); the meters have a late window of 100 years to accept them
+SELECT timestamptz '2025-03-12 09:00+00' AS t0 \gset
+SELECT timestamptz '2025-03-09 00:00+00' AS d0 \gset
 
 INSERT INTO billing.accounts (account_id) VALUES (601), (602), (603);
-INSERT INTO billing.meters (meter, aggregation) VALUES
-    ('rd_spans', 'sum'), ('rd_calls', 'count'), ('rd_seats', 'max'), ('rd_plan', 'last');
-INSERT INTO billing.meters (meter, aggregation, bucket_width) VALUES ('rd_gb', 'sum', '15 minutes');
+INSERT INTO billing.meters (meter, aggregation, late_window) VALUES
+    ('rd_spans', 'sum', '100 years'), ('rd_calls', 'count', '100 years'),
+    ('rd_seats', 'max', '100 years'), ('rd_plan', 'last', '100 years');
+INSERT INTO billing.meters (meter, aggregation, bucket_width, late_window)
+VALUES ('rd_gb', 'sum', '15 minutes', '100 years');
 
 -- usage over two hours: minutes 0, 1 and 59 of the first hour, minute 5 of
 -- the second, one dimension
@@ -61,7 +64,7 @@ SELECT * FROM test.show(601, :'t0', '30 minutes', 'rd_spans');
 SELECT meter, bucket_start - :'t0'::timestamptz AS bucket, quantity
   FROM billing.usage(601, :'t0'::timestamptz + interval '1 minute', :'t0'::timestamptz + interval '59 minutes',
                      meter => 'rd_spans');
-SELECT count(*) AS other_account FROM billing.usage(602, :'t0'::timestamptz - interval '1 day', now());
+SELECT count(*) AS other_account FROM billing.usage(602, :'t0'::timestamptz - interval '1 day', :'t0'::timestamptz + interval '1 day');
 
 -- day roll-ups are UTC days: d0 is a UTC midnight
 SELECT billing.record(602, 'rd_spans', 1, :'d0'::timestamptz + interval '1 hour');
@@ -146,24 +149,32 @@ SELECT meter, bucket_start - :'t0'::timestamptz AS bucket, quantity, events
  ORDER BY quantity;
 
 -- purge_dedupe(as_of) removes the event ids whose dedupe window ended by
--- as_of; the id counts again afterwards
+-- as_of and for which no report can be accepted any more (their late
+-- window, plus the 5 minutes a report may be stamped ahead, has passed);
+-- the id counts again afterwards.  (Claims are stamped with the clock: the
+-- as_of here are now() plus the windows.)
 SELECT billing.record(602, 'rd_calls', 1, :'t0', 'purge-me');
 SELECT billing.record(602, 'rd_calls', 1, :'t0', 'purge-me');
 SELECT billing.purge_dedupe(now()) >= 0 AS purged_now;
 SELECT count(*) AS kept FROM billing.dedupe_keys WHERE account_id = 602 AND event_id = 'purge-me';
 SELECT billing.record(602, 'rd_calls', 1, :'t0', 'purge-me');
-SELECT billing.purge_dedupe(now() + (SELECT dedupe_window FROM billing.meters WHERE meter = 'rd_calls')
+SELECT billing.purge_dedupe(now() + (SELECT greatest(dedupe_window, late_window + interval '5 minutes')
+                                       FROM billing.meters WHERE meter = 'rd_calls')
                             + interval '1 second') > 0 AS purged_later;
 SELECT count(*) AS kept FROM billing.dedupe_keys WHERE account_id = 602 AND event_id = 'purge-me';
 SELECT billing.record(602, 'rd_calls', 1, :'t0', 'purge-me');
 SELECT billing.record(602, 'rd_calls', 1, :'t0', 'purge-me');
 SELECT * FROM test.show(602, :'t0', NULL, 'rd_calls');
 -- a key is kept at least dedupe_window: expired but not yet purged, it
--- still dedupes (rd_once has a dedupe window of 0)
-INSERT INTO billing.meters (meter, dedupe_window) VALUES ('rd_once', '0');
+-- still dedupes (rd_once has a dedupe window of 0).  And purge_dedupe keeps
+-- it while a report stamped t0 can still be accepted, whatever the dedupe
+-- window says: rd_once accepts reports 100 years late, so a resend is
+-- never counted twice.
+INSERT INTO billing.meters (meter, dedupe_window, late_window) VALUES ('rd_once', '0', '100 years');
 SELECT billing.record(602, 'rd_once', 1, :'t0', 'zero-1');
 SELECT billing.record(602, 'rd_once', 1, :'t0', 'zero-1');
-SELECT billing.purge_dedupe() > 0 AS purged;
+SELECT billing.purge_dedupe() >= 0 AS purged;
+SELECT count(*) AS kept FROM billing.dedupe_keys WHERE account_id = 602 AND event_id = 'zero-1';
 SELECT billing.record(602, 'rd_once', 1, :'t0', 'zero-1');
 SELECT * FROM test.show(602, :'t0', NULL, 'rd_once');
 
@@ -178,7 +189,7 @@ SELECT * FROM billing.usage(601, :'t0', :'t0'::timestamptz + interval '1 hour', 
 -- (the message of these is shown above; here only the SQLSTATE)
 SELECT test.sqlstate_of($$SELECT * FROM billing.usage(601, '2001-01-01', '2001-01-02', '-1 hour')$$) AS empty_range_negative,
        test.sqlstate_of($$SELECT * FROM billing.usage(601, '2001-01-01', '2001-01-02', '1 month 1 day')$$) AS empty_range_mixed,
-       test.sqlstate_of($$SELECT * FROM billing.usage(999, now(), now(), '-1 day')$$) AS unknown_account;
-SELECT test.sqlstate_of(format('SELECT * FROM billing.usage(NULL, %L, now())', :'t0')) AS null_account,
-       test.sqlstate_of('SELECT * FROM billing.usage(601, NULL, now())') AS null_from,
+       test.sqlstate_of($$SELECT * FROM billing.usage(999, '2001-01-01', '2001-01-02', '-1 day')$$) AS unknown_account;
+SELECT test.sqlstate_of(format('SELECT * FROM billing.usage(NULL, %L, %L)', :'t0', :'d0')) AS null_account,
+       test.sqlstate_of(format('SELECT * FROM billing.usage(601, NULL, %L)', :'t0')) AS null_from,
        test.sqlstate_of(format('SELECT * FROM billing.usage(601, %L, NULL)', :'t0')) AS null_to;

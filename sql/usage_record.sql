@@ -5,15 +5,20 @@
 -- later arrival), that a rolled-back record leaves no trace and its retry
 -- counts once, and every error: bad input changes nothing.
 
--- usage is stamped relative to t0, a whole hour three hours ago
-SELECT date_trunc('hour', now()) - interval '3 hours' AS t0 \gset
+-- usage is stamped relative to t0, a fixed whole hour (the meters accept
+-- reports 100 years late), so that no output depends on the clock; only
+-- the default timestamp and the late-window edges need now(), below
+SELECT timestamptz '2025-03-12 09:00+00' AS t0 \gset
 
 INSERT INTO billing.accounts (account_id, name) VALUES (201, 'first'), (202, 'second');
-INSERT INTO billing.meters (meter, aggregation) VALUES
-    ('rec_sum', 'sum'), ('rec_count', 'count'), ('rec_max', 'max'), ('rec_last', 'last'),
-    ('rec_other', 'sum');
-INSERT INTO billing.meters (meter, aggregation, bucket_width) VALUES ('rec_hourly', 'sum', '1 hour');
+INSERT INTO billing.meters (meter, aggregation, late_window) VALUES
+    ('rec_sum', 'sum', '100 years'), ('rec_count', 'count', '100 years'),
+    ('rec_max', 'max', '100 years'), ('rec_last', 'last', '100 years'),
+    ('rec_other', 'sum', '100 years');
+INSERT INTO billing.meters (meter, aggregation, bucket_width, late_window)
+VALUES ('rec_hourly', 'sum', '1 hour', '100 years');
 INSERT INTO billing.meters (meter, late_window) VALUES ('rec_recent', '1 hour');
+INSERT INTO billing.meters (meter) VALUES ('rec_default');
 
 -- a report is counted into the bucket (minute) that holds its timestamp
 SELECT billing.record(201, 'rec_sum', 2.5, :'t0'::timestamptz + interval '10 seconds');
@@ -25,8 +30,9 @@ SELECT billing.record(201, 'rec_hourly', 0.2, :'t0'::timestamptz + interval '59 
 SELECT billing.record(201, 'rec_hourly', 7, :'t0'::timestamptz + interval '60 minutes');
 SELECT * FROM test.show(201, :'t0');
 
--- ts defaults to now(): the report lands in the current minute (in a
--- transaction, so that now() is the same in both statements; rolled back)
+-- ts defaults to now(): the report lands in the current minute (this needs
+-- the clock; in a transaction, so that now() is the same in both
+-- statements, and the output is the same at any time; rolled back)
 BEGIN;
 SELECT billing.record(202, 'rec_other', 1);
 SELECT meter, bucket_start = date_bin('1 minute', now(), timestamptz '1970-01-01 00:00+00') AS this_minute,
@@ -133,13 +139,15 @@ SELECT billing.record(201, 'rec_sum', NULL, :'t0');
 SELECT billing.record(201, 'rec_sum', 1, NULL);
 -- a timestamp older than now() - late_window or more than 5 minutes ahead:
 -- 22007 (the message shows the times, so only the SQLSTATE is shown here).
--- rec_recent has a late window of 1 hour; rec_sum the default 35 days.
--- (in a transaction that is rolled back, so that the edges counted go away)
+-- rec_recent has a late window of 1 hour; rec_default the default 35 days.
+-- (These edges are relative to the clock, so they need now(); only the
+-- SQLSTATEs are shown, the same at any time.  In a transaction that is
+-- rolled back, so that the edges counted go away.)
 BEGIN;
 SELECT test.sqlstate_of($$SELECT billing.record(201, 'rec_recent', 1, now() - interval '1 hour')$$) AS at_late_edge,
        test.sqlstate_of($$SELECT billing.record(201, 'rec_recent', 1, now() - interval '1 hour 0.000001 s')$$) AS past_late_edge,
-       test.sqlstate_of($$SELECT billing.record(201, 'rec_sum', 1, now() - interval '35 days')$$) AS at_35_days,
-       test.sqlstate_of($$SELECT billing.record(201, 'rec_sum', 1, now() - interval '35 days 1 second')$$) AS past_35_days;
+       test.sqlstate_of($$SELECT billing.record(201, 'rec_default', 1, now() - interval '35 days')$$) AS at_35_days,
+       test.sqlstate_of($$SELECT billing.record(201, 'rec_default', 1, now() - interval '35 days 1 second')$$) AS past_35_days;
 SELECT test.sqlstate_of($$SELECT billing.record(201, 'rec_recent', 1, now() + interval '5 minutes')$$) AS at_future_edge,
        test.sqlstate_of($$SELECT billing.record(201, 'rec_recent', 1, now() + interval '5 minutes 0.000001 s')$$) AS past_future_edge,
        test.sqlstate_of($$SELECT billing.record(201, 'rec_sum', 1, 'infinity')$$) AS infinity,
