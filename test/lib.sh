@@ -16,9 +16,12 @@ as_root() {
     if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# as_pg CMD...: run a command as the OS user that owns the server.
+# as_pg CMD...: run a command as the OS user that owns the server, with the
+# extra environment in CLUSTER_ENV (e.g. libfaketime and TZ, set by
+# test/clock_check.sh for the servers only).
 as_pg() {
-    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+    # shellcheck disable=SC2086
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- env ${CLUSTER_ENV:-} "$@"; else env ${CLUSTER_ENV:-} "$@"; fi
 }
 
 # ensure_packages PKG...: apt-get install the packages that are missing.

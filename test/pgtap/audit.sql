@@ -28,12 +28,14 @@ SELECT is(pg_get_function_result('billing.verify_audit_log()'::regprocedure),
 -- a realistic history: catalog, accounts, usage, invoices, a correction, a rerate ---
 CREATE ROLE audit_test_admin NOLOGIN IN ROLE billing_admin;
 CREATE ROLE audit_test_writer NOLOGIN IN ROLE billing_writer;
-SELECT date_trunc('day', now()) - interval '3 days' AS d0 \gset
+-- fixed dates (the meter accepts reports 100 years late), so that the
+-- invoices finalized do not depend on the time of day
+SELECT timestamptz '2025-03-09 00:00+00' AS d0 \gset
 CREATE TEMP TABLE t0 AS SELECT :'d0'::timestamptz AS d0;
 GRANT SELECT ON t0 TO PUBLIC;
 
 SET ROLE audit_test_admin;
-INSERT INTO billing.meters (meter) VALUES ('au_events'), ('au_spare');
+INSERT INTO billing.meters (meter, late_window) VALUES ('au_events', '100 years'), ('au_spare', '100 years');
 INSERT INTO billing.accounts (account_id, name) VALUES (7101, 'one'), (7102, 'two');
 INSERT INTO billing.plans (plan, period) VALUES ('au_daily', '1 day');
 INSERT INTO billing.charges (plan, meter, price) VALUES ('au_daily', 'au_events', 'unit 0.5');
@@ -51,7 +53,7 @@ SELECT billing.record(7102, 'au_events', 2, :'d0'::timestamptz + interval '1 day
 RESET ROLE;
 
 SET ROLE audit_test_admin;
-SELECT count(*) AS invoices FROM billing.finalize_invoices(now()) \gset
+SELECT count(*) AS invoices FROM billing.finalize_invoices(:'d0'::timestamptz + interval '3 days 1 hour') \gset
 SELECT billing.correct_usage(7101, 'au_events', :'d0'::timestamptz + interval '1 day 1 hour', 6,
                              'late batch found in the warehouse');
 SELECT count(*) AS adjusted FROM billing.rerate(:'d0', :'d0'::timestamptz + interval '3 days') \gset

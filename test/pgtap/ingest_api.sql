@@ -1,6 +1,9 @@
 -- ingest_api: the ingest and read functions of SPEC sections 3 and 4 exist
 -- with their pinned signatures, argument names and result columns, and
--- every bad input raises its SQLSTATE.
+-- every bad input raises its SQLSTATE.  It uses now(): record's default
+-- timestamp and the late-window edges are relative to the clock; every
+-- report is stamped at now() (one minute, one day: the transaction keeps
+-- now() fixed), so every result is the same at any time of day.
 BEGIN;
 SELECT plan(117);
 

@@ -1,6 +1,7 @@
 -- Dimensions and event ids are index keys: over-long ones are refused with
 -- 22023 before anything is counted (a dimension too long to index would
--- otherwise make every later compact_usage() fail).
+-- otherwise make every later compact_usage() fail).  (Reports are stamped
+-- now(), the meter's default window; only errors and counts are checked.)
 BEGIN;
 SELECT plan(6);
 INSERT INTO billing.meters (meter) VALUES ('lim_m');

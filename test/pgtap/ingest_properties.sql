@@ -12,12 +12,13 @@ BEGIN;
 SELECT plan(19);
 
 CREATE TEMP TABLE params AS
-SELECT date_trunc('hour', now()) - interval '3 hours' AS t0,
+SELECT timestamptz '2025-03-12 09:00+00' AS t0,   -- fixed: the meters accept 100 years late
        timestamptz '1970-01-01 00:00+00' AS epoch;
 
 INSERT INTO billing.accounts (account_id) VALUES (8001), (8002), (8003), (8004);
-INSERT INTO billing.meters (meter, aggregation) VALUES
-    ('prop_sum', 'sum'), ('prop_count', 'count'), ('prop_max', 'max'), ('prop_last', 'last');
+INSERT INTO billing.meters (meter, aggregation, late_window) VALUES
+    ('prop_sum', 'sum', '100 years'), ('prop_count', 'count', '100 years'),
+    ('prop_max', 'max', '100 years'), ('prop_last', 'last', '100 years');
 
 -- the reports ----------------------------------------------------------------
 SELECT setseed(0.3141);

@@ -1,7 +1,9 @@
 -- roles: SPEC section 8.  billing_admin, billing_writer and billing_reader
 -- can each do what they must and nothing more; PUBLIC can do nothing;
 -- SECURITY DEFINER functions pin search_path and cannot be turned against
--- their owner.  Every check runs under SET ROLE.
+-- their owner.  Every check runs under SET ROLE.  (Times are relative to
+-- now(), for convenience: the checks are privileges, lives_ok/throws_ok and
+-- counts that do not depend on the time of day.)
 BEGIN;
 SELECT plan(83);
 

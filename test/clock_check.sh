@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# test/clock_check.sh: show that no test depends on the time of day.  Runs
+# the whole of `make test` with the servers' clock and time zone moved
+# (libfaketime, Debian package faketime, preloaded into every server that
+# test/lib.sh starts, through CLUSTER_ENV; the clients keep the real clock):
+#   1. far from UTC midnight: 20:00 UTC, TZ America/Los_Angeles (noon there);
+#   2. across UTC midnight: from 23:58:30 UTC on Dec 31, TZ UTC, so that the
+#      run crosses a day, a month and a year;
+#   3. just after UTC midnight, in the hours where usage_read used to fail
+#      (00:20 UTC, TZ Asia/Kolkata).
+# The fake times are offsets from the real clock (the clock keeps running,
+# and servers restarted by the fault tests keep the same fake time), always
+# later than the real date, so that the tests' fixed dates stay in the past.
+# Usage: bash test/clock_check.sh [N]  (N: run only scenario N)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+. test/lib.sh
+
+ensure_packages faketime || exit 1
+lib=$(dpkg -L libfaketime 2>/dev/null | grep '/libfaketime\.so\.1$' | head -1)
+[ -n "$lib" ] || { echo "libfaketime not found"; exit 1; }
+
+year=$(date -u +%Y)
+scenarios=(
+    "$(date -u -d 'tomorrow' +%F) 20:00:00|America/Los_Angeles"
+    "$year-12-31 23:58:30|UTC"
+    "$((year + 1))-01-02 00:20:00|Asia/Kolkata"
+)
+rc=0
+for i in "${!scenarios[@]}"; do
+    [ -n "${1:-}" ] && [ "$1" != "$((i + 1))" ] && continue
+    at=${scenarios[$i]%|*}
+    tz=${scenarios[$i]#*|}
+    off=$(( $(date -u -d "$at UTC" +%s) - $(date -u +%s) ))
+    export CLUSTER_ENV="LD_PRELOAD=$lib FAKETIME=+$off TZ=$tz"
+    echo "== scenario $((i + 1)): servers start at $at UTC, TZ $tz"
+    log=$(mktemp /tmp/billing-clock.XXXXXX)
+    bash test/run_tests.sh >"$log" 2>&1
+    r=$?
+    grep -E '^(not ok|test .*FAILED)' "$log"
+    tail -1 "$log"
+    [ $r -eq 0 ] || { rc=1; echo "(log: $log)"; continue; }
+    rm -f "$log"
+done
+exit $rc
