@@ -195,7 +195,8 @@ SELECT bag_eq('TABLE actual_hours', 'TABLE expected_hours',
 -- many times, and still every key counts once (30,000 rows, 15,000 ids, 20%
 -- without id, over 50 accounts, a sum and a last meter, 10 minutes)
 INSERT INTO billing.accounts (account_id) SELECT 8100 + g FROM generate_series(1, 50) g;
-INSERT INTO billing.meters (meter, aggregation) VALUES ('prop_wm_sum', 'sum'), ('prop_wm_last', 'last');
+INSERT INTO billing.meters (meter, aggregation, late_window) VALUES
+    ('prop_wm_sum', 'sum', '100 years'), ('prop_wm_last', 'last', '100 years');
 CREATE TEMP TABLE big AS
 SELECT n, 8101 + (n * 7919) % 50 AS account_id,
        CASE WHEN n % 3 = 0 THEN 'prop_wm_last' ELSE 'prop_wm_sum' END AS meter,
