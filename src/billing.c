@@ -20,6 +20,7 @@
 
 #include <limits.h>
 
+#include "access/parallel.h"
 #include "datatype/timestamp.h"
 #include "fmgr.h"
 #include "utils/datetime.h"
@@ -110,7 +111,8 @@ parse_grace(const char *value, int *seconds)
  *		GUC check hook of billing.grace_period.  A value that cannot be read
  *		is refused, except while the library loads: then it is the value of
  *		a SET made before, which PostgreSQL would drop with a WARNING and
- *		replace by the default; it is kept instead, marked unreadable.
+ *		replace by the default; it is kept instead, marked unreadable.  (A
+ *		parallel worker copies the leader's values, unreadable ones too.)
  */
 static bool
 check_grace_period(char **newval, void **extra, GucSource source)
@@ -119,7 +121,7 @@ check_grace_period(char **newval, void **extra, GucSource source)
 	int			seconds = 3600;
 	bool		ok = parse_grace(*newval, &seconds);
 
-	if (!ok && !billing_loading)
+	if (!ok && !billing_loading && !InitializingParallelWorker)
 	{
 		GUC_check_errdetail("A grace period is a time with a unit (\"1h\", \"90min\", "
 							"\"3600s\") or an interval of days and time (\"2 hours\"), "

@@ -29,8 +29,9 @@ SELECT is(pg_get_function_result('billing.verify_audit_log()'::regprocedure),
 CREATE ROLE audit_test_admin NOLOGIN IN ROLE billing_admin;
 CREATE ROLE audit_test_writer NOLOGIN IN ROLE billing_writer;
 -- fixed dates (the meter accepts reports 100 years late), so that the
--- invoices finalized do not depend on the time of day
-SELECT timestamptz '2025-03-09 00:00+00' AS d0 \gset
+-- invoices finalized do not depend on the time of day, and UTC days
+SET LOCAL timezone = 'UTC';
+SELECT timestamptz '2025-06-09 00:00+00' AS d0 \gset
 CREATE TEMP TABLE t0 AS SELECT :'d0'::timestamptz AS d0;
 GRANT SELECT ON t0 TO PUBLIC;
 
@@ -153,7 +154,7 @@ SELECT is((SELECT count(*) FROM billing.audit_log a
                   IS DISTINCT FROM pg_temp.encoding(a)), 0::bigint,
           'the encoding does not depend on TimeZone or DateStyle');
 SELECT is_empty('SELECT * FROM billing.verify_audit_log()', 'nor does verification');
-RESET TimeZone;
+SET LOCAL TimeZone = 'UTC';
 RESET DateStyle;
 SELECT is(encode(billing._audit_encode(1, 2, '2024-01-02 03:04:05.678901+00', 'ünï', 'a', 'o', '{"b": 1, "a": [true]}'), 'hex'),
           '0000001362696c6c696e672e61756469745f6c6f672f31' || '0000000131' || '0000000132'

@@ -10,6 +10,7 @@
 BEGIN;
 SELECT plan(32);
 \ir ../helpers.sql
+SET LOCAL timezone = 'UTC';
 
 INSERT INTO billing.meters (meter, aggregation, late_window) VALUES
     ('ql_sum', 'sum', '100 years'), ('ql_max', 'max', '100 years'), ('ql_last', 'last', '100 years');
