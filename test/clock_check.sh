@@ -4,15 +4,17 @@
 # (libfaketime, Debian package faketime, preloaded into every server that
 # test/lib.sh starts, through CLUSTER_ENV; the clients keep the real clock):
 #   1. far from UTC midnight: 12:00 UTC, TZ UTC;
-#   2. across UTC midnight: from 23:58:30 UTC on Dec 31, TZ UTC, so that the
-#      run crosses a day, a month and a year (and 00:00-03:00 UTC, where
-#      usage_read used to fail);
-#   3. (only when asked for: bash test/clock_check.sh 3) servers whose own
-#      time zone is not UTC: 00:20 UTC, TZ Asia/Kolkata.
+#   2. near UTC midnight: 00:05 UTC on Jan 1, TZ UTC (the first hours of a
+#      day, where usage_read used to fail, of a month and of a year);
+#   3. (on request: bash test/clock_check.sh 3) across UTC midnight: from
+#      23:58:30 UTC on Dec 31, TZ UTC: the run crosses a day, a month and a
+#      year;
+#   4. (on request) servers whose own time zone is not UTC: 00:20 UTC, TZ
+#      Asia/Kolkata.
 # The fake times are offsets from the real clock (the clock keeps running,
 # and servers restarted by the fault tests keep the same fake time), always
 # later than the real date, so that the tests' fixed dates stay in the past.
-# Usage: bash test/clock_check.sh [N]  (N: run only scenario N; default 1 2)
+# Usage: bash test/clock_check.sh [N]  (N: run only scenario N; default 1 and 2)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . test/lib.sh
@@ -24,6 +26,7 @@ lib=$(dpkg -L libfaketime 2>/dev/null | grep '/libfaketime\.so\.1$' | head -1)
 year=$(date -u +%Y)
 scenarios=(
     "$(date -u -d 'tomorrow' +%F) 12:00:00|UTC"
+    "$((year + 1))-01-01 00:05:00|UTC"
     "$year-12-31 23:58:30|UTC"
     "$((year + 1))-01-02 00:20:00|Asia/Kolkata"
 )
