@@ -88,6 +88,17 @@ bad=$(grep -Ec '^not ok [0-9]+' "$out/worker.log")
 if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
 passed=$((passed + ok)); failed=$((failed + bad))
 
+# billing.grace_period set before the library loads, on a cluster of its
+# own that does not preload billing; one line per check.
+echo "== settings set before the library loads"
+bash test/settings/run.sh >"$out/settings.log" 2>&1
+rc=$?
+grep -vE '^ok [0-9]+' "$out/settings.log"
+ok=$(grep -Ec '^ok [0-9]+' "$out/settings.log")
+bad=$(grep -Ec '^not ok [0-9]+' "$out/settings.log")
+if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
+passed=$((passed + ok)); failed=$((failed + bad))
+
 # 6. pg_dump round trip: one pass or fail.
 echo "== pg_dump round trip"
 bash test/dump/run.sh >"$out/dump.log" 2>&1
