@@ -605,7 +605,7 @@ BEGIN
         -- charge is affine in the quantity (or a staircase of steps shorter
         -- than tail): the same at x and 2x there, it never grows again.
         SELECT (1 + coalesce(max(n[1]::numeric), 0)) ^ 2 * 1e24 INTO tail
-          FROM regexp_matches(line.price::text, '([0-9]+(\.[0-9]+)?)', 'g') AS n;
+          FROM regexp_matches(billing.price_to_jsonb(line.price)::text, '([0-9]+(\.[0-9]+)?)', 'g') AS n;
         hi := greatest(lo * 2, 1);
         WHILE billing._fits(line.price, q0 + hi, per.currency, budget) LOOP
             IF lo > tail AND billing.rate(line.price, q0 + hi) = billing.rate(line.price, q0 + lo) THEN
