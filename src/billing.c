@@ -12,6 +12,7 @@
 #include "fmgr.h"
 #include "utils/guc.h"
 
+#include "audit.h"
 #include "billing.h"
 
 PG_MODULE_MAGIC;
@@ -76,4 +77,5 @@ _PG_init(void)
 	MarkGUCPrefixReserved("billing");
 
 	billing_ingest_init();
+	audit_init();
 }
