@@ -22,8 +22,13 @@
  *
  * The row images are to_jsonb of the row as it is, every column (a column
  * added later shows in later rows), rendered with TimeZone UTC, DateStyle
- * ISO and IntervalStyle postgres like the extension's own row images.  An
- * UPDATE whose old and new images are equal (jsonb's =) writes nothing.
+ * ISO and IntervalStyle postgres like the extension's own row images.  The
+ * columns of the common types (integers, numeric, boolean, text, dates and
+ * times) are converted here, as to_jsonb converts them, from a plan made
+ * once per query: to_jsonb itself looks each column's type up again for
+ * every row and turns every number into text and back.  Columns of other
+ * types go through to_jsonb.  An UPDATE whose old and new images are equal
+ * (jsonb's =) writes nothing.
  *
  * The trigger functions are not SECURITY DEFINER: the row images are made
  * with the rights of whoever changes the table; only the append itself
@@ -44,9 +49,11 @@
 #include "nodes/makefuncs.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
+#include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/numeric.h"
 #include "utils/rel.h"
 
 #include "audit.h"
@@ -64,6 +71,28 @@ enum
 
 static const char *const op_names[] = {"insert", "update", "delete"};
 
+/* how a column's values become jsonb (by the column's base type) */
+typedef enum ColKind
+{
+	COL_INT2,
+	COL_INT4,
+	COL_INT8,
+	COL_NUMERIC,
+	COL_BOOL,
+	COL_TEXT,					/* text, varchar, char(n) */
+	COL_DATETIME,				/* date, timestamp, timestamptz */
+	COL_OTHER					/* to_jsonb of the value */
+} ColKind;
+
+typedef struct ColPlan
+{
+	AttrNumber	attnum;
+	JsonbValue	key;			/* the column's name */
+	ColKind		kind;
+	Oid			basetype;
+	FmgrInfo   *to_jsonb;		/* COL_OTHER: to_jsonb over the column's type */
+} ColPlan;
+
 /*
  * What the row trigger needs about the relation it fires on, set up on its
  * first row of a query (kept in fn_extra, which lives as long as the
@@ -75,11 +104,11 @@ typedef struct TableAudit
 	char	   *object;			/* the audited table's qualified name */
 	AttrNumber	account_att;	/* InvalidAttrNumber: the catalog chain */
 	Oid			account_type;
+	int			ncols;
+	ColPlan    *cols;			/* its columns, dropped ones left out */
 	int			nkeys;			/* primary key columns (0: none) */
-	AttrNumber *key_atts;		/* their attributes in this relation */
-	TupleDesc	key_desc;		/* the "key" object, blessed */
-	TupleDesc	details_desc[3];	/* the details object per operation, blessed */
-	FmgrInfo	to_jsonb;		/* to_jsonb(record) */
+	int		   *key_cols;		/* their indexes in cols */
+	bool		has_other;		/* a column goes through to_jsonb */
 } TableAudit;
 
 /*
@@ -119,25 +148,88 @@ audited_relation(Relation rel, Trigger *trig)
 }
 
 /*
- * details_desc
- *		The blessed row type of the details object of one operation: "key"
- *		(with a primary key), then "new" and/or "old" as the relation's row
- *		type.
+ * col_plan
+ *		How the values of one column become jsonb, as to_jsonb does it.
  */
-static TupleDesc
-details_desc(TableAudit *ta, Oid rowtype, int op)
+static void
+col_plan(ColPlan *c, Form_pg_attribute att)
 {
-	int			n = (ta->nkeys > 0) + (op == OP_UPDATE ? 2 : 1);
-	TupleDesc	desc = CreateTemplateTupleDesc(n);
-	int			a = 0;
+	c->attnum = att->attnum;
+	c->key.type = jbvString;
+	c->key.val.string.val = pstrdup(NameStr(att->attname));
+	c->key.val.string.len = strlen(c->key.val.string.val);
+	c->basetype = getBaseType(att->atttypid);
+	c->to_jsonb = NULL;
+	switch (c->basetype)
+	{
+		case INT2OID:
+			c->kind = COL_INT2;
+			break;
+		case INT4OID:
+			c->kind = COL_INT4;
+			break;
+		case INT8OID:
+			c->kind = COL_INT8;
+			break;
+		case NUMERICOID:
+			c->kind = COL_NUMERIC;
+			break;
+		case BOOLOID:
+			c->kind = COL_BOOL;
+			break;
+		case TEXTOID:
+		case VARCHAROID:
+		case BPCHAROID:
+			c->kind = COL_TEXT;
+			break;
+		case DATEOID:
+		case TIMESTAMPOID:
+		case TIMESTAMPTZOID:
+			c->kind = COL_DATETIME;
+			break;
+		default:
+			{
+				/* to_jsonb reads its argument's type from the call expression */
+				FuncExpr   *expr = makeFuncExpr(F_TO_JSONB, JSONBOID,
+												list_make1(makeNullConst(att->atttypid,
+																		 att->atttypmod,
+																		 att->attcollation)),
+												InvalidOid, InvalidOid,
+												COERCE_EXPLICIT_CALL);
 
-	if (ta->nkeys > 0)
-		TupleDescInitEntry(desc, ++a, "key", RECORDOID, -1, 0);
-	if (op != OP_DELETE)
-		TupleDescInitEntry(desc, ++a, "new", rowtype, -1, 0);
-	if (op != OP_INSERT)
-		TupleDescInitEntry(desc, ++a, "old", rowtype, -1, 0);
-	return BlessTupleDesc(desc);
+				c->kind = COL_OTHER;
+				c->to_jsonb = palloc0(sizeof(FmgrInfo));
+				fmgr_info(F_TO_JSONB, c->to_jsonb);
+				c->to_jsonb->fn_expr = (Node *) expr;
+			}
+			break;
+	}
+}
+
+/*
+ * col_cmp
+ *		jsonb's order of object keys (shorter first, then bytewise): the
+ *		columns are pushed in this order, so that making the jsonb value
+ *		finds them sorted already.
+ */
+static int
+col_cmp(const void *a, const void *b)
+{
+	const JsonbValue *x = &((const ColPlan *) a)->key;
+	const JsonbValue *y = &((const ColPlan *) b)->key;
+
+	if (x->val.string.len != y->val.string.len)
+		return x->val.string.len < y->val.string.len ? -1 : 1;
+	return memcmp(x->val.string.val, y->val.string.val, x->val.string.len);
+}
+
+/* the same order for indexes into TableAudit.cols */
+static ColPlan *sort_cols;
+
+static int
+key_col_cmp(const void *a, const void *b)
+{
+	return col_cmp(&sort_cols[*(const int *) a], &sort_cols[*(const int *) b]);
 }
 
 /*
@@ -145,8 +237,8 @@ details_desc(TableAudit *ta, Oid rowtype, int op)
  *		Set up (once per query and relation) what the row trigger needs:
  *		the object name, the account column (trigger argument 1, empty for
  *		the catalog chain; 42703 when it is gone, 42804 when it is no longer
- *		an integer), the primary key columns of the audited table, and
- *		to_jsonb over a record.
+ *		an integer), how each column becomes jsonb, and the primary key
+ *		columns of the audited table.
  */
 static TableAudit *
 table_audit(FunctionCallInfo fcinfo, TriggerData *td)
@@ -158,7 +250,6 @@ table_audit(FunctionCallInfo fcinfo, TriggerData *td)
 	Relation	audited;
 	TupleDesc	desc = RelationGetDescr(rel);
 	Oid			pk;
-	FuncExpr   *expr;
 
 	if (ta != NULL && ta->relid == RelationGetRelid(rel))
 		return ta;
@@ -197,6 +288,21 @@ table_audit(FunctionCallInfo fcinfo, TriggerData *td)
 					 errdetail("The account column must be of type bigint, integer or smallint.")));
 	}
 
+	/* the columns, in their order */
+	ta->cols = palloc(desc->natts * sizeof(ColPlan));
+	for (int a = 0; a < desc->natts; a++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, a);
+
+		if (att->attisdropped)
+			continue;
+		col_plan(&ta->cols[ta->ncols], att);
+		if (ta->cols[ta->ncols].kind == COL_OTHER)
+			ta->has_other = true;
+		ta->ncols++;
+	}
+	qsort(ta->cols, ta->ncols, sizeof(ColPlan), col_cmp);
+
 	/* the primary key of the audited table, by column name in this relation */
 	pk = RelationGetPrimaryKeyIndex(audited);
 	if (OidIsValid(pk))
@@ -205,36 +311,28 @@ table_audit(FunctionCallInfo fcinfo, TriggerData *td)
 		int			nkeys = idx->rd_index->indnkeyatts;
 
 		ta->nkeys = nkeys;
-		ta->key_atts = palloc(nkeys * sizeof(AttrNumber));
-		ta->key_desc = CreateTemplateTupleDesc(nkeys);
+		ta->key_cols = palloc(nkeys * sizeof(int));
 		for (int k = 0; k < nkeys; k++)
 		{
 			char	   *name = get_attname(RelationGetRelid(audited),
 										   idx->rd_index->indkey.values[k], false);
-			Form_pg_attribute att;
+			AttrNumber	attnum = get_attnum(ta->relid, name);
+			int			i;
 
-			ta->key_atts[k] = get_attnum(ta->relid, name);
-			if (ta->key_atts[k] <= 0)
+			for (i = 0; i < ta->ncols; i++)
+				if (ta->cols[i].attnum == attnum)
+					break;
+			if (i == ta->ncols)
 				elog(ERROR, "primary key column \"%s\" is not a column of \"%s\"",
 					 name, RelationGetRelationName(rel));
-			att = TupleDescAttr(desc, ta->key_atts[k] - 1);
-			TupleDescInitEntry(ta->key_desc, k + 1, name, att->atttypid, att->atttypmod, 0);
+			ta->key_cols[k] = i;
 		}
-		ta->key_desc = BlessTupleDesc(ta->key_desc);
+		sort_cols = ta->cols;
+		qsort(ta->key_cols, nkeys, sizeof(int), key_col_cmp);
 		index_close(idx, AccessShareLock);
 	}
 	if (audited != rel)
 		relation_close(audited, AccessShareLock);
-
-	for (int op = OP_INSERT; op <= OP_DELETE; op++)
-		ta->details_desc[op] = details_desc(ta, rel->rd_rel->reltype, op);
-
-	/* to_jsonb(record): it reads its argument's type from the call expression */
-	fmgr_info(F_TO_JSONB, &ta->to_jsonb);
-	expr = makeFuncExpr(F_TO_JSONB, JSONBOID,
-						list_make1(makeNullConst(RECORDOID, -1, InvalidOid)),
-						InvalidOid, InvalidOid, COERCE_EXPLICIT_CALL);
-	ta->to_jsonb.fn_expr = (Node *) expr;
 
 	MemoryContextSwitchTo(old);
 	fcinfo->flinfo->fn_extra = ta;
@@ -269,44 +367,171 @@ account_of(TableAudit *ta, HeapTuple tup, TupleDesc desc)
 }
 
 /*
+ * push_value
+ *		Add one column's value to a jsonb object being built, converted as
+ *		to_jsonb converts it (numbers as numbers, except NaN and infinities
+ *		as strings; dates and times in ISO 8601, timestamptz in UTC).
+ */
+static void
+push_value(JsonbParseState **st, ColPlan *c, Datum v, bool isnull)
+{
+	static const int utc = 0;
+	JsonbValue	jv;
+
+	if (isnull)
+		jv.type = jbvNull;
+	else
+	{
+		switch (c->kind)
+		{
+			case COL_INT2:
+				jv.type = jbvNumeric;
+				jv.val.numeric = int64_to_numeric(DatumGetInt16(v));
+				break;
+			case COL_INT4:
+				jv.type = jbvNumeric;
+				jv.val.numeric = int64_to_numeric(DatumGetInt32(v));
+				break;
+			case COL_INT8:
+				jv.type = jbvNumeric;
+				jv.val.numeric = int64_to_numeric(DatumGetInt64(v));
+				break;
+			case COL_NUMERIC:
+				jv.val.numeric = DatumGetNumeric(v);
+				if (numeric_is_nan(jv.val.numeric) || numeric_is_inf(jv.val.numeric))
+				{
+					jv.type = jbvString;
+					jv.val.string.val = DatumGetCString(DirectFunctionCall1(numeric_out, v));
+					jv.val.string.len = strlen(jv.val.string.val);
+				}
+				else
+					jv.type = jbvNumeric;
+				break;
+			case COL_BOOL:
+				jv.type = jbvBool;
+				jv.val.boolean = DatumGetBool(v);
+				break;
+			case COL_TEXT:
+				{
+					text	   *t = DatumGetTextPP(v);
+
+					jv.type = jbvString;
+					jv.val.string.val = VARDATA_ANY(t);
+					jv.val.string.len = VARSIZE_ANY_EXHDR(t);
+					if (jv.val.string.len > JENTRY_OFFLENMASK)
+						ereport(ERROR,
+								(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+								 errmsg("string too long to represent as jsonb string"),
+								 errdetail("Due to an implementation restriction, jsonb strings cannot exceed %d bytes.",
+										   JENTRY_OFFLENMASK)));
+				}
+				break;
+			case COL_DATETIME:
+				jv.type = jbvString;
+				jv.val.string.val = JsonEncodeDateTime(NULL, v, c->basetype,
+													   c->basetype == TIMESTAMPTZOID ? &utc : NULL);
+				jv.val.string.len = strlen(jv.val.string.val);
+				break;
+			case COL_OTHER:
+				{
+					Jsonb	   *j = DatumGetJsonbP(FunctionCall1(c->to_jsonb, v));
+
+					jv.type = jbvBinary;
+					jv.val.binary.data = &j->root;
+					jv.val.binary.len = VARSIZE(j) - VARHDRSZ;
+				}
+				break;
+		}
+	}
+	pushJsonbValue(st, WJB_VALUE, &jv);
+}
+
+/*
+ * push_row
+ *		Add a row image under key name: an object of every column.
+ */
+static void
+push_row(JsonbParseState **st, TableAudit *ta, const char *name,
+		 Datum *values, bool *nulls)
+{
+	JsonbValue	key;
+
+	key.type = jbvString;
+	key.val.string.val = (char *) name;
+	key.val.string.len = strlen(name);
+	pushJsonbValue(st, WJB_KEY, &key);
+	pushJsonbValue(st, WJB_BEGIN_OBJECT, NULL);
+	for (int i = 0; i < ta->ncols; i++)
+	{
+		ColPlan    *c = &ta->cols[i];
+
+		pushJsonbValue(st, WJB_KEY, &c->key);
+		push_value(st, c, values[c->attnum - 1], nulls[c->attnum - 1]);
+	}
+	pushJsonbValue(st, WJB_END_OBJECT, NULL);
+}
+
+/*
  * row_details
- *		The details object of a change, as jsonb: one to_jsonb over a
- *		record of the key and the row images, so each image is converted
- *		once, straight into the result.
+ *		The details object of a change, as jsonb: {"key": the primary key
+ *		columns, "new": row, "old": row}, built in one go.
  */
 static Jsonb *
-row_details(TableAudit *ta, Relation rel, int op, HeapTuple oldtup, HeapTuple newtup)
+row_details(TableAudit *ta, Relation rel, HeapTuple oldtup, HeapTuple newtup)
 {
 	TupleDesc	desc = RelationGetDescr(rel);
-	TupleDesc	ddesc = ta->details_desc[op];
-	Datum		values[3];
-	bool		nulls[3] = {false, false, false};
-	int			a = 0;
-	HeapTuple	dtup;
-	Datum		result;
-	int			pin;
+	Datum	   *ovalues = NULL;
+	bool	   *onulls = NULL;
+	Datum	   *nvalues = NULL;
+	bool	   *nnulls = NULL;
+	JsonbParseState *st = NULL;
+	JsonbValue *res;
+	int			pin = -1;
 
-	if (ta->nkeys > 0)
+	if (oldtup)
 	{
-		HeapTuple	src = newtup ? newtup : oldtup;
-		Datum	   *kvals = palloc(ta->nkeys * sizeof(Datum));
-		bool	   *knulls = palloc(ta->nkeys * sizeof(bool));
-
-		for (int k = 0; k < ta->nkeys; k++)
-			kvals[k] = heap_getattr(src, ta->key_atts[k], desc, &knulls[k]);
-		values[a++] = HeapTupleGetDatum(heap_form_tuple(ta->key_desc, kvals, knulls));
+		ovalues = palloc(desc->natts * sizeof(Datum));
+		onulls = palloc(desc->natts * sizeof(bool));
+		heap_deform_tuple(oldtup, desc, ovalues, onulls);
 	}
 	if (newtup)
-		values[a++] = heap_copy_tuple_as_datum(newtup, desc);
-	if (oldtup)
-		values[a++] = heap_copy_tuple_as_datum(oldtup, desc);
-	Assert(a == ddesc->natts);
-	dtup = heap_form_tuple(ddesc, values, nulls);
+	{
+		nvalues = palloc(desc->natts * sizeof(Datum));
+		nnulls = palloc(desc->natts * sizeof(bool));
+		heap_deform_tuple(newtup, desc, nvalues, nnulls);
+	}
+	if (ta->has_other)
+		pin = rendering_pin();
 
-	pin = rendering_pin();
-	result = FunctionCall1(&ta->to_jsonb, HeapTupleGetDatum(dtup));
+	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+	if (ta->nkeys > 0)
+	{
+		Datum	   *kv = newtup ? nvalues : ovalues;
+		bool	   *kn = newtup ? nnulls : onulls;
+		JsonbValue	key;
+
+		key.type = jbvString;
+		key.val.string.val = "key";
+		key.val.string.len = 3;
+		pushJsonbValue(&st, WJB_KEY, &key);
+		pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
+		for (int k = 0; k < ta->nkeys; k++)
+		{
+			ColPlan    *c = &ta->cols[ta->key_cols[k]];
+
+			pushJsonbValue(&st, WJB_KEY, &c->key);
+			push_value(&st, c, kv[c->attnum - 1], kn[c->attnum - 1]);
+		}
+		pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+	}
+	if (newtup)
+		push_row(&st, ta, "new", nvalues, nnulls);
+	if (oldtup)
+		push_row(&st, ta, "old", ovalues, onulls);
+	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
+
 	rendering_unpin(pin);
-	return DatumGetJsonbP(result);
+	return JsonbValueToJsonb(res);
 }
 
 /*
@@ -383,7 +608,7 @@ billing_audit_row(PG_FUNCTION_ARGS)
 
 	ta = table_audit(fcinfo, td);
 	desc = RelationGetDescr(td->tg_relation);
-	details = row_details(ta, td->tg_relation, op, oldtup, newtup);
+	details = row_details(ta, td->tg_relation, oldtup, newtup);
 	if (op == OP_UPDATE && unchanged(details))
 		return PointerGetDatum(NULL);
 
