@@ -19,7 +19,7 @@
  *   adjustments (rerate)                      adjust, the account
  *   usage_corrections (correct_usage)         correct, the account
  *   a rerate run (not a dry run)              rerate, chain 0
- *   audited_tables (75_audit_table.sql)       insert/update/delete, chain 0
+ *   audit_table, unaudit_table (75_audit_table.sql)  insert/delete, chain 0
  * The hash and its canonical encoding are in src/audit.c.
  */
 

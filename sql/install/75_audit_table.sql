@@ -13,40 +13,26 @@
  *                           per change (src/audit_table.c); a partitioned
  *                           table's partitions, now and later, get clones
  *   billing_audit_flush     AFTER INSERT OR UPDATE OR DELETE FOR EACH STATEMENT
- *                           billing._audit_statement(): writes the chain heads
- *                           the statement moved, once per statement
+ *                           billing._audit_statement(): writes the statement's
+ *                           audit rows and chain heads, once per statement
  *   billing_audit_truncate  BEFORE TRUNCATE FOR EACH STATEMENT
  *                           billing._audit_statement(): refuses it (55000)
  *
  * The two statement triggers also go on every partition (statement
  * triggers are not cloned): audit_table puts them on the partitions that
  * exist, the event trigger billing_audit_ddl on those created or attached
- * later.  The table is recorded in billing.audited_tables, whose changes
- * are audited themselves (chain 0, object 'audited_table:<table>').
+ * later.  The triggers are the whole registration: pg_dump keeps them with
+ * the table, and the view billing.audited_tables lists them.  audit_table
+ * and unaudit_table each leave a row in chain 0 ('insert' / 'delete' of
+ * 'audited_table:<table>').
  *
- * The audit is switched off only by unaudit_table (or DROP TABLE), both of
- * which leave a row in chain 0: DDL that would disable or drop the audit
- * triggers, or drop or retype the account column, is refused (55000) by
- * the event triggers below.
+ * An ALTER TABLE that would disable the audit triggers, or drop, rename or
+ * retype the account column, is refused (55000) by billing_audit_ddl.
  *
  * On Citus an audited Citus table must be distributed by its account column
  * with billing.accounts: its row trigger fires on the shard, on the node
  * that holds the account's audit chain.
  */
-
-CREATE TABLE billing.audited_tables (
-    tbl             regclass PRIMARY KEY,
-    account_column  name
-);
-COMMENT ON TABLE billing.audited_tables IS
-    'Tables whose changes are appended to the audit log (billing.audit_table); account_column NULL: the catalog chain 0';
-
-SELECT pg_catalog.pg_extension_config_dump('billing.audited_tables', '');
-
-CREATE TRIGGER audited_tables_audit AFTER INSERT OR UPDATE OR DELETE ON billing.audited_tables
-    FOR EACH ROW EXECUTE FUNCTION billing._audit_change('audited_table', 'catalog', 'tbl');
-CREATE TRIGGER audited_tables_audit_truncate AFTER TRUNCATE ON billing.audited_tables
-    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_change('audited_table', 'catalog');
 
 -- the triggers (C) -----------------------------------------------------------------------
 
@@ -61,6 +47,51 @@ CREATE FUNCTION billing._audit_statement() RETURNS trigger
     LANGUAGE C;
 COMMENT ON FUNCTION billing._audit_statement() IS
     'Internal: statement trigger of an audited table and its partitions; writes the audit chain heads after INSERT, UPDATE or DELETE, refuses TRUNCATE';
+
+/*
+ * audited_tables: the audited tables (those carrying the row trigger of
+ * audit_table, not as a partition's clone) and their account column (NULL:
+ * chain 0).
+ */
+CREATE VIEW billing.audited_tables AS
+SELECT g.tgrelid::regclass AS tbl,
+       NULLIF(pg_catalog.convert_from(
+           pg_catalog.substring(g.tgargs, 1, pg_catalog.position(g.tgargs, '\x00'::bytea) - 1),
+           pg_catalog.getdatabaseencoding()), '')::name AS account_column
+  FROM pg_catalog.pg_trigger g
+ WHERE g.tgfoid OPERATOR(pg_catalog.=) 'billing._audit_row()'::regprocedure
+   AND g.tgparentid OPERATOR(pg_catalog.=) 0;
+COMMENT ON VIEW billing.audited_tables IS
+    'Tables whose changes are appended to the audit log (billing.audit_table), with their account column (NULL: the catalog chain 0)';
+
+/*
+ * _audit_table_note: the row in chain 0 that says a table is audited (or
+ * no longer is), written by audit_table and unaudit_table.  It records the
+ * state the table is in -- 'insert' of the table and its account column
+ * when it is audited, 'delete' when it is not -- so that calling it by
+ * hand can only record what is true.
+ */
+CREATE FUNCTION billing._audit_table_note(tbl regclass) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    col name;
+BEGIN
+    IF tbl IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT a.account_column INTO col FROM billing.audited_tables a WHERE a.tbl = $1;
+    IF FOUND THEN
+        PERFORM billing._audit_append(0, 'insert', format('audited_table:%s', tbl),
+            jsonb_build_object('new', jsonb_build_object('tbl', tbl::text, 'account_column', col)));
+    ELSE
+        PERFORM billing._audit_append(0, 'delete', format('audited_table:%s', tbl),
+            jsonb_build_object('old', jsonb_build_object('tbl', tbl::text)));
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION billing._audit_table_note(regclass) IS
+    'Internal: writes the catalog-chain row saying whether a table is audited (by audit_table and unaudit_table)';
 
 /*
  * _audit_statement_triggers: put the two statement triggers on one table
@@ -177,19 +208,15 @@ BEGIN
      WHERE a.tbl = audit_table.tbl OR a.tbl IN (SELECT pg_partition_ancestors(audit_table.tbl))
         OR a.tbl IN (SELECT t.relid FROM pg_partition_tree(audit_table.tbl) t)
      LIMIT 1;
-    IF other IS NULL THEN
-        SELECT t.tgrelid INTO other FROM pg_trigger t
-         WHERE t.tgrelid = tbl AND t.tgfoid = 'billing._audit_row()'::regprocedure;
-    END IF;
     IF other IS NOT NULL THEN
         RAISE EXCEPTION 'table "%" is already audited', tbl
             USING ERRCODE = '42710',
                   DETAIL = CASE WHEN other <> tbl
-                                THEN format('%s is audited, and a table is audited at most once, with its partitions.', other) END,
+                                THEN format('%s is audited, and a table is audited at most once, with its partitions.', other)
+                                ELSE 'A table is audited at most once.' END,
                   HINT = 'To change the account column, call billing.unaudit_table first.';
     END IF;
     PERFORM billing._audit_table_citus(tbl, account_column);    -- on Citus: co-located, triggers allowed
-    INSERT INTO billing.audited_tables VALUES (tbl, account_column);
     EXECUTE format('CREATE TRIGGER billing_audit AFTER INSERT OR UPDATE OR DELETE ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION billing._audit_row(%L)',
                    tbl, coalesce(account_column, ''));
@@ -198,6 +225,7 @@ BEGIN
                  WHERE t.relid <> tbl AND c.relkind IN ('r', 'p') LOOP
         PERFORM billing._audit_statement_triggers(part);
     END LOOP;
+    PERFORM billing._audit_table_note(tbl);
 END
 $$;
 COMMENT ON FUNCTION billing.audit_table(regclass, name) IS
@@ -213,9 +241,7 @@ BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'unaudit_table: table must not be null' USING ERRCODE = '22004';
     END IF;
-    -- first out of the register: the event trigger then lets the triggers go
-    DELETE FROM billing.audited_tables a WHERE a.tbl = unaudit_table.tbl;
-    IF NOT FOUND THEN
+    IF NOT EXISTS (SELECT 1 FROM billing.audited_tables a WHERE a.tbl = unaudit_table.tbl) THEN
         RAISE EXCEPTION 'table "%" is not audited', tbl USING ERRCODE = '42704';
     END IF;
     IF billing._citus_table_kind(tbl) IS NOT NULL THEN
@@ -230,124 +256,80 @@ BEGIN
               ORDER BY g.tgrelid <> tbl, 1, 2 LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
     END LOOP;
+    PERFORM billing._audit_table_note(tbl);
 END
 $$;
 COMMENT ON FUNCTION billing.unaudit_table(regclass) IS
     'Stops auditing a table audited by billing.audit_table';
 
 /*
- * Audited tables own their audit view of the world:
- *
- *   billing_audit_ddl (ddl_command_end of CREATE TABLE and ALTER TABLE):
- *   a new or attached partition of an audited table gets the statement
- *   triggers (its row trigger is cloned by PostgreSQL), a detached one
- *   loses them; and an ALTER TABLE that disabled or broke the audit of a
- *   table (its triggers disabled, its account column dropped, renamed or
- *   retyped) is refused.
- *
- *   billing_audit_dropped (sql_drop): a dropped audited table leaves the
- *   register (a row in chain 0 says so); dropping the triggers of a table
- *   still audited is refused.
- *
- * SECURITY DEFINER: whoever creates a partition of an audited table needs
- * no right on the trigger functions.  Both run fixed statements only.
+ * billing_audit_ddl (ddl_command_end of CREATE TABLE and ALTER TABLE): a
+ * new or attached partition of an audited table gets the statement
+ * triggers (its row trigger is cloned by PostgreSQL), a detached one loses
+ * them; and an ALTER TABLE that would switch off or break the audit of a
+ * table -- disable its audit triggers, drop, rename or retype its account
+ * column -- is refused (55000).  SECURITY DEFINER: whoever creates a
+ * partition of an audited table needs no right on the trigger functions;
+ * it runs fixed statements only.  Only tables the command touched are
+ * looked at.
  */
 CREATE FUNCTION billing._audit_ddl() RETURNS event_trigger
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, billing, pg_temp AS $$
 DECLARE
-    touched regclass[];
     r record;
+    d record;
     audited regclass;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM billing.audited_tables) THEN
-        RETURN;
-    END IF;
-    SELECT array_agg(DISTINCT c.objid::regclass) INTO touched
-      FROM pg_event_trigger_ddl_commands() c
-     WHERE c.classid = 'pg_class'::regclass AND c.objsubid = 0
-       AND EXISTS (SELECT 1 FROM pg_class k WHERE k.oid = c.objid AND k.relkind IN ('r', 'p'));
-    IF touched IS NULL THEN
-        RETURN;
-    END IF;
-    FOREACH audited IN ARRAY ARRAY(SELECT DISTINCT billing._audited_ancestor(t)
-                                     FROM unnest(touched) t
-                                    WHERE billing._audited_ancestor(t) IS NOT NULL) LOOP
+    FOR r IN SELECT DISTINCT c.objid::regclass AS rel,
+                    billing._audited_ancestor(c.objid::regclass) AS audited
+               FROM pg_event_trigger_ddl_commands() c
+              WHERE c.classid = 'pg_class'::regclass      -- (a RENAME COLUMN names the column)
+                AND EXISTS (SELECT 1 FROM pg_class k WHERE k.oid = c.objid AND k.relkind IN ('r', 'p'))
+    LOOP
+        CONTINUE WHEN r.audited IS NULL;
         -- partitions created or attached: the statement triggers
-        FOR r IN SELECT p.relid FROM pg_partition_tree(audited) p JOIN pg_class c ON c.oid = p.relid
-                  WHERE c.relkind IN ('r', 'p') LOOP
-            PERFORM billing._audit_statement_triggers(r.relid);
+        FOR audited IN SELECT p.relid FROM pg_partition_tree(r.audited) p
+                         JOIN pg_class c ON c.oid = p.relid
+                        WHERE c.relkind IN ('r', 'p') LOOP
+            PERFORM billing._audit_statement_triggers(audited);
         END LOOP;
-        -- partitions detached: their statement triggers go
-        FOR r IN SELECT g.tgrelid::regclass AS rel, g.tgname FROM pg_trigger g
-                  WHERE g.tgfoid = 'billing._audit_statement()'::regprocedure
-                    AND billing._audited_ancestor(g.tgrelid) IS NULL LOOP
-            EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.rel);
-        END LOOP;
-    END LOOP;
-    -- what an ALTER TABLE must not do to an audited table or its partitions
-    FOR r IN SELECT t AS rel, billing._audited_ancestor(t) AS audited FROM unnest(touched) t
-              WHERE billing._audited_ancestor(t) IS NOT NULL LOOP
+        -- the audit switched off or broken
         IF EXISTS (SELECT 1 FROM pg_trigger g
                     WHERE g.tgrelid = r.rel
                       AND g.tgfoid IN ('billing._audit_row()'::regprocedure,
                                        'billing._audit_statement()'::regprocedure)
-                      AND g.tgenabled NOT IN ('O', 'A'))
-           OR NOT EXISTS (SELECT 1 FROM pg_trigger g
-                           WHERE g.tgrelid = r.rel AND g.tgfoid = 'billing._audit_row()'::regprocedure) THEN
-            RAISE EXCEPTION 'the audit of table % cannot be switched off by ALTER TABLE', r.audited
+                      AND g.tgenabled NOT IN ('O', 'A')) THEN
+            RAISE EXCEPTION 'the audit of table % cannot be disabled', r.audited
                 USING ERRCODE = '55000',
-                      DETAIL = format('%s would lose or disable the triggers of billing.audit_table.', r.rel),
+                      DETAIL = format('ALTER TABLE would disable the triggers of billing.audit_table on %s.', r.rel),
                       HINT = 'Stop auditing the table with billing.unaudit_table, which the audit log records.';
         END IF;
-        IF r.rel = r.audited AND EXISTS (
-            SELECT 1 FROM billing.audited_tables a
-             WHERE a.tbl = r.rel AND a.account_column IS NOT NULL
-               AND NOT EXISTS (SELECT 1 FROM pg_attribute x
-                                WHERE x.attrelid = a.tbl AND x.attname = a.account_column
-                                  AND x.attnum > 0 AND NOT x.attisdropped
-                                  AND x.atttypid IN ('bigint'::regtype, 'integer'::regtype,
-                                                     'smallint'::regtype))) THEN
-            RAISE EXCEPTION 'the account column of audited table % cannot be dropped, renamed or retyped', r.rel
+        IF EXISTS (SELECT 1 FROM billing.audited_tables a
+                    WHERE a.tbl = r.audited AND a.account_column IS NOT NULL
+                      AND NOT EXISTS (SELECT 1 FROM pg_attribute x
+                                       WHERE x.attrelid = r.rel AND x.attname = a.account_column
+                                         AND x.attnum > 0 AND NOT x.attisdropped
+                                         AND x.atttypid IN ('bigint'::regtype, 'integer'::regtype,
+                                                            'smallint'::regtype))) THEN
+            RAISE EXCEPTION 'the account column of audited table % cannot be dropped, renamed or retyped', r.audited
                 USING ERRCODE = '55000',
-                      DETAIL = format('Its changes are audited in the chain of column "%s", an integer.',
-                                      (SELECT a.account_column FROM billing.audited_tables a WHERE a.tbl = r.rel)),
+                      DETAIL = format('Its changes are audited in the chain of its column "%s", an integer.',
+                                      (SELECT a.account_column FROM billing.audited_tables a
+                                        WHERE a.tbl = r.audited)),
                       HINT = 'Stop auditing the table with billing.unaudit_table first, then audit it again.';
         END IF;
+        -- partitions detached: their statement triggers go
+        FOR d IN SELECT g.tgrelid::regclass AS rel, g.tgname FROM pg_trigger g
+                  WHERE g.tgfoid = 'billing._audit_statement()'::regprocedure
+                    AND billing._audited_ancestor(g.tgrelid) IS NULL LOOP
+            EXECUTE format('DROP TRIGGER %I ON %s', d.tgname, d.rel);
+        END LOOP;
     END LOOP;
 END
 $$;
 COMMENT ON FUNCTION billing._audit_ddl() IS
-    'Internal: gives new partitions of audited tables their statement triggers and refuses ALTER TABLE that switches an audit off';
+    'Internal: gives new partitions of audited tables their statement triggers and refuses an ALTER TABLE that switches an audit off';
 CREATE EVENT TRIGGER billing_audit_ddl ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
     EXECUTE FUNCTION billing._audit_ddl();
-
-CREATE FUNCTION billing._audit_dropped() RETURNS event_trigger
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path = pg_catalog, billing, pg_temp AS $$
-DECLARE
-    d record;
-BEGIN
-    DELETE FROM billing.audited_tables a
-     WHERE a.tbl::oid IN (SELECT o.objid FROM pg_event_trigger_dropped_objects() o
-                           WHERE o.classid = 'pg_class'::regclass AND o.objsubid = 0);
-    FOR d IN SELECT o.address_names FROM pg_event_trigger_dropped_objects() o
-              WHERE o.object_type = 'trigger'
-                AND o.address_names[3] IN ('billing_audit', 'billing_audit_flush',
-                                           'billing_audit_truncate') LOOP
-        IF billing._audited_ancestor(to_regclass(format('%I.%I', d.address_names[1],
-                                                        d.address_names[2]))) IS NOT NULL THEN
-            RAISE EXCEPTION 'the audit of table %.% cannot be switched off by DROP TRIGGER',
-                            quote_ident(d.address_names[1]), quote_ident(d.address_names[2])
-                USING ERRCODE = '55000',
-                      HINT = 'Stop auditing the table with billing.unaudit_table, which the audit log records.';
-        END IF;
-    END LOOP;
-END
-$$;
-COMMENT ON FUNCTION billing._audit_dropped() IS
-    'Internal: forgets audited tables when they are dropped; refuses dropping the audit triggers of a table still audited';
-CREATE EVENT TRIGGER billing_audit_dropped ON sql_drop
-    WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED', 'DROP TRIGGER')
-    EXECUTE FUNCTION billing._audit_dropped();

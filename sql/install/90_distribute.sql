@@ -10,9 +10,8 @@
  *     table live on one node);
  *   - every other table of the schema (meters, plans, charges,
  *     ingest_offsets, ...) becomes a reference table, copied to every
- *     node, except billing.metered_tables and billing.audited_tables
- *     (regclass values are per node; only meter_table/unmeter_table and
- *     audit_table/unaudit_table on the coordinator read them);
+ *     node, except billing.metered_tables (regclass values are per node;
+ *     only meter_table/unmeter_table on the coordinator read it);
  *   - the per-account functions are registered with
  *     create_distributed_function on their account_id argument, so that a
  *     call runs on the node that holds the account.
@@ -471,8 +470,8 @@ BEGIN
          ORDER BY c.relname <> 'accounts', 3, c.relname
     LOOP
         kind := billing._citus_table_kind(t.rel);
-        IF t.relname IN ('metered_tables', 'audited_tables') THEN
-            -- metered_tables and audited_tables hold regclass values, which differ per node
+        IF t.relname = 'metered_tables' THEN
+            -- metered_tables holds regclass values, which differ per node
             object := t.rel::text;
             distribution := 'local (coordinator)';
             changed := false;

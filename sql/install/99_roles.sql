@@ -126,7 +126,6 @@ GRANT EXECUTE ON FUNCTION
 GRANT INSERT, UPDATE, DELETE ON billing.meters, billing.accounts, billing.plans,
     billing.charges, billing.subscriptions TO billing_admin;
 GRANT INSERT, DELETE ON billing.metered_tables TO billing_admin;
-GRANT INSERT, DELETE ON billing.audited_tables TO billing_admin;
 GRANT EXECUTE ON FUNCTION
     billing.finalize_invoices(timestamptz),
     billing.rerate(timestamptz, timestamptz, bigint, boolean, text),
@@ -142,7 +141,9 @@ GRANT EXECUTE ON FUNCTION
     billing._meter_after_rows(),
     billing._meter_flush(),
     billing._audit_row(),
-    billing._audit_statement()
+    billing._audit_statement(),
+    -- the catalog-chain row of audit_table and unaudit_table
+    billing._audit_table_note(regclass)
     TO billing_admin;
 
 -- internal helpers --------------------------------------------------------------------------
