@@ -83,6 +83,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 
@@ -1082,7 +1083,13 @@ heads_xact_cb(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_PRE_COMMIT:
 		case XACT_EVENT_PRE_PREPARE:
-			audit_flush();
+			if (heads != NULL && (nrows > 0 || ndirty > 0))
+			{
+				/* no statement runs any more: flush under a snapshot of our own */
+				PushActiveSnapshot(GetTransactionSnapshot());
+				audit_flush();
+				PopActiveSnapshot();
+			}
 			break;
 		case XACT_EVENT_PARALLEL_PRE_COMMIT:
 			break;
