@@ -43,7 +43,9 @@
 #include "access/table.h"
 #include "catalog/partition.h"
 #include "catalog/pg_type.h"
+#include "commands/extension.h"
 #include "commands/trigger.h"
+#include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "nodes/makefuncs.h"
@@ -145,6 +147,40 @@ audited_relation(Relation rel, Trigger *trig)
 	elog(ERROR, "trigger \"%s\" of \"%s\" is a clone, but no ancestor holds it",
 		 trig->tgname, RelationGetRelationName(rel));
 	return NULL;				/* keep compiler quiet */
+}
+
+/*
+ * relation_name
+ *		The name a row of the relation is audited under: its own, or, for a
+ *		Citus shard (a table named <table>_<shard id> that Citus knows as a
+ *		shard), the distributed table's, so that the rows written on the
+ *		workers name the table as on one node.
+ */
+static char *
+relation_name(Relation rel)
+{
+	char	   *name = RelationGetRelationName(rel);
+	int			len = strlen(name);
+	int			i = len;
+	Datum		values[1];
+	Oid			types[1] = {REGCLASSOID};
+	bool		isnull;
+	bool		shard;
+
+	while (i > 0 && name[i - 1] >= '0' && name[i - 1] <= '9')
+		i--;
+	if (i == len || i < 2 || name[i - 1] != '_' ||
+		!OidIsValid(get_extension_oid("citus", true)))
+		return name;
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	values[0] = ObjectIdGetDatum(RelationGetRelid(rel));
+	if (SPI_execute_with_args("SELECT pg_catalog.relation_is_a_known_shard($1)",
+							  1, types, values, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not call relation_is_a_known_shard");
+	shard = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_finish();
+	return (shard && !isnull) ? pnstrdup(name, i - 1) : name;
 }
 
 /*
@@ -264,7 +300,7 @@ table_audit(FunctionCallInfo fcinfo, TriggerData *td)
 
 	audited = audited_relation(rel, trig);
 	ta->object = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(audited)),
-											RelationGetRelationName(audited));
+											relation_name(audited));
 
 	if (trig->tgargs[0][0] != '\0')
 	{
