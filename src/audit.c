@@ -735,7 +735,7 @@ typedef struct LogRow
 	TimestampTz at;
 	SubTransactionId subid;		/* the subtransaction that appended it */
 	bool		has_prev;
-	const struct Interned *actor;	/* interned in heads_cxt */
+	const struct Interned *actor;	/* shared strings, in rows_cxt */
 	const struct Interned *action;
 	const struct Interned *object;
 	Jsonb	   *details;		/* a copy in rows_cxt */
@@ -755,10 +755,14 @@ static LogRow *rows = NULL;
 static int	nrows = 0;
 static int	maxrows = 0;
 static Size rows_bytes = 0;		/* details buffered, for the memory bound */
-static List *interned = NIL;	/* strings the buffered rows point to */
+static const Interned *last_actor = NULL;	/* the strings of the last row */
+static const Interned *last_action = NULL;
+static const Interned *last_object = NULL;
 
 /* multi-insert batches of audit_log rows */
 #define WRITE_BATCH		1000
+/* chain heads a transaction keeps in memory before forgetting clean ones */
+#define MAX_HEADS		65536
 
 /* the actor of this transaction's rows, by outer user id */
 static Oid	actor_user = InvalidOid;
@@ -791,31 +795,30 @@ heads_create(void)
 	rows = NULL;
 	nrows = maxrows = 0;
 	rows_bytes = 0;
-	interned = NIL;
+	last_actor = last_action = last_object = NULL;
 }
 
 /*
  * intern
  *		A copy of s (and its text datum) that lives as long as the
- *		transaction, shared by every buffered row with the same string (a
- *		few actions, tables, actors).
+ *		transaction, for the buffered rows.  Consecutive rows mostly share
+ *		their actor, action and object (a statement's rows): *last, the
+ *		field's previous string, is reused when it is the same.
  */
 static const Interned *
-intern(const char *s)
+intern(const char *s, const Interned **last)
 {
-	ListCell   *lc;
 	MemoryContext old;
 	Interned   *in;
 
-	foreach(lc, interned)
-		if (strcmp(((Interned *) lfirst(lc))->str, s) == 0)
-			return (Interned *) lfirst(lc);
-	old = MemoryContextSwitchTo(heads_cxt);
+	if (*last != NULL && strcmp((*last)->str, s) == 0)
+		return *last;
+	old = MemoryContextSwitchTo(rows_cxt);
 	in = palloc(sizeof(Interned));
 	in->str = pstrdup(s);
 	in->txt = cstring_to_text(s);
-	interned = lcons(in, interned);
 	MemoryContextSwitchTo(old);
+	*last = in;
 	return in;
 }
 
@@ -1103,7 +1106,7 @@ heads_xact_cb(XactEvent event, void *arg)
 			rows = NULL;
 			nrows = maxrows = 0;
 			rows_bytes = 0;
-			interned = NIL;
+			last_actor = last_action = last_object = NULL;
 			actor_user = InvalidOid;
 			actor_name = NULL;
 			break;
@@ -1258,6 +1261,29 @@ flush_rows(void)
 }
 
 /*
+ * heads_trim
+ *		Keep the memory of a transaction that appends to very many chains
+ *		bounded: past MAX_HEADS heads, forget those that are clean and that
+ *		no open subtransaction changed.  The transaction still holds their
+ *		locks; an append to one of them reads its head row again, which is
+ *		up to date.
+ */
+static void
+heads_trim(void)
+{
+	HASH_SEQ_STATUS it;
+	ChainHead  *e;
+
+	if (hash_get_num_entries(heads) <= MAX_HEADS)
+		return;
+	hash_seq_init(&it, heads);
+	while ((e = hash_seq_search(&it)) != NULL)
+		if (e->seq == e->written_seq && e->saves == NULL && !e->listed &&
+			e->lock_subid == TopSubTransactionId && e->mod_subid == TopSubTransactionId)
+			hash_search(heads, &e->chain, HASH_REMOVE, NULL);
+}
+
+/*
  * audit_flush
  *		Write the buffered rows of the current subtransaction (flush_rows),
  *		then every dirty chain head of this transaction into
@@ -1341,6 +1367,7 @@ audit_flush(void)
 		}
 	}
 	ndirty = 0;
+	heads_trim();
 }
 
 /* ---------------------------------------------------------------------
@@ -1498,9 +1525,9 @@ audit_append_at(int64 chain, const char *action, const char *object,
 	r->seq = seq;
 	r->at = at;
 	r->subid = GetCurrentSubTransactionId();
-	r->actor = intern(actor);
-	r->action = intern(action);
-	r->object = intern(object);
+	r->actor = intern(actor, &last_actor);
+	r->action = intern(action, &last_action);
+	r->object = intern(object, &last_object);
 	r->has_prev = e->has_hash;
 	memcpy(r->prev, e->hash, sizeof(r->prev));
 
@@ -1527,7 +1554,8 @@ audit_append_at(int64 chain, const char *action, const char *object,
 	list_dirty(e);
 
 	/* a statement appending more than work_mem writes the rows it has */
-	if (rows_bytes + (Size) nrows * sizeof(LogRow) > (Size) work_mem * 1024)
+	if (rows_bytes + (Size) nrows * sizeof(LogRow) >
+		Min((Size) work_mem * 1024, MaxAllocSize / 2))
 		flush_rows();
 	return seq;
 }
