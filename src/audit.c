@@ -87,6 +87,10 @@
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 
+#ifdef USE_OPENSSL
+#include <openssl/evp.h>
+#endif
+
 #include "audit.h"
 #include "billing.h"
 
@@ -288,9 +292,39 @@ billing_audit_encode(PG_FUNCTION_ARGS)
 
 /*
  * sha256_buf
- *		digest = sha256(prev || data), prev NULL counting as no bytes.
- *		buf holds prev followed by data (the caller lays them out so).
+ *		digest = sha256 of data (the caller lays out prev || row in it).
+ *		With OpenSSL, the digest is fetched once per backend and its
+ *		context reused: PostgreSQL's pg_cryptohash creates a context and
+ *		makes OpenSSL 3 look the algorithm up again for every hash, which
+ *		cost more than hashing a row.  The same function serves appends and
+ *		verify_audit_log.
  */
+#ifdef USE_OPENSSL
+static void
+sha256_buf(const char *data, int len, uint8 *digest)
+{
+	static const EVP_MD *md = NULL;
+	static EVP_MD_CTX *ctx = NULL;
+	unsigned int dlen = 0;
+
+	if (ctx == NULL)
+	{
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+		md = EVP_MD_fetch(NULL, "SHA256", NULL);
+#else
+		md = EVP_sha256();
+#endif
+		ctx = EVP_MD_CTX_new();
+		if (md == NULL || ctx == NULL)
+			elog(ERROR, "could not set up SHA-256 for the audit log");
+	}
+	if (EVP_DigestInit_ex(ctx, md, NULL) != 1 ||
+		EVP_DigestUpdate(ctx, data, len) != 1 ||
+		EVP_DigestFinal_ex(ctx, digest, &dlen) != 1 ||
+		dlen != PG_SHA256_DIGEST_LENGTH)
+		elog(ERROR, "could not compute SHA-256 of an audit row");
+}
+#else
 static void
 sha256_buf(const char *data, int len, uint8 *digest)
 {
@@ -307,6 +341,7 @@ sha256_buf(const char *data, int len, uint8 *digest)
 	}
 	pg_cryptohash_free(ctx);
 }
+#endif
 
 /*
  * hash_row
