@@ -1194,7 +1194,6 @@ write_rows(LogRow **sorted, int n)
 	int			nslots = Min(n, WRITE_BATCH);
 	TupleTableSlot **slots = palloc(nslots * sizeof(TupleTableSlot *));
 	CommandId	cid = GetCurrentCommandId(true);
-	BulkInsertState bistate = n > WRITE_BATCH ? GetBulkInsertState() : NULL;
 	MemoryContext batch_cxt = AllocSetContextCreate(CurrentMemoryContext,
 													"billing audit write",
 													ALLOCSET_DEFAULT_SIZES);
@@ -1237,7 +1236,9 @@ write_rows(LogRow **sorted, int n)
 #undef SET_FIELD
 			ExecStoreVirtualTuple(slot);
 		}
-		table_multi_insert(rel, slots, k, cid, 0, bistate);
+		/* no BulkInsertState: its ring of buffers would make this backend
+		 * write out (and flush the WAL of) the pages it just filled */
+		table_multi_insert(rel, slots, k, cid, 0, NULL);
 		for (int j = 0; j < k; j++)
 		{
 			Datum		keys[INDEX_MAX_KEYS];
@@ -1256,8 +1257,6 @@ write_rows(LogRow **sorted, int n)
 
 	MemoryContextSwitchTo(old);
 	MemoryContextDelete(batch_cxt);
-	if (bistate)
-		FreeBulkInsertState(bistate);
 	for (int i = 0; i < nslots; i++)
 		ExecDropSingleTupleTableSlot(slots[i]);
 	pfree(slots);

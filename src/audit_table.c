@@ -508,12 +508,126 @@ push_row(JsonbParseState **st, TableAudit *ta, const char *name,
 }
 
 /*
+ * put_json_string
+ *		Append s as a JSON string, escaped as PostgreSQL's escape_json does
+ *		(\b \f \n \r \t \" \\, other bytes below 0x20 as \u00XX), copying
+ *		the runs that need no escape in one go.
+ */
+static void
+put_json_string(StringInfo buf, const char *s, int len)
+{
+	int			run = 0;
+
+	appendStringInfoCharMacro(buf, '"');
+	for (int i = 0; i < len; i++)
+	{
+		unsigned char c = (unsigned char) s[i];
+		const char *esc;
+
+		if (c >= ' ' && c != '"' && c != '\\')
+			continue;
+		appendBinaryStringInfo(buf, s + run, i - run);
+		run = i + 1;
+		switch (c)
+		{
+			case '\b':
+				esc = "\\b";
+				break;
+			case '\f':
+				esc = "\\f";
+				break;
+			case '\n':
+				esc = "\\n";
+				break;
+			case '\r':
+				esc = "\\r";
+				break;
+			case '\t':
+				esc = "\\t";
+				break;
+			case '"':
+				esc = "\\\"";
+				break;
+			case '\\':
+				esc = "\\\\";
+				break;
+			default:
+				appendStringInfo(buf, "\\u%04x", (int) c);
+				continue;
+		}
+		appendStringInfoString(buf, esc);
+	}
+	appendBinaryStringInfo(buf, s + run, len - run);
+	appendStringInfoCharMacro(buf, '"');
+}
+
+/*
+ * put_json
+ *		Append the text of a jsonb value being built (a tree of objects,
+ *		arrays and scalars, its object keys sorted and unique, as
+ *		pushJsonbValue leaves it), exactly as jsonb's output writes the
+ *		value once stored: the text that is hashed.  jsonb's output walks
+ *		the stored value with an iterator; this walks the tree it was made
+ *		from, which costs a fraction.
+ */
+static void
+put_json(StringInfo buf, JsonbValue *v)
+{
+	switch (v->type)
+	{
+		case jbvNull:
+			appendBinaryStringInfo(buf, "null", 4);
+			break;
+		case jbvString:
+			put_json_string(buf, v->val.string.val, v->val.string.len);
+			break;
+		case jbvNumeric:
+			appendStringInfoString(buf, DatumGetCString(DirectFunctionCall1(numeric_out,
+																			NumericGetDatum(v->val.numeric))));
+			break;
+		case jbvBool:
+			if (v->val.boolean)
+				appendBinaryStringInfo(buf, "true", 4);
+			else
+				appendBinaryStringInfo(buf, "false", 5);
+			break;
+		case jbvArray:
+			if (!v->val.array.rawScalar)
+				appendStringInfoCharMacro(buf, '[');
+			for (int i = 0; i < v->val.array.nElems; i++)
+			{
+				if (i > 0)
+					appendBinaryStringInfo(buf, ", ", 2);
+				put_json(buf, &v->val.array.elems[i]);
+			}
+			if (!v->val.array.rawScalar)
+				appendStringInfoCharMacro(buf, ']');
+			break;
+		case jbvObject:
+			appendStringInfoCharMacro(buf, '{');
+			for (int i = 0; i < v->val.object.nPairs; i++)
+			{
+				if (i > 0)
+					appendBinaryStringInfo(buf, ", ", 2);
+				put_json(buf, &v->val.object.pairs[i].key);
+				appendBinaryStringInfo(buf, ": ", 2);
+				put_json(buf, &v->val.object.pairs[i].value);
+			}
+			appendStringInfoCharMacro(buf, '}');
+			break;
+		default:
+			elog(ERROR, "unexpected jsonb value type %d in a row image", (int) v->type);
+	}
+}
+
+/*
  * row_details
  *		The details object of a change, as jsonb: {"key": the primary key
- *		columns, "new": row, "old": row}, built in one go.
+ *		columns, "new": row, "old": row}, built in one go; and its text
+ *		(jsonb's output) into *text.
  */
 static Jsonb *
-row_details(TableAudit *ta, Relation rel, HeapTuple oldtup, HeapTuple newtup)
+row_details(TableAudit *ta, Relation rel, HeapTuple oldtup, HeapTuple newtup, char **text)
 {
 	TupleDesc	desc = RelationGetDescr(rel);
 	Datum	   *ovalues = NULL;
@@ -567,7 +681,18 @@ row_details(TableAudit *ta, Relation rel, HeapTuple oldtup, HeapTuple newtup)
 	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
 
 	rendering_unpin(pin);
-	return JsonbValueToJsonb(res);
+	{
+		StringInfoData buf;
+		Jsonb	   *j;
+
+		initStringInfo(&buf);
+		put_json(&buf, res);
+		j = JsonbValueToJsonb(res);
+		/* the text must be what jsonb's output gives for the stored value */
+		Assert(strcmp(buf.data, JsonbToCString(NULL, &j->root, VARSIZE(j))) == 0);
+		*text = buf.data;
+		return j;
+	}
 }
 
 /*
@@ -644,7 +769,7 @@ billing_audit_row(PG_FUNCTION_ARGS)
 
 	ta = table_audit(fcinfo, td);
 	desc = RelationGetDescr(td->tg_relation);
-	details = row_details(ta, td->tg_relation, oldtup, newtup);
+	details = row_details(ta, td->tg_relation, oldtup, newtup, &json);
 	if (op == OP_UPDATE && unchanged(details))
 		return PointerGetDatum(NULL);
 
@@ -663,7 +788,6 @@ billing_audit_row(PG_FUNCTION_ARGS)
 		}
 	}
 
-	json = JsonbToCString(NULL, &details->root, VARSIZE(details));
 	for (int i = 0; i < nchains; i++)
 		(void) audit_append(chains[i], op_names[op], ta->object, details, json);
 	return PointerGetDatum(NULL);
