@@ -32,13 +32,15 @@
  * that row (SELECT ... FOR UPDATE) until the transaction ends: appends to
  * one chain take turns, writers of different chains never wait for each
  * other.  On one node the head is then kept in backend memory for the
- * rest of the transaction: each row is hashed after the one before it,
- * written straight into billing.audit_log (heap and primary key), and the
- * head row is written once per statement (audit_flush: the statement
- * trigger of an audited table, the end of a call from SQL, and before
- * commit), not once per row.  A subtransaction that aborts takes its rows
- * and head writes with it; the heads in memory go back to where they were
- * when it started.  On Citus (billing.audit_log distributed), or when
+ * rest of the transaction: each row is hashed after the one before it and
+ * kept in a buffer; at the end of the statement (audit_flush: the
+ * statement trigger of an audited table, the end of a call from SQL, and
+ * before commit; earlier when the buffer outgrows work_mem) the buffered
+ * rows are written straight into billing.audit_log (heap multi-insert and
+ * primary key, sorted by chain and seq) and each moved head row once, not
+ * once per row.  A subtransaction that aborts takes its rows and head
+ * writes with it; the heads in memory go back to where they were when it
+ * started.  On Citus (billing.audit_log distributed), or when
  * billing.audit_log has gained triggers, rules or indexes of its own, every
  * append goes through SQL instead: lock and read the head, insert the row,
  * write the head, as Citus routes each statement to the chain's shard.

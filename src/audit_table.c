@@ -47,7 +47,6 @@
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
-#include "funcapi.h"
 #include "nodes/makefuncs.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
@@ -107,7 +106,7 @@ typedef struct TableAudit
 	AttrNumber	account_att;	/* InvalidAttrNumber: the catalog chain */
 	Oid			account_type;
 	int			ncols;
-	ColPlan    *cols;			/* its columns, dropped ones left out */
+	ColPlan    *cols;			/* its columns, in jsonb's order of keys */
 	int			nkeys;			/* primary key columns (0: none) */
 	int		   *key_cols;		/* their indexes in cols */
 	bool		has_other;		/* a column goes through to_jsonb */
@@ -324,7 +323,7 @@ table_audit(FunctionCallInfo fcinfo, TriggerData *td)
 					 errdetail("The account column must be of type bigint, integer or smallint.")));
 	}
 
-	/* the columns, in their order */
+	/* the columns (not the dropped ones), in jsonb's order of keys */
 	ta->cols = palloc(desc->natts * sizeof(ColPlan));
 	for (int a = 0; a < desc->natts; a++)
 	{
