@@ -33,6 +33,8 @@ REGRESS    = setup $(TESTS)
 REGRESS_OPTS = --load-extension=plpgsql
 
 PG_CONFIG ?= pg_config
+# the audit log hashes with OpenSSL directly when PostgreSQL is built with it
+SHLIB_LINK += $(if $(findstring with-openssl,$(shell $(PG_CONFIG) --configure)),-lcrypto)
 PG_CFLAGS += -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
 ifdef WERROR
 PG_CFLAGS += -Werror

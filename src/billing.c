@@ -27,6 +27,7 @@
 #include "common/int.h"
 #include "utils/guc.h"
 
+#include "audit.h"
 #include "billing.h"
 
 PG_MODULE_MAGIC;
@@ -206,4 +207,5 @@ _PG_init(void)
 	MarkGUCPrefixReserved("billing");
 
 	billing_ingest_init();
+	audit_init();
 }

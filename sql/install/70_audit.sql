@@ -7,7 +7,9 @@
  * A chain's head (last seq and hash) lives in billing.audit_heads; an
  * append locks that one row (SELECT ... FOR UPDATE) until the transaction
  * ends, so appends to one chain are serialized, seq stays gap-free, and
- * writers of different chains never wait for each other.
+ * writers of different chains never wait for each other.  Appending is C
+ * (_audit_append, src/audit.c), the same for these tables and for the
+ * users' tables audited with billing.audit_table (75_audit_table.sql).
  *
  * What writes a row (action, chain, object):
  *   meters, plans, charges, metered_tables   insert/update/delete, chain 0
@@ -17,6 +19,7 @@
  *   adjustments (rerate)                      adjust, the account
  *   usage_corrections (correct_usage)         correct, the account
  *   a rerate run (not a dry run)              rerate, chain 0
+ *   audit_table, unaudit_table (75_audit_table.sql)  insert/delete, chain 0
  * The hash and its canonical encoding are in src/audit.c.
  */
 
@@ -98,110 +101,36 @@ COMMENT ON FUNCTION billing._audit_suspended() IS
 -- appending -----------------------------------------------------------------------------
 
 /*
- * _audit_append: add a row to the chain of p_chain.  Locks the chain's
- * head row to the end of the transaction.  Under REPEATABLE READ or
+ * _audit_append: add a row to the chain of p_chain and bring its head row
+ * up to date; returns its seq.  The one definition of an append (C,
+ * src/audit.c), shared with the triggers of audited user tables: the
+ * chain's head row is locked on the transaction's first append to the
+ * chain and stays locked to its end.  Under REPEATABLE READ or
  * SERIALIZABLE a concurrent append to the same chain makes this raise
- * 40001 (retry the transaction).
+ * 40001 (retry the transaction).  The caller needs INSERT on audit_log and
+ * UPDATE on audit_heads (42501).
  */
 CREATE FUNCTION billing._audit_append(p_chain bigint, p_action text, p_object text,
                                       p_details jsonb, p_on_placement boolean DEFAULT false)
     RETURNS bigint
-    LANGUAGE plpgsql
-    SET search_path = pg_catalog, billing, pg_temp AS $$
-DECLARE
-    v_seq   bigint;
-    v_prev  bytea;
-    v_at    timestamptz;
-    v_actor text := billing._audit_actor();
-    v_hash  bytea;
-BEGIN
-    -- on Citus, a trigger on a reference table fires on every node's copy:
-    -- only the node holding the chain's shard writes the row
-    IF p_on_placement AND NOT billing._citus_chain_is_local(p_chain) THEN
-        RETURN NULL;
-    END IF;
-    SELECT h.seq, h.hash INTO v_seq, v_prev
-      FROM billing.audit_heads h WHERE h.account_id = p_chain FOR UPDATE;
-    IF NOT FOUND THEN
-        INSERT INTO billing.audit_heads (account_id, seq, hash) VALUES (p_chain, 0, NULL)
-            ON CONFLICT (account_id) DO NOTHING;
-        SELECT h.seq, h.hash INTO v_seq, v_prev
-          FROM billing.audit_heads h WHERE h.account_id = p_chain FOR UPDATE;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'audit chain % was created by a concurrent transaction', p_chain
-                USING ERRCODE = '40001', HINT = 'Retry the transaction.';
-        END IF;
-    END IF;
-    -- taken under the lock: at never goes back within a chain
-    v_at := clock_timestamp();
-    v_seq := v_seq + 1;
-    v_hash := billing._audit_hash(v_prev, p_chain, v_seq, v_at, v_actor, p_action, p_object,
-                                  p_details);
-    INSERT INTO billing.audit_log (account_id, seq, at, actor, action, object, details,
-                                   prev_hash, hash)
-    VALUES (p_chain, v_seq, v_at, v_actor, p_action, p_object, p_details, v_prev, v_hash);
-    UPDATE billing.audit_heads SET seq = v_seq, hash = v_hash WHERE account_id = p_chain;
-    RETURN v_seq;
-END
-$$;
+    AS 'MODULE_PATHNAME', 'billing_audit_append'
+    LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION billing._audit_append(bigint, text, text, jsonb, boolean) IS
     'Internal: appends a row to one audit chain (serialized per chain by its head row); returns its seq, or NULL when a Citus placement leaves it to another node';
 
 /*
  * _audit_append_many: _audit_append for many rows at once (one statement
  * writing adjustments or usage corrections), each chain's in the order of
- * p_keys (the adjustment or correction ids).  Locks
- * the chains' heads in account order, numbers each chain's rows after its
- * head, hashes them in order with the window aggregate _audit_chain, and
- * advances each head once.  One time stamp for the whole batch.  Not on
- * Citus (billing.distribute() puts the row-level triggers back).
+ * p_keys (the adjustment or correction ids).  Locks the chains' heads in
+ * account order, appends with one time stamp for the batch and writes each
+ * head once.  Not on Citus (billing.distribute() puts the row-level
+ * triggers back).
  */
 CREATE FUNCTION billing._audit_append_many(p_chains bigint[], p_keys bigint[], p_action text,
                                            p_objects text[], p_details jsonb[])
     RETURNS void
-    LANGUAGE plpgsql
-    SET search_path = pg_catalog, billing, pg_temp AS $$
-DECLARE
-    v_actor text := billing._audit_actor();
-    v_at    timestamptz;
-    n_heads integer;
-BEGIN
-    INSERT INTO billing.audit_heads (account_id, seq, hash)
-    SELECT DISTINCT c, 0, NULL::bytea FROM unnest(p_chains) c
-    ON CONFLICT (account_id) DO NOTHING;
-    PERFORM 1 FROM billing.audit_heads h
-      WHERE h.account_id = ANY (p_chains) ORDER BY h.account_id FOR UPDATE;
-    GET DIAGNOSTICS n_heads = ROW_COUNT;
-    IF n_heads <> (SELECT count(DISTINCT c) FROM unnest(p_chains) c) THEN
-        RAISE EXCEPTION 'an audit chain was created by a concurrent transaction'
-            USING ERRCODE = '40001', HINT = 'Retry the transaction.';
-    END IF;
-    -- taken under the locks: at never goes back within a chain
-    v_at := clock_timestamp();
-    WITH numbered AS (
-        SELECT x.chain, x.object, x.details, h.hash AS head_hash,
-               h.seq + row_number() OVER (PARTITION BY x.chain ORDER BY x.k) AS seq
-          FROM unnest(p_chains, p_keys, p_objects, p_details) AS x(chain, k, object, details)
-               JOIN billing.audit_heads h ON h.account_id = x.chain
-    ), hashed AS (
-        SELECT n.*, billing._audit_chain(n.head_hash, n.chain, n.seq, v_at, v_actor, p_action,
-                                         n.object, n.details)
-                        OVER (PARTITION BY n.chain ORDER BY n.seq) AS hash
-          FROM numbered n
-    ), written AS (
-        INSERT INTO billing.audit_log (account_id, seq, at, actor, action, object, details,
-                                       prev_hash, hash)
-        SELECT y.chain, y.seq, v_at, v_actor, p_action, y.object, y.details,
-               coalesce(lag(y.hash) OVER (PARTITION BY y.chain ORDER BY y.seq), y.head_hash), y.hash
-          FROM hashed y
-        RETURNING billing.audit_log.account_id, billing.audit_log.seq, billing.audit_log.hash
-    )
-    UPDATE billing.audit_heads h SET seq = w.seq, hash = w.hash
-      FROM (SELECT DISTINCT ON (w.account_id) w.account_id, w.seq, w.hash
-              FROM written w ORDER BY w.account_id, w.seq DESC) w
-     WHERE h.account_id = w.account_id;
-END
-$$;
+    AS 'MODULE_PATHNAME', 'billing_audit_append_many'
+    LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION billing._audit_append_many(bigint[], bigint[], text, text[], jsonb[]) IS
     'Internal: appends many rows to their audit chains in one go (the statement-level audit of adjustments and usage corrections)';
 

@@ -11,7 +11,8 @@
  *   billing_admin   everything billing_reader has; writes the reference
  *                   data (meters, accounts, plans, charges, subscriptions);
  *                   finalize_invoices, rerate, correct_usage, compact_usage,
- *                   purge_dedupe, meter_table, unmeter_table
+ *                   purge_dedupe, meter_table, unmeter_table, audit_table,
+ *                   unaudit_table
  *   PUBLIC          nothing
  *
  * Functions that write tables their callers cannot write run as the
@@ -27,7 +28,9 @@
  * Who may insert into a metered table is the table owner's business: its
  * triggers count usage for anyone the owner lets INSERT.  Creating those
  * triggers (meter_table) needs billing_admin and the TRIGGER privilege on
- * the table.
+ * the table.  The same holds for audited tables (audit_table), whose
+ * triggers are not SECURITY DEFINER: they switch to the owner in C around
+ * the append only (src/audit.c).
  */
 
 DO $$
@@ -131,10 +134,16 @@ GRANT EXECUTE ON FUNCTION
     billing.purge_dedupe(timestamptz),
     billing.meter_table(regclass, name, name, name, name, name, name, boolean),
     billing.unmeter_table(regclass),
-    -- CREATE TRIGGER (in meter_table) needs EXECUTE on the trigger functions
+    billing.audit_table(regclass, name),
+    billing.unaudit_table(regclass),
+    -- CREATE TRIGGER (in meter_table, audit_table) needs EXECUTE on the trigger functions
     billing._meter_row(),
     billing._meter_after_rows(),
-    billing._meter_flush()
+    billing._meter_flush(),
+    billing._audit_row(),
+    billing._audit_statement(),
+    -- the catalog-chain row of audit_table and unaudit_table
+    billing._audit_table_note(regclass)
     TO billing_admin;
 
 -- internal helpers --------------------------------------------------------------------------

@@ -11,7 +11,8 @@
 -- by another plan, some with a spend cap; usage through every ingest path
 -- (record one call at a time and in bulk, a metered table through INSERT
 -- and COPY, ingest() batches with a replay, report_cumulative) with
--- repeated event ids and dimensions; compaction at random points.  Then
+-- repeated event ids and dimensions; compaction at random points; a table
+-- audited per account (billing.audit_table), changed now and then.  Then
 -- finalize, and the past changes: late usage, corrections up and down,
 -- retroactive prices, a usage charge and a fixed fee added for the past
 -- (lines missing on the billed side), a subscription cut short (lines
@@ -54,7 +55,8 @@ CREATE TEMP TABLE g_subs (account_id bigint, plan text, starts_at timestamptz, e
 -- usage sent through record() without an event id (each one counted)
 CREATE TEMP TABLE g_sent (account_id bigint, meter text, ts timestamptz, quantity numeric, dimension text);
 CREATE TEMP TABLE g_state (key text PRIMARY KEY, n int);
-INSERT INTO g_state VALUES ('offset0', 0), ('offset1', 0), ('event', 0), ('retro', 0), ('report', 0);
+INSERT INTO g_state VALUES ('offset0', 0), ('offset1', 0), ('event', 0), ('retro', 0), ('report', 0),
+                           ('contract', 0);
 
 -- t0 and the usage window [t0 - 5 days, t0 + 6 days)
 CREATE FUNCTION pg_temp.t0() RETURNS timestamptz LANGUAGE sql AS $$ SELECT timestamptz '2024-03-04 00:00:00+00' $$;
@@ -300,6 +302,42 @@ CREATE FUNCTION pg_temp.rerate(lo interval, hi interval, dry boolean) RETURNS vo
         CASE WHEN dry THEN 'dry_run_rows' ELSE 'rerated' END,
         pg_temp.lit(pg_temp.t0() + lo), pg_temp.lit(pg_temp.t0() + hi), dry::text))
 $$;
+-- changes to the audited table contracts (billing.audit_table, issue 19):
+-- inserts of new contracts, updates of some accounts' contracts, deletes,
+-- an update that changes nothing; in one transaction with a change of the
+-- account itself now and then (one chain for both); a change rolled back.
+-- (Not a move to another account: Citus does not update the distribution
+-- column; pgTAP audit_table.sql covers it on one node.)
+CREATE FUNCTION pg_temp.contracts(n int) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v text[] := '{}';
+    a bigint;
+    b bigint;
+BEGIN
+    FOR i IN 1..n LOOP
+        v := v || format('(%s, %s, %L, %s)', (SELECT account_id FROM g_accounts ORDER BY random() LIMIT 1),
+                         pg_temp.next('contract'), pg_temp.pick('{team,business,enterprise}'), pg_temp.rd(5000, 2));
+    END LOOP;
+    PERFORM pg_temp.emit(format('INSERT INTO contracts (account_id, contract_id, plan, amount) VALUES %s;',
+                                array_to_string(v, ', ')));
+    SELECT account_id INTO a FROM g_accounts ORDER BY random() LIMIT 1;
+    SELECT account_id INTO b FROM g_accounts ORDER BY random() LIMIT 1;
+    PERFORM pg_temp.emit(format('UPDATE contracts SET amount = amount + %s WHERE account_id IN (%s, %s);',
+                                pg_temp.rd(100, 2), a, b));
+    PERFORM pg_temp.emit(format('UPDATE contracts SET plan = plan WHERE account_id = %s;', a));
+    IF pg_temp.chance(0.5) THEN
+        PERFORM pg_temp.emit('BEGIN;');
+        PERFORM pg_temp.emit(format('UPDATE contracts SET plan = %L WHERE account_id = %s;',
+                                    pg_temp.pick('{team,business}'), b));
+        PERFORM pg_temp.emit(format('UPDATE billing.accounts SET name = %L WHERE account_id = %s;',
+                                    'org ' || b || ', renamed ' || pg_temp.next('contract'), b));
+        PERFORM pg_temp.emit('COMMIT;');
+    END IF;
+    PERFORM pg_temp.emit('BEGIN;');
+    PERFORM pg_temp.emit(format('DELETE FROM contracts WHERE account_id = %s;', a));
+    PERFORM pg_temp.emit('ROLLBACK;');
+    PERFORM pg_temp.emit(format('DELETE FROM contracts WHERE contract_id %% 7 = %s;', pg_temp.ri(0, 6)));
+END $$;
 CREATE FUNCTION pg_temp.maybe_compact() RETURNS void LANGUAGE sql AS $$
     SELECT pg_temp.emit('SELECT billing.compact_usage() >= 0 AS compacted;') WHERE pg_temp.chance(0.35)
 $$;
@@ -411,6 +449,17 @@ SELECT pg_temp.emit(x) FROM unnest(ARRAY[
     format('SELECT billing.meter_table(''ev'', ''account_id'', ''meter'', ''quantity'', ''ts'', ''event_id'', ''dim'', keep_rows => %s);',
            CASE WHEN pg_temp.chance(0.5) THEN 'true' ELSE 'false' END)]) x;
 
+-- an audited table (on Citus distributed with the accounts: its changes are
+-- audited on the node of each account's chain); TRUNCATE is refused
+SELECT pg_temp.emit(x) FROM unnest(ARRAY[
+    'CREATE TABLE contracts (account_id bigint NOT NULL, contract_id bigint NOT NULL, plan text NOT NULL, amount numeric NOT NULL, PRIMARY KEY (account_id, contract_id));',
+    '\if :citus',
+    'SELECT create_distributed_table(''contracts'', ''account_id'', colocate_with => ''billing.accounts'') \gset',
+    '\endif',
+    'SELECT billing.audit_table(''contracts'', ''account_id'');',
+    'DO $$ BEGIN TRUNCATE contracts; EXCEPTION WHEN object_not_in_prerequisite_state THEN RAISE NOTICE ''TRUNCATE of an audited table refused (%)'', SQLSTATE; END $$;']) x;
+SELECT pg_temp.contracts(pg_temp.ri(30, 80));
+
 -- 1. usage before the first finalize, through every path, in random order
 DO $$
 BEGIN
@@ -513,6 +562,7 @@ BEGIN
     PERFORM pg_temp.record_bulk(pg_temp.ri(10, 40), '-5 days', '3 days');
     PERFORM pg_temp.corrections(2);
     PERFORM pg_temp.retro_price('2 days');
+    PERFORM pg_temp.contracts(pg_temp.ri(10, 40));
     PERFORM pg_temp.maybe_compact();
 END $$;
 SELECT pg_temp.rerate('-6 days', '4 days', false);
@@ -532,6 +582,7 @@ SELECT pg_temp.emit(format(
     'SELECT meter, dimension, bucket_start, quantity, events FROM billing.usage(%s, %s, %s, ''1 day'') ORDER BY 1, 2, 3;',
     account_id, pg_temp.lit(pg_temp.t0() - interval '6 days'), pg_temp.lit(pg_temp.t0() + interval '7 days')))
   FROM (SELECT account_id FROM g_accounts ORDER BY random() LIMIT 2) x;
+SELECT pg_temp.emit('SELECT count(*) AS contracts, sum(amount) AS amount FROM contracts;');
 SELECT pg_temp.emit('SELECT count(*) AS invoice_problems FROM billing.verify_invoices();');
 SELECT pg_temp.emit('SELECT count(*) AS audit_problems FROM billing.verify_audit_log();');
 

@@ -9,7 +9,9 @@
 # invoices must verify.  Then the guards on the cluster: a billing_admin
 # that claims to be a Citus task (application_name 'citus_internal gpid=1')
 # is refused every change the guards forbid, from the coordinator and from a
-# worker (issue 13, defect 3).  Then the cluster itself.
+# worker (issue 13, defect 3).  Then the cluster itself (also: the table the
+# scenario audits with billing.audit_table is audited on the node of each
+# account's chain).
 #
 # Seeds: BILLING_CITUS_SEEDS (default: the fixed list below); each seed is
 # printed, and a failure is replayed with BILLING_CITUS_SEEDS=N bash
@@ -228,6 +230,27 @@ cq "SELECT run_command_on_placements('billing.audit_log',
 r=$(cq "SELECT string_agg(account_id || ':' || seq || ' ' || problem, '; ') FROM billing.verify_audit_log()")
 check "an audit row altered on a worker is reported by verify_audit_log on the coordinator ($r)" \
     [ "$r" = "$acct:2 hash does not match the row: the row was altered" ]
+# the audited table of the scenario, distributed by its account: each
+# account's contracts, their audit rows and the chain head live on one node,
+# and a change routed to that node is audited there
+r=$(cq "SELECT count(*) FROM (SELECT c.nodeport FROM pg_dist_shard_placement c
+          JOIN pg_dist_shard s ON s.shardid = c.shardid
+         WHERE s.logicalrelid IN ('contracts'::regclass, 'billing.audit_log'::regclass,
+                                  'billing.audit_heads'::regclass, 'billing.accounts'::regclass)
+         GROUP BY s.shardminvalue, c.nodeport) x")
+w=$(cq "SELECT count(*) FROM pg_dist_shard WHERE logicalrelid = 'contracts'::regclass")
+check "the audited table's shards sit with their accounts' audit chains ($w shard groups, $r placements)" [ "$r" = "$w" ]
+r=$(cq "SELECT sum(result::bigint) FROM run_command_on_placements('billing.audit_log',
+          \$\$SELECT count(*) FROM %s WHERE object = 'public.contracts'\$\$)")
+w=$(cq "SELECT count(*) FROM billing.audit_log WHERE object = 'public.contracts'")
+check "the audited table's rows are in the shards of their chains ($r of $w)" [ -n "$w" -a "$r" = "$w" ]
+a2=$(cq "SELECT min(account_id) FROM billing.accounts WHERE account_id <> $acct")
+cq "INSERT INTO contracts VALUES ($a2, 1000000, 'team', 1)" >/dev/null
+r=$(cq "SELECT count(*) || ' row, head ' || (max(seq) = (SELECT seq FROM billing.audit_heads WHERE account_id = $a2))
+          FROM billing.audit_log WHERE account_id = $a2 AND details -> 'key' @> '{\"contract_id\": 1000000}'")
+check "a change of the audited table routed to account $a2's node is audited there ($r)" [ "$r" = "1 row, head true" ]
+r=$(cq "SELECT count(*) FROM billing.verify_audit_log() WHERE account_id <> $acct")
+check "and the audit log verifies (but for the row altered above: $r problems)" [ "$r" = 0 ]
 r=$(cq "SELECT string_agg(c.relname, ',' ORDER BY c.relname) FROM pg_class c
          WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'r'
            AND c.relname <> 'metered_tables'

@@ -2,11 +2,13 @@
 # pg_dump round trip (make test, section 4): a database with billing data
 # -- meters, accounts, plans, usage through every ingest path, finalized
 # invoices, a correction, a retroactive price change re-rated into
-# adjustments carried by a later invoice, and their audit rows -- is dumped
+# adjustments carried by a later invoice, a table of the user's audited per
+# account (billing.audit_table), and their audit rows -- is dumped
 # (plain and custom format) and restored into fresh databases, where
 # CREATE EXTENSION runs from the dump.  The restored databases must hold
 # the same usage, invoices, adjustments and audit log, verify, and go on
-# working (dedupe, offsets, metered tables, the audit chains).
+# working (dedupe, offsets, metered tables, the audited table, the audit
+# chains).
 # Prints one TAP line per check; runs against the cluster of
 # test/run_tests.sh (PGHOST, PGPORT set).
 set -uo pipefail
@@ -57,6 +59,9 @@ GRANT SELECT ON d0 TO PUBLIC;
 CREATE TABLE public.d_outcomes (org bigint, category text, quantity numeric, received timestamptz,
                                 event_id text);
 ALTER TABLE public.d_outcomes OWNER TO dump_admin;
+CREATE TABLE public.d_contracts (account_id bigint NOT NULL, contract_id bigint NOT NULL,
+                                 amount numeric NOT NULL, PRIMARY KEY (account_id, contract_id));
+ALTER TABLE public.d_contracts OWNER TO dump_admin;
 
 SET ROLE dump_admin;
 INSERT INTO billing.meters (meter, aggregation, late_window) VALUES
@@ -80,6 +85,9 @@ UPDATE billing.accounts SET name = 'one, renamed' WHERE account_id = 1;
 -- a metered table owned by the admin, fed by the writer
 SELECT billing.meter_table('public.d_outcomes', 'org', 'category', 'quantity', 'received', 'event_id');
 GRANT INSERT ON public.d_outcomes TO dump_writer;
+-- a table of the user's, audited per account
+SELECT billing.audit_table('public.d_contracts', 'account_id');
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.d_contracts TO dump_writer;
 RESET ROLE;
 
 SET ROLE dump_writer;
@@ -96,6 +104,9 @@ SELECT billing.report_cumulative('d_collector', 2, 'd_events', d0 + interval '2 
 INSERT INTO public.d_outcomes
 SELECT 1 + g % 4, 'd_events', 2, d0 + (g % 3000) * interval '1 minute', 'o-' || g
   FROM generate_series(1, 2000) g, d0;
+INSERT INTO public.d_contracts SELECT 1 + g % 4, g, g * 10 FROM generate_series(1, 40) g;
+UPDATE public.d_contracts SET amount = amount + 1 WHERE contract_id % 5 = 0;
+DELETE FROM public.d_contracts WHERE contract_id = 40;
 RESET ROLE;
 
 SET ROLE dump_admin;
@@ -144,13 +155,17 @@ SELECT 'offsets', o.source, o.partition, o.last_offset FROM billing.ingest_offse
 SELECT 'cumulative', c.* FROM billing.cumulative_reports c ORDER BY 2, 3, 4, 5, 6;
 SELECT 'metered', m.* FROM billing.metered_tables m ORDER BY 2;
 SELECT 'outcomes', count(*) FROM public.d_outcomes;
+SELECT 'audited', a.tbl, a.account_column FROM billing.audited_tables a ORDER BY 2;
+SELECT 'contracts', count(*), sum(amount) FROM public.d_contracts;
 SELECT 'seq', s.relname, pg_sequence_last_value(s.oid) FROM pg_class s
  WHERE s.relnamespace = 'billing'::regnamespace AND s.relkind = 'S' ORDER BY 2;
 SQL
 }
 snapshot $SRC >"$work/src.txt" || echo "# snapshot of $SRC failed"
-check "the snapshot covers usage, invoices, adjustments and the audit log" "t" \
-    "$(awk -F'|' '{k[$1]++} END {print (k["usage"] > 0 && k["invoice"] >= 12 && k["line"] > 0 && k["adjustment"] > 0 && k["audit"] > 0 && k["preview"] > 0) ? "t" : "f"}' "$work/src.txt")"
+check "the snapshot covers usage, invoices, adjustments, the audited table and the audit log" "t" \
+    "$(awk -F'|' '{k[$1]++} END {print (k["usage"] > 0 && k["invoice"] >= 12 && k["line"] > 0 && k["adjustment"] > 0 && k["audit"] > 0 && k["preview"] > 0 && k["audited"] == 1) ? "t" : "f"}' "$work/src.txt")"
+check "the audited table's changes are in the audit log" "t" \
+    "$(grep -c '^audit|.*|public.d_contracts|' "$work/src.txt" | awk '{print ($1 == 49) ? "t" : "f"}')"
 
 pg_dump -d $SRC -f "$work/plain.sql" && pg_dump -d $SRC -Fc -f "$work/custom.dump"
 check "pg_dump (plain and custom format)" 0 $?
@@ -168,7 +183,7 @@ for fmt in plain custom; do
     [ $rc -eq 0 ] || sed 's/^/#   /' "$work/restore_$fmt.log" | head -20
     snapshot $dst >"$work/$fmt.txt"
     for what in usage usage/day invoice line adjustment correction preview audit head charge \
-                subscription keys offsets cumulative metered outcomes seq; do
+                subscription keys offsets cumulative metered outcomes audited contracts seq; do
         check "$fmt: $what identical after the restore" \
             "$(grep "^$what|" "$work/src.txt")" "$(grep "^$what|" "$work/$fmt.txt")"
     done
@@ -184,7 +199,10 @@ SELECT billing.record(1, 'd_events', 1, d0 + interval '1 minute', 'r-4') FROM d0
 SELECT already_applied FROM billing.ingest('d_src', 0, 1, ARRAY[1]::bigint[], ARRAY['d_events'],
                                            ARRAY[1]::numeric[], ARRAY[now()]);
 INSERT INTO public.d_outcomes VALUES (1, 'd_events', 2, now(), 'o-4'), (1, 'd_events', 5, now(), 'o-new');
+INSERT INTO public.d_contracts VALUES (1, 100, 5);
 RESET ROLE;
+SELECT count(*) FROM billing.audit_log
+ WHERE object = 'public.d_contracts' AND details -> 'key' @> '{"contract_id": 100}';
 SELECT count(*) FROM public.d_outcomes WHERE event_id IN ('o-4', 'o-new');
 SELECT sum(quantity) FROM billing.usage_cells WHERE account_id = 1 AND bucket_start >= date_trunc('minute', now()) - interval '1 minute';
 SET ROLE dump_admin;
@@ -194,8 +212,8 @@ RESET ROLE;
 SELECT count(*) FROM billing.verify_audit_log();
 SQL
 )
-    check "$fmt: after the restore a repeated event id is a duplicate, an applied offset is applied, the metered table counts new rows once, charge ids and the audit chains go on" \
-        "$(printf 'f\nt\n2\n5\n0')" "$out"
+    check "$fmt: after the restore a repeated event id is a duplicate, an applied offset is applied, the metered table counts new rows once, the audited table is audited, charge ids and the audit chains go on" \
+        "$(printf 'f\nt\n1\n2\n5\n0')" "$out"
 done
 
 # CREATE EXTENSION by a non-superuser: refused (trusted = false, see doc/billing.md, Guarantees)

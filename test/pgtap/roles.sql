@@ -204,8 +204,9 @@ RESET ROLE;
 SELECT results_eq(
     $$SELECT p.oid::regprocedure::text FROM pg_proc p
        WHERE p.pronamespace = 'billing'::regnamespace AND p.prosecdef ORDER BY 1$$,
-    $$VALUES ('billing._audit_change()'), ('billing._audit_insert()'), ('billing._audit_insert_rows()'),
-             ('billing._audit_invoice()'),
+    $$VALUES ('billing._audit_change()'), ('billing._audit_ddl()'), ('billing._audit_insert()'),
+             ('billing._audit_insert_rows()'), ('billing._audit_invoice()'),
+             ('billing._audit_table_note(regclass)'),
              ('billing._meter_after_rows()'), ('billing._meter_flush()'), ('billing._meter_row()'),
              ('billing.compact_usage()'),
              ('billing.correct_usage(bigint,text,timestamp with time zone,numeric,text,text)'),

@@ -45,3 +45,18 @@ SELECT sum(billing._rate_check(p::billing.price, q)), sum(billing.rate(p::billin
 SELECT count(*) FROM billing.rate_tiers('graduated 10 @ 1 + 1 | 20 @ 0.5 | inf @ 0.1 free 2 per 0.5 exact', 25);
 SELECT count(*) FILTER (WHERE billing.rate(('unit ' || g)::billing.price, 1) <> g) FROM generate_series(1, 9) g, generate_series(1, 20) r;
 SELECT count(*) FROM billing.audit_log;
+CREATE TABLE v_contracts (contract_id int PRIMARY KEY, account_id bigint NOT NULL, plan text, amount numeric, signed_at timestamptz, tags text[], extra jsonb, span interval);
+SELECT billing.audit_table('v_contracts', 'account_id');
+SET TimeZone = 'Europe/Paris';
+INSERT INTO v_contracts SELECT g, 1 + g % 3, 'team', g * 1.5, now(), ARRAY['a', E'b"\n'], jsonb_build_object('k', g), g * interval '1 hour' FROM generate_series(1, 300) g;
+UPDATE v_contracts SET amount = amount + 1, account_id = 2 WHERE contract_id % 7 = 0;
+DO $$ BEGIN INSERT INTO v_contracts VALUES (1000, 1, 'x', 1, NULL, NULL, NULL, NULL); INSERT INTO v_contracts VALUES (1000, 1, 'x', 1, NULL, NULL, NULL, NULL); EXCEPTION WHEN unique_violation THEN NULL; END $$;
+DELETE FROM v_contracts WHERE contract_id > 290;
+CREATE TABLE v_parted (account_id bigint NOT NULL, id int NOT NULL, v text, PRIMARY KEY (account_id, id)) PARTITION BY HASH (account_id);
+CREATE TABLE v_parted_0 PARTITION OF v_parted FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+CREATE TABLE v_parted_1 PARTITION OF v_parted FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+SELECT billing.audit_table('v_parted', 'account_id');
+INSERT INTO v_parted SELECT 1 + g % 5, g, 'v' || g FROM generate_series(1, 200) g;
+SELECT billing.unaudit_table('v_parted');
+RESET TimeZone;
+SELECT count(*) FROM billing.verify_audit_log();
