@@ -7,6 +7,7 @@
 #define BILLING_H
 
 #include "postgres.h"
+#include "datatype/timestamp.h"
 #include "utils/array.h"
 #include "utils/numeric.h"
 
@@ -33,6 +34,12 @@ extern void billing_ingest_init(void);
 extern int	array_elems(ArrayType *a, Oid type, int len, bool byval, char align,
 						Datum **elems, bool **nulls, int expect, const char *name,
 						bool nulls_ok);
+
+/* periods.c: the buckets of a billing period */
+extern int64 bucket_width_usecs(const Interval *width);
+extern TimestampTz bucket_start_of(TimestampTz t, int64 width);
+extern TimestampTz period_first_bucket(TimestampTz ps, TimestampTz usage_from, int64 width);
+extern bool period_fits_width(const Interval *period, const Interval *width);
 
 /* worker.c */
 extern void billing_worker_init(void);

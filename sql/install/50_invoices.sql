@@ -137,7 +137,10 @@ CREATE INDEX invoice_lines_charge ON billing.invoice_lines (charge_id) WHERE cha
  * usage by meter, the spend cap), amounts rounded per line to the
  * currency's minor unit.  The version of each charge in force at a period's
  * start rates the whole period.  Set-based, so that finalizing or
- * re-rating ten thousand accounts is one query, not ten thousand.
+ * re-rating ten thousand accounts is one query, not ten thousand.  Each
+ * metered charge bills the buckets of its meter that start in [lo, period
+ * end), lo as 45_period_buckets.sql says: every path that bills a period
+ * comes through here, so each bucket of a subscription is billed once.
  */
 CREATE FUNCTION billing._rate_periods(p_accounts bigint[], p_plans text[], p_currencies text[],
                                       p_caps numeric[], p_starts timestamptz[],
@@ -171,9 +174,32 @@ BEGIN
                  ORDER BY k.plan, k.ps, c.meter,
                           CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END,
                           c.valid_from DESC) v
+    ), firsts AS (
+        -- the buckets each metered charge of each period bills: those
+        -- starting in [lo, period end), lo from the one rule of
+        -- src/periods.c (the bucket straddling a subscription's start goes
+        -- to its first period, every other one to the period holding its
+        -- start)
+        SELECT DISTINCT per.idx, v.meter,
+               billing._period_first_bucket(per.ps, uf.usage_from, m.bucket_width) AS lo
+          FROM per JOIN versions v ON v.plan = per.plan AND v.ps = per.ps
+               JOIN billing.meters m ON m.meter = v.meter
+               JOIN billing._period_usage_from(p_accounts, p_starts) uf ON uf.idx = per.idx
+    ), reads AS (
+        -- one read of the usage store per period and distinct lo (more than
+        -- one only in a first period whose meters' buckets straddle its
+        -- start at different points)
+        SELECT r.idx, r.lo, (row_number() OVER (ORDER BY r.idx, r.lo))::integer AS j
+          FROM (SELECT DISTINCT f.idx, f.lo FROM firsts f) r
     ), totals AS (
-        SELECT t.idx, t.meter, t.quantity
-          FROM billing._usage_totals_many(p_accounts, p_starts, p_ends) t
+        SELECT f.idx, f.meter, t.quantity
+          FROM (SELECT array_agg(p_accounts[rd.idx] ORDER BY rd.j) AS accounts,
+                       array_agg(rd.lo ORDER BY rd.j) AS starts,
+                       array_agg(p_ends[rd.idx] ORDER BY rd.j) AS ends
+                  FROM reads rd) a,
+               LATERAL billing._usage_totals_many(a.accounts, a.starts, a.ends) t
+               JOIN reads rd ON rd.j = t.idx
+               JOIN firsts f ON f.idx = rd.idx AND f.lo = rd.lo AND f.meter = t.meter
     ), rated AS (
         SELECT per.idx, per.currency, v.ord, v.n_lines, v.grp,
                CASE WHEN v.meter IS NULL THEN 'fixed' ELSE 'usage' END AS kind,
