@@ -1168,3 +1168,276 @@ GRANT EXECUTE ON FUNCTION
     billing._audited_ancestor(regclass),
     billing._audit_table_citus(regclass, name)
     TO billing_reader;
+
+-- ---- issue 13, defect 8: the buckets of a billing period (sql/install/45_period_buckets.sql) ----
+-- Every bucket inside a subscription's span is billed exactly once: the
+-- bucket straddling a subscription's start goes to its first period (1.0
+-- billed it to no period), every other one to the period holding its start.
+-- _rate_periods asks the usage store for [lo, period end) per period and
+-- meter (lo: _period_first_bucket).  A plan's period must be a whole
+-- multiple of the bucket width of every meter it charges (22023, checked by
+-- _period_width_check on charges, subscriptions, plans and meters).  Rows
+-- 1.0 created against that rule are kept and go on billing (each bucket
+-- once, in the period holding its start); the update names each such
+-- (plan, meter) pair in a WARNING and does not fail.
+CREATE FUNCTION billing._period_first_bucket(period_start timestamptz, usage_from timestamptz,
+                                             bucket_width interval)
+    RETURNS timestamptz
+    AS 'MODULE_PATHNAME', 'billing_period_first_bucket'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION billing._period_first_bucket(timestamptz, timestamptz, interval) IS
+    'Internal: the first bucket start a billing period bills for a meter of this bucket width: the start of the bucket holding period_start when that is at or after usage_from, else period_start (src/periods.c)';
+
+CREATE FUNCTION billing._period_fits_width(period interval, bucket_width interval)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'billing_period_fits_width'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION billing._period_fits_width(interval, interval) IS
+    'Internal: is a plan''s period a whole multiple of a bucket width (a period of months: the width divides a day)?';
+
+/*
+ * _period_usage_from: for each (account, period start) given, how far back
+ * the period may reach for usage (the usage_from of src/periods.c): the
+ * period start itself, unless the period is the first of a subscription
+ * (it starts at the subscription's starts_at); then the end of the
+ * account's previous subscription, or -infinity when there is none, so
+ * that the first period bills the bucket straddling the subscription's
+ * start unless the previous subscription's last period holds that
+ * bucket's start.  PL/pgSQL: on Citus one router query per period.
+ */
+CREATE FUNCTION billing._period_usage_from(p_accounts bigint[], p_starts timestamptz[])
+    RETURNS TABLE (idx integer, usage_from timestamptz)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    acc bigint;
+    ps timestamptz;
+BEGIN
+    IF billing._citus_table_kind('billing.subscriptions') IS NOT NULL THEN
+        FOR i IN 1 .. coalesce(array_length(p_accounts, 1), 0) LOOP
+            acc := p_accounts[i];
+            ps := p_starts[i];
+            idx := i;
+            SELECT CASE WHEN bool_or(s.starts_at = ps)
+                        THEN coalesce(max(s.ends_at) FILTER (WHERE s.ends_at <= ps), '-infinity')
+                        ELSE ps END
+              INTO usage_from
+              FROM billing.subscriptions s WHERE s.account_id = acc;
+            RETURN NEXT;
+        END LOOP;
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT x.i::integer,
+           (SELECT CASE WHEN bool_or(s.starts_at = x.ps)
+                        THEN coalesce(max(s.ends_at) FILTER (WHERE s.ends_at <= x.ps), '-infinity')
+                        ELSE x.ps END
+              FROM billing.subscriptions s WHERE s.account_id = x.a)
+      FROM unnest(p_accounts, p_starts) WITH ORDINALITY AS x(a, ps, i);
+END
+$$;
+COMMENT ON FUNCTION billing._period_usage_from(bigint[], timestamptz[]) IS
+    'Internal: per (account, period start), how far back the period bills usage: the start, or for a subscription''s first period the end of the previous subscription (-infinity: none)';
+
+/*
+ * _period_width_check: a plan's period must be a whole multiple of the
+ * bucket width of every meter it charges (22023).  One trigger function
+ * for the four tables whose changes could break that (its argument names
+ * the table: on Citus it fires on shards, whose names differ): a charge of a new
+ * (plan, meter) pair, a subscription to a plan (new, or another plan), a
+ * plan's new period, a meter's new bucket width.  Pairs 1.0 created against
+ * the rule stay (the update to 1.1 lists them): a new version of such a
+ * charge is allowed, a new subscription to such a plan is not.  The reload
+ * of a dump (billing._audit_suspended) brings rows that were checked when
+ * first written, or came from 1.0, and is not checked again.
+ */
+CREATE FUNCTION billing._period_width_check() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    bad_plan text;
+    bad_period interval;
+    bad_meter text;
+    bad_width interval;
+BEGIN
+    IF billing._audit_suspended() THEN
+        RETURN NEW;
+    END IF;
+    IF TG_ARGV[0] = 'charges' THEN
+        IF NEW.meter IS NULL
+           OR (TG_OP = 'UPDATE' AND NEW.plan = OLD.plan AND NEW.meter IS NOT DISTINCT FROM OLD.meter) THEN
+            RETURN NEW;
+        END IF;
+        SELECT p.plan, p.period, m.meter, m.bucket_width INTO bad_plan, bad_period, bad_meter, bad_width
+          FROM billing.plans p, billing.meters m
+         WHERE p.plan = NEW.plan AND m.meter = NEW.meter
+           AND NOT billing._period_fits_width(p.period, m.bucket_width)
+           AND NOT EXISTS (SELECT 1 FROM billing.charges c
+                            WHERE c.plan = NEW.plan AND c.meter = NEW.meter
+                              AND c.charge_id <> NEW.charge_id);
+    ELSIF TG_ARGV[0] = 'subscriptions' THEN
+        IF TG_OP = 'UPDATE' AND NEW.plan = OLD.plan THEN
+            RETURN NEW;
+        END IF;
+        SELECT p.plan, p.period, m.meter, m.bucket_width INTO bad_plan, bad_period, bad_meter, bad_width
+          FROM billing.plans p JOIN billing.charges c ON c.plan = p.plan
+               JOIN billing.meters m ON m.meter = c.meter
+         WHERE p.plan = NEW.plan AND NOT billing._period_fits_width(p.period, m.bucket_width)
+         ORDER BY m.meter LIMIT 1;
+    ELSIF TG_ARGV[0] = 'plans' THEN
+        IF NEW.period = OLD.period THEN
+            RETURN NEW;
+        END IF;
+        SELECT NEW.plan, NEW.period, m.meter, m.bucket_width INTO bad_plan, bad_period, bad_meter, bad_width
+          FROM billing.charges c JOIN billing.meters m ON m.meter = c.meter
+         WHERE c.plan = OLD.plan AND NOT billing._period_fits_width(NEW.period, m.bucket_width)
+         ORDER BY m.meter LIMIT 1;
+    ELSIF TG_ARGV[0] = 'meters' THEN
+        IF NEW.bucket_width = OLD.bucket_width THEN
+            RETURN NEW;
+        END IF;
+        SELECT p.plan, p.period, NEW.meter, NEW.bucket_width INTO bad_plan, bad_period, bad_meter, bad_width
+          FROM billing.charges c JOIN billing.plans p ON p.plan = c.plan
+         WHERE c.meter = OLD.meter AND NOT billing._period_fits_width(p.period, NEW.bucket_width)
+         ORDER BY p.plan LIMIT 1;
+    END IF;
+    IF bad_plan IS NOT NULL THEN
+        RAISE EXCEPTION 'the period "%" of plan "%" is not a whole multiple of the bucket width "%" of meter "%"',
+              bad_period, bad_plan, bad_width, bad_meter
+            USING ERRCODE = '22023',
+                  DETAIL = 'A plan''s period must be a whole multiple of the bucket width of every meter it charges (a period of months: a bucket width that divides a day), so that each billing period starts at the same point of a bucket.',
+                  HINT = 'Charge a meter with a narrower bucket width, or use a plan whose period is a multiple of it.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION billing._period_width_check() IS
+    'Internal: refuses a charge, subscription, plan period or meter bucket width that would make a plan''s period not a whole multiple of the bucket width of a meter it charges (22023)';
+CREATE TRIGGER charges_period_check BEFORE INSERT OR UPDATE ON billing.charges
+    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('charges');
+CREATE TRIGGER subscriptions_period_check BEFORE INSERT OR UPDATE ON billing.subscriptions
+    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('subscriptions');
+CREATE TRIGGER plans_period_check BEFORE UPDATE ON billing.plans
+    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('plans');
+CREATE TRIGGER meters_period_check BEFORE UPDATE ON billing.meters
+    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('meters');
+
+CREATE OR REPLACE FUNCTION billing._rate_periods(p_accounts bigint[], p_plans text[], p_currencies text[],
+                                      p_caps numeric[], p_starts timestamptz[],
+                                      p_ends timestamptz[])
+    RETURNS TABLE (idx integer, ord integer, kind text, meter text, description text,
+                   quantity numeric, amount numeric, unrounded_amount numeric,
+                   charge_id bigint, price billing.price)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+BEGIN
+    RETURN QUERY
+    WITH per AS (
+        SELECT x.i::integer AS idx, x.pl AS plan, x.cur AS currency, x.cap, x.s AS ps
+          FROM unnest(p_plans, p_currencies, p_caps, p_starts) WITH ORDINALITY AS x(pl, cur, cap, s, i)
+    ), versions AS (
+        -- the charge versions in force, once per (plan, period start) however
+        -- many accounts share them, numbered in invoice order: fixed fees by
+        -- description, then usage by meter (the spend cap comes last)
+        SELECT v.*, (row_number() OVER (PARTITION BY v.plan, v.ps
+                                        ORDER BY v.grp, v.description, v.meter))::integer AS ord,
+               (count(*) OVER (PARTITION BY v.plan, v.ps))::integer AS n_lines
+          FROM (SELECT DISTINCT ON (k.plan, k.ps, c.meter,
+                                    CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END)
+                       k.plan, k.ps, c.charge_id, c.meter::text AS meter,
+                       coalesce(c.description, c.meter) AS description, c.price,
+                       CASE WHEN c.meter IS NULL THEN 1 ELSE 2 END AS grp
+                  FROM (SELECT DISTINCT per.plan, per.ps FROM per) k
+                       JOIN billing.charges c ON c.plan = k.plan AND c.valid_from <= k.ps
+                 ORDER BY k.plan, k.ps, c.meter,
+                          CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END,
+                          c.valid_from DESC) v
+    ), firsts AS (
+        -- the buckets each metered charge of each period bills: those
+        -- starting in [lo, period end), lo from the one rule of
+        -- src/periods.c (the bucket straddling a subscription's start goes
+        -- to its first period, every other one to the period holding its
+        -- start)
+        SELECT DISTINCT per.idx, v.meter,
+               billing._period_first_bucket(per.ps, uf.usage_from, m.bucket_width) AS lo
+          FROM per JOIN versions v ON v.plan = per.plan AND v.ps = per.ps
+               JOIN billing.meters m ON m.meter = v.meter
+               JOIN billing._period_usage_from(p_accounts, p_starts) uf ON uf.idx = per.idx
+    ), reads AS (
+        -- one read of the usage store per period and distinct lo (more than
+        -- one only in a first period whose meters' buckets straddle its
+        -- start at different points)
+        SELECT r.idx, r.lo, (row_number() OVER (ORDER BY r.idx, r.lo))::integer AS j
+          FROM (SELECT DISTINCT f.idx, f.lo FROM firsts f) r
+    ), totals AS (
+        SELECT f.idx, f.meter, t.quantity
+          FROM (SELECT array_agg(p_accounts[rd.idx] ORDER BY rd.j) AS accounts,
+                       array_agg(rd.lo ORDER BY rd.j) AS starts,
+                       array_agg(p_ends[rd.idx] ORDER BY rd.j) AS ends
+                  FROM reads rd) a,
+               LATERAL billing._usage_totals_many(a.accounts, a.starts, a.ends) t
+               JOIN reads rd ON rd.j = t.idx
+               JOIN firsts f ON f.idx = rd.idx AND f.lo = rd.lo AND f.meter = t.meter
+    ), rated AS (
+        SELECT per.idx, per.currency, v.ord, v.n_lines, v.grp,
+               CASE WHEN v.meter IS NULL THEN 'fixed' ELSE 'usage' END AS kind,
+               v.meter, v.description,
+               CASE WHEN v.meter IS NULL THEN NULL ELSE coalesce(t.quantity, 0) END AS quantity,
+               billing.rate(v.price, CASE WHEN v.meter IS NULL THEN 0 ELSE coalesce(t.quantity, 0) END)
+                   AS unrounded_amount,
+               v.charge_id, v.price
+          FROM per JOIN versions v ON v.plan = per.plan AND v.ps = per.ps
+               LEFT JOIN totals t ON t.idx = per.idx AND t.meter = v.meter
+    ), lines AS (
+        SELECT r.*, billing.round_money(r.unrounded_amount, r.currency) AS amount FROM rated r
+    ), capped AS (
+        SELECT per.idx, max(l.n_lines) + 1 AS ord, 'cap'::text AS kind, NULL::text AS meter,
+               'spend cap'::text AS description, NULL::numeric AS quantity,
+               NULL::numeric AS unrounded_amount, NULL::bigint AS charge_id,
+               NULL::billing.price AS price,
+               billing.round_money(per.cap, per.currency) - sum(l.amount) AS amount
+          FROM per JOIN lines l ON l.idx = per.idx AND l.kind = 'usage'
+         WHERE per.cap IS NOT NULL
+         GROUP BY per.idx, per.cap, per.currency
+        HAVING sum(l.amount) > billing.round_money(per.cap, per.currency)
+    )
+    SELECT l.idx, l.ord, l.kind, l.meter, l.description, l.quantity, l.amount,
+           l.unrounded_amount, l.charge_id, l.price
+      FROM lines l
+    UNION ALL
+    SELECT c.idx, c.ord, c.kind, c.meter, c.description, c.quantity, c.amount,
+           c.unrounded_amount, c.charge_id, c.price
+      FROM capped c;
+END
+$$;
+
+REVOKE ALL ON FUNCTION billing._period_first_bucket(timestamptz, timestamptz, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing._period_fits_width(interval, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing._period_usage_from(bigint[], timestamptz[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing._period_width_check() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._period_first_bucket(timestamptz, timestamptz, interval),
+    billing._period_fits_width(interval, interval),
+    billing._period_usage_from(bigint[], timestamptz[])
+    TO billing_reader;
+
+-- 1.0 data against the rule: kept, named (the update does not fail)
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT DISTINCT p.plan, p.period, m.meter, m.bucket_width
+          FROM billing.charges c JOIN billing.plans p ON p.plan OPERATOR(pg_catalog.=) c.plan
+               JOIN billing.meters m ON m.meter OPERATOR(pg_catalog.=) c.meter
+         WHERE NOT billing._period_fits_width(p.period, m.bucket_width)
+         ORDER BY p.plan, m.meter
+    LOOP
+        RAISE WARNING 'the period "%" of plan "%" is not a whole multiple of the bucket width "%" of meter "%"',
+              r.period, r.plan, r.bucket_width, r.meter
+            USING DETAIL = 'Kept as 1.0 created it: each bucket is billed once, in the period holding its start (the first period also bills the bucket straddling the subscription''s start). New subscriptions to this plan are refused (22023).',
+                  HINT = 'Move its accounts to a plan whose period is a whole multiple of the bucket widths of its meters.';
+    END LOOP;
+END
+$$;

@@ -73,7 +73,8 @@ COMMENT ON FUNCTION billing._period_usage_from(bigint[], timestamptz[]) IS
 /*
  * _period_width_check: a plan's period must be a whole multiple of the
  * bucket width of every meter it charges (22023).  One trigger function
- * for the four tables whose changes could break that: a charge of a new
+ * for the four tables whose changes could break that (its argument names
+ * the table: on Citus it fires on shards, whose names differ): a charge of a new
  * (plan, meter) pair, a subscription to a plan (new, or another plan), a
  * plan's new period, a meter's new bucket width.  Pairs 1.0 created against
  * the rule stay (the update to 1.1 lists them): a new version of such a
@@ -84,52 +85,55 @@ COMMENT ON FUNCTION billing._period_usage_from(bigint[], timestamptz[]) IS
 CREATE FUNCTION billing._period_width_check() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 DECLARE
-    bad record;
+    bad_plan text;
+    bad_period interval;
+    bad_meter text;
+    bad_width interval;
 BEGIN
     IF billing._audit_suspended() THEN
         RETURN NEW;
     END IF;
-    IF TG_TABLE_NAME = 'charges' THEN
+    IF TG_ARGV[0] = 'charges' THEN
         IF NEW.meter IS NULL
            OR (TG_OP = 'UPDATE' AND NEW.plan = OLD.plan AND NEW.meter IS NOT DISTINCT FROM OLD.meter) THEN
             RETURN NEW;
         END IF;
-        SELECT p.plan, p.period, m.meter, m.bucket_width INTO bad
+        SELECT p.plan, p.period, m.meter, m.bucket_width INTO bad_plan, bad_period, bad_meter, bad_width
           FROM billing.plans p, billing.meters m
          WHERE p.plan = NEW.plan AND m.meter = NEW.meter
            AND NOT billing._period_fits_width(p.period, m.bucket_width)
            AND NOT EXISTS (SELECT 1 FROM billing.charges c
                             WHERE c.plan = NEW.plan AND c.meter = NEW.meter
                               AND c.charge_id <> NEW.charge_id);
-    ELSIF TG_TABLE_NAME = 'subscriptions' THEN
+    ELSIF TG_ARGV[0] = 'subscriptions' THEN
         IF TG_OP = 'UPDATE' AND NEW.plan = OLD.plan THEN
             RETURN NEW;
         END IF;
-        SELECT p.plan, p.period, m.meter, m.bucket_width INTO bad
+        SELECT p.plan, p.period, m.meter, m.bucket_width INTO bad_plan, bad_period, bad_meter, bad_width
           FROM billing.plans p JOIN billing.charges c ON c.plan = p.plan
                JOIN billing.meters m ON m.meter = c.meter
          WHERE p.plan = NEW.plan AND NOT billing._period_fits_width(p.period, m.bucket_width)
          ORDER BY m.meter LIMIT 1;
-    ELSIF TG_TABLE_NAME = 'plans' THEN
+    ELSIF TG_ARGV[0] = 'plans' THEN
         IF NEW.period = OLD.period THEN
             RETURN NEW;
         END IF;
-        SELECT NEW.plan AS plan, NEW.period AS period, m.meter, m.bucket_width INTO bad
+        SELECT NEW.plan, NEW.period, m.meter, m.bucket_width INTO bad_plan, bad_period, bad_meter, bad_width
           FROM billing.charges c JOIN billing.meters m ON m.meter = c.meter
          WHERE c.plan = OLD.plan AND NOT billing._period_fits_width(NEW.period, m.bucket_width)
          ORDER BY m.meter LIMIT 1;
-    ELSIF TG_TABLE_NAME = 'meters' THEN
+    ELSIF TG_ARGV[0] = 'meters' THEN
         IF NEW.bucket_width = OLD.bucket_width THEN
             RETURN NEW;
         END IF;
-        SELECT p.plan, p.period, NEW.meter AS meter, NEW.bucket_width AS bucket_width INTO bad
+        SELECT p.plan, p.period, NEW.meter, NEW.bucket_width INTO bad_plan, bad_period, bad_meter, bad_width
           FROM billing.charges c JOIN billing.plans p ON p.plan = c.plan
          WHERE c.meter = OLD.meter AND NOT billing._period_fits_width(p.period, NEW.bucket_width)
          ORDER BY p.plan LIMIT 1;
     END IF;
-    IF bad.plan IS NOT NULL THEN
+    IF bad_plan IS NOT NULL THEN
         RAISE EXCEPTION 'the period "%" of plan "%" is not a whole multiple of the bucket width "%" of meter "%"',
-              bad.period, bad.plan, bad.bucket_width, bad.meter
+              bad_period, bad_plan, bad_width, bad_meter
             USING ERRCODE = '22023',
                   DETAIL = 'A plan''s period must be a whole multiple of the bucket width of every meter it charges (a period of months: a bucket width that divides a day), so that each billing period starts at the same point of a bucket.',
                   HINT = 'Charge a meter with a narrower bucket width, or use a plan whose period is a multiple of it.';
@@ -140,10 +144,10 @@ $$;
 COMMENT ON FUNCTION billing._period_width_check() IS
     'Internal: refuses a charge, subscription, plan period or meter bucket width that would make a plan''s period not a whole multiple of the bucket width of a meter it charges (22023)';
 CREATE TRIGGER charges_period_check BEFORE INSERT OR UPDATE ON billing.charges
-    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check();
+    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('charges');
 CREATE TRIGGER subscriptions_period_check BEFORE INSERT OR UPDATE ON billing.subscriptions
-    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check();
+    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('subscriptions');
 CREATE TRIGGER plans_period_check BEFORE UPDATE ON billing.plans
-    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check();
+    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('plans');
 CREATE TRIGGER meters_period_check BEFORE UPDATE ON billing.meters
-    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check();
+    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('meters');
