@@ -1371,7 +1371,8 @@ BEGIN
         -- start at different points)
         SELECT r.idx, r.lo, (row_number() OVER (ORDER BY r.idx, r.lo))::integer AS j
           FROM (SELECT DISTINCT f.idx, f.lo FROM firsts f) r
-    ), totals AS (
+    ), totals AS MATERIALIZED (
+        -- (read once: inlined, the join below would read the store per line)
         SELECT f.idx, f.meter, t.quantity
           FROM (SELECT array_agg(p_accounts[rd.idx] ORDER BY rd.j) AS accounts,
                        array_agg(rd.lo ORDER BY rd.j) AS starts,
