@@ -26,6 +26,11 @@ DO $$ BEGIN PERFORM * FROM billing._delta_cells('\x01026d3100000002000000'::byte
 SELECT billing.compact_usage();
 SELECT count(*) FROM billing.usage(1, now() - interval '4 days', now(), '1 hour');
 SELECT count(*) FROM billing.invoice_preview(2);
+INSERT INTO billing.accounts (account_id) VALUES (21);
+INSERT INTO billing.subscriptions (account_id, plan, starts_at) VALUES (21, 'v_daily', date_trunc('day', now()) - interval '2 days' + interval '30.5 seconds');
+SELECT billing.record(21, 'v_sum', 2, date_trunc('day', now()) - interval '2 days' + interval '10 seconds');
+SELECT quantity FROM billing.invoice_preview(21, date_trunc('day', now()) - interval '2 days' + interval '1 minute') WHERE meter = 'v_sum';
+SELECT billing._period_first_bucket('2020-01-01 00:00:30.5', '-infinity', '1 minute'), billing._period_first_bucket('1969-12-31 23:59:30.25', '2020-01-01', '7 days'), billing._period_fits_width('1 month', '1 hour'), billing._period_fits_width('36 hours', '7 minutes'), billing._period_fits_width('1 day 00:00:00.5', '0.25 seconds');
 SELECT billing.remaining(2, 'v_sum');
 SELECT count(*) FROM billing.finalize_invoices(now());
 SELECT billing.correct_usage(1, 'v_sum', date_trunc('day', now()) - interval '3 days', 17, 'valgrind');
