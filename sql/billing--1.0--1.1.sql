@@ -1228,12 +1228,14 @@ BEGIN
         END LOOP;
         RETURN;
     END IF;
+    -- (two probes of the primary key, the second for first periods only)
     RETURN QUERY
     SELECT x.i::integer,
-           (SELECT CASE WHEN bool_or(s.starts_at = x.ps)
-                        THEN coalesce(max(s.ends_at) FILTER (WHERE s.ends_at <= x.ps), '-infinity')
-                        ELSE x.ps END
-              FROM billing.subscriptions s WHERE s.account_id = x.a)
+           CASE WHEN EXISTS (SELECT 1 FROM billing.subscriptions s
+                              WHERE s.account_id = x.a AND s.starts_at = x.ps)
+                THEN coalesce((SELECT max(s.ends_at) FROM billing.subscriptions s
+                                WHERE s.account_id = x.a AND s.ends_at <= x.ps), '-infinity')
+                ELSE x.ps END
       FROM unnest(p_accounts, p_starts) WITH ORDINALITY AS x(a, ps, i);
 END
 $$;
@@ -1354,16 +1356,19 @@ BEGIN
                  ORDER BY k.plan, k.ps, c.meter,
                           CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END,
                           c.valid_from DESC) v
+    ), widths AS (
+        -- the bucket widths of the meters each (plan, period start) charges
+        SELECT DISTINCT v.plan, v.ps, m.bucket_width
+          FROM versions v JOIN billing.meters m ON m.meter = v.meter
     ), firsts AS (
-        -- the buckets each metered charge of each period bills: those
-        -- starting in [lo, period end), lo from the one rule of
-        -- src/periods.c (the bucket straddling a subscription's start goes
-        -- to its first period, every other one to the period holding its
-        -- start)
-        SELECT DISTINCT per.idx, v.meter,
-               billing._period_first_bucket(per.ps, uf.usage_from, m.bucket_width) AS lo
-          FROM per JOIN versions v ON v.plan = per.plan AND v.ps = per.ps
-               JOIN billing.meters m ON m.meter = v.meter
+        -- a metered charge of a period bills the buckets of its meter that
+        -- start in [lo, period end), lo by the one rule of src/periods.c
+        -- for the meter's bucket width: the bucket straddling a
+        -- subscription's start goes to its first period, every other one
+        -- to the period holding its start
+        SELECT per.idx, w.bucket_width,
+               billing._period_first_bucket(per.ps, uf.usage_from, w.bucket_width) AS lo
+          FROM per JOIN widths w ON w.plan = per.plan AND w.ps = per.ps
                JOIN billing._period_usage_from(p_accounts, p_starts) uf ON uf.idx = per.idx
     ), reads AS (
         -- one read of the usage store per period and distinct lo (more than
@@ -1373,14 +1378,16 @@ BEGIN
           FROM (SELECT DISTINCT f.idx, f.lo FROM firsts f) r
     ), totals AS MATERIALIZED (
         -- (read once: inlined, the join below would read the store per line)
-        SELECT f.idx, f.meter, t.quantity
+        -- each meter from the read whose lo is that of its bucket width
+        SELECT rd.idx, t.meter, t.quantity
           FROM (SELECT array_agg(p_accounts[rd.idx] ORDER BY rd.j) AS accounts,
                        array_agg(rd.lo ORDER BY rd.j) AS starts,
                        array_agg(p_ends[rd.idx] ORDER BY rd.j) AS ends
                   FROM reads rd) a,
                LATERAL billing._usage_totals_many(a.accounts, a.starts, a.ends) t
                JOIN reads rd ON rd.j = t.idx
-               JOIN firsts f ON f.idx = rd.idx AND f.lo = rd.lo AND f.meter = t.meter
+               JOIN billing.meters m ON m.meter = t.meter
+               JOIN firsts f ON f.idx = rd.idx AND f.lo = rd.lo AND f.bucket_width = m.bucket_width
     ), rated AS (
         SELECT per.idx, per.currency, v.ord, v.n_lines, v.grp,
                CASE WHEN v.meter IS NULL THEN 'fixed' ELSE 'usage' END AS kind,

@@ -58,12 +58,14 @@ BEGIN
         END LOOP;
         RETURN;
     END IF;
+    -- (two probes of the primary key, the second for first periods only)
     RETURN QUERY
     SELECT x.i::integer,
-           (SELECT CASE WHEN bool_or(s.starts_at = x.ps)
-                        THEN coalesce(max(s.ends_at) FILTER (WHERE s.ends_at <= x.ps), '-infinity')
-                        ELSE x.ps END
-              FROM billing.subscriptions s WHERE s.account_id = x.a)
+           CASE WHEN EXISTS (SELECT 1 FROM billing.subscriptions s
+                              WHERE s.account_id = x.a AND s.starts_at = x.ps)
+                THEN coalesce((SELECT max(s.ends_at) FROM billing.subscriptions s
+                                WHERE s.account_id = x.a AND s.ends_at <= x.ps), '-infinity')
+                ELSE x.ps END
       FROM unnest(p_accounts, p_starts) WITH ORDINALITY AS x(a, ps, i);
 END
 $$;
