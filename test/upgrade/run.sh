@@ -37,6 +37,9 @@
 #    wall-clock columns).  pg_dump of the updated database restores into a
 #    fresh one that reads the same and verifies, and so does a dump taken on
 #    1.0 (restored into the current version, it reads as 1.0 did).
+# 3. A 1.0 database holding a plan whose period is not a whole multiple of
+#    a bucket width it bills (refused from 1.1 on, issue 13) updates, with
+#    a WARNING naming it; the plan goes on billing, no one new subscribes.
 #
 # The internal usage store (STORE_READS) is not read row by row: the upgrade
 # may migrate it into another store; usage(), invoice_preview(),
@@ -398,5 +401,24 @@ compare "the restored database reads exactly as the updated one (every read, eve
     updated restored false "" ""
 
 echo "# upgrade data check: $(( $(ms) - t1 )) ms"
+
+# ---- 3. a 1.0 plan against the period rule (issue 13) ----------------------------------------------
+# 1.0 let a plan bill a meter whose bucket width does not divide its period;
+# the update keeps it, names it in a WARNING and does not fail.
+recreate $WALK
+q $WALK -c "CREATE EXTENSION billing VERSION '1.0'" \
+    -c "INSERT INTO billing.meters (meter, bucket_width, late_window) VALUES ('hourly', '1 hour', '100 years')" \
+    -c "INSERT INTO billing.accounts (account_id) VALUES (1), (2)" \
+    -c "INSERT INTO billing.plans (plan, period) VALUES ('ten', '10 minutes')" \
+    -c "INSERT INTO billing.charges (plan, meter, price) VALUES ('ten', 'hourly', 'unit 1')" \
+    -c "INSERT INTO billing.subscriptions (account_id, plan, starts_at, ends_at) VALUES (1, 'ten', '2026-01-01 00:00:30.5', '2026-01-01 00:30:30.5')" \
+    -c "SELECT billing.record(1, 'hourly', 1, '2026-01-01 00:00:45')" >"$work/rule10.log" 2>&1 || diag <"$work/rule10.log"
+q $WALK -c "ALTER EXTENSION billing UPDATE" >"$work/rule.log" 2>&1
+rc=$?
+check "ALTER EXTENSION billing UPDATE of a 1.0 database with a plan against the period rule succeeds and names it in a WARNING" \
+    "0|1" "$rc|$(grep -c 'WARNING:  the period "00:10:00" of plan "ten" is not a whole multiple of the bucket width "01:00:00" of meter "hourly"' "$work/rule.log")"
+check "that plan still bills (the bucket straddling the start, in the first period) and takes a new price version; a new subscription to it raises 22023" \
+    "1|0|ERROR:  22023" \
+    "$(q $WALK -c "SELECT quantity FROM billing.invoice_preview(1, '2026-01-01 00:01') WHERE kind = 'usage'")|$(q $WALK -c "INSERT INTO billing.charges (plan, meter, price, valid_from) VALUES ('ten', 'hourly', 'unit 2', '2026-06-01')" >/dev/null 2>&1; echo $?)|$(q $WALK -v VERBOSITY=sqlstate -c "INSERT INTO billing.subscriptions (account_id, plan, starts_at) VALUES (2, 'ten', '2026-01-01')" 2>&1)"
 echo "# upgrade: $((n - fails)) passed, $fails failed"
 [ "$fails" -eq 0 ]
