@@ -422,7 +422,11 @@ BEGIN
         PERFORM pg_temp.emit(format('INSERT INTO billing.accounts (account_id, currency, name) VALUES (%s, %L, %L);',
                                     a.account_id, p.currency, 'org ' || a.account_id));
         CONTINUE WHEN pg_temp.chance(0.1);          -- an account without a subscription
-        st := pg_temp.t0() - interval '1 second' * pg_temp.ri(0, 5 * 86400);
+        -- (and a fraction of a second drawn from the account number, so
+        -- that no random() call is added: the start falls inside a bucket
+        -- of every width, and so does a plan change at its end)
+        st := pg_temp.t0() - interval '1 second' * pg_temp.ri(0, 5 * 86400)
+              + interval '1 microsecond' * (a.account_id * 7919 % 1000000);
         en := CASE WHEN pg_temp.chance(0.33) THEN st + interval '1 second' * pg_temp.ri(3600, 4 * 86400) END;
         INSERT INTO g_subs VALUES (a.account_id, p.plan, st, en);
         PERFORM pg_temp.emit(format(
@@ -490,6 +494,10 @@ SELECT pg_temp.emit(x) FROM unnest(ARRAY[
            (SELECT account_id FROM g_accounts ORDER BY random() LIMIT 1), pg_temp.lit(pg_temp.t0())),
     format('SELECT billing.record(%s, ''m1'', -1, %s);',
            (SELECT account_id FROM g_accounts ORDER BY random() LIMIT 1), pg_temp.lit(pg_temp.t0())),
+    -- a plan whose period is not a whole multiple of a bucket width it
+    -- would bill (no period here is a multiple of 7 days): 22023
+    'INSERT INTO billing.meters (meter, bucket_width, late_window) VALUES (''m_week'', ''7 days'', ''100 years'');',
+    'INSERT INTO billing.charges (plan, meter, price) VALUES (''p1'', ''m_week'', ''unit 1'');',
     '\set VERBOSITY default',
     '\set ON_ERROR_STOP 1']) x;
 SELECT pg_temp.emit('SELECT count(*) AS stored_events FROM ev;');
