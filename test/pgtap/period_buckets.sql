@@ -1,12 +1,13 @@
 -- period_buckets: every bucket inside a subscription's span is billed
 -- exactly once (SPEC §10.5, issue 13 defect 8).  60 accounts, each with one
--- to three consecutive subscriptions on random plans (periods of 10 and 30
--- minutes, 1 and 3 hours, 1 and 7 days, 1 month), starting at random
--- moments (sub-second offsets; some aligned to the hour), back to back (a
--- plan change, often inside a bucket) or after a gap, each ending after
--- 0.3 to 3 periods; usage of meters with minute, hour and day buckets (sum)
--- and hour buckets (max), half of it close to a period or subscription
--- boundary.  Each usage line of each period, through invoice_preview, then
+-- to three consecutive subscriptions on random plans (periods of 10, 30,
+-- 40 and 45 minutes, 1 and 3 hours, 1, 2 and 7 days, 1 month), starting at
+-- random moments (sub-second offsets; some aligned to the hour), back to
+-- back (a plan change, often inside a bucket) or after a gap, each ending
+-- after 0.3 to 3 periods; usage of meters with buckets of 5 seconds, 1, 2,
+-- 15 and 20 minutes, 1 and 6 hours and 1 day (sum) and 1 hour (max), each
+-- plan charging every meter whose width its period is a multiple of, half
+-- of the usage close to a period or subscription boundary.  Each usage line of each period, through invoice_preview, then
 -- finalize_invoices, must be what an independent attribution says: the
 -- bucket of each report belongs to the subscription holding its start, or,
 -- when none does, to the first subscription starting inside it (its first
@@ -15,7 +16,7 @@
 -- the refusals (22023) of plans whose period is not a multiple of a
 -- bucket width, and the unit cases of the two C functions.
 BEGIN;
-SELECT plan(33);
+SELECT plan(34);
 SELECT setseed(0.1308);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
@@ -24,17 +25,30 @@ INSERT INTO billing.meters (meter, aggregation, bucket_width, late_window) VALUE
     ('pq_min', 'sum', '1 minute', '100 years'),
     ('pq_hour', 'sum', '1 hour', '100 years'),
     ('pq_day', 'sum', '1 day', '100 years'),
-    ('pq_peak', 'max', '1 hour', '100 years');
+    ('pq_peak', 'max', '1 hour', '100 years'),
+    ('pq_5s', 'sum', '5 seconds', '100 years'),
+    ('pq_2m', 'sum', '2 minutes', '100 years'),
+    ('pq_15m', 'sum', '15 minutes', '100 years'),
+    ('pq_20m', 'sum', '20 minutes', '100 years'),
+    ('pq_6h', 'sum', '6 hours', '100 years');
 INSERT INTO billing.plans (plan, period) VALUES
-    ('pq_10m', '10 minutes'), ('pq_30m', '30 minutes'), ('pq_1h', '1 hour'), ('pq_3h', '3 hours'),
-    ('pq_1d', '1 day'), ('pq_7d', '7 days'), ('pq_1mon', '1 month');
--- each plan charges the meters whose bucket width divides its period
+    ('pq_10m', '10 minutes'), ('pq_30m', '30 minutes'), ('pq_40m', '40 minutes'),
+    ('pq_45m', '45 minutes'), ('pq_1h', '1 hour'), ('pq_3h', '3 hours'), ('pq_1d', '1 day'),
+    ('pq_2d', '2 days'), ('pq_7d', '7 days'), ('pq_1mon', '1 month');
+-- each plan charges the meters whose bucket width divides its period (a
+-- month's: a day), in seconds
 INSERT INTO billing.charges (plan, meter, price)
 SELECT p.plan, m.meter, 'unit 1'
   FROM billing.plans p, billing.meters m
  WHERE p.plan LIKE 'pq\_%' AND m.meter LIKE 'pq\_%'
-   AND (m.bucket_width = '1 minute' OR p.period >= '1 hour' AND m.bucket_width = '1 hour'
-        OR p.period >= '1 day' AND m.bucket_width = '1 day');
+   AND CASE WHEN p.period = '1 month' THEN 86400
+            ELSE extract(epoch FROM p.period) END % extract(epoch FROM m.bucket_width) = 0;
+SELECT is((SELECT string_agg(c.plan || ':' || c.meter, ' ' ORDER BY c.plan, c.meter)
+             FROM billing.charges c WHERE c.plan IN ('pq_40m', 'pq_45m', 'pq_2d')),
+          'pq_2d:pq_15m pq_2d:pq_20m pq_2d:pq_2m pq_2d:pq_5s pq_2d:pq_6h pq_2d:pq_day pq_2d:pq_hour '
+          'pq_2d:pq_min pq_2d:pq_peak pq_40m:pq_20m pq_40m:pq_2m pq_40m:pq_5s pq_40m:pq_min '
+          'pq_45m:pq_15m pq_45m:pq_5s pq_45m:pq_min',
+          'the plans charge the meters of the widths their periods are multiples of');
 INSERT INTO billing.accounts (account_id) SELECT a FROM generate_series(7701, 7760) a;
 
 -- s + n periods, month arithmetic on UTC wall time (written here
@@ -88,7 +102,7 @@ SELECT cmp_ok((SELECT count(*) FROM subs s WHERE EXISTS (
 SELECT cmp_ok((SELECT count(*) FROM subs WHERE date_trunc('second', starts_at) <> starts_at),
               '>=', 60::bigint, 'at least 60 start at a sub-second offset');
 
--- usage: 40 reports per account, half of them within 1.5 bucket widths of a
+-- usage: 60 reports per account, half of them within 1.5 bucket widths of a
 -- period or subscription boundary, the rest anywhere from 2 hours before
 -- the first subscription to 2 hours after the last
 CREATE TEMP TABLE reports AS
@@ -97,9 +111,10 @@ WITH spans AS (
       FROM subs GROUP BY account_id
 ), draws AS (
     SELECT sp.account_id, i, sp.lo, sp.hi,
-           (ARRAY['pq_min', 'pq_hour', 'pq_day', 'pq_peak'])[1 + floor(random() * 4)::int] AS meter,
+           (ARRAY['pq_min', 'pq_hour', 'pq_day', 'pq_peak', 'pq_5s', 'pq_2m', 'pq_15m', 'pq_20m',
+                  'pq_6h'])[1 + floor(random() * 9)::int] AS meter,
            random() AS r1, random() AS r2, random() AS r3
-      FROM spans sp, generate_series(1, 40) i
+      FROM spans sp, generate_series(1, 60) i
 )
 SELECT d.account_id, d.i, d.meter, m.bucket_width, m.aggregation,
        (1 + floor(d.r3 * 1000))::numeric AS quantity,
@@ -113,7 +128,7 @@ SELECT d.account_id, d.i, d.meter, m.bucket_width, m.aggregation,
                  + (d.r1 - 0.75) * 6 * m.bucket_width END AS ts
   FROM draws d JOIN billing.meters m ON m.meter = d.meter;
 SELECT is((SELECT count(*) FILTER (WHERE billing.record(account_id, meter, quantity, ts)) FROM reports),
-          2400::bigint, '2400 usage reports counted');
+          3600::bigint, '3600 usage reports counted');
 
 -- the independent attribution: the bucket of each report, the subscription
 -- that bills it and the period
