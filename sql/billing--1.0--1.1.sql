@@ -1448,4 +1448,119 @@ BEGIN
                   HINT = 'Move its accounts to a plan whose period is a whole multiple of the bucket widths of its meters.';
     END LOOP;
 END
+
+
+-- ---------------------------------------------------------------------------
+-- verify_audit_log on Citus workers whose server time zone is not UTC
+-- (issue 13, Citus hardening): today's rows are rendered through
+-- billing._audit_image, whose SET clauses apply wherever it runs.
+-- ---------------------------------------------------------------------------
+
+CREATE FUNCTION billing._audit_image(r anyelement)
+    RETURNS jsonb
+    LANGUAGE sql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+    SELECT pg_catalog.to_jsonb(r)
+$$;
+
+REVOKE ALL ON FUNCTION billing._audit_image(anyelement) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._audit_image(anyelement) TO billing_reader;
+
+CREATE OR REPLACE FUNCTION billing.verify_audit_log()
+    RETURNS TABLE (account_id bigint, seq bigint, problem text)
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+    WITH chain AS (
+        SELECT a.*, lag(a.seq) OVER w AS p_seq, lag(a.hash) OVER w AS p_hash,
+               lead(a.seq) OVER w IS NULL AS is_last
+          FROM billing.audit_log a
+        WINDOW w AS (PARTITION BY a.account_id ORDER BY a.seq)
+    ), row_problems AS (
+        SELECT c.account_id, c.seq,
+               CASE
+                   WHEN c.seq <> coalesce(c.p_seq, 0) + 1 THEN
+                       format('seq %s follows %s: rows were removed or inserted',
+                              c.seq, coalesce(c.p_seq::text, 'the start of the chain'))
+                   WHEN c.prev_hash IS DISTINCT FROM c.p_hash THEN
+                       'prev_hash is not the hash of the previous row'
+                   WHEN c.hash IS DISTINCT FROM
+                        billing._audit_hash(c.prev_hash, c.account_id, c.seq, c.at, c.actor,
+                                            c.action, c.object, c.details) THEN
+                       'hash does not match the row: the row was altered'
+               END AS problem
+          FROM chain c
+    ), head_problems AS (
+        SELECT coalesce(h.account_id, c.account_id) AS account_id,
+               coalesce(c.seq, h.seq) AS seq,
+               CASE
+                   WHEN h.account_id IS NULL THEN 'no chain head for this chain'
+                   WHEN c.account_id IS NULL AND h.seq > 0 THEN
+                       format('chain head is at seq %s but the chain has no rows', h.seq)
+                   WHEN c.seq <> h.seq THEN
+                       format('last row is seq %s but the chain head is at seq %s', c.seq, h.seq)
+                   WHEN c.hash IS DISTINCT FROM h.hash THEN
+                       'last row''s hash is not the chain head''s hash'
+               END AS problem
+          FROM (SELECT * FROM chain WHERE is_last) c
+               FULL JOIN billing.audit_heads h ON h.account_id = c.account_id
+    ), recorded AS (
+        SELECT a.account_id, a.seq, a.action, a.object, a.details
+          FROM billing.audit_log a
+         WHERE a.action IN ('finalize', 'adjust', 'correct')
+    ), invoice_problems AS (
+        -- lines compared in line_no order, each recorded line contained in
+        -- today's line at the same place (one lateral per invoice: Citus
+        -- pushes it down to the shards)
+        SELECT i.account_id, r.seq,
+               CASE
+                   WHEN r.seq IS NULL THEN format('invoice %s has no audit row', i.invoice_id)
+                   WHEN NOT billing._audit_image(i) @> (r.details -> 'invoice')
+                        OR jsonb_array_length(r.details -> 'lines') <> jsonb_array_length(l.lines)
+                        OR EXISTS (SELECT 1
+                                     FROM generate_series(0, jsonb_array_length(l.lines) - 1) k
+                                    WHERE NOT (l.lines -> k) @> (r.details -> 'lines' -> k)) THEN
+                       format('invoice %s differs from its audit row', i.invoice_id)
+               END AS problem
+          FROM billing.invoices i
+               LEFT JOIN recorded r
+                      ON r.account_id = i.account_id AND r.action = 'finalize'
+                     AND r.object = format('invoice:%s', i.invoice_id)
+               LEFT JOIN LATERAL (SELECT coalesce(jsonb_agg(billing._audit_image(x) ORDER BY x.line_no),
+                                                  '[]'::jsonb) AS lines
+                                    FROM billing.invoice_lines x
+                                   WHERE x.account_id = i.account_id
+                                     AND x.invoice_id = i.invoice_id) l ON true
+    ), adjustment_problems AS (
+        SELECT j.account_id, r.seq,
+               CASE
+                   WHEN r.seq IS NULL THEN format('adjustment %s has no audit row', j.adjustment_id)
+                   WHEN NOT (billing._audit_image(j) - 'billed_invoice_id') @> (r.details - 'billed_invoice_id') THEN
+                       format('adjustment %s differs from its audit row', j.adjustment_id)
+               END AS problem
+          FROM billing.adjustments j
+               LEFT JOIN recorded r
+                      ON r.account_id = j.account_id AND r.action = 'adjust'
+                     AND r.object = format('adjustment:%s', j.adjustment_id)
+    ), correction_problems AS (
+        SELECT u.account_id, r.seq,
+               CASE
+                   WHEN r.seq IS NULL THEN format('usage correction %s has no audit row', u.correction_id)
+                   WHEN NOT billing._audit_image(u) @> r.details THEN
+                       format('usage correction %s differs from its audit row', u.correction_id)
+               END AS problem
+          FROM billing.usage_corrections u
+               LEFT JOIN recorded r
+                      ON r.account_id = u.account_id AND r.action = 'correct'
+                     AND r.object = format('usage_correction:%s', u.correction_id)
+    )
+    SELECT p.account_id, p.seq, p.problem
+      FROM (SELECT * FROM row_problems
+            UNION ALL SELECT * FROM head_problems
+            UNION ALL SELECT * FROM invoice_problems
+            UNION ALL SELECT * FROM adjustment_problems
+            UNION ALL SELECT * FROM correction_problems) p
+     WHERE p.problem IS NOT NULL
+     ORDER BY 1, 2, 3
 $$;

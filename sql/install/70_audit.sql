@@ -396,6 +396,23 @@ CREATE TRIGGER adjustments_no_truncate BEFORE TRUNCATE ON billing.adjustments
 -- verification ----------------------------------------------------------------------------
 
 /*
+ * _audit_image(row): the row as jsonb, rendered as the audit triggers render
+ * it (TimeZone UTC, ISO dates, postgres intervals), whatever the settings of
+ * the session that evaluates it.  verify_audit_log compares today's rows
+ * with their audit rows through it: its own SET clauses do not reach the
+ * workers of a Citus cluster, whose connections render timestamps in the
+ * server's time zone, and a zone other than UTC made every invoice differ
+ * from its audit row there.
+ */
+CREATE FUNCTION billing._audit_image(r anyelement)
+    RETURNS jsonb
+    LANGUAGE sql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+    SELECT pg_catalog.to_jsonb(r)
+$$;
+
+/*
  * verify_audit_log: every row of every chain, checked on its own, so one
  * problem is reported where it is and not at every later row:
  *   - seq must follow the previous row's seq by one (1 for the first row):
@@ -460,7 +477,7 @@ CREATE FUNCTION billing.verify_audit_log()
         SELECT i.account_id, r.seq,
                CASE
                    WHEN r.seq IS NULL THEN format('invoice %s has no audit row', i.invoice_id)
-                   WHEN NOT to_jsonb(i) @> (r.details -> 'invoice')
+                   WHEN NOT billing._audit_image(i) @> (r.details -> 'invoice')
                         OR jsonb_array_length(r.details -> 'lines') <> jsonb_array_length(l.lines)
                         OR EXISTS (SELECT 1
                                      FROM generate_series(0, jsonb_array_length(l.lines) - 1) k
@@ -471,7 +488,7 @@ CREATE FUNCTION billing.verify_audit_log()
                LEFT JOIN recorded r
                       ON r.account_id = i.account_id AND r.action = 'finalize'
                      AND r.object = format('invoice:%s', i.invoice_id)
-               LEFT JOIN LATERAL (SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY x.line_no),
+               LEFT JOIN LATERAL (SELECT coalesce(jsonb_agg(billing._audit_image(x) ORDER BY x.line_no),
                                                   '[]'::jsonb) AS lines
                                     FROM billing.invoice_lines x
                                    WHERE x.account_id = i.account_id
@@ -480,7 +497,7 @@ CREATE FUNCTION billing.verify_audit_log()
         SELECT j.account_id, r.seq,
                CASE
                    WHEN r.seq IS NULL THEN format('adjustment %s has no audit row', j.adjustment_id)
-                   WHEN NOT (to_jsonb(j) - 'billed_invoice_id') @> (r.details - 'billed_invoice_id') THEN
+                   WHEN NOT (billing._audit_image(j) - 'billed_invoice_id') @> (r.details - 'billed_invoice_id') THEN
                        format('adjustment %s differs from its audit row', j.adjustment_id)
                END AS problem
           FROM billing.adjustments j
@@ -491,7 +508,7 @@ CREATE FUNCTION billing.verify_audit_log()
         SELECT u.account_id, r.seq,
                CASE
                    WHEN r.seq IS NULL THEN format('usage correction %s has no audit row', u.correction_id)
-                   WHEN NOT to_jsonb(u) @> r.details THEN
+                   WHEN NOT billing._audit_image(u) @> r.details THEN
                        format('usage correction %s differs from its audit row', u.correction_id)
                END AS problem
           FROM billing.usage_corrections u

@@ -110,7 +110,8 @@ GRANT EXECUTE ON FUNCTION
     billing._pending_adjustments(bigint),
     billing._fits(billing.price, numeric, text, numeric),
     billing._audit_hash(bytea, bigint, bigint, timestamptz, text, text, text, jsonb),
-    billing._audit_encode(bigint, bigint, timestamptz, text, text, text, jsonb)
+    billing._audit_encode(bigint, bigint, timestamptz, text, text, text, jsonb),
+    billing._audit_image(anyelement)
     TO billing_reader;
 
 -- billing_writer ---------------------------------------------------------------------------
