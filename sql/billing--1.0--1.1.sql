@@ -1448,7 +1448,7 @@ BEGIN
                   HINT = 'Move its accounts to a plan whose period is a whole multiple of the bucket widths of its meters.';
     END LOOP;
 END
-
+$$;
 
 -- ---------------------------------------------------------------------------
 -- verify_audit_log on Citus workers whose server time zone is not UTC
