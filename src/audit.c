@@ -95,6 +95,7 @@
 
 #include "audit.h"
 #include "billing.h"
+#include "util.h"
 
 PG_FUNCTION_INFO_V1(billing_audit_encode);
 PG_FUNCTION_INFO_V1(billing_audit_hash);
@@ -1750,14 +1751,14 @@ billing_audit_append_many(PG_FUNCTION_ARGS)
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("_audit_append_many: arguments must not be null")));
 	action = text_to_cstring(PG_GETARG_TEXT_PP(2));
-	n = array_elems(PG_GETARG_ARRAYTYPE_P(0), INT8OID, 8, true, TYPALIGN_DOUBLE,
-					&chains, &chain_nulls, -1, "p_chains", false);
-	(void) array_elems(PG_GETARG_ARRAYTYPE_P(1), INT8OID, 8, true, TYPALIGN_DOUBLE,
-					   &keys, &key_nulls, n, "p_keys", false);
-	(void) array_elems(PG_GETARG_ARRAYTYPE_P(3), TEXTOID, -1, false, TYPALIGN_INT,
-					   &objects, &object_nulls, n, "p_objects", false);
-	(void) array_elems(PG_GETARG_ARRAYTYPE_P(4), JSONBOID, -1, false, TYPALIGN_INT,
-					   &details, &detail_nulls, n, "p_details", false);
+	n = billing_array_elems(PG_GETARG_ARRAYTYPE_P(0), INT8OID, 8, true, TYPALIGN_DOUBLE,
+							&chains, &chain_nulls, -1, "p_chains", false);
+	(void) billing_array_elems(PG_GETARG_ARRAYTYPE_P(1), INT8OID, 8, true, TYPALIGN_DOUBLE,
+							   &keys, &key_nulls, n, "p_keys", false);
+	(void) billing_array_elems(PG_GETARG_ARRAYTYPE_P(3), TEXTOID, -1, false, TYPALIGN_INT,
+							   &objects, &object_nulls, n, "p_objects", false);
+	(void) billing_array_elems(PG_GETARG_ARRAYTYPE_P(4), JSONBOID, -1, false, TYPALIGN_INT,
+							   &details, &detail_nulls, n, "p_details", false);
 	if (n == 0)
 		PG_RETURN_VOID();
 

@@ -29,6 +29,7 @@
 
 #include "audit.h"
 #include "billing.h"
+#include "catalog.h"
 
 PG_MODULE_MAGIC;
 
@@ -206,6 +207,7 @@ _PG_init(void)
 
 	MarkGUCPrefixReserved("billing");
 
+	billing_catalog_init();
 	billing_ingest_init();
 	audit_init();
 }

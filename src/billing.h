@@ -8,7 +8,6 @@
 
 #include "postgres.h"
 #include "datatype/timestamp.h"
-#include "utils/array.h"
 #include "utils/numeric.h"
 
 /* billing.rounding: how money is rounded to the currency's minor unit */
@@ -29,11 +28,8 @@ extern int	billing_grace_period;
 #define BILLING_QTY_DIGITS	1000
 extern void billing_check_quantity(Numeric q, const char *meter, int64 account_id);
 
-/* ingest.c */
+/* ingest_trigger.c */
 extern void billing_ingest_init(void);
-extern int	array_elems(ArrayType *a, Oid type, int len, bool byval, char align,
-						Datum **elems, bool **nulls, int expect, const char *name,
-						bool nulls_ok);
 
 /* periods.c: the buckets of a billing period */
 extern int64 bucket_width_usecs(const Interval *width);

@@ -18,8 +18,8 @@
 #include "utils/builtins.h"
 #include "utils/tuplestore.h"
 
-#include "billing.h"
 #include "cells.h"
+#include "util.h"
 
 PG_FUNCTION_INFO_V1(billing_delta_cells);
 PG_FUNCTION_INFO_V1(billing_delta_pack);
@@ -29,6 +29,7 @@ PG_FUNCTION_INFO_V1(billing_delta_pack);
  * ---------------------------------------------------------------------
  */
 
+/* n bytes from p */
 static inline void
 put_bytes(StringInfo b, const void *p, int n)
 {
@@ -96,11 +97,11 @@ i128_bytes(int128_t v)
 }
 
 /*
- * cells_begin
+ * billing_cells_begin
  *		Start a packed value at the end of buf.
  */
 void
-cells_begin(CellWriter *w, StringInfo buf)
+billing_cells_begin(CellWriter *w, StringInfo buf)
 {
 	w->buf = buf;
 	appendStringInfoSpaces(buf, MAXALIGN(buf->len) - buf->len);
@@ -124,12 +125,12 @@ close_series(CellWriter *w)
 }
 
 /*
- * cells_series
+ * billing_cells_series
  *		Open the series of one (meter, dimension); the cells added next
  *		belong to it.
  */
 void
-cells_series(CellWriter *w, const char *meter, int meterlen,
+billing_cells_series(CellWriter *w, const char *meter, int meterlen,
 			 const char *dim, int dimlen, bool is_last)
 {
 	Assert(meterlen > 0 && meterlen < 256 && dimlen >= 0 && dimlen < 65536);
@@ -146,12 +147,12 @@ cells_series(CellWriter *w, const char *meter, int meterlen,
 }
 
 /*
- * cells_add
+ * billing_cells_add
  *		Add one cell to the open series: the quantity is dec (fixed point,
  *		CELLS_QTY_SCALE digits) when isdec, num otherwise.
  */
 void
-cells_add(CellWriter *w, TimestampTz bucket_start, int64 events,
+billing_cells_add(CellWriter *w, TimestampTz bucket_start, int64 events,
 		  bool isdec, int128_t dec, Numeric num, TimestampTz last_ts)
 {
 	int			head = 0;
@@ -198,12 +199,12 @@ cells_add(CellWriter *w, TimestampTz bucket_start, int64 events,
 }
 
 /*
- * cells_end
+ * billing_cells_end
  *		Finish the packed value; returns its offset in the buffer (the
  *		buffer may still move while more values are written).
  */
 int
-cells_end(CellWriter *w)
+billing_cells_end(CellWriter *w)
 {
 	close_series(w);
 	SET_VARSIZE(w->buf->data + w->start, cells_size(w));
@@ -215,12 +216,7 @@ cells_end(CellWriter *w)
  * ---------------------------------------------------------------------
  */
 
-typedef struct CellReader
-{
-	const unsigned char *p;
-	const unsigned char *end;
-} CellReader;
-
+/* the packed value is not what billing writes */
 static void
 corrupt(void)
 {
@@ -230,6 +226,7 @@ corrupt(void)
 			 errhint("A row of billing.usage_deltas was written by something other than billing.")));
 }
 
+/* the next n bytes */
 static inline const unsigned char *
 take(CellReader *r, int n)
 {
@@ -241,6 +238,7 @@ take(CellReader *r, int n)
 	return p;
 }
 
+/* an unsigned integer of nbytes bytes, least significant first */
 static inline uint64
 get_uint(CellReader *r, int nbytes)
 {
@@ -252,6 +250,7 @@ get_uint(CellReader *r, int nbytes)
 	return v;
 }
 
+/* a 16-byte two's complement value (version 1) */
 static inline int128_t
 get_i128(CellReader *r)
 {
@@ -261,6 +260,7 @@ get_i128(CellReader *r)
 	return (int128_t) (((unsigned __int128) hi << 64) | lo);
 }
 
+/* an unsigned LEB128 varint */
 static inline uint64
 get_varint(CellReader *r)
 {
@@ -278,6 +278,7 @@ get_varint(CellReader *r)
 	return 0;					/* keep the compiler quiet */
 }
 
+/* a zigzag varint */
 static inline int64
 get_svarint(CellReader *r)
 {
@@ -301,14 +302,108 @@ get_i128_bytes(CellReader *r, int n)
 }
 
 /* a quantity stored as the numeric's text: u16 length, the text */
-static Datum
+static Numeric
 read_text_qty(CellReader *r)
 {
 	int			len = (int) get_uint(r, 2);
 	char	   *s = pnstrdup((const char *) take(r, len), len);
 
-	return DirectFunctionCall3(numeric_in, CStringGetDatum(s),
-							   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
+	return DatumGetNumeric(DirectFunctionCall3(numeric_in, CStringGetDatum(s),
+											   ObjectIdGetDatum(InvalidOid),
+											   Int32GetDatum(-1)));
+}
+
+/*
+ * billing_cells_open
+ *		Start reading the packed value data[0..len) (without its varlena
+ *		header); raises XX001 unless its version is one this code reads.
+ */
+void
+billing_cells_open(CellReader *r, const char *data, int len)
+{
+	r->p = (const unsigned char *) data;
+	r->end = r->p + len;
+	r->version = (int) get_uint(r, 1);
+	if (r->version != 1 && r->version != CELLS_VERSION)
+		corrupt();
+}
+
+/*
+ * billing_cells_next_series
+ *		The header of the next series into *s, or false at the end of the
+ *		value.  The caller then reads its s->ncells cells.
+ */
+bool
+billing_cells_next_series(CellReader *r, CellSeries *s)
+{
+	int			flags;
+
+	if (r->p >= r->end)
+		return false;
+	s->meterlen = (int) get_uint(r, 1);
+	s->meter = (const char *) take(r, s->meterlen);
+	s->dimlen = (int) get_uint(r, 2);
+	s->dim = (const char *) take(r, s->dimlen);
+	flags = (int) get_uint(r, 1);
+	s->ncells = (uint32) get_uint(r, 4);
+	if (s->meterlen == 0 || (flags & ~CELLS_LAST) != 0 || s->ncells == 0)
+		corrupt();
+	s->is_last = (flags & CELLS_LAST) != 0;
+	return true;
+}
+
+/*
+ * billing_cells_next
+ *		The next cell of series s into *c.  A quantity kept as text (too
+ *		large for fixed point) is read into c->num, in the current memory
+ *		context.
+ */
+void
+billing_cells_next(CellReader *r, const CellSeries *s, Cell *c)
+{
+	c->num = NULL;
+	c->last_ts = 0;
+	if (r->version == 1)
+	{
+		int			kind;
+
+		c->bucket_start = (TimestampTz) get_uint(r, 8);
+		c->events = (int64) get_uint(r, 8);
+		kind = (int) get_uint(r, 1);
+		if (kind == 0)
+			c->dec = get_i128(r);
+		else if (kind == 1)
+			c->num = read_text_qty(r);
+		else
+			corrupt();
+		c->isdec = (kind == 0);
+		if (s->is_last)
+			c->last_ts = (TimestampTz) get_uint(r, 8);
+	}
+	else
+	{
+		int			head = (int) get_uint(r, 1);
+		int			qbytes = head & CELLS_QTY_BYTES;
+		int64		b;
+
+		if ((head & ~(CELLS_QTY_BYTES | CELLS_SECONDS)) != 0 || qbytes > 16)
+			corrupt();
+		b = get_svarint(r);
+		if (head & CELLS_SECONDS)
+		{
+			if (pg_mul_s64_overflow(b, USECS_PER_SEC, &b))
+				corrupt();
+		}
+		c->bucket_start = (TimestampTz) b;
+		c->events = get_svarint(r);
+		c->isdec = (qbytes > 0);
+		if (c->isdec)
+			c->dec = get_i128_bytes(r, qbytes);
+		else
+			c->num = read_text_qty(r);
+		if (s->is_last)
+			c->last_ts = (TimestampTz) get_svarint(r);
+	}
 }
 
 /*
@@ -323,84 +418,36 @@ billing_delta_cells(PG_FUNCTION_ARGS)
 	bytea	   *b = PG_GETARG_BYTEA_PP(0);
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	CellReader	r;
+	CellSeries	s;
 	MemoryContext tmp;
 	MemoryContext old;
 	Datum		values[6];
 	bool		nulls[6] = {false, false, false, false, false, false};
-	int			version;
 
 	InitMaterializedSRF(fcinfo, 0);
-	r.p = (const unsigned char *) VARDATA_ANY(b);
-	r.end = r.p + VARSIZE_ANY_EXHDR(b);
-	version = (int) get_uint(&r, 1);
-	if (version != 1 && version != CELLS_VERSION)
-		corrupt();
+	billing_cells_open(&r, VARDATA_ANY(b), VARSIZE_ANY_EXHDR(b));
 
 	tmp = AllocSetContextCreate(CurrentMemoryContext, "billing delta cells",
 								ALLOCSET_SMALL_SIZES);
 	old = MemoryContextSwitchTo(tmp);
-	while (r.p < r.end)
+	while (billing_cells_next_series(&r, &s))
 	{
-		int			mlen = (int) get_uint(&r, 1);
-		const char *meter = (const char *) take(&r, mlen);
-		int			dlen = (int) get_uint(&r, 2);
-		const char *dim = (const char *) take(&r, dlen);
-		int			flags = (int) get_uint(&r, 1);
-		uint32		n = (uint32) get_uint(&r, 4);
-
-		if (mlen == 0 || (flags & ~CELLS_LAST) != 0 || n == 0)
-			corrupt();
-		values[0] = PointerGetDatum(cstring_to_text_with_len(meter, mlen));
-		values[1] = PointerGetDatum(cstring_to_text_with_len(dim, dlen));
-		nulls[5] = (flags & CELLS_LAST) == 0;
-		for (uint32 i = 0; i < n; i++)
+		values[0] = PointerGetDatum(cstring_to_text_with_len(s.meter, s.meterlen));
+		values[1] = PointerGetDatum(cstring_to_text_with_len(s.dim, s.dimlen));
+		nulls[5] = !s.is_last;
+		for (uint32 i = 0; i < s.ncells; i++)
 		{
-			bool		isdec;
+			Cell		c;
 
-			if (version == 1)
-			{
-				int			kind;
-
-				values[2] = TimestampTzGetDatum((TimestampTz) get_uint(&r, 8));
-				values[4] = Int64GetDatum((int64) get_uint(&r, 8));
-				kind = (int) get_uint(&r, 1);
-				if (kind == 0)
-					values[3] = NumericGetDatum(dec_to_numeric(get_i128(&r), CELLS_QTY_SCALE));
-				else if (kind == 1)
-					values[3] = read_text_qty(&r);
-				else
-					corrupt();
-				isdec = (kind == 0);
-				if (!nulls[5])
-					values[5] = TimestampTzGetDatum((TimestampTz) get_uint(&r, 8));
-			}
-			else
-			{
-				int			head = (int) get_uint(&r, 1);
-				int			qbytes = head & CELLS_QTY_BYTES;
-				int64		b;
-
-				if ((head & ~(CELLS_QTY_BYTES | CELLS_SECONDS)) != 0 || qbytes > 16)
-					corrupt();
-				b = get_svarint(&r);
-				if (head & CELLS_SECONDS)
-				{
-					if (pg_mul_s64_overflow(b, USECS_PER_SEC, &b))
-						corrupt();
-				}
-				values[2] = TimestampTzGetDatum((TimestampTz) b);
-				values[4] = Int64GetDatum(get_svarint(&r));
-				isdec = (qbytes > 0);
-				if (isdec)
-					values[3] = NumericGetDatum(dec_to_numeric(get_i128_bytes(&r, qbytes),
-															   CELLS_QTY_SCALE));
-				else
-					values[3] = read_text_qty(&r);
-				if (!nulls[5])
-					values[5] = TimestampTzGetDatum((TimestampTz) get_svarint(&r));
-			}
+			billing_cells_next(&r, &s, &c);
+			values[2] = TimestampTzGetDatum(c.bucket_start);
+			values[4] = Int64GetDatum(c.events);
+			values[3] = NumericGetDatum(c.isdec ? dec_to_numeric(c.dec, CELLS_QTY_SCALE)
+										: c.num);
+			if (s.is_last)
+				values[5] = TimestampTzGetDatum(c.last_ts);
 			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
-			if (isdec)
+			if (c.isdec)
 				pfree(DatumGetPointer(values[3]));
 		}
 		MemoryContextReset(tmp);
@@ -410,6 +457,7 @@ billing_delta_cells(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
+/* do two texts have the same bytes? */
 static bool
 same_text(text *a, text *b)
 {
@@ -446,25 +494,25 @@ billing_delta_pack(PG_FUNCTION_ARGS)
 			ereport(ERROR,
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("only last_ts may be NULL")));
-	n = array_elems(PG_GETARG_ARRAYTYPE_P(0), TEXTOID, -1, false, TYPALIGN_INT,
+	n = billing_array_elems(PG_GETARG_ARRAYTYPE_P(0), TEXTOID, -1, false, TYPALIGN_INT,
 					&meters, &nulls, -1, "meters", false);
-	if (array_elems(PG_GETARG_ARRAYTYPE_P(1), TEXTOID, -1, false, TYPALIGN_INT,
+	if (billing_array_elems(PG_GETARG_ARRAYTYPE_P(1), TEXTOID, -1, false, TYPALIGN_INT,
 					&dims, &nulls, -1, "dimensions", false) != n ||
-		array_elems(PG_GETARG_ARRAYTYPE_P(2), TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE,
+		billing_array_elems(PG_GETARG_ARRAYTYPE_P(2), TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE,
 					&starts, &nulls, -1, "bucket_starts", false) != n ||
-		array_elems(PG_GETARG_ARRAYTYPE_P(3), NUMERICOID, -1, false, TYPALIGN_INT,
+		billing_array_elems(PG_GETARG_ARRAYTYPE_P(3), NUMERICOID, -1, false, TYPALIGN_INT,
 					&qtys, &nulls, -1, "quantities", false) != n ||
-		array_elems(PG_GETARG_ARRAYTYPE_P(4), INT8OID, 8, true, TYPALIGN_DOUBLE,
+		billing_array_elems(PG_GETARG_ARRAYTYPE_P(4), INT8OID, 8, true, TYPALIGN_DOUBLE,
 					&events, &nulls, -1, "events", false) != n ||
 		(!PG_ARGISNULL(5) &&
-		 array_elems(PG_GETARG_ARRAYTYPE_P(5), TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE,
+		 billing_array_elems(PG_GETARG_ARRAYTYPE_P(5), TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE,
 					 &lasts, &lastnull, -1, "last_ts", true) != n))
 		ereport(ERROR,
 				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
 				 errmsg("the cell arrays must have the same length")));
 
 	initStringInfo(&buf);
-	cells_begin(&w, &buf);
+	billing_cells_begin(&w, &buf);
 	for (int i = 0; i < n; i++)
 	{
 		text	   *m = DatumGetTextPP(meters[i]);
@@ -486,12 +534,12 @@ billing_delta_pack(PG_FUNCTION_ARGS)
 		if (prev < 0 || is_last != (lasts != NULL && !lastnull[prev]) ||
 			!same_text(m, DatumGetTextPP(meters[prev])) ||
 			!same_text(d, DatumGetTextPP(dims[prev])))
-			cells_series(&w, VARDATA_ANY(m), VARSIZE_ANY_EXHDR(m),
+			billing_cells_series(&w, VARDATA_ANY(m), VARSIZE_ANY_EXHDR(m),
 						 VARDATA_ANY(d), VARSIZE_ANY_EXHDR(d), is_last);
 		isdec = dec_from_numeric(q, CELLS_QTY_SCALE, &dec);
-		cells_add(&w, DatumGetTimestampTz(starts[i]), DatumGetInt64(events[i]),
+		billing_cells_add(&w, DatumGetTimestampTz(starts[i]), DatumGetInt64(events[i]),
 				  isdec, dec, q, is_last ? DatumGetTimestampTz(lasts[i]) : 0);
 		prev = i;
 	}
-	PG_RETURN_BYTEA_P((bytea *) (buf.data + cells_end(&w)));
+	PG_RETURN_BYTEA_P((bytea *) (buf.data + billing_cells_end(&w)));
 }

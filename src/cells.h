@@ -23,7 +23,10 @@
  *		events, u8 kind (0: i128 quantity, 1: text), i64 last_ts.
  *
  * Integers are little-endian whatever the machine, so a dump restores on
- * any architecture.  billing._delta_cells() reads the cells back as rows.
+ * any architecture.  billing._delta_cells() reads the cells back as rows,
+ * with the reader below.  This format is all the file knows: it depends on
+ * nothing of ingest, so anything that keeps cells (a compactor, a packed
+ * store) can write and read them with it.
  */
 #ifndef BILLING_CELLS_H
 #define BILLING_CELLS_H
@@ -54,17 +57,55 @@ typedef struct CellWriter
 	bool		is_last;		/* the open series is of a last meter */
 } CellWriter;
 
-extern void cells_begin(CellWriter *w, StringInfo buf);
-extern void cells_series(CellWriter *w, const char *meter, int meterlen,
-						 const char *dim, int dimlen, bool is_last);
-extern void cells_add(CellWriter *w, TimestampTz bucket_start, int64 events,
-					  bool isdec, int128_t dec, Numeric num, TimestampTz last_ts);
-extern int	cells_end(CellWriter *w);
+extern void billing_cells_begin(CellWriter *w, StringInfo buf);
+extern void billing_cells_series(CellWriter *w, const char *meter, int meterlen,
+								 const char *dim, int dimlen, bool is_last);
+extern void billing_cells_add(CellWriter *w, TimestampTz bucket_start, int64 events,
+							  bool isdec, int128_t dec, Numeric num, TimestampTz last_ts);
+extern int	billing_cells_end(CellWriter *w);
 
 /* bytes of the value written so far */
 #define cells_size(w)	((w)->buf->len - (w)->start)
 
 /* bytes a value is kept under, so a delta row stays out of TOAST */
 #define CELLS_ROW_BYTES		1800
+
+/*
+ * Reading a packed value: billing_cells_open, then billing_cells_next_series
+ * until it returns false, reading each series' ncells cells with
+ * billing_cells_next.  Corrupt input raises XX001.
+ */
+typedef struct CellReader
+{
+	const unsigned char *p;		/* the next byte to read */
+	const unsigned char *end;
+	int			version;
+} CellReader;
+
+/* the header of one series; the names point into the value */
+typedef struct CellSeries
+{
+	const char *meter;
+	int			meterlen;
+	const char *dim;
+	int			dimlen;
+	bool		is_last;		/* cells carry last_ts */
+	uint32		ncells;
+} CellSeries;
+
+/* one cell */
+typedef struct Cell
+{
+	TimestampTz bucket_start;
+	int64		events;
+	bool		isdec;			/* the quantity is dec, else num */
+	int128_t	dec;			/* fixed point, CELLS_QTY_SCALE digits */
+	Numeric		num;
+	TimestampTz last_ts;		/* is_last series only */
+} Cell;
+
+extern void billing_cells_open(CellReader *r, const char *data, int len);
+extern bool billing_cells_next_series(CellReader *r, CellSeries *s);
+extern void billing_cells_next(CellReader *r, const CellSeries *s, Cell *c);
 
 #endif							/* BILLING_CELLS_H */

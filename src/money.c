@@ -10,7 +10,7 @@
 #include "utils/numeric.h"
 
 #include "billing.h"
-#include "price.h"
+#include "money.h"
 
 PG_FUNCTION_INFO_V1(billing_round_money_sql);
 PG_FUNCTION_INFO_V1(billing_currency_exponent_sql);

@@ -153,8 +153,4 @@ extern Numeric price_rate_slow(const Price *p, Numeric q,
 extern bool price_rate_fast(const Price *p, Numeric q, Numeric *result);
 extern void price_check_quantity(Numeric q);
 
-/* money.c: currencies and rounding */
-extern int	billing_currency_exponent(const char *code);
-extern Numeric billing_round_money(Numeric amount, int exponent);
-
 #endif							/* BILLING_PRICE_H */

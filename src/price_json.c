@@ -28,6 +28,7 @@
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 
+#include "money.h"
 #include "price.h"
 
 PG_FUNCTION_INFO_V1(billing_price_to_jsonb);

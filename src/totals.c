@@ -54,13 +54,10 @@
 #include "utils/timestamp.h"
 #include "utils/tuplestore.h"
 
-#include "billing.h"
+#include "catalog.h"
+#include "util.h"
 
 PG_FUNCTION_INFO_V1(billing_rollup_totals);
-
-/* date_bin's origin, 1970-01-01 00:00:00 UTC, in PostgreSQL microseconds */
-#define UNIX_EPOCH_USECS \
-	(-((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY))
 
 /* the bucket tables, finest first */
 enum
@@ -87,14 +84,6 @@ typedef struct CellTable
 	AttrNumber	att_last_seq;
 } CellTable;
 
-/* what one aggregation does with the cells of a meter */
-typedef enum AggKind
-{
-	AGG_SUM,					/* sum and count meters */
-	AGG_MAX,
-	AGG_LAST
-} AggKind;
-
 /* the aggregate of one meter over one period */
 typedef struct MeterTotal
 {
@@ -106,18 +95,7 @@ typedef struct MeterTotal
 	bool		last_seq_null;
 } MeterTotal;
 
-/* the start of the width-wide bin holding t (date_bin with the Unix epoch) */
-static TimestampTz
-bin_start(TimestampTz t, int64 width)
-{
-	int64		off = t - UNIX_EPOCH_USECS;
-	int64		rem = off % width;
-
-	if (rem < 0)
-		rem += width;
-	return t - rem;
-}
-
+/* the number of column name of rel */
 static AttrNumber
 column_number(Relation rel, const char *name)
 {
@@ -128,15 +106,17 @@ column_number(Relation rel, const char *name)
 	return att;
 }
 
+/*
+ * open_table
+ *		Open bucket table billing.<name> and its primary key, checked to
+ *		begin (account_id, meter, bucket_start), for index scans.
+ */
 static void
-open_table(CellTable *t, const char *name, Oid schema, Snapshot snapshot)
+open_table(CellTable *t, const char *name, Snapshot snapshot)
 {
-	Oid			relid = get_relname_relid(name, schema);
 	Oid			pkey;
 
-	if (!OidIsValid(relid))
-		elog(ERROR, "relation billing.%s does not exist", name);
-	t->heap = table_open(relid, AccessShareLock);
+	t->heap = table_open(billing_relid(name), AccessShareLock);
 	pkey = RelationGetPrimaryKeyIndex(t->heap);
 	if (!OidIsValid(pkey))
 		elog(ERROR, "billing.%s has no primary key", name);
@@ -155,6 +135,7 @@ open_table(CellTable *t, const char *name, Oid schema, Snapshot snapshot)
 	t->scan = index_beginscan(t->heap, t->index, snapshot, 4, 0);
 }
 
+/* close what open_table opened */
 static void
 close_table(CellTable *t)
 {
@@ -173,6 +154,7 @@ cmp_nullable(bool a_null, bool b_null, int cmp)
 	return cmp;
 }
 
+/* -1, 0, 1 as a < b, a = b, a > b */
 static int
 cmp_int64(int64 a, int64 b)
 {
@@ -181,7 +163,7 @@ cmp_int64(int64 a, int64 b)
 
 /* fold one cell into a meter's aggregate */
 static void
-add_cell(MeterTotal *m, AggKind kind, Datum q, TimestampTz ts, bool ts_null, int64 seq,
+add_cell(MeterTotal *m, Aggregation kind, Datum q, TimestampTz ts, bool ts_null, int64 seq,
 		 bool seq_null)
 {
 	int			c;
@@ -199,6 +181,7 @@ add_cell(MeterTotal *m, AggKind kind, Datum q, TimestampTz ts, bool ts_null, int
 	switch (kind)
 	{
 		case AGG_SUM:
+		case AGG_COUNT:
 			m->q = DirectFunctionCall2(numeric_add, m->q, q);
 			return;
 		case AGG_MAX:
@@ -234,7 +217,7 @@ add_cell(MeterTotal *m, AggKind kind, Datum q, TimestampTz ts, bool ts_null, int
  */
 static void
 scan_range(CellTable *t, int64 account, Datum meter, TimestampTz lo, TimestampTz hi,
-		   AggKind kind, MeterTotal *m, MemoryContext cxt)
+		   Aggregation kind, MeterTotal *m, MemoryContext cxt)
 {
 	ScanKeyData keys[4];
 
@@ -272,20 +255,6 @@ scan_range(CellTable *t, int64 account, Datum meter, TimestampTz lo, TimestampTz
 	}
 }
 
-/* the elements of a one-dimensional array argument, NULLs included */
-static void
-array_arg(FunctionCallInfo fcinfo, int arg, Oid elemtype, Datum **values, bool **nulls,
-		  int *n)
-{
-	ArrayType  *a = PG_GETARG_ARRAYTYPE_P(arg);
-	int16		typlen;
-	bool		typbyval;
-	char		typalign;
-
-	get_typlenbyvalalign(elemtype, &typlen, &typbyval, &typalign);
-	deconstruct_array(a, elemtype, typlen, typbyval, typalign, values, nulls, n);
-}
-
 /*
  * billing_rollup_totals
  *		billing._rollup_totals(accounts, starts, ends, meters, aggregations)
@@ -313,10 +282,9 @@ billing_rollup_totals(PG_FUNCTION_ARGS)
 				n_end,
 				n_meter,
 				n_agg;
-	AggKind    *kinds;
+	Aggregation *kinds;
 	CellTable	tables[NUM_TABLES];
 	Snapshot	snapshot = GetActiveSnapshot();
-	Oid			schema = get_namespace_oid("billing", false);
 	MemoryContext per_period;
 
 	/*
@@ -327,26 +295,26 @@ billing_rollup_totals(PG_FUNCTION_ARGS)
 	for (int a = 0; a < 5; a++)
 		if (PG_ARGISNULL(a))
 			return (Datum) 0;
-	array_arg(fcinfo, 0, INT8OID, &accounts, &acc_null, &n_acc);
-	array_arg(fcinfo, 1, TIMESTAMPTZOID, &starts, &start_null, &n_start);
-	array_arg(fcinfo, 2, TIMESTAMPTZOID, &ends, &end_null, &n_end);
-	array_arg(fcinfo, 3, TEXTOID, &meters, &meter_null, &n_meter);
-	array_arg(fcinfo, 4, TEXTOID, &aggs, &agg_null, &n_agg);
+	n_acc = billing_array_elems(PG_GETARG_ARRAYTYPE_P(0), INT8OID, 8, true, TYPALIGN_DOUBLE,
+								&accounts, &acc_null, -1, "accounts", true);
+	n_start = billing_array_elems(PG_GETARG_ARRAYTYPE_P(1), TIMESTAMPTZOID, 8, true,
+								  TYPALIGN_DOUBLE, &starts, &start_null, -1, "starts", true);
+	n_end = billing_array_elems(PG_GETARG_ARRAYTYPE_P(2), TIMESTAMPTZOID, 8, true,
+								TYPALIGN_DOUBLE, &ends, &end_null, -1, "ends", true);
+	n_meter = billing_array_elems(PG_GETARG_ARRAYTYPE_P(3), TEXTOID, -1, false, TYPALIGN_INT,
+								  &meters, &meter_null, -1, "meters", true);
+	n_agg = billing_array_elems(PG_GETARG_ARRAYTYPE_P(4), TEXTOID, -1, false, TYPALIGN_INT,
+								&aggs, &agg_null, -1, "aggregations", true);
 	if (n_acc != n_start || n_acc != n_end || n_meter != n_agg)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("accounts, starts and ends, and meters and aggregations, must have the same length")));
-	kinds = palloc(Max(n_meter, 1) * sizeof(AggKind));
+	kinds = palloc(Max(n_meter, 1) * sizeof(Aggregation));
 	for (int k = 0; k < n_meter; k++)
-	{
-		char	   *agg = agg_null[k] ? "sum" : TextDatumGetCString(aggs[k]);
-
-		kinds[k] = strcmp(agg, "max") == 0 ? AGG_MAX :
-			strcmp(agg, "last") == 0 ? AGG_LAST : AGG_SUM;
-	}
+		kinds[k] = agg_null[k] ? AGG_SUM : billing_aggregation(TextDatumGetCString(aggs[k]));
 
 	for (int t = 0; t < NUM_TABLES; t++)
-		open_table(&tables[t], table_names[t], schema, snapshot);
+		open_table(&tables[t], table_names[t], snapshot);
 
 	per_period = AllocSetContextCreate(CurrentMemoryContext, "billing rollup totals",
 									   ALLOCSET_DEFAULT_SIZES);
@@ -374,12 +342,12 @@ billing_rollup_totals(PG_FUNCTION_ARGS)
 		if (ps >= pe)
 			continue;
 
-		fh = bin_start(ps, USECS_PER_HOUR);
-		fd = bin_start(ps, USECS_PER_DAY);
+		fh = billing_bin_start(ps, USECS_PER_HOUR);
+		fd = billing_bin_start(ps, USECS_PER_DAY);
 		h0 = (fh == ps) ? fh : fh + USECS_PER_HOUR;
-		h1 = bin_start(pe, USECS_PER_HOUR);
+		h1 = billing_bin_start(pe, USECS_PER_HOUR);
 		d0 = (fd == ps) ? fd : fd + USECS_PER_DAY;
-		d1 = bin_start(pe, USECS_PER_DAY);
+		d1 = billing_bin_start(pe, USECS_PER_DAY);
 
 		for (int k = 0; k < n_meter; k++)
 		{

@@ -1,0 +1,245 @@
+/*
+ * catalog.c
+ *		The backend's cache of billing's catalog (as pg_cron keeps its job
+ *		metadata apart from the scheduler): relation OIDs of the hot paths,
+ *		the meter definitions of billing.meters, and whether billing is
+ *		distributed by Citus.
+ *
+ * A relcache invalidation of a cached relation drops the OIDs and the Citus
+ * answer (distributing a table sends one); one of billing.meters, which its
+ * statement trigger billing_meters_changed sends on every change, drops the
+ * meter cache.  A full reset drops everything.
+ */
+#include "postgres.h"
+
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/timestamp.h"
+
+#include "catalog.h"
+
+PG_FUNCTION_INFO_V1(billing_meters_changed);
+
+/* OIDs of the relations the hot paths open (see billing_relid) */
+#define NUM_CACHED_RELS 6
+static Oid	cached_rel_oids[NUM_CACHED_RELS];
+
+static const char *const cached_rel_names[] = {
+	"accounts", "accounts_pkey", "usage_deltas", "dedupe_keys", "dedupe_keys_pkey", "usage_seq"
+};
+StaticAssertDecl(lengthof(cached_rel_names) == NUM_CACHED_RELS,
+				 "cached_rel_names and NUM_CACHED_RELS disagree");
+
+/*
+ * Is billing distributed by Citus (usage_deltas is a Citus table)?  -1:
+ * not known yet; reset with the relation OID cache.
+ */
+static int	citus_mode = -1;
+
+/* backend cache of billing.meters */
+static HTAB *meter_cache = NULL;
+static Oid	meters_relid = InvalidOid;
+
+/*
+ * meters_relcache_cb
+ *		Drop the meter cache when billing.meters changes (its trigger sends a
+ *		relcache invalidation) or on a full reset.
+ */
+static void
+meters_relcache_cb(Datum arg, Oid relid)
+{
+	bool		cached = false;
+
+	for (int i = 0; i < NUM_CACHED_RELS; i++)
+		if (cached_rel_oids[i] == relid)
+			cached = true;
+	if (relid == InvalidOid || cached)
+	{
+		memset(cached_rel_oids, 0, sizeof(cached_rel_oids));
+		citus_mode = -1;
+	}
+	if (relid == InvalidOid || relid == meters_relid)
+	{
+		if (meter_cache)
+			hash_destroy(meter_cache);
+		meter_cache = NULL;
+		meters_relid = InvalidOid;
+	}
+}
+
+/*
+ * billing_catalog_init
+ *		Register the cache's invalidation callback (from _PG_init).
+ */
+void
+billing_catalog_init(void)
+{
+	CacheRegisterRelcacheCallback(meters_relcache_cb, (Datum) 0);
+}
+
+/*
+ * billing_schema_oid
+ *		OID of schema billing; errors when the extension is not installed.
+ */
+static Oid
+billing_schema_oid(void)
+{
+	return get_namespace_oid("billing", false);
+}
+
+/*
+ * billing_relid
+ *		OID of relation billing.<name>, cached for the relations the hot
+ *		paths open (the cache is dropped with the meter cache, on any
+ *		invalidation of one of them).
+ */
+Oid
+billing_relid(const char *name)
+{
+	Oid			relid;
+	int			i;
+
+	for (i = 0; i < (int) NUM_CACHED_RELS; i++)
+		if (strcmp(cached_rel_names[i], name) == 0)
+			break;
+	if (i < (int) NUM_CACHED_RELS && OidIsValid(cached_rel_oids[i]))
+		return cached_rel_oids[i];
+	relid = get_relname_relid(name, billing_schema_oid());
+	if (!OidIsValid(relid))
+		elog(ERROR, "relation billing.%s does not exist", name);
+	if (i < (int) NUM_CACHED_RELS)
+		cached_rel_oids[i] = relid;
+	return relid;
+}
+
+/*
+ * billing_distributed
+ *		Are billing's tables distributed by Citus?  Then the relations the
+ *		ingest paths would open directly are shells on this node, and every
+ *		access must go through statements that Citus routes to the shards.
+ *		Known once per backend, again after an invalidation of a cached
+ *		relation (distributing a table sends one).
+ */
+bool
+billing_distributed(void)
+{
+	if (citus_mode < 0)
+	{
+		Datum		values[1];
+		Oid			types[1] = {OIDOID};
+		bool		isnull;
+		bool		dist = false;
+		Oid			deltas = billing_relid("usage_deltas");
+
+		if (OidIsValid(get_extension_oid("citus", true)))
+		{
+			if (SPI_connect() != SPI_OK_CONNECT)
+				elog(ERROR, "SPI_connect failed");
+			values[0] = ObjectIdGetDatum(deltas);
+			if (SPI_execute_with_args("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition "
+									  "WHERE logicalrelid OPERATOR(pg_catalog.=) $1)",
+									  1, types, values, NULL, true, 1) != SPI_OK_SELECT)
+				elog(ERROR, "could not read pg_dist_partition");
+			dist = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+											  SPI_tuptable->tupdesc, 1, &isnull));
+			SPI_finish();
+		}
+		citus_mode = dist ? 1 : 0;
+	}
+	return citus_mode == 1;
+}
+
+/*
+ * load_meters
+ *		(Re)build the backend cache of billing.meters.
+ */
+static void
+load_meters(void)
+{
+	HASHCTL		ctl;
+	HTAB	   *cache;
+	uint64		i;
+
+	meters_relid = billing_relid("meters");
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = METER_NAME_LEN;
+	ctl.entrysize = sizeof(MeterDef);
+	ctl.hcxt = TopMemoryContext;
+	cache = hash_create("billing meters", 64, &ctl,
+						HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (SPI_execute("SELECT meter, aggregation, bucket_width, late_window, "
+					"dedupe_window FROM billing.meters", true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read billing.meters");
+
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char		key[METER_NAME_LEN];
+		char	   *name = SPI_getvalue(tup, desc, 1);
+		char	   *agg = SPI_getvalue(tup, desc, 2);
+		bool		isnull;
+		Interval   *width = DatumGetIntervalP(SPI_getbinval(tup, desc, 3, &isnull));
+		MeterDef   *m;
+
+		memset(key, 0, sizeof(key));
+		strlcpy(key, name, sizeof(key));
+		m = hash_search(cache, key, HASH_ENTER, NULL);
+		m->agg = billing_aggregation(agg);
+		m->width = width->time + (int64) width->day * USECS_PER_DAY;
+		m->late_window = *DatumGetIntervalP(SPI_getbinval(tup, desc, 4, &isnull));
+		m->dedupe_window = *DatumGetIntervalP(SPI_getbinval(tup, desc, 5, &isnull));
+	}
+	SPI_finish();
+
+	if (meter_cache)
+		hash_destroy(meter_cache);
+	meter_cache = cache;
+}
+
+/*
+ * billing_lookup_meter
+ *		The definition of a meter (key: its name, zero padded to
+ *		METER_NAME_LEN), or NULL when it does not exist.
+ */
+MeterDef *
+billing_lookup_meter(const char *key)
+{
+	if (meter_cache == NULL)
+		load_meters();
+	return hash_search(meter_cache, key, HASH_FIND, NULL);
+}
+
+/*
+ * billing_meters_changed
+ *		Statement trigger on billing.meters: tell every backend (this one
+ *		included, at the next command) to reload its meter cache.
+ */
+Datum
+billing_meters_changed(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "billing_meters_changed: not called by trigger manager");
+	CacheInvalidateRelcacheByRelid(((TriggerData *) fcinfo->context)->tg_relation->rd_id);
+
+	/*
+	 * On Citus the trigger fires on a placement of the reference table
+	 * (billing.meters_NNN); the caches key on billing.meters.
+	 */
+	if (((TriggerData *) fcinfo->context)->tg_relation->rd_id != billing_relid("meters"))
+		CacheInvalidateRelcacheByRelid(billing_relid("meters"));
+	return PointerGetDatum(NULL);
+}

@@ -1,0 +1,268 @@
+/*
+ * ingest_deltas.c
+ *		DeltaWriter: where delta rows (an account, its seq, its packed
+ *		cells) go, behind one interface (see ingest.h) with two
+ *		implementations, chosen once per flush:
+ *
+ *		- on one node, multi-inserts straight into the heap and index of
+ *		  billing.usage_deltas, the way COPY writes, WRITE_BATCH rows at a
+ *		  time;
+ *		- on Citus, where usage_deltas is a shell here, SQL that Citus routes
+ *		  to the shards, all rows at close: one row in a router INSERT, more
+ *		  in one INSERT ... SELECT over parallel arrays, which Citus splits by
+ *		  shard and copies to each shard in one go.
+ */
+#include "postgres.h"
+
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/executor.h"
+#include "executor/spi.h"
+#include "nodes/makefuncs.h"
+#include "utils/array.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+
+#include "ingest.h"
+
+/* the plan of the Citus writer's router INSERT */
+static SPIPlanPtr citus_delta_plan = NULL;
+
+/* a DeltaWriter into the heap of billing.usage_deltas */
+typedef struct HeapWriter
+{
+	DeltaWriter pub;
+	Relation	rel;
+	EState	   *estate;
+	ResultRelInfo *rri;
+	TupleTableSlot *slots[WRITE_BATCH];
+	int			n;
+	CommandId	cid;
+	MemoryContext cxt;			/* holds the writer's own state */
+} HeapWriter;
+
+/* a DeltaWriter through Citus: the rows, written at close */
+typedef struct CitusWriter
+{
+	DeltaWriter pub;
+	long		n;
+	long		cap;
+	Datum	   *accounts;
+	Datum	   *seqs;
+	bool	   *noseq;
+	Datum	   *cells;
+	MemoryContext cxt;
+} CitusWriter;
+
+/*
+ * heap_flush
+ *		Multi-insert the queued rows and their index entries.
+ */
+static void
+heap_flush(HeapWriter *w)
+{
+	int			i;
+
+	if (w->n == 0)
+		return;
+	table_multi_insert(w->rel, w->slots, w->n, w->cid, 0, NULL);
+	for (i = 0; i < w->n; i++)
+	{
+		List	   *r = ExecInsertIndexTuples(w->rri, w->slots[i], w->estate,
+											  false, false, NULL, NIL);
+
+		list_free(r);
+		ExecClearTuple(w->slots[i]);
+	}
+	ResetPerTupleExprContext(w->estate);
+	w->n = 0;
+}
+
+/*
+ * heap_add
+ *		Queue one delta row; a full batch is written at once.
+ */
+static bool
+heap_add(DeltaWriter *dw, int64 account_id, bool has_seq, int64 seq, Datum cells)
+{
+	HeapWriter *w = (HeapWriter *) dw;
+	TupleTableSlot *slot;
+
+	if (w->slots[w->n] == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(w->cxt);
+
+		w->slots[w->n] = MakeSingleTupleTableSlot(RelationGetDescr(w->rel),
+												  table_slot_callbacks(w->rel));
+		MemoryContextSwitchTo(old);
+	}
+	slot = w->slots[w->n];
+	ExecClearTuple(slot);
+	/* account_id, seq, cells */
+	slot->tts_values[0] = Int64GetDatum(account_id);
+	slot->tts_isnull[0] = false;
+	slot->tts_values[1] = Int64GetDatum(seq);
+	slot->tts_isnull[1] = !has_seq;
+	slot->tts_values[2] = cells;
+	slot->tts_isnull[2] = false;
+	ExecStoreVirtualTuple(slot);
+	if (++w->n == WRITE_BATCH)
+		heap_flush(w);
+	return w->n == 0;
+}
+
+/*
+ * heap_close
+ *		Write the rest, close the relation and free the writer.
+ */
+static void
+heap_close(DeltaWriter *dw)
+{
+	HeapWriter *w = (HeapWriter *) dw;
+	int			i;
+
+	heap_flush(w);
+	for (i = 0; i < WRITE_BATCH; i++)
+		if (w->slots[i])
+			ExecDropSingleTupleTableSlot(w->slots[i]);
+	ExecCloseIndices(w->rri);
+	FreeExecutorState(w->estate);
+	table_close(w->rel, NoLock);
+	pfree(w);
+}
+
+/*
+ * heap_open
+ *		A writer into the heap and indexes of billing.usage_deltas, in the
+ *		current memory context and command.
+ */
+static DeltaWriter *
+heap_open(void)
+{
+	HeapWriter *w = palloc0(sizeof(HeapWriter));
+
+	w->pub.add = heap_add;
+	w->pub.close = heap_close;
+	w->rel = table_open(billing_relid("usage_deltas"), RowExclusiveLock);
+	w->estate = CreateExecutorState();
+	w->rri = makeNode(ResultRelInfo);
+	InitResultRelInfo(w->rri, w->rel, 1, NULL, 0);
+	ExecOpenIndices(w->rri, false);
+	w->n = 0;
+	w->cid = GetCurrentCommandId(true);
+	w->cxt = CurrentMemoryContext;
+	return &w->pub;
+}
+
+/*
+ * citus_add
+ *		Keep one delta row for the statement at close.
+ */
+static bool
+citus_add(DeltaWriter *dw, int64 account_id, bool has_seq, int64 seq, Datum cells)
+{
+	CitusWriter *w = (CitusWriter *) dw;
+
+	if (w->n == w->cap)
+	{
+		MemoryContext old = MemoryContextSwitchTo(w->cxt);
+
+		w->cap = w->cap ? w->cap * 2 : 64;
+		w->accounts = w->accounts ? repalloc(w->accounts, w->cap * sizeof(Datum))
+			: palloc(w->cap * sizeof(Datum));
+		w->seqs = w->seqs ? repalloc(w->seqs, w->cap * sizeof(Datum))
+			: palloc(w->cap * sizeof(Datum));
+		w->noseq = w->noseq ? repalloc(w->noseq, w->cap * sizeof(bool))
+			: palloc(w->cap * sizeof(bool));
+		w->cells = w->cells ? repalloc(w->cells, w->cap * sizeof(Datum))
+			: palloc(w->cap * sizeof(Datum));
+		MemoryContextSwitchTo(old);
+	}
+	w->accounts[w->n] = Int64GetDatum(account_id);
+	w->seqs[w->n] = has_seq ? Int64GetDatum(seq) : (Datum) 0;
+	w->noseq[w->n] = !has_seq;
+	w->cells[w->n] = cells;
+	w->n++;
+	return false;
+}
+
+/*
+ * citus_close
+ *		Write the rows kept, in one statement, and free the writer.
+ */
+static void
+citus_close(DeltaWriter *dw)
+{
+	CitusWriter *w = (CitusWriter *) dw;
+	Datum		values[3];
+	char		nulls[3] = {' ', ' ', ' '};
+	int			ret;
+
+	if (w->n > 0)
+	{
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		if (w->n == 1)
+		{
+			/* a router INSERT of one row (record, report_cumulative, ...) */
+			Oid			types[3] = {INT8OID, INT8OID, BYTEAOID};
+
+			(void) billing_spi_plan(&citus_delta_plan, "INSERT INTO billing.usage_deltas (account_id, seq, cells) "
+									"VALUES ($1, $2, $3)",
+									3, types, 0);
+			values[0] = w->accounts[0];
+			values[1] = w->seqs[0];
+			nulls[1] = w->noseq[0] ? 'n' : ' ';
+			values[2] = w->cells[0];
+			ret = SPI_execute_plan(citus_delta_plan, values, nulls, false, 0);
+		}
+		else
+		{
+			Oid			types[3] = {INT8ARRAYOID, INT8ARRAYOID, BYTEAARRAYOID};
+			int			dimsize[1] = {(int) w->n};
+			int			lbound[1] = {1};
+
+			values[0] = PointerGetDatum(construct_array(w->accounts, w->n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+			values[1] = PointerGetDatum(construct_md_array(w->seqs, w->noseq, 1, dimsize, lbound,
+														   INT8OID, 8, true, TYPALIGN_DOUBLE));
+			values[2] = PointerGetDatum(construct_array(w->cells, w->n, BYTEAOID, -1, false, TYPALIGN_INT));
+			/* planned with the values: Citus splits the rows by shard */
+			ret = SPI_execute_with_args("INSERT INTO billing.usage_deltas (account_id, seq, cells) "
+										"SELECT * FROM ROWS FROM (pg_catalog.unnest($1), "
+										"pg_catalog.unnest($2), pg_catalog.unnest($3))",
+										3, types, values, nulls, false, 0);
+		}
+		if (ret != SPI_OK_INSERT || (long) SPI_processed != w->n)
+			elog(ERROR, "could not write usage deltas: %s", SPI_result_code_string(ret));
+		SPI_finish();
+	}
+	if (w->cap > 0)
+	{
+		pfree(w->accounts);
+		pfree(w->seqs);
+		pfree(w->noseq);
+		pfree(w->cells);
+	}
+	pfree(w);
+}
+
+/*
+ * billing_deltas_open
+ *		A writer of delta rows: through Citus when billing is distributed,
+ *		else straight into the heap.
+ */
+DeltaWriter *
+billing_deltas_open(bool distributed)
+{
+	CitusWriter *w;
+
+	if (!distributed)
+		return heap_open();
+	w = palloc0(sizeof(CitusWriter));
+	w->pub.add = citus_add;
+	w->pub.close = citus_close;
+	w->cxt = CurrentMemoryContext;
+	return &w->pub;
+}

@@ -1,0 +1,422 @@
+/*
+ * ingest_trigger.c
+ *		The triggers billing.meter_table puts on a metered table, the
+ *		accumulators they fill, and the transaction callbacks that keep
+ *		those accumulators honest.
+ *
+ * A statement's rows are accumulated from its first row (BEFORE ROW
+ * trigger billing_meter_row) until its AFTER STATEMENT trigger
+ * billing_meter_flush writes them.  One accumulator is kept per
+ * subtransaction, innermost first, in TopTransactionContext: a
+ * subtransaction that aborts drops exactly the reports it made, one that
+ * commits hands its accumulator to its parent, and a commit that would
+ * leave a report unflushed (a disabled flush trigger) is refused.
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "commands/trigger.h"
+#include "executor/executor.h"
+#include "executor/tuptable.h"
+#include "fmgr.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/tuplestore.h"
+
+#include "billing.h"
+#include "ingest.h"
+
+PG_FUNCTION_INFO_V1(billing_meter_row);
+PG_FUNCTION_INFO_V1(billing_meter_after_rows);
+PG_FUNCTION_INFO_V1(billing_meter_flush);
+
+/* cached column numbers of one metered table's trigger */
+typedef struct TableConf
+{
+	Oid			tgoid;
+	AttrNumber	account_att;
+	AttrNumber	meter_att;
+	AttrNumber	qty_att;
+	AttrNumber	ts_att;
+	AttrNumber	event_att;		/* 0: none */
+	AttrNumber	dim_att;		/* 0: none */
+	Oid			qty_type;
+	bool		keep_rows;
+} TableConf;
+
+/*
+ * The accumulator of one subtransaction's metered statements, with the
+ * tables it has seen; lives in the accumulator's memory.
+ */
+typedef struct TriggerState
+{
+	IngestState *st;
+	SubTransactionId subid;		/* owner */
+	struct TriggerState *next;	/* the enclosing subtransactions' */
+	TableConf  *tables;
+	int			ntables;
+} TriggerState;
+
+/* trigger accumulators of the current transaction, innermost first */
+static TriggerState *trigger_states = NULL;
+
+/*
+ * state_is_empty
+ *		Has the accumulator nothing left to write?
+ */
+static bool
+state_is_empty(IngestState *st)
+{
+	return st->acc.buckets->members == 0 && st->claims.npending == 0 &&
+		st->runs.nruns == 0;
+}
+
+/*
+ * ingest_xact_cb
+ *		Refuse to commit (or prepare) with usage counted but not written;
+ *		forget the accumulators when the transaction ends.
+ */
+static void
+ingest_xact_cb(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_PRE_COMMIT:
+		case XACT_EVENT_PARALLEL_PRE_COMMIT:
+		case XACT_EVENT_PRE_PREPARE:
+			{
+				TriggerState *ts;
+
+				for (ts = trigger_states; ts; ts = ts->next)
+					if (!state_is_empty(ts->st))
+						ereport(ERROR,
+								(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+								 errmsg("usage counted by a metered table was not flushed"),
+								 errdetail("The statement-level trigger billing_meter_flush did not run."),
+								 errhint("Do not disable the triggers that billing.meter_table creates.")));
+			}
+			break;
+		default:
+			/* commit or abort: the memory goes with TopTransactionContext */
+			trigger_states = NULL;
+			break;
+	}
+}
+
+/*
+ * ingest_subxact_cb
+ *		A subtransaction that aborts drops its accumulators; one that
+ *		commits hands them to its parent.
+ */
+static void
+ingest_subxact_cb(SubXactEvent event, SubTransactionId mySubid,
+				  SubTransactionId parentSubid, void *arg)
+{
+	TriggerState *ts;
+
+	switch (event)
+	{
+		case SUBXACT_EVENT_ABORT_SUB:
+			/* drop the reports the aborted subtransaction made */
+			while (trigger_states && trigger_states->subid == mySubid)
+			{
+				ts = trigger_states;
+				trigger_states = ts->next;
+				MemoryContextDelete(ts->st->ctx);
+			}
+			break;
+		case SUBXACT_EVENT_COMMIT_SUB:
+			for (ts = trigger_states; ts && ts->subid == mySubid; ts = ts->next)
+				ts->subid = parentSubid;
+			break;
+		default:
+			break;
+	}
+}
+
+/*
+ * billing_ingest_init
+ *		Register the transaction callbacks (from _PG_init).
+ */
+void
+billing_ingest_init(void)
+{
+	RegisterXactCallback(ingest_xact_cb, NULL);
+	RegisterSubXactCallback(ingest_subxact_cb, NULL);
+}
+
+/*
+ * current_trigger_state
+ *		The accumulator of the current subtransaction, created on demand.
+ */
+static TriggerState *
+current_trigger_state(void)
+{
+	SubTransactionId subid = GetCurrentSubTransactionId();
+	IngestState *st;
+	TriggerState *ts;
+
+	if (trigger_states && trigger_states->subid == subid)
+		return trigger_states;
+	st = billing_ingest_create(TopTransactionContext, 1024);
+	ts = MemoryContextAllocZero(st->ctx, sizeof(TriggerState));
+	ts->st = st;
+	ts->subid = subid;
+	ts->next = trigger_states;
+	trigger_states = ts;
+	return ts;
+}
+
+/*
+ * table_conf
+ *		Column numbers of a metered table's trigger, resolved once per
+ *		accumulator.  Trigger arguments: account, meter, quantity, ts,
+ *		event id ('' if none), dimension ('' if none), keep_rows ('t'/'f').
+ */
+static TableConf *
+table_conf(TriggerState *ts, TriggerData *td)
+{
+	Trigger    *tg = td->tg_trigger;
+	TupleDesc	desc = RelationGetDescr(td->tg_relation);
+	TableConf  *c;
+	int			i;
+	AttrNumber *atts[6];
+	MemoryContext old;
+
+	for (i = 0; i < ts->ntables; i++)
+		if (ts->tables[i].tgoid == tg->tgoid)
+			return &ts->tables[i];
+
+	if (tg->tgnargs != 7)
+		elog(ERROR, "billing_meter_row: expected 7 trigger arguments, got %d", tg->tgnargs);
+
+	old = MemoryContextSwitchTo(ts->st->ctx);
+	ts->tables = ts->tables ? repalloc(ts->tables, (ts->ntables + 1) * sizeof(TableConf))
+		: palloc(sizeof(TableConf));
+	MemoryContextSwitchTo(old);
+	c = &ts->tables[ts->ntables];
+	memset(c, 0, sizeof(*c));
+	c->tgoid = tg->tgoid;
+	atts[0] = &c->account_att;
+	atts[1] = &c->meter_att;
+	atts[2] = &c->qty_att;
+	atts[3] = &c->ts_att;
+	atts[4] = &c->event_att;
+	atts[5] = &c->dim_att;
+	for (i = 0; i < 6; i++)
+	{
+		const char *col = tg->tgargs[i];
+
+		*atts[i] = 0;
+		if (col[0] == '\0')
+			continue;
+		for (int a = 0; a < desc->natts; a++)
+		{
+			Form_pg_attribute att = TupleDescAttr(desc, a);
+
+			if (!att->attisdropped && strcmp(NameStr(att->attname), col) == 0)
+			{
+				*atts[i] = att->attnum;
+				if (i == 2)
+					c->qty_type = att->atttypid;
+				break;
+			}
+		}
+		if (*atts[i] == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_COLUMN),
+					 errmsg("column \"%s\" of metered table \"%s\" does not exist",
+							col, RelationGetRelationName(td->tg_relation)),
+					 errhint("Run billing.meter_table again after renaming or dropping columns.")));
+	}
+	c->keep_rows = (tg->tgargs[6][0] == 't');
+	ts->ntables++;
+	return c;
+}
+
+/*
+ * meter_slot
+ *		Read a metered row's columns from slot and pass it to billing_report in
+ *		mode.
+ */
+static ReportResult
+meter_slot(IngestState *st, TableConf *c, TupleTableSlot *slot, Relation rel, ReportMode mode)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	Datum		account,
+				meter,
+				qty,
+				ts;
+	bool		n1,
+				n2,
+				n3,
+				n4;
+	const char *mstr,
+			   *estr = NULL,
+			   *dstr = "";
+	int			mlen,
+				elen = 0,
+				dlen = 0;
+	int64		account_id;
+
+	account = slot_getattr(slot, c->account_att, &n1);
+	meter = slot_getattr(slot, c->meter_att, &n2);
+	qty = slot_getattr(slot, c->qty_att, &n3);
+	ts = slot_getattr(slot, c->ts_att, &n4);
+	if (n1 || n2 || n3 || n4)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s of a metered row must not be null",
+						n1 ? "account" : n2 ? "meter" : n3 ? "quantity" : "timestamp"),
+				 errdetail("Table \"%s\".", RelationGetRelationName(rel))));
+
+	switch (TupleDescAttr(desc, c->account_att - 1)->atttypid)
+	{
+		case INT2OID:
+			account_id = DatumGetInt16(account);
+			break;
+		case INT4OID:
+			account_id = DatumGetInt32(account);
+			break;
+		default:
+			account_id = DatumGetInt64(account);
+			break;
+	}
+	billing_text_bytes(meter, &mstr, &mlen);
+	if (c->event_att)
+	{
+		bool		isnull;
+		Datum		e = slot_getattr(slot, c->event_att, &isnull);
+
+		if (!isnull)
+			billing_text_bytes(e, &estr, &elen);
+	}
+	if (c->dim_att)
+	{
+		bool		isnull;
+		Datum		d = slot_getattr(slot, c->dim_att, &isnull);
+
+		if (!isnull)
+			billing_text_bytes(d, &dstr, &dlen);
+	}
+
+	return billing_report(st, account_id, mstr, mlen, qty, c->qty_type,
+						  DatumGetTimestampTz(ts), estr, elen, dstr, dlen, mode);
+}
+
+/* meter_slot for the row a row trigger fired for */
+static ReportResult
+meter_tuple(IngestState *st, TableConf *c, TriggerData *td, ReportMode mode)
+{
+	return meter_slot(st, c, td->tg_trigslot, td->tg_relation, mode);
+}
+
+/*
+ * billing_meter_row
+ *		BEFORE INSERT FOR EACH ROW trigger of a metered table.  With
+ *		keep_rows false it counts the row and drops it (returns NULL).  With
+ *		keep_rows true it only claims the row's event id: a duplicate is
+ *		dropped, any other row is stored and counted by the AFTER STATEMENT
+ *		trigger over the inserted rows, so that a row skipped later
+ *		(INSERT ... ON CONFLICT DO NOTHING, another BEFORE trigger) is not
+ *		counted.
+ */
+Datum
+billing_meter_row(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	TriggerState *ts;
+	TableConf  *c;
+	ReportResult r;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "billing_meter_row: not called by trigger manager");
+	if (!TRIGGER_FIRED_BEFORE(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
+		!TRIGGER_FIRED_BY_INSERT(td->tg_event))
+		elog(ERROR, "billing_meter_row: must be fired BEFORE INSERT FOR EACH ROW");
+
+	ts = current_trigger_state();
+	c = table_conf(ts, td);
+	r = meter_tuple(ts->st, c, td, c->keep_rows ? MODE_CLAIM_ONLY : MODE_QUEUE);
+	billing_flush_if_full(ts->st);
+
+	if (c->keep_rows && r == REPORT_COUNTED)
+		return PointerGetDatum(td->tg_trigtuple);
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * billing_meter_after_rows
+ *		AFTER INSERT FOR EACH STATEMENT trigger of a metered table with
+ *		keep_rows, with the statement's inserted rows as its transition
+ *		table: counts each row actually stored (its event id was claimed by
+ *		the BEFORE ROW trigger).  It fires before billing_meter_flush (AFTER
+ *		STATEMENT triggers fire in name order), which writes the counts.
+ *		The transition table spills to disk beyond work_mem, so a large COPY
+ *		queues nothing per row in memory.
+ */
+Datum
+billing_meter_after_rows(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	TriggerState *ts;
+	TableConf  *c;
+	TupleTableSlot *slot;
+	MemoryContext rowcxt;
+	int			ptr;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "billing_meter_after_rows: not called by trigger manager");
+	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event) ||
+		!TRIGGER_FIRED_BY_INSERT(td->tg_event) || td->tg_newtable == NULL)
+		elog(ERROR, "billing_meter_after_rows: must be fired AFTER INSERT FOR EACH STATEMENT with a NEW TABLE");
+
+	ts = current_trigger_state();
+	c = table_conf(ts, td);
+	slot = MakeSingleTupleTableSlot(RelationGetDescr(td->tg_relation), &TTSOpsMinimalTuple);
+	/* a read pointer of our own, from the start */
+	ptr = tuplestore_alloc_read_pointer(td->tg_newtable, EXEC_FLAG_REWIND);
+	tuplestore_select_read_pointer(td->tg_newtable, ptr);
+	tuplestore_rescan(td->tg_newtable);
+	/* what reading one row allocates (detoasted values) is freed with it */
+	rowcxt = AllocSetContextCreate(CurrentMemoryContext, "billing metered row",
+								   ALLOCSET_DEFAULT_SIZES);
+	while (tuplestore_gettupleslot(td->tg_newtable, true, false, slot))
+	{
+		MemoryContext old = MemoryContextSwitchTo(rowcxt);
+
+		(void) meter_slot(ts->st, c, slot, td->tg_relation, MODE_COUNT_ONLY);
+		billing_flush_if_full(ts->st);
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(rowcxt);
+	}
+	MemoryContextDelete(rowcxt);
+	tuplestore_select_read_pointer(td->tg_newtable, 0);
+	ExecDropSingleTupleTableSlot(slot);
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * billing_meter_flush
+ *		AFTER INSERT FOR EACH STATEMENT trigger of a metered table: writes
+ *		what the statement counted.
+ */
+Datum
+billing_meter_flush(PG_FUNCTION_ARGS)
+{
+	TriggerData *td = (TriggerData *) fcinfo->context;
+	SubTransactionId subid = GetCurrentSubTransactionId();
+	TriggerState *ts;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "billing_meter_flush: not called by trigger manager");
+	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event))
+		elog(ERROR, "billing_meter_flush: must be fired AFTER ... FOR EACH STATEMENT");
+
+	for (ts = trigger_states; ts && ts->subid == subid; ts = ts->next)
+	{
+		billing_flush(ts->st);
+		billing_forget_accounts(&ts->st->known);
+	}
+	return PointerGetDatum(NULL);
+}
