@@ -307,6 +307,66 @@ jmodifiers(const JsonCtx *ctx, JsonbContainer *c, Price *p)
 	}
 }
 
+/* the object at the top of j, or an error */
+static JsonbContainer *
+jroot(const JsonCtx *ctx, Jsonb *j)
+{
+	JsonbContainer *c = &j->root;
+
+	if (!JsonContainerIsObject(c) || JsonContainerIsScalar(c))
+		jerror(ctx, "The value must be a JSON object.");
+	return c;
+}
+
+/*
+ * jround
+ *		Read a rounding from v, when there is one: "up" (the default) or
+ *		"down", which sets flag down in p (the "round" of a package price,
+ *		or of Stripe's transform_quantity); what names it in errors.
+ */
+static void
+jround(const JsonCtx *ctx, JsonbValue *v, const char *what, int down, Price *p)
+{
+	char	   *r;
+
+	if (v == NULL)
+		return;
+	r = jstring(ctx, v, what);
+	if (strcmp(r, "down") == 0)
+		p->flags |= down;
+	else if (strcmp(r, "up") != 0)
+		jerror(ctx, "%s must be \"up\" or \"down\", not \"%s\".", what, r);
+}
+
+/*
+ * jtiers
+ *		The array under key "tiers" of c, non-empty (notarray: the detail
+ *		when it is missing or not an array), with p's tiers allocated for it.
+ */
+static JsonbContainer *
+jtiers(const JsonCtx *ctx, JsonbContainer *c, const char *notarray, Price *p)
+{
+	JsonbValue *v = jget(c, "tiers");
+	JsonbContainer *tc;
+
+	if (v == NULL || v->type != jbvBinary || !JsonContainerIsArray(v->val.binary.data))
+		jerror(ctx, "%s", notarray);
+	tc = v->val.binary.data;
+	p->ntiers = JsonContainerSize(tc);
+	if (p->ntiers < 1)
+		jerror(ctx, "\"tiers\" must not be empty.");
+	p->tiers = palloc0(sizeof(PriceTier) * p->ntiers);
+	return tc;
+}
+
+/* is v the string "inf" (the open upper bound of a last tier)? */
+static bool
+jis_inf(JsonbValue *v)
+{
+	return v->type == jbvString && v->val.string.len == 3 &&
+		memcmp(v->val.string.val, "inf", 3) == 0;
+}
+
 /* ---------------------------------------------------------------------
  * price_from_jsonb
  * ---------------------------------------------------------------------
@@ -318,16 +378,13 @@ jmodifiers(const JsonCtx *ctx, JsonbContainer *c, Price *p)
 Datum
 billing_price_from_jsonb(PG_FUNCTION_ARGS)
 {
-	Jsonb	   *j = PG_GETARG_JSONB_P(0);
 	JsonCtx		ctx = {ERRCODE_INVALID_TEXT_REPRESENTATION,
 	"invalid JSON representation of a billing.price"};
-	JsonbContainer *c = &j->root;
+	JsonbContainer *c = jroot(&ctx, PG_GETARG_JSONB_P(0));
 	Price	   *p = palloc0(sizeof(Price));
 	char	   *model;
 	JsonbValue *v;
 
-	if (!JsonContainerIsObject(c) || JsonContainerIsScalar(c))
-		jerror(&ctx, "The value must be a JSON object.");
 	v = jget(c, "model");
 	if (v == NULL)
 		jerror(&ctx, "Key \"model\" is missing.");
@@ -364,35 +421,18 @@ billing_price_from_jsonb(PG_FUNCTION_ARGS)
 		p->model = PRICE_PACKAGE;
 		jnumber(&ctx, jget(c, "package_size"), "\"package_size\"", &p->size);
 		jnumber(&ctx, jget(c, "amount"), "\"amount\"", &p->amount);
-		if ((v = jget(c, "round")) != NULL)
-		{
-			char	   *r = jstring(&ctx, v, "\"round\"");
-
-			if (strcmp(r, "down") == 0)
-				p->flags |= PRICE_ROUND_DOWN;
-			else if (strcmp(r, "up") != 0)
-				jerror(&ctx, "\"round\" must be \"up\" or \"down\", not \"%s\".", r);
-		}
+		jround(&ctx, jget(c, "round"), "\"round\"", PRICE_ROUND_DOWN, p);
 	}
 	else if (strcmp(model, "graduated") == 0 || strcmp(model, "volume") == 0)
 	{
 		static const char *const keys[] = {"model", "tiers", "free", "min", "max", "per", "per_round", NULL};
 		static const char *const tkeys[] = {"up_to", "unit_amount", "flat_amount", NULL};
 		JsonbContainer *tc;
-		int			n;
 
 		jcheck_keys(&ctx, c, keys, "a tiered price");
 		p->model = model[0] == 'g' ? PRICE_GRADUATED : PRICE_VOLUME;
-		v = jget(c, "tiers");
-		if (v == NULL || v->type != jbvBinary || !JsonContainerIsArray(v->val.binary.data))
-			jerror(&ctx, "\"tiers\" must be a JSON array of tiers.");
-		tc = v->val.binary.data;
-		n = JsonContainerSize(tc);
-		if (n < 1)
-			jerror(&ctx, "\"tiers\" must not be empty.");
-		p->ntiers = n;
-		p->tiers = palloc0(sizeof(PriceTier) * n);
-		for (int i = 0; i < n; i++)
+		tc = jtiers(&ctx, c, "\"tiers\" must be a JSON array of tiers.", p);
+		for (int i = 0; i < p->ntiers; i++)
 		{
 			JsonbValue *tv = getIthJsonbValueFromContainer(tc, i);
 			JsonbContainer *t;
@@ -404,8 +444,7 @@ billing_price_from_jsonb(PG_FUNCTION_ARGS)
 			v = jget(t, "up_to");
 			if (v == NULL)
 				jerror(&ctx, "\"up_to\" of tier %d is missing.", i + 1);
-			if (v->type == jbvString && v->val.string.len == 3 &&
-				memcmp(v->val.string.val, "inf", 3) == 0)
+			if (jis_inf(v))
 				p->tiers[i].inf = true;
 			else
 			{
@@ -510,15 +549,7 @@ stripe_transform(const JsonCtx *ctx, JsonbContainer *c, Price *p)
 	if (p->per.scale != 0 || p->per.coef == 0)
 		jerror(ctx, "\"divide_by\" of \"transform_quantity\" must be a positive integer.");
 	p->flags |= PRICE_HAS_PER;
-	if ((v = jget(t, "round")) != NULL)
-	{
-		char	   *r = jstring(ctx, v, "\"round\" of \"transform_quantity\"");
-
-		if (strcmp(r, "down") == 0)
-			p->flags |= PRICE_PER_DOWN;
-		else if (strcmp(r, "up") != 0)
-			jerror(ctx, "\"round\" of \"transform_quantity\" must be \"up\" or \"down\", not \"%s\".", r);
-	}
+	jround(ctx, jget(t, "round"), "\"round\" of \"transform_quantity\"", PRICE_PER_DOWN, p);
 }
 
 /*
@@ -533,19 +564,16 @@ stripe_transform(const JsonCtx *ctx, JsonbContainer *c, Price *p)
 Datum
 billing_price_from_stripe(PG_FUNCTION_ARGS)
 {
-	Jsonb	   *j = PG_GETARG_JSONB_P(0);
 	JsonCtx		ctx = {ERRCODE_INVALID_PARAMETER_VALUE,
 	"invalid Stripe price object"};
-	JsonbContainer *c = &j->root;
-	Price	   *p = palloc0(sizeof(Price));
-	JsonbValue *v;
-	char	   *currency;
+	JsonbContainer *c = jroot(&ctx, PG_GETARG_JSONB_P(0));
 	char	   *scheme = "per_unit";
+	char	   *currency;
 	int			exponent;
 	bool		present;
+	JsonbValue *v;
+	Price	   *p = palloc0(sizeof(Price));
 
-	if (!JsonContainerIsObject(c) || JsonContainerIsScalar(c))
-		jerror(&ctx, "The value must be a JSON object.");
 	if ((v = jget(c, "object")) != NULL)
 	{
 		char	   *obj = jstring(&ctx, v, "\"object\"");
@@ -577,7 +605,6 @@ billing_price_from_stripe(PG_FUNCTION_ARGS)
 	{
 		char	   *mode;
 		JsonbContainer *tc;
-		int			n;
 
 		if ((v = jget(c, "tiers_mode")) == NULL)
 			jerror(&ctx, "\"tiers_mode\" is missing for a tiered price.");
@@ -588,16 +615,9 @@ billing_price_from_stripe(PG_FUNCTION_ARGS)
 			p->model = PRICE_VOLUME;
 		else
 			jerror(&ctx, "\"tiers_mode\" must be \"graduated\" or \"volume\", not \"%s\".", mode);
-		v = jget(c, "tiers");
-		if (v == NULL || v->type != jbvBinary || !JsonContainerIsArray(v->val.binary.data))
-			jerror(&ctx, "\"tiers\" must be a JSON array (expand it when retrieving the price).");
-		tc = v->val.binary.data;
-		n = JsonContainerSize(tc);
-		if (n < 1)
-			jerror(&ctx, "\"tiers\" must not be empty.");
-		p->ntiers = n;
-		p->tiers = palloc0(sizeof(PriceTier) * n);
-		for (int i = 0; i < n; i++)
+		tc = jtiers(&ctx, c, "\"tiers\" must be a JSON array (expand it when retrieving the price).",
+					p);
+		for (int i = 0; i < p->ntiers; i++)
 		{
 			JsonbValue *tv = getIthJsonbValueFromContainer(tc, i);
 			JsonbContainer *t;
@@ -608,9 +628,7 @@ billing_price_from_stripe(PG_FUNCTION_ARGS)
 			snprintf(where, sizeof(where), " of tier %d", i + 1);
 			t = jobject(&ctx, tv, psprintf("tier %d", i + 1));
 			v = jget(t, "up_to");
-			if (v == NULL ||
-				(v->type == jbvString && v->val.string.len == 3 &&
-				 memcmp(v->val.string.val, "inf", 3) == 0))
+			if (v == NULL || jis_inf(v))
 				p->tiers[i].inf = true;
 			else
 			{

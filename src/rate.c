@@ -580,17 +580,32 @@ price_rate_numeric(const Price *p, Numeric q)
  */
 
 /*
+ * rate_args_fast
+ *		Check the quantity (argument 1) and rate it with the price of
+ *		argument 0 (*p) on the fixed-point path: true with the amount in
+ *		*r, false when that path does not apply.
+ */
+static inline bool
+rate_args_fast(FunctionCallInfo fcinfo, Price **p, Numeric *r)
+{
+	Numeric		q;
+
+	*p = price_from_arg(fcinfo, 0);
+	q = (Numeric) PG_DETOAST_DATUM_PACKED(PG_GETARG_DATUM(1));
+	price_check_quantity(q);
+	return price_rate_fast(*p, q, r);
+}
+
+/*
  * rate(p billing.price, quantity numeric) -> numeric
  */
 Datum
 billing_rate(PG_FUNCTION_ARGS)
 {
-	Price	   *p = price_from_arg(fcinfo, 0);
-	Numeric		q = (Numeric) PG_DETOAST_DATUM_PACKED(PG_GETARG_DATUM(1));
+	Price	   *p;
 	Numeric		r;
 
-	price_check_quantity(q);
-	if (price_rate_fast(p, q, &r))
+	if (rate_args_fast(fcinfo, &p, &r))
 		PG_RETURN_NUMERIC(r);
 	PG_RETURN_NUMERIC(price_rate_slow(p, PG_GETARG_NUMERIC(1), NULL, NULL));
 }
@@ -615,12 +630,10 @@ billing_rate_numeric(PG_FUNCTION_ARGS)
 Datum
 billing_rate_fast(PG_FUNCTION_ARGS)
 {
-	Price	   *p = price_from_arg(fcinfo, 0);
-	Numeric		q = (Numeric) PG_DETOAST_DATUM_PACKED(PG_GETARG_DATUM(1));
+	Price	   *p;
 	Numeric		r;
 
-	price_check_quantity(q);
-	if (price_rate_fast(p, q, &r))
+	if (rate_args_fast(fcinfo, &p, &r))
 		PG_RETURN_NUMERIC(r);
 	PG_RETURN_NULL();
 }
