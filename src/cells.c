@@ -131,7 +131,7 @@ close_series(CellWriter *w)
  */
 void
 billing_cells_series(CellWriter *w, const char *meter, int meterlen,
-			 const char *dim, int dimlen, bool is_last)
+					 const char *dim, int dimlen, bool is_last)
 {
 	Assert(meterlen > 0 && meterlen < 256 && dimlen >= 0 && dimlen < 65536);
 	close_series(w);
@@ -153,7 +153,7 @@ billing_cells_series(CellWriter *w, const char *meter, int meterlen,
  */
 void
 billing_cells_add(CellWriter *w, TimestampTz bucket_start, int64 events,
-		  bool isdec, int128_t dec, Numeric num, TimestampTz last_ts)
+				  bool isdec, int128_t dec, Numeric num, TimestampTz last_ts)
 {
 	int			head = 0;
 	int			n = 0;
@@ -442,7 +442,7 @@ billing_delta_cells(PG_FUNCTION_ARGS)
 			billing_cells_next(&r, &s, &c);
 			values[2] = TimestampTzGetDatum(c.bucket_start);
 			values[4] = Int64GetDatum(c.events);
-			values[3] = NumericGetDatum(c.isdec ? dec_to_numeric(c.dec, CELLS_QTY_SCALE)
+			values[3] = NumericGetDatum(c.isdec ? billing_dec_to_numeric(c.dec, CELLS_QTY_SCALE)
 										: c.num);
 			if (s.is_last)
 				values[5] = TimestampTzGetDatum(c.last_ts);
@@ -495,18 +495,18 @@ billing_delta_pack(PG_FUNCTION_ARGS)
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("only last_ts may be NULL")));
 	n = billing_array_elems(PG_GETARG_ARRAYTYPE_P(0), TEXTOID, -1, false, TYPALIGN_INT,
-					&meters, &nulls, -1, "meters", false);
+							&meters, &nulls, -1, "meters", false);
 	if (billing_array_elems(PG_GETARG_ARRAYTYPE_P(1), TEXTOID, -1, false, TYPALIGN_INT,
-					&dims, &nulls, -1, "dimensions", false) != n ||
+							&dims, &nulls, -1, "dimensions", false) != n ||
 		billing_array_elems(PG_GETARG_ARRAYTYPE_P(2), TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE,
-					&starts, &nulls, -1, "bucket_starts", false) != n ||
+							&starts, &nulls, -1, "bucket_starts", false) != n ||
 		billing_array_elems(PG_GETARG_ARRAYTYPE_P(3), NUMERICOID, -1, false, TYPALIGN_INT,
-					&qtys, &nulls, -1, "quantities", false) != n ||
+							&qtys, &nulls, -1, "quantities", false) != n ||
 		billing_array_elems(PG_GETARG_ARRAYTYPE_P(4), INT8OID, 8, true, TYPALIGN_DOUBLE,
-					&events, &nulls, -1, "events", false) != n ||
+							&events, &nulls, -1, "events", false) != n ||
 		(!PG_ARGISNULL(5) &&
 		 billing_array_elems(PG_GETARG_ARRAYTYPE_P(5), TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE,
-					 &lasts, &lastnull, -1, "last_ts", true) != n))
+							 &lasts, &lastnull, -1, "last_ts", true) != n))
 		ereport(ERROR,
 				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
 				 errmsg("the cell arrays must have the same length")));
@@ -535,10 +535,10 @@ billing_delta_pack(PG_FUNCTION_ARGS)
 			!same_text(m, DatumGetTextPP(meters[prev])) ||
 			!same_text(d, DatumGetTextPP(dims[prev])))
 			billing_cells_series(&w, VARDATA_ANY(m), VARSIZE_ANY_EXHDR(m),
-						 VARDATA_ANY(d), VARSIZE_ANY_EXHDR(d), is_last);
-		isdec = dec_from_numeric(q, CELLS_QTY_SCALE, &dec);
+								 VARDATA_ANY(d), VARSIZE_ANY_EXHDR(d), is_last);
+		isdec = billing_dec_from_numeric(q, CELLS_QTY_SCALE, &dec);
 		billing_cells_add(&w, DatumGetTimestampTz(starts[i]), DatumGetInt64(events[i]),
-				  isdec, dec, q, is_last ? DatumGetTimestampTz(lasts[i]) : 0);
+						  isdec, dec, q, is_last ? DatumGetTimestampTz(lasts[i]) : 0);
 		prev = i;
 	}
 	PG_RETURN_BYTEA_P((bytea *) (buf.data + billing_cells_end(&w)));

@@ -37,7 +37,7 @@
 #define NUM_SHORT_DSCALE_SHIFT	7
 #define NUM_DSCALE_MASK		0x3FFF
 
-const int128_t dec_pow10[DEC_MAX_DIGITS + 1] = {
+const int128_t billing_dec_pow10[DEC_MAX_DIGITS + 1] = {
 	1,
 	10,
 	100,
@@ -79,16 +79,16 @@ const int128_t dec_pow10[DEC_MAX_DIGITS + 1] = {
 	(int128_t) 1000000000000000000LL * 1000000000000000000LL * 100,
 };
 
-#define DEC_LIMIT	dec_pow10[DEC_MAX_DIGITS]	/* exclusive bound on |v| */
+#define DEC_LIMIT	billing_dec_pow10[DEC_MAX_DIGITS]	/* exclusive bound on |v| */
 
 /*
- * dec_from_numeric
+ * billing_dec_from_numeric
  *		Convert num exactly to a fixed-point value of the given scale
  *		(0..38).  Returns false when num is NaN or infinite, has non-zero
  *		digits beyond the scale, or is too large (|v| >= 10^38).
  */
 bool
-dec_from_numeric(Numeric num, int scale, int128_t *out)
+billing_dec_from_numeric(Numeric num, int scale, int128_t *out)
 {
 	const uint16 *p = (const uint16 *) VARDATA_ANY(num);
 	int			len = VARSIZE_ANY_EXHDR(num);
@@ -134,17 +134,17 @@ dec_from_numeric(Numeric num, int scale, int128_t *out)
 		if (e < 0)
 		{
 			/* fractional digits beyond the scale must divide out exactly */
-			if (e <= -4 || d % dec_pow10[-e] != 0)
+			if (e <= -4 || d % billing_dec_pow10[-e] != 0)
 				return false;
-			d /= dec_pow10[-e];
+			d /= billing_dec_pow10[-e];
 			e = 0;
 		}
 		if (e >= DEC_MAX_DIGITS)
 			return false;
 		/* d < 10^4, so d * 10^e < 10^(e + 4): only large e need a check */
-		if (e + 4 > DEC_MAX_DIGITS && d >= DEC_LIMIT / dec_pow10[e])
+		if (e + 4 > DEC_MAX_DIGITS && d >= DEC_LIMIT / billing_dec_pow10[e])
 			return false;
-		v += d * dec_pow10[e];
+		v += d * billing_dec_pow10[e];
 		if (v >= DEC_LIMIT)
 			return false;
 	}
@@ -153,12 +153,12 @@ dec_from_numeric(Numeric num, int scale, int128_t *out)
 }
 
 /*
- * dec_to_cstring
+ * billing_dec_to_cstring
  *		Print value / 10^scale in plain decimal, without trailing fractional
  *		zeros, into buf (DEC_CSTRING_LEN bytes).  Returns the length.
  */
 int
-dec_to_cstring(int128_t value, int scale, char *buf)
+billing_dec_to_cstring(int128_t value, int scale, char *buf)
 {
 	char		tmp[DEC_CSTRING_LEN];
 	int			n = 0;
@@ -193,7 +193,7 @@ dec_to_cstring(int128_t value, int scale, char *buf)
 }
 
 /*
- * dec_to_numeric
+ * billing_dec_to_numeric
  *		The numeric equal to value / 10^scale (scale 0..38), with no trailing
  *		fractional zeros.  Builds the numeric's short on-disk form directly
  *		(base-10000 digits aligned on the decimal point), which is what
@@ -201,7 +201,7 @@ dec_to_cstring(int128_t value, int scale, char *buf)
  *		through text: rating calls this once per row.
  */
 Numeric
-dec_to_numeric(int128_t value, int scale)
+billing_dec_to_numeric(int128_t value, int scale)
 {
 	unsigned __int128 u;
 	uint64		u64;
@@ -285,12 +285,12 @@ dec_to_numeric(int128_t value, int scale)
 }
 
 /*
- * dec_numeric_classify
+ * billing_dec_numeric_classify
  *		Read a numeric's header (packed or not): its kind (DEC_NUM_*) and,
  *		for finite values, its display scale in *dscale.
  */
 int
-dec_numeric_classify(Numeric num, int *dscale)
+billing_dec_numeric_classify(Numeric num, int *dscale)
 {
 	const uint16 *p = (const uint16 *) VARDATA_ANY(num);
 	int			len = VARSIZE_ANY_EXHDR(num);
@@ -319,11 +319,11 @@ dec_numeric_classify(Numeric num, int *dscale)
 }
 
 /*
- * dec_add
+ * billing_dec_add
  *		*out = a + b; false when the result leaves the 38-digit range.
  */
 bool
-dec_add(int128_t a, int128_t b, int128_t *out)
+billing_dec_add(int128_t a, int128_t b, int128_t *out)
 {
 	int128_t	r = a + b;		/* |a|, |b| < 10^38 < 2^127 / 2: no overflow */
 
@@ -334,12 +334,12 @@ dec_add(int128_t a, int128_t b, int128_t *out)
 }
 
 /*
- * dec_mul
+ * billing_dec_mul
  *		*out = a * b (scales add up); false when the result leaves the
  *		38-digit range.
  */
 bool
-dec_mul(int128_t a, int128_t b, int128_t *out)
+billing_dec_mul(int128_t a, int128_t b, int128_t *out)
 {
 	int128_t	r;
 
@@ -355,11 +355,11 @@ dec_mul(int128_t a, int128_t b, int128_t *out)
 }
 
 /*
- * numeric_trimmed
+ * billing_numeric_trimmed
  *		num without trailing fractional zeros (trim_scale).
  */
 Numeric
-numeric_trimmed(Numeric num)
+billing_numeric_trimmed(Numeric num)
 {
 	return DatumGetNumeric(DirectFunctionCall1(numeric_trim_scale,
 											   NumericGetDatum(num)));

@@ -27,16 +27,16 @@ typedef __int128 int128_t
 /* 10^38 - 1 is the largest magnitude we keep; beyond it, use numeric */
 #define DEC_MAX_DIGITS	38
 
-extern const int128_t dec_pow10[DEC_MAX_DIGITS + 1];
+extern const int128_t billing_dec_pow10[DEC_MAX_DIGITS + 1];
 
-extern bool dec_from_numeric(Numeric num, int scale, int128_t *out);
-extern Numeric dec_to_numeric(int128_t value, int scale);
-extern int	dec_to_cstring(int128_t value, int scale, char *buf);
-extern bool dec_add(int128_t a, int128_t b, int128_t *out);
-extern bool dec_mul(int128_t a, int128_t b, int128_t *out);
-extern Numeric numeric_trimmed(Numeric num);
+extern bool billing_dec_from_numeric(Numeric num, int scale, int128_t *out);
+extern Numeric billing_dec_to_numeric(int128_t value, int scale);
+extern int	billing_dec_to_cstring(int128_t value, int scale, char *buf);
+extern bool billing_dec_add(int128_t a, int128_t b, int128_t *out);
+extern bool billing_dec_mul(int128_t a, int128_t b, int128_t *out);
+extern Numeric billing_numeric_trimmed(Numeric num);
 
-/* what dec_numeric_classify says a numeric is */
+/* what billing_dec_numeric_classify says a numeric is */
 #define DEC_NUM_ZERO	0
 #define DEC_NUM_POS		1
 #define DEC_NUM_NEG		2
@@ -44,9 +44,9 @@ extern Numeric numeric_trimmed(Numeric num);
 #define DEC_NUM_PINF	4
 #define DEC_NUM_NINF	5
 
-extern int	dec_numeric_classify(Numeric num, int *dscale);
+extern int	billing_dec_numeric_classify(Numeric num, int *dscale);
 
-/* bytes dec_to_cstring may write: sign, 39 digits, point, NUL */
+/* bytes billing_dec_to_cstring may write: sign, 39 digits, point, NUL */
 #define DEC_CSTRING_LEN	48
 
 #endif							/* BILLING_DECIMAL_H */

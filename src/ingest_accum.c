@@ -42,15 +42,15 @@ billing_qty_from_datum(Datum d, Oid type, Qty *q, bool *notfinite)
 	{
 		case INT2OID:
 			q->isdec = true;
-			q->dec = (int128_t) DatumGetInt16(d) * dec_pow10[QTY_SCALE];
+			q->dec = (int128_t) DatumGetInt16(d) * billing_dec_pow10[QTY_SCALE];
 			return;
 		case INT4OID:
 			q->isdec = true;
-			q->dec = (int128_t) DatumGetInt32(d) * dec_pow10[QTY_SCALE];
+			q->dec = (int128_t) DatumGetInt32(d) * billing_dec_pow10[QTY_SCALE];
 			return;
 		case INT8OID:
 			q->isdec = true;
-			q->dec = (int128_t) DatumGetInt64(d) * dec_pow10[QTY_SCALE];
+			q->dec = (int128_t) DatumGetInt64(d) * billing_dec_pow10[QTY_SCALE];
 			return;
 		default:
 			{
@@ -62,7 +62,7 @@ billing_qty_from_datum(Datum d, Oid type, Qty *q, bool *notfinite)
 					q->isdec = false;
 					return;
 				}
-				q->isdec = dec_from_numeric(n, QTY_SCALE, &q->dec);
+				q->isdec = billing_dec_from_numeric(n, QTY_SCALE, &q->dec);
 				if (!q->isdec)
 					q->num = n;
 			}
@@ -77,7 +77,7 @@ static Numeric
 qty_numeric(const Qty *q)
 {
 	if (q->isdec)
-		return dec_to_numeric(q->dec, QTY_SCALE);
+		return billing_dec_to_numeric(q->dec, QTY_SCALE);
 	return q->num;
 }
 
@@ -131,7 +131,7 @@ qty_add(Qty *acc, const Qty *v, MemoryContext cxt)
 {
 	Qty			r;
 
-	if (acc->isdec && v->isdec && dec_add(acc->dec, v->dec, &r.dec))
+	if (acc->isdec && v->isdec && billing_dec_add(acc->dec, v->dec, &r.dec))
 	{
 		acc->dec = r.dec;
 		return;
@@ -305,7 +305,7 @@ billing_acc_add(Accum *acc, const BucketKey *key, const Qty *v, TimestampTz ts,
 		cell->value.dec = 0;
 		cell->value.num = NULL;
 		if (agg == AGG_COUNT)
-			cell->value.dec = dec_pow10[QTY_SCALE];
+			cell->value.dec = billing_dec_pow10[QTY_SCALE];
 		else
 			billing_qty_store(&cell->value, v, acc->cxt);
 		acc->numeric_cells |= !cell->value.isdec;
@@ -326,7 +326,7 @@ billing_acc_add(Accum *acc, const BucketKey *key, const Qty *v, TimestampTz ts,
 			break;
 		case AGG_COUNT:
 			{
-				Qty			one = {true, dec_pow10[QTY_SCALE], NULL};
+				Qty			one = {true, billing_dec_pow10[QTY_SCALE], NULL};
 
 				qty_add(&cell->value, &one, acc->cxt);
 			}

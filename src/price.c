@@ -53,7 +53,7 @@ PG_FUNCTION_INFO_V1(billing_price_ne);
 PG_FUNCTION_INFO_V1(billing_price_hash);
 PG_FUNCTION_INFO_V1(billing_price_hash_extended);
 
-/* where price_validate found a problem, besides a tier index >= 0 */
+/* where billing_price_validate found a problem, besides a tier index >= 0 */
 #define WHERE_NONE		(-1)
 #define WHERE_SIZE		(-2)
 #define WHERE_MINMAX	(-3)
@@ -70,7 +70,7 @@ static const char *const model_names[] = {
  */
 
 /*
- * price_num_parse
+ * billing_price_num_parse
  *		Parse exactly len bytes at s as a plain non-negative decimal literal
  *		(digits, optionally a point and more digits; at least one digit).
  *		Leading zeros and trailing fractional zeros are not counted: what
@@ -78,7 +78,7 @@ static const char *const model_names[] = {
  *		digits in all.  On failure returns false with a reason in *errmsg.
  */
 bool
-price_num_parse(const char *s, int len, PriceNum *out, const char **errmsg)
+billing_price_num_parse(const char *s, int len, PriceNum *out, const char **errmsg)
 {
 	int			i = 0;
 	int			ib,
@@ -143,34 +143,34 @@ price_num_parse(const char *s, int len, PriceNum *out, const char **errmsg)
 }
 
 /*
- * price_num_to_cstring
+ * billing_price_num_to_cstring
  *		The canonical text of a number (no trailing fractional zeros).
  */
 char *
-price_num_to_cstring(PriceNum n)
+billing_price_num_to_cstring(PriceNum n)
 {
 	char	   *buf = palloc(DEC_CSTRING_LEN);
 
-	dec_to_cstring(n.coef, n.scale, buf);
+	billing_dec_to_cstring(n.coef, n.scale, buf);
 	return buf;
 }
 
 /*
- * price_num_to_numeric
+ * billing_price_num_to_numeric
  *		The number as a numeric.
  */
 Numeric
-price_num_to_numeric(PriceNum n)
+billing_price_num_to_numeric(PriceNum n)
 {
-	return dec_to_numeric(n.coef, n.scale);
+	return billing_dec_to_numeric(n.coef, n.scale);
 }
 
 /*
- * price_num_cmp
+ * billing_price_num_cmp
  *		Compare two numbers exactly (-1, 0, 1).
  */
 int
-price_num_cmp(PriceNum a, PriceNum b)
+billing_price_num_cmp(PriceNum a, PriceNum b)
 {
 	int128_t	x = a.coef,
 				y = b.coef;
@@ -180,13 +180,13 @@ price_num_cmp(PriceNum a, PriceNum b)
 	 * Bring both to scale s.  A coefficient < 10^38 times 10^20 may not fit
 	 * in int128, so compare integer parts first, then the fractions.
 	 */
-	int128_t	xi = x / dec_pow10[a.scale],
-				yi = y / dec_pow10[b.scale];
+	int128_t	xi = x / billing_dec_pow10[a.scale],
+				yi = y / billing_dec_pow10[b.scale];
 
 	if (xi != yi)
 		return xi < yi ? -1 : 1;
-	x = (x % dec_pow10[a.scale]) * dec_pow10[s - a.scale];
-	y = (y % dec_pow10[b.scale]) * dec_pow10[s - b.scale];
+	x = (x % billing_dec_pow10[a.scale]) * billing_dec_pow10[s - a.scale];
+	y = (y % billing_dec_pow10[b.scale]) * billing_dec_pow10[s - b.scale];
 	if (x != y)
 		return x < y ? -1 : 1;
 	return 0;
@@ -204,7 +204,7 @@ num_is_canonical(PriceNum n)
 {
 	if (n.scale < 0 || n.scale > PRICE_MAX_SCALE)
 		return false;
-	if (n.coef < 0 || n.coef >= dec_pow10[PRICE_MAX_DIGITS])
+	if (n.coef < 0 || n.coef >= billing_dec_pow10[PRICE_MAX_DIGITS])
 		return false;
 	if (n.coef == 0)
 		return n.scale == 0;
@@ -246,14 +246,14 @@ per_factor(PriceNum n, int *twos, int *fives)
  */
 
 /*
- * price_validate
+ * billing_price_validate
  *		Check the rules of SPEC section 1 that the grammar alone does not
  *		express.  Returns NULL when p is valid, else a message (lower case,
  *		no period) and in *where what it is about: a tier index, or one of
  *		WHERE_SIZE, WHERE_MINMAX, WHERE_MODEL.
  */
 const char *
-price_validate(const Price *p, int *where)
+billing_price_validate(const Price *p, int *where)
 {
 	*where = WHERE_NONE;
 	if (p->model < PRICE_UNIT || p->model > PRICE_MODEL_MAX)
@@ -306,13 +306,13 @@ price_validate(const Price *p, int *where)
 			if (num_is_zero(t->bound))
 				return "tier bounds must be greater than 0";
 			if (i > 0 && !p->tiers[i - 1].inf &&
-				price_num_cmp(t->bound, p->tiers[i - 1].bound) <= 0)
+				billing_price_num_cmp(t->bound, p->tiers[i - 1].bound) <= 0)
 				return psprintf("tier bound %s is not greater than the previous bound %s",
-								price_num_to_cstring(t->bound),
-								price_num_to_cstring(p->tiers[i - 1].bound));
+								billing_price_num_to_cstring(t->bound),
+								billing_price_num_to_cstring(p->tiers[i - 1].bound));
 			if (i == p->ntiers - 1)
 				return psprintf("the last tier must be inf, not %s",
-								price_num_to_cstring(t->bound));
+								billing_price_num_to_cstring(t->bound));
 		}
 	}
 	else if (p->ntiers != 0)
@@ -335,16 +335,16 @@ price_validate(const Price *p, int *where)
 		{
 			*where = WHERE_PER;
 			return psprintf("per %s exact does not divide into finite decimals: exact needs a product of 2s and 5s times a power of ten (such as 1000, 1024 or 0.25)",
-							price_num_to_cstring(p->per));
+							billing_price_num_to_cstring(p->per));
 		}
 	}
 	if ((p->flags & PRICE_HAS_MIN) && (p->flags & PRICE_HAS_MAX) &&
-		price_num_cmp(p->min, p->max) > 0)
+		billing_price_num_cmp(p->min, p->max) > 0)
 	{
 		*where = WHERE_MINMAX;
 		return psprintf("min %s is greater than max %s",
-						price_num_to_cstring(p->min),
-						price_num_to_cstring(p->max));
+						billing_price_num_to_cstring(p->min),
+						billing_price_num_to_cstring(p->max));
 	}
 	*where = WHERE_NONE;
 	return NULL;
@@ -557,7 +557,7 @@ parse_number(PriceParser *ps, const char *what, PriceNum *out)
 		syntax_error(ps, start,
 					 psprintf("expected %s, found %s: exponents are not allowed",
 							  what, describe(start)));
-	if (!price_num_parse(t->start, t->len, out, &errmsg))
+	if (!billing_price_num_parse(t->start, t->len, out, &errmsg))
 		syntax_error(ps, start,
 					 psprintf("expected %s, found %s: %s",
 							  what, describe(start), errmsg));
@@ -575,13 +575,13 @@ expect_at(PriceParser *ps)
 }
 
 /*
- * price_parse_cstring
+ * billing_price_parse_cstring
  *		Parse and validate the text form of a price; raises 22P02 with the
  *		position of the problem.  (binary: the text came from recv; the
  *		error is 22P03 instead.)
  */
 Price *
-price_parse_cstring(const char *str, bool binary)
+billing_price_parse_cstring(const char *str, bool binary)
 {
 	PriceParser ps;
 	Price	   *p = palloc0(sizeof(Price));
@@ -750,7 +750,7 @@ price_parse_cstring(const char *str, bool binary)
 		}
 	}
 
-	msg = price_validate(p, &where);
+	msg = billing_price_validate(p, &where);
 	if (msg != NULL)
 	{
 		const char *at = model_start;
@@ -778,16 +778,16 @@ append_num(StringInfo buf, PriceNum n)
 {
 	char		tmp[DEC_CSTRING_LEN];
 
-	dec_to_cstring(n.coef, n.scale, tmp);
+	billing_dec_to_cstring(n.coef, n.scale, tmp);
 	appendStringInfoString(buf, tmp);
 }
 
 /*
- * price_to_cstring
+ * billing_price_to_cstring
  *		The canonical text of a price.
  */
 char *
-price_to_cstring(const Price *p)
+billing_price_to_cstring(const Price *p)
 {
 	StringInfoData buf;
 
@@ -880,11 +880,11 @@ enc_num(StringInfo buf, PriceNum n)
 }
 
 /*
- * price_encode
+ * billing_price_encode
  *		The stored form (a palloc'd varlena) of a valid price.
  */
 struct varlena *
-price_encode(const Price *p)
+billing_price_encode(const Price *p)
 {
 	StringInfoData buf;
 	uint32		n = (uint32) p->ntiers;
@@ -976,13 +976,13 @@ rd_num(Reader *r)
 }
 
 /*
- * price_decode
+ * billing_price_decode
  *		Unpack the stored form (data, len: the varlena's contents), of
  *		either version.  Checks every length against the buffer; raises
  *		XX001 on corrupt data.
  */
 Price *
-price_decode(const char *data, Size len)
+billing_price_decode(const char *data, Size len)
 {
 	Reader		r;
 	Price	   *p = palloc0(sizeof(Price));
@@ -1048,16 +1048,16 @@ price_decode(const char *data, Size len)
 }
 
 /*
- * price_unpack
+ * billing_price_unpack
  *		Detoast, decode and prepare a stored price for rating.
  */
 Price *
-price_unpack(struct varlena *datum)
+billing_price_unpack(struct varlena *datum)
 {
 	struct varlena *v = pg_detoast_datum_packed(datum);
-	Price	   *p = price_decode(VARDATA_ANY(v), VARSIZE_ANY_EXHDR(v));
+	Price	   *p = billing_price_decode(VARDATA_ANY(v), VARSIZE_ANY_EXHDR(v));
 
-	price_prepare(p);
+	billing_price_prepare(p);
 	return p;
 }
 
@@ -1065,7 +1065,7 @@ price_unpack(struct varlena *datum)
 static bool
 num_at_scale(PriceNum n, int s, int128_t *out)
 {
-	return dec_mul(n.coef, dec_pow10[s - n.scale], out);
+	return billing_dec_mul(n.coef, billing_dec_pow10[s - n.scale], out);
 }
 
 /*
@@ -1091,7 +1091,7 @@ per_reciprocal(Price *p)
 
 	if (per_factor(p->per, &twos, &fives) != 1)
 		elog(ERROR, "per %s exact has no finite reciprocal",
-			 price_num_to_cstring(p->per));
+			 billing_price_num_to_cstring(p->per));
 	k = Max(twos, fives);
 	base = twos >= fives ? 5 : 2;	/* one of the two exponents is 0 */
 	e = twos >= fives ? twos - fives : fives - twos;
@@ -1101,40 +1101,40 @@ per_reciprocal(Price *p)
 	for (int i = 0; i < e; i++)
 	{
 		m = numeric_mul_opt_error(m, nb, NULL);
-		if (fits && !dec_mul(mf, base, &mf))
+		if (fits && !billing_dec_mul(mf, base, &mf))
 			fits = false;
 	}
 	/* m / 10^r, in steps the fixed-point helpers can build */
 	if (r < 0)
 	{
-		m = numeric_mul_opt_error(m, dec_to_numeric(dec_pow10[-r], 0), NULL);
-		if (fits && !dec_mul(mf, dec_pow10[-r], &mf))
+		m = numeric_mul_opt_error(m, billing_dec_to_numeric(billing_dec_pow10[-r], 0), NULL);
+		if (fits && !billing_dec_mul(mf, billing_dec_pow10[-r], &mf))
 			fits = false;
 	}
 	else
 	{
 		for (int left = r; left > 0; left -= DEC_MAX_DIGITS)
 			m = numeric_mul_opt_error(m,
-									  dec_to_numeric(1, Min(left, DEC_MAX_DIGITS)),
+									  billing_dec_to_numeric(1, Min(left, DEC_MAX_DIGITS)),
 									  NULL);
 		if (r > DEC_MAX_DIGITS)
 			fits = false;
 	}
-	p->per_inv_n = numeric_trimmed(m);
+	p->per_inv_n = billing_numeric_trimmed(m);
 	p->per_inv_ok = fits;
 	p->per_inv_f = fits ? mf : 0;
 	p->per_inv_scale = fits ? Max(r, 0) : 0;
 }
 
 /*
- * price_prepare
+ * billing_price_prepare
  *		Fill the rating caches of p: each number as a Numeric, and, when all
  *		of them fit at the largest scale among them, as fixed point.  For
  *		per N exact, 1/N (a finite decimal) both ways; N itself does not
  *		take part in the common scale then.
  */
 void
-price_prepare(Price *p)
+billing_price_prepare(Price *p)
 {
 	int			s = 0;
 	bool		ok = true;
@@ -1162,12 +1162,12 @@ price_prepare(Price *p)
 	ok &= num_at_scale(p->max, s, &p->max_f);
 	if ((p->flags & PRICE_HAS_PER) && !(p->flags & PRICE_PER_EXACT))
 		ok &= num_at_scale(p->per, s, &p->per_f);
-	p->amount_n = price_num_to_numeric(p->amount);
-	p->size_n = price_num_to_numeric(p->size);
-	p->free_n = price_num_to_numeric(p->free);
-	p->min_n = price_num_to_numeric(p->min);
-	p->max_n = price_num_to_numeric(p->max);
-	p->per_n = price_num_to_numeric(p->per);
+	p->amount_n = billing_price_num_to_numeric(p->amount);
+	p->size_n = billing_price_num_to_numeric(p->size);
+	p->free_n = billing_price_num_to_numeric(p->free);
+	p->min_n = billing_price_num_to_numeric(p->min);
+	p->max_n = billing_price_num_to_numeric(p->max);
+	p->per_n = billing_price_num_to_numeric(p->per);
 	if (p->flags & PRICE_PER_EXACT)
 		per_reciprocal(p);
 	for (int i = 0; i < p->ntiers; i++)
@@ -1178,9 +1178,9 @@ price_prepare(Price *p)
 			ok &= num_at_scale(t->bound, s, &t->bound_f);
 		ok &= num_at_scale(t->unit, s, &t->unit_f);
 		ok &= num_at_scale(t->fee, s, &t->fee_f);
-		t->bound_n = t->inf ? NULL : price_num_to_numeric(t->bound);
-		t->unit_n = price_num_to_numeric(t->unit);
-		t->fee_n = price_num_to_numeric(t->fee);
+		t->bound_n = t->inf ? NULL : billing_price_num_to_numeric(t->bound);
+		t->unit_n = billing_price_num_to_numeric(t->unit);
+		t->fee_n = billing_price_num_to_numeric(t->fee);
 	}
 	p->fast_ok = ok;
 	p->prepared = true;
@@ -1199,7 +1199,7 @@ billing_price_in(PG_FUNCTION_ARGS)
 {
 	char	   *str = PG_GETARG_CSTRING(0);
 
-	PG_RETURN_POINTER(price_encode(price_parse_cstring(str, false)));
+	PG_RETURN_POINTER(billing_price_encode(billing_price_parse_cstring(str, false)));
 }
 
 /*
@@ -1209,9 +1209,9 @@ Datum
 billing_price_out(PG_FUNCTION_ARGS)
 {
 	struct varlena *v = PG_DETOAST_DATUM_PACKED(PG_GETARG_DATUM(0));
-	Price	   *p = price_decode(VARDATA_ANY(v), VARSIZE_ANY_EXHDR(v));
+	Price	   *p = billing_price_decode(VARDATA_ANY(v), VARSIZE_ANY_EXHDR(v));
 
-	PG_RETURN_CSTRING(price_to_cstring(p));
+	PG_RETURN_CSTRING(billing_price_to_cstring(p));
 }
 
 /*
@@ -1258,14 +1258,14 @@ price_recv_common(StringInfo buf)
 	}
 	str = pnstrdup(s, len);
 	buf->cursor = buf->len;
-	p = price_parse_cstring(str, true);
+	p = billing_price_parse_cstring(str, true);
 	if (version == PRICE_FORMAT_VERSION && (p->flags & PRICE_HAS_PER))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
 				 errmsg("invalid binary input for type price: \"%s\"", str),
 				 errdetail("Format version %d has no \"per\" modifier; a price with one is sent as version %d.",
 						   PRICE_FORMAT_VERSION, PRICE_FORMAT_VERSION_PER)));
-	return price_encode(p);
+	return billing_price_encode(p);
 }
 
 /*
@@ -1306,8 +1306,8 @@ Datum
 billing_price_send(PG_FUNCTION_ARGS)
 {
 	struct varlena *v = PG_DETOAST_DATUM_PACKED(PG_GETARG_DATUM(0));
-	Price	   *p = price_decode(VARDATA_ANY(v), VARSIZE_ANY_EXHDR(v));
-	char	   *text = price_to_cstring(p);
+	Price	   *p = billing_price_decode(VARDATA_ANY(v), VARSIZE_ANY_EXHDR(v));
+	char	   *text = billing_price_to_cstring(p);
 	StringInfoData buf;
 
 	pq_begintypsend(&buf);

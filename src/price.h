@@ -71,7 +71,7 @@ typedef struct PriceTier
 	PriceNum	unit;			/* price per unit */
 	PriceNum	fee;			/* flat fee of the tier */
 
-	/* filled by price_prepare: */
+	/* filled by billing_price_prepare: */
 	int128_t	bound_f;		/* fixed point at Price.fast_scale */
 	int128_t	unit_f;
 	int128_t	fee_f;
@@ -81,7 +81,7 @@ typedef struct PriceTier
 } PriceTier;
 
 /*
- * The unpacked form of a price.  price_unpack() returns it prepared for
+ * The unpacked form of a price.  billing_price_unpack() returns it prepared for
  * rating: every number is also available as a Numeric and, when the price
  * has fast_ok, as a fixed-point int128 at the common scale fast_scale.
  */
@@ -98,7 +98,7 @@ typedef struct Price
 	int			ntiers;
 	PriceTier  *tiers;
 
-	/* filled by price_prepare: */
+	/* filled by billing_price_prepare: */
 	bool		prepared;
 	bool		fast_ok;		/* all numbers fit at fast_scale */
 	int			fast_scale;		/* largest scale among the numbers */
@@ -133,24 +133,24 @@ typedef struct PriceTierRow
 } PriceTierRow;
 
 /* price.c: stored form */
-extern Price *price_decode(const char *data, Size len);
-extern struct varlena *price_encode(const Price *p);
-extern Price *price_unpack(struct varlena *datum);
-extern void price_prepare(Price *p);
-extern const char *price_validate(const Price *p, int *where);
-extern char *price_to_cstring(const Price *p);
-extern Price *price_parse_cstring(const char *str, bool binary);
-extern bool price_num_parse(const char *s, int len, PriceNum *out,
-							const char **errmsg);
-extern char *price_num_to_cstring(PriceNum n);
-extern Numeric price_num_to_numeric(PriceNum n);
-extern int	price_num_cmp(PriceNum a, PriceNum b);
+extern Price *billing_price_decode(const char *data, Size len);
+extern struct varlena *billing_price_encode(const Price *p);
+extern Price *billing_price_unpack(struct varlena *datum);
+extern void billing_price_prepare(Price *p);
+extern const char *billing_price_validate(const Price *p, int *where);
+extern char *billing_price_to_cstring(const Price *p);
+extern Price *billing_price_parse_cstring(const char *str, bool binary);
+extern bool billing_price_num_parse(const char *s, int len, PriceNum *out,
+									const char **errmsg);
+extern char *billing_price_num_to_cstring(PriceNum n);
+extern Numeric billing_price_num_to_numeric(PriceNum n);
+extern int	billing_price_num_cmp(PriceNum a, PriceNum b);
 
 /* rate.c: the rating engine */
-extern Numeric price_rate_numeric(const Price *p, Numeric q);
-extern Numeric price_rate_slow(const Price *p, Numeric q,
-							   PriceTierRow *rows, int *nrows);
-extern bool price_rate_fast(const Price *p, Numeric q, Numeric *result);
-extern void price_check_quantity(Numeric q);
+extern Numeric billing_price_rate_numeric(const Price *p, Numeric q);
+extern Numeric billing_price_rate_slow(const Price *p, Numeric q,
+									   PriceTierRow *rows, int *nrows);
+extern bool billing_price_rate_fast(const Price *p, Numeric q, Numeric *result);
+extern void billing_price_check_quantity(Numeric q);
 
 #endif							/* BILLING_PRICE_H */

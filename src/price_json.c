@@ -79,7 +79,7 @@ json_num(StringInfo buf, const char *key, PriceNum n)
 {
 	char		tmp[DEC_CSTRING_LEN];
 
-	dec_to_cstring(n.coef, n.scale, tmp);
+	billing_dec_to_cstring(n.coef, n.scale, tmp);
 	appendStringInfo(buf, ", \"%s\": \"%s\"", key, tmp);
 }
 
@@ -90,7 +90,7 @@ Datum
 billing_price_to_jsonb(PG_FUNCTION_ARGS)
 {
 	struct varlena *v = PG_DETOAST_DATUM_PACKED(PG_GETARG_DATUM(0));
-	Price	   *p = price_decode(VARDATA_ANY(v), VARSIZE_ANY_EXHDR(v));
+	Price	   *p = billing_price_decode(VARDATA_ANY(v), VARSIZE_ANY_EXHDR(v));
 	StringInfoData buf;
 	static const char *const names[] = {
 		NULL, "unit", "package", "graduated", "volume", "flat", "percent"
@@ -129,7 +129,7 @@ billing_price_to_jsonb(PG_FUNCTION_ARGS)
 				{
 					char		tmp[DEC_CSTRING_LEN];
 
-					dec_to_cstring(t->bound.coef, t->bound.scale, tmp);
+					billing_dec_to_cstring(t->bound.coef, t->bound.scale, tmp);
 					appendStringInfo(&buf, "\"up_to\": \"%s\"", tmp);
 				}
 				json_num(&buf, "unit_amount", t->unit);
@@ -219,7 +219,7 @@ jnumber(const JsonCtx *ctx, JsonbValue *v, const char *what, PriceNum *out)
 	s = jnumber_text(v);
 	if (s == NULL)
 		jerror(ctx, "%s must be a decimal number given as a JSON string or number.", what);
-	if (!price_num_parse(s, strlen(s), out, &msg))
+	if (!billing_price_num_parse(s, strlen(s), out, &msg))
 	{
 		if (s[0] == '-')
 			msg = "negative numbers are not allowed";
@@ -257,7 +257,7 @@ static void
 jvalidate(const JsonCtx *ctx, const Price *p)
 {
 	int			where;
-	const char *msg = price_validate(p, &where);
+	const char *msg = billing_price_validate(p, &where);
 
 	if (msg == NULL)
 		return;
@@ -465,7 +465,7 @@ billing_price_from_jsonb(PG_FUNCTION_ARGS)
 
 	jmodifiers(&ctx, c, p);
 	jvalidate(&ctx, p);
-	PG_RETURN_POINTER(price_encode(p));
+	PG_RETURN_POINTER(billing_price_encode(p));
 }
 
 /* ---------------------------------------------------------------------
@@ -505,7 +505,7 @@ stripe_amount(const JsonCtx *ctx, JsonbContainer *c, const char *name,
 		jnumber(ctx, v, what, &n);
 		if (n.scale != 0)
 			jerror(ctx, "%s must be an integer (minor units), not %s.",
-				   what, price_num_to_cstring(n));
+				   what, billing_price_num_to_cstring(n));
 	}
 	else
 	{
@@ -649,5 +649,5 @@ billing_price_from_stripe(PG_FUNCTION_ARGS)
 	stripe_transform(&ctx, c, p);
 
 	jvalidate(&ctx, p);
-	PG_RETURN_POINTER(price_encode(p));
+	PG_RETURN_POINTER(billing_price_encode(p));
 }

@@ -1,7 +1,7 @@
 /*
  * rate.c
  *		The rating engine: rate(p, q), rate_tiers(p, q) and the C entry point
- *		price_rate_numeric() for other modules.
+ *		billing_price_rate_numeric() for other modules.
  *
  * Two implementations compute the same exact amount:
  *
@@ -54,14 +54,14 @@ PG_FUNCTION_INFO_V1(billing_rate_check);
  */
 
 /*
- * price_check_quantity
+ * billing_price_check_quantity
  *		Raise 22023 unless q is a finite number >= 0.  q may be packed.
  */
 void
-price_check_quantity(Numeric q)
+billing_price_check_quantity(Numeric q)
 {
 	int			dscale;
-	int			kind = dec_numeric_classify(q, &dscale);
+	int			kind = billing_dec_numeric_classify(q, &dscale);
 
 	if (kind == DEC_NUM_NAN)
 		ereport(ERROR,
@@ -128,8 +128,8 @@ price_from_arg(FunctionCallInfo fcinfo, int argno)
 	old = MemoryContextSwitchTo(c->cxt);
 	c->bytes = palloc(len + 1);
 	memcpy(c->bytes, data, len);
-	c->price = price_decode(c->bytes, len);
-	price_prepare(c->price);
+	c->price = billing_price_decode(c->bytes, len);
+	billing_price_prepare(c->price);
 	MemoryContextSwitchTo(old);
 	c->len = len;
 	return c->price;
@@ -155,7 +155,7 @@ per_fast(const Price *p, int128_t *Q, int *sq)
 		int128_t	r = *Q;
 		int			rs = *sq + p->per_inv_scale;
 
-		if (!p->per_inv_ok || !dec_mul(r, p->per_inv_f, &r))
+		if (!p->per_inv_ok || !billing_dec_mul(r, p->per_inv_f, &r))
 			return false;
 		/* drop trailing fractional zeros the scale has no room for */
 		while (rs > DEC_MAX_DIGITS && r % 10 == 0)
@@ -177,9 +177,9 @@ per_fast(const Price *p, int128_t *Q, int *sq)
 					k;
 		bool		inexact;
 
-		if (s0 > *sq && !dec_mul(Qs, dec_pow10[s0 - *sq], &Qs))
+		if (s0 > *sq && !billing_dec_mul(Qs, billing_dec_pow10[s0 - *sq], &Qs))
 			return false;
-		if (s0 > sp && !dec_mul(N, dec_pow10[s0 - sp], &N))
+		if (s0 > sp && !billing_dec_mul(N, billing_dec_pow10[s0 - sp], &N))
 			return false;
 		if (Qs <= PG_INT64_MAX && N <= PG_INT64_MAX)
 		{
@@ -203,13 +203,13 @@ per_fast(const Price *p, int128_t *Q, int *sq)
 }
 
 /*
- * price_rate_fast
+ * billing_price_rate_fast
  *		Rate q (checked: finite, >= 0; may be packed) with the fixed-point
  *		engine.  Returns false, with nothing computed, when a value does not
  *		fit in 38 digits at the scales involved.
  */
 bool
-price_rate_fast(const Price *p, Numeric q, Numeric *result)
+billing_price_rate_fast(const Price *p, Numeric q, Numeric *result)
 {
 	int			sq,
 				sp,
@@ -221,8 +221,8 @@ price_rate_fast(const Price *p, Numeric q, Numeric *result)
 
 	if (!p->fast_ok)
 		return false;
-	(void) dec_numeric_classify(q, &sq);
-	if (sq > DEC_MAX_DIGITS || !dec_from_numeric(q, sq, &Q))
+	(void) billing_dec_numeric_classify(q, &sq);
+	if (sq > DEC_MAX_DIGITS || !billing_dec_from_numeric(q, sq, &Q))
 		return false;
 	if ((p->flags & PRICE_HAS_PER) && !per_fast(p, &Q, &sq))
 		return false;
@@ -231,19 +231,19 @@ price_rate_fast(const Price *p, Numeric q, Numeric *result)
 	as = s + sp + (p->model == PRICE_PERCENT ? 2 : 0);
 	if (as > DEC_MAX_DIGITS)
 		return false;
-	if (s > sq && !dec_mul(Q, dec_pow10[s - sq], &Q))
+	if (s > sq && !billing_dec_mul(Q, billing_dec_pow10[s - sq], &Q))
 		return false;
 
 /* a price quantity (at sp) at scale s */
 #define AT_S(x, out) \
 	do { \
 		if (s == sp) (out) = (x); \
-		else if (!dec_mul((x), dec_pow10[s - sp], &(out))) return false; \
+		else if (!billing_dec_mul((x), billing_dec_pow10[s - sp], &(out))) return false; \
 	} while (0)
 /* a price amount (at sp) at scale as */
 #define AT_AS(x, out) \
 	do { \
-		if (!dec_mul((x), dec_pow10[as - sp], &(out))) return false; \
+		if (!billing_dec_mul((x), billing_dec_pow10[as - sp], &(out))) return false; \
 	} while (0)
 
 	if (p->flags & PRICE_HAS_FREE)
@@ -257,12 +257,12 @@ price_rate_fast(const Price *p, Numeric q, Numeric *result)
 	switch (p->model)
 	{
 		case PRICE_UNIT:
-			if (!dec_mul(Q, p->amount_f, &amt))
+			if (!billing_dec_mul(Q, p->amount_f, &amt))
 				return false;
 			break;
 		case PRICE_PERCENT:
 			/* q * R / 100: the product at scale s + sp is the result at as */
-			if (!dec_mul(Q, p->amount_f, &amt))
+			if (!billing_dec_mul(Q, p->amount_f, &amt))
 				return false;
 			break;
 		case PRICE_FLAT:
@@ -289,7 +289,7 @@ price_rate_fast(const Price *p, Numeric q, Numeric *result)
 					if (Q % N != 0 && !(p->flags & PRICE_ROUND_DOWN))
 						k++;
 				}
-				if (!dec_mul(k, p->amount_f, &t))
+				if (!billing_dec_mul(k, p->amount_f, &t))
 					return false;
 				AT_AS(t, amt);
 			}
@@ -313,13 +313,13 @@ price_rate_fast(const Price *p, Numeric q, Numeric *result)
 						AT_S(tier->bound_f, b);
 						hi = Q < b ? Q : b;
 					}
-					if (!dec_mul(hi - prev, tier->unit_f, &t) ||
-						!dec_add(amt, t, &amt))
+					if (!billing_dec_mul(hi - prev, tier->unit_f, &t) ||
+						!billing_dec_add(amt, t, &amt))
 						return false;
 					if (tier->fee_f != 0)
 					{
 						AT_AS(tier->fee_f, t);
-						if (!dec_add(amt, t, &amt))
+						if (!billing_dec_add(amt, t, &amt))
 							return false;
 					}
 					prev = b;
@@ -340,12 +340,12 @@ price_rate_fast(const Price *p, Numeric q, Numeric *result)
 					if (Q > b)
 						continue;
 				}
-				if (!dec_mul(Q, tier->unit_f, &amt))
+				if (!billing_dec_mul(Q, tier->unit_f, &amt))
 					return false;
 				if (tier->fee_f != 0)
 				{
 					AT_AS(tier->fee_f, t);
-					if (!dec_add(amt, t, &amt))
+					if (!billing_dec_add(amt, t, &amt))
 						return false;
 				}
 				break;
@@ -368,7 +368,7 @@ price_rate_fast(const Price *p, Numeric q, Numeric *result)
 #undef AT_S
 #undef AT_AS
 
-	*result = dec_to_numeric(amt, as);
+	*result = billing_dec_to_numeric(amt, as);
 	return true;
 }
 
@@ -406,7 +406,7 @@ n_cmp(Numeric a, Numeric b)
 static inline Numeric
 n_trim(Numeric a)
 {
-	return a == NULL ? NULL : numeric_trimmed(a);
+	return a == NULL ? NULL : billing_numeric_trimmed(a);
 }
 
 /* append a row to rows (when rows is not NULL) */
@@ -429,13 +429,13 @@ add_row(PriceTierRow *rows, int *nrows, int tier, Numeric first,
 }
 
 /*
- * price_rate_slow
+ * billing_price_rate_slow
  *		Rate q (checked, not packed) with numeric arithmetic.  When rows is
  *		not NULL it receives the rows of rate_tiers (room for ntiers + 2),
  *		whose units are those after the per conversion.
  */
 Numeric
-price_rate_slow(const Price *p, Numeric q, PriceTierRow *rows, int *nrows)
+billing_price_rate_slow(const Price *p, Numeric q, PriceTierRow *rows, int *nrows)
 {
 	Numeric		zero = int64_to_numeric(0);
 	Numeric		amt = zero;
@@ -445,7 +445,7 @@ price_rate_slow(const Price *p, Numeric q, PriceTierRow *rows, int *nrows)
 	if (p->flags & PRICE_HAS_PER)
 	{
 		if (p->flags & PRICE_PER_EXACT)
-			q = numeric_trimmed(n_mul(q, p->per_inv_n));
+			q = billing_numeric_trimmed(n_mul(q, p->per_inv_n));
 		else
 		{
 			Numeric		k = DatumGetNumeric(DirectFunctionCall2(numeric_div_trunc,
@@ -553,25 +553,25 @@ price_rate_slow(const Price *p, Numeric q, PriceTierRow *rows, int *nrows)
 				n_sub(p->min_n, amt));
 		amt = p->min_n;
 	}
-	return numeric_trimmed(amt);
+	return billing_numeric_trimmed(amt);
 }
 
 /*
- * price_rate_numeric
- *		The amount of price p (from price_unpack) for quantity q, for C
+ * billing_price_rate_numeric
+ *		The amount of price p (from billing_price_unpack) for quantity q, for C
  *		callers: raises 22023 for a negative, NaN or infinite q.
  */
 Numeric
-price_rate_numeric(const Price *p, Numeric q)
+billing_price_rate_numeric(const Price *p, Numeric q)
 {
 	Numeric		r;
 
 	Assert(p->prepared);
-	price_check_quantity(q);
-	if (price_rate_fast(p, q, &r))
+	billing_price_check_quantity(q);
+	if (billing_price_rate_fast(p, q, &r))
 		return r;
-	return price_rate_slow(p, (Numeric) pg_detoast_datum((struct varlena *) q),
-						   NULL, NULL);
+	return billing_price_rate_slow(p, (Numeric) pg_detoast_datum((struct varlena *) q),
+								   NULL, NULL);
 }
 
 /* ---------------------------------------------------------------------
@@ -592,8 +592,8 @@ rate_args_fast(FunctionCallInfo fcinfo, Price **p, Numeric *r)
 
 	*p = price_from_arg(fcinfo, 0);
 	q = (Numeric) PG_DETOAST_DATUM_PACKED(PG_GETARG_DATUM(1));
-	price_check_quantity(q);
-	return price_rate_fast(*p, q, r);
+	billing_price_check_quantity(q);
+	return billing_price_rate_fast(*p, q, r);
 }
 
 /*
@@ -607,7 +607,7 @@ billing_rate(PG_FUNCTION_ARGS)
 
 	if (rate_args_fast(fcinfo, &p, &r))
 		PG_RETURN_NUMERIC(r);
-	PG_RETURN_NUMERIC(price_rate_slow(p, PG_GETARG_NUMERIC(1), NULL, NULL));
+	PG_RETURN_NUMERIC(billing_price_rate_slow(p, PG_GETARG_NUMERIC(1), NULL, NULL));
 }
 
 /*
@@ -619,8 +619,8 @@ billing_rate_numeric(PG_FUNCTION_ARGS)
 	Price	   *p = price_from_arg(fcinfo, 0);
 	Numeric		q = PG_GETARG_NUMERIC(1);
 
-	price_check_quantity(q);
-	PG_RETURN_NUMERIC(price_rate_slow(p, q, NULL, NULL));
+	billing_price_check_quantity(q);
+	PG_RETURN_NUMERIC(billing_price_rate_slow(p, q, NULL, NULL));
 }
 
 /*
@@ -651,10 +651,10 @@ billing_rate_check(PG_FUNCTION_ARGS)
 	Numeric		q = PG_GETARG_NUMERIC(1);
 	Price	   *p;
 
-	price_check_quantity(q);
-	p = price_decode(VARDATA(v), VARSIZE(v) - VARHDRSZ);
-	price_prepare(p);
-	PG_RETURN_NUMERIC(price_rate_slow(p, q, NULL, NULL));
+	billing_price_check_quantity(q);
+	p = billing_price_decode(VARDATA(v), VARSIZE(v) - VARHDRSZ);
+	billing_price_prepare(p);
+	PG_RETURN_NUMERIC(billing_price_rate_slow(p, q, NULL, NULL));
 }
 
 /*
@@ -674,11 +674,11 @@ billing_rate_tiers(PG_FUNCTION_ARGS)
 	int			nrows = 0;
 
 	InitMaterializedSRF(fcinfo, 0);
-	p = price_unpack((struct varlena *) PG_GETARG_POINTER(0));
+	p = billing_price_unpack((struct varlena *) PG_GETARG_POINTER(0));
 	q = PG_GETARG_NUMERIC(1);
-	price_check_quantity(q);
+	billing_price_check_quantity(q);
 	rows = palloc0(sizeof(PriceTierRow) * (p->ntiers + 3));
-	(void) price_rate_slow(p, q, rows, &nrows);
+	(void) billing_price_rate_slow(p, q, rows, &nrows);
 	for (int i = 0; i < nrows; i++)
 	{
 		Datum		values[7];
