@@ -132,7 +132,29 @@ typedef struct PriceTierRow
 	Numeric		amount;
 } PriceTierRow;
 
-/* price.c: stored form */
+/* where billing_price_validate found a problem, besides a tier index >= 0 */
+#define WHERE_NONE		(-1)
+#define WHERE_SIZE		(-2)
+#define WHERE_MINMAX	(-3)
+#define WHERE_MODEL		(-4)
+#define WHERE_PER		(-5)
+
+/* white space of the text form */
+static inline bool
+price_is_space(char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r' ||
+		c == '\f' || c == '\v';
+}
+
+/* is n zero? */
+static inline bool
+price_num_is_zero(PriceNum n)
+{
+	return n.coef == 0;
+}
+
+/* price.c: numbers, validation, stored form; price_text.c: text form */
 extern Price *billing_price_decode(const char *data, Size len);
 extern struct varlena *billing_price_encode(const Price *p);
 extern Price *billing_price_unpack(struct varlena *datum);
