@@ -361,8 +361,8 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 		key.dim = billing_acc_dim(&st->acc, dstr, dlen);
 		key.bucket_start = bucket;
 		billing_qty_from_datum(DirectFunctionCall2(numeric_sub, NumericGetDatum(total),
-										   NumericGetDatum(old_total)),
-					   NUMERICOID, &inc, &notfinite);
+												   NumericGetDatum(old_total)),
+							   NUMERICOID, &inc, &notfinite);
 		if (cmp <= 0)
 		{
 			inc.isdec = true;
