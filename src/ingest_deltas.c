@@ -40,7 +40,7 @@ typedef struct HeapWriter
 	TupleTableSlot *slots[WRITE_BATCH];
 	int			n;
 	CommandId	cid;
-	MemoryContext cxt;			/* holds the writer's own state */
+	MemoryContext cxt;			/* holds all of the writer */
 } HeapWriter;
 
 /* a DeltaWriter through Citus: the rows, written at close */
@@ -130,19 +130,23 @@ heap_close(DeltaWriter *dw)
 	ExecCloseIndices(w->rri);
 	FreeExecutorState(w->estate);
 	table_close(w->rel, NoLock);
-	pfree(w);
+	MemoryContextDelete(w->cxt);
 }
 
 /*
  * heap_open
  *		A writer into the heap and indexes of billing.usage_deltas, in the
- *		current memory context and command.
+ *		current command, with a memory context of its own.
  */
 static DeltaWriter *
 heap_open(void)
 {
+	MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext, "billing delta writer",
+											  ALLOCSET_DEFAULT_SIZES);
+	MemoryContext old = MemoryContextSwitchTo(cxt);
 	HeapWriter *w = palloc0(sizeof(HeapWriter));
 
+	w->cxt = cxt;
 	w->pub.add = heap_add;
 	w->pub.close = heap_close;
 	w->rel = table_open(billing_relid("usage_deltas"), RowExclusiveLock);
@@ -152,7 +156,7 @@ heap_open(void)
 	ExecOpenIndices(w->rri, false);
 	w->n = 0;
 	w->cid = GetCurrentCommandId(true);
-	w->cxt = CurrentMemoryContext;
+	MemoryContextSwitchTo(old);
 	return &w->pub;
 }
 
