@@ -218,6 +218,7 @@ billing_cells_end(CellWriter *w)
 
 /* the packed value is not what billing writes */
 static void
+pg_attribute_noreturn()
 corrupt(void)
 {
 	ereport(ERROR,
@@ -329,12 +330,13 @@ billing_cells_open(CellReader *r, const char *data, int len)
 }
 
 /*
- * billing_cells_next_series
+ * next_series
  *		The header of the next series into *s, or false at the end of the
- *		value.  The caller then reads its s->ncells cells.
+ *		value.  The caller then reads its s->ncells cells.  Inlined into
+ *		billing_delta_cells; billing_cells_next_series for other modules.
  */
-bool
-billing_cells_next_series(CellReader *r, CellSeries *s)
+static pg_attribute_always_inline bool
+next_series(CellReader *r, CellSeries *s)
 {
 	int			flags;
 
@@ -353,14 +355,16 @@ billing_cells_next_series(CellReader *r, CellSeries *s)
 }
 
 /*
- * billing_cells_next
+ * next_cell
  *		The next cell of series s into *c.  A quantity kept as text (too
  *		large for fixed point) is read into c->num, in the current memory
- *		context.
+ *		context.  Inlined into billing_delta_cells; billing_cells_next for
+ *		other modules.
  */
-void
-billing_cells_next(CellReader *r, const CellSeries *s, Cell *c)
+static pg_attribute_always_inline void
+next_cell(CellReader *r, const CellSeries *s, Cell *c)
 {
+	c->dec = 0;
 	c->num = NULL;
 	c->last_ts = 0;
 	if (r->version == 1)
@@ -407,6 +411,27 @@ billing_cells_next(CellReader *r, const CellSeries *s, Cell *c)
 }
 
 /*
+ * billing_cells_next_series
+ *		The header of the next series, or false at the end (see
+ *		next_series).
+ */
+bool
+billing_cells_next_series(CellReader *r, CellSeries *s)
+{
+	return next_series(r, s);
+}
+
+/*
+ * billing_cells_next
+ *		The next cell of series s (see next_cell).
+ */
+void
+billing_cells_next(CellReader *r, const CellSeries *s, Cell *c)
+{
+	next_cell(r, s, c);
+}
+
+/*
  * billing._delta_cells(cells bytea)
  *		RETURNS TABLE (meter text, dimension text, bucket_start timestamptz,
  *					   quantity numeric, events bigint, last_ts timestamptz)
@@ -430,7 +455,7 @@ billing_delta_cells(PG_FUNCTION_ARGS)
 	tmp = AllocSetContextCreate(CurrentMemoryContext, "billing delta cells",
 								ALLOCSET_SMALL_SIZES);
 	old = MemoryContextSwitchTo(tmp);
-	while (billing_cells_next_series(&r, &s))
+	while (next_series(&r, &s))
 	{
 		values[0] = PointerGetDatum(cstring_to_text_with_len(s.meter, s.meterlen));
 		values[1] = PointerGetDatum(cstring_to_text_with_len(s.dim, s.dimlen));
@@ -439,7 +464,7 @@ billing_delta_cells(PG_FUNCTION_ARGS)
 		{
 			Cell		c;
 
-			billing_cells_next(&r, &s, &c);
+			next_cell(&r, &s, &c);
 			values[2] = TimestampTzGetDatum(c.bucket_start);
 			values[4] = Int64GetDatum(c.events);
 			values[3] = NumericGetDatum(c.isdec ? billing_dec_to_numeric(c.dec, CELLS_QTY_SCALE)

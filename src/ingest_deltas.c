@@ -37,10 +37,12 @@ typedef struct HeapWriter
 	Relation	rel;
 	EState	   *estate;
 	ResultRelInfo *rri;
-	TupleTableSlot *slots[WRITE_BATCH];
-	int			n;
+	TupleTableSlot **slots;		/* made as needed, up to WRITE_BATCH */
+	int			nmade;
+	int			maxslots;
+	int			n;				/* rows queued in slots[0..n) */
 	CommandId	cid;
-	MemoryContext cxt;			/* holds all of the writer */
+	MemoryContext cxt;			/* holds the writer's own state */
 } HeapWriter;
 
 /* a DeltaWriter through Citus: the rows, written at close */
@@ -90,12 +92,15 @@ heap_add(DeltaWriter *dw, int64 account_id, bool has_seq, int64 seq, Datum cells
 	HeapWriter *w = (HeapWriter *) dw;
 	TupleTableSlot *slot;
 
-	if (w->slots[w->n] == NULL)
+	if (w->n == w->nmade)
 	{
 		MemoryContext old = MemoryContextSwitchTo(w->cxt);
 
-		w->slots[w->n] = MakeSingleTupleTableSlot(RelationGetDescr(w->rel),
-												  table_slot_callbacks(w->rel));
+		if (w->nmade == w->maxslots)
+			w->slots = billing_grow(w->slots, &w->maxslots, sizeof(TupleTableSlot *), 16,
+									w->cxt);
+		w->slots[w->nmade++] = MakeSingleTupleTableSlot(RelationGetDescr(w->rel),
+														table_slot_callbacks(w->rel));
 		MemoryContextSwitchTo(old);
 	}
 	slot = w->slots[w->n];
@@ -124,29 +129,28 @@ heap_close(DeltaWriter *dw)
 	int			i;
 
 	heap_flush(w);
-	for (i = 0; i < WRITE_BATCH; i++)
-		if (w->slots[i])
-			ExecDropSingleTupleTableSlot(w->slots[i]);
+	for (i = 0; i < w->nmade; i++)
+		ExecDropSingleTupleTableSlot(w->slots[i]);
+	if (w->slots)
+		pfree(w->slots);
 	ExecCloseIndices(w->rri);
 	FreeExecutorState(w->estate);
 	table_close(w->rel, NoLock);
-	MemoryContextDelete(w->cxt);
+	pfree(w);
 }
 
 /*
  * heap_open
  *		A writer into the heap and indexes of billing.usage_deltas, in the
- *		current command, with a memory context of its own.
+ *		current memory context and command.  What the executor allocates
+ *		for the relation's indexes stays in that context after close.
  */
 static DeltaWriter *
 heap_open(void)
 {
-	MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext, "billing delta writer",
-											  ALLOCSET_DEFAULT_SIZES);
-	MemoryContext old = MemoryContextSwitchTo(cxt);
 	HeapWriter *w = palloc0(sizeof(HeapWriter));
 
-	w->cxt = cxt;
+	w->cxt = CurrentMemoryContext;
 	w->pub.add = heap_add;
 	w->pub.close = heap_close;
 	w->rel = table_open(billing_relid("usage_deltas"), RowExclusiveLock);
@@ -156,7 +160,6 @@ heap_open(void)
 	ExecOpenIndices(w->rri, false);
 	w->n = 0;
 	w->cid = GetCurrentCommandId(true);
-	MemoryContextSwitchTo(old);
 	return &w->pub;
 }
 

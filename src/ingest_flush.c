@@ -207,7 +207,12 @@ billing_flush_cells(IngestState *st, bool final)
 		/* runs exist on one node only */
 		if (final && st->runs.nruns > 0)
 		{
+			tmp = AllocSetContextCreate(CurrentMemoryContext, "billing merge",
+										ALLOCSET_DEFAULT_SIZES);
+			old = MemoryContextSwitchTo(tmp);
 			billing_runs_merge(&st->runs, billing_deltas_open(false));
+			MemoryContextSwitchTo(old);
+			MemoryContextDelete(tmp);
 			CommandCounterIncrement();
 		}
 		return;
