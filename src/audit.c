@@ -33,12 +33,13 @@
  * one chain take turns, writers of different chains never wait for each
  * other.  On one node the head is then kept in backend memory for the
  * rest of the transaction: each row is hashed after the one before it and
- * kept in a buffer; at the end of the statement (audit_flush: the
- * statement trigger of an audited table, the end of a call from SQL, and
- * before commit; earlier when the buffer outgrows work_mem) the buffered
- * rows are written straight into billing.audit_log (heap multi-insert and
- * primary key, sorted by chain and seq) and each moved head row once, not
- * once per row.  A subtransaction that aborts takes its rows and head
+ * kept in a buffer; at the end of the statement
+ * (billing_audit_chain_flush: the statement trigger of an audited table,
+ * the end of a call from SQL, and before commit; earlier when the buffer
+ * outgrows work_mem) the buffered rows are written straight into
+ * billing.audit_log (heap multi-insert and primary key, sorted by chain
+ * and seq) and each moved head row once, not once per row.  A
+ * subtransaction that aborts takes its rows and head
  * writes with it; the heads in memory go back to where they were when it
  * started.  On Citus (billing.audit_log distributed), or when
  * billing.audit_log has gained triggers, rules or indexes of its own, every
@@ -413,7 +414,7 @@ billing_audit_actor(PG_FUNCTION_ARGS)
 }
 
 /*
- * audit_suspended
+ * billing_audit_is_suspended
  *		True while a superuser session runs with check_function_bodies off,
  *		which is how pg_dump and pg_restore scripts reload data.  The
  *		reloaded rows come with their audit history (billing.audit_log is
@@ -422,20 +423,20 @@ billing_audit_actor(PG_FUNCTION_ARGS)
  *		anyway.
  */
 bool
-audit_suspended(void)
+billing_audit_is_suspended(void)
 {
 	return !check_function_bodies && superuser_arg(GetOuterUserId());
 }
 
 /*
  * billing_audit_suspended
- *		billing._audit_suspended() RETURNS boolean: audit_suspended(), for
- *		the audit triggers written in SQL.
+ *		billing._audit_suspended() RETURNS boolean:
+ *		billing_audit_is_suspended(), for the audit triggers written in SQL.
  */
 Datum
 billing_audit_suspended(PG_FUNCTION_ARGS)
 {
-	PG_RETURN_BOOL(audit_suspended());
+	PG_RETURN_BOOL(billing_audit_is_suspended());
 }
 
 /* ---------------------------------------------------------------------
@@ -444,16 +445,16 @@ billing_audit_suspended(PG_FUNCTION_ARGS)
  */
 
 /*
- * rendering_pin
+ * billing_rendering_pin
  *		Row images are rendered as with TimeZone UTC, DateStyle ISO and
  *		IntervalStyle postgres (as the SQL audit triggers' SET clauses do).
  *		When the session's settings render the same already (a zone of
  *		offset 0, ISO dates, postgres intervals: the defaults of a server in
  *		UTC), nothing is changed; else the three are set in a new GUC nest
- *		level, whose number is returned for rendering_unpin.
+ *		level, whose number is returned for billing_rendering_unpin.
  */
 int
-rendering_pin(void)
+billing_rendering_pin(void)
 {
 	long		gmtoff;
 	int			level;
@@ -472,9 +473,9 @@ rendering_pin(void)
 	return level;
 }
 
-/* give back the settings rendering_pin changed */
+/* give back the settings billing_rendering_pin changed */
 void
-rendering_unpin(int level)
+billing_rendering_unpin(int level)
 {
 	if (level >= 0)
 		AtEOXact_GUC(true, level);
@@ -758,9 +759,10 @@ static SubTransactionId max_subid = InvalidSubTransactionId;	/* highest changing
 
 /*
  * A row appended but not yet written into billing.audit_log.  The rows of
- * a statement are buffered and written together (audit_flush), sorted by
- * chain and seq, with one multi-insert: far cheaper than one heap and
- * index insert per row at a random place of the primary key.  The buffer
+ * a statement are buffered and written together
+ * (billing_audit_chain_flush), sorted by chain and seq, with one
+ * multi-insert: far cheaper than one heap and index insert per row at a
+ * random place of the primary key.  The buffer
  * holds rows in append order; those of the current subtransaction are
  * always its tail (a subtransaction's rows are appended while it is the
  * current one, and go with it when it ends), so an abort cuts them off
@@ -878,7 +880,7 @@ rows_forget(int first)
 	nrows = first;
 }
 
-/* put a dirty chain on the list audit_flush writes */
+/* put a dirty chain on the list billing_audit_chain_flush writes */
 static void
 list_dirty(ChainHead *e)
 {
@@ -1128,7 +1130,7 @@ heads_xact_cb(XactEvent event, void *arg)
 			{
 				/* no statement runs any more: flush under a snapshot of our own */
 				PushActiveSnapshot(GetTransactionSnapshot());
-				audit_flush();
+				billing_audit_chain_flush();
 				PopActiveSnapshot();
 			}
 			break;
@@ -1152,11 +1154,11 @@ heads_xact_cb(XactEvent event, void *arg)
 }
 
 /*
- * audit_init
+ * billing_audit_init
  *		Register the transaction callbacks (from _PG_init).
  */
 void
-audit_init(void)
+billing_audit_init(void)
 {
 	RegisterXactCallback(heads_xact_cb, NULL);
 	RegisterSubXactCallback(heads_subxact_cb, NULL);
@@ -1321,14 +1323,14 @@ heads_trim(void)
 }
 
 /*
- * audit_flush
+ * billing_audit_chain_flush
  *		Write the buffered rows of the current subtransaction (flush_rows),
  *		then every dirty chain head of this transaction into
  *		billing.audit_heads, in one statement.  The list of dirty heads is
  *		emptied only once that statement succeeded.
  */
 void
-audit_flush(void)
+billing_audit_chain_flush(void)
 {
 	Datum	   *chains;
 	Datum	   *seqs;
@@ -1508,8 +1510,8 @@ append_sql(int64 chain, TimestampTz at, const char *actor, const char *action,
 
 /*
  * audit_append_at
- *		audit_append with a given time stamp (0: the clock), never earlier
- *		than the chain's last row of this transaction.
+ *		billing_audit_chain_append with a given time stamp (0: the clock),
+ *		never earlier than the chain's last row of this transaction.
  */
 static int64
 audit_append_at(int64 chain, const char *action, const char *object,
@@ -1598,12 +1600,13 @@ audit_append_at(int64 chain, const char *action, const char *object,
 }
 
 /*
- * audit_append
+ * billing_audit_chain_append
  *		Append one row to a chain (see audit.h).
  */
 int64
-audit_append(int64 chain, const char *action, const char *object,
-			 Jsonb *details, const char *details_text)
+billing_audit_chain_append(int64 chain, const char *action,
+						   const char *object, Jsonb *details,
+						   const char *details_text)
 {
 	return audit_append_at(chain, action, object, details, details_text, 0);
 }
@@ -1693,8 +1696,8 @@ billing_audit_append(PG_FUNCTION_ARGS)
 	details = PG_GETARG_JSONB_P(3);
 	if (PG_NARGS() > 4 && !PG_ARGISNULL(4) && PG_GETARG_BOOL(4) && !chain_is_local(chain))
 		PG_RETURN_NULL();
-	seq = audit_append(chain, action, object, details, NULL);
-	audit_flush();
+	seq = billing_audit_chain_append(chain, action, object, details, NULL);
+	billing_audit_chain_flush();
 	PG_RETURN_INT64(seq);
 }
 
@@ -1782,6 +1785,6 @@ billing_audit_append_many(PG_FUNCTION_ARGS)
 		(void) audit_append_at(rows[i].chain, action,
 							   TextDatumGetCString(objects[rows[i].i]),
 							   DatumGetJsonbP(details[rows[i].i]), NULL, at);
-	audit_flush();
+	billing_audit_chain_flush();
 	PG_RETURN_VOID();
 }

@@ -650,7 +650,7 @@ row_details(TableAudit *ta, Relation rel, HeapTuple oldtup, HeapTuple newtup, ch
 		heap_deform_tuple(newtup, desc, nvalues, nnulls);
 	}
 	if (ta->has_other)
-		pin = rendering_pin();
+		pin = billing_rendering_pin();
 
 	pushJsonbValue(&st, WJB_BEGIN_OBJECT, NULL);
 	if (ta->nkeys > 0)
@@ -679,7 +679,7 @@ row_details(TableAudit *ta, Relation rel, HeapTuple oldtup, HeapTuple newtup, ch
 		push_row(&st, ta, "old", ovalues, onulls);
 	res = pushJsonbValue(&st, WJB_END_OBJECT, NULL);
 
-	rendering_unpin(pin);
+	billing_rendering_unpin(pin);
 	{
 		StringInfoData buf;
 		Jsonb	   *j;
@@ -763,7 +763,7 @@ billing_audit_row(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("billing._audit_row() must be fired by INSERT, UPDATE or DELETE")));
 
-	if (audit_suspended())
+	if (billing_audit_is_suspended())
 		return PointerGetDatum(NULL);
 
 	ta = table_audit(fcinfo, td);
@@ -788,7 +788,8 @@ billing_audit_row(PG_FUNCTION_ARGS)
 	}
 
 	for (int i = 0; i < nchains; i++)
-		(void) audit_append(chains[i], op_names[op], ta->object, details, json);
+		(void) billing_audit_chain_append(chains[i], op_names[op], ta->object,
+										  details, json);
 	return PointerGetDatum(NULL);
 }
 
@@ -821,6 +822,6 @@ billing_audit_statement(PG_FUNCTION_ARGS)
 				 errdetail("The table is audited: each change is appended to billing.audit_log by a row trigger, which TRUNCATE does not fire."),
 				 errhint("DELETE the rows instead, or stop auditing the table with billing.unaudit_table first.")));
 	}
-	audit_flush();
+	billing_audit_chain_flush();
 	return PointerGetDatum(NULL);
 }

@@ -209,5 +209,5 @@ _PG_init(void)
 
 	billing_catalog_init();
 	billing_ingest_init();
-	audit_init();
+	billing_audit_init();
 }
