@@ -96,6 +96,7 @@
 
 #include "audit.h"
 #include "billing.h"
+#include "catalog.h"
 #include "util.h"
 
 PG_FUNCTION_INFO_V1(billing_audit_encode);
@@ -527,34 +528,6 @@ rels_invalidate(Datum arg, Oid relid)
 }
 
 /*
- * audit_log_distributed
- *		Is billing.audit_log a Citus table?  (Read from pg_dist_partition,
- *		when Citus is installed.)
- */
-static bool
-audit_log_distributed(Oid relid)
-{
-	Datum		values[1];
-	Oid			types[1] = {OIDOID};
-	bool		isnull;
-	bool		dist;
-
-	if (!OidIsValid(get_extension_oid("citus", true)))
-		return false;
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	values[0] = ObjectIdGetDatum(relid);
-	if (SPI_execute_with_args("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition "
-							  "WHERE logicalrelid OPERATOR(pg_catalog.=) $1)",
-							  1, types, values, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not read pg_dist_partition");
-	dist = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
-									  1, &isnull));
-	SPI_finish();
-	return dist;
-}
-
-/*
  * rels_load
  *		Find the audit relations and decide how rows are written: straight
  *		into the heap and the primary key when billing.audit_log is a plain
@@ -646,7 +619,7 @@ rels_load(void)
 	list_free(indexes);
 	table_close(rel, AccessShareLock);
 
-	if (direct && audit_log_distributed(rels.log_relid))
+	if (direct && billing_citus_table(rels.log_relid))
 		direct = false;
 	rels.direct = direct;
 	rels.valid = true;

@@ -122,6 +122,34 @@ billing_relid(const char *name)
 }
 
 /*
+ * billing_citus_table
+ *		Is relid a Citus table?  Read from pg_dist_partition, when Citus is
+ *		installed; not cached (callers cache the answer as they need).
+ */
+bool
+billing_citus_table(Oid relid)
+{
+	Datum		values[1];
+	Oid			types[1] = {OIDOID};
+	bool		isnull;
+	bool		dist;
+
+	if (!OidIsValid(get_extension_oid("citus", true)))
+		return false;
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	values[0] = ObjectIdGetDatum(relid);
+	if (SPI_execute_with_args("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition "
+							  "WHERE logicalrelid OPERATOR(pg_catalog.=) $1)",
+							  1, types, values, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read pg_dist_partition");
+	dist = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+									  1, &isnull));
+	SPI_finish();
+	return dist;
+}
+
+/*
  * billing_distributed
  *		Are billing's tables distributed by Citus?  Then the relations the
  *		ingest paths would open directly are shells on this node, and every
@@ -133,28 +161,7 @@ bool
 billing_distributed(void)
 {
 	if (citus_mode < 0)
-	{
-		Datum		values[1];
-		Oid			types[1] = {OIDOID};
-		bool		isnull;
-		bool		dist = false;
-		Oid			deltas = billing_relid("usage_deltas");
-
-		if (OidIsValid(get_extension_oid("citus", true)))
-		{
-			if (SPI_connect() != SPI_OK_CONNECT)
-				elog(ERROR, "SPI_connect failed");
-			values[0] = ObjectIdGetDatum(deltas);
-			if (SPI_execute_with_args("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition "
-									  "WHERE logicalrelid OPERATOR(pg_catalog.=) $1)",
-									  1, types, values, NULL, true, 1) != SPI_OK_SELECT)
-				elog(ERROR, "could not read pg_dist_partition");
-			dist = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
-											  SPI_tuptable->tupdesc, 1, &isnull));
-			SPI_finish();
-		}
-		citus_mode = dist ? 1 : 0;
-	}
+		citus_mode = billing_citus_table(billing_relid("usage_deltas")) ? 1 : 0;
 	return citus_mode == 1;
 }
 

@@ -28,6 +28,7 @@ typedef struct MeterDef
 } MeterDef;
 
 extern Oid	billing_relid(const char *name);
+extern bool billing_citus_table(Oid relid);
 extern bool billing_distributed(void);
 extern MeterDef *billing_lookup_meter(const char *key);
 extern void billing_catalog_init(void);
