@@ -7,7 +7,6 @@
 #define BILLING_H
 
 #include "postgres.h"
-#include "datatype/timestamp.h"
 #include "utils/numeric.h"
 
 /* billing.rounding: how money is rounded to the currency's minor unit */
@@ -30,12 +29,6 @@ extern void billing_check_quantity(Numeric q, const char *meter, int64 account_i
 
 /* ingest_trigger.c */
 extern void billing_ingest_init(void);
-
-/* periods.c: the buckets of a billing period */
-extern int64 bucket_width_usecs(const Interval *width);
-extern TimestampTz bucket_start_of(TimestampTz t, int64 width);
-extern TimestampTz period_first_bucket(TimestampTz ps, TimestampTz usage_from, int64 width);
-extern bool period_fits_width(const Interval *period, const Interval *width);
 
 /* worker.c */
 extern void billing_worker_init(void);

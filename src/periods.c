@@ -53,7 +53,7 @@ PG_FUNCTION_INFO_V1(billing_period_fits_width);
  *		(a day is 24 hours).  The width must be positive and hold no months
  *		(billing.meters checks both): 22023 otherwise.
  */
-int64
+static int64
 bucket_width_usecs(const Interval *width)
 {
 	int64		usecs;
@@ -74,7 +74,7 @@ bucket_width_usecs(const Interval *width)
  *		The start of the bucket of width usecs (> 0) holding t, a finite
  *		timestamp: date_bin(width, t, '1970-01-01 00:00:00+00').
  */
-TimestampTz
+static TimestampTz
 bucket_start_of(TimestampTz t, int64 width)
 {
 	int64		off;
@@ -103,7 +103,7 @@ bucket_start_of(TimestampTz t, int64 width)
  *		holding ps when that is at or after usage_from, else ps.  The
  *		period bills the buckets starting in [this, its end).
  */
-TimestampTz
+static TimestampTz
 period_first_bucket(TimestampTz ps, TimestampTz usage_from, int64 width)
 {
 	TimestampTz b = bucket_start_of(ps, width);
@@ -119,7 +119,7 @@ period_first_bucket(TimestampTz ps, TimestampTz usage_from, int64 width)
  *		hours, as billing periods are computed in UTC) is a multiple of the
  *		width.  A period mixing months with days or time never is.
  */
-bool
+static bool
 period_fits_width(const Interval *period, const Interval *width)
 {
 	int64		w = bucket_width_usecs(width);
