@@ -20,6 +20,7 @@
 #include "utils/numeric.h"
 #include "utils/timestamp.h"
 
+#include "agg.h"
 #include "billing.h"
 #include "ingest.h"
 
@@ -336,8 +337,8 @@ billing_acc_add(Accum *acc, const BucketKey *key, const Qty *v, TimestampTz ts,
 				billing_qty_store(&cell->value, v, acc->cxt);
 			break;
 		case AGG_LAST:
-			/* on a tie of timestamps the later arrival wins */
-			if (ts > cell->last_ts || (ts == cell->last_ts && ord > cell->last_ord))
+			/* the tie rule of agg.h: the later arrival wins */
+			if (billing_last_later(ts, ord, cell->last_ts, cell->last_ord))
 			{
 				billing_qty_store(&cell->value, v, acc->cxt);
 				cell->last_ts = ts;

@@ -17,11 +17,10 @@
  * Each piece of each meter is one range of the primary key (account_id,
  * meter, bucket_start, dimension), so an account's long history is never
  * read.  Per period and meter with cells it returns the meter's
- * aggregate: the sum (sum, count), the maximum (max), or the cell that is
- * latest by (last_ts, last_seq, quantity), NULL counting as greatest as
- * in ORDER BY ... DESC (last), with that cell's last_ts and last_seq so
- * that billing._usage_totals_many can fold in the deltas not yet
- * compacted.
+ * aggregate, folded by the one rule of agg.c (billing_cell_combine), with
+ * the last_ts and last_seq of a last meter's value so that
+ * billing._usage_totals_many can fold in the deltas not yet compacted
+ * (with billing._cell_agg, the same rule).
  *
  * In SQL the same is a lateral subquery per period and meter: five index
  * scans under one-time filters, then an aggregate.  Here it is one index
@@ -54,6 +53,7 @@
 #include "utils/timestamp.h"
 #include "utils/tuplestore.h"
 
+#include "agg.h"
 #include "catalog.h"
 #include "util.h"
 
@@ -84,15 +84,11 @@ typedef struct CellTable
 	AttrNumber	att_last_seq;
 } CellTable;
 
-/* the aggregate of one meter over one period */
+/* the aggregate of one meter over one period: a cell folded by agg.c */
 typedef struct MeterTotal
 {
 	bool		any;			/* a cell was folded in */
-	Datum		q;				/* numeric: sum, max or latest quantity */
-	TimestampTz last_ts;		/* AGG_LAST: the latest cell's */
-	int64		last_seq;
-	bool		last_ts_null;
-	bool		last_seq_null;
+	UsageCell	acc;
 } MeterTotal;
 
 /* the number of column name of rel */
@@ -145,68 +141,29 @@ close_table(CellTable *t)
 	table_close(t->heap, AccessShareLock);
 }
 
-/* -1, 0, 1 as a < b, a = b, a > b; NULL greater than any value */
-static int
-cmp_nullable(bool a_null, bool b_null, int cmp)
-{
-	if (a_null || b_null)
-		return (a_null ? 1 : 0) - (b_null ? 1 : 0);
-	return cmp;
-}
-
-/* -1, 0, 1 as a < b, a = b, a > b */
-static int
-cmp_int64(int64 a, int64 b)
-{
-	return (a > b) - (a < b);
-}
-
-/* fold one cell into a meter's aggregate */
+/*
+ * add_cell
+ *		Fold one cell into a meter's aggregate by the one rule of agg.c
+ *		(billing_cell_combine), in the current memory context (the
+ *		aggregate's: quantities taken from the cell are copied there).
+ */
 static void
 add_cell(MeterTotal *m, Aggregation kind, Datum q, TimestampTz ts, bool ts_null, int64 seq,
 		 bool seq_null)
 {
-	int			c;
+	UsageCell	v;
 
+	memset(&v, 0, sizeof(v));
+	billing_cell_set_numeric(&v, (Numeric) PG_DETOAST_DATUM_COPY(q));
+	v.last_ts = ts_null ? AGG_NO_TS : ts;
+	v.last_seq = seq_null ? AGG_NO_SEQ : seq;
 	if (!m->any)
 	{
 		m->any = true;
-		m->q = datumCopy(q, false, -1);
-		m->last_ts = ts;
-		m->last_ts_null = ts_null;
-		m->last_seq = seq;
-		m->last_seq_null = seq_null;
+		m->acc = v;
 		return;
 	}
-	switch (kind)
-	{
-		case AGG_SUM:
-		case AGG_COUNT:
-			m->q = DirectFunctionCall2(numeric_add, m->q, q);
-			return;
-		case AGG_MAX:
-			if (DatumGetInt32(DirectFunctionCall2(numeric_cmp, q, m->q)) > 0)
-				m->q = datumCopy(q, false, -1);
-			return;
-		case AGG_LAST:
-			break;
-	}
-	/* is this cell later than the latest so far, by (last_ts, last_seq, quantity)? */
-	c = cmp_nullable(ts_null, m->last_ts_null,
-					 ts_null || m->last_ts_null ? 0 : cmp_int64(ts, m->last_ts));
-	if (c == 0)
-		c = cmp_nullable(seq_null, m->last_seq_null,
-						 seq_null || m->last_seq_null ? 0 : cmp_int64(seq, m->last_seq));
-	if (c == 0)
-		c = DatumGetInt32(DirectFunctionCall2(numeric_cmp, q, m->q));
-	if (c > 0)
-	{
-		m->q = datumCopy(q, false, -1);
-		m->last_ts = ts;
-		m->last_ts_null = ts_null;
-		m->last_seq = seq;
-		m->last_seq_null = seq_null;
-	}
+	billing_cell_combine(kind, &m->acc, &v);
 }
 
 /*
@@ -374,11 +331,11 @@ billing_rollup_totals(PG_FUNCTION_ARGS)
 			{
 				values[0] = Int32GetDatum(i + 1);
 				values[1] = meters[k];
-				values[2] = m.q;
-				values[3] = TimestampTzGetDatum(m.last_ts);
-				nulls[3] = m.last_ts_null;
-				values[4] = Int64GetDatum(m.last_seq);
-				nulls[4] = m.last_seq_null;
+				values[2] = NumericGetDatum(billing_cell_numeric(&m.acc));
+				values[3] = TimestampTzGetDatum(m.acc.last_ts);
+				nulls[3] = (m.acc.last_ts == AGG_NO_TS);
+				values[4] = Int64GetDatum(m.acc.last_seq);
+				nulls[4] = (m.acc.last_seq == AGG_NO_SEQ);
 				tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 			}
 			MemoryContextReset(per_period);

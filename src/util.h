@@ -50,6 +50,9 @@ billing_bin_start(TimestampTz ts, int64 width)
 	return ts - r;
 }
 
+/* bin.c: the bin of an interval width (months too) holding ts */
+extern TimestampTz billing_bin_interval(const Interval *grain, TimestampTz ts);
+
 /*
  * billing_text_bytes
  *		The bytes of a text-like value (text, varchar), without copying.

@@ -386,18 +386,72 @@ COMMENT ON TABLE billing.usage_daily IS
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_hourly', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_daily', '');
 
--- combine two values of one counter cell by the meter's aggregation
+-- the one rule by which values of a counter cell combine (src/agg.c, SPEC
+-- section 2): sum and count add, max keeps the larger, last the value of the
+-- greater (last_ts, last_seq), a NULL counting as the earliest, and on equal
+-- (last_ts, last_seq) the greater quantity, so that the order of folding
+-- never matters
 CREATE FUNCTION billing._combine(aggregation text, q1 numeric, ts1 timestamptz, seq1 bigint,
                                  q2 numeric, ts2 timestamptz, seq2 bigint)
     RETURNS numeric
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE aggregation
-        WHEN 'max' THEN GREATEST(q1, q2)
-        WHEN 'last' THEN CASE WHEN (ts2, seq2) OPERATOR(pg_catalog.>) (ts1, seq1) THEN q2 ELSE q1 END
-        ELSE q1 OPERATOR(pg_catalog.+) q2 END
-$$;
+    AS 'MODULE_PATHNAME', 'billing_combine'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
 COMMENT ON FUNCTION billing._combine(text, numeric, timestamptz, bigint, numeric, timestamptz, bigint) IS
-    'Internal: combines two values of a counter cell (sum/count add, max keeps the larger, last the later)';
+    'Internal: combines two values of a counter cell by the one rule of src/agg.c (sum/count add, max keeps the larger, last the later by (last_ts, last_seq))';
+
+CREATE FUNCTION billing._last_later(ts1 timestamptz, seq1 bigint, ts2 timestamptz, seq2 bigint)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'billing_last_later_sql'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing._last_later(timestamptz, bigint, timestamptz, bigint) IS
+    'Internal: whether a last value stamped ts1 that arrived as seq1 is later than one stamped ts2 that arrived as seq2 (NULL: the earliest)';
+
+CREATE FUNCTION billing._cell_agg_step(state internal, aggregation text, quantity numeric,
+                                       last_ts timestamptz, last_seq bigint)
+    RETURNS internal
+    AS 'MODULE_PATHNAME', 'billing_cell_agg_step'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing._cell_agg_step(internal, text, numeric, timestamptz, bigint) IS
+    'Internal: transition of billing._cell_agg';
+
+CREATE FUNCTION billing._cell_agg_final(state internal) RETURNS numeric
+    AS 'MODULE_PATHNAME', 'billing_cell_agg_final'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing._cell_agg_final(internal) IS
+    'Internal: result of billing._cell_agg';
+
+CREATE FUNCTION billing._cell_agg_last_ts(state internal) RETURNS timestamptz
+    AS 'MODULE_PATHNAME', 'billing_cell_agg_last_ts'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing._cell_agg_last_ts(internal) IS
+    'Internal: result of billing._cell_last_ts';
+
+CREATE FUNCTION billing._cell_agg_last_seq(state internal) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_cell_agg_last_seq'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION billing._cell_agg_last_seq(internal) IS
+    'Internal: result of billing._cell_last_seq';
+
+CREATE AGGREGATE billing._cell_agg(aggregation text, quantity numeric, last_ts timestamptz,
+                                   last_seq bigint) (
+    SFUNC = billing._cell_agg_step, STYPE = internal, FINALFUNC = billing._cell_agg_final
+);
+COMMENT ON AGGREGATE billing._cell_agg(text, numeric, timestamptz, bigint) IS
+    'Internal: the value of a meter over counter cells, by the one rule of src/agg.c';
+
+CREATE AGGREGATE billing._cell_last_ts(aggregation text, quantity numeric, last_ts timestamptz,
+                                       last_seq bigint) (
+    SFUNC = billing._cell_agg_step, STYPE = internal, FINALFUNC = billing._cell_agg_last_ts
+);
+COMMENT ON AGGREGATE billing._cell_last_ts(text, numeric, timestamptz, bigint) IS
+    'Internal: the last_ts of the value billing._cell_agg gives';
+
+CREATE AGGREGATE billing._cell_last_seq(aggregation text, quantity numeric, last_ts timestamptz,
+                                        last_seq bigint) (
+    SFUNC = billing._cell_agg_step, STYPE = internal, FINALFUNC = billing._cell_agg_last_seq
+);
+COMMENT ON AGGREGATE billing._cell_last_seq(text, numeric, timestamptz, bigint) IS
+    'Internal: the last_seq of the value billing._cell_agg gives';
 
 CREATE FUNCTION billing.compact_usage() RETURNS bigint
     LANGUAGE plpgsql
@@ -419,24 +473,19 @@ BEGIN
         last_ts timestamptz, last_seq bigint, aggregation text, nrows bigint
     ) ON COMMIT DELETE ROWS;
 
-    -- 1. take the deltas out, one cell per key
+    -- 1. take the deltas out, one cell per key, folded by the one rule
     WITH moved AS (
         DELETE FROM billing.usage_deltas RETURNING *
     )
     INSERT INTO billing_compact_cells
-    -- a last meter's value: the greatest [epoch of last_ts, seq, quantity],
-    -- an array order that is ORDER BY last_ts DESC, seq DESC with NULLs
-    -- first, without a sort per cell
     SELECT d.account_id, c.meter, c.dimension, c.bucket_start,
-           CASE m.aggregation
-               WHEN 'max' THEN max(c.quantity)
-               WHEN 'last' THEN (max(ARRAY[extract(epoch FROM c.last_ts), d.seq, c.quantity])
-                                     FILTER (WHERE m.aggregation = 'last'))[3]
-               ELSE sum(c.quantity) END,
+           billing._cell_agg(m.aggregation, c.quantity, c.last_ts,
+                             CASE WHEN c.last_ts IS NOT NULL THEN d.seq END),
            sum(c.events)::bigint,
-           max(c.last_ts),
-           ((max(ARRAY[extract(epoch FROM c.last_ts), d.seq, c.quantity])
-                 FILTER (WHERE m.aggregation = 'last'))[2])::bigint,
+           billing._cell_last_ts(m.aggregation, c.quantity, c.last_ts,
+                                 CASE WHEN c.last_ts IS NOT NULL THEN d.seq END),
+           billing._cell_last_seq(m.aggregation, c.quantity, c.last_ts,
+                                  CASE WHEN c.last_ts IS NOT NULL THEN d.seq END),
            m.aggregation, count(*)
       FROM moved d
            CROSS JOIN LATERAL billing._delta_cells(d.cells) c
@@ -469,15 +518,10 @@ BEGIN
         WITH cells AS (
             SELECT account_id, meter, dimension,
                    %s AS bucket_start,
-                   CASE aggregation
-                       WHEN 'max' THEN max(quantity)
-                       WHEN 'last' THEN (max(ARRAY[extract(epoch FROM last_ts), last_seq, quantity])
-                                             FILTER (WHERE aggregation = 'last'))[3]
-                       ELSE sum(quantity) END AS quantity,
+                   billing._cell_agg(aggregation, quantity, last_ts, last_seq) AS quantity,
                    sum(events)::bigint AS events,
-                   max(last_ts) AS last_ts,
-                   ((max(ARRAY[extract(epoch FROM last_ts), last_seq, quantity])
-                         FILTER (WHERE aggregation = 'last'))[2])::bigint AS last_seq,
+                   billing._cell_last_ts(aggregation, quantity, last_ts, last_seq) AS last_ts,
+                   billing._cell_last_seq(aggregation, quantity, last_ts, last_seq) AS last_seq,
                    aggregation
               FROM billing_compact_cells
              GROUP BY 1, 2, 3, 4, aggregation
@@ -486,9 +530,9 @@ BEGIN
                SET quantity = billing._combine(c.aggregation, b.quantity, b.last_ts, b.last_seq,
                                                c.quantity, c.last_ts, c.last_seq),
                    events = b.events + c.events,
-                   last_ts = CASE WHEN (c.last_ts, c.last_seq) > (b.last_ts, b.last_seq)
+                   last_ts = CASE WHEN billing._last_later(c.last_ts, c.last_seq, b.last_ts, b.last_seq)
                                   THEN c.last_ts ELSE b.last_ts END,
-                   last_seq = CASE WHEN (c.last_ts, c.last_seq) > (b.last_ts, b.last_seq)
+                   last_seq = CASE WHEN billing._last_later(c.last_ts, c.last_seq, b.last_ts, b.last_seq)
                                    THEN c.last_seq ELSE b.last_seq END
               FROM cells c
              WHERE b.account_id = c.account_id AND b.meter = c.meter
@@ -505,7 +549,7 @@ BEGIN
          ORDER BY 1, 2, 4, 3
         $q$,
         CASE WHEN grain IS NULL THEN 'bucket_start'
-             ELSE format('date_bin(%L, bucket_start, timestamptz %L)', grain, '1970-01-01 00:00:00+00') END,
+             ELSE format('billing._bin(%L, bucket_start)', grain) END,
         target, target, target);
 END
 $$;
@@ -517,24 +561,12 @@ COMMENT ON FUNCTION billing.compact_usage() IS
 
 -- reading ----------------------------------------------------------------------
 
+-- the one bin function for intervals (src/bin.c): buckets, roll-ups, checks
 CREATE FUNCTION billing._bin(grain interval, ts timestamptz) RETURNS timestamptz
-    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-    SET search_path = pg_catalog, pg_temp AS $$
-    SELECT CASE
-        WHEN date_part('month', grain) = 0 AND date_part('year', grain) = 0
-            THEN date_bin(grain, ts, timestamptz '1970-01-01 00:00:00+00')
-        -- whole months: count months since 1970-01 in UTC, with timestamp
-        -- (not timestamptz) arithmetic so that TimeZone plays no part
-        ELSE timezone('UTC', make_timestamp(1970, 1, 1, 0, 0, 0)
-              + make_interval(months =>
-                    ((extract(year from timezone('UTC', ts))::int - 1970) * 12
-                     + extract(month from timezone('UTC', ts))::int - 1)
-                    / (extract(year from grain)::int * 12 + extract(month from grain)::int)
-                    * (extract(year from grain)::int * 12 + extract(month from grain)::int)))
-        END
-$$;
+    AS 'MODULE_PATHNAME', 'billing_bin'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION billing._bin(interval, timestamptz) IS
-    'Internal: start of the UTC-aligned roll-up bin of width grain that holds ts';
+    'Internal: start of the UTC-aligned bin of width grain that holds ts (days and time: date_bin from 1970-01-01 UTC; whole months: from January 1970)';
 
 CREATE FUNCTION billing._usage_args_ok(account_id bigint, from_ts timestamptz,
                                       to_ts timestamptz, grain interval)
@@ -576,10 +608,7 @@ BEGIN
     )
     SELECT c.meter::text, c.dimension::text,
            CASE WHEN p_grain IS NULL THEN c.bucket_start ELSE billing._bin(p_grain, c.bucket_start) END,
-           CASE m.aggregation
-               WHEN 'max' THEN max(c.quantity)
-               WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, c.last_seq DESC))[1]
-               ELSE sum(c.quantity) END,
+           billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq),
            sum(c.events)::bigint
       FROM cells c JOIN billing.meters m ON m.meter = c.meter
      GROUP BY c.meter, c.dimension, 3, m.aggregation

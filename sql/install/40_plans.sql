@@ -130,10 +130,8 @@ BEGIN
         RETURN;
     END IF;
     -- the roll-ups and buckets covering each period, each meter aggregated
-    -- in C (billing._rollup_totals), plus the deltas not yet compacted; a
-    -- last meter's latest value compared as [epoch of last_ts, last_seq,
-    -- quantity], the array order being ORDER BY last_ts DESC, last_seq DESC
-    -- with NULLs first
+    -- in C (billing._rollup_totals), plus the deltas not yet compacted,
+    -- folded by the same rule (billing._cell_agg, src/agg.c)
     RETURN QUERY
     WITH ms AS (
         SELECT array_agg(m.meter::text ORDER BY m.meter) AS meters,
@@ -143,22 +141,18 @@ BEGIN
         SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe
           FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)
     ), folded AS (
-        SELECT r.idx, r.meter COLLATE "C" AS meter, r.quantity,
-               ARRAY[extract(epoch FROM r.last_ts), r.last_seq, r.quantity] AS w
+        SELECT r.idx, r.meter COLLATE "C" AS meter, r.quantity, r.last_ts, r.last_seq
           FROM ms, billing._rollup_totals(p_accounts, p_starts, p_ends, ms.meters, ms.aggs) r
         UNION ALL
         -- not yet compacted
-        SELECT per.idx, x.meter, x.quantity,
-               ARRAY[extract(epoch FROM x.last_ts), d.seq, x.quantity]
+        SELECT per.idx, x.meter, x.quantity, x.last_ts,
+               CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
           FROM per JOIN billing.usage_deltas d ON d.account_id = per.account_id,
                billing._delta_cells(d.cells) x
          WHERE x.bucket_start >= per.ps AND x.bucket_start < per.pe
     )
     SELECT f.idx, f.meter::text,
-           CASE m.aggregation
-               WHEN 'max' THEN max(f.quantity)
-               WHEN 'last' THEN (max(f.w))[3]
-               ELSE sum(f.quantity) END
+           billing._cell_agg(m.aggregation, f.quantity, f.last_ts, f.last_seq)
       FROM folded f JOIN billing.meters m ON m.meter = f.meter
      GROUP BY f.idx, f.meter, m.aggregation;
 END

@@ -59,7 +59,7 @@ BEGIN
             USING ERRCODE = '22023', DETAIL = 'Only sum and count meters take corrections.';
     END IF;
     IF delta IN ('NaN', 'Infinity', '-Infinity') OR NOT isfinite(bucket_start)
-       OR date_bin(m.bucket_width, bucket_start, timestamptz '1970-01-01 00:00:00+00') <> bucket_start THEN
+       OR billing._bin(m.bucket_width, bucket_start) <> bucket_start THEN
         RAISE EXCEPTION 'invalid usage correction'
             USING ERRCODE = '22023',
                   DETAIL = format('delta must be a number and bucket_start the start of a %s bucket.', m.bucket_width);
@@ -68,7 +68,7 @@ BEGIN
     -- corrections of one bucket one at a time (ingest only adds, so it cannot race below zero)
     PERFORM pg_advisory_xact_lock(1651074162,
         hashtext(format('%s/%s/%s/%s', account_id, meter, dimension, bucket_start)));
-    SELECT coalesce(sum(u.quantity), 0) INTO cur
+    SELECT coalesce(billing._cell_agg(m.aggregation, u.quantity, u.last_ts, u.last_seq), 0) INTO cur
       FROM billing.usage_cells u
      WHERE u.account_id = correct_usage.account_id AND u.meter = correct_usage.meter
        AND u.dimension = correct_usage.dimension AND u.bucket_start = correct_usage.bucket_start;
@@ -323,22 +323,23 @@ BEGIN
     -- both sides per (account, meter, bucket), combined by the meter's aggregation
     RETURN QUERY EXECUTE format($q$
         WITH src AS (
+            -- a source row is one report: count counts it, the others fold
+            -- its value by the cells' rule (src/agg.c); rows have no arrival
+            -- order, so of two last values with the same timestamp the
+            -- greater is taken
             SELECT s.%1$I::bigint AS account_id, s.%2$I::text AS meter,
-                   date_bin(m.bucket_width, s.%4$I, timestamptz '1970-01-01 00:00:00+00') AS bucket_start,
-                   CASE m.aggregation
-                       WHEN 'count' THEN count(*)::numeric
-                       WHEN 'max' THEN max(s.%3$I::numeric)
-                       WHEN 'last' THEN (array_agg(s.%3$I::numeric ORDER BY s.%4$I DESC))[1]
-                       ELSE sum(s.%3$I::numeric) END AS quantity
+                   billing._bin(m.bucket_width, s.%4$I) AS bucket_start,
+                   billing._cell_agg(m.aggregation,
+                                     CASE WHEN m.aggregation = 'count' THEN 1::numeric
+                                          ELSE s.%3$I::numeric END,
+                                     CASE WHEN m.aggregation = 'last' THEN s.%4$I END,
+                                     NULL::bigint) AS quantity
               FROM %5$s s JOIN billing.meters m ON m.meter = s.%2$I::text
              WHERE s.%4$I >= $1 AND s.%4$I < $2
              GROUP BY 1, 2, 3, m.aggregation
         ), counted AS (
             SELECT u.account_id, u.meter::text AS meter, u.bucket_start,
-                   CASE m.aggregation
-                       WHEN 'max' THEN max(u.quantity)
-                       WHEN 'last' THEN (array_agg(u.quantity ORDER BY u.last_ts DESC, u.last_seq DESC))[1]
-                       ELSE sum(u.quantity) END AS quantity
+                   billing._cell_agg(m.aggregation, u.quantity, u.last_ts, u.last_seq) AS quantity
               FROM billing.usage_cells u JOIN billing.meters m ON m.meter = u.meter
              WHERE u.bucket_start >= $1 AND u.bucket_start < $2
              GROUP BY 1, 2, 3, m.aggregation

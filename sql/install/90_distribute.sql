@@ -183,8 +183,10 @@ BEGIN
             INSERT INTO billing.%I AS b (account_id, meter, dimension, bucket_start, quantity,
                                          events, last_ts, last_seq)
             SELECT account_id, meter, dimension, %s,
-                   %s, sum(events)::bigint, max(last_ts),
-                   (array_agg(last_seq ORDER BY last_ts DESC, last_seq DESC))[1]
+                   billing._cell_agg(aggregation, quantity, last_ts, last_seq),
+                   sum(events)::bigint,
+                   billing._cell_last_ts(aggregation, quantity, last_ts, last_seq),
+                   billing._cell_last_seq(aggregation, quantity, last_ts, last_seq)
               FROM billing_compact_cells
              WHERE aggregation = %L
              GROUP BY 1, 2, 3, 4
@@ -192,17 +194,16 @@ BEGIN
                SET quantity = billing._combine(%L, b.quantity, b.last_ts, b.last_seq,
                                                excluded.quantity, excluded.last_ts, excluded.last_seq),
                    events = b.events + excluded.events,
-                   last_ts = CASE WHEN (excluded.last_ts, excluded.last_seq) > (b.last_ts, b.last_seq)
+                   last_ts = CASE WHEN billing._last_later(excluded.last_ts, excluded.last_seq,
+                                                           b.last_ts, b.last_seq)
                                   THEN excluded.last_ts ELSE b.last_ts END,
-                   last_seq = CASE WHEN (excluded.last_ts, excluded.last_seq) > (b.last_ts, b.last_seq)
+                   last_seq = CASE WHEN billing._last_later(excluded.last_ts, excluded.last_seq,
+                                                            b.last_ts, b.last_seq)
                                    THEN excluded.last_seq ELSE b.last_seq END
             $q$,
             target,
             CASE WHEN grain IS NULL THEN 'bucket_start'
-                 ELSE format('date_bin(%L, bucket_start, timestamptz %L)', grain, '1970-01-01 00:00:00+00') END,
-            CASE agg WHEN 'max' THEN 'max(quantity)'
-                     WHEN 'last' THEN '(array_agg(quantity ORDER BY last_ts DESC, last_seq DESC))[1]'
-                     ELSE 'sum(quantity)' END,
+                 ELSE format('billing._bin(%L, bucket_start)', grain) END,
             agg, agg);
     END LOOP;
 END
@@ -320,10 +321,10 @@ DECLARE
     -- [from_ts, to_ts) = minutes [from_ts, h0) + hours [h0, d0) + days [d0, d1)
     --                  + hours [d1, h1) + minutes [h1, to_ts), with h0/h1 the
     -- first/last whole hour and d0/d1 the first/last whole UTC day inside
-    h0 timestamptz := (date_bin('1 hour', from_ts - interval '1 microsecond', timestamptz '1970-01-01 00:00:00+00') + interval '1 hour');
-    h1 timestamptz := date_bin('1 hour', to_ts, timestamptz '1970-01-01 00:00:00+00');
-    d0 timestamptz := (date_bin('1 day', from_ts - interval '1 microsecond', timestamptz '1970-01-01 00:00:00+00') + interval '1 day');
-    d1 timestamptz := date_bin('1 day', to_ts, timestamptz '1970-01-01 00:00:00+00');
+    h0 timestamptz := billing._bin('1 hour', from_ts - interval '1 microsecond') + interval '1 hour';
+    h1 timestamptz := billing._bin('1 hour', to_ts);
+    d0 timestamptz := billing._bin('1 day', from_ts - interval '1 microsecond') + interval '1 day';
+    d1 timestamptz := billing._bin('1 day', to_ts);
     m_end timestamptz := LEAST(h0, to_ts);                 -- leading minutes end
     m_start timestamptz := GREATEST(h1, h0, from_ts);      -- trailing minutes start
     hh_end timestamptz := LEAST(d0, h1);                   -- leading hours end
@@ -357,15 +358,12 @@ BEGIN
                ) c
         UNION ALL
         -- not yet compacted
-        SELECT x.meter, x.quantity, x.last_ts, d.seq
+        SELECT x.meter, x.quantity, x.last_ts, CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
           FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
          WHERE d.account_id = p_account AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
     )
     SELECT c.meter::text,
-           CASE m.aggregation
-               WHEN 'max' THEN max(c.quantity)
-               WHEN 'last' THEN (array_agg(c.quantity ORDER BY c.last_ts DESC, c.last_seq DESC))[1]
-               ELSE sum(c.quantity) END
+           billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq)
       FROM cells c JOIN billing.meters m ON m.meter = c.meter
      GROUP BY c.meter, m.aggregation;
 END
