@@ -36,38 +36,30 @@ PG_FUNCTION_INFO_V1(billing_last_later_sql);
 
 /*
  * billing_cell_numeric
- *		The cell's quantity as a numeric (new, in the current context, when
- *		it is fixed point).
+ *		The cell's quantity as a numeric.
  */
 Numeric
 billing_cell_numeric(const UsageCell *c)
 {
-	if (c->isdec)
-		return billing_dec_to_numeric(c->dec, AGG_QTY_SCALE);
 	return c->num;
 }
 
 /*
  * billing_cell_set_numeric
- *		Set the cell's quantity to n: fixed point when it fits exactly, else
- *		n itself (not copied).
+ *		Set the cell's quantity to n (not copied).
  */
 void
 billing_cell_set_numeric(UsageCell *c, Numeric n)
 {
-	c->isdec = billing_dec_from_numeric(n, AGG_QTY_SCALE, &c->dec);
-	c->num = c->isdec ? NULL : n;
+	c->num = n;
 }
 
 /* -1, 0, 1 as the quantity of a is less than, equal to, greater than b's */
 int
 billing_cell_qty_cmp(const UsageCell *a, const UsageCell *b)
 {
-	if (a->isdec && b->isdec)
-		return a->dec < b->dec ? -1 : (a->dec > b->dec ? 1 : 0);
-	return DatumGetInt32(DirectFunctionCall2(numeric_cmp,
-											 NumericGetDatum(billing_cell_numeric(a)),
-											 NumericGetDatum(billing_cell_numeric(b))));
+	return DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(a->num),
+											 NumericGetDatum(b->num)));
 }
 
 /*
@@ -78,8 +70,6 @@ billing_cell_qty_cmp(const UsageCell *a, const UsageCell *b)
 static inline void
 take_value(UsageCell *into, const UsageCell *v)
 {
-	into->isdec = v->isdec;
-	into->dec = v->dec;
 	into->num = v->num;
 	into->last_ts = v->last_ts;
 	into->last_seq = v->last_seq;
@@ -105,20 +95,9 @@ billing_cell_combine(Aggregation agg, UsageCell *into, const UsageCell *v)
 	{
 		case AGG_SUM:
 		case AGG_COUNT:
-			{
-				int128_t	r;
-
-				if (into->isdec && v->isdec && billing_dec_add(into->dec, v->dec, &r))
-					into->dec = r;
-				else
-				{
-					Numeric		n = DatumGetNumeric(DirectFunctionCall2(numeric_add,
-																		NumericGetDatum(billing_cell_numeric(into)),
-																		NumericGetDatum(billing_cell_numeric(v))));
-
-					billing_cell_set_numeric(into, n);
-				}
-			}
+			into->num = DatumGetNumeric(DirectFunctionCall2(numeric_add,
+															NumericGetDatum(into->num),
+															NumericGetDatum(v->num)));
 			break;
 		case AGG_MAX:
 			if (billing_cell_qty_cmp(v, into) > 0)
@@ -141,7 +120,7 @@ billing_cell_combine(Aggregation agg, UsageCell *into, const UsageCell *v)
 void
 billing_cell_keep(UsageCell *c, MemoryContext cxt)
 {
-	if (!c->isdec && c->num != NULL)
+	if (c->num != NULL)
 	{
 		Numeric		copy = MemoryContextAlloc(cxt, VARSIZE(c->num));
 
@@ -202,11 +181,11 @@ billing_cell_agg_step(PG_FUNCTION_ARGS)
 	}
 	else
 	{
-		Numeric		before = st->acc.isdec ? NULL : st->acc.num;
+		Numeric		before = st->acc.num;
 
 		billing_cell_combine(st->agg, &st->acc, &v);
 		/* a numeric taken from the row lives only as long as the row */
-		if (!st->acc.isdec && st->acc.num != before)
+		if (st->acc.num != before)
 		{
 			if (st->acc.num == v.num)
 				billing_cell_keep(&st->acc, st->cxt);

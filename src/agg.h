@@ -30,11 +30,7 @@
 #include "datatype/timestamp.h"
 #include "utils/numeric.h"
 
-#include "decimal.h"
 #include "util.h"
-
-/* quantities are fixed point with this many fraction digits when they fit */
-#define AGG_QTY_SCALE		20
 
 /*
  * the earliest possible value of last_ts and last_seq: "not known" (SQL
@@ -52,9 +48,7 @@ typedef struct UsageCell
 {
 	TimestampTz bucket;
 	int64		events;
-	bool		isdec;			/* the quantity is dec, else num */
-	int128_t	dec;			/* fixed point, AGG_QTY_SCALE digits */
-	Numeric		num;
+	Numeric		num;			/* numeric arithmetic keeps the display scale */
 	TimestampTz last_ts;
 	int64		last_seq;
 } UsageCell;

@@ -13,6 +13,7 @@
  */
 #include "postgres.h"
 
+#include "common/int.h"
 #include "fmgr.h"
 #include "pgtime.h"
 #include "utils/datetime.h"
@@ -26,7 +27,8 @@ PG_FUNCTION_INFO_V1(billing_bin);
  * billing_bin_interval
  *		The start of the UTC-aligned bin of width grain holding ts: for days
  *		and time, billing_bin_start (date_bin(grain, ts, '1970-01-01
- *		00:00:00+00'), a day being 24 hours); for whole months, the first of
+ *		00:00:00+00'), a day being 24 hours, and like date_bin 22008 for a ts
+ *		whose distance from 1970 does not fit); for whole months, the first of
  *		the month (UTC) that is a multiple of the grain's months since
  *		January 1970.  An infinite ts is its own bin.  A grain that is not
  *		positive, or mixes months with days or time, raises 22023.
@@ -34,7 +36,8 @@ PG_FUNCTION_INFO_V1(billing_bin);
 TimestampTz
 billing_bin_interval(const Interval *grain, TimestampTz ts)
 {
-	int64		usecs;
+	int64		usecs,
+				shifted;
 
 	if (TIMESTAMP_NOT_FINITE(ts))
 		return ts;
@@ -78,6 +81,11 @@ billing_bin_interval(const Interval *grain, TimestampTz ts)
 				 errmsg("invalid bin width \"%d days %lld microseconds\"",
 						grain->day, (long long) grain->time),
 				 errhint("Use a positive interval of days and time or of whole months.")));
+	/* as date_bin: the distance from the origin must fit (22008) */
+	if (pg_add_s64_overflow(ts, UNIX_EPOCH_USEC, &shifted))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+				 errmsg("timestamp out of range")));
 	return billing_bin_start(ts, usecs);
 }
 

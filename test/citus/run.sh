@@ -9,9 +9,10 @@
 # invoices must verify.  Then the guards on the cluster: a billing_admin
 # that claims to be a Citus task (application_name 'citus_internal gpid=1')
 # is refused every change the guards forbid, from the coordinator and from a
-# worker (issue 13, defect 3).  Then the cluster itself (also: the table the
-# scenario audits with billing.audit_table is audited on the node of each
-# account's chain).
+# worker (issue 13, defect 3).  Then the tie rule of last meters on every
+# read path (test/citus/last_rule.sql, issue 13, defect 6).  Then the
+# cluster itself (also: the table the scenario audits with
+# billing.audit_table is audited on the node of each account's chain).
 #
 # Seeds: BILLING_CITUS_SEEDS (default: the fixed list below); each seed is
 # printed, and a failure is replayed with BILLING_CITUS_SEEDS=N bash
@@ -224,6 +225,22 @@ r=$(cq "SELECT (SELECT count(*) FROM billing.verify_invoices()) || '/' || (SELEC
 check "invoices and the audit log still verify ($r problems)" [ "$r" = "0/0" ]
 
 echo "# the guards on the cluster took $(( $(date +%s) - t ))s"
+
+# 4b. the tie rule of last meters (issue 13, defect 6) on every read path,
+# uncompacted, compacted and mixed, and in rerate: one node and the cluster
+# print what test/citus/last_rule.out says
+t=$(date +%s)
+psql -X -d "$DB" -f test/citus/last_rule.sql >"$WORK/last_rule_single.out" 2>&1
+citus_psql "$CITUS_COORD_PORT" -X -d "$DB" -f test/citus/last_rule.sql >"$WORK/last_rule_citus.out" 2>&1
+for side in single citus; do
+    if diff -u test/citus/last_rule.out "$WORK/last_rule_$side.out" >"$WORK/diff" 2>&1; then
+        ok "last meters: every read path keeps the later arrival of a tie ($side)"
+    else
+        sed 's/^/# /' "$WORK/diff" | cut -c1-240 | head -30
+        not_ok "last meters: every read path keeps the later arrival of a tie ($side)"
+    fi
+done
+echo "# the tie rule took $(( $(date +%s) - t ))s"
 
 # 5. the cluster itself
 t=$(date +%s)

@@ -10,7 +10,7 @@
 -- one bin function, equals date_bin for days and time and counts whole
 -- months from January 1970.
 BEGIN;
-SELECT plan(31);
+SELECT plan(32);
 SET LOCAL timezone = 'America/New_York';   -- bins are UTC whatever the session says
 SET LOCAL client_min_messages = warning;
 
@@ -180,6 +180,8 @@ SELECT throws_ok($$SELECT billing._bin('1 month 1 day', now())$$, '22023', NULL,
                  '_bin: months mixed with days raise 22023');
 SELECT throws_ok($$SELECT billing._bin('-1 hour', now())$$, '22023', NULL,
                  '_bin: a width that is not positive raises 22023');
+SELECT throws_ok($$SELECT billing._bin('1 minute', '294276-12-31 00:00:00+00')$$, '22008', NULL,
+                 '_bin: a time too far from 1970 raises 22008, as date_bin does');
 
 SELECT * FROM finish();
 ROLLBACK;
