@@ -24,6 +24,31 @@
 PG_FUNCTION_INFO_V1(billing_bin);
 
 /*
+ * billing_bin_checked
+ *		billing_bin_start(ts, width) for a finite ts of any value, with
+ *		date_bin's errors: 22008 when the distance of ts from 1970-01-01
+ *		UTC, or the bin's start, leaves the range of timestamps.  For paths
+ *		that take timestamps from SQL (ingest has checked its own first).
+ */
+TimestampTz
+billing_bin_checked(TimestampTz ts, int64 width)
+{
+	int64		shifted;
+	TimestampTz bin;
+
+	if (pg_add_s64_overflow(ts, UNIX_EPOCH_USEC, &shifted))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+				 errmsg("timestamp out of range")));
+	bin = billing_bin_start(ts, width);
+	if (!IS_VALID_TIMESTAMP(bin))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+				 errmsg("timestamp out of range")));
+	return bin;
+}
+
+/*
  * billing_bin_interval
  *		The start of the UTC-aligned bin of width grain holding ts: for days
  *		and time, billing_bin_start (date_bin(grain, ts, '1970-01-01
@@ -36,8 +61,7 @@ PG_FUNCTION_INFO_V1(billing_bin);
 TimestampTz
 billing_bin_interval(const Interval *grain, TimestampTz ts)
 {
-	int64		usecs,
-				shifted;
+	int64		usecs;
 
 	if (TIMESTAMP_NOT_FINITE(ts))
 		return ts;
@@ -81,12 +105,7 @@ billing_bin_interval(const Interval *grain, TimestampTz ts)
 				 errmsg("invalid bin width \"%d days %lld microseconds\"",
 						grain->day, (long long) grain->time),
 				 errhint("Use a positive interval of days and time or of whole months.")));
-	/* as date_bin: the distance from the origin must fit (22008) */
-	if (pg_add_s64_overflow(ts, UNIX_EPOCH_USEC, &shifted))
-		ereport(ERROR,
-				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
-				 errmsg("timestamp out of range")));
-	return billing_bin_start(ts, usecs);
+	return billing_bin_checked(ts, usecs);
 }
 
 /*

@@ -50,7 +50,8 @@ billing_bin_start(TimestampTz ts, int64 width)
 	return ts - r;
 }
 
-/* bin.c: the bin of an interval width (months too) holding ts */
+/* bin.c: billing_bin_start with date_bin's range errors; the bin of an interval */
+extern TimestampTz billing_bin_checked(TimestampTz ts, int64 width);
 extern TimestampTz billing_bin_interval(const Interval *grain, TimestampTz ts);
 
 /*
