@@ -39,13 +39,10 @@
 #include "utils/timestamp.h"
 
 #include "billing.h"
+#include "util.h"
 
 PG_FUNCTION_INFO_V1(billing_period_first_bucket);
 PG_FUNCTION_INFO_V1(billing_period_fits_width);
-
-/* date_bin's origin, 1970-01-01 00:00:00 UTC, in PostgreSQL microseconds */
-#define UNIX_EPOCH_USECS \
-	(-((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY))
 
 /*
  * bucket_width_usecs
@@ -77,22 +74,8 @@ bucket_width_usecs(const Interval *width)
 static TimestampTz
 bucket_start_of(TimestampTz t, int64 width)
 {
-	int64		off;
-	int64		rem;
-
-	if (pg_sub_s64_overflow(t, UNIX_EPOCH_USECS, &off))
-		ereport(ERROR,
-				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
-				 errmsg("timestamp out of range")));
-	rem = off % width;
-	if (rem < 0)
-		rem += width;
-	/* t - rem >= t - width + 1, which cannot leave the range of timestamps by much */
-	if (pg_sub_s64_overflow(t, rem, &off) || !IS_VALID_TIMESTAMP(off))
-		ereport(ERROR,
-				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
-				 errmsg("timestamp out of range")));
-	return off;
+	/* the one bin function (bin.c), with date_bin's range errors */
+	return billing_bin_checked(t, width);
 }
 
 /*
