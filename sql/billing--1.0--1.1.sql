@@ -1564,3 +1564,472 @@ CREATE OR REPLACE FUNCTION billing.verify_audit_log()
      WHERE p.problem IS NOT NULL
      ORDER BY 1, 2, 3
 $$;
+
+-- ---- issue 13, defect 6: one rule for combining cells, one bin function -----------------
+-- How values of a counter cell combine (sum/count add, max keeps the larger,
+-- last the value of the greater (last_ts, last_seq), NULL the earliest, on a
+-- tie of both the greater quantity) is defined once, in C (src/agg.c):
+-- billing._combine and billing._last_later for two values, the aggregates
+-- billing._cell_agg, _cell_last_ts and _cell_last_seq for many; every path
+-- (compaction on one node and on Citus, usage, period totals, reconcile,
+-- correct_usage) folds with them.  billing._bin is C (src/bin.c) and every
+-- bin in SQL is computed by it.
+CREATE FUNCTION billing._last_later(ts1 timestamptz, seq1 bigint, ts2 timestamptz, seq2 bigint)
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'billing_last_later_sql'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+CREATE FUNCTION billing._cell_agg_step(state internal, aggregation text, quantity numeric,
+                                       last_ts timestamptz, last_seq bigint)
+    RETURNS internal
+    AS 'MODULE_PATHNAME', 'billing_cell_agg_step'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+CREATE FUNCTION billing._cell_agg_final(state internal) RETURNS numeric
+    AS 'MODULE_PATHNAME', 'billing_cell_agg_final'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+CREATE FUNCTION billing._cell_agg_last_ts(state internal) RETURNS timestamptz
+    AS 'MODULE_PATHNAME', 'billing_cell_agg_last_ts'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+CREATE FUNCTION billing._cell_agg_last_seq(state internal) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_cell_agg_last_seq'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+CREATE AGGREGATE billing._cell_agg(aggregation text, quantity numeric, last_ts timestamptz,
+                                   last_seq bigint) (
+    SFUNC = billing._cell_agg_step, STYPE = internal, FINALFUNC = billing._cell_agg_final
+);
+CREATE AGGREGATE billing._cell_last_ts(aggregation text, quantity numeric, last_ts timestamptz,
+                                       last_seq bigint) (
+    SFUNC = billing._cell_agg_step, STYPE = internal, FINALFUNC = billing._cell_agg_last_ts
+);
+CREATE AGGREGATE billing._cell_last_seq(aggregation text, quantity numeric, last_ts timestamptz,
+                                        last_seq bigint) (
+    SFUNC = billing._cell_agg_step, STYPE = internal, FINALFUNC = billing._cell_agg_last_seq
+);
+COMMENT ON FUNCTION billing._last_later(timestamptz, bigint, timestamptz, bigint) IS
+    'Internal: whether a last value stamped ts1 that arrived as seq1 is later than one stamped ts2 that arrived as seq2 (NULL: the earliest)';
+COMMENT ON FUNCTION billing._cell_agg_step(internal, text, numeric, timestamptz, bigint) IS
+    'Internal: transition of billing._cell_agg';
+COMMENT ON FUNCTION billing._cell_agg_final(internal) IS
+    'Internal: result of billing._cell_agg';
+COMMENT ON FUNCTION billing._cell_agg_last_ts(internal) IS
+    'Internal: result of billing._cell_last_ts';
+COMMENT ON FUNCTION billing._cell_agg_last_seq(internal) IS
+    'Internal: result of billing._cell_last_seq';
+COMMENT ON AGGREGATE billing._cell_agg(text, numeric, timestamptz, bigint) IS
+    'Internal: the value of a meter over counter cells, by the one rule of src/agg.c';
+COMMENT ON AGGREGATE billing._cell_last_ts(text, numeric, timestamptz, bigint) IS
+    'Internal: the last_ts of the value billing._cell_agg gives';
+COMMENT ON AGGREGATE billing._cell_last_seq(text, numeric, timestamptz, bigint) IS
+    'Internal: the last_seq of the value billing._cell_agg gives';
+CREATE OR REPLACE FUNCTION billing._combine(aggregation text, q1 numeric, ts1 timestamptz, seq1 bigint,
+                                 q2 numeric, ts2 timestamptz, seq2 bigint)
+    RETURNS numeric
+    AS 'MODULE_PATHNAME', 'billing_combine'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+CREATE OR REPLACE FUNCTION billing._bin(grain interval, ts timestamptz) RETURNS timestamptz
+    AS 'MODULE_PATHNAME', 'billing_bin'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION billing._combine(text, numeric, timestamptz, bigint, numeric, timestamptz, bigint) IS
+    'Internal: combines two values of a counter cell by the one rule of src/agg.c (sum/count add, max keeps the larger, last the later by (last_ts, last_seq))';
+COMMENT ON FUNCTION billing._bin(interval, timestamptz) IS
+    'Internal: start of the UTC-aligned bin of width grain that holds ts (days and time: date_bin from 1970-01-01 UTC; whole months: from January 1970)';
+CREATE OR REPLACE FUNCTION billing.compact_usage() RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off
+    SET client_min_messages = warning AS $$
+DECLARE
+    n bigint;
+BEGIN
+    -- one compaction at a time; concurrent ingest goes on (it only appends)
+    PERFORM pg_advisory_xact_lock(1651074162, 1);
+    IF to_regclass('pg_temp.billing_compact_cells') IS NOT NULL THEN  -- never a caller's table
+        DROP TABLE pg_temp.billing_compact_cells;                     -- (SECURITY DEFINER)
+    END IF;
+    CREATE TEMP TABLE IF NOT EXISTS billing_compact_cells (
+        account_id bigint, meter text COLLATE "C", dimension text COLLATE "C",
+        bucket_start timestamptz, quantity numeric, events bigint,
+        last_ts timestamptz, last_seq bigint, aggregation text, nrows bigint
+    ) ON COMMIT DELETE ROWS;
+
+    -- 1. take the deltas out, one cell per key, folded by the one rule
+    WITH moved AS (
+        DELETE FROM billing.usage_deltas RETURNING *
+    )
+    INSERT INTO billing_compact_cells
+    SELECT d.account_id, c.meter, c.dimension, c.bucket_start,
+           billing._cell_agg(m.aggregation, c.quantity, c.last_ts,
+                             CASE WHEN c.last_ts IS NOT NULL THEN d.seq END),
+           sum(c.events)::bigint,
+           billing._cell_last_ts(m.aggregation, c.quantity, c.last_ts,
+                                 CASE WHEN c.last_ts IS NOT NULL THEN d.seq END),
+           billing._cell_last_seq(m.aggregation, c.quantity, c.last_ts,
+                                  CASE WHEN c.last_ts IS NOT NULL THEN d.seq END),
+           m.aggregation, count(*)
+      FROM moved d
+           CROSS JOIN LATERAL billing._delta_cells(d.cells) c
+           JOIN billing.meters m ON m.meter = c.meter
+     GROUP BY d.account_id, c.meter, c.dimension, c.bucket_start, m.aggregation;
+    SELECT coalesce(sum(nrows), 0) INTO n FROM billing_compact_cells;
+    IF n = 0 THEN
+        RETURN 0;
+    END IF;
+
+    -- 2. fold them into the buckets and the hour and day roll-ups
+    PERFORM billing._compact_into('usage_buckets', NULL);
+    PERFORM billing._compact_into('usage_hourly', '1 hour');
+    PERFORM billing._compact_into('usage_daily', '1 day');
+    TRUNCATE billing_compact_cells;
+    RETURN n;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing._compact_into(target text, grain interval) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+BEGIN
+    IF billing._citus_table_kind('billing.usage_deltas') IS NOT NULL THEN
+        PERFORM billing._compact_into_citus(target, grain);   -- see 90_distribute.sql
+        RETURN;
+    END IF;
+    EXECUTE format($q$
+        WITH cells AS (
+            SELECT account_id, meter, dimension,
+                   %s AS bucket_start,
+                   billing._cell_agg(aggregation, quantity, last_ts, last_seq) AS quantity,
+                   sum(events)::bigint AS events,
+                   billing._cell_last_ts(aggregation, quantity, last_ts, last_seq) AS last_ts,
+                   billing._cell_last_seq(aggregation, quantity, last_ts, last_seq) AS last_seq,
+                   aggregation
+              FROM billing_compact_cells
+             GROUP BY 1, 2, 3, 4, aggregation
+        ), updated AS (
+            UPDATE billing.%I AS b
+               SET quantity = billing._combine(c.aggregation, b.quantity, b.last_ts, b.last_seq,
+                                               c.quantity, c.last_ts, c.last_seq),
+                   events = b.events + c.events,
+                   last_ts = CASE WHEN billing._last_later(c.last_ts, c.last_seq, b.last_ts, b.last_seq)
+                                  THEN c.last_ts ELSE b.last_ts END,
+                   last_seq = CASE WHEN billing._last_later(c.last_ts, c.last_seq, b.last_ts, b.last_seq)
+                                   THEN c.last_seq ELSE b.last_seq END
+              FROM cells c
+             WHERE b.account_id = c.account_id AND b.meter = c.meter
+               AND b.bucket_start = c.bucket_start AND b.dimension = c.dimension
+        )
+        INSERT INTO billing.%I (account_id, meter, dimension, bucket_start, quantity, events,
+                                last_ts, last_seq)
+        SELECT c.account_id, c.meter, c.dimension, c.bucket_start, c.quantity, c.events,
+               c.last_ts, c.last_seq
+          FROM cells c
+         WHERE NOT EXISTS (SELECT 1 FROM billing.%I b
+                            WHERE b.account_id = c.account_id AND b.meter = c.meter
+                              AND b.bucket_start = c.bucket_start AND b.dimension = c.dimension)
+         ORDER BY 1, 2, 4, 3
+        $q$,
+        CASE WHEN grain IS NULL THEN 'bucket_start'
+             ELSE format('billing._bin(%L, bucket_start)', grain) END,
+        target, target, target);
+END
+$$;
+CREATE OR REPLACE FUNCTION billing._usage(p_account bigint, p_from timestamptz, p_to timestamptz,
+                               p_grain interval, p_meter text)
+    RETURNS TABLE (r_meter text, r_dimension text, r_bucket_start timestamptz,
+                   r_quantity numeric, r_events bigint)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    RETURN QUERY
+    WITH cells AS (
+        SELECT u.meter, u.dimension, u.bucket_start, u.quantity, u.events, u.last_ts, u.last_seq
+          FROM billing.usage_cells u
+         WHERE u.account_id = p_account AND u.bucket_start >= p_from AND u.bucket_start < p_to
+           AND (p_meter IS NULL OR u.meter = p_meter)
+    )
+    SELECT c.meter::text, c.dimension::text,
+           CASE WHEN p_grain IS NULL THEN c.bucket_start ELSE billing._bin(p_grain, c.bucket_start) END,
+           billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq),
+           sum(c.events)::bigint
+      FROM cells c JOIN billing.meters m ON m.meter = c.meter
+     GROUP BY c.meter, c.dimension, 3, m.aggregation
+     ORDER BY c.meter, c.dimension, 3;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing._usage_totals_many(p_accounts bigint[], p_starts timestamptz[],
+                                           p_ends timestamptz[])
+    RETURNS TABLE (idx integer, meter text, quantity numeric)
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+BEGIN
+    -- on Citus: one router query per account (see 90_distribute.sql)
+    IF billing._citus_table_kind('billing.usage_deltas') IS NOT NULL THEN
+        RETURN QUERY
+        SELECT x.i::integer, t.meter, t.quantity
+          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i),
+               LATERAL billing._usage_totals_citus(x.a, x.s, x.e) t;
+        RETURN;
+    END IF;
+    -- the roll-ups and buckets covering each period, each meter aggregated
+    -- in C (billing._rollup_totals), plus the deltas not yet compacted,
+    -- folded by the same rule (billing._cell_agg, src/agg.c)
+    RETURN QUERY
+    WITH ms AS (
+        SELECT array_agg(m.meter::text ORDER BY m.meter) AS meters,
+               array_agg(m.aggregation::text ORDER BY m.meter) AS aggs
+          FROM billing.meters m
+    ), per AS (
+        SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe
+          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)
+    ), folded AS (
+        SELECT r.idx, r.meter COLLATE "C" AS meter, r.quantity, r.last_ts, r.last_seq
+          FROM ms, billing._rollup_totals(p_accounts, p_starts, p_ends, ms.meters, ms.aggs) r
+        UNION ALL
+        -- not yet compacted
+        SELECT per.idx, x.meter, x.quantity, x.last_ts,
+               CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
+          FROM per JOIN billing.usage_deltas d ON d.account_id = per.account_id,
+               billing._delta_cells(d.cells) x
+         WHERE x.bucket_start >= per.ps AND x.bucket_start < per.pe
+    )
+    SELECT f.idx, f.meter::text,
+           billing._cell_agg(m.aggregation, f.quantity, f.last_ts, f.last_seq)
+      FROM folded f JOIN billing.meters m ON m.meter = f.meter
+     GROUP BY f.idx, f.meter, m.aggregation;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.correct_usage(account_id bigint, meter text, bucket_start timestamptz,
+                                      delta numeric, reason text, dimension text DEFAULT '')
+    RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    m record;
+    cur numeric;
+BEGIN
+    IF account_id IS NULL OR meter IS NULL OR bucket_start IS NULL OR delta IS NULL THEN
+        RAISE EXCEPTION 'correct_usage: account_id, meter, bucket_start and delta must not be null'
+            USING ERRCODE = '22004';
+    END IF;
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'a usage correction needs a reason' USING ERRCODE = '22004';
+    END IF;
+    dimension := coalesce(dimension, '');
+    IF octet_length(dimension) > 256 THEN
+        RAISE EXCEPTION 'usage dimension is too long'
+            USING ERRCODE = '22023', DETAIL = 'A dimension has at most 256 bytes.';
+    END IF;
+    SELECT * INTO m FROM billing.meters x WHERE x.meter = correct_usage.meter;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'meter "%" does not exist', correct_usage.meter USING ERRCODE = '23503';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.accounts a WHERE a.account_id = correct_usage.account_id) THEN
+        RAISE EXCEPTION 'account % does not exist', correct_usage.account_id USING ERRCODE = '23503';
+    END IF;
+    IF m.aggregation NOT IN ('sum', 'count') THEN
+        RAISE EXCEPTION 'meter "%" has aggregation %', m.meter, m.aggregation
+            USING ERRCODE = '22023', DETAIL = 'Only sum and count meters take corrections.';
+    END IF;
+    IF delta IN ('NaN', 'Infinity', '-Infinity') OR NOT isfinite(bucket_start)
+       OR billing._bin(m.bucket_width, bucket_start) <> bucket_start THEN
+        RAISE EXCEPTION 'invalid usage correction'
+            USING ERRCODE = '22023',
+                  DETAIL = format('delta must be a number and bucket_start the start of a %s bucket.', m.bucket_width);
+    END IF;
+    PERFORM billing._check_quantity(delta, correct_usage.meter, correct_usage.account_id);
+    -- corrections of one bucket one at a time (ingest only adds, so it cannot race below zero)
+    PERFORM pg_advisory_xact_lock(1651074162,
+        hashtext(format('%s/%s/%s/%s', account_id, meter, dimension, bucket_start)));
+    SELECT coalesce(billing._cell_agg(m.aggregation, u.quantity, u.last_ts, u.last_seq), 0) INTO cur
+      FROM billing.usage_cells u
+     WHERE u.account_id = correct_usage.account_id AND u.meter = correct_usage.meter
+       AND u.dimension = correct_usage.dimension AND u.bucket_start = correct_usage.bucket_start;
+    IF cur + delta < 0 THEN
+        RAISE EXCEPTION 'correction would make the bucket negative'
+            USING ERRCODE = '22023',
+                  DETAIL = format('The bucket holds %s; the correction is %s.', cur, delta);
+    END IF;
+    INSERT INTO billing.usage_deltas (account_id, seq, cells)
+    VALUES (correct_usage.account_id, NULL,
+            billing._delta_pack(ARRAY[correct_usage.meter], ARRAY[correct_usage.dimension],
+                                ARRAY[bucket_start], ARRAY[delta], ARRAY[0::bigint], NULL));
+    INSERT INTO billing.usage_corrections (account_id, meter, dimension, bucket_start, delta, reason)
+    VALUES (correct_usage.account_id, correct_usage.meter, correct_usage.dimension, bucket_start,
+            delta, reason);
+END
+$$;
+CREATE OR REPLACE FUNCTION billing.reconcile(source regclass, account_column name, meter_column name,
+                                  quantity_column name, ts_column name,
+                                  from_ts timestamptz, to_ts timestamptz)
+    RETURNS TABLE (account_id bigint, meter text, bucket_start timestamptz,
+                   source_quantity numeric, counted_quantity numeric, difference numeric)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    col name;
+BEGIN
+    IF source IS NULL OR account_column IS NULL OR meter_column IS NULL OR quantity_column IS NULL
+       OR ts_column IS NULL OR from_ts IS NULL OR to_ts IS NULL THEN
+        RAISE EXCEPTION 'reconcile: no argument may be null' USING ERRCODE = '22004';
+    END IF;
+    FOREACH col IN ARRAY ARRAY[account_column, meter_column, quantity_column, ts_column] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = source AND a.attname = col
+                          AND a.attnum > 0 AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION 'column "%" of relation "%" does not exist', col, source
+                USING ERRCODE = '42703';
+        END IF;
+    END LOOP;
+    -- a source row for a meter that does not exist cannot be compared: say so
+    EXECUTE format($q$
+        SELECT s.%1$I::text FROM %2$s s
+         WHERE s.%3$I >= $1 AND s.%3$I < $2
+           AND NOT EXISTS (SELECT 1 FROM billing.meters m WHERE m.meter = s.%1$I::text)
+         LIMIT 1 $q$, meter_column, source, ts_column)
+       INTO col USING from_ts, to_ts;
+    IF col IS NOT NULL THEN
+        RAISE EXCEPTION 'source "%" has usage of meter "%", which does not exist', source, col
+            USING ERRCODE = '23503';
+    END IF;
+    -- both sides per (account, meter, bucket), combined by the meter's aggregation
+    RETURN QUERY EXECUTE format($q$
+        WITH src AS (
+            -- a source row is one report: count counts it, the others fold
+            -- its value by the cells' rule (src/agg.c); rows have no arrival
+            -- order, so of two last values with the same timestamp the
+            -- greater is taken
+            SELECT s.%1$I::bigint AS account_id, s.%2$I::text AS meter,
+                   billing._bin(m.bucket_width, s.%4$I) AS bucket_start,
+                   billing._cell_agg(m.aggregation,
+                                     CASE WHEN m.aggregation = 'count' THEN 1::numeric
+                                          ELSE s.%3$I::numeric END,
+                                     CASE WHEN m.aggregation = 'last' THEN s.%4$I END,
+                                     NULL::bigint) AS quantity
+              FROM %5$s s JOIN billing.meters m ON m.meter = s.%2$I::text
+             WHERE s.%4$I >= $1 AND s.%4$I < $2
+             GROUP BY 1, 2, 3, m.aggregation
+        ), counted AS (
+            SELECT u.account_id, u.meter::text AS meter, u.bucket_start,
+                   billing._cell_agg(m.aggregation, u.quantity, u.last_ts, u.last_seq) AS quantity
+              FROM billing.usage_cells u JOIN billing.meters m ON m.meter = u.meter
+             WHERE u.bucket_start >= $1 AND u.bucket_start < $2
+             GROUP BY 1, 2, 3, m.aggregation
+        )
+        SELECT coalesce(s.account_id, c.account_id), coalesce(s.meter, c.meter),
+               coalesce(s.bucket_start, c.bucket_start),
+               coalesce(s.quantity, 0), coalesce(c.quantity, 0),
+               coalesce(s.quantity, 0) - coalesce(c.quantity, 0)
+          FROM src s FULL JOIN counted c
+            ON c.account_id = s.account_id AND c.meter = s.meter AND c.bucket_start = s.bucket_start
+         WHERE coalesce(s.quantity, 0) <> coalesce(c.quantity, 0)
+         ORDER BY 1, 2, 3
+        $q$, account_column, meter_column, quantity_column, ts_column, source)
+    USING from_ts, to_ts;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing._compact_into_citus(target text, grain interval) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    agg text;
+BEGIN
+    FOREACH agg IN ARRAY ARRAY['sum', 'count', 'max', 'last'] LOOP
+        EXECUTE format($q$
+            INSERT INTO billing.%I AS b (account_id, meter, dimension, bucket_start, quantity,
+                                         events, last_ts, last_seq)
+            SELECT account_id, meter, dimension, %s,
+                   billing._cell_agg(aggregation, quantity, last_ts, last_seq),
+                   sum(events)::bigint,
+                   billing._cell_last_ts(aggregation, quantity, last_ts, last_seq),
+                   billing._cell_last_seq(aggregation, quantity, last_ts, last_seq)
+              FROM billing_compact_cells
+             WHERE aggregation = %L
+             GROUP BY 1, 2, 3, 4
+            ON CONFLICT (account_id, meter, bucket_start, dimension) DO UPDATE
+               SET quantity = billing._combine(%L, b.quantity, b.last_ts, b.last_seq,
+                                               excluded.quantity, excluded.last_ts, excluded.last_seq),
+                   events = b.events + excluded.events,
+                   last_ts = CASE WHEN billing._last_later(excluded.last_ts, excluded.last_seq,
+                                                           b.last_ts, b.last_seq)
+                                  THEN excluded.last_ts ELSE b.last_ts END,
+                   last_seq = CASE WHEN billing._last_later(excluded.last_ts, excluded.last_seq,
+                                                            b.last_ts, b.last_seq)
+                                   THEN excluded.last_seq ELSE b.last_seq END
+            $q$,
+            target,
+            CASE WHEN grain IS NULL THEN 'bucket_start'
+                 ELSE format('billing._bin(%L, bucket_start)', grain) END,
+            agg, agg);
+    END LOOP;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing._usage_totals_citus(p_account bigint, from_ts timestamptz, to_ts timestamptz)
+    RETURNS TABLE (meter text, quantity numeric)
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    -- [from_ts, to_ts) = minutes [from_ts, h0) + hours [h0, d0) + days [d0, d1)
+    --                  + hours [d1, h1) + minutes [h1, to_ts), with h0/h1 the
+    -- first/last whole hour and d0/d1 the first/last whole UTC day inside
+    h0 timestamptz := billing._bin('1 hour', from_ts - interval '1 microsecond') + interval '1 hour';
+    h1 timestamptz := billing._bin('1 hour', to_ts);
+    d0 timestamptz := billing._bin('1 day', from_ts - interval '1 microsecond') + interval '1 day';
+    d1 timestamptz := billing._bin('1 day', to_ts);
+    m_end timestamptz := LEAST(h0, to_ts);                 -- leading minutes end
+    m_start timestamptz := GREATEST(h1, h0, from_ts);      -- trailing minutes start
+    hh_end timestamptz := LEAST(d0, h1);                   -- leading hours end
+    ht_start timestamptz := GREATEST(d1, d0, h0);          -- trailing hours start
+BEGIN
+    -- one index range per meter and table: (account_id, meter, bucket_start)
+    RETURN QUERY
+    WITH cells AS (
+        SELECT m.meter, c.quantity, c.last_ts, c.last_seq
+          FROM billing.meters m
+               CROSS JOIN LATERAL (
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= from_ts AND u.bucket_start < m_end
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= m_start AND u.bucket_start < to_ts
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= h0 AND u.bucket_start < hh_end
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= ht_start AND u.bucket_start < h1
+                   UNION ALL
+                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_daily u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= d0 AND u.bucket_start < d1
+               ) c
+        UNION ALL
+        -- not yet compacted
+        SELECT x.meter, x.quantity, x.last_ts, CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
+          FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
+         WHERE d.account_id = p_account AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
+    )
+    SELECT c.meter::text,
+           billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq)
+      FROM cells c JOIN billing.meters m ON m.meter = c.meter
+     GROUP BY c.meter, m.aggregation;
+END
+$$;
+ALTER FUNCTION billing.compact_usage() SECURITY DEFINER;
+ALTER FUNCTION billing.correct_usage(bigint, text, timestamptz, numeric, text, text) SECURITY DEFINER;
+REVOKE ALL ON FUNCTION billing._last_later(timestamptz, bigint, timestamptz, bigint),
+    billing._cell_agg_step(internal, text, numeric, timestamptz, bigint),
+    billing._cell_agg_final(internal), billing._cell_agg_last_ts(internal),
+    billing._cell_agg_last_seq(internal),
+    billing._cell_agg(text, numeric, timestamptz, bigint),
+    billing._cell_last_ts(text, numeric, timestamptz, bigint),
+    billing._cell_last_seq(text, numeric, timestamptz, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._last_later(timestamptz, bigint, timestamptz, bigint),
+    billing._cell_agg_step(internal, text, numeric, timestamptz, bigint),
+    billing._cell_agg_final(internal), billing._cell_agg_last_ts(internal),
+    billing._cell_agg_last_seq(internal),
+    billing._cell_agg(text, numeric, timestamptz, bigint),
+    billing._cell_last_ts(text, numeric, timestamptz, bigint),
+    billing._cell_last_seq(text, numeric, timestamptz, bigint) TO billing_reader;
+
