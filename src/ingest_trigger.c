@@ -11,6 +11,13 @@
  * subtransaction that aborts drops exactly the reports it made, one that
  * commits hands its accumulator to its parent, and a commit that would
  * leave a report unflushed (a disabled flush trigger) is refused.
+ *
+ * The triggers fire on users' own tables and are not SECURITY DEFINER
+ * (SPEC section 8): they run as the role that inserts.  What needs the
+ * extension's rights (reading billing.meters and billing.accounts,
+ * claiming event ids, writing deltas) switches to the extension owner with
+ * search_path pinned, inside the functions that do it (billing_owner_begin
+ * in catalog.c), and switches back before the trigger returns.
  */
 #include "postgres.h"
 
