@@ -215,6 +215,15 @@ billing_owner_begin(BillingOwnerScope *scope)
 	Oid			owner = extension_owner();
 
 	GetUserIdAndSecContext(&scope->save_userid, &scope->save_sec_context);
+
+	/*
+	 * Inside an enclosing scope, or a SECURITY DEFINER function of billing
+	 * (record, ingest, ...), nothing is to change.
+	 */
+	scope->switched = !(scope->save_userid == owner &&
+						strcmp(namespace_search_path, BILLING_SEARCH_PATH) == 0);
+	if (!scope->switched)
+		return;
 	SetUserIdAndSecContext(owner, scope->save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
 	scope->save_nestlevel = NewGUCNestLevel();
 	(void) set_config_option("search_path", BILLING_SEARCH_PATH, PGC_USERSET, PGC_S_SESSION,
@@ -228,6 +237,8 @@ billing_owner_begin(BillingOwnerScope *scope)
 void
 billing_owner_end(BillingOwnerScope *scope)
 {
+	if (!scope->switched)
+		return;
 	AtEOXact_GUC(false, scope->save_nestlevel);
 	SetUserIdAndSecContext(scope->save_userid, scope->save_sec_context);
 }

@@ -37,6 +37,7 @@ typedef struct MeterDef
  */
 typedef struct BillingOwnerScope
 {
+	bool		switched;		/* false: it ran as the owner, pinned, already */
 	Oid			save_userid;
 	int			save_sec_context;
 	int			save_nestlevel;
