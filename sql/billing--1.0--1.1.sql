@@ -2033,3 +2033,12 @@ GRANT EXECUTE ON FUNCTION billing._last_later(timestamptz, bigint, timestamptz, 
     billing._cell_last_ts(text, numeric, timestamptz, bigint),
     billing._cell_last_seq(text, numeric, timestamptz, bigint) TO billing_reader;
 
+
+-- ---- issue 13, defect 4: the triggers of metered tables are not SECURITY DEFINER ---------
+-- They fire on users' own tables and run as the user who inserts; their C
+-- code switches to the extension owner and pins search_path around the work
+-- that needs the extension's rights (SPEC section 8).  Users' triggers name
+-- these functions: they are altered, never dropped.
+ALTER FUNCTION billing._meter_row() SECURITY INVOKER;
+ALTER FUNCTION billing._meter_after_rows() SECURITY INVOKER;
+ALTER FUNCTION billing._meter_flush() SECURITY INVOKER RESET search_path;

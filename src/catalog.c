@@ -9,15 +9,34 @@
  * answer (distributing a table sends one); one of billing.meters, which its
  * statement trigger billing_meters_changed sends on every change, drops the
  * meter cache.  A full reset drops everything.
+ *
+ * Work that needs the extension's rights (claiming event ids, writing
+ * deltas, reading billing's tables) runs between billing_owner_begin and
+ * billing_owner_end: as the extension owner, with search_path pinned, the
+ * way PostgreSQL's referential-integrity triggers switch to a table's
+ * owner.  The triggers on users' tables are not SECURITY DEFINER (SPEC
+ * section 8): everything else they do, and every trigger of the user's
+ * that fires around them, runs as the user.
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/skey.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "catalog/indexing.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/proc.h"
+#include "utils/fmgroids.h"
+#include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
@@ -150,6 +169,81 @@ billing_citus_table(Oid relid)
 }
 
 /*
+ * extension_owner
+ *		The owner of extension billing (pg_extension.extowner), looked up once
+ *		per transaction.
+ */
+static Oid
+extension_owner(void)
+{
+	static LocalTransactionId owner_lxid = InvalidLocalTransactionId;
+	static Oid	owner = InvalidOid;
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tup;
+
+	if (OidIsValid(owner) && owner_lxid == MyProc->lxid)
+		return owner;
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber, F_NAMEEQ,
+				CStringGetDatum("billing"));
+	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
+	tup = systable_getnext(scan);
+	if (!HeapTupleIsValid(tup))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("extension \"billing\" is not installed")));
+	owner = ((Form_pg_extension) GETSTRUCT(tup))->extowner;
+	owner_lxid = MyProc->lxid;
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return owner;
+}
+
+/*
+ * billing_owner_begin
+ *		Run what follows as the extension owner with search_path pinned to
+ *		BILLING_SEARCH_PATH, until billing_owner_end(scope), which must be
+ *		called on the way out (scopes nest).  On an error in between, the
+ *		abort of the (sub)transaction puts the user and search_path back, as
+ *		for any SECURITY DEFINER function.
+ */
+void
+billing_owner_begin(BillingOwnerScope *scope)
+{
+	Oid			owner = extension_owner();
+
+	GetUserIdAndSecContext(&scope->save_userid, &scope->save_sec_context);
+
+	/*
+	 * Inside an enclosing scope, or a SECURITY DEFINER function of billing
+	 * (record, ingest, ...), nothing is to change.
+	 */
+	scope->switched = !(scope->save_userid == owner &&
+						strcmp(namespace_search_path, BILLING_SEARCH_PATH) == 0);
+	if (!scope->switched)
+		return;
+	SetUserIdAndSecContext(owner, scope->save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	scope->save_nestlevel = NewGUCNestLevel();
+	(void) set_config_option("search_path", BILLING_SEARCH_PATH, PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+}
+
+/*
+ * billing_owner_end
+ *		Back to the user and search_path billing_owner_begin(scope) found.
+ */
+void
+billing_owner_end(BillingOwnerScope *scope)
+{
+	if (!scope->switched)
+		return;
+	AtEOXact_GUC(false, scope->save_nestlevel);
+	SetUserIdAndSecContext(scope->save_userid, scope->save_sec_context);
+}
+
+/*
  * billing_distributed
  *		Are billing's tables distributed by Citus?  Then the relations the
  *		ingest paths would open directly are shells on this node, and every
@@ -161,7 +255,13 @@ bool
 billing_distributed(void)
 {
 	if (citus_mode < 0)
+	{
+		BillingOwnerScope	scope;
+
+		billing_owner_begin(&scope);
 		citus_mode = billing_citus_table(billing_relid("usage_deltas")) ? 1 : 0;
+		billing_owner_end(&scope);
+	}
 	return citus_mode == 1;
 }
 
@@ -175,6 +275,7 @@ load_meters(void)
 	HASHCTL		ctl;
 	HTAB	   *cache;
 	uint64		i;
+	BillingOwnerScope	scope;
 
 	meters_relid = billing_relid("meters");
 
@@ -185,6 +286,8 @@ load_meters(void)
 	cache = hash_create("billing meters", 64, &ctl,
 						HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 
+	/* a session that may not read billing.meters still meters its tables */
+	billing_owner_begin(&scope);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	if (SPI_execute("SELECT meter, aggregation, bucket_width, late_window, "
@@ -211,6 +314,7 @@ load_meters(void)
 		m->dedupe_window = *DatumGetIntervalP(SPI_getbinval(tup, desc, 5, &isnull));
 	}
 	SPI_finish();
+	billing_owner_end(&scope);
 
 	if (meter_cache)
 		hash_destroy(meter_cache);
@@ -239,7 +343,10 @@ Datum
 billing_meters_changed(PG_FUNCTION_ARGS)
 {
 	if (!CALLED_AS_TRIGGER(fcinfo))
-		elog(ERROR, "billing_meters_changed: not called by trigger manager");
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("function \"%s\" was not called by trigger manager",
+						"billing._meters_changed")));
 	CacheInvalidateRelcacheByRelid(((TriggerData *) fcinfo->context)->tg_relation->rd_id);
 
 	/*

@@ -271,8 +271,10 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 	Oid			types[6] = {INT8OID, TEXTOID, TEXTOID, TIMESTAMPTZOID, TEXTOID, NUMERICOID};
 	bool		new_source;
 	Numeric		old_total;
+	Numeric		increase = NULL;
 	bool		isnull;
 	int			cmp;
+	MemoryContext callctx = CurrentMemoryContext;
 
 	require_args(fcinfo, (const char *const[]) {"source", "account_id", "meter",
 		"bucket_start", "total", NULL});
@@ -287,7 +289,7 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 		billing_text_bytes(PointerGetDatum(dim), &dstr, &dlen);
 	}
 
-	st = billing_ingest_create(CurrentMemoryContext, 8);
+	st = billing_ingest_create(callctx, 8);
 	slot = billing_acc_slot(&st->acc, VARDATA_ANY(meter), VARSIZE_ANY_EXHDR(meter));
 	if (slot->def.agg != AGG_SUM)
 		ereport(ERROR,
@@ -335,15 +337,29 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 	if (SPI_execute_plan(cumulative_lock_plan, values, NULL, false, 1) != SPI_OK_SELECT ||
 		SPI_processed != 1)
 		elog(ERROR, "could not lock cumulative total");
+
+	/*
+	 * old_total lives in SPI's memory (the row read, or its detoasted copy),
+	 * which SPI_finish frees: everything derived from it is computed here,
+	 * and the increase is kept in the caller's memory.
+	 */
 	old_total = DatumGetNumeric(SPI_getbinval(SPI_tuptable->vals[0],
 											  SPI_tuptable->tupdesc, 1, &isnull));
+	if (isnull)
+		elog(ERROR, "cumulative total is null");
 	cmp = DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(total),
 											NumericGetDatum(old_total)));
 	if (cmp > 0)
 	{
+		MemoryContext spictx = MemoryContextSwitchTo(callctx);
+
+		increase = DatumGetNumeric(DirectFunctionCall2(numeric_sub, NumericGetDatum(total),
+													   NumericGetDatum(old_total)));
+		MemoryContextSwitchTo(spictx);
 		if (SPI_execute_plan(cumulative_update_plan, values, NULL, false, 0) != SPI_OK_UPDATE)
 			elog(ERROR, "could not update cumulative total");
 	}
+	old_total = NULL;
 	SPI_finish();
 
 	/* the accumulator holds the report; replace it by the increase */
@@ -360,13 +376,14 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 		key.meter = slot->id;
 		key.dim = billing_acc_dim(&st->acc, dstr, dlen);
 		key.bucket_start = bucket;
-		billing_qty_from_datum(DirectFunctionCall2(numeric_sub, NumericGetDatum(total),
-												   NumericGetDatum(old_total)),
-							   NUMERICOID, &inc, &notfinite);
-		if (cmp <= 0)
+		if (increase != NULL)
+			billing_qty_from_datum(NumericGetDatum(increase), NUMERICOID, &inc, &notfinite);
+		else
 		{
+			/* a new source whose first total is not above 0 */
 			inc.isdec = true;
 			inc.dec = 0;
+			inc.num = NULL;
 		}
 		billing_acc_add(&st->acc, &key, &inc, ts, 0);
 		/* a source counts as one event, the first time it reports */

@@ -157,12 +157,12 @@ check_accounts_citus(const int64 *accounts, long n)
 }
 
 /*
- * billing_check_accounts
- *		Raise 23503 when one of the n account ids (sorted, so that repeats
- *		are adjacent) does not exist in billing.accounts.
+ * check_accounts
+ *		Raise 23503 when one of the n (> 0) account ids (sorted, so that
+ *		repeats are adjacent) does not exist in billing.accounts.
  */
-void
-billing_check_accounts(const int64 *accounts, long n)
+static void
+check_accounts(const int64 *accounts, long n)
 {
 	Datum	   *ids;
 	long		i;
@@ -214,6 +214,24 @@ billing_check_accounts(const int64 *accounts, long n)
 	}
 	SPI_finish();
 	pfree(ids);
+}
+
+/*
+ * billing_check_accounts
+ *		Raise 23503 when one of the n account ids (sorted, so that repeats
+ *		are adjacent) does not exist in billing.accounts, reading it with
+ *		the extension owner's rights.
+ */
+void
+billing_check_accounts(const int64 *accounts, long n)
+{
+	BillingOwnerScope	scope;
+
+	if (n == 0)
+		return;
+	billing_owner_begin(&scope);
+	check_accounts(accounts, n);
+	billing_owner_end(&scope);
 }
 
 /*

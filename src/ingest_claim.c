@@ -62,8 +62,9 @@ billing_claim_queue(ClaimQueue *q, const BucketKey *key, const Qty *v,
 
 /*
  * billing_claim_now
- *		Claim one event id now (INSERT ... ON CONFLICT DO NOTHING); true if
- *		this transaction claimed it, else it counts as a duplicate.
+ *		Claim one event id now (INSERT ... ON CONFLICT DO NOTHING), with the
+ *		extension owner's rights; true if this transaction claimed it, else
+ *		it counts as a duplicate.
  */
 bool
 billing_claim_now(ClaimQueue *q, int64 account_id, const MeterSlot *slot,
@@ -72,7 +73,9 @@ billing_claim_now(ClaimQueue *q, int64 account_id, const MeterSlot *slot,
 	Datum		values[4];
 	Oid			types[4] = {INT8OID, TEXTOID, TEXTOID, TIMESTAMPTZOID};
 	bool		claimed;
+	BillingOwnerScope	scope;
 
+	billing_owner_begin(&scope);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	(void) billing_spi_plan(&claim_one_plan, "INSERT INTO billing.dedupe_keys (account_id, meter, event_id, expires_at) "
@@ -86,6 +89,7 @@ billing_claim_now(ClaimQueue *q, int64 account_id, const MeterSlot *slot,
 		elog(ERROR, "could not claim event id");
 	claimed = (SPI_processed == 1);
 	SPI_finish();
+	billing_owner_end(&scope);
 	if (!claimed)
 		q->duplicates++;
 	return claimed;

@@ -274,25 +274,35 @@ billing_flush_cells(IngestState *st, bool final)
 /*
  * billing_flush
  *		Claim the queued event ids, check accounts, write every counter
- *		cell as a delta row, and empty the accumulator.
+ *		cell as a delta row, and empty the accumulator, with the extension
+ *		owner's rights (the caller may be a trigger on a user's table).
  */
 void
 billing_flush(IngestState *st)
 {
+	BillingOwnerScope	scope;
+
+	billing_owner_begin(&scope);
 	billing_claim_pending(st);
 	billing_flush_cells(st, true);
+	billing_owner_end(&scope);
 }
 
 /*
  * flush_some
  *		Make room in the accumulator in the middle of a statement: claim
- *		the queued ids and put the cells aside (see billing_flush_cells).
+ *		the queued ids and put the cells aside (see billing_flush_cells),
+ *		with the extension owner's rights.
  */
 static void
 flush_some(IngestState *st)
 {
+	BillingOwnerScope	scope;
+
+	billing_owner_begin(&scope);
 	billing_claim_pending(st);
 	billing_flush_cells(st, false);
+	billing_owner_end(&scope);
 }
 
 /*

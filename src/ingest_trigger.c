@@ -11,6 +11,13 @@
  * subtransaction that aborts drops exactly the reports it made, one that
  * commits hands its accumulator to its parent, and a commit that would
  * leave a report unflushed (a disabled flush trigger) is refused.
+ *
+ * The triggers fire on users' own tables and are not SECURITY DEFINER
+ * (SPEC section 8): they run as the role that inserts.  What needs the
+ * extension's rights (reading billing.meters and billing.accounts,
+ * claiming event ids, writing deltas) switches to the extension owner with
+ * search_path pinned, inside the functions that do it (billing_owner_begin
+ * in catalog.c), and switches back before the trigger returns.
  */
 #include "postgres.h"
 
@@ -168,6 +175,38 @@ current_trigger_state(void)
 }
 
 /*
+ * trigger_data
+ *		The TriggerData of a call of the trigger function fn, which must have
+ *		been fired by the trigger manager; raises 39P01 otherwise.
+ */
+static TriggerData *
+trigger_data(FunctionCallInfo fcinfo, const char *fn)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("function \"%s\" was not called by trigger manager", fn),
+				 errhint("billing.meter_table creates the triggers that call it.")));
+	return (TriggerData *) fcinfo->context;
+}
+
+/*
+ * wrong_firing
+ *		Raise 39P01: trigger function fn was fired at another event or
+ *		level than how, the one it works at.
+ */
+static void
+wrong_firing(TriggerData *td, const char *fn, const char *how)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+			 errmsg("function \"%s\" must be fired %s", fn, how),
+			 errdetail("Trigger \"%s\" on table \"%s\" fires it otherwise.",
+					   td->tg_trigger->tgname, RelationGetRelationName(td->tg_relation)),
+			 errhint("billing.meter_table creates the triggers that call it.")));
+}
+
+/*
  * table_conf
  *		Column numbers of a metered table's trigger, resolved once per
  *		accumulator.  Trigger arguments: account, meter, quantity, ts,
@@ -188,7 +227,11 @@ table_conf(TriggerState *ts, TriggerData *td)
 			return &ts->tables[i];
 
 	if (tg->tgnargs != 7)
-		elog(ERROR, "billing_meter_row: expected 7 trigger arguments, got %d", tg->tgnargs);
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("trigger \"%s\" on table \"%s\" must pass 7 arguments, not %d",
+						tg->tgname, RelationGetRelationName(td->tg_relation), tg->tgnargs),
+				 errhint("billing.meter_table creates the triggers of metered tables.")));
 
 	old = MemoryContextSwitchTo(ts->st->ctx);
 	ts->tables = ts->tables ? repalloc(ts->tables, (ts->ntables + 1) * sizeof(TableConf))
@@ -324,16 +367,14 @@ meter_tuple(IngestState *st, TableConf *c, TriggerData *td, ReportMode mode)
 Datum
 billing_meter_row(PG_FUNCTION_ARGS)
 {
-	TriggerData *td = (TriggerData *) fcinfo->context;
+	TriggerData *td = trigger_data(fcinfo, "billing._meter_row");
 	TriggerState *ts;
 	TableConf  *c;
 	ReportResult r;
 
-	if (!CALLED_AS_TRIGGER(fcinfo))
-		elog(ERROR, "billing_meter_row: not called by trigger manager");
 	if (!TRIGGER_FIRED_BEFORE(td->tg_event) || !TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
 		!TRIGGER_FIRED_BY_INSERT(td->tg_event))
-		elog(ERROR, "billing_meter_row: must be fired BEFORE INSERT FOR EACH ROW");
+		wrong_firing(td, "billing._meter_row", "BEFORE INSERT FOR EACH ROW");
 
 	ts = current_trigger_state();
 	c = table_conf(ts, td);
@@ -358,18 +399,17 @@ billing_meter_row(PG_FUNCTION_ARGS)
 Datum
 billing_meter_after_rows(PG_FUNCTION_ARGS)
 {
-	TriggerData *td = (TriggerData *) fcinfo->context;
+	TriggerData *td = trigger_data(fcinfo, "billing._meter_after_rows");
 	TriggerState *ts;
 	TableConf  *c;
 	TupleTableSlot *slot;
 	MemoryContext rowcxt;
 	int			ptr;
 
-	if (!CALLED_AS_TRIGGER(fcinfo))
-		elog(ERROR, "billing_meter_after_rows: not called by trigger manager");
 	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event) ||
 		!TRIGGER_FIRED_BY_INSERT(td->tg_event) || td->tg_newtable == NULL)
-		elog(ERROR, "billing_meter_after_rows: must be fired AFTER INSERT FOR EACH STATEMENT with a NEW TABLE");
+		wrong_firing(td, "billing._meter_after_rows",
+					 "AFTER INSERT FOR EACH STATEMENT with a transition table (REFERENCING NEW TABLE)");
 
 	ts = current_trigger_state();
 	c = table_conf(ts, td);
@@ -404,14 +444,12 @@ billing_meter_after_rows(PG_FUNCTION_ARGS)
 Datum
 billing_meter_flush(PG_FUNCTION_ARGS)
 {
-	TriggerData *td = (TriggerData *) fcinfo->context;
+	TriggerData *td = trigger_data(fcinfo, "billing._meter_flush");
 	SubTransactionId subid = GetCurrentSubTransactionId();
 	TriggerState *ts;
 
-	if (!CALLED_AS_TRIGGER(fcinfo))
-		elog(ERROR, "billing_meter_flush: not called by trigger manager");
 	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event))
-		elog(ERROR, "billing_meter_flush: must be fired AFTER ... FOR EACH STATEMENT");
+		wrong_firing(td, "billing._meter_flush", "AFTER ... FOR EACH STATEMENT");
 
 	for (ts = trigger_states; ts && ts->subid == subid; ts = ts->next)
 	{

@@ -17,13 +17,14 @@
  *
  * Functions that write tables their callers cannot write run as the
  * extension owner (SECURITY DEFINER) with search_path pinned to
- * pg_catalog, billing, pg_temp.  One exception: the triggers of metered
- * tables that count rows (_meter_row per row, and _meter_after_rows over
- * the rows a statement stored, for tables that keep them) are SECURITY
- * DEFINER without a SET clause, because a SET clause costs ~0.75 us per
- * row (4x the trigger itself);
- * every statement its C code runs is schema- and operator-qualified, so
- * it does not depend on the caller's search_path.
+ * pg_catalog, billing, pg_temp.  Not the triggers of metered tables
+ * (_meter_row, _meter_after_rows, _meter_flush): they fire on users' own
+ * tables, next to the users' triggers, and run as the user who inserts.
+ * Their C code switches to the extension owner and pins search_path to
+ * pg_catalog, billing, pg_temp itself, around the work that needs the
+ * extension's rights only (reading meters and accounts, claiming event
+ * ids, writing deltas), as PostgreSQL's referential-integrity triggers
+ * switch to a table's owner (issue 13, defect 4).
  *
  * Who may insert into a metered table is the table owner's business: its
  * triggers count usage for anyone the owner lets INSERT.  Creating those
@@ -65,10 +66,6 @@ ALTER FUNCTION billing.record(bigint, text, numeric, timestamptz, text, text)
 ALTER FUNCTION billing.ingest(text, integer, bigint, bigint[], text[], numeric[], timestamptz[], text[], text[])
     SECURITY DEFINER SET search_path = pg_catalog, billing, pg_temp;
 ALTER FUNCTION billing.report_cumulative(text, bigint, text, timestamptz, numeric, text)
-    SECURITY DEFINER SET search_path = pg_catalog, billing, pg_temp;
-ALTER FUNCTION billing._meter_row() SECURITY DEFINER;
-ALTER FUNCTION billing._meter_after_rows() SECURITY DEFINER;
-ALTER FUNCTION billing._meter_flush()
     SECURITY DEFINER SET search_path = pg_catalog, billing, pg_temp;
 ALTER FUNCTION billing.finalize_invoices(timestamptz) SECURITY DEFINER;
 ALTER FUNCTION billing.rerate(timestamptz, timestamptz, bigint, boolean, text) SECURITY DEFINER;

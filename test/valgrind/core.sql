@@ -9,12 +9,15 @@ SELECT * FROM billing.ingest('v_src', 0, 1, (SELECT array_agg(1 + g % 20) FROM g
 SELECT * FROM billing.ingest('v_src', 0, 1, '{1}', '{v_sum}', '{1}', ARRAY[now()]);
 SELECT billing.report_cumulative('v_collector', 3, 'v_sum', date_trunc('day', now()) - interval '1 day', 40);
 SELECT billing.report_cumulative('v_collector', 3, 'v_sum', date_trunc('day', now()) - interval '1 day', 55);
+SELECT count(billing.report_cumulative('v_src' || s, 4, 'v_sum', date_trunc('day', now()) - interval '1 day', CASE WHEN n <= 30 THEN b / 25 + n ELSE 3 * b / 25 + 7 * (n - 30) END)) FROM (SELECT (repeat('97', 499) || '9.' || repeat('31', 500))::numeric AS b) x, generate_series(1, 60) n, generate_series(1, 8) s;
+SELECT count(billing.report_cumulative('v_src' || s, 4, 'v_sum', date_trunc('day', now()) - interval '1 day', b / 25 + 1)) FROM (SELECT (repeat('97', 499) || '9.' || repeat('31', 500))::numeric AS b) x, generate_series(1, 8) s;
+DO $$ BEGIN PERFORM billing.report_cumulative('v_huge', 4, 'v_sum', date_trunc('day', now()) - interval '1 day', 1e30000); EXCEPTION WHEN invalid_parameter_value THEN NULL; END $$;
 CREATE TABLE v_outcomes (org bigint, category text, quantity numeric, received timestamptz, event_id text, region text);
 SELECT billing.meter_table('v_outcomes', 'org', 'category', 'quantity', 'received', 'event_id', 'region', keep_rows => false);
 INSERT INTO v_outcomes SELECT 1 + g % 20, 'v_sum', (g % 5) + 0.123456789012345678901, date_trunc('day', now()) - interval '3 days' + (g % 4000) * interval '1 minute', 'o-' || (g % 4000), (ARRAY['eu', 'us'])[1 + g % 2] FROM generate_series(1, 5000) g;
 CREATE TABLE v_kept (org bigint, category text, quantity bigint, received timestamptz, event_id text);
 SELECT billing.meter_table('v_kept', 'org', 'category', 'quantity', 'received', 'event_id');
-INSERT INTO v_kept SELECT 1 + g % 20, 'v_max', g, date_trunc('day', now()) - interval '2 days' + (g % 3000) * interval '1 minute', 'k-' || (g % 1500) FROM generate_series(1, 2000) g;
+INSERT INTO v_kept SELECT 1 + g % 20, 'v_max', g, date_trunc('day', now()) - interval '2 days' + (g % 2000) * interval '1 minute', 'k-' || (g % 1500) FROM generate_series(1, 2000) g;
 CREATE TABLE v_batch (org bigint, category text, quantity numeric, received timestamptz);
 SELECT billing.meter_table('v_batch', 'org', 'category', 'quantity', 'received');
 INSERT INTO v_batch SELECT 1 + g % 20, 'v_last', g * 0.0000000000000000000001, date_trunc('day', now()) - interval '1 day' + (g % 300) * interval '1 minute' FROM generate_series(1, 1000) g;
