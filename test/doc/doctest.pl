@@ -1,0 +1,195 @@
+#!/usr/bin/perl
+# The documentation as a test (issue 20).  Reads Markdown files and runs
+# their SQL examples, top to bottom, one psql session per file, on a fresh
+# database each; compares what psql prints with the output block shown under
+# each example.  Prints one TAP line per example ("ok N - FILE:LINE" or
+# "not ok N - FILE:LINE" followed by a diff).
+#
+#   perl test/doc/doctest.pl [--accept] FILE[=DATABASE] ...
+#
+# What is an example (the Markdown conventions the doc follows):
+#   - a fenced block opened with ```sql is run as it stands (psql input:
+#     SQL and psql meta-commands);
+#   - a fenced block opened with ``` (no language) or ```text that follows it
+#     with only blank lines between is its expected output: what psql -X -q
+#     prints for the block (stdout and stderr, as psql prints them with its
+#     input on stdin, \pset footer off), compared line by line with trailing
+#     blanks and leading and trailing empty lines ignored;
+#   - an example without an output block passes when psql reports no error
+#     (no ERROR, FATAL or psql: line);
+#   - <!-- doc-test: skip REASON --> on the line before a fence: the block is
+#     not run (an ```sql block) or not required to be produced by one (an
+#     output block); REASON says why (a Citus cluster, pg_cron's database,
+#     output of another test);
+#   - an output block that follows no example, and an indented (4 spaces)
+#     block that starts with an SQL statement, fail: every example is either
+#     run or explicitly skipped.
+#
+# The database is created afresh (DROP DATABASE IF EXISTS, CREATE DATABASE);
+# psql connects with PGTZ=UTC and the environment's PGHOST/PGPORT/PGUSER.
+# --accept writes FILE.out: the file with every output block replaced by
+# what psql printed (for writing the doc; review it before copying it over).
+use strict;
+use warnings;
+use File::Temp qw(tempdir);
+
+my $accept = 0;
+my @files;
+for (@ARGV) {
+    if ($_ eq '--accept') { $accept = 1; } else { push @files, $_; }
+}
+die "usage: $0 [--accept] FILE[=DATABASE] ...\n" unless @files;
+
+my $tmp = tempdir('billing-doctest.XXXXXX', TMPDIR => 1, CLEANUP => 1);
+my $n = 0;
+my $failed = 0;
+
+# tap(OK, NAME, DIAG...): one TAP line, diagnostics as comments
+sub tap {
+    my ($ok, $name, @diag) = @_;
+    $n++;
+    print(($ok ? "ok" : "not ok") . " $n - $name\n");
+    print map { "#   $_\n" } map { split /\n/ } @diag;
+    $failed++ unless $ok;
+}
+
+# normalize(TEXT): the lines compared: trailing blanks and leading and
+# trailing empty lines removed
+sub normalize {
+    my @l = map { s/\s+$//r } split /\n/, $_[0], -1;
+    shift @l while @l && $l[0] eq '';
+    pop @l while @l && $l[-1] eq '';
+    return join("\n", @l) . (@l ? "\n" : '');
+}
+
+# parse(FILE): the fenced blocks of a Markdown file, and the lint problems
+sub parse {
+    my ($file) = @_;
+    open my $fh, '<', $file or die "$file: $!";
+    my @lines = <$fh>;
+    close $fh;
+    chomp @lines;
+    my (@blocks, @problems);
+    my $i = 0;
+    while ($i < @lines) {
+        my $line = $lines[$i];
+        if ($line =~ /^(\s*)```(\w*)\s*$/) {
+            my ($indent, $lang) = (length $1, $2);
+            my $start = $i;
+            my @body;
+            $i++;
+            while ($i < @lines && $lines[$i] !~ /^\s*```\s*$/) {
+                my $l = $lines[$i];
+                $l =~ s/^ {0,$indent}//;
+                push @body, $l;
+                $i++;
+            }
+            push @problems, "$file:" . ($start + 1) . ": fence not closed" if $i >= @lines;
+            # the marker on the nearest non-blank line above
+            my $j = $start - 1;
+            $j-- while $j >= 0 && $lines[$j] =~ /^\s*$/;
+            my $skip = ($j >= 0 && $lines[$j] =~ /<!--\s*doc-test:\s*skip\b/) ? 1 : 0;
+            push @blocks, { lang => $lang, start => $start, end => $i,
+                            body => join("\n", @body) . "\n", skip => $skip };
+        } elsif ($line =~ /^    (SELECT|INSERT|UPDATE|DELETE|CREATE|ALTER|WITH|SET)\b/
+                 && $i > 0 && $lines[$i - 1] =~ /^\s*$/) {
+            push @problems, "$file:" . ($i + 1)
+                . ": an indented SQL example: fence it with ```sql so that it runs";
+        }
+        $i++;
+    }
+    # pair each example with the output block right below it
+    for my $k (0 .. $#blocks) {
+        my $b = $blocks[$k];
+        next unless $b->{lang} eq 'sql' && !$b->{skip};
+        my $o = $blocks[$k + 1];
+        next unless $o && ($o->{lang} eq '' || $o->{lang} eq 'text');
+        my $between = join '', @lines[$b->{end} + 1 .. $o->{start} - 1];
+        next unless $between =~ /^\s*$/;
+        $b->{expected} = $o;
+        $o->{paired} = 1;
+    }
+    for my $b (@blocks) {
+        next if $b->{lang} eq 'sql' || $b->{paired} || $b->{skip};
+        next unless $b->{lang} eq '' || $b->{lang} eq 'text';
+        push @problems, "$file:" . ($b->{start} + 1)
+            . ": an output block that no example above it produces (add the example, or mark it <!-- doc-test: skip REASON -->)"
+            if $b->{body} =~ /^[-+]{3,}$|^(ERROR|NOTICE|WARNING):/m;
+    }
+    return (\@lines, \@blocks, \@problems);
+}
+
+# psql(DB, INPUT): what psql prints for INPUT on stdin
+sub psql {
+    my ($db, $input) = @_;
+    my $in = "$tmp/in.sql";
+    open my $fh, '>', $in or die;
+    print $fh $input;
+    close $fh;
+    local $ENV{PGTZ} = 'UTC';
+    return scalar `psql -X -q -P footer=off -d '$db' < '$in' 2>&1`;
+}
+
+for my $spec (@files) {
+    my ($file, $db) = split /=/, $spec, 2;
+    ($db = lc $file) =~ s/.*\///, $db =~ s/\W.*//, $db = "doc_$db" unless defined $db;
+    my ($lines, $blocks, $problems) = parse($file);
+    tap(0, "$_") for @$problems;
+
+    my $setup = `psql -X -q -d postgres -c 'DROP DATABASE IF EXISTS "$db"' -c 'CREATE DATABASE "$db"' 2>&1`;
+    if ($? != 0) { tap(0, "$file: database $db created", $setup); next; }
+
+    my @examples = grep { $_->{lang} eq 'sql' && !$_->{skip} } @$blocks;
+    my $input = '';
+    for my $k (0 .. $#examples) {
+        $input .= "\\echo '\@\@doc-example $k\@\@'\n$examples[$k]{body}";
+    }
+    $input .= "\\echo '\@\@doc-example end\@\@'\n";
+    my $out = psql($db, $input);
+    my %actual;
+    my $cur;
+    for my $l (split /\n/, $out) {
+        if ($l =~ /^\@\@doc-example (\d+|end)\@\@$/) { $cur = $1; $actual{$cur} = ''; next; }
+        $actual{defined $cur ? $cur : 'before'} .= "$l\n";
+    }
+    for my $k (0 .. $#examples) {
+        my $e = $examples[$k];
+        my $name = "$file:" . ($e->{start} + 1);
+        my $got = $actual{$k};
+        if (!defined $got) {
+            tap(0, $name, "psql did not reach this example; it printed:", $out);
+            next;
+        }
+        if ($e->{expected}) {
+            my ($want, $have) = (normalize($e->{expected}{body}), normalize($got));
+            if ($want eq $have) { tap(1, $name); next; }
+            open my $w, '>', "$tmp/expected" or die; print $w $want; close $w;
+            open my $h, '>', "$tmp/actual" or die; print $h $have; close $h;
+            my $diff = `diff -u "$tmp/expected" "$tmp/actual"`;
+            $diff =~ s/^(---|\+\+\+) .*\n//mg;
+            tap(0, "$name: the output differs from the doc (- doc, + psql)", $diff);
+        } elsif ($got =~ /^(ERROR|FATAL|PANIC):|^psql:/m) {
+            tap(0, "$name: an example without an output block failed", $got);
+        } else {
+            tap(1, $name);
+        }
+    }
+    if ($accept) {
+        my @new = @$lines;
+        # replace from the bottom so that line numbers stay valid
+        for my $k (reverse 0 .. $#examples) {
+            my $e = $examples[$k];
+            next unless $e->{expected} && defined $actual{$k};
+            my $o = $e->{expected};
+            my ($indent) = $new[$o->{start}] =~ /^(\s*)/;
+            my @body = map { $_ eq '' ? '' : "$indent$_" } split /\n/, normalize($actual{$k});
+            splice @new, $o->{start} + 1, $o->{end} - $o->{start} - 1, @body;
+        }
+        open my $fh, '>', "$file.out" or die;
+        print $fh map { "$_\n" } @new;
+        close $fh;
+        print "# wrote $file.out\n";
+    }
+}
+print "# $n examples and checks, $failed failed\n";
+exit($failed ? 1 : 0);
