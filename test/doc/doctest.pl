@@ -13,7 +13,7 @@
 #   - a fenced block opened with ``` (no language) or ```text that follows it
 #     with only blank lines between is its expected output: what psql -X -q
 #     prints for the block (stdout and stderr, as psql prints them with its
-#     input on stdin, \pset footer off), compared line by line with trailing
+#     input on stdin), compared line by line with trailing
 #     blanks and leading and trailing empty lines ignored;
 #   - an example without an output block passes when psql reports no error
 #     (no ERROR, FATAL or psql: line);
@@ -127,7 +127,7 @@ sub psql {
     print $fh $input;
     close $fh;
     local $ENV{PGTZ} = 'UTC';
-    return scalar `psql -X -q -P footer=off -d '$db' < '$in' 2>&1`;
+    return scalar `psql -X -q -d '$db' < '$in' 2>&1`;
 }
 
 for my $spec (@files) {
