@@ -23,7 +23,11 @@
 #     output of another test);
 #   - an output block that follows no example, and an indented (4 spaces)
 #     block that starts with an SQL statement, fail: every example is either
-#     run or explicitly skipped.
+#     run or explicitly skipped;
+#   - every link to a heading ([text](#anchor), or another Markdown file's
+#     [text](FILE.md#anchor)) must land on a heading, with GitHub's anchors
+#     (lower case, punctuation dropped, spaces to hyphens, -1, -2 for
+#     repeated headings): one check per file.
 #
 # The database is created afresh (DROP DATABASE IF EXISTS, CREATE DATABASE);
 # psql connects with PGTZ=UTC and the environment's PGHOST/PGPORT/PGUSER.
@@ -119,6 +123,45 @@ sub parse {
     return (\@lines, \@blocks, \@problems);
 }
 
+# anchors(FILE): the anchors GitHub gives the headings of a Markdown file
+sub anchors {
+    my ($file) = @_;
+    open my $fh, '<', $file or return {};
+    my (%seen, %a);
+    my $fence = 0;
+    while (my $l = <$fh>) {
+        $fence = !$fence if $l =~ /^\s*```/;
+        next if $fence || $l !~ /^#{1,6}\s+(.*?)\s*$/;
+        (my $slug = lc $1) =~ s/[^\w\- ]//g;
+        $slug =~ tr/ /-/;
+        my $n = $seen{$slug}++;
+        $a{$n ? "$slug-$n" : $slug} = 1;
+    }
+    close $fh;
+    return \%a;
+}
+
+# links(FILE, LINES): the links to headings that land nowhere
+sub links {
+    my ($file, $lines) = @_;
+    (my $dir = $file) =~ s{[^/]*$}{};
+    my @bad;
+    my $fence = 0;
+    for my $k (0 .. $#$lines) {
+        my $l = $lines->[$k];
+        $fence = !$fence if $l =~ /^\s*```/;
+        next if $fence;
+        while ($l =~ /\]\(([^)\s]*?)#([^)\s]+)\)/g) {
+            my ($target, $anchor) = ($1, $2);
+            next if $target =~ /^\w+:/;
+            my $t = $target eq '' ? $file : "$dir$target";
+            push @bad, "$file:" . ($k + 1) . ": #$anchor is no heading of $t"
+                unless anchors($t)->{$anchor};
+        }
+    }
+    return @bad;
+}
+
 # psql(DB, INPUT): what psql prints for INPUT on stdin
 sub psql {
     my ($db, $input) = @_;
@@ -135,6 +178,8 @@ for my $spec (@files) {
     ($db = lc $file) =~ s/.*\///, $db =~ s/\W.*//, $db = "doc_$db" unless defined $db;
     my ($lines, $blocks, $problems) = parse($file);
     tap(0, "$_") for @$problems;
+    my @bad = links($file, $lines);
+    tap(!@bad, "$file: every link to a heading lands on one", @bad);
 
     my $setup = `psql -X -q -d postgres -c 'DROP DATABASE IF EXISTS "$db"' -c 'CREATE DATABASE "$db"' 2>&1`;
     if ($? != 0) { tap(0, "$file: database $db created", $setup); next; }
