@@ -5,7 +5,7 @@
 # each example.  Prints one TAP line per example ("ok N - FILE:LINE" or
 # "not ok N - FILE:LINE" followed by a diff).
 #
-#   perl test/doc/doctest.pl [--accept] FILE[=DATABASE] ...
+#   perl test/doc/doctest.pl [--accept] [--cover] FILE[=DATABASE] ...
 #
 # What is an example (the Markdown conventions the doc follows):
 #   - a fenced block opened with ```sql is run as it stands (psql input:
@@ -27,7 +27,11 @@
 #   - every link to a heading ([text](#anchor), or another Markdown file's
 #     [text](FILE.md#anchor)) must land on a heading, with GitHub's anchors
 #     (lower case, punctuation dropped, spaces to hyphens, -1, -2 for
-#     repeated headings): one check per file.
+#     repeated headings): one check per file;
+#   - with --cover (for the files after it): every function of schema
+#     billing whose name does not start with _ is called by an example that
+#     runs, except those the file names in <!-- doc-test: not run: NAME
+#     REASON --> (one check per file).
 #
 # The database is created afresh (DROP DATABASE IF EXISTS, CREATE DATABASE);
 # psql connects with PGTZ=UTC and the environment's PGHOST/PGPORT/PGUSER.
@@ -39,8 +43,11 @@ use File::Temp qw(tempdir);
 
 my $accept = 0;
 my @files;
+my $cover = 0;
 for (@ARGV) {
-    if ($_ eq '--accept') { $accept = 1; } else { push @files, $_; }
+    if ($_ eq '--accept') { $accept = 1; }
+    elsif ($_ eq '--cover') { $cover = 1; }
+    else { push @files, [$_, $cover]; }
 }
 die "usage: $0 [--accept] FILE[=DATABASE] ...\n" unless @files;
 
@@ -173,7 +180,8 @@ sub psql {
     return scalar `psql -X -q -d '$db' < '$in' 2>&1`;
 }
 
-for my $spec (@files) {
+for my $f (@files) {
+    my ($spec, $check_cover) = @$f;
     my ($file, $db) = split /=/, $spec, 2;
     ($db = lc $file) =~ s/.*\///, $db =~ s/\W.*//, $db = "doc_$db" unless defined $db;
     my ($lines, $blocks, $problems) = parse($file);
@@ -196,6 +204,26 @@ for my $spec (@files) {
     for my $l (split /\n/, $out) {
         if ($l =~ /^\@\@doc-example (\d+|end)\@\@$/) { $cur = $1; $actual{$cur} = ''; next; }
         $actual{defined $cur ? $cur : 'before'} .= "$l\n";
+    }
+    if ($check_cover) {
+        # the functions users call (not the type's I/O, operator and
+        # opclass support functions)
+        open my $q, '>', "$tmp/functions.sql" or die;
+        print $q <<'SQL';
+SELECT DISTINCT p.proname FROM pg_proc p
+ WHERE p.pronamespace = 'billing'::regnamespace AND p.proname !~ '^_'
+   AND NOT EXISTS (SELECT FROM pg_type t WHERE p.oid IN (t.typinput, t.typoutput, t.typreceive, t.typsend))
+   AND NOT EXISTS (SELECT FROM pg_operator o WHERE o.oprcode = p.oid)
+   AND NOT EXISTS (SELECT FROM pg_amproc a WHERE a.amproc = p.oid)
+ ORDER BY 1;
+SQL
+        close $q;
+        my %excused = map { /<!--\s*doc-test:\s*not run:\s*(\w+)/ ? ($1 => 1) : () } @$lines;
+        my $code = join "\n", map { $_->{body} } @examples;
+        my @missing = grep { !$excused{$_} && $code !~ /\b\Q$_\E\s*\(/ }
+            split /\n/, scalar `psql -X -At -d '$db' -f '$tmp/functions.sql' 2>&1`;
+        tap(!@missing, "$file: every function of schema billing is called by an example",
+            map { "no example calls billing.$_" } @missing);
     }
     for my $k (0 .. $#examples) {
         my $e = $examples[$k];

@@ -17,4 +17,4 @@ export PGPORT_TEST=$((51000 + RANDOM % 900))
 start_cluster || { echo "not ok 1 - the cluster started"; exit 1; }
 trap stop_cluster EXIT
 
-perl test/doc/doctest.pl ${DOCTEST_ACCEPT:+--accept} README.md=quickstart doc/billing.md=shop
+perl test/doc/doctest.pl ${DOCTEST_ACCEPT:+--accept} README.md=quickstart --cover doc/billing.md=shop
