@@ -26,7 +26,7 @@ OBJS       = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 EXTSQL     = sql/$(EXTENSION)--$(EXTVERSION).sql
 DATA       = $(EXTSQL) $(filter-out $(EXTSQL),$(wildcard sql/$(EXTENSION)--*.sql))
 DOCS       = doc/billing.md
-EXTRA_CLEAN = $(EXTSQL) results regression.diffs regression.out $(DISTNAME).zip .dist
+EXTRA_CLEAN = $(EXTSQL) results regression.diffs regression.out $(DISTNAME).zip .dist README.md.out doc/billing.md.out
 
 TESTS      = $(filter-out setup,$(sort $(basename $(notdir $(filter-out sql/$(EXTENSION)--%,$(wildcard sql/*.sql))))))
 REGRESS    = setup $(TESTS)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make test: install what is missing, build with -Werror, install, start a
 # throwaway cluster, run pg_regress, the isolation specs, pgTAP, the Citus,
-# maintenance worker, pg_dump and fault sections, stop the
+# maintenance worker, doc examples, pg_dump and fault sections, stop the
 # cluster, and print one closing line "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,6 +85,18 @@ rc=$?
 grep -vE '^ok [0-9]+' "$out/worker.log"
 ok=$(grep -Ec '^ok [0-9]+' "$out/worker.log")
 bad=$(grep -Ec '^not ok [0-9]+' "$out/worker.log")
+if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
+passed=$((passed + ok)); failed=$((failed + bad))
+
+# the documentation as a test: every ```sql example of README.md and
+# doc/billing.md, top to bottom on a fresh database of a cluster of its own,
+# its output compared with the doc's; one line per example.
+echo "== doc examples"
+bash test/doc/run.sh >"$out/doc.log" 2>&1
+rc=$?
+grep -vE '^ok [0-9]+' "$out/doc.log"
+ok=$(grep -Ec '^ok [0-9]+' "$out/doc.log")
+bad=$(grep -Ec '^not ok [0-9]+' "$out/doc.log")
 if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
 passed=$((passed + ok)); failed=$((failed + bad))
 
