@@ -2042,3 +2042,995 @@ GRANT EXECUTE ON FUNCTION billing._last_later(timestamptz, bigint, timestamptz, 
 ALTER FUNCTION billing._meter_row() SECURITY INVOKER;
 ALTER FUNCTION billing._meter_after_rows() SECURITY INVOKER;
 ALTER FUNCTION billing._meter_flush() SECURITY INVOKER RESET search_path;
+
+-- ---- issue 18, part 2: matrix charges (charges.dimension) -------------------------------
+-- A charge with a dimension rates only its meter's usage of that dimension;
+-- a NULL dimension (every 1.0 charge) rates the dimensions no other charge
+-- of the (plan, meter) names, so 1.0 charges keep their meaning.  Versions
+-- are per (plan, meter, dimension).  Invoice lines and adjustments carry
+-- the dimension (NULL on 1.0's rows); invoice_preview and rerate return it
+-- as a last column; remaining takes the dimension of the units asked for.
+-- Functions whose arguments or result columns change are dropped and
+-- created again (on a Citus coordinator, run billing.distribute() after
+-- the update: it registers invoice_preview and remaining again).
+ALTER TABLE billing.charges ADD COLUMN dimension text COLLATE "C" NULL;
+ALTER TABLE billing.charges ADD CONSTRAINT charges_dimension_check
+    CHECK (dimension IS NULL OR (meter IS NOT NULL AND pg_catalog.octet_length(dimension) <= 256));
+DROP INDEX billing.charges_usage_version;
+CREATE UNIQUE INDEX charges_usage_version ON billing.charges (plan, meter, dimension, valid_from)
+    NULLS NOT DISTINCT WHERE meter IS NOT NULL;
+COMMENT ON TABLE billing.charges IS
+    'Charges of a plan, versioned by valid_from per (plan, meter, dimension): the version in force at a period''s start rates the whole period; a NULL meter is a fixed fee per period (rated with quantity 0); a dimension rates only that dimension''s usage of the meter, NULL the dimensions no other charge names';
+ALTER TABLE billing.invoice_lines ADD COLUMN dimension text COLLATE "C";
+ALTER TABLE billing.adjustments ADD COLUMN dimension text COLLATE "C";
+
+DROP FUNCTION billing._rollup_totals(bigint[], timestamptz[], timestamptz[], text[], text[]);
+DROP FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[]);
+DROP FUNCTION billing._usage_totals_citus(bigint, timestamptz, timestamptz);
+DROP FUNCTION billing._rate_period(bigint, text, text, numeric, timestamptz, timestamptz);
+DROP FUNCTION billing._rate_periods(bigint[], text[], text[], numeric[], timestamptz[], timestamptz[]);
+DROP FUNCTION billing._pending_adjustments(bigint);
+DROP FUNCTION billing.invoice_preview(bigint, timestamptz);
+DROP FUNCTION billing._invoice_preview(bigint, timestamptz);
+DROP FUNCTION billing.remaining(bigint, text, timestamptz);
+DROP FUNCTION billing.rerate(timestamptz, timestamptz, bigint, boolean, text);
+DROP FUNCTION billing._rerate(timestamptz, timestamptz, bigint, boolean, text);
+DROP FUNCTION billing._rerate_diff(timestamptz, timestamptz, bigint);
+
+CREATE FUNCTION billing._rollup_totals(p_accounts bigint[], p_starts timestamptz[],
+                                      p_ends timestamptz[], p_meters text[],
+                                      p_aggregations text[],
+                                      s_idx integer[] DEFAULT '{}', s_meters text[] DEFAULT '{}',
+                                      s_dims text[] DEFAULT '{}')
+    RETURNS TABLE (idx integer, meter text, quantity numeric, last_ts timestamptz,
+                   last_seq bigint, dimension text)
+    AS 'MODULE_PATHNAME', 'billing_rollup_totals'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION billing._rollup_totals(bigint[], timestamptz[], timestamptz[], text[], text[], integer[], text[], text[]) IS
+    'Internal: per period (1-based index) and meter, the aggregate of the buckets and roll-ups covering [start, end), with the latest cell''s last_ts and last_seq; the dimensions named for a period and meter (s_idx, s_meters, s_dims) apart, the rest with dimension NULL (src/totals.c)';
+
+/*
+ * _usage_totals_many: the quantity of each meter of each (account,
+ * [from, to)) given, combined by the meter's aggregation.  Reads day roll-ups for whole
+ * UTC days, hour roll-ups for whole hours, buckets for the minutes at the
+ * edges, and the deltas not yet compacted, so a month costs a few hundred
+ * rows, not tens of thousands of minute buckets.
+ *
+ * Matrix charges (issue 18): c_idx, c_meters and c_dims list the usage
+ * charges rated in each period (element j: period c_idx[j] rates meter
+ * c_meters[j], dimension c_dims[j] alone, or with c_dims[j] NULL the
+ * dimensions no other charge of the period names).  A dimension named for
+ * a period and meter gets a row of its own; dimension NULL is the rest of
+ * the meter (all of it when none is named).
+ */
+CREATE FUNCTION billing._usage_totals_many(p_accounts bigint[], p_starts timestamptz[],
+                                           p_ends timestamptz[], c_idx integer[] DEFAULT NULL,
+                                           c_meters text[] DEFAULT NULL, c_dims text[] DEFAULT NULL)
+    RETURNS TABLE (idx integer, meter text, quantity numeric, dimension text)
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+BEGIN
+    -- on Citus: one router query per account (see 90_distribute.sql)
+    IF billing._citus_table_kind('billing.usage_deltas') IS NOT NULL THEN
+        RETURN QUERY
+        SELECT x.i::integer, t.meter, t.quantity, t.dimension
+          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i),
+               LATERAL billing._usage_totals_citus(
+                   x.a, x.s, x.e,
+                   ARRAY(SELECT c.m FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d),
+                   ARRAY(SELECT c.d FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d)) t;
+        RETURN;
+    END IF;
+    -- the roll-ups and buckets covering each period, each meter aggregated
+    -- in C (billing._rollup_totals), plus the deltas not yet compacted,
+    -- folded by the same rule (billing._cell_agg, src/agg.c)
+    RETURN QUERY
+    WITH ms AS (
+        SELECT array_agg(m.meter::text ORDER BY m.meter) AS meters,
+               array_agg(m.aggregation::text ORDER BY m.meter) AS aggs
+          FROM billing.meters m
+    ), named AS (
+        -- the dimensions charged apart, per period and meter
+        SELECT DISTINCT c.i AS idx, c.m COLLATE "C" AS meter, c.d COLLATE "C" AS dim
+          FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+         WHERE c.i IS NOT NULL AND c.m IS NOT NULL AND c.d IS NOT NULL
+    ), na AS (
+        SELECT coalesce(array_agg(n.idx), '{}') AS i, coalesce(array_agg(n.meter::text), '{}') AS m,
+               coalesce(array_agg(n.dim::text), '{}') AS d
+          FROM named n
+    ), per AS (
+        SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe
+          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)
+    ), folded AS (
+        SELECT r.idx, r.meter COLLATE "C" AS meter, r.dimension COLLATE "C" AS dim, r.quantity,
+               r.last_ts, r.last_seq
+          FROM ms, na,
+               billing._rollup_totals(p_accounts, p_starts, p_ends, ms.meters, ms.aggs,
+                                      na.i, na.m, na.d) r
+        UNION ALL
+        -- not yet compacted
+        SELECT per.idx, x.meter, n.dim, x.quantity, x.last_ts,
+               CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
+          FROM per JOIN billing.usage_deltas d ON d.account_id = per.account_id
+               CROSS JOIN LATERAL billing._delta_cells(d.cells) x
+               LEFT JOIN named n ON n.idx = per.idx AND n.meter = x.meter AND n.dim = x.dimension
+         WHERE x.bucket_start >= per.ps AND x.bucket_start < per.pe
+    )
+    SELECT f.idx, f.meter::text,
+           billing._cell_agg(m.aggregation, f.quantity, f.last_ts, f.last_seq),
+           f.dim::text
+      FROM folded f JOIN billing.meters m ON m.meter = f.meter
+     GROUP BY f.idx, f.meter, f.dim, m.aggregation;
+END
+$$;
+COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[], integer[], text[], text[]) IS
+    'Internal: quantity per meter (and per dimension charged apart) of many (account, range) pairs, from roll-ups where whole hours and days allow';
+
+/*
+ * _usage_totals_citus: the quantity per meter of one account over [from_ts,
+ * to_ts) on Citus, from the minute buckets at the edges, hour and day
+ * roll-ups, and the deltas: one router query to the account's shards (the
+ * set-based _usage_totals_many joins many accounts with arrays, which Citus
+ * cannot plan).  _usage_totals_many calls it once per account.  The
+ * dimensions s_dims[j] of meters s_meters[j] are totalled apart (matrix
+ * charges, issue 18), the rest of a meter has dimension NULL.
+ */
+CREATE FUNCTION billing._usage_totals_citus(p_account bigint, from_ts timestamptz, to_ts timestamptz,
+                                            s_meters text[] DEFAULT '{}', s_dims text[] DEFAULT '{}')
+    RETURNS TABLE (meter text, quantity numeric, dimension text)
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    -- [from_ts, to_ts) = minutes [from_ts, h0) + hours [h0, d0) + days [d0, d1)
+    --                  + hours [d1, h1) + minutes [h1, to_ts), with h0/h1 the
+    -- first/last whole hour and d0/d1 the first/last whole UTC day inside
+    h0 timestamptz := billing._bin('1 hour', from_ts - interval '1 microsecond') + interval '1 hour';
+    h1 timestamptz := billing._bin('1 hour', to_ts);
+    d0 timestamptz := billing._bin('1 day', from_ts - interval '1 microsecond') + interval '1 day';
+    d1 timestamptz := billing._bin('1 day', to_ts);
+    m_end timestamptz := LEAST(h0, to_ts);                 -- leading minutes end
+    m_start timestamptz := GREATEST(h1, h0, from_ts);      -- trailing minutes start
+    hh_end timestamptz := LEAST(d0, h1);                   -- leading hours end
+    ht_start timestamptz := GREATEST(d1, d0, h0);          -- trailing hours start
+    -- keys of the dimensions totalled apart: length of the meter, ':', the
+    -- meter, the dimension (unambiguous, whatever the names hold)
+    named text[] := ARRAY(SELECT format('%s:%s%s', length(x.m), x.m, x.d)
+                            FROM unnest(s_meters, s_dims) AS x(m, d));
+BEGIN
+    -- one index range per meter and table: (account_id, meter, bucket_start)
+    RETURN QUERY
+    WITH cells AS (
+        SELECT m.meter, c.dimension, c.quantity, c.last_ts, c.last_seq
+          FROM billing.meters m
+               CROSS JOIN LATERAL (
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= from_ts AND u.bucket_start < m_end
+                   UNION ALL
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= m_start AND u.bucket_start < to_ts
+                   UNION ALL
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= h0 AND u.bucket_start < hh_end
+                   UNION ALL
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= ht_start AND u.bucket_start < h1
+                   UNION ALL
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_daily u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= d0 AND u.bucket_start < d1
+               ) c
+        UNION ALL
+        -- not yet compacted
+        SELECT x.meter, x.dimension, x.quantity, x.last_ts,
+               CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
+          FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
+         WHERE d.account_id = p_account AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
+    ), keyed AS (
+        SELECT c.*, CASE WHEN format('%s:%s%s', length(c.meter), c.meter, c.dimension) = ANY (named)
+                         THEN c.dimension END AS dim
+          FROM cells c
+    )
+    SELECT c.meter::text,
+           billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq),
+           c.dim::text
+      FROM keyed c JOIN billing.meters m ON m.meter = c.meter
+     GROUP BY c.meter, c.dim, m.aggregation;
+END
+$$;
+
+COMMENT ON FUNCTION billing._usage_totals_citus(bigint, timestamptz, timestamptz, text[], text[]) IS
+    'Internal: usage totals of one account on Citus (a router query), named dimensions apart';
+
+/*
+ * _rate_periods: the lines of many billing periods at once (element i of
+ * each array describes period i), in invoice order per period (fixed fees,
+ * usage by description, meter and dimension, the spend cap), amounts
+ * rounded per line to the currency's minor unit.  The version of each
+ * charge (plan, meter, dimension) in force at a period's start rates the
+ * whole period; a charge with a dimension rates that dimension's usage of
+ * its meter, one with none the dimensions no other charge in force names.
+ * Set-based, so that finalizing or re-rating ten thousand accounts is one
+ * query, not ten thousand.
+ */
+CREATE FUNCTION billing._rate_periods(p_accounts bigint[], p_plans text[], p_currencies text[],
+                                      p_caps numeric[], p_starts timestamptz[],
+                                      p_ends timestamptz[])
+    RETURNS TABLE (idx integer, ord integer, kind text, meter text, description text,
+                   quantity numeric, amount numeric, unrounded_amount numeric,
+                   charge_id bigint, price billing.price, dimension text)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+BEGIN
+    RETURN QUERY
+    WITH per AS (
+        SELECT x.i::integer AS idx, x.pl AS plan, x.cur AS currency, x.cap, x.s AS ps
+          FROM unnest(p_plans, p_currencies, p_caps, p_starts) WITH ORDINALITY AS x(pl, cur, cap, s, i)
+    ), versions AS (
+        -- the charge versions in force, once per (plan, period start) however
+        -- many accounts share them, numbered in invoice order: fixed fees by
+        -- description, then usage by description, meter and dimension (the
+        -- spend cap comes last)
+        SELECT v.*, (row_number() OVER (PARTITION BY v.plan, v.ps
+                                        ORDER BY v.grp, v.description, v.meter,
+                                                 v.dimension NULLS FIRST))::integer AS ord,
+               (count(*) OVER (PARTITION BY v.plan, v.ps))::integer AS n_lines
+          FROM (SELECT DISTINCT ON (k.plan, k.ps, c.meter, c.dimension,
+                                    CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END)
+                       k.plan, k.ps, c.charge_id, c.meter::text AS meter,
+                       c.dimension::text AS dimension,
+                       coalesce(c.description,
+                                CASE WHEN c.dimension IS NULL THEN c.meter::text
+                                     ELSE format('%s (%s)', c.meter, c.dimension) END) AS description,
+                       c.price,
+                       CASE WHEN c.meter IS NULL THEN 1 ELSE 2 END AS grp
+                  FROM (SELECT DISTINCT per.plan, per.ps FROM per) k
+                       JOIN billing.charges c ON c.plan = k.plan AND c.valid_from <= k.ps
+                 ORDER BY k.plan, k.ps, c.meter, c.dimension,
+                          CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END,
+                          c.valid_from DESC) v
+    ), widths AS (
+        -- the bucket widths of the meters each (plan, period start) charges
+        SELECT DISTINCT v.plan, v.ps, m.bucket_width
+          FROM versions v JOIN billing.meters m ON m.meter = v.meter
+    ), firsts AS (
+        -- a metered charge of a period bills the buckets of its meter that
+        -- start in [lo, period end), lo by the one rule of src/periods.c
+        -- for the meter's bucket width: the bucket straddling a
+        -- subscription's start goes to its first period, every other one
+        -- to the period holding its start
+        SELECT per.idx, w.bucket_width,
+               billing._period_first_bucket(per.ps, uf.usage_from, w.bucket_width) AS lo
+          FROM per JOIN widths w ON w.plan = per.plan AND w.ps = per.ps
+               JOIN billing._period_usage_from(p_accounts, p_starts) uf ON uf.idx = per.idx
+    ), reads AS (
+        -- one read of the usage store per period and distinct lo (more than
+        -- one only in a first period whose meters' buckets straddle its
+        -- start at different points)
+        SELECT r.idx, r.lo, (row_number() OVER (ORDER BY r.idx, r.lo))::integer AS j
+          FROM (SELECT DISTINCT f.idx, f.lo FROM firsts f) r
+    ), charged AS (
+        -- the usage charges of each read (those of its period whose
+        -- meter's bucket width gives its lo), for the totals: a matrix
+        -- charge's dimension is totalled apart
+        SELECT array_agg(rd.j) AS i, array_agg(v.meter) AS m, array_agg(v.dimension) AS d
+          FROM reads rd JOIN per ON per.idx = rd.idx
+               JOIN versions v ON v.plan = per.plan AND v.ps = per.ps AND v.meter IS NOT NULL
+               JOIN billing.meters m ON m.meter = v.meter
+               JOIN firsts f ON f.idx = rd.idx AND f.lo = rd.lo AND f.bucket_width = m.bucket_width
+    ), totals AS MATERIALIZED (
+        -- (read once: inlined, the join below would read the store per line)
+        -- each meter from the read whose lo is that of its bucket width
+        SELECT rd.idx, t.meter, t.dimension, t.quantity
+          FROM (SELECT array_agg(p_accounts[rd.idx] ORDER BY rd.j) AS accounts,
+                       array_agg(rd.lo ORDER BY rd.j) AS starts,
+                       array_agg(p_ends[rd.idx] ORDER BY rd.j) AS ends
+                  FROM reads rd) a, charged c,
+               LATERAL billing._usage_totals_many(a.accounts, a.starts, a.ends, c.i, c.m, c.d) t
+               JOIN reads rd ON rd.j = t.idx
+               JOIN billing.meters m ON m.meter = t.meter
+               JOIN firsts f ON f.idx = rd.idx AND f.lo = rd.lo AND f.bucket_width = m.bucket_width
+    ), rated AS (
+        SELECT per.idx, per.currency, v.ord, v.n_lines, v.grp,
+               CASE WHEN v.meter IS NULL THEN 'fixed' ELSE 'usage' END AS kind,
+               v.meter, v.description,
+               CASE WHEN v.meter IS NULL THEN NULL ELSE coalesce(t.quantity, 0) END AS quantity,
+               billing.rate(v.price, CASE WHEN v.meter IS NULL THEN 0 ELSE coalesce(t.quantity, 0) END)
+                   AS unrounded_amount,
+               v.charge_id, v.price, v.dimension
+          FROM per JOIN versions v ON v.plan = per.plan AND v.ps = per.ps
+               LEFT JOIN totals t ON t.idx = per.idx AND t.meter = v.meter
+                                 AND t.dimension IS NOT DISTINCT FROM v.dimension
+    ), lines AS (
+        SELECT r.*, billing.round_money(r.unrounded_amount, r.currency) AS amount FROM rated r
+    ), capped AS (
+        SELECT per.idx, max(l.n_lines) + 1 AS ord, 'cap'::text AS kind, NULL::text AS meter,
+               'spend cap'::text AS description, NULL::numeric AS quantity,
+               NULL::numeric AS unrounded_amount, NULL::bigint AS charge_id,
+               NULL::billing.price AS price, NULL::text AS dimension,
+               billing.round_money(per.cap, per.currency) - sum(l.amount) AS amount
+          FROM per JOIN lines l ON l.idx = per.idx AND l.kind = 'usage'
+         WHERE per.cap IS NOT NULL
+         GROUP BY per.idx, per.cap, per.currency
+        HAVING sum(l.amount) > billing.round_money(per.cap, per.currency)
+    )
+    SELECT l.idx, l.ord, l.kind, l.meter, l.description, l.quantity, l.amount,
+           l.unrounded_amount, l.charge_id, l.price, l.dimension
+      FROM lines l
+    UNION ALL
+    SELECT c.idx, c.ord, c.kind, c.meter, c.description, c.quantity, c.amount,
+           c.unrounded_amount, c.charge_id, c.price, c.dimension
+      FROM capped c;
+END
+$$;
+COMMENT ON FUNCTION billing._rate_periods(bigint[], text[], text[], numeric[], timestamptz[], timestamptz[]) IS
+    'Internal: the rated lines (fixed fees, usage per meter and dimension, spend cap) of many billing periods';
+
+CREATE FUNCTION billing._rate_period(p_account bigint, p_plan text, p_currency text,
+                                     p_cap numeric, p_start timestamptz, p_end timestamptz)
+    RETURNS TABLE (ord integer, kind text, meter text, description text, quantity numeric,
+                   amount numeric, unrounded_amount numeric, charge_id bigint,
+                   price billing.price, dimension text)
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SELECT r.ord, r.kind, r.meter, r.description, r.quantity, r.amount, r.unrounded_amount,
+           r.charge_id, r.price, r.dimension
+      FROM billing._rate_periods(ARRAY[p_account], ARRAY[p_plan], ARRAY[p_currency],
+                                 ARRAY[p_cap], ARRAY[p_start], ARRAY[p_end]) r
+     ORDER BY r.ord
+$$;
+COMMENT ON FUNCTION billing._rate_period(bigint, text, text, numeric, timestamptz, timestamptz) IS
+    'Internal: the rated lines of one billing period';
+
+-- pending adjustments of an account, as invoice lines
+CREATE FUNCTION billing._pending_adjustments(p_account bigint)
+    RETURNS TABLE (adjustment_id bigint, meter text, description text, quantity numeric,
+                   amount numeric, dimension text)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    -- PL/pgSQL, not SQL: Citus routes the query by p_account's value
+    RETURN QUERY
+    SELECT a.adjustment_id, a.meter::text,
+           -- the row rebuilt as billing.adjustments (on Citus a is a shard's row)
+           billing._adjustment_text(ROW(a.*)::billing.adjustments),
+           a.new_quantity - a.old_quantity, a.delta, a.dimension::text
+      FROM billing.adjustments a
+     WHERE a.account_id = p_account AND a.billed_invoice_id IS NULL
+     ORDER BY a.adjustment_id;
+END
+$$;
+COMMENT ON FUNCTION billing._pending_adjustments(bigint) IS
+    'Internal: adjustments of an account not yet carried by an invoice';
+
+CREATE FUNCTION billing._invoice_preview(p_account bigint, p_at timestamptz)
+    RETURNS TABLE (r_line_no int, r_kind text, r_meter text, r_description text,
+                   r_period_start timestamptz, r_period_end timestamptz,
+                   r_quantity numeric, r_amount numeric, r_dimension text)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    p record;
+BEGIN
+    SELECT * INTO p FROM billing._period_at(p_account, p_at);
+    IF p.plan IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH lines AS (
+        SELECT r.ord::bigint AS ord, r.kind, r.meter, r.description, r.quantity, r.amount,
+               r.dimension
+          FROM billing._rate_periods(ARRAY[p_account], ARRAY[p.plan], ARRAY[p.currency],
+                                     ARRAY[p.spend_cap], ARRAY[p.period_start],
+                                     ARRAY[p.period_end]) r
+        UNION ALL
+        SELECT 1000000 + row_number() OVER (ORDER BY a.adjustment_id), 'adjustment', a.meter,
+               a.description, a.quantity, a.amount, a.dimension
+          FROM billing._pending_adjustments(p_account) a
+    )
+    SELECT (row_number() OVER (ORDER BY l.ord))::integer, l.kind, l.meter, l.description,
+           p.period_start, p.period_end, l.quantity, l.amount, l.dimension
+      FROM lines l
+     ORDER BY l.ord;
+END
+$$;
+COMMENT ON FUNCTION billing._invoice_preview(bigint, timestamptz) IS 'Internal: the body of invoice_preview';
+
+CREATE FUNCTION billing.invoice_preview(account_id bigint, at timestamptz DEFAULT pg_catalog.now())
+    RETURNS TABLE (line_no int, kind text, meter text, description text,
+                   period_start timestamptz, period_end timestamptz,
+                   quantity numeric, amount numeric,
+                   dimension text)   -- issue 18: last, so that positional clients keep working
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SELECT * FROM billing._invoice_preview($1, $2)
+$$;
+COMMENT ON FUNCTION billing.invoice_preview(bigint, timestamptz) IS
+    'The bill of the period holding at, as it stands: every line rounded to the currency''s minor unit, the spend cap, pending adjustments; a matrix charge''s line carries its dimension';
+
+CREATE FUNCTION billing.remaining(account_id bigint, meter text,
+                                  at timestamptz DEFAULT pg_catalog.now(),
+                                  dimension text DEFAULT '')
+    RETURNS numeric
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    per record;
+    line record;
+    others numeric;
+    budget numeric;
+    q0 numeric;
+    j jsonb;
+    ends numeric[];
+    seg_end numeric;
+    lo numeric := 0;          -- largest x known to fit
+    hi numeric;               -- smallest x known not to fit
+    mid numeric;
+    tail numeric;             -- past it, the charge is affine in x
+BEGIN
+    IF account_id IS NULL OR meter IS NULL OR at IS NULL THEN
+        RAISE EXCEPTION 'remaining: account_id, meter and at must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.accounts a WHERE a.account_id = remaining.account_id) THEN
+        RAISE EXCEPTION 'account % does not exist', remaining.account_id USING ERRCODE = '23503';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.meters m WHERE m.meter = remaining.meter) THEN
+        RAISE EXCEPTION 'meter "%" does not exist', remaining.meter USING ERRCODE = '23503';
+    END IF;
+    SELECT * INTO per FROM billing._period_at(remaining.account_id, at);
+    IF per.plan IS NULL THEN
+        RETURN 0;                 -- no subscription: nothing can be billed
+    END IF;
+    IF per.spend_cap IS NULL THEN
+        RETURN NULL;              -- no cap: unlimited
+    END IF;
+
+    -- the line rating the dimension (the charge naming it, else the rest
+    -- of the meter), and the sum of the other usage lines
+    SELECT x.quantity, x.price, x.others INTO line
+      FROM (SELECT l.meter, l.dimension, l.quantity, l.price,
+                   sum(l.amount) OVER () - l.amount AS others
+              FROM billing._rate_period(remaining.account_id, per.plan, per.currency,
+                                        per.spend_cap, per.period_start, per.period_end) l
+             WHERE l.kind = 'usage') x
+     WHERE x.meter = remaining.meter
+       AND (x.dimension = coalesce(remaining.dimension, '') OR x.dimension IS NULL)
+     ORDER BY x.dimension IS NULL
+     LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN NULL;              -- the plan does not bill this meter (or dimension)
+    END IF;
+    others := line.others;
+    budget := billing.round_money(per.spend_cap, per.currency) - others;
+    q0 := line.quantity;
+    IF NOT billing._fits(line.price, q0, per.currency, budget) THEN
+        RETURN 0;
+    END IF;
+
+    -- stretches on which the charge cannot decrease: volume tiers, then the
+    -- rest.  A tier ends where the quantity after per and free passes its
+    -- bound b: at (b + free) * N for per N exact (or no per), at
+    -- floor(b + free) * N for round up; for round down the stretch is open
+    -- at (floor(b + free) + 1) * N, so it ends at the last whole unit from
+    -- q0 before that.
+    j := billing.price_to_jsonb(line.price);
+    IF j ->> 'model' = 'volume' THEN
+        SELECT array_agg(CASE WHEN NOT j ? 'per' OR j ->> 'per_round' = 'exact'
+                                  THEN (b + f) * coalesce((j ->> 'per')::numeric, 1)
+                              WHEN j ->> 'per_round' = 'up'
+                                  THEN floor(b + f) * (j ->> 'per')::numeric
+                              ELSE q0 + ceil((floor(b + f) + 1) * (j ->> 'per')::numeric - q0) - 1
+                         END ORDER BY b)
+          INTO ends
+          FROM jsonb_array_elements(j -> 'tiers') t,
+               LATERAL (SELECT (t ->> 'up_to')::numeric AS b,
+                               coalesce((j ->> 'free')::numeric, 0) AS f) x
+         WHERE t ->> 'up_to' <> 'inf';
+    END IF;
+    -- Whole units from q0 only: in each stretch, its last whole unit; when
+    -- that is over the budget, the answer is in this stretch, where the
+    -- charge cannot decrease, so bisect (lo, hi]; else go on to the next.
+    FOREACH seg_end IN ARRAY coalesce(ends, '{}'::numeric[]) LOOP
+        CONTINUE WHEN floor(seg_end - q0) <= lo;
+        IF billing._fits(line.price, q0 + floor(seg_end - q0), per.currency, budget) THEN
+            lo := floor(seg_end - q0);
+        ELSE
+            hi := floor(seg_end - q0);
+            EXIT;
+        END IF;
+    END LOOP;
+    IF hi IS NULL THEN
+        -- open-ended: double until over the budget, however large it is.
+        -- Every point where the charge bends (a tier bound, the free units,
+        -- a package size, where a minimum stops applying: at most the
+        -- largest number K of the price over its smallest rate, 10^-22 a
+        -- unit; times a quantity divisor) lies below tail.  Past it the
+        -- charge is affine in the quantity (or a staircase of steps shorter
+        -- than tail): the same at x and 2x there, it never grows again.
+        SELECT (1 + coalesce(max(n[1]::numeric), 0)) ^ 2 * 1e24 INTO tail
+          FROM regexp_matches(billing.price_to_jsonb(line.price)::text, '([0-9]+(\.[0-9]+)?)', 'g') AS n;
+        hi := greatest(lo * 2, 1);
+        WHILE billing._fits(line.price, q0 + hi, per.currency, budget) LOOP
+            IF lo > tail AND billing.rate(line.price, q0 + hi) = billing.rate(line.price, q0 + lo) THEN
+                RETURN NULL;      -- the charge stopped growing below the budget
+            END IF;
+            lo := hi;
+            hi := hi * 2;
+        END LOOP;
+    END IF;
+    WHILE hi - lo > 1 LOOP
+        mid := floor((lo + hi) / 2);
+        IF billing._fits(line.price, q0 + mid, per.currency, budget) THEN
+            lo := mid;
+        ELSE
+            hi := mid;
+        END IF;
+    END LOOP;
+    RETURN lo;
+END
+$$;
+COMMENT ON FUNCTION billing.remaining(bigint, text, timestamptz, text) IS
+    'Whole units of a meter (of one dimension, by default '''') that can still be used this period before the usage lines exceed the spend cap (NULL: unlimited)';
+
+/*
+ * _rerate_diff: for each finalized invoice overlapping [from_ts, to_ts) (of
+ * one account or all), what its lines should be today, what was billed
+ * (the line plus the adjustments already recorded for it), and the
+ * difference.  Lines are matched by kind, meter and dimension (usage),
+ * description (fixed fees) or kind alone (the spend cap); a usage line
+ * missing on one side counts 0 units there.
+ *
+ * One body for one node and for Citus (1.0 had a Citus twin, which
+ * drifted): each step is its own statement, and the statements that rate
+ * (_rate_periods, which reads distributed tables itself) and compare read
+ * no table, as Citus requires.  The steps pass arrays, element k of each
+ * describing line or invoice k.
+ */
+CREATE FUNCTION billing._rerate_diff(from_ts timestamptz, to_ts timestamptz, p_account bigint)
+    RETURNS TABLE (account_id bigint, invoice_id bigint, line_kind text, meter text,
+                   description text, billed_quantity numeric, billed_amount numeric,
+                   correct_quantity numeric, correct_amount numeric, delta numeric,
+                   dimension text)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+#variable_conflict use_column
+DECLARE
+    inv record;     -- the invoices, and today's bounds of the periods still covered
+    cor record;     -- today's lines
+    bil record;     -- the lines billed
+    adj record;     -- the adjustments made since
+BEGIN
+    -- 1. the invoices; a period the subscription no longer covers bills nothing
+    SELECT array_agg(x.account_id ORDER BY x.account_id, x.invoice_id) AS accounts,
+           array_agg(x.invoice_id ORDER BY x.account_id, x.invoice_id) AS invoices,
+           array_agg(x.account_id ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_accounts,
+           array_agg(x.invoice_id ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_invoices,
+           array_agg(x.plan ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_plans,
+           array_agg(x.currency ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_currencies,
+           array_agg(x.spend_cap ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_caps,
+           array_agg(x.period_start ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_starts,
+           array_agg(x.pe ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_ends
+      INTO inv
+      FROM (SELECT i.account_id, i.invoice_id, i.plan, i.currency, i.period_start, s.spend_cap,
+                   s.starts_at IS NOT NULL AS covered,
+                   LEAST(billing._add_periods(s.starts_at, p.period,
+                             billing._period_index(s.starts_at, p.period, i.period_start) + 1),
+                         s.ends_at) AS pe
+              FROM billing.invoices i
+                   JOIN billing.plans p ON p.plan = i.plan
+                   LEFT JOIN billing.subscriptions s
+                          ON s.account_id = i.account_id AND s.plan = i.plan
+                         AND s.starts_at <= i.period_start
+                         AND i.period_start < coalesce(s.ends_at, 'infinity')
+             WHERE i.status = 'finalized'
+               AND i.period_start < to_ts AND i.period_end > from_ts
+               AND (p_account IS NULL OR i.account_id = p_account)) x;
+    IF inv.accounts IS NULL THEN
+        RETURN;
+    END IF;
+    -- 2. today's lines, all periods in one set-based rating
+    SELECT array_agg(r.idx ORDER BY r.idx, r.ord) AS ks, array_agg(r.kind ORDER BY r.idx, r.ord) AS kinds,
+           array_agg(r.meter ORDER BY r.idx, r.ord) AS meters,
+           array_agg(r.description ORDER BY r.idx, r.ord) AS descriptions,
+           array_agg(r.quantity ORDER BY r.idx, r.ord) AS quantities,
+           array_agg(r.amount ORDER BY r.idx, r.ord) AS amounts,
+           array_agg(r.dimension ORDER BY r.idx, r.ord) AS dimensions
+      INTO cor
+      FROM billing._rate_periods(inv.c_accounts, inv.c_plans, inv.c_currencies, inv.c_caps,
+                                 inv.c_starts, inv.c_ends) r;
+    -- 3. what was billed: the lines, and the adjustments made since
+    SELECT array_agg(l.account_id) AS accounts, array_agg(l.invoice_id) AS invoices,
+           array_agg(l.kind) AS kinds, array_agg(l.meter::text) AS meters,
+           array_agg(l.description) AS descriptions, array_agg(l.quantity) AS quantities,
+           array_agg(l.amount) AS amounts, array_agg(l.dimension::text) AS dimensions
+      INTO bil
+      FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
+           JOIN billing.invoice_lines l
+             ON l.account_id = v.account_id AND l.invoice_id = v.invoice_id
+     WHERE l.kind <> 'adjustment';
+    SELECT array_agg(a.account_id) AS accounts, array_agg(a.invoice_id) AS invoices,
+           array_agg(a.line_kind) AS kinds, array_agg(a.meter::text) AS meters,
+           array_agg(a.description) AS descriptions,
+           array_agg(a.new_quantity - a.old_quantity) AS quantities, array_agg(a.delta) AS amounts,
+           array_agg(a.dimension::text) AS dimensions
+      INTO adj
+      FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
+           JOIN billing.adjustments a
+             ON a.account_id = v.account_id AND a.invoice_id = v.invoice_id;
+    -- 4. compare (reads no table)
+    RETURN QUERY
+    WITH correct AS (
+        SELECT inv.c_accounts[u.k] AS account_id, inv.c_invoices[u.k] AS invoice_id, u.kind,
+               u.meter, u.description, u.quantity, u.amount, u.dimension
+          FROM unnest(cor.ks, cor.kinds, cor.meters, cor.descriptions, cor.quantities, cor.amounts,
+                      cor.dimensions)
+                   AS u(k, kind, meter, description, quantity, amount, dimension)
+    ), billed AS (
+        SELECT * FROM unnest(bil.accounts, bil.invoices, bil.kinds, bil.meters, bil.descriptions,
+                             bil.quantities, bil.amounts, bil.dimensions)
+                          AS b(account_id, invoice_id, kind, meter, description, quantity, amount,
+                               dimension)
+        UNION ALL
+        SELECT * FROM unnest(adj.accounts, adj.invoices, adj.kinds, adj.meters, adj.descriptions,
+                             adj.quantities, adj.amounts, adj.dimensions)
+                          AS b(account_id, invoice_id, kind, meter, description, quantity, amount,
+                               dimension)
+    ), billed_sum AS (
+        SELECT b.account_id, b.invoice_id, b.kind, b.meter, b.dimension::text AS dimension,
+               CASE WHEN b.kind = 'fixed' THEN b.description END AS fixed_key,
+               max(b.description) AS description,
+               sum(b.quantity) AS quantity, sum(b.amount) AS amount
+          FROM billed b
+         GROUP BY 1, 2, 3, 4, 5, 6
+    )
+    SELECT coalesce(c.account_id, b.account_id), coalesce(c.invoice_id, b.invoice_id),
+           coalesce(c.kind, b.kind), coalesce(c.meter, b.meter),
+           coalesce(c.description, b.description),
+           -- a usage line missing on either side billed or should bill 0 units
+           CASE WHEN coalesce(c.kind, b.kind) = 'usage' THEN coalesce(b.quantity, 0) ELSE b.quantity END,
+           coalesce(b.amount, 0),
+           CASE WHEN coalesce(c.kind, b.kind) = 'usage' THEN coalesce(c.quantity, 0) ELSE c.quantity END,
+           coalesce(c.amount, 0),
+           coalesce(c.amount, 0) - coalesce(b.amount, 0),
+           coalesce(c.dimension, b.dimension)
+      FROM correct c
+           FULL JOIN billed_sum b
+                  ON b.account_id = c.account_id AND b.invoice_id = c.invoice_id
+                 AND b.kind = c.kind
+                 AND b.meter IS NOT DISTINCT FROM c.meter
+                 AND b.dimension IS NOT DISTINCT FROM c.dimension
+                 AND b.fixed_key IS NOT DISTINCT FROM CASE WHEN c.kind = 'fixed' THEN c.description END;
+END
+$$;
+COMMENT ON FUNCTION billing._rerate_diff(timestamptz, timestamptz, bigint) IS
+    'Internal: billed versus correct lines of the finalized invoices overlapping a range';
+
+CREATE FUNCTION billing._rerate(from_ts timestamptz, to_ts timestamptz, p_account bigint,
+                                dry_run boolean, p_reason text)
+    RETURNS TABLE (r_account bigint, r_invoice bigint, r_meter text,
+                   r_billed_quantity numeric, r_billed_amount numeric,
+                   r_correct_quantity numeric, r_correct_amount numeric, r_delta numeric,
+                   r_dimension text)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+DECLARE
+    n_written bigint;
+BEGIN
+    IF from_ts IS NULL OR to_ts IS NULL OR dry_run IS NULL THEN
+        RAISE EXCEPTION 'rerate: from_ts, to_ts and dry_run must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF from_ts >= to_ts THEN
+        RAISE EXCEPTION 'rerate: from_ts must be before to_ts' USING ERRCODE = '22023';
+    END IF;
+    IF dry_run THEN
+        RETURN QUERY
+        SELECT d.account_id, d.invoice_id, d.meter, d.billed_quantity, d.billed_amount,
+               d.correct_quantity, d.correct_amount, d.delta, d.dimension
+          FROM billing._rerate_diff(from_ts, to_ts, p_account) d
+         WHERE d.delta <> 0
+         ORDER BY 1, 2, 3, 9 NULLS FIRST;
+        RETURN;
+    END IF;
+    -- one re-rate at a time: a second run waits, then finds the first one's adjustments
+    PERFORM pg_advisory_xact_lock(1651074162, 3);
+    RETURN QUERY
+    WITH d AS (
+        SELECT * FROM billing._rerate_diff(from_ts, to_ts, p_account) x
+         WHERE x.delta <> 0
+    ), written AS (
+        INSERT INTO billing.adjustments (account_id, invoice_id, line_kind, meter, description,
+                                         old_quantity, new_quantity, old_amount, new_amount, delta,
+                                         reason, dimension)
+        SELECT d.account_id, d.invoice_id, d.line_kind, d.meter, d.description,
+               d.billed_quantity, d.correct_quantity, d.billed_amount, d.correct_amount, d.delta,
+               coalesce(p_reason, 're-rate'), d.dimension
+          FROM d
+         -- adjustment ids in invoice line order (fixed fees, usage, the cap)
+         ORDER BY d.account_id, d.invoice_id,
+                  CASE d.line_kind WHEN 'fixed' THEN 1 WHEN 'usage' THEN 2 ELSE 3 END,
+                  d.description, d.meter, d.dimension NULLS FIRST
+    )
+    SELECT d.account_id, d.invoice_id, d.meter, d.billed_quantity, d.billed_amount,
+           d.correct_quantity, d.correct_amount, d.delta, d.dimension
+      FROM d
+     ORDER BY 1, 2, 3, 9 NULLS FIRST;
+    GET DIAGNOSTICS n_written = ROW_COUNT;
+    PERFORM billing._audit_rerate(from_ts, to_ts, p_account, coalesce(p_reason, 're-rate'), n_written);
+END
+$$;
+COMMENT ON FUNCTION billing._rerate(timestamptz, timestamptz, bigint, boolean, text) IS
+    'Internal: the body of billing.rerate';
+
+CREATE FUNCTION billing.rerate(from_ts timestamptz, to_ts timestamptz, account_id bigint DEFAULT NULL,
+                               dry_run boolean DEFAULT false, reason text DEFAULT 're-rate')
+    RETURNS TABLE (account_id bigint, invoice_id bigint, meter text,
+                   billed_quantity numeric, billed_amount numeric,
+                   correct_quantity numeric, correct_amount numeric, delta numeric,
+                   dimension text)   -- issue 18: last, so that positional clients keep working
+    LANGUAGE sql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SELECT * FROM billing._rerate($1, $2, $3, $4, $5)
+$$;
+COMMENT ON FUNCTION billing.rerate(timestamptz, timestamptz, bigint, boolean, text) IS
+    'Recomputes the finalized invoices overlapping [from_ts, to_ts) from today''s usage and charge versions and records the differences as adjustments for the next invoice';
+
+
+/*
+ * finalize_invoices: lock the accounts with due periods (row locks, in
+ * account order), look the due periods up again under the locks (a
+ * concurrent finalizer may have written some), then write every invoice,
+ * its lines and the adjustments it carries in one set-based statement.
+ * Each account's pending adjustments go on its earliest new invoice.
+ */
+CREATE OR REPLACE FUNCTION billing._finalize(p_as_of timestamptz)
+    RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
+                   r_period_end timestamptz, r_total numeric)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+DECLARE
+    cutoff timestamptz;
+BEGIN
+    IF p_as_of IS NULL THEN
+        RAISE EXCEPTION 'finalize_invoices: as_of must not be null' USING ERRCODE = '22004';
+    END IF;
+    -- never a period that ends after now() - grace, whatever as_of says
+    -- (a future or infinite as_of would finalize periods still open)
+    cutoff := LEAST(p_as_of, pg_catalog.now()) - billing._grace_period();
+    -- on Citus these statements may not call functions that read the
+    -- shards: the same invoices, one period at a time (90_distribute.sql)
+    IF billing._citus_table_kind('billing.invoices') IS NOT NULL THEN
+        RETURN QUERY SELECT * FROM billing._finalize_citus(cutoff);
+        RETURN;
+    END IF;
+    PERFORM 1 FROM billing.accounts a
+     WHERE a.account_id IN (SELECT d.account_id FROM billing._due_periods(cutoff) d)
+     ORDER BY a.account_id
+       FOR NO KEY UPDATE;
+
+    RETURN QUERY
+    WITH due AS (
+        SELECT d.*, nextval('billing.invoice_id_seq') AS invoice_id,
+               (row_number() OVER (ORDER BY d.account_id, d.period_start))::integer AS k,
+               row_number() OVER (PARTITION BY d.account_id ORDER BY d.period_start) = 1 AS first_of_account
+          FROM billing._due_periods(cutoff) d
+    ), arrays AS (
+        SELECT array_agg(account_id ORDER BY k) AS accounts, array_agg(plan ORDER BY k) AS plans,
+               array_agg(currency ORDER BY k) AS currencies, array_agg(spend_cap ORDER BY k) AS caps,
+               array_agg(period_start ORDER BY k) AS starts, array_agg(period_end ORDER BY k) AS ends
+          FROM due
+    ), rated AS (
+        SELECT due.account_id, due.invoice_id, r.ord::bigint AS ord, r.kind, r.meter,
+               r.description, r.quantity, r.amount, r.unrounded_amount, r.charge_id, r.price,
+               NULL::bigint AS adjustment_id, r.dimension
+          FROM arrays a,
+               LATERAL billing._rate_periods(a.accounts, a.plans, a.currencies, a.caps,
+                                             a.starts, a.ends) r
+               JOIN due ON due.k = r.idx
+        UNION ALL
+        SELECT due.account_id, due.invoice_id,
+               1000000 + row_number() OVER (PARTITION BY adj.account_id ORDER BY adj.adjustment_id),
+               'adjustment', adj.meter,
+               billing._adjustment_text(adj),
+               adj.new_quantity - adj.old_quantity, adj.delta, NULL, NULL, NULL, adj.adjustment_id,
+               adj.dimension::text
+          FROM due JOIN billing.adjustments adj
+                 ON adj.account_id = due.account_id AND adj.billed_invoice_id IS NULL
+         WHERE due.first_of_account
+    ), numbered AS (
+        SELECT r.*, (row_number() OVER (PARTITION BY r.invoice_id ORDER BY r.ord))::integer AS line_no
+          FROM rated r
+    ), totals AS (
+        SELECT n.invoice_id, sum(n.amount) AS total FROM numbered n GROUP BY n.invoice_id
+    ), invoices_written AS (
+        INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
+                                      currency, total)
+        SELECT due.account_id, due.invoice_id, due.plan, due.period_start, due.period_end,
+               due.currency, coalesce(t.total, 0)
+          FROM due LEFT JOIN totals t ON t.invoice_id = due.invoice_id
+        RETURNING billing.invoices.invoice_id, billing.invoices.account_id,
+                  billing.invoices.period_start, billing.invoices.period_end,
+                  billing.invoices.total
+    ), lines_written AS (
+        INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
+                                          description, quantity, amount, unrounded_amount,
+                                          charge_id, price, adjustment_id, dimension)
+        SELECT n.account_id, n.invoice_id, n.line_no, n.kind, n.meter, n.description, n.quantity,
+               n.amount, n.unrounded_amount, n.charge_id, n.price, n.adjustment_id, n.dimension
+          FROM numbered n
+        RETURNING billing.invoice_lines.account_id, billing.invoice_lines.invoice_id,
+                  billing.invoice_lines.adjustment_id
+    ), carried AS (
+        UPDATE billing.adjustments adj SET billed_invoice_id = w.invoice_id
+          FROM lines_written w
+         WHERE w.adjustment_id IS NOT NULL AND adj.account_id = w.account_id
+           AND adj.adjustment_id = w.adjustment_id
+        RETURNING 1
+    )
+    SELECT w.invoice_id, w.account_id, w.period_start, w.period_end, w.total
+      FROM invoices_written w
+     ORDER BY w.account_id, w.period_start;
+END
+$$;
+COMMENT ON FUNCTION billing._finalize(timestamptz) IS 'Internal: the body of finalize_invoices';
+
+/*
+ * _finalize_citus: the body of finalize_invoices on Citus, for the periods
+ * ended by cutoff.  The single-node body writes every invoice in one
+ * statement that rates periods inside a query over distributed tables,
+ * which Citus refuses.  Here: each subscription's due periods in order
+ * (under the account's row lock), each rated by a query over functions
+ * only, then written with one statement per table.  The account's pending
+ * adjustments go on its earliest new invoice, as on one node.
+ */
+CREATE OR REPLACE FUNCTION billing._finalize_citus(cutoff timestamptz)
+    RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
+                   r_period_end timestamptz, r_total numeric)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    s record;
+    per record;
+    inv bigint;
+    l_no integer[];
+    l_kind text[];
+    l_meter text[];
+    l_description text[];
+    l_quantity numeric[];
+    l_amount numeric[];
+    l_unrounded numeric[];
+    l_charge bigint[];
+    l_price billing.price[];
+    l_adjustment bigint[];
+    l_dimension text[];
+    l_total numeric;
+BEGIN
+    FOR s IN
+        SELECT sub.account_id, sub.plan, sub.starts_at, sub.ends_at, sub.spend_cap,
+               p.period, p.currency
+          FROM billing.subscriptions sub JOIN billing.plans p ON p.plan = sub.plan
+         WHERE sub.starts_at < cutoff
+         ORDER BY sub.account_id, sub.starts_at
+    LOOP
+        PERFORM 1 FROM billing.accounts a WHERE a.account_id = s.account_id FOR NO KEY UPDATE;
+        FOR per IN
+            SELECT ps, pe
+              FROM generate_series(0,
+                       CASE WHEN s.ends_at IS NOT NULL AND s.ends_at <= cutoff
+                            THEN billing._period_index(s.starts_at, s.period, s.ends_at - interval '1 microsecond')
+                            ELSE billing._period_index(s.starts_at, s.period, cutoff) - 1 END) AS n,
+                   LATERAL (SELECT billing._add_periods(s.starts_at, s.period, n) AS ps,
+                                   LEAST(billing._add_periods(s.starts_at, s.period, n + 1), s.ends_at) AS pe) b
+             WHERE pe <= cutoff
+               AND NOT EXISTS (SELECT 1 FROM billing.invoices i
+                                WHERE i.account_id = s.account_id AND i.period_start = b.ps)
+             ORDER BY n
+        LOOP
+            inv := nextval('billing.invoice_id_seq');
+            SELECT coalesce(array_agg(n.line_no ORDER BY n.line_no), '{}'),
+                   array_agg(n.kind ORDER BY n.line_no), array_agg(n.meter ORDER BY n.line_no),
+                   array_agg(n.description ORDER BY n.line_no), array_agg(n.quantity ORDER BY n.line_no),
+                   array_agg(n.amount ORDER BY n.line_no), array_agg(n.unrounded_amount ORDER BY n.line_no),
+                   array_agg(n.charge_id ORDER BY n.line_no), array_agg(n.price ORDER BY n.line_no),
+                   array_agg(n.adjustment_id ORDER BY n.line_no),
+                   array_agg(n.dimension ORDER BY n.line_no), coalesce(sum(n.amount), 0)
+              INTO l_no, l_kind, l_meter, l_description, l_quantity, l_amount, l_unrounded,
+                   l_charge, l_price, l_adjustment, l_dimension, l_total
+              FROM (SELECT (row_number() OVER (ORDER BY x.ord))::integer AS line_no, x.*
+                      FROM (SELECT r.ord::bigint AS ord, r.kind, r.meter, r.description, r.quantity,
+                                   r.amount, r.unrounded_amount, r.charge_id, r.price,
+                                   NULL::bigint AS adjustment_id, r.dimension
+                              FROM billing._rate_period(s.account_id, s.plan, s.currency, s.spend_cap,
+                                                        per.ps, per.pe) r
+                            UNION ALL
+                            SELECT 1000000 + row_number() OVER (ORDER BY a.adjustment_id), 'adjustment',
+                                   a.meter, a.description, a.quantity, a.amount, NULL, NULL, NULL,
+                                   a.adjustment_id, a.dimension
+                              FROM billing._pending_adjustments(s.account_id) a) x) n;
+            INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
+                                          currency, total)
+            VALUES (s.account_id, inv, s.plan, per.ps, per.pe, s.currency, l_total);
+            INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
+                                              description, quantity, amount, unrounded_amount,
+                                              charge_id, price, adjustment_id, dimension)
+            SELECT s.account_id, inv, u.*
+              FROM unnest(l_no, l_kind, l_meter, l_description, l_quantity, l_amount, l_unrounded,
+                          l_charge, l_price, l_adjustment, l_dimension) u;
+            UPDATE billing.adjustments a SET billed_invoice_id = inv
+             WHERE a.account_id = s.account_id AND a.adjustment_id = ANY (l_adjustment);
+            r_invoice_id := inv;
+            r_account_id := s.account_id;
+            r_period_start := per.ps;
+            r_period_end := per.pe;
+            r_total := l_total;
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._finalize_citus(timestamptz) IS
+    'Internal: finalize_invoices on Citus, one period at a time';
+
+/*
+ * The per-account functions and the argument that names the account.  A
+ * call whose account argument is a constant, outside an explicit
+ * transaction block, is run on the node holding that account.
+ */
+CREATE OR REPLACE FUNCTION billing._distributed_functions()
+    RETURNS TABLE (fn regprocedure, account_arg text)
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    VALUES ('billing.record(bigint,text,numeric,timestamptz,text,text)'::regprocedure, '$1'),
+           ('billing.report_cumulative(text,bigint,text,timestamptz,numeric,text)', '$2'),
+           ('billing.usage(bigint,timestamptz,timestamptz,interval,text)', '$1'),
+           ('billing.remaining(bigint,text,timestamptz,text)', '$1'),
+           ('billing.invoice_preview(bigint,timestamptz)', '$1'),
+           ('billing.correct_usage(bigint,text,timestamptz,numeric,text,text)', '$1')
+$$;
+COMMENT ON FUNCTION billing._distributed_functions() IS
+    'Internal: the per-account functions billing.distribute() registers with Citus, with their account argument';
+
+
+REVOKE ALL ON FUNCTION
+    billing._rollup_totals(bigint[], timestamptz[], timestamptz[], text[], text[], integer[], text[], text[]),
+    billing._usage_totals_many(bigint[], timestamptz[], timestamptz[], integer[], text[], text[]),
+    billing._usage_totals_citus(bigint, timestamptz, timestamptz, text[], text[]),
+    billing._rate_periods(bigint[], text[], text[], numeric[], timestamptz[], timestamptz[]),
+    billing._rate_period(bigint, text, text, numeric, timestamptz, timestamptz),
+    billing._pending_adjustments(bigint),
+    billing._invoice_preview(bigint, timestamptz),
+    billing.invoice_preview(bigint, timestamptz),
+    billing.remaining(bigint, text, timestamptz, text),
+    billing._rerate_diff(timestamptz, timestamptz, bigint),
+    billing._rerate(timestamptz, timestamptz, bigint, boolean, text),
+    billing.rerate(timestamptz, timestamptz, bigint, boolean, text)
+    FROM PUBLIC;
+ALTER FUNCTION billing.rerate(timestamptz, timestamptz, bigint, boolean, text) SECURITY DEFINER;
+GRANT EXECUTE ON FUNCTION
+    billing._rollup_totals(bigint[], timestamptz[], timestamptz[], text[], text[], integer[], text[], text[]),
+    billing._usage_totals_many(bigint[], timestamptz[], timestamptz[], integer[], text[], text[]),
+    billing._usage_totals_citus(bigint, timestamptz, timestamptz, text[], text[]),
+    billing._rate_periods(bigint[], text[], text[], numeric[], timestamptz[], timestamptz[]),
+    billing._rate_period(bigint, text, text, numeric, timestamptz, timestamptz),
+    billing._pending_adjustments(bigint),
+    billing._invoice_preview(bigint, timestamptz),
+    billing.invoice_preview(bigint, timestamptz),
+    billing.remaining(bigint, text, timestamptz, text),
+    billing._rerate_diff(timestamptz, timestamptz, bigint),
+    billing._rerate(timestamptz, timestamptz, bigint, boolean, text)
+    TO billing_reader;
+GRANT EXECUTE ON FUNCTION billing.rerate(timestamptz, timestamptz, bigint, boolean, text) TO billing_admin;

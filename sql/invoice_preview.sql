@@ -252,7 +252,7 @@ SELECT count(*) FROM invoice_preview(5299, '2026-01-20');
 CREATE FUNCTION pg_temp.all_previews()
     RETURNS TABLE (account_id bigint, at timestamptz, line_no int, kind text, meter text,
                    description text, period_start timestamptz, period_end timestamptz,
-                   quantity numeric, amount numeric)
+                   quantity numeric, amount numeric, dimension text)
     LANGUAGE sql AS $$
     SELECT a, at, p.*
       FROM generate_series(5201::bigint, 5215) AS a,

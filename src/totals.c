@@ -22,6 +22,14 @@
  * billing._usage_totals_many can fold in the deltas not yet compacted
  * (with billing._cell_agg, the same rule).
  *
+ * Matrix charges (issue 18): with the optional arrays s_idx, s_meters and
+ * s_dims, the cells of a dimension named for a period and meter (a charge
+ * of the period's plan rates that dimension alone) are totalled apart, one
+ * row each with the dimension in a sixth column, and the meter's other
+ * cells make the row whose dimension is NULL.  Without them (the 1.0
+ * declaration: five arguments, five columns) every cell of a meter makes
+ * one row.
+ *
  * In SQL the same is a lateral subquery per period and meter: five index
  * scans under one-time filters, then an aggregate.  Here it is one index
  * rescan per non-empty piece, with no plan node per cell: rating a month
@@ -82,6 +90,7 @@ typedef struct CellTable
 	AttrNumber	att_quantity;
 	AttrNumber	att_last_ts;
 	AttrNumber	att_last_seq;
+	AttrNumber	att_dimension;
 } CellTable;
 
 /* the aggregate of one meter over one period: a cell folded by agg.c */
@@ -127,6 +136,7 @@ open_table(CellTable *t, const char *name, Snapshot snapshot)
 	t->att_quantity = column_number(t->heap, "quantity");
 	t->att_last_ts = column_number(t->heap, "last_ts");
 	t->att_last_seq = column_number(t->heap, "last_seq");
+	t->att_dimension = column_number(t->heap, "dimension");
 	t->slot = table_slot_create(t->heap, NULL);
 	t->scan = index_beginscan(t->heap, t->index, snapshot, 4, 0);
 }
@@ -166,15 +176,29 @@ add_cell(MeterTotal *m, Aggregation kind, Datum q, TimestampTz ts, bool ts_null,
 	billing_cell_combine(kind, &m->acc, &v);
 }
 
+/* are two text datums the same string (byte for byte, as COLLATE "C")? */
+static bool
+text_equal(Datum a, Datum b)
+{
+	text	   *ta = DatumGetTextPP(a);
+	text	   *tb = DatumGetTextPP(b);
+
+	return VARSIZE_ANY_EXHDR(ta) == VARSIZE_ANY_EXHDR(tb) &&
+		memcmp(VARDATA_ANY(ta), VARDATA_ANY(tb), VARSIZE_ANY_EXHDR(ta)) == 0;
+}
+
 /*
- * fold every cell of one account and meter in [lo, hi) of one table; the
+ * fold every cell of one account and meter in [lo, hi) of one table into
+ * tots: tots[0] takes the cells of dimensions not in named, tots[1 + j]
+ * those of named[j] (nnamed = 0: every cell goes to tots[0]).  The
  * aggregate's memory comes from cxt (the scan itself allocates in the
  * caller's context, which lives as long as the scan: btree keeps memory it
  * allocates while scanning until the scan ends)
  */
 static void
 scan_range(CellTable *t, int64 account, Datum meter, TimestampTz lo, TimestampTz hi,
-		   Aggregation kind, MeterTotal *m, MemoryContext cxt)
+		   Aggregation kind, const Datum *named, int nnamed, MeterTotal *tots,
+		   MemoryContext cxt)
 {
 	ScanKeyData keys[4];
 
@@ -194,12 +218,24 @@ scan_range(CellTable *t, int64 account, Datum meter, TimestampTz lo, TimestampTz
 		Datum		q = slot_getattr(t->slot, t->att_quantity, &null_q);
 		Datum		ts = 0,
 					seq = 0;
-
+		MeterTotal *m = &tots[0];
 		MemoryContext old;
 
 		CHECK_FOR_INTERRUPTS();
 		if (null_q)
 			continue;
+		if (nnamed > 0)
+		{
+			bool		null_dim;
+			Datum		dim = slot_getattr(t->slot, t->att_dimension, &null_dim);
+
+			for (int j = 0; !null_dim && j < nnamed; j++)
+				if (text_equal(dim, named[j]))
+				{
+					m = &tots[1 + j];
+					break;
+				}
+		}
 		if (kind == AGG_LAST)
 		{
 			ts = slot_getattr(t->slot, t->att_last_ts, &null_ts);
@@ -214,11 +250,15 @@ scan_range(CellTable *t, int64 account, Datum meter, TimestampTz lo, TimestampTz
 
 /*
  * billing_rollup_totals
- *		billing._rollup_totals(accounts, starts, ends, meters, aggregations)
- *		RETURNS TABLE (idx integer, meter text, quantity numeric, last_ts
- *		timestamptz, last_seq bigint): per period (1-based idx into the
- *		arrays) and meter with cells in the period, the meter's aggregate
- *		(see the top of the file).
+ *		billing._rollup_totals(accounts, starts, ends, meters, aggregations
+ *		[, s_idx, s_meters, s_dims]) RETURNS TABLE (idx integer, meter text,
+ *		quantity numeric, last_ts timestamptz, last_seq bigint [, dimension
+ *		text]): per period (1-based idx into the arrays) and meter with cells
+ *		in the period, the meter's aggregate; with the s_ arrays, one row
+ *		for each dimension s_dims[j] named for period s_idx[j] and meter
+ *		s_meters[j] that has cells, and one (dimension NULL) for the other
+ *		cells of the meter (see the top of the file).  Elements of the s_
+ *		arrays with a NULL are ignored.
  */
 Datum
 billing_rollup_totals(PG_FUNCTION_ARGS)
@@ -243,15 +283,26 @@ billing_rollup_totals(PG_FUNCTION_ARGS)
 	CellTable	tables[NUM_TABLES];
 	Snapshot	snapshot = GetActiveSnapshot();
 	MemoryContext per_period;
+	bool		split = PG_NARGS() >= 8;
+	bool		dim_column;
+	int		   *group_first = NULL; /* entries of period i: group_of[first[i]..first[i+1]) */
+	int		   *group_of = NULL;
+	Datum	   *split_meters = NULL,
+			   *split_dims = NULL;
+	MeterTotal *tots;
+	Datum	   *named;
 
 	/*
 	 * The function is STRICT from 1.1 on; a 1.0 install (not STRICT) still
 	 * calls this with NULLs: no rows, as STRICT gives, never a NULL row.
 	 */
 	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
-	for (int a = 0; a < 5; a++)
+	for (int a = 0; a < PG_NARGS(); a++)
 		if (PG_ARGISNULL(a))
 			return (Datum) 0;
+	dim_column = rsinfo->setDesc->natts >= 6;
+	if (split != dim_column)
+		elog(ERROR, "billing._rollup_totals: the split arguments and the dimension column go together");
 	n_acc = billing_array_elems(PG_GETARG_ARRAYTYPE_P(0), INT8OID, 8, true, TYPALIGN_DOUBLE,
 								&accounts, &acc_null, -1, "accounts", true);
 	n_start = billing_array_elems(PG_GETARG_ARRAYTYPE_P(1), TIMESTAMPTZOID, 8, true,
@@ -266,6 +317,57 @@ billing_rollup_totals(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("accounts, starts and ends, and meters and aggregations, must have the same length")));
+	if (split)
+	{
+		Datum	   *s_idx;
+		bool	   *idx_null,
+				   *sm_null,
+				   *sd_null;
+		int			n_idx,
+					n_sm,
+					n_sd;
+		int		   *fill;
+
+		n_idx = billing_array_elems(PG_GETARG_ARRAYTYPE_P(5), INT4OID, 4, true, TYPALIGN_INT,
+									&s_idx, &idx_null, -1, "s_idx", true);
+		n_sm = billing_array_elems(PG_GETARG_ARRAYTYPE_P(6), TEXTOID, -1, false, TYPALIGN_INT,
+								   &split_meters, &sm_null, -1, "s_meters", true);
+		n_sd = billing_array_elems(PG_GETARG_ARRAYTYPE_P(7), TEXTOID, -1, false, TYPALIGN_INT,
+								   &split_dims, &sd_null, -1, "s_dims", true);
+		if (n_idx != n_sm || n_idx != n_sd)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("s_idx, s_meters and s_dims must have the same length")));
+		/* the named dimensions grouped by period (a counting sort on idx) */
+		group_first = palloc0((n_acc + 2) * sizeof(int));
+		group_of = palloc(Max(n_idx, 1) * sizeof(int));
+		fill = palloc0((n_acc + 1) * sizeof(int));
+		for (int j = 0; j < n_idx; j++)
+		{
+			int			p;
+
+			if (idx_null[j] || sm_null[j] || sd_null[j])
+				continue;
+			p = DatumGetInt32(s_idx[j]);
+			if (p >= 1 && p <= n_acc)
+				group_first[p + 1]++;
+		}
+		for (int p = 1; p <= n_acc + 1; p++)
+			group_first[p] += group_first[p - 1];
+		for (int j = 0; j < n_idx; j++)
+		{
+			int			p;
+
+			if (idx_null[j] || sm_null[j] || sd_null[j])
+				continue;
+			p = DatumGetInt32(s_idx[j]);
+			if (p >= 1 && p <= n_acc)
+				group_of[group_first[p] + fill[p]++] = j;
+		}
+	}
+	/* room for the most dimensions one (period, meter) can name */
+	tots = palloc((1 + (split ? group_first[n_acc + 1] : 0)) * sizeof(MeterTotal));
+	named = palloc((1 + (split ? group_first[n_acc + 1] : 0)) * sizeof(Datum));
 	kinds = palloc(Max(n_meter, 1) * sizeof(Aggregation));
 	for (int k = 0; k < n_meter; k++)
 		kinds[k] = agg_null[k] ? AGG_SUM : billing_aggregation(TextDatumGetCString(aggs[k]));
@@ -308,34 +410,49 @@ billing_rollup_totals(PG_FUNCTION_ARGS)
 
 		for (int k = 0; k < n_meter; k++)
 		{
-			MeterTotal	m = {0};
-			Datum		values[5];
-			bool		nulls[5] = {false, false, false, false, false};
+			int			nnamed = 0;
 
 			if (meter_null[k])
 				continue;
-			/* minutes before the first whole hour, and after the last one */
-			scan_range(&tables[T_BUCKETS], account, meters[k], ps, Min(h0, pe), kinds[k], &m,
-					   per_period);
-			scan_range(&tables[T_BUCKETS], account, meters[k], Max(Max(h1, h0), ps), pe,
-					   kinds[k], &m, per_period);
-			/* hours before the first whole day, and after the last one */
-			scan_range(&tables[T_HOURLY], account, meters[k], h0, Min(d0, h1), kinds[k], &m,
-					   per_period);
-			scan_range(&tables[T_HOURLY], account, meters[k], Max(Max(d1, d0), h0), h1,
-					   kinds[k], &m, per_period);
-			/* whole days */
-			scan_range(&tables[T_DAILY], account, meters[k], d0, d1, kinds[k], &m, per_period);
+			/* the dimensions named for this period and meter */
+			if (split)
+				for (int g = group_first[i + 1]; g < group_first[i + 2]; g++)
+					if (text_equal(split_meters[group_of[g]], meters[k]))
+						named[nnamed++] = split_dims[group_of[g]];
+			memset(tots, 0, (1 + nnamed) * sizeof(MeterTotal));
 
-			if (m.any)
+			/* minutes before the first whole hour, and after the last one */
+			scan_range(&tables[T_BUCKETS], account, meters[k], ps, Min(h0, pe), kinds[k],
+					   named, nnamed, tots, per_period);
+			scan_range(&tables[T_BUCKETS], account, meters[k], Max(Max(h1, h0), ps), pe,
+					   kinds[k], named, nnamed, tots, per_period);
+			/* hours before the first whole day, and after the last one */
+			scan_range(&tables[T_HOURLY], account, meters[k], h0, Min(d0, h1), kinds[k],
+					   named, nnamed, tots, per_period);
+			scan_range(&tables[T_HOURLY], account, meters[k], Max(Max(d1, d0), h0), h1,
+					   kinds[k], named, nnamed, tots, per_period);
+			/* whole days */
+			scan_range(&tables[T_DAILY], account, meters[k], d0, d1, kinds[k],
+					   named, nnamed, tots, per_period);
+
+			for (int j = 0; j <= nnamed; j++)
 			{
+				MeterTotal *m = &tots[j];
+				Datum		values[6];
+				bool		nulls[6] = {false, false, false, false, false, false};
+
+				if (!m->any)
+					continue;
 				values[0] = Int32GetDatum(i + 1);
 				values[1] = meters[k];
-				values[2] = NumericGetDatum(billing_cell_numeric(&m.acc));
-				values[3] = TimestampTzGetDatum(m.acc.last_ts);
-				nulls[3] = (m.acc.last_ts == AGG_NO_TS);
-				values[4] = Int64GetDatum(m.acc.last_seq);
-				nulls[4] = (m.acc.last_seq == AGG_NO_SEQ);
+				values[2] = NumericGetDatum(billing_cell_numeric(&m->acc));
+				values[3] = TimestampTzGetDatum(m->acc.last_ts);
+				nulls[3] = (m->acc.last_ts == AGG_NO_TS);
+				values[4] = Int64GetDatum(m->acc.last_seq);
+				nulls[4] = (m->acc.last_seq == AGG_NO_SEQ);
+				/* the dimension: NULL for the cells of every other dimension */
+				values[5] = j == 0 ? (Datum) 0 : named[j - 1];
+				nulls[5] = j == 0;
 				tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 			}
 			MemoryContextReset(per_period);

@@ -28,16 +28,23 @@ CREATE TABLE billing.charges (
     price        billing.price NOT NULL,
     valid_from   timestamptz NOT NULL DEFAULT '-infinity',
     description  text,
-    created_at   timestamptz NOT NULL DEFAULT pg_catalog.now()
+    created_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- matrix pricing (issue 18): a charge with a dimension rates only the
+    -- usage of its meter with that dimension; NULL rates the dimensions no
+    -- other charge of the (plan, meter) names.  A fixed fee has none.
+    dimension    text COLLATE "C" NULL,
+    CONSTRAINT charges_dimension_check
+        CHECK (dimension IS NULL OR (meter IS NOT NULL AND pg_catalog.octet_length(dimension) <= 256))
 );
--- a usage charge is identified by (plan, meter), a fixed fee by (plan, description)
-CREATE UNIQUE INDEX charges_usage_version ON billing.charges (plan, meter, valid_from)
-    WHERE meter IS NOT NULL;
+-- a usage charge is identified by (plan, meter, dimension), NULL being one
+-- value (the rest), a fixed fee by (plan, description)
+CREATE UNIQUE INDEX charges_usage_version ON billing.charges (plan, meter, dimension, valid_from)
+    NULLS NOT DISTINCT WHERE meter IS NOT NULL;
 CREATE UNIQUE INDEX charges_fixed_version
     ON billing.charges (plan, (COALESCE(description, '')), valid_from)
     WHERE meter IS NULL;
 COMMENT ON TABLE billing.charges IS
-    'Charges of a plan, versioned by valid_from: the version in force at a period''s start rates the whole period; a NULL meter is a fixed fee per period (rated with quantity 0)';
+    'Charges of a plan, versioned by valid_from per (plan, meter, dimension): the version in force at a period''s start rates the whole period; a NULL meter is a fixed fee per period (rated with quantity 0); a dimension rates only that dimension''s usage of the meter, NULL the dimensions no other charge names';
 
 CREATE TABLE billing.subscriptions (
     account_id  bigint NOT NULL REFERENCES billing.accounts,
@@ -98,13 +105,15 @@ COMMENT ON FUNCTION billing._period_index(timestamptz, interval, timestamptz) IS
 
 CREATE FUNCTION billing._rollup_totals(p_accounts bigint[], p_starts timestamptz[],
                                       p_ends timestamptz[], p_meters text[],
-                                      p_aggregations text[])
+                                      p_aggregations text[],
+                                      s_idx integer[] DEFAULT '{}', s_meters text[] DEFAULT '{}',
+                                      s_dims text[] DEFAULT '{}')
     RETURNS TABLE (idx integer, meter text, quantity numeric, last_ts timestamptz,
-                   last_seq bigint)
+                   last_seq bigint, dimension text)
     AS 'MODULE_PATHNAME', 'billing_rollup_totals'
     LANGUAGE C STABLE STRICT PARALLEL SAFE;
-COMMENT ON FUNCTION billing._rollup_totals(bigint[], timestamptz[], timestamptz[], text[], text[]) IS
-    'Internal: per period (1-based index) and meter, the aggregate of the buckets and roll-ups covering [start, end), with the latest cell''s last_ts and last_seq (src/totals.c)';
+COMMENT ON FUNCTION billing._rollup_totals(bigint[], timestamptz[], timestamptz[], text[], text[], integer[], text[], text[]) IS
+    'Internal: per period (1-based index) and meter, the aggregate of the buckets and roll-ups covering [start, end), with the latest cell''s last_ts and last_seq; the dimensions named for a period and meter (s_idx, s_meters, s_dims) apart, the rest with dimension NULL (src/totals.c)';
 
 /*
  * _usage_totals_many: the quantity of each meter of each (account,
@@ -112,10 +121,18 @@ COMMENT ON FUNCTION billing._rollup_totals(bigint[], timestamptz[], timestamptz[
  * UTC days, hour roll-ups for whole hours, buckets for the minutes at the
  * edges, and the deltas not yet compacted, so a month costs a few hundred
  * rows, not tens of thousands of minute buckets.
+ *
+ * Matrix charges (issue 18): c_idx, c_meters and c_dims list the usage
+ * charges rated in each period (element j: period c_idx[j] rates meter
+ * c_meters[j], dimension c_dims[j] alone, or with c_dims[j] NULL the
+ * dimensions no other charge of the period names).  A dimension named for
+ * a period and meter gets a row of its own; dimension NULL is the rest of
+ * the meter (all of it when none is named).
  */
 CREATE FUNCTION billing._usage_totals_many(p_accounts bigint[], p_starts timestamptz[],
-                                           p_ends timestamptz[])
-    RETURNS TABLE (idx integer, meter text, quantity numeric)
+                                           p_ends timestamptz[], c_idx integer[] DEFAULT NULL,
+                                           c_meters text[] DEFAULT NULL, c_dims text[] DEFAULT NULL)
+    RETURNS TABLE (idx integer, meter text, quantity numeric, dimension text)
     LANGUAGE plpgsql STABLE PARALLEL SAFE
     SET search_path = pg_catalog, billing, pg_temp
     -- JIT compiles these large plans for longer than they run
@@ -124,9 +141,14 @@ BEGIN
     -- on Citus: one router query per account (see 90_distribute.sql)
     IF billing._citus_table_kind('billing.usage_deltas') IS NOT NULL THEN
         RETURN QUERY
-        SELECT x.i::integer, t.meter, t.quantity
+        SELECT x.i::integer, t.meter, t.quantity, t.dimension
           FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i),
-               LATERAL billing._usage_totals_citus(x.a, x.s, x.e) t;
+               LATERAL billing._usage_totals_citus(
+                   x.a, x.s, x.e,
+                   ARRAY(SELECT c.m FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d),
+                   ARRAY(SELECT c.d FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d)) t;
         RETURN;
     END IF;
     -- the roll-ups and buckets covering each period, each meter aggregated
@@ -137,28 +159,42 @@ BEGIN
         SELECT array_agg(m.meter::text ORDER BY m.meter) AS meters,
                array_agg(m.aggregation::text ORDER BY m.meter) AS aggs
           FROM billing.meters m
+    ), named AS (
+        -- the dimensions charged apart, per period and meter
+        SELECT DISTINCT c.i AS idx, c.m COLLATE "C" AS meter, c.d COLLATE "C" AS dim
+          FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+         WHERE c.i IS NOT NULL AND c.m IS NOT NULL AND c.d IS NOT NULL
+    ), na AS (
+        SELECT coalesce(array_agg(n.idx), '{}') AS i, coalesce(array_agg(n.meter::text), '{}') AS m,
+               coalesce(array_agg(n.dim::text), '{}') AS d
+          FROM named n
     ), per AS (
         SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe
           FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)
     ), folded AS (
-        SELECT r.idx, r.meter COLLATE "C" AS meter, r.quantity, r.last_ts, r.last_seq
-          FROM ms, billing._rollup_totals(p_accounts, p_starts, p_ends, ms.meters, ms.aggs) r
+        SELECT r.idx, r.meter COLLATE "C" AS meter, r.dimension COLLATE "C" AS dim, r.quantity,
+               r.last_ts, r.last_seq
+          FROM ms, na,
+               billing._rollup_totals(p_accounts, p_starts, p_ends, ms.meters, ms.aggs,
+                                      na.i, na.m, na.d) r
         UNION ALL
         -- not yet compacted
-        SELECT per.idx, x.meter, x.quantity, x.last_ts,
+        SELECT per.idx, x.meter, n.dim, x.quantity, x.last_ts,
                CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
-          FROM per JOIN billing.usage_deltas d ON d.account_id = per.account_id,
-               billing._delta_cells(d.cells) x
+          FROM per JOIN billing.usage_deltas d ON d.account_id = per.account_id
+               CROSS JOIN LATERAL billing._delta_cells(d.cells) x
+               LEFT JOIN named n ON n.idx = per.idx AND n.meter = x.meter AND n.dim = x.dimension
          WHERE x.bucket_start >= per.ps AND x.bucket_start < per.pe
     )
     SELECT f.idx, f.meter::text,
-           billing._cell_agg(m.aggregation, f.quantity, f.last_ts, f.last_seq)
+           billing._cell_agg(m.aggregation, f.quantity, f.last_ts, f.last_seq),
+           f.dim::text
       FROM folded f JOIN billing.meters m ON m.meter = f.meter
-     GROUP BY f.idx, f.meter, m.aggregation;
+     GROUP BY f.idx, f.meter, f.dim, m.aggregation;
 END
 $$;
-COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[]) IS
-    'Internal: quantity per meter of many (account, range) pairs, from roll-ups where whole hours and days allow';
+COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[], integer[], text[], text[]) IS
+    'Internal: quantity per meter (and per dimension charged apart) of many (account, range) pairs, from roll-ups where whole hours and days allow';
 
 -- guards ------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ CREATE TABLE billing.invoice_lines (
     charge_id      bigint,           -- the charge version used
     price          billing.price,    -- its price, as it was
     adjustment_id  bigint,           -- adjustment lines: the adjustment carried
+    dimension      text COLLATE "C", -- the dimension of a matrix charge's line (issue 18)
     PRIMARY KEY (account_id, invoice_id, line_no),
     FOREIGN KEY (account_id, invoice_id) REFERENCES billing.invoices
 );
@@ -62,6 +63,7 @@ CREATE TABLE billing.adjustments (
     actor             text NOT NULL DEFAULT CURRENT_USER,
     created_at        timestamptz NOT NULL DEFAULT pg_catalog.now(),
     billed_invoice_id bigint,                -- the invoice that carried it (NULL: pending)
+    dimension         text COLLATE "C",      -- the corrected line's (a matrix charge's)
     PRIMARY KEY (account_id, adjustment_id),
     FOREIGN KEY (account_id, invoice_id) REFERENCES billing.invoices
 );
@@ -134,20 +136,23 @@ CREATE INDEX invoice_lines_charge ON billing.invoice_lines (charge_id) WHERE cha
 /*
  * _rate_periods: the lines of many billing periods at once (element i of
  * each array describes period i), in invoice order per period (fixed fees,
- * usage by meter, the spend cap), amounts rounded per line to the
- * currency's minor unit.  The version of each charge in force at a period's
- * start rates the whole period.  Set-based, so that finalizing or
- * re-rating ten thousand accounts is one query, not ten thousand.  Each
- * metered charge bills the buckets of its meter that start in [lo, period
- * end), lo as 45_period_buckets.sql says: every path that bills a period
- * comes through here, so each bucket of a subscription is billed once.
+ * usage by description, meter and dimension, the spend cap), amounts
+ * rounded per line to the currency's minor unit.  The version of each
+ * charge (plan, meter, dimension) in force at a period's start rates the
+ * whole period; a charge with a dimension rates that dimension's usage of
+ * its meter, one with none the dimensions no other charge in force names.
+ * Set-based, so that finalizing or re-rating ten thousand accounts is one
+ * query, not ten thousand.  Each metered charge bills the buckets of its
+ * meter that start in [lo, period end), lo as 45_period_buckets.sql says:
+ * every path that bills a period comes through here, so each bucket of a
+ * subscription is billed once.
  */
 CREATE FUNCTION billing._rate_periods(p_accounts bigint[], p_plans text[], p_currencies text[],
                                       p_caps numeric[], p_starts timestamptz[],
                                       p_ends timestamptz[])
     RETURNS TABLE (idx integer, ord integer, kind text, meter text, description text,
                    quantity numeric, amount numeric, unrounded_amount numeric,
-                   charge_id bigint, price billing.price)
+                   charge_id bigint, price billing.price, dimension text)
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp
     -- JIT compiles these large plans for longer than they run
@@ -160,18 +165,24 @@ BEGIN
     ), versions AS (
         -- the charge versions in force, once per (plan, period start) however
         -- many accounts share them, numbered in invoice order: fixed fees by
-        -- description, then usage by meter (the spend cap comes last)
+        -- description, then usage by description, meter and dimension (the
+        -- spend cap comes last)
         SELECT v.*, (row_number() OVER (PARTITION BY v.plan, v.ps
-                                        ORDER BY v.grp, v.description, v.meter))::integer AS ord,
+                                        ORDER BY v.grp, v.description, v.meter,
+                                                 v.dimension NULLS FIRST))::integer AS ord,
                (count(*) OVER (PARTITION BY v.plan, v.ps))::integer AS n_lines
-          FROM (SELECT DISTINCT ON (k.plan, k.ps, c.meter,
+          FROM (SELECT DISTINCT ON (k.plan, k.ps, c.meter, c.dimension,
                                     CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END)
                        k.plan, k.ps, c.charge_id, c.meter::text AS meter,
-                       coalesce(c.description, c.meter) AS description, c.price,
+                       c.dimension::text AS dimension,
+                       coalesce(c.description,
+                                CASE WHEN c.dimension IS NULL THEN c.meter::text
+                                     ELSE format('%s (%s)', c.meter, c.dimension) END) AS description,
+                       c.price,
                        CASE WHEN c.meter IS NULL THEN 1 ELSE 2 END AS grp
                   FROM (SELECT DISTINCT per.plan, per.ps FROM per) k
                        JOIN billing.charges c ON c.plan = k.plan AND c.valid_from <= k.ps
-                 ORDER BY k.plan, k.ps, c.meter,
+                 ORDER BY k.plan, k.ps, c.meter, c.dimension,
                           CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END,
                           c.valid_from DESC) v
     ), widths AS (
@@ -194,15 +205,24 @@ BEGIN
         -- start at different points)
         SELECT r.idx, r.lo, (row_number() OVER (ORDER BY r.idx, r.lo))::integer AS j
           FROM (SELECT DISTINCT f.idx, f.lo FROM firsts f) r
+    ), charged AS (
+        -- the usage charges of each read (those of its period whose
+        -- meter's bucket width gives its lo), for the totals: a matrix
+        -- charge's dimension is totalled apart
+        SELECT array_agg(rd.j) AS i, array_agg(v.meter) AS m, array_agg(v.dimension) AS d
+          FROM reads rd JOIN per ON per.idx = rd.idx
+               JOIN versions v ON v.plan = per.plan AND v.ps = per.ps AND v.meter IS NOT NULL
+               JOIN billing.meters m ON m.meter = v.meter
+               JOIN firsts f ON f.idx = rd.idx AND f.lo = rd.lo AND f.bucket_width = m.bucket_width
     ), totals AS MATERIALIZED (
         -- (read once: inlined, the join below would read the store per line)
         -- each meter from the read whose lo is that of its bucket width
-        SELECT rd.idx, t.meter, t.quantity
+        SELECT rd.idx, t.meter, t.dimension, t.quantity
           FROM (SELECT array_agg(p_accounts[rd.idx] ORDER BY rd.j) AS accounts,
                        array_agg(rd.lo ORDER BY rd.j) AS starts,
                        array_agg(p_ends[rd.idx] ORDER BY rd.j) AS ends
-                  FROM reads rd) a,
-               LATERAL billing._usage_totals_many(a.accounts, a.starts, a.ends) t
+                  FROM reads rd) a, charged c,
+               LATERAL billing._usage_totals_many(a.accounts, a.starts, a.ends, c.i, c.m, c.d) t
                JOIN reads rd ON rd.j = t.idx
                JOIN billing.meters m ON m.meter = t.meter
                JOIN firsts f ON f.idx = rd.idx AND f.lo = rd.lo AND f.bucket_width = m.bucket_width
@@ -213,16 +233,17 @@ BEGIN
                CASE WHEN v.meter IS NULL THEN NULL ELSE coalesce(t.quantity, 0) END AS quantity,
                billing.rate(v.price, CASE WHEN v.meter IS NULL THEN 0 ELSE coalesce(t.quantity, 0) END)
                    AS unrounded_amount,
-               v.charge_id, v.price
+               v.charge_id, v.price, v.dimension
           FROM per JOIN versions v ON v.plan = per.plan AND v.ps = per.ps
                LEFT JOIN totals t ON t.idx = per.idx AND t.meter = v.meter
+                                 AND t.dimension IS NOT DISTINCT FROM v.dimension
     ), lines AS (
         SELECT r.*, billing.round_money(r.unrounded_amount, r.currency) AS amount FROM rated r
     ), capped AS (
         SELECT per.idx, max(l.n_lines) + 1 AS ord, 'cap'::text AS kind, NULL::text AS meter,
                'spend cap'::text AS description, NULL::numeric AS quantity,
                NULL::numeric AS unrounded_amount, NULL::bigint AS charge_id,
-               NULL::billing.price AS price,
+               NULL::billing.price AS price, NULL::text AS dimension,
                billing.round_money(per.cap, per.currency) - sum(l.amount) AS amount
           FROM per JOIN lines l ON l.idx = per.idx AND l.kind = 'usage'
          WHERE per.cap IS NOT NULL
@@ -230,26 +251,26 @@ BEGIN
         HAVING sum(l.amount) > billing.round_money(per.cap, per.currency)
     )
     SELECT l.idx, l.ord, l.kind, l.meter, l.description, l.quantity, l.amount,
-           l.unrounded_amount, l.charge_id, l.price
+           l.unrounded_amount, l.charge_id, l.price, l.dimension
       FROM lines l
     UNION ALL
     SELECT c.idx, c.ord, c.kind, c.meter, c.description, c.quantity, c.amount,
-           c.unrounded_amount, c.charge_id, c.price
+           c.unrounded_amount, c.charge_id, c.price, c.dimension
       FROM capped c;
 END
 $$;
 COMMENT ON FUNCTION billing._rate_periods(bigint[], text[], text[], numeric[], timestamptz[], timestamptz[]) IS
-    'Internal: the rated lines (fixed fees, usage, spend cap) of many billing periods';
+    'Internal: the rated lines (fixed fees, usage per meter and dimension, spend cap) of many billing periods';
 
 CREATE FUNCTION billing._rate_period(p_account bigint, p_plan text, p_currency text,
                                      p_cap numeric, p_start timestamptz, p_end timestamptz)
     RETURNS TABLE (ord integer, kind text, meter text, description text, quantity numeric,
                    amount numeric, unrounded_amount numeric, charge_id bigint,
-                   price billing.price)
+                   price billing.price, dimension text)
     LANGUAGE sql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
     SELECT r.ord, r.kind, r.meter, r.description, r.quantity, r.amount, r.unrounded_amount,
-           r.charge_id, r.price
+           r.charge_id, r.price, r.dimension
       FROM billing._rate_periods(ARRAY[p_account], ARRAY[p_plan], ARRAY[p_currency],
                                  ARRAY[p_cap], ARRAY[p_start], ARRAY[p_end]) r
      ORDER BY r.ord
@@ -298,7 +319,7 @@ COMMENT ON FUNCTION billing._adjustment_text(billing.adjustments) IS
 -- pending adjustments of an account, as invoice lines
 CREATE FUNCTION billing._pending_adjustments(p_account bigint)
     RETURNS TABLE (adjustment_id bigint, meter text, description text, quantity numeric,
-                   amount numeric)
+                   amount numeric, dimension text)
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
 BEGIN
@@ -307,7 +328,7 @@ BEGIN
     SELECT a.adjustment_id, a.meter::text,
            -- the row rebuilt as billing.adjustments (on Citus a is a shard's row)
            billing._adjustment_text(ROW(a.*)::billing.adjustments),
-           a.new_quantity - a.old_quantity, a.delta
+           a.new_quantity - a.old_quantity, a.delta, a.dimension::text
       FROM billing.adjustments a
      WHERE a.account_id = p_account AND a.billed_invoice_id IS NULL
      ORDER BY a.adjustment_id;
@@ -319,7 +340,7 @@ COMMENT ON FUNCTION billing._pending_adjustments(bigint) IS
 CREATE FUNCTION billing._invoice_preview(p_account bigint, p_at timestamptz)
     RETURNS TABLE (r_line_no int, r_kind text, r_meter text, r_description text,
                    r_period_start timestamptz, r_period_end timestamptz,
-                   r_quantity numeric, r_amount numeric)
+                   r_quantity numeric, r_amount numeric, r_dimension text)
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
 DECLARE
@@ -331,17 +352,18 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH lines AS (
-        SELECT r.ord::bigint AS ord, r.kind, r.meter, r.description, r.quantity, r.amount
+        SELECT r.ord::bigint AS ord, r.kind, r.meter, r.description, r.quantity, r.amount,
+               r.dimension
           FROM billing._rate_periods(ARRAY[p_account], ARRAY[p.plan], ARRAY[p.currency],
                                      ARRAY[p.spend_cap], ARRAY[p.period_start],
                                      ARRAY[p.period_end]) r
         UNION ALL
         SELECT 1000000 + row_number() OVER (ORDER BY a.adjustment_id), 'adjustment', a.meter,
-               a.description, a.quantity, a.amount
+               a.description, a.quantity, a.amount, a.dimension
           FROM billing._pending_adjustments(p_account) a
     )
     SELECT (row_number() OVER (ORDER BY l.ord))::integer, l.kind, l.meter, l.description,
-           p.period_start, p.period_end, l.quantity, l.amount
+           p.period_start, p.period_end, l.quantity, l.amount, l.dimension
       FROM lines l
      ORDER BY l.ord;
 END
@@ -351,13 +373,14 @@ COMMENT ON FUNCTION billing._invoice_preview(bigint, timestamptz) IS 'Internal: 
 CREATE FUNCTION billing.invoice_preview(account_id bigint, at timestamptz DEFAULT pg_catalog.now())
     RETURNS TABLE (line_no int, kind text, meter text, description text,
                    period_start timestamptz, period_end timestamptz,
-                   quantity numeric, amount numeric)
+                   quantity numeric, amount numeric,
+                   dimension text)   -- issue 18: last, so that positional clients keep working
     LANGUAGE sql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
     SELECT * FROM billing._invoice_preview($1, $2)
 $$;
 COMMENT ON FUNCTION billing.invoice_preview(bigint, timestamptz) IS
-    'The bill of the period holding at, as it stands: every line rounded to the currency''s minor unit, the spend cap, pending adjustments';
+    'The bill of the period holding at, as it stands: every line rounded to the currency''s minor unit, the spend cap, pending adjustments; a matrix charge''s line carries its dimension';
 
 -- finalization ----------------------------------------------------------------------------
 
@@ -461,7 +484,7 @@ BEGIN
     ), rated AS (
         SELECT due.account_id, due.invoice_id, r.ord::bigint AS ord, r.kind, r.meter,
                r.description, r.quantity, r.amount, r.unrounded_amount, r.charge_id, r.price,
-               NULL::bigint AS adjustment_id
+               NULL::bigint AS adjustment_id, r.dimension
           FROM arrays a,
                LATERAL billing._rate_periods(a.accounts, a.plans, a.currencies, a.caps,
                                              a.starts, a.ends) r
@@ -471,7 +494,8 @@ BEGIN
                1000000 + row_number() OVER (PARTITION BY adj.account_id ORDER BY adj.adjustment_id),
                'adjustment', adj.meter,
                billing._adjustment_text(adj),
-               adj.new_quantity - adj.old_quantity, adj.delta, NULL, NULL, NULL, adj.adjustment_id
+               adj.new_quantity - adj.old_quantity, adj.delta, NULL, NULL, NULL, adj.adjustment_id,
+               adj.dimension::text
           FROM due JOIN billing.adjustments adj
                  ON adj.account_id = due.account_id AND adj.billed_invoice_id IS NULL
          WHERE due.first_of_account
@@ -492,9 +516,9 @@ BEGIN
     ), lines_written AS (
         INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
                                           description, quantity, amount, unrounded_amount,
-                                          charge_id, price, adjustment_id)
+                                          charge_id, price, adjustment_id, dimension)
         SELECT n.account_id, n.invoice_id, n.line_no, n.kind, n.meter, n.description, n.quantity,
-               n.amount, n.unrounded_amount, n.charge_id, n.price, n.adjustment_id
+               n.amount, n.unrounded_amount, n.charge_id, n.price, n.adjustment_id, n.dimension
           FROM numbered n
         RETURNING billing.invoice_lines.account_id, billing.invoice_lines.invoice_id,
                   billing.invoice_lines.adjustment_id
@@ -527,6 +551,10 @@ COMMENT ON FUNCTION billing.finalize_invoices(timestamptz) IS
 /*
  * remaining: whole units of a meter that can still be used in the current
  * period before the usage lines would exceed the subscription's spend cap.
+ * The units are of one dimension (argument dimension, by default '', the
+ * dimension of reports that name none): they are rated by the line of the
+ * charge naming that dimension, else by the meter's line of dimension NULL
+ * (matrix charges, issue 18; without them the meter has one line).
  * Rating is non-decreasing within each tier of a price (and across tiers,
  * except volume prices, which can get cheaper past a tier bound), so the
  * search walks the tier bounds in order (in raw units: a per modifier
@@ -544,7 +572,8 @@ COMMENT ON FUNCTION billing._fits(billing.price, numeric, text, numeric) IS
     'Internal: does the rounded charge for q stay within budget?';
 
 CREATE FUNCTION billing.remaining(account_id bigint, meter text,
-                                  at timestamptz DEFAULT pg_catalog.now())
+                                  at timestamptz DEFAULT pg_catalog.now(),
+                                  dimension text DEFAULT '')
     RETURNS numeric
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
@@ -579,17 +608,22 @@ BEGIN
         RETURN NULL;              -- no cap: unlimited
     END IF;
 
-    SELECT l.quantity, l.price, l.amount INTO line
-      FROM billing._rate_period(remaining.account_id, per.plan, per.currency, per.spend_cap,
-                                per.period_start, per.period_end) l
-     WHERE l.kind = 'usage' AND l.meter = remaining.meter;
+    -- the line rating the dimension (the charge naming it, else the rest
+    -- of the meter), and the sum of the other usage lines
+    SELECT x.quantity, x.price, x.others INTO line
+      FROM (SELECT l.meter, l.dimension, l.quantity, l.price,
+                   sum(l.amount) OVER () - l.amount AS others
+              FROM billing._rate_period(remaining.account_id, per.plan, per.currency,
+                                        per.spend_cap, per.period_start, per.period_end) l
+             WHERE l.kind = 'usage') x
+     WHERE x.meter = remaining.meter
+       AND (x.dimension = coalesce(remaining.dimension, '') OR x.dimension IS NULL)
+     ORDER BY x.dimension IS NULL
+     LIMIT 1;
     IF NOT FOUND THEN
-        RETURN NULL;              -- the plan does not bill this meter
+        RETURN NULL;              -- the plan does not bill this meter (or dimension)
     END IF;
-    SELECT coalesce(sum(l.amount), 0) INTO others
-      FROM billing._rate_period(remaining.account_id, per.plan, per.currency, per.spend_cap,
-                                per.period_start, per.period_end) l
-     WHERE l.kind = 'usage' AND l.meter <> remaining.meter;
+    others := line.others;
     budget := billing.round_money(per.spend_cap, per.currency) - others;
     q0 := line.quantity;
     IF NOT billing._fits(line.price, q0, per.currency, budget) THEN
@@ -658,5 +692,5 @@ BEGIN
     RETURN lo;
 END
 $$;
-COMMENT ON FUNCTION billing.remaining(bigint, text, timestamptz) IS
-    'Whole units of a meter that can still be used this period before the usage lines exceed the spend cap (NULL: unlimited)';
+COMMENT ON FUNCTION billing.remaining(bigint, text, timestamptz, text) IS
+    'Whole units of a meter (of one dimension, by default '''') that can still be used this period before the usage lines exceed the spend cap (NULL: unlimited)';

@@ -93,9 +93,9 @@ COMMENT ON FUNCTION billing.correct_usage(bigint, text, timestamptz, numeric, te
  * _rerate_diff: for each finalized invoice overlapping [from_ts, to_ts) (of
  * one account or all), what its lines should be today, what was billed
  * (the line plus the adjustments already recorded for it), and the
- * difference.  Lines are matched by kind and meter (usage), description
- * (fixed fees) or kind alone (the spend cap); a usage line missing on one
- * side counts 0 units there.
+ * difference.  Lines are matched by kind, meter and dimension (usage),
+ * description (fixed fees) or kind alone (the spend cap); a usage line
+ * missing on one side counts 0 units there.
  *
  * One body for one node and for Citus (1.0 had a Citus twin, which
  * drifted): each step is its own statement, and the statements that rate
@@ -106,7 +106,8 @@ COMMENT ON FUNCTION billing.correct_usage(bigint, text, timestamptz, numeric, te
 CREATE FUNCTION billing._rerate_diff(from_ts timestamptz, to_ts timestamptz, p_account bigint)
     RETURNS TABLE (account_id bigint, invoice_id bigint, line_kind text, meter text,
                    description text, billed_quantity numeric, billed_amount numeric,
-                   correct_quantity numeric, correct_amount numeric, delta numeric)
+                   correct_quantity numeric, correct_amount numeric, delta numeric,
+                   dimension text)
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp
     -- JIT compiles these large plans for longer than they run
@@ -151,7 +152,8 @@ BEGIN
            array_agg(r.meter ORDER BY r.idx, r.ord) AS meters,
            array_agg(r.description ORDER BY r.idx, r.ord) AS descriptions,
            array_agg(r.quantity ORDER BY r.idx, r.ord) AS quantities,
-           array_agg(r.amount ORDER BY r.idx, r.ord) AS amounts
+           array_agg(r.amount ORDER BY r.idx, r.ord) AS amounts,
+           array_agg(r.dimension ORDER BY r.idx, r.ord) AS dimensions
       INTO cor
       FROM billing._rate_periods(inv.c_accounts, inv.c_plans, inv.c_currencies, inv.c_caps,
                                  inv.c_starts, inv.c_ends) r;
@@ -159,7 +161,7 @@ BEGIN
     SELECT array_agg(l.account_id) AS accounts, array_agg(l.invoice_id) AS invoices,
            array_agg(l.kind) AS kinds, array_agg(l.meter::text) AS meters,
            array_agg(l.description) AS descriptions, array_agg(l.quantity) AS quantities,
-           array_agg(l.amount) AS amounts
+           array_agg(l.amount) AS amounts, array_agg(l.dimension::text) AS dimensions
       INTO bil
       FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
            JOIN billing.invoice_lines l
@@ -168,7 +170,8 @@ BEGIN
     SELECT array_agg(a.account_id) AS accounts, array_agg(a.invoice_id) AS invoices,
            array_agg(a.line_kind) AS kinds, array_agg(a.meter::text) AS meters,
            array_agg(a.description) AS descriptions,
-           array_agg(a.new_quantity - a.old_quantity) AS quantities, array_agg(a.delta) AS amounts
+           array_agg(a.new_quantity - a.old_quantity) AS quantities, array_agg(a.delta) AS amounts,
+           array_agg(a.dimension::text) AS dimensions
       INTO adj
       FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
            JOIN billing.adjustments a
@@ -177,24 +180,27 @@ BEGIN
     RETURN QUERY
     WITH correct AS (
         SELECT inv.c_accounts[u.k] AS account_id, inv.c_invoices[u.k] AS invoice_id, u.kind,
-               u.meter, u.description, u.quantity, u.amount
-          FROM unnest(cor.ks, cor.kinds, cor.meters, cor.descriptions, cor.quantities, cor.amounts)
-                   AS u(k, kind, meter, description, quantity, amount)
+               u.meter, u.description, u.quantity, u.amount, u.dimension
+          FROM unnest(cor.ks, cor.kinds, cor.meters, cor.descriptions, cor.quantities, cor.amounts,
+                      cor.dimensions)
+                   AS u(k, kind, meter, description, quantity, amount, dimension)
     ), billed AS (
         SELECT * FROM unnest(bil.accounts, bil.invoices, bil.kinds, bil.meters, bil.descriptions,
-                             bil.quantities, bil.amounts)
-                          AS b(account_id, invoice_id, kind, meter, description, quantity, amount)
+                             bil.quantities, bil.amounts, bil.dimensions)
+                          AS b(account_id, invoice_id, kind, meter, description, quantity, amount,
+                               dimension)
         UNION ALL
         SELECT * FROM unnest(adj.accounts, adj.invoices, adj.kinds, adj.meters, adj.descriptions,
-                             adj.quantities, adj.amounts)
-                          AS b(account_id, invoice_id, kind, meter, description, quantity, amount)
+                             adj.quantities, adj.amounts, adj.dimensions)
+                          AS b(account_id, invoice_id, kind, meter, description, quantity, amount,
+                               dimension)
     ), billed_sum AS (
-        SELECT b.account_id, b.invoice_id, b.kind, b.meter,
+        SELECT b.account_id, b.invoice_id, b.kind, b.meter, b.dimension::text AS dimension,
                CASE WHEN b.kind = 'fixed' THEN b.description END AS fixed_key,
                max(b.description) AS description,
                sum(b.quantity) AS quantity, sum(b.amount) AS amount
           FROM billed b
-         GROUP BY 1, 2, 3, 4, 5
+         GROUP BY 1, 2, 3, 4, 5, 6
     )
     SELECT coalesce(c.account_id, b.account_id), coalesce(c.invoice_id, b.invoice_id),
            coalesce(c.kind, b.kind), coalesce(c.meter, b.meter),
@@ -204,12 +210,14 @@ BEGIN
            coalesce(b.amount, 0),
            CASE WHEN coalesce(c.kind, b.kind) = 'usage' THEN coalesce(c.quantity, 0) ELSE c.quantity END,
            coalesce(c.amount, 0),
-           coalesce(c.amount, 0) - coalesce(b.amount, 0)
+           coalesce(c.amount, 0) - coalesce(b.amount, 0),
+           coalesce(c.dimension, b.dimension)
       FROM correct c
            FULL JOIN billed_sum b
                   ON b.account_id = c.account_id AND b.invoice_id = c.invoice_id
                  AND b.kind = c.kind
                  AND b.meter IS NOT DISTINCT FROM c.meter
+                 AND b.dimension IS NOT DISTINCT FROM c.dimension
                  AND b.fixed_key IS NOT DISTINCT FROM CASE WHEN c.kind = 'fixed' THEN c.description END;
 END
 $$;
@@ -220,7 +228,8 @@ CREATE FUNCTION billing._rerate(from_ts timestamptz, to_ts timestamptz, p_accoun
                                 dry_run boolean, p_reason text)
     RETURNS TABLE (r_account bigint, r_invoice bigint, r_meter text,
                    r_billed_quantity numeric, r_billed_amount numeric,
-                   r_correct_quantity numeric, r_correct_amount numeric, r_delta numeric)
+                   r_correct_quantity numeric, r_correct_amount numeric, r_delta numeric,
+                   r_dimension text)
     LANGUAGE plpgsql
     SET search_path = pg_catalog, billing, pg_temp
     -- JIT compiles these large plans for longer than they run
@@ -237,10 +246,10 @@ BEGIN
     IF dry_run THEN
         RETURN QUERY
         SELECT d.account_id, d.invoice_id, d.meter, d.billed_quantity, d.billed_amount,
-               d.correct_quantity, d.correct_amount, d.delta
+               d.correct_quantity, d.correct_amount, d.delta, d.dimension
           FROM billing._rerate_diff(from_ts, to_ts, p_account) d
          WHERE d.delta <> 0
-         ORDER BY 1, 2, 3;
+         ORDER BY 1, 2, 3, 9 NULLS FIRST;
         RETURN;
     END IF;
     -- one re-rate at a time: a second run waits, then finds the first one's adjustments
@@ -252,20 +261,20 @@ BEGIN
     ), written AS (
         INSERT INTO billing.adjustments (account_id, invoice_id, line_kind, meter, description,
                                          old_quantity, new_quantity, old_amount, new_amount, delta,
-                                         reason)
+                                         reason, dimension)
         SELECT d.account_id, d.invoice_id, d.line_kind, d.meter, d.description,
                d.billed_quantity, d.correct_quantity, d.billed_amount, d.correct_amount, d.delta,
-               coalesce(p_reason, 're-rate')
+               coalesce(p_reason, 're-rate'), d.dimension
           FROM d
          -- adjustment ids in invoice line order (fixed fees, usage, the cap)
          ORDER BY d.account_id, d.invoice_id,
                   CASE d.line_kind WHEN 'fixed' THEN 1 WHEN 'usage' THEN 2 ELSE 3 END,
-                  d.description, d.meter
+                  d.description, d.meter, d.dimension NULLS FIRST
     )
     SELECT d.account_id, d.invoice_id, d.meter, d.billed_quantity, d.billed_amount,
-           d.correct_quantity, d.correct_amount, d.delta
+           d.correct_quantity, d.correct_amount, d.delta, d.dimension
       FROM d
-     ORDER BY 1, 2, 3;
+     ORDER BY 1, 2, 3, 9 NULLS FIRST;
     GET DIAGNOSTICS n_written = ROW_COUNT;
     PERFORM billing._audit_rerate(from_ts, to_ts, p_account, coalesce(p_reason, 're-rate'), n_written);
 END
@@ -277,7 +286,8 @@ CREATE FUNCTION billing.rerate(from_ts timestamptz, to_ts timestamptz, account_i
                                dry_run boolean DEFAULT false, reason text DEFAULT 're-rate')
     RETURNS TABLE (account_id bigint, invoice_id bigint, meter text,
                    billed_quantity numeric, billed_amount numeric,
-                   correct_quantity numeric, correct_amount numeric, delta numeric)
+                   correct_quantity numeric, correct_amount numeric, delta numeric,
+                   dimension text)   -- issue 18: last, so that positional clients keep working
     LANGUAGE sql
     SET search_path = pg_catalog, billing, pg_temp AS $$
     SELECT * FROM billing._rerate($1, $2, $3, $4, $5)

@@ -124,7 +124,7 @@ CREATE FUNCTION billing._distributed_functions()
     VALUES ('billing.record(bigint,text,numeric,timestamptz,text,text)'::regprocedure, '$1'),
            ('billing.report_cumulative(text,bigint,text,timestamptz,numeric,text)', '$2'),
            ('billing.usage(bigint,timestamptz,timestamptz,interval,text)', '$1'),
-           ('billing.remaining(bigint,text,timestamptz)', '$1'),
+           ('billing.remaining(bigint,text,timestamptz,text)', '$1'),
            ('billing.invoice_preview(bigint,timestamptz)', '$1'),
            ('billing.correct_usage(bigint,text,timestamptz,numeric,text,text)', '$1')
 $$;
@@ -239,6 +239,7 @@ DECLARE
     l_charge bigint[];
     l_price billing.price[];
     l_adjustment bigint[];
+    l_dimension text[];
     l_total numeric;
 BEGIN
     FOR s IN
@@ -268,29 +269,30 @@ BEGIN
                    array_agg(n.description ORDER BY n.line_no), array_agg(n.quantity ORDER BY n.line_no),
                    array_agg(n.amount ORDER BY n.line_no), array_agg(n.unrounded_amount ORDER BY n.line_no),
                    array_agg(n.charge_id ORDER BY n.line_no), array_agg(n.price ORDER BY n.line_no),
-                   array_agg(n.adjustment_id ORDER BY n.line_no), coalesce(sum(n.amount), 0)
+                   array_agg(n.adjustment_id ORDER BY n.line_no),
+                   array_agg(n.dimension ORDER BY n.line_no), coalesce(sum(n.amount), 0)
               INTO l_no, l_kind, l_meter, l_description, l_quantity, l_amount, l_unrounded,
-                   l_charge, l_price, l_adjustment, l_total
+                   l_charge, l_price, l_adjustment, l_dimension, l_total
               FROM (SELECT (row_number() OVER (ORDER BY x.ord))::integer AS line_no, x.*
                       FROM (SELECT r.ord::bigint AS ord, r.kind, r.meter, r.description, r.quantity,
                                    r.amount, r.unrounded_amount, r.charge_id, r.price,
-                                   NULL::bigint AS adjustment_id
+                                   NULL::bigint AS adjustment_id, r.dimension
                               FROM billing._rate_period(s.account_id, s.plan, s.currency, s.spend_cap,
                                                         per.ps, per.pe) r
                             UNION ALL
                             SELECT 1000000 + row_number() OVER (ORDER BY a.adjustment_id), 'adjustment',
                                    a.meter, a.description, a.quantity, a.amount, NULL, NULL, NULL,
-                                   a.adjustment_id
+                                   a.adjustment_id, a.dimension
                               FROM billing._pending_adjustments(s.account_id) a) x) n;
             INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
                                           currency, total)
             VALUES (s.account_id, inv, s.plan, per.ps, per.pe, s.currency, l_total);
             INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
                                               description, quantity, amount, unrounded_amount,
-                                              charge_id, price, adjustment_id)
+                                              charge_id, price, adjustment_id, dimension)
             SELECT s.account_id, inv, u.*
               FROM unnest(l_no, l_kind, l_meter, l_description, l_quantity, l_amount, l_unrounded,
-                          l_charge, l_price, l_adjustment) u;
+                          l_charge, l_price, l_adjustment, l_dimension) u;
             UPDATE billing.adjustments a SET billed_invoice_id = inv
              WHERE a.account_id = s.account_id AND a.adjustment_id = ANY (l_adjustment);
             r_invoice_id := inv;
@@ -311,10 +313,13 @@ COMMENT ON FUNCTION billing._finalize_citus(timestamptz) IS
  * to_ts) on Citus, from the minute buckets at the edges, hour and day
  * roll-ups, and the deltas: one router query to the account's shards (the
  * set-based _usage_totals_many joins many accounts with arrays, which Citus
- * cannot plan).  _usage_totals_many calls it once per account.
+ * cannot plan).  _usage_totals_many calls it once per account.  The
+ * dimensions s_dims[j] of meters s_meters[j] are totalled apart (matrix
+ * charges, issue 18), the rest of a meter has dimension NULL.
  */
-CREATE FUNCTION billing._usage_totals_citus(p_account bigint, from_ts timestamptz, to_ts timestamptz)
-    RETURNS TABLE (meter text, quantity numeric)
+CREATE FUNCTION billing._usage_totals_citus(p_account bigint, from_ts timestamptz, to_ts timestamptz,
+                                            s_meters text[] DEFAULT '{}', s_dims text[] DEFAULT '{}')
+    RETURNS TABLE (meter text, quantity numeric, dimension text)
     LANGUAGE plpgsql STABLE PARALLEL SAFE
     SET search_path = pg_catalog, billing, pg_temp AS $$
 DECLARE
@@ -329,48 +334,58 @@ DECLARE
     m_start timestamptz := GREATEST(h1, h0, from_ts);      -- trailing minutes start
     hh_end timestamptz := LEAST(d0, h1);                   -- leading hours end
     ht_start timestamptz := GREATEST(d1, d0, h0);          -- trailing hours start
+    -- keys of the dimensions totalled apart: length of the meter, ':', the
+    -- meter, the dimension (unambiguous, whatever the names hold)
+    named text[] := ARRAY(SELECT format('%s:%s%s', length(x.m), x.m, x.d)
+                            FROM unnest(s_meters, s_dims) AS x(m, d));
 BEGIN
     -- one index range per meter and table: (account_id, meter, bucket_start)
     RETURN QUERY
     WITH cells AS (
-        SELECT m.meter, c.quantity, c.last_ts, c.last_seq
+        SELECT m.meter, c.dimension, c.quantity, c.last_ts, c.last_seq
           FROM billing.meters m
                CROSS JOIN LATERAL (
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
                     WHERE u.account_id = p_account AND u.meter = m.meter
                       AND u.bucket_start >= from_ts AND u.bucket_start < m_end
                    UNION ALL
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
                     WHERE u.account_id = p_account AND u.meter = m.meter
                       AND u.bucket_start >= m_start AND u.bucket_start < to_ts
                    UNION ALL
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
                     WHERE u.account_id = p_account AND u.meter = m.meter
                       AND u.bucket_start >= h0 AND u.bucket_start < hh_end
                    UNION ALL
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
                     WHERE u.account_id = p_account AND u.meter = m.meter
                       AND u.bucket_start >= ht_start AND u.bucket_start < h1
                    UNION ALL
-                   SELECT u.quantity, u.last_ts, u.last_seq FROM billing.usage_daily u
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_daily u
                     WHERE u.account_id = p_account AND u.meter = m.meter
                       AND u.bucket_start >= d0 AND u.bucket_start < d1
                ) c
         UNION ALL
         -- not yet compacted
-        SELECT x.meter, x.quantity, x.last_ts, CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
+        SELECT x.meter, x.dimension, x.quantity, x.last_ts,
+               CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
           FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
          WHERE d.account_id = p_account AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
+    ), keyed AS (
+        SELECT c.*, CASE WHEN format('%s:%s%s', length(c.meter), c.meter, c.dimension) = ANY (named)
+                         THEN c.dimension END AS dim
+          FROM cells c
     )
     SELECT c.meter::text,
-           billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq)
-      FROM cells c JOIN billing.meters m ON m.meter = c.meter
-     GROUP BY c.meter, m.aggregation;
+           billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq),
+           c.dim::text
+      FROM keyed c JOIN billing.meters m ON m.meter = c.meter
+     GROUP BY c.meter, c.dim, m.aggregation;
 END
 $$;
 
-COMMENT ON FUNCTION billing._usage_totals_citus(bigint, timestamptz, timestamptz) IS
-    'Internal: usage totals of one account on Citus (a router query)';
+COMMENT ON FUNCTION billing._usage_totals_citus(bigint, timestamptz, timestamptz, text[], text[]) IS
+    'Internal: usage totals of one account on Citus (a router query), named dimensions apart';
 
 CREATE FUNCTION billing.distribute()
     RETURNS TABLE (object text, distribution text, changed boolean)

@@ -43,7 +43,7 @@ SELECT * FROM billing.meters ORDER BY meter;
 \echo == plans
 SELECT * FROM billing.plans ORDER BY plan;
 \echo == charges
-SELECT charge_id, plan, meter, price, valid_from, description FROM billing.charges ORDER BY charge_id;
+SELECT charge_id, plan, meter, price, valid_from, description, dimension FROM billing.charges ORDER BY charge_id;
 \echo == accounts
 SELECT * FROM billing.accounts ORDER BY account_id;
 \echo == subscriptions
@@ -76,7 +76,7 @@ SELECT account_id, invoice_id, plan, period_start, period_end, currency, total, 
 SELECT * FROM billing.invoice_lines ORDER BY account_id, invoice_id, line_no;
 \echo == adjustments
 SELECT account_id, adjustment_id, invoice_id, line_kind, meter, description, old_quantity,
-       new_quantity, old_amount, new_amount, delta, reason, actor, billed_invoice_id
+       new_quantity, old_amount, new_amount, delta, reason, actor, billed_invoice_id, dimension
   FROM billing.adjustments ORDER BY account_id, adjustment_id;
 \echo == usage_corrections
 SELECT account_id, row_number() OVER (PARTITION BY account_id ORDER BY correction_id) AS correction_no,

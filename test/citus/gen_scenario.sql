@@ -6,7 +6,8 @@
 --
 -- The scenario: meters of every aggregation and several bucket widths;
 -- plans in USD, EUR and JPY with daily, multi-day and monthly periods; fixed
--- fees and usage charges with several versions each; accounts whose
+-- fees and usage charges with several versions each, matrix charges (a
+-- dimension apart, with versions of its own); accounts whose
 -- subscriptions start at odd moments, some ending mid-period and followed
 -- by another plan, some with a spend cap; usage through every ingest path
 -- (record one call at a time and in bulk, a metered table through INSERT
@@ -49,7 +50,7 @@ CREATE FUNCTION pg_temp.lit(t timestamptz) RETURNS text LANGUAGE sql AS $$
 -- what the generator made, to draw later steps from
 CREATE TEMP TABLE g_meters (meter text, aggregation text, width interval);
 CREATE TEMP TABLE g_plans (plan text, period interval, currency text);
-CREATE TEMP TABLE g_charges (plan text, meter text, valid_from timestamptz);
+CREATE TEMP TABLE g_charges (plan text, meter text, valid_from timestamptz, dimension text);
 CREATE TEMP TABLE g_accounts (account_id bigint, currency text);
 CREATE TEMP TABLE g_subs (account_id bigint, plan text, starts_at timestamptz, ends_at timestamptz);
 -- usage sent through record() without an event id (each one counted)
@@ -279,12 +280,12 @@ DECLARE
 BEGIN
     SELECT DISTINCT ON (x.plan, x.meter) x.plan, x.meter INTO c
       FROM g_charges x WHERE x.meter IS NOT NULL ORDER BY x.plan, x.meter, random();
-    SELECT x.plan, x.meter INTO c FROM g_charges x WHERE x.meter IS NOT NULL ORDER BY random() LIMIT 1;
+    SELECT x.plan, x.meter, x.dimension INTO c FROM g_charges x WHERE x.meter IS NOT NULL ORDER BY random() LIMIT 1;
     IF FOUND THEN
         -- an odd minute, different each time (valid_from is unique per charge)
         PERFORM pg_temp.emit(format(
-            'INSERT INTO billing.charges (plan, meter, price, valid_from) VALUES (%L, %L, %L, %s);',
-            c.plan, c.meter, pg_temp.price(),
+            'INSERT INTO billing.charges (plan, meter, dimension, price, valid_from) VALUES (%L, %L, %L, %L, %s);',
+            c.plan, c.meter, c.dimension, pg_temp.price(),
             pg_temp.lit(pg_temp.t0() - back + interval '1 minute' * (7 * pg_temp.next('retro')))));
     END IF;
 END $$;
@@ -399,6 +400,20 @@ BEGIN
                                  ELSE '-infinity' END
                        FROM g_charges ORDER BY ctid DESC LIMIT 1)));
             END LOOP;
+            -- a matrix charge: the eu dimension apart (issue 18), one or two versions
+            IF pg_temp.chance(0.4) THEN
+                FOR j IN 1..pg_temp.ri(1, 2) LOOP
+                    INSERT INTO g_charges VALUES (p.plan, m.meter,
+                        CASE j WHEN 1 THEN '-infinity'
+                               ELSE pg_temp.t0() + interval '1 hour' * pg_temp.ri(-100, 40) END, 'eu');
+                    PERFORM pg_temp.emit(format(
+                        'INSERT INTO billing.charges (plan, meter, dimension, price, valid_from) VALUES (%L, %L, %L, %L, %L);',
+                        p.plan, m.meter, 'eu', pg_temp.price(),
+                        (SELECT CASE WHEN isfinite(valid_from) THEN to_char(valid_from AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS+00')
+                                     ELSE '-infinity' END
+                           FROM g_charges ORDER BY ctid DESC LIMIT 1)));
+                END LOOP;
+            END IF;
         END LOOP;
     END LOOP;
 END $$;
@@ -525,7 +540,7 @@ BEGIN
      WHERE NOT EXISTS (SELECT 1 FROM g_charges x WHERE x.plan = p.plan AND x.meter = m.meter)
      ORDER BY random() LIMIT 1;
     IF FOUND THEN
-        INSERT INTO g_charges VALUES (c.plan, c.meter, '-infinity');
+        INSERT INTO g_charges VALUES (c.plan, c.meter, '-infinity', NULL);
         PERFORM pg_temp.emit(format(
             'INSERT INTO billing.charges (plan, meter, price, valid_from) VALUES (%L, %L, %L, %L);',
             c.plan, c.meter, pg_temp.price(), '-infinity'));
@@ -579,7 +594,7 @@ SELECT pg_temp.finalize('6 days');
 
 -- what a user reads: previews, remaining, usage rolled up
 SELECT pg_temp.emit(format(
-    'SELECT line_no, kind, meter, regexp_replace(description, ''invoice [0-9]+'', ''invoice #'') AS description, period_start, period_end, quantity, amount FROM billing.invoice_preview(%s, %s);',
+    'SELECT line_no, kind, meter, dimension, regexp_replace(description, ''invoice [0-9]+'', ''invoice #'') AS description, period_start, period_end, quantity, amount FROM billing.invoice_preview(%s, %s);',
     account_id, pg_temp.lit(pg_temp.t0() + interval '5 days')))
   FROM (SELECT account_id FROM g_subs ORDER BY random() LIMIT 2) x;
 SELECT pg_temp.emit(format('SELECT billing.remaining(%s, %L, %s) AS remaining;', s.account_id, m.meter,

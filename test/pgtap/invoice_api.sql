@@ -9,12 +9,14 @@ SELECT plan(112);
 SELECT has_function('billing', 'invoice_preview', ARRAY['bigint', 'timestamp with time zone'],
                     'invoice_preview(account_id, at)');
 SELECT function_returns('billing', 'invoice_preview', ARRAY['bigint', 'timestamp with time zone'], 'setof record');
+-- SPEC 10.1: each line carries the charge's dimension, a column after the
+-- pinned ones (so that clients reading them by position keep working)
 SELECT is(proargnames, ARRAY['account_id', 'at', 'line_no', 'kind', 'meter', 'description',
-                             'period_start', 'period_end', 'quantity', 'amount'],
-          'invoice_preview argument names and result columns')
+                             'period_start', 'period_end', 'quantity', 'amount', 'dimension'],
+          'invoice_preview argument names and result columns (dimension last)')
   FROM pg_proc WHERE oid = 'billing.invoice_preview(bigint, timestamptz)'::regprocedure;
 SELECT is(pg_get_function_result('billing.invoice_preview(bigint, timestamptz)'::regprocedure),
-          'TABLE(line_no integer, kind text, meter text, description text, period_start timestamp with time zone, period_end timestamp with time zone, quantity numeric, amount numeric)',
+          'TABLE(line_no integer, kind text, meter text, description text, period_start timestamp with time zone, period_end timestamp with time zone, quantity numeric, amount numeric, dimension text)',
           'invoice_preview result types');
 SELECT is(pronargdefaults::int, 1, 'invoice_preview: at has a default')
   FROM pg_proc WHERE oid = 'billing.invoice_preview(bigint, timestamptz)'::regprocedure;
@@ -30,13 +32,14 @@ SELECT is(pg_get_function_result('billing.finalize_invoices(timestamptz)'::regpr
 SELECT is(pronargdefaults::int, 1, 'finalize_invoices: as_of has a default')
   FROM pg_proc WHERE oid = 'billing.finalize_invoices(timestamptz)'::regprocedure;
 
-SELECT has_function('billing', 'remaining', ARRAY['bigint', 'text', 'timestamp with time zone'],
-                    'remaining(account_id, meter, at)');
-SELECT function_returns('billing', 'remaining', ARRAY['bigint', 'text', 'timestamp with time zone'], 'numeric');
-SELECT is(proargnames, ARRAY['account_id', 'meter', 'at'], 'remaining argument names')
-  FROM pg_proc WHERE oid = 'billing.remaining(bigint, text, timestamptz)'::regprocedure;
-SELECT is(pronargdefaults::int, 1, 'remaining: at has a default')
-  FROM pg_proc WHERE oid = 'billing.remaining(bigint, text, timestamptz)'::regprocedure;
+-- the pinned arguments lead; issue 18 adds an optional dimension (matrix charges)
+SELECT has_function('billing', 'remaining', ARRAY['bigint', 'text', 'timestamp with time zone', 'text'],
+                    'remaining(account_id, meter, at, dimension)');
+SELECT function_returns('billing', 'remaining', ARRAY['bigint', 'text', 'timestamp with time zone', 'text'], 'numeric');
+SELECT is(proargnames, ARRAY['account_id', 'meter', 'at', 'dimension'], 'remaining argument names')
+  FROM pg_proc WHERE oid = 'billing.remaining(bigint, text, timestamptz, text)'::regprocedure;
+SELECT is(pronargdefaults::int, 2, 'remaining: at and dimension have defaults')
+  FROM pg_proc WHERE oid = 'billing.remaining(bigint, text, timestamptz, text)'::regprocedure;
 
 -- rerate: the SPEC arguments lead; the implementation may add optional
 -- arguments after them (SPEC: "extra optional arguments with defaults")
@@ -51,8 +54,8 @@ SELECT is(proargnames[1:4], ARRAY['from_ts', 'to_ts', 'account_id', 'dry_run'], 
 SELECT ok(pronargdefaults >= pronargs - 2, 'rerate: account_id, dry_run and any extra arguments have defaults')
   FROM pg_proc WHERE pronamespace = 'billing'::regnamespace AND proname = 'rerate';
 SELECT is(pg_get_function_result(oid),
-          'TABLE(account_id bigint, invoice_id bigint, meter text, billed_quantity numeric, billed_amount numeric, correct_quantity numeric, correct_amount numeric, delta numeric)',
-          'rerate result columns')
+          'TABLE(account_id bigint, invoice_id bigint, meter text, billed_quantity numeric, billed_amount numeric, correct_quantity numeric, correct_amount numeric, delta numeric, dimension text)',
+          'rerate result columns (issue 18: the line''s dimension last)')
   FROM pg_proc WHERE pronamespace = 'billing'::regnamespace AND proname = 'rerate';
 SELECT ok(proretset, 'rerate returns a set')
   FROM pg_proc WHERE pronamespace = 'billing'::regnamespace AND proname = 'rerate';

@@ -200,7 +200,7 @@ mutations=(
     'column comment@@comment on column unit of table billing\.meters@@COMMENT ON COLUMN billing.meters.unit IS '"'x'"
     'extension member@@extension billing \| member function billing\.currency_exponent@@ALTER EXTENSION billing DROP FUNCTION billing.currency_exponent(text)'
     'pg_extension_config_dump@@extension billing \| pg_extension_config_dump\(billing\.plans@@UPDATE pg_extension SET extconfig = array_remove(extconfig, '"'billing.plans'"'::regclass::oid), extcondition = extcondition[2:] WHERE extname = '"'billing'"
-    'initial privileges@@initial privileges of function billing\.remaining\(@@DELETE FROM pg_init_privs WHERE objoid = '"'billing.remaining(bigint,text,timestamptz)'"'::regprocedure'
+    'initial privileges@@initial privileges of function billing\.remaining\(@@DELETE FROM pg_init_privs WHERE objoid = '"'billing.remaining(bigint,text,timestamptz,text)'"'::regprocedure'
     'event trigger@@event trigger billing_metered_table_dropped@@ALTER EVENT TRIGGER billing_metered_table_dropped DISABLE'
 )
 if [ "$mode" = all ]; then
