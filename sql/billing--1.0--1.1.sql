@@ -3034,3 +3034,753 @@ GRANT EXECUTE ON FUNCTION
     billing._rerate(timestamptz, timestamptz, bigint, boolean, text)
     TO billing_reader;
 GRANT EXECUTE ON FUNCTION billing.rerate(timestamptz, timestamptz, bigint, boolean, text) TO billing_admin;
+
+-- ---- issue 18, part 3: unique meters (aggregation 'unique', 45_unique.sql) ---------------
+-- A unique meter's quantity is the number of distinct dimension values
+-- reported in the period.  Its cells are counted as a count meter's; the
+-- update adds the aggregation, the per-period tables compaction keeps
+-- (unique_periods, unique_values: empty, 1.0 has no unique meter), their
+-- functions, and the step compact_usage() runs for them.  usage() counts
+-- the distinct values per bucket, reconcile() compares a unique meter's
+-- reports as a count meter's, and on Citus the compaction folds unique
+-- cells too.
+ALTER TABLE billing.meters DROP CONSTRAINT meters_aggregation_check;
+ALTER TABLE billing.meters ADD CONSTRAINT meters_aggregation_check
+    CHECK (aggregation IN ('sum', 'count', 'max', 'last', 'unique'));
+
+CREATE TABLE billing.unique_periods (
+    account_id      bigint NOT NULL,
+    meter           text COLLATE "C" NOT NULL,
+    period_start    timestamptz NOT NULL,
+    period_end      timestamptz NOT NULL,
+    distinct_count  bigint NOT NULL,
+    PRIMARY KEY (account_id, meter, period_start)
+);
+COMMENT ON TABLE billing.unique_periods IS
+    'Unique meters: per account, meter and billing period, the number of distinct dimension values compaction has seen in [period_start, period_end) (kept by compact_usage)';
+
+CREATE TABLE billing.unique_values (
+    account_id      bigint NOT NULL,
+    meter           text COLLATE "C" NOT NULL,
+    period_start    timestamptz NOT NULL,
+    dimension       text COLLATE "C" NOT NULL,
+    first_bucket    timestamptz NOT NULL,
+    PRIMARY KEY (account_id, meter, period_start, dimension)
+);
+COMMENT ON TABLE billing.unique_values IS
+    'Unique meters: the distinct dimension values of each unique_periods row, with the first bucket of the period in which each was reported';
+
+SELECT pg_catalog.pg_extension_config_dump('billing.unique_periods', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.unique_values', '');
+
+/*
+ * _unique_periods_of: the billing periods of an account's subscriptions
+ * that overlap [p_lo, p_hi], each whole (not cut at the subscription's
+ * end: unique_periods rows hold whole periods, and a cut period is read
+ * as a prefix of one).
+ */
+CREATE FUNCTION billing._unique_periods_of(p_account bigint, p_lo timestamptz, p_hi timestamptz)
+    RETURNS TABLE (period_start timestamptz, period_end timestamptz)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    -- PL/pgSQL: Citus routes the query by p_account's value
+    RETURN QUERY
+    SELECT DISTINCT billing._add_periods(s.starts_at, p.period, n),
+           billing._add_periods(s.starts_at, p.period, n + 1)
+      FROM billing.subscriptions s JOIN billing.plans p ON p.plan = s.plan,
+           generate_series(billing._period_index(s.starts_at, p.period, greatest(p_lo, s.starts_at)),
+                           billing._period_index(s.starts_at, p.period,
+                               least(p_hi, coalesce(s.ends_at, 'infinity') - interval '1 microsecond'))) n
+     WHERE s.account_id = p_account AND s.starts_at <= p_hi
+       AND coalesce(s.ends_at, 'infinity') > p_lo;
+END
+$$;
+COMMENT ON FUNCTION billing._unique_periods_of(bigint, timestamptz, timestamptz) IS
+    'Internal: the whole billing periods of an account''s subscriptions overlapping [lo, hi]';
+
+/*
+ * _unique_fold: keep unique_periods and unique_values for cells of unique
+ * meters of one account that compaction has just folded (element i of the
+ * arrays is a cell: meter, dimension, bucket start).  See the top of the
+ * file.
+ */
+CREATE FUNCTION billing._unique_fold(p_account bigint, p_meters text[], p_dims text[],
+                                     p_buckets timestamptz[])
+    RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    lo timestamptz;
+    hi timestamptz;
+    per record;
+    cd text[];
+    cfb timestamptz[];
+    n bigint;
+BEGIN
+    SELECT min(b), max(b) INTO lo, hi FROM unnest(p_buckets) b;
+    IF lo IS NULL THEN
+        RETURN;
+    END IF;
+    -- 1. the rows the cells fall in: new values counted, earlier first buckets kept
+    FOR per IN
+        SELECT p.meter, p.period_start, p.period_end
+          FROM billing.unique_periods p
+         WHERE p.account_id = p_account AND p.meter = ANY (p_meters)
+           AND p.period_start <= hi AND p.period_end > lo
+    LOOP
+        SELECT array_agg(y.d), array_agg(y.fb) INTO cd, cfb
+          FROM (SELECT x.d, min(x.b) AS fb
+                  FROM unnest(p_meters, p_dims, p_buckets) AS x(m, d, b)
+                 WHERE x.m = per.meter AND x.b >= per.period_start AND x.b < per.period_end
+                 GROUP BY x.d) y;
+        CONTINUE WHEN cd IS NULL;
+        WITH added AS (
+            INSERT INTO billing.unique_values (account_id, meter, period_start, dimension, first_bucket)
+            SELECT p_account, per.meter, per.period_start, u.d, u.fb FROM unnest(cd, cfb) AS u(d, fb)
+            ON CONFLICT DO NOTHING
+            RETURNING 1
+        )
+        SELECT count(*) INTO n FROM added;
+        UPDATE billing.unique_values v SET first_bucket = u.fb
+          FROM unnest(cd, cfb) AS u(d, fb)
+         WHERE v.account_id = p_account AND v.meter = per.meter
+           AND v.period_start = per.period_start AND v.dimension = u.d AND u.fb < v.first_bucket;
+        IF n > 0 THEN
+            UPDATE billing.unique_periods p SET distinct_count = p.distinct_count + n
+             WHERE p.account_id = p_account AND p.meter = per.meter
+               AND p.period_start = per.period_start;
+        END IF;
+    END LOOP;
+
+    -- 2. a row for each billing period holding cells that has none (or one
+    -- ending earlier), from every cell of the period counted so far
+    FOR per IN
+        SELECT m.meter, w.period_start, w.period_end
+          FROM (SELECT DISTINCT x.m AS meter FROM unnest(p_meters) AS x(m)) m,
+               billing._unique_periods_of(p_account, lo, hi) w
+         WHERE EXISTS (SELECT 1 FROM unnest(p_meters, p_buckets) AS x(m, b)
+                        WHERE x.m = m.meter AND x.b >= w.period_start AND x.b < w.period_end)
+    LOOP
+        CONTINUE WHEN EXISTS (SELECT 1 FROM billing.unique_periods p
+                               WHERE p.account_id = p_account AND p.meter = per.meter
+                                 AND p.period_start = per.period_start
+                                 AND p.period_end >= per.period_end);
+        DELETE FROM billing.unique_values v
+         WHERE v.account_id = p_account AND v.meter = per.meter AND v.period_start = per.period_start;
+        DELETE FROM billing.unique_periods p
+         WHERE p.account_id = p_account AND p.meter = per.meter AND p.period_start = per.period_start;
+        INSERT INTO billing.unique_values (account_id, meter, period_start, dimension, first_bucket)
+        SELECT p_account, per.meter, per.period_start, c.dimension, min(c.bucket_start)
+          FROM billing.usage_cells c
+         WHERE c.account_id = p_account AND c.meter = per.meter
+           AND c.bucket_start >= per.period_start AND c.bucket_start < per.period_end
+         GROUP BY c.dimension;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        INSERT INTO billing.unique_periods (account_id, meter, period_start, period_end, distinct_count)
+        VALUES (p_account, per.meter, per.period_start, per.period_end, n);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._unique_fold(bigint, text[], text[], timestamptz[]) IS
+    'Internal: keeps unique_periods and unique_values for cells of unique meters of one account just compacted';
+
+/*
+ * _unique_compact: the step of compact_usage() for unique meters: calls
+ * _unique_fold for each account with unique cells among the cells being
+ * compacted (pg_temp.billing_compact_cells).
+ */
+CREATE FUNCTION billing._unique_compact() RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    acc record;
+BEGIN
+    FOR acc IN
+        SELECT c.account_id, array_agg(c.meter::text) AS meters, array_agg(c.dimension::text) AS dims,
+               array_agg(c.bucket_start) AS buckets
+          FROM pg_temp.billing_compact_cells c
+         WHERE c.aggregation = 'unique'
+         GROUP BY c.account_id
+         ORDER BY c.account_id
+    LOOP
+        PERFORM billing._unique_fold(acc.account_id, acc.meters, acc.dims, acc.buckets);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._unique_compact() IS
+    'Internal: the unique-meter step of compact_usage (keeps unique_periods and unique_values)';
+
+/*
+ * _unique_scan: the distinct dimension values of a meter with a counted
+ * cell in [p_from, p_to): day and hour roll-ups inside, minute buckets at
+ * the edges, and the deltas (the same split as _usage_totals_citus).
+ */
+CREATE FUNCTION billing._unique_scan(p_account bigint, p_meter text, p_from timestamptz,
+                                     p_to timestamptz)
+    RETURNS SETOF text
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    h0 timestamptz := billing._bin('1 hour', p_from - interval '1 microsecond') + interval '1 hour';
+    h1 timestamptz := billing._bin('1 hour', p_to);
+    d0 timestamptz := billing._bin('1 day', p_from - interval '1 microsecond') + interval '1 day';
+    d1 timestamptz := billing._bin('1 day', p_to);
+BEGIN
+    RETURN QUERY
+    SELECT u.dimension::text FROM billing.usage_buckets u
+     WHERE u.account_id = p_account AND u.meter = p_meter
+       AND (u.bucket_start >= p_from AND u.bucket_start < LEAST(h0, p_to)
+            OR u.bucket_start >= GREATEST(h1, h0, p_from) AND u.bucket_start < p_to)
+    UNION
+    SELECT u.dimension FROM billing.usage_hourly u
+     WHERE u.account_id = p_account AND u.meter = p_meter
+       AND (u.bucket_start >= h0 AND u.bucket_start < LEAST(d0, h1)
+            OR u.bucket_start >= GREATEST(d1, d0, h0) AND u.bucket_start < h1)
+    UNION
+    SELECT u.dimension FROM billing.usage_daily u
+     WHERE u.account_id = p_account AND u.meter = p_meter
+       AND u.bucket_start >= d0 AND u.bucket_start < d1
+    UNION
+    SELECT x.dimension FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
+     WHERE d.account_id = p_account AND x.meter = p_meter
+       AND x.bucket_start >= p_from AND x.bucket_start < p_to;
+END
+$$;
+COMMENT ON FUNCTION billing._unique_scan(bigint, text, timestamptz, timestamptz) IS
+    'Internal: the distinct dimension values of a meter with a counted cell in [from, to) (roll-ups inside, buckets at the edges, deltas)';
+
+/*
+ * _unique_counts: for each unique meter of p_meters, the number of distinct
+ * dimension values reported in [p_from, p_to) by one account, as rows
+ * (meter, dimension, quantity): one row with quantity 1 for each dimension
+ * s_dims[j] named for meter s_meters[j] (a matrix charge) that was
+ * reported, and one with dimension NULL counting the other values.  See the
+ * top of the file.
+ */
+CREATE FUNCTION billing._unique_counts(p_account bigint, p_from timestamptz, p_to timestamptz,
+                                       p_meters text[], s_meters text[] DEFAULT '{}',
+                                       s_dims text[] DEFAULT '{}')
+    RETURNS TABLE (meter text, dimension text, quantity numeric)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    mtr text;
+    reg record;
+    total bigint;
+    delta_dims text[];
+    seen text[];
+    named text[];
+    present text[];
+BEGIN
+    IF p_from >= p_to THEN
+        RETURN;
+    END IF;
+    FOREACH mtr IN ARRAY p_meters LOOP
+        named := ARRAY(SELECT DISTINCT x.d FROM unnest(s_meters, s_dims) AS x(m, d)
+                        WHERE x.m = mtr AND x.d IS NOT NULL);
+        SELECT p.period_end, p.distinct_count INTO reg
+          FROM billing.unique_periods p
+         WHERE p.account_id = p_account AND p.meter = mtr AND p.period_start = p_from
+           AND p.period_end >= p_to;
+        IF FOUND THEN
+            -- the values compaction has seen, and those only in the deltas
+            IF reg.period_end = p_to THEN
+                total := reg.distinct_count;
+            ELSE
+                SELECT count(*) INTO total FROM billing.unique_values v
+                 WHERE v.account_id = p_account AND v.meter = mtr AND v.period_start = p_from
+                   AND v.first_bucket < p_to;
+            END IF;
+            delta_dims := ARRAY(SELECT DISTINCT x.dimension::text
+                                  FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
+                                 WHERE d.account_id = p_account AND x.meter = mtr
+                                   AND x.bucket_start >= p_from AND x.bucket_start < p_to);
+            IF cardinality(delta_dims) > 0 THEN
+                total := total + (SELECT count(*) FROM unnest(delta_dims) AS x(d)
+                                   WHERE NOT EXISTS (SELECT 1 FROM billing.unique_values v
+                                                      WHERE v.account_id = p_account AND v.meter = mtr
+                                                        AND v.period_start = p_from
+                                                        AND v.dimension = x.d
+                                                        AND v.first_bucket < p_to));
+            END IF;
+            present := ARRAY(SELECT x.d FROM unnest(named) AS x(d)
+                              WHERE x.d = ANY (delta_dims)
+                                 OR EXISTS (SELECT 1 FROM billing.unique_values v
+                                             WHERE v.account_id = p_account AND v.meter = mtr
+                                               AND v.period_start = p_from AND v.dimension = x.d
+                                               AND v.first_bucket < p_to));
+        ELSE
+            -- no row for this period: the cells themselves
+            seen := ARRAY(SELECT s FROM billing._unique_scan(p_account, mtr, p_from, p_to) s);
+            total := cardinality(seen);
+            present := ARRAY(SELECT x.d FROM unnest(named) AS x(d) WHERE x.d = ANY (seen));
+        END IF;
+        CONTINUE WHEN total = 0;
+        RETURN QUERY
+        SELECT mtr, x.d, 1::numeric FROM unnest(present) AS x(d)
+        UNION ALL
+        SELECT mtr, NULL::text, (total - cardinality(present))::numeric
+         WHERE total > cardinality(present);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._unique_counts(bigint, timestamptz, timestamptz, text[], text[], text[]) IS
+    'Internal: distinct dimension values of unique meters reported in [from, to) by one account (named dimensions apart)';
+
+/*
+ * _usage_totals_unique: the part of _usage_totals_many for unique meters
+ * (same arguments, same rows): for each period (account, [start, end)),
+ * _unique_counts of the unique meters its charges rate (c_idx, c_meters,
+ * c_dims as for _usage_totals_many; every unique meter when c_idx is NULL).
+ */
+CREATE FUNCTION billing._usage_totals_unique(p_accounts bigint[], p_starts timestamptz[],
+                                             p_ends timestamptz[], c_idx integer[],
+                                             c_meters text[], c_dims text[])
+    RETURNS TABLE (idx integer, meter text, quantity numeric, dimension text)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    uniq text[];
+BEGIN
+    -- the unique meters, read first (a reference table on Citus)
+    uniq := ARRAY(SELECT m.meter::text FROM billing.meters m WHERE m.aggregation = 'unique');
+    IF cardinality(uniq) = 0 OR (c_idx IS NOT NULL AND NOT c_meters && uniq) THEN
+        RETURN;                   -- no unique meter (charged)
+    END IF;
+    RETURN QUERY
+    WITH per AS (
+        SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe
+          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)
+    ), charged AS (
+        SELECT c.i AS idx, c.m AS meter, c.d AS dim
+          FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+         WHERE c.m = ANY (uniq)
+    ), req AS (
+        SELECT per.*,
+               CASE WHEN c_idx IS NULL THEN uniq
+                    ELSE ARRAY(SELECT DISTINCT c.meter FROM charged c WHERE c.idx = per.idx) END AS meters,
+               ARRAY(SELECT c.meter FROM charged c WHERE c.idx = per.idx AND c.dim IS NOT NULL
+                      ORDER BY c.meter, c.dim) AS s_meters,
+               ARRAY(SELECT c.dim FROM charged c WHERE c.idx = per.idx AND c.dim IS NOT NULL
+                      ORDER BY c.meter, c.dim) AS s_dims
+          FROM per
+    )
+    SELECT r.idx, u.meter, u.quantity, u.dimension
+      FROM req r,
+           LATERAL billing._unique_counts(r.account_id, r.ps, r.pe, r.meters, r.s_meters, r.s_dims) u
+     WHERE cardinality(r.meters) > 0;
+END
+$$;
+COMMENT ON FUNCTION billing._usage_totals_unique(bigint[], timestamptz[], timestamptz[], integer[], text[], text[]) IS
+    'Internal: the unique-meter part of _usage_totals_many (distinct dimension values per period)';
+
+
+CREATE OR REPLACE FUNCTION billing.compact_usage() RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off
+    SET client_min_messages = warning AS $$
+DECLARE
+    n bigint;
+BEGIN
+    -- one compaction at a time; concurrent ingest goes on (it only appends)
+    PERFORM pg_advisory_xact_lock(1651074162, 1);
+    IF to_regclass('pg_temp.billing_compact_cells') IS NOT NULL THEN  -- never a caller's table
+        DROP TABLE pg_temp.billing_compact_cells;                     -- (SECURITY DEFINER)
+    END IF;
+    CREATE TEMP TABLE IF NOT EXISTS billing_compact_cells (
+        account_id bigint, meter text COLLATE "C", dimension text COLLATE "C",
+        bucket_start timestamptz, quantity numeric, events bigint,
+        last_ts timestamptz, last_seq bigint, aggregation text, nrows bigint
+    ) ON COMMIT DELETE ROWS;
+
+    -- 1. take the deltas out, one cell per key, folded by the one rule
+    WITH moved AS (
+        DELETE FROM billing.usage_deltas RETURNING *
+    )
+    INSERT INTO billing_compact_cells
+    SELECT d.account_id, c.meter, c.dimension, c.bucket_start,
+           billing._cell_agg(m.aggregation, c.quantity, c.last_ts,
+                             CASE WHEN c.last_ts IS NOT NULL THEN d.seq END),
+           sum(c.events)::bigint,
+           billing._cell_last_ts(m.aggregation, c.quantity, c.last_ts,
+                                 CASE WHEN c.last_ts IS NOT NULL THEN d.seq END),
+           billing._cell_last_seq(m.aggregation, c.quantity, c.last_ts,
+                                  CASE WHEN c.last_ts IS NOT NULL THEN d.seq END),
+           m.aggregation, count(*)
+      FROM moved d
+           CROSS JOIN LATERAL billing._delta_cells(d.cells) c
+           JOIN billing.meters m ON m.meter = c.meter
+     GROUP BY d.account_id, c.meter, c.dimension, c.bucket_start, m.aggregation;
+    SELECT coalesce(sum(nrows), 0) INTO n FROM billing_compact_cells;
+    IF n = 0 THEN
+        RETURN 0;
+    END IF;
+
+    -- 2. fold them into the buckets and the hour and day roll-ups
+    PERFORM billing._compact_into('usage_buckets', NULL);
+    PERFORM billing._compact_into('usage_hourly', '1 hour');
+    PERFORM billing._compact_into('usage_daily', '1 day');
+    -- 3. the distinct values of unique meters per billing period (45_unique.sql)
+    PERFORM billing._unique_compact();
+    TRUNCATE billing_compact_cells;
+    RETURN n;
+END
+$$;
+
+
+-- PL/pgSQL: its plans get the argument values, which Citus needs to route
+-- the query to the account's shards (it cannot plan an SQL function's query)
+CREATE OR REPLACE FUNCTION billing._usage(p_account bigint, p_from timestamptz, p_to timestamptz,
+                               p_grain interval, p_meter text)
+    RETURNS TABLE (r_meter text, r_dimension text, r_bucket_start timestamptz,
+                   r_quantity numeric, r_events bigint)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    RETURN QUERY
+    WITH cells AS (
+        SELECT u.meter, u.dimension, u.bucket_start, u.quantity, u.events, u.last_ts, u.last_seq
+          FROM billing.usage_cells u
+         WHERE u.account_id = p_account AND u.bucket_start >= p_from AND u.bucket_start < p_to
+           AND (p_meter IS NULL OR u.meter = p_meter)
+    )
+    -- a unique meter: one row per bucket (dimension NULL), its quantity the
+    -- number of distinct dimension values reported in the bucket
+    SELECT c.meter::text,
+           CASE WHEN m.aggregation <> 'unique' THEN c.dimension::text END,
+           CASE WHEN p_grain IS NULL THEN c.bucket_start ELSE billing._bin(p_grain, c.bucket_start) END,
+           CASE WHEN m.aggregation = 'unique' THEN count(DISTINCT c.dimension)
+                ELSE billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq) END,
+           sum(c.events)::bigint
+      FROM cells c JOIN billing.meters m ON m.meter = c.meter
+     GROUP BY c.meter, 2, 3, m.aggregation
+     ORDER BY c.meter, 2, 3;
+END
+$$;
+COMMENT ON FUNCTION billing._usage(bigint, timestamptz, timestamptz, interval, text) IS
+    'Internal: the body of billing.usage';
+
+CREATE OR REPLACE FUNCTION billing.usage(account_id bigint, from_ts timestamptz, to_ts timestamptz,
+                              grain interval DEFAULT NULL, meter text DEFAULT NULL)
+    RETURNS TABLE (meter text, dimension text, bucket_start timestamptz,
+                   quantity numeric, events bigint)
+    LANGUAGE sql STABLE SET search_path = pg_catalog, billing, pg_temp AS $$
+    -- the arguments are checked by a statement of its own: always, whatever the plan
+    SELECT billing._usage_args_ok($1, $2, $3, $4);
+    SELECT * FROM billing._usage($1, $2, $3, $4, $5)
+$$;
+COMMENT ON FUNCTION billing.usage(bigint, timestamptz, timestamptz, interval, text) IS
+    'Usage of an account: stored buckets (grain NULL) or UTC-aligned roll-ups; max/last meters roll up by max/latest, unique meters count the distinct dimensions of each bucket';
+
+/*
+ * _usage_totals_many: the quantity of each meter of each (account,
+ * [from, to)) given, combined by the meter's aggregation.  Reads day roll-ups for whole
+ * UTC days, hour roll-ups for whole hours, buckets for the minutes at the
+ * edges, and the deltas not yet compacted, so a month costs a few hundred
+ * rows, not tens of thousands of minute buckets.
+ *
+ * Matrix charges (issue 18): c_idx, c_meters and c_dims list the usage
+ * charges rated in each period (element j: period c_idx[j] rates meter
+ * c_meters[j], dimension c_dims[j] alone, or with c_dims[j] NULL the
+ * dimensions no other charge of the period names).  A dimension named for
+ * a period and meter gets a row of its own; dimension NULL is the rest of
+ * the meter (all of it when none is named).
+ *
+ * Unique meters (45_unique.sql): the distinct dimension values of the
+ * period, from billing._unique_counts, for the unique meters charged in
+ * the period (every unique meter when c_idx is NULL).
+ */
+CREATE OR REPLACE FUNCTION billing._usage_totals_many(p_accounts bigint[], p_starts timestamptz[],
+                                           p_ends timestamptz[], c_idx integer[] DEFAULT NULL,
+                                           c_meters text[] DEFAULT NULL, c_dims text[] DEFAULT NULL)
+    RETURNS TABLE (idx integer, meter text, quantity numeric, dimension text)
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+BEGIN
+    -- on Citus: one router query per account (see 90_distribute.sql)
+    IF billing._citus_table_kind('billing.usage_deltas') IS NOT NULL THEN
+        RETURN QUERY
+        SELECT x.i::integer, t.meter, t.quantity, t.dimension
+          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i),
+               LATERAL billing._usage_totals_citus(
+                   x.a, x.s, x.e,
+                   ARRAY(SELECT c.m FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d),
+                   ARRAY(SELECT c.d FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d)) t
+        UNION ALL
+        SELECT u.idx, u.meter, u.quantity, u.dimension
+          FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;
+        RETURN;
+    END IF;
+    -- the roll-ups and buckets covering each period, each meter aggregated
+    -- in C (billing._rollup_totals), plus the deltas not yet compacted,
+    -- folded by the same rule (billing._cell_agg, src/agg.c)
+    RETURN QUERY
+    WITH ms AS (
+        SELECT coalesce(array_agg(m.meter::text ORDER BY m.meter), '{}') AS meters,
+               coalesce(array_agg(m.aggregation::text ORDER BY m.meter), '{}') AS aggs
+          FROM billing.meters m
+         WHERE m.aggregation <> 'unique'
+    ), named AS (
+        -- the dimensions charged apart, per period and meter
+        SELECT DISTINCT c.i AS idx, c.m COLLATE "C" AS meter, c.d COLLATE "C" AS dim
+          FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+         WHERE c.i IS NOT NULL AND c.m IS NOT NULL AND c.d IS NOT NULL
+    ), na AS (
+        SELECT coalesce(array_agg(n.idx), '{}') AS i, coalesce(array_agg(n.meter::text), '{}') AS m,
+               coalesce(array_agg(n.dim::text), '{}') AS d
+          FROM named n
+    ), per AS (
+        SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe
+          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)
+    ), folded AS (
+        SELECT r.idx, r.meter COLLATE "C" AS meter, r.dimension COLLATE "C" AS dim, r.quantity,
+               r.last_ts, r.last_seq
+          FROM ms, na,
+               billing._rollup_totals(p_accounts, p_starts, p_ends, ms.meters, ms.aggs,
+                                      na.i, na.m, na.d) r
+        UNION ALL
+        -- not yet compacted
+        SELECT per.idx, x.meter, n.dim, x.quantity, x.last_ts,
+               CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
+          FROM per JOIN billing.usage_deltas d ON d.account_id = per.account_id
+               CROSS JOIN LATERAL billing._delta_cells(d.cells) x
+               LEFT JOIN named n ON n.idx = per.idx AND n.meter = x.meter AND n.dim = x.dimension
+         WHERE x.bucket_start >= per.ps AND x.bucket_start < per.pe
+    )
+    SELECT f.idx, f.meter::text,
+           billing._cell_agg(m.aggregation, f.quantity, f.last_ts, f.last_seq),
+           f.dim::text
+      FROM folded f JOIN billing.meters m ON m.meter = f.meter AND m.aggregation <> 'unique'
+     GROUP BY f.idx, f.meter, f.dim, m.aggregation
+    UNION ALL
+    SELECT u.idx, u.meter, u.quantity, u.dimension
+      FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;
+END
+$$;
+COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[], integer[], text[], text[]) IS
+    'Internal: quantity per meter (and per dimension charged apart) of many (account, range) pairs, from roll-ups where whole hours and days allow';
+
+/*
+ * _usage_totals_citus: the quantity per meter of one account over [from_ts,
+ * to_ts) on Citus, from the minute buckets at the edges, hour and day
+ * roll-ups, and the deltas: one router query to the account's shards (the
+ * set-based _usage_totals_many joins many accounts with arrays, which Citus
+ * cannot plan).  _usage_totals_many calls it once per account.  The
+ * dimensions s_dims[j] of meters s_meters[j] are totalled apart (matrix
+ * charges, issue 18), the rest of a meter has dimension NULL.
+ */
+CREATE OR REPLACE FUNCTION billing._usage_totals_citus(p_account bigint, from_ts timestamptz, to_ts timestamptz,
+                                            s_meters text[] DEFAULT '{}', s_dims text[] DEFAULT '{}')
+    RETURNS TABLE (meter text, quantity numeric, dimension text)
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    -- [from_ts, to_ts) = minutes [from_ts, h0) + hours [h0, d0) + days [d0, d1)
+    --                  + hours [d1, h1) + minutes [h1, to_ts), with h0/h1 the
+    -- first/last whole hour and d0/d1 the first/last whole UTC day inside
+    h0 timestamptz := billing._bin('1 hour', from_ts - interval '1 microsecond') + interval '1 hour';
+    h1 timestamptz := billing._bin('1 hour', to_ts);
+    d0 timestamptz := billing._bin('1 day', from_ts - interval '1 microsecond') + interval '1 day';
+    d1 timestamptz := billing._bin('1 day', to_ts);
+    m_end timestamptz := LEAST(h0, to_ts);                 -- leading minutes end
+    m_start timestamptz := GREATEST(h1, h0, from_ts);      -- trailing minutes start
+    hh_end timestamptz := LEAST(d0, h1);                   -- leading hours end
+    ht_start timestamptz := GREATEST(d1, d0, h0);          -- trailing hours start
+    -- keys of the dimensions totalled apart: length of the meter, ':', the
+    -- meter, the dimension (unambiguous, whatever the names hold)
+    named text[] := ARRAY(SELECT format('%s:%s%s', length(x.m), x.m, x.d)
+                            FROM unnest(s_meters, s_dims) AS x(m, d));
+BEGIN
+    -- one index range per meter and table: (account_id, meter, bucket_start)
+    RETURN QUERY
+    WITH cells AS (
+        SELECT m.meter, c.dimension, c.quantity, c.last_ts, c.last_seq
+          FROM billing.meters m   -- (unique meters: _usage_totals_unique)
+               CROSS JOIN LATERAL (
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= from_ts AND u.bucket_start < m_end
+                   UNION ALL
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= m_start AND u.bucket_start < to_ts
+                   UNION ALL
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= h0 AND u.bucket_start < hh_end
+                   UNION ALL
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= ht_start AND u.bucket_start < h1
+                   UNION ALL
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_daily u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.bucket_start >= d0 AND u.bucket_start < d1
+               ) c
+         WHERE m.aggregation <> 'unique'
+        UNION ALL
+        -- not yet compacted
+        SELECT x.meter, x.dimension, x.quantity, x.last_ts,
+               CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
+          FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
+         WHERE d.account_id = p_account AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
+    ), keyed AS (
+        SELECT c.*, CASE WHEN format('%s:%s%s', length(c.meter), c.meter, c.dimension) = ANY (named)
+                         THEN c.dimension END AS dim
+          FROM cells c
+    )
+    SELECT c.meter::text,
+           billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq),
+           c.dim::text
+      FROM keyed c JOIN billing.meters m ON m.meter = c.meter AND m.aggregation <> 'unique'
+     GROUP BY c.meter, c.dim, m.aggregation;
+END
+$$;
+
+COMMENT ON FUNCTION billing._usage_totals_citus(bigint, timestamptz, timestamptz, text[], text[]) IS
+    'Internal: usage totals of one account on Citus (a router query), named dimensions apart';
+
+CREATE OR REPLACE FUNCTION billing.reconcile(source regclass, account_column name, meter_column name,
+                                  quantity_column name, ts_column name,
+                                  from_ts timestamptz, to_ts timestamptz)
+    RETURNS TABLE (account_id bigint, meter text, bucket_start timestamptz,
+                   source_quantity numeric, counted_quantity numeric, difference numeric)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    col name;
+BEGIN
+    IF source IS NULL OR account_column IS NULL OR meter_column IS NULL OR quantity_column IS NULL
+       OR ts_column IS NULL OR from_ts IS NULL OR to_ts IS NULL THEN
+        RAISE EXCEPTION 'reconcile: no argument may be null' USING ERRCODE = '22004';
+    END IF;
+    FOREACH col IN ARRAY ARRAY[account_column, meter_column, quantity_column, ts_column] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = source AND a.attname = col
+                          AND a.attnum > 0 AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION 'column "%" of relation "%" does not exist', col, source
+                USING ERRCODE = '42703';
+        END IF;
+    END LOOP;
+    -- a source row for a meter that does not exist cannot be compared: say so
+    EXECUTE format($q$
+        SELECT s.%1$I::text FROM %2$s s
+         WHERE s.%3$I >= $1 AND s.%3$I < $2
+           AND NOT EXISTS (SELECT 1 FROM billing.meters m WHERE m.meter = s.%1$I::text)
+         LIMIT 1 $q$, meter_column, source, ts_column)
+       INTO col USING from_ts, to_ts;
+    IF col IS NOT NULL THEN
+        RAISE EXCEPTION 'source "%" has usage of meter "%", which does not exist', source, col
+            USING ERRCODE = '23503';
+    END IF;
+    -- both sides per (account, meter, bucket), combined by the meter's aggregation
+    RETURN QUERY EXECUTE format($q$
+        WITH src AS (
+            -- a source row is one report: count and unique count it, the others fold
+            -- its value by the cells' rule (src/agg.c); rows have no arrival
+            -- order, so of two last values with the same timestamp the
+            -- greater is taken
+            SELECT s.%1$I::bigint AS account_id, s.%2$I::text AS meter,
+                   billing._bin(m.bucket_width, s.%4$I) AS bucket_start,
+                   billing._cell_agg(m.aggregation,
+                                     -- a unique meter's cells count reports, as count's
+                                     CASE WHEN m.aggregation IN ('count', 'unique') THEN 1::numeric
+                                          ELSE s.%3$I::numeric END,
+                                     CASE WHEN m.aggregation = 'last' THEN s.%4$I END,
+                                     NULL::bigint) AS quantity
+              FROM %5$s s JOIN billing.meters m ON m.meter = s.%2$I::text
+             WHERE s.%4$I >= $1 AND s.%4$I < $2
+             GROUP BY 1, 2, 3, m.aggregation
+        ), counted AS (
+            SELECT u.account_id, u.meter::text AS meter, u.bucket_start,
+                   billing._cell_agg(m.aggregation, u.quantity, u.last_ts, u.last_seq) AS quantity
+              FROM billing.usage_cells u JOIN billing.meters m ON m.meter = u.meter
+             WHERE u.bucket_start >= $1 AND u.bucket_start < $2
+             GROUP BY 1, 2, 3, m.aggregation
+        )
+        SELECT coalesce(s.account_id, c.account_id), coalesce(s.meter, c.meter),
+               coalesce(s.bucket_start, c.bucket_start),
+               coalesce(s.quantity, 0), coalesce(c.quantity, 0),
+               coalesce(s.quantity, 0) - coalesce(c.quantity, 0)
+          FROM src s FULL JOIN counted c
+            ON c.account_id = s.account_id AND c.meter = s.meter AND c.bucket_start = s.bucket_start
+         WHERE coalesce(s.quantity, 0) <> coalesce(c.quantity, 0)
+         ORDER BY 1, 2, 3
+        $q$, account_column, meter_column, quantity_column, ts_column, source)
+    USING from_ts, to_ts;
+END
+$$;
+COMMENT ON FUNCTION billing.reconcile(regclass, name, name, name, name, timestamptz, timestamptz) IS
+    'Compares an independent record of usage with the counters bucket by bucket over a range; returns only the buckets that differ';
+
+/*
+ * _compact_into_citus: billing._compact_into on Citus, which refuses its
+ * UPDATE ... FROM plus INSERT ... WHERE NOT EXISTS over the cells.  The same
+ * fold as one upsert per aggregation (Citus takes ON CONFLICT DO UPDATE with
+ * immutable functions only, and the aggregation is not a column of the
+ * target, so it is a constant of each statement).
+ */
+CREATE OR REPLACE FUNCTION billing._compact_into_citus(target text, grain interval) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    agg text;
+BEGIN
+    FOREACH agg IN ARRAY ARRAY['sum', 'count', 'max', 'last', 'unique'] LOOP
+        EXECUTE format($q$
+            INSERT INTO billing.%I AS b (account_id, meter, dimension, bucket_start, quantity,
+                                         events, last_ts, last_seq)
+            SELECT account_id, meter, dimension, %s,
+                   billing._cell_agg(aggregation, quantity, last_ts, last_seq),
+                   sum(events)::bigint,
+                   billing._cell_last_ts(aggregation, quantity, last_ts, last_seq),
+                   billing._cell_last_seq(aggregation, quantity, last_ts, last_seq)
+              FROM billing_compact_cells
+             WHERE aggregation = %L
+             GROUP BY 1, 2, 3, 4
+            ON CONFLICT (account_id, meter, bucket_start, dimension) DO UPDATE
+               SET quantity = billing._combine(%L, b.quantity, b.last_ts, b.last_seq,
+                                               excluded.quantity, excluded.last_ts, excluded.last_seq),
+                   events = b.events + excluded.events,
+                   last_ts = CASE WHEN billing._last_later(excluded.last_ts, excluded.last_seq,
+                                                           b.last_ts, b.last_seq)
+                                  THEN excluded.last_ts ELSE b.last_ts END,
+                   last_seq = CASE WHEN billing._last_later(excluded.last_ts, excluded.last_seq,
+                                                            b.last_ts, b.last_seq)
+                                   THEN excluded.last_seq ELSE b.last_seq END
+            $q$,
+            target,
+            CASE WHEN grain IS NULL THEN 'bucket_start'
+                 ELSE format('billing._bin(%L, bucket_start)', grain) END,
+            agg, agg);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._compact_into_citus(text, interval) IS
+    'Internal: _compact_into on Citus, one upsert per aggregation';
+
+
+ALTER FUNCTION billing.compact_usage() SECURITY DEFINER;
+GRANT SELECT ON billing.unique_periods, billing.unique_values TO billing_reader;
+REVOKE ALL ON FUNCTION
+    billing._unique_periods_of(bigint, timestamptz, timestamptz),
+    billing._unique_fold(bigint, text[], text[], timestamptz[]),
+    billing._unique_compact(),
+    billing._unique_scan(bigint, text, timestamptz, timestamptz),
+    billing._unique_counts(bigint, timestamptz, timestamptz, text[], text[], text[]),
+    billing._usage_totals_unique(bigint[], timestamptz[], timestamptz[], integer[], text[], text[])
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    billing._unique_periods_of(bigint, timestamptz, timestamptz),
+    billing._unique_fold(bigint, text[], text[], timestamptz[]),
+    billing._unique_compact(),
+    billing._unique_scan(bigint, text, timestamptz, timestamptz),
+    billing._unique_counts(bigint, timestamptz, timestamptz, text[], text[], text[]),
+    billing._usage_totals_unique(bigint[], timestamptz[], timestamptz[], integer[], text[], text[])
+    TO billing_reader;

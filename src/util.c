@@ -14,16 +14,18 @@
 
 /*
  * billing_aggregation
- *		The aggregation named name.  billing.meters allows only the four
+ *		The aggregation named name.  billing.meters allows only the five
  *		names (a CHECK constraint), so any other is an internal error, never
- *		a silent choice.
+ *		a silent choice.  A unique meter's cells count its reports as a
+ *		count meter's do (its distinct values are counted at read time and
+ *		by compaction, see sql/install/45_unique.sql).
  */
 Aggregation
 billing_aggregation(const char *name)
 {
 	if (strcmp(name, "sum") == 0)
 		return AGG_SUM;
-	if (strcmp(name, "count") == 0)
+	if (strcmp(name, "count") == 0 || strcmp(name, "unique") == 0)
 		return AGG_COUNT;
 	if (strcmp(name, "max") == 0)
 		return AGG_MAX;

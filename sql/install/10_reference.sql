@@ -6,7 +6,7 @@ CREATE TABLE billing.meters (
     meter          text COLLATE "C" PRIMARY KEY
                    CHECK (meter <> '' AND pg_catalog.octet_length(meter) < 64),
     aggregation    text NOT NULL DEFAULT 'sum'
-                   CHECK (aggregation IN ('sum', 'count', 'max', 'last')),
+                   CHECK (aggregation IN ('sum', 'count', 'max', 'last', 'unique')),
     bucket_width   interval NOT NULL DEFAULT '1 minute'
                    CHECK (bucket_width > interval '0'
                           AND pg_catalog.date_part('month', bucket_width) = 0

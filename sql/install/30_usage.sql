@@ -500,6 +500,8 @@ BEGIN
     PERFORM billing._compact_into('usage_buckets', NULL);
     PERFORM billing._compact_into('usage_hourly', '1 hour');
     PERFORM billing._compact_into('usage_daily', '1 day');
+    -- 3. the distinct values of unique meters per billing period (45_unique.sql)
+    PERFORM billing._unique_compact();
     TRUNCATE billing_compact_cells;
     RETURN n;
 END
@@ -606,13 +608,17 @@ BEGIN
          WHERE u.account_id = p_account AND u.bucket_start >= p_from AND u.bucket_start < p_to
            AND (p_meter IS NULL OR u.meter = p_meter)
     )
-    SELECT c.meter::text, c.dimension::text,
+    -- a unique meter: one row per bucket (dimension NULL), its quantity the
+    -- number of distinct dimension values reported in the bucket
+    SELECT c.meter::text,
+           CASE WHEN m.aggregation <> 'unique' THEN c.dimension::text END,
            CASE WHEN p_grain IS NULL THEN c.bucket_start ELSE billing._bin(p_grain, c.bucket_start) END,
-           billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq),
+           CASE WHEN m.aggregation = 'unique' THEN count(DISTINCT c.dimension)
+                ELSE billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq) END,
            sum(c.events)::bigint
       FROM cells c JOIN billing.meters m ON m.meter = c.meter
-     GROUP BY c.meter, c.dimension, 3, m.aggregation
-     ORDER BY c.meter, c.dimension, 3;
+     GROUP BY c.meter, 2, 3, m.aggregation
+     ORDER BY c.meter, 2, 3;
 END
 $$;
 COMMENT ON FUNCTION billing._usage(bigint, timestamptz, timestamptz, interval, text) IS
@@ -628,4 +634,4 @@ CREATE FUNCTION billing.usage(account_id bigint, from_ts timestamptz, to_ts time
     SELECT * FROM billing._usage($1, $2, $3, $4, $5)
 $$;
 COMMENT ON FUNCTION billing.usage(bigint, timestamptz, timestamptz, interval, text) IS
-    'Usage of an account: stored buckets (grain NULL) or UTC-aligned roll-ups; max/last meters roll up by max/latest';
+    'Usage of an account: stored buckets (grain NULL) or UTC-aligned roll-ups; max/last meters roll up by max/latest, unique meters count the distinct dimensions of each bucket';

@@ -128,6 +128,10 @@ COMMENT ON FUNCTION billing._rollup_totals(bigint[], timestamptz[], timestamptz[
  * dimensions no other charge of the period names).  A dimension named for
  * a period and meter gets a row of its own; dimension NULL is the rest of
  * the meter (all of it when none is named).
+ *
+ * Unique meters (45_unique.sql): the distinct dimension values of the
+ * period, from billing._unique_counts, for the unique meters charged in
+ * the period (every unique meter when c_idx is NULL).
  */
 CREATE FUNCTION billing._usage_totals_many(p_accounts bigint[], p_starts timestamptz[],
                                            p_ends timestamptz[], c_idx integer[] DEFAULT NULL,
@@ -148,7 +152,10 @@ BEGIN
                    ARRAY(SELECT c.m FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
                           WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d),
                    ARRAY(SELECT c.d FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
-                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d)) t;
+                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d)) t
+        UNION ALL
+        SELECT u.idx, u.meter, u.quantity, u.dimension
+          FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;
         RETURN;
     END IF;
     -- the roll-ups and buckets covering each period, each meter aggregated
@@ -156,9 +163,10 @@ BEGIN
     -- folded by the same rule (billing._cell_agg, src/agg.c)
     RETURN QUERY
     WITH ms AS (
-        SELECT array_agg(m.meter::text ORDER BY m.meter) AS meters,
-               array_agg(m.aggregation::text ORDER BY m.meter) AS aggs
+        SELECT coalesce(array_agg(m.meter::text ORDER BY m.meter), '{}') AS meters,
+               coalesce(array_agg(m.aggregation::text ORDER BY m.meter), '{}') AS aggs
           FROM billing.meters m
+         WHERE m.aggregation <> 'unique'
     ), named AS (
         -- the dimensions charged apart, per period and meter
         SELECT DISTINCT c.i AS idx, c.m COLLATE "C" AS meter, c.d COLLATE "C" AS dim
@@ -189,8 +197,11 @@ BEGIN
     SELECT f.idx, f.meter::text,
            billing._cell_agg(m.aggregation, f.quantity, f.last_ts, f.last_seq),
            f.dim::text
-      FROM folded f JOIN billing.meters m ON m.meter = f.meter
-     GROUP BY f.idx, f.meter, f.dim, m.aggregation;
+      FROM folded f JOIN billing.meters m ON m.meter = f.meter AND m.aggregation <> 'unique'
+     GROUP BY f.idx, f.meter, f.dim, m.aggregation
+    UNION ALL
+    SELECT u.idx, u.meter, u.quantity, u.dimension
+      FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;
 END
 $$;
 COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[], integer[], text[], text[]) IS

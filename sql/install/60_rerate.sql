@@ -333,14 +333,15 @@ BEGIN
     -- both sides per (account, meter, bucket), combined by the meter's aggregation
     RETURN QUERY EXECUTE format($q$
         WITH src AS (
-            -- a source row is one report: count counts it, the others fold
+            -- a source row is one report: count and unique count it, the others fold
             -- its value by the cells' rule (src/agg.c); rows have no arrival
             -- order, so of two last values with the same timestamp the
             -- greater is taken
             SELECT s.%1$I::bigint AS account_id, s.%2$I::text AS meter,
                    billing._bin(m.bucket_width, s.%4$I) AS bucket_start,
                    billing._cell_agg(m.aggregation,
-                                     CASE WHEN m.aggregation = 'count' THEN 1::numeric
+                                     -- a unique meter's cells count reports, as count's
+                                     CASE WHEN m.aggregation IN ('count', 'unique') THEN 1::numeric
                                           ELSE s.%3$I::numeric END,
                                      CASE WHEN m.aggregation = 'last' THEN s.%4$I END,
                                      NULL::bigint) AS quantity

@@ -178,7 +178,7 @@ CREATE FUNCTION billing._compact_into_citus(target text, grain interval) RETURNS
 DECLARE
     agg text;
 BEGIN
-    FOREACH agg IN ARRAY ARRAY['sum', 'count', 'max', 'last'] LOOP
+    FOREACH agg IN ARRAY ARRAY['sum', 'count', 'max', 'last', 'unique'] LOOP
         EXECUTE format($q$
             INSERT INTO billing.%I AS b (account_id, meter, dimension, bucket_start, quantity,
                                          events, last_ts, last_seq)
@@ -343,7 +343,7 @@ BEGIN
     RETURN QUERY
     WITH cells AS (
         SELECT m.meter, c.dimension, c.quantity, c.last_ts, c.last_seq
-          FROM billing.meters m
+          FROM billing.meters m   -- (unique meters: _usage_totals_unique)
                CROSS JOIN LATERAL (
                    SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
                     WHERE u.account_id = p_account AND u.meter = m.meter
@@ -365,6 +365,7 @@ BEGIN
                     WHERE u.account_id = p_account AND u.meter = m.meter
                       AND u.bucket_start >= d0 AND u.bucket_start < d1
                ) c
+         WHERE m.aggregation <> 'unique'
         UNION ALL
         -- not yet compacted
         SELECT x.meter, x.dimension, x.quantity, x.last_ts,
@@ -379,7 +380,7 @@ BEGIN
     SELECT c.meter::text,
            billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq),
            c.dim::text
-      FROM keyed c JOIN billing.meters m ON m.meter = c.meter
+      FROM keyed c JOIN billing.meters m ON m.meter = c.meter AND m.aggregation <> 'unique'
      GROUP BY c.meter, c.dim, m.aggregation;
 END
 $$;

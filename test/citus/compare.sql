@@ -63,6 +63,10 @@ SELECT account_id, meter, dimension, bucket_start, quantity, events, last_ts
 \echo == usage_daily
 SELECT account_id, meter, dimension, bucket_start, quantity, events, last_ts
   FROM billing.usage_daily ORDER BY account_id, meter, bucket_start, dimension;
+\echo == unique_periods
+SELECT * FROM billing.unique_periods ORDER BY account_id, meter, period_start;
+\echo == unique_values
+SELECT * FROM billing.unique_values ORDER BY account_id, meter, period_start, dimension;
 \echo == dedupe_keys
 SELECT account_id, meter, event_id FROM billing.dedupe_keys ORDER BY account_id, meter, event_id;
 \echo == ingest_offsets

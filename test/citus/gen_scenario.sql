@@ -4,7 +4,8 @@
 -- cluster (psql -v citus=false|true) before comparing every table
 -- (test/citus/compare.sql) and the whole output.
 --
--- The scenario: meters of every aggregation and several bucket widths;
+-- The scenario: meters of every aggregation and several bucket widths
+-- (always a unique meter, whose dimensions are users);
 -- plans in USD, EUR and JPY with daily, multi-day and monthly periods; fixed
 -- fees and usage charges with several versions each, matrix charges (a
 -- dimension apart, with versions of its own); accounts whose
@@ -110,7 +111,8 @@ BEGIN
         IF e > 10 AND pg_temp.chance(0.125) THEN e := e - pg_temp.ri(1, 10); END IF;
         event_id := 'e' || e;
     END IF;
-    dimension := pg_temp.pick('{"","","",eu,us}');
+    dimension := CASE WHEN meter = 'm3' AND pg_temp.chance(0.9) THEN 'user' || pg_temp.ri(1, 25)
+                      ELSE pg_temp.pick('{"","","",eu,us}') END;
 END $$;
 
 -- a statement of n reports through record(), one query (run on the
@@ -357,9 +359,11 @@ SELECT pg_temp.emit(x) FROM unnest(ARRAY[
     'SELECT count(*) > 0 AS distributed FROM billing.distribute() \gset',
     '\endif']) x;
 
--- meters: the first two sum meters, the others of any aggregation
+-- meters: the first two sum meters, the third a unique meter (issue 18),
+-- the others of any aggregation
 INSERT INTO g_meters
-SELECT 'm' || i, CASE WHEN i <= 2 THEN 'sum' ELSE pg_temp.pick('{sum,count,max,last}') END,
+SELECT 'm' || i, CASE WHEN i <= 2 THEN 'sum' WHEN i = 3 THEN 'unique'
+                      ELSE pg_temp.pick('{sum,count,max,last}') END,
        pg_temp.pick('{1 minute,1 minute,5 minutes,1 hour}')::interval
   FROM generate_series(1, pg_temp.ri(3, 5)) i;
 SELECT pg_temp.emit(format(
