@@ -30,13 +30,14 @@
  * before e (P.distinct_count itself when e is P's end: one index lookup),
  * plus the values reported in the deltas not yet compacted in [s, e) that
  * P does not hold with a first bucket before e; without such a row, the
- * distinct values of the cells in [s, e) (billing._unique_scan: day and
- * hour roll-ups inside, minute buckets at the edges, deltas).  Both are
- * exact; the first costs what a preview may cost.
+ * distinct values of the cells in [s, e) (billing._unique_scan).  Both
+ * are exact; the first costs what a preview may cost.
  *
  * billing._unique_fold(account, meters, dimensions, buckets) keeps the
- * rows: compact_usage() calls it for each account with the unique cells it
- * compacted (the packed store's compaction calls it the same way).  It
+ * rows: compact_usage() calls it (through _unique_compact) for each account
+ * with the cells of unique meters it folds; a compaction written in C
+ * calls it the same way, once per account, with those cells as arrays.
+ * This file reads the cell store only through billing.usage_cells.  It
  * adds the cells to every row P they fall in, then starts a row for each
  * billing period of the account's subscriptions that holds one of the
  * cells and has none (or one ending earlier), from every cell of the
@@ -209,42 +210,25 @@ COMMENT ON FUNCTION billing._unique_compact() IS
 
 /*
  * _unique_scan: the distinct dimension values of a meter with a counted
- * cell in [p_from, p_to): day and hour roll-ups inside, minute buckets at
- * the edges, and the deltas (the same split as _usage_totals_citus).
+ * cell in [p_from, p_to), read through billing.usage_cells (every cell,
+ * compacted or not), so that it does not depend on how the cell store
+ * keeps them.  Only ranges that no unique_periods row answers come here.
  */
 CREATE FUNCTION billing._unique_scan(p_account bigint, p_meter text, p_from timestamptz,
                                      p_to timestamptz)
     RETURNS SETOF text
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
-DECLARE
-    h0 timestamptz := billing._bin('1 hour', p_from - interval '1 microsecond') + interval '1 hour';
-    h1 timestamptz := billing._bin('1 hour', p_to);
-    d0 timestamptz := billing._bin('1 day', p_from - interval '1 microsecond') + interval '1 day';
-    d1 timestamptz := billing._bin('1 day', p_to);
 BEGIN
+    -- PL/pgSQL: Citus routes the query by p_account's value
     RETURN QUERY
-    SELECT u.dimension::text FROM billing.usage_buckets u
-     WHERE u.account_id = p_account AND u.meter = p_meter
-       AND (u.bucket_start >= p_from AND u.bucket_start < LEAST(h0, p_to)
-            OR u.bucket_start >= GREATEST(h1, h0, p_from) AND u.bucket_start < p_to)
-    UNION
-    SELECT u.dimension FROM billing.usage_hourly u
-     WHERE u.account_id = p_account AND u.meter = p_meter
-       AND (u.bucket_start >= h0 AND u.bucket_start < LEAST(d0, h1)
-            OR u.bucket_start >= GREATEST(d1, d0, h0) AND u.bucket_start < h1)
-    UNION
-    SELECT u.dimension FROM billing.usage_daily u
-     WHERE u.account_id = p_account AND u.meter = p_meter
-       AND u.bucket_start >= d0 AND u.bucket_start < d1
-    UNION
-    SELECT x.dimension FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
-     WHERE d.account_id = p_account AND x.meter = p_meter
-       AND x.bucket_start >= p_from AND x.bucket_start < p_to;
+    SELECT DISTINCT c.dimension::text FROM billing.usage_cells c
+     WHERE c.account_id = p_account AND c.meter = p_meter
+       AND c.bucket_start >= p_from AND c.bucket_start < p_to;
 END
 $$;
 COMMENT ON FUNCTION billing._unique_scan(bigint, text, timestamptz, timestamptz) IS
-    'Internal: the distinct dimension values of a meter with a counted cell in [from, to) (roll-ups inside, buckets at the edges, deltas)';
+    'Internal: the distinct dimension values of a meter with a counted cell in [from, to) (through usage_cells)';
 
 /*
  * _unique_counts: for each unique meter of p_meters, the number of distinct
