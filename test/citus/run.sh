@@ -144,7 +144,7 @@ for seed in $SEEDS; do
     # every table of the schema is compared (compare.sql lists them)
     r=$(cat "$WORK/single_$seed.tables.tables")
     check "seed $seed: compare.sql covers every table of billing (${r})" \
-        [ "$r" = "accounts adjustments audit_heads audit_log charges cumulative_reports dedupe_keys ingest_offsets invoice_lines invoices metered_tables meters plans subscriptions usage_buckets usage_corrections usage_daily usage_deltas usage_hourly" ]
+        [ "$r" = "accounts adjustments audit_heads audit_log charges cumulative_reports dedupe_keys ingest_offsets invoice_lines invoices metered_tables meters plans subscriptions unique_periods unique_values usage_buckets usage_corrections usage_daily usage_deltas usage_hourly" ]
     r=$(grep -A2 -E '^ (invoice|audit)_problems' "$WORK/citus_$seed.out" | grep -E '^ +[0-9]+$' | tr -d ' ' | tr '\n' ' ')
     check "seed $seed: invoices and the audit log verify on the cluster (problems: $r)" [ "$r" = "0 0 " ]
     if diff -u "$WORK/single_$seed.out" "$WORK/citus_$seed.out" >"$WORK/diff" 2>&1; then
