@@ -114,9 +114,63 @@ SELECT count(*) AS deltas FROM rerate(:'m0', :'m1');
 SELECT count(*) AS problems FROM verify_invoices();
 
 \echo
-\echo '== 8. Maintenance that runs itself: the maintenance worker'
+\echo '== 8. Matrix prices and active users: the Business plan'
+\echo 'AI tokens priced by model (matrix charges: one charge per dimension, NULL the rest);'
+\echo 'active users counted by a unique meter (the distinct users reported in a period):'
+INSERT INTO meters (meter, aggregation, unit, late_window) VALUES
+    ('ai_token',    'sum',    'tokens', '70 days'),
+    ('active_user', 'unique', 'users',  '70 days');
+INSERT INTO plans (plan, period, currency) VALUES ('business', '1 month', 'USD');
+INSERT INTO charges (plan, meter, dimension, price, description) VALUES
+    ('business', NULL,          NULL,    'flat 80',                    'Business plan, base'),
+    ('business', 'ai_token',    'large', 'unit 15 per 1000000',        'Tokens, large model: $15 per 1M'),
+    ('business', 'ai_token',    'small', 'unit 0.6 per 1000000',       'Tokens, small model: $0.60 per 1M'),
+    ('business', 'ai_token',    NULL,    'unit 2 per 1000000',         'Tokens, other models: $2 per 1M'),
+    ('business', 'active_user', NULL,    'graduated 25 @ 0 | inf @ 4', 'Active users above 25: $4 each');
+SELECT coalesce(meter, '(fixed)') AS meter, dimension, price, description
+  FROM charges WHERE plan = 'business' ORDER BY charge_id;
+INSERT INTO accounts (account_id, currency, name) VALUES (4, 'USD', 'Hooli');
+INSERT INTO subscriptions (account_id, plan, starts_at) VALUES (4, 'business', :'m0');
+-- the app reports both meters through one metered table; the dimension is
+-- the model of a token count and the user of an activity report
+CREATE TABLE app_events (org_id bigint, meter text, dim text, quantity bigint, at timestamptz);
+SELECT meter_table('app_events', 'org_id', 'meter', 'quantity', 'at',
+                   dimension_column => 'dim', keep_rows => false) \g /dev/null
+-- every hour, tokens on three models ('mini' has no charge of its own); user
+-- n joins on day n after last month's start and is active every other day
+INSERT INTO app_events
+SELECT 4, 'ai_token', m, (CASE m WHEN 'large' THEN 40000 WHEN 'small' THEN 250000 ELSE 90000 END)
+                         * (1 + h % 4),
+       :'m0'::timestamptz + h * interval '1 hour' + interval '5 min'
+  FROM unnest(ARRAY['large', 'small', 'mini']) m,
+       generate_series(0, (extract(epoch FROM now() - :'m0'::timestamptz) / 3600)::int - 1) h
+ WHERE :'m0'::timestamptz + h * interval '1 hour' + interval '5 min' < now()
+UNION ALL
+SELECT 4, 'active_user', 'user-' || u, 1,
+       :'m0'::timestamptz + d * interval '1 day' + u * interval '7 min'
+  FROM generate_series(1, 60) u, generate_series(0, 70) d
+ WHERE d >= u AND (d - u) % 2 = 0
+   AND :'m0'::timestamptz + d * interval '1 day' + u * interval '7 min' < now();
+\echo 'last month''s usage: tokens per model, and the distinct users of the month'
+\echo '(a unique meter''s row counts every dimension: its dimension is NULL)'
+SELECT meter, coalesce(dimension, '(all)') AS dimension, quantity, events
+  FROM usage(4, :'m0', :'m1', '1 month')
+ ORDER BY meter, dimension;
+\echo 'its invoice: one line per charge, each with its dimension'
+SELECT invoice_id, a.name AS account, total
+  FROM finalize_invoices() f JOIN accounts a USING (account_id);
+SELECT l.line_no, l.kind, l.meter, l.dimension, l.description, l.quantity, l.amount
+  FROM invoice_lines l JOIN invoices i USING (account_id, invoice_id)
+ WHERE i.account_id = 4 AND i.period_start = :'m0'
+ ORDER BY l.line_no;
+\echo 'the month in progress counts its own active users (those of this month only):'
+SELECT line_no, kind, dimension, description, quantity, amount
+  FROM invoice_preview(4) WHERE meter = 'active_user';
+
+\echo
+\echo '== 9. Maintenance that runs itself: the maintenance worker'
 \echo 'billing is in shared_preload_libraries; the demo cluster runs the worker every hour,'
-\echo 'from now on every second (section 7 left its late usage uncompacted):'
+\echo 'from now on every second (sections 7 and 8 left their usage uncompacted):'
 SELECT count(*) AS uncompacted_rows FROM usage_deltas;
 ALTER SYSTEM SET billing.maintenance_interval = '1s';
 SELECT pg_reload_conf() AS reloaded;

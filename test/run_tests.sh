@@ -138,6 +138,16 @@ bad=$(grep -Ec '^not ok [0-9]+' "$out/dist.log")
 if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
 passed=$((passed + ok)); failed=$((failed + bad))
 
+# make demo's scenario, on a cluster of its own: one per check.
+echo "== demo"
+bash test/demo/run.sh >"$out/demo.log" 2>&1
+rc=$?
+cat "$out/demo.log"
+ok=$(grep -Ec '^ok [0-9]+' "$out/demo.log")
+bad=$(grep -Ec '^not ok [0-9]+' "$out/demo.log")
+if [ $rc -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
+passed=$((passed + ok)); failed=$((failed + bad))
+
 # 9. faults (kills and restarts the cluster, so it runs last): one per check.
 echo "== fault tests"
 CLUSTER_DIR="$CLUSTER_DIR" bash test/fault/run.sh >"$out/fault.log" 2>&1
