@@ -129,8 +129,8 @@ INSERT INTO charges (plan, meter, dimension, price, description) VALUES
     ('business', 'active_user', NULL,    'graduated 25 @ 0 | inf @ 4', 'Active users above 25: $4 each');
 SELECT coalesce(meter, '(fixed)') AS meter, dimension, price, description
   FROM charges WHERE plan = 'business' ORDER BY charge_id;
-INSERT INTO accounts (account_id, currency, name) VALUES (4, 'USD', 'Hooli');
-INSERT INTO subscriptions (account_id, plan, starts_at) VALUES (4, 'business', :'m0');
+INSERT INTO accounts (account_id, currency, name) VALUES (5, 'USD', 'Pied Piper');
+INSERT INTO subscriptions (account_id, plan, starts_at) VALUES (5, 'business', :'m0');
 -- the app reports both meters through one metered table; the dimension is
 -- the model of a token count and the user of an activity report
 CREATE TABLE app_events (org_id bigint, meter text, dim text, quantity bigint, at timestamptz);
@@ -139,14 +139,14 @@ SELECT meter_table('app_events', 'org_id', 'meter', 'quantity', 'at',
 -- every hour, tokens on three models ('mini' has no charge of its own); user
 -- n joins on day n after last month's start and is active every other day
 INSERT INTO app_events
-SELECT 4, 'ai_token', m, (CASE m WHEN 'large' THEN 40000 WHEN 'small' THEN 250000 ELSE 90000 END)
+SELECT 5, 'ai_token', m, (CASE m WHEN 'large' THEN 40000 WHEN 'small' THEN 250000 ELSE 90000 END)
                          * (1 + h % 4),
        :'m0'::timestamptz + h * interval '1 hour' + interval '5 min'
   FROM unnest(ARRAY['large', 'small', 'mini']) m,
        generate_series(0, (extract(epoch FROM now() - :'m0'::timestamptz) / 3600)::int - 1) h
  WHERE :'m0'::timestamptz + h * interval '1 hour' + interval '5 min' < now()
 UNION ALL
-SELECT 4, 'active_user', 'user-' || u, 1,
+SELECT 5, 'active_user', 'user-' || u, 1,
        :'m0'::timestamptz + d * interval '1 day' + u * interval '7 min'
   FROM generate_series(1, 60) u, generate_series(0, 70) d
  WHERE d >= u AND (d - u) % 2 = 0
@@ -154,18 +154,18 @@ SELECT 4, 'active_user', 'user-' || u, 1,
 \echo 'last month''s usage: tokens per model, and the distinct users of the month'
 \echo '(a unique meter''s row counts every dimension: its dimension is NULL)'
 SELECT meter, coalesce(dimension, '(all)') AS dimension, quantity, events
-  FROM usage(4, :'m0', :'m1', '1 month')
+  FROM usage(5, :'m0', :'m1', '1 month')
  ORDER BY meter, dimension;
 \echo 'its invoice: one line per charge, each with its dimension'
 SELECT invoice_id, a.name AS account, total
   FROM finalize_invoices() f JOIN accounts a USING (account_id);
 SELECT l.line_no, l.kind, l.meter, l.dimension, l.description, l.quantity, l.amount
   FROM invoice_lines l JOIN invoices i USING (account_id, invoice_id)
- WHERE i.account_id = 4 AND i.period_start = :'m0'
+ WHERE i.account_id = 5 AND i.period_start = :'m0'
  ORDER BY l.line_no;
 \echo 'the month in progress counts its own active users (those of this month only):'
 SELECT line_no, kind, dimension, description, quantity, amount
-  FROM invoice_preview(4) WHERE meter = 'active_user';
+  FROM invoice_preview(5) WHERE meter = 'active_user';
 
 \echo
 \echo '== 9. Maintenance that runs itself: the maintenance worker'
