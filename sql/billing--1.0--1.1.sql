@@ -3326,11 +3326,32 @@ CREATE FUNCTION billing._usage_totals_unique(p_accounts bigint[], p_starts times
     SET search_path = pg_catalog, billing, pg_temp AS $$
 DECLARE
     uniq text[];
+    ms text[];
+    sm text[] := '{}';
+    sd text[] := '{}';
 BEGIN
     -- the unique meters, read first (a reference table on Citus)
     uniq := ARRAY(SELECT m.meter::text FROM billing.meters m WHERE m.aggregation = 'unique');
     IF cardinality(uniq) = 0 OR (c_idx IS NOT NULL AND NOT c_meters && uniq) THEN
         RETURN;                   -- no unique meter (charged)
+    END IF;
+    IF cardinality(p_accounts) = 1 THEN
+        -- one period (a preview, remaining): its charges as they are, without
+        -- the statement below, whose planning costs more than its work here
+        IF c_idx IS NULL THEN
+            ms := uniq;
+        ELSE
+            SELECT coalesce(array_agg(DISTINCT x.m), '{}'),
+                   coalesce(array_agg(x.m ORDER BY x.m, x.d) FILTER (WHERE x.d IS NOT NULL), '{}'),
+                   coalesce(array_agg(x.d ORDER BY x.m, x.d) FILTER (WHERE x.d IS NOT NULL), '{}')
+              INTO ms, sm, sd
+              FROM unnest(c_meters, c_dims) AS x(m, d)
+             WHERE x.m = ANY (uniq);
+        END IF;
+        RETURN QUERY
+        SELECT 1, u.meter, u.quantity, u.dimension
+          FROM billing._unique_counts(p_accounts[1], p_starts[1], p_ends[1], ms, sm, sd) u;
+        RETURN;
     END IF;
     RETURN QUERY
     WITH per AS (
