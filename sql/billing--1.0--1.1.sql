@@ -2788,7 +2788,7 @@ BEGIN
                   FROM unnest(l) x GROUP BY x.idx
             ), t AS (
                 SELECT per.idx, w.commitment_id, w.window_no, w.starts_at, w.ends_at, per.currency,
-                       w.amount
+                       w.amount, w.amount
                        - coalesce((SELECT s.spend
                                      FROM unnest(sp.accounts, sp.commitments, sp.windows, sp.spends)
                                           AS s(account_id, commitment_id, window_no, spend)
@@ -2807,8 +2807,9 @@ BEGIN
                        format('minimum commitment %s, %s to %s: shortfall', t.commitment_id,
                               to_char(t.starts_at AT TIME ZONE 'UTC', 'YYYY-MM-DD'),
                               to_char(t.ends_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')),
-                       NULL, billing.round_money(t.short, t.currency), t.short, NULL, NULL, NULL,
-                       t.commitment_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::billing._invoice_line
+                       -- quantity: the window's eligible spend
+                       t.amount - t.short, billing.round_money(t.short, t.currency), t.short, NULL,
+                       NULL, NULL, t.commitment_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::billing._invoice_line
               FROM t
              WHERE billing.round_money(t.short, t.currency) > 0);
     END IF;
@@ -3108,7 +3109,7 @@ BEGIN
     END IF;
     SELECT coalesce(sum(l.amount), 0) INTO left_over FROM billing.credit_ledger l
      WHERE l.account_id = g.account_id AND l.grant_id = g.grant_id;
-    UPDATE billing.credit_grants x SET voided_at = at, void_reason = reason
+    UPDATE billing.credit_grants x SET voided_at = void_credit.at, void_reason = void_credit.reason
      WHERE x.account_id = g.account_id AND x.grant_id = g.grant_id;
     INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at)
     VALUES (g.account_id, billing._ledger_next_seq(g.account_id), g.grant_id, 'void', -left_over,
@@ -3257,8 +3258,9 @@ BEGIN
                       DETAIL = 'Windows start and end where the account''s subscription periods do.';
         END IF;
         IF kind = 'prepaid' AND installments > billing._period_index(ws, per, we - interval '1 microsecond') + 1 THEN
-            RAISE EXCEPTION 'a window of % has fewer billing periods than % installments', per, installments
-                USING ERRCODE = '22023';
+            RAISE EXCEPTION 'commitment window % to % has % billing periods, fewer than % installments',
+                  ws, we, billing._period_index(ws, per, we - interval '1 microsecond') + 1, installments
+                USING ERRCODE = '22023', DETAIL = 'Each installment is invoiced on a period of its window.';
         END IF;
         n_windows := n_windows + 1;
         EXIT WHEN commit_period IS NULL;
@@ -4059,7 +4061,7 @@ BEGIN
           FROM d
          -- adjustment ids in invoice line order (plan segments; fixed fees,
          -- usage, the cap)
-         ORDER BY d.account_id, d.invoice_id, d.segment_start NULLS FIRST,
+         ORDER BY d.account_id, d.invoice_id, d.segment_start NULLS LAST,
                   CASE d.line_kind WHEN 'fixed' THEN 1 WHEN 'usage' THEN 2 ELSE 3 END,
                   d.description, d.meter
     )

@@ -241,7 +241,7 @@ BEGIN
           FROM d
          -- adjustment ids in invoice line order (plan segments; fixed fees,
          -- usage, the cap)
-         ORDER BY d.account_id, d.invoice_id, d.segment_start NULLS FIRST,
+         ORDER BY d.account_id, d.invoice_id, d.segment_start NULLS LAST,
                   CASE d.line_kind WHEN 'fixed' THEN 1 WHEN 'usage' THEN 2 ELSE 3 END,
                   d.description, d.meter
     )
