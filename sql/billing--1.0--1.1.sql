@@ -4249,6 +4249,7 @@ CREATE OR REPLACE FUNCTION billing._distributed_functions()
            ('billing.usage(bigint,timestamptz,timestamptz,interval,text)', '$1'),
            ('billing.remaining(bigint,text,timestamptz)', '$1'),
            ('billing.invoice_preview(bigint,timestamptz)', '$1'),
+           ('billing.credit_balance(bigint,timestamptz)', '$1'),
            ('billing.correct_usage(bigint,text,timestamptz,numeric,text,text)', '$1')
 $$;
 COMMENT ON FUNCTION billing._distributed_functions() IS
