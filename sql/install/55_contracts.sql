@@ -355,149 +355,7 @@ CREATE TYPE billing._credit_state AS (
     reason             text
 );
 COMMENT ON TYPE billing._credit_state IS
-    'Internal: a credit grant with its remaining amount and rollover terms, as _draw_credits takes it';
-
-/*
- * _draw_credits: the credit draws of one account's invoices, in period
- * order, from its grants (pure: shared by finalize on one node and on
- * Citus, and by invoice_preview).
- *
- * Each invoice k (lines given in order as (invoice, kind, meter, amount))
- * is paid by the grants overlapping its period [starts[k], ends[k]) in the
- * total drawdown order: priority ascending, grants with applies_to before
- * those without, expires_at ascending (never last), effective_at,
- * grant_id (a rollover grant created here sorts after every existing grant,
- * as its id will).  A grant pays the positive part of the lines it applies
- * to that earlier grants left unpaid, in line order, at most its remaining
- * amount and never more than what takes the invoice's total to 0; it
- * applies to usage, fixed, true_up and adjustment lines (applies_to NULL)
- * or to the usage and adjustment lines of its meters, never to commitment
- * or cap lines.  Each grant's draw on an invoice is rounded once to the minor
- * unit (exact, as lines are rounded) and is one output row ('draw', a
- * negative amount); a grant that draws 0 gives no row.
- *
- * With p_book, after invoice k's draws, every grant that has expired by
- * ends[k] with something left is booked: for a commitment grant with a
- * rollover fraction f and a next window, round(f * left) rolls over
- * ('rollover' on it, 'grant' of a new grant with id -1, -2, ... effective
- * for the next window, which later invoices draw from), and the rest is
- * booked 'expire'.
- */
-CREATE FUNCTION billing._draw_credits(p_currency text, p_book boolean,
-                                      p_starts timestamptz[], p_ends timestamptz[],
-                                      p_line_inv integer[], p_line_kind text[],
-                                      p_line_meter text[], p_line_amount numeric[],
-                                      p_grants billing._credit_state[])
-    RETURNS TABLE (inv integer, kind text, grant_id bigint, amount numeric,
-                   effective_at timestamptz, expires_at timestamptz, source_grant bigint,
-                   reason text)
-    LANGUAGE plpgsql STABLE
-    SET search_path = pg_catalog, billing, pg_temp AS $$
-DECLARE
-    g billing._credit_state[] := coalesce(p_grants, '{}');
-    rem numeric[];
-    ord integer[];
-    unpaid numeric[];
-    n_inv integer := coalesce(array_length(p_starts, 1), 0);
-    n_lines integer := coalesce(array_length(p_line_inv, 1), 0);
-    first_line integer := 1;
-    last_line integer;
-    k integer;
-    x integer;
-    j integer;
-    gi billing._credit_state;
-    owed numeric;
-    d numeric;
-    pay numeric;
-    roll numeric;
-    placeholders integer := 0;
-BEGIN
-    IF array_length(g, 1) IS NULL OR n_inv = 0 THEN
-        RETURN;
-    END IF;
-    SELECT array_agg(u.remaining ORDER BY u.ordinality) INTO rem FROM unnest(g) WITH ORDINALITY AS u;
-    SELECT array_agg(u.ordinality::integer ORDER BY u.priority, u.applies_to IS NULL, u.expires_at ASC NULLS LAST,
-                     u.effective_at, u.grant_id < 0, abs(u.grant_id))
-      INTO ord FROM unnest(g) WITH ORDINALITY AS u;
-    SELECT array_agg(greatest(a, 0) ORDER BY n) INTO unpaid
-      FROM unnest(p_line_amount) WITH ORDINALITY AS y(a, n);
-    FOR k IN 1 .. n_inv LOOP
-        -- this invoice's lines: first_line .. last_line (given in invoice order)
-        last_line := first_line - 1;
-        WHILE last_line < n_lines AND p_line_inv[last_line + 1] = k LOOP
-            last_line := last_line + 1;
-        END LOOP;
-        owed := 0;
-        FOR j IN first_line .. last_line LOOP
-            owed := owed + p_line_amount[j];
-        END LOOP;
-        FOREACH x IN ARRAY ord LOOP
-            EXIT WHEN owed <= 0;
-            gi := g[x];
-            CONTINUE WHEN rem[x] <= 0 OR gi.effective_at >= p_ends[k]
-                       OR gi.expires_at <= p_starts[k];
-            d := 0;
-            FOR j IN first_line .. last_line LOOP
-                EXIT WHEN d >= least(rem[x], owed);
-                -- what a grant pays: usage, fixed, true_up and adjustment lines
-                -- (applies_to NULL), or the usage and adjustment lines of its
-                -- meters; never commitment, cap or credit lines
-                CONTINUE WHEN unpaid[j] <= 0
-                           OR NOT CASE WHEN gi.applies_to IS NULL
-                                       THEN p_line_kind[j] IN ('usage', 'fixed', 'true_up', 'adjustment')
-                                       ELSE p_line_kind[j] IN ('usage', 'adjustment')
-                                            AND coalesce(p_line_meter[j] = ANY (gi.applies_to), false) END;
-                pay := least(unpaid[j], least(rem[x], owed) - d);
-                unpaid[j] := unpaid[j] - pay;
-                d := d + pay;
-            END LOOP;
-            d := least(billing.round_money(d, p_currency), rem[x], owed);
-            IF d > 0 THEN
-                rem[x] := rem[x] - d;
-                owed := owed - d;
-                RETURN QUERY SELECT k, 'draw'::text, gi.grant_id, -d, p_ends[k], NULL::timestamptz,
-                                    NULL::bigint, gi.reason;
-            END IF;
-        END LOOP;
-        IF p_book THEN
-            FOR x IN 1 .. array_length(g, 1) LOOP
-                gi := g[x];
-                CONTINUE WHEN rem[x] <= 0 OR gi.expires_at IS NULL OR gi.expires_at > p_ends[k];
-                roll := 0;
-                IF gi.source = 'commitment' AND gi.rollover_fraction > 0 AND gi.next_starts IS NOT NULL THEN
-                    roll := least(billing.round_money(gi.rollover_fraction * rem[x], p_currency), rem[x]);
-                END IF;
-                IF roll > 0 THEN
-                    placeholders := placeholders + 1;
-                    RETURN QUERY SELECT k, 'rollover'::text, gi.grant_id, -roll, gi.expires_at,
-                                        NULL::timestamptz, NULL::bigint, gi.reason;
-                    RETURN QUERY SELECT k, 'grant'::text, (-placeholders)::bigint, roll, gi.next_starts,
-                                        gi.next_ends, gi.grant_id,
-                                        format('rollover of grant %s', gi.grant_id);
-                    g := g || ROW(gi.account_id, -placeholders, gi.priority, gi.next_starts, gi.next_ends,
-                                  gi.applies_to, 'rollover', roll, 0, NULL, NULL,
-                                  format('rollover of grant %s', gi.grant_id))::billing._credit_state;
-                    rem := rem || roll;
-                END IF;
-                IF rem[x] - roll > 0 THEN
-                    RETURN QUERY SELECT k, 'expire'::text, gi.grant_id, -(rem[x] - roll), gi.expires_at,
-                                        NULL::timestamptz, NULL::bigint, gi.reason;
-                END IF;
-                rem[x] := 0;
-            END LOOP;
-            IF placeholders > 0 AND array_length(g, 1) > array_length(ord, 1) THEN
-                SELECT array_agg(u.ordinality::integer ORDER BY u.priority, u.applies_to IS NULL,
-                                 u.expires_at ASC NULLS LAST, u.effective_at, u.grant_id < 0,
-                                 abs(u.grant_id))
-                  INTO ord FROM unnest(g) WITH ORDINALITY AS u;
-            END IF;
-        END IF;
-        first_line := last_line + 1;
-    END LOOP;
-END
-$$;
-COMMENT ON FUNCTION billing._draw_credits(text, boolean, timestamptz[], timestamptz[], integer[], text[], text[], numeric[], billing._credit_state[]) IS
-    'Internal: the credit draws (and, with p_book, the expiries and rollovers) of one account''s invoices, in the total drawdown order';
+    'Internal: a credit grant with its remaining amount and rollover terms, as _credit_draws takes it';
 
 -- building invoices --------------------------------------------------------------------------
 
@@ -543,6 +401,38 @@ COMMENT ON TYPE billing._invoice_line IS
     'Internal: a line of an invoice being built by _invoice_build, or a ledger entry it books';
 
 /*
+ * _credit_draws: the drawdown (src/credits.c; pure, shared by finalize on
+ * one node and on Citus and by invoice_preview).  Period i is
+ * (p_accounts[i], p_starts[i], p_ends[i]); p_lines are the lines built for
+ * the periods (idx: the period).  Each account's periods are paid, in time
+ * order, by its grants overlapping them in the total drawdown order:
+ * priority ascending, grants with applies_to before those without,
+ * expires_at ascending (never last), effective_at, grant_id (a rollover
+ * grant created here sorts after every existing grant, as its id will).  A
+ * grant pays the positive part of the lines it applies to that earlier
+ * grants left unpaid, in line order: usage, fixed, true_up and adjustment
+ * lines (applies_to NULL), or the usage and adjustment lines of its meters;
+ * never commitment or cap lines; at most what it has left and never more
+ * than what takes the invoice's total to 0.  Each grant's draw on an
+ * invoice, rounded once to the minor unit (exact: lines are rounded), is a
+ * 'credit' row (negative); a grant that draws 0 gives none.  With p_book,
+ * after a period's draws, every grant expired by its end with something
+ * left is booked: round(f * left) of a commitment grant with a rollover
+ * fraction f and a next window rolls over ('rollover' on it, 'grant' of a
+ * new grant -1, -2, ... effective for the next window, which later periods
+ * draw from), the rest 'expire'.
+ */
+CREATE FUNCTION billing._credit_draws(p_accounts bigint[], p_currencies text[],
+                                      p_starts timestamptz[], p_ends timestamptz[],
+                                      p_book boolean, p_lines billing._invoice_line[],
+                                      p_grants billing._credit_state[])
+    RETURNS SETOF billing._invoice_line
+    AS 'MODULE_PATHNAME', 'billing_credit_draws'
+    LANGUAGE C STABLE;
+COMMENT ON FUNCTION billing._credit_draws(bigint[], text[], timestamptz[], timestamptz[], boolean, billing._invoice_line[], billing._credit_state[]) IS
+    'Internal: the credit lines (and, booking, the expiries and rollovers) of many periods, each account''s grants drawn in the total drawdown order (src/credits.c)';
+
+/*
  * _invoice_build: the lines of many billing periods (element i of the
  * p_ arrays is period i; its plan segments are the elements of the s_
  * arrays whose s_idx is i, in time order), in invoice order, and the ledger
@@ -565,7 +455,7 @@ COMMENT ON TYPE billing._invoice_line IS
  *    eligible spend of the finalized invoices inside the window and of the
  *    periods built here), commitment lines (installment j of a prepaid
  *    window on its j-th period), adjustment lines (the account's first
- *    period), then the credit lines (and ledger entries) of _draw_credits.
+ *    period), then the credit lines (and ledger entries) of _credit_draws.
  * Called from queries over functions only (Citus: see _subscriptions_of).
  */
 CREATE FUNCTION billing._invoice_build(p_accounts bigint[], p_currencies text[], p_caps numeric[],
@@ -730,14 +620,14 @@ BEGIN
              WHERE g.account_id = ANY (accs) AND g.voided_at IS NULL AND g.effective_at < t_to
                AND l.remaining > 0)
       INTO wins, adjs, grs;
-    SELECT coalesce(bool_or(w.kind = 'minimum' AND w.ends_at > t_from AND w.ends_at <= t_to), false),
-           coalesce(bool_or(w.kind = 'prepaid'), false)
-      INTO has_true_ups, has_installments
-      FROM unnest(wins) w;
     IF wins IS NULL AND adjs IS NULL AND grs IS NULL THEN
         RETURN QUERY SELECT * FROM unnest(l);
         RETURN;
     END IF;
+    SELECT coalesce(bool_or(w.kind = 'minimum' AND w.ends_at > t_from AND w.ends_at <= t_to), false),
+           coalesce(bool_or(w.kind = 'prepaid'), false)
+      INTO has_true_ups, has_installments
+      FROM unnest(wins) w;
     -- 3. true_up lines: the minimum windows ending in a period, short of
     -- the eligible spend of the finalized invoices inside the window (each
     -- invoice's usage, fixed and cap lines plus the adjustments made to it
@@ -831,43 +721,10 @@ BEGIN
                    JOIN unnest(adjs) a ON a.grant_id = x.a
              WHERE x.f);
     END IF;
-    -- 4. the credits: each account's periods in time order, its grants drawn
-    -- in the total order by _draw_credits, after every line above
-    IF cardinality(p_accounts) > 1 THEN
-        l := ARRAY(SELECT x FROM unnest(l) x ORDER BY x.idx, x.ord);   -- (one period: in order)
-    END IF;
+    -- 4. the credits, after every line above (_credit_draws)
     IF grs IS NOT NULL THEN
-        l := l || ARRAY(
-            WITH acc AS (
-                SELECT x.a AS account_id, min(x.cur) AS currency,
-                       array_agg(x.n::integer ORDER BY x.s) AS idxs,
-                       array_agg(x.s ORDER BY x.s) AS starts, array_agg(x.e ORDER BY x.s) AS ends
-                  FROM unnest(p_accounts, p_currencies, p_starts, p_ends) WITH ORDINALITY AS x(a, cur, s, e, n)
-                 WHERE x.a IN (SELECT g.account_id FROM unnest(grs) g)
-                 GROUP BY x.a
-            ), acc_lines AS (
-                SELECT acc.account_id, array_agg(k.n::integer ORDER BY k.n, y.ord) AS invs,
-                       array_agg(y.kind ORDER BY k.n, y.ord) AS kinds,
-                       array_agg(y.meter ORDER BY k.n, y.ord) AS meters,
-                       array_agg(y.amount ORDER BY k.n, y.ord) AS amounts
-                  FROM acc, unnest(acc.idxs) WITH ORDINALITY AS k(idx, n)
-                       JOIN unnest(l) y ON y.idx = k.idx
-                 GROUP BY acc.account_id
-            )
-            SELECT ROW(acc.idxs[d.inv],
-                       CASE WHEN d.kind = 'draw' THEN 5000000000 ELSE 6000000000 END + d.n,
-                       CASE WHEN d.kind = 'draw' THEN 'credit' ELSE d.kind END, NULL,
-                       CASE WHEN d.kind = 'draw' THEN d.reason END, NULL, d.amount, NULL, NULL, NULL,
-                       NULL, NULL, d.grant_id, NULL, NULL, NULL, d.effective_at, d.expires_at,
-                       d.source_grant)::billing._invoice_line
-              FROM acc JOIN acc_lines al ON al.account_id = acc.account_id,
-                   LATERAL billing._draw_credits(acc.currency, p_book, acc.starts, acc.ends, al.invs,
-                                                 al.kinds, al.meters, al.amounts,
-                                                 ARRAY(SELECT g FROM unnest(grs) g
-                                                        WHERE g.account_id = acc.account_id))
-                       WITH ORDINALITY AS d(inv, kind, grant_id, amount, effective_at, expires_at,
-                                            source_grant, reason, n)
-             ORDER BY acc.idxs[d.inv], d.n);
+        l := l || ARRAY(SELECT x FROM billing._credit_draws(p_accounts, p_currencies, p_starts,
+                                                            p_ends, p_book, l, grs) x);
     END IF;
     IF cardinality(p_accounts) = 1 THEN
         RETURN QUERY SELECT * FROM unnest(l);     -- in order already
