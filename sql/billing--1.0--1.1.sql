@@ -2410,6 +2410,26 @@ COMMENT ON TYPE billing._invoice_line IS
     'Internal: a line of an invoice being built by _invoice_build, or a ledger entry it books';
 
 /*
+ * _segment_lines: the usage and fixed lines of periods rated segment by
+ * segment (src/credits.c): in a period with more than one plan segment,
+ * each line names its segment (plan, from, to) and carries it
+ * (segment_start, segment_end), a fixed fee is prorated by the seconds of
+ * its segment over those of the period (rounded once; proration: the
+ * share); then each period's cap line over every segment's usage lines
+ * (_cap_amount).
+ */
+CREATE FUNCTION billing._segment_lines(p_lines billing._invoice_line[], s_idx integer[],
+                                       s_plans text[], s_starts timestamptz[],
+                                       s_ends timestamptz[], p_currencies text[],
+                                       p_caps numeric[], p_starts timestamptz[],
+                                       p_ends timestamptz[])
+    RETURNS SETOF billing._invoice_line
+    AS 'MODULE_PATHNAME', 'billing_segment_lines'
+    LANGUAGE C STABLE;
+COMMENT ON FUNCTION billing._segment_lines(billing._invoice_line[], integer[], text[], timestamptz[], timestamptz[], text[], numeric[], timestamptz[], timestamptz[]) IS
+    'Internal: the lines of periods with plan segments as invoices show them (segment named, fixed fees prorated by seconds, the cap over every segment; src/credits.c)';
+
+/*
  * _credit_draws: the drawdown (src/credits.c; pure, shared by finalize on
  * one node and on Citus and by invoice_preview).  Period i is
  * (p_accounts[i], p_starts[i], p_ends[i]); p_lines are the lines built for
@@ -2509,9 +2529,9 @@ BEGIN
           INTO l
           FROM billing._rate_periods(p_accounts, s_plans, p_currencies, p_caps, s_starts, s_ends) r;
     ELSE
-        -- a plan change: rate each segment on its own (a statement of its
-        -- own: the rating's plans stay its own), prorate its fixed fees by
-        -- its seconds, name it on its lines, cap the period's usage lines
+        -- a plan change: each segment rated on its own from its start to
+        -- its end with its plan, then _segment_lines (a statement of its own:
+        -- the rating's plans stay its own)
         SELECT array_agg(x.a ORDER BY y.n) AS accounts, array_agg(x.cur ORDER BY y.n) AS currencies
           INTO sa
           FROM unnest(s_idx) WITH ORDINALITY AS y(p, n)
@@ -2522,55 +2542,9 @@ BEGIN
                      FROM billing._rate_periods(sa.accounts, s_plans, sa.currencies,
                                                 array_fill(NULL::numeric, ARRAY[cardinality(s_idx)]),
                                                 s_starts, s_ends) r);
-        WITH per AS (
-            SELECT x.n::integer AS idx, x.cur AS currency, x.cap, x.s AS ps, x.e AS pe
-              FROM unnest(p_currencies, p_caps, p_starts, p_ends) WITH ORDINALITY AS x(cur, cap, s, e, n)
-        ), seg AS (
-            SELECT y.n::integer AS k, y.p AS idx, y.s AS ss, y.e AS se,
-                   count(*) OVER (PARTITION BY y.p) > 1 AS split,
-                   row_number() OVER (PARTITION BY y.p ORDER BY y.s) AS seg_no,
-                   -- how its lines name a segment of a period with a plan change
-                   format(' (%s, %s to %s)', y.pl,
-                          to_char(y.s AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI'),
-                          to_char(y.e AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI')) AS label,
-                   extract(epoch FROM y.e - y.s) AS secs
-              FROM unnest(s_idx, s_plans, s_starts, s_ends) WITH ORDINALITY AS y(p, pl, s, e, n)
-        ), lines AS (
-            SELECT seg.idx, seg.seg_no * 100000 + r.ord AS ord, r.kind, r.meter,
-                   CASE WHEN seg.split THEN r.description || seg.label
-                        ELSE r.description END AS description,
-                   r.quantity,
-                   CASE WHEN seg.split AND r.kind = 'fixed'
-                        THEN billing.round_money(r.unrounded_amount * seg.secs
-                                                 / extract(epoch FROM per.pe - per.ps), per.currency)
-                        ELSE r.amount END AS amount,
-                   CASE WHEN seg.split AND r.kind = 'fixed'
-                        THEN r.unrounded_amount * seg.secs / extract(epoch FROM per.pe - per.ps)
-                        ELSE r.unrounded_amount END AS unrounded_amount,
-                   r.charge_id, r.price,
-                   CASE WHEN seg.split THEN seg.ss END AS segment_start,
-                   CASE WHEN seg.split THEN seg.se END AS segment_end,
-                   CASE WHEN seg.split AND r.kind = 'fixed'
-                        THEN seg.secs / extract(epoch FROM per.pe - per.ps) END AS proration
-              FROM unnest(l) r JOIN seg ON seg.k = r.idx JOIN per ON per.idx = seg.idx
-        )
-        SELECT array_agg(z ORDER BY z.idx, z.ord) INTO l
-          FROM (SELECT x.idx, x.ord, x.kind, x.meter, x.description, x.quantity, x.amount,
-                       x.unrounded_amount, x.charge_id, x.price, NULL::bigint, NULL::bigint,
-                       NULL::bigint, x.segment_start, x.segment_end, x.proration,
-                       NULL::timestamptz, NULL::timestamptz, NULL::bigint
-                  FROM lines x
-                UNION ALL
-                SELECT per.idx, 1000000000, 'cap', NULL, 'spend cap', NULL,
-                       billing._cap_amount(per.cap, per.currency, sum(x.amount)), NULL, NULL, NULL,
-                       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
-                  FROM per JOIN lines x ON x.idx = per.idx AND x.kind = 'usage'
-                 WHERE per.cap IS NOT NULL
-                 GROUP BY per.idx, per.cap, per.currency
-                HAVING billing._cap_amount(per.cap, per.currency, sum(x.amount)) IS NOT NULL)
-               AS z(idx, ord, kind, meter, description, quantity, amount, unrounded_amount,
-                    charge_id, price, adjustment_id, commitment_id, grant_id, segment_start,
-                    segment_end, proration, effective_at, expires_at, source_grant);
+        l := ARRAY(SELECT x FROM billing._segment_lines(l, s_idx, s_plans, s_starts, s_ends,
+                                                        p_currencies, p_caps, p_starts, p_ends) x
+                    ORDER BY x.idx, x.ord);
     END IF;
     IF p_rated_only THEN
         RETURN QUERY SELECT * FROM unnest(l);
@@ -3329,10 +3303,8 @@ COMMENT ON FUNCTION billing._subscriptions_guard() IS
     'Internal: a subscription that was invoiced cannot be deleted';
 
 CREATE FUNCTION billing._cap_amount(cap numeric, currency text, usage numeric) RETURNS numeric
-    LANGUAGE sql STABLE AS $$
-    SELECT CASE WHEN usage > billing.round_money(cap, currency)
-                THEN billing.round_money(cap, currency) - usage END
-$$;
+    AS 'MODULE_PATHNAME', 'billing_cap_amount'
+    LANGUAGE C STABLE STRICT;
 COMMENT ON FUNCTION billing._cap_amount(numeric, text, numeric) IS
     'Internal: the amount of the spend cap line of a period whose usage lines add up to usage (NULL: not capped)';
 
@@ -4125,6 +4097,7 @@ REVOKE ALL ON FUNCTION
     billing._segments(bigint[], timestamptz[]),
     billing._installment(numeric, integer, integer, text),
     billing._eligible_spend(text[], text[], text[], numeric[]),
+    billing._segment_lines(billing._invoice_line[], integer[], text[], timestamptz[], timestamptz[], text[], numeric[], timestamptz[], timestamptz[]),
     billing._credit_draws(bigint[], text[], timestamptz[], timestamptz[], boolean, billing._invoice_line[], billing._credit_state[]),
     billing._invoice_build(bigint[], text[], numeric[], timestamptz[], timestamptz[], boolean[], integer[], text[], timestamptz[], timestamptz[], boolean, boolean),
     billing._period_build(bigint[], timestamptz[], boolean),
@@ -4154,6 +4127,7 @@ GRANT EXECUTE ON FUNCTION
     billing._segments(bigint[], timestamptz[]),
     billing._installment(numeric, integer, integer, text),
     billing._eligible_spend(text[], text[], text[], numeric[]),
+    billing._segment_lines(billing._invoice_line[], integer[], text[], timestamptz[], timestamptz[], text[], numeric[], timestamptz[], timestamptz[]),
     billing._credit_draws(bigint[], text[], timestamptz[], timestamptz[], boolean, billing._invoice_line[], billing._credit_state[]),
     billing._invoice_build(bigint[], text[], numeric[], timestamptz[], timestamptz[], boolean[], integer[], text[], timestamptz[], timestamptz[], boolean, boolean),
     billing._period_build(bigint[], timestamptz[], boolean),

@@ -132,13 +132,12 @@ CREATE INDEX invoice_lines_charge ON billing.invoice_lines (charge_id) WHERE cha
 -- rating a period -----------------------------------------------------------------------
 
 -- the spend cap line: what takes the usage lines of a period down to the
--- rounded cap, when they exceed it (NULL: they do not).  No SET clause, so
--- that it is inlined.
+-- rounded cap, when they exceed it (NULL: they do not); in C
+-- (src/credits.c), where the invoice of a period with a plan change caps
+-- its segments' usage lines too
 CREATE FUNCTION billing._cap_amount(cap numeric, currency text, usage numeric) RETURNS numeric
-    LANGUAGE sql STABLE AS $$
-    SELECT CASE WHEN usage > billing.round_money(cap, currency)
-                THEN billing.round_money(cap, currency) - usage END
-$$;
+    AS 'MODULE_PATHNAME', 'billing_cap_amount'
+    LANGUAGE C STABLE STRICT;
 COMMENT ON FUNCTION billing._cap_amount(numeric, text, numeric) IS
     'Internal: the amount of the spend cap line of a period whose usage lines add up to usage (NULL: not capped)';
 
