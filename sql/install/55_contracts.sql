@@ -84,12 +84,16 @@ CREATE TABLE billing.commitment_windows (
     starts_at      timestamptz NOT NULL,
     ends_at        timestamptz NOT NULL,
     amount         numeric NOT NULL,
+    -- prepaid: where each installment is invoiced (the start of the
+    -- window's i-th period) and its amount
+    installment_due      timestamptz[] NULL,
+    installment_amounts  numeric[] NULL,
     PRIMARY KEY (account_id, commitment_id, window_no),
     FOREIGN KEY (account_id, commitment_id) REFERENCES billing.commitments,
     CHECK (ends_at > starts_at)
 );
 COMMENT ON TABLE billing.commitment_windows IS
-    'The windows of each commitment (commit_period repeats the window; NULL: one window, the whole term) and the amount of each; immutable';
+    'The windows of each commitment (commit_period repeats the window; NULL: one window, the whole term), the amount of each and, prepaid, its installments; immutable';
 
 CREATE SEQUENCE billing.credit_grant_id_seq;
 COMMENT ON SEQUENCE billing.credit_grant_id_seq IS 'Credit grant numbers, unique across accounts';
@@ -370,7 +374,8 @@ CREATE TYPE billing._window AS (
     amount         numeric,
     applies_to     text[],
     installments   integer,
-    period         interval
+    installment_due      timestamptz[],
+    installment_amounts  numeric[]
 );
 COMMENT ON TYPE billing._window IS
     'Internal: a commitment window with its commitment''s terms, as _invoice_build takes it';
@@ -473,9 +478,10 @@ COMMENT ON FUNCTION billing._credit_draws(bigint[], text[], timestamptz[], times
  *    routed by the accounts on Citus).  None: done.
  * 3. true_up lines (minimum windows ending in a period: the amount less the
  *    eligible spend of the finalized invoices inside the window and of the
- *    periods built here), commitment lines (installment j of a prepaid
- *    window on its j-th period), adjustment lines (the account's first
- *    period), then the credit lines (and ledger entries) of _credit_draws.
+ *    periods built here), commitment lines (each installment of a prepaid
+ *    window on the period its schedule puts it in), adjustment lines (the
+ *    account's first period), then the credit lines (and ledger entries) of
+ *    _credit_draws.
  * Called from queries over functions only (Citus: see _subscriptions_of).
  */
 CREATE FUNCTION billing._invoice_build(p_accounts bigint[], p_currencies text[], p_caps numeric[],
@@ -560,13 +566,7 @@ BEGIN
         SELECT array_agg(DISTINCT a), min(s), max(e) INTO accs, t_from, t_to
           FROM unnest(p_accounts, p_starts, p_ends) AS x(a, s, e);
     END IF;
-    SELECT (SELECT array_agg(ROW(w.account_id, w.commitment_id, w.window_no, c.kind, w.starts_at,
-                                 w.ends_at, w.amount, c.applies_to::text[], c.installments,
-                                 c.period)::billing._window)
-              FROM billing.commitment_windows w
-                   JOIN billing.commitments c
-                     ON c.account_id = w.account_id AND c.commitment_id = w.commitment_id
-             WHERE w.account_id = ANY (accs) AND w.starts_at < t_to AND w.ends_at > t_from),
+    SELECT cw.wins, cw.has_true_ups, cw.has_installments,
            -- pending adjustments, as lines (the row rebuilt as
            -- billing.adjustments: on Citus a is a shard's row)
            (SELECT array_agg(ROW(NULL, a.adjustment_id, 'adjustment', a.meter,
@@ -593,15 +593,23 @@ BEGIN
                          AND nw.window_no = g.window_no + 1
              WHERE g.account_id = ANY (accs) AND g.voided_at IS NULL AND g.effective_at < t_to
                AND l.remaining > 0)
-      INTO wins, adjs, grs;
+      INTO wins, has_true_ups, has_installments, adjs, grs
+      -- the commitment windows overlapping the periods; minimum ones ending
+      -- in them (true-ups), prepaid ones (installments)
+      FROM (SELECT array_agg(ROW(w.account_id, w.commitment_id, w.window_no, c.kind, w.starts_at,
+                                 w.ends_at, w.amount, c.applies_to::text[], c.installments,
+                                 w.installment_due, w.installment_amounts)::billing._window) AS wins,
+                   coalesce(bool_or(c.kind = 'minimum' AND w.ends_at > t_from AND w.ends_at <= t_to),
+                            false) AS has_true_ups,
+                   coalesce(bool_or(c.kind = 'prepaid'), false) AS has_installments
+              FROM billing.commitment_windows w
+                   JOIN billing.commitments c
+                     ON c.account_id = w.account_id AND c.commitment_id = w.commitment_id
+             WHERE w.account_id = ANY (accs) AND w.starts_at < t_to AND w.ends_at > t_from) cw;
     IF wins IS NULL AND adjs IS NULL AND grs IS NULL THEN
         RETURN QUERY SELECT * FROM unnest(l);
         RETURN;
     END IF;
-    SELECT coalesce(bool_or(w.kind = 'minimum' AND w.ends_at > t_from AND w.ends_at <= t_to), false),
-           coalesce(bool_or(w.kind = 'prepaid'), false)
-      INTO has_true_ups, has_installments
-      FROM unnest(wins) w;
     -- 3. true_up lines: the minimum windows ending in a period, short of
     -- the eligible spend of the finalized invoices inside the window (each
     -- invoice's usage, fixed and cap lines plus the adjustments made to it
@@ -668,22 +676,22 @@ BEGIN
               FROM t
              WHERE billing.round_money(t.short, t.currency) > 0);
     END IF;
-    -- commitment lines: installment j of a prepaid window on its j-th period
+    -- commitment lines: each installment of a prepaid window on the period
+    -- its schedule puts it in
     IF has_installments THEN
         l := l || ARRAY(
-            SELECT ROW(x.n, 3000000000 + row_number() OVER (PARTITION BY x.n ORDER BY w.commitment_id, w.window_no),
+            SELECT ROW(x.n, 3000000000 + row_number() OVER (PARTITION BY x.n ORDER BY w.commitment_id, w.window_no, i.j),
                        'commitment', NULL,
                        CASE WHEN w.installments = 1
                             THEN format('prepaid commitment %s, window %s', w.commitment_id, w.window_no)
                             ELSE format('prepaid commitment %s, window %s: installment %s of %s',
-                                        w.commitment_id, w.window_no, j.n, w.installments) END,
-                       NULL, billing._installment(w.amount, j.n, w.installments, x.cur), NULL, NULL, NULL,
-                       NULL, w.commitment_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::billing._invoice_line
-              FROM unnest(p_accounts, p_currencies, p_starts) WITH ORDINALITY AS x(a, cur, s, n)
-                   JOIN unnest(wins) w ON w.account_id = x.a AND w.kind = 'prepaid'
-                                      AND w.starts_at <= x.s AND x.s < w.ends_at,
-                   LATERAL (SELECT billing._period_index(w.starts_at, w.period, x.s) + 1 AS n) j
-             WHERE j.n <= w.installments);
+                                        w.commitment_id, w.window_no, i.j, w.installments) END,
+                       NULL, i.amount, NULL, NULL, NULL, NULL, w.commitment_id, NULL, NULL, NULL, NULL,
+                       NULL, NULL, NULL)::billing._invoice_line
+              FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, n)
+                   JOIN unnest(wins) w ON w.account_id = x.a AND w.kind = 'prepaid',
+                   unnest(w.installment_due, w.installment_amounts) WITH ORDINALITY AS i(due, amount, j)
+             WHERE i.due >= x.s AND i.due < x.e);
     END IF;
     -- adjustment lines: the account's pending adjustments, on its first period
     IF adjs IS NOT NULL THEN
@@ -1100,8 +1108,14 @@ BEGIN
                    ELSE least(billing._add_periods(starts_at, commit_period, w), ends_at) END;
         w_amount := billing._installment(amount, w, n_windows, cur);
         INSERT INTO billing.commitment_windows (account_id, commitment_id, window_no, starts_at,
-                                                ends_at, amount)
-        VALUES (add_commitment.account_id, id, w, ws, we, w_amount);
+                                                ends_at, amount, installment_due,
+                                                installment_amounts)
+        SELECT add_commitment.account_id, id, w, ws, we, w_amount,
+               CASE WHEN kind = 'prepaid'
+                    THEN array_agg(billing._add_periods(ws, per, i - 1) ORDER BY i) END,
+               CASE WHEN kind = 'prepaid'
+                    THEN array_agg(billing._installment(w_amount, i, installments, cur) ORDER BY i) END
+          FROM generate_series(1, installments) i;
         IF kind = 'prepaid' THEN
             INSERT INTO billing.credit_grants (account_id, amount, effective_at, expires_at,
                                                applies_to, source, reason, commitment_id, window_no)
