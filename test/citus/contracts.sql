@@ -62,13 +62,13 @@ SELECT account_id, period_start::date, total FROM finalize_invoices('2025-05-01 
 SELECT * FROM credit_balance(106, '2025-05-01');
 SELECT * FROM credit_balance(108, '2025-05-01');
 
-SELECT l.account_id, i.period_start::date, l.line_no, l.kind, l.meter,
+SELECT l.account_id, (i.period_start AT TIME ZONE 'UTC')::date AS period_start, l.line_no, l.kind, l.meter,
        regexp_replace(l.description, 'invoice [0-9]+', 'invoice #') AS description, l.quantity, l.amount,
        l.grant_id, l.segment_start, l.proration
   FROM invoice_lines l JOIN invoices i ON i.account_id = l.account_id AND i.invoice_id = l.invoice_id
  WHERE l.account_id BETWEEN 101 AND 108
  ORDER BY 1, 2, 3;
-SELECT c.account_id, c.seq, c.grant_id, c.kind, c.amount, c.effective_at, i.period_start::date AS invoice
+SELECT c.account_id, c.seq, c.grant_id, c.kind, c.amount, c.effective_at, (i.period_start AT TIME ZONE 'UTC')::date AS invoice
   FROM credit_ledger c LEFT JOIN invoices i ON i.account_id = c.account_id AND i.invoice_id = c.invoice_id
  WHERE c.account_id BETWEEN 101 AND 108
  ORDER BY 1, 2;
