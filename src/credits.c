@@ -20,6 +20,7 @@
 #include "utils/typcache.h"
 
 #include "billing.h"
+#include "money.h"
 #include "price.h"
 
 PG_FUNCTION_INFO_V1(billing_credit_draws);
