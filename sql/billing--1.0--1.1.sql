@@ -2043,6 +2043,2135 @@ ALTER FUNCTION billing._meter_row() SECURITY INVOKER;
 ALTER FUNCTION billing._meter_after_rows() SECURITY INVOKER;
 ALTER FUNCTION billing._meter_flush() SECURITY INVOKER RESET search_path;
 
+-- ---- issue 17: contracts (credits, commitments, plan changes; SPEC 10.2) --------------
+-- The objects of sql/install/55_contracts.sql (new), then the functions of
+-- the other parts that build, finalize, preview and re-rate invoices with
+-- plan segments, true-ups, installments and credits, and the grants.
+-- _period_at and _pending_adjustments give way to _segments and
+-- _invoice_build.
+-- subscriptions: the grid their periods are cut from ----------------------------------
+
+ALTER TABLE billing.subscriptions ADD COLUMN period_anchor timestamptz NULL;
+ALTER TABLE billing.subscriptions ADD CONSTRAINT subscriptions_period_anchor_check
+    CHECK (pg_catalog.isfinite(period_anchor) AND period_anchor <= starts_at);
+COMMENT ON COLUMN billing.subscriptions.period_anchor IS
+    'Where the grid of billing periods starts (NULL: starts_at); change_plan keeps the previous subscription''s grid';
+
+-- provenance of the new line kinds ---------------------------------------------------------
+
+ALTER TABLE billing.invoice_lines DROP CONSTRAINT invoice_lines_kind_check;
+ALTER TABLE billing.invoice_lines ADD CONSTRAINT invoice_lines_kind_check
+    CHECK (kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit'));
+ALTER TABLE billing.invoice_lines
+    ADD COLUMN segment_start timestamptz,   -- a period with a plan change: the plan's segment
+    ADD COLUMN segment_end timestamptz,
+    ADD COLUMN proration numeric,           -- fixed fee of a segment: its share of the period
+    ADD COLUMN commitment_id bigint,        -- commitment and true_up lines
+    ADD COLUMN grant_id bigint;             -- credit lines: the grant drawn
+ALTER TABLE billing.adjustments ADD COLUMN segment_start timestamptz;
+COMMENT ON COLUMN billing.adjustments.segment_start IS
+    'The plan segment of the corrected line (a period with a plan change); NULL: the period''s start';
+
+-- tables -----------------------------------------------------------------------------------
+
+CREATE SEQUENCE billing.commitment_id_seq;
+COMMENT ON SEQUENCE billing.commitment_id_seq IS 'Commitment numbers, unique across accounts';
+CREATE TABLE billing.commitments (
+    account_id         bigint NOT NULL REFERENCES billing.accounts,
+    commitment_id      bigint NOT NULL DEFAULT pg_catalog.nextval('billing.commitment_id_seq'),
+    kind               text NOT NULL CHECK (kind IN ('prepaid', 'minimum')),
+    amount             numeric NOT NULL CHECK (amount >= 0 AND amount < 'Infinity'),
+    starts_at          timestamptz NOT NULL CHECK (pg_catalog.isfinite(starts_at)),
+    ends_at            timestamptz NOT NULL CHECK (pg_catalog.isfinite(ends_at)),
+    commit_period      interval NULL CHECK (commit_period > interval '0'),
+    applies_to         text[] COLLATE "C" NULL,
+    installments       integer NOT NULL DEFAULT 1 CHECK (installments >= 1),
+    rollover_fraction  numeric NOT NULL DEFAULT 0 CHECK (rollover_fraction BETWEEN 0 AND 1),
+    period             interval NOT NULL,      -- the billing period it is invoiced on
+    actor              text NOT NULL DEFAULT CURRENT_USER,
+    created_at         timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (account_id, commitment_id),
+    CHECK (ends_at > starts_at)
+);
+COMMENT ON TABLE billing.commitments IS
+    'Commitments of accounts (add_commitment): prepaid (a credit grant per window, invoiced in installments) or minimum (a true-up when a window''s spend falls short); immutable';
+
+CREATE TABLE billing.commitment_windows (
+    account_id     bigint NOT NULL,
+    commitment_id  bigint NOT NULL,
+    window_no      integer NOT NULL CHECK (window_no >= 1),
+    starts_at      timestamptz NOT NULL,
+    ends_at        timestamptz NOT NULL,
+    amount         numeric NOT NULL,
+    -- prepaid: where each installment is invoiced (the start of the
+    -- window's i-th period) and its amount
+    installment_due      timestamptz[] NULL,
+    installment_amounts  numeric[] NULL,
+    PRIMARY KEY (account_id, commitment_id, window_no),
+    FOREIGN KEY (account_id, commitment_id) REFERENCES billing.commitments,
+    CHECK (ends_at > starts_at)
+);
+COMMENT ON TABLE billing.commitment_windows IS
+    'The windows of each commitment (commit_period repeats the window; NULL: one window, the whole term), the amount of each and, prepaid, its installments; immutable';
+
+CREATE SEQUENCE billing.credit_grant_id_seq;
+COMMENT ON SEQUENCE billing.credit_grant_id_seq IS 'Credit grant numbers, unique across accounts';
+CREATE TABLE billing.credit_grants (
+    account_id       bigint NOT NULL REFERENCES billing.accounts,
+    grant_id         bigint NOT NULL DEFAULT pg_catalog.nextval('billing.credit_grant_id_seq'),
+    amount           numeric NOT NULL CHECK (amount >= 0 AND amount < 'Infinity'),
+    effective_at     timestamptz NOT NULL CHECK (pg_catalog.isfinite(effective_at)),
+    expires_at       timestamptz NULL CHECK (pg_catalog.isfinite(expires_at)),
+    priority         integer NOT NULL DEFAULT 50 CHECK (priority BETWEEN 0 AND 100),
+    applies_to       text[] COLLATE "C" NULL,
+    source           text NOT NULL CHECK (source IN ('manual', 'commitment', 'rollover')),
+    voided_at        timestamptz NULL,
+    reason           text,
+    void_reason      text,
+    idempotency_key  text NULL,
+    commitment_id    bigint NULL,        -- commitment and rollover grants
+    window_no        integer NULL,       -- the commitment window it pays
+    rolled_from      bigint NULL,        -- rollover grants: the grant it carries over from
+    actor            text NOT NULL DEFAULT CURRENT_USER,
+    created_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (account_id, grant_id),
+    FOREIGN KEY (account_id, commitment_id) REFERENCES billing.commitments,
+    CHECK (expires_at > effective_at)
+);
+COMMENT ON TABLE billing.credit_grants IS
+    'Credit grants (grant_credit, prepaid commitments, rollovers); immutable but for voided_at and void_reason, set once by void_credit';
+CREATE UNIQUE INDEX credit_grants_idempotency_key
+    ON billing.credit_grants (account_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+
+CREATE TABLE billing.credit_ledger (
+    account_id    bigint NOT NULL,
+    seq           bigint NOT NULL CHECK (seq >= 1),         -- gap-free per account
+    grant_id      bigint NOT NULL,
+    kind          text NOT NULL CHECK (kind IN ('grant', 'draw', 'expire', 'void', 'rollover')),
+    amount        numeric NOT NULL CHECK (CASE WHEN kind = 'grant' THEN amount >= 0 ELSE amount <= 0 END),
+    effective_at  timestamptz NOT NULL,
+    invoice_id    bigint NULL,              -- draws: the invoice whose credit line it is
+    actor         text NOT NULL DEFAULT CURRENT_USER,
+    booked_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (account_id, seq),
+    FOREIGN KEY (account_id, grant_id) REFERENCES billing.credit_grants,
+    FOREIGN KEY (account_id, invoice_id) REFERENCES billing.invoices
+);
+COMMENT ON TABLE billing.credit_ledger IS
+    'Append-only ledger of credits: grant (+), draw, expire, void, rollover (-); a grant''s remaining amount is the sum of its entries';
+CREATE INDEX credit_ledger_grant ON billing.credit_ledger (account_id, grant_id);
+
+SELECT pg_catalog.pg_extension_config_dump('billing.commitments', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.commitment_windows', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.credit_grants', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.credit_ledger', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.commitment_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.credit_grant_id_seq', '');
+
+-- immutability -----------------------------------------------------------------------------
+
+CREATE TRIGGER credit_ledger_append_only BEFORE UPDATE OR DELETE ON billing.credit_ledger
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change('credit_ledger is append-only.',
+        'Credit moves are new entries: void_credit, or finalize_invoices for draws and expiries.');
+CREATE TRIGGER credit_ledger_no_truncate BEFORE TRUNCATE ON billing.credit_ledger
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('credit_ledger is append-only.');
+CREATE TRIGGER commitments_immutable BEFORE UPDATE OR DELETE ON billing.commitments
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change('Commitments never change.',
+        'Add another commitment (add_commitment) or credit (grant_credit).');
+CREATE TRIGGER commitments_no_truncate BEFORE TRUNCATE ON billing.commitments
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('Commitments never change.');
+CREATE TRIGGER commitment_windows_immutable BEFORE UPDATE OR DELETE ON billing.commitment_windows
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change('Commitments never change.');
+CREATE TRIGGER commitment_windows_no_truncate BEFORE TRUNCATE ON billing.commitment_windows
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('Commitments never change.');
+
+-- a grant is written once; void_credit only records when and why it was voided
+CREATE FUNCTION billing._credit_grants_guard() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND OLD.voided_at IS NULL AND NEW.voided_at IS NOT NULL
+       AND (to_jsonb(NEW) - 'voided_at' - 'void_reason') = (to_jsonb(OLD) - 'voided_at' - 'void_reason') THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION '% of credit_grants is not allowed', lower(TG_OP)
+        USING ERRCODE = '55000',
+              DETAIL = 'A credit grant never changes, except to record once that it was voided.',
+              HINT = 'Void it with void_credit, or grant another credit.';
+END
+$$;
+COMMENT ON FUNCTION billing._credit_grants_guard() IS
+    'Internal: credit grants are immutable but for voided_at and void_reason, set once by void_credit';
+CREATE TRIGGER credit_grants_guard BEFORE UPDATE OR DELETE ON billing.credit_grants
+    FOR EACH ROW EXECUTE FUNCTION billing._credit_grants_guard();
+CREATE TRIGGER credit_grants_no_truncate BEFORE TRUNCATE ON billing.credit_grants
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('credit_grants never change.');
+
+-- audit: one row per ledger entry (grant, draw, expire, void, rollover) --------------------
+
+/*
+ * _audit_credit: AFTER INSERT ROW trigger of credit_ledger.  The action is
+ * the entry's kind; a grant's row carries the grant, a void's its reason.
+ * Row by row on one node and on Citus alike (a finalize books a few
+ * entries per account).
+ */
+CREATE FUNCTION billing._audit_credit() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+DECLARE
+    d jsonb := to_jsonb(NEW);
+BEGIN
+    IF billing._audit_suspended() THEN
+        RETURN NULL;
+    END IF;
+    IF NEW.kind IN ('grant', 'void') THEN
+        d := d || jsonb_build_object('credit_grant',
+                       (SELECT to_jsonb(g) FROM billing.credit_grants g
+                         WHERE g.account_id = NEW.account_id AND g.grant_id = NEW.grant_id));
+    END IF;
+    PERFORM billing._audit_append(NEW.account_id, NEW.kind, format('credit_grant:%s', NEW.grant_id), d);
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._audit_credit() IS
+    'Internal: writes the audit row of a credit ledger entry (action: its kind)';
+CREATE TRIGGER credit_ledger_audit AFTER INSERT ON billing.credit_ledger
+    FOR EACH ROW EXECUTE FUNCTION billing._audit_credit();
+
+-- periods and plan segments ----------------------------------------------------------------
+
+/*
+ * _subscriptions_of: the subscriptions of some accounts (NULL: all), with
+ * their plan's period and currency and the start of their grid; with
+ * p_invoiced, also the start of the latest invoice whose period overlaps
+ * them.  The one place the segment functions read subscriptions:
+ * PL/pgSQL, so that Citus routes the query by the accounts' values (the
+ * callers compose its rows in queries over functions only).
+ */
+CREATE FUNCTION billing._subscriptions_of(p_accounts bigint[], p_invoiced boolean DEFAULT false)
+    RETURNS TABLE (account_id bigint, plan text, starts_at timestamptz, ends_at timestamptz,
+                   spend_cap numeric, period interval, currency text, anchor timestamptz,
+                   last_invoiced timestamptz)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT s.account_id, s.plan::text, s.starts_at, s.ends_at, s.spend_cap, p.period, p.currency,
+           coalesce(s.period_anchor, s.starts_at),
+           CASE WHEN p_invoiced THEN
+               (SELECT max(i.period_start) FROM billing.invoices i
+                 WHERE i.account_id = s.account_id AND i.period_start < coalesce(s.ends_at, 'infinity')
+                   AND i.period_end > s.starts_at) END
+      FROM billing.subscriptions s JOIN billing.plans p ON p.plan = s.plan
+     WHERE p_accounts IS NULL OR s.account_id = ANY (p_accounts);
+END
+$$;
+COMMENT ON FUNCTION billing._subscriptions_of(bigint[], boolean) IS
+    'Internal: subscriptions of some accounts (NULL: all) with period, currency, grid start and (p_invoiced) the latest overlapping invoice';
+
+/*
+ * _segments: for each (account, moment) given (i: its place in the
+ * arrays), the plan segments of the billing period holding the moment, in
+ * time order.  The subscription holding the moment gives the grid period
+ * [grid_start, grid_end); its segments are the pieces of every
+ * subscription of the account on the same grid period (same period
+ * length, same grid start), each cut to its subscription's span.  The
+ * invoice of the period runs from the first segment's start to the last
+ * one's end; its spend cap and plan are those of the last segment.  No
+ * subscription at the moment: no rows.
+ */
+CREATE FUNCTION billing._segments(p_accounts bigint[], p_ats timestamptz[])
+    RETURNS TABLE (i integer, account_id bigint, grid_start timestamptz, grid_end timestamptz,
+                   currency text, plan text, spend_cap numeric, segment_start timestamptz,
+                   segment_end timestamptz)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH subs AS MATERIALIZED (
+        -- (Citus plans a materialized CTE on its own, routed by the accounts)
+        SELECT s.account_id, s.plan::text AS plan, s.starts_at, s.ends_at, s.spend_cap, p.period,
+               p.currency, coalesce(s.period_anchor, s.starts_at) AS anchor
+          FROM billing.subscriptions s JOIN billing.plans p ON p.plan = s.plan
+         WHERE s.account_id = ANY (p_accounts)
+    ), grid AS (
+        SELECT x.n::integer AS i, h.account_id, h.period, h.currency, g.gs, g.ge
+          FROM unnest(p_accounts, p_ats) WITH ORDINALITY AS x(a, t, n)
+               JOIN subs h ON h.account_id = x.a AND h.starts_at <= x.t
+                          AND x.t < coalesce(h.ends_at, 'infinity'),
+               LATERAL (SELECT billing._add_periods(h.anchor, h.period, n) AS gs,
+                               billing._add_periods(h.anchor, h.period, n + 1) AS ge
+                          FROM billing._period_index(h.anchor, h.period, x.t) n) g
+    )
+    SELECT grid.i, grid.account_id, grid.gs, grid.ge, grid.currency, s.plan, s.spend_cap,
+           greatest(grid.gs, s.starts_at), least(grid.ge, s.ends_at)
+      FROM grid JOIN subs s
+        ON s.account_id = grid.account_id AND s.period = grid.period
+       AND s.starts_at < grid.ge AND coalesce(s.ends_at, 'infinity') > grid.gs
+       AND billing._add_periods(s.anchor, s.period,
+               billing._period_index(s.anchor, s.period, greatest(grid.gs, s.starts_at))) = grid.gs
+     ORDER BY grid.i, s.starts_at;
+END
+$$;
+COMMENT ON FUNCTION billing._segments(bigint[], timestamptz[]) IS
+    'Internal: the plan segments of the billing period holding each (account, moment)';
+
+-- money helpers ----------------------------------------------------------------------------
+
+-- part i of n of a total, rounded so that the parts add up to the total
+CREATE FUNCTION billing._installment(total numeric, i integer, n integer, currency text)
+    RETURNS numeric
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SELECT billing.round_money(total * i / n, currency)
+           - billing.round_money(total * (i - 1) / n, currency)
+$$;
+COMMENT ON FUNCTION billing._installment(numeric, integer, integer, text) IS
+    'Internal: installment i of n of a total: round(total*i/n) - round(total*(i-1)/n), so the parts add up to the total';
+
+/*
+ * _eligible_spend: what one invoice's lines count towards a minimum
+ * commitment: its usage, fixed and cap lines (after the cap, before
+ * credits) for applies_to NULL; for a list of meters, the usage lines of
+ * those meters, scaled down by the cap in the proportion it cut the
+ * invoice's usage.  The lines are given as (kind, meter, amount), a
+ * finalized invoice's lines plus the adjustments made to it since.
+ */
+CREATE FUNCTION billing._eligible_spend(applies_to text[], kinds text[], meters text[],
+                                        amounts numeric[])
+    RETURNS numeric
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SELECT CASE
+               WHEN applies_to IS NULL THEN
+                   coalesce(sum(x.a) FILTER (WHERE x.k IN ('usage', 'fixed', 'cap')), 0)
+               ELSE
+                   coalesce(sum(x.a) FILTER (WHERE x.k = 'usage' AND x.m = ANY (applies_to)), 0)
+                   * CASE WHEN coalesce(sum(x.a) FILTER (WHERE x.k = 'cap'), 0) <> 0
+                               AND coalesce(sum(x.a) FILTER (WHERE x.k = 'usage'), 0) > 0
+                          THEN greatest(sum(x.a) FILTER (WHERE x.k IN ('usage', 'cap')), 0)
+                               / sum(x.a) FILTER (WHERE x.k = 'usage')
+                          ELSE 1 END
+           END
+      FROM unnest(kinds, meters, amounts) AS x(k, m, a)
+$$;
+COMMENT ON FUNCTION billing._eligible_spend(text[], text[], text[], numeric[]) IS
+    'Internal: the spend of one invoice that counts towards a minimum commitment (after the cap, before credits, restricted to applies_to)';
+
+-- the state of a grant as drawing needs it
+CREATE TYPE billing._credit_state AS (
+    account_id         bigint,
+    grant_id           bigint,
+    priority           integer,
+    effective_at       timestamptz,
+    expires_at         timestamptz,
+    applies_to         text[],
+    source             text,
+    remaining          numeric,
+    rollover_fraction  numeric,       -- commitment grants: carried into the next window
+    next_starts        timestamptz,   -- the next window of its commitment (NULL: none)
+    next_ends          timestamptz,
+    reason             text
+);
+COMMENT ON TYPE billing._credit_state IS
+    'Internal: a credit grant with its remaining amount and rollover terms, as _credit_draws takes it';
+
+-- building invoices --------------------------------------------------------------------------
+
+-- a commitment window as building an invoice needs it
+CREATE TYPE billing._window AS (
+    account_id     bigint,
+    commitment_id  bigint,
+    window_no      integer,
+    kind           text,
+    starts_at      timestamptz,
+    ends_at        timestamptz,
+    amount         numeric,
+    applies_to     text[],
+    installments   integer,
+    installment_due      timestamptz[],
+    installment_amounts  numeric[]
+);
+COMMENT ON TYPE billing._window IS
+    'Internal: a commitment window with its commitment''s terms, as _invoice_build takes it';
+
+-- a line of an invoice being built (and the ledger entries it books)
+CREATE TYPE billing._invoice_line AS (
+    idx               integer,        -- the period (element of the arrays given)
+    ord               bigint,         -- order on the invoice
+    kind              text,           -- a line kind, or expire | rollover | grant (ledger only)
+    meter             text,
+    description       text,
+    quantity          numeric,
+    amount            numeric,
+    unrounded_amount  numeric,
+    charge_id         bigint,
+    price             billing.price,
+    adjustment_id     bigint,
+    commitment_id     bigint,
+    grant_id          bigint,         -- negative: a rollover grant created by this build
+    segment_start     timestamptz,
+    segment_end       timestamptz,
+    proration         numeric,
+    effective_at      timestamptz,    -- ledger entries
+    expires_at        timestamptz,    -- new rollover grants
+    source_grant      bigint          -- new rollover grants: the grant rolled over
+);
+COMMENT ON TYPE billing._invoice_line IS
+    'Internal: a line of an invoice being built by _invoice_build, or a ledger entry it books';
+
+/*
+ * _segment_lines: the usage and fixed lines of periods rated segment by
+ * segment (src/credits.c): in a period with more than one plan segment,
+ * each line names its segment (plan, from, to) and carries it
+ * (segment_start, segment_end), a fixed fee is prorated by the seconds of
+ * its segment over those of the period (rounded once; proration: the
+ * share); then each period's cap line over every segment's usage lines
+ * (_cap_amount).
+ */
+CREATE FUNCTION billing._segment_lines(p_lines billing._invoice_line[], s_idx integer[],
+                                       s_plans text[], s_starts timestamptz[],
+                                       s_ends timestamptz[], p_currencies text[],
+                                       p_caps numeric[], p_starts timestamptz[],
+                                       p_ends timestamptz[])
+    RETURNS SETOF billing._invoice_line
+    AS 'MODULE_PATHNAME', 'billing_segment_lines'
+    LANGUAGE C STABLE;
+COMMENT ON FUNCTION billing._segment_lines(billing._invoice_line[], integer[], text[], timestamptz[], timestamptz[], text[], numeric[], timestamptz[], timestamptz[]) IS
+    'Internal: the lines of periods with plan segments as invoices show them (segment named, fixed fees prorated by seconds, the cap over every segment; src/credits.c)';
+
+/*
+ * _credit_draws: the drawdown (src/credits.c; pure, shared by finalize on
+ * one node and on Citus and by invoice_preview).  Period i is
+ * (p_accounts[i], p_starts[i], p_ends[i]); p_lines are the lines built for
+ * the periods (idx: the period).  Each account's periods are paid, in time
+ * order, by its grants overlapping them in the total drawdown order:
+ * priority ascending, grants with applies_to before those without,
+ * expires_at ascending (never last), effective_at, grant_id (a rollover
+ * grant created here sorts after every existing grant, as its id will).  A
+ * grant pays the positive part of the lines it applies to that earlier
+ * grants left unpaid, in line order: usage, fixed, true_up and adjustment
+ * lines (applies_to NULL), or the usage and adjustment lines of its meters;
+ * never commitment or cap lines; at most what it has left and never more
+ * than what takes the invoice's total to 0.  Each grant's draw on an
+ * invoice, rounded once to the minor unit (exact: lines are rounded), is a
+ * 'credit' row (negative); a grant that draws 0 gives none.  With p_book,
+ * after a period's draws, every grant expired by its end with something
+ * left is booked: round(f * left) of a commitment grant with a rollover
+ * fraction f and a next window rolls over ('rollover' on it, 'grant' of a
+ * new grant -1, -2, ... effective for the next window, which later periods
+ * draw from), the rest 'expire'.
+ */
+CREATE FUNCTION billing._credit_draws(p_accounts bigint[], p_currencies text[],
+                                      p_starts timestamptz[], p_ends timestamptz[],
+                                      p_book boolean, p_lines billing._invoice_line[],
+                                      p_grants billing._credit_state[])
+    RETURNS SETOF billing._invoice_line
+    AS 'MODULE_PATHNAME', 'billing_credit_draws'
+    LANGUAGE C STABLE;
+COMMENT ON FUNCTION billing._credit_draws(bigint[], text[], timestamptz[], timestamptz[], boolean, billing._invoice_line[], billing._credit_state[]) IS
+    'Internal: the credit lines (and, booking, the expiries and rollovers) of many periods, each account''s grants drawn in the total drawdown order (src/credits.c)';
+
+/*
+ * _invoice_build: the lines of many billing periods (element i of the
+ * p_ arrays is period i; its plan segments are the elements of the s_
+ * arrays whose s_idx is i, in time order), in invoice order, and the ledger
+ * entries finalizing them books.  Periods of one account must be given in
+ * time order; p_first marks the period that carries the account's pending
+ * adjustments.  p_rated_only: only the usage, fixed and cap lines (rerate,
+ * remaining).  p_book: book expiries and rollovers (finalize; the preview
+ * does not).
+ *
+ * 1. Each segment is rated by _rate_periods from its start to its end with
+ *    its plan (tiers restart at a plan change; the charge versions in force
+ *    at the segment's start); with more than one segment a segment's fixed
+ *    fees are prorated by its share of the period in seconds, and its lines
+ *    name the segment.  The spend cap of the period caps the usage lines of
+ *    every segment.
+ * 2. What the accounts have: commitment windows overlapping the periods,
+ *    pending adjustments, grants with something left (plain statements,
+ *    routed by the accounts on Citus).  None: done.
+ * 3. true_up lines (minimum windows ending in a period: the amount less the
+ *    eligible spend of the finalized invoices inside the window and of the
+ *    periods built here), commitment lines (each installment of a prepaid
+ *    window on the period its schedule puts it in), adjustment lines (the
+ *    account's first period), then the credit lines (and ledger entries) of
+ *    _credit_draws.
+ * Called from queries over functions only (Citus: see _subscriptions_of).
+ */
+CREATE FUNCTION billing._invoice_build(p_accounts bigint[], p_currencies text[], p_caps numeric[],
+                                       p_starts timestamptz[], p_ends timestamptz[],
+                                       p_first boolean[], s_idx integer[], s_plans text[],
+                                       s_starts timestamptz[], s_ends timestamptz[],
+                                       p_rated_only boolean DEFAULT false,
+                                       p_book boolean DEFAULT false)
+    RETURNS SETOF billing._invoice_line
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run; the plan
+    -- cache mode is the default, and a level to change it on (see 2.)
+    SET jit = off SET plan_cache_mode = auto AS $$
+DECLARE
+    accs bigint[];
+    t_from timestamptz;
+    t_to timestamptz;
+    l billing._invoice_line[];
+    wins billing._window[];
+    grs billing._credit_state[];
+    adjs billing._invoice_line[];   -- pending adjustments (grant_id: the account)
+    sa record;
+    sp record;
+    has_true_ups boolean;
+    has_installments boolean;
+BEGIN
+    IF coalesce(array_length(p_accounts, 1), 0) = 0 THEN
+        RETURN;
+    ELSIF cardinality(p_accounts) > 16 THEN
+        -- many periods (finalize): plans that know the arrays' sizes (a
+        -- generic plan takes each for 10 rows and may join them in loops)
+        PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);
+    END IF;
+    -- 1. usage and fixed lines of every segment (one set-based rating), the
+    -- cap.  Each period one segment (no plan change): _rate_periods rates
+    -- the periods, cap included, as they are.
+    IF cardinality(s_idx) = cardinality(p_accounts) THEN
+        SELECT array_agg(ROW(r.idx, r.ord, r.kind, r.meter, r.description, r.quantity, r.amount,
+                             r.unrounded_amount, r.charge_id, r.price, NULL, NULL, NULL, NULL, NULL,
+                             NULL, NULL, NULL, NULL)::billing._invoice_line ORDER BY r.idx, r.ord)
+          INTO l
+          FROM billing._rate_periods(p_accounts, s_plans, p_currencies, p_caps, s_starts, s_ends) r;
+    ELSE
+        -- a plan change: each segment rated on its own from its start to
+        -- its end with its plan, then _segment_lines (a statement of its own:
+        -- the rating's plans stay its own)
+        SELECT array_agg(x.a ORDER BY y.n) AS accounts, array_agg(x.cur ORDER BY y.n) AS currencies
+          INTO sa
+          FROM unnest(s_idx) WITH ORDINALITY AS y(p, n)
+               JOIN unnest(p_accounts, p_currencies) WITH ORDINALITY AS x(a, cur, k) ON x.k = y.p;
+        l := ARRAY(SELECT ROW(r.idx, r.ord, r.kind, r.meter, r.description, r.quantity, r.amount,
+                              r.unrounded_amount, r.charge_id, r.price, NULL, NULL, NULL, NULL,
+                              NULL, NULL, NULL, NULL, NULL)::billing._invoice_line
+                     FROM billing._rate_periods(sa.accounts, s_plans, sa.currencies,
+                                                array_fill(NULL::numeric, ARRAY[cardinality(s_idx)]),
+                                                s_starts, s_ends) r);
+        l := ARRAY(SELECT x FROM billing._segment_lines(l, s_idx, s_plans, s_starts, s_ends,
+                                                        p_currencies, p_caps, p_starts, p_ends) x
+                    ORDER BY x.idx, x.ord);
+    END IF;
+    IF p_rated_only THEN
+        RETURN QUERY SELECT * FROM unnest(l);
+        RETURN;
+    END IF;
+
+    -- 2. what the accounts have (one statement; each subquery routed by the
+    -- accounts on Citus).  From here on, for a few periods (a preview), one
+    -- generic plan per statement and session: planning these statements
+    -- anew costs more than running them.  (Not for many: a generic plan
+    -- takes each array for 10 rows.  Not above: the callees of the rating
+    -- keep their own plans.  Not with Citus loaded: it plans distributed
+    -- statements with their parameters' values.)
+    IF cardinality(p_accounts) <= 16 AND current_setting('citus.version', true) IS NULL THEN
+        PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
+    END IF;
+    IF cardinality(p_accounts) = 1 THEN
+        accs := p_accounts;
+        t_from := p_starts[1];
+        t_to := p_ends[1];
+    ELSE
+        SELECT array_agg(DISTINCT a), min(s), max(e) INTO accs, t_from, t_to
+          FROM unnest(p_accounts, p_starts, p_ends) AS x(a, s, e);
+    END IF;
+    SELECT cw.wins, cw.has_true_ups, cw.has_installments,
+           -- pending adjustments, as lines (the row rebuilt as
+           -- billing.adjustments: on Citus a is a shard's row)
+           (SELECT array_agg(ROW(NULL, a.adjustment_id, 'adjustment', a.meter,
+                                 billing._adjustment_text(ROW(a.*)::billing.adjustments),
+                                 a.new_quantity - a.old_quantity, a.delta, NULL, NULL, NULL,
+                                 a.adjustment_id, NULL, a.account_id, NULL, NULL, NULL, NULL, NULL,
+                                 NULL)::billing._invoice_line)
+              FROM billing.adjustments a
+             WHERE a.account_id = ANY (accs) AND a.billed_invoice_id IS NULL),
+           -- grants with something left, effective before the last period
+           -- ends, with the next window of their commitment (for a rollover)
+           (SELECT array_agg(ROW(g.account_id, g.grant_id, g.priority, g.effective_at, g.expires_at,
+                                 g.applies_to::text[], g.source, l.remaining,
+                                 CASE WHEN g.source = 'commitment' THEN c.rollover_fraction ELSE 0 END,
+                                 nw.starts_at, nw.ends_at,
+                                 coalesce(g.reason, g.source))::billing._credit_state)
+              FROM billing.credit_grants g
+                   JOIN LATERAL (SELECT sum(x.amount) AS remaining FROM billing.credit_ledger x
+                                  WHERE x.account_id = g.account_id AND x.grant_id = g.grant_id) l ON true
+                   LEFT JOIN billing.commitments c
+                          ON c.account_id = g.account_id AND c.commitment_id = g.commitment_id
+                   LEFT JOIN billing.commitment_windows nw
+                          ON nw.account_id = g.account_id AND nw.commitment_id = g.commitment_id
+                         AND nw.window_no = g.window_no + 1
+             WHERE g.account_id = ANY (accs) AND g.voided_at IS NULL AND g.effective_at < t_to
+               AND l.remaining > 0)
+      INTO wins, has_true_ups, has_installments, adjs, grs
+      -- the commitment windows overlapping the periods; minimum ones ending
+      -- in them (true-ups), prepaid ones (installments)
+      FROM (SELECT array_agg(ROW(w.account_id, w.commitment_id, w.window_no, c.kind, w.starts_at,
+                                 w.ends_at, w.amount, c.applies_to::text[], c.installments,
+                                 w.installment_due, w.installment_amounts)::billing._window) AS wins,
+                   coalesce(bool_or(c.kind = 'minimum' AND w.ends_at > t_from AND w.ends_at <= t_to),
+                            false) AS has_true_ups,
+                   coalesce(bool_or(c.kind = 'prepaid'), false) AS has_installments
+              FROM billing.commitment_windows w
+                   JOIN billing.commitments c
+                     ON c.account_id = w.account_id AND c.commitment_id = w.commitment_id
+             WHERE w.account_id = ANY (accs) AND w.starts_at < t_to AND w.ends_at > t_from) cw;
+    IF wins IS NULL AND adjs IS NULL AND grs IS NULL THEN
+        RETURN QUERY SELECT * FROM unnest(l);
+        RETURN;
+    END IF;
+    -- 3. true_up lines: the minimum windows ending in a period, short of
+    -- the eligible spend of the finalized invoices inside the window (each
+    -- invoice's usage, fixed and cap lines plus the adjustments made to it
+    -- since, billed or pending) and of the periods built here
+    IF has_true_ups THEN
+        SELECT array_agg(y.account_id) AS accounts, array_agg(y.commitment_id) AS commitments,
+               array_agg(y.window_no) AS windows, array_agg(y.spend) AS spends
+          INTO sp
+          FROM (SELECT w.account_id, w.commitment_id, w.window_no,
+                       sum(billing._eligible_spend(c.applies_to::text[], b.kinds, b.meters, b.amounts)) AS spend
+                  FROM billing.commitment_windows w
+                       JOIN billing.commitments c
+                         ON c.account_id = w.account_id AND c.commitment_id = w.commitment_id
+                       JOIN billing.invoices i
+                         ON i.account_id = w.account_id AND i.status = 'finalized'
+                        AND i.period_start >= w.starts_at AND i.period_end <= w.ends_at
+                       CROSS JOIN LATERAL (
+                           SELECT array_agg(z.kind) AS kinds, array_agg(z.meter) AS meters,
+                                  array_agg(z.amount) AS amounts
+                             FROM (SELECT x.kind, x.meter::text AS meter, x.amount
+                                     FROM billing.invoice_lines x
+                                    WHERE x.account_id = i.account_id AND x.invoice_id = i.invoice_id
+                                      AND x.kind IN ('usage', 'fixed', 'cap')
+                                   UNION ALL
+                                   SELECT a.line_kind, a.meter::text, a.delta FROM billing.adjustments a
+                                    WHERE a.account_id = i.account_id AND a.invoice_id = i.invoice_id) z) b
+                 WHERE w.account_id = ANY (accs) AND c.kind = 'minimum'
+                   AND w.ends_at > t_from AND w.ends_at <= t_to
+                 GROUP BY w.account_id, w.commitment_id, w.window_no) y;
+        l := l || ARRAY(
+            WITH per AS (
+                SELECT x.n::integer AS idx, x.a AS account_id, x.cur AS currency, x.s AS ps, x.e AS pe
+                  FROM unnest(p_accounts, p_currencies, p_starts, p_ends)
+                       WITH ORDINALITY AS x(a, cur, s, e, n)
+            ), batch AS (
+                -- the periods being built, as (kind, meter, amount) lists
+                SELECT x.idx, array_agg(x.kind) AS kinds, array_agg(x.meter) AS meters,
+                       array_agg(x.amount) AS amounts
+                  FROM unnest(l) x GROUP BY x.idx
+            ), t AS (
+                SELECT per.idx, w.commitment_id, w.window_no, w.starts_at, w.ends_at, per.currency,
+                       w.amount, w.amount
+                       - coalesce((SELECT s.spend
+                                     FROM unnest(sp.accounts, sp.commitments, sp.windows, sp.spends)
+                                          AS s(account_id, commitment_id, window_no, spend)
+                                    WHERE s.account_id = w.account_id AND s.commitment_id = w.commitment_id
+                                      AND s.window_no = w.window_no), 0)
+                       - coalesce((SELECT sum(billing._eligible_spend(w.applies_to, b.kinds, b.meters, b.amounts))
+                                     FROM per p2 JOIN batch b ON b.idx = p2.idx
+                                    WHERE p2.account_id = w.account_id
+                                      AND p2.ps >= w.starts_at AND p2.pe <= w.ends_at), 0) AS short
+                  FROM per JOIN unnest(wins) w
+                         ON w.account_id = per.account_id AND w.kind = 'minimum'
+                        AND w.ends_at > per.ps AND w.ends_at <= per.pe
+            )
+            SELECT ROW(t.idx, 2000000000 + row_number() OVER (PARTITION BY t.idx ORDER BY t.commitment_id, t.window_no),
+                       'true_up', NULL,
+                       format('minimum commitment %s, %s to %s: shortfall', t.commitment_id,
+                              to_char(t.starts_at AT TIME ZONE 'UTC', 'YYYY-MM-DD'),
+                              to_char(t.ends_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')),
+                       -- quantity: the window's eligible spend
+                       t.amount - t.short, billing.round_money(t.short, t.currency), t.short, NULL,
+                       NULL, NULL, t.commitment_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::billing._invoice_line
+              FROM t
+             WHERE billing.round_money(t.short, t.currency) > 0);
+    END IF;
+    -- commitment lines: each installment of a prepaid window on the period
+    -- its schedule puts it in
+    IF has_installments THEN
+        l := l || ARRAY(
+            SELECT ROW(x.n, 3000000000 + row_number() OVER (PARTITION BY x.n ORDER BY w.commitment_id, w.window_no, i.j),
+                       'commitment', NULL,
+                       CASE WHEN w.installments = 1
+                            THEN format('prepaid commitment %s, window %s', w.commitment_id, w.window_no)
+                            ELSE format('prepaid commitment %s, window %s: installment %s of %s',
+                                        w.commitment_id, w.window_no, i.j, w.installments) END,
+                       NULL, i.amount, NULL, NULL, NULL, NULL, w.commitment_id, NULL, NULL, NULL, NULL,
+                       NULL, NULL, NULL)::billing._invoice_line
+              FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, n)
+                   JOIN unnest(wins) w ON w.account_id = x.a AND w.kind = 'prepaid',
+                   unnest(w.installment_due, w.installment_amounts) WITH ORDINALITY AS i(due, amount, j)
+             WHERE i.due >= x.s AND i.due < x.e);
+    END IF;
+    -- adjustment lines: the account's pending adjustments, on its first period
+    IF adjs IS NOT NULL THEN
+        l := l || ARRAY(
+            SELECT ROW(x.n, 4000000000 + row_number() OVER (PARTITION BY x.n ORDER BY a.adjustment_id),
+                       'adjustment', a.meter, a.description, a.quantity, a.amount, NULL, NULL, NULL,
+                       a.adjustment_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::billing._invoice_line
+              FROM unnest(p_accounts, p_first) WITH ORDINALITY AS x(a, f, n)
+                   JOIN unnest(adjs) a ON a.grant_id = x.a
+             WHERE x.f);
+    END IF;
+    -- 4. the credits, after every line above (_credit_draws)
+    IF grs IS NOT NULL THEN
+        l := l || ARRAY(SELECT x FROM billing._credit_draws(p_accounts, p_currencies, p_starts,
+                                                            p_ends, p_book, l, grs) x);
+    END IF;
+    IF cardinality(p_accounts) = 1 THEN
+        RETURN QUERY SELECT * FROM unnest(l);     -- in order already
+    ELSE
+        RETURN QUERY SELECT * FROM unnest(l) x ORDER BY x.idx, x.ord;
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION billing._invoice_build(bigint[], text[], numeric[], timestamptz[], timestamptz[], boolean[], integer[], text[], timestamptz[], timestamptz[], boolean, boolean) IS
+    'Internal: the lines of many billing periods in invoice order (usage and fixed per plan segment, cap, true_up, commitment, adjustment, credit) and the ledger entries they book';
+
+/*
+ * _period_build: _invoice_build for the billing periods holding some
+ * (account, moment) pairs (_segments), each period once; the account's
+ * earliest of them carries its pending adjustments.  invoice_preview,
+ * remaining and rerate read invoices through it.
+ */
+CREATE FUNCTION billing._period_build(p_accounts bigint[], p_ats timestamptz[],
+                                      p_rated_only boolean DEFAULT false)
+    RETURNS TABLE (account_id bigint, period_start timestamptz, period_end timestamptz,
+                   currency text, spend_cap numeric, invoice_plan text, line billing._invoice_line)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+#variable_conflict use_column
+DECLARE
+    v record;
+BEGIN
+    -- the periods (k = 1..) and their segments, as _invoice_build's arrays
+    SELECT array_agg(x.account_id ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS accounts,
+           array_agg(x.currency ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS currencies,
+           array_agg(x.cap ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS caps,
+           array_agg(x.period_start ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS starts,
+           array_agg(x.period_end ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS ends,
+           array_agg(x.first ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS firsts,
+           array_agg(x.invoice_plan ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS plans,
+           array_agg(x.k ORDER BY x.k, x.segment_start) AS s_idx,
+           array_agg(x.plan ORDER BY x.k, x.segment_start) AS s_plans,
+           array_agg(x.segment_start ORDER BY x.k, x.segment_start) AS s_starts,
+           array_agg(x.segment_end ORDER BY x.k, x.segment_start) AS s_ends
+      INTO v
+      FROM (SELECT y.*, (dense_rank() OVER (ORDER BY y.account_id, y.grid_start))::integer AS k,
+                   y.grid_start = min(y.grid_start) OVER (PARTITION BY y.account_id) AS first,
+                   (row_number() OVER w)::integer AS segment_no,
+                   first_value(y.segment_start) OVER w AS period_start,
+                   last_value(y.segment_end) OVER w AS period_end,
+                   last_value(y.spend_cap) OVER w AS cap,
+                   last_value(y.plan) OVER w AS invoice_plan
+              FROM (SELECT DISTINCT ON (s.account_id, s.grid_start, s.segment_start) s.*
+                      FROM billing._segments(p_accounts, p_ats) s
+                     ORDER BY s.account_id, s.grid_start, s.segment_start) y
+            WINDOW w AS (PARTITION BY y.account_id, y.grid_start ORDER BY y.segment_start
+                         ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)) x;
+    IF v.accounts IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT v.accounts[b.idx], v.starts[b.idx], v.ends[b.idx], v.currencies[b.idx], v.caps[b.idx],
+           v.plans[b.idx], b
+      FROM billing._invoice_build(v.accounts, v.currencies, v.caps, v.starts, v.ends, v.firsts,
+                                  v.s_idx, v.s_plans, v.s_starts, v.s_ends, p_rated_only, false) b;
+END
+$$;
+COMMENT ON FUNCTION billing._period_build(bigint[], timestamptz[], boolean) IS
+    'Internal: _invoice_build for the billing periods holding some (account, moment) pairs';
+
+-- checks shared by the functions below ------------------------------------------------------
+
+/*
+ * _contract_account: the currency of an account that must exist (23503),
+ * after locking its row (FOR NO KEY UPDATE): every function that books
+ * credits, commitments or plan changes of an account takes this lock, as
+ * finalize_invoices does, so they never interleave.
+ */
+CREATE FUNCTION billing._contract_account(p_account bigint) RETURNS text
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    cur text;
+BEGIN
+    SELECT a.currency INTO cur FROM billing.accounts a WHERE a.account_id = p_account
+       FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account % does not exist', p_account USING ERRCODE = '23503';
+    END IF;
+    RETURN cur;
+END
+$$;
+COMMENT ON FUNCTION billing._contract_account(bigint) IS
+    'Internal: locks an account (23503 when unknown) and returns its currency';
+
+-- an amount of money for a credit or commitment: finite, >= 0, in minor units
+CREATE FUNCTION billing._check_money(p_amount numeric, p_currency text, p_what text) RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF p_amount IN ('NaN', 'Infinity', '-Infinity') OR p_amount < 0 THEN
+        RAISE EXCEPTION 'invalid % amount: %', p_what, p_amount
+            USING ERRCODE = '22023', DETAIL = 'An amount is a finite number >= 0.';
+    END IF;
+    IF billing.round_money(p_amount, p_currency) <> p_amount THEN
+        RAISE EXCEPTION 'invalid % amount: %', p_what, p_amount
+            USING ERRCODE = '22023',
+                  DETAIL = format('Amounts are in the account''s currency, %s, to its minor unit (%s decimals).',
+                                  p_currency, billing.currency_exponent(p_currency));
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION billing._check_money(numeric, text, text) IS
+    'Internal: 22023 unless an amount is finite, >= 0 and in the currency''s minor unit';
+
+-- applies_to: NULL, or a non-empty list of meters that exist (sorted, once each)
+CREATE FUNCTION billing._check_applies_to(p_applies_to text[]) RETURNS text[]
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    missing text;
+BEGIN
+    IF p_applies_to IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF cardinality(p_applies_to) = 0 OR array_position(p_applies_to, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid applies_to: %', p_applies_to
+            USING ERRCODE = '22023', DETAIL = 'applies_to is NULL (every line) or a list of meters.';
+    END IF;
+    SELECT m INTO missing FROM unnest(p_applies_to) m
+     WHERE NOT EXISTS (SELECT 1 FROM billing.meters x WHERE x.meter = m) LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'meter "%" does not exist', missing USING ERRCODE = '23503';
+    END IF;
+    RETURN ARRAY(SELECT DISTINCT m COLLATE "C" FROM unnest(p_applies_to) m ORDER BY 1);
+END
+$$;
+COMMENT ON FUNCTION billing._check_applies_to(text[]) IS
+    'Internal: NULL or a sorted list of existing meters (23503 for an unknown one, 22023 for an empty list)';
+
+-- the next ledger seq of an account (its row is locked by the caller)
+CREATE FUNCTION billing._ledger_next_seq(p_account bigint) RETURNS bigint
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    RETURN (SELECT coalesce(max(l.seq), 0) + 1 FROM billing.credit_ledger l
+             WHERE l.account_id = p_account);
+END
+$$;
+COMMENT ON FUNCTION billing._ledger_next_seq(bigint) IS
+    'Internal: the next seq of an account''s credit ledger';
+
+-- credits ------------------------------------------------------------------------------------
+
+CREATE FUNCTION billing.grant_credit(account_id bigint, amount numeric,
+                                     effective_at timestamptz DEFAULT pg_catalog.now(),
+                                     expires_at timestamptz DEFAULT NULL,
+                                     priority integer DEFAULT 50, applies_to text[] DEFAULT NULL,
+                                     reason text DEFAULT NULL, idempotency_key text DEFAULT NULL)
+    RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    cur text;
+    id bigint;
+BEGIN
+    IF account_id IS NULL OR amount IS NULL OR effective_at IS NULL OR priority IS NULL THEN
+        RAISE EXCEPTION 'grant_credit: account_id, amount, effective_at and priority must not be null'
+            USING ERRCODE = '22004';
+    END IF;
+    cur := billing._contract_account(grant_credit.account_id);
+    IF idempotency_key IS NOT NULL THEN
+        SELECT g.grant_id INTO id FROM billing.credit_grants g
+         WHERE g.account_id = grant_credit.account_id
+           AND g.idempotency_key = grant_credit.idempotency_key;
+        IF FOUND THEN
+            RETURN id;        -- a repeated key: the first grant
+        END IF;
+    END IF;
+    PERFORM billing._check_money(amount, cur, 'credit');
+    IF priority NOT BETWEEN 0 AND 100 THEN
+        RAISE EXCEPTION 'invalid priority: %', priority
+            USING ERRCODE = '22023', DETAIL = 'A priority is 0 to 100; lower is drawn first.';
+    END IF;
+    IF NOT isfinite(effective_at) OR NOT coalesce(isfinite(expires_at), true)
+       OR expires_at <= effective_at THEN
+        RAISE EXCEPTION 'invalid credit window: effective % to %', effective_at, coalesce(expires_at::text, 'never')
+            USING ERRCODE = '22023', DETAIL = 'expires_at must be finite and after effective_at (or NULL: never).';
+    END IF;
+    applies_to := billing._check_applies_to(applies_to);
+    INSERT INTO billing.credit_grants (account_id, amount, effective_at, expires_at, priority,
+                                       applies_to, source, reason, idempotency_key)
+    VALUES (grant_credit.account_id, billing.round_money(amount, cur), effective_at, expires_at,
+            priority, applies_to, 'manual', reason, idempotency_key)
+    RETURNING billing.credit_grants.grant_id INTO id;
+    INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at)
+    VALUES (grant_credit.account_id, billing._ledger_next_seq(grant_credit.account_id), id,
+            'grant', billing.round_money(amount, cur), effective_at);
+    RETURN id;
+END
+$$;
+COMMENT ON FUNCTION billing.grant_credit(bigint, numeric, timestamptz, timestamptz, integer, text[], text, text) IS
+    'Grants an account credit (prepaid or promotional) that invoices draw from; a repeated idempotency_key returns the first grant''s id';
+
+CREATE FUNCTION billing.void_credit(account_id bigint, grant_id bigint, reason text,
+                                    at timestamptz DEFAULT pg_catalog.now())
+    RETURNS numeric
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    g billing.credit_grants;
+    left_over numeric;
+BEGIN
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'voiding a credit needs a reason' USING ERRCODE = '22004';
+    END IF;
+    IF account_id IS NULL OR grant_id IS NULL OR at IS NULL THEN
+        RAISE EXCEPTION 'void_credit: account_id, grant_id and at must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF NOT isfinite(at) THEN
+        RAISE EXCEPTION 'void_credit: at must be finite' USING ERRCODE = '22023';
+    END IF;
+    PERFORM billing._contract_account(void_credit.account_id);
+    SELECT * INTO g FROM billing.credit_grants x
+     WHERE x.account_id = void_credit.account_id AND x.grant_id = void_credit.grant_id
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'credit grant % of account % does not exist', void_credit.grant_id,
+              void_credit.account_id USING ERRCODE = '23503';
+    END IF;
+    IF g.voided_at IS NOT NULL THEN
+        RETURN 0;             -- voided before: nothing left to forfeit
+    END IF;
+    SELECT coalesce(sum(l.amount), 0) INTO left_over FROM billing.credit_ledger l
+     WHERE l.account_id = g.account_id AND l.grant_id = g.grant_id;
+    UPDATE billing.credit_grants x SET voided_at = void_credit.at, void_reason = void_credit.reason
+     WHERE x.account_id = g.account_id AND x.grant_id = g.grant_id;
+    INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at)
+    VALUES (g.account_id, billing._ledger_next_seq(g.account_id), g.grant_id, 'void', -left_over,
+            greatest(at, g.effective_at));
+    RETURN left_over;
+END
+$$;
+COMMENT ON FUNCTION billing.void_credit(bigint, bigint, text, timestamptz) IS
+    'Voids a credit grant: what is left of it is forfeited (returned) and booked as void; what was used stays used';
+
+/*
+ * credit_balance: every grant of the account effective at `at`, expired
+ * and voided ones too, in the drawdown order, with the ledger's entries
+ * effective by `at` summed by kind.
+ */
+CREATE FUNCTION billing.credit_balance(account_id bigint, at timestamptz DEFAULT pg_catalog.now())
+    RETURNS TABLE (grant_id bigint, priority integer, effective_at timestamptz,
+                   expires_at timestamptz, granted numeric, used numeric, expired numeric,
+                   voided numeric, rolled_over numeric, remaining numeric)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    IF credit_balance.account_id IS NULL OR credit_balance.at IS NULL THEN
+        RAISE EXCEPTION 'credit_balance: account_id and at must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.accounts a WHERE a.account_id = credit_balance.account_id) THEN
+        RAISE EXCEPTION 'account % does not exist', credit_balance.account_id USING ERRCODE = '23503';
+    END IF;
+    RETURN QUERY
+    SELECT g.grant_id, g.priority, g.effective_at, g.expires_at,
+           coalesce(sum(l.amount) FILTER (WHERE l.kind = 'grant'), 0),
+           coalesce(-sum(l.amount) FILTER (WHERE l.kind = 'draw'), 0),
+           coalesce(-sum(l.amount) FILTER (WHERE l.kind = 'expire'), 0),
+           coalesce(-sum(l.amount) FILTER (WHERE l.kind = 'void'), 0),
+           coalesce(-sum(l.amount) FILTER (WHERE l.kind = 'rollover'), 0),
+           coalesce(sum(l.amount), 0)
+      FROM billing.credit_grants g
+           LEFT JOIN billing.credit_ledger l
+                  ON l.account_id = g.account_id AND l.grant_id = g.grant_id
+                 AND l.effective_at <= credit_balance.at
+     WHERE g.account_id = credit_balance.account_id AND g.effective_at <= credit_balance.at
+     GROUP BY g.grant_id, g.priority, g.effective_at, g.expires_at, g.applies_to
+     ORDER BY g.priority, g.applies_to IS NULL, g.expires_at ASC NULLS LAST, g.effective_at,
+              g.grant_id;
+END
+$$;
+COMMENT ON FUNCTION billing.credit_balance(bigint, timestamptz) IS
+    'The grants of an account effective at a moment, in drawdown order, with granted = used + expired + voided + rolled_over + remaining as booked by then';
+
+-- commitments ----------------------------------------------------------------------------------
+
+/*
+ * _period_boundary: is ts a billing period boundary of the account (a
+ * subscription's start or end, or a point of its period grid)?  Returns
+ * the period length of the subscription it is a boundary of (NULL: none).
+ */
+CREATE FUNCTION billing._period_boundary(p_account bigint, p_ts timestamptz) RETURNS interval
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    RETURN (SELECT s.period FROM billing._subscriptions_of(ARRAY[p_account], false) s
+             WHERE p_ts = s.starts_at OR p_ts = s.ends_at
+                OR (s.starts_at < p_ts AND p_ts < coalesce(s.ends_at, 'infinity')
+                    AND billing._add_periods(s.anchor, s.period,
+                                             billing._period_index(s.anchor, s.period, p_ts)) = p_ts)
+             ORDER BY s.starts_at DESC LIMIT 1);
+END
+$$;
+COMMENT ON FUNCTION billing._period_boundary(bigint, timestamptz) IS
+    'Internal: the period length of the subscription a moment is a period boundary of (NULL: not a boundary)';
+
+CREATE FUNCTION billing.add_commitment(account_id bigint, kind text, amount numeric,
+                                       starts_at timestamptz, ends_at timestamptz,
+                                       commit_period interval DEFAULT NULL,
+                                       applies_to text[] DEFAULT NULL,
+                                       installments integer DEFAULT 1,
+                                       rollover_fraction numeric DEFAULT 0)
+    RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+DECLARE
+    cur text;
+    per interval;
+    id bigint;
+    n_windows integer := 0;
+    ws timestamptz;
+    we timestamptz;
+    w integer;
+    w_amount numeric;
+    gid bigint;
+    bad timestamptz;
+    details jsonb;
+BEGIN
+    IF account_id IS NULL OR kind IS NULL OR amount IS NULL OR starts_at IS NULL OR ends_at IS NULL
+       OR installments IS NULL OR rollover_fraction IS NULL THEN
+        RAISE EXCEPTION 'add_commitment: only commit_period and applies_to may be null'
+            USING ERRCODE = '22004';
+    END IF;
+    cur := billing._contract_account(add_commitment.account_id);
+    IF kind NOT IN ('prepaid', 'minimum') THEN
+        RAISE EXCEPTION 'unknown commitment kind "%"', kind
+            USING ERRCODE = '22023', DETAIL = 'A commitment is prepaid or minimum.';
+    END IF;
+    PERFORM billing._check_money(amount, cur, 'commitment');
+    IF NOT isfinite(starts_at) OR NOT isfinite(ends_at) OR ends_at <= starts_at THEN
+        RAISE EXCEPTION 'invalid commitment term: % to %', starts_at, ends_at
+            USING ERRCODE = '22023', DETAIL = 'ends_at must be finite and after starts_at.';
+    END IF;
+    IF commit_period <= interval '0' THEN
+        RAISE EXCEPTION 'invalid commit_period: %', commit_period USING ERRCODE = '22023';
+    END IF;
+    IF installments < 1 THEN
+        RAISE EXCEPTION 'invalid installments: %', installments
+            USING ERRCODE = '22023', DETAIL = 'A window is invoiced in 1 or more installments.';
+    END IF;
+    IF rollover_fraction = 'NaN' OR rollover_fraction NOT BETWEEN 0 AND 1 THEN
+        RAISE EXCEPTION 'invalid rollover_fraction: %', rollover_fraction
+            USING ERRCODE = '22023', DETAIL = 'A rollover fraction is 0 to 1.';
+    END IF;
+    applies_to := billing._check_applies_to(applies_to);
+    IF EXISTS (SELECT 1 FROM billing.invoices i
+                WHERE i.account_id = add_commitment.account_id AND i.period_end > starts_at) THEN
+        RAISE EXCEPTION 'commitment of account % starts at %, inside an already finalized period',
+              add_commitment.account_id, starts_at
+            USING ERRCODE = '55000', HINT = 'Start it at or after the end of the last finalized period.';
+    END IF;
+
+    -- the windows: [starts_at + k * commit_period, ...) cut at ends_at, each
+    -- on the account's period boundaries
+    per := billing._period_boundary(add_commitment.account_id, starts_at);
+    LOOP
+        ws := CASE WHEN commit_period IS NULL THEN starts_at
+                   ELSE billing._add_periods(starts_at, commit_period, n_windows) END;
+        EXIT WHEN ws >= ends_at;
+        we := CASE WHEN commit_period IS NULL THEN ends_at
+                   ELSE least(billing._add_periods(starts_at, commit_period, n_windows + 1), ends_at) END;
+        IF per IS NULL OR billing._period_boundary(add_commitment.account_id, ws) IS DISTINCT FROM per
+           OR billing._period_boundary(add_commitment.account_id, we) IS DISTINCT FROM per THEN
+            bad := CASE WHEN per IS NULL OR billing._period_boundary(add_commitment.account_id, ws)
+                                             IS DISTINCT FROM per THEN ws ELSE we END;
+            RAISE EXCEPTION 'commitment window boundary % is not a billing period boundary of account %',
+                  bad, add_commitment.account_id
+                USING ERRCODE = '22023',
+                      DETAIL = 'Windows start and end where the account''s subscription periods do.';
+        END IF;
+        IF kind = 'prepaid' AND installments > billing._period_index(ws, per, we - interval '1 microsecond') + 1 THEN
+            RAISE EXCEPTION 'commitment window % to % has % billing periods, fewer than % installments',
+                  ws, we, billing._period_index(ws, per, we - interval '1 microsecond') + 1, installments
+                USING ERRCODE = '22023', DETAIL = 'Each installment is invoiced on a period of its window.';
+        END IF;
+        n_windows := n_windows + 1;
+        EXIT WHEN commit_period IS NULL;
+    END LOOP;
+
+    INSERT INTO billing.commitments (account_id, kind, amount, starts_at, ends_at, commit_period,
+                                     applies_to, installments, rollover_fraction, period)
+    VALUES (add_commitment.account_id, kind, amount, starts_at, ends_at, commit_period, applies_to,
+            installments, rollover_fraction, per)
+    RETURNING billing.commitments.commitment_id INTO id;
+    FOR w IN 1 .. n_windows LOOP
+        ws := CASE WHEN commit_period IS NULL THEN starts_at
+                   ELSE billing._add_periods(starts_at, commit_period, w - 1) END;
+        we := CASE WHEN commit_period IS NULL THEN ends_at
+                   ELSE least(billing._add_periods(starts_at, commit_period, w), ends_at) END;
+        w_amount := billing._installment(amount, w, n_windows, cur);
+        INSERT INTO billing.commitment_windows (account_id, commitment_id, window_no, starts_at,
+                                                ends_at, amount, installment_due,
+                                                installment_amounts)
+        SELECT add_commitment.account_id, id, w, ws, we, w_amount,
+               CASE WHEN kind = 'prepaid'
+                    THEN array_agg(billing._add_periods(ws, per, i - 1) ORDER BY i) END,
+               CASE WHEN kind = 'prepaid'
+                    THEN array_agg(billing._installment(w_amount, i, installments, cur) ORDER BY i) END
+          FROM generate_series(1, installments) i;
+        IF kind = 'prepaid' THEN
+            INSERT INTO billing.credit_grants (account_id, amount, effective_at, expires_at,
+                                               applies_to, source, reason, commitment_id, window_no)
+            VALUES (add_commitment.account_id, w_amount, ws, we, applies_to, 'commitment',
+                    format('prepaid commitment %s, window %s', id, w), id, w)
+            RETURNING billing.credit_grants.grant_id INTO gid;
+            INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at)
+            VALUES (add_commitment.account_id, billing._ledger_next_seq(add_commitment.account_id),
+                    gid, 'grant', w_amount, ws);
+        END IF;
+    END LOOP;
+    -- the details first: on Citus a call with queries in its arguments
+    -- would be pushed down to a shard
+    SELECT to_jsonb(c) INTO details FROM billing.commitments c
+     WHERE c.account_id = add_commitment.account_id AND c.commitment_id = id;
+    SELECT details || jsonb_build_object('windows',
+               jsonb_agg(jsonb_build_object('window_no', w2.window_no, 'starts_at', w2.starts_at,
+                                            'ends_at', w2.ends_at, 'amount', w2.amount)
+                         ORDER BY w2.window_no))
+      INTO details
+      FROM billing.commitment_windows w2
+     WHERE w2.account_id = add_commitment.account_id AND w2.commitment_id = id;
+    PERFORM billing._audit_append(add_commitment.account_id, 'commit', format('commitment:%s', id),
+                                  details);
+    RETURN id;
+END
+$$;
+COMMENT ON FUNCTION billing.add_commitment(bigint, text, numeric, timestamptz, timestamptz, interval, text[], integer, numeric) IS
+    'Adds a commitment: prepaid (a credit grant per window, invoiced in installments, with rollover) or minimum (a true-up line when a window''s eligible spend falls short)';
+
+-- plan changes -----------------------------------------------------------------------------------
+
+CREATE FUNCTION billing.change_plan(account_id bigint, plan text, at timestamptz DEFAULT pg_catalog.now())
+    RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+DECLARE
+    s record;
+    new_period interval;
+    closed timestamptz;
+BEGIN
+    IF account_id IS NULL OR plan IS NULL OR at IS NULL THEN
+        RAISE EXCEPTION 'change_plan: account_id, plan and at must not be null' USING ERRCODE = '22004';
+    END IF;
+    PERFORM billing._contract_account(change_plan.account_id);
+    SELECT p.period INTO new_period FROM billing.plans p WHERE p.plan = change_plan.plan;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'plan "%" does not exist', change_plan.plan USING ERRCODE = '23503';
+    END IF;
+    IF NOT isfinite(at) THEN
+        RAISE EXCEPTION 'change_plan: at must be finite' USING ERRCODE = '22023';
+    END IF;
+    SELECT max(i.period_end) INTO closed FROM billing.invoices i
+     WHERE i.account_id = change_plan.account_id;
+    IF closed > at THEN
+        RAISE EXCEPTION 'account % is invoiced up to %: % is inside an already finalized period',
+              change_plan.account_id, closed, at
+            USING ERRCODE = '55000', HINT = 'Change the plan at or after the end of the last finalized period.';
+    END IF;
+    SELECT sub.*, p.period INTO s
+      FROM billing.subscriptions sub JOIN billing.plans p ON p.plan = sub.plan
+     WHERE sub.account_id = change_plan.account_id AND sub.starts_at <= at
+       AND (sub.ends_at IS NULL OR at < sub.ends_at)
+       FOR UPDATE OF sub;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account % has no subscription at %', change_plan.account_id, at
+            USING ERRCODE = '55000', HINT = 'Subscribe the account (insert into billing.subscriptions).';
+    END IF;
+    IF s.plan = change_plan.plan THEN
+        RETURN;               -- already on it
+    END IF;
+    IF new_period <> s.period THEN
+        RAISE EXCEPTION 'plan "%" bills every %, plan "%" every %', change_plan.plan, new_period,
+              s.plan, s.period
+            USING ERRCODE = '22023', DETAIL = 'A plan change keeps the account''s billing periods.';
+    END IF;
+    IF s.starts_at = at THEN
+        UPDATE billing.subscriptions sub SET plan = change_plan.plan
+         WHERE sub.account_id = change_plan.account_id AND sub.starts_at = s.starts_at;
+    ELSE
+        UPDATE billing.subscriptions sub SET ends_at = at
+         WHERE sub.account_id = change_plan.account_id AND sub.starts_at = s.starts_at;
+        INSERT INTO billing.subscriptions (account_id, plan, starts_at, ends_at, spend_cap, period_anchor)
+        VALUES (change_plan.account_id, change_plan.plan, at, s.ends_at, s.spend_cap,
+                coalesce(s.period_anchor, s.starts_at));
+    END IF;
+    PERFORM billing._audit_append(change_plan.account_id, 'change_plan',
+        format('subscription:%s/%s', change_plan.account_id, at),
+        jsonb_build_object('account_id', change_plan.account_id, 'from_plan', s.plan,
+                           'to_plan', change_plan.plan, 'at', at));
+END
+$$;
+COMMENT ON FUNCTION billing.change_plan(bigint, text, timestamptz) IS
+    'Moves an account to another plan at a moment: the current subscription ends there and the new one starts there, on the same period grid; the period holding it is one invoice with both plans'' lines';
+
+-- periods, preview, finalize, remaining (50_invoices.sql), subscriptions (40_plans.sql)
+CREATE OR REPLACE FUNCTION billing._subscriptions_check() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    acc_currency text;
+    plan_currency text;
+    per interval;
+    anchor timestamptz;
+    n integer;
+    gs timestamptz;
+BEGIN
+    SELECT a.currency INTO acc_currency FROM billing.accounts a WHERE a.account_id = NEW.account_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account % does not exist', NEW.account_id USING ERRCODE = '23503';
+    END IF;
+    SELECT p.currency INTO plan_currency FROM billing.plans p WHERE p.plan = NEW.plan;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'plan "%" does not exist', NEW.plan USING ERRCODE = '23503';
+    END IF;
+    IF acc_currency IS DISTINCT FROM plan_currency THEN
+        RAISE EXCEPTION 'plan "%" bills in %, account % in %', NEW.plan, plan_currency,
+              NEW.account_id, acc_currency
+            USING ERRCODE = '22023',
+                  HINT = 'Subscribe the account to a plan in its own currency.';
+    END IF;
+    -- changes to an account's subscriptions one at a time (a row lock: no
+    -- lock table entry, however many accounts one statement touches)
+    PERFORM 1 FROM billing.accounts a WHERE a.account_id = NEW.account_id FOR NO KEY UPDATE;
+    IF EXISTS (SELECT 1 FROM billing.subscriptions s
+                WHERE s.account_id = NEW.account_id
+                  AND (TG_OP = 'INSERT' OR s.starts_at <> OLD.starts_at)
+                  AND s.starts_at < coalesce(NEW.ends_at, 'infinity')
+                  AND NEW.starts_at < coalesce(s.ends_at, 'infinity')) THEN
+        RAISE EXCEPTION 'subscription of account % from % overlaps another', NEW.account_id, NEW.starts_at
+            USING ERRCODE = '23P01',
+                  HINT = 'End the current subscription (ends_at) where the next one starts.';
+    END IF;
+    IF TG_OP = 'UPDATE' AND (NEW.plan IS DISTINCT FROM OLD.plan OR NEW.starts_at IS DISTINCT FROM OLD.starts_at
+                             OR NEW.account_id IS DISTINCT FROM OLD.account_id
+                             OR NEW.period_anchor IS DISTINCT FROM OLD.period_anchor)
+       AND EXISTS (SELECT 1 FROM billing.invoices i
+                    WHERE i.account_id = OLD.account_id AND i.period_start < coalesce(OLD.ends_at, 'infinity')
+                      AND i.period_end > OLD.starts_at) THEN
+        RAISE EXCEPTION 'subscription of account % from % has finalized invoices', OLD.account_id, OLD.starts_at
+            USING ERRCODE = '55000',
+                  DETAIL = 'Its plan and start cannot change; its end and spend cap can (re-rate to bill the effect).';
+    END IF;
+    -- a new start must not add a plan segment to a finalized period: the
+    -- grid period holding it (on its own grid) may not be the grid period of
+    -- an invoiced subscription (change_plan's pieces of one period share it)
+    IF (TG_OP = 'INSERT' OR NEW.starts_at IS DISTINCT FROM OLD.starts_at
+        OR NEW.period_anchor IS DISTINCT FROM OLD.period_anchor)
+       AND isfinite(NEW.starts_at) AND coalesce(isfinite(NEW.period_anchor), true)
+       AND coalesce(NEW.period_anchor <= NEW.starts_at, true) THEN
+        SELECT p.period INTO per FROM billing.plans p WHERE p.plan = NEW.plan;
+        anchor := coalesce(NEW.period_anchor, NEW.starts_at);
+        n := billing._period_index(anchor, per, NEW.starts_at);
+        gs := billing._add_periods(anchor, per, n);
+        IF EXISTS (SELECT 1 FROM billing.invoices i
+                        JOIN billing.subscriptions s
+                          ON s.account_id = i.account_id AND s.starts_at <= i.period_start
+                         AND i.period_start < coalesce(s.ends_at, 'infinity')
+                        JOIN billing.plans p ON p.plan = s.plan
+                    WHERE i.account_id = NEW.account_id AND i.status = 'finalized'
+                      AND i.period_start < billing._add_periods(anchor, per, n + 1)
+                      AND i.period_end > gs AND p.period = per
+                      AND billing._add_periods(coalesce(s.period_anchor, s.starts_at), per,
+                              billing._period_index(coalesce(s.period_anchor, s.starts_at), per,
+                                                    i.period_start)) = gs) THEN
+            RAISE EXCEPTION 'the billing period of account % from % is already finalized', NEW.account_id, gs
+                USING ERRCODE = '55000',
+                      DETAIL = 'A subscription starting there would add a plan segment to a finalized invoice.';
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION billing._subscriptions_check() IS
+    'Internal: a subscription''s plan must bill in the account''s currency, subscriptions of an account must not overlap, and none may add a plan segment to a finalized period';
+
+CREATE OR REPLACE FUNCTION billing._subscriptions_guard() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM billing.invoices i
+                WHERE i.account_id = OLD.account_id AND i.period_start < coalesce(OLD.ends_at, 'infinity')
+                  AND i.period_end > OLD.starts_at) THEN
+        RAISE EXCEPTION 'subscription of account % from % has finalized invoices', OLD.account_id, OLD.starts_at
+            USING ERRCODE = '55000', HINT = 'Set ends_at instead of deleting it.';
+    END IF;
+    RETURN OLD;
+END
+$$;
+COMMENT ON FUNCTION billing._subscriptions_guard() IS
+    'Internal: a subscription that was invoiced cannot be deleted';
+
+CREATE FUNCTION billing._cap_amount(cap numeric, currency text, usage numeric) RETURNS numeric
+    AS 'MODULE_PATHNAME', 'billing_cap_amount'
+    LANGUAGE C STABLE STRICT;
+COMMENT ON FUNCTION billing._cap_amount(numeric, text, numeric) IS
+    'Internal: the amount of the spend cap line of a period whose usage lines add up to usage (NULL: not capped)';
+
+CREATE OR REPLACE FUNCTION billing._rate_periods(p_accounts bigint[], p_plans text[], p_currencies text[],
+                                      p_caps numeric[], p_starts timestamptz[],
+                                      p_ends timestamptz[])
+    RETURNS TABLE (idx integer, ord integer, kind text, meter text, description text,
+                   quantity numeric, amount numeric, unrounded_amount numeric,
+                   charge_id bigint, price billing.price)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+BEGIN
+    RETURN QUERY
+    WITH per AS (
+        SELECT x.i::integer AS idx, x.pl AS plan, x.cur AS currency, x.cap, x.s AS ps
+          FROM unnest(p_plans, p_currencies, p_caps, p_starts) WITH ORDINALITY AS x(pl, cur, cap, s, i)
+    ), versions AS (
+        -- the charge versions in force, once per (plan, period start) however
+        -- many accounts share them, numbered in invoice order: fixed fees by
+        -- description, then usage by meter (the spend cap comes last)
+        SELECT v.*, (row_number() OVER (PARTITION BY v.plan, v.ps
+                                        ORDER BY v.grp, v.description, v.meter))::integer AS ord,
+               (count(*) OVER (PARTITION BY v.plan, v.ps))::integer AS n_lines
+          FROM (SELECT DISTINCT ON (k.plan, k.ps, c.meter,
+                                    CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END)
+                       k.plan, k.ps, c.charge_id, c.meter::text AS meter,
+                       coalesce(c.description, c.meter) AS description, c.price,
+                       CASE WHEN c.meter IS NULL THEN 1 ELSE 2 END AS grp
+                  FROM (SELECT DISTINCT per.plan, per.ps FROM per) k
+                       JOIN billing.charges c ON c.plan = k.plan AND c.valid_from <= k.ps
+                 ORDER BY k.plan, k.ps, c.meter,
+                          CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END,
+                          c.valid_from DESC) v
+    ), widths AS (
+        -- the bucket widths of the meters each (plan, period start) charges
+        SELECT DISTINCT v.plan, v.ps, m.bucket_width
+          FROM versions v JOIN billing.meters m ON m.meter = v.meter
+    ), firsts AS (
+        -- a metered charge of a period bills the buckets of its meter that
+        -- start in [lo, period end), lo by the one rule of src/periods.c
+        -- for the meter's bucket width: the bucket straddling a
+        -- subscription's start goes to its first period, every other one
+        -- to the period holding its start
+        SELECT per.idx, w.bucket_width,
+               billing._period_first_bucket(per.ps, uf.usage_from, w.bucket_width) AS lo
+          FROM per JOIN widths w ON w.plan = per.plan AND w.ps = per.ps
+               JOIN billing._period_usage_from(p_accounts, p_starts) uf ON uf.idx = per.idx
+    ), reads AS (
+        -- one read of the usage store per period and distinct lo (more than
+        -- one only in a first period whose meters' buckets straddle its
+        -- start at different points)
+        SELECT r.idx, r.lo, (row_number() OVER (ORDER BY r.idx, r.lo))::integer AS j
+          FROM (SELECT DISTINCT f.idx, f.lo FROM firsts f) r
+    ), totals AS MATERIALIZED (
+        -- (read once: inlined, the join below would read the store per line)
+        -- each meter from the read whose lo is that of its bucket width
+        SELECT rd.idx, t.meter, t.quantity
+          FROM (SELECT array_agg(p_accounts[rd.idx] ORDER BY rd.j) AS accounts,
+                       array_agg(rd.lo ORDER BY rd.j) AS starts,
+                       array_agg(p_ends[rd.idx] ORDER BY rd.j) AS ends
+                  FROM reads rd) a,
+               LATERAL billing._usage_totals_many(a.accounts, a.starts, a.ends) t
+               JOIN reads rd ON rd.j = t.idx
+               JOIN billing.meters m ON m.meter = t.meter
+               JOIN firsts f ON f.idx = rd.idx AND f.lo = rd.lo AND f.bucket_width = m.bucket_width
+    ), rated AS (
+        SELECT per.idx, per.currency, v.ord, v.n_lines, v.grp,
+               CASE WHEN v.meter IS NULL THEN 'fixed' ELSE 'usage' END AS kind,
+               v.meter, v.description,
+               CASE WHEN v.meter IS NULL THEN NULL ELSE coalesce(t.quantity, 0) END AS quantity,
+               billing.rate(v.price, CASE WHEN v.meter IS NULL THEN 0 ELSE coalesce(t.quantity, 0) END)
+                   AS unrounded_amount,
+               v.charge_id, v.price
+          FROM per JOIN versions v ON v.plan = per.plan AND v.ps = per.ps
+               LEFT JOIN totals t ON t.idx = per.idx AND t.meter = v.meter
+    ), lines AS (
+        SELECT r.*, billing.round_money(r.unrounded_amount, r.currency) AS amount FROM rated r
+    ), capped AS (
+        SELECT per.idx, max(l.n_lines) + 1 AS ord, 'cap'::text AS kind, NULL::text AS meter,
+               'spend cap'::text AS description, NULL::numeric AS quantity,
+               NULL::numeric AS unrounded_amount, NULL::bigint AS charge_id,
+               NULL::billing.price AS price,
+               billing._cap_amount(per.cap, per.currency, sum(l.amount)) AS amount
+          FROM per JOIN lines l ON l.idx = per.idx AND l.kind = 'usage'
+         WHERE per.cap IS NOT NULL
+         GROUP BY per.idx, per.cap, per.currency
+        HAVING billing._cap_amount(per.cap, per.currency, sum(l.amount)) IS NOT NULL
+    )
+    SELECT l.idx, l.ord, l.kind, l.meter, l.description, l.quantity, l.amount,
+           l.unrounded_amount, l.charge_id, l.price
+      FROM lines l
+    UNION ALL
+    SELECT c.idx, c.ord, c.kind, c.meter, c.description, c.quantity, c.amount,
+           c.unrounded_amount, c.charge_id, c.price
+      FROM capped c;
+END
+$$;
+COMMENT ON FUNCTION billing._rate_periods(bigint[], text[], text[], numeric[], timestamptz[], timestamptz[]) IS
+    'Internal: the rated lines (fixed fees, usage, spend cap) of many billing periods';
+
+DROP FUNCTION billing._period_at(bigint, timestamptz);
+DROP FUNCTION billing._pending_adjustments(bigint);
+DROP FUNCTION billing._due_periods(timestamptz);
+CREATE FUNCTION billing._due_periods(cutoff timestamptz)
+    RETURNS TABLE (account_id bigint, plan text, currency text, spend_cap numeric,
+                   period_start timestamptz, period_end timestamptz, segment_plan text,
+                   segment_start timestamptz, segment_end timestamptz)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+#variable_conflict use_column
+DECLARE
+    accs bigint[];
+    ats timestamptz[];
+BEGIN
+    WITH subs AS (
+        SELECT * FROM billing._subscriptions_of(NULL, true)
+    ), walk AS (
+        SELECT s.*, billing._period_index(s.anchor, s.period, s.starts_at) AS n_first,
+               billing._period_index(s.anchor, s.period, s.last_invoiced) + 1 AS n_next,
+               billing._period_index(s.anchor, s.period,
+                   least(coalesce(s.ends_at, 'infinity') - interval '1 microsecond', cutoff)) AS n_last
+          FROM subs s
+    )
+    SELECT array_agg(w.account_id ORDER BY w.account_id, n), 
+           array_agg(greatest(billing._add_periods(w.anchor, w.period, n), w.starts_at)
+                     ORDER BY w.account_id, n)
+      INTO accs, ats
+      FROM walk w, generate_series(greatest(w.n_first, coalesce(w.n_next, w.n_first)), w.n_last) n
+     WHERE billing._add_periods(w.anchor, w.period, w.n_first) < cutoff;
+    IF accs IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT y.account_id, y.invoice_plan, y.currency, y.cap, y.period_start, y.period_end,
+           y.plan, y.segment_start, y.segment_end
+      FROM (SELECT x.*, first_value(x.segment_start) OVER w AS period_start,
+                   last_value(x.segment_end) OVER w AS period_end,
+                   last_value(x.spend_cap) OVER w AS cap, last_value(x.plan) OVER w AS invoice_plan
+              FROM (SELECT DISTINCT ON (s.account_id, s.grid_start, s.segment_start) s.*
+                      FROM billing._segments(accs, ats) s
+                     ORDER BY s.account_id, s.grid_start, s.segment_start) x
+            WINDOW w AS (PARTITION BY x.account_id, x.grid_start ORDER BY x.segment_start
+                         ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)) y
+     WHERE y.period_end <= cutoff
+     ORDER BY y.account_id, y.period_start, y.segment_start;
+END
+$$;
+COMMENT ON FUNCTION billing._due_periods(timestamptz) IS
+    'Internal: billing periods ended by a cutoff that have no invoice yet, one row per plan segment';
+
+CREATE OR REPLACE FUNCTION billing._invoice_preview(p_account bigint, p_at timestamptz)
+    RETURNS TABLE (r_line_no int, r_kind text, r_meter text, r_description text,
+                   r_period_start timestamptz, r_period_end timestamptz,
+                   r_quantity numeric, r_amount numeric)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    p record;
+BEGIN
+    -- the period's segments (its spend cap: the last one's)
+    SELECT min(s.segment_start) AS ps, max(s.segment_end) AS pe, min(s.currency) AS currency,
+           (array_agg(s.spend_cap ORDER BY s.segment_start DESC))[1] AS cap,
+           array_agg(s.plan ORDER BY s.segment_start) AS plans,
+           array_agg(s.segment_start ORDER BY s.segment_start) AS starts,
+           array_agg(s.segment_end ORDER BY s.segment_start) AS ends
+      INTO p
+      FROM billing._segments(ARRAY[p_account], ARRAY[p_at]) s;
+    IF p.plans IS NULL THEN
+        RETURN;               -- no subscription at p_at
+    END IF;
+    -- the build's rows come in invoice order; without booking, all are lines
+    RETURN QUERY
+    SELECT b.n::integer, b.kind, b.meter, b.description, p.ps, p.pe, b.quantity, b.amount
+      FROM billing._invoice_build(ARRAY[p_account], ARRAY[p.currency], ARRAY[p.cap], ARRAY[p.ps],
+                                  ARRAY[p.pe], ARRAY[true], array_fill(1, ARRAY[cardinality(p.plans)]),
+                                  p.plans, p.starts, p.ends)
+               WITH ORDINALITY AS b(idx, ord, kind, meter, description, quantity, amount,
+                                    unrounded_amount, charge_id, price, adjustment_id,
+                                    commitment_id, grant_id, segment_start, segment_end,
+                                    proration, effective_at, expires_at, source_grant, n);
+END
+$$;
+COMMENT ON FUNCTION billing._invoice_preview(bigint, timestamptz) IS 'Internal: the body of invoice_preview';
+
+CREATE OR REPLACE FUNCTION billing._finalize(p_as_of timestamptz)
+    RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
+                   r_period_end timestamptz, r_total numeric)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+DECLARE
+    cutoff timestamptz;
+BEGIN
+    IF p_as_of IS NULL THEN
+        RAISE EXCEPTION 'finalize_invoices: as_of must not be null' USING ERRCODE = '22004';
+    END IF;
+    -- never a period that ends after now() - grace, whatever as_of says
+    -- (a future or infinite as_of would finalize periods still open)
+    cutoff := LEAST(p_as_of, pg_catalog.now()) - billing._grace_period();
+    -- on Citus these statements may not call functions that read the
+    -- shards: the same invoices, one period at a time (90_distribute.sql)
+    IF billing._citus_table_kind('billing.invoices') IS NOT NULL THEN
+        RETURN QUERY SELECT * FROM billing._finalize_citus(cutoff);
+        RETURN;
+    END IF;
+    PERFORM 1 FROM billing.accounts a
+     WHERE a.account_id IN (SELECT d.account_id FROM billing._due_periods(cutoff) d)
+     ORDER BY a.account_id
+       FOR NO KEY UPDATE;
+
+    RETURN QUERY
+    WITH d AS MATERIALIZED (
+        SELECT * FROM billing._due_periods(cutoff)
+    ), due AS (
+        SELECT p.*, nextval('billing.invoice_id_seq') AS invoice_id,
+               (row_number() OVER (ORDER BY p.account_id, p.period_start))::integer AS k,
+               row_number() OVER (PARTITION BY p.account_id ORDER BY p.period_start) = 1 AS first_of_account
+          FROM (SELECT DISTINCT d.account_id, d.plan, d.currency, d.spend_cap, d.period_start,
+                       d.period_end FROM d) p
+    ), pa AS (
+        SELECT array_agg(due.account_id ORDER BY due.k) AS accounts,
+               array_agg(due.currency ORDER BY due.k) AS currencies,
+               array_agg(due.spend_cap ORDER BY due.k) AS caps,
+               array_agg(due.period_start ORDER BY due.k) AS starts,
+               array_agg(due.period_end ORDER BY due.k) AS ends,
+               array_agg(due.first_of_account ORDER BY due.k) AS firsts
+          FROM due
+    ), sa AS (
+        SELECT array_agg(due.k ORDER BY due.k, d.segment_start) AS idx,
+               array_agg(d.segment_plan ORDER BY due.k, d.segment_start) AS plans,
+               array_agg(d.segment_start ORDER BY due.k, d.segment_start) AS starts,
+               array_agg(d.segment_end ORDER BY due.k, d.segment_start) AS ends
+          FROM d JOIN due ON due.account_id = d.account_id AND due.period_start = d.period_start
+    ), built AS MATERIALIZED (
+        SELECT due.account_id, due.invoice_id, x.*
+          FROM pa, sa,
+               LATERAL billing._invoice_build(pa.accounts, pa.currencies, pa.caps, pa.starts, pa.ends,
+                                              pa.firsts, sa.idx, sa.plans, sa.starts, sa.ends,
+                                              false, true) x
+               JOIN due ON due.k = x.idx
+    ), new_grants AS MATERIALIZED (
+        SELECT b.account_id, b.grant_id AS placeholder,
+               nextval('billing.credit_grant_id_seq') AS grant_id, b.amount, b.effective_at,
+               b.expires_at, b.source_grant
+          FROM built b WHERE b.kind = 'grant'
+    ), mapped AS (
+        SELECT b.*, coalesce(ng.grant_id, b.grant_id) AS real_grant_id
+          FROM built b LEFT JOIN new_grants ng
+                 ON ng.account_id = b.account_id AND ng.placeholder = b.grant_id
+    ), numbered AS (
+        SELECT m.*, (row_number() OVER (PARTITION BY m.invoice_id ORDER BY m.ord))::integer AS line_no
+          FROM mapped m
+         WHERE m.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit')
+    ), totals AS (
+        SELECT n.invoice_id, sum(n.amount) AS total FROM numbered n GROUP BY n.invoice_id
+    ), invoices_written AS (
+        INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
+                                      currency, total)
+        SELECT due.account_id, due.invoice_id, due.plan, due.period_start, due.period_end,
+               due.currency, coalesce(t.total, 0)
+          FROM due LEFT JOIN totals t ON t.invoice_id = due.invoice_id
+        RETURNING billing.invoices.invoice_id, billing.invoices.account_id,
+                  billing.invoices.period_start, billing.invoices.period_end,
+                  billing.invoices.total
+    ), lines_written AS (
+        INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
+                                          description, quantity, amount, unrounded_amount,
+                                          charge_id, price, adjustment_id, segment_start,
+                                          segment_end, proration, commitment_id, grant_id)
+        SELECT n.account_id, n.invoice_id, n.line_no, n.kind, n.meter, n.description, n.quantity,
+               n.amount, n.unrounded_amount, n.charge_id, n.price, n.adjustment_id,
+               n.segment_start, n.segment_end, n.proration, n.commitment_id, n.real_grant_id
+          FROM numbered n
+        RETURNING billing.invoice_lines.account_id, billing.invoice_lines.invoice_id,
+                  billing.invoice_lines.adjustment_id
+    ), grants_written AS (
+        INSERT INTO billing.credit_grants (account_id, grant_id, amount, effective_at, expires_at,
+                                           priority, applies_to, source, reason, commitment_id,
+                                           window_no, rolled_from)
+        SELECT ng.account_id, ng.grant_id, ng.amount, ng.effective_at, ng.expires_at, g.priority,
+               g.applies_to, 'rollover', format('rollover of grant %s', g.grant_id),
+               g.commitment_id, g.window_no + 1, g.grant_id
+          FROM new_grants ng
+               JOIN billing.credit_grants g
+                 ON g.account_id = ng.account_id AND g.grant_id = ng.source_grant
+        RETURNING 1
+    ), ledger_written AS (
+        INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at,
+                                           invoice_id)
+        SELECT m.account_id,
+               h.seq + row_number() OVER (PARTITION BY m.account_id ORDER BY m.idx, m.ord),
+               m.real_grant_id, CASE WHEN m.kind = 'credit' THEN 'draw' ELSE m.kind END, m.amount,
+               m.effective_at, CASE WHEN m.kind = 'credit' THEN m.invoice_id END
+          FROM mapped m
+               CROSS JOIN LATERAL (SELECT coalesce(max(x.seq), 0) AS seq FROM billing.credit_ledger x
+                                    WHERE x.account_id = m.account_id) h
+         WHERE m.kind IN ('credit', 'expire', 'rollover', 'grant')
+        RETURNING 1
+    ), carried AS (
+        UPDATE billing.adjustments adj SET billed_invoice_id = w.invoice_id
+          FROM lines_written w
+         WHERE w.adjustment_id IS NOT NULL AND adj.account_id = w.account_id
+           AND adj.adjustment_id = w.adjustment_id
+        RETURNING 1
+    )
+    SELECT w.invoice_id, w.account_id, w.period_start, w.period_end, w.total
+      FROM invoices_written w
+     ORDER BY w.account_id, w.period_start;
+END
+$$;
+COMMENT ON FUNCTION billing._finalize(timestamptz) IS 'Internal: the body of finalize_invoices';
+
+CREATE OR REPLACE FUNCTION billing.remaining(account_id bigint, meter text,
+                                  at timestamptz DEFAULT pg_catalog.now())
+    RETURNS numeric
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    per record;
+    line record;
+    lines billing._invoice_line[];
+    others numeric;
+    budget numeric;
+    q0 numeric;
+    j jsonb;
+    ends numeric[];
+    seg_end numeric;
+    lo numeric := 0;          -- largest x known to fit
+    hi numeric;               -- smallest x known not to fit
+    mid numeric;
+    tail numeric;             -- past it, the charge is affine in x
+BEGIN
+    IF account_id IS NULL OR meter IS NULL OR at IS NULL THEN
+        RAISE EXCEPTION 'remaining: account_id, meter and at must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.accounts a WHERE a.account_id = remaining.account_id) THEN
+        RAISE EXCEPTION 'account % does not exist', remaining.account_id USING ERRCODE = '23503';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.meters m WHERE m.meter = remaining.meter) THEN
+        RAISE EXCEPTION 'meter "%" does not exist', remaining.meter USING ERRCODE = '23503';
+    END IF;
+    -- the period holding at, whose spend cap bounds the usage lines of
+    -- every plan segment (credits do not count: the cap bounds usage before)
+    SELECT s.spend_cap, s.currency INTO per
+      FROM billing._segments(ARRAY[remaining.account_id], ARRAY[at]) s
+     ORDER BY s.segment_start DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN 0;                 -- no subscription: nothing can be billed
+    END IF;
+    IF per.spend_cap IS NULL THEN
+        RETURN NULL;              -- no cap: unlimited
+    END IF;
+    lines := ARRAY(SELECT b.line
+                     FROM billing._period_build(ARRAY[remaining.account_id], ARRAY[at], true) b
+                    WHERE (b.line).kind = 'usage');
+    -- the meter's line in the plan segment holding at
+    SELECT x.quantity, x.price, x.ord INTO line
+      FROM unnest(lines) x
+     WHERE x.meter = remaining.meter
+       AND (x.segment_start IS NULL OR (x.segment_start <= at AND at < x.segment_end));
+    IF NOT FOUND THEN
+        RETURN NULL;              -- the plan does not bill this meter
+    END IF;
+    SELECT coalesce(sum(x.amount), 0) INTO others FROM unnest(lines) x WHERE x.ord <> line.ord;
+    budget := billing.round_money(per.spend_cap, per.currency) - others;
+    q0 := line.quantity;
+    IF NOT billing._fits(line.price, q0, per.currency, budget) THEN
+        RETURN 0;
+    END IF;
+
+    -- stretches on which the charge cannot decrease: volume tiers, then the
+    -- rest.  A tier ends where the quantity after per and free passes its
+    -- bound b: at (b + free) * N for per N exact (or no per), at
+    -- floor(b + free) * N for round up; for round down the stretch is open
+    -- at (floor(b + free) + 1) * N, so it ends at the last whole unit from
+    -- q0 before that.
+    j := billing.price_to_jsonb(line.price);
+    IF j ->> 'model' = 'volume' THEN
+        SELECT array_agg(CASE WHEN NOT j ? 'per' OR j ->> 'per_round' = 'exact'
+                                  THEN (b + f) * coalesce((j ->> 'per')::numeric, 1)
+                              WHEN j ->> 'per_round' = 'up'
+                                  THEN floor(b + f) * (j ->> 'per')::numeric
+                              ELSE q0 + ceil((floor(b + f) + 1) * (j ->> 'per')::numeric - q0) - 1
+                         END ORDER BY b)
+          INTO ends
+          FROM jsonb_array_elements(j -> 'tiers') t,
+               LATERAL (SELECT (t ->> 'up_to')::numeric AS b,
+                               coalesce((j ->> 'free')::numeric, 0) AS f) x
+         WHERE t ->> 'up_to' <> 'inf';
+    END IF;
+    -- Whole units from q0 only: in each stretch, its last whole unit; when
+    -- that is over the budget, the answer is in this stretch, where the
+    -- charge cannot decrease, so bisect (lo, hi]; else go on to the next.
+    FOREACH seg_end IN ARRAY coalesce(ends, '{}'::numeric[]) LOOP
+        CONTINUE WHEN floor(seg_end - q0) <= lo;
+        IF billing._fits(line.price, q0 + floor(seg_end - q0), per.currency, budget) THEN
+            lo := floor(seg_end - q0);
+        ELSE
+            hi := floor(seg_end - q0);
+            EXIT;
+        END IF;
+    END LOOP;
+    IF hi IS NULL THEN
+        -- open-ended: double until over the budget, however large it is.
+        -- Every point where the charge bends (a tier bound, the free units,
+        -- a package size, where a minimum stops applying: at most the
+        -- largest number K of the price over its smallest rate, 10^-22 a
+        -- unit; times a quantity divisor) lies below tail.  Past it the
+        -- charge is affine in the quantity (or a staircase of steps shorter
+        -- than tail): the same at x and 2x there, it never grows again.
+        SELECT (1 + coalesce(max(n[1]::numeric), 0)) ^ 2 * 1e24 INTO tail
+          FROM regexp_matches(billing.price_to_jsonb(line.price)::text, '([0-9]+(\.[0-9]+)?)', 'g') AS n;
+        hi := greatest(lo * 2, 1);
+        WHILE billing._fits(line.price, q0 + hi, per.currency, budget) LOOP
+            IF lo > tail AND billing.rate(line.price, q0 + hi) = billing.rate(line.price, q0 + lo) THEN
+                RETURN NULL;      -- the charge stopped growing below the budget
+            END IF;
+            lo := hi;
+            hi := hi * 2;
+        END LOOP;
+    END IF;
+    WHILE hi - lo > 1 LOOP
+        mid := floor((lo + hi) / 2);
+        IF billing._fits(line.price, q0 + mid, per.currency, budget) THEN
+            lo := mid;
+        ELSE
+            hi := mid;
+        END IF;
+    END LOOP;
+    RETURN lo;
+END
+$$;
+COMMENT ON FUNCTION billing.remaining(bigint, text, timestamptz) IS
+    'Whole units of a meter that can still be used this period before the usage lines (of every plan segment) exceed the spend cap (NULL: unlimited)';
+
+COMMENT ON FUNCTION billing.invoice_preview(bigint, timestamptz) IS
+    'The bill of the period holding at, as it stands: every line rounded to the currency''s minor unit, the spend cap, true-ups, commitment installments, pending adjustments and credits';
+
+-- re-rating and verification (60_rerate.sql), the Citus twin of finalize (90_distribute.sql)
+DROP FUNCTION billing._rerate_diff(timestamptz, timestamptz, bigint);
+CREATE FUNCTION billing._rerate_diff(from_ts timestamptz, to_ts timestamptz, p_account bigint)
+    RETURNS TABLE (account_id bigint, invoice_id bigint, line_kind text, meter text,
+                   description text, billed_quantity numeric, billed_amount numeric,
+                   correct_quantity numeric, correct_amount numeric, delta numeric,
+                   segment_start timestamptz)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+#variable_conflict use_column
+DECLARE
+    inv record;     -- the invoices
+    cor billing._invoice_line[];    -- today's lines (idx: the invoice's place in inv)
+    bil record;     -- the lines billed, and the adjustments made since
+BEGIN
+    -- 1. the invoices
+    SELECT array_agg(i.account_id ORDER BY i.account_id, i.invoice_id) AS accounts,
+           array_agg(i.invoice_id ORDER BY i.account_id, i.invoice_id) AS invoices,
+           array_agg(i.period_start ORDER BY i.account_id, i.invoice_id) AS starts
+      INTO inv
+      FROM billing.invoices i
+     WHERE i.status = 'finalized'
+       AND i.period_start < to_ts AND i.period_end > from_ts
+       AND (p_account IS NULL OR i.account_id = p_account);
+    IF inv.accounts IS NULL THEN
+        RETURN;
+    END IF;
+    -- 2. today's lines of each invoice's period (every plan segment, the
+    -- cap); a period no subscription covers any more bills nothing
+    SELECT array_agg(ROW(k.n, (b.line).ord, (b.line).kind, (b.line).meter, (b.line).description,
+                         (b.line).quantity, (b.line).amount, NULL, NULL, NULL, NULL, NULL, NULL,
+                         (b.line).segment_start, NULL, NULL, NULL, NULL, NULL)::billing._invoice_line)
+      INTO cor
+      FROM billing._period_build(inv.accounts, inv.starts, true) b
+           JOIN unnest(inv.accounts, inv.starts) WITH ORDINALITY AS k(a, s, n)
+             ON k.a = b.account_id AND k.s = b.period_start;
+    -- 3. what was billed: the rated lines, and the adjustments made since
+    SELECT array_agg(y.account_id) AS accounts, array_agg(y.invoice_id) AS invoices,
+           array_agg(y.kind) AS kinds, array_agg(y.meter) AS meters,
+           array_agg(y.description) AS descriptions, array_agg(y.quantity) AS quantities,
+           array_agg(y.amount) AS amounts, array_agg(y.segment_start) AS segments
+      INTO bil
+      FROM (SELECT l.account_id, l.invoice_id, l.kind, l.meter::text AS meter, l.description,
+                   l.quantity, l.amount, l.segment_start
+              FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
+                   JOIN billing.invoice_lines l
+                     ON l.account_id = v.account_id AND l.invoice_id = v.invoice_id
+             WHERE l.kind IN ('usage', 'fixed', 'cap')
+            UNION ALL
+            SELECT a.account_id, a.invoice_id, a.line_kind, a.meter::text, a.description,
+                   a.new_quantity - a.old_quantity, a.delta, a.segment_start
+              FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
+                   JOIN billing.adjustments a
+                     ON a.account_id = v.account_id AND a.invoice_id = v.invoice_id) y;
+    -- 4. compare (reads no table)
+    RETURN QUERY
+    WITH invs AS (
+        SELECT k.n::integer AS n, k.a AS account_id, k.i AS invoice_id, k.s AS period_start
+          FROM unnest(inv.accounts, inv.invoices, inv.starts) WITH ORDINALITY AS k(a, i, s, n)
+    ), correct AS (
+        SELECT invs.account_id, invs.invoice_id, c.kind, c.meter, c.description, c.quantity,
+               c.amount, c.segment_start, coalesce(c.segment_start, invs.period_start) AS seg
+          FROM unnest(cor) c JOIN invs ON invs.n = c.idx
+    ), billed_sum AS (
+        SELECT b.account_id, b.invoice_id, b.kind, b.meter,
+               CASE WHEN b.kind = 'fixed' THEN b.description END AS fixed_key,
+               coalesce(b.segment_start, invs.period_start) AS seg,
+               max(b.segment_start) AS segment_start, max(b.description) AS description,
+               sum(b.quantity) AS quantity, sum(b.amount) AS amount
+          FROM unnest(bil.accounts, bil.invoices, bil.kinds, bil.meters, bil.descriptions,
+                      bil.quantities, bil.amounts, bil.segments)
+                   AS b(account_id, invoice_id, kind, meter, description, quantity, amount,
+                        segment_start)
+               JOIN invs ON invs.account_id = b.account_id AND invs.invoice_id = b.invoice_id
+         GROUP BY 1, 2, 3, 4, 5, 6
+    )
+    SELECT coalesce(c.account_id, b.account_id), coalesce(c.invoice_id, b.invoice_id),
+           coalesce(c.kind, b.kind), coalesce(c.meter, b.meter),
+           coalesce(c.description, b.description),
+           -- a usage line missing on either side billed or should bill 0 units
+           CASE WHEN coalesce(c.kind, b.kind) = 'usage' THEN coalesce(b.quantity, 0) ELSE b.quantity END,
+           coalesce(b.amount, 0),
+           CASE WHEN coalesce(c.kind, b.kind) = 'usage' THEN coalesce(c.quantity, 0) ELSE c.quantity END,
+           coalesce(c.amount, 0),
+           coalesce(c.amount, 0) - coalesce(b.amount, 0),
+           coalesce(c.segment_start, b.segment_start)
+      FROM correct c
+           FULL JOIN billed_sum b
+                  ON b.account_id = c.account_id AND b.invoice_id = c.invoice_id
+                 AND b.seg = c.seg AND b.kind = c.kind
+                 AND b.meter IS NOT DISTINCT FROM c.meter
+                 AND b.fixed_key IS NOT DISTINCT FROM CASE WHEN c.kind = 'fixed' THEN c.description END;
+END
+$$;
+COMMENT ON FUNCTION billing._rerate_diff(timestamptz, timestamptz, bigint) IS
+    'Internal: billed versus correct lines of the finalized invoices overlapping a range';
+
+CREATE OR REPLACE FUNCTION billing._rerate(from_ts timestamptz, to_ts timestamptz, p_account bigint,
+                                dry_run boolean, p_reason text)
+    RETURNS TABLE (r_account bigint, r_invoice bigint, r_meter text,
+                   r_billed_quantity numeric, r_billed_amount numeric,
+                   r_correct_quantity numeric, r_correct_amount numeric, r_delta numeric)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+DECLARE
+    n_written bigint;
+BEGIN
+    IF from_ts IS NULL OR to_ts IS NULL OR dry_run IS NULL THEN
+        RAISE EXCEPTION 'rerate: from_ts, to_ts and dry_run must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF from_ts >= to_ts THEN
+        RAISE EXCEPTION 'rerate: from_ts must be before to_ts' USING ERRCODE = '22023';
+    END IF;
+    IF dry_run THEN
+        RETURN QUERY
+        SELECT d.account_id, d.invoice_id, d.meter, d.billed_quantity, d.billed_amount,
+               d.correct_quantity, d.correct_amount, d.delta
+          FROM billing._rerate_diff(from_ts, to_ts, p_account) d
+         WHERE d.delta <> 0
+         ORDER BY 1, 2, 3;
+        RETURN;
+    END IF;
+    -- one re-rate at a time: a second run waits, then finds the first one's adjustments
+    PERFORM pg_advisory_xact_lock(1651074162, 3);
+    RETURN QUERY
+    WITH d AS (
+        SELECT * FROM billing._rerate_diff(from_ts, to_ts, p_account) x
+         WHERE x.delta <> 0
+    ), written AS (
+        INSERT INTO billing.adjustments (account_id, invoice_id, line_kind, meter, description,
+                                         old_quantity, new_quantity, old_amount, new_amount, delta,
+                                         reason, segment_start)
+        SELECT d.account_id, d.invoice_id, d.line_kind, d.meter, d.description,
+               d.billed_quantity, d.correct_quantity, d.billed_amount, d.correct_amount, d.delta,
+               coalesce(p_reason, 're-rate'), d.segment_start
+          FROM d
+         -- adjustment ids in invoice line order (plan segments; fixed fees,
+         -- usage, the cap)
+         ORDER BY d.account_id, d.invoice_id, d.segment_start NULLS LAST,
+                  CASE d.line_kind WHEN 'fixed' THEN 1 WHEN 'usage' THEN 2 ELSE 3 END,
+                  d.description, d.meter
+    )
+    SELECT d.account_id, d.invoice_id, d.meter, d.billed_quantity, d.billed_amount,
+           d.correct_quantity, d.correct_amount, d.delta
+      FROM d
+     ORDER BY 1, 2, 3;
+    GET DIAGNOSTICS n_written = ROW_COUNT;
+    PERFORM billing._audit_rerate(from_ts, to_ts, p_account, coalesce(p_reason, 're-rate'), n_written);
+END
+$$;
+COMMENT ON FUNCTION billing._rerate(timestamptz, timestamptz, bigint, boolean, text) IS
+    'Internal: the body of billing.rerate';
+
+CREATE OR REPLACE FUNCTION billing._verify_invoices(p_account bigint)
+    RETURNS TABLE (r_account_id bigint, r_invoice_id bigint, r_line_no int, r_problem text)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    RETURN QUERY
+    SELECT i.account_id, i.invoice_id, NULL::int,
+           format('total %s is not the sum of the lines (%s)', i.total, coalesce(l.s, 0))
+      FROM billing.invoices i
+           LEFT JOIN LATERAL (SELECT sum(x.amount) AS s FROM billing.invoice_lines x
+                               WHERE x.account_id = i.account_id AND x.invoice_id = i.invoice_id) l ON true
+     WHERE (p_account IS NULL OR i.account_id = p_account) AND i.total IS DISTINCT FROM coalesce(l.s, 0)
+    UNION ALL
+    SELECT x.account_id, x.invoice_id, x.line_no,
+           format('%s line rates %s to %s, not %s', x.kind, coalesce(x.quantity, 0),
+                  billing.round_money(billing._rate_check(x.price, coalesce(x.quantity, 0)), i.currency),
+                  x.amount)
+      FROM billing.invoice_lines x
+           JOIN billing.invoices i ON i.account_id = x.account_id AND i.invoice_id = x.invoice_id
+     WHERE (p_account IS NULL OR x.account_id = p_account) AND x.kind IN ('usage', 'fixed')
+       AND x.proration IS NULL
+       AND (x.price IS NULL
+            OR billing.round_money(billing._rate_check(x.price, coalesce(x.quantity, 0)), i.currency) <> x.amount)
+    UNION ALL
+    -- a fixed fee of a plan segment: its share of the period, in seconds
+    SELECT x.account_id, x.invoice_id, x.line_no,
+           format('fixed line of %s of the period rates to %s, not %s',
+                  extract(epoch FROM x.segment_end - x.segment_start) / extract(epoch FROM i.period_end - i.period_start),
+                  billing.round_money(billing._rate_check(x.price, 0)
+                                      * extract(epoch FROM x.segment_end - x.segment_start)
+                                      / extract(epoch FROM i.period_end - i.period_start), i.currency),
+                  x.amount)
+      FROM billing.invoice_lines x
+           JOIN billing.invoices i ON i.account_id = x.account_id AND i.invoice_id = x.invoice_id
+     WHERE (p_account IS NULL OR x.account_id = p_account) AND x.kind = 'fixed'
+       AND x.proration IS NOT NULL
+       AND (x.price IS NULL OR x.segment_start IS NULL OR x.segment_end IS NULL
+            OR billing.round_money(billing._rate_check(x.price, 0)
+                                   * extract(epoch FROM x.segment_end - x.segment_start)
+                                   / extract(epoch FROM i.period_end - i.period_start), i.currency) <> x.amount)
+    UNION ALL
+    -- each credit line is the credit ledger's draw of its grant on its
+    -- invoice, and each draw is a credit line
+    SELECT coalesce(c.account_id, d.account_id), coalesce(c.invoice_id, d.invoice_id), c.line_no,
+           CASE WHEN c.line_no IS NULL
+                THEN format('the credit ledger draws %s from grant %s but no credit line shows it',
+                            d.amount, d.grant_id)
+                WHEN d.amount IS NULL
+                THEN format('credit line of grant %s has no draw in the credit ledger', c.grant_id)
+                ELSE format('credit line of grant %s is %s, the credit ledger draws %s', c.grant_id,
+                            c.amount, d.amount) END
+      FROM (SELECT l.account_id, l.invoice_id, l.line_no, l.grant_id, l.amount
+              FROM billing.invoice_lines l
+             WHERE l.kind = 'credit' AND (p_account IS NULL OR l.account_id = p_account)) c
+           FULL JOIN (SELECT g.account_id, g.invoice_id, g.grant_id, sum(g.amount) AS amount
+                        FROM billing.credit_ledger g
+                       WHERE g.kind = 'draw' AND (p_account IS NULL OR g.account_id = p_account)
+                       GROUP BY 1, 2, 3) d
+                  ON d.account_id = c.account_id AND d.invoice_id = c.invoice_id
+                 AND d.grant_id = c.grant_id
+     WHERE c.amount IS DISTINCT FROM d.amount
+    UNION ALL
+    -- credits never take an invoice below 0
+    SELECT i.account_id, i.invoice_id, NULL::int,
+           format('credits take the total to %s, below 0', i.total)
+      FROM billing.invoices i
+     WHERE (p_account IS NULL OR i.account_id = p_account) AND i.total < 0
+       AND EXISTS (SELECT 1 FROM billing.invoice_lines l
+                    WHERE l.account_id = i.account_id AND l.invoice_id = i.invoice_id
+                      AND l.kind = 'credit')
+    ORDER BY 1, 2, 3;
+END
+$$;
+COMMENT ON FUNCTION billing._verify_invoices(bigint) IS 'Internal: the body of verify_invoices';
+
+CREATE OR REPLACE FUNCTION billing._finalize_citus(cutoff timestamptz)
+    RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
+                   r_period_end timestamptz, r_total numeric)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    acc bigint;
+    per record;
+    first boolean;
+    inv bigint;
+    b billing._invoice_line[];
+    ids bigint[];
+    l_total numeric;
+    seq0 bigint;
+BEGIN
+    FOR acc IN SELECT DISTINCT d.account_id FROM billing._due_periods(cutoff) d ORDER BY 1 LOOP
+        PERFORM 1 FROM billing.accounts a WHERE a.account_id = acc FOR NO KEY UPDATE;
+        first := true;
+        -- the account's due periods, looked up again under its lock
+        FOR per IN
+            SELECT d.plan, d.currency, d.spend_cap, d.period_start, d.period_end,
+                   array_agg(d.segment_plan ORDER BY d.segment_start) AS plans,
+                   array_agg(d.segment_start ORDER BY d.segment_start) AS starts,
+                   array_agg(d.segment_end ORDER BY d.segment_start) AS ends
+              FROM billing._due_periods(cutoff) d
+             WHERE d.account_id = acc
+             GROUP BY 1, 2, 3, 4, 5
+             ORDER BY d.period_start
+        LOOP
+            inv := nextval('billing.invoice_id_seq');
+            b := ARRAY(SELECT x FROM billing._invoice_build(
+                           ARRAY[acc], ARRAY[per.currency], ARRAY[per.spend_cap],
+                           ARRAY[per.period_start], ARRAY[per.period_end], ARRAY[first],
+                           array_fill(1, ARRAY[cardinality(per.plans)]), per.plans, per.starts,
+                           per.ends, false, true) x);
+            first := false;
+            -- ids of the rollover grants (named -1, -2, ... by the build)
+            ids := ARRAY(SELECT nextval('billing.credit_grant_id_seq')
+                           FROM unnest(b) x WHERE x.kind = 'grant' ORDER BY x.grant_id DESC);
+            SELECT coalesce(sum(x.amount), 0) INTO l_total FROM unnest(b) x
+             WHERE x.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit');
+            INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
+                                          currency, total)
+            VALUES (acc, inv, per.plan, per.period_start, per.period_end, per.currency, l_total);
+            INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
+                                              description, quantity, amount, unrounded_amount,
+                                              charge_id, price, adjustment_id, segment_start,
+                                              segment_end, proration, commitment_id, grant_id)
+            SELECT acc, inv, (row_number() OVER (ORDER BY x.ord))::integer, x.kind, x.meter,
+                   x.description, x.quantity, x.amount, x.unrounded_amount, x.charge_id, x.price,
+                   x.adjustment_id, x.segment_start, x.segment_end, x.proration, x.commitment_id,
+                   CASE WHEN x.grant_id < 0 THEN ids[-x.grant_id] ELSE x.grant_id END
+              FROM unnest(b) x
+             WHERE x.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit');
+            INSERT INTO billing.credit_grants (account_id, grant_id, amount, effective_at, expires_at,
+                                               priority, applies_to, source, reason, commitment_id,
+                                               window_no, rolled_from)
+            SELECT acc, ids[-x.grant_id], x.amount, x.effective_at, x.expires_at, g.priority,
+                   g.applies_to, 'rollover', format('rollover of grant %s', g.grant_id),
+                   g.commitment_id, g.window_no + 1, g.grant_id
+              FROM unnest(b) x
+                   JOIN billing.credit_grants g ON g.account_id = acc AND g.grant_id = x.source_grant
+             WHERE x.kind = 'grant';
+            seq0 := billing._ledger_next_seq(acc) - 1;
+            INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at,
+                                               invoice_id)
+            SELECT acc, seq0 + row_number() OVER (ORDER BY x.ord),
+                   CASE WHEN x.grant_id < 0 THEN ids[-x.grant_id] ELSE x.grant_id END,
+                   CASE WHEN x.kind = 'credit' THEN 'draw' ELSE x.kind END, x.amount, x.effective_at,
+                   CASE WHEN x.kind = 'credit' THEN inv END
+              FROM unnest(b) x
+             WHERE x.kind IN ('credit', 'expire', 'rollover', 'grant');
+            UPDATE billing.adjustments a SET billed_invoice_id = inv
+             WHERE a.account_id = acc
+               AND a.adjustment_id = ANY (ARRAY(SELECT x.adjustment_id FROM unnest(b) x
+                                                 WHERE x.adjustment_id IS NOT NULL));
+            r_invoice_id := inv;
+            r_account_id := acc;
+            r_period_start := per.period_start;
+            r_period_end := per.period_end;
+            r_total := l_total;
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._finalize_citus(timestamptz) IS
+    'Internal: finalize_invoices on Citus, one period at a time';
+
+CREATE OR REPLACE FUNCTION billing._distributed_functions()
+    RETURNS TABLE (fn regprocedure, account_arg text)
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+    VALUES ('billing.record(bigint,text,numeric,timestamptz,text,text)'::regprocedure, '$1'),
+           ('billing.report_cumulative(text,bigint,text,timestamptz,numeric,text)', '$2'),
+           ('billing.usage(bigint,timestamptz,timestamptz,interval,text)', '$1'),
+           ('billing.remaining(bigint,text,timestamptz)', '$1'),
+           ('billing.invoice_preview(bigint,timestamptz)', '$1'),
+           ('billing.credit_balance(bigint,timestamptz)', '$1'),
+           ('billing.correct_usage(bigint,text,timestamptz,numeric,text,text)', '$1')
+$$;
+COMMENT ON FUNCTION billing._distributed_functions() IS
+    'Internal: the per-account functions billing.distribute() registers with Citus, with their account argument';
+
+COMMENT ON FUNCTION billing.verify_invoices(bigint) IS
+    'Checks finalized invoices: each total is the sum of its lines, each usage and fixed line is the rounded rating of its quantity with the price that rated it (a plan segment''s fixed fee prorated by seconds), each credit line is the credit ledger''s draw and credits take no total below 0';
+
+-- roles (99_roles.sql)
+REVOKE ALL ON ALL TABLES IN SCHEMA billing FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA billing FROM PUBLIC;
+REVOKE ALL ON FUNCTION
+    billing._credit_grants_guard(),
+    billing._audit_credit(),
+    billing._subscriptions_of(bigint[], boolean),
+    billing._segments(bigint[], timestamptz[]),
+    billing._installment(numeric, integer, integer, text),
+    billing._eligible_spend(text[], text[], text[], numeric[]),
+    billing._segment_lines(billing._invoice_line[], integer[], text[], timestamptz[], timestamptz[], text[], numeric[], timestamptz[], timestamptz[]),
+    billing._credit_draws(bigint[], text[], timestamptz[], timestamptz[], boolean, billing._invoice_line[], billing._credit_state[]),
+    billing._invoice_build(bigint[], text[], numeric[], timestamptz[], timestamptz[], boolean[], integer[], text[], timestamptz[], timestamptz[], boolean, boolean),
+    billing._period_build(bigint[], timestamptz[], boolean),
+    billing._contract_account(bigint),
+    billing._check_money(numeric, text, text),
+    billing._check_applies_to(text[]),
+    billing._ledger_next_seq(bigint),
+    billing._period_boundary(bigint, timestamptz),
+    billing._due_periods(timestamptz),
+    billing._rerate_diff(timestamptz, timestamptz, bigint),
+    billing._cap_amount(numeric, text, numeric),
+    billing.credit_balance(bigint, timestamptz),
+    billing.grant_credit(bigint, numeric, timestamptz, timestamptz, integer, text[], text, text),
+    billing.void_credit(bigint, bigint, text, timestamptz),
+    billing.add_commitment(bigint, text, numeric, timestamptz, timestamptz, interval, text[], integer, numeric),
+    billing.change_plan(bigint, text, timestamptz)
+    FROM PUBLIC;
+ALTER FUNCTION billing.grant_credit(bigint, numeric, timestamptz, timestamptz, integer, text[], text, text) SECURITY DEFINER;
+ALTER FUNCTION billing.void_credit(bigint, bigint, text, timestamptz) SECURITY DEFINER;
+ALTER FUNCTION billing.add_commitment(bigint, text, numeric, timestamptz, timestamptz, interval, text[], integer, numeric) SECURITY DEFINER;
+ALTER FUNCTION billing.change_plan(bigint, text, timestamptz) SECURITY DEFINER;
+GRANT SELECT ON billing.commitments, billing.commitment_windows, billing.credit_grants,
+    billing.credit_ledger TO billing_reader;
+GRANT EXECUTE ON FUNCTION
+    billing.credit_balance(bigint, timestamptz),
+    billing._subscriptions_of(bigint[], boolean),
+    billing._segments(bigint[], timestamptz[]),
+    billing._installment(numeric, integer, integer, text),
+    billing._eligible_spend(text[], text[], text[], numeric[]),
+    billing._segment_lines(billing._invoice_line[], integer[], text[], timestamptz[], timestamptz[], text[], numeric[], timestamptz[], timestamptz[]),
+    billing._credit_draws(bigint[], text[], timestamptz[], timestamptz[], boolean, billing._invoice_line[], billing._credit_state[]),
+    billing._invoice_build(bigint[], text[], numeric[], timestamptz[], timestamptz[], boolean[], integer[], text[], timestamptz[], timestamptz[], boolean, boolean),
+    billing._period_build(bigint[], timestamptz[], boolean),
+    billing._contract_account(bigint),
+    billing._check_money(numeric, text, text),
+    billing._check_applies_to(text[]),
+    billing._ledger_next_seq(bigint),
+    billing._period_boundary(bigint, timestamptz),
+    billing._due_periods(timestamptz),
+    billing._rerate_diff(timestamptz, timestamptz, bigint),
+    billing._cap_amount(numeric, text, numeric)
+    TO billing_reader;
+GRANT EXECUTE ON FUNCTION
+    billing.grant_credit(bigint, numeric, timestamptz, timestamptz, integer, text[], text, text),
+    billing.void_credit(bigint, bigint, text, timestamptz),
+    billing.add_commitment(bigint, text, numeric, timestamptz, timestamptz, interval, text[], integer, numeric),
+    billing.change_plan(bigint, text, timestamptz)
+    TO billing_admin;
+-- ---- end of issue 17 ----
+
 -- ---- issue 18, part 2: matrix charges (charges.dimension) -------------------------------
 -- A charge with a dimension rates only its meter's usage of that dimension;
 -- a NULL dimension (every 1.0 charge) rates the dimensions no other charge
@@ -2063,13 +4192,250 @@ COMMENT ON TABLE billing.charges IS
     'Charges of a plan, versioned by valid_from per (plan, meter, dimension): the version in force at a period''s start rates the whole period; a NULL meter is a fixed fee per period (rated with quantity 0); a dimension rates only that dimension''s usage of the meter, NULL the dimensions no other charge names';
 ALTER TABLE billing.invoice_lines ADD COLUMN dimension text COLLATE "C";
 ALTER TABLE billing.adjustments ADD COLUMN dimension text COLLATE "C";
+ALTER TYPE billing._invoice_line ADD ATTRIBUTE dimension text;
+-- the lines of an invoice being built carry the dimension (55_contracts.sql)
+CREATE OR REPLACE FUNCTION billing._invoice_build(p_accounts bigint[], p_currencies text[], p_caps numeric[],
+                                       p_starts timestamptz[], p_ends timestamptz[],
+                                       p_first boolean[], s_idx integer[], s_plans text[],
+                                       s_starts timestamptz[], s_ends timestamptz[],
+                                       p_rated_only boolean DEFAULT false,
+                                       p_book boolean DEFAULT false)
+    RETURNS SETOF billing._invoice_line
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run; the plan
+    -- cache mode is the default, and a level to change it on (see 2.)
+    SET jit = off SET plan_cache_mode = auto AS $$
+DECLARE
+    accs bigint[];
+    t_from timestamptz;
+    t_to timestamptz;
+    l billing._invoice_line[];
+    wins billing._window[];
+    grs billing._credit_state[];
+    adjs billing._invoice_line[];   -- pending adjustments (grant_id: the account)
+    sa record;
+    sp record;
+    has_true_ups boolean;
+    has_installments boolean;
+BEGIN
+    IF coalesce(array_length(p_accounts, 1), 0) = 0 THEN
+        RETURN;
+    ELSIF cardinality(p_accounts) > 16 THEN
+        -- many periods (finalize): plans that know the arrays' sizes (a
+        -- generic plan takes each for 10 rows and may join them in loops)
+        PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);
+    END IF;
+    -- 1. usage and fixed lines of every segment (one set-based rating), the
+    -- cap.  Each period one segment (no plan change): _rate_periods rates
+    -- the periods, cap included, as they are.
+    IF cardinality(s_idx) = cardinality(p_accounts) THEN
+        SELECT array_agg(ROW(r.idx, r.ord, r.kind, r.meter, r.description, r.quantity, r.amount,
+                             r.unrounded_amount, r.charge_id, r.price, NULL, NULL, NULL, NULL, NULL,
+                             NULL, NULL, NULL, NULL, r.dimension)::billing._invoice_line
+                         ORDER BY r.idx, r.ord)
+          INTO l
+          FROM billing._rate_periods(p_accounts, s_plans, p_currencies, p_caps, s_starts, s_ends) r;
+    ELSE
+        -- a plan change: each segment rated on its own from its start to
+        -- its end with its plan, then _segment_lines (a statement of its own:
+        -- the rating's plans stay its own)
+        SELECT array_agg(x.a ORDER BY y.n) AS accounts, array_agg(x.cur ORDER BY y.n) AS currencies
+          INTO sa
+          FROM unnest(s_idx) WITH ORDINALITY AS y(p, n)
+               JOIN unnest(p_accounts, p_currencies) WITH ORDINALITY AS x(a, cur, k) ON x.k = y.p;
+        l := ARRAY(SELECT ROW(r.idx, r.ord, r.kind, r.meter, r.description, r.quantity, r.amount,
+                              r.unrounded_amount, r.charge_id, r.price, NULL, NULL, NULL, NULL,
+                              NULL, NULL, NULL, NULL, NULL, r.dimension)::billing._invoice_line
+                     FROM billing._rate_periods(sa.accounts, s_plans, sa.currencies,
+                                                array_fill(NULL::numeric, ARRAY[cardinality(s_idx)]),
+                                                s_starts, s_ends) r);
+        l := ARRAY(SELECT x FROM billing._segment_lines(l, s_idx, s_plans, s_starts, s_ends,
+                                                        p_currencies, p_caps, p_starts, p_ends) x
+                    ORDER BY x.idx, x.ord);
+    END IF;
+    IF p_rated_only THEN
+        RETURN QUERY SELECT * FROM unnest(l);
+        RETURN;
+    END IF;
+
+    -- 2. what the accounts have (one statement; each subquery routed by the
+    -- accounts on Citus).  From here on, for a few periods (a preview), one
+    -- generic plan per statement and session: planning these statements
+    -- anew costs more than running them.  (Not for many: a generic plan
+    -- takes each array for 10 rows.  Not above: the callees of the rating
+    -- keep their own plans.  Not with Citus loaded: it plans distributed
+    -- statements with their parameters' values.)
+    IF cardinality(p_accounts) <= 16 AND current_setting('citus.version', true) IS NULL THEN
+        PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
+    END IF;
+    IF cardinality(p_accounts) = 1 THEN
+        accs := p_accounts;
+        t_from := p_starts[1];
+        t_to := p_ends[1];
+    ELSE
+        SELECT array_agg(DISTINCT a), min(s), max(e) INTO accs, t_from, t_to
+          FROM unnest(p_accounts, p_starts, p_ends) AS x(a, s, e);
+    END IF;
+    SELECT cw.wins, cw.has_true_ups, cw.has_installments,
+           -- pending adjustments, as lines (the row rebuilt as
+           -- billing.adjustments: on Citus a is a shard's row)
+           (SELECT array_agg(ROW(NULL, a.adjustment_id, 'adjustment', a.meter,
+                                 billing._adjustment_text(ROW(a.*)::billing.adjustments),
+                                 a.new_quantity - a.old_quantity, a.delta, NULL, NULL, NULL,
+                                 a.adjustment_id, NULL, a.account_id, NULL, NULL, NULL, NULL, NULL,
+                                 NULL, a.dimension)::billing._invoice_line)
+              FROM billing.adjustments a
+             WHERE a.account_id = ANY (accs) AND a.billed_invoice_id IS NULL),
+           -- grants with something left, effective before the last period
+           -- ends, with the next window of their commitment (for a rollover)
+           (SELECT array_agg(ROW(g.account_id, g.grant_id, g.priority, g.effective_at, g.expires_at,
+                                 g.applies_to::text[], g.source, l.remaining,
+                                 CASE WHEN g.source = 'commitment' THEN c.rollover_fraction ELSE 0 END,
+                                 nw.starts_at, nw.ends_at,
+                                 coalesce(g.reason, g.source))::billing._credit_state)
+              FROM billing.credit_grants g
+                   JOIN LATERAL (SELECT sum(x.amount) AS remaining FROM billing.credit_ledger x
+                                  WHERE x.account_id = g.account_id AND x.grant_id = g.grant_id) l ON true
+                   LEFT JOIN billing.commitments c
+                          ON c.account_id = g.account_id AND c.commitment_id = g.commitment_id
+                   LEFT JOIN billing.commitment_windows nw
+                          ON nw.account_id = g.account_id AND nw.commitment_id = g.commitment_id
+                         AND nw.window_no = g.window_no + 1
+             WHERE g.account_id = ANY (accs) AND g.voided_at IS NULL AND g.effective_at < t_to
+               AND l.remaining > 0)
+      INTO wins, has_true_ups, has_installments, adjs, grs
+      -- the commitment windows overlapping the periods; minimum ones ending
+      -- in them (true-ups), prepaid ones (installments)
+      FROM (SELECT array_agg(ROW(w.account_id, w.commitment_id, w.window_no, c.kind, w.starts_at,
+                                 w.ends_at, w.amount, c.applies_to::text[], c.installments,
+                                 w.installment_due, w.installment_amounts)::billing._window) AS wins,
+                   coalesce(bool_or(c.kind = 'minimum' AND w.ends_at > t_from AND w.ends_at <= t_to),
+                            false) AS has_true_ups,
+                   coalesce(bool_or(c.kind = 'prepaid'), false) AS has_installments
+              FROM billing.commitment_windows w
+                   JOIN billing.commitments c
+                     ON c.account_id = w.account_id AND c.commitment_id = w.commitment_id
+             WHERE w.account_id = ANY (accs) AND w.starts_at < t_to AND w.ends_at > t_from) cw;
+    IF wins IS NULL AND adjs IS NULL AND grs IS NULL THEN
+        RETURN QUERY SELECT * FROM unnest(l);
+        RETURN;
+    END IF;
+    -- 3. true_up lines: the minimum windows ending in a period, short of
+    -- the eligible spend of the finalized invoices inside the window (each
+    -- invoice's usage, fixed and cap lines plus the adjustments made to it
+    -- since, billed or pending) and of the periods built here
+    IF has_true_ups THEN
+        SELECT array_agg(y.account_id) AS accounts, array_agg(y.commitment_id) AS commitments,
+               array_agg(y.window_no) AS windows, array_agg(y.spend) AS spends
+          INTO sp
+          FROM (SELECT w.account_id, w.commitment_id, w.window_no,
+                       sum(billing._eligible_spend(c.applies_to::text[], b.kinds, b.meters, b.amounts)) AS spend
+                  FROM billing.commitment_windows w
+                       JOIN billing.commitments c
+                         ON c.account_id = w.account_id AND c.commitment_id = w.commitment_id
+                       JOIN billing.invoices i
+                         ON i.account_id = w.account_id AND i.status = 'finalized'
+                        AND i.period_start >= w.starts_at AND i.period_end <= w.ends_at
+                       CROSS JOIN LATERAL (
+                           SELECT array_agg(z.kind) AS kinds, array_agg(z.meter) AS meters,
+                                  array_agg(z.amount) AS amounts
+                             FROM (SELECT x.kind, x.meter::text AS meter, x.amount
+                                     FROM billing.invoice_lines x
+                                    WHERE x.account_id = i.account_id AND x.invoice_id = i.invoice_id
+                                      AND x.kind IN ('usage', 'fixed', 'cap')
+                                   UNION ALL
+                                   SELECT a.line_kind, a.meter::text, a.delta FROM billing.adjustments a
+                                    WHERE a.account_id = i.account_id AND a.invoice_id = i.invoice_id) z) b
+                 WHERE w.account_id = ANY (accs) AND c.kind = 'minimum'
+                   AND w.ends_at > t_from AND w.ends_at <= t_to
+                 GROUP BY w.account_id, w.commitment_id, w.window_no) y;
+        l := l || ARRAY(
+            WITH per AS (
+                SELECT x.n::integer AS idx, x.a AS account_id, x.cur AS currency, x.s AS ps, x.e AS pe
+                  FROM unnest(p_accounts, p_currencies, p_starts, p_ends)
+                       WITH ORDINALITY AS x(a, cur, s, e, n)
+            ), batch AS (
+                -- the periods being built, as (kind, meter, amount) lists
+                SELECT x.idx, array_agg(x.kind) AS kinds, array_agg(x.meter) AS meters,
+                       array_agg(x.amount) AS amounts
+                  FROM unnest(l) x GROUP BY x.idx
+            ), t AS (
+                SELECT per.idx, w.commitment_id, w.window_no, w.starts_at, w.ends_at, per.currency,
+                       w.amount, w.amount
+                       - coalesce((SELECT s.spend
+                                     FROM unnest(sp.accounts, sp.commitments, sp.windows, sp.spends)
+                                          AS s(account_id, commitment_id, window_no, spend)
+                                    WHERE s.account_id = w.account_id AND s.commitment_id = w.commitment_id
+                                      AND s.window_no = w.window_no), 0)
+                       - coalesce((SELECT sum(billing._eligible_spend(w.applies_to, b.kinds, b.meters, b.amounts))
+                                     FROM per p2 JOIN batch b ON b.idx = p2.idx
+                                    WHERE p2.account_id = w.account_id
+                                      AND p2.ps >= w.starts_at AND p2.pe <= w.ends_at), 0) AS short
+                  FROM per JOIN unnest(wins) w
+                         ON w.account_id = per.account_id AND w.kind = 'minimum'
+                        AND w.ends_at > per.ps AND w.ends_at <= per.pe
+            )
+            SELECT ROW(t.idx, 2000000000 + row_number() OVER (PARTITION BY t.idx ORDER BY t.commitment_id, t.window_no),
+                       'true_up', NULL,
+                       format('minimum commitment %s, %s to %s: shortfall', t.commitment_id,
+                              to_char(t.starts_at AT TIME ZONE 'UTC', 'YYYY-MM-DD'),
+                              to_char(t.ends_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')),
+                       -- quantity: the window's eligible spend
+                       t.amount - t.short, billing.round_money(t.short, t.currency), t.short, NULL,
+                       NULL, NULL, t.commitment_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                       NULL)::billing._invoice_line
+              FROM t
+             WHERE billing.round_money(t.short, t.currency) > 0);
+    END IF;
+    -- commitment lines: each installment of a prepaid window on the period
+    -- its schedule puts it in
+    IF has_installments THEN
+        l := l || ARRAY(
+            SELECT ROW(x.n, 3000000000 + row_number() OVER (PARTITION BY x.n ORDER BY w.commitment_id, w.window_no, i.j),
+                       'commitment', NULL,
+                       CASE WHEN w.installments = 1
+                            THEN format('prepaid commitment %s, window %s', w.commitment_id, w.window_no)
+                            ELSE format('prepaid commitment %s, window %s: installment %s of %s',
+                                        w.commitment_id, w.window_no, i.j, w.installments) END,
+                       NULL, i.amount, NULL, NULL, NULL, NULL, w.commitment_id, NULL, NULL, NULL, NULL,
+                       NULL, NULL, NULL, NULL)::billing._invoice_line
+              FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, n)
+                   JOIN unnest(wins) w ON w.account_id = x.a AND w.kind = 'prepaid',
+                   unnest(w.installment_due, w.installment_amounts) WITH ORDINALITY AS i(due, amount, j)
+             WHERE i.due >= x.s AND i.due < x.e);
+    END IF;
+    -- adjustment lines: the account's pending adjustments, on its first period
+    IF adjs IS NOT NULL THEN
+        l := l || ARRAY(
+            SELECT ROW(x.n, 4000000000 + row_number() OVER (PARTITION BY x.n ORDER BY a.adjustment_id),
+                       'adjustment', a.meter, a.description, a.quantity, a.amount, NULL, NULL, NULL,
+                       a.adjustment_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                       a.dimension)::billing._invoice_line
+              FROM unnest(p_accounts, p_first) WITH ORDINALITY AS x(a, f, n)
+                   JOIN unnest(adjs) a ON a.grant_id = x.a
+             WHERE x.f);
+    END IF;
+    -- 4. the credits, after every line above (_credit_draws)
+    IF grs IS NOT NULL THEN
+        l := l || ARRAY(SELECT x FROM billing._credit_draws(p_accounts, p_currencies, p_starts,
+                                                            p_ends, p_book, l, grs) x);
+    END IF;
+    IF cardinality(p_accounts) = 1 THEN
+        RETURN QUERY SELECT * FROM unnest(l);     -- in order already
+    ELSE
+        RETURN QUERY SELECT * FROM unnest(l) x ORDER BY x.idx, x.ord;
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION billing._invoice_build(bigint[], text[], numeric[], timestamptz[], timestamptz[], boolean[], integer[], text[], timestamptz[], timestamptz[], boolean, boolean) IS
+    'Internal: the lines of many billing periods in invoice order (usage and fixed per plan segment, cap, true_up, commitment, adjustment, credit) and the ledger entries they book';
 
 DROP FUNCTION billing._rollup_totals(bigint[], timestamptz[], timestamptz[], text[], text[]);
 DROP FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[]);
 DROP FUNCTION billing._usage_totals_citus(bigint, timestamptz, timestamptz);
 DROP FUNCTION billing._rate_period(bigint, text, text, numeric, timestamptz, timestamptz);
 DROP FUNCTION billing._rate_periods(bigint[], text[], text[], numeric[], timestamptz[], timestamptz[]);
-DROP FUNCTION billing._pending_adjustments(bigint);
 DROP FUNCTION billing.invoice_preview(bigint, timestamptz);
 DROP FUNCTION billing._invoice_preview(bigint, timestamptz);
 DROP FUNCTION billing.remaining(bigint, text, timestamptz);
@@ -2122,7 +4488,10 @@ BEGIN
                    ARRAY(SELECT c.m FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
                           WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d),
                    ARRAY(SELECT c.d FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
-                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d)) t;
+                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d)) t
+        UNION ALL
+        SELECT u.idx, u.meter, u.quantity, u.dimension
+          FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;
         RETURN;
     END IF;
     -- the roll-ups and buckets covering each period, each meter aggregated
@@ -2130,9 +4499,10 @@ BEGIN
     -- folded by the same rule (billing._cell_agg, src/agg.c)
     RETURN QUERY
     WITH ms AS (
-        SELECT array_agg(m.meter::text ORDER BY m.meter) AS meters,
-               array_agg(m.aggregation::text ORDER BY m.meter) AS aggs
+        SELECT coalesce(array_agg(m.meter::text ORDER BY m.meter), '{}') AS meters,
+               coalesce(array_agg(m.aggregation::text ORDER BY m.meter), '{}') AS aggs
           FROM billing.meters m
+         WHERE m.aggregation <> 'unique'
     ), named AS (
         -- the dimensions charged apart, per period and meter
         SELECT DISTINCT c.i AS idx, c.m COLLATE "C" AS meter, c.d COLLATE "C" AS dim
@@ -2163,8 +4533,11 @@ BEGIN
     SELECT f.idx, f.meter::text,
            billing._cell_agg(m.aggregation, f.quantity, f.last_ts, f.last_seq),
            f.dim::text
-      FROM folded f JOIN billing.meters m ON m.meter = f.meter
-     GROUP BY f.idx, f.meter, f.dim, m.aggregation;
+      FROM folded f JOIN billing.meters m ON m.meter = f.meter AND m.aggregation <> 'unique'
+     GROUP BY f.idx, f.meter, f.dim, m.aggregation
+    UNION ALL
+    SELECT u.idx, u.meter, u.quantity, u.dimension
+      FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;
 END
 $$;
 COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[], integer[], text[], text[]) IS
@@ -2205,7 +4578,7 @@ BEGIN
     RETURN QUERY
     WITH cells AS (
         SELECT m.meter, c.dimension, c.quantity, c.last_ts, c.last_seq
-          FROM billing.meters m
+          FROM billing.meters m   -- (unique meters: _usage_totals_unique)
                CROSS JOIN LATERAL (
                    SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
                     WHERE u.account_id = p_account AND u.meter = m.meter
@@ -2227,6 +4600,7 @@ BEGIN
                     WHERE u.account_id = p_account AND u.meter = m.meter
                       AND u.bucket_start >= d0 AND u.bucket_start < d1
                ) c
+         WHERE m.aggregation <> 'unique'
         UNION ALL
         -- not yet compacted
         SELECT x.meter, x.dimension, x.quantity, x.last_ts,
@@ -2241,7 +4615,7 @@ BEGIN
     SELECT c.meter::text,
            billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq),
            c.dim::text
-      FROM keyed c JOIN billing.meters m ON m.meter = c.meter
+      FROM keyed c JOIN billing.meters m ON m.meter = c.meter AND m.aggregation <> 'unique'
      GROUP BY c.meter, c.dim, m.aggregation;
 END
 $$;
@@ -2357,11 +4731,11 @@ BEGIN
                'spend cap'::text AS description, NULL::numeric AS quantity,
                NULL::numeric AS unrounded_amount, NULL::bigint AS charge_id,
                NULL::billing.price AS price, NULL::text AS dimension,
-               billing.round_money(per.cap, per.currency) - sum(l.amount) AS amount
+               billing._cap_amount(per.cap, per.currency, sum(l.amount)) AS amount
           FROM per JOIN lines l ON l.idx = per.idx AND l.kind = 'usage'
          WHERE per.cap IS NOT NULL
          GROUP BY per.idx, per.cap, per.currency
-        HAVING sum(l.amount) > billing.round_money(per.cap, per.currency)
+        HAVING billing._cap_amount(per.cap, per.currency, sum(l.amount)) IS NOT NULL
     )
     SELECT l.idx, l.ord, l.kind, l.meter, l.description, l.quantity, l.amount,
            l.unrounded_amount, l.charge_id, l.price, l.dimension
@@ -2391,27 +4765,6 @@ $$;
 COMMENT ON FUNCTION billing._rate_period(bigint, text, text, numeric, timestamptz, timestamptz) IS
     'Internal: the rated lines of one billing period';
 
--- pending adjustments of an account, as invoice lines
-CREATE FUNCTION billing._pending_adjustments(p_account bigint)
-    RETURNS TABLE (adjustment_id bigint, meter text, description text, quantity numeric,
-                   amount numeric, dimension text)
-    LANGUAGE plpgsql STABLE
-    SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN
-    -- PL/pgSQL, not SQL: Citus routes the query by p_account's value
-    RETURN QUERY
-    SELECT a.adjustment_id, a.meter::text,
-           -- the row rebuilt as billing.adjustments (on Citus a is a shard's row)
-           billing._adjustment_text(ROW(a.*)::billing.adjustments),
-           a.new_quantity - a.old_quantity, a.delta, a.dimension::text
-      FROM billing.adjustments a
-     WHERE a.account_id = p_account AND a.billed_invoice_id IS NULL
-     ORDER BY a.adjustment_id;
-END
-$$;
-COMMENT ON FUNCTION billing._pending_adjustments(bigint) IS
-    'Internal: adjustments of an account not yet carried by an invoice';
-
 CREATE FUNCTION billing._invoice_preview(p_account bigint, p_at timestamptz)
     RETURNS TABLE (r_line_no int, r_kind text, r_meter text, r_description text,
                    r_period_start timestamptz, r_period_end timestamptz,
@@ -2421,26 +4774,28 @@ CREATE FUNCTION billing._invoice_preview(p_account bigint, p_at timestamptz)
 DECLARE
     p record;
 BEGIN
-    SELECT * INTO p FROM billing._period_at(p_account, p_at);
-    IF p.plan IS NULL THEN
-        RETURN;
+    -- the period's segments (its spend cap: the last one's)
+    SELECT min(s.segment_start) AS ps, max(s.segment_end) AS pe, min(s.currency) AS currency,
+           (array_agg(s.spend_cap ORDER BY s.segment_start DESC))[1] AS cap,
+           array_agg(s.plan ORDER BY s.segment_start) AS plans,
+           array_agg(s.segment_start ORDER BY s.segment_start) AS starts,
+           array_agg(s.segment_end ORDER BY s.segment_start) AS ends
+      INTO p
+      FROM billing._segments(ARRAY[p_account], ARRAY[p_at]) s;
+    IF p.plans IS NULL THEN
+        RETURN;               -- no subscription at p_at
     END IF;
+    -- the build's rows come in invoice order; without booking, all are lines
     RETURN QUERY
-    WITH lines AS (
-        SELECT r.ord::bigint AS ord, r.kind, r.meter, r.description, r.quantity, r.amount,
-               r.dimension
-          FROM billing._rate_periods(ARRAY[p_account], ARRAY[p.plan], ARRAY[p.currency],
-                                     ARRAY[p.spend_cap], ARRAY[p.period_start],
-                                     ARRAY[p.period_end]) r
-        UNION ALL
-        SELECT 1000000 + row_number() OVER (ORDER BY a.adjustment_id), 'adjustment', a.meter,
-               a.description, a.quantity, a.amount, a.dimension
-          FROM billing._pending_adjustments(p_account) a
-    )
-    SELECT (row_number() OVER (ORDER BY l.ord))::integer, l.kind, l.meter, l.description,
-           p.period_start, p.period_end, l.quantity, l.amount, l.dimension
-      FROM lines l
-     ORDER BY l.ord;
+    SELECT b.n::integer, b.kind, b.meter, b.description, p.ps, p.pe, b.quantity, b.amount,
+           b.dimension
+      FROM billing._invoice_build(ARRAY[p_account], ARRAY[p.currency], ARRAY[p.cap], ARRAY[p.ps],
+                                  ARRAY[p.pe], ARRAY[true], array_fill(1, ARRAY[cardinality(p.plans)]),
+                                  p.plans, p.starts, p.ends)
+               WITH ORDINALITY AS b(idx, ord, kind, meter, description, quantity, amount,
+                                    unrounded_amount, charge_id, price, adjustment_id,
+                                    commitment_id, grant_id, segment_start, segment_end,
+                                    proration, effective_at, expires_at, source_grant, dimension, n);
 END
 $$;
 COMMENT ON FUNCTION billing._invoice_preview(bigint, timestamptz) IS 'Internal: the body of invoice_preview';
@@ -2455,7 +4810,7 @@ CREATE FUNCTION billing.invoice_preview(account_id bigint, at timestamptz DEFAUL
     SELECT * FROM billing._invoice_preview($1, $2)
 $$;
 COMMENT ON FUNCTION billing.invoice_preview(bigint, timestamptz) IS
-    'The bill of the period holding at, as it stands: every line rounded to the currency''s minor unit, the spend cap, pending adjustments; a matrix charge''s line carries its dimension';
+    'The bill of the period holding at, as it stands: every line rounded to the currency''s minor unit, the spend cap, true-ups, commitment installments, pending adjustments and credits; a matrix charge''s line carries its dimension';
 
 CREATE FUNCTION billing.remaining(account_id bigint, meter text,
                                   at timestamptz DEFAULT pg_catalog.now(),
@@ -2466,6 +4821,7 @@ CREATE FUNCTION billing.remaining(account_id bigint, meter text,
 DECLARE
     per record;
     line record;
+    lines billing._invoice_line[];
     others numeric;
     budget numeric;
     q0 numeric;
@@ -2486,30 +4842,33 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM billing.meters m WHERE m.meter = remaining.meter) THEN
         RAISE EXCEPTION 'meter "%" does not exist', remaining.meter USING ERRCODE = '23503';
     END IF;
-    SELECT * INTO per FROM billing._period_at(remaining.account_id, at);
-    IF per.plan IS NULL THEN
+    -- the period holding at, whose spend cap bounds the usage lines of
+    -- every plan segment (credits do not count: the cap bounds usage before)
+    SELECT s.spend_cap, s.currency INTO per
+      FROM billing._segments(ARRAY[remaining.account_id], ARRAY[at]) s
+     ORDER BY s.segment_start DESC LIMIT 1;
+    IF NOT FOUND THEN
         RETURN 0;                 -- no subscription: nothing can be billed
     END IF;
     IF per.spend_cap IS NULL THEN
         RETURN NULL;              -- no cap: unlimited
     END IF;
-
-    -- the line rating the dimension (the charge naming it, else the rest
-    -- of the meter), and the sum of the other usage lines
-    SELECT x.quantity, x.price, x.others INTO line
-      FROM (SELECT l.meter, l.dimension, l.quantity, l.price,
-                   sum(l.amount) OVER () - l.amount AS others
-              FROM billing._rate_period(remaining.account_id, per.plan, per.currency,
-                                        per.spend_cap, per.period_start, per.period_end) l
-             WHERE l.kind = 'usage') x
+    lines := ARRAY(SELECT b.line
+                     FROM billing._period_build(ARRAY[remaining.account_id], ARRAY[at], true) b
+                    WHERE (b.line).kind = 'usage');
+    -- the line rating the dimension in the plan segment holding at (the
+    -- charge naming it, else the rest of the meter)
+    SELECT x.quantity, x.price, x.ord INTO line
+      FROM unnest(lines) x
      WHERE x.meter = remaining.meter
        AND (x.dimension = coalesce(remaining.dimension, '') OR x.dimension IS NULL)
+       AND (x.segment_start IS NULL OR (x.segment_start <= at AND at < x.segment_end))
      ORDER BY x.dimension IS NULL
      LIMIT 1;
     IF NOT FOUND THEN
         RETURN NULL;              -- the plan does not bill this meter (or dimension)
     END IF;
-    others := line.others;
+    SELECT coalesce(sum(x.amount), 0) INTO others FROM unnest(lines) x WHERE x.ord <> line.ord;
     budget := billing.round_money(per.spend_cap, per.currency) - others;
     q0 := line.quantity;
     IF NOT billing._fits(line.price, q0, per.currency, budget) THEN
@@ -2579,7 +4938,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing.remaining(bigint, text, timestamptz, text) IS
-    'Whole units of a meter (of one dimension, by default '''') that can still be used this period before the usage lines exceed the spend cap (NULL: unlimited)';
+    'Whole units of a meter (of one dimension, by default '''') that can still be used this period before the usage lines (of every plan segment) exceed the spend cap (NULL: unlimited)';
 
 /*
  * _rerate_diff: for each finalized invoice overlapping [from_ts, to_ts) (of
@@ -2599,100 +4958,80 @@ CREATE FUNCTION billing._rerate_diff(from_ts timestamptz, to_ts timestamptz, p_a
     RETURNS TABLE (account_id bigint, invoice_id bigint, line_kind text, meter text,
                    description text, billed_quantity numeric, billed_amount numeric,
                    correct_quantity numeric, correct_amount numeric, delta numeric,
-                   dimension text)
+                   segment_start timestamptz, dimension text)
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp
     -- JIT compiles these large plans for longer than they run
     SET jit = off AS $$
 #variable_conflict use_column
 DECLARE
-    inv record;     -- the invoices, and today's bounds of the periods still covered
-    cor record;     -- today's lines
-    bil record;     -- the lines billed
-    adj record;     -- the adjustments made since
+    inv record;     -- the invoices
+    cor billing._invoice_line[];    -- today's lines (idx: the invoice's place in inv)
+    bil record;     -- the lines billed, and the adjustments made since
 BEGIN
-    -- 1. the invoices; a period the subscription no longer covers bills nothing
-    SELECT array_agg(x.account_id ORDER BY x.account_id, x.invoice_id) AS accounts,
-           array_agg(x.invoice_id ORDER BY x.account_id, x.invoice_id) AS invoices,
-           array_agg(x.account_id ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_accounts,
-           array_agg(x.invoice_id ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_invoices,
-           array_agg(x.plan ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_plans,
-           array_agg(x.currency ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_currencies,
-           array_agg(x.spend_cap ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_caps,
-           array_agg(x.period_start ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_starts,
-           array_agg(x.pe ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_ends
+    -- 1. the invoices
+    SELECT array_agg(i.account_id ORDER BY i.account_id, i.invoice_id) AS accounts,
+           array_agg(i.invoice_id ORDER BY i.account_id, i.invoice_id) AS invoices,
+           array_agg(i.period_start ORDER BY i.account_id, i.invoice_id) AS starts
       INTO inv
-      FROM (SELECT i.account_id, i.invoice_id, i.plan, i.currency, i.period_start, s.spend_cap,
-                   s.starts_at IS NOT NULL AS covered,
-                   LEAST(billing._add_periods(s.starts_at, p.period,
-                             billing._period_index(s.starts_at, p.period, i.period_start) + 1),
-                         s.ends_at) AS pe
-              FROM billing.invoices i
-                   JOIN billing.plans p ON p.plan = i.plan
-                   LEFT JOIN billing.subscriptions s
-                          ON s.account_id = i.account_id AND s.plan = i.plan
-                         AND s.starts_at <= i.period_start
-                         AND i.period_start < coalesce(s.ends_at, 'infinity')
-             WHERE i.status = 'finalized'
-               AND i.period_start < to_ts AND i.period_end > from_ts
-               AND (p_account IS NULL OR i.account_id = p_account)) x;
+      FROM billing.invoices i
+     WHERE i.status = 'finalized'
+       AND i.period_start < to_ts AND i.period_end > from_ts
+       AND (p_account IS NULL OR i.account_id = p_account);
     IF inv.accounts IS NULL THEN
         RETURN;
     END IF;
-    -- 2. today's lines, all periods in one set-based rating
-    SELECT array_agg(r.idx ORDER BY r.idx, r.ord) AS ks, array_agg(r.kind ORDER BY r.idx, r.ord) AS kinds,
-           array_agg(r.meter ORDER BY r.idx, r.ord) AS meters,
-           array_agg(r.description ORDER BY r.idx, r.ord) AS descriptions,
-           array_agg(r.quantity ORDER BY r.idx, r.ord) AS quantities,
-           array_agg(r.amount ORDER BY r.idx, r.ord) AS amounts,
-           array_agg(r.dimension ORDER BY r.idx, r.ord) AS dimensions
+    -- 2. today's lines of each invoice's period (every plan segment, the
+    -- cap); a period no subscription covers any more bills nothing
+    SELECT array_agg(ROW(k.n, (b.line).ord, (b.line).kind, (b.line).meter, (b.line).description,
+                         (b.line).quantity, (b.line).amount, NULL, NULL, NULL, NULL, NULL, NULL,
+                         (b.line).segment_start, NULL, NULL, NULL, NULL, NULL,
+                         (b.line).dimension)::billing._invoice_line)
       INTO cor
-      FROM billing._rate_periods(inv.c_accounts, inv.c_plans, inv.c_currencies, inv.c_caps,
-                                 inv.c_starts, inv.c_ends) r;
-    -- 3. what was billed: the lines, and the adjustments made since
-    SELECT array_agg(l.account_id) AS accounts, array_agg(l.invoice_id) AS invoices,
-           array_agg(l.kind) AS kinds, array_agg(l.meter::text) AS meters,
-           array_agg(l.description) AS descriptions, array_agg(l.quantity) AS quantities,
-           array_agg(l.amount) AS amounts, array_agg(l.dimension::text) AS dimensions
+      FROM billing._period_build(inv.accounts, inv.starts, true) b
+           JOIN unnest(inv.accounts, inv.starts) WITH ORDINALITY AS k(a, s, n)
+             ON k.a = b.account_id AND k.s = b.period_start;
+    -- 3. what was billed: the rated lines, and the adjustments made since
+    SELECT array_agg(y.account_id) AS accounts, array_agg(y.invoice_id) AS invoices,
+           array_agg(y.kind) AS kinds, array_agg(y.meter) AS meters,
+           array_agg(y.description) AS descriptions, array_agg(y.quantity) AS quantities,
+           array_agg(y.amount) AS amounts, array_agg(y.segment_start) AS segments,
+           array_agg(y.dimension) AS dimensions
       INTO bil
-      FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
-           JOIN billing.invoice_lines l
-             ON l.account_id = v.account_id AND l.invoice_id = v.invoice_id
-     WHERE l.kind <> 'adjustment';
-    SELECT array_agg(a.account_id) AS accounts, array_agg(a.invoice_id) AS invoices,
-           array_agg(a.line_kind) AS kinds, array_agg(a.meter::text) AS meters,
-           array_agg(a.description) AS descriptions,
-           array_agg(a.new_quantity - a.old_quantity) AS quantities, array_agg(a.delta) AS amounts,
-           array_agg(a.dimension::text) AS dimensions
-      INTO adj
-      FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
-           JOIN billing.adjustments a
-             ON a.account_id = v.account_id AND a.invoice_id = v.invoice_id;
+      FROM (SELECT l.account_id, l.invoice_id, l.kind, l.meter::text AS meter, l.description,
+                   l.quantity, l.amount, l.segment_start, l.dimension::text AS dimension
+              FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
+                   JOIN billing.invoice_lines l
+                     ON l.account_id = v.account_id AND l.invoice_id = v.invoice_id
+             WHERE l.kind IN ('usage', 'fixed', 'cap')
+            UNION ALL
+            SELECT a.account_id, a.invoice_id, a.line_kind, a.meter::text, a.description,
+                   a.new_quantity - a.old_quantity, a.delta, a.segment_start, a.dimension::text
+              FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
+                   JOIN billing.adjustments a
+                     ON a.account_id = v.account_id AND a.invoice_id = v.invoice_id) y;
     -- 4. compare (reads no table)
     RETURN QUERY
-    WITH correct AS (
-        SELECT inv.c_accounts[u.k] AS account_id, inv.c_invoices[u.k] AS invoice_id, u.kind,
-               u.meter, u.description, u.quantity, u.amount, u.dimension
-          FROM unnest(cor.ks, cor.kinds, cor.meters, cor.descriptions, cor.quantities, cor.amounts,
-                      cor.dimensions)
-                   AS u(k, kind, meter, description, quantity, amount, dimension)
-    ), billed AS (
-        SELECT * FROM unnest(bil.accounts, bil.invoices, bil.kinds, bil.meters, bil.descriptions,
-                             bil.quantities, bil.amounts, bil.dimensions)
-                          AS b(account_id, invoice_id, kind, meter, description, quantity, amount,
-                               dimension)
-        UNION ALL
-        SELECT * FROM unnest(adj.accounts, adj.invoices, adj.kinds, adj.meters, adj.descriptions,
-                             adj.quantities, adj.amounts, adj.dimensions)
-                          AS b(account_id, invoice_id, kind, meter, description, quantity, amount,
-                               dimension)
+    WITH invs AS (
+        SELECT k.n::integer AS n, k.a AS account_id, k.i AS invoice_id, k.s AS period_start
+          FROM unnest(inv.accounts, inv.invoices, inv.starts) WITH ORDINALITY AS k(a, i, s, n)
+    ), correct AS (
+        SELECT invs.account_id, invs.invoice_id, c.kind, c.meter, c.description, c.quantity,
+               c.amount, c.segment_start, coalesce(c.segment_start, invs.period_start) AS seg,
+               c.dimension
+          FROM unnest(cor) c JOIN invs ON invs.n = c.idx
     ), billed_sum AS (
         SELECT b.account_id, b.invoice_id, b.kind, b.meter, b.dimension::text AS dimension,
                CASE WHEN b.kind = 'fixed' THEN b.description END AS fixed_key,
-               max(b.description) AS description,
+               coalesce(b.segment_start, invs.period_start) AS seg,
+               max(b.segment_start) AS segment_start, max(b.description) AS description,
                sum(b.quantity) AS quantity, sum(b.amount) AS amount
-          FROM billed b
-         GROUP BY 1, 2, 3, 4, 5, 6
+          FROM unnest(bil.accounts, bil.invoices, bil.kinds, bil.meters, bil.descriptions,
+                      bil.quantities, bil.amounts, bil.segments, bil.dimensions)
+                   AS b(account_id, invoice_id, kind, meter, description, quantity, amount,
+                        segment_start, dimension)
+               JOIN invs ON invs.account_id = b.account_id AND invs.invoice_id = b.invoice_id
+         GROUP BY 1, 2, 3, 4, 5, 6, 7
     )
     SELECT coalesce(c.account_id, b.account_id), coalesce(c.invoice_id, b.invoice_id),
            coalesce(c.kind, b.kind), coalesce(c.meter, b.meter),
@@ -2703,11 +5042,11 @@ BEGIN
            CASE WHEN coalesce(c.kind, b.kind) = 'usage' THEN coalesce(c.quantity, 0) ELSE c.quantity END,
            coalesce(c.amount, 0),
            coalesce(c.amount, 0) - coalesce(b.amount, 0),
-           coalesce(c.dimension, b.dimension)
+           coalesce(c.segment_start, b.segment_start), coalesce(c.dimension, b.dimension)
       FROM correct c
            FULL JOIN billed_sum b
                   ON b.account_id = c.account_id AND b.invoice_id = c.invoice_id
-                 AND b.kind = c.kind
+                 AND b.seg = c.seg AND b.kind = c.kind
                  AND b.meter IS NOT DISTINCT FROM c.meter
                  AND b.dimension IS NOT DISTINCT FROM c.dimension
                  AND b.fixed_key IS NOT DISTINCT FROM CASE WHEN c.kind = 'fixed' THEN c.description END;
@@ -2753,13 +5092,14 @@ BEGIN
     ), written AS (
         INSERT INTO billing.adjustments (account_id, invoice_id, line_kind, meter, description,
                                          old_quantity, new_quantity, old_amount, new_amount, delta,
-                                         reason, dimension)
+                                         reason, segment_start, dimension)
         SELECT d.account_id, d.invoice_id, d.line_kind, d.meter, d.description,
                d.billed_quantity, d.correct_quantity, d.billed_amount, d.correct_amount, d.delta,
-               coalesce(p_reason, 're-rate'), d.dimension
+               coalesce(p_reason, 're-rate'), d.segment_start, d.dimension
           FROM d
-         -- adjustment ids in invoice line order (fixed fees, usage, the cap)
-         ORDER BY d.account_id, d.invoice_id,
+         -- adjustment ids in invoice line order (plan segments; fixed fees,
+         -- usage, the cap)
+         ORDER BY d.account_id, d.invoice_id, d.segment_start NULLS LAST,
                   CASE d.line_kind WHEN 'fixed' THEN 1 WHEN 'usage' THEN 2 ELSE 3 END,
                   d.description, d.meter, d.dimension NULLS FIRST
     )
@@ -2823,37 +5163,48 @@ BEGIN
        FOR NO KEY UPDATE;
 
     RETURN QUERY
-    WITH due AS (
-        SELECT d.*, nextval('billing.invoice_id_seq') AS invoice_id,
-               (row_number() OVER (ORDER BY d.account_id, d.period_start))::integer AS k,
-               row_number() OVER (PARTITION BY d.account_id ORDER BY d.period_start) = 1 AS first_of_account
-          FROM billing._due_periods(cutoff) d
-    ), arrays AS (
-        SELECT array_agg(account_id ORDER BY k) AS accounts, array_agg(plan ORDER BY k) AS plans,
-               array_agg(currency ORDER BY k) AS currencies, array_agg(spend_cap ORDER BY k) AS caps,
-               array_agg(period_start ORDER BY k) AS starts, array_agg(period_end ORDER BY k) AS ends
+    WITH d AS MATERIALIZED (
+        SELECT * FROM billing._due_periods(cutoff)
+    ), due AS (
+        SELECT p.*, nextval('billing.invoice_id_seq') AS invoice_id,
+               (row_number() OVER (ORDER BY p.account_id, p.period_start))::integer AS k,
+               row_number() OVER (PARTITION BY p.account_id ORDER BY p.period_start) = 1 AS first_of_account
+          FROM (SELECT DISTINCT d.account_id, d.plan, d.currency, d.spend_cap, d.period_start,
+                       d.period_end FROM d) p
+    ), pa AS (
+        SELECT array_agg(due.account_id ORDER BY due.k) AS accounts,
+               array_agg(due.currency ORDER BY due.k) AS currencies,
+               array_agg(due.spend_cap ORDER BY due.k) AS caps,
+               array_agg(due.period_start ORDER BY due.k) AS starts,
+               array_agg(due.period_end ORDER BY due.k) AS ends,
+               array_agg(due.first_of_account ORDER BY due.k) AS firsts
           FROM due
-    ), rated AS (
-        SELECT due.account_id, due.invoice_id, r.ord::bigint AS ord, r.kind, r.meter,
-               r.description, r.quantity, r.amount, r.unrounded_amount, r.charge_id, r.price,
-               NULL::bigint AS adjustment_id, r.dimension
-          FROM arrays a,
-               LATERAL billing._rate_periods(a.accounts, a.plans, a.currencies, a.caps,
-                                             a.starts, a.ends) r
-               JOIN due ON due.k = r.idx
-        UNION ALL
-        SELECT due.account_id, due.invoice_id,
-               1000000 + row_number() OVER (PARTITION BY adj.account_id ORDER BY adj.adjustment_id),
-               'adjustment', adj.meter,
-               billing._adjustment_text(adj),
-               adj.new_quantity - adj.old_quantity, adj.delta, NULL, NULL, NULL, adj.adjustment_id,
-               adj.dimension::text
-          FROM due JOIN billing.adjustments adj
-                 ON adj.account_id = due.account_id AND adj.billed_invoice_id IS NULL
-         WHERE due.first_of_account
+    ), sa AS (
+        SELECT array_agg(due.k ORDER BY due.k, d.segment_start) AS idx,
+               array_agg(d.segment_plan ORDER BY due.k, d.segment_start) AS plans,
+               array_agg(d.segment_start ORDER BY due.k, d.segment_start) AS starts,
+               array_agg(d.segment_end ORDER BY due.k, d.segment_start) AS ends
+          FROM d JOIN due ON due.account_id = d.account_id AND due.period_start = d.period_start
+    ), built AS MATERIALIZED (
+        SELECT due.account_id, due.invoice_id, x.*
+          FROM pa, sa,
+               LATERAL billing._invoice_build(pa.accounts, pa.currencies, pa.caps, pa.starts, pa.ends,
+                                              pa.firsts, sa.idx, sa.plans, sa.starts, sa.ends,
+                                              false, true) x
+               JOIN due ON due.k = x.idx
+    ), new_grants AS MATERIALIZED (
+        SELECT b.account_id, b.grant_id AS placeholder,
+               nextval('billing.credit_grant_id_seq') AS grant_id, b.amount, b.effective_at,
+               b.expires_at, b.source_grant
+          FROM built b WHERE b.kind = 'grant'
+    ), mapped AS (
+        SELECT b.*, coalesce(ng.grant_id, b.grant_id) AS real_grant_id
+          FROM built b LEFT JOIN new_grants ng
+                 ON ng.account_id = b.account_id AND ng.placeholder = b.grant_id
     ), numbered AS (
-        SELECT r.*, (row_number() OVER (PARTITION BY r.invoice_id ORDER BY r.ord))::integer AS line_no
-          FROM rated r
+        SELECT m.*, (row_number() OVER (PARTITION BY m.invoice_id ORDER BY m.ord))::integer AS line_no
+          FROM mapped m
+         WHERE m.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit')
     ), totals AS (
         SELECT n.invoice_id, sum(n.amount) AS total FROM numbered n GROUP BY n.invoice_id
     ), invoices_written AS (
@@ -2868,12 +5219,38 @@ BEGIN
     ), lines_written AS (
         INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
                                           description, quantity, amount, unrounded_amount,
-                                          charge_id, price, adjustment_id, dimension)
+                                          charge_id, price, adjustment_id, segment_start,
+                                          segment_end, proration, commitment_id, grant_id, dimension)
         SELECT n.account_id, n.invoice_id, n.line_no, n.kind, n.meter, n.description, n.quantity,
-               n.amount, n.unrounded_amount, n.charge_id, n.price, n.adjustment_id, n.dimension
+               n.amount, n.unrounded_amount, n.charge_id, n.price, n.adjustment_id,
+               n.segment_start, n.segment_end, n.proration, n.commitment_id, n.real_grant_id,
+               n.dimension
           FROM numbered n
         RETURNING billing.invoice_lines.account_id, billing.invoice_lines.invoice_id,
                   billing.invoice_lines.adjustment_id
+    ), grants_written AS (
+        INSERT INTO billing.credit_grants (account_id, grant_id, amount, effective_at, expires_at,
+                                           priority, applies_to, source, reason, commitment_id,
+                                           window_no, rolled_from)
+        SELECT ng.account_id, ng.grant_id, ng.amount, ng.effective_at, ng.expires_at, g.priority,
+               g.applies_to, 'rollover', format('rollover of grant %s', g.grant_id),
+               g.commitment_id, g.window_no + 1, g.grant_id
+          FROM new_grants ng
+               JOIN billing.credit_grants g
+                 ON g.account_id = ng.account_id AND g.grant_id = ng.source_grant
+        RETURNING 1
+    ), ledger_written AS (
+        INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at,
+                                           invoice_id)
+        SELECT m.account_id,
+               h.seq + row_number() OVER (PARTITION BY m.account_id ORDER BY m.idx, m.ord),
+               m.real_grant_id, CASE WHEN m.kind = 'credit' THEN 'draw' ELSE m.kind END, m.amount,
+               m.effective_at, CASE WHEN m.kind = 'credit' THEN m.invoice_id END
+          FROM mapped m
+               CROSS JOIN LATERAL (SELECT coalesce(max(x.seq), 0) AS seq FROM billing.credit_ledger x
+                                    WHERE x.account_id = m.account_id) h
+         WHERE m.kind IN ('credit', 'expire', 'rollover', 'grant')
+        RETURNING 1
     ), carried AS (
         UPDATE billing.adjustments adj SET billed_invoice_id = w.invoice_id
           FROM lines_written w
@@ -2903,79 +5280,81 @@ CREATE OR REPLACE FUNCTION billing._finalize_citus(cutoff timestamptz)
     LANGUAGE plpgsql
     SET search_path = pg_catalog, billing, pg_temp AS $$
 DECLARE
-    s record;
+    acc bigint;
     per record;
+    first boolean;
     inv bigint;
-    l_no integer[];
-    l_kind text[];
-    l_meter text[];
-    l_description text[];
-    l_quantity numeric[];
-    l_amount numeric[];
-    l_unrounded numeric[];
-    l_charge bigint[];
-    l_price billing.price[];
-    l_adjustment bigint[];
-    l_dimension text[];
+    b billing._invoice_line[];
+    ids bigint[];
     l_total numeric;
+    seq0 bigint;
 BEGIN
-    FOR s IN
-        SELECT sub.account_id, sub.plan, sub.starts_at, sub.ends_at, sub.spend_cap,
-               p.period, p.currency
-          FROM billing.subscriptions sub JOIN billing.plans p ON p.plan = sub.plan
-         WHERE sub.starts_at < cutoff
-         ORDER BY sub.account_id, sub.starts_at
-    LOOP
-        PERFORM 1 FROM billing.accounts a WHERE a.account_id = s.account_id FOR NO KEY UPDATE;
+    FOR acc IN SELECT DISTINCT d.account_id FROM billing._due_periods(cutoff) d ORDER BY 1 LOOP
+        PERFORM 1 FROM billing.accounts a WHERE a.account_id = acc FOR NO KEY UPDATE;
+        first := true;
+        -- the account's due periods, looked up again under its lock
         FOR per IN
-            SELECT ps, pe
-              FROM generate_series(0,
-                       CASE WHEN s.ends_at IS NOT NULL AND s.ends_at <= cutoff
-                            THEN billing._period_index(s.starts_at, s.period, s.ends_at - interval '1 microsecond')
-                            ELSE billing._period_index(s.starts_at, s.period, cutoff) - 1 END) AS n,
-                   LATERAL (SELECT billing._add_periods(s.starts_at, s.period, n) AS ps,
-                                   LEAST(billing._add_periods(s.starts_at, s.period, n + 1), s.ends_at) AS pe) b
-             WHERE pe <= cutoff
-               AND NOT EXISTS (SELECT 1 FROM billing.invoices i
-                                WHERE i.account_id = s.account_id AND i.period_start = b.ps)
-             ORDER BY n
+            SELECT d.plan, d.currency, d.spend_cap, d.period_start, d.period_end,
+                   array_agg(d.segment_plan ORDER BY d.segment_start) AS plans,
+                   array_agg(d.segment_start ORDER BY d.segment_start) AS starts,
+                   array_agg(d.segment_end ORDER BY d.segment_start) AS ends
+              FROM billing._due_periods(cutoff) d
+             WHERE d.account_id = acc
+             GROUP BY 1, 2, 3, 4, 5
+             ORDER BY d.period_start
         LOOP
             inv := nextval('billing.invoice_id_seq');
-            SELECT coalesce(array_agg(n.line_no ORDER BY n.line_no), '{}'),
-                   array_agg(n.kind ORDER BY n.line_no), array_agg(n.meter ORDER BY n.line_no),
-                   array_agg(n.description ORDER BY n.line_no), array_agg(n.quantity ORDER BY n.line_no),
-                   array_agg(n.amount ORDER BY n.line_no), array_agg(n.unrounded_amount ORDER BY n.line_no),
-                   array_agg(n.charge_id ORDER BY n.line_no), array_agg(n.price ORDER BY n.line_no),
-                   array_agg(n.adjustment_id ORDER BY n.line_no),
-                   array_agg(n.dimension ORDER BY n.line_no), coalesce(sum(n.amount), 0)
-              INTO l_no, l_kind, l_meter, l_description, l_quantity, l_amount, l_unrounded,
-                   l_charge, l_price, l_adjustment, l_dimension, l_total
-              FROM (SELECT (row_number() OVER (ORDER BY x.ord))::integer AS line_no, x.*
-                      FROM (SELECT r.ord::bigint AS ord, r.kind, r.meter, r.description, r.quantity,
-                                   r.amount, r.unrounded_amount, r.charge_id, r.price,
-                                   NULL::bigint AS adjustment_id, r.dimension
-                              FROM billing._rate_period(s.account_id, s.plan, s.currency, s.spend_cap,
-                                                        per.ps, per.pe) r
-                            UNION ALL
-                            SELECT 1000000 + row_number() OVER (ORDER BY a.adjustment_id), 'adjustment',
-                                   a.meter, a.description, a.quantity, a.amount, NULL, NULL, NULL,
-                                   a.adjustment_id, a.dimension
-                              FROM billing._pending_adjustments(s.account_id) a) x) n;
+            b := ARRAY(SELECT x FROM billing._invoice_build(
+                           ARRAY[acc], ARRAY[per.currency], ARRAY[per.spend_cap],
+                           ARRAY[per.period_start], ARRAY[per.period_end], ARRAY[first],
+                           array_fill(1, ARRAY[cardinality(per.plans)]), per.plans, per.starts,
+                           per.ends, false, true) x);
+            first := false;
+            -- ids of the rollover grants (named -1, -2, ... by the build)
+            ids := ARRAY(SELECT nextval('billing.credit_grant_id_seq')
+                           FROM unnest(b) x WHERE x.kind = 'grant' ORDER BY x.grant_id DESC);
+            SELECT coalesce(sum(x.amount), 0) INTO l_total FROM unnest(b) x
+             WHERE x.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit');
             INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
                                           currency, total)
-            VALUES (s.account_id, inv, s.plan, per.ps, per.pe, s.currency, l_total);
+            VALUES (acc, inv, per.plan, per.period_start, per.period_end, per.currency, l_total);
             INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
                                               description, quantity, amount, unrounded_amount,
-                                              charge_id, price, adjustment_id, dimension)
-            SELECT s.account_id, inv, u.*
-              FROM unnest(l_no, l_kind, l_meter, l_description, l_quantity, l_amount, l_unrounded,
-                          l_charge, l_price, l_adjustment, l_dimension) u;
+                                              charge_id, price, adjustment_id, segment_start,
+                                              segment_end, proration, commitment_id, grant_id,
+                                              dimension)
+            SELECT acc, inv, (row_number() OVER (ORDER BY x.ord))::integer, x.kind, x.meter,
+                   x.description, x.quantity, x.amount, x.unrounded_amount, x.charge_id, x.price,
+                   x.adjustment_id, x.segment_start, x.segment_end, x.proration, x.commitment_id,
+                   CASE WHEN x.grant_id < 0 THEN ids[-x.grant_id] ELSE x.grant_id END, x.dimension
+              FROM unnest(b) x
+             WHERE x.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit');
+            INSERT INTO billing.credit_grants (account_id, grant_id, amount, effective_at, expires_at,
+                                               priority, applies_to, source, reason, commitment_id,
+                                               window_no, rolled_from)
+            SELECT acc, ids[-x.grant_id], x.amount, x.effective_at, x.expires_at, g.priority,
+                   g.applies_to, 'rollover', format('rollover of grant %s', g.grant_id),
+                   g.commitment_id, g.window_no + 1, g.grant_id
+              FROM unnest(b) x
+                   JOIN billing.credit_grants g ON g.account_id = acc AND g.grant_id = x.source_grant
+             WHERE x.kind = 'grant';
+            seq0 := billing._ledger_next_seq(acc) - 1;
+            INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at,
+                                               invoice_id)
+            SELECT acc, seq0 + row_number() OVER (ORDER BY x.ord),
+                   CASE WHEN x.grant_id < 0 THEN ids[-x.grant_id] ELSE x.grant_id END,
+                   CASE WHEN x.kind = 'credit' THEN 'draw' ELSE x.kind END, x.amount, x.effective_at,
+                   CASE WHEN x.kind = 'credit' THEN inv END
+              FROM unnest(b) x
+             WHERE x.kind IN ('credit', 'expire', 'rollover', 'grant');
             UPDATE billing.adjustments a SET billed_invoice_id = inv
-             WHERE a.account_id = s.account_id AND a.adjustment_id = ANY (l_adjustment);
+             WHERE a.account_id = acc
+               AND a.adjustment_id = ANY (ARRAY(SELECT x.adjustment_id FROM unnest(b) x
+                                                 WHERE x.adjustment_id IS NOT NULL));
             r_invoice_id := inv;
-            r_account_id := s.account_id;
-            r_period_start := per.ps;
-            r_period_end := per.pe;
+            r_account_id := acc;
+            r_period_start := per.period_start;
+            r_period_end := per.period_end;
             r_total := l_total;
             RETURN NEXT;
         END LOOP;
@@ -2999,6 +5378,7 @@ CREATE OR REPLACE FUNCTION billing._distributed_functions()
            ('billing.usage(bigint,timestamptz,timestamptz,interval,text)', '$1'),
            ('billing.remaining(bigint,text,timestamptz,text)', '$1'),
            ('billing.invoice_preview(bigint,timestamptz)', '$1'),
+           ('billing.credit_balance(bigint,timestamptz)', '$1'),
            ('billing.correct_usage(bigint,text,timestamptz,numeric,text,text)', '$1')
 $$;
 COMMENT ON FUNCTION billing._distributed_functions() IS
@@ -3011,7 +5391,6 @@ REVOKE ALL ON FUNCTION
     billing._usage_totals_citus(bigint, timestamptz, timestamptz, text[], text[]),
     billing._rate_periods(bigint[], text[], text[], numeric[], timestamptz[], timestamptz[]),
     billing._rate_period(bigint, text, text, numeric, timestamptz, timestamptz),
-    billing._pending_adjustments(bigint),
     billing._invoice_preview(bigint, timestamptz),
     billing.invoice_preview(bigint, timestamptz),
     billing.remaining(bigint, text, timestamptz, text),
@@ -3026,7 +5405,6 @@ GRANT EXECUTE ON FUNCTION
     billing._usage_totals_citus(bigint, timestamptz, timestamptz, text[], text[]),
     billing._rate_periods(bigint[], text[], text[], numeric[], timestamptz[], timestamptz[]),
     billing._rate_period(bigint, text, text, numeric, timestamptz, timestamptz),
-    billing._pending_adjustments(bigint),
     billing._invoice_preview(bigint, timestamptz),
     billing.invoice_preview(bigint, timestamptz),
     billing.remaining(bigint, text, timestamptz, text),
@@ -3075,9 +5453,11 @@ SELECT pg_catalog.pg_extension_config_dump('billing.unique_values', '');
 
 /*
  * _unique_periods_of: the billing periods of an account's subscriptions
- * that overlap [p_lo, p_hi], each whole (not cut at the subscription's
- * end: unique_periods rows hold whole periods, and a cut period is read
- * as a prefix of one).
+ * that overlap [p_lo, p_hi], on each subscription's grid (from its
+ * period_anchor, issue 17), cut at the subscription's start and not at its
+ * end: a plan segment that starts a period's second plan (change_plan) has
+ * a row of its own, the first plan's segment is a prefix of the period's
+ * row, and so is a period cut short.
  */
 CREATE FUNCTION billing._unique_periods_of(p_account bigint, p_lo timestamptz, p_hi timestamptz)
     RETURNS TABLE (period_start timestamptz, period_end timestamptz)
@@ -3086,11 +5466,12 @@ CREATE FUNCTION billing._unique_periods_of(p_account bigint, p_lo timestamptz, p
 BEGIN
     -- PL/pgSQL: Citus routes the query by p_account's value
     RETURN QUERY
-    SELECT DISTINCT billing._add_periods(s.starts_at, p.period, n),
-           billing._add_periods(s.starts_at, p.period, n + 1)
+    SELECT DISTINCT greatest(billing._add_periods(g.anchor, p.period, n), s.starts_at),
+           billing._add_periods(g.anchor, p.period, n + 1)
       FROM billing.subscriptions s JOIN billing.plans p ON p.plan = s.plan,
-           generate_series(billing._period_index(s.starts_at, p.period, greatest(p_lo, s.starts_at)),
-                           billing._period_index(s.starts_at, p.period,
+           LATERAL (SELECT coalesce(s.period_anchor, s.starts_at) AS anchor) g,
+           generate_series(billing._period_index(g.anchor, p.period, greatest(p_lo, s.starts_at)),
+                           billing._period_index(g.anchor, p.period,
                                least(p_hi, coalesce(s.ends_at, 'infinity') - interval '1 microsecond'))) n
      WHERE s.account_id = p_account AND s.starts_at <= p_hi
        AND coalesce(s.ends_at, 'infinity') > p_lo;

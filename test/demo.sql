@@ -114,7 +114,59 @@ SELECT count(*) AS deltas FROM rerate(:'m0', :'m1');
 SELECT count(*) AS problems FROM verify_invoices();
 
 \echo
-\echo '== 8. Matrix prices and active users: the Business plan'
+\echo '== 8. An enterprise contract: an annual commit billed monthly, a promotion that expires,'
+\echo '      and a move from the Team subscription to usage-based pricing in the middle of last month'
+INSERT INTO plans (plan, period, currency) VALUES ('usage', '1 month', 'USD');
+INSERT INTO charges (plan, meter, price, description) VALUES
+    ('usage', 'error',      'unit 0.00025',      'Errors'),
+    ('usage', 'span',       'unit 0.0000013',    'Spans'),
+    ('usage', 'replay',     'unit 0.0025',       'Replays'),
+    ('usage', 'attachment', 'unit 0.00000000025', 'Attachments, $0.25 per GB');
+INSERT INTO accounts (account_id, currency, name) VALUES (4, 'USD', 'Hooli');
+INSERT INTO subscriptions (account_id, plan, starts_at) VALUES (4, 'team', :'m0');
+\echo '$24,000 for the year, 12 monthly windows of $2,000, each invoiced on its month and drawn'
+\echo 'down by that month''s usage; a quarter of what a month leaves rolls over to the next:'
+SELECT add_commitment(4, 'prepaid', 24000, :'m0', :'m0'::timestamptz + interval '1 year', '1 month',
+                      rollover_fraction => 0.25) AS commitment;
+SELECT window_no, starts_at::date, ends_at::date, amount FROM commitment_windows
+ WHERE account_id = 4 ORDER BY window_no LIMIT 3;
+\echo 'a launch promotion of $500 that expires 45 days in, drawn first (priority 10):'
+SELECT grant_credit(4, 500, :'m0', :'m0'::timestamptz + interval '45 days', priority => 10,
+                    reason => 'Launch promotion', idempotency_key => 'promo-hooli') AS promotion;
+\echo 'half-way through last month Hooli moves to usage-based pricing:'
+SELECT change_plan(4, 'usage', :'m0'::timestamptz + interval '14 days');
+SELECT plan, starts_at::date, ends_at::date, period_anchor::date FROM subscriptions WHERE account_id = 4;
+-- its usage: every hour since last month's start
+SELECT count(record(4, c,
+                    CASE c WHEN 'error' THEN 300 + (h % 5) * 100 WHEN 'span' THEN 250000 + (h % 11) * 10000
+                           WHEN 'replay' THEN 1 + h % 5 ELSE 90 * 1048576 END,
+                    :'m0'::timestamptz + h * interval '1 hour' + interval '23 min')) AS reports
+  FROM unnest(ARRAY['error', 'span', 'replay', 'attachment']) c,
+       generate_series(0, (extract(epoch FROM now() - :'m0'::timestamptz) / 3600)::int - 1) h
+ WHERE :'m0'::timestamptz + h * interval '1 hour' + interval '23 min' < now();
+SELECT invoice_id, a.name AS account, period_start::date, period_end::date, total
+  FROM finalize_invoices() f JOIN accounts a USING (account_id);
+\echo 'last month''s invoice: both plans, the Team fees prorated by the seconds each plan covered,'
+\echo 'the commitment installment, then the credits drawn: the promotion first, which pays it all'
+\echo '(the commitment''s grant draws nothing, so it has no line):'
+SELECT line_no, kind, description, quantity, amount
+  FROM invoice_lines l JOIN invoices i USING (account_id, invoice_id)
+ WHERE i.account_id = 4 AND i.period_start = :'m0'
+ ORDER BY line_no;
+\echo 'the credit ledger (append-only): grants, draws, and at the month''s end the rollover'
+\echo 'of a quarter of what the window left and the expiry of the rest:'
+SELECT seq, grant_id, kind, amount, effective_at::date FROM credit_ledger
+ WHERE account_id = 4 AND (kind <> 'grant' OR effective_at <= :'m1') ORDER BY seq;
+\echo 'this month so far, in real time: what is left of the promotion pays it all (this month''s'
+\echo 'window comes next, then the rollover grant: the same terms, a later id):'
+SELECT line_no, kind, description, quantity, amount FROM invoice_preview(4);
+SELECT grant_id, priority, expires_at::date, granted, used, expired, rolled_over, remaining
+  FROM credit_balance(4) WHERE granted > 0 AND (expires_at IS NULL OR expires_at > :'m0') LIMIT 5;
+\echo 'invoices and the ledger agree:'
+SELECT count(*) AS problems FROM verify_invoices();
+
+\echo
+\echo '== 9. Matrix prices and active users: the Business plan'
 \echo 'AI tokens priced by model (matrix charges: one charge per dimension, NULL the rest);'
 \echo 'active users counted by a unique meter (the distinct users reported in a period):'
 INSERT INTO meters (meter, aggregation, unit, late_window) VALUES
@@ -168,9 +220,9 @@ SELECT line_no, kind, dimension, description, quantity, amount
   FROM invoice_preview(5) WHERE meter = 'active_user';
 
 \echo
-\echo '== 9. Maintenance that runs itself: the maintenance worker'
+\echo '== 10. Maintenance that runs itself: the maintenance worker'
 \echo 'billing is in shared_preload_libraries; the demo cluster runs the worker every hour,'
-\echo 'from now on every second (sections 7 and 8 left their usage uncompacted):'
+\echo 'from now on every second (sections 7 to 9 left their usage uncompacted):'
 SELECT count(*) AS uncompacted_rows FROM usage_deltas;
 ALTER SYSTEM SET billing.maintenance_interval = '1s';
 SELECT pg_reload_conf() AS reloaded;

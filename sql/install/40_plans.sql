@@ -214,6 +214,10 @@ CREATE FUNCTION billing._subscriptions_check() RETURNS trigger
 DECLARE
     acc_currency text;
     plan_currency text;
+    per interval;
+    anchor timestamptz;
+    n integer;
+    gs timestamptz;
 BEGIN
     SELECT a.currency INTO acc_currency FROM billing.accounts a WHERE a.account_id = NEW.account_id;
     IF NOT FOUND THEN
@@ -242,19 +246,47 @@ BEGIN
                   HINT = 'End the current subscription (ends_at) where the next one starts.';
     END IF;
     IF TG_OP = 'UPDATE' AND (NEW.plan IS DISTINCT FROM OLD.plan OR NEW.starts_at IS DISTINCT FROM OLD.starts_at
-                             OR NEW.account_id IS DISTINCT FROM OLD.account_id)
+                             OR NEW.account_id IS DISTINCT FROM OLD.account_id
+                             OR NEW.period_anchor IS DISTINCT FROM OLD.period_anchor)
        AND EXISTS (SELECT 1 FROM billing.invoices i
-                    WHERE i.account_id = OLD.account_id AND i.period_start >= OLD.starts_at
-                      AND i.period_start < coalesce(OLD.ends_at, 'infinity')) THEN
+                    WHERE i.account_id = OLD.account_id AND i.period_start < coalesce(OLD.ends_at, 'infinity')
+                      AND i.period_end > OLD.starts_at) THEN
         RAISE EXCEPTION 'subscription of account % from % has finalized invoices', OLD.account_id, OLD.starts_at
             USING ERRCODE = '55000',
                   DETAIL = 'Its plan and start cannot change; its end and spend cap can (re-rate to bill the effect).';
+    END IF;
+    -- a new start must not add a plan segment to a finalized period: the
+    -- grid period holding it (on its own grid) may not be the grid period of
+    -- an invoiced subscription (change_plan's pieces of one period share it)
+    IF (TG_OP = 'INSERT' OR NEW.starts_at IS DISTINCT FROM OLD.starts_at
+        OR NEW.period_anchor IS DISTINCT FROM OLD.period_anchor)
+       AND isfinite(NEW.starts_at) AND coalesce(isfinite(NEW.period_anchor), true)
+       AND coalesce(NEW.period_anchor <= NEW.starts_at, true) THEN
+        SELECT p.period INTO per FROM billing.plans p WHERE p.plan = NEW.plan;
+        anchor := coalesce(NEW.period_anchor, NEW.starts_at);
+        n := billing._period_index(anchor, per, NEW.starts_at);
+        gs := billing._add_periods(anchor, per, n);
+        IF EXISTS (SELECT 1 FROM billing.invoices i
+                        JOIN billing.subscriptions s
+                          ON s.account_id = i.account_id AND s.starts_at <= i.period_start
+                         AND i.period_start < coalesce(s.ends_at, 'infinity')
+                        JOIN billing.plans p ON p.plan = s.plan
+                    WHERE i.account_id = NEW.account_id AND i.status = 'finalized'
+                      AND i.period_start < billing._add_periods(anchor, per, n + 1)
+                      AND i.period_end > gs AND p.period = per
+                      AND billing._add_periods(coalesce(s.period_anchor, s.starts_at), per,
+                              billing._period_index(coalesce(s.period_anchor, s.starts_at), per,
+                                                    i.period_start)) = gs) THEN
+            RAISE EXCEPTION 'the billing period of account % from % is already finalized', NEW.account_id, gs
+                USING ERRCODE = '55000',
+                      DETAIL = 'A subscription starting there would add a plan segment to a finalized invoice.';
+        END IF;
     END IF;
     RETURN NEW;
 END
 $$;
 COMMENT ON FUNCTION billing._subscriptions_check() IS
-    'Internal: a subscription''s plan must bill in the account''s currency, and subscriptions of an account must not overlap';
+    'Internal: a subscription''s plan must bill in the account''s currency, subscriptions of an account must not overlap, and none may add a plan segment to a finalized period';
 CREATE TRIGGER subscriptions_check BEFORE INSERT OR UPDATE ON billing.subscriptions
     FOR EACH ROW EXECUTE FUNCTION billing._subscriptions_check();
 
@@ -262,8 +294,8 @@ CREATE FUNCTION billing._subscriptions_guard() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM billing.invoices i
-                WHERE i.account_id = OLD.account_id AND i.period_start >= OLD.starts_at
-                  AND i.period_start < coalesce(OLD.ends_at, 'infinity')) THEN
+                WHERE i.account_id = OLD.account_id AND i.period_start < coalesce(OLD.ends_at, 'infinity')
+                  AND i.period_end > OLD.starts_at) THEN
         RAISE EXCEPTION 'subscription of account % from % has finalized invoices', OLD.account_id, OLD.starts_at
             USING ERRCODE = '55000', HINT = 'Set ends_at instead of deleting it.';
     END IF;

@@ -72,9 +72,11 @@ SELECT pg_catalog.pg_extension_config_dump('billing.unique_values', '');
 
 /*
  * _unique_periods_of: the billing periods of an account's subscriptions
- * that overlap [p_lo, p_hi], each whole (not cut at the subscription's
- * end: unique_periods rows hold whole periods, and a cut period is read
- * as a prefix of one).
+ * that overlap [p_lo, p_hi], on each subscription's grid (from its
+ * period_anchor, issue 17), cut at the subscription's start and not at its
+ * end: a plan segment that starts a period's second plan (change_plan) has
+ * a row of its own, the first plan's segment is a prefix of the period's
+ * row, and so is a period cut short.
  */
 CREATE FUNCTION billing._unique_periods_of(p_account bigint, p_lo timestamptz, p_hi timestamptz)
     RETURNS TABLE (period_start timestamptz, period_end timestamptz)
@@ -83,11 +85,12 @@ CREATE FUNCTION billing._unique_periods_of(p_account bigint, p_lo timestamptz, p
 BEGIN
     -- PL/pgSQL: Citus routes the query by p_account's value
     RETURN QUERY
-    SELECT DISTINCT billing._add_periods(s.starts_at, p.period, n),
-           billing._add_periods(s.starts_at, p.period, n + 1)
+    SELECT DISTINCT greatest(billing._add_periods(g.anchor, p.period, n), s.starts_at),
+           billing._add_periods(g.anchor, p.period, n + 1)
       FROM billing.subscriptions s JOIN billing.plans p ON p.plan = s.plan,
-           generate_series(billing._period_index(s.starts_at, p.period, greatest(p_lo, s.starts_at)),
-                           billing._period_index(s.starts_at, p.period,
+           LATERAL (SELECT coalesce(s.period_anchor, s.starts_at) AS anchor) g,
+           generate_series(billing._period_index(g.anchor, p.period, greatest(p_lo, s.starts_at)),
+                           billing._period_index(g.anchor, p.period,
                                least(p_hi, coalesce(s.ends_at, 'infinity') - interval '1 microsecond'))) n
      WHERE s.account_id = p_account AND s.starts_at <= p_hi
        AND coalesce(s.ends_at, 'infinity') > p_lo;

@@ -39,7 +39,6 @@ CREATE TABLE billing.invoice_lines (
     charge_id      bigint,           -- the charge version used
     price          billing.price,    -- its price, as it was
     adjustment_id  bigint,           -- adjustment lines: the adjustment carried
-    dimension      text COLLATE "C", -- the dimension of a matrix charge's line (issue 18)
     PRIMARY KEY (account_id, invoice_id, line_no),
     FOREIGN KEY (account_id, invoice_id) REFERENCES billing.invoices
 );
@@ -63,7 +62,6 @@ CREATE TABLE billing.adjustments (
     actor             text NOT NULL DEFAULT CURRENT_USER,
     created_at        timestamptz NOT NULL DEFAULT pg_catalog.now(),
     billed_invoice_id bigint,                -- the invoice that carried it (NULL: pending)
-    dimension         text COLLATE "C",      -- the corrected line's (a matrix charge's)
     PRIMARY KEY (account_id, adjustment_id),
     FOREIGN KEY (account_id, invoice_id) REFERENCES billing.invoices
 );
@@ -132,6 +130,16 @@ CREATE TRIGGER charges_guard BEFORE UPDATE OR DELETE ON billing.charges
 CREATE INDEX invoice_lines_charge ON billing.invoice_lines (charge_id) WHERE charge_id IS NOT NULL;
 
 -- rating a period -----------------------------------------------------------------------
+
+-- the spend cap line: what takes the usage lines of a period down to the
+-- rounded cap, when they exceed it (NULL: they do not); in C
+-- (src/credits.c), where the invoice of a period with a plan change caps
+-- its segments' usage lines too
+CREATE FUNCTION billing._cap_amount(cap numeric, currency text, usage numeric) RETURNS numeric
+    AS 'MODULE_PATHNAME', 'billing_cap_amount'
+    LANGUAGE C STABLE STRICT;
+COMMENT ON FUNCTION billing._cap_amount(numeric, text, numeric) IS
+    'Internal: the amount of the spend cap line of a period whose usage lines add up to usage (NULL: not capped)';
 
 /*
  * _rate_periods: the lines of many billing periods at once (element i of
@@ -244,11 +252,11 @@ BEGIN
                'spend cap'::text AS description, NULL::numeric AS quantity,
                NULL::numeric AS unrounded_amount, NULL::bigint AS charge_id,
                NULL::billing.price AS price, NULL::text AS dimension,
-               billing.round_money(per.cap, per.currency) - sum(l.amount) AS amount
+               billing._cap_amount(per.cap, per.currency, sum(l.amount)) AS amount
           FROM per JOIN lines l ON l.idx = per.idx AND l.kind = 'usage'
          WHERE per.cap IS NOT NULL
          GROUP BY per.idx, per.cap, per.currency
-        HAVING sum(l.amount) > billing.round_money(per.cap, per.currency)
+        HAVING billing._cap_amount(per.cap, per.currency, sum(l.amount)) IS NOT NULL
     )
     SELECT l.idx, l.ord, l.kind, l.meter, l.description, l.quantity, l.amount,
            l.unrounded_amount, l.charge_id, l.price, l.dimension
@@ -278,35 +286,6 @@ $$;
 COMMENT ON FUNCTION billing._rate_period(bigint, text, text, numeric, timestamptz, timestamptz) IS
     'Internal: the rated lines of one billing period';
 
--- the subscription and period of an account holding a moment
-CREATE FUNCTION billing._period_at(p_account bigint, p_at timestamptz,
-                                   OUT plan text, OUT currency text, OUT spend_cap numeric,
-                                   OUT period_start timestamptz, OUT period_end timestamptz)
-    LANGUAGE plpgsql STABLE
-    SET search_path = pg_catalog, billing, pg_temp AS $$
-DECLARE
-    s record;
-    n integer;
-BEGIN
-    SELECT sub.plan, sub.starts_at, sub.ends_at, sub.spend_cap, p.period, p.currency
-      INTO s
-      FROM billing.subscriptions sub JOIN billing.plans p ON p.plan = sub.plan
-     WHERE sub.account_id = p_account AND sub.starts_at <= p_at
-       AND (sub.ends_at IS NULL OR p_at < sub.ends_at);
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    n := billing._period_index(s.starts_at, s.period, p_at);
-    plan := s.plan;
-    currency := s.currency;
-    spend_cap := s.spend_cap;
-    period_start := billing._add_periods(s.starts_at, s.period, n);
-    period_end := LEAST(billing._add_periods(s.starts_at, s.period, n + 1), s.ends_at);
-END
-$$;
-COMMENT ON FUNCTION billing._period_at(bigint, timestamptz) IS
-    'Internal: plan, currency, spend cap and period bounds of the subscription holding a moment';
-
 -- how an adjustment reads on the invoice that carries it
 CREATE FUNCTION billing._adjustment_text(a billing.adjustments) RETURNS text
     LANGUAGE sql STABLE
@@ -316,27 +295,12 @@ $$;
 COMMENT ON FUNCTION billing._adjustment_text(billing.adjustments) IS
     'Internal: the description of an adjustment line';
 
--- pending adjustments of an account, as invoice lines
-CREATE FUNCTION billing._pending_adjustments(p_account bigint)
-    RETURNS TABLE (adjustment_id bigint, meter text, description text, quantity numeric,
-                   amount numeric, dimension text)
-    LANGUAGE plpgsql STABLE
-    SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN
-    -- PL/pgSQL, not SQL: Citus routes the query by p_account's value
-    RETURN QUERY
-    SELECT a.adjustment_id, a.meter::text,
-           -- the row rebuilt as billing.adjustments (on Citus a is a shard's row)
-           billing._adjustment_text(ROW(a.*)::billing.adjustments),
-           a.new_quantity - a.old_quantity, a.delta, a.dimension::text
-      FROM billing.adjustments a
-     WHERE a.account_id = p_account AND a.billed_invoice_id IS NULL
-     ORDER BY a.adjustment_id;
-END
-$$;
-COMMENT ON FUNCTION billing._pending_adjustments(bigint) IS
-    'Internal: adjustments of an account not yet carried by an invoice';
-
+/*
+ * _invoice_preview: the lines the invoice of the period holding p_at would
+ * have now, built by _invoice_build as finalize_invoices builds them (every
+ * plan segment, the cap, true-ups, installments, pending adjustments and
+ * credits drawn from what is left of each grant), expiries not booked.
+ */
 CREATE FUNCTION billing._invoice_preview(p_account bigint, p_at timestamptz)
     RETURNS TABLE (r_line_no int, r_kind text, r_meter text, r_description text,
                    r_period_start timestamptz, r_period_end timestamptz,
@@ -346,26 +310,28 @@ CREATE FUNCTION billing._invoice_preview(p_account bigint, p_at timestamptz)
 DECLARE
     p record;
 BEGIN
-    SELECT * INTO p FROM billing._period_at(p_account, p_at);
-    IF p.plan IS NULL THEN
-        RETURN;
+    -- the period's segments (its spend cap: the last one's)
+    SELECT min(s.segment_start) AS ps, max(s.segment_end) AS pe, min(s.currency) AS currency,
+           (array_agg(s.spend_cap ORDER BY s.segment_start DESC))[1] AS cap,
+           array_agg(s.plan ORDER BY s.segment_start) AS plans,
+           array_agg(s.segment_start ORDER BY s.segment_start) AS starts,
+           array_agg(s.segment_end ORDER BY s.segment_start) AS ends
+      INTO p
+      FROM billing._segments(ARRAY[p_account], ARRAY[p_at]) s;
+    IF p.plans IS NULL THEN
+        RETURN;               -- no subscription at p_at
     END IF;
+    -- the build's rows come in invoice order; without booking, all are lines
     RETURN QUERY
-    WITH lines AS (
-        SELECT r.ord::bigint AS ord, r.kind, r.meter, r.description, r.quantity, r.amount,
-               r.dimension
-          FROM billing._rate_periods(ARRAY[p_account], ARRAY[p.plan], ARRAY[p.currency],
-                                     ARRAY[p.spend_cap], ARRAY[p.period_start],
-                                     ARRAY[p.period_end]) r
-        UNION ALL
-        SELECT 1000000 + row_number() OVER (ORDER BY a.adjustment_id), 'adjustment', a.meter,
-               a.description, a.quantity, a.amount, a.dimension
-          FROM billing._pending_adjustments(p_account) a
-    )
-    SELECT (row_number() OVER (ORDER BY l.ord))::integer, l.kind, l.meter, l.description,
-           p.period_start, p.period_end, l.quantity, l.amount, l.dimension
-      FROM lines l
-     ORDER BY l.ord;
+    SELECT b.n::integer, b.kind, b.meter, b.description, p.ps, p.pe, b.quantity, b.amount,
+           b.dimension
+      FROM billing._invoice_build(ARRAY[p_account], ARRAY[p.currency], ARRAY[p.cap], ARRAY[p.ps],
+                                  ARRAY[p.pe], ARRAY[true], array_fill(1, ARRAY[cardinality(p.plans)]),
+                                  p.plans, p.starts, p.ends)
+               WITH ORDINALITY AS b(idx, ord, kind, meter, description, quantity, amount,
+                                    unrounded_amount, charge_id, price, adjustment_id,
+                                    commitment_id, grant_id, segment_start, segment_end,
+                                    proration, effective_at, expires_at, source_grant, dimension, n);
 END
 $$;
 COMMENT ON FUNCTION billing._invoice_preview(bigint, timestamptz) IS 'Internal: the body of invoice_preview';
@@ -380,7 +346,7 @@ CREATE FUNCTION billing.invoice_preview(account_id bigint, at timestamptz DEFAUL
     SELECT * FROM billing._invoice_preview($1, $2)
 $$;
 COMMENT ON FUNCTION billing.invoice_preview(bigint, timestamptz) IS
-    'The bill of the period holding at, as it stands: every line rounded to the currency''s minor unit, the spend cap, pending adjustments; a matrix charge''s line carries its dimension';
+    'The bill of the period holding at, as it stands: every line rounded to the currency''s minor unit, the spend cap, true-ups, commitment installments, pending adjustments and credits; a matrix charge''s line carries its dimension';
 
 -- finalization ----------------------------------------------------------------------------
 
@@ -398,50 +364,71 @@ COMMENT ON FUNCTION billing._grace_period() IS 'Internal: the billing.grace_peri
 
 /*
  * _due_periods: the billing periods that ended at or before cutoff and have
- * no invoice, for the accounts given (NULL: all).  Each subscription is
- * walked from the period after its latest invoice.
+ * no invoice, one row per plan segment (_segments: a period with a plan
+ * change has two).  Each subscription is walked from the period after the
+ * latest invoice overlapping it, up to the one holding cutoff, so that a
+ * period one of whose segments has not ended is seen whole and is not due.
+ * PL/pgSQL: Citus plans the queries with cutoff's value.
  */
 CREATE FUNCTION billing._due_periods(cutoff timestamptz)
     RETURNS TABLE (account_id bigint, plan text, currency text, spend_cap numeric,
-                   period_start timestamptz, period_end timestamptz)
-    LANGUAGE sql STABLE
+                   period_start timestamptz, period_end timestamptz, segment_plan text,
+                   segment_start timestamptz, segment_end timestamptz)
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp
     -- JIT compiles these large plans for longer than they run
     SET jit = off AS $$
+#variable_conflict use_column
+DECLARE
+    accs bigint[];
+    ats timestamptz[];
+BEGIN
     WITH subs AS (
-        SELECT s.account_id, s.plan, s.starts_at, s.ends_at, s.spend_cap, p.period, p.currency,
-               CASE WHEN s.ends_at IS NOT NULL AND s.ends_at <= cutoff
-                    THEN billing._period_index(s.starts_at, p.period, s.ends_at - interval '1 microsecond')
-                    ELSE billing._period_index(s.starts_at, p.period, cutoff) - 1 END AS last_n,
-               (SELECT max(i.period_start) FROM billing.invoices i
-                 WHERE i.account_id = s.account_id AND i.period_start >= s.starts_at
-                   AND i.period_start < coalesce(s.ends_at, 'infinity')) AS last_invoiced
-          FROM billing.subscriptions s JOIN billing.plans p ON p.plan = s.plan
-         WHERE s.starts_at < cutoff
-    ), periods AS (
-        SELECT s.account_id, s.plan, s.currency, s.spend_cap,
-               billing._add_periods(s.starts_at, s.period, n) AS ps,
-               LEAST(billing._add_periods(s.starts_at, s.period, n + 1), s.ends_at) AS pe
-          FROM subs s,
-               generate_series(CASE WHEN s.last_invoiced IS NULL THEN 0
-                                    ELSE billing._period_index(s.starts_at, s.period, s.last_invoiced) + 1 END,
-                               s.last_n) AS n
+        SELECT * FROM billing._subscriptions_of(NULL, true)
+    ), walk AS (
+        SELECT s.*, billing._period_index(s.anchor, s.period, s.starts_at) AS n_first,
+               billing._period_index(s.anchor, s.period, s.last_invoiced) + 1 AS n_next,
+               billing._period_index(s.anchor, s.period,
+                   least(coalesce(s.ends_at, 'infinity') - interval '1 microsecond', cutoff)) AS n_last
+          FROM subs s
     )
-    SELECT p.account_id, p.plan::text, p.currency, p.spend_cap, p.ps, p.pe
-      FROM periods p
-     WHERE p.pe <= cutoff
-       AND NOT EXISTS (SELECT 1 FROM billing.invoices i
-                        WHERE i.account_id = p.account_id AND i.period_start = p.ps)
+    SELECT array_agg(w.account_id ORDER BY w.account_id, n), 
+           array_agg(greatest(billing._add_periods(w.anchor, w.period, n), w.starts_at)
+                     ORDER BY w.account_id, n)
+      INTO accs, ats
+      FROM walk w, generate_series(greatest(w.n_first, coalesce(w.n_next, w.n_first)), w.n_last) n
+     WHERE billing._add_periods(w.anchor, w.period, w.n_first) < cutoff;
+    IF accs IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT y.account_id, y.invoice_plan, y.currency, y.cap, y.period_start, y.period_end,
+           y.plan, y.segment_start, y.segment_end
+      FROM (SELECT x.*, first_value(x.segment_start) OVER w AS period_start,
+                   last_value(x.segment_end) OVER w AS period_end,
+                   last_value(x.spend_cap) OVER w AS cap, last_value(x.plan) OVER w AS invoice_plan
+              FROM (SELECT DISTINCT ON (s.account_id, s.grid_start, s.segment_start) s.*
+                      FROM billing._segments(accs, ats) s
+                     ORDER BY s.account_id, s.grid_start, s.segment_start) x
+            WINDOW w AS (PARTITION BY x.account_id, x.grid_start ORDER BY x.segment_start
+                         ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)) y
+     WHERE y.period_end <= cutoff
+     ORDER BY y.account_id, y.period_start, y.segment_start;
+END
 $$;
 COMMENT ON FUNCTION billing._due_periods(timestamptz) IS
-    'Internal: billing periods ended by a cutoff that have no invoice yet';
+    'Internal: billing periods ended by a cutoff that have no invoice yet, one row per plan segment';
 
 /*
  * finalize_invoices: lock the accounts with due periods (row locks, in
  * account order), look the due periods up again under the locks (a
  * concurrent finalizer may have written some), then write every invoice,
- * its lines and the adjustments it carries in one set-based statement.
- * Each account's pending adjustments go on its earliest new invoice.
+ * its lines, the adjustments it carries, the credit ledger's draws,
+ * expiries and rollovers and the rollover grants in one set-based
+ * statement over _invoice_build (which on Citus _finalize_citus calls one
+ * period at a time).  Each account's pending adjustments go on its
+ * earliest new invoice.  Rollover grants get their ids here (the build
+ * names them -1, -2, ...); ledger seqs continue each account's.
  */
 CREATE FUNCTION billing._finalize(p_as_of timestamptz)
     RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
@@ -471,37 +458,48 @@ BEGIN
        FOR NO KEY UPDATE;
 
     RETURN QUERY
-    WITH due AS (
-        SELECT d.*, nextval('billing.invoice_id_seq') AS invoice_id,
-               (row_number() OVER (ORDER BY d.account_id, d.period_start))::integer AS k,
-               row_number() OVER (PARTITION BY d.account_id ORDER BY d.period_start) = 1 AS first_of_account
-          FROM billing._due_periods(cutoff) d
-    ), arrays AS (
-        SELECT array_agg(account_id ORDER BY k) AS accounts, array_agg(plan ORDER BY k) AS plans,
-               array_agg(currency ORDER BY k) AS currencies, array_agg(spend_cap ORDER BY k) AS caps,
-               array_agg(period_start ORDER BY k) AS starts, array_agg(period_end ORDER BY k) AS ends
+    WITH d AS MATERIALIZED (
+        SELECT * FROM billing._due_periods(cutoff)
+    ), due AS (
+        SELECT p.*, nextval('billing.invoice_id_seq') AS invoice_id,
+               (row_number() OVER (ORDER BY p.account_id, p.period_start))::integer AS k,
+               row_number() OVER (PARTITION BY p.account_id ORDER BY p.period_start) = 1 AS first_of_account
+          FROM (SELECT DISTINCT d.account_id, d.plan, d.currency, d.spend_cap, d.period_start,
+                       d.period_end FROM d) p
+    ), pa AS (
+        SELECT array_agg(due.account_id ORDER BY due.k) AS accounts,
+               array_agg(due.currency ORDER BY due.k) AS currencies,
+               array_agg(due.spend_cap ORDER BY due.k) AS caps,
+               array_agg(due.period_start ORDER BY due.k) AS starts,
+               array_agg(due.period_end ORDER BY due.k) AS ends,
+               array_agg(due.first_of_account ORDER BY due.k) AS firsts
           FROM due
-    ), rated AS (
-        SELECT due.account_id, due.invoice_id, r.ord::bigint AS ord, r.kind, r.meter,
-               r.description, r.quantity, r.amount, r.unrounded_amount, r.charge_id, r.price,
-               NULL::bigint AS adjustment_id, r.dimension
-          FROM arrays a,
-               LATERAL billing._rate_periods(a.accounts, a.plans, a.currencies, a.caps,
-                                             a.starts, a.ends) r
-               JOIN due ON due.k = r.idx
-        UNION ALL
-        SELECT due.account_id, due.invoice_id,
-               1000000 + row_number() OVER (PARTITION BY adj.account_id ORDER BY adj.adjustment_id),
-               'adjustment', adj.meter,
-               billing._adjustment_text(adj),
-               adj.new_quantity - adj.old_quantity, adj.delta, NULL, NULL, NULL, adj.adjustment_id,
-               adj.dimension::text
-          FROM due JOIN billing.adjustments adj
-                 ON adj.account_id = due.account_id AND adj.billed_invoice_id IS NULL
-         WHERE due.first_of_account
+    ), sa AS (
+        SELECT array_agg(due.k ORDER BY due.k, d.segment_start) AS idx,
+               array_agg(d.segment_plan ORDER BY due.k, d.segment_start) AS plans,
+               array_agg(d.segment_start ORDER BY due.k, d.segment_start) AS starts,
+               array_agg(d.segment_end ORDER BY due.k, d.segment_start) AS ends
+          FROM d JOIN due ON due.account_id = d.account_id AND due.period_start = d.period_start
+    ), built AS MATERIALIZED (
+        SELECT due.account_id, due.invoice_id, x.*
+          FROM pa, sa,
+               LATERAL billing._invoice_build(pa.accounts, pa.currencies, pa.caps, pa.starts, pa.ends,
+                                              pa.firsts, sa.idx, sa.plans, sa.starts, sa.ends,
+                                              false, true) x
+               JOIN due ON due.k = x.idx
+    ), new_grants AS MATERIALIZED (
+        SELECT b.account_id, b.grant_id AS placeholder,
+               nextval('billing.credit_grant_id_seq') AS grant_id, b.amount, b.effective_at,
+               b.expires_at, b.source_grant
+          FROM built b WHERE b.kind = 'grant'
+    ), mapped AS (
+        SELECT b.*, coalesce(ng.grant_id, b.grant_id) AS real_grant_id
+          FROM built b LEFT JOIN new_grants ng
+                 ON ng.account_id = b.account_id AND ng.placeholder = b.grant_id
     ), numbered AS (
-        SELECT r.*, (row_number() OVER (PARTITION BY r.invoice_id ORDER BY r.ord))::integer AS line_no
-          FROM rated r
+        SELECT m.*, (row_number() OVER (PARTITION BY m.invoice_id ORDER BY m.ord))::integer AS line_no
+          FROM mapped m
+         WHERE m.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit')
     ), totals AS (
         SELECT n.invoice_id, sum(n.amount) AS total FROM numbered n GROUP BY n.invoice_id
     ), invoices_written AS (
@@ -516,12 +514,38 @@ BEGIN
     ), lines_written AS (
         INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
                                           description, quantity, amount, unrounded_amount,
-                                          charge_id, price, adjustment_id, dimension)
+                                          charge_id, price, adjustment_id, segment_start,
+                                          segment_end, proration, commitment_id, grant_id, dimension)
         SELECT n.account_id, n.invoice_id, n.line_no, n.kind, n.meter, n.description, n.quantity,
-               n.amount, n.unrounded_amount, n.charge_id, n.price, n.adjustment_id, n.dimension
+               n.amount, n.unrounded_amount, n.charge_id, n.price, n.adjustment_id,
+               n.segment_start, n.segment_end, n.proration, n.commitment_id, n.real_grant_id,
+               n.dimension
           FROM numbered n
         RETURNING billing.invoice_lines.account_id, billing.invoice_lines.invoice_id,
                   billing.invoice_lines.adjustment_id
+    ), grants_written AS (
+        INSERT INTO billing.credit_grants (account_id, grant_id, amount, effective_at, expires_at,
+                                           priority, applies_to, source, reason, commitment_id,
+                                           window_no, rolled_from)
+        SELECT ng.account_id, ng.grant_id, ng.amount, ng.effective_at, ng.expires_at, g.priority,
+               g.applies_to, 'rollover', format('rollover of grant %s', g.grant_id),
+               g.commitment_id, g.window_no + 1, g.grant_id
+          FROM new_grants ng
+               JOIN billing.credit_grants g
+                 ON g.account_id = ng.account_id AND g.grant_id = ng.source_grant
+        RETURNING 1
+    ), ledger_written AS (
+        INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at,
+                                           invoice_id)
+        SELECT m.account_id,
+               h.seq + row_number() OVER (PARTITION BY m.account_id ORDER BY m.idx, m.ord),
+               m.real_grant_id, CASE WHEN m.kind = 'credit' THEN 'draw' ELSE m.kind END, m.amount,
+               m.effective_at, CASE WHEN m.kind = 'credit' THEN m.invoice_id END
+          FROM mapped m
+               CROSS JOIN LATERAL (SELECT coalesce(max(x.seq), 0) AS seq FROM billing.credit_ledger x
+                                    WHERE x.account_id = m.account_id) h
+         WHERE m.kind IN ('credit', 'expire', 'rollover', 'grant')
+        RETURNING 1
     ), carried AS (
         UPDATE billing.adjustments adj SET billed_invoice_id = w.invoice_id
           FROM lines_written w
@@ -580,6 +604,7 @@ CREATE FUNCTION billing.remaining(account_id bigint, meter text,
 DECLARE
     per record;
     line record;
+    lines billing._invoice_line[];
     others numeric;
     budget numeric;
     q0 numeric;
@@ -600,30 +625,33 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM billing.meters m WHERE m.meter = remaining.meter) THEN
         RAISE EXCEPTION 'meter "%" does not exist', remaining.meter USING ERRCODE = '23503';
     END IF;
-    SELECT * INTO per FROM billing._period_at(remaining.account_id, at);
-    IF per.plan IS NULL THEN
+    -- the period holding at, whose spend cap bounds the usage lines of
+    -- every plan segment (credits do not count: the cap bounds usage before)
+    SELECT s.spend_cap, s.currency INTO per
+      FROM billing._segments(ARRAY[remaining.account_id], ARRAY[at]) s
+     ORDER BY s.segment_start DESC LIMIT 1;
+    IF NOT FOUND THEN
         RETURN 0;                 -- no subscription: nothing can be billed
     END IF;
     IF per.spend_cap IS NULL THEN
         RETURN NULL;              -- no cap: unlimited
     END IF;
-
-    -- the line rating the dimension (the charge naming it, else the rest
-    -- of the meter), and the sum of the other usage lines
-    SELECT x.quantity, x.price, x.others INTO line
-      FROM (SELECT l.meter, l.dimension, l.quantity, l.price,
-                   sum(l.amount) OVER () - l.amount AS others
-              FROM billing._rate_period(remaining.account_id, per.plan, per.currency,
-                                        per.spend_cap, per.period_start, per.period_end) l
-             WHERE l.kind = 'usage') x
+    lines := ARRAY(SELECT b.line
+                     FROM billing._period_build(ARRAY[remaining.account_id], ARRAY[at], true) b
+                    WHERE (b.line).kind = 'usage');
+    -- the line rating the dimension in the plan segment holding at (the
+    -- charge naming it, else the rest of the meter)
+    SELECT x.quantity, x.price, x.ord INTO line
+      FROM unnest(lines) x
      WHERE x.meter = remaining.meter
        AND (x.dimension = coalesce(remaining.dimension, '') OR x.dimension IS NULL)
+       AND (x.segment_start IS NULL OR (x.segment_start <= at AND at < x.segment_end))
      ORDER BY x.dimension IS NULL
      LIMIT 1;
     IF NOT FOUND THEN
         RETURN NULL;              -- the plan does not bill this meter (or dimension)
     END IF;
-    others := line.others;
+    SELECT coalesce(sum(x.amount), 0) INTO others FROM unnest(lines) x WHERE x.ord <> line.ord;
     budget := billing.round_money(per.spend_cap, per.currency) - others;
     q0 := line.quantity;
     IF NOT billing._fits(line.price, q0, per.currency, budget) THEN
@@ -693,4 +721,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing.remaining(bigint, text, timestamptz, text) IS
-    'Whole units of a meter (of one dimension, by default '''') that can still be used this period before the usage lines exceed the spend cap (NULL: unlimited)';
+    'Whole units of a meter (of one dimension, by default '''') that can still be used this period before the usage lines (of every plan segment) exceed the spend cap (NULL: unlimited)';

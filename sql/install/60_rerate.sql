@@ -93,114 +93,93 @@ COMMENT ON FUNCTION billing.correct_usage(bigint, text, timestamptz, numeric, te
  * _rerate_diff: for each finalized invoice overlapping [from_ts, to_ts) (of
  * one account or all), what its lines should be today, what was billed
  * (the line plus the adjustments already recorded for it), and the
- * difference.  Lines are matched by kind, meter and dimension (usage),
- * description (fixed fees) or kind alone (the spend cap); a usage line
- * missing on one side counts 0 units there.
- *
- * One body for one node and for Citus (1.0 had a Citus twin, which
- * drifted): each step is its own statement, and the statements that rate
- * (_rate_periods, which reads distributed tables itself) and compare read
- * no table, as Citus requires.  The steps pass arrays, element k of each
- * describing line or invoice k.
+ * difference.  Lines are matched by plan segment (a period with a plan
+ * change has two; NULL: the whole period) and kind, meter and dimension
+ * (usage), description (fixed fees) or kind alone (the spend cap); a usage
+ * line missing on one side counts 0 units there.  Commitment, true-up and
+ * credit lines are never re-rated.  One body on one node and on Citus: the
+ * tables are read by plain statements (routed by the accounts on Citus),
+ * today's lines by _period_build (functions only), and the comparison
+ * reads no table.
  */
 CREATE FUNCTION billing._rerate_diff(from_ts timestamptz, to_ts timestamptz, p_account bigint)
     RETURNS TABLE (account_id bigint, invoice_id bigint, line_kind text, meter text,
                    description text, billed_quantity numeric, billed_amount numeric,
                    correct_quantity numeric, correct_amount numeric, delta numeric,
-                   dimension text)
+                   segment_start timestamptz, dimension text)
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp
     -- JIT compiles these large plans for longer than they run
     SET jit = off AS $$
 #variable_conflict use_column
 DECLARE
-    inv record;     -- the invoices, and today's bounds of the periods still covered
-    cor record;     -- today's lines
-    bil record;     -- the lines billed
-    adj record;     -- the adjustments made since
+    inv record;     -- the invoices
+    cor billing._invoice_line[];    -- today's lines (idx: the invoice's place in inv)
+    bil record;     -- the lines billed, and the adjustments made since
 BEGIN
-    -- 1. the invoices; a period the subscription no longer covers bills nothing
-    SELECT array_agg(x.account_id ORDER BY x.account_id, x.invoice_id) AS accounts,
-           array_agg(x.invoice_id ORDER BY x.account_id, x.invoice_id) AS invoices,
-           array_agg(x.account_id ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_accounts,
-           array_agg(x.invoice_id ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_invoices,
-           array_agg(x.plan ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_plans,
-           array_agg(x.currency ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_currencies,
-           array_agg(x.spend_cap ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_caps,
-           array_agg(x.period_start ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_starts,
-           array_agg(x.pe ORDER BY x.account_id, x.invoice_id) FILTER (WHERE x.covered) AS c_ends
+    -- 1. the invoices
+    SELECT array_agg(i.account_id ORDER BY i.account_id, i.invoice_id) AS accounts,
+           array_agg(i.invoice_id ORDER BY i.account_id, i.invoice_id) AS invoices,
+           array_agg(i.period_start ORDER BY i.account_id, i.invoice_id) AS starts
       INTO inv
-      FROM (SELECT i.account_id, i.invoice_id, i.plan, i.currency, i.period_start, s.spend_cap,
-                   s.starts_at IS NOT NULL AS covered,
-                   LEAST(billing._add_periods(s.starts_at, p.period,
-                             billing._period_index(s.starts_at, p.period, i.period_start) + 1),
-                         s.ends_at) AS pe
-              FROM billing.invoices i
-                   JOIN billing.plans p ON p.plan = i.plan
-                   LEFT JOIN billing.subscriptions s
-                          ON s.account_id = i.account_id AND s.plan = i.plan
-                         AND s.starts_at <= i.period_start
-                         AND i.period_start < coalesce(s.ends_at, 'infinity')
-             WHERE i.status = 'finalized'
-               AND i.period_start < to_ts AND i.period_end > from_ts
-               AND (p_account IS NULL OR i.account_id = p_account)) x;
+      FROM billing.invoices i
+     WHERE i.status = 'finalized'
+       AND i.period_start < to_ts AND i.period_end > from_ts
+       AND (p_account IS NULL OR i.account_id = p_account);
     IF inv.accounts IS NULL THEN
         RETURN;
     END IF;
-    -- 2. today's lines, all periods in one set-based rating
-    SELECT array_agg(r.idx ORDER BY r.idx, r.ord) AS ks, array_agg(r.kind ORDER BY r.idx, r.ord) AS kinds,
-           array_agg(r.meter ORDER BY r.idx, r.ord) AS meters,
-           array_agg(r.description ORDER BY r.idx, r.ord) AS descriptions,
-           array_agg(r.quantity ORDER BY r.idx, r.ord) AS quantities,
-           array_agg(r.amount ORDER BY r.idx, r.ord) AS amounts,
-           array_agg(r.dimension ORDER BY r.idx, r.ord) AS dimensions
+    -- 2. today's lines of each invoice's period (every plan segment, the
+    -- cap); a period no subscription covers any more bills nothing
+    SELECT array_agg(ROW(k.n, (b.line).ord, (b.line).kind, (b.line).meter, (b.line).description,
+                         (b.line).quantity, (b.line).amount, NULL, NULL, NULL, NULL, NULL, NULL,
+                         (b.line).segment_start, NULL, NULL, NULL, NULL, NULL,
+                         (b.line).dimension)::billing._invoice_line)
       INTO cor
-      FROM billing._rate_periods(inv.c_accounts, inv.c_plans, inv.c_currencies, inv.c_caps,
-                                 inv.c_starts, inv.c_ends) r;
-    -- 3. what was billed: the lines, and the adjustments made since
-    SELECT array_agg(l.account_id) AS accounts, array_agg(l.invoice_id) AS invoices,
-           array_agg(l.kind) AS kinds, array_agg(l.meter::text) AS meters,
-           array_agg(l.description) AS descriptions, array_agg(l.quantity) AS quantities,
-           array_agg(l.amount) AS amounts, array_agg(l.dimension::text) AS dimensions
+      FROM billing._period_build(inv.accounts, inv.starts, true) b
+           JOIN unnest(inv.accounts, inv.starts) WITH ORDINALITY AS k(a, s, n)
+             ON k.a = b.account_id AND k.s = b.period_start;
+    -- 3. what was billed: the rated lines, and the adjustments made since
+    SELECT array_agg(y.account_id) AS accounts, array_agg(y.invoice_id) AS invoices,
+           array_agg(y.kind) AS kinds, array_agg(y.meter) AS meters,
+           array_agg(y.description) AS descriptions, array_agg(y.quantity) AS quantities,
+           array_agg(y.amount) AS amounts, array_agg(y.segment_start) AS segments,
+           array_agg(y.dimension) AS dimensions
       INTO bil
-      FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
-           JOIN billing.invoice_lines l
-             ON l.account_id = v.account_id AND l.invoice_id = v.invoice_id
-     WHERE l.kind <> 'adjustment';
-    SELECT array_agg(a.account_id) AS accounts, array_agg(a.invoice_id) AS invoices,
-           array_agg(a.line_kind) AS kinds, array_agg(a.meter::text) AS meters,
-           array_agg(a.description) AS descriptions,
-           array_agg(a.new_quantity - a.old_quantity) AS quantities, array_agg(a.delta) AS amounts,
-           array_agg(a.dimension::text) AS dimensions
-      INTO adj
-      FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
-           JOIN billing.adjustments a
-             ON a.account_id = v.account_id AND a.invoice_id = v.invoice_id;
+      FROM (SELECT l.account_id, l.invoice_id, l.kind, l.meter::text AS meter, l.description,
+                   l.quantity, l.amount, l.segment_start, l.dimension::text AS dimension
+              FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
+                   JOIN billing.invoice_lines l
+                     ON l.account_id = v.account_id AND l.invoice_id = v.invoice_id
+             WHERE l.kind IN ('usage', 'fixed', 'cap')
+            UNION ALL
+            SELECT a.account_id, a.invoice_id, a.line_kind, a.meter::text, a.description,
+                   a.new_quantity - a.old_quantity, a.delta, a.segment_start, a.dimension::text
+              FROM unnest(inv.accounts, inv.invoices) v(account_id, invoice_id)
+                   JOIN billing.adjustments a
+                     ON a.account_id = v.account_id AND a.invoice_id = v.invoice_id) y;
     -- 4. compare (reads no table)
     RETURN QUERY
-    WITH correct AS (
-        SELECT inv.c_accounts[u.k] AS account_id, inv.c_invoices[u.k] AS invoice_id, u.kind,
-               u.meter, u.description, u.quantity, u.amount, u.dimension
-          FROM unnest(cor.ks, cor.kinds, cor.meters, cor.descriptions, cor.quantities, cor.amounts,
-                      cor.dimensions)
-                   AS u(k, kind, meter, description, quantity, amount, dimension)
-    ), billed AS (
-        SELECT * FROM unnest(bil.accounts, bil.invoices, bil.kinds, bil.meters, bil.descriptions,
-                             bil.quantities, bil.amounts, bil.dimensions)
-                          AS b(account_id, invoice_id, kind, meter, description, quantity, amount,
-                               dimension)
-        UNION ALL
-        SELECT * FROM unnest(adj.accounts, adj.invoices, adj.kinds, adj.meters, adj.descriptions,
-                             adj.quantities, adj.amounts, adj.dimensions)
-                          AS b(account_id, invoice_id, kind, meter, description, quantity, amount,
-                               dimension)
+    WITH invs AS (
+        SELECT k.n::integer AS n, k.a AS account_id, k.i AS invoice_id, k.s AS period_start
+          FROM unnest(inv.accounts, inv.invoices, inv.starts) WITH ORDINALITY AS k(a, i, s, n)
+    ), correct AS (
+        SELECT invs.account_id, invs.invoice_id, c.kind, c.meter, c.description, c.quantity,
+               c.amount, c.segment_start, coalesce(c.segment_start, invs.period_start) AS seg,
+               c.dimension
+          FROM unnest(cor) c JOIN invs ON invs.n = c.idx
     ), billed_sum AS (
         SELECT b.account_id, b.invoice_id, b.kind, b.meter, b.dimension::text AS dimension,
                CASE WHEN b.kind = 'fixed' THEN b.description END AS fixed_key,
-               max(b.description) AS description,
+               coalesce(b.segment_start, invs.period_start) AS seg,
+               max(b.segment_start) AS segment_start, max(b.description) AS description,
                sum(b.quantity) AS quantity, sum(b.amount) AS amount
-          FROM billed b
-         GROUP BY 1, 2, 3, 4, 5, 6
+          FROM unnest(bil.accounts, bil.invoices, bil.kinds, bil.meters, bil.descriptions,
+                      bil.quantities, bil.amounts, bil.segments, bil.dimensions)
+                   AS b(account_id, invoice_id, kind, meter, description, quantity, amount,
+                        segment_start, dimension)
+               JOIN invs ON invs.account_id = b.account_id AND invs.invoice_id = b.invoice_id
+         GROUP BY 1, 2, 3, 4, 5, 6, 7
     )
     SELECT coalesce(c.account_id, b.account_id), coalesce(c.invoice_id, b.invoice_id),
            coalesce(c.kind, b.kind), coalesce(c.meter, b.meter),
@@ -211,11 +190,11 @@ BEGIN
            CASE WHEN coalesce(c.kind, b.kind) = 'usage' THEN coalesce(c.quantity, 0) ELSE c.quantity END,
            coalesce(c.amount, 0),
            coalesce(c.amount, 0) - coalesce(b.amount, 0),
-           coalesce(c.dimension, b.dimension)
+           coalesce(c.segment_start, b.segment_start), coalesce(c.dimension, b.dimension)
       FROM correct c
            FULL JOIN billed_sum b
                   ON b.account_id = c.account_id AND b.invoice_id = c.invoice_id
-                 AND b.kind = c.kind
+                 AND b.seg = c.seg AND b.kind = c.kind
                  AND b.meter IS NOT DISTINCT FROM c.meter
                  AND b.dimension IS NOT DISTINCT FROM c.dimension
                  AND b.fixed_key IS NOT DISTINCT FROM CASE WHEN c.kind = 'fixed' THEN c.description END;
@@ -261,13 +240,14 @@ BEGIN
     ), written AS (
         INSERT INTO billing.adjustments (account_id, invoice_id, line_kind, meter, description,
                                          old_quantity, new_quantity, old_amount, new_amount, delta,
-                                         reason, dimension)
+                                         reason, segment_start, dimension)
         SELECT d.account_id, d.invoice_id, d.line_kind, d.meter, d.description,
                d.billed_quantity, d.correct_quantity, d.billed_amount, d.correct_amount, d.delta,
-               coalesce(p_reason, 're-rate'), d.dimension
+               coalesce(p_reason, 're-rate'), d.segment_start, d.dimension
           FROM d
-         -- adjustment ids in invoice line order (fixed fees, usage, the cap)
-         ORDER BY d.account_id, d.invoice_id,
+         -- adjustment ids in invoice line order (plan segments; fixed fees,
+         -- usage, the cap)
+         ORDER BY d.account_id, d.invoice_id, d.segment_start NULLS LAST,
                   CASE d.line_kind WHEN 'fixed' THEN 1 WHEN 'usage' THEN 2 ELSE 3 END,
                   d.description, d.meter, d.dimension NULLS FIRST
     )
@@ -393,8 +373,56 @@ BEGIN
       FROM billing.invoice_lines x
            JOIN billing.invoices i ON i.account_id = x.account_id AND i.invoice_id = x.invoice_id
      WHERE (p_account IS NULL OR x.account_id = p_account) AND x.kind IN ('usage', 'fixed')
+       AND x.proration IS NULL
        AND (x.price IS NULL
             OR billing.round_money(billing._rate_check(x.price, coalesce(x.quantity, 0)), i.currency) <> x.amount)
+    UNION ALL
+    -- a fixed fee of a plan segment: its share of the period, in seconds
+    SELECT x.account_id, x.invoice_id, x.line_no,
+           format('fixed line of %s of the period rates to %s, not %s',
+                  extract(epoch FROM x.segment_end - x.segment_start) / extract(epoch FROM i.period_end - i.period_start),
+                  billing.round_money(billing._rate_check(x.price, 0)
+                                      * extract(epoch FROM x.segment_end - x.segment_start)
+                                      / extract(epoch FROM i.period_end - i.period_start), i.currency),
+                  x.amount)
+      FROM billing.invoice_lines x
+           JOIN billing.invoices i ON i.account_id = x.account_id AND i.invoice_id = x.invoice_id
+     WHERE (p_account IS NULL OR x.account_id = p_account) AND x.kind = 'fixed'
+       AND x.proration IS NOT NULL
+       AND (x.price IS NULL OR x.segment_start IS NULL OR x.segment_end IS NULL
+            OR billing.round_money(billing._rate_check(x.price, 0)
+                                   * extract(epoch FROM x.segment_end - x.segment_start)
+                                   / extract(epoch FROM i.period_end - i.period_start), i.currency) <> x.amount)
+    UNION ALL
+    -- each credit line is the credit ledger's draw of its grant on its
+    -- invoice, and each draw is a credit line
+    SELECT coalesce(c.account_id, d.account_id), coalesce(c.invoice_id, d.invoice_id), c.line_no,
+           CASE WHEN c.line_no IS NULL
+                THEN format('the credit ledger draws %s from grant %s but no credit line shows it',
+                            d.amount, d.grant_id)
+                WHEN d.amount IS NULL
+                THEN format('credit line of grant %s has no draw in the credit ledger', c.grant_id)
+                ELSE format('credit line of grant %s is %s, the credit ledger draws %s', c.grant_id,
+                            c.amount, d.amount) END
+      FROM (SELECT l.account_id, l.invoice_id, l.line_no, l.grant_id, l.amount
+              FROM billing.invoice_lines l
+             WHERE l.kind = 'credit' AND (p_account IS NULL OR l.account_id = p_account)) c
+           FULL JOIN (SELECT g.account_id, g.invoice_id, g.grant_id, sum(g.amount) AS amount
+                        FROM billing.credit_ledger g
+                       WHERE g.kind = 'draw' AND (p_account IS NULL OR g.account_id = p_account)
+                       GROUP BY 1, 2, 3) d
+                  ON d.account_id = c.account_id AND d.invoice_id = c.invoice_id
+                 AND d.grant_id = c.grant_id
+     WHERE c.amount IS DISTINCT FROM d.amount
+    UNION ALL
+    -- credits never take an invoice below 0
+    SELECT i.account_id, i.invoice_id, NULL::int,
+           format('credits take the total to %s, below 0', i.total)
+      FROM billing.invoices i
+     WHERE (p_account IS NULL OR i.account_id = p_account) AND i.total < 0
+       AND EXISTS (SELECT 1 FROM billing.invoice_lines l
+                    WHERE l.account_id = i.account_id AND l.invoice_id = i.invoice_id
+                      AND l.kind = 'credit')
     ORDER BY 1, 2, 3;
 END
 $$;
@@ -407,4 +435,4 @@ CREATE FUNCTION billing.verify_invoices(account_id bigint DEFAULT NULL)
     SELECT * FROM billing._verify_invoices($1)
 $$;
 COMMENT ON FUNCTION billing.verify_invoices(bigint) IS
-    'Checks finalized invoices: each total is the sum of its lines, and each usage and fixed line is the rounded rating of its quantity with the price that rated it';
+    'Checks finalized invoices: each total is the sum of its lines, each usage and fixed line is the rounded rating of its quantity with the price that rated it (a plan segment''s fixed fee prorated by seconds), each credit line is the credit ledger''s draw and credits take no total below 0';

@@ -126,6 +126,7 @@ CREATE FUNCTION billing._distributed_functions()
            ('billing.usage(bigint,timestamptz,timestamptz,interval,text)', '$1'),
            ('billing.remaining(bigint,text,timestamptz,text)', '$1'),
            ('billing.invoice_preview(bigint,timestamptz)', '$1'),
+           ('billing.credit_balance(bigint,timestamptz)', '$1'),
            ('billing.correct_usage(bigint,text,timestamptz,numeric,text,text)', '$1')
 $$;
 COMMENT ON FUNCTION billing._distributed_functions() IS
@@ -214,11 +215,14 @@ COMMENT ON FUNCTION billing._compact_into_citus(text, interval) IS
 /*
  * _finalize_citus: the body of finalize_invoices on Citus, for the periods
  * ended by cutoff.  The single-node body writes every invoice in one
- * statement that rates periods inside a query over distributed tables,
- * which Citus refuses.  Here: each subscription's due periods in order
- * (under the account's row lock), each rated by a query over functions
- * only, then written with one statement per table.  The account's pending
- * adjustments go on its earliest new invoice, as on one node.
+ * statement over _invoice_build, which reads the shards itself; Citus
+ * refuses that inside a query over distributed tables.  Here: each
+ * account's due periods in order (under the account's row lock), each
+ * built by the same _invoice_build in a query over functions only, then
+ * written with one statement per table (the rollover grants it creates get
+ * their ids before the next period is built, which may draw from them).
+ * The account's pending adjustments go on its earliest new invoice, as on
+ * one node.
  */
 CREATE FUNCTION billing._finalize_citus(cutoff timestamptz)
     RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
@@ -226,79 +230,81 @@ CREATE FUNCTION billing._finalize_citus(cutoff timestamptz)
     LANGUAGE plpgsql
     SET search_path = pg_catalog, billing, pg_temp AS $$
 DECLARE
-    s record;
+    acc bigint;
     per record;
+    first boolean;
     inv bigint;
-    l_no integer[];
-    l_kind text[];
-    l_meter text[];
-    l_description text[];
-    l_quantity numeric[];
-    l_amount numeric[];
-    l_unrounded numeric[];
-    l_charge bigint[];
-    l_price billing.price[];
-    l_adjustment bigint[];
-    l_dimension text[];
+    b billing._invoice_line[];
+    ids bigint[];
     l_total numeric;
+    seq0 bigint;
 BEGIN
-    FOR s IN
-        SELECT sub.account_id, sub.plan, sub.starts_at, sub.ends_at, sub.spend_cap,
-               p.period, p.currency
-          FROM billing.subscriptions sub JOIN billing.plans p ON p.plan = sub.plan
-         WHERE sub.starts_at < cutoff
-         ORDER BY sub.account_id, sub.starts_at
-    LOOP
-        PERFORM 1 FROM billing.accounts a WHERE a.account_id = s.account_id FOR NO KEY UPDATE;
+    FOR acc IN SELECT DISTINCT d.account_id FROM billing._due_periods(cutoff) d ORDER BY 1 LOOP
+        PERFORM 1 FROM billing.accounts a WHERE a.account_id = acc FOR NO KEY UPDATE;
+        first := true;
+        -- the account's due periods, looked up again under its lock
         FOR per IN
-            SELECT ps, pe
-              FROM generate_series(0,
-                       CASE WHEN s.ends_at IS NOT NULL AND s.ends_at <= cutoff
-                            THEN billing._period_index(s.starts_at, s.period, s.ends_at - interval '1 microsecond')
-                            ELSE billing._period_index(s.starts_at, s.period, cutoff) - 1 END) AS n,
-                   LATERAL (SELECT billing._add_periods(s.starts_at, s.period, n) AS ps,
-                                   LEAST(billing._add_periods(s.starts_at, s.period, n + 1), s.ends_at) AS pe) b
-             WHERE pe <= cutoff
-               AND NOT EXISTS (SELECT 1 FROM billing.invoices i
-                                WHERE i.account_id = s.account_id AND i.period_start = b.ps)
-             ORDER BY n
+            SELECT d.plan, d.currency, d.spend_cap, d.period_start, d.period_end,
+                   array_agg(d.segment_plan ORDER BY d.segment_start) AS plans,
+                   array_agg(d.segment_start ORDER BY d.segment_start) AS starts,
+                   array_agg(d.segment_end ORDER BY d.segment_start) AS ends
+              FROM billing._due_periods(cutoff) d
+             WHERE d.account_id = acc
+             GROUP BY 1, 2, 3, 4, 5
+             ORDER BY d.period_start
         LOOP
             inv := nextval('billing.invoice_id_seq');
-            SELECT coalesce(array_agg(n.line_no ORDER BY n.line_no), '{}'),
-                   array_agg(n.kind ORDER BY n.line_no), array_agg(n.meter ORDER BY n.line_no),
-                   array_agg(n.description ORDER BY n.line_no), array_agg(n.quantity ORDER BY n.line_no),
-                   array_agg(n.amount ORDER BY n.line_no), array_agg(n.unrounded_amount ORDER BY n.line_no),
-                   array_agg(n.charge_id ORDER BY n.line_no), array_agg(n.price ORDER BY n.line_no),
-                   array_agg(n.adjustment_id ORDER BY n.line_no),
-                   array_agg(n.dimension ORDER BY n.line_no), coalesce(sum(n.amount), 0)
-              INTO l_no, l_kind, l_meter, l_description, l_quantity, l_amount, l_unrounded,
-                   l_charge, l_price, l_adjustment, l_dimension, l_total
-              FROM (SELECT (row_number() OVER (ORDER BY x.ord))::integer AS line_no, x.*
-                      FROM (SELECT r.ord::bigint AS ord, r.kind, r.meter, r.description, r.quantity,
-                                   r.amount, r.unrounded_amount, r.charge_id, r.price,
-                                   NULL::bigint AS adjustment_id, r.dimension
-                              FROM billing._rate_period(s.account_id, s.plan, s.currency, s.spend_cap,
-                                                        per.ps, per.pe) r
-                            UNION ALL
-                            SELECT 1000000 + row_number() OVER (ORDER BY a.adjustment_id), 'adjustment',
-                                   a.meter, a.description, a.quantity, a.amount, NULL, NULL, NULL,
-                                   a.adjustment_id, a.dimension
-                              FROM billing._pending_adjustments(s.account_id) a) x) n;
+            b := ARRAY(SELECT x FROM billing._invoice_build(
+                           ARRAY[acc], ARRAY[per.currency], ARRAY[per.spend_cap],
+                           ARRAY[per.period_start], ARRAY[per.period_end], ARRAY[first],
+                           array_fill(1, ARRAY[cardinality(per.plans)]), per.plans, per.starts,
+                           per.ends, false, true) x);
+            first := false;
+            -- ids of the rollover grants (named -1, -2, ... by the build)
+            ids := ARRAY(SELECT nextval('billing.credit_grant_id_seq')
+                           FROM unnest(b) x WHERE x.kind = 'grant' ORDER BY x.grant_id DESC);
+            SELECT coalesce(sum(x.amount), 0) INTO l_total FROM unnest(b) x
+             WHERE x.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit');
             INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
                                           currency, total)
-            VALUES (s.account_id, inv, s.plan, per.ps, per.pe, s.currency, l_total);
+            VALUES (acc, inv, per.plan, per.period_start, per.period_end, per.currency, l_total);
             INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
                                               description, quantity, amount, unrounded_amount,
-                                              charge_id, price, adjustment_id, dimension)
-            SELECT s.account_id, inv, u.*
-              FROM unnest(l_no, l_kind, l_meter, l_description, l_quantity, l_amount, l_unrounded,
-                          l_charge, l_price, l_adjustment, l_dimension) u;
+                                              charge_id, price, adjustment_id, segment_start,
+                                              segment_end, proration, commitment_id, grant_id,
+                                              dimension)
+            SELECT acc, inv, (row_number() OVER (ORDER BY x.ord))::integer, x.kind, x.meter,
+                   x.description, x.quantity, x.amount, x.unrounded_amount, x.charge_id, x.price,
+                   x.adjustment_id, x.segment_start, x.segment_end, x.proration, x.commitment_id,
+                   CASE WHEN x.grant_id < 0 THEN ids[-x.grant_id] ELSE x.grant_id END, x.dimension
+              FROM unnest(b) x
+             WHERE x.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit');
+            INSERT INTO billing.credit_grants (account_id, grant_id, amount, effective_at, expires_at,
+                                               priority, applies_to, source, reason, commitment_id,
+                                               window_no, rolled_from)
+            SELECT acc, ids[-x.grant_id], x.amount, x.effective_at, x.expires_at, g.priority,
+                   g.applies_to, 'rollover', format('rollover of grant %s', g.grant_id),
+                   g.commitment_id, g.window_no + 1, g.grant_id
+              FROM unnest(b) x
+                   JOIN billing.credit_grants g ON g.account_id = acc AND g.grant_id = x.source_grant
+             WHERE x.kind = 'grant';
+            seq0 := billing._ledger_next_seq(acc) - 1;
+            INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at,
+                                               invoice_id)
+            SELECT acc, seq0 + row_number() OVER (ORDER BY x.ord),
+                   CASE WHEN x.grant_id < 0 THEN ids[-x.grant_id] ELSE x.grant_id END,
+                   CASE WHEN x.kind = 'credit' THEN 'draw' ELSE x.kind END, x.amount, x.effective_at,
+                   CASE WHEN x.kind = 'credit' THEN inv END
+              FROM unnest(b) x
+             WHERE x.kind IN ('credit', 'expire', 'rollover', 'grant');
             UPDATE billing.adjustments a SET billed_invoice_id = inv
-             WHERE a.account_id = s.account_id AND a.adjustment_id = ANY (l_adjustment);
+             WHERE a.account_id = acc
+               AND a.adjustment_id = ANY (ARRAY(SELECT x.adjustment_id FROM unnest(b) x
+                                                 WHERE x.adjustment_id IS NOT NULL));
             r_invoice_id := inv;
-            r_account_id := s.account_id;
-            r_period_start := per.ps;
-            r_period_end := per.pe;
+            r_account_id := acc;
+            r_period_start := per.period_start;
+            r_period_end := per.period_end;
             r_total := l_total;
             RETURN NEXT;
         END LOOP;

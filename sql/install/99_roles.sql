@@ -5,14 +5,15 @@
  * (new functions are executable by PUBLIC until revoked).
  *
  *   billing_reader  read every table; usage, remaining, invoice_preview,
- *                   verify_invoices, verify_audit_log, reconcile, the
- *                   price functions
+ *                   credit_balance, verify_invoices, verify_audit_log,
+ *                   reconcile, the price functions
  *   billing_writer  ingest only: record, ingest, report_cumulative
  *   billing_admin   everything billing_reader has; writes the reference
  *                   data (meters, accounts, plans, charges, subscriptions);
  *                   finalize_invoices, rerate, correct_usage, compact_usage,
  *                   purge_dedupe, meter_table, unmeter_table, audit_table,
- *                   unaudit_table
+ *                   unaudit_table; grant_credit, void_credit, add_commitment,
+ *                   change_plan
  *   PUBLIC          nothing
  *
  * Functions that write tables their callers cannot write run as the
@@ -72,6 +73,12 @@ ALTER FUNCTION billing.rerate(timestamptz, timestamptz, bigint, boolean, text) S
 ALTER FUNCTION billing.correct_usage(bigint, text, timestamptz, numeric, text, text) SECURITY DEFINER;
 ALTER FUNCTION billing.compact_usage() SECURITY DEFINER;
 ALTER FUNCTION billing.purge_dedupe(timestamptz) SECURITY DEFINER;
+ALTER FUNCTION billing.grant_credit(bigint, numeric, timestamptz, timestamptz, integer, text[], text, text)
+    SECURITY DEFINER;
+ALTER FUNCTION billing.void_credit(bigint, bigint, text, timestamptz) SECURITY DEFINER;
+ALTER FUNCTION billing.add_commitment(bigint, text, numeric, timestamptz, timestamptz, interval, text[], integer, numeric)
+    SECURITY DEFINER;
+ALTER FUNCTION billing.change_plan(bigint, text, timestamptz) SECURITY DEFINER;
 -- (the audit triggers of 70_audit.sql are SECURITY DEFINER too)
 
 -- billing_reader ---------------------------------------------------------------------------
@@ -90,6 +97,7 @@ GRANT EXECUTE ON FUNCTION
     billing.usage(bigint, timestamptz, timestamptz, interval, text),
     billing.remaining(bigint, text, timestamptz, text),
     billing.invoice_preview(bigint, timestamptz),
+    billing.credit_balance(bigint, timestamptz),
     billing.verify_invoices(bigint),
     billing.verify_audit_log(),
     billing.reconcile(regclass, name, name, name, name, timestamptz, timestamptz),
@@ -103,8 +111,6 @@ GRANT EXECUTE ON FUNCTION
     billing._usage_totals_many(bigint[], timestamptz[], timestamptz[], integer[], text[], text[]),
     billing._invoice_preview(bigint, timestamptz),
     billing._adjustment_text(billing.adjustments),
-    billing._period_at(bigint, timestamptz),
-    billing._pending_adjustments(bigint),
     billing._fits(billing.price, numeric, text, numeric),
     billing._audit_hash(bytea, bigint, bigint, timestamptz, text, text, text, jsonb),
     billing._audit_encode(bigint, bigint, timestamptz, text, text, text, jsonb),
@@ -128,6 +134,10 @@ GRANT EXECUTE ON FUNCTION
     billing.finalize_invoices(timestamptz),
     billing.rerate(timestamptz, timestamptz, bigint, boolean, text),
     billing.correct_usage(bigint, text, timestamptz, numeric, text, text),
+    billing.grant_credit(bigint, numeric, timestamptz, timestamptz, integer, text[], text, text),
+    billing.void_credit(bigint, bigint, text, timestamptz),
+    billing.add_commitment(bigint, text, numeric, timestamptz, timestamptz, interval, text[], integer, numeric),
+    billing.change_plan(bigint, text, timestamptz),
     billing.compact_usage(),
     billing.purge_dedupe(timestamptz),
     billing.meter_table(regclass, name, name, name, name, name, name, boolean),

@@ -4,11 +4,15 @@
 #
 #  1. invoice_preview latency, p50 and p95, for one account with a month of
 #     minute buckets on 6 meters (259,200 buckets), compacted.  Goal: p95 <= 2 ms.
-#  1b. (issue 18) invoice_preview latency for one account with 100,000
+#  1b. invoice_preview of an account with 5 grants, a prepaid commitment and a
+#     plan change in the period against the account of 1, in one loop (issue
+#     17).  Goal: p95 <= 1.5x.
+#  1c. (issue 18) invoice_preview latency for one account with 100,000
 #     distinct users in a unique meter (250,000 reports over the month) and
 #     20 matrix charges (a meter priced by region: 19 regions apart and the
 #     rest), compacted.  Goal: p95 <= 2 ms.
-#  2. finalize_invoices for 10,000 accounts: invoices per second.
+#  2. finalize_invoices for 10,000 accounts: invoices per second, without
+#     credits and with two credits per account.
 #  3. rerate of a month for 10,000 accounts after a retroactive price change,
 #     against the same recompute written as plain SQL over the same tables
 #     (the peer reads the minute buckets and rates the tiers in SQL).  Goal >= 5x.
@@ -77,7 +81,67 @@ SELECT line_no, kind, meter, quantity, amount FROM invoice_preview(1, '$M0'::tim
 SQL
 
 echo
-echo "-- 1b. invoice_preview: 100,000 distinct users in a unique meter, 20 matrix charges"
+echo "-- 1b. invoice_preview with contracts (issue 17): the same month of minute buckets on an"
+echo "--     account with 5 grants, a prepaid commitment and a plan change on day 11, against"
+echo "--     the account of 1 (without them), both timed in one loop"
+"${PSQL[@]}" -d $DB <<SQL
+SET search_path = billing, public;
+INSERT INTO plans VALUES ('team2', '1 month', 'USD');
+INSERT INTO charges (plan, meter, price, valid_from, description)
+SELECT 'team2', m, 'graduated 50000 @ 0 | 500000 @ 0.00025 | 5000000 @ 0.0002 | inf @ 0.0001',
+       '-infinity', m
+  FROM unnest(ARRAY['error', 'span', 'replay', 'attachment', 'profile', 'monitor']) m;
+INSERT INTO charges (plan, meter, price, description) VALUES ('team2', NULL, 'flat 30', 'base');
+INSERT INTO accounts VALUES (2, 'USD', 'contract account');
+INSERT INTO subscriptions VALUES (2, 'team', '$M0', NULL, 5000);
+INSERT INTO usage_deltas (account_id, seq, cells)
+SELECT 2, NULL,
+       _delta_pack(array_agg(m ORDER BY t), array_agg(''::text ORDER BY t), array_agg(t ORDER BY t),
+                   array_agg((1 + (extract(epoch FROM t)::bigint % 37))::numeric ORDER BY t),
+                   array_agg(1::bigint ORDER BY t), NULL)
+  FROM unnest(ARRAY['error', 'span', 'replay', 'attachment', 'profile', 'monitor']) m,
+       generate_series('$M0'::timestamptz, '$M1'::timestamptz - interval '1 minute', '1 minute') t
+ GROUP BY m, date_trunc('day', t);
+SELECT compact_usage() AS cells_compacted;
+SELECT change_plan(2, 'team2', '$M0'::timestamptz + interval '10 days');
+SELECT count(*) AS grants FROM (VALUES
+    (grant_credit(2, 100, '$M0', '$M0'::timestamptz + interval '19 days', priority => 10, reason => 'promo')),
+    (grant_credit(2, 500, '$M0', applies_to => '{error}', reason => 'errors')),
+    (grant_credit(2, 500, '$M0', applies_to => '{span,replay}', reason => 'tracing')),
+    (grant_credit(2, 200, '$M0'::timestamptz + interval '4 days', '$M1'::timestamptz + interval '2 months', reason => 'goodwill')),
+    (grant_credit(2, 50, '$M0', priority => 90, reason => 'last resort'))) g(id);
+SELECT add_commitment(2, 'prepaid', 12000, '$M0', '$M0'::timestamptz + interval '1 year', '1 month',
+                      rollover_fraction => 0.25) AS commitment;
+CREATE TEMP TABLE lat2 (account bigint, ms float8);
+DO \$\$
+DECLARE t0 timestamptz; i int; n int; a bigint;
+BEGIN
+    FOR i IN 1..660 LOOP
+        a := 1 + i % 2;         -- the two accounts in turn
+        t0 := clock_timestamp();
+        SELECT count(*) INTO n FROM billing.invoice_preview(a, '$M0'::timestamptz + interval '20 days');
+        IF i > 60 THEN
+            INSERT INTO lat2 VALUES (a, extract(epoch FROM clock_timestamp() - t0) * 1000);
+        END IF;
+    END LOOP;
+END
+\$\$;
+SELECT CASE account WHEN 1 THEN 'without' ELSE 'with contracts' END AS account,
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 3) AS p50_ms,
+       round(percentile_cont(0.95) WITHIN GROUP (ORDER BY ms)::numeric, 3) AS p95_ms
+  FROM lat2 GROUP BY account ORDER BY account;
+SELECT round((percentile_cont(0.95) WITHIN GROUP (ORDER BY ms) FILTER (WHERE account = 2)
+              / percentile_cont(0.95) WITHIN GROUP (ORDER BY ms) FILTER (WHERE account = 1))::numeric, 2)
+           AS "p95 ratio",
+       CASE WHEN percentile_cont(0.95) WITHIN GROUP (ORDER BY ms) FILTER (WHERE account = 2)
+                 <= 1.5 * percentile_cont(0.95) WITHIN GROUP (ORDER BY ms) FILTER (WHERE account = 1)
+            THEN 'met' ELSE 'NOT met' END AS "goal <= 1.5x"
+  FROM lat2;
+SELECT line_no, kind, meter, amount FROM invoice_preview(2, '$M0'::timestamptz + interval '20 days');
+SQL
+
+echo
+echo "-- 1c. invoice_preview: 100,000 distinct users in a unique meter, 20 matrix charges"
 "${PSQL[@]}" -d $DB <<SQL
 SET search_path = billing, public;
 INSERT INTO meters (meter, aggregation, late_window) VALUES
@@ -156,6 +220,21 @@ SELECT a, NULL,
 SELECT compact_usage() AS cells_compacted;
 SQL
 
+# finalize without credits (rolled back), then with two credits on every
+# account (one on errors only expiring mid-month, one for every line)
+FIN0=$("${PSQL[@]}" -At -d $DB <<SQL | tail -1
+SET search_path = billing, public;
+BEGIN;
+CREATE TEMP TABLE t0 AS SELECT clock_timestamp() AS t;
+CREATE TEMP TABLE fin AS SELECT * FROM finalize_invoices('$M1'::timestamptz + interval '2 hours');
+SELECT (SELECT count(*) FROM fin) || ' ' || round(extract(epoch FROM clock_timestamp() - t) * 1000) FROM t0;
+ROLLBACK;
+SQL
+)
+read -r FIN0_N FIN0_MS <<<"$FIN0"
+"${PSQL[@]}" -d $DB -c "SELECT count(billing.grant_credit(a, 5, '$M0', '$M0'::timestamptz + interval '15 days', applies_to => '{error}', reason => 'errors'))
+                               + count(billing.grant_credit(a, 40, '$M0', reason => 'credit')) AS grants
+                          FROM generate_series(2, 10001) a" >/dev/null
 FIN=$("${PSQL[@]}" -At -d $DB <<SQL | tail -1
 SET search_path = billing, public;
 CREATE TEMP TABLE t0 AS SELECT clock_timestamp() AS t;
@@ -164,7 +243,8 @@ SELECT (SELECT count(*) FROM fin) || ' ' || round(extract(epoch FROM clock_times
 SQL
 )
 read -r FIN_N FIN_MS <<<"$FIN"
-echo "finalize_invoices: $FIN_N invoices in $FIN_MS ms"
+echo "finalize_invoices: $FIN0_N invoices in $FIN0_MS ms without credits, $FIN_N in $FIN_MS ms with two credits each"
+"${PSQL[@]}" -d $DB -c "SELECT kind, count(*), sum(amount) FROM billing.credit_ledger GROUP BY kind ORDER BY kind"
 
 # a retroactive price change: a cheaper span tier from the start of the month
 "${PSQL[@]}" -d $DB -c "INSERT INTO billing.charges (plan, meter, price, valid_from, description) VALUES ('team', 'span', 'graduated 50000 @ 0 | 500000 @ 0.00025 | 5000000 @ 0.0002 | inf @ 0.0001', '$M0', 'span (new price)')"
@@ -234,7 +314,9 @@ O=$(printf '%s\n' "${OURS[@]}" | best); P=$(printf '%s\n' "${PEER[@]}" | best)
 echo
 echo "-- results (best of 3)"
 printf '%-44s %10s\n' "path" "ms"
-printf '%-44s %10s   (%s invoices, %s invoices/s)\n' "finalize_invoices, 10,000 accounts" "$FIN_MS" "$FIN_N" \
+printf '%-44s %10s   (%s invoices, %s invoices/s)\n' "finalize_invoices, 10,000 accounts" "$FIN0_MS" "$FIN0_N" \
+    "$(awk -v n="$FIN0_N" -v ms="$FIN0_MS" 'BEGIN { printf "%.0f", n * 1000 / ms }')"
+printf '%-44s %10s   (%s invoices, %s invoices/s)\n' "the same with two credits per account" "$FIN_MS" "$FIN_N" \
     "$(awk -v n="$FIN_N" -v ms="$FIN_MS" 'BEGIN { printf "%.0f", n * 1000 / ms }')"
 printf '%-44s %10s   (%s adjustments)\n' "rerate, 10,000 accounts (ours)" "$O" "$N_OURS"
 printf '%-44s %10s   (%s adjustments)\n' "same recompute in plain SQL (peer)" "$P" "$N_PEER"

@@ -6,7 +6,9 @@
 -- Left out, and why (each is the wall clock of the run, which differs
 -- between any two runs, or a value computed from it):
 --   charges.created_at, invoices.finalized_at, adjustments.created_at,
---   usage_corrections.corrected_at, ingest_offsets.applied_at   now()
+--   usage_corrections.corrected_at, ingest_offsets.applied_at,
+--   commitments.created_at, credit_grants.created_at,
+--   credit_ledger.booked_at                 now()
 --   dedupe_keys.expires_at                  now() + the meter's dedupe_window
 --   audit_log.at                            now()
 --   audit_log.prev_hash, audit_log.hash,    hashes over rows that hold at;
@@ -86,6 +88,19 @@ SELECT account_id, adjustment_id, invoice_id, line_kind, meter, description, old
 SELECT account_id, row_number() OVER (PARTITION BY account_id ORDER BY correction_id) AS correction_no,
        meter, dimension, bucket_start, delta, reason, actor
   FROM billing.usage_corrections ORDER BY account_id, correction_id;
+\echo == commitments
+SELECT account_id, commitment_id, kind, amount, starts_at, ends_at, commit_period, applies_to,
+       installments, rollover_fraction, period, actor
+  FROM billing.commitments ORDER BY account_id, commitment_id;
+\echo == commitment_windows
+SELECT * FROM billing.commitment_windows ORDER BY account_id, commitment_id, window_no;
+\echo == credit_grants
+SELECT account_id, grant_id, amount, effective_at, expires_at, priority, applies_to, source,
+       voided_at, reason, void_reason, idempotency_key, commitment_id, window_no, rolled_from, actor
+  FROM billing.credit_grants ORDER BY account_id, grant_id;
+\echo == credit_ledger
+SELECT account_id, seq, grant_id, kind, amount, effective_at, invoice_id, actor
+  FROM billing.credit_ledger ORDER BY account_id, seq;
 \echo == audit_log
 SELECT account_id, seq, actor, action,
        regexp_replace(object, '^usage_correction:[0-9]+$', 'usage_correction:#') AS object,

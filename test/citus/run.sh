@@ -13,6 +13,8 @@
 # read path (test/citus/last_rule.sql, issue 13, defect 6).  Then the
 # cluster itself (also: the table the scenario audits with
 # billing.audit_table is audited on the node of each account's chain).
+# Then the contracts scenario (test/citus/contracts.sql: credits,
+# commitments, plan changes) the same way.
 #
 # Seeds: BILLING_CITUS_SEEDS (default: the fixed list below); each seed is
 # printed, and a failure is replayed with BILLING_CITUS_SEEDS=N bash
@@ -144,7 +146,7 @@ for seed in $SEEDS; do
     # every table of the schema is compared (compare.sql lists them)
     r=$(cat "$WORK/single_$seed.tables.tables")
     check "seed $seed: compare.sql covers every table of billing (${r})" \
-        [ "$r" = "accounts adjustments audit_heads audit_log charges cumulative_reports dedupe_keys ingest_offsets invoice_lines invoices metered_tables meters plans subscriptions unique_periods unique_values usage_buckets usage_corrections usage_daily usage_deltas usage_hourly" ]
+        [ "$r" = "accounts adjustments audit_heads audit_log charges commitment_windows commitments credit_grants credit_ledger cumulative_reports dedupe_keys ingest_offsets invoice_lines invoices metered_tables meters plans subscriptions unique_periods unique_values usage_buckets usage_corrections usage_daily usage_deltas usage_hourly" ]
     r=$(grep -A2 -E '^ (invoice|audit)_problems' "$WORK/citus_$seed.out" | grep -E '^ +[0-9]+$' | tr -d ' ' | tr '\n' ' ')
     check "seed $seed: invoices and the audit log verify on the cluster (problems: $r)" [ "$r" = "0 0 " ]
     if diff -u "$WORK/single_$seed.out" "$WORK/citus_$seed.out" >"$WORK/diff" 2>&1; then
@@ -156,6 +158,40 @@ for seed in $SEEDS; do
     echo "# seed $seed took $(( $(date +%s) - t ))s"
 done
 [ -n "$DB" ] || exit 1
+
+# 3b. contracts (issue 17): credits, commitments and plan changes
+# (test/citus/contracts.sql) on one node and on the cluster, in a database
+# of their own on each; finalize goes through _finalize_citus on the
+# cluster, invoice_preview and credit_balance run on the account's worker.
+# The invoices, credit lines, ledger, grants and audit rows must be the
+# same (the scenario prints them), and verify on both
+t=$(date +%s)
+psql -qX -d postgres -c "DROP DATABASE IF EXISTS contracts" -c "CREATE DATABASE contracts" >/dev/null 2>&1
+psql -X -d contracts -v citus=false -f test/citus/contracts.sql >"$WORK/contracts_single.out" 2>&1
+rc1=$?
+[ $rc1 -eq 0 ] || tail -20 "$WORK/contracts_single.out" | sed 's/^/# /'
+rc2=1
+if citus_db contracts >"$WORK/citus_db_contracts.log" 2>&1; then
+    citus_psql "$CITUS_COORD_PORT" -X -v ON_ERROR_STOP=0 -d contracts -v citus=true \
+        -f test/citus/contracts.sql >"$WORK/contracts_citus.out" 2>&1
+    rc2=$?
+    [ $rc2 -eq 0 ] || grep -B2 -A8 'ERROR' "$WORK/contracts_citus.out" | head -30 | sed 's/^/# /'
+else
+    cat "$WORK/citus_db_contracts.log"
+fi
+check "contracts: the scenario runs on one node and on the cluster" [ $rc1 -eq 0 -a $rc2 -eq 0 ]
+for c in contracts_verify contracts_audit; do
+    a=$(grep -E "^ check:$c +\|" "$WORK/contracts_single.out" | cut -d'|' -f2 | tr -d ' ')
+    b=$(grep -E "^ check:$c +\|" "$WORK/contracts_citus.out" | cut -d'|' -f2 | tr -d ' ')
+    check "contracts: $c finds no problems on one node ($a) and on the cluster ($b)" [ "$a" = 0 -a "$b" = 0 ]
+done
+if diff -u "$WORK/contracts_single.out" "$WORK/contracts_citus.out" >"$WORK/diff" 2>&1; then
+    ok "contracts: invoices, credit lines, ledger, grants and audit rows identical ($(wc -l <"$WORK/contracts_single.out") lines)"
+else
+    sed 's/^/# /' "$WORK/diff" | cut -c1-240 | head -40
+    not_ok "contracts: invoices, credit lines, ledger, grants and audit rows identical"
+fi
+echo "# contracts took $(( $(date +%s) - t ))s"
 
 # 4. the guards on the cluster (issue 13, defect 3): a billing_admin claiming
 # to be a Citus task (application_name, and the nested execution Citus then

@@ -204,17 +204,21 @@ RESET ROLE;
 SELECT results_eq(
     $$SELECT p.oid::regprocedure::text FROM pg_proc p
        WHERE p.pronamespace = 'billing'::regnamespace AND p.prosecdef ORDER BY 1$$,
-    $$VALUES ('billing._audit_change()'), ('billing._audit_ddl()'), ('billing._audit_insert()'),
-             ('billing._audit_insert_rows()'), ('billing._audit_invoice()'),
+    $$VALUES ('billing._audit_change()'), ('billing._audit_credit()'), ('billing._audit_ddl()'),
+             ('billing._audit_insert()'), ('billing._audit_insert_rows()'), ('billing._audit_invoice()'),
              ('billing._audit_table_note(regclass)'),
+             ('billing.add_commitment(bigint,text,numeric,timestamp with time zone,timestamp with time zone,interval,text[],integer,numeric)'),
+             ('billing.change_plan(bigint,text,timestamp with time zone)'),
              ('billing.compact_usage()'),
              ('billing.correct_usage(bigint,text,timestamp with time zone,numeric,text,text)'),
              ('billing.finalize_invoices(timestamp with time zone)'),
+             ('billing.grant_credit(bigint,numeric,timestamp with time zone,timestamp with time zone,integer,text[],text,text)'),
              ('billing.ingest(text,integer,bigint,bigint[],text[],numeric[],timestamp with time zone[],text[],text[])'),
              ('billing.purge_dedupe(timestamp with time zone)'),
              ('billing.record(bigint,text,numeric,timestamp with time zone,text,text)'),
              ('billing.report_cumulative(text,bigint,text,timestamp with time zone,numeric,text)'),
-             ('billing.rerate(timestamp with time zone,timestamp with time zone,bigint,boolean,text)')$$,
+             ('billing.rerate(timestamp with time zone,timestamp with time zone,bigint,boolean,text)'),
+             ('billing.void_credit(bigint,bigint,text,timestamp with time zone)')$$,
     'exactly the functions that write what their callers cannot are SECURITY DEFINER (not the metering triggers, which switch in C: meter_security.sql)');
 SELECT is_empty(
     $$SELECT p.oid::regprocedure::text FROM pg_proc p

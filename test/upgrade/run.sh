@@ -371,8 +371,16 @@ check "a pg_dump taken on 1.0 restores into a database of version $default_versi
     "$?|$(q $D -c "SELECT extversion FROM pg_extension WHERE extname = 'billing'")"
 [ -s "$work/restore10.log" ] && diag <"$work/restore10.log"
 snapshot $D restored-1.0 || { diag <"$work/restored-1.0.err"; }
-compare "restored into $default_version, the 1.0 dump reads as 1.0 did (every read, every table but the usage store; new columns aside)" \
-    before restored-1.0 true "" "$STORE_READS${CHANGED_READS:+|$CHANGED_READS}"
+# a sequence the new version adds (of a table 1.0 did not have) is read
+# there, unused: it is no difference from 1.0 (a table the new version adds
+# is empty, so it has no rows to read)
+new_seqs=$(q $CHECK -c "SELECT string_agg(DISTINCT n.read, '|' ORDER BY n.read) FROM snap n
+                         WHERE n.label = 'restored-1.0' AND n.read LIKE 'sequence %'
+                           AND (n.data->>'is_called')::boolean IS FALSE
+                           AND NOT EXISTS (SELECT 1 FROM snap o WHERE o.label = 'before' AND o.read = n.read)")
+[ -n "$new_seqs" ] && echo "# new and unused in the restored 1.0 dump, not compared: $new_seqs"
+compare "restored into $default_version, the 1.0 dump reads as 1.0 did (every read, every table but the usage store; new columns and new unused sequences aside)" \
+    before restored-1.0 true "" "$STORE_READS${CHANGED_READS:+|$CHANGED_READS}${new_seqs:+|$new_seqs}"
 
 run_both test/upgrade/history_2.sql \
     "history, part 2 (March to May 2026), fed to the updated database" \

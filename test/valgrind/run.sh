@@ -2,7 +2,10 @@
 # make check-valgrind: run the core paths of billing (install script,
 # record, ingest, cumulative reports, metered INSERTs with and without
 # kept rows, compaction, usage, previews, finalize, corrections, rerate,
-# the audit chain, rating and the price type's text/JSON/binary forms)
+# the audit chain, rating and the price type's text/JSON/binary forms,
+# audited tables, and contracts: credit grants of every drawdown key,
+# prepaid commitments with rollover and installments, minimums, plan
+# changes, previews, finalizing with draws and expiries, a void, rerate)
 # in one single-user backend under valgrind memcheck, and fail on any
 # error valgrind reports (test/valgrind/postgres.supp only hides the
 # padding the server writes to disk on purpose).  About 2 minutes.

@@ -1,0 +1,97 @@
+-- contracts_errors: every error of SPEC 10.2, the append-only ledger and
+-- the immutable grants and commitments (55000), and who may call what.
+BEGIN;
+SELECT plan(36);
+SET LOCAL timezone = 'UTC';
+SET LOCAL client_min_messages = warning;
+
+INSERT INTO billing.meters (meter, late_window) VALUES ('ke_api', '100 years');
+INSERT INTO billing.plans (plan) VALUES ('ke_a'), ('ke_b');
+INSERT INTO billing.plans (plan, period) VALUES ('ke_week', '7 days');
+INSERT INTO billing.plans (plan, currency) VALUES ('ke_eur', 'EUR');
+INSERT INTO billing.charges (plan, meter, price) VALUES ('ke_a', 'ke_api', 'unit 0.01'),
+    ('ke_b', 'ke_api', 'unit 0.02');
+INSERT INTO billing.accounts (account_id) VALUES (9901), (9902);
+INSERT INTO billing.subscriptions (account_id, plan, starts_at) VALUES (9901, 'ke_a', '2025-01-01');
+SELECT billing.grant_credit(9901, 10, '2025-01-01', reason => 'k') AS g \gset
+SELECT billing.add_commitment(9901, 'prepaid', 100, '2025-03-01', '2025-04-01') AS c \gset
+
+-- 23503: unknown account, grant or meter in applies_to
+SELECT throws_ok($$SELECT billing.grant_credit(9999, 10)$$, '23503', NULL, 'grant_credit: unknown account');
+SELECT throws_ok($$SELECT billing.grant_credit(9901, 10, applies_to => '{ke_nope}')$$, '23503', NULL,
+                 'grant_credit: unknown meter in applies_to');
+SELECT throws_ok($$SELECT billing.void_credit(9901, -1, 'x')$$, '23503', NULL, 'void_credit: unknown grant');
+SELECT throws_ok(format($$SELECT billing.void_credit(9902, %s, 'x')$$, :g), '23503', NULL,
+                 'void_credit: a grant of another account');
+SELECT throws_ok($$SELECT billing.void_credit(9999, 1, 'x')$$, '23503', NULL, 'void_credit: unknown account');
+SELECT throws_ok($$SELECT * FROM billing.credit_balance(9999)$$, '23503', NULL, 'credit_balance: unknown account');
+SELECT throws_ok($$SELECT billing.add_commitment(9999, 'prepaid', 1, '2025-05-01', '2025-06-01')$$, '23503', NULL,
+                 'add_commitment: unknown account');
+SELECT throws_ok($$SELECT billing.add_commitment(9901, 'prepaid', 1, '2025-05-01', '2025-06-01', applies_to => '{ke_nope}')$$,
+                 '23503', NULL, 'add_commitment: unknown meter in applies_to');
+SELECT throws_ok($$SELECT billing.change_plan(9999, 'ke_b', '2025-02-10')$$, '23503', NULL, 'change_plan: unknown account');
+SELECT throws_ok($$SELECT billing.change_plan(9901, 'ke_nope', '2025-02-10')$$, '23503', NULL, 'change_plan: unknown plan');
+
+-- 22023: amounts, priority, expiry, rollover fraction, installments, kind
+SELECT throws_ok($$SELECT billing.grant_credit(9901, -0.01)$$, '22023', NULL, 'grant_credit: negative amount');
+SELECT throws_ok($$SELECT billing.grant_credit(9901, 'NaN')$$, '22023', NULL, 'grant_credit: NaN amount');
+SELECT throws_ok($$SELECT billing.grant_credit(9901, 10, priority => 101)$$, '22023', NULL, 'grant_credit: priority 101');
+SELECT throws_ok($$SELECT billing.grant_credit(9901, 10, priority => -1)$$, '22023', NULL, 'grant_credit: priority -1');
+SELECT throws_ok($$SELECT billing.grant_credit(9901, 10, '2025-02-01', '2025-02-01')$$, '22023', NULL,
+                 'grant_credit: expires_at = effective_at');
+SELECT throws_ok($$SELECT billing.grant_credit(9901, 10, '2025-02-01', '2025-01-01')$$, '22023', NULL,
+                 'grant_credit: expires_at before effective_at');
+SELECT throws_ok($$SELECT billing.add_commitment(9901, 'prepaid', -1, '2025-05-01', '2025-06-01')$$, '22023', NULL,
+                 'add_commitment: negative amount');
+SELECT throws_ok($$SELECT billing.add_commitment(9901, 'prepaid', 'NaN', '2025-05-01', '2025-06-01')$$, '22023', NULL,
+                 'add_commitment: NaN amount');
+SELECT throws_ok($$SELECT billing.add_commitment(9901, 'credit', 1, '2025-05-01', '2025-06-01')$$, '22023', NULL,
+                 'add_commitment: unknown kind');
+SELECT throws_ok($$SELECT billing.add_commitment(9901, 'prepaid', 1, '2025-05-01', '2025-06-01', rollover_fraction => 1.01)$$,
+                 '22023', NULL, 'add_commitment: rollover_fraction above 1');
+SELECT throws_ok($$SELECT billing.add_commitment(9901, 'prepaid', 1, '2025-05-01', '2025-06-01', rollover_fraction => -0.01)$$,
+                 '22023', NULL, 'add_commitment: rollover_fraction below 0');
+SELECT throws_ok($$SELECT billing.add_commitment(9901, 'prepaid', 1, '2025-05-01', '2025-06-01', installments => 0)$$,
+                 '22023', NULL, 'add_commitment: installments < 1');
+SELECT throws_ok($$SELECT billing.add_commitment(9901, 'prepaid', 1, '2025-05-02', '2025-06-01')$$, '22023', NULL,
+                 'add_commitment: a window starting off the period boundaries');
+SELECT throws_ok($$SELECT billing.change_plan(9901, 'ke_week', '2025-02-10')$$, '22023', NULL,
+                 'change_plan: a plan with another period');
+SELECT throws_ok($$SELECT billing.change_plan(9901, 'ke_eur', '2025-02-10')$$, '22023', NULL,
+                 'change_plan: a plan in another currency');
+
+-- 22004: no reason
+SELECT throws_ok(format($$SELECT billing.void_credit(9901, %s, NULL)$$, :g), '22004', NULL, 'void_credit: no reason');
+SELECT throws_ok(format($$SELECT billing.void_credit(9901, %s, '')$$, :g), '22004', NULL, 'void_credit: empty reason');
+
+-- 55000: a plan change inside a finalized period; what never changes
+SELECT billing.record(9901, 'ke_api', 100, '2025-01-10') \gset
+SELECT count(*) FROM billing.finalize_invoices('2025-02-01 01:00') \gset
+SELECT throws_ok($$SELECT billing.change_plan(9901, 'ke_b', '2025-01-20')$$, '55000', NULL,
+                 'change_plan: at inside an already finalized period');
+SELECT lives_ok($$SELECT billing.change_plan(9901, 'ke_b', '2025-02-01')$$,
+                'change_plan: at the end of the finalized period');
+SELECT throws_ok($$UPDATE billing.credit_ledger SET amount = amount WHERE account_id = 9901$$, '55000', NULL,
+                 'the credit ledger refuses UPDATE');
+SELECT throws_ok($$DELETE FROM billing.credit_ledger WHERE account_id = 9901$$, '55000', NULL,
+                 'the credit ledger refuses DELETE');
+SELECT throws_ok($$TRUNCATE billing.credit_ledger$$, '55000', NULL, 'the credit ledger refuses TRUNCATE');
+SELECT throws_ok($$UPDATE billing.credit_grants SET priority = 1 WHERE account_id = 9901$$, '55000', NULL,
+                 'a grant changes only by void_credit');
+SELECT throws_ok($$DELETE FROM billing.commitments WHERE account_id = 9901$$, '55000', NULL,
+                 'a commitment never changes');
+
+-- who may call what
+CREATE ROLE ke_admin NOLOGIN IN ROLE billing_admin;
+CREATE ROLE ke_reader NOLOGIN IN ROLE billing_reader;
+SET LOCAL ROLE ke_admin;
+SELECT lives_ok($$SELECT billing.grant_credit(9902, 5, '2025-01-01', reason => 'admin grant')$$,
+                'billing_admin grants credit (SECURITY DEFINER writes the ledger and its audit row)');
+RESET ROLE;
+SET LOCAL ROLE ke_reader;
+SELECT throws_ok($$SELECT billing.grant_credit(9902, 5, '2025-01-01')$$, '42501', NULL,
+                 'billing_reader cannot grant credit');
+RESET ROLE;
+
+SELECT * FROM finish();
+ROLLBACK;
