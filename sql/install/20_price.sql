@@ -163,3 +163,9 @@ CREATE FUNCTION billing.currency_exponent(currency pg_catalog.text)
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION billing.currency_exponent(pg_catalog.text) IS
     'ISO 4217 minor-unit exponent of a currency code (USD 2, JPY 0, KWD 3), NULL when unknown';
+
+-- an account bills in a currency whose minor unit is known (the check
+-- needs currency_exponent, so it follows it rather than billing.accounts)
+ALTER TABLE billing.accounts
+    ADD CONSTRAINT accounts_currency_known
+        CHECK (COALESCE(billing.currency_exponent(currency), -1) >= 0);

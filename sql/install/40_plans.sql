@@ -1,11 +1,7 @@
 /*
- * Plans, charges and subscriptions (SPEC section 2), billing periods, and
- * the period totals that invoices rate.
+ * Plans, charges and subscriptions (SPEC section 2), with the triggers that
+ * guard them, and billing periods.
  */
-
-ALTER TABLE billing.accounts
-    ADD CONSTRAINT accounts_currency_known
-        CHECK (COALESCE(billing.currency_exponent(currency), -1) >= 0);
 
 CREATE TABLE billing.plans (
     plan      text COLLATE "C" PRIMARY KEY CHECK (plan <> ''),
@@ -20,6 +16,24 @@ CREATE TABLE billing.plans (
 );
 COMMENT ON TABLE billing.plans IS
     'Price plans: a billing period (whole months, or days and time) and a currency';
+
+CREATE FUNCTION billing._plans_check() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    -- on Citus each node's copy checks the subscriptions of that node (_exists_here)
+    IF (NEW.currency IS DISTINCT FROM OLD.currency OR NEW.period IS DISTINCT FROM OLD.period)
+       AND billing._exists_here('billing.subscriptions', 'x.plan = $1', OLD.plan::text) THEN
+        RAISE EXCEPTION 'plan "%" has subscriptions', OLD.plan
+            USING ERRCODE = '55000',
+                  DETAIL = 'Its currency and period cannot change; create a new plan instead.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION billing._plans_check() IS
+    'Internal: a plan in use keeps its currency and period';
+CREATE TRIGGER plans_check BEFORE UPDATE ON billing.plans
+    FOR EACH ROW EXECUTE FUNCTION billing._plans_check();
 
 CREATE TABLE billing.charges (
     charge_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -46,6 +60,23 @@ CREATE UNIQUE INDEX charges_fixed_version
 COMMENT ON TABLE billing.charges IS
     'Charges of a plan, versioned by valid_from per (plan, meter, dimension): the version in force at a period''s start rates the whole period; a NULL meter is a fixed fee per period (rated with quantity 0); a dimension rates only that dimension''s usage of the meter, NULL the dimensions no other charge names';
 
+CREATE FUNCTION billing._charges_guard() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    -- on Citus each node's copy checks the lines of that node (_exists_here)
+    IF billing._exists_here('billing.invoice_lines', 'x.charge_id = $1', OLD.charge_id) THEN
+        RAISE EXCEPTION 'charge version % rated a finalized invoice', OLD.charge_id
+            USING ERRCODE = '55000',
+                  HINT = 'Insert a new version with a later (or, to re-rate the past, an earlier) valid_from.';
+    END IF;
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$$;
+COMMENT ON FUNCTION billing._charges_guard() IS
+    'Internal: a charge version that rated a finalized invoice cannot change';
+CREATE TRIGGER charges_guard BEFORE UPDATE OR DELETE ON billing.charges
+    FOR EACH ROW EXECUTE FUNCTION billing._charges_guard();
+
 CREATE TABLE billing.subscriptions (
     account_id  bigint NOT NULL REFERENCES billing.accounts,
     plan        text COLLATE "C" NOT NULL REFERENCES billing.plans ON UPDATE CASCADE,
@@ -57,157 +88,6 @@ CREATE TABLE billing.subscriptions (
 );
 COMMENT ON TABLE billing.subscriptions IS
     'An account on a plan from starts_at to ends_at; periods run [starts_at + n*period, starts_at + (n+1)*period) cut at ends_at; spend_cap caps the usage lines of each period';
-
-SELECT pg_catalog.pg_extension_config_dump('billing.plans', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.charges', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.subscriptions', '');
-
--- billing periods ---------------------------------------------------------------
-
--- ts + n periods, with month arithmetic in UTC (independent of TimeZone)
-CREATE FUNCTION billing._add_periods(ts timestamptz, period interval, n integer)
-    RETURNS timestamptz
-    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT pg_catalog.timezone('UTC', pg_catalog.timezone('UTC', ts) OPERATOR(pg_catalog.+)
-                                      (period OPERATOR(pg_catalog.*) n::float8))
-$$;
-COMMENT ON FUNCTION billing._add_periods(timestamptz, interval, integer) IS
-    'Internal: ts plus n billing periods, month arithmetic in UTC';
-
--- index n of the period [starts_at + n*period, starts_at + (n+1)*period) holding at
-CREATE FUNCTION billing._period_index(starts_at timestamptz, period interval, at timestamptz)
-    RETURNS integer
-    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
-    SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    months integer := (date_part('year', period) * 12 + date_part('month', period))::integer;
-    s timestamp := starts_at AT TIME ZONE 'UTC';
-    a timestamp := at AT TIME ZONE 'UTC';
-    n integer;
-BEGIN
-    IF months > 0 THEN
-        n := floor(((date_part('year', a) - date_part('year', s)) * 12
-                    + date_part('month', a) - date_part('month', s)) / months)::integer;
-    ELSE
-        n := floor(extract(epoch FROM a - s) / extract(epoch FROM period))::integer;
-    END IF;
-    WHILE billing._add_periods(starts_at, period, n) > at LOOP
-        n := n - 1;
-    END LOOP;
-    WHILE billing._add_periods(starts_at, period, n + 1) <= at LOOP
-        n := n + 1;
-    END LOOP;
-    RETURN n;
-END
-$$;
-COMMENT ON FUNCTION billing._period_index(timestamptz, interval, timestamptz) IS
-    'Internal: index of the billing period holding at';
-
-CREATE FUNCTION billing._rollup_totals(p_accounts bigint[], p_starts timestamptz[],
-                                      p_ends timestamptz[], p_meters text[],
-                                      p_aggregations text[],
-                                      s_idx integer[] DEFAULT '{}', s_meters text[] DEFAULT '{}',
-                                      s_dims text[] DEFAULT '{}')
-    RETURNS TABLE (idx integer, meter text, quantity numeric, last_ts timestamptz,
-                   last_seq bigint, dimension text)
-    AS 'MODULE_PATHNAME', 'billing_rollup_totals'
-    LANGUAGE C STABLE STRICT PARALLEL SAFE;
-COMMENT ON FUNCTION billing._rollup_totals(bigint[], timestamptz[], timestamptz[], text[], text[], integer[], text[], text[]) IS
-    'Internal: per period (1-based index) and meter, the aggregate of the buckets and roll-ups covering [start, end), with the latest cell''s last_ts and last_seq; the dimensions named for a period and meter (s_idx, s_meters, s_dims) apart, the rest with dimension NULL (src/totals.c)';
-
-/*
- * _usage_totals_many: the quantity of each meter of each (account,
- * [from, to)) given, combined by the meter's aggregation.  Reads day roll-ups for whole
- * UTC days, hour roll-ups for whole hours, buckets for the minutes at the
- * edges, and the deltas not yet compacted, so a month costs a few hundred
- * rows, not tens of thousands of minute buckets.
- *
- * Matrix charges (issue 18): c_idx, c_meters and c_dims list the usage
- * charges rated in each period (element j: period c_idx[j] rates meter
- * c_meters[j], dimension c_dims[j] alone, or with c_dims[j] NULL the
- * dimensions no other charge of the period names).  A dimension named for
- * a period and meter gets a row of its own; dimension NULL is the rest of
- * the meter (all of it when none is named).
- *
- * Unique meters (45_unique.sql): the distinct dimension values of the
- * period, from billing._unique_counts, for the unique meters charged in
- * the period (every unique meter when c_idx is NULL).
- */
-CREATE FUNCTION billing._usage_totals_many(p_accounts bigint[], p_starts timestamptz[],
-                                           p_ends timestamptz[], c_idx integer[] DEFAULT NULL,
-                                           c_meters text[] DEFAULT NULL, c_dims text[] DEFAULT NULL)
-    RETURNS TABLE (idx integer, meter text, quantity numeric, dimension text)
-    LANGUAGE plpgsql STABLE PARALLEL SAFE
-    SET search_path = pg_catalog, billing, pg_temp
-    -- JIT compiles these large plans for longer than they run
-    SET jit = off AS $$
-BEGIN
-    -- on Citus: one router query per account (see 90_distribute.sql)
-    IF billing._citus_table_kind('billing.usage_deltas') IS NOT NULL THEN
-        RETURN QUERY
-        SELECT x.i::integer, t.meter, t.quantity, t.dimension
-          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i),
-               LATERAL billing._usage_totals_citus(
-                   x.a, x.s, x.e,
-                   ARRAY(SELECT c.m FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
-                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d),
-                   ARRAY(SELECT c.d FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
-                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d)) t
-        UNION ALL
-        SELECT u.idx, u.meter, u.quantity, u.dimension
-          FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;
-        RETURN;
-    END IF;
-    -- the roll-ups and buckets covering each period, each meter aggregated
-    -- in C (billing._rollup_totals), plus the deltas not yet compacted,
-    -- folded by the same rule (billing._cell_agg, src/agg.c)
-    RETURN QUERY
-    WITH ms AS (
-        SELECT coalesce(array_agg(m.meter::text ORDER BY m.meter), '{}') AS meters,
-               coalesce(array_agg(m.aggregation::text ORDER BY m.meter), '{}') AS aggs
-          FROM billing.meters m
-         WHERE m.aggregation <> 'unique'
-    ), named AS (
-        -- the dimensions charged apart, per period and meter
-        SELECT DISTINCT c.i AS idx, c.m COLLATE "C" AS meter, c.d COLLATE "C" AS dim
-          FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
-         WHERE c.i IS NOT NULL AND c.m IS NOT NULL AND c.d IS NOT NULL
-    ), na AS (
-        SELECT coalesce(array_agg(n.idx), '{}') AS i, coalesce(array_agg(n.meter::text), '{}') AS m,
-               coalesce(array_agg(n.dim::text), '{}') AS d
-          FROM named n
-    ), per AS (
-        SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe
-          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)
-    ), folded AS (
-        SELECT r.idx, r.meter COLLATE "C" AS meter, r.dimension COLLATE "C" AS dim, r.quantity,
-               r.last_ts, r.last_seq
-          FROM ms, na,
-               billing._rollup_totals(p_accounts, p_starts, p_ends, ms.meters, ms.aggs,
-                                      na.i, na.m, na.d) r
-        UNION ALL
-        -- not yet compacted
-        SELECT per.idx, x.meter, n.dim, x.quantity, x.last_ts,
-               CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
-          FROM per JOIN billing.usage_deltas d ON d.account_id = per.account_id
-               CROSS JOIN LATERAL billing._delta_cells(d.cells) x
-               LEFT JOIN named n ON n.idx = per.idx AND n.meter = x.meter AND n.dim = x.dimension
-         WHERE x.bucket_start >= per.ps AND x.bucket_start < per.pe
-    )
-    SELECT f.idx, f.meter::text,
-           billing._cell_agg(m.aggregation, f.quantity, f.last_ts, f.last_seq),
-           f.dim::text
-      FROM folded f JOIN billing.meters m ON m.meter = f.meter AND m.aggregation <> 'unique'
-     GROUP BY f.idx, f.meter, f.dim, m.aggregation
-    UNION ALL
-    SELECT u.idx, u.meter, u.quantity, u.dimension
-      FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;
-END
-$$;
-COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[], integer[], text[], text[]) IS
-    'Internal: quantity per meter (and per dimension charged apart) of many (account, range) pairs, from roll-ups where whole hours and days allow';
-
--- guards ------------------------------------------------------------------------
 
 CREATE FUNCTION billing._subscriptions_check() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
@@ -307,38 +187,43 @@ COMMENT ON FUNCTION billing._subscriptions_guard() IS
 CREATE TRIGGER subscriptions_guard BEFORE DELETE ON billing.subscriptions
     FOR EACH ROW EXECUTE FUNCTION billing._subscriptions_guard();
 
-CREATE FUNCTION billing._plans_check() RETURNS trigger
-    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN
-    -- on Citus each node's copy checks the subscriptions of that node (_exists_here)
-    IF (NEW.currency IS DISTINCT FROM OLD.currency OR NEW.period IS DISTINCT FROM OLD.period)
-       AND billing._exists_here('billing.subscriptions', 'x.plan = $1', OLD.plan::text) THEN
-        RAISE EXCEPTION 'plan "%" has subscriptions', OLD.plan
-            USING ERRCODE = '55000',
-                  DETAIL = 'Its currency and period cannot change; create a new plan instead.';
-    END IF;
-    RETURN NEW;
-END
-$$;
-COMMENT ON FUNCTION billing._plans_check() IS
-    'Internal: a plan in use keeps its currency and period';
-CREATE TRIGGER plans_check BEFORE UPDATE ON billing.plans
-    FOR EACH ROW EXECUTE FUNCTION billing._plans_check();
+-- billing periods ---------------------------------------------------------------
 
-CREATE FUNCTION billing._accounts_currency_check() RETURNS trigger
-    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+-- ts + n periods, with month arithmetic in UTC (independent of TimeZone)
+CREATE FUNCTION billing._add_periods(ts timestamptz, period interval, n integer)
+    RETURNS timestamptz
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT pg_catalog.timezone('UTC', pg_catalog.timezone('UTC', ts) OPERATOR(pg_catalog.+)
+                                      (period OPERATOR(pg_catalog.*) n::float8))
+$$;
+COMMENT ON FUNCTION billing._add_periods(timestamptz, interval, integer) IS
+    'Internal: ts plus n billing periods, month arithmetic in UTC';
+
+-- index n of the period [starts_at + n*period, starts_at + (n+1)*period) holding at
+CREATE FUNCTION billing._period_index(starts_at timestamptz, period interval, at timestamptz)
+    RETURNS integer
+    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    months integer := (date_part('year', period) * 12 + date_part('month', period))::integer;
+    s timestamp := starts_at AT TIME ZONE 'UTC';
+    a timestamp := at AT TIME ZONE 'UTC';
+    n integer;
 BEGIN
-    IF NEW.currency IS DISTINCT FROM OLD.currency
-       AND EXISTS (SELECT 1 FROM billing.subscriptions s JOIN billing.plans p ON p.plan = s.plan
-                    WHERE s.account_id = OLD.account_id AND p.currency <> NEW.currency) THEN
-        RAISE EXCEPTION 'account % is subscribed to a plan in %', OLD.account_id, OLD.currency
-            USING ERRCODE = '22023',
-                  HINT = 'An account''s currency must match the plans it is subscribed to.';
+    IF months > 0 THEN
+        n := floor(((date_part('year', a) - date_part('year', s)) * 12
+                    + date_part('month', a) - date_part('month', s)) / months)::integer;
+    ELSE
+        n := floor(extract(epoch FROM a - s) / extract(epoch FROM period))::integer;
     END IF;
-    RETURN NEW;
+    WHILE billing._add_periods(starts_at, period, n) > at LOOP
+        n := n - 1;
+    END LOOP;
+    WHILE billing._add_periods(starts_at, period, n + 1) <= at LOOP
+        n := n + 1;
+    END LOOP;
+    RETURN n;
 END
 $$;
-COMMENT ON FUNCTION billing._accounts_currency_check() IS
-    'Internal: an account keeps the currency of the plans it is subscribed to';
-CREATE TRIGGER accounts_currency_check BEFORE UPDATE OF currency ON billing.accounts
-    FOR EACH ROW EXECUTE FUNCTION billing._accounts_currency_check();
+COMMENT ON FUNCTION billing._period_index(timestamptz, interval, timestamptz) IS
+    'Internal: index of the billing period holding at';

@@ -1,5 +1,7 @@
 /*
- * Invoices (SPEC section 5), pending adjustments, remaining (section 4).
+ * Invoices, their lines and adjustments (SPEC section 5) with the triggers
+ * that keep them immutable, rating a period, preview, finalization,
+ * pending adjustments, remaining (section 4).
  */
 
 CREATE SEQUENCE billing.invoice_id_seq;
@@ -24,6 +26,14 @@ COMMENT ON TABLE billing.invoices IS
 -- which enforces uniqueness per shard only, billing.distribute() drops this
 -- index and the one sequence keeps the numbers apart
 CREATE UNIQUE INDEX invoices_invoice_id_key ON billing.invoices (invoice_id);
+CREATE TRIGGER invoices_immutable BEFORE UPDATE OR DELETE ON billing.invoices
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change(
+        'Finalized invoices and their lines never change.',
+        'Corrections are billed as adjustments on a later invoice (billing.rerate).');
+CREATE TRIGGER invoices_no_truncate BEFORE TRUNCATE ON billing.invoices
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change(
+        'Finalized invoices and their lines never change.',
+        'Corrections are billed as adjustments on a later invoice (billing.rerate).');
 
 CREATE TABLE billing.invoice_lines (
     account_id     bigint NOT NULL,
@@ -44,6 +54,27 @@ CREATE TABLE billing.invoice_lines (
 );
 COMMENT ON TABLE billing.invoice_lines IS
     'Lines of finalized invoices, with the charge version, price and quantity that rated each; immutable';
+CREATE INDEX invoice_lines_charge ON billing.invoice_lines (charge_id) WHERE charge_id IS NOT NULL;
+
+-- rating a period -----------------------------------------------------------------------
+
+-- the spend cap line: what takes the usage lines of a period down to the
+-- rounded cap, when they exceed it (NULL: they do not); in C
+-- (src/credits.c), where the invoice of a period with a plan change caps
+-- its segments' usage lines too
+CREATE FUNCTION billing._cap_amount(cap numeric, currency text, usage numeric) RETURNS numeric
+    AS 'MODULE_PATHNAME', 'billing_cap_amount'
+    LANGUAGE C STABLE STRICT;
+COMMENT ON FUNCTION billing._cap_amount(numeric, text, numeric) IS
+    'Internal: the amount of the spend cap line of a period whose usage lines add up to usage (NULL: not capped)';
+CREATE TRIGGER invoice_lines_immutable BEFORE UPDATE OR DELETE ON billing.invoice_lines
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change(
+        'Finalized invoices and their lines never change.',
+        'Corrections are billed as adjustments on a later invoice (billing.rerate).');
+CREATE TRIGGER invoice_lines_no_truncate BEFORE TRUNCATE ON billing.invoice_lines
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change(
+        'Finalized invoices and their lines never change.',
+        'Corrections are billed as adjustments on a later invoice (billing.rerate).');
 
 CREATE SEQUENCE billing.adjustment_id_seq;
 CREATE TABLE billing.adjustments (
@@ -68,78 +99,26 @@ CREATE TABLE billing.adjustments (
 COMMENT ON TABLE billing.adjustments IS
     'Corrections of finalized invoices (re-rating); the next invoice of the account carries each as an adjustment line';
 
-SELECT pg_catalog.pg_extension_config_dump('billing.invoices', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.invoice_lines', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.adjustments', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.invoice_id_seq', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.adjustment_id_seq', '');
-
--- immutability ----------------------------------------------------------------------
-
-/*
- * _refuse_change: a BEFORE trigger that refuses the statement with 55000,
- * "<op> of <table> is not allowed".  Arguments: the DETAIL, then an
- * optional HINT.  Serves every table that is immutable or append-only.
- */
-CREATE FUNCTION billing._refuse_change() RETURNS trigger
+-- an adjustment is written once; finalization only records the invoice that carried it
+CREATE FUNCTION billing._adjustments_guard() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 BEGIN
-    IF TG_NARGS > 1 THEN
-        RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
-            USING ERRCODE = '55000', DETAIL = TG_ARGV[0], HINT = TG_ARGV[1];
+    IF TG_OP = 'UPDATE' AND OLD.billed_invoice_id IS NULL AND NEW.billed_invoice_id IS NOT NULL
+       AND (to_jsonb(NEW) - 'billed_invoice_id') = (to_jsonb(OLD) - 'billed_invoice_id') THEN
+        RETURN NEW;
     END IF;
-    RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
-        USING ERRCODE = '55000', DETAIL = TG_ARGV[0];
+    RAISE EXCEPTION '% of adjustments is not allowed', lower(TG_OP)
+        USING ERRCODE = '55000',
+              DETAIL = 'An adjustment never changes, except to record once the invoice that carried it.',
+              HINT = 'Correct an adjustment with a later rerate, which writes a new one.';
 END
 $$;
-COMMENT ON FUNCTION billing._refuse_change() IS
-    'Internal: refuses UPDATE, DELETE or TRUNCATE of immutable and append-only tables (arguments: detail, hint)';
-CREATE TRIGGER invoices_immutable BEFORE UPDATE OR DELETE ON billing.invoices
-    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change(
-        'Finalized invoices and their lines never change.',
-        'Corrections are billed as adjustments on a later invoice (billing.rerate).');
-CREATE TRIGGER invoices_no_truncate BEFORE TRUNCATE ON billing.invoices
-    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change(
-        'Finalized invoices and their lines never change.',
-        'Corrections are billed as adjustments on a later invoice (billing.rerate).');
-CREATE TRIGGER invoice_lines_immutable BEFORE UPDATE OR DELETE ON billing.invoice_lines
-    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change(
-        'Finalized invoices and their lines never change.',
-        'Corrections are billed as adjustments on a later invoice (billing.rerate).');
-CREATE TRIGGER invoice_lines_no_truncate BEFORE TRUNCATE ON billing.invoice_lines
-    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change(
-        'Finalized invoices and their lines never change.',
-        'Corrections are billed as adjustments on a later invoice (billing.rerate).');
-
-CREATE FUNCTION billing._charges_guard() RETURNS trigger
-    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN
-    -- on Citus each node's copy checks the lines of that node (_exists_here)
-    IF billing._exists_here('billing.invoice_lines', 'x.charge_id = $1', OLD.charge_id) THEN
-        RAISE EXCEPTION 'charge version % rated a finalized invoice', OLD.charge_id
-            USING ERRCODE = '55000',
-                  HINT = 'Insert a new version with a later (or, to re-rate the past, an earlier) valid_from.';
-    END IF;
-    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
-END
-$$;
-COMMENT ON FUNCTION billing._charges_guard() IS
-    'Internal: a charge version that rated a finalized invoice cannot change';
-CREATE TRIGGER charges_guard BEFORE UPDATE OR DELETE ON billing.charges
-    FOR EACH ROW EXECUTE FUNCTION billing._charges_guard();
-CREATE INDEX invoice_lines_charge ON billing.invoice_lines (charge_id) WHERE charge_id IS NOT NULL;
-
--- rating a period -----------------------------------------------------------------------
-
--- the spend cap line: what takes the usage lines of a period down to the
--- rounded cap, when they exceed it (NULL: they do not); in C
--- (src/credits.c), where the invoice of a period with a plan change caps
--- its segments' usage lines too
-CREATE FUNCTION billing._cap_amount(cap numeric, currency text, usage numeric) RETURNS numeric
-    AS 'MODULE_PATHNAME', 'billing_cap_amount'
-    LANGUAGE C STABLE STRICT;
-COMMENT ON FUNCTION billing._cap_amount(numeric, text, numeric) IS
-    'Internal: the amount of the spend cap line of a period whose usage lines add up to usage (NULL: not capped)';
+COMMENT ON FUNCTION billing._adjustments_guard() IS
+    'Internal: adjustments are immutable but for billed_invoice_id, set once by finalization';
+CREATE TRIGGER adjustments_guard BEFORE UPDATE OR DELETE ON billing.adjustments
+    FOR EACH ROW EXECUTE FUNCTION billing._adjustments_guard();
+CREATE TRIGGER adjustments_no_truncate BEFORE TRUNCATE ON billing.adjustments
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('adjustments is append-only.');
 
 /*
  * _rate_periods: the lines of many billing periods at once (element i of
@@ -559,6 +538,108 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing._finalize(timestamptz) IS 'Internal: the body of finalize_invoices';
+
+/*
+ * _finalize_citus: the body of finalize_invoices on Citus, for the periods
+ * ended by cutoff.  The single-node body writes every invoice in one
+ * statement over _invoice_build, which reads the shards itself; Citus
+ * refuses that inside a query over distributed tables.  Here: each
+ * account's due periods in order (under the account's row lock), each
+ * built by the same _invoice_build in a query over functions only, then
+ * written with one statement per table (the rollover grants it creates get
+ * their ids before the next period is built, which may draw from them).
+ * The account's pending adjustments go on its earliest new invoice, as on
+ * one node.
+ */
+CREATE FUNCTION billing._finalize_citus(cutoff timestamptz)
+    RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
+                   r_period_end timestamptz, r_total numeric)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    acc bigint;
+    per record;
+    first boolean;
+    inv bigint;
+    b billing._invoice_line[];
+    ids bigint[];
+    l_total numeric;
+    seq0 bigint;
+BEGIN
+    FOR acc IN SELECT DISTINCT d.account_id FROM billing._due_periods(cutoff) d ORDER BY 1 LOOP
+        PERFORM 1 FROM billing.accounts a WHERE a.account_id = acc FOR NO KEY UPDATE;
+        first := true;
+        -- the account's due periods, looked up again under its lock
+        FOR per IN
+            SELECT d.plan, d.currency, d.spend_cap, d.period_start, d.period_end,
+                   array_agg(d.segment_plan ORDER BY d.segment_start) AS plans,
+                   array_agg(d.segment_start ORDER BY d.segment_start) AS starts,
+                   array_agg(d.segment_end ORDER BY d.segment_start) AS ends
+              FROM billing._due_periods(cutoff) d
+             WHERE d.account_id = acc
+             GROUP BY 1, 2, 3, 4, 5
+             ORDER BY d.period_start
+        LOOP
+            inv := nextval('billing.invoice_id_seq');
+            b := ARRAY(SELECT x FROM billing._invoice_build(
+                           ARRAY[acc], ARRAY[per.currency], ARRAY[per.spend_cap],
+                           ARRAY[per.period_start], ARRAY[per.period_end], ARRAY[first],
+                           array_fill(1, ARRAY[cardinality(per.plans)]), per.plans, per.starts,
+                           per.ends, false, true) x);
+            first := false;
+            -- ids of the rollover grants (named -1, -2, ... by the build)
+            ids := ARRAY(SELECT nextval('billing.credit_grant_id_seq')
+                           FROM unnest(b) x WHERE x.kind = 'grant' ORDER BY x.grant_id DESC);
+            SELECT coalesce(sum(x.amount), 0) INTO l_total FROM unnest(b) x
+             WHERE x.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit');
+            INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
+                                          currency, total)
+            VALUES (acc, inv, per.plan, per.period_start, per.period_end, per.currency, l_total);
+            INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
+                                              description, quantity, amount, unrounded_amount,
+                                              charge_id, price, adjustment_id, segment_start,
+                                              segment_end, proration, commitment_id, grant_id,
+                                              dimension)
+            SELECT acc, inv, (row_number() OVER (ORDER BY x.ord))::integer, x.kind, x.meter,
+                   x.description, x.quantity, x.amount, x.unrounded_amount, x.charge_id, x.price,
+                   x.adjustment_id, x.segment_start, x.segment_end, x.proration, x.commitment_id,
+                   CASE WHEN x.grant_id < 0 THEN ids[-x.grant_id] ELSE x.grant_id END, x.dimension
+              FROM unnest(b) x
+             WHERE x.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit');
+            INSERT INTO billing.credit_grants (account_id, grant_id, amount, effective_at, expires_at,
+                                               priority, applies_to, source, reason, commitment_id,
+                                               window_no, rolled_from)
+            SELECT acc, ids[-x.grant_id], x.amount, x.effective_at, x.expires_at, g.priority,
+                   g.applies_to, 'rollover', format('rollover of grant %s', g.grant_id),
+                   g.commitment_id, g.window_no + 1, g.grant_id
+              FROM unnest(b) x
+                   JOIN billing.credit_grants g ON g.account_id = acc AND g.grant_id = x.source_grant
+             WHERE x.kind = 'grant';
+            seq0 := billing._ledger_next_seq(acc) - 1;
+            INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at,
+                                               invoice_id)
+            SELECT acc, seq0 + row_number() OVER (ORDER BY x.ord),
+                   CASE WHEN x.grant_id < 0 THEN ids[-x.grant_id] ELSE x.grant_id END,
+                   CASE WHEN x.kind = 'credit' THEN 'draw' ELSE x.kind END, x.amount, x.effective_at,
+                   CASE WHEN x.kind = 'credit' THEN inv END
+              FROM unnest(b) x
+             WHERE x.kind IN ('credit', 'expire', 'rollover', 'grant');
+            UPDATE billing.adjustments a SET billed_invoice_id = inv
+             WHERE a.account_id = acc
+               AND a.adjustment_id = ANY (ARRAY(SELECT x.adjustment_id FROM unnest(b) x
+                                                 WHERE x.adjustment_id IS NOT NULL));
+            r_invoice_id := inv;
+            r_account_id := acc;
+            r_period_start := per.period_start;
+            r_period_end := per.period_end;
+            r_total := l_total;
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._finalize_citus(timestamptz) IS
+    'Internal: finalize_invoices on Citus, one period at a time';
 
 CREATE FUNCTION billing.finalize_invoices(as_of timestamptz DEFAULT pg_catalog.now())
     RETURNS TABLE (invoice_id bigint, account_id bigint, period_start timestamptz,

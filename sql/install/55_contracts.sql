@@ -147,13 +147,6 @@ COMMENT ON TABLE billing.credit_ledger IS
     'Append-only ledger of credits: grant (+), draw, expire, void, rollover (-); a grant''s remaining amount is the sum of its entries';
 CREATE INDEX credit_ledger_grant ON billing.credit_ledger (account_id, grant_id);
 
-SELECT pg_catalog.pg_extension_config_dump('billing.commitments', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.commitment_windows', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.credit_grants', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.credit_ledger', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.commitment_id_seq', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.credit_grant_id_seq', '');
-
 -- immutability -----------------------------------------------------------------------------
 
 CREATE TRIGGER credit_ledger_append_only BEFORE UPDATE OR DELETE ON billing.credit_ledger

@@ -17,14 +17,16 @@ CREATE TABLE billing.usage_corrections (
 );
 COMMENT ON TABLE billing.usage_corrections IS
     'Explicit corrections of counted usage (billing.correct_usage), with who, when and why';
-SELECT pg_catalog.pg_extension_config_dump('billing.usage_corrections', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.correction_id_seq', '');
 
 CREATE FUNCTION billing._check_quantity(quantity numeric, meter text, account_id bigint)
     RETURNS void
     LANGUAGE C IMMUTABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'billing_check_quantity_sql';
 COMMENT ON FUNCTION billing._check_quantity(numeric, text, bigint) IS
     'Internal: raises 22023 for a usage quantity outside the limit every ingest path applies (|q| < 10^1000, at most 1000 fraction digits)';
+CREATE TRIGGER usage_corrections_append_only BEFORE UPDATE OR DELETE ON billing.usage_corrections
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change('usage_corrections is append-only.');
+CREATE TRIGGER usage_corrections_no_truncate BEFORE TRUNCATE ON billing.usage_corrections
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('usage_corrections is append-only.');
 
 CREATE FUNCTION billing.correct_usage(account_id bigint, meter text, bucket_start timestamptz,
                                       delta numeric, reason text, dimension text DEFAULT '')

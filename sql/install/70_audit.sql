@@ -1,6 +1,6 @@
 /*
- * The audit log (SPEC section 7) and the immutability of what it records
- * (SPEC section 5).
+ * The audit log (SPEC section 7).  The triggers that keep what it records
+ * immutable (SPEC section 5) are next to their tables.
  *
  * One hash chain per account (account_id of the account concerned) and one
  * for catalog changes (account_id 0), so the log shards with the accounts.
@@ -45,9 +45,6 @@ CREATE TABLE billing.audit_heads (
 );
 COMMENT ON TABLE billing.audit_heads IS
     'Last seq and hash of each audit chain; an append locks its chain''s row. Copy it elsewhere to anchor the chains';
-
-SELECT pg_catalog.pg_extension_config_dump('billing.audit_log', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.audit_heads', '');
 
 -- the C half ---------------------------------------------------------------------------
 
@@ -355,10 +352,6 @@ CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON billing.audit_lo
     FOR EACH ROW EXECUTE FUNCTION billing._refuse_change('audit_log is append-only.');
 CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON billing.audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('audit_log is append-only.');
-CREATE TRIGGER usage_corrections_append_only BEFORE UPDATE OR DELETE ON billing.usage_corrections
-    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change('usage_corrections is append-only.');
-CREATE TRIGGER usage_corrections_no_truncate BEFORE TRUNCATE ON billing.usage_corrections
-    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('usage_corrections is append-only.');
 
 -- a chain head only moves forward and is never removed (the condition is
 -- checked without a function call on every append)
@@ -371,27 +364,6 @@ CREATE TRIGGER audit_heads_no_delete BEFORE DELETE ON billing.audit_heads
         'An audit chain head only moves forward, with the rows appended to its chain.');
 CREATE TRIGGER audit_heads_no_truncate BEFORE TRUNCATE ON billing.audit_heads
     FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('audit_heads is append-only.');
-
--- an adjustment is written once; finalization only records the invoice that carried it
-CREATE FUNCTION billing._adjustments_guard() RETURNS trigger
-    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN
-    IF TG_OP = 'UPDATE' AND OLD.billed_invoice_id IS NULL AND NEW.billed_invoice_id IS NOT NULL
-       AND (to_jsonb(NEW) - 'billed_invoice_id') = (to_jsonb(OLD) - 'billed_invoice_id') THEN
-        RETURN NEW;
-    END IF;
-    RAISE EXCEPTION '% of adjustments is not allowed', lower(TG_OP)
-        USING ERRCODE = '55000',
-              DETAIL = 'An adjustment never changes, except to record once the invoice that carried it.',
-              HINT = 'Correct an adjustment with a later rerate, which writes a new one.';
-END
-$$;
-COMMENT ON FUNCTION billing._adjustments_guard() IS
-    'Internal: adjustments are immutable but for billed_invoice_id, set once by finalization';
-CREATE TRIGGER adjustments_guard BEFORE UPDATE OR DELETE ON billing.adjustments
-    FOR EACH ROW EXECUTE FUNCTION billing._adjustments_guard();
-CREATE TRIGGER adjustments_no_truncate BEFORE TRUNCATE ON billing.adjustments
-    FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('adjustments is append-only.');
 
 -- verification ----------------------------------------------------------------------------
 

@@ -84,6 +84,20 @@ ALTER FUNCTION billing.change_plan(bigint, text, timestamptz) SECURITY DEFINER;
 -- billing_reader ---------------------------------------------------------------------------
 
 GRANT SELECT ON ALL TABLES IN SCHEMA billing TO billing_reader;
+
+-- billing_writer ---------------------------------------------------------------------------
+
+GRANT EXECUTE ON FUNCTION
+    billing.record(bigint, text, numeric, timestamptz, text, text),
+    billing.ingest(text, integer, bigint, bigint[], text[], numeric[], timestamptz[], text[], text[]),
+    billing.report_cumulative(text, bigint, text, timestamptz, numeric, text)
+    TO billing_writer;
+
+-- billing_admin (also a billing_reader) ----------------------------------------------------
+
+GRANT INSERT, UPDATE, DELETE ON billing.meters, billing.accounts, billing.plans,
+    billing.charges, billing.subscriptions TO billing_admin;
+GRANT INSERT, DELETE ON billing.metered_tables TO billing_admin;
 GRANT EXECUTE ON FUNCTION
     billing.price_eq(billing.price, billing.price),
     billing.price_ne(billing.price, billing.price),
@@ -116,20 +130,6 @@ GRANT EXECUTE ON FUNCTION
     billing._audit_encode(bigint, bigint, timestamptz, text, text, text, jsonb),
     billing._audit_image(anyelement)
     TO billing_reader;
-
--- billing_writer ---------------------------------------------------------------------------
-
-GRANT EXECUTE ON FUNCTION
-    billing.record(bigint, text, numeric, timestamptz, text, text),
-    billing.ingest(text, integer, bigint, bigint[], text[], numeric[], timestamptz[], text[], text[]),
-    billing.report_cumulative(text, bigint, text, timestamptz, numeric, text)
-    TO billing_writer;
-
--- billing_admin (also a billing_reader) ----------------------------------------------------
-
-GRANT INSERT, UPDATE, DELETE ON billing.meters, billing.accounts, billing.plans,
-    billing.charges, billing.subscriptions TO billing_admin;
-GRANT INSERT, DELETE ON billing.metered_tables TO billing_admin;
 GRANT EXECUTE ON FUNCTION
     billing.finalize_invoices(timestamptz),
     billing.rerate(timestamptz, timestamptz, bigint, boolean, text),

@@ -67,9 +67,6 @@ CREATE TABLE billing.unique_values (
 COMMENT ON TABLE billing.unique_values IS
     'Unique meters: the distinct dimension values of each unique_periods row, with the first bucket of the period in which each was reported';
 
-SELECT pg_catalog.pg_extension_config_dump('billing.unique_periods', '');
-SELECT pg_catalog.pg_extension_config_dump('billing.unique_values', '');
-
 /*
  * _unique_periods_of: the billing periods of an account's subscriptions
  * that overlap [p_lo, p_hi], on each subscription's grid (from its

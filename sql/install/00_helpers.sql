@@ -1,0 +1,115 @@
+/*
+ * Helpers the later parts call: how Citus holds a table, whether a row this
+ * node holds satisfies a guard's condition, whether this node holds an audit
+ * chain (each answers for one node when Citus is absent), and the one
+ * trigger function that refuses changes to immutable and append-only tables.
+ */
+
+/*
+ * _citus_table_kind: 'distributed', 'reference' or NULL (not a Citus
+ * table, or Citus missing).  Reads the catalog dynamically so that the
+ * extension installs without Citus.
+ */
+CREATE FUNCTION billing._citus_table_kind(rel regclass) RETURNS text
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    method "char";
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE 'SELECT partmethod FROM pg_catalog.pg_dist_partition WHERE logicalrelid = $1'
+        INTO method USING rel;
+    RETURN CASE WHEN method IS NULL THEN NULL WHEN method = 'h' THEN 'distributed'
+                WHEN method = 'n' THEN 'reference' ELSE 'other' END;
+END
+$$;
+COMMENT ON FUNCTION billing._citus_table_kind(regclass) IS
+    'Internal: how Citus holds a table (distributed, reference) or NULL when it does not';
+
+/*
+ * _exists_here: does a row of tbl that this node holds satisfy cond?  cond
+ * is a condition over the row (alias x) with one parameter, $1 (val),
+ * written by the guards below, never taken from a user.  The rows this
+ * node holds: those of tbl itself, unless Citus distributes tbl, then those
+ * of the placements of its shards on this node, found in Citus's catalog
+ * (pg_dist_shard, pg_dist_placement, pg_dist_local_group), which no setting
+ * of a session changes.
+ *
+ * The guards of reference tables (meters, plans, charges) need rows of
+ * distributed tables.  Citus changes every node's copy of a reference
+ * table in one distributed transaction and fires the guard on each copy:
+ * each copy checks the rows its node holds, reading its shards directly
+ * (a trigger on a shard may not start a distributed query), and together
+ * the copies check every row, whichever node the statement came from.  No
+ * guard is skipped anywhere: on one node, the one copy checks every row.
+ */
+CREATE FUNCTION billing._exists_here(tbl regclass, cond text, val anyelement) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    rels regclass[] := ARRAY[tbl];
+    found boolean;
+BEGIN
+    IF billing._citus_table_kind(tbl) = 'distributed' THEN
+        EXECUTE $q$
+            SELECT coalesce(array_agg(shard_name(s.logicalrelid, s.shardid)::regclass
+                                      ORDER BY s.shardid), '{}')
+              FROM pg_dist_shard s JOIN pg_dist_placement p ON p.shardid = s.shardid
+             WHERE s.logicalrelid = $1
+               AND p.groupid = (SELECT l.groupid FROM pg_dist_local_group l)
+            $q$ INTO rels USING tbl;
+        IF cardinality(rels) = 0 THEN
+            RETURN false;
+        END IF;
+    END IF;
+    EXECUTE format('SELECT EXISTS (%s)',
+                   (SELECT string_agg(format('SELECT 1 FROM %s x WHERE %s', r, cond), ' UNION ALL ')
+                      FROM unnest(rels) r))
+       INTO found USING val;
+    RETURN found;
+END
+$$;
+COMMENT ON FUNCTION billing._exists_here(regclass, text, anyelement) IS
+    'Internal: whether a row of tbl held by this node (its shards on this node, on Citus) satisfies cond (alias x, parameter $1)';
+
+/*
+ * _citus_chain_is_local: does this node hold the shard of audit chain
+ * p_chain?  True when the audit log is not distributed.  A trigger on a
+ * reference table fires on every node's copy in one distributed
+ * transaction; only the node holding the chain writes the audit row.
+ */
+CREATE FUNCTION billing._citus_chain_is_local(p_chain bigint) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF billing._citus_table_kind('billing.audit_log') IS DISTINCT FROM 'distributed' THEN
+        RETURN true;
+    END IF;
+    RETURN EXISTS (SELECT 1 FROM pg_dist_placement p
+                    WHERE p.shardid = get_shard_id_for_distribution_column('billing.audit_log', p_chain)
+                      AND p.groupid = (SELECT l.groupid FROM pg_dist_local_group l));
+END
+$$;
+COMMENT ON FUNCTION billing._citus_chain_is_local(bigint) IS
+    'Internal: true when this node holds the audit chain (always, without Citus)';
+
+/*
+ * _refuse_change: a BEFORE trigger that refuses the statement with 55000,
+ * "<op> of <table> is not allowed".  Arguments: the DETAIL, then an
+ * optional HINT.  Serves every table that is immutable or append-only.
+ */
+CREATE FUNCTION billing._refuse_change() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF TG_NARGS > 1 THEN
+        RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
+            USING ERRCODE = '55000', DETAIL = TG_ARGV[0], HINT = TG_ARGV[1];
+    END IF;
+    RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
+        USING ERRCODE = '55000', DETAIL = TG_ARGV[0];
+END
+$$;
+COMMENT ON FUNCTION billing._refuse_change() IS
+    'Internal: refuses UPDATE, DELETE or TRUNCATE of immutable and append-only tables (arguments: detail, hint)';
