@@ -18,7 +18,7 @@
  *		names (a CHECK constraint), so any other is an internal error, never
  *		a silent choice.  A unique meter's cells count its reports as a
  *		count meter's do (its distinct values are counted at read time and
- *		by compaction, see sql/install/45_unique.sql).
+ *		by compaction, see sql/install/46_unique.sql).
  */
 Aggregation
 billing_aggregation(const char *name)
