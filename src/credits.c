@@ -657,20 +657,6 @@ cap_amount(Numeric cap, int exponent, Numeric usage, Numeric *result)
 	return true;
 }
 
-static int
-exponent_of(text *currency)
-{
-	char	   *code = text_to_cstring(currency);
-	int			e = billing_currency_exponent(code);
-
-	if (e < 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("unknown currency \"%s\"", code),
-				 errhint("Use an ISO 4217 code with a minor unit, such as USD, EUR or JPY.")));
-	return e;
-}
-
 PG_FUNCTION_INFO_V1(billing_cap_amount);
 
 /*
@@ -683,7 +669,7 @@ billing_cap_amount(PG_FUNCTION_ARGS)
 {
 	Numeric		result;
 
-	if (!cap_amount(PG_GETARG_NUMERIC(0), exponent_of(PG_GETARG_TEXT_PP(1)),
+	if (!cap_amount(PG_GETARG_NUMERIC(0), billing_currency_exponent_of(PG_GETARG_TEXT_PP(1)),
 					PG_GETARG_NUMERIC(2), &result))
 		PG_RETURN_NULL();
 	PG_RETURN_NUMERIC(result);
@@ -858,7 +844,7 @@ billing_segment_lines(PG_FUNCTION_ARGS)
 
 				v[a_unrounded] = NumericGetDatum(prorated);
 				v[a_amount] = NumericGetDatum(billing_round_money(prorated,
-																  exponent_of(DatumGetTextPP(currencies[p - 1]))));
+																  billing_currency_exponent_of(DatumGetTextPP(currencies[p - 1]))));
 				v[a_proration] = NumericGetDatum(numeric_div_opt_error(secs, period, NULL));
 				z[a_proration] = false;
 			}
@@ -879,7 +865,7 @@ billing_segment_lines(PG_FUNCTION_ARGS)
 		bool	   *z;
 
 		if (cap_nulls[p - 1] || !has_usage[p] ||
-			!cap_amount(DatumGetNumeric(caps[p - 1]), exponent_of(DatumGetTextPP(currencies[p - 1])),
+			!cap_amount(DatumGetNumeric(caps[p - 1]), billing_currency_exponent_of(DatumGetTextPP(currencies[p - 1])),
 						usage[p], &amount))
 			continue;
 		v = palloc0(sizeof(Datum) * desc->natts);

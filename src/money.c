@@ -169,7 +169,21 @@ Datum
 billing_round_money_sql(PG_FUNCTION_ARGS)
 {
 	Numeric		amount = PG_GETARG_NUMERIC(0);
-	char	   *code = text_to_cstring(PG_GETARG_TEXT_PP(1));
+
+	PG_RETURN_NUMERIC(billing_round_money(amount,
+										  billing_currency_exponent_of(PG_GETARG_TEXT_PP(1))));
+}
+
+/*
+ * billing_currency_exponent_of
+ *		The minor-unit exponent of a currency given as text; an unknown
+ *		currency is an error (22023).  Every C caller that takes a currency
+ *		from SQL checks it here.
+ */
+int
+billing_currency_exponent_of(text *currency)
+{
+	char	   *code = text_to_cstring(currency);
 	int			e = billing_currency_exponent(code);
 
 	if (e < 0)
@@ -177,7 +191,7 @@ billing_round_money_sql(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("unknown currency \"%s\"", code),
 				 errhint("Use an ISO 4217 code with a minor unit, such as USD, EUR or JPY.")));
-	PG_RETURN_NUMERIC(billing_round_money(amount, e));
+	return e;
 }
 
 /*

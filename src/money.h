@@ -12,6 +12,7 @@
 #include "utils/numeric.h"
 
 extern int	billing_currency_exponent(const char *code);
+extern int	billing_currency_exponent_of(text *currency);
 extern Numeric billing_round_money(Numeric amount, int exponent);
 
 #endif							/* BILLING_MONEY_H */
