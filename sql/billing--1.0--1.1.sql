@@ -6169,3 +6169,399 @@ GRANT EXECUTE ON FUNCTION
     billing._unique_counts(bigint, timestamptz, timestamptz, text[], text[], text[]),
     billing._usage_totals_unique(bigint[], timestamptz[], timestamptz[], integer[], text[], text[])
     TO billing_reader;
+
+-- ---- issue 15, SQL half: one trigger shape on one node and on Citus ----------------------
+-- 1.0's billing.distribute() rewrote triggers when it distributed the
+-- tables: invoices_audit became a constraint trigger deferred to the
+-- commit, and the statement-level audit triggers of adjustments and
+-- usage_corrections became row-level ones (billing._audit_insert).  1.1's
+-- CREATE EXTENSION installs one shape for both (sql/install/70_audit.sql):
+-- invoices_audit deferred (billing._finalize sets it IMMEDIATE for its
+-- statement on one node, so its audit rows come by the statement's end as
+-- before), the statement-level audit triggers (_audit_insert_rows appends
+-- row by row when it fires on a Citus shard), and distribute() changes no
+-- trigger.  A 1.0 database, distributed or not, is brought to that shape
+-- below; _audit_insert, which no trigger names any more, goes.  The
+-- function bodies are those of the parts named.
+
+-- sql/install/70_audit.sql
+CREATE OR REPLACE FUNCTION billing._audit_invoice() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+BEGIN
+    IF billing._audit_suspended() THEN
+        RETURN NULL;
+    END IF;
+    PERFORM billing._audit_append(
+        NEW.account_id, 'finalize', format('invoice:%s', NEW.invoice_id),
+        jsonb_build_object(
+            'invoice', to_jsonb(NEW),
+            'lines', (SELECT coalesce(jsonb_agg(to_jsonb(l) ORDER BY l.line_no), '[]'::jsonb)
+                        FROM billing.invoice_lines l
+                       WHERE l.account_id = NEW.account_id AND l.invoice_id = NEW.invoice_id)));
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._audit_invoice() IS
+    'Internal: writes the audit row of a finalized invoice, with its lines';
+
+CREATE OR REPLACE FUNCTION billing._audit_insert_rows() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+DECLARE
+    chains bigint[];
+    keys bigint[];
+    objects text[];
+    details jsonb[];
+BEGIN
+    IF billing._audit_suspended() THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('SELECT array_agg(n.account_id), array_agg(n.%1$I), array_agg(%2$L || n.%1$I),
+                           array_agg(to_jsonb(n))
+                      FROM new_rows n', TG_ARGV[2], TG_ARGV[1] || ':')
+       INTO chains, keys, objects, details;
+    IF chains IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF TG_TABLE_NAME ~ '_[0-9]+$' THEN
+        PERFORM billing._audit_append(x.chain, TG_ARGV[0], x.object, x.details)
+           FROM unnest(chains, keys, objects, details) AS x(chain, k, object, details)
+          ORDER BY x.chain, x.k;
+    ELSE
+        PERFORM billing._audit_append_many(chains, keys, TG_ARGV[0], objects, details);
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._audit_insert_rows() IS
+    'Internal: writes the audit rows of the adjustments or usage corrections one statement inserted';
+
+COMMENT ON FUNCTION billing._audit_append_many(bigint[], bigint[], text, text[], jsonb[]) IS
+    'Internal: appends many rows to their audit chains in one go (the statement-level audit of adjustments and usage corrections)';
+
+-- sql/install/50_invoices.sql
+CREATE OR REPLACE FUNCTION billing._finalize(p_as_of timestamptz)
+    RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
+                   r_period_end timestamptz, r_total numeric)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+DECLARE
+    cutoff timestamptz;
+BEGIN
+    IF p_as_of IS NULL THEN
+        RAISE EXCEPTION 'finalize_invoices: as_of must not be null' USING ERRCODE = '22004';
+    END IF;
+    -- never a period that ends after now() - grace, whatever as_of says
+    -- (a future or infinite as_of would finalize periods still open)
+    cutoff := LEAST(p_as_of, pg_catalog.now()) - billing._grace_period();
+    -- on Citus these statements may not call functions that read the
+    -- shards: the same invoices, one period at a time (_finalize_citus)
+    IF billing._citus_table_kind('billing.invoices') IS NOT NULL THEN
+        RETURN QUERY SELECT * FROM billing._finalize_citus(cutoff);
+        RETURN;
+    END IF;
+    PERFORM 1 FROM billing.accounts a
+     WHERE a.account_id IN (SELECT d.account_id FROM billing._due_periods(cutoff) d)
+     ORDER BY a.account_id
+       FOR NO KEY UPDATE;
+
+    -- the invoices' audit rows (a trigger deferred to the commit, for
+    -- Citus: 70_audit.sql) written at the end of the one statement that
+    -- writes the invoices and their lines
+    SET CONSTRAINTS billing.invoices_audit IMMEDIATE;
+    RETURN QUERY
+    WITH d AS MATERIALIZED (
+        SELECT * FROM billing._due_periods(cutoff)
+    ), due AS (
+        SELECT p.*, nextval('billing.invoice_id_seq') AS invoice_id,
+               (row_number() OVER (ORDER BY p.account_id, p.period_start))::integer AS k,
+               row_number() OVER (PARTITION BY p.account_id ORDER BY p.period_start) = 1 AS first_of_account
+          FROM (SELECT DISTINCT d.account_id, d.plan, d.currency, d.spend_cap, d.period_start,
+                       d.period_end FROM d) p
+    ), pa AS (
+        SELECT array_agg(due.account_id ORDER BY due.k) AS accounts,
+               array_agg(due.currency ORDER BY due.k) AS currencies,
+               array_agg(due.spend_cap ORDER BY due.k) AS caps,
+               array_agg(due.period_start ORDER BY due.k) AS starts,
+               array_agg(due.period_end ORDER BY due.k) AS ends,
+               array_agg(due.first_of_account ORDER BY due.k) AS firsts
+          FROM due
+    ), sa AS (
+        SELECT array_agg(due.k ORDER BY due.k, d.segment_start) AS idx,
+               array_agg(d.segment_plan ORDER BY due.k, d.segment_start) AS plans,
+               array_agg(d.segment_start ORDER BY due.k, d.segment_start) AS starts,
+               array_agg(d.segment_end ORDER BY due.k, d.segment_start) AS ends
+          FROM d JOIN due ON due.account_id = d.account_id AND due.period_start = d.period_start
+    ), built AS MATERIALIZED (
+        SELECT due.account_id, due.invoice_id, x.*
+          FROM pa, sa,
+               LATERAL billing._invoice_build(pa.accounts, pa.currencies, pa.caps, pa.starts, pa.ends,
+                                              pa.firsts, sa.idx, sa.plans, sa.starts, sa.ends,
+                                              false, true) x
+               JOIN due ON due.k = x.idx
+    ), new_grants AS MATERIALIZED (
+        SELECT b.account_id, b.grant_id AS placeholder,
+               nextval('billing.credit_grant_id_seq') AS grant_id, b.amount, b.effective_at,
+               b.expires_at, b.source_grant
+          FROM built b WHERE b.kind = 'grant'
+    ), mapped AS (
+        SELECT b.*, coalesce(ng.grant_id, b.grant_id) AS real_grant_id
+          FROM built b LEFT JOIN new_grants ng
+                 ON ng.account_id = b.account_id AND ng.placeholder = b.grant_id
+    ), numbered AS (
+        SELECT m.*, (row_number() OVER (PARTITION BY m.invoice_id ORDER BY m.ord))::integer AS line_no
+          FROM mapped m
+         WHERE m.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit')
+    ), totals AS (
+        SELECT n.invoice_id, sum(n.amount) AS total FROM numbered n GROUP BY n.invoice_id
+    ), invoices_written AS (
+        INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
+                                      currency, total)
+        SELECT due.account_id, due.invoice_id, due.plan, due.period_start, due.period_end,
+               due.currency, coalesce(t.total, 0)
+          FROM due LEFT JOIN totals t ON t.invoice_id = due.invoice_id
+        RETURNING billing.invoices.invoice_id, billing.invoices.account_id,
+                  billing.invoices.period_start, billing.invoices.period_end,
+                  billing.invoices.total
+    ), lines_written AS (
+        INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
+                                          description, quantity, amount, unrounded_amount,
+                                          charge_id, price, adjustment_id, segment_start,
+                                          segment_end, proration, commitment_id, grant_id, dimension)
+        SELECT n.account_id, n.invoice_id, n.line_no, n.kind, n.meter, n.description, n.quantity,
+               n.amount, n.unrounded_amount, n.charge_id, n.price, n.adjustment_id,
+               n.segment_start, n.segment_end, n.proration, n.commitment_id, n.real_grant_id,
+               n.dimension
+          FROM numbered n
+        RETURNING billing.invoice_lines.account_id, billing.invoice_lines.invoice_id,
+                  billing.invoice_lines.adjustment_id
+    ), grants_written AS (
+        INSERT INTO billing.credit_grants (account_id, grant_id, amount, effective_at, expires_at,
+                                           priority, applies_to, source, reason, commitment_id,
+                                           window_no, rolled_from)
+        SELECT ng.account_id, ng.grant_id, ng.amount, ng.effective_at, ng.expires_at, g.priority,
+               g.applies_to, 'rollover', format('rollover of grant %s', g.grant_id),
+               g.commitment_id, g.window_no + 1, g.grant_id
+          FROM new_grants ng
+               JOIN billing.credit_grants g
+                 ON g.account_id = ng.account_id AND g.grant_id = ng.source_grant
+        RETURNING 1
+    ), ledger_written AS (
+        INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at,
+                                           invoice_id)
+        SELECT m.account_id,
+               h.seq + row_number() OVER (PARTITION BY m.account_id ORDER BY m.idx, m.ord),
+               m.real_grant_id, CASE WHEN m.kind = 'credit' THEN 'draw' ELSE m.kind END, m.amount,
+               m.effective_at, CASE WHEN m.kind = 'credit' THEN m.invoice_id END
+          FROM mapped m
+               CROSS JOIN LATERAL (SELECT coalesce(max(x.seq), 0) AS seq FROM billing.credit_ledger x
+                                    WHERE x.account_id = m.account_id) h
+         WHERE m.kind IN ('credit', 'expire', 'rollover', 'grant')
+        RETURNING 1
+    ), carried AS (
+        UPDATE billing.adjustments adj SET billed_invoice_id = w.invoice_id
+          FROM lines_written w
+         WHERE w.adjustment_id IS NOT NULL AND adj.account_id = w.account_id
+           AND adj.adjustment_id = w.adjustment_id
+        RETURNING 1
+    )
+    SELECT w.invoice_id, w.account_id, w.period_start, w.period_end, w.total
+      FROM invoices_written w
+     ORDER BY w.account_id, w.period_start;
+    SET CONSTRAINTS billing.invoices_audit DEFERRED;
+END
+$$;
+COMMENT ON FUNCTION billing._finalize(timestamptz) IS 'Internal: the body of finalize_invoices';
+
+-- sql/install/85_distribute.sql
+CREATE OR REPLACE FUNCTION billing.distribute()
+    RETURNS TABLE (object text, distribution text, changed boolean)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    t record;
+    f record;
+    fk record;
+    fks text[] := '{}';
+    kind text;
+    had_rows boolean;
+    emptied regclass[] := '{}';
+    rel regclass;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+        RAISE EXCEPTION 'citus is not installed'
+            USING ERRCODE = '55000',
+                  DETAIL = 'billing.distribute() shards the billing tables with Citus.',
+                  HINT = 'Load citus (shared_preload_libraries), run CREATE EXTENSION citus on every node, add the workers, then call billing.distribute() on the coordinator.';
+    END IF;
+    IF NOT citus_is_coordinator() THEN
+        RAISE EXCEPTION 'billing.distribute() must run on the coordinator'
+            USING ERRCODE = '55000';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_dist_node WHERE groupid = 0) THEN
+        RAISE EXCEPTION 'the coordinator is not in the Citus metadata'
+            USING ERRCODE = '55000',
+                  DETAIL = 'Reference tables need a copy on the coordinator, where guards on them run.',
+                  HINT = 'Run SELECT citus_set_coordinator_host(''host'', port) first.';
+    END IF;
+
+    -- the billing triggers move with their tables (they write only the
+    -- account's own, co-located rows); one connection per node keeps the
+    -- foreign keys created in this transaction valid
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
+
+    -- Citus enforces unique keys per shard only, so they must hold the
+    -- distribution column: invoice numbers stay unique through their sequence
+    IF to_regclass('billing.invoices_invoice_id_key') IS NOT NULL THEN
+        DROP INDEX billing.invoices_invoice_id_key;
+    END IF;
+
+    -- foreign keys between tables not yet converted: drop now, add back
+    -- once both sides are Citus tables (Citus converts only whole graphs)
+    FOR fk IN
+        SELECT format('billing.%I', r.relname) AS rel, c.conname, pg_get_constraintdef(c.oid) AS def
+          FROM pg_constraint c JOIN pg_class r ON r.oid = c.conrelid
+         WHERE c.contype = 'f' AND r.relnamespace = 'billing'::regnamespace
+           AND (billing._citus_table_kind(c.conrelid) IS NULL
+                OR billing._citus_table_kind(c.confrelid) IS NULL)
+         ORDER BY r.relname, c.conname
+    LOOP
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', fk.rel, fk.conname);
+        -- the workers' copies of the extension's tables become the shells
+        PERFORM run_command_on_workers(
+            format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I', fk.rel, fk.conname));
+        fks := fks || format('ALTER TABLE %s ADD CONSTRAINT %I %s', fk.rel, fk.conname, fk.def);
+    END LOOP;
+
+    -- tables: accounts first (the co-location group), reference tables next
+    FOR t IN
+        SELECT c.oid::regclass AS rel, c.relname,
+               EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = c.oid AND a.attname = 'account_id'
+                          AND a.attnum > 0 AND NOT a.attisdropped) AS per_account
+          FROM pg_class c
+         WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'r'
+           AND NOT c.relispartition
+         ORDER BY c.relname <> 'accounts', 3, c.relname
+    LOOP
+        kind := billing._citus_table_kind(t.rel);
+        IF t.relname = 'metered_tables' THEN
+            -- metered_tables holds regclass values, which differ per node
+            object := t.rel::text;
+            distribution := 'local (coordinator)';
+            changed := false;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        changed := kind IS NULL;
+        IF kind IS NULL THEN
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', t.rel) INTO had_rows;
+            IF t.per_account THEN
+                PERFORM create_distributed_table(t.rel, 'account_id',
+                    colocate_with => CASE WHEN t.relname = 'accounts' THEN 'default'
+                                          ELSE 'billing.accounts' END);
+            ELSE
+                PERFORM create_reference_table(t.rel);
+            END IF;
+            IF had_rows THEN
+                emptied := emptied || t.rel;
+            END IF;
+        ELSIF t.per_account AND (kind <> 'distributed'
+              OR NOT EXISTS (SELECT 1 FROM pg_dist_partition p, pg_dist_partition a
+                              WHERE p.logicalrelid = t.rel
+                                AND a.logicalrelid = 'billing.accounts'::regclass
+                                AND p.colocationid = a.colocationid
+                                AND p.partkey IS NOT NULL
+                                AND column_to_column_name(p.logicalrelid, p.partkey) = 'account_id')) THEN
+            RAISE EXCEPTION 'table % is a Citus table, but not distributed by account_id with billing.accounts', t.rel
+                USING ERRCODE = '55000',
+                      HINT = 'Undistribute it (undistribute_table) and run billing.distribute() again.';
+        ELSIF NOT t.per_account AND kind <> 'reference' THEN
+            RAISE EXCEPTION 'table % is a Citus table, but not a reference table', t.rel
+                USING ERRCODE = '55000',
+                      HINT = 'Undistribute it (undistribute_table) and run billing.distribute() again.';
+        END IF;
+        object := t.rel::text;
+        distribution := CASE WHEN t.per_account THEN 'distributed by account_id'
+                             ELSE 'reference' END;
+        RETURN NEXT;
+    END LOOP;
+
+    FOREACH object IN ARRAY fks LOOP
+        EXECUTE object;
+    END LOOP;
+
+    -- the data now lives in the shards; empty the coordinator's copies
+    -- (without firing the immutability triggers of invoices: nothing is
+    -- deleted, only moved)
+    IF array_length(emptied, 1) > 0 THEN
+        PERFORM set_config('session_replication_role', 'replica', true);
+        FOREACH rel IN ARRAY emptied LOOP
+            PERFORM truncate_local_data_after_distributing_table(rel);
+        END LOOP;
+        PERFORM set_config('session_replication_role', 'origin', true);
+    END IF;
+
+    -- functions: a call runs where its account is
+    FOR f IN SELECT * FROM billing._distributed_functions() LOOP
+        changed := NOT EXISTS (SELECT 1 FROM pg_dist_object o
+                                WHERE o.classid = 'pg_proc'::regclass AND o.objid = f.fn
+                                  AND o.distribution_argument_index IS NOT NULL);
+        IF changed THEN
+            PERFORM create_distributed_function(f.fn, f.account_arg,
+                                                colocate_with => 'billing.accounts');
+        END IF;
+        object := f.fn::text;
+        distribution := format('runs on the node of account %s', f.account_arg);
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing.distribute() IS
+    'On a Citus coordinator: distributes the per-account tables by account_id (co-located), makes the catalog tables reference tables and runs the per-account functions where their account is; idempotent';
+
+-- the triggers, on a single node (1.0's shape) or on a Citus cluster that
+-- 1.0's distribute() converted (there the DDL goes from the coordinator to
+-- the shards; workers that run this script after it find the new shape)
+DO $$
+DECLARE
+    tbl text;
+    act text;
+    kind text;
+    keycol text;
+BEGIN
+    IF billing._citus_table_kind('billing.invoices') IS NOT NULL THEN
+        PERFORM pg_catalog.set_config('citus.enable_unsafe_triggers', 'on', true);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                    WHERE t.tgrelid OPERATOR(pg_catalog.=) 'billing.invoices'::pg_catalog.regclass
+                      AND t.tgname OPERATOR(pg_catalog.=) 'invoices_audit' AND t.tginitdeferred) THEN
+        DROP TRIGGER invoices_audit ON billing.invoices;
+        CREATE CONSTRAINT TRIGGER invoices_audit AFTER INSERT ON billing.invoices
+            DEFERRABLE INITIALLY DEFERRED
+            FOR EACH ROW EXECUTE FUNCTION billing._audit_invoice();
+    END IF;
+    FOR tbl, act, kind, keycol IN
+        VALUES ('adjustments', 'adjust', 'adjustment', 'adjustment_id'),
+               ('usage_corrections', 'correct', 'usage_correction', 'correction_id')
+    LOOP
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                    WHERE t.tgrelid OPERATOR(pg_catalog.=) pg_catalog.format('billing.%I', tbl)::pg_catalog.regclass
+                      AND t.tgname OPERATOR(pg_catalog.=) (tbl OPERATOR(pg_catalog.||) '_audit')
+                      AND t.tgnewtable IS NULL) THEN
+            EXECUTE pg_catalog.format('DROP TRIGGER %I ON billing.%I', tbl || '_audit', tbl);
+            EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER INSERT ON billing.%I '
+                                      'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT '
+                                      'EXECUTE FUNCTION billing._audit_insert_rows(%L, %L, %L)',
+                                      tbl || '_audit', tbl, act, kind, keycol);
+        END IF;
+    END LOOP;
+END
+$$;
+DROP FUNCTION billing._audit_insert();

@@ -426,7 +426,7 @@ BEGIN
     -- (a future or infinite as_of would finalize periods still open)
     cutoff := LEAST(p_as_of, pg_catalog.now()) - billing._grace_period();
     -- on Citus these statements may not call functions that read the
-    -- shards: the same invoices, one period at a time (90_distribute.sql)
+    -- shards: the same invoices, one period at a time (_finalize_citus)
     IF billing._citus_table_kind('billing.invoices') IS NOT NULL THEN
         RETURN QUERY SELECT * FROM billing._finalize_citus(cutoff);
         RETURN;
@@ -436,6 +436,10 @@ BEGIN
      ORDER BY a.account_id
        FOR NO KEY UPDATE;
 
+    -- the invoices' audit rows (a trigger deferred to the commit, for
+    -- Citus: 70_audit.sql) written at the end of the one statement that
+    -- writes the invoices and their lines
+    SET CONSTRAINTS billing.invoices_audit IMMEDIATE;
     RETURN QUERY
     WITH d AS MATERIALIZED (
         SELECT * FROM billing._due_periods(cutoff)
@@ -535,6 +539,7 @@ BEGIN
     SELECT w.invoice_id, w.account_id, w.period_start, w.period_end, w.total
       FROM invoices_written w
      ORDER BY w.account_id, w.period_start;
+    SET CONSTRAINTS billing.invoices_audit DEFERRED;
 END
 $$;
 COMMENT ON FUNCTION billing._finalize(timestamptz) IS 'Internal: the body of finalize_invoices';

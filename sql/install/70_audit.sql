@@ -120,8 +120,8 @@ COMMENT ON FUNCTION billing._audit_append(bigint, text, text, jsonb, boolean) IS
  * writing adjustments or usage corrections), each chain's in the order of
  * p_keys (the adjustment or correction ids).  Locks the chains' heads in
  * account order, appends with one time stamp for the batch and writes each
- * head once.  Not on Citus (billing.distribute() puts the row-level
- * triggers back).
+ * head once.  On one node only: on a Citus shard _audit_insert_rows appends
+ * one row at a time.
  */
 CREATE FUNCTION billing._audit_append_many(p_chains bigint[], p_keys bigint[], p_action text,
                                            p_objects text[], p_details jsonb[])
@@ -229,11 +229,13 @@ CREATE TRIGGER subscriptions_audit_truncate AFTER TRUNCATE ON billing.subscripti
 
 /*
  * _audit_invoice: AFTER INSERT ROW trigger of invoices.  The row carries
- * the invoice and its lines as written by the same statement (finalize
- * writes both in one statement), so verify_audit_log can tell when either
- * changed later.  On Citus, where an invoice and its lines are written by
- * two statements, billing.distribute() makes it a deferred constraint
- * trigger: the row is written at commit.
+ * the invoice and its lines, so verify_audit_log can tell when either
+ * changed later.  It is a constraint trigger deferred to the commit, on one
+ * node and on Citus alike (one trigger shape, issue 15): on Citus an
+ * invoice and its lines are written by two statements (_finalize_citus).
+ * On one node, where finalize writes both in one statement, billing._finalize
+ * sets it IMMEDIATE for that statement, so the rows are written at its end,
+ * as by an ordinary AFTER trigger (and seen by the rest of the transaction).
  */
 CREATE FUNCTION billing._audit_invoice() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
@@ -255,36 +257,20 @@ END
 $$;
 COMMENT ON FUNCTION billing._audit_invoice() IS
     'Internal: writes the audit row of a finalized invoice, with its lines';
-CREATE TRIGGER invoices_audit AFTER INSERT ON billing.invoices
+CREATE CONSTRAINT TRIGGER invoices_audit AFTER INSERT ON billing.invoices
+    DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION billing._audit_invoice();
 
 /*
- * _audit_insert: AFTER INSERT ROW trigger of adjustments and
- * usage_corrections.  Arguments: action, object kind, key column.
- */
-CREATE FUNCTION billing._audit_insert() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path = pg_catalog, billing, pg_temp
-    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
-DECLARE
-    n jsonb := to_jsonb(NEW);
-BEGIN
-    IF billing._audit_suspended() THEN
-        RETURN NULL;
-    END IF;
-    PERFORM billing._audit_append((n ->> 'account_id')::bigint, TG_ARGV[0],
-                                  format('%s:%s', TG_ARGV[1], n ->> TG_ARGV[2]), n);
-    RETURN NULL;
-END
-$$;
-COMMENT ON FUNCTION billing._audit_insert() IS
-    'Internal: writes the audit row of an adjustment or a usage correction (the row-level trigger billing.distribute() installs on Citus)';
-
-/*
- * _audit_insert_rows: the same as an AFTER INSERT statement trigger (one
- * set-based append per statement: a rerate writes thousands of
- * adjustments).  Arguments as _audit_insert's; each chain's rows in key
- * order.
+ * _audit_insert_rows: AFTER INSERT statement trigger of adjustments and
+ * usage_corrections (one set-based append per statement: a rerate writes
+ * thousands of adjustments).  Arguments: action, object kind, key column;
+ * each chain's rows in key order.  The same trigger on one node and on
+ * Citus (issue 15; 1.0's distribute() made it a row-level one there): on
+ * Citus it fires on each shard the statement wrote (a table named after
+ * its table with the shard's number), where it appends the rows one at a
+ * time, each through the same _audit_append as the other triggers, in the
+ * same order.
  */
 CREATE FUNCTION billing._audit_insert_rows() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
@@ -303,7 +289,14 @@ BEGIN
                            array_agg(to_jsonb(n))
                       FROM new_rows n', TG_ARGV[2], TG_ARGV[1] || ':')
        INTO chains, keys, objects, details;
-    IF chains IS NOT NULL THEN
+    IF chains IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF TG_TABLE_NAME ~ '_[0-9]+$' THEN
+        PERFORM billing._audit_append(x.chain, TG_ARGV[0], x.object, x.details)
+           FROM unnest(chains, keys, objects, details) AS x(chain, k, object, details)
+          ORDER BY x.chain, x.k;
+    ELSE
         PERFORM billing._audit_append_many(chains, keys, TG_ARGV[0], objects, details);
     END IF;
     RETURN NULL;

@@ -20,6 +20,14 @@
  * checks them without Citus): every primary or unique key of a table with
  * account_id starts with account_id, and such a table has foreign keys only
  * to reference tables or to a co-located table on (account_id, ...).
+ *
+ * The triggers are the same on one node and on Citus, as CREATE EXTENSION
+ * installs them (one schema shape, issue 15): their functions tell a shard
+ * from a plain table when they run, the invoices' audit trigger is deferred
+ * to the commit (billing._finalize sets it IMMEDIATE on one node).
+ * distribute() changes one thing only: it drops the unique index on
+ * invoice_id alone, which Citus cannot enforce across shards (the one
+ * sequence keeps invoice numbers apart).
  */
 
 /*
@@ -83,30 +91,6 @@ BEGIN
     -- distribution column: invoice numbers stay unique through their sequence
     IF to_regclass('billing.invoices_invoice_id_key') IS NOT NULL THEN
         DROP INDEX billing.invoices_invoice_id_key;
-    END IF;
-
-    -- on Citus an invoice and its lines are written by two statements
-    -- (_finalize_citus): its audit row, which carries the lines, is written
-    -- at commit
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger
-                    WHERE tgrelid = 'billing.invoices'::regclass AND tgname = 'invoices_audit'
-                      AND tginitdeferred) THEN
-        DROP TRIGGER invoices_audit ON billing.invoices;
-        CREATE CONSTRAINT TRIGGER invoices_audit AFTER INSERT ON billing.invoices
-            DEFERRABLE INITIALLY DEFERRED
-            FOR EACH ROW EXECUTE FUNCTION billing._audit_invoice();
-    END IF;
-    -- adjustments and usage corrections: audited row by row on Citus (the
-    -- set-based append of one node reads and writes many chains at once)
-    IF EXISTS (SELECT 1 FROM pg_trigger
-                WHERE tgrelid = 'billing.adjustments'::regclass AND tgname = 'adjustments_audit'
-                  AND tgnewtable IS NOT NULL) THEN
-        DROP TRIGGER adjustments_audit ON billing.adjustments;
-        CREATE TRIGGER adjustments_audit AFTER INSERT ON billing.adjustments
-            FOR EACH ROW EXECUTE FUNCTION billing._audit_insert('adjust', 'adjustment', 'adjustment_id');
-        DROP TRIGGER usage_corrections_audit ON billing.usage_corrections;
-        CREATE TRIGGER usage_corrections_audit AFTER INSERT ON billing.usage_corrections
-            FOR EACH ROW EXECUTE FUNCTION billing._audit_insert('correct', 'usage_correction', 'correction_id');
     END IF;
 
     -- foreign keys between tables not yet converted: drop now, add back
