@@ -6181,8 +6181,75 @@ GRANT EXECUTE ON FUNCTION
 -- before), the statement-level audit triggers (_audit_insert_rows appends
 -- row by row when it fires on a Citus shard), and distribute() changes no
 -- trigger.  A 1.0 database, distributed or not, is brought to that shape
--- below; _audit_insert, which no trigger names any more, goes.  The
--- function bodies are those of the parts named.
+-- below; _audit_insert, which no trigger names any more, goes.  The Citus
+-- twins share their pieces: one co-location check (_citus_colocated) for
+-- distribute(), meter_table and audit_table.  The function bodies are
+-- those of the parts named.
+
+-- sql/install/00_helpers.sql
+CREATE FUNCTION billing._citus_colocated(tbl regclass, account_column name) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF billing._citus_table_kind(tbl) IS DISTINCT FROM 'distributed'
+       OR billing._citus_table_kind('billing.accounts') IS DISTINCT FROM 'distributed' THEN
+        RETURN false;
+    END IF;
+    RETURN EXISTS (SELECT 1 FROM pg_dist_partition p, pg_dist_partition a
+                    WHERE p.logicalrelid = tbl AND a.logicalrelid = 'billing.accounts'::regclass
+                      AND p.colocationid = a.colocationid
+                      AND column_to_column_name(p.logicalrelid, p.partkey) = account_column);
+END
+$$;
+COMMENT ON FUNCTION billing._citus_colocated(regclass, name) IS
+    'Internal: whether tbl is distributed by account_column, co-located with billing.accounts (false without Citus)';
+
+REVOKE ALL ON FUNCTION billing._citus_colocated(regclass, name) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._citus_colocated(regclass, name) TO billing_reader;
+
+-- sql/install/32_ingest.sql, 75_audit_table.sql
+CREATE OR REPLACE FUNCTION billing._meter_table_citus(tbl regclass, account_column name) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    kind text := billing._citus_table_kind(tbl);
+BEGIN
+    IF kind IS NULL OR billing._citus_table_kind('billing.accounts') IS NULL THEN
+        RETURN;
+    END IF;
+    IF NOT billing._citus_colocated(tbl, account_column) THEN
+        RAISE EXCEPTION 'metered table % must be distributed by its account column with billing.accounts', tbl
+            USING ERRCODE = '55000',
+                  DETAIL = 'Its triggers count each row on the node of the row''s shard, which must also hold the account''s counters.',
+                  HINT = format('SELECT create_distributed_table(%L, %L, colocate_with => %L)',
+                                tbl::text, account_column, 'billing.accounts');
+    END IF;
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+END
+$$;
+COMMENT ON FUNCTION billing._meter_table_citus(regclass, name) IS
+    'Internal: on Citus, a metered Citus table must be co-located with billing.accounts by its account column';
+
+CREATE OR REPLACE FUNCTION billing._audit_table_citus(tbl regclass, account_column name) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF billing._citus_table_kind(tbl) IS NULL THEN
+        RETURN;
+    END IF;
+    IF billing._citus_table_kind('billing.audit_log') IS DISTINCT FROM 'distributed'
+       OR NOT billing._citus_colocated(tbl, account_column) THEN
+        RAISE EXCEPTION 'audited table % must be distributed by its account column with billing.accounts', tbl
+            USING ERRCODE = '55000',
+                  DETAIL = 'Its triggers append each change on the node of the row''s shard, which must also hold the account''s audit chain (run billing.distribute() first).',
+                  HINT = format('SELECT create_distributed_table(%L, %L, colocate_with => %L)',
+                                tbl::text, coalesce(account_column, 'account_id'), 'billing.accounts');
+    END IF;
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+END
+$$;
+COMMENT ON FUNCTION billing._audit_table_citus(regclass, name) IS
+    'Internal: on Citus, an audited Citus table must be co-located with billing.accounts by its account column';
 
 -- sql/install/70_audit.sql
 CREATE OR REPLACE FUNCTION billing._audit_invoice() RETURNS trigger
@@ -6472,13 +6539,7 @@ BEGIN
             IF had_rows THEN
                 emptied := emptied || t.rel;
             END IF;
-        ELSIF t.per_account AND (kind <> 'distributed'
-              OR NOT EXISTS (SELECT 1 FROM pg_dist_partition p, pg_dist_partition a
-                              WHERE p.logicalrelid = t.rel
-                                AND a.logicalrelid = 'billing.accounts'::regclass
-                                AND p.colocationid = a.colocationid
-                                AND p.partkey IS NOT NULL
-                                AND column_to_column_name(p.logicalrelid, p.partkey) = 'account_id')) THEN
+        ELSIF t.per_account AND NOT billing._citus_colocated(t.rel, 'account_id') THEN
             RAISE EXCEPTION 'table % is a Citus table, but not distributed by account_id with billing.accounts', t.rel
                 USING ERRCODE = '55000',
                       HINT = 'Undistribute it (undistribute_table) and run billing.distribute() again.';

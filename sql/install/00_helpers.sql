@@ -1,8 +1,9 @@
 /*
- * Helpers the later parts call: how Citus holds a table, whether a row this
- * node holds satisfies a guard's condition, whether this node holds an audit
- * chain (each answers for one node when Citus is absent), and the one
- * trigger function that refuses changes to immutable and append-only tables.
+ * Helpers the later parts call: how Citus holds a table, whether a table is
+ * co-located with the accounts, whether a row this node holds satisfies a
+ * guard's condition, whether this node holds an audit chain (each answers
+ * for one node when Citus is absent), and the one trigger function that
+ * refuses changes to immutable and append-only tables.
  */
 
 /*
@@ -27,6 +28,31 @@ END
 $$;
 COMMENT ON FUNCTION billing._citus_table_kind(regclass) IS
     'Internal: how Citus holds a table (distributed, reference) or NULL when it does not';
+
+/*
+ * _citus_colocated: is tbl distributed by account_column and co-located
+ * with billing.accounts?  Then one account's rows of tbl sit on the node of
+ * its rows of every billing table, where a trigger firing on tbl's shard
+ * may write them.  False when either table is not a distributed one (or
+ * Citus is missing); the one check of distribute(), meter_table and
+ * audit_table.
+ */
+CREATE FUNCTION billing._citus_colocated(tbl regclass, account_column name) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF billing._citus_table_kind(tbl) IS DISTINCT FROM 'distributed'
+       OR billing._citus_table_kind('billing.accounts') IS DISTINCT FROM 'distributed' THEN
+        RETURN false;
+    END IF;
+    RETURN EXISTS (SELECT 1 FROM pg_dist_partition p, pg_dist_partition a
+                    WHERE p.logicalrelid = tbl AND a.logicalrelid = 'billing.accounts'::regclass
+                      AND p.colocationid = a.colocationid
+                      AND column_to_column_name(p.logicalrelid, p.partkey) = account_column);
+END
+$$;
+COMMENT ON FUNCTION billing._citus_colocated(regclass, name) IS
+    'Internal: whether tbl is distributed by account_column, co-located with billing.accounts (false without Citus)';
 
 /*
  * _exists_here: does a row of tbl that this node holds satisfy cond?  cond

@@ -125,11 +125,7 @@ BEGIN
     IF kind IS NULL OR billing._citus_table_kind('billing.accounts') IS NULL THEN
         RETURN;
     END IF;
-    IF kind <> 'distributed' OR NOT EXISTS (
-        SELECT 1 FROM pg_dist_partition p, pg_dist_partition a
-         WHERE p.logicalrelid = tbl AND a.logicalrelid = 'billing.accounts'::regclass
-           AND p.colocationid = a.colocationid
-           AND column_to_column_name(p.logicalrelid, p.partkey) = account_column) THEN
+    IF NOT billing._citus_colocated(tbl, account_column) THEN
         RAISE EXCEPTION 'metered table % must be distributed by its account column with billing.accounts', tbl
             USING ERRCODE = '55000',
                   DETAIL = 'Its triggers count each row on the node of the row''s shard, which must also hold the account''s counters.',

@@ -146,13 +146,7 @@ BEGIN
         RETURN;
     END IF;
     IF billing._citus_table_kind('billing.audit_log') IS DISTINCT FROM 'distributed'
-       OR account_column IS NULL
-       OR billing._citus_table_kind(tbl) <> 'distributed'
-       OR NOT EXISTS (
-           SELECT 1 FROM pg_dist_partition p, pg_dist_partition a
-            WHERE p.logicalrelid = tbl AND a.logicalrelid = 'billing.accounts'::regclass
-              AND p.colocationid = a.colocationid
-              AND column_to_column_name(p.logicalrelid, p.partkey) = account_column) THEN
+       OR NOT billing._citus_colocated(tbl, account_column) THEN
         RAISE EXCEPTION 'audited table % must be distributed by its account column with billing.accounts', tbl
             USING ERRCODE = '55000',
                   DETAIL = 'Its triggers append each change on the node of the row''s shard, which must also hold the account''s audit chain (run billing.distribute() first).',

@@ -143,13 +143,7 @@ BEGIN
             IF had_rows THEN
                 emptied := emptied || t.rel;
             END IF;
-        ELSIF t.per_account AND (kind <> 'distributed'
-              OR NOT EXISTS (SELECT 1 FROM pg_dist_partition p, pg_dist_partition a
-                              WHERE p.logicalrelid = t.rel
-                                AND a.logicalrelid = 'billing.accounts'::regclass
-                                AND p.colocationid = a.colocationid
-                                AND p.partkey IS NOT NULL
-                                AND column_to_column_name(p.logicalrelid, p.partkey) = 'account_id')) THEN
+        ELSIF t.per_account AND NOT billing._citus_colocated(t.rel, 'account_id') THEN
             RAISE EXCEPTION 'table % is a Citus table, but not distributed by account_id with billing.accounts', t.rel
                 USING ERRCODE = '55000',
                       HINT = 'Undistribute it (undistribute_table) and run billing.distribute() again.';

@@ -14,7 +14,9 @@
 # cluster itself (also: the table the scenario audits with
 # billing.audit_table is audited on the node of each account's chain).
 # Then the contracts scenario (test/citus/contracts.sql: credits,
-# commitments, plan changes) the same way.
+# commitments, plan changes) the same way.  And the one trigger shape
+# (issue 15): distribute() changes no trigger, the shards carry their
+# tables' triggers.
 #
 # Seeds: BILLING_CITUS_SEEDS (default: the fixed list below); each seed is
 # printed, and a failure is replayed with BILLING_CITUS_SEEDS=N bash
@@ -346,6 +348,37 @@ check "maintenance jobs run on the coordinator, the workers skip them ($r,$w)" t
 acct=$(cq "SELECT max(account_id) FROM billing.accounts")
 r=$(cq "SELECT billing.record($acct, '$meter', 1, now(), 'pushed-down')")
 check "record() pushed down to the worker of account $acct counts" [ "$r" = t ]
+
+# one trigger shape (issue 15): distribute() rewrote no trigger (the
+# coordinator has those of the single node, which never ran it), and each
+# shard carries its table's triggers but TRUNCATE ones (Citus fires those
+# on the coordinator); pg_trigger, not pg_class: Citus hides shards from
+# queries of pg_class
+trig_sql="SELECT string_agg(r || ': ' || d, E'\n' ORDER BY r || ': ' || d)
+            FROM (SELECT t.tgrelid::regclass::text AS r,
+                         string_agg(pg_get_triggerdef(t.oid), '; ' ORDER BY t.tgname) AS d
+                    FROM pg_trigger t
+                   WHERE NOT t.tgisinternal AND t.tgtype & 32 = 0
+                     AND t.tgrelid::regclass::text ~ '^billing[.]' AND t.tgrelid::regclass::text !~ '_[0-9]{6,}\$'
+                   GROUP BY 1) x"
+a=$(psql -qAtX -d "$DB" -c "$trig_sql")
+b=$(cq "$trig_sql")
+check "distribute() rewrote no trigger: the coordinator's are those of one node ($(echo "$b" | wc -l) tables)" \
+    [ -n "$a" -a "$a" = "$b" ]
+[ "$a" = "$b" ] || diff <(echo "$a") <(echo "$b") | sed 's/^/# /' | cut -c1-240
+w=$(citus_psql "${CITUS_WORKER_PORTS[0]}" -qAt -d "$DB" -c "
+    SELECT string_agg(l, E'\n' ORDER BY l)
+      FROM (SELECT DISTINCT regexp_replace(r, '_[0-9]{6,}\$', '') || ': '
+                            || regexp_replace(d, '_[0-9]{6,}', '', 'g') AS l
+              FROM (SELECT t.tgrelid::regclass::text AS r,
+                           string_agg(pg_get_triggerdef(t.oid), '; ' ORDER BY t.tgname) AS d
+                      FROM pg_trigger t
+                     WHERE NOT t.tgisinternal AND t.tgtype & 32 = 0
+                       AND t.tgrelid::regclass::text ~ '^billing[.].*_[0-9]{6,}\$'
+                     GROUP BY 1) x) y")
+bs=$(echo "$b" | grep -v '^billing.metered_tables: ')
+check "the shards on a worker carry the triggers of their tables" [ -n "$w" -a "$w" = "$bs" ]
+[ "$w" = "$bs" ] || diff <(echo "$bs") <(echo "$w") | sed 's/^/# /' | cut -c1-240
 
 echo "# the checks of the cluster took $(( $(date +%s) - t ))s"
 echo "# citus section took $(( $(date +%s) - start ))s after the build (seeds: $SEEDS)"

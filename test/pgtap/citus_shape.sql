@@ -1,0 +1,90 @@
+-- One schema shape on one node and on Citus (issue 15), checked without
+-- Citus: CREATE EXTENSION installs the triggers Citus needs, so that
+-- billing.distribute() changes none of them and an upgrade has one shape
+-- to handle.  Their functions tell a shard from a plain table when they
+-- run: on one node they behave as before, and on a table named like a
+-- shard as they must on Citus.
+BEGIN;
+SELECT plan(14);
+
+-- the shape ---------------------------------------------------------------------------
+SELECT is((SELECT ARRAY[t.tgconstraint <> 0, t.tgdeferrable, t.tginitdeferred]
+             FROM pg_trigger t
+            WHERE t.tgrelid = 'billing.invoices'::regclass AND t.tgname = 'invoices_audit'),
+          ARRAY[true, true, true],
+          'invoices_audit is a constraint trigger deferred to the commit (on Citus an invoice and its lines are two statements)');
+SELECT results_eq(
+    $$SELECT t.tgrelid::regclass::text, t.tgfoid::regproc::text, t.tgnewtable = 'new_rows',
+             (t.tgtype & 1) = 0
+        FROM pg_trigger t
+       WHERE t.tgname IN ('adjustments_audit', 'usage_corrections_audit') ORDER BY 1$$,
+    $$VALUES ('billing.adjustments', 'billing._audit_insert_rows', true, true),
+             ('billing.usage_corrections', 'billing._audit_insert_rows', true, true)$$,
+    'adjustments and usage corrections are audited by statement triggers over the new rows');
+SELECT doesnt_imatch(
+    (SELECT prosrc FROM pg_proc WHERE oid = 'billing.distribute()'::regprocedure),
+    '(CREATE|DROP)\s+(CONSTRAINT\s+)?TRIGGER',
+    'distribute() creates and drops no trigger');
+
+SELECT hasnt_function('billing', '_audit_insert', 'the row-level audit trigger function of 1.0''s Citus shape is gone');
+-- the one co-location check of distribute(), meter_table and audit_table:
+-- without Citus no table is co-located with the accounts
+SELECT is(billing._citus_colocated('billing.invoices', 'account_id'), false,
+          '_citus_colocated is false without Citus');
+
+-- finalize_invoices on one node: the audit rows by the end of its statement ------------
+INSERT INTO billing.meters (meter, late_window) VALUES ('sh_events', '100 years');
+INSERT INTO billing.plans (plan, period) VALUES ('sh_daily', '1 day');
+INSERT INTO billing.charges (plan, meter, price) VALUES ('sh_daily', 'sh_events', 'unit 0.5');
+INSERT INTO billing.accounts (account_id) VALUES (7301), (7302);
+INSERT INTO billing.subscriptions (account_id, plan, starts_at)
+    VALUES (7301, 'sh_daily', '2024-01-01 00:00+00'), (7302, 'sh_daily', '2024-01-01 00:00+00');
+SELECT ok(billing.record(7301, 'sh_events', 4, '2024-01-01 10:00+00'), 'usage counted');
+
+SELECT is((SELECT count(*) FROM billing.finalize_invoices('2024-01-03 12:00+00')), 4::bigint,
+          'finalize_invoices writes two days of two accounts');
+SELECT is((SELECT count(*) FROM billing.audit_log
+            WHERE account_id IN (7301, 7302) AND action = 'finalize'), 4::bigint,
+          'their audit rows are written by the end of its statement, in the same transaction');
+SELECT is((SELECT (details -> 'lines' -> 0 ->> 'quantity')::numeric FROM billing.audit_log
+            WHERE account_id = 7301 AND action = 'finalize' ORDER BY seq LIMIT 1), 4::numeric,
+          'each with the lines the same statement wrote');
+
+-- afterwards the trigger is deferred again
+INSERT INTO billing.invoices (account_id, plan, period_start, period_end, currency, total)
+    VALUES (7302, 'sh_daily', '2024-02-01 00:00+00', '2024-02-02 00:00+00', 'USD', 0);
+SELECT is((SELECT count(*) FROM billing.audit_log
+            WHERE account_id = 7302 AND action = 'finalize'), 2::bigint,
+          'after finalize_invoices the trigger is deferred again: an invoice inserted by hand has no audit row yet');
+SET CONSTRAINTS billing.invoices_audit IMMEDIATE;
+SELECT is((SELECT count(*) FROM billing.audit_log
+            WHERE account_id = 7302 AND action = 'finalize'), 3::bigint,
+          'and gets it when the trigger fires (at the commit, or here when it is set IMMEDIATE)');
+SET CONSTRAINTS billing.invoices_audit DEFERRED;
+
+-- _audit_insert_rows where Citus runs it: on a shard, named after its table
+-- with the shard's number, it appends one row at a time, each chain's in key order
+CREATE TABLE pg_temp.adjustments_102008 (LIKE billing.adjustments);
+CREATE TRIGGER adjustments_audit_102008 AFTER INSERT ON pg_temp.adjustments_102008
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_insert_rows('adjust', 'adjustment', 'adjustment_id');
+INSERT INTO pg_temp.adjustments_102008 (account_id, adjustment_id, invoice_id, line_kind, old_amount,
+                                        new_amount, delta, reason, actor, created_at)
+VALUES (7302, 9003, 1, 'usage', 0, 1, 1, 'test', 'tester', '2024-01-05 00:00+00'),
+       (7301, 9002, 1, 'usage', 0, 2, 2, 'test', 'tester', '2024-01-05 00:00+00'),
+       (7301, 9001, 1, 'usage', 0, 3, 3, 'test', 'tester', '2024-01-05 00:00+00');
+SELECT results_eq(
+    $$SELECT account_id, object, (details ->> 'delta')::numeric FROM billing.audit_log
+       WHERE account_id IN (7301, 7302) AND action = 'adjust' ORDER BY account_id, seq$$,
+    $$VALUES (7301::bigint, 'adjustment:9001', 3::numeric), (7301, 'adjustment:9002', 2),
+             (7302, 'adjustment:9003', 1)$$,
+    'on a shard: one audit row per adjustment, in its account''s chain, in key order');
+SELECT is((SELECT count(*) FROM billing.audit_heads h
+            WHERE h.account_id IN (7301, 7302)
+              AND h.seq = (SELECT max(a.seq) FROM billing.audit_log a WHERE a.account_id = h.account_id)),
+          2::bigint, 'each chain head moved with its rows');
+SELECT is_empty($$SELECT * FROM billing.verify_audit_log() WHERE account_id IN (7301, 7302)$$,
+                'the chains verify');
+
+SELECT * FROM finish();
+ROLLBACK;
