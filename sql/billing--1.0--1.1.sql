@@ -6183,10 +6183,35 @@ GRANT EXECUTE ON FUNCTION
 -- trigger.  A 1.0 database, distributed or not, is brought to that shape
 -- below; _audit_insert, which no trigger names any more, goes.  The Citus
 -- twins share their pieces: one co-location check (_citus_colocated) for
--- distribute(), meter_table and audit_table.  The function bodies are
--- those of the parts named.
+-- distribute(), meter_table and audit_table.  One guard for what is set
+-- once: _refuse_change takes the columns an UPDATE may set once, and
+-- serves adjustments and credit_grants instead of _adjustments_guard and
+-- _credit_grants_guard.  The function bodies are those of the parts named.
 
 -- sql/install/00_helpers.sql
+CREATE OR REPLACE FUNCTION billing._refuse_change() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    once text[];
+BEGIN
+    IF TG_OP = 'UPDATE' AND TG_NARGS > 2 THEN
+        once := TG_ARGV[2:TG_NARGS - 1];
+        IF to_jsonb(OLD) ->> once[1] IS NULL AND to_jsonb(NEW) ->> once[1] IS NOT NULL
+           AND (to_jsonb(NEW) - once) = (to_jsonb(OLD) - once) THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+    IF TG_NARGS > 1 THEN
+        RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
+            USING ERRCODE = '55000', DETAIL = TG_ARGV[0], HINT = TG_ARGV[1];
+    END IF;
+    RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
+        USING ERRCODE = '55000', DETAIL = TG_ARGV[0];
+END
+$$;
+COMMENT ON FUNCTION billing._refuse_change() IS
+    'Internal: refuses UPDATE, DELETE or TRUNCATE of immutable and append-only tables (arguments: detail, hint, columns an UPDATE may set once)';
+
 CREATE FUNCTION billing._citus_colocated(tbl regclass, account_column name) RETURNS boolean
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, pg_temp AS $$
@@ -6626,3 +6651,27 @@ BEGIN
 END
 $$;
 DROP FUNCTION billing._audit_insert();
+
+-- one guard for what is set once (in a DO block: on Citus the trigger DDL
+-- goes to the shards statement by statement)
+DO $$
+BEGIN
+    IF billing._citus_table_kind('billing.adjustments') IS NOT NULL THEN
+        PERFORM pg_catalog.set_config('citus.enable_unsafe_triggers', 'on', true);
+    END IF;
+    DROP TRIGGER adjustments_guard ON billing.adjustments;
+    CREATE TRIGGER adjustments_guard BEFORE UPDATE OR DELETE ON billing.adjustments
+        FOR EACH ROW EXECUTE FUNCTION billing._refuse_change(
+            'An adjustment never changes, except to record once the invoice that carried it.',
+            'Correct an adjustment with a later rerate, which writes a new one.',
+            'billed_invoice_id');
+    DROP TRIGGER credit_grants_guard ON billing.credit_grants;
+    CREATE TRIGGER credit_grants_guard BEFORE UPDATE OR DELETE ON billing.credit_grants
+        FOR EACH ROW EXECUTE FUNCTION billing._refuse_change(
+            'A credit grant never changes, except to record once that it was voided.',
+            'Void it with void_credit, or grant another credit.',
+            'voided_at', 'void_reason');
+END
+$$;
+DROP FUNCTION billing._adjustments_guard();
+DROP FUNCTION billing._credit_grants_guard();

@@ -124,11 +124,24 @@ COMMENT ON FUNCTION billing._citus_chain_is_local(bigint) IS
 /*
  * _refuse_change: a BEFORE trigger that refuses the statement with 55000,
  * "<op> of <table> is not allowed".  Arguments: the DETAIL, then an
- * optional HINT.  Serves every table that is immutable or append-only.
+ * optional HINT, then the columns an UPDATE may set once (optional): an
+ * UPDATE that sets the first of them from NULL to a value and changes
+ * nothing but those columns passes.  Serves every table that is immutable
+ * or append-only, and those that record one thing once (adjustments: the
+ * invoice that carried them; credit grants: their void).
  */
 CREATE FUNCTION billing._refuse_change() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    once text[];
 BEGIN
+    IF TG_OP = 'UPDATE' AND TG_NARGS > 2 THEN
+        once := TG_ARGV[2:TG_NARGS - 1];
+        IF to_jsonb(OLD) ->> once[1] IS NULL AND to_jsonb(NEW) ->> once[1] IS NOT NULL
+           AND (to_jsonb(NEW) - once) = (to_jsonb(OLD) - once) THEN
+            RETURN NEW;
+        END IF;
+    END IF;
     IF TG_NARGS > 1 THEN
         RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
             USING ERRCODE = '55000', DETAIL = TG_ARGV[0], HINT = TG_ARGV[1];
@@ -138,4 +151,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing._refuse_change() IS
-    'Internal: refuses UPDATE, DELETE or TRUNCATE of immutable and append-only tables (arguments: detail, hint)';
+    'Internal: refuses UPDATE, DELETE or TRUNCATE of immutable and append-only tables (arguments: detail, hint, columns an UPDATE may set once)';

@@ -100,23 +100,11 @@ COMMENT ON TABLE billing.adjustments IS
     'Corrections of finalized invoices (re-rating); the next invoice of the account carries each as an adjustment line';
 
 -- an adjustment is written once; finalization only records the invoice that carried it
-CREATE FUNCTION billing._adjustments_guard() RETURNS trigger
-    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN
-    IF TG_OP = 'UPDATE' AND OLD.billed_invoice_id IS NULL AND NEW.billed_invoice_id IS NOT NULL
-       AND (to_jsonb(NEW) - 'billed_invoice_id') = (to_jsonb(OLD) - 'billed_invoice_id') THEN
-        RETURN NEW;
-    END IF;
-    RAISE EXCEPTION '% of adjustments is not allowed', lower(TG_OP)
-        USING ERRCODE = '55000',
-              DETAIL = 'An adjustment never changes, except to record once the invoice that carried it.',
-              HINT = 'Correct an adjustment with a later rerate, which writes a new one.';
-END
-$$;
-COMMENT ON FUNCTION billing._adjustments_guard() IS
-    'Internal: adjustments are immutable but for billed_invoice_id, set once by finalization';
 CREATE TRIGGER adjustments_guard BEFORE UPDATE OR DELETE ON billing.adjustments
-    FOR EACH ROW EXECUTE FUNCTION billing._adjustments_guard();
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change(
+        'An adjustment never changes, except to record once the invoice that carried it.',
+        'Correct an adjustment with a later rerate, which writes a new one.',
+        'billed_invoice_id');
 CREATE TRIGGER adjustments_no_truncate BEFORE TRUNCATE ON billing.adjustments
     FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('adjustments is append-only.');
 

@@ -165,23 +165,11 @@ CREATE TRIGGER commitment_windows_no_truncate BEFORE TRUNCATE ON billing.commitm
     FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('Commitments never change.');
 
 -- a grant is written once; void_credit only records when and why it was voided
-CREATE FUNCTION billing._credit_grants_guard() RETURNS trigger
-    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
-BEGIN
-    IF TG_OP = 'UPDATE' AND OLD.voided_at IS NULL AND NEW.voided_at IS NOT NULL
-       AND (to_jsonb(NEW) - 'voided_at' - 'void_reason') = (to_jsonb(OLD) - 'voided_at' - 'void_reason') THEN
-        RETURN NEW;
-    END IF;
-    RAISE EXCEPTION '% of credit_grants is not allowed', lower(TG_OP)
-        USING ERRCODE = '55000',
-              DETAIL = 'A credit grant never changes, except to record once that it was voided.',
-              HINT = 'Void it with void_credit, or grant another credit.';
-END
-$$;
-COMMENT ON FUNCTION billing._credit_grants_guard() IS
-    'Internal: credit grants are immutable but for voided_at and void_reason, set once by void_credit';
 CREATE TRIGGER credit_grants_guard BEFORE UPDATE OR DELETE ON billing.credit_grants
-    FOR EACH ROW EXECUTE FUNCTION billing._credit_grants_guard();
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change(
+        'A credit grant never changes, except to record once that it was voided.',
+        'Void it with void_credit, or grant another credit.',
+        'voided_at', 'void_reason');
 CREATE TRIGGER credit_grants_no_truncate BEFORE TRUNCATE ON billing.credit_grants
     FOR EACH STATEMENT EXECUTE FUNCTION billing._refuse_change('credit_grants never change.');
 

@@ -5,7 +5,7 @@
 -- run: on one node they behave as before, and on a table named like a
 -- shard as they must on Citus.
 BEGIN;
-SELECT plan(14);
+SELECT plan(19);
 
 -- the shape ---------------------------------------------------------------------------
 SELECT is((SELECT ARRAY[t.tgconstraint <> 0, t.tgdeferrable, t.tginitdeferred]
@@ -85,6 +85,29 @@ SELECT is((SELECT count(*) FROM billing.audit_heads h
           2::bigint, 'each chain head moved with its rows');
 SELECT is_empty($$SELECT * FROM billing.verify_audit_log() WHERE account_id IN (7301, 7302)$$,
                 'the chains verify');
+
+-- one guard for what is set once (_refuse_change with columns): an
+-- adjustment records once the invoice that carried it, and nothing else
+-- changes
+INSERT INTO billing.adjustments (account_id, invoice_id, line_kind, old_amount, new_amount, delta, reason)
+SELECT 7301, min(invoice_id), 'usage', 0, 1, 1, 'guard test' FROM billing.invoices WHERE account_id = 7301;
+SELECT throws_ok($$UPDATE billing.adjustments SET reason = 'other' WHERE reason = 'guard test'$$,
+                 '55000', 'update of adjustments is not allowed',
+                 'an adjustment never changes');
+SELECT lives_ok($$UPDATE billing.adjustments SET billed_invoice_id = invoice_id WHERE reason = 'guard test'$$,
+                'but records once the invoice that carried it');
+SELECT throws_ok($$UPDATE billing.adjustments SET billed_invoice_id = billed_invoice_id + 1 WHERE reason = 'guard test'$$,
+                 '55000', 'update of adjustments is not allowed',
+                 'once only');
+SELECT throws_ok($$DELETE FROM billing.adjustments WHERE reason = 'guard test'$$,
+                 '55000', 'delete of adjustments is not allowed',
+                 'and is never deleted');
+SELECT is((SELECT ARRAY[tgfoid::regproc::text, pg_catalog.encode(tgargs, 'escape')] FROM pg_trigger
+            WHERE tgrelid = 'billing.adjustments'::regclass AND tgname = 'adjustments_guard'),
+          ARRAY['billing._refuse_change',
+                E'An adjustment never changes, except to record once the invoice that carried it.\\000'
+                'Correct an adjustment with a later rerate, which writes a new one.\\000billed_invoice_id\\000'],
+          'the guard is the one trigger function of immutable tables, with the column set once');
 
 SELECT * FROM finish();
 ROLLBACK;

@@ -205,7 +205,7 @@ SELECT results_eq(
     $$SELECT p.oid::regprocedure::text FROM pg_proc p
        WHERE p.pronamespace = 'billing'::regnamespace AND p.prosecdef ORDER BY 1$$,
     $$VALUES ('billing._audit_change()'), ('billing._audit_credit()'), ('billing._audit_ddl()'),
-             ('billing._audit_insert()'), ('billing._audit_insert_rows()'), ('billing._audit_invoice()'),
+             ('billing._audit_insert_rows()'), ('billing._audit_invoice()'),
              ('billing._audit_table_note(regclass)'),
              ('billing.add_commitment(bigint,text,numeric,timestamp with time zone,timestamp with time zone,interval,text[],integer,numeric)'),
              ('billing.change_plan(bigint,text,timestamp with time zone)'),
