@@ -6186,7 +6186,9 @@ GRANT EXECUTE ON FUNCTION
 -- distribute(), meter_table and audit_table.  One guard for what is set
 -- once: _refuse_change takes the columns an UPDATE may set once, and
 -- serves adjustments and credit_grants instead of _adjustments_guard and
--- _credit_grants_guard.  The function bodies are those of the parts named.
+-- _credit_grants_guard.  _finalize and _finalize_citus share which rows of
+-- _invoice_build are lines and ledger entries (_is_invoice_line,
+-- _ledger_kind).  The function bodies are those of the parts named.
 
 -- sql/install/00_helpers.sql
 CREATE OR REPLACE FUNCTION billing._refuse_change() RETURNS trigger
@@ -6335,6 +6337,25 @@ COMMENT ON FUNCTION billing._audit_append_many(bigint[], bigint[], text, text[],
     'Internal: appends many rows to their audit chains in one go (the statement-level audit of adjustments and usage corrections)';
 
 -- sql/install/50_invoices.sql
+CREATE FUNCTION billing._is_invoice_line(kind text) RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT kind OPERATOR(pg_catalog.=) ANY (ARRAY['usage', 'fixed', 'cap', 'true_up', 'commitment',
+                                                  'adjustment', 'credit'])
+$$;
+COMMENT ON FUNCTION billing._is_invoice_line(text) IS
+    'Internal: whether a row of _invoice_build of this kind is a line of the invoice';
+
+CREATE FUNCTION billing._ledger_kind(kind text) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN kind OPERATOR(pg_catalog.=) 'credit' THEN 'draw'
+                WHEN kind OPERATOR(pg_catalog.=) ANY (ARRAY['expire', 'rollover', 'grant']) THEN kind END
+$$;
+COMMENT ON FUNCTION billing._ledger_kind(text) IS
+    'Internal: the credit ledger kind of a row of _invoice_build of this kind (NULL: not booked in the ledger)';
+
+REVOKE ALL ON FUNCTION billing._is_invoice_line(text), billing._ledger_kind(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._is_invoice_line(text), billing._ledger_kind(text) TO billing_reader;
+
 CREATE OR REPLACE FUNCTION billing._finalize(p_as_of timestamptz)
     RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
                    r_period_end timestamptz, r_total numeric)
@@ -6408,7 +6429,7 @@ BEGIN
     ), numbered AS (
         SELECT m.*, (row_number() OVER (PARTITION BY m.invoice_id ORDER BY m.ord))::integer AS line_no
           FROM mapped m
-         WHERE m.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit')
+         WHERE billing._is_invoice_line(m.kind)
     ), totals AS (
         SELECT n.invoice_id, sum(n.amount) AS total FROM numbered n GROUP BY n.invoice_id
     ), invoices_written AS (
@@ -6448,12 +6469,12 @@ BEGIN
                                            invoice_id)
         SELECT m.account_id,
                h.seq + row_number() OVER (PARTITION BY m.account_id ORDER BY m.idx, m.ord),
-               m.real_grant_id, CASE WHEN m.kind = 'credit' THEN 'draw' ELSE m.kind END, m.amount,
+               m.real_grant_id, billing._ledger_kind(m.kind), m.amount,
                m.effective_at, CASE WHEN m.kind = 'credit' THEN m.invoice_id END
           FROM mapped m
                CROSS JOIN LATERAL (SELECT coalesce(max(x.seq), 0) AS seq FROM billing.credit_ledger x
                                     WHERE x.account_id = m.account_id) h
-         WHERE m.kind IN ('credit', 'expire', 'rollover', 'grant')
+         WHERE billing._ledger_kind(m.kind) IS NOT NULL
         RETURNING 1
     ), carried AS (
         UPDATE billing.adjustments adj SET billed_invoice_id = w.invoice_id
@@ -6469,6 +6490,96 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing._finalize(timestamptz) IS 'Internal: the body of finalize_invoices';
+
+CREATE OR REPLACE FUNCTION billing._finalize_citus(cutoff timestamptz)
+    RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
+                   r_period_end timestamptz, r_total numeric)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    acc bigint;
+    per record;
+    first boolean;
+    inv bigint;
+    b billing._invoice_line[];
+    ids bigint[];
+    l_total numeric;
+    seq0 bigint;
+BEGIN
+    FOR acc IN SELECT DISTINCT d.account_id FROM billing._due_periods(cutoff) d ORDER BY 1 LOOP
+        PERFORM 1 FROM billing.accounts a WHERE a.account_id = acc FOR NO KEY UPDATE;
+        first := true;
+        -- the account's due periods, looked up again under its lock
+        FOR per IN
+            SELECT d.plan, d.currency, d.spend_cap, d.period_start, d.period_end,
+                   array_agg(d.segment_plan ORDER BY d.segment_start) AS plans,
+                   array_agg(d.segment_start ORDER BY d.segment_start) AS starts,
+                   array_agg(d.segment_end ORDER BY d.segment_start) AS ends
+              FROM billing._due_periods(cutoff) d
+             WHERE d.account_id = acc
+             GROUP BY 1, 2, 3, 4, 5
+             ORDER BY d.period_start
+        LOOP
+            inv := nextval('billing.invoice_id_seq');
+            b := ARRAY(SELECT x FROM billing._invoice_build(
+                           ARRAY[acc], ARRAY[per.currency], ARRAY[per.spend_cap],
+                           ARRAY[per.period_start], ARRAY[per.period_end], ARRAY[first],
+                           array_fill(1, ARRAY[cardinality(per.plans)]), per.plans, per.starts,
+                           per.ends, false, true) x);
+            first := false;
+            -- ids of the rollover grants (named -1, -2, ... by the build)
+            ids := ARRAY(SELECT nextval('billing.credit_grant_id_seq')
+                           FROM unnest(b) x WHERE x.kind = 'grant' ORDER BY x.grant_id DESC);
+            SELECT coalesce(sum(x.amount), 0) INTO l_total FROM unnest(b) x
+             WHERE billing._is_invoice_line(x.kind);
+            INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
+                                          currency, total)
+            VALUES (acc, inv, per.plan, per.period_start, per.period_end, per.currency, l_total);
+            INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
+                                              description, quantity, amount, unrounded_amount,
+                                              charge_id, price, adjustment_id, segment_start,
+                                              segment_end, proration, commitment_id, grant_id,
+                                              dimension)
+            SELECT acc, inv, (row_number() OVER (ORDER BY x.ord))::integer, x.kind, x.meter,
+                   x.description, x.quantity, x.amount, x.unrounded_amount, x.charge_id, x.price,
+                   x.adjustment_id, x.segment_start, x.segment_end, x.proration, x.commitment_id,
+                   CASE WHEN x.grant_id < 0 THEN ids[-x.grant_id] ELSE x.grant_id END, x.dimension
+              FROM unnest(b) x
+             WHERE billing._is_invoice_line(x.kind);
+            INSERT INTO billing.credit_grants (account_id, grant_id, amount, effective_at, expires_at,
+                                               priority, applies_to, source, reason, commitment_id,
+                                               window_no, rolled_from)
+            SELECT acc, ids[-x.grant_id], x.amount, x.effective_at, x.expires_at, g.priority,
+                   g.applies_to, 'rollover', format('rollover of grant %s', g.grant_id),
+                   g.commitment_id, g.window_no + 1, g.grant_id
+              FROM unnest(b) x
+                   JOIN billing.credit_grants g ON g.account_id = acc AND g.grant_id = x.source_grant
+             WHERE x.kind = 'grant';
+            seq0 := billing._ledger_next_seq(acc) - 1;
+            INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at,
+                                               invoice_id)
+            SELECT acc, seq0 + row_number() OVER (ORDER BY x.ord),
+                   CASE WHEN x.grant_id < 0 THEN ids[-x.grant_id] ELSE x.grant_id END,
+                   billing._ledger_kind(x.kind), x.amount, x.effective_at,
+                   CASE WHEN x.kind = 'credit' THEN inv END
+              FROM unnest(b) x
+             WHERE billing._ledger_kind(x.kind) IS NOT NULL;
+            UPDATE billing.adjustments a SET billed_invoice_id = inv
+             WHERE a.account_id = acc
+               AND a.adjustment_id = ANY (ARRAY(SELECT x.adjustment_id FROM unnest(b) x
+                                                 WHERE x.adjustment_id IS NOT NULL));
+            r_invoice_id := inv;
+            r_account_id := acc;
+            r_period_start := per.period_start;
+            r_period_end := per.period_end;
+            r_total := l_total;
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._finalize_citus(timestamptz) IS
+    'Internal: finalize_invoices on Citus, one period at a time';
 
 -- sql/install/85_distribute.sql
 CREATE OR REPLACE FUNCTION billing.distribute()

@@ -330,6 +330,28 @@ $$;
 COMMENT ON FUNCTION billing._grace_period() IS 'Internal: the billing.grace_period GUC as an interval';
 
 /*
+ * What finalizing books of a row _invoice_build returns: an invoice line
+ * (_is_invoice_line), an entry of the credit ledger (_ledger_kind: its kind
+ * there, NULL when it is none; a credit line is also the ledger's draw),
+ * or both.  The one rule of _finalize and its Citus twin _finalize_citus
+ * (inlined: no SET clause, every operator qualified).
+ */
+CREATE FUNCTION billing._is_invoice_line(kind text) RETURNS boolean
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT kind OPERATOR(pg_catalog.=) ANY (ARRAY['usage', 'fixed', 'cap', 'true_up', 'commitment',
+                                                  'adjustment', 'credit'])
+$$;
+COMMENT ON FUNCTION billing._is_invoice_line(text) IS
+    'Internal: whether a row of _invoice_build of this kind is a line of the invoice';
+CREATE FUNCTION billing._ledger_kind(kind text) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN kind OPERATOR(pg_catalog.=) 'credit' THEN 'draw'
+                WHEN kind OPERATOR(pg_catalog.=) ANY (ARRAY['expire', 'rollover', 'grant']) THEN kind END
+$$;
+COMMENT ON FUNCTION billing._ledger_kind(text) IS
+    'Internal: the credit ledger kind of a row of _invoice_build of this kind (NULL: not booked in the ledger)';
+
+/*
  * _due_periods: the billing periods that ended at or before cutoff and have
  * no invoice, one row per plan segment (_segments: a period with a plan
  * change has two).  Each subscription is walked from the period after the
@@ -470,7 +492,7 @@ BEGIN
     ), numbered AS (
         SELECT m.*, (row_number() OVER (PARTITION BY m.invoice_id ORDER BY m.ord))::integer AS line_no
           FROM mapped m
-         WHERE m.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit')
+         WHERE billing._is_invoice_line(m.kind)
     ), totals AS (
         SELECT n.invoice_id, sum(n.amount) AS total FROM numbered n GROUP BY n.invoice_id
     ), invoices_written AS (
@@ -510,12 +532,12 @@ BEGIN
                                            invoice_id)
         SELECT m.account_id,
                h.seq + row_number() OVER (PARTITION BY m.account_id ORDER BY m.idx, m.ord),
-               m.real_grant_id, CASE WHEN m.kind = 'credit' THEN 'draw' ELSE m.kind END, m.amount,
+               m.real_grant_id, billing._ledger_kind(m.kind), m.amount,
                m.effective_at, CASE WHEN m.kind = 'credit' THEN m.invoice_id END
           FROM mapped m
                CROSS JOIN LATERAL (SELECT coalesce(max(x.seq), 0) AS seq FROM billing.credit_ledger x
                                     WHERE x.account_id = m.account_id) h
-         WHERE m.kind IN ('credit', 'expire', 'rollover', 'grant')
+         WHERE billing._ledger_kind(m.kind) IS NOT NULL
         RETURNING 1
     ), carried AS (
         UPDATE billing.adjustments adj SET billed_invoice_id = w.invoice_id
@@ -584,7 +606,7 @@ BEGIN
             ids := ARRAY(SELECT nextval('billing.credit_grant_id_seq')
                            FROM unnest(b) x WHERE x.kind = 'grant' ORDER BY x.grant_id DESC);
             SELECT coalesce(sum(x.amount), 0) INTO l_total FROM unnest(b) x
-             WHERE x.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit');
+             WHERE billing._is_invoice_line(x.kind);
             INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
                                           currency, total)
             VALUES (acc, inv, per.plan, per.period_start, per.period_end, per.currency, l_total);
@@ -598,7 +620,7 @@ BEGIN
                    x.adjustment_id, x.segment_start, x.segment_end, x.proration, x.commitment_id,
                    CASE WHEN x.grant_id < 0 THEN ids[-x.grant_id] ELSE x.grant_id END, x.dimension
               FROM unnest(b) x
-             WHERE x.kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit');
+             WHERE billing._is_invoice_line(x.kind);
             INSERT INTO billing.credit_grants (account_id, grant_id, amount, effective_at, expires_at,
                                                priority, applies_to, source, reason, commitment_id,
                                                window_no, rolled_from)
@@ -613,10 +635,10 @@ BEGIN
                                                invoice_id)
             SELECT acc, seq0 + row_number() OVER (ORDER BY x.ord),
                    CASE WHEN x.grant_id < 0 THEN ids[-x.grant_id] ELSE x.grant_id END,
-                   CASE WHEN x.kind = 'credit' THEN 'draw' ELSE x.kind END, x.amount, x.effective_at,
+                   billing._ledger_kind(x.kind), x.amount, x.effective_at,
                    CASE WHEN x.kind = 'credit' THEN inv END
               FROM unnest(b) x
-             WHERE x.kind IN ('credit', 'expire', 'rollover', 'grant');
+             WHERE billing._ledger_kind(x.kind) IS NOT NULL;
             UPDATE billing.adjustments a SET billed_invoice_id = inv
              WHERE a.account_id = acc
                AND a.adjustment_id = ANY (ARRAY(SELECT x.adjustment_id FROM unnest(b) x
