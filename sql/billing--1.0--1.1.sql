@@ -17,7 +17,52 @@
 --     CREATE TABLE of sql/install too (column order is compared);
 --   - a new table or sequence needs its pg_extension_config_dump, its
 --     grants and its COMMENT here as in the fresh install.
+-- DDL on a table 1.0 created (ALTER TABLE, CREATE/DROP TRIGGER or INDEX,
+-- COMMENT) goes through billing._update_ddl (defined below, dropped at the
+-- end), so that the update also runs on a database 1.0's distribute()
+-- spread over Citus (test/citus/run.sh updates one); a query of the
+-- billing tables outside a function body runs on the coordinator only
+-- (see the period-width WARNING of issue 13, defect 8).
 \echo Use "ALTER EXTENSION billing UPDATE TO '1.1'" to load this file. \quit
+
+-- ---- DDL on the tables 1.0 created (issue 15: the update of a database on Citus) ---------
+-- billing._update_ddl runs DDL on a table 1.0 created and, when Citus holds
+-- the table (1.0's distribute() ran), on the shard placements this node
+-- holds, with Citus's propagation off: Citus would pass the statement on
+-- with this whole script as its text, and the workers' copies would name
+-- functions the workers do not have yet.  Citus runs the update on the
+-- coordinator and then on each worker (ALTER EXTENSION is passed on), so
+-- each node changes its own copy of every Citus table and its own shards.
+-- Used for every such statement below; dropped at the end of the script.
+CREATE FUNCTION billing._update_ddl(tbl regclass, cmds text[]) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    c text;
+    shard bigint;
+    shards bigint[] := '{}';
+    propagation text := current_setting('citus.enable_ddl_propagation', true);
+BEGIN
+    IF billing._citus_table_kind(tbl) IS NOT NULL THEN
+        EXECUTE 'SELECT coalesce(array_agg(s.shardid ORDER BY s.shardid), ''{}'')
+                   FROM pg_dist_shard s JOIN pg_dist_placement p ON p.shardid = s.shardid
+                  WHERE s.logicalrelid = $1
+                    AND p.groupid = (SELECT l.groupid FROM pg_dist_local_group l)'
+           INTO shards USING tbl;
+        PERFORM set_config('citus.enable_ddl_propagation', 'off', true);
+    END IF;
+    FOREACH c IN ARRAY cmds LOOP
+        EXECUTE c;
+        FOREACH shard IN ARRAY shards LOOP
+            CONTINUE WHEN c ~* '^\s*COMMENT';     -- comments stay on the table
+            PERFORM worker_apply_shard_ddl_command(shard, 'billing', c);
+        END LOOP;
+    END LOOP;
+    IF billing._citus_table_kind(tbl) IS NOT NULL THEN
+        PERFORM set_config('citus.enable_ddl_propagation', propagation, true);
+    END IF;
+END
+$$;
 
 -- ---- issue 13, defect 1: verify_invoices rates lines on its own -------------------------
 -- billing._rate_check: rate() without a cache and without the fast path,
@@ -797,8 +842,10 @@ $$;
 COMMENT ON FUNCTION billing.purge_dedupe(timestamptz) IS
     'Removes event ids whose dedupe window ended by as_of and for which no report can be accepted any more (late_window + 5 minutes after the claim); returns how many';
 ALTER FUNCTION billing.purge_dedupe(timestamptz) SECURITY DEFINER;
-COMMENT ON TABLE billing.dedupe_keys IS
-    'Event ids already counted, per (account, meter); kept at least dedupe_window and late_window + 5 minutes, removed by purge_dedupe()';
+SELECT billing._update_ddl('billing.dedupe_keys', ARRAY[
+    $ddl$COMMENT ON TABLE billing.dedupe_keys IS
+        'Event ids already counted, per (account, meter); kept at least dedupe_window and late_window + 5 minutes, removed by purge_dedupe()'$ddl$
+]);
 -- ---- issue 19: the audit log for any table (audit_table, unaudit_table) ----------------
 -- billing.audit_table and billing.unaudit_table, their triggers
 -- (src/audit_table.c), the view billing.audited_tables and the event
@@ -1315,14 +1362,22 @@ END
 $$;
 COMMENT ON FUNCTION billing._period_width_check() IS
     'Internal: refuses a charge, subscription, plan period or meter bucket width that would make a plan''s period not a whole multiple of the bucket width of a meter it charges (22023)';
-CREATE TRIGGER charges_period_check BEFORE INSERT OR UPDATE ON billing.charges
-    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('charges');
-CREATE TRIGGER subscriptions_period_check BEFORE INSERT OR UPDATE ON billing.subscriptions
-    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('subscriptions');
-CREATE TRIGGER plans_period_check BEFORE UPDATE ON billing.plans
-    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('plans');
-CREATE TRIGGER meters_period_check BEFORE UPDATE ON billing.meters
-    FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('meters');
+SELECT billing._update_ddl('billing.charges', ARRAY[
+    $ddl$CREATE TRIGGER charges_period_check BEFORE INSERT OR UPDATE ON billing.charges
+        FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('charges')$ddl$
+]);
+SELECT billing._update_ddl('billing.subscriptions', ARRAY[
+    $ddl$CREATE TRIGGER subscriptions_period_check BEFORE INSERT OR UPDATE ON billing.subscriptions
+        FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('subscriptions')$ddl$
+]);
+SELECT billing._update_ddl('billing.plans', ARRAY[
+    $ddl$CREATE TRIGGER plans_period_check BEFORE UPDATE ON billing.plans
+        FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('plans')$ddl$
+]);
+SELECT billing._update_ddl('billing.meters', ARRAY[
+    $ddl$CREATE TRIGGER meters_period_check BEFORE UPDATE ON billing.meters
+        FOR EACH ROW EXECUTE FUNCTION billing._period_width_check('meters')$ddl$
+]);
 
 CREATE OR REPLACE FUNCTION billing._rate_periods(p_accounts bigint[], p_plans text[], p_currencies text[],
                                       p_caps numeric[], p_starts timestamptz[],
@@ -1430,11 +1485,18 @@ GRANT EXECUTE ON FUNCTION billing._period_first_bucket(timestamptz, timestamptz,
     billing._period_usage_from(bigint[], timestamptz[])
     TO billing_reader;
 
--- 1.0 data against the rule: kept, named (the update does not fail)
+-- 1.0 data against the rule: kept, named (the update does not fail; on
+-- Citus by the coordinator: a worker runs the update where Citus refuses
+-- queries of its tables)
 DO $$
 DECLARE
     r record;
 BEGIN
+    IF billing._citus_table_kind('billing.charges') IS NOT NULL THEN
+        IF NOT citus_is_coordinator() THEN
+            RETURN;
+        END IF;
+    END IF;
     FOR r IN
         SELECT DISTINCT p.plan, p.period, m.meter, m.bucket_width
           FROM billing.charges c JOIN billing.plans p ON p.plan OPERATOR(pg_catalog.=) c.plan
@@ -2051,26 +2113,33 @@ ALTER FUNCTION billing._meter_flush() SECURITY INVOKER RESET search_path;
 -- _invoice_build.
 -- subscriptions: the grid their periods are cut from ----------------------------------
 
-ALTER TABLE billing.subscriptions ADD COLUMN period_anchor timestamptz NULL;
-ALTER TABLE billing.subscriptions ADD CONSTRAINT subscriptions_period_anchor_check
-    CHECK (pg_catalog.isfinite(period_anchor) AND period_anchor <= starts_at);
-COMMENT ON COLUMN billing.subscriptions.period_anchor IS
-    'Where the grid of billing periods starts (NULL: starts_at); change_plan keeps the previous subscription''s grid';
+SELECT billing._update_ddl('billing.subscriptions', ARRAY[
+    $ddl$ALTER TABLE billing.subscriptions ADD COLUMN period_anchor timestamptz NULL$ddl$,
+    $ddl$ALTER TABLE billing.subscriptions ADD CONSTRAINT subscriptions_period_anchor_check
+        CHECK (pg_catalog.isfinite(period_anchor) AND period_anchor <= starts_at)$ddl$,
+    $ddl$COMMENT ON COLUMN billing.subscriptions.period_anchor IS
+        'Where the grid of billing periods starts (NULL: starts_at); change_plan keeps the previous subscription''s grid'$ddl$
+]);
 
 -- provenance of the new line kinds ---------------------------------------------------------
 
-ALTER TABLE billing.invoice_lines DROP CONSTRAINT invoice_lines_kind_check;
-ALTER TABLE billing.invoice_lines ADD CONSTRAINT invoice_lines_kind_check
-    CHECK (kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit'));
-ALTER TABLE billing.invoice_lines
-    ADD COLUMN segment_start timestamptz,   -- a period with a plan change: the plan's segment
-    ADD COLUMN segment_end timestamptz,
-    ADD COLUMN proration numeric,           -- fixed fee of a segment: its share of the period
-    ADD COLUMN commitment_id bigint,        -- commitment and true_up lines
-    ADD COLUMN grant_id bigint;             -- credit lines: the grant drawn
-ALTER TABLE billing.adjustments ADD COLUMN segment_start timestamptz;
-COMMENT ON COLUMN billing.adjustments.segment_start IS
-    'The plan segment of the corrected line (a period with a plan change); NULL: the period''s start';
+SELECT billing._update_ddl('billing.invoice_lines', ARRAY[
+    $ddl$ALTER TABLE billing.invoice_lines DROP CONSTRAINT invoice_lines_kind_check$ddl$,
+    $ddl$ALTER TABLE billing.invoice_lines ADD CONSTRAINT invoice_lines_kind_check
+        CHECK (kind IN ('usage', 'fixed', 'cap', 'true_up', 'commitment', 'adjustment', 'credit'))$ddl$,
+    $ddl$ALTER TABLE billing.invoice_lines
+        ADD COLUMN segment_start timestamptz,   -- a period with a plan change: the plan's segment
+        ADD COLUMN segment_end timestamptz,
+        ADD COLUMN proration numeric,           -- fixed fee of a segment: its share of the period
+        ADD COLUMN commitment_id bigint,        -- commitment and true_up lines
+        ADD COLUMN grant_id bigint              -- credit lines: the grant drawn
+    $ddl$
+]);
+SELECT billing._update_ddl('billing.adjustments', ARRAY[
+    $ddl$ALTER TABLE billing.adjustments ADD COLUMN segment_start timestamptz$ddl$,
+    $ddl$COMMENT ON COLUMN billing.adjustments.segment_start IS
+        'The plan segment of the corrected line (a period with a plan change); NULL: the period''s start'$ddl$
+]);
 
 -- tables -----------------------------------------------------------------------------------
 
@@ -4182,16 +4251,22 @@ GRANT EXECUTE ON FUNCTION
 -- Functions whose arguments or result columns change are dropped and
 -- created again (on a Citus coordinator, run billing.distribute() after
 -- the update: it registers invoice_preview and remaining again).
-ALTER TABLE billing.charges ADD COLUMN dimension text COLLATE "C" NULL;
-ALTER TABLE billing.charges ADD CONSTRAINT charges_dimension_check
-    CHECK (dimension IS NULL OR (meter IS NOT NULL AND pg_catalog.octet_length(dimension) <= 256));
-DROP INDEX billing.charges_usage_version;
-CREATE UNIQUE INDEX charges_usage_version ON billing.charges (plan, meter, dimension, valid_from)
-    NULLS NOT DISTINCT WHERE meter IS NOT NULL;
-COMMENT ON TABLE billing.charges IS
-    'Charges of a plan, versioned by valid_from per (plan, meter, dimension): the version in force at a period''s start rates the whole period; a NULL meter is a fixed fee per period (rated with quantity 0); a dimension rates only that dimension''s usage of the meter, NULL the dimensions no other charge names';
-ALTER TABLE billing.invoice_lines ADD COLUMN dimension text COLLATE "C";
-ALTER TABLE billing.adjustments ADD COLUMN dimension text COLLATE "C";
+SELECT billing._update_ddl('billing.charges', ARRAY[
+    $ddl$ALTER TABLE billing.charges ADD COLUMN dimension text COLLATE "C" NULL$ddl$,
+    $ddl$ALTER TABLE billing.charges ADD CONSTRAINT charges_dimension_check
+        CHECK (dimension IS NULL OR (meter IS NOT NULL AND pg_catalog.octet_length(dimension) <= 256))$ddl$,
+    $ddl$DROP INDEX billing.charges_usage_version$ddl$,
+    $ddl$CREATE UNIQUE INDEX charges_usage_version ON billing.charges (plan, meter, dimension, valid_from)
+        NULLS NOT DISTINCT WHERE meter IS NOT NULL$ddl$,
+    $ddl$COMMENT ON TABLE billing.charges IS
+        'Charges of a plan, versioned by valid_from per (plan, meter, dimension): the version in force at a period''s start rates the whole period; a NULL meter is a fixed fee per period (rated with quantity 0); a dimension rates only that dimension''s usage of the meter, NULL the dimensions no other charge names'$ddl$
+]);
+SELECT billing._update_ddl('billing.invoice_lines', ARRAY[
+    $ddl$ALTER TABLE billing.invoice_lines ADD COLUMN dimension text COLLATE "C"$ddl$
+]);
+SELECT billing._update_ddl('billing.adjustments', ARRAY[
+    $ddl$ALTER TABLE billing.adjustments ADD COLUMN dimension text COLLATE "C"$ddl$
+]);
 ALTER TYPE billing._invoice_line ADD ATTRIBUTE dimension text;
 -- the lines of an invoice being built carry the dimension (55_contracts.sql)
 CREATE OR REPLACE FUNCTION billing._invoice_build(p_accounts bigint[], p_currencies text[], p_caps numeric[],
@@ -5422,9 +5497,11 @@ GRANT EXECUTE ON FUNCTION billing.rerate(timestamptz, timestamptz, bigint, boole
 -- the distinct values per bucket, reconcile() compares a unique meter's
 -- reports as a count meter's, and on Citus the compaction folds unique
 -- cells too.
-ALTER TABLE billing.meters DROP CONSTRAINT meters_aggregation_check;
-ALTER TABLE billing.meters ADD CONSTRAINT meters_aggregation_check
-    CHECK (aggregation IN ('sum', 'count', 'max', 'last', 'unique'));
+SELECT billing._update_ddl('billing.meters', ARRAY[
+    $ddl$ALTER TABLE billing.meters DROP CONSTRAINT meters_aggregation_check$ddl$,
+    $ddl$ALTER TABLE billing.meters ADD CONSTRAINT meters_aggregation_check
+        CHECK (aggregation IN ('sum', 'count', 'max', 'last', 'unique'))$ddl$
+]);
 
 CREATE TABLE billing.unique_periods (
     account_id      bigint NOT NULL,
@@ -6724,65 +6801,46 @@ COMMENT ON FUNCTION billing.distribute() IS
     'On a Citus coordinator: distributes the per-account tables by account_id (co-located), makes the catalog tables reference tables and runs the per-account functions where their account is; idempotent';
 
 -- the triggers, on a single node (1.0's shape) or on a Citus cluster that
--- 1.0's distribute() converted (there the DDL goes from the coordinator to
--- the shards; workers that run this script after it find the new shape)
-DO $$
-DECLARE
-    tbl text;
-    act text;
-    kind text;
-    keycol text;
-BEGIN
-    IF billing._citus_table_kind('billing.invoices') IS NOT NULL THEN
-        PERFORM pg_catalog.set_config('citus.enable_unsafe_triggers', 'on', true);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                    WHERE t.tgrelid OPERATOR(pg_catalog.=) 'billing.invoices'::pg_catalog.regclass
-                      AND t.tgname OPERATOR(pg_catalog.=) 'invoices_audit' AND t.tginitdeferred) THEN
-        DROP TRIGGER invoices_audit ON billing.invoices;
-        CREATE CONSTRAINT TRIGGER invoices_audit AFTER INSERT ON billing.invoices
-            DEFERRABLE INITIALLY DEFERRED
-            FOR EACH ROW EXECUTE FUNCTION billing._audit_invoice();
-    END IF;
-    FOR tbl, act, kind, keycol IN
-        VALUES ('adjustments', 'adjust', 'adjustment', 'adjustment_id'),
-               ('usage_corrections', 'correct', 'usage_correction', 'correction_id')
-    LOOP
-        IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                    WHERE t.tgrelid OPERATOR(pg_catalog.=) pg_catalog.format('billing.%I', tbl)::pg_catalog.regclass
-                      AND t.tgname OPERATOR(pg_catalog.=) (tbl OPERATOR(pg_catalog.||) '_audit')
-                      AND t.tgnewtable IS NULL) THEN
-            EXECUTE pg_catalog.format('DROP TRIGGER %I ON billing.%I', tbl || '_audit', tbl);
-            EXECUTE pg_catalog.format('CREATE TRIGGER %I AFTER INSERT ON billing.%I '
-                                      'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT '
-                                      'EXECUTE FUNCTION billing._audit_insert_rows(%L, %L, %L)',
-                                      tbl || '_audit', tbl, act, kind, keycol);
-        END IF;
-    END LOOP;
-END
-$$;
+-- 1.0's distribute() converted (each node changes its copy of the tables
+-- and its shards, whose triggers 1.0's distribute() had changed while the
+-- workers' copies kept one node's)
+SELECT billing._update_ddl('billing.invoices', ARRAY[
+    $ddl$DROP TRIGGER invoices_audit ON billing.invoices$ddl$,
+    $ddl$CREATE CONSTRAINT TRIGGER invoices_audit AFTER INSERT ON billing.invoices
+        DEFERRABLE INITIALLY DEFERRED
+        FOR EACH ROW EXECUTE FUNCTION billing._audit_invoice()$ddl$
+]);
+SELECT billing._update_ddl('billing.adjustments', ARRAY[
+    $ddl$DROP TRIGGER adjustments_audit ON billing.adjustments$ddl$,
+    $ddl$CREATE TRIGGER adjustments_audit AFTER INSERT ON billing.adjustments
+        REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_insert_rows('adjust', 'adjustment', 'adjustment_id')$ddl$
+]);
+SELECT billing._update_ddl('billing.usage_corrections', ARRAY[
+    $ddl$DROP TRIGGER usage_corrections_audit ON billing.usage_corrections$ddl$,
+    $ddl$CREATE TRIGGER usage_corrections_audit AFTER INSERT ON billing.usage_corrections
+        REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_insert_rows('correct', 'usage_correction', 'correction_id')$ddl$
+]);
 DROP FUNCTION billing._audit_insert();
 
--- one guard for what is set once (in a DO block: on Citus the trigger DDL
--- goes to the shards statement by statement)
-DO $$
-BEGIN
-    IF billing._citus_table_kind('billing.adjustments') IS NOT NULL THEN
-        PERFORM pg_catalog.set_config('citus.enable_unsafe_triggers', 'on', true);
-    END IF;
-    DROP TRIGGER adjustments_guard ON billing.adjustments;
-    CREATE TRIGGER adjustments_guard BEFORE UPDATE OR DELETE ON billing.adjustments
+-- one guard for what is set once
+SELECT billing._update_ddl('billing.adjustments', ARRAY[
+    $ddl$DROP TRIGGER adjustments_guard ON billing.adjustments$ddl$,
+    $ddl$CREATE TRIGGER adjustments_guard BEFORE UPDATE OR DELETE ON billing.adjustments
         FOR EACH ROW EXECUTE FUNCTION billing._refuse_change(
             'An adjustment never changes, except to record once the invoice that carried it.',
             'Correct an adjustment with a later rerate, which writes a new one.',
-            'billed_invoice_id');
-    DROP TRIGGER credit_grants_guard ON billing.credit_grants;
-    CREATE TRIGGER credit_grants_guard BEFORE UPDATE OR DELETE ON billing.credit_grants
-        FOR EACH ROW EXECUTE FUNCTION billing._refuse_change(
-            'A credit grant never changes, except to record once that it was voided.',
-            'Void it with void_credit, or grant another credit.',
-            'voided_at', 'void_reason');
-END
-$$;
+            'billed_invoice_id')$ddl$
+]);
+DROP TRIGGER credit_grants_guard ON billing.credit_grants;
+CREATE TRIGGER credit_grants_guard BEFORE UPDATE OR DELETE ON billing.credit_grants
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change(
+        'A credit grant never changes, except to record once that it was voided.',
+        'Void it with void_credit, or grant another credit.',
+        'voided_at', 'void_reason');
 DROP FUNCTION billing._adjustments_guard();
 DROP FUNCTION billing._credit_grants_guard();
+
+-- the DDL helper of this update (at its top) goes
+DROP FUNCTION billing._update_ddl(regclass, text[]);
