@@ -14,9 +14,11 @@
 # cluster itself (also: the table the scenario audits with
 # billing.audit_table is audited on the node of each account's chain).
 # Then the contracts scenario (test/citus/contracts.sql: credits,
-# commitments, plan changes) the same way.  And the one trigger shape
-# (issue 15): distribute() changes no trigger, the shards carry their
-# tables' triggers.
+# commitments, plan changes) the same way.  Then the update of a 1.0
+# database that 1.0's distribute() spread over the cluster
+# (test/citus/update_*.sql, issue 15).  And the one trigger shape (issue
+# 15): distribute() changes no trigger, the shards carry their tables'
+# triggers.
 #
 # Seeds: BILLING_CITUS_SEEDS (default: the fixed list below); each seed is
 # printed, and a failure is replayed with BILLING_CITUS_SEEDS=N bash
@@ -89,6 +91,26 @@ else
     exit 1
 fi
 cq() { citus_psql "$CITUS_COORD_PORT" -qAt -d "$DB" -c "$1" 2>&1; }
+# the triggers of billing's tables but TRUNCATE ones (Citus fires those on
+# the coordinator), one line per table; of the shards, with the shard
+# numbers taken out (pg_trigger, not pg_class: Citus hides shards from
+# queries of pg_class)
+trig_sql="SELECT string_agg(r || ': ' || d, E'\n' ORDER BY r || ': ' || d)
+            FROM (SELECT t.tgrelid::regclass::text AS r,
+                         string_agg(pg_get_triggerdef(t.oid), '; ' ORDER BY t.tgname) AS d
+                    FROM pg_trigger t
+                   WHERE NOT t.tgisinternal AND t.tgtype & 32 = 0
+                     AND t.tgrelid::regclass::text ~ '^billing[.]' AND t.tgrelid::regclass::text !~ '_[0-9]{6,}\$'
+                   GROUP BY 1) x"
+shard_trig_sql="SELECT string_agg(l, E'\n' ORDER BY l)
+      FROM (SELECT DISTINCT regexp_replace(r, '_[0-9]{6,}\$', '') || ': '
+                            || regexp_replace(d, '_[0-9]{6,}', '', 'g') AS l
+              FROM (SELECT t.tgrelid::regclass::text AS r,
+                           string_agg(pg_get_triggerdef(t.oid), '; ' ORDER BY t.tgname) AS d
+                      FROM pg_trigger t
+                     WHERE NOT t.tgisinternal AND t.tgtype & 32 = 0
+                       AND t.tgrelid::regclass::text ~ '^billing[.].*_[0-9]{6,}\$'
+                     GROUP BY 1) x) y"
 
 # split FILE: the tables of compare.sql's output, one file per table (FILE.NAME)
 split_tables() {
@@ -194,6 +216,82 @@ else
     not_ok "contracts: invoices, credit lines, ledger, grants and audit rows identical"
 fi
 echo "# contracts took $(( $(date +%s) - t ))s"
+
+# 3c. the update of a 1.0 database that 1.0's distribute() spread over the
+# cluster (issue 15): 1.0 with a little history (test/citus/update_10.sql)
+# on one node and on the cluster, ALTER EXTENSION billing UPDATE, the reads
+# 1.0 gave (test/citus/update_reads.sql) unchanged, the history going on
+# with 1.1 after distribute() again (test/citus/update_after.sql), the
+# same on both, verified; every node's tables and shards with the triggers
+# of one node
+t=$(date +%s)
+U=upd10
+psql -qX -d postgres -c "DROP DATABASE IF EXISTS $U" -c "CREATE DATABASE $U" >/dev/null 2>&1
+upd_run() {   # upd_run SIDE PSQL...: the update scenario on one side
+    local side=$1; shift
+    "$@" -X -d $U -v citus=$([ $side = citus ] && echo true || echo false) \
+        -f test/citus/update_10.sql >"$WORK/upd_${side}_10.out" 2>&1 || return 1
+    "$@" -X -d $U -f test/citus/update_reads.sql >"$WORK/upd_${side}_before.out" 2>&1
+    "$@" -X -v ON_ERROR_STOP=1 -d $U -c "ALTER EXTENSION billing UPDATE" >"$WORK/upd_${side}_update.out" 2>&1 || return 2
+    "$@" -X -d $U -f test/citus/update_reads.sql >"$WORK/upd_${side}_after.out" 2>&1
+    "$@" -X -d $U -v citus=$([ $side = citus ] && echo true || echo false) \
+        -f test/citus/update_after.sql >"$WORK/upd_${side}_more.out" 2>&1 || return 3
+}
+upd_run single psql; r1=$?
+r2=9
+if citus_db $U >"$WORK/citus_db_$U.log" 2>&1; then
+    upd_run citus citus_psql "$CITUS_COORD_PORT"; r2=$?
+else
+    cat "$WORK/citus_db_$U.log"
+fi
+for side in single citus; do
+    for f in 10 update more; do
+        [ -f "$WORK/upd_${side}_$f.out" ] && grep -B2 -A6 'ERROR' "$WORK/upd_${side}_$f.out" | head -20 | sed "s/^/# $side $f: /"
+    done
+done
+check "update of 1.0: the 1.0 history on one node and, distributed by 1.0's distribute(), on the cluster" \
+    [ $r1 -ne 1 -a $r2 -ne 1 -a $r2 -ne 9 ]
+check "update of 1.0: ALTER EXTENSION billing UPDATE on one node and on the cluster's coordinator" \
+    [ $r1 -ne 2 -a $r2 -ne 2 -a $r1 -ne 1 -a $r2 -ne 1 ]
+for side in single citus; do
+    if [ -s "$WORK/upd_${side}_before.out" ] && diff -u "$WORK/upd_${side}_before.out" "$WORK/upd_${side}_after.out" >"$WORK/diff" 2>&1; then
+        ok "update of 1.0 ($side): every read 1.0 gave is the same after the update ($(wc -l <"$WORK/upd_${side}_after.out") lines)"
+    else
+        sed 's/^/# /' "$WORK/diff" | cut -c1-240 | head -20
+        not_ok "update of 1.0 ($side): every read 1.0 gave is the same after the update"
+    fi
+done
+check "update of 1.0: the reads of one node and of the cluster are the same" \
+    diff -q "$WORK/upd_single_after.out" "$WORK/upd_citus_after.out"
+check "update of 1.0: the history goes on with 1.1 on one node and on the cluster" [ $r1 = 0 -a $r2 = 0 ]
+if [ $r1 = 0 -a $r2 = 0 ] && diff -u "$WORK/upd_single_more.out" "$WORK/upd_citus_more.out" >"$WORK/diff" 2>&1; then
+    ok "update of 1.0: invoices, rerate and audit rows after it the same on one node and on the cluster ($(wc -l <"$WORK/upd_citus_more.out") lines)"
+else
+    sed 's/^/# /' "$WORK/diff" | cut -c1-240 | head -30
+    not_ok "update of 1.0: invoices, rerate and audit rows after it the same on one node and on the cluster"
+fi
+r=$(grep -A2 -E '^ (audit|invoice)_problems' "$WORK/upd_citus_more.out" | grep -E '^ +[0-9]+$' | tr -d ' ' | tr '\n' ' ')
+check "update of 1.0: the audit log and the invoices verify on the cluster, after the update and after more history (problems: $r)" \
+    [ "$r" = "0 0 0 0 " ]
+# the triggers: the coordinator's those of the updated node, and on each
+# worker its copies of the tables and its shards the same
+a=$(psql -qAtX -d $U -c "$trig_sql")
+b=$(citus_psql "$CITUS_COORD_PORT" -qAt -d $U -c "$trig_sql")
+check "update of 1.0: the cluster's coordinator has the triggers of the updated node ($(echo "$b" | wc -l) tables)" \
+    [ -n "$a" -a "$a" = "$b" ]
+[ "$a" = "$b" ] || diff <(echo "$a") <(echo "$b") | sed 's/^/# /' | cut -c1-240
+bs=$(echo "$b" | grep -v '^billing.metered_tables: ')
+for wp in "${CITUS_WORKER_PORTS[@]}"; do
+    w=$(citus_psql "$wp" -qAt -d $U -c "$shard_trig_sql")
+    c=$(citus_psql "$wp" -qAt -d $U -c "$trig_sql")
+    check "update of 1.0: worker $wp: its shards and its copies of the tables carry the triggers of one node" \
+        [ -n "$w" -a "$w" = "$bs" -a "$c" = "$b" ]
+    [ "$w" = "$bs" ] || diff <(echo "$bs") <(echo "$w") | sed 's/^/# /' | cut -c1-240
+done
+for p in "$CITUS_COORD_PORT" "${CITUS_WORKER_PORTS[@]}"; do
+    citus_psql "$p" -qc "DROP DATABASE $U WITH (FORCE)" >/dev/null 2>&1
+done
+echo "# the update of 1.0 took $(( $(date +%s) - t ))s"
 
 # 4. the guards on the cluster (issue 13, defect 3): a billing_admin claiming
 # to be a Citus task (application_name, and the nested execution Citus then
@@ -351,31 +449,13 @@ check "record() pushed down to the worker of account $acct counts" [ "$r" = t ]
 
 # one trigger shape (issue 15): distribute() rewrote no trigger (the
 # coordinator has those of the single node, which never ran it), and each
-# shard carries its table's triggers but TRUNCATE ones (Citus fires those
-# on the coordinator); pg_trigger, not pg_class: Citus hides shards from
-# queries of pg_class
-trig_sql="SELECT string_agg(r || ': ' || d, E'\n' ORDER BY r || ': ' || d)
-            FROM (SELECT t.tgrelid::regclass::text AS r,
-                         string_agg(pg_get_triggerdef(t.oid), '; ' ORDER BY t.tgname) AS d
-                    FROM pg_trigger t
-                   WHERE NOT t.tgisinternal AND t.tgtype & 32 = 0
-                     AND t.tgrelid::regclass::text ~ '^billing[.]' AND t.tgrelid::regclass::text !~ '_[0-9]{6,}\$'
-                   GROUP BY 1) x"
+# shard carries its table's triggers (trig_sql, shard_trig_sql above)
 a=$(psql -qAtX -d "$DB" -c "$trig_sql")
 b=$(cq "$trig_sql")
 check "distribute() rewrote no trigger: the coordinator's are those of one node ($(echo "$b" | wc -l) tables)" \
     [ -n "$a" -a "$a" = "$b" ]
 [ "$a" = "$b" ] || diff <(echo "$a") <(echo "$b") | sed 's/^/# /' | cut -c1-240
-w=$(citus_psql "${CITUS_WORKER_PORTS[0]}" -qAt -d "$DB" -c "
-    SELECT string_agg(l, E'\n' ORDER BY l)
-      FROM (SELECT DISTINCT regexp_replace(r, '_[0-9]{6,}\$', '') || ': '
-                            || regexp_replace(d, '_[0-9]{6,}', '', 'g') AS l
-              FROM (SELECT t.tgrelid::regclass::text AS r,
-                           string_agg(pg_get_triggerdef(t.oid), '; ' ORDER BY t.tgname) AS d
-                      FROM pg_trigger t
-                     WHERE NOT t.tgisinternal AND t.tgtype & 32 = 0
-                       AND t.tgrelid::regclass::text ~ '^billing[.].*_[0-9]{6,}\$'
-                     GROUP BY 1) x) y")
+w=$(citus_psql "${CITUS_WORKER_PORTS[0]}" -qAt -d "$DB" -c "$shard_trig_sql")
 bs=$(echo "$b" | grep -v '^billing.metered_tables: ')
 check "the shards on a worker carry the triggers of their tables" [ -n "$w" -a "$w" = "$bs" ]
 [ "$w" = "$bs" ] || diff <(echo "$bs") <(echo "$w") | sed 's/^/# /' | cut -c1-240
