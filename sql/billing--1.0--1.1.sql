@@ -6272,6 +6272,7 @@ CREATE OR REPLACE FUNCTION billing._refuse_change() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 DECLARE
     once text[];
+    tbl text := regexp_replace(TG_TABLE_NAME, '_[0-9]+$', '');
 BEGIN
     IF TG_OP = 'UPDATE' AND TG_NARGS > 2 THEN
         once := TG_ARGV[2:TG_NARGS - 1];
@@ -6281,10 +6282,10 @@ BEGIN
         END IF;
     END IF;
     IF TG_NARGS > 1 THEN
-        RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
+        RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), tbl
             USING ERRCODE = '55000', DETAIL = TG_ARGV[0], HINT = TG_ARGV[1];
     END IF;
-    RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
+    RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), tbl
         USING ERRCODE = '55000', DETAIL = TG_ARGV[0];
 END
 $$;

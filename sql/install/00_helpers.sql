@@ -128,12 +128,15 @@ COMMENT ON FUNCTION billing._citus_chain_is_local(bigint) IS
  * UPDATE that sets the first of them from NULL to a value and changes
  * nothing but those columns passes.  Serves every table that is immutable
  * or append-only, and those that record one thing once (adjustments: the
- * invoice that carried them; credit grants: their void).
+ * invoice that carried them; credit grants: their void).  On Citus it
+ * fires on a shard, named after its table with the shard's number: the
+ * error names the table.
  */
 CREATE FUNCTION billing._refuse_change() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 DECLARE
     once text[];
+    tbl text := regexp_replace(TG_TABLE_NAME, '_[0-9]+$', '');
 BEGIN
     IF TG_OP = 'UPDATE' AND TG_NARGS > 2 THEN
         once := TG_ARGV[2:TG_NARGS - 1];
@@ -143,10 +146,10 @@ BEGIN
         END IF;
     END IF;
     IF TG_NARGS > 1 THEN
-        RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
+        RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), tbl
             USING ERRCODE = '55000', DETAIL = TG_ARGV[0], HINT = TG_ARGV[1];
     END IF;
-    RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), TG_TABLE_NAME
+    RAISE EXCEPTION '% of % is not allowed', lower(TG_OP), tbl
         USING ERRCODE = '55000', DETAIL = TG_ARGV[0];
 END
 $$;

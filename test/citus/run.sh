@@ -460,6 +460,15 @@ bs=$(echo "$b" | grep -v '^billing.metered_tables: ')
 check "the shards on a worker carry the triggers of their tables" [ -n "$w" -a "$w" = "$bs" ]
 [ "$w" = "$bs" ] || diff <(echo "$bs") <(echo "$w") | sed 's/^/# /' | cut -c1-240
 
+# the trigger of immutable tables fires on their shards; its error names
+# the table, as on one node (and a billed adjustment stays as it is)
+r=$(for q in "UPDATE billing.invoices SET total = total" "DELETE FROM billing.invoice_lines" \
+             "UPDATE billing.adjustments SET reason = 'x'" "DELETE FROM billing.audit_log"; do
+        cq "$q" | sed -n 's/^ERROR: *//p'
+    done | tr '\n' ';')
+check "the errors of immutable tables name the table on the cluster ($r)" \
+    [ "$r" = "update of invoices is not allowed;delete of invoice_lines is not allowed;update of adjustments is not allowed;delete of audit_log is not allowed;" ]
+
 echo "# the checks of the cluster took $(( $(date +%s) - t ))s"
 echo "# citus section took $(( $(date +%s) - start ))s after the build (seeds: $SEEDS)"
 exit $(( failed > 0 ))
