@@ -5,7 +5,7 @@
 -- run: on one node they behave as before, and on a table named like a
 -- shard as they must on Citus.
 BEGIN;
-SELECT plan(19);
+SELECT plan(20);
 
 -- the shape ---------------------------------------------------------------------------
 SELECT is((SELECT ARRAY[t.tgconstraint <> 0, t.tgdeferrable, t.tginitdeferred]
@@ -108,6 +108,16 @@ SELECT is((SELECT ARRAY[tgfoid::regproc::text, pg_catalog.encode(tgargs, 'escape
                 E'An adjustment never changes, except to record once the invoice that carried it.\\000'
                 'Correct an adjustment with a later rerate, which writes a new one.\\000billed_invoice_id\\000'],
           'the guard is the one trigger function of immutable tables, with the column set once');
+
+-- where Citus runs it, on a shard named after its table with the shard's
+-- number, the error names the table, as on one node
+CREATE TABLE pg_temp.invoices_102008 (LIKE billing.invoices INCLUDING DEFAULTS);
+INSERT INTO pg_temp.invoices_102008 (account_id, invoice_id, plan, period_start, period_end, currency, total)
+VALUES (7301, 1, 'sh_daily', '2024-01-01 00:00+00', '2024-01-02 00:00+00', 'USD', 0);
+CREATE TRIGGER invoices_immutable_102008 BEFORE UPDATE OR DELETE ON pg_temp.invoices_102008
+    FOR EACH ROW EXECUTE FUNCTION billing._refuse_change('Finalized invoices and their lines never change.');
+SELECT throws_ok($$DELETE FROM pg_temp.invoices_102008$$, '55000', 'delete of invoices is not allowed',
+                 'on a shard the error of an immutable table names the table');
 
 SELECT * FROM finish();
 ROLLBACK;
