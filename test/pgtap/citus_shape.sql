@@ -3,7 +3,9 @@
 -- billing.distribute() changes none of them and an upgrade has one shape
 -- to handle.  Their functions tell a shard from a plain table when they
 -- run: on one node they behave as before, and on a table named like a
--- shard as they must on Citus.
+-- shard as they must on Citus.  And the pieces the Citus twins share with
+-- their single-node bodies: the co-location check, the one trigger
+-- function of immutable tables (also for what is set once).
 BEGIN;
 SELECT plan(20);
 
