@@ -18,22 +18,23 @@
 --   - a new table or sequence needs its pg_extension_config_dump, its
 --     grants and its COMMENT here as in the fresh install.
 -- DDL on a table 1.0 created (ALTER TABLE, CREATE/DROP TRIGGER or INDEX,
--- COMMENT) goes through billing._update_ddl (defined below, dropped at the
--- end), so that the update also runs on a database 1.0's distribute()
--- spread over Citus (test/citus/run.sh updates one); a query of the
--- billing tables outside a function body runs on the coordinator only
--- (see the period-width WARNING of issue 13, defect 8).
+-- COMMENT) goes through billing._update_ddl (created below), so that the
+-- update also runs on a database 1.0's distribute() spread over Citus
+-- (test/citus/run.sh updates one); a query of the billing tables outside a
+-- function body runs on the coordinator only (see the period-width WARNING
+-- of issue 13, defect 8).
 \echo Use "ALTER EXTENSION billing UPDATE TO '1.1'" to load this file. \quit
 
 -- ---- DDL on the tables 1.0 created (issue 15: the update of a database on Citus) ---------
--- billing._update_ddl runs DDL on a table 1.0 created and, when Citus holds
--- the table (1.0's distribute() ran), on the shard placements this node
--- holds, with Citus's propagation off: Citus would pass the statement on
--- with this whole script as its text, and the workers' copies would name
--- functions the workers do not have yet.  Citus runs the update on the
--- coordinator and then on each worker (ALTER EXTENSION is passed on), so
--- each node changes its own copy of every Citus table and its own shards.
--- Used for every such statement below; dropped at the end of the script.
+-- billing._update_ddl (sql/install/00_helpers.sql) runs DDL on a table
+-- 1.0 created and, when Citus holds the table (1.0's distribute() ran), on
+-- the shard placements this node holds, with Citus's propagation off:
+-- Citus would pass the statement on with this whole script as its text,
+-- and the workers' copies would name functions the workers do not have
+-- yet.  Citus runs the update on the coordinator and then on each worker
+-- (ALTER EXTENSION is passed on), so each node changes its own copy of
+-- every Citus table and its own shards.  Used for every such statement
+-- below.
 CREATE FUNCTION billing._update_ddl(tbl regclass, cmds text[]) RETURNS void
     LANGUAGE plpgsql
     SET search_path = pg_catalog, billing, pg_temp AS $$
@@ -63,6 +64,10 @@ BEGIN
     END IF;
 END
 $$;
+COMMENT ON FUNCTION billing._update_ddl(regclass, text[]) IS
+    'Internal, for upgrade scripts: DDL on a table and, on Citus, on the shard placements this node holds';
+REVOKE ALL ON FUNCTION billing._update_ddl(regclass, text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._update_ddl(regclass, text[]) TO billing_reader;
 
 -- ---- issue 13, defect 1: verify_invoices rates lines on its own -------------------------
 -- billing._rate_check: rate() without a cache and without the fast path,
@@ -6842,6 +6847,3 @@ CREATE TRIGGER credit_grants_guard BEFORE UPDATE OR DELETE ON billing.credit_gra
         'voided_at', 'void_reason');
 DROP FUNCTION billing._adjustments_guard();
 DROP FUNCTION billing._credit_grants_guard();
-
--- the DDL helper of this update (at its top) goes
-DROP FUNCTION billing._update_ddl(regclass, text[]);

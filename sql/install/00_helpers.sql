@@ -2,8 +2,9 @@
  * Helpers the later parts call: how Citus holds a table, whether a table is
  * co-located with the accounts, whether a row this node holds satisfies a
  * guard's condition, whether this node holds an audit chain (each answers
- * for one node when Citus is absent), and the one trigger function that
- * refuses changes to immutable and append-only tables.
+ * for one node when Citus is absent), the one trigger function that
+ * refuses changes to immutable and append-only tables, and the one way
+ * upgrade scripts change a table an earlier version created (on Citus too).
  */
 
 /*
@@ -53,6 +54,49 @@ END
 $$;
 COMMENT ON FUNCTION billing._citus_colocated(regclass, name) IS
     'Internal: whether tbl is distributed by account_column, co-located with billing.accounts (false without Citus)';
+
+/*
+ * _update_ddl: for the upgrade scripts (sql/billing--1.0--1.1.sql and
+ * later ones), DDL on a table an earlier version created: runs each of
+ * cmds on the table and, when Citus holds the table, on the shard
+ * placements this node holds, with Citus's propagation off.  Citus would
+ * pass such a statement on with the whole upgrade script as its text, and
+ * the workers' copies would name functions the workers do not have yet;
+ * Citus runs ALTER EXTENSION ... UPDATE on the coordinator and then on
+ * each worker, so each node changes its own copy of the table and its own
+ * shards.  A COMMENT stays on the table.
+ */
+CREATE FUNCTION billing._update_ddl(tbl regclass, cmds text[]) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    c text;
+    shard bigint;
+    shards bigint[] := '{}';
+    propagation text := current_setting('citus.enable_ddl_propagation', true);
+BEGIN
+    IF billing._citus_table_kind(tbl) IS NOT NULL THEN
+        EXECUTE 'SELECT coalesce(array_agg(s.shardid ORDER BY s.shardid), ''{}'')
+                   FROM pg_dist_shard s JOIN pg_dist_placement p ON p.shardid = s.shardid
+                  WHERE s.logicalrelid = $1
+                    AND p.groupid = (SELECT l.groupid FROM pg_dist_local_group l)'
+           INTO shards USING tbl;
+        PERFORM set_config('citus.enable_ddl_propagation', 'off', true);
+    END IF;
+    FOREACH c IN ARRAY cmds LOOP
+        EXECUTE c;
+        FOREACH shard IN ARRAY shards LOOP
+            CONTINUE WHEN c ~* '^\s*COMMENT';     -- comments stay on the table
+            PERFORM worker_apply_shard_ddl_command(shard, 'billing', c);
+        END LOOP;
+    END LOOP;
+    IF billing._citus_table_kind(tbl) IS NOT NULL THEN
+        PERFORM set_config('citus.enable_ddl_propagation', propagation, true);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION billing._update_ddl(regclass, text[]) IS
+    'Internal, for upgrade scripts: DDL on a table and, on Citus, on the shard placements this node holds';
 
 /*
  * _exists_here: does a row of tbl that this node holds satisfy cond?  cond
