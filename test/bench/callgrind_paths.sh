@@ -14,7 +14,8 @@
 # single-user backend under valgrind --tool=callgrind, on a copy of the same
 # data directory: metered COPY (keep_rows false), COPY with event-id dedupe,
 # 40 invoice previews, 2,000 record() calls, rate() over 200k quantities, an
-# ingest() batch of 20k events, rerate of a month, and a second COPY with
+# ingest() batch of 20k events, finalize_invoices for 2,000 accounts, the
+# same followed by a past price change and rerate, and a second COPY with
 # compact_usage().  It prints one CSV line per path and build: the
 # instructions of the session minus those of a session running SELECT 1.
 # Run as root (the clusters run as postgres).  Not part of make test.
@@ -92,7 +93,8 @@ path preview "SELECT count(*) FROM generate_series(1, 40) i, LATERAL billing.inv
 path record_2000 "DO \$\$ BEGIN FOR i IN 1..2000 LOOP PERFORM billing.record(1 + i % 50, 'error', 1, timestamptz '2025-03-12 09:30 UTC'); END LOOP; END \$\$;"
 path rate_200k "SELECT sum(billing.rate('graduated 5000 @ 0 | 100000 @ 0.00029 | 1000000 @ 0.0002 | inf @ 0.0001 + 10', (g % 2000000)::numeric)) FROM generate_series(1, 200000) g;"
 path ingest_20k "SELECT * FROM billing.ingest('src', 0, 1, (SELECT array_agg(account_id) FROM r), (SELECT array_agg(meter) FROM r), (SELECT array_agg(quantity) FROM r), (SELECT array_agg(ts) FROM r), (SELECT array_agg(event_id) FROM r));"
-path rerate "SELECT count(*) FROM billing.rerate('2025-03-01', '2025-04-01');"
+path finalize "SELECT billing.finalize_invoices('2025-04-02');"
+path finalize_rerate "SELECT billing.finalize_invoices('2025-04-02'); INSERT INTO billing.charges (plan, meter, price, valid_from, description) VALUES ('team', 'error', 'unit 0.001', '2025-03-01', 'error'); SELECT count(*) FROM billing.rerate('2025-03-01', '2025-04-01');"
 path compact "COPY t FROM '$W/raw4.tsv'; SELECT billing.compact_usage();"
 rm -rf "$W"
 }
