@@ -12,8 +12,8 @@
  * own audit triggers and billing.verify_audit_log are SQL, in
  * sql/install/70_audit.sql.
  *
- * This file holds the SQL entry points of appending, the acting role, the
- * test for a dump restore and the settings row images are rendered with;
+ * This file holds the SQL entry points of appending, the acting role and
+ * the test for a dump restore;
  * the encoding is in src/audit_encode.c, appending in src/audit_chain.c,
  * the writes in src/audit_write.c (audit_int.h lists them).
  */
@@ -104,48 +104,6 @@ Datum
 billing_audit_suspended(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_BOOL(billing_audit_is_suspended());
-}
-
-/* ---------------------------------------------------------------------
- * Rendering row images
- * ---------------------------------------------------------------------
- */
-
-/*
- * billing_rendering_pin
- *		Row images are rendered as with TimeZone UTC, DateStyle ISO and
- *		IntervalStyle postgres (as the SQL audit triggers' SET clauses do).
- *		When the session's settings render the same already (a zone of
- *		offset 0, ISO dates, postgres intervals: the defaults of a server in
- *		UTC), nothing is changed; else the three are set in a new GUC nest
- *		level, whose number is returned for billing_rendering_unpin.
- */
-int
-billing_rendering_pin(void)
-{
-	long		gmtoff;
-	int			level;
-
-	if (session_timezone != NULL &&
-		pg_get_timezone_offset(session_timezone, &gmtoff) && gmtoff == 0 &&
-		DateStyle == USE_ISO_DATES && IntervalStyle == INTSTYLE_POSTGRES)
-		return -1;
-	level = NewGUCNestLevel();
-	(void) set_config_option("TimeZone", "UTC", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
-	(void) set_config_option("DateStyle", "ISO, YMD", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
-	(void) set_config_option("IntervalStyle", "postgres", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
-	return level;
-}
-
-/* give back the settings billing_rendering_pin changed */
-void
-billing_rendering_unpin(int level)
-{
-	if (level >= 0)
-		AtEOXact_GUC(true, level);
 }
 
 /*

@@ -1,7 +1,7 @@
 /*
  * audit.h
- *		The audit chain's C interface (src/audit.c), shared by the triggers
- *		that audit users' tables (src/audit_table.c).
+ *		The audit chain's C interface (src/audit*.c, see audit_int.h), shared by
+ *		the triggers that audit users' tables (src/audit_table.c).
  */
 #ifndef BILLING_AUDIT_H
 #define BILLING_AUDIT_H

@@ -8,7 +8,7 @@
  * One job per file (the how and why of each in its header):
  *
  *		audit.c			the SQL entry points: _audit_append, _audit_append_many,
- *						_audit_actor, _audit_suspended; rendering settings
+ *						_audit_actor, _audit_suspended
  *		audit_encode.c	the canonical encoding of a row and its SHA-256 hash,
  *						_audit_encode, _audit_hash, _audit_chain_step
  *		audit_write.c	the audit relations and how appends write them:
@@ -17,6 +17,8 @@
  *		audit_chain.c	the chain heads a transaction holds, the buffered
  *						rows, the one append, the flush at statement end,
  *						the transaction callbacks
+ *		audit_table.c	the triggers audit_table puts on users' tables
+ *		audit_render.c	their row images, and the settings of rendering
  */
 #ifndef BILLING_AUDIT_INT_H
 #define BILLING_AUDIT_INT_H
@@ -27,7 +29,9 @@
 #include "executor/spi.h"
 #include "lib/stringinfo.h"
 #include "nodes/execnodes.h"
+#include "fmgr.h"
 #include "utils/jsonb.h"
+#include "utils/rel.h"
 #include "utils/timestamp.h"
 
 #include "audit.h"
@@ -46,7 +50,6 @@ enum
 	LOG_HASH,
 	LOG_NCOLS
 };
-
 
 /*
  * What is known about billing.audit_log and billing.audit_heads in this
@@ -112,7 +115,6 @@ typedef struct Interned
 	text	   *txt;
 } Interned;
 
-
 struct ChainHead;
 
 /* audit_encode.c */
@@ -139,5 +141,49 @@ extern void billing_audit_write_rows(LogRow **sorted, int n);
 extern struct ChainHead *billing_audit_head_get(int64 chain);
 extern int64 billing_audit_append_at(int64 chain, const char *action, const char *object,
 									 Jsonb *details, const char *details_text, TimestampTz at);
+
+/* audited users' tables: audit_table.c, audit_render.c */
+/* how a column's values become jsonb (by the column's base type) */
+typedef enum ColKind
+{
+	COL_INT2,
+	COL_INT4,
+	COL_INT8,
+	COL_NUMERIC,
+	COL_BOOL,
+	COL_TEXT,					/* text, varchar, char(n) */
+	COL_DATETIME,				/* date, timestamp, timestamptz */
+	COL_OTHER					/* to_jsonb of the value */
+} ColKind;
+
+typedef struct ColPlan
+{
+	AttrNumber	attnum;
+	JsonbValue	key;			/* the column's name */
+	ColKind		kind;
+	Oid			basetype;
+	FmgrInfo   *to_jsonb;		/* COL_OTHER: to_jsonb over the column's type */
+} ColPlan;
+
+/*
+ * What the row trigger needs about the relation it fires on, set up on its
+ * first row of a query (kept in fn_extra, which lives as long as the
+ * query).
+ */
+typedef struct TableAudit
+{
+	Oid			relid;			/* the relation the trigger fires on */
+	char	   *object;			/* the audited table's qualified name */
+	AttrNumber	account_att;	/* InvalidAttrNumber: the catalog chain */
+	Oid			account_type;
+	int			ncols;
+	ColPlan    *cols;			/* its columns, in jsonb's order of keys */
+	int			nkeys;			/* primary key columns (0: none) */
+	int		   *key_cols;		/* their indexes in cols */
+	bool		has_other;		/* a column goes through to_jsonb */
+} TableAudit;
+
+extern Jsonb *billing_audit_row_details(TableAudit *ta, Relation rel, HeapTuple oldtup,
+										HeapTuple newtup, char **text);
 
 #endif							/* BILLING_AUDIT_INT_H */

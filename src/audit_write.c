@@ -74,7 +74,6 @@ static const char *const log_columns[LOG_NCOLS] = {
 
 AuditRels	billing_audit_rels;
 
-
 /* the statements of the SQL paths, prepared once per backend */
 static SPIPlanPtr lock_plan = NULL;
 static SPIPlanPtr create_plan = NULL;

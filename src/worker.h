@@ -83,7 +83,6 @@ typedef struct MaintShared
 	MaintSlot	slots[FLEXIBLE_ARRAY_MEMBER];
 } MaintShared;
 
-
 /* the names of the jobs, as billing.maintenance_status shows them */
 extern const char *const billing_maint_job_names[NUM_JOBS];
 

@@ -56,7 +56,6 @@
  * ---------------------------------------------------------------------
  */
 
-
 /*
  * start_worker
  *		Register a worker for database dbid in slot i.  Returns its handle,
