@@ -278,8 +278,8 @@ billing_audit_append_many(PG_FUNCTION_ARGS)
 	at = GetCurrentTimestamp();
 	for (int i = 0; i < n; i++)
 		(void) billing_audit_append_at(rows[i].chain, action,
-							   TextDatumGetCString(objects[rows[i].i]),
-							   DatumGetJsonbP(details[rows[i].i]), NULL, at);
+									   TextDatumGetCString(objects[rows[i].i]),
+									   DatumGetJsonbP(details[rows[i].i]), NULL, at);
 	billing_audit_chain_flush();
 	PG_RETURN_VOID();
 }

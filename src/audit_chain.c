@@ -544,10 +544,10 @@ billing_audit_chain_flush(void)
 			elog(ERROR, "SPI_connect failed");
 		if (flush_plan == NULL)
 			flush_plan = billing_audit_prepare_kept("UPDATE billing.audit_heads h SET seq = u.seq, hash = u.hash "
-									  "FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
-									  "pg_catalog.unnest($3)) AS u(account_id, seq, hash) "
-									  "WHERE h.account_id OPERATOR(pg_catalog.=) u.account_id",
-									  3, types);
+													"FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
+													"pg_catalog.unnest($3)) AS u(account_id, seq, hash) "
+													"WHERE h.account_id OPERATOR(pg_catalog.=) u.account_id",
+													3, types);
 		values[0] = PointerGetDatum(construct_array(chains, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
 		values[1] = PointerGetDatum(construct_array(seqs, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
 		values[2] = PointerGetDatum(construct_array(hashes, n, BYTEAOID, -1, false, TYPALIGN_INT));
@@ -607,7 +607,7 @@ current_actor(void)
  */
 int64
 billing_audit_append_at(int64 chain, const char *action, const char *object,
-				Jsonb *details, const char *details_text, TimestampTz at)
+						Jsonb *details, const char *details_text, TimestampTz at)
 {
 	const char *actor = current_actor();
 	char	   *json = NULL;
@@ -666,7 +666,7 @@ billing_audit_append_at(int64 chain, const char *action, const char *object,
 	if (e->has_hash)
 		appendBinaryStringInfo(&buf, (const char *) e->hash, sizeof(e->hash));
 	billing_audit_encode_fields(&buf, chain, seq, at, actor, strlen(actor), action, strlen(action),
-				  object, strlen(object), details_text);
+								object, strlen(object), details_text);
 	billing_audit_sha256(buf.data, buf.len, r->hash);
 	pfree(buf.data);
 	if (json)

@@ -129,8 +129,8 @@ put_digits(char *p, int v, int width)
  */
 void
 billing_audit_encode_fields(StringInfo buf, int64 account_id, int64 seq, TimestampTz at,
-			  const char *actor, int actorlen, const char *action, int actionlen,
-			  const char *object, int objectlen, const char *json)
+							const char *actor, int actorlen, const char *action, int actionlen,
+							const char *object, int objectlen, const char *json)
 {
 	struct pg_tm tm;
 	fsec_t		fsec;
@@ -203,10 +203,10 @@ encode_row(FunctionCallInfo fcinfo, int first, StringInfo buf)
 	action = PG_GETARG_TEXT_PP(first + 4);
 	object = PG_GETARG_TEXT_PP(first + 5);
 	billing_audit_encode_fields(buf, PG_GETARG_INT64(first), PG_GETARG_INT64(first + 1),
-				  PG_GETARG_TIMESTAMPTZ(first + 2),
-				  VARDATA_ANY(actor), VARSIZE_ANY_EXHDR(actor),
-				  VARDATA_ANY(action), VARSIZE_ANY_EXHDR(action),
-				  VARDATA_ANY(object), VARSIZE_ANY_EXHDR(object), json);
+								PG_GETARG_TIMESTAMPTZ(first + 2),
+								VARDATA_ANY(actor), VARSIZE_ANY_EXHDR(actor),
+								VARDATA_ANY(action), VARSIZE_ANY_EXHDR(action),
+								VARDATA_ANY(object), VARSIZE_ANY_EXHDR(object), json);
 	pfree(json);
 }
 

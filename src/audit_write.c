@@ -119,7 +119,7 @@ billing_audit_rels_load(void)
 	}
 	if (billing_audit_rels.cxt == NULL)
 		billing_audit_rels.cxt = AllocSetContextCreate(CacheMemoryContext, "billing audit relations",
-										 ALLOCSET_SMALL_SIZES);
+													   ALLOCSET_SMALL_SIZES);
 	MemoryContextReset(billing_audit_rels.cxt);
 	billing_audit_rels.index_info = NULL;
 
@@ -257,8 +257,8 @@ billing_audit_read_head(int64 chain, int64 *seq, bool *has_hash, uint8 *hash)
 		elog(ERROR, "SPI_connect failed");
 	if (lock_plan == NULL)
 		lock_plan = billing_audit_prepare_kept("SELECT h.seq, h.hash FROM billing.audit_heads h "
-								 "WHERE h.account_id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
-								 1, types);
+											   "WHERE h.account_id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+											   1, types);
 	values[0] = Int64GetDatum(chain);
 	ret = SPI_execute_plan(lock_plan, values, NULL, false, 1);
 	if (ret != SPI_OK_SELECT)
@@ -267,8 +267,8 @@ billing_audit_read_head(int64 chain, int64 *seq, bool *has_hash, uint8 *hash)
 	{
 		if (create_plan == NULL)
 			create_plan = billing_audit_prepare_kept("INSERT INTO billing.audit_heads (account_id, seq, hash) "
-									   "VALUES ($1, 0, NULL) ON CONFLICT (account_id) DO NOTHING",
-									   1, types);
+													 "VALUES ($1, 0, NULL) ON CONFLICT (account_id) DO NOTHING",
+													 1, types);
 		ret = SPI_execute_plan(create_plan, values, NULL, false, 0);
 		if (ret != SPI_OK_INSERT)
 			elog(ERROR, "could not create audit chain head: %s", SPI_result_code_string(ret));
@@ -312,7 +312,7 @@ billing_audit_read_head(int64 chain, int64 *seq, bool *has_hash, uint8 *hash)
  */
 int64
 billing_audit_append_sql(int64 chain, TimestampTz at, const char *actor, const char *action,
-		   const char *object, Jsonb *details, const char *json)
+						 const char *object, Jsonb *details, const char *json)
 {
 	int64		seq;
 	bool		has_hash;
@@ -332,7 +332,7 @@ billing_audit_append_sql(int64 chain, TimestampTz at, const char *actor, const c
 	if (has_hash)
 		appendBinaryStringInfo(&buf, (const char *) prev, sizeof(prev));
 	billing_audit_encode_fields(&buf, chain, seq, at, actor, strlen(actor), action, strlen(action),
-				  object, strlen(object), json);
+								object, strlen(object), json);
 	billing_audit_sha256(buf.data, buf.len, hash);
 
 	values[LOG_ACCOUNT_ID] = Int64GetDatum(chain);
@@ -353,9 +353,9 @@ billing_audit_append_sql(int64 chain, TimestampTz at, const char *actor, const c
 		elog(ERROR, "SPI_connect failed");
 	if (insert_plan == NULL)
 		insert_plan = billing_audit_prepare_kept("INSERT INTO billing.audit_log (account_id, seq, at, actor, action, "
-								   "object, details, prev_hash, hash) "
-								   "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-								   LOG_NCOLS, types);
+												 "object, details, prev_hash, hash) "
+												 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+												 LOG_NCOLS, types);
 	ret = SPI_execute_plan(insert_plan, values, nulls, false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not write an audit row: %s", SPI_result_code_string(ret));
@@ -364,8 +364,8 @@ billing_audit_append_sql(int64 chain, TimestampTz at, const char *actor, const c
 		Oid			htypes[3] = {INT8OID, INT8OID, BYTEAOID};
 
 		head_plan = billing_audit_prepare_kept("UPDATE billing.audit_heads SET seq = $2, hash = $3 "
-								 "WHERE account_id OPERATOR(pg_catalog.=) $1",
-								 3, htypes);
+											   "WHERE account_id OPERATOR(pg_catalog.=) $1",
+											   3, htypes);
 	}
 	values[1] = Int64GetDatum(seq);
 	values[2] = values[LOG_HASH];
