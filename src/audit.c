@@ -204,6 +204,7 @@ typedef struct ManyRow
 	int			i;				/* index in the arrays */
 } ManyRow;
 
+/* qsort order of ManyRow: chain, then key, then place in the arrays */
 static int
 many_row_cmp(const void *a, const void *b)
 {

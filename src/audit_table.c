@@ -221,6 +221,7 @@ col_cmp(const void *a, const void *b)
 /* the same order for indexes into TableAudit.cols */
 static ColPlan *sort_cols;
 
+/* qsort order of key columns: that of their ColPlans (col_cmp) */
 static int
 key_col_cmp(const void *a, const void *b)
 {

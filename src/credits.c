@@ -138,12 +138,14 @@ billing_rows_of(ArrayType *arr, TupleDesc *desc, Datum ***values, bool ***nulls)
 	return k;
 }
 
+/* numeric 0 */
 static Numeric
 num_zero(void)
 {
 	return int64_to_numeric(0);
 }
 
+/* numeric_cmp of a and b: below, equal to or above 0 (credits.h) */
 int
 billing_num_cmp(Numeric a, Numeric b)
 {
@@ -151,6 +153,7 @@ billing_num_cmp(Numeric a, Numeric b)
 											 NumericGetDatum(b)));
 }
 
+/* the smaller of a and b */
 static Numeric
 num_min(Numeric a, Numeric b)
 {
@@ -212,6 +215,7 @@ grant_account_cmp(const void *a, const void *b)
 	return 0;
 }
 
+/* qsort order of lines: period, then place on the invoice */
 static int
 line_cmp(const void *a, const void *b)
 {
