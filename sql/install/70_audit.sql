@@ -20,7 +20,7 @@
  *   usage_corrections (correct_usage)         correct, the account
  *   a rerate run (not a dry run)              rerate, chain 0
  *   audit_table, unaudit_table (75_audit_table.sql)  insert/delete, chain 0
- * The hash and its canonical encoding are in src/audit.c.
+ * The hash and its canonical encoding are in src/audit_encode.c.
  */
 
 CREATE TABLE billing.audit_log (
@@ -100,7 +100,7 @@ COMMENT ON FUNCTION billing._audit_suspended() IS
 /*
  * _audit_append: add a row to the chain of p_chain and bring its head row
  * up to date; returns its seq.  The one definition of an append (C,
- * src/audit.c), shared with the triggers of audited user tables: the
+ * src/audit_chain.c), shared with the triggers of audited user tables: the
  * chain's head row is locked on the transaction's first append to the
  * chain and stays locked to its end.  Under REPEATABLE READ or
  * SERIALIZABLE a concurrent append to the same chain makes this raise

@@ -5,7 +5,7 @@
  * log the extension keeps for itself: every INSERT, UPDATE and DELETE
  * appends a row to billing.audit_log, in the chain of the row's account
  * (chain 0 without an account column), in the same transaction, hashed
- * and verified like every other row (70_audit.sql, src/audit.c).  It
+ * and verified like every other row (70_audit.sql, src/audit_chain.c).  It
  * creates, on the table:
  *
  *   billing_audit           AFTER INSERT OR UPDATE OR DELETE FOR EACH ROW
