@@ -217,11 +217,12 @@ SELECT line_no, kind, meter, dimension, quantity, amount
 SQL
 
 echo
+# accounts 3..10002: 1 and 2 are the preview accounts of 1 and 1b
 echo "-- 2/3. 10,000 accounts, a month of usage (sparse minute buckets on 2 meters)"
 "${PSQL[@]}" -d $DB <<SQL
 SET search_path = billing, public;
-INSERT INTO accounts SELECT a, 'USD', 'account ' || a FROM generate_series(2, 10001) a;
-INSERT INTO subscriptions SELECT a, 'team', '$M0', NULL, NULL FROM generate_series(2, 10001) a;
+INSERT INTO accounts SELECT a, 'USD', 'account ' || a FROM generate_series(3, 10002) a;
+INSERT INTO subscriptions SELECT a, 'team', '$M0', NULL, NULL FROM generate_series(3, 10002) a;
 -- 240 minute buckets per account and meter, spread over the month
 INSERT INTO usage_deltas (account_id, seq, cells)
 SELECT a, NULL,
@@ -229,7 +230,7 @@ SELECT a, NULL,
                    array_agg('$M0'::timestamptz + (k * 179 + a % 97) * interval '1 minute' ORDER BY k),
                    array_agg(((a * 7919 + k * 104729) % 5000)::numeric ORDER BY k),
                    array_agg(1::bigint ORDER BY k), NULL)
-  FROM generate_series(2, 10001) a, unnest(ARRAY['error', 'span']) m, generate_series(0, 239) k
+  FROM generate_series(3, 10002) a, unnest(ARRAY['error', 'span']) m, generate_series(0, 239) k
  GROUP BY a, m;
 SELECT compact_usage() AS cells_compacted;
 -- the peer keeps its own minute buckets (the same cells, read back through
@@ -265,7 +266,7 @@ SQL
 read -r FIN0_N FIN0_MS <<<"$FIN0"
 "${PSQL[@]}" -d $DB -c "SELECT count(billing.grant_credit(a, 5, '$M0', '$M0'::timestamptz + interval '15 days', applies_to => '{error}', reason => 'errors'))
                                + count(billing.grant_credit(a, 40, '$M0', reason => 'credit')) AS grants
-                          FROM generate_series(2, 10001) a" >/dev/null
+                          FROM generate_series(3, 10002) a" >/dev/null
 FIN=$("${PSQL[@]}" -At -d $DB <<SQL | tail -1
 SET search_path = billing, public;
 CREATE TEMP TABLE t0 AS SELECT clock_timestamp() AS t;
