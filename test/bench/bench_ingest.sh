@@ -513,14 +513,11 @@ echo "file: $(qv "SELECT count(*) || ' rows, ' || count(DISTINCT account_id) || 
 echo "generating the second load, $ROWS rows (the same hour, another seed) into $DATA2"
 q -v rows="$ROWS" -v file="$DATA2" -v event_ids=false -v seed=0.47 -f "$HERE/ingest_gen.sql"
 q -c "CREATE TABLE raw2 (LIKE raw)" -c "COPY raw2 FROM '$DATA2'"
-echo "second file: $(qv "SELECT count(DISTINCT (account_id, meter, date_trunc('minute', ts)))
-                         || ' minute buckets, of which '
-                         || count(DISTINCT (account_id, meter, date_trunc('minute', ts)))
-                              FILTER (WHERE EXISTS (SELECT FROM raw r
-                                                     WHERE r.account_id = raw2.account_id
-                                                       AND r.meter = raw2.meter
-                                                       AND date_trunc('minute', r.ts) = date_trunc('minute', raw2.ts)))
-                         || ' also in the first' FROM raw2")"
+echo "second file: $(qv "WITH a AS (SELECT DISTINCT account_id, meter, date_trunc('minute', ts) AS m FROM raw),
+                              b AS (SELECT DISTINCT account_id, meter, date_trunc('minute', ts) AS m FROM raw2)
+                         SELECT (SELECT count(*) FROM b) || ' minute buckets, of which '
+                                || (SELECT count(*) FROM a JOIN b USING (account_id, meter, m))
+                                || ' also in the first'")"
 make_ingest_sql
 P5=; P5_OK=
 
