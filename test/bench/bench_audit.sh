@@ -25,6 +25,7 @@
 # Called by test/bench/run.sh (BENCH_ONLY=audit make bench); BENCH_ROWS,
 # BENCH_ACCOUNTS and BENCH_RUNS override the sizes.
 set -euo pipefail
+. "$(dirname "$0")/goals.sh"
 
 DB=${BENCH_DB:-billing_bench_audit}
 ROWS=${BENCH_ROWS:-100000}
@@ -129,6 +130,8 @@ echo
 x_ins=$(ratio "${BEST_WALL[insert_peer]}" "${BEST_WALL[insert_audited]}")
 x_ins_cpu=$(ratio "${BEST_CPU[insert_peer]}" "${BEST_CPU[insert_audited]}")
 echo "insert, audit_table vs the PL/pgSQL trigger: ${x_ins}x its speed (cpu ${x_ins_cpu}x) (goal >= 1.0x: $(goal "$x_ins" 1.0))"
+goal_add audit "insert, audit_table, $ROWS rows" "${BEST_WALL[insert_audited]} ms" "(c) PL/pgSQL audit trigger" \
+    "${BEST_WALL[insert_peer]} ms" "${x_ins}x" ">= 1.0x" "$(goal_met "$x_ins" ">=" 1.0)"
 echo "insert, audit_table vs no audit:             $(ratio "${BEST_WALL[insert_plain]}" "${BEST_WALL[insert_audited]}")x its speed (cpu $(ratio "${BEST_CPU[insert_plain]}" "${BEST_CPU[insert_audited]}")x)"
 echo "update, audit_table vs the PL/pgSQL trigger: $(ratio "${BEST_WALL[update_peer]}" "${BEST_WALL[update_audited]}")x its speed (cpu $(ratio "${BEST_CPU[update_peer]}" "${BEST_CPU[update_audited]}")x)"
 

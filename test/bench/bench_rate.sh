@@ -19,6 +19,7 @@
 # through PGHOST/PGPORT/PGUSER; creates (and drops) its own database.
 # Called by test/bench/run.sh; BENCH_ROWS overrides the row count.
 set -euo pipefail
+. "$(dirname "$0")/goals.sh"
 
 DB=${BENCH_DB:-billing_bench_rate}
 ROWS=${BENCH_ROWS:-1000000}
@@ -162,6 +163,16 @@ echo "per 1000 rate vs its PL/pgSQL loop: ${x_pperp}x faster (goal >= 10x: $(goa
 echo "per 1000 rate vs sum(q):            ${x_psum}x its speed (goal >= 0.5x: $(goal "$x_psum" 0.5))"
 echo "per 1000 fast path vs numeric path: $(ratio "$t_pern" "$t_per")x"
 echo
+# the closing table of make bench; a goal whose sums differ is not met
+g() {  # PATH OURS PEER PEERS RATIO GOAL
+    local m; m=$(goal_met "$5" ">=" "$6")
+    same_sum "$7" "$8" || m="NO (sums differ)"
+    goal_add rate "$1" "$2 ms" "$3" "$4 ms" "${5}x" ">= ${6}x" "$m"
+}
+g "rate() graduated, $ROWS rows" "$t_grad" "(c) PL/pgSQL tier loop" "$t_peer" "$x_peer" 10 "$r_grad" "$r_peer"
+g "rate() graduated, $ROWS rows" "$t_grad" "(a) sum(q)" "$t_sum" "$x_sum" 0.5 "$r_grad" "$r_grad"
+g "rate() per 1000, $ROWS rows" "$t_per" "(e) PL/pgSQL loop" "$t_perp" "$x_pperp" 10 "$r_per" "$r_perp"
+g "rate() per 1000, $ROWS rows" "$t_per" "(a) sum(q)" "$t_sum" "$x_psum" 0.5 "$r_per" "$r_per"
 check "graduated rate = PL/pgSQL peer" "$r_grad" "$r_peer"
 check "graduated rate = numeric path" "$r_grad" "$r_num"
 check "volume rate = SQL CASE" "$r_vol" "$r_volp"

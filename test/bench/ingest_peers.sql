@@ -11,13 +11,16 @@
 --       INSERT INTO peer_keys ... ON CONFLICT DO NOTHING RETURNING and
 --       aggregates only the claimed rows
 --   (4) record_peer(): one upsert per call
+--   (5) peer_events: a one-row INSERT per transaction into an unindexed
+--       table, what record() from many clients is measured against (both
+--       pay one commit per call)
 --
 -- The peers are given the same advantages our implementation gets: meter
 -- keys in COLLATE "C" (no locale comparisons in the index) and batches
 -- sorted by key before the upsert.
 
 SET client_min_messages = warning;
-DROP TABLE IF EXISTS t, peer_buckets, peer_keys;
+DROP TABLE IF EXISTS t, peer_buckets, peer_keys, peer_events;
 DROP FUNCTION IF EXISTS peer_agg(), peer_dedupe(), record_peer(bigint, text, numeric, timestamptz);
 
 -- The user's usage table: the same DDL for every path, peers and ours.
@@ -46,6 +49,14 @@ CREATE TABLE peer_keys (
     event_id    text COLLATE "C",
     ts          timestamptz NOT NULL,
     PRIMARY KEY (account_id, meter, event_id)
+);
+
+-- (5) one row per reported usage, no index.
+CREATE TABLE peer_events (
+    account_id  bigint NOT NULL,
+    meter       text NOT NULL,
+    quantity    numeric NOT NULL,
+    ts          timestamptz NOT NULL DEFAULT now()
 );
 
 -- The bucket unit is baked into the function bodies as a literal, as a

@@ -11,9 +11,17 @@
 # Honour PGBIN to use a private PostgreSQL, e.g.
 #   PGBIN=/opt/pgC/usr/lib/postgresql/15/bin make bench
 # Run one benchmark only:  BENCH_ONLY=ingest make bench
+#
+# Every benchmark records its goals (test/bench/goals.sh); the closing
+# summary prints them in one table with met yes/NO.
+#
+# The cluster preloads billing (the maintenance worker's launcher runs) with
+# billing.maintenance_interval = 0: no worker compacts behind a timed
+# measurement.  bench_sustain.sh turns the worker on for its own run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . test/lib.sh
+. test/bench/goals.sh
 
 ensure_packages postgresql-server-dev-$PGVER
 build_install
@@ -23,6 +31,7 @@ build_install
 # checkpoint or autovacuum in the middle of a measurement.  work_mem stays
 # at its default (4MB) unless a benchmark sets it.
 export CLUSTER_FSYNC=on
+export CLUSTER_PRELOAD=billing MAINTENANCE_INTERVAL=0
 export CLUSTER_OPTS="
 shared_buffers = 2GB
 max_wal_size = 32GB
@@ -42,10 +51,13 @@ BENCH_TMP=$(mktemp -d /tmp/billing-bench.XXXXXX)
 chmod 755 "$BENCH_TMP"
 [ "$(id -u)" = 0 ] && chown postgres: "$BENCH_TMP"
 export BENCH_TMP
+export BENCH_GOALS=$BENCH_TMP/goals
+: >"$BENCH_GOALS"
 
 echo "bench cluster: $("$PGBIN/postgres" --version), $(nproc) cores," \
      "shared_buffers=2GB fsync=on work_mem=4MB"
 rc=0
+failed=()
 for b in $(ls test/bench/bench_*.sh | sort); do
     name=$(basename "$b" .sh)
     if [ -n "${BENCH_ONLY:-}" ] && [ "$name" != "bench_${BENCH_ONLY}" ]; then
@@ -54,7 +66,11 @@ for b in $(ls test/bench/bench_*.sh | sort); do
     echo
     echo "=== $name"
     start=$(date +%s)
-    bash "$b" || { echo "$name FAILED"; rc=1; }
+    bash "$b" || { echo "$name FAILED"; rc=1; failed+=("$name"); }
     echo "=== $name took $(( $(date +%s) - start )) s"
 done
+echo
+echo "=== goals (every goal measured in this run; ratios against peers of the same run)"
+goals_print
+[ ${#failed[@]} = 0 ] || echo "benchmarks that FAILED (their goals may be missing above): ${failed[*]}"
 exit $rc
