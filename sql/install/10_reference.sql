@@ -38,7 +38,7 @@ BEGIN
     IF (TG_OP = 'DELETE' OR NEW.aggregation IS DISTINCT FROM OLD.aggregation
         OR NEW.bucket_width IS DISTINCT FROM OLD.bucket_width
         OR NEW.meter IS DISTINCT FROM OLD.meter)
-       AND (billing._exists_here('billing.usage_buckets', 'x.meter = $1', OLD.meter::text)
+       AND (billing._exists_here('billing.usage_days', 'x.meter = $1', OLD.meter::text)
             OR billing._exists_here('billing.usage_deltas',
                    'EXISTS (SELECT 1 FROM billing._delta_cells(x.cells) c WHERE c.meter = $1)',
                    OLD.meter::text)) THEN
@@ -59,7 +59,7 @@ CREATE TRIGGER meters_guard
 CREATE FUNCTION billing._meters_truncate_guard() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 BEGIN
-    IF billing._exists_here('billing.usage_buckets', 'true', NULL::text)
+    IF billing._exists_here('billing.usage_days', 'true', NULL::text)
        OR billing._exists_here('billing.usage_deltas', 'true', NULL::text) THEN
         RAISE EXCEPTION 'meters have usage'
             USING ERRCODE = '55000',

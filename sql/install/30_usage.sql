@@ -1,11 +1,18 @@
 /*
  * Usage counters (SPEC section 3): the tables ingest appends to, the
- * compacted buckets and their hour and day roll-ups, and what ingest keeps
- * to count each event once.
+ * packed store of compacted cells, and what ingest keeps to count each
+ * event once.
  *
  * Ingest never updates a counter row: every statement appends its
- * per-bucket totals to usage_deltas, and compact_usage() folds them into
- * usage_buckets.  Readers combine both.
+ * per-bucket totals to usage_deltas, and compact_usage() (src/compact.c)
+ * folds them into usage_days, one row per account, meter, UTC day and
+ * dimension holding the day's cells packed and the day's total.  Readers
+ * combine both (billing.usage_cells, billing._rollup_totals).
+ *
+ * usage_buckets, usage_hourly and usage_daily, 1.0's compacted tables,
+ * stay as empty landing tables: the rows a 1.0 dump restores into them are
+ * moved into usage_deltas (buckets) or dropped (the roll-ups, which the
+ * store derives), by _usage_landing.
  */
 
 CREATE TABLE billing.usage_buckets (
@@ -20,7 +27,22 @@ CREATE TABLE billing.usage_buckets (
     PRIMARY KEY (account_id, meter, bucket_start, dimension)
 );
 COMMENT ON TABLE billing.usage_buckets IS
-    'Compacted usage counters, one row per (account, meter, bucket, dimension); add usage_deltas to read';
+    'Always empty: the compacted buckets of release 1.0; rows inserted (a 1.0 dump) move into usage_deltas';
+
+CREATE TABLE billing.usage_days (
+    account_id    bigint NOT NULL,
+    meter         text COLLATE "C" NOT NULL,
+    day           timestamptz NOT NULL,   -- UTC day holding the cells' buckets
+    dimension     text COLLATE "C" NOT NULL DEFAULT '',
+    quantity      numeric NOT NULL,       -- the day's total by the meter's aggregation
+    events        bigint NOT NULL,
+    last_ts       timestamptz,            -- last meters: timestamp of quantity
+    last_seq      bigint,                 -- last meters: arrival order
+    cells         bytea NOT NULL,         -- the day's cells, packed: billing._day_cells(day, cells)
+    PRIMARY KEY (account_id, meter, day, dimension)
+);
+COMMENT ON TABLE billing.usage_days IS
+    'Compacted usage, one row per (account, meter, UTC day, dimension): the day''s cells packed and its total; add usage_deltas to read';
 
 CREATE TABLE billing.usage_deltas (
     account_id  bigint NOT NULL,
@@ -55,10 +77,18 @@ CREATE FUNCTION billing._delta_pack(meters text[], dimensions text[], bucket_sta
 COMMENT ON FUNCTION billing._delta_pack(text[], text[], timestamptz[], numeric[], bigint[], timestamptz[]) IS
     'Internal: pack parallel arrays of counter cells for usage_deltas.cells (a cell with a last_ts is of a last meter)';
 
+CREATE FUNCTION billing._day_cells(day timestamptz, cells bytea)
+    RETURNS TABLE (bucket_start timestamptz, quantity numeric, events bigint,
+                   last_ts timestamptz, last_seq bigint)
+    AS 'MODULE_PATHNAME', 'billing_day_cells'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE ROWS 60;
+COMMENT ON FUNCTION billing._day_cells(timestamptz, bytea) IS
+    'Internal: the counter cells packed in a row of usage_days (src/store.c; last_ts and last_seq NULL but for last meters)';
+
 CREATE VIEW billing.usage_cells AS
-    SELECT b.account_id, b.meter, b.dimension, b.bucket_start, b.quantity, b.events,
-           b.last_ts, b.last_seq
-      FROM billing.usage_buckets b
+    SELECT s.account_id, s.meter, s.dimension, c.bucket_start, c.quantity, c.events,
+           c.last_ts, c.last_seq
+      FROM billing.usage_days s, billing._day_cells(s.day, s.cells) c
     UNION ALL
     SELECT d.account_id, c.meter, c.dimension, c.bucket_start,
            c.quantity, c.events, c.last_ts,
@@ -129,8 +159,32 @@ CREATE TABLE billing.usage_hourly (
     PRIMARY KEY (account_id, meter, bucket_start, dimension)
 );
 COMMENT ON TABLE billing.usage_hourly IS
-    'Compacted usage rolled up by hour (kept by compact_usage with usage_buckets)';
+    'Always empty: the hour roll-up of release 1.0; rows inserted (a 1.0 dump) are dropped (usage_days keeps the cells)';
 
 CREATE TABLE billing.usage_daily (LIKE billing.usage_hourly INCLUDING ALL);
 COMMENT ON TABLE billing.usage_daily IS
-    'Compacted usage rolled up by UTC day (kept by compact_usage with usage_buckets)';
+    'Always empty: the day roll-up of release 1.0; rows inserted (a 1.0 dump) are dropped (usage_days keeps day totals)';
+
+-- a 1.0 dump restores its compacted buckets through these: into the deltas,
+-- which compact_usage() folds into usage_days
+CREATE FUNCTION billing._usage_landing() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'usage_buckets' THEN
+        INSERT INTO billing.usage_deltas (account_id, seq, cells)
+        VALUES (NEW.account_id, NEW.last_seq,
+                billing._delta_pack(ARRAY[NEW.meter::text], ARRAY[NEW.dimension::text],
+                                    ARRAY[NEW.bucket_start], ARRAY[NEW.quantity],
+                                    ARRAY[NEW.events], ARRAY[NEW.last_ts]));
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._usage_landing() IS
+    'Internal: moves a row inserted into usage_buckets (a 1.0 dump) into usage_deltas; drops rows of usage_hourly and usage_daily';
+CREATE TRIGGER usage_buckets_landing BEFORE INSERT ON billing.usage_buckets
+    FOR EACH ROW EXECUTE FUNCTION billing._usage_landing();
+CREATE TRIGGER usage_hourly_landing BEFORE INSERT ON billing.usage_hourly
+    FOR EACH ROW EXECUTE FUNCTION billing._usage_landing();
+CREATE TRIGGER usage_daily_landing BEFORE INSERT ON billing.usage_daily
+    FOR EACH ROW EXECUTE FUNCTION billing._usage_landing();

@@ -92,9 +92,9 @@ COMMENT ON FUNCTION billing._rollup_totals(bigint[], timestamptz[], timestamptz[
 
 /*
  * _usage_totals_many: the quantity of each meter of each (account,
- * [from, to)) given, combined by the meter's aggregation.  Reads day roll-ups for whole
- * UTC days, hour roll-ups for whole hours, buckets for the minutes at the
- * edges, and the deltas not yet compacted, so a month costs a few hundred
+ * [from, to)) given, combined by the meter's aggregation.  Reads the day
+ * totals of usage_days for whole UTC days, the packed cells of the days at
+ * the edges, and the deltas not yet compacted, so a month costs a few dozen
  * rows, not tens of thousands of minute buckets.
  *
  * Matrix charges (issue 18): c_idx, c_meters and c_dims list the usage
@@ -133,7 +133,7 @@ BEGIN
           FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;
         RETURN;
     END IF;
-    -- the roll-ups and buckets covering each period, each meter aggregated
+    -- the day totals and edge cells covering each period, each meter aggregated
     -- in C (billing._rollup_totals), plus the deltas not yet compacted,
     -- folded by the same rule (billing._cell_agg, src/agg.c)
     RETURN QUERY
@@ -184,8 +184,8 @@ COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestam
 
 /*
  * _usage_totals_citus: the quantity per meter of one account over [from_ts,
- * to_ts) on Citus, from the minute buckets at the edges, hour and day
- * roll-ups, and the deltas: one router query to the account's shards (the
+ * to_ts) on Citus, from the day totals of usage_days, the cells of the days
+ * at the edges, and the deltas: one router query to the account's shards (the
  * set-based _usage_totals_many joins many accounts with arrays, which Citus
  * cannot plan).  _usage_totals_many calls it once per account.  The
  * dimensions s_dims[j] of meters s_meters[j] are totalled apart (matrix
@@ -197,47 +197,34 @@ CREATE FUNCTION billing._usage_totals_citus(p_account bigint, from_ts timestampt
     LANGUAGE plpgsql STABLE PARALLEL SAFE
     SET search_path = pg_catalog, billing, pg_temp AS $$
 DECLARE
-    -- [from_ts, to_ts) = minutes [from_ts, h0) + hours [h0, d0) + days [d0, d1)
-    --                  + hours [d1, h1) + minutes [h1, to_ts), with h0/h1 the
-    -- first/last whole hour and d0/d1 the first/last whole UTC day inside
-    h0 timestamptz := billing._bin('1 hour', from_ts - interval '1 microsecond') + interval '1 hour';
-    h1 timestamptz := billing._bin('1 hour', to_ts);
+    -- [from_ts, to_ts) = cells of day fd in [from_ts, d0) + days [d0, d1)
+    --                  + cells of day d1 in [d1, to_ts), with d0/d1 the
+    -- first/last whole UTC day inside and fd the day holding from_ts
+    fd timestamptz := billing._bin('1 day', from_ts);
     d0 timestamptz := billing._bin('1 day', from_ts - interval '1 microsecond') + interval '1 day';
     d1 timestamptz := billing._bin('1 day', to_ts);
-    m_end timestamptz := LEAST(h0, to_ts);                 -- leading minutes end
-    m_start timestamptz := GREATEST(h1, h0, from_ts);      -- trailing minutes start
-    hh_end timestamptz := LEAST(d0, h1);                   -- leading hours end
-    ht_start timestamptz := GREATEST(d1, d0, h0);          -- trailing hours start
     -- keys of the dimensions totalled apart: length of the meter, ':', the
     -- meter, the dimension (unambiguous, whatever the names hold)
     named text[] := ARRAY(SELECT format('%s:%s%s', length(x.m), x.m, x.d)
                             FROM unnest(s_meters, s_dims) AS x(m, d));
 BEGIN
-    -- one index range per meter and table: (account_id, meter, bucket_start)
+    -- index ranges per meter: (account_id, meter, day)
     RETURN QUERY
     WITH cells AS (
         SELECT m.meter, c.dimension, c.quantity, c.last_ts, c.last_seq
           FROM billing.meters m   -- (unique meters: _usage_totals_unique)
                CROSS JOIN LATERAL (
-                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                   -- whole days: their totals
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_days u
                     WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= from_ts AND u.bucket_start < m_end
+                      AND u.day >= d0 AND u.day < d1
                    UNION ALL
-                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_buckets u
+                   -- the days at the edges: their cells inside [from_ts, to_ts)
+                   SELECT u.dimension, x.quantity, x.last_ts, x.last_seq
+                     FROM billing.usage_days u, billing._day_cells(u.day, u.cells) x
                     WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= m_start AND u.bucket_start < to_ts
-                   UNION ALL
-                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
-                    WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= h0 AND u.bucket_start < hh_end
-                   UNION ALL
-                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_hourly u
-                    WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= ht_start AND u.bucket_start < h1
-                   UNION ALL
-                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_daily u
-                    WHERE u.account_id = p_account AND u.meter = m.meter
-                      AND u.bucket_start >= d0 AND u.bucket_start < d1
+                      AND ((u.day = fd AND fd < d0) OR (u.day = d1 AND d1 >= d0 AND d1 < to_ts))
+                      AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
                ) c
          WHERE m.aggregation <> 'unique'
         UNION ALL

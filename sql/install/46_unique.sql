@@ -34,9 +34,8 @@
  * are exact; the first costs what a preview may cost.
  *
  * billing._unique_fold(account, meters, dimensions, buckets) keeps the
- * rows: compact_usage() calls it (through _unique_compact) for each account
- * with the cells of unique meters it folds; a compaction written in C
- * calls it the same way, once per account, with those cells as arrays.
+ * rows: compact_usage() (src/compact.c) calls it once per account with
+ * the cells of unique meters it folds, as arrays, after writing them.
  * This file reads the cell store only through billing.usage_cells.  It
  * adds the cells to every row P they fall in, then starts a row for each
  * billing period of the account's subscriptions that holds one of the
@@ -181,32 +180,6 @@ END
 $$;
 COMMENT ON FUNCTION billing._unique_fold(bigint, text[], text[], timestamptz[]) IS
     'Internal: keeps unique_periods and unique_values for cells of unique meters of one account just compacted';
-
-/*
- * _unique_compact: the step of compact_usage() for unique meters: calls
- * _unique_fold for each account with unique cells among the cells being
- * compacted (pg_temp.billing_compact_cells).
- */
-CREATE FUNCTION billing._unique_compact() RETURNS void
-    LANGUAGE plpgsql
-    SET search_path = pg_catalog, billing, pg_temp AS $$
-DECLARE
-    acc record;
-BEGIN
-    FOR acc IN
-        SELECT c.account_id, array_agg(c.meter::text) AS meters, array_agg(c.dimension::text) AS dims,
-               array_agg(c.bucket_start) AS buckets
-          FROM pg_temp.billing_compact_cells c
-         WHERE c.aggregation = 'unique'
-         GROUP BY c.account_id
-         ORDER BY c.account_id
-    LOOP
-        PERFORM billing._unique_fold(acc.account_id, acc.meters, acc.dims, acc.buckets);
-    END LOOP;
-END
-$$;
-COMMENT ON FUNCTION billing._unique_compact() IS
-    'Internal: the unique-meter step of compact_usage (keeps unique_periods and unique_values)';
 
 /*
  * _unique_scan: the distinct dimension values of a meter with a counted

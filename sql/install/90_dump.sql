@@ -19,6 +19,7 @@ SELECT pg_catalog.pg_extension_config_dump('billing.cumulative_reports', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.metered_tables', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_hourly', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_daily', '');
+SELECT pg_catalog.pg_extension_config_dump('billing.usage_days', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.plans', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.charges', '');
 SELECT pg_catalog.pg_extension_config_dump('billing.subscriptions', '');
