@@ -72,15 +72,14 @@ SELECT ok(billing.compact_usage() > 0, 'compaction merged the deltas');
 SELECT is((SELECT count(*) FROM billing.usage_deltas), 0::bigint, 'no deltas left');
 SELECT set_eq('SELECT * FROM pg_temp.reads()', 'SELECT * FROM pg_temp.all_read(2)',
               'compacted: every path reads the same value');
-SELECT is((SELECT b.quantity FROM billing.usage_buckets b
+SELECT is((SELECT c.quantity FROM billing.usage_days b, billing._day_cells(b.day, b.cells) c
             WHERE b.account_id = 7401 AND b.meter = 'lr_last'), 2::numeric,
-          'the compacted bucket holds the later arrival');
-SELECT is((SELECT b.quantity FROM billing.usage_hourly b
+          'the compacted cell holds the later arrival');
+SELECT is((SELECT u.quantity FROM billing.usage(7401, '2024-01-10', '2024-01-11', '1 hour', 'lr_last') u),
+          2::numeric, 'the hour read from the store holds the later arrival');
+SELECT is((SELECT b.quantity FROM billing.usage_days b
             WHERE b.account_id = 7401 AND b.meter = 'lr_last'), 2::numeric,
-          'the hour roll-up holds the later arrival');
-SELECT is((SELECT b.quantity FROM billing.usage_daily b
-            WHERE b.account_id = 7401 AND b.meter = 'lr_last'), 2::numeric,
-          'the day roll-up holds the later arrival');
+          'the day total holds the later arrival');
 
 -- 4. mixed: a tie arriving after compaction wins over the compacted value
 SELECT billing.record(7401, 'lr_last', 7, '2024-01-10 10:00:30+00');
@@ -93,10 +92,11 @@ SELECT billing.compact_usage();
 SELECT set_eq('SELECT * FROM pg_temp.reads()', 'SELECT * FROM pg_temp.all_read(7)',
               'compacted into a compacted cell: the same value');
 SELECT is((SELECT array_agg(b.quantity ORDER BY b.quantity) FROM (
-               SELECT quantity FROM billing.usage_buckets WHERE account_id = 7401 AND meter = 'lr_last'
-               UNION ALL SELECT quantity FROM billing.usage_hourly WHERE account_id = 7401 AND meter = 'lr_last'
-               UNION ALL SELECT quantity FROM billing.usage_daily WHERE account_id = 7401 AND meter = 'lr_last') b),
-          ARRAY[7, 7, 7]::numeric[], 'bucket, hour and day hold the same value');
+               SELECT c.quantity FROM billing.usage_days d, billing._day_cells(d.day, d.cells) c
+                WHERE d.account_id = 7401 AND d.meter = 'lr_last'
+               UNION ALL SELECT u.quantity FROM billing.usage(7401, '2024-01-10', '2024-01-11', '1 hour', 'lr_last') u
+               UNION ALL SELECT quantity FROM billing.usage_days WHERE account_id = 7401 AND meter = 'lr_last') b),
+          ARRAY[7, 7, 7]::numeric[], 'cell, hour and day total hold the same value');
 
 -- 5. rerate: finalize January with 7, then a tie arrives later with 4
 SELECT is((SELECT sum(total) FROM billing.finalize_invoices('2024-02-02 00:00+00')

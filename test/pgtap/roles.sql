@@ -228,7 +228,7 @@ SELECT is_empty(
 
 -- compact_usage (SECURITY DEFINER) does not use a temp table the caller prepared
 SELECT billing.record(8101, 'ro_events', 1, (SELECT t FROM ro));
-DROP TABLE pg_temp.billing_compact_cells;   -- as in a new session
+DROP TABLE IF EXISTS pg_temp.billing_compact_cells;   -- as in a new session (1.0's work table)
 SET ROLE r_admin;
 CREATE TEMP TABLE pwned (who text);
 CREATE TEMP TABLE billing_compact_cells (

@@ -79,9 +79,9 @@ SELECT ok((SELECT count(*) FROM pg_temp.brute()) > 500, 'the periods hold usage 
 SELECT set_eq('SELECT * FROM pg_temp.read()', 'SELECT * FROM pg_temp.brute()',
               'deltas only: the totals equal the brute force');
 
-SELECT ok(billing.compact_usage() > 0, 'compacted into buckets and roll-ups');
-SELECT is((SELECT count(*) FROM billing.usage_daily WHERE meter LIKE 'tt\_%') > 0, true,
-          'day roll-ups exist');
+SELECT ok(billing.compact_usage() > 0, 'compacted into the packed store');
+SELECT is((SELECT count(*) FROM billing.usage_days WHERE meter LIKE 'tt\_%') > 0, true,
+          'day rows of the packed store exist');
 SELECT set_eq('SELECT * FROM pg_temp.read()', 'SELECT * FROM pg_temp.brute()',
               'compacted: the totals (minute edges, hours, days) equal the brute force');
 
