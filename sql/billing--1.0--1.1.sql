@@ -6847,3 +6847,273 @@ CREATE TRIGGER credit_grants_guard BEFORE UPDATE OR DELETE ON billing.credit_gra
         'voided_at', 'void_reason');
 DROP FUNCTION billing._adjustments_guard();
 DROP FUNCTION billing._credit_grants_guard();
+
+-- ---- issue 16, packed store: compaction in C into billing.usage_days ---------------------
+-- The compacted usage moves from usage_buckets/usage_hourly/usage_daily (one
+-- heap row and index entry per cell, per table) into usage_days: one row per
+-- (account, meter, UTC day, dimension) with the day's cells packed and its
+-- total (src/store.c).  compact_usage() is C (src/compact.c).  The three 1.0
+-- tables stay, empty, as landing tables: a 1.0 dump restores its buckets
+-- through them into usage_deltas.  The 1.0 buckets move into usage_deltas
+-- here and are compacted into usage_days at the end of the section.
+
+CREATE TABLE billing.usage_days (
+    account_id    bigint NOT NULL,
+    meter         text COLLATE "C" NOT NULL,
+    day           timestamptz NOT NULL,   -- UTC day holding the cells' buckets
+    dimension     text COLLATE "C" NOT NULL DEFAULT '',
+    quantity      numeric NOT NULL,       -- the day's total by the meter's aggregation
+    events        bigint NOT NULL,
+    last_ts       timestamptz,            -- last meters: timestamp of quantity
+    last_seq      bigint,                 -- last meters: arrival order
+    cells         bytea NOT NULL,         -- the day's cells, packed: billing._day_cells(day, cells)
+    PRIMARY KEY (account_id, meter, day, dimension)
+);
+COMMENT ON TABLE billing.usage_days IS
+    'Compacted usage, one row per (account, meter, UTC day, dimension): the day''s cells packed and its total; add usage_deltas to read';
+SELECT pg_catalog.pg_extension_config_dump('billing.usage_days', '');
+GRANT SELECT ON billing.usage_days TO billing_reader;
+
+CREATE FUNCTION billing._day_cells(day timestamptz, cells bytea)
+    RETURNS TABLE (bucket_start timestamptz, quantity numeric, events bigint,
+                   last_ts timestamptz, last_seq bigint)
+    AS 'MODULE_PATHNAME', 'billing_day_cells'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE ROWS 60;
+COMMENT ON FUNCTION billing._day_cells(timestamptz, bytea) IS
+    'Internal: the counter cells packed in a row of usage_days (src/store.c; last_ts and last_seq NULL but for last meters)';
+REVOKE ALL ON FUNCTION billing._day_cells(timestamptz, bytea) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._day_cells(timestamptz, bytea) TO billing_reader;
+
+CREATE OR REPLACE VIEW billing.usage_cells AS
+    SELECT s.account_id, s.meter, s.dimension, c.bucket_start, c.quantity, c.events,
+           c.last_ts, c.last_seq
+      FROM billing.usage_days s, billing._day_cells(s.day, s.cells) c
+    UNION ALL
+    SELECT d.account_id, c.meter, c.dimension, c.bucket_start,
+           c.quantity, c.events, c.last_ts,
+           CASE WHEN c.last_ts IS NOT NULL THEN d.seq END
+      FROM billing.usage_deltas d, billing._delta_cells(d.cells) c;
+
+CREATE OR REPLACE FUNCTION billing.compact_usage() RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_compact_usage'
+    LANGUAGE C
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles its plans for longer than they run
+    SET jit = off
+    SET client_min_messages = warning;
+ALTER FUNCTION billing.compact_usage() SECURITY DEFINER;
+COMMENT ON FUNCTION billing.compact_usage() IS
+    'Folds appended usage deltas into the bucket counters; returns the number of delta cells merged';
+
+-- 1.0's compaction in SQL, and issue 18's step of it for unique meters
+-- (compact_usage() calls billing._unique_fold itself)
+DROP FUNCTION billing._compact_into(text, interval);
+DROP FUNCTION billing._compact_into_citus(text, interval);
+DROP FUNCTION billing._unique_compact();
+
+CREATE OR REPLACE FUNCTION billing._meters_guard() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF (TG_OP = 'DELETE' OR NEW.aggregation IS DISTINCT FROM OLD.aggregation
+        OR NEW.bucket_width IS DISTINCT FROM OLD.bucket_width
+        OR NEW.meter IS DISTINCT FROM OLD.meter)
+       AND (billing._exists_here('billing.usage_days', 'x.meter = $1', OLD.meter::text)
+            OR billing._exists_here('billing.usage_deltas',
+                   'EXISTS (SELECT 1 FROM billing._delta_cells(x.cells) c WHERE c.meter = $1)',
+                   OLD.meter::text)) THEN
+        RAISE EXCEPTION 'meter "%" has usage', OLD.meter
+            USING ERRCODE = '55000',
+                  DETAIL = 'Its name, aggregation and bucket width cannot change, nor can it be deleted, once usage was counted.',
+                  HINT = 'Create a new meter instead.';
+    END IF;
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION billing._meters_truncate_guard() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF billing._exists_here('billing.usage_days', 'true', NULL::text)
+       OR billing._exists_here('billing.usage_deltas', 'true', NULL::text) THEN
+        RAISE EXCEPTION 'meters have usage'
+            USING ERRCODE = '55000',
+                  DETAIL = 'billing.meters cannot be truncated once usage was counted.';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION billing._usage_totals_many(p_accounts bigint[], p_starts timestamptz[],
+                                           p_ends timestamptz[], c_idx integer[] DEFAULT NULL,
+                                           c_meters text[] DEFAULT NULL, c_dims text[] DEFAULT NULL)
+    RETURNS TABLE (idx integer, meter text, quantity numeric, dimension text)
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+BEGIN
+    -- on Citus: one router query per account (see 90_distribute.sql)
+    IF billing._citus_table_kind('billing.usage_deltas') IS NOT NULL THEN
+        RETURN QUERY
+        SELECT x.i::integer, t.meter, t.quantity, t.dimension
+          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i),
+               LATERAL billing._usage_totals_citus(
+                   x.a, x.s, x.e,
+                   ARRAY(SELECT c.m FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d),
+                   ARRAY(SELECT c.d FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d)) t
+        UNION ALL
+        SELECT u.idx, u.meter, u.quantity, u.dimension
+          FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;
+        RETURN;
+    END IF;
+    -- the day totals and edge cells covering each period, each meter aggregated
+    -- in C (billing._rollup_totals), plus the deltas not yet compacted,
+    -- folded by the same rule (billing._cell_agg, src/agg.c)
+    RETURN QUERY
+    WITH ms AS (
+        SELECT coalesce(array_agg(m.meter::text ORDER BY m.meter), '{}') AS meters,
+               coalesce(array_agg(m.aggregation::text ORDER BY m.meter), '{}') AS aggs
+          FROM billing.meters m
+         WHERE m.aggregation <> 'unique'
+    ), named AS (
+        -- the dimensions charged apart, per period and meter
+        SELECT DISTINCT c.i AS idx, c.m COLLATE "C" AS meter, c.d COLLATE "C" AS dim
+          FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+         WHERE c.i IS NOT NULL AND c.m IS NOT NULL AND c.d IS NOT NULL
+    ), na AS (
+        SELECT coalesce(array_agg(n.idx), '{}') AS i, coalesce(array_agg(n.meter::text), '{}') AS m,
+               coalesce(array_agg(n.dim::text), '{}') AS d
+          FROM named n
+    ), per AS (
+        SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe
+          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)
+    ), folded AS (
+        SELECT r.idx, r.meter COLLATE "C" AS meter, r.dimension COLLATE "C" AS dim, r.quantity,
+               r.last_ts, r.last_seq
+          FROM ms, na,
+               billing._rollup_totals(p_accounts, p_starts, p_ends, ms.meters, ms.aggs,
+                                      na.i, na.m, na.d) r
+        UNION ALL
+        -- not yet compacted
+        SELECT per.idx, x.meter, n.dim, x.quantity, x.last_ts,
+               CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
+          FROM per JOIN billing.usage_deltas d ON d.account_id = per.account_id
+               CROSS JOIN LATERAL billing._delta_cells(d.cells) x
+               LEFT JOIN named n ON n.idx = per.idx AND n.meter = x.meter AND n.dim = x.dimension
+         WHERE x.bucket_start >= per.ps AND x.bucket_start < per.pe
+    )
+    SELECT f.idx, f.meter::text,
+           billing._cell_agg(m.aggregation, f.quantity, f.last_ts, f.last_seq),
+           f.dim::text
+      FROM folded f JOIN billing.meters m ON m.meter = f.meter AND m.aggregation <> 'unique'
+     GROUP BY f.idx, f.meter, f.dim, m.aggregation
+    UNION ALL
+    SELECT u.idx, u.meter, u.quantity, u.dimension
+      FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION billing._usage_totals_citus(p_account bigint, from_ts timestamptz, to_ts timestamptz,
+                                            s_meters text[] DEFAULT '{}', s_dims text[] DEFAULT '{}')
+    RETURNS TABLE (meter text, quantity numeric, dimension text)
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    -- [from_ts, to_ts) = cells of day fd in [from_ts, d0) + days [d0, d1)
+    --                  + cells of day d1 in [d1, to_ts), with d0/d1 the
+    -- first/last whole UTC day inside and fd the day holding from_ts
+    fd timestamptz := billing._bin('1 day', from_ts);
+    d0 timestamptz := billing._bin('1 day', from_ts - interval '1 microsecond') + interval '1 day';
+    d1 timestamptz := billing._bin('1 day', to_ts);
+    -- keys of the dimensions totalled apart: length of the meter, ':', the
+    -- meter, the dimension (unambiguous, whatever the names hold)
+    named text[] := ARRAY(SELECT format('%s:%s%s', length(x.m), x.m, x.d)
+                            FROM unnest(s_meters, s_dims) AS x(m, d));
+BEGIN
+    -- index ranges per meter: (account_id, meter, day)
+    RETURN QUERY
+    WITH cells AS (
+        SELECT m.meter, c.dimension, c.quantity, c.last_ts, c.last_seq
+          FROM billing.meters m   -- (unique meters: _usage_totals_unique)
+               CROSS JOIN LATERAL (
+                   -- whole days: their totals
+                   SELECT u.dimension, u.quantity, u.last_ts, u.last_seq FROM billing.usage_days u
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND u.day >= d0 AND u.day < d1
+                   UNION ALL
+                   -- the days at the edges: their cells inside [from_ts, to_ts)
+                   SELECT u.dimension, x.quantity, x.last_ts, x.last_seq
+                     FROM billing.usage_days u, billing._day_cells(u.day, u.cells) x
+                    WHERE u.account_id = p_account AND u.meter = m.meter
+                      AND ((u.day = fd AND fd < d0) OR (u.day = d1 AND d1 >= d0 AND d1 < to_ts))
+                      AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
+               ) c
+         WHERE m.aggregation <> 'unique'
+        UNION ALL
+        -- not yet compacted
+        SELECT x.meter, x.dimension, x.quantity, x.last_ts,
+               CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
+          FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
+         WHERE d.account_id = p_account AND x.bucket_start >= from_ts AND x.bucket_start < to_ts
+    ), keyed AS (
+        SELECT c.*, CASE WHEN format('%s:%s%s', length(c.meter), c.meter, c.dimension) = ANY (named)
+                         THEN c.dimension END AS dim
+          FROM cells c
+    )
+    SELECT c.meter::text,
+           billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq),
+           c.dim::text
+      FROM keyed c JOIN billing.meters m ON m.meter = c.meter AND m.aggregation <> 'unique'
+     GROUP BY c.meter, c.dim, m.aggregation;
+END
+$$;
+
+COMMENT ON TABLE billing.usage_buckets IS
+    'Always empty: the compacted buckets of release 1.0; rows inserted (a 1.0 dump) move into usage_deltas';
+COMMENT ON TABLE billing.usage_hourly IS
+    'Always empty: the hour roll-up of release 1.0; rows inserted (a 1.0 dump) are dropped (usage_days keeps the cells)';
+COMMENT ON TABLE billing.usage_daily IS
+    'Always empty: the day roll-up of release 1.0; rows inserted (a 1.0 dump) are dropped (usage_days keeps day totals)';
+
+CREATE FUNCTION billing._usage_landing() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'usage_buckets' THEN
+        INSERT INTO billing.usage_deltas (account_id, seq, cells)
+        VALUES (NEW.account_id, NEW.last_seq,
+                billing._delta_pack(ARRAY[NEW.meter::text], ARRAY[NEW.dimension::text],
+                                    ARRAY[NEW.bucket_start], ARRAY[NEW.quantity],
+                                    ARRAY[NEW.events], ARRAY[NEW.last_ts]));
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._usage_landing() IS
+    'Internal: moves a row inserted into usage_buckets (a 1.0 dump) into usage_deltas; drops rows of usage_hourly and usage_daily';
+REVOKE ALL ON FUNCTION billing._usage_landing() FROM PUBLIC;
+CREATE TRIGGER usage_buckets_landing BEFORE INSERT ON billing.usage_buckets
+    FOR EACH ROW EXECUTE FUNCTION billing._usage_landing();
+CREATE TRIGGER usage_hourly_landing BEFORE INSERT ON billing.usage_hourly
+    FOR EACH ROW EXECUTE FUNCTION billing._usage_landing();
+CREATE TRIGGER usage_daily_landing BEFORE INSERT ON billing.usage_daily
+    FOR EACH ROW EXECUTE FUNCTION billing._usage_landing();
+
+-- the data: every compacted bucket of 1.0 becomes a delta cell (one delta row
+-- per account, arrival number, meter and UTC day), the roll-ups go (the store
+-- derives them), and compaction folds the deltas into usage_days
+INSERT INTO billing.usage_deltas (account_id, seq, cells)
+SELECT b.account_id, b.last_seq,
+       billing._delta_pack(array_agg(b.meter::text ORDER BY b.dimension, b.bucket_start),
+                           array_agg(b.dimension::text ORDER BY b.dimension, b.bucket_start),
+                           array_agg(b.bucket_start ORDER BY b.dimension, b.bucket_start),
+                           array_agg(b.quantity ORDER BY b.dimension, b.bucket_start),
+                           array_agg(b.events ORDER BY b.dimension, b.bucket_start),
+                           array_agg(b.last_ts ORDER BY b.dimension, b.bucket_start))
+  FROM billing.usage_buckets b
+ GROUP BY b.account_id, b.last_seq, b.meter, billing._bin('1 day', b.bucket_start);
+TRUNCATE billing.usage_buckets, billing.usage_hourly, billing.usage_daily;
+SELECT billing.compact_usage();
+-- ---- end of issue 16, packed store ----
+

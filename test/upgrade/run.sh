@@ -50,7 +50,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 . test/lib.sh
 
-STORE_READS='table billing.usage_buckets|table billing.usage_deltas|table billing.usage_hourly|table billing.usage_daily|sequence billing.usage_seq|table billing.unique_periods|table billing.unique_values'
+STORE_READS='table billing.usage_buckets|table billing.usage_deltas|table billing.usage_hourly|table billing.usage_daily|table billing.usage_days|sequence billing.usage_seq|table billing.unique_periods|table billing.unique_values'
 # Reads that a fix of the new version changes on purpose for this history
 # ('|'-separated read names as the TAP lines give them, e.g. 'remaining',
 # each with its issue in a comment): they are not compared before and after
