@@ -113,8 +113,9 @@ SELECT bucket_start AT TIME ZONE 'UTC' AS year_utc, quantity, events
   FROM billing.usage(603, '2024-12-01', '2026-02-01', '1 year');
 RESET timezone;
 
--- compact_usage() folds the appended deltas into the buckets: nothing
--- visible changes, for any grain
+-- compact_usage() folds the appended deltas into the packed store (a row
+-- per account, meter, UTC day and dimension): nothing visible changes, for
+-- any grain
 CREATE TEMP TABLE before_compact AS
 SELECT g.grain, u.*
   FROM (VALUES (NULL::interval), ('1 hour'), ('1 day')) g(grain),
@@ -122,7 +123,8 @@ SELECT g.grain, u.*
 SELECT count(*) > 0 AS some_deltas FROM billing.usage_deltas WHERE account_id = 601;
 SELECT billing.compact_usage() > 0 AS merged;
 SELECT count(*) AS deltas_left FROM billing.usage_deltas WHERE account_id = 601;
-SELECT count(*) AS stored_buckets FROM billing.usage_buckets WHERE account_id = 601;
+SELECT count(*) AS stored_buckets
+  FROM billing.usage_days d, billing._day_cells(d.day, d.cells) c WHERE d.account_id = 601;
 CREATE TEMP TABLE after_compact AS
 SELECT g.grain, u.*
   FROM (VALUES (NULL::interval), ('1 hour'), ('1 day')) g(grain),

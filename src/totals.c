@@ -32,6 +32,11 @@
  *
  * Rating a month for 10,000 accounts reads about 300,000 day totals and
  * decodes no cell when the periods start at midnight UTC.
+ *
+ * A database still at 1.0 (billing.so serves every installed version) has
+ * no usage_days: there the function reads 1.0's tables, minute buckets at
+ * the edges (usage_buckets), then whole hours (usage_hourly) and whole
+ * days (usage_daily).
  */
 #include "postgres.h"
 
@@ -101,10 +106,11 @@ column_number(Relation rel, const char *name)
 /*
  * open_table
  *		Open the store billing.<name> and its primary key, checked to begin
- *		(account_id, meter, day), for index scans.
+ *		(account_id, meter, <key>), for index scans (key: day for
+ *		usage_days, bucket_start for the tables of a 1.0 install).
  */
 static void
-open_table(CellTable *t, const char *name, Snapshot snapshot)
+open_table(CellTable *t, const char *name, const char *key, Snapshot snapshot)
 {
 	Oid			pkey;
 
@@ -117,14 +123,14 @@ open_table(CellTable *t, const char *name, Snapshot snapshot)
 	if (t->index->rd_index->indnkeyatts < 3 ||
 		t->index->rd_index->indkey.values[0] != column_number(t->heap, "account_id") ||
 		t->index->rd_index->indkey.values[1] != column_number(t->heap, "meter") ||
-		t->index->rd_index->indkey.values[2] != column_number(t->heap, "day"))
-		elog(ERROR, "the primary key of billing.%s is not (account_id, meter, day, ...)",
-			 name);
+		t->index->rd_index->indkey.values[2] != column_number(t->heap, key))
+		elog(ERROR, "the primary key of billing.%s is not (account_id, meter, %s, ...)",
+			 name, key);
 	t->att_quantity = column_number(t->heap, "quantity");
 	t->att_last_ts = column_number(t->heap, "last_ts");
 	t->att_last_seq = column_number(t->heap, "last_seq");
 	t->att_dimension = column_number(t->heap, "dimension");
-	t->att_cells = column_number(t->heap, "cells");
+	t->att_cells = strcmp(key, "day") == 0 ? column_number(t->heap, "cells") : InvalidAttrNumber;
 	t->slot = table_slot_create(t->heap, NULL);
 	t->scan = index_beginscan(t->heap, t->index, snapshot, 4, 0);
 }
@@ -302,6 +308,8 @@ billing_rollup_totals(PG_FUNCTION_ARGS)
 				n_agg;
 	Aggregation *kinds;
 	CellTable	table;
+	CellTable	v10[3];			/* a 1.0 install: buckets, hourly, daily */
+	bool		is_v10;
 	Snapshot	snapshot = GetActiveSnapshot();
 	MemoryContext per_period;
 	bool		split = PG_NARGS() >= 8;
@@ -393,7 +401,19 @@ billing_rollup_totals(PG_FUNCTION_ARGS)
 	for (int k = 0; k < n_meter; k++)
 		kinds[k] = agg_null[k] ? AGG_SUM : billing_aggregation(TextDatumGetCString(aggs[k]));
 
-	open_table(&table, "usage_days", snapshot);
+	/*
+	 * billing.so serves a 1.0 install too, whose compacted cells are in
+	 * usage_buckets with hour and day roll-ups (usage_hourly, usage_daily)
+	 */
+	is_v10 = !OidIsValid(get_relname_relid("usage_days", get_namespace_oid("billing", false)));
+	if (is_v10)
+	{
+		open_table(&v10[0], "usage_buckets", "bucket_start", snapshot);
+		open_table(&v10[1], "usage_hourly", "bucket_start", snapshot);
+		open_table(&v10[2], "usage_daily", "bucket_start", snapshot);
+	}
+	else
+		open_table(&table, "usage_days", "day", snapshot);
 
 	per_period = AllocSetContextCreate(CurrentMemoryContext, "billing rollup totals",
 									   ALLOCSET_DEFAULT_SIZES);
@@ -435,15 +455,34 @@ billing_rollup_totals(PG_FUNCTION_ARGS)
 						named[nnamed++] = split_dims[group_of[g]];
 			memset(tots, 0, (1 + nnamed) * sizeof(MeterTotal));
 
+			if (is_v10)
+			{
+				TimestampTz fh = billing_bin_start(ps, USECS_PER_HOUR);
+				TimestampTz h0 = (fh == ps) ? fh : fh + USECS_PER_HOUR;
+				TimestampTz h1 = billing_bin_start(pe, USECS_PER_HOUR);
+
+				/* 1.0: minutes at the edges, hours, days */
+				scan_range(&v10[0], account, meters[k], ps, Min(h0, pe), 0, 0, kinds[k],
+						   named, nnamed, tots, per_period);
+				scan_range(&v10[0], account, meters[k], Max(Max(h1, h0), ps), pe, 0, 0,
+						   kinds[k], named, nnamed, tots, per_period);
+				scan_range(&v10[1], account, meters[k], h0, Min(d0, h1), 0, 0, kinds[k],
+						   named, nnamed, tots, per_period);
+				scan_range(&v10[1], account, meters[k], Max(Max(d1, d0), h0), h1, 0, 0,
+						   kinds[k], named, nnamed, tots, per_period);
+				scan_range(&v10[2], account, meters[k], d0, d1, 0, 0, kinds[k],
+						   named, nnamed, tots, per_period);
+			}
 			/* the cells of the day holding ps before the first whole day */
-			if (ps < d0)
+			else if (ps < d0)
 				scan_range(&table, account, meters[k], fd, fd + USECS_PER_DAY, ps, Min(d0, pe),
 						   kinds[k], named, nnamed, tots, per_period);
 			/* whole days */
-			scan_range(&table, account, meters[k], d0, d1, 0, 0, kinds[k],
-					   named, nnamed, tots, per_period);
+			if (!is_v10)
+				scan_range(&table, account, meters[k], d0, d1, 0, 0, kinds[k],
+						   named, nnamed, tots, per_period);
 			/* the cells of the last day before pe, after the whole days */
-			if (d1 >= d0 && pe > d1)
+			if (!is_v10 && d1 >= d0 && pe > d1)
 				scan_range(&table, account, meters[k], d1, d1 + USECS_PER_DAY, d1, pe,
 						   kinds[k], named, nnamed, tots, per_period);
 
@@ -472,6 +511,10 @@ billing_rollup_totals(PG_FUNCTION_ARGS)
 	}
 	MemoryContextDelete(per_period);
 
-	close_table(&table);
+	if (is_v10)
+		for (int t = 0; t < 3; t++)
+			close_table(&v10[t]);
+	else
+		close_table(&table);
 	return (Datum) 0;
 }

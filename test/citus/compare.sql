@@ -23,7 +23,7 @@
 --                                           (correct_usage runs there), and
 --                                           masked in audit_log (object and
 --                                           details)
---   usage_buckets/_hourly/_daily.last_seq,  left out: arrival numbers from
+--   usage_days.last_seq (and the        left out: arrival numbers from
 --   usage_deltas.seq                        billing.usage_seq, drawn by the
 --                                           node that counts the report; they
 --                                           decide only ties of last_ts, and
@@ -59,6 +59,11 @@ SELECT d.account_id, c.*
 \echo == usage_buckets
 SELECT account_id, meter, dimension, bucket_start, quantity, events, last_ts
   FROM billing.usage_buckets ORDER BY account_id, meter, bucket_start, dimension;
+\echo == usage_days
+SELECT d.account_id, d.meter, d.day, d.dimension, d.quantity, d.events, d.last_ts,
+       c.bucket_start, c.quantity, c.events, c.last_ts
+  FROM billing.usage_days d, billing._day_cells(d.day, d.cells) c
+ ORDER BY d.account_id, d.meter, d.day, d.dimension, c.bucket_start;
 \echo == usage_hourly
 SELECT account_id, meter, dimension, bucket_start, quantity, events, last_ts
   FROM billing.usage_hourly ORDER BY account_id, meter, bucket_start, dimension;

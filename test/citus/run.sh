@@ -170,7 +170,7 @@ for seed in $SEEDS; do
     # every table of the schema is compared (compare.sql lists them)
     r=$(cat "$WORK/single_$seed.tables.tables")
     check "seed $seed: compare.sql covers every table of billing (${r})" \
-        [ "$r" = "accounts adjustments audit_heads audit_log charges commitment_windows commitments credit_grants credit_ledger cumulative_reports dedupe_keys ingest_offsets invoice_lines invoices metered_tables meters plans subscriptions unique_periods unique_values usage_buckets usage_corrections usage_daily usage_deltas usage_hourly" ]
+        [ "$r" = "accounts adjustments audit_heads audit_log charges commitment_windows commitments credit_grants credit_ledger cumulative_reports dedupe_keys ingest_offsets invoice_lines invoices metered_tables meters plans subscriptions unique_periods unique_values usage_buckets usage_corrections usage_daily usage_days usage_deltas usage_hourly" ]
     r=$(grep -A2 -E '^ (invoice|audit)_problems' "$WORK/citus_$seed.out" | grep -E '^ +[0-9]+$' | tr -d ' ' | tr '\n' ' ')
     check "seed $seed: invoices and the audit log verify on the cluster (problems: $r)" [ "$r" = "0 0 " ]
     if diff -u "$WORK/single_$seed.out" "$WORK/citus_$seed.out" >"$WORK/diff" 2>&1; then
@@ -305,7 +305,7 @@ target=$(cq "SELECT l.charge_id || ' ' || i.plan FROM billing.invoice_lines l
               WHERE l.kind = 'usage' ORDER BY l.account_id, l.line_no LIMIT 1")
 charge=${target% *}
 plan=${target#* }
-meter=$(cq "SELECT meter FROM billing.usage_buckets ORDER BY account_id, meter LIMIT 1")
+meter=$(cq "SELECT meter FROM billing.usage_days ORDER BY account_id, meter LIMIT 1")
 # and a meter no charge names (deleting one that is charged fails on the
 # foreign key first), with usage on one worker only, not compacted
 cq "INSERT INTO billing.meters (meter, late_window, dedupe_window) VALUES ('guarded', '100 years', '100 years')" >/dev/null
@@ -423,9 +423,9 @@ r=$(cq "SELECT count(DISTINCT colocationid) FROM pg_dist_partition
 check "the per-account tables form one co-location group ($r)" [ "$r" = 1 ]
 r=$(cq "SELECT string_agg(nodeport || ':' || n, ' ' ORDER BY nodeport) FROM (
           SELECT nodeport, sum(result::bigint) AS n
-            FROM run_command_on_placements('billing.usage_buckets', 'SELECT count(*) FROM %s')
+            FROM run_command_on_placements('billing.usage_days', 'SELECT count(*) FROM %s')
            GROUP BY nodeport) x WHERE n > 0")
-check "usage buckets are spread over both workers ($r)" [ "$(echo "$r" | wc -w)" = 2 ]
+check "compacted usage (usage_days) is spread over both workers ($r)" [ "$(echo "$r" | wc -w)" = 2 ]
 # the C ingest must never write the shells (direct heap inserts would land there)
 r=$(cq "SELECT pg_relation_size('billing.usage_deltas') + pg_relation_size('billing.dedupe_keys')")
 w=$(cq "SELECT string_agg(result, ',') FROM run_command_on_workers(

@@ -142,7 +142,7 @@ setup_usage w_late
 record w_late 1 3000 >/dev/null
 wait_for w_late "SELECT NOT EXISTS (SELECT 1 FROM billing.usage_deltas)"
 check "the worker compacted the deltas" "0|true" \
-    "$(q w_late -c "SELECT count(*) || '|' || (SELECT count(*) > 0 FROM billing.usage_buckets) FROM billing.usage_deltas")"
+    "$(q w_late -c "SELECT count(*) || '|' || (SELECT count(*) > 0 FROM billing.usage_days) FROM billing.usage_deltas")"
 check "usage is exact after the worker's compaction" t "$(q w_late -c "$(expected 3000)")"
 q w_late -c "INSERT INTO billing.dedupe_keys VALUES (1, 'w_events', 'expired', '2020-01-01')" >/dev/null
 wait_for w_late "SELECT NOT EXISTS (SELECT 1 FROM billing.dedupe_keys WHERE event_id = 'expired')"
