@@ -403,10 +403,11 @@ read_old_rows(Compaction *cp, Series **by_rank)
 	args[2] = TimestampTzGetDatum(hi);
 	MemoryContextSwitchTo(old);
 
+	/* not read-only: it must see the rows the earlier batches wrote */
 	ret = SPI_execute_with_args("SELECT account_id, meter::text, day, dimension::text, quantity, "
 								"events, last_ts, last_seq, cells FROM billing.usage_days "
 								"WHERE account_id = ANY ($1) AND day >= $2 AND day <= $3",
-								3, types, args, NULL, true, 0);
+								3, types, args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading billing.usage_days failed: %s", SPI_result_code_string(ret));
 
@@ -774,13 +775,18 @@ billing_compact_usage(PG_FUNCTION_ARGS)
 	portal = SPI_cursor_open("billing_compact_deltas", plan, NULL, NULL, false);
 	for (;;)
 	{
+		SPITupleTable *tt;
+		uint64		n;
+
 		SPI_cursor_fetch(portal, true, FETCH_ROWS);
-		if (SPI_processed == 0)
+		tt = SPI_tuptable;
+		n = SPI_processed;
+		if (n == 0)
 			break;
-		for (uint64 i = 0; i < SPI_processed; i++)
+		for (uint64 i = 0; i < n; i++)
 		{
-			HeapTuple	tup = SPI_tuptable->vals[i];
-			TupleDesc	desc = SPI_tuptable->tupdesc;
+			HeapTuple	tup = tt->vals[i];
+			TupleDesc	desc = tt->tupdesc;
 			bool		null_acc,
 						null_seq,
 						null_cells;
@@ -792,13 +798,14 @@ billing_compact_usage(PG_FUNCTION_ARGS)
 				continue;
 			add_delta_row(&cp, DatumGetInt64(acc), null_seq,
 						  null_seq ? 0 : DatumGetInt64(seq), DatumGetByteaPP(cells));
+			/* a batch holds what fits in maintenance_work_mem */
+			if (MemoryContextMemAllocated(cp.batch_cxt, true) >= limit)
+			{
+				batch_fold(&cp);
+				batch_begin(&cp);
+			}
 		}
-		SPI_freetuptable(SPI_tuptable);
-		if (MemoryContextMemAllocated(cp.batch_cxt, true) >= limit)
-		{
-			batch_fold(&cp);
-			batch_begin(&cp);
-		}
+		SPI_freetuptable(tt);
 	}
 	SPI_cursor_close(portal);
 	batch_fold(&cp);

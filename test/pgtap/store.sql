@@ -7,7 +7,7 @@
 -- compacted twice (merged into existing rows); quantities keep their
 -- display scale and values beyond the fixed-point range round-trip.
 BEGIN;
-SELECT plan(24);
+SELECT plan(29);
 SELECT setseed(0.1616);
 SET LOCAL timezone = 'UTC';
 
@@ -141,7 +141,31 @@ SELECT * FROM pg_temp.check('compacted twice');
 SELECT is((SELECT sum(d.events)::bigint FROM billing.usage_days d WHERE account_id BETWEEN 7601 AND 7603),
           (SELECT count(*) FROM ev), 'the day totals count every report');
 
--- 4. display scale and values beyond the fixed point, compacted
+-- 4. a compaction in several batches (maintenance_work_mem 1MB): two rounds
+-- of the same keys, the second merging into rows the first batch wrote
+CREATE FUNCTION pg_temp.send_batch(round integer) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    first integer := (SELECT coalesce(max(id), 0) FROM ev);
+BEGIN
+    INSERT INTO ev (account_id, meter, dim, q, ts)
+    SELECT 7601 + g % 3, (ARRAY['st_sum', 'st_cnt', 'st_max', 'st_last'])[1 + g / 3 % 4], '',
+           (g % 7 + round)::numeric, (SELECT t0 FROM base) + interval '1 minute' * (g / 12)
+      FROM generate_series(0, 12 * 3000 - 1) g;
+    PERFORM billing.ingest('st_batch', round, 1,
+                           array_agg(account_id ORDER BY id), array_agg(meter ORDER BY id),
+                           array_agg(q ORDER BY id), array_agg(ts ORDER BY id),
+                           NULL, array_agg(dim ORDER BY id))
+       FROM ev WHERE id > first;
+END
+$$;
+SELECT pg_temp.send_batch(1);
+SELECT pg_temp.send_batch(2);
+SET LOCAL maintenance_work_mem = '1MB';
+SELECT is(billing.compact_usage(), 72000::bigint, 'a compaction in several batches folds every delta cell');
+RESET maintenance_work_mem;
+SELECT * FROM pg_temp.check('compacted in several batches');
+
+-- 5. display scale and values beyond the fixed point, compacted
 SELECT billing.record(7603, 'st_big', 1.5, '2025-06-10 10:00:00+00');
 SELECT billing.record(7603, 'st_big', 1.5, '2025-06-10 10:00:30+00');
 SELECT billing.record(7603, 'st_big', 0.0000000000000000000000000000001, '2025-06-10 11:00:00+00');
