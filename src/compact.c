@@ -22,32 +22,46 @@
  *	4. for the unique meters, hands the cells to billing._unique_fold per
  *	   account (46_unique.sql).
  *
- * Everything is SQL through SPI, so the same code runs on one node and on
- * a Citus coordinator, where the statements reach the shards.
+ * On one node the rows are written straight into the heap and primary key
+ * of usage_days (new ones multi-inserted as COPY does, existing ones
+ * updated in place); the rest is SQL through SPI.  On a Citus coordinator,
+ * where usage_days is a shell, the writes are SQL too (one upsert per
+ * 10,000 rows), which Citus routes to the shards.
  */
 #include "postgres.h"
 
+#include "access/heapam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
+#include "executor/executor.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "storage/itemptr.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/numeric.h"
+#include "utils/rel.h"
 #include "utils/timestamp.h"
 
 #include "agg.h"
+#include "catalog.h"
 #include "cells.h"
 #include "store.h"
 #include "util.h"
 
 PG_FUNCTION_INFO_V1(billing_compact_usage);
 
-/* rows of usage_days written per statement */
+/* rows of usage_days written per statement (Citus) */
 #define WRITE_CHUNK		10000
+/* new rows of usage_days multi-inserted at a time (one node) */
+#define HEAP_CHUNK		1000
 /* delta rows fetched at a time */
 #define FETCH_ROWS		1000
 
@@ -83,6 +97,9 @@ typedef struct BatchCell
 {
 	int64		account;
 	int32		series;			/* index, then rank once sorted */
+	int32		scale;			/* >= 0: the quantity is coef / 10^scale, c.num
+								 * is NULL; -1: c.num */
+	int64		coef;
 	UsageCell	c;
 } BatchCell;
 
@@ -101,7 +118,27 @@ typedef struct OldRow
 	RowKey		key;
 	UsageCell	total;
 	bytea	   *cells;
+	ItemPointerData tid;		/* where it is (one node) */
 } OldRow;
+
+/* the columns of usage_days, in order */
+#define STORE_NATTS		9
+
+/*
+ * Writing usage_days straight into its heap and primary key (one node):
+ * new rows multi-inserted as COPY does, existing ones updated in place.
+ */
+typedef struct StoreHeap
+{
+	Relation	rel;
+	EState	   *estate;
+	ResultRelInfo *rri;
+	TupleTableSlot **slots;		/* new rows queued */
+	int			n;
+	TupleTableSlot *upd_slot;	/* an updated row, for its index entries */
+	CommandId	cid;
+	MemoryContext cxt;			/* the writer's own (outlives batches) */
+} StoreHeap;
 
 /* what compaction keeps across batches */
 typedef struct Compaction
@@ -109,6 +146,7 @@ typedef struct Compaction
 	CMeter	   *meters;
 	int			nmeters;
 	MemoryContext batch_cxt;	/* the batch: cells, series, rows */
+	MemoryContext row_cxt;		/* the numerics of one row being merged */
 	HTAB	   *series_hash;
 	Series	  **series;
 	int			nseries;
@@ -130,6 +168,7 @@ typedef struct Compaction
 			   *o_cells;
 	bool	   *o_ts_null,
 			   *o_seq_null;
+	StoreHeap  *heap;			/* one node: the heap writer, else NULL (SQL) */
 } Compaction;
 
 /* hash of a series key */
@@ -277,6 +316,54 @@ series_of(Compaction *cp, const CellSeries *s)
 }
 
 /*
+ * fixed_quantity
+ *		Set the quantity of b from dec, a fixed-point value of
+ *		CELLS_QTY_SCALE digits: coef / 10^scale with the fewest digits (the
+ *		display scale the numeric of billing._delta_cells has), or a
+ *		numeric beyond 64 bits.
+ */
+static void
+fixed_quantity(BatchCell *b, int128_t dec)
+{
+	int			s = CELLS_QTY_SCALE;
+
+	/* most quantities are whole numbers */
+	if (dec % billing_dec_pow10[CELLS_QTY_SCALE] == 0)
+	{
+		dec /= billing_dec_pow10[CELLS_QTY_SCALE];
+		s = 0;
+	}
+	else
+		while (s > 0 && dec % 10 == 0)
+		{
+			dec /= 10;
+			s--;
+		}
+	if (dec >= PG_INT64_MIN && dec <= PG_INT64_MAX)
+	{
+		b->coef = (int64) dec;
+		b->scale = s;
+	}
+	else
+		b->c.num = billing_dec_to_numeric(dec, s);
+}
+
+/*
+ * cell_value
+ *		The cell of b with its quantity as a numeric (made in the current
+ *		memory context when b holds it in fixed point).
+ */
+static inline UsageCell
+cell_value(const BatchCell *b)
+{
+	UsageCell	c = b->c;
+
+	if (b->scale >= 0)
+		c.num = billing_dec_to_numeric(b->coef, b->scale);
+	return c;
+}
+
+/*
  * add_delta_row
  *		Decode the cells of one delta row (account, seq, packed cells) into
  *		the batch.
@@ -309,7 +396,12 @@ add_delta_row(Compaction *cp, int64 account, bool seq_null, int64 seq, bytea *pa
 			b->series = ser->index;
 			b->c.bucket = c.bucket_start;
 			b->c.events = c.events;
-			b->c.num = c.isdec ? billing_dec_to_numeric(c.dec, CELLS_QTY_SCALE) : c.num;
+			b->scale = -1;
+			b->c.num = NULL;
+			if (c.isdec)
+				fixed_quantity(b, c.dec);
+			else
+				b->c.num = c.num;
 			if (s.is_last)
 			{
 				b->c.last_ts = c.last_ts;
@@ -346,12 +438,9 @@ series_cmp(const void *a, const void *b)
 }
 
 /* order of batch cells by (account, series rank, bucket) */
-static int
-cell_cmp(const void *a, const void *b)
+static inline int
+cell_cmp(const BatchCell *x, const BatchCell *y)
 {
-	const BatchCell *x = (const BatchCell *) a;
-	const BatchCell *y = (const BatchCell *) b;
-
 	if (x->account != y->account)
 		return x->account < y->account ? -1 : 1;
 	if (x->series != y->series)
@@ -360,6 +449,15 @@ cell_cmp(const void *a, const void *b)
 		return x->c.bucket < y->c.bucket ? -1 : 1;
 	return 0;
 }
+
+/* sort_cells(cells, n): a sort of batch cells with cell_cmp inlined */
+#define ST_SORT sort_cells
+#define ST_ELEMENT_TYPE BatchCell
+#define ST_COMPARE(a, b) cell_cmp(a, b)
+#define ST_SCOPE static
+#define ST_DECLARE
+#define ST_DEFINE
+#include "lib/sort_template.h"
 
 /*
  * read_old_rows
@@ -405,7 +503,7 @@ read_old_rows(Compaction *cp, Series **by_rank)
 
 	/* not read-only: it must see the rows the earlier batches wrote */
 	ret = SPI_execute_with_args("SELECT account_id, meter::text, day, dimension::text, quantity, "
-								"events, last_ts, last_seq, cells FROM billing.usage_days "
+								"events, last_ts, last_seq, cells, ctid FROM billing.usage_days "
 								"WHERE account_id = ANY ($1) AND day >= $2 AND day <= $3",
 								3, types, args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
@@ -459,6 +557,7 @@ read_old_rows(Compaction *cp, Series **by_rank)
 		d = SPI_getbinval(tup, desc, 8, &isnull);
 		row->total.last_seq = isnull ? AGG_NO_SEQ : DatumGetInt64(d);
 		row->cells = DatumGetByteaPCopy(SPI_getbinval(tup, desc, 9, &isnull));
+		row->tid = *(ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 10, &isnull));
 	}
 	MemoryContextSwitchTo(old);
 	SPI_freetuptable(SPI_tuptable);
@@ -538,6 +637,119 @@ out_flush(Compaction *cp)
 	cp->nout = 0;
 }
 
+/* open usage_days for writing straight into its heap and indexes */
+static StoreHeap *
+heap_begin(void)
+{
+	StoreHeap  *h = palloc0(sizeof(StoreHeap));
+
+	h->rel = table_open(billing_relid("usage_days"), RowExclusiveLock);
+	if (RelationGetDescr(h->rel)->natts != STORE_NATTS)
+		elog(ERROR, "billing.usage_days does not have the columns compaction writes");
+	h->estate = CreateExecutorState();
+	h->rri = makeNode(ResultRelInfo);
+	InitResultRelInfo(h->rri, h->rel, 1, NULL, 0);
+	ExecOpenIndices(h->rri, false);
+	h->slots = palloc(HEAP_CHUNK * sizeof(TupleTableSlot *));
+	for (int i = 0; i < HEAP_CHUNK; i++)
+		h->slots[i] = NULL;
+	h->upd_slot = MakeSingleTupleTableSlot(RelationGetDescr(h->rel), &TTSOpsHeapTuple);
+	h->cid = GetCurrentCommandId(true);
+	h->cxt = CurrentMemoryContext;
+	return h;
+}
+
+/* multi-insert the queued new rows and their index entries */
+static void
+heap_flush_new(StoreHeap *h)
+{
+	if (h->n == 0)
+		return;
+	table_multi_insert(h->rel, h->slots, h->n, h->cid, 0, NULL);
+	for (int i = 0; i < h->n; i++)
+	{
+		List	   *r = ExecInsertIndexTuples(h->rri, h->slots[i], h->estate,
+											  false, false, NULL, NIL);
+
+		list_free(r);
+		ExecClearTuple(h->slots[i]);
+	}
+	ResetPerTupleExprContext(h->estate);
+	h->n = 0;
+}
+
+/* write the rest and close */
+static void
+heap_end(StoreHeap *h)
+{
+	heap_flush_new(h);
+	for (int i = 0; i < HEAP_CHUNK; i++)
+		if (h->slots[i] != NULL)
+			ExecDropSingleTupleTableSlot(h->slots[i]);
+	ExecDropSingleTupleTableSlot(h->upd_slot);
+	ExecCloseIndices(h->rri);
+	FreeExecutorState(h->estate);
+	table_close(h->rel, NoLock);
+}
+
+/*
+ * heap_write
+ *		Write one row of usage_days: replace the row at old (an update, with
+ *		index entries unless it stays on its page as a heap-only tuple) or
+ *		queue a new one.
+ */
+static void
+heap_write(StoreHeap *h, Datum *values, bool *nulls, const OldRow *old)
+{
+	if (old != NULL)
+	{
+		HeapTuple	tup = heap_form_tuple(RelationGetDescr(h->rel), values, nulls);
+		ItemPointerData otid = old->tid;
+
+		simple_heap_update(h->rel, &otid, tup);
+		if (!HeapTupleIsHeapOnly(tup))
+		{
+			List	   *r;
+
+			ExecStoreHeapTuple(tup, h->upd_slot, false);
+			/* not as an UPDATE: that would look for the updated columns in a range table */
+			r = ExecInsertIndexTuples(h->rri, h->upd_slot, h->estate, false, false, NULL, NIL);
+			list_free(r);
+			ExecClearTuple(h->upd_slot);
+		}
+		heap_freetuple(tup);
+		return;
+	}
+	if (h->slots[h->n] == NULL)
+	{
+		MemoryContext oldcxt = MemoryContextSwitchTo(h->cxt);
+
+		h->slots[h->n] = MakeSingleTupleTableSlot(RelationGetDescr(h->rel),
+												  table_slot_callbacks(h->rel));
+		MemoryContextSwitchTo(oldcxt);
+	}
+	ExecClearTuple(h->slots[h->n]);
+	memcpy(h->slots[h->n]->tts_values, values, STORE_NATTS * sizeof(Datum));
+	memcpy(h->slots[h->n]->tts_isnull, nulls, STORE_NATTS * sizeof(bool));
+	ExecStoreVirtualTuple(h->slots[h->n]);
+	if (++h->n == HEAP_CHUNK)
+		heap_flush_new(h);
+}
+
+/* append a batch cell to a packed value */
+static inline void
+store_batch_cell(StoreWriter *w, const BatchCell *b)
+{
+	if (b->scale >= 0 && b->scale <= STORE_MAX_SCALE)
+		billing_store_add_fixed(w, &b->c, b->coef, b->scale);
+	else
+	{
+		UsageCell	v = cell_value(b);
+
+		billing_store_add(w, &v);
+	}
+}
+
 /*
  * write_row
  *		Merge the cells new[0..n) (sorted, distinct buckets, one account,
@@ -554,7 +766,9 @@ write_row(Compaction *cp, const Series *ser, int64 account, TimestampTz day,
 	UsageCell	total;
 	int			k;
 	int			i = 0;
+	MemoryContext keep = MemoryContextSwitchTo(cp->row_cxt);
 
+	/* the numerics of the merge and of the total are temporary (row_cxt) */
 	billing_store_begin(&w, buf, is_last, day);
 	if (old != NULL)
 	{
@@ -574,14 +788,16 @@ write_row(Compaction *cp, const Series *ser, int64 account, TimestampTz day,
 			}
 			else if (have && oc.bucket == new[i].c.bucket)
 			{
-				billing_cell_combine(agg, &oc, &new[i].c);
+				UsageCell	v = cell_value(&new[i]);
+
+				billing_cell_combine(agg, &oc, &v);
 				billing_store_add(&w, &oc);
 				i++;
 				have = billing_store_next(&r, &oc);
 			}
 			else
 			{
-				billing_store_add(&w, &new[i].c);
+				store_batch_cell(&w, &new[i]);
 				i++;
 			}
 		}
@@ -589,14 +805,41 @@ write_row(Compaction *cp, const Series *ser, int64 account, TimestampTz day,
 	}
 	else
 	{
-		total = new[0].c;
+		total = cell_value(&new[0]);
 		for (int j = 0; j < n; j++)
-			billing_store_add(&w, &new[j].c);
+			store_batch_cell(&w, &new[j]);
 		k = 1;
 	}
 	for (; k < n; k++)
-		billing_cell_combine(agg, &total, &new[k].c);
+	{
+		UsageCell	v = cell_value(&new[k]);
 
+		billing_cell_combine(agg, &total, &v);
+	}
+	/* what is written lives in the batch's context */
+	MemoryContextSwitchTo(keep);
+	billing_cell_keep(&total, cp->batch_cxt);
+	MemoryContextReset(cp->row_cxt);
+
+	if (cp->heap != NULL)
+	{
+		Datum		values[STORE_NATTS];
+		bool		nulls[STORE_NATTS] = {false};
+
+		values[0] = Int64GetDatum(account);
+		values[1] = PointerGetDatum(cstring_to_text_with_len(ser->meter->name, ser->meter->len));
+		values[2] = TimestampTzGetDatum(day);
+		values[3] = PointerGetDatum(cstring_to_text_with_len(ser->dim, ser->dimlen));
+		values[4] = NumericGetDatum(total.num);
+		values[5] = Int64GetDatum(total.events);
+		values[6] = TimestampTzGetDatum(total.last_ts);
+		nulls[6] = total.last_ts == AGG_NO_TS;
+		values[7] = Int64GetDatum(total.last_seq);
+		nulls[7] = total.last_seq == AGG_NO_SEQ;
+		values[8] = PointerGetDatum(billing_store_end(&w));
+		heap_write(cp->heap, values, nulls, old);
+		return;
+	}
 	if (cp->nout == WRITE_CHUNK)
 		out_flush(cp);
 	k = cp->nout++;
@@ -683,12 +926,18 @@ batch_fold(Compaction *cp)
 	}
 	for (int i = 0; i < cp->ncells; i++)
 		cp->cells[i].series = cp->series[cp->cells[i].series]->rank;
-	qsort(cp->cells, cp->ncells, sizeof(BatchCell), cell_cmp);
+	sort_cells(cp->cells, cp->ncells);
 	for (int i = 0; i < cp->ncells; i++)
 	{
 		if (n > 0 && cell_cmp(&cp->cells[n - 1], &cp->cells[i]) == 0)
-			billing_cell_combine(by_rank[cp->cells[i].series]->meter->agg,
-								 &cp->cells[n - 1].c, &cp->cells[i].c);
+		{
+			BatchCell  *into = &cp->cells[n - 1];
+			UsageCell	v = cell_value(&cp->cells[i]);
+
+			into->c = cell_value(into);
+			into->scale = -1;
+			billing_cell_combine(by_rank[cp->cells[i].series]->meter->agg, &into->c, &v);
+		}
 		else
 			cp->cells[n++] = cp->cells[i];
 	}
@@ -723,7 +972,10 @@ batch_fold(Compaction *cp)
 		i = j;
 	}
 	MemoryContextSwitchTo(old);
-	out_flush(cp);
+	if (cp->heap != NULL)
+		heap_flush_new(cp->heap);
+	else
+		out_flush(cp);
 
 	/* unique meters: per account */
 	if (any_unique)
@@ -766,7 +1018,12 @@ billing_compact_usage(PG_FUNCTION_ARGS)
 	load_meters(&cp, cxt);
 	cp.batch_cxt = AllocSetContextCreate(cxt, "billing compaction batch",
 										 ALLOCSET_DEFAULT_SIZES);
+	cp.row_cxt = AllocSetContextCreate(cxt, "billing compaction row",
+									   ALLOCSET_DEFAULT_SIZES);
 	batch_begin(&cp);
+	/* one node: usage_days is written straight into its heap and index */
+	if (!billing_distributed())
+		cp.heap = heap_begin();
 
 	plan = SPI_prepare("DELETE FROM billing.usage_deltas RETURNING account_id, seq, cells", 0,
 					   NULL);
@@ -809,7 +1066,10 @@ billing_compact_usage(PG_FUNCTION_ARGS)
 	}
 	SPI_cursor_close(portal);
 	batch_fold(&cp);
+	if (cp.heap != NULL)
+		heap_end(cp.heap);
 	MemoryContextDelete(cp.batch_cxt);
+	MemoryContextDelete(cp.row_cxt);
 	SPI_finish();
 	PG_RETURN_INT64(cp.folded);
 }

@@ -87,27 +87,19 @@ billing_store_begin(StoreWriter *w, StringInfo buf, bool is_last, TimestampTz da
 }
 
 /*
- * billing_store_add
- *		Append one cell; cells come in increasing bucket order, all in the
- *		row's day.
+ * store_cell
+ *		Append one cell whose quantity is coef / 10^scale (text: NULL), or
+ *		the text of a numeric (text not NULL).
  */
-void
-billing_store_add(StoreWriter *w, const UsageCell *c)
+static void
+store_cell(StoreWriter *w, const UsageCell *c, int128_t coef, int scale, const char *text)
 {
 	StringInfo	b = w->buf;
 	int64		off = c->bucket - w->prev;
 	int			head;
-	int			dscale;
-	int			kind;
-	int128_t	coef = 0;
-	bool		text = true;
 
 	Assert(c->bucket >= w->prev);
-	kind = billing_dec_numeric_classify(c->num, &dscale);
-	if (kind == DEC_NUM_ZERO || kind == DEC_NUM_POS || kind == DEC_NUM_NEG)
-		text = !(dscale <= STORE_MAX_SCALE &&
-				 billing_dec_from_numeric(c->num, dscale, &coef));
-	head = text ? STORE_TEXT : dscale;
+	head = text ? STORE_TEXT : scale;
 	if (off % USECS_PER_SEC == 0)
 		off /= USECS_PER_SEC;
 	else
@@ -120,13 +112,10 @@ billing_store_add(StoreWriter *w, const UsageCell *c)
 		put_svarint(b, c->events);
 	if (text)
 	{
-		char	   *s = DatumGetCString(DirectFunctionCall1(numeric_out,
-															NumericGetDatum(c->num)));
-		int			len = strlen(s);
+		int			len = strlen(text);
 
 		put_varint(b, (uint64) len);
-		appendBinaryStringInfo(b, s, len);
-		pfree(s);
+		appendBinaryStringInfo(b, text, len);
 	}
 	else
 		put_svarint128(b, coef);
@@ -137,6 +126,44 @@ billing_store_add(StoreWriter *w, const UsageCell *c)
 		put_svarint(b, c->last_seq);
 	}
 	w->prev = c->bucket;
+}
+
+/*
+ * billing_store_add
+ *		Append one cell, its quantity the numeric c->num; cells come in
+ *		increasing bucket order, all in the row's day.
+ */
+void
+billing_store_add(StoreWriter *w, const UsageCell *c)
+{
+	int			dscale;
+	int			kind;
+	int128_t	coef = 0;
+
+	kind = billing_dec_numeric_classify(c->num, &dscale);
+	if ((kind == DEC_NUM_ZERO || kind == DEC_NUM_POS || kind == DEC_NUM_NEG) &&
+		dscale <= STORE_MAX_SCALE && billing_dec_from_numeric(c->num, dscale, &coef))
+		store_cell(w, c, coef, dscale, NULL);
+	else
+	{
+		char	   *s = DatumGetCString(DirectFunctionCall1(numeric_out,
+															NumericGetDatum(c->num)));
+
+		store_cell(w, c, 0, 0, s);
+		pfree(s);
+	}
+}
+
+/*
+ * billing_store_add_fixed
+ *		Append one cell whose quantity is coef / 10^scale with display
+ *		scale scale (0..STORE_MAX_SCALE); c->num is not read.
+ */
+void
+billing_store_add_fixed(StoreWriter *w, const UsageCell *c, int64 coef, int scale)
+{
+	Assert(scale >= 0 && scale <= STORE_MAX_SCALE);
+	store_cell(w, c, coef, scale, NULL);
 }
 
 /*

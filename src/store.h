@@ -78,6 +78,7 @@ typedef struct StoreWriter
 
 extern void billing_store_begin(StoreWriter *w, StringInfo buf, bool is_last, TimestampTz day);
 extern void billing_store_add(StoreWriter *w, const UsageCell *c);
+extern void billing_store_add_fixed(StoreWriter *w, const UsageCell *c, int64 coef, int scale);
 extern bytea *billing_store_end(StoreWriter *w);
 
 extern void billing_store_open(StoreReader *r, const char *data, int len, TimestampTz day);
