@@ -6911,6 +6911,32 @@ DROP FUNCTION billing._compact_into(text, interval);
 DROP FUNCTION billing._compact_into_citus(text, interval);
 DROP FUNCTION billing._unique_compact();
 
+CREATE FUNCTION billing._cells_in(p_account bigint, p_from timestamptz, p_to timestamptz,
+                                  p_meter text)
+    RETURNS TABLE (meter text, dimension text, bucket_start timestamptz, quantity numeric,
+                   events bigint, last_ts timestamptz, last_seq bigint)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    RETURN QUERY
+    SELECT s.meter::text, s.dimension::text, c.bucket_start, c.quantity, c.events,
+           c.last_ts, c.last_seq
+      FROM billing.usage_days s, billing._day_cells(s.day, s.cells) c
+     WHERE s.account_id = p_account AND (p_meter IS NULL OR s.meter = p_meter)
+       AND s.day > p_from - interval '24 hours' AND s.day < p_to
+       AND c.bucket_start >= p_from AND c.bucket_start < p_to
+    UNION ALL
+    SELECT x.meter::text, x.dimension::text, x.bucket_start, x.quantity, x.events, x.last_ts,
+           CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
+      FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
+     WHERE d.account_id = p_account AND (p_meter IS NULL OR x.meter = p_meter)
+       AND x.bucket_start >= p_from AND x.bucket_start < p_to;
+END
+$$;
+COMMENT ON FUNCTION billing._cells_in(bigint, timestamptz, timestamptz, text) IS
+    'Internal: the counter cells of an account (and meter) in [from, to), compacted or not, reading only the days of usage_days the range meets';
+REVOKE ALL ON FUNCTION billing._cells_in(bigint, timestamptz, timestamptz, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._cells_in(bigint, timestamptz, timestamptz, text) TO billing_reader;
+
 CREATE OR REPLACE FUNCTION billing._meters_guard() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 BEGIN
@@ -7070,6 +7096,109 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION billing._usage(p_account bigint, p_from timestamptz, p_to timestamptz,
+                               p_grain interval, p_meter text)
+    RETURNS TABLE (r_meter text, r_dimension text, r_bucket_start timestamptz,
+                   r_quantity numeric, r_events bigint)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    RETURN QUERY
+    WITH cells AS (
+        SELECT u.meter COLLATE "C" AS meter, u.dimension COLLATE "C" AS dimension,
+               u.bucket_start, u.quantity, u.events, u.last_ts, u.last_seq
+          FROM billing._cells_in(p_account, p_from, p_to, p_meter) u
+    )
+    -- a unique meter: one row per bucket (dimension NULL), its quantity the
+    -- number of distinct dimension values reported in the bucket
+    SELECT c.meter::text,
+           CASE WHEN m.aggregation <> 'unique' THEN c.dimension::text END,
+           CASE WHEN p_grain IS NULL THEN c.bucket_start ELSE billing._bin(p_grain, c.bucket_start) END,
+           CASE WHEN m.aggregation = 'unique' THEN count(DISTINCT c.dimension)
+                ELSE billing._cell_agg(m.aggregation, c.quantity, c.last_ts, c.last_seq) END,
+           sum(c.events)::bigint
+      FROM cells c JOIN billing.meters m ON m.meter = c.meter
+     GROUP BY c.meter, 2, 3, m.aggregation
+     ORDER BY c.meter, 2, 3;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION billing._unique_scan(p_account bigint, p_meter text, p_from timestamptz,
+                                     p_to timestamptz)
+    RETURNS SETOF text
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    -- PL/pgSQL: Citus routes the query by p_account's value
+    RETURN QUERY
+    SELECT DISTINCT c.dimension::text FROM billing._cells_in(p_account, p_from, p_to, p_meter) c;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION billing.correct_usage(account_id bigint, meter text, bucket_start timestamptz,
+                                      delta numeric, reason text, dimension text DEFAULT '')
+    RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    m record;
+    cur numeric;
+BEGIN
+    IF account_id IS NULL OR meter IS NULL OR bucket_start IS NULL OR delta IS NULL THEN
+        RAISE EXCEPTION 'correct_usage: account_id, meter, bucket_start and delta must not be null'
+            USING ERRCODE = '22004';
+    END IF;
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'a usage correction needs a reason' USING ERRCODE = '22004';
+    END IF;
+    dimension := coalesce(dimension, '');
+    IF octet_length(dimension) > 256 THEN
+        RAISE EXCEPTION 'usage dimension is too long'
+            USING ERRCODE = '22023', DETAIL = 'A dimension has at most 256 bytes.';
+    END IF;
+    SELECT * INTO m FROM billing.meters x WHERE x.meter = correct_usage.meter;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'meter "%" does not exist', correct_usage.meter USING ERRCODE = '23503';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.accounts a WHERE a.account_id = correct_usage.account_id) THEN
+        RAISE EXCEPTION 'account % does not exist', correct_usage.account_id USING ERRCODE = '23503';
+    END IF;
+    IF m.aggregation NOT IN ('sum', 'count') THEN
+        RAISE EXCEPTION 'meter "%" has aggregation %', m.meter, m.aggregation
+            USING ERRCODE = '22023', DETAIL = 'Only sum and count meters take corrections.';
+    END IF;
+    IF delta IN ('NaN', 'Infinity', '-Infinity') OR NOT isfinite(bucket_start)
+       OR billing._bin(m.bucket_width, bucket_start) <> bucket_start THEN
+        RAISE EXCEPTION 'invalid usage correction'
+            USING ERRCODE = '22023',
+                  DETAIL = format('delta must be a number and bucket_start the start of a %s bucket.', m.bucket_width);
+    END IF;
+    PERFORM billing._check_quantity(delta, correct_usage.meter, correct_usage.account_id);
+    -- corrections of one bucket one at a time (ingest only adds, so it cannot race below zero)
+    PERFORM pg_advisory_xact_lock(1651074162,
+        hashtext(format('%s/%s/%s/%s', account_id, meter, dimension, bucket_start)));
+    SELECT coalesce(billing._cell_agg(m.aggregation, u.quantity, u.last_ts, u.last_seq), 0) INTO cur
+      FROM billing._cells_in(correct_usage.account_id, correct_usage.bucket_start,
+                             correct_usage.bucket_start + interval '1 microsecond',
+                             correct_usage.meter) u
+     WHERE u.dimension = correct_usage.dimension;
+    IF cur + delta < 0 THEN
+        RAISE EXCEPTION 'correction would make the bucket negative'
+            USING ERRCODE = '22023',
+                  DETAIL = format('The bucket holds %s; the correction is %s.', cur, delta);
+    END IF;
+    INSERT INTO billing.usage_deltas (account_id, seq, cells)
+    VALUES (correct_usage.account_id, NULL,
+            billing._delta_pack(ARRAY[correct_usage.meter], ARRAY[correct_usage.dimension],
+                                ARRAY[bucket_start], ARRAY[delta], ARRAY[0::bigint], NULL));
+    INSERT INTO billing.usage_corrections (account_id, meter, dimension, bucket_start, delta, reason)
+    VALUES (correct_usage.account_id, correct_usage.meter, correct_usage.dimension, bucket_start,
+            delta, reason);
+END
+$$;
+
+ALTER FUNCTION billing.correct_usage(bigint, text, timestamptz, numeric, text, text) SECURITY DEFINER;
+COMMENT ON FUNCTION billing._unique_scan(bigint, text, timestamptz, timestamptz) IS
+    'Internal: the distinct dimension values of a meter with a counted cell in [from, to) (through _cells_in)';
 COMMENT ON TABLE billing.usage_buckets IS
     'Always empty: the compacted buckets of release 1.0; rows inserted (a 1.0 dump) move into usage_deltas';
 COMMENT ON TABLE billing.usage_hourly IS

@@ -35,6 +35,38 @@ $$;
 COMMENT ON FUNCTION billing._usage_args_ok(bigint, timestamptz, timestamptz, interval) IS
     'Internal: validates the arguments of billing.usage';
 
+/*
+ * _cells_in: the counter cells of one account (and meter, NULL: every
+ * meter) with a bucket in [p_from, p_to), compacted or not: the cells of
+ * billing.usage_cells, but only the rows of usage_days whose UTC day meets
+ * the range are decoded (one index range), so a short range of a long
+ * history costs what the range holds.  PL/pgSQL: Citus routes its query by
+ * p_account's value.
+ */
+CREATE FUNCTION billing._cells_in(p_account bigint, p_from timestamptz, p_to timestamptz,
+                                  p_meter text)
+    RETURNS TABLE (meter text, dimension text, bucket_start timestamptz, quantity numeric,
+                   events bigint, last_ts timestamptz, last_seq bigint)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    RETURN QUERY
+    SELECT s.meter::text, s.dimension::text, c.bucket_start, c.quantity, c.events,
+           c.last_ts, c.last_seq
+      FROM billing.usage_days s, billing._day_cells(s.day, s.cells) c
+     WHERE s.account_id = p_account AND (p_meter IS NULL OR s.meter = p_meter)
+       AND s.day > p_from - interval '24 hours' AND s.day < p_to
+       AND c.bucket_start >= p_from AND c.bucket_start < p_to
+    UNION ALL
+    SELECT x.meter::text, x.dimension::text, x.bucket_start, x.quantity, x.events, x.last_ts,
+           CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
+      FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
+     WHERE d.account_id = p_account AND (p_meter IS NULL OR x.meter = p_meter)
+       AND x.bucket_start >= p_from AND x.bucket_start < p_to;
+END
+$$;
+COMMENT ON FUNCTION billing._cells_in(bigint, timestamptz, timestamptz, text) IS
+    'Internal: the counter cells of an account (and meter) in [from, to), compacted or not, reading only the days of usage_days the range meets';
+
 -- PL/pgSQL: its plans get the argument values, which Citus needs to route
 -- the query to the account's shards (it cannot plan an SQL function's query)
 CREATE FUNCTION billing._usage(p_account bigint, p_from timestamptz, p_to timestamptz,
@@ -45,10 +77,9 @@ CREATE FUNCTION billing._usage(p_account bigint, p_from timestamptz, p_to timest
 BEGIN
     RETURN QUERY
     WITH cells AS (
-        SELECT u.meter, u.dimension, u.bucket_start, u.quantity, u.events, u.last_ts, u.last_seq
-          FROM billing.usage_cells u
-         WHERE u.account_id = p_account AND u.bucket_start >= p_from AND u.bucket_start < p_to
-           AND (p_meter IS NULL OR u.meter = p_meter)
+        SELECT u.meter COLLATE "C" AS meter, u.dimension COLLATE "C" AS dimension,
+               u.bucket_start, u.quantity, u.events, u.last_ts, u.last_seq
+          FROM billing._cells_in(p_account, p_from, p_to, p_meter) u
     )
     -- a unique meter: one row per bucket (dimension NULL), its quantity the
     -- number of distinct dimension values reported in the bucket

@@ -36,7 +36,8 @@
  * billing._unique_fold(account, meters, dimensions, buckets) keeps the
  * rows: compact_usage() (src/compact.c) calls it once per account with
  * the cells of unique meters it folds, as arrays, after writing them.
- * This file reads the cell store only through billing.usage_cells.  It
+ * This file reads the cell store only through billing.usage_cells and
+ * billing._cells_in (36_reads.sql).  It
  * adds the cells to every row P they fall in, then starts a row for each
  * billing period of the account's subscriptions that holds one of the
  * cells and has none (or one ending earlier), from every cell of the
@@ -183,9 +184,9 @@ COMMENT ON FUNCTION billing._unique_fold(bigint, text[], text[], timestamptz[]) 
 
 /*
  * _unique_scan: the distinct dimension values of a meter with a counted
- * cell in [p_from, p_to), read through billing.usage_cells (every cell,
- * compacted or not), so that it does not depend on how the cell store
- * keeps them.  Only ranges that no unique_periods row answers come here.
+ * cell in [p_from, p_to), read through billing._cells_in (every cell,
+ * compacted or not, as billing.usage_cells has them), so that it does not
+ * depend on how the cell store keeps them.  Only ranges that no unique_periods row answers come here.
  */
 CREATE FUNCTION billing._unique_scan(p_account bigint, p_meter text, p_from timestamptz,
                                      p_to timestamptz)
@@ -195,13 +196,11 @@ CREATE FUNCTION billing._unique_scan(p_account bigint, p_meter text, p_from time
 BEGIN
     -- PL/pgSQL: Citus routes the query by p_account's value
     RETURN QUERY
-    SELECT DISTINCT c.dimension::text FROM billing.usage_cells c
-     WHERE c.account_id = p_account AND c.meter = p_meter
-       AND c.bucket_start >= p_from AND c.bucket_start < p_to;
+    SELECT DISTINCT c.dimension::text FROM billing._cells_in(p_account, p_from, p_to, p_meter) c;
 END
 $$;
 COMMENT ON FUNCTION billing._unique_scan(bigint, text, timestamptz, timestamptz) IS
-    'Internal: the distinct dimension values of a meter with a counted cell in [from, to) (through usage_cells)';
+    'Internal: the distinct dimension values of a meter with a counted cell in [from, to) (through _cells_in)';
 
 /*
  * _unique_counts: for each unique meter of p_meters, the number of distinct

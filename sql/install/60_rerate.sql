@@ -71,9 +71,10 @@ BEGIN
     PERFORM pg_advisory_xact_lock(1651074162,
         hashtext(format('%s/%s/%s/%s', account_id, meter, dimension, bucket_start)));
     SELECT coalesce(billing._cell_agg(m.aggregation, u.quantity, u.last_ts, u.last_seq), 0) INTO cur
-      FROM billing.usage_cells u
-     WHERE u.account_id = correct_usage.account_id AND u.meter = correct_usage.meter
-       AND u.dimension = correct_usage.dimension AND u.bucket_start = correct_usage.bucket_start;
+      FROM billing._cells_in(correct_usage.account_id, correct_usage.bucket_start,
+                             correct_usage.bucket_start + interval '1 microsecond',
+                             correct_usage.meter) u
+     WHERE u.dimension = correct_usage.dimension;
     IF cur + delta < 0 THEN
         RAISE EXCEPTION 'correction would make the bucket negative'
             USING ERRCODE = '22023',

@@ -1,13 +1,15 @@
 -- store: the packed store billing.usage_days (issue 16: src/store.c, src/compact.c)
 -- read through every path equals a brute force over the raw reports, kept
 -- apart in a table of the test: usage() at raw grain and rolled up by hour,
--- day and month, and the period totals rating reads (_usage_totals_many,
--- with a dimension charged apart), for sum, count, max and last meters with
--- dimensions; with deltas only, compacted, compacted plus new deltas, and
--- compacted twice (merged into existing rows); quantities keep their
--- display scale and values beyond the fixed-point range round-trip.
+-- day and month, usage() over 200 ranges cut at any second (only the days
+-- a range meets are read, billing._cells_in), and the period totals rating
+-- reads (_usage_totals_many, with a dimension charged apart), for sum,
+-- count, max and last meters with dimensions; with deltas only, compacted,
+-- compacted plus new deltas, compacted twice (merged into existing rows)
+-- and compacted in several batches; quantities keep their display scale
+-- and values beyond the fixed-point range round-trip.
 BEGIN;
-SELECT plan(29);
+SELECT plan(34);
 SELECT setseed(0.1616);
 SET LOCAL timezone = 'UTC';
 
@@ -104,7 +106,24 @@ LANGUAGE sql AS $$
      GROUP BY p.i, e.meter, 3
 $$;
 
--- every read against its brute force: four assertions
+-- usage() over the periods (any second to any second: the days of the
+-- store at their edges are cut), against the raw reports
+CREATE FUNCTION pg_temp.read_ranges() RETURNS TABLE (i integer, meter text, dimension text,
+                                                     bucket_start timestamptz, quantity numeric, events bigint)
+LANGUAGE sql AS $$
+    SELECT p.i, u.meter, u.dimension, u.bucket_start, u.quantity, u.events
+      FROM periods p, billing.usage(p.account_id, p.ps, p.pe) u
+     WHERE u.meter LIKE 'st\_%'
+$$;
+CREATE FUNCTION pg_temp.brute_ranges() RETURNS TABLE (i integer, meter text, dimension text,
+                                                      bucket_start timestamptz, quantity numeric, events bigint)
+LANGUAGE sql AS $$
+    SELECT p.i, b.meter, b.dimension, b.bucket_start, b.quantity, b.events
+      FROM periods p JOIN pg_temp.brute('1 minute') b
+        ON b.account_id = p.account_id AND b.bucket_start >= p.ps AND b.bucket_start < p.pe
+$$;
+
+-- every read against its brute force: five assertions
 CREATE FUNCTION pg_temp.check(what text) RETURNS SETOF text LANGUAGE plpgsql AS $$
 BEGIN
     RETURN NEXT set_eq('SELECT * FROM pg_temp.read(NULL)', 'SELECT * FROM pg_temp.brute(''1 minute'')',
@@ -116,6 +135,8 @@ BEGIN
                        what || ': usage() by day and by month');
     RETURN NEXT set_eq('SELECT * FROM pg_temp.totals()', 'SELECT * FROM pg_temp.brute_totals()',
                        what || ': the period totals rating reads (a dimension apart)');
+    RETURN NEXT set_eq('SELECT * FROM pg_temp.read_ranges()', 'SELECT * FROM pg_temp.brute_ranges()',
+                       what || ': usage() of 200 ranges starting and ending at any second');
 END
 $$;
 
