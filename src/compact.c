@@ -45,9 +45,11 @@
 #include "utils/builtins.h"
 #include "storage/itemptr.h"
 #include "utils/hsearch.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/numeric.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "agg.h"
@@ -147,6 +149,8 @@ typedef struct Compaction
 	int			nmeters;
 	MemoryContext batch_cxt;	/* the batch: cells, series, rows */
 	MemoryContext row_cxt;		/* the numerics of one row being merged */
+	MemoryContext cells_cxt;	/* the array of the batch's cells */
+	Size		limit;			/* bytes a batch may take */
 	HTAB	   *series_hash;
 	Series	  **series;
 	int			nseries;
@@ -265,9 +269,23 @@ batch_begin(Compaction *cp)
 	cp->series = NULL;
 	cp->nseries = 0;
 	cp->series_cap = 0;
-	cp->cells = NULL;
+	/*
+	 * the cells of a batch in one array sized for the most that fit in the
+	 * limit: allocated once (untouched pages cost nothing), never copied
+	 * to grow
+	 */
+	MemoryContextReset(cp->cells_cxt);
+	cp->cells_cap = (int) (Min(cp->limit, (Size) 256 * 1024 * 1024) / sizeof(BatchCell)) + 1024;
+	cp->cells = MemoryContextAllocExtended(cp->cells_cxt, cp->cells_cap * sizeof(BatchCell),
+										   MCXT_ALLOC_HUGE);
 	cp->ncells = 0;
-	cp->cells_cap = 0;
+}
+
+/* bytes the batch takes */
+static inline Size
+batch_bytes(Compaction *cp)
+{
+	return MemoryContextMemAllocated(cp->batch_cxt, true) + cp->ncells * sizeof(BatchCell);
 }
 
 /*
@@ -389,8 +407,11 @@ add_delta_row(Compaction *cp, int64 account, bool seq_null, int64 seq, bytea *pa
 			if (ser == NULL)
 				continue;
 			if (cp->ncells == cp->cells_cap)
-				cp->cells = billing_grow(cp->cells, &cp->cells_cap, sizeof(BatchCell), 4096,
-										 cp->batch_cxt);
+			{
+				/* a delta row with more cells than the limit left room for */
+				cp->cells_cap *= 2;
+				cp->cells = repalloc_huge(cp->cells, cp->cells_cap * sizeof(BatchCell));
+			}
 			b = &cp->cells[cp->ncells++];
 			b->account = account;
 			b->series = ser->index;
@@ -995,35 +1016,15 @@ batch_fold(Compaction *cp)
 }
 
 /*
- * billing_compact_usage
- *		billing.compact_usage(): see the top of the file.
+ * take_deltas_sql
+ *		Take the deltas out with DELETE ... RETURNING through a cursor
+ *		(Citus: the statement reaches every shard) and fold them in batches.
  */
-Datum
-billing_compact_usage(PG_FUNCTION_ARGS)
+static void
+take_deltas_sql(Compaction *cp)
 {
-	Compaction	cp;
 	SPIPlanPtr	plan;
 	Portal		portal;
-	Size		limit = (Size) maintenance_work_mem * 1024;
-	MemoryContext cxt = CurrentMemoryContext;
-	int			ret;
-
-	memset(&cp, 0, sizeof(cp));
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	/* one compaction at a time; concurrent ingest goes on (it only appends) */
-	ret = SPI_execute("SELECT pg_catalog.pg_advisory_xact_lock(1651074162, 1)", false, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "pg_advisory_xact_lock failed: %s", SPI_result_code_string(ret));
-	load_meters(&cp, cxt);
-	cp.batch_cxt = AllocSetContextCreate(cxt, "billing compaction batch",
-										 ALLOCSET_DEFAULT_SIZES);
-	cp.row_cxt = AllocSetContextCreate(cxt, "billing compaction row",
-									   ALLOCSET_DEFAULT_SIZES);
-	batch_begin(&cp);
-	/* one node: usage_days is written straight into its heap and index */
-	if (!billing_distributed())
-		cp.heap = heap_begin();
 
 	plan = SPI_prepare("DELETE FROM billing.usage_deltas RETURNING account_id, seq, cells", 0,
 					   NULL);
@@ -1053,23 +1054,116 @@ billing_compact_usage(PG_FUNCTION_ARGS)
 
 			if (null_acc || null_cells)
 				continue;
-			add_delta_row(&cp, DatumGetInt64(acc), null_seq,
+			add_delta_row(cp, DatumGetInt64(acc), null_seq,
 						  null_seq ? 0 : DatumGetInt64(seq), DatumGetByteaPP(cells));
 			/* a batch holds what fits in maintenance_work_mem */
-			if (MemoryContextMemAllocated(cp.batch_cxt, true) >= limit)
+			if (batch_bytes(cp) >= cp->limit)
 			{
-				batch_fold(&cp);
-				batch_begin(&cp);
+				batch_fold(cp);
+				batch_begin(cp);
 			}
 		}
 		SPI_freetuptable(tt);
 	}
 	SPI_cursor_close(portal);
+}
+
+/*
+ * take_deltas_heap
+ *		One node: read the deltas straight from the heap of usage_deltas,
+ *		with a snapshot taken now (after the lock: what an earlier
+ *		compaction deleted is gone), deleting each row read, and fold them
+ *		in batches.  Rows appended after the snapshot stay for the next
+ *		compaction.
+ */
+static void
+take_deltas_heap(Compaction *cp)
+{
+	Relation	rel = table_open(billing_relid("usage_deltas"), RowExclusiveLock);
+	Snapshot	snap = RegisterSnapshot(GetLatestSnapshot());
+	TableScanDesc scan = table_beginscan(rel, snap, 0, NULL);
+	TupleTableSlot *slot = table_slot_create(rel, NULL);
+	AttrNumber	att_acc = get_attnum(RelationGetRelid(rel), "account_id");
+	AttrNumber	att_seq = get_attnum(RelationGetRelid(rel), "seq");
+	AttrNumber	att_cells = get_attnum(RelationGetRelid(rel), "cells");
+
+	if (att_acc == InvalidAttrNumber || att_seq == InvalidAttrNumber ||
+		att_cells == InvalidAttrNumber)
+		elog(ERROR, "billing.usage_deltas does not have the columns compaction reads");
+	while (table_scan_getnextslot(scan, ForwardScanDirection, slot))
+	{
+		bool		null_acc,
+					null_seq,
+					null_cells;
+		Datum		acc = slot_getattr(slot, att_acc, &null_acc);
+		Datum		seq = slot_getattr(slot, att_seq, &null_seq);
+		Datum		cells = slot_getattr(slot, att_cells, &null_cells);
+
+		CHECK_FOR_INTERRUPTS();
+		if (!null_acc && !null_cells)
+		{
+			MemoryContext old = MemoryContextSwitchTo(cp->row_cxt);
+
+			add_delta_row(cp, DatumGetInt64(acc), null_seq,
+						  null_seq ? 0 : DatumGetInt64(seq), DatumGetByteaPP(cells));
+			MemoryContextSwitchTo(old);
+			MemoryContextReset(cp->row_cxt);
+		}
+		simple_heap_delete(rel, &slot->tts_tid);
+		/* a batch holds what fits in maintenance_work_mem */
+		if (batch_bytes(cp) >= cp->limit)
+		{
+			batch_fold(cp);
+			batch_begin(cp);
+		}
+	}
+	ExecDropSingleTupleTableSlot(slot);
+	table_endscan(scan);
+	UnregisterSnapshot(snap);
+	table_close(rel, NoLock);
+}
+
+/*
+ * billing_compact_usage
+ *		billing.compact_usage(): see the top of the file.
+ */
+Datum
+billing_compact_usage(PG_FUNCTION_ARGS)
+{
+	Compaction	cp;
+	MemoryContext cxt = CurrentMemoryContext;
+	int			ret;
+
+	memset(&cp, 0, sizeof(cp));
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	/* one compaction at a time; concurrent ingest goes on (it only appends) */
+	ret = SPI_execute("SELECT pg_catalog.pg_advisory_xact_lock(1651074162, 1)", false, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "pg_advisory_xact_lock failed: %s", SPI_result_code_string(ret));
+	load_meters(&cp, cxt);
+	cp.batch_cxt = AllocSetContextCreate(cxt, "billing compaction batch",
+										 ALLOCSET_DEFAULT_SIZES);
+	cp.row_cxt = AllocSetContextCreate(cxt, "billing compaction row",
+									   ALLOCSET_DEFAULT_SIZES);
+	cp.cells_cxt = AllocSetContextCreate(cxt, "billing compaction cells",
+										 ALLOCSET_DEFAULT_SIZES);
+	cp.limit = (Size) maintenance_work_mem * 1024;
+	batch_begin(&cp);
+	/* one node: usage_days is written straight into its heap and index */
+	if (!billing_distributed())
+		cp.heap = heap_begin();
+
+	if (cp.heap != NULL)
+		take_deltas_heap(&cp);
+	else
+		take_deltas_sql(&cp);
 	batch_fold(&cp);
 	if (cp.heap != NULL)
 		heap_end(cp.heap);
 	MemoryContextDelete(cp.batch_cxt);
 	MemoryContextDelete(cp.row_cxt);
+	MemoryContextDelete(cp.cells_cxt);
 	SPI_finish();
 	PG_RETURN_INT64(cp.folded);
 }
