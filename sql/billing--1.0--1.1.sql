@@ -7199,13 +7199,8 @@ $$;
 ALTER FUNCTION billing.correct_usage(bigint, text, timestamptz, numeric, text, text) SECURITY DEFINER;
 COMMENT ON FUNCTION billing._unique_scan(bigint, text, timestamptz, timestamptz) IS
     'Internal: the distinct dimension values of a meter with a counted cell in [from, to) (through _cells_in)';
-COMMENT ON TABLE billing.usage_buckets IS
-    'Always empty: the compacted buckets of release 1.0; rows inserted (a 1.0 dump) move into usage_deltas';
-COMMENT ON TABLE billing.usage_hourly IS
-    'Always empty: the hour roll-up of release 1.0; rows inserted (a 1.0 dump) are dropped (usage_days keeps the cells)';
-COMMENT ON TABLE billing.usage_daily IS
-    'Always empty: the day roll-up of release 1.0; rows inserted (a 1.0 dump) are dropped (usage_days keeps day totals)';
-
+-- the 1.0 tables become landing tables (on Citus each node changes its copy
+-- and its shards: billing._update_ddl)
 CREATE FUNCTION billing._usage_landing() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
 BEGIN
@@ -7222,27 +7217,55 @@ $$;
 COMMENT ON FUNCTION billing._usage_landing() IS
     'Internal: moves a row inserted into usage_buckets (a 1.0 dump) into usage_deltas; drops rows of usage_hourly and usage_daily';
 REVOKE ALL ON FUNCTION billing._usage_landing() FROM PUBLIC;
-CREATE TRIGGER usage_buckets_landing BEFORE INSERT ON billing.usage_buckets
-    FOR EACH ROW EXECUTE FUNCTION billing._usage_landing();
-CREATE TRIGGER usage_hourly_landing BEFORE INSERT ON billing.usage_hourly
-    FOR EACH ROW EXECUTE FUNCTION billing._usage_landing();
-CREATE TRIGGER usage_daily_landing BEFORE INSERT ON billing.usage_daily
-    FOR EACH ROW EXECUTE FUNCTION billing._usage_landing();
+SELECT billing._update_ddl('billing.usage_buckets', ARRAY[
+    $ddl$COMMENT ON TABLE billing.usage_buckets IS
+    'Always empty: the compacted buckets of release 1.0; rows inserted (a 1.0 dump) move into usage_deltas'$ddl$,
+    $ddl$CREATE TRIGGER usage_buckets_landing BEFORE INSERT ON billing.usage_buckets
+    FOR EACH ROW EXECUTE FUNCTION billing._usage_landing()$ddl$
+]);
+SELECT billing._update_ddl('billing.usage_hourly', ARRAY[
+    $ddl$COMMENT ON TABLE billing.usage_hourly IS
+    'Always empty: the hour roll-up of release 1.0; rows inserted (a 1.0 dump) are dropped (usage_days keeps the cells)'$ddl$,
+    $ddl$CREATE TRIGGER usage_hourly_landing BEFORE INSERT ON billing.usage_hourly
+    FOR EACH ROW EXECUTE FUNCTION billing._usage_landing()$ddl$
+]);
+SELECT billing._update_ddl('billing.usage_daily', ARRAY[
+    $ddl$COMMENT ON TABLE billing.usage_daily IS
+    'Always empty: the day roll-up of release 1.0; rows inserted (a 1.0 dump) are dropped (usage_days keeps day totals)'$ddl$,
+    $ddl$CREATE TRIGGER usage_daily_landing BEFORE INSERT ON billing.usage_daily
+    FOR EACH ROW EXECUTE FUNCTION billing._usage_landing()$ddl$
+]);
 
 -- the data: every compacted bucket of 1.0 becomes a delta cell (one delta row
 -- per account, arrival number, meter and UTC day), the roll-ups go (the store
--- derives them), and compaction folds the deltas into usage_days
-INSERT INTO billing.usage_deltas (account_id, seq, cells)
-SELECT b.account_id, b.last_seq,
-       billing._delta_pack(array_agg(b.meter::text ORDER BY b.dimension, b.bucket_start),
-                           array_agg(b.dimension::text ORDER BY b.dimension, b.bucket_start),
-                           array_agg(b.bucket_start ORDER BY b.dimension, b.bucket_start),
-                           array_agg(b.quantity ORDER BY b.dimension, b.bucket_start),
-                           array_agg(b.events ORDER BY b.dimension, b.bucket_start),
-                           array_agg(b.last_ts ORDER BY b.dimension, b.bucket_start))
-  FROM billing.usage_buckets b
- GROUP BY b.account_id, b.last_seq, b.meter, billing._bin('1 day', b.bucket_start);
-TRUNCATE billing.usage_buckets, billing.usage_hourly, billing.usage_daily;
-SELECT billing.compact_usage();
+-- derives them), and on one node compaction folds the deltas into usage_days
+-- at once.  On Citus (1.0's distribute() ran) the coordinator moves the
+-- buckets (a worker runs the update where Citus refuses queries of its
+-- tables); the deltas are compacted by the first compact_usage() after
+-- billing.distribute() has distributed usage_days.
+DO $$
+BEGIN
+    IF billing._citus_table_kind('billing.usage_buckets') IS NOT NULL THEN
+        IF NOT citus_is_coordinator() THEN
+            RETURN;
+        END IF;
+    END IF;
+    INSERT INTO billing.usage_deltas (account_id, seq, cells)
+    SELECT b.account_id, b.last_seq,
+           billing._delta_pack(array_agg(b.meter::text ORDER BY b.dimension, b.bucket_start),
+                               array_agg(b.dimension::text ORDER BY b.dimension, b.bucket_start),
+                               array_agg(b.bucket_start ORDER BY b.dimension, b.bucket_start),
+                               array_agg(b.quantity ORDER BY b.dimension, b.bucket_start),
+                               array_agg(b.events ORDER BY b.dimension, b.bucket_start),
+                               array_agg(b.last_ts ORDER BY b.dimension, b.bucket_start))
+      FROM billing.usage_buckets b
+     GROUP BY b.account_id, b.last_seq, b.meter,
+              (b.bucket_start AT TIME ZONE 'UTC')::date;
+    TRUNCATE billing.usage_buckets, billing.usage_hourly, billing.usage_daily;
+    IF billing._citus_table_kind('billing.usage_deltas') IS NULL THEN
+        PERFORM billing.compact_usage();
+    END IF;
+END
+$$;
 -- ---- end of issue 16, packed store ----
 
