@@ -1,0 +1,215 @@
+/*
+ * compact.h
+ *		Private header of billing.compact_usage(), which folds the appended
+ *		usage deltas into the packed store billing.usage_days (see store.h).
+ *
+ *		billing.compact_usage() -> bigint (the delta cells folded)
+ *
+ * One compaction at a time (an advisory lock); ingest goes on meanwhile,
+ * since it only appends.  The deltas are taken out by one DELETE ...
+ * RETURNING read through a cursor (its rows wait in a tuplestore, which
+ * spills to disk), and folded in batches whose cells fit in
+ * maintenance_work_mem.  A batch:
+ *
+ *	1. decodes the cells of its delta rows (src/cells.c), each with its
+ *	   account and series (meter, dimension);
+ *	2. sorts them by (account, series, bucket) and combines the cells of
+ *	   one key by the one rule of src/agg.c;
+ *	3. reads the rows of usage_days that the batch's (account, meter, day,
+ *	   dimension) keys already have, merges each with the batch's cells of
+ *	   the key (decode, merge by bucket, combine, re-encode) and its day
+ *	   total with theirs, and writes the rows in one upsert per 10,000;
+ *	4. for the unique meters, hands the cells to billing._unique_fold per
+ *	   account (46_unique.sql).
+ *
+ * On one node the rows are written straight into the heap and primary key
+ * of usage_days (new ones multi-inserted as COPY does, existing ones
+ * updated in place); the rest is SQL through SPI.  On a Citus coordinator,
+ * where usage_days is a shell, the writes are SQL too (one upsert per
+ * 10,000 rows), which Citus routes to the shards.
+ *
+ * One job per file, sharing Compaction:
+ *
+ *		compact.c			the SQL entry point, the meters, the batch
+ *							driver (steps 2 to 4) and the unique meters
+ *		compact_deltas.c	the deltas taken out (heap or SQL) and decoded
+ *							into a batch (step 1)
+ *		compact_sort.c		a batch's series ranked, its cells sorted and
+ *							combined (step 2)
+ *		compact_merge.c		the rows usage_days has already, merged with
+ *							the batch's cells (step 3)
+ *		compact_write.c		the rows written: heap and primary key on one
+ *							node, upserts through SQL on Citus
+ */
+#ifndef BILLING_COMPACT_H
+#define BILLING_COMPACT_H
+
+#include "postgres.h"
+
+#include "executor/executor.h"
+#include "lib/stringinfo.h"
+#include "storage/itemptr.h"
+#include "utils/hsearch.h"
+#include "utils/rel.h"
+#include "utils/timestamp.h"
+
+#include "agg.h"
+#include "cells.h"
+#include "decimal.h"
+#include "store.h"
+
+/* rows of usage_days written per statement (Citus) */
+#define WRITE_CHUNK		10000
+
+/* a meter of billing.meters */
+typedef struct CMeter
+{
+	char	   *name;
+	int			len;
+	Aggregation agg;
+	bool		is_unique;
+} CMeter;
+
+/* the key of a series: its meter and dimension, length-prefixed */
+typedef struct SeriesKey
+{
+	const char *bytes;			/* u8 meter length, meter, dimension */
+	int			len;
+} SeriesKey;
+
+/* a (meter, dimension) of the batch */
+typedef struct Series
+{
+	SeriesKey	key;			/* hash key: first */
+	int			index;			/* in the batch's series array */
+	int			rank;			/* order of (meter, dimension) bytes */
+	const CMeter *meter;
+	const char *dim;
+	int			dimlen;
+} Series;
+
+/* one cell of the batch */
+typedef struct BatchCell
+{
+	int64		account;
+	int32		series;			/* index, then rank once sorted */
+	int32		scale;			/* >= 0: the quantity is coef / 10^scale, c.num
+								 * is NULL; -1: c.num */
+	int64		coef;
+	UsageCell	c;
+} BatchCell;
+
+/* the key of an existing row of usage_days */
+typedef struct RowKey
+{
+	int64		account;
+	TimestampTz day;
+	int32		series;			/* rank */
+	int32		pad;			/* zero: dynahash compares raw bytes */
+} RowKey;
+
+/* an existing row of usage_days, read before its key is written */
+typedef struct OldRow
+{
+	RowKey		key;
+	UsageCell	total;
+	bytea	   *cells;
+	ItemPointerData tid;		/* where it is (one node) */
+} OldRow;
+
+/* the columns of usage_days, in order */
+#define STORE_NATTS		9
+
+/*
+ * Writing usage_days straight into its heap and primary key (one node):
+ * new rows multi-inserted as COPY does, existing ones updated in place.
+ */
+typedef struct StoreHeap
+{
+	Relation	rel;
+	EState	   *estate;
+	ResultRelInfo *rri;
+	TupleTableSlot **slots;		/* new rows queued */
+	int			n;
+	TupleTableSlot *upd_slot;	/* an updated row, for its index entries */
+	CommandId	cid;
+	MemoryContext cxt;			/* the writer's own (outlives batches) */
+} StoreHeap;
+
+/* what compaction keeps across batches */
+typedef struct Compaction
+{
+	CMeter	   *meters;
+	int			nmeters;
+	MemoryContext batch_cxt;	/* the batch: cells, series, rows */
+	MemoryContext row_cxt;		/* the numerics of one row being merged */
+	MemoryContext cells_cxt;	/* the array of the batch's cells */
+	Size		limit;			/* bytes a batch may take */
+	HTAB	   *series_hash;
+	Series	  **series;
+	int			nseries;
+	int			series_cap;
+	BatchCell  *cells;
+	int			ncells;
+	int			cells_cap;
+	int64		folded;			/* delta cells folded, all batches */
+	/* the rows to write */
+	int			nout;
+	Datum	   *o_account,
+			   *o_meter,
+			   *o_day,
+			   *o_dim,
+			   *o_qty,
+			   *o_events,
+			   *o_ts,
+			   *o_seq,
+			   *o_cells;
+	bool	   *o_ts_null,
+			   *o_seq_null;
+	StoreHeap  *heap;			/* one node: the heap writer, else NULL (SQL) */
+} Compaction;
+
+/*
+ * cell_value
+ *		The cell of b with its quantity as a numeric (made in the current
+ *		memory context when b holds it in fixed point).
+ */
+static inline UsageCell
+cell_value(const BatchCell *b)
+{
+	UsageCell	c = b->c;
+
+	if (b->scale >= 0)
+		c.num = billing_dec_to_numeric(b->coef, b->scale);
+	return c;
+}
+
+/* compact.c */
+extern void billing_compact_fold(Compaction *cp);
+
+/* compact_deltas.c */
+extern void billing_compact_begin(Compaction *cp);
+extern void billing_compact_take_sql(Compaction *cp);
+extern void billing_compact_take_heap(Compaction *cp);
+
+/* compact_sort.c */
+extern Series **billing_compact_sort(Compaction *cp, bool *any_unique);
+
+/* compact_merge.c */
+extern HTAB *billing_compact_old_rows(Compaction *cp, Series **by_rank);
+extern void billing_compact_write_row(Compaction *cp, const Series *ser, int64 account,
+									  TimestampTz day, const BatchCell *new, int n,
+									  const OldRow *old, StringInfo buf);
+
+/* compact_write.c */
+extern void billing_compact_out_reserve(Compaction *cp, int cap);
+extern Datum billing_compact_array(Datum *values, bool *nulls, int n, Oid type, int len,
+								   bool byval, char align);
+extern void billing_compact_out_flush(Compaction *cp);
+extern StoreHeap *billing_compact_heap_begin(void);
+extern void billing_compact_heap_flush(StoreHeap *h);
+extern void billing_compact_heap_end(StoreHeap *h);
+extern void billing_compact_heap_write(StoreHeap *h, Datum *values, bool *nulls,
+									   const OldRow *old);
+
+#endif							/* BILLING_COMPACT_H */

@@ -1,0 +1,250 @@
+/*
+ * compact_merge.c
+ *		The rows usage_days has already, merged with a batch's cells (step 3
+ *		of compact.h).
+ *
+ * The rows of the batch's accounts and days are read through SPI, keyed by
+ * (account, day, series rank), before any key is written.  Each (account,
+ * series, day) of the batch then makes one row: the existing row's cells
+ * decoded and merged with the batch's by bucket (cells of one bucket
+ * combined), re-encoded (store.c), and the day's total combined with
+ * theirs.  The row goes to the writer of compact_write.c: straight into
+ * the heap on one node (an update in place of the old row, which is why
+ * its ctid is read), or collected for the next upsert on Citus.
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+
+#include "compact.h"
+
+/*
+ * billing_compact_old_rows
+ *		The rows of usage_days of the batch's accounts and days whose
+ *		series is in the batch, keyed by (account, day, series rank).
+ */
+HTAB *
+billing_compact_old_rows(Compaction *cp, Series **by_rank)
+{
+	HASHCTL		ctl;
+	HTAB	   *rows;
+	Datum	   *accounts;
+	int			naccounts = 0;
+	TimestampTz lo = DT_NOEND,
+				hi = DT_NOBEGIN;
+	Datum		args[3];
+	Oid			types[3] = {INT8ARRAYOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+	int			ret;
+	MemoryContext old = MemoryContextSwitchTo(cp->batch_cxt);
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(RowKey);
+	ctl.entrysize = sizeof(OldRow);
+	ctl.hcxt = cp->batch_cxt;
+	rows = hash_create("billing compaction rows", 1024, &ctl,
+					   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+
+	accounts = palloc(Max(cp->ncells, 1) * sizeof(Datum));
+	for (int i = 0; i < cp->ncells; i++)
+	{
+		TimestampTz day = STORE_DAY(cp->cells[i].c.bucket);
+
+		if (naccounts == 0 || DatumGetInt64(accounts[naccounts - 1]) != cp->cells[i].account)
+			accounts[naccounts++] = Int64GetDatum(cp->cells[i].account);
+		lo = Min(lo, day);
+		hi = Max(hi, day);
+	}
+	args[0] = PointerGetDatum(construct_array(accounts, naccounts, INT8OID, 8, true,
+											  TYPALIGN_DOUBLE));
+	args[1] = TimestampTzGetDatum(lo);
+	args[2] = TimestampTzGetDatum(hi);
+	MemoryContextSwitchTo(old);
+
+	/* not read-only: it must see the rows the earlier batches wrote */
+	ret = SPI_execute_with_args("SELECT account_id, meter::text, day, dimension::text, quantity, "
+								"events, last_ts, last_seq, cells, ctid FROM billing.usage_days "
+								"WHERE account_id = ANY ($1) AND day >= $2 AND day <= $3",
+								3, types, args, NULL, false, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "reading billing.usage_days failed: %s", SPI_result_code_string(ret));
+
+	old = MemoryContextSwitchTo(cp->batch_cxt);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		text	   *meter = DatumGetTextPP(SPI_getbinval(tup, desc, 2, &isnull));
+		text	   *dim = DatumGetTextPP(SPI_getbinval(tup, desc, 4, &isnull));
+		CellSeries	s;
+		Series	   *ser;
+		SeriesKey	key;
+		char		tmp[1 + 255 + 1024];
+		char	   *buf = tmp;
+		RowKey		rk;
+		OldRow	   *row;
+		bool		found;
+		Datum		d;
+
+		s.meter = VARDATA_ANY(meter);
+		s.meterlen = VARSIZE_ANY_EXHDR(meter);
+		s.dim = VARDATA_ANY(dim);
+		s.dimlen = VARSIZE_ANY_EXHDR(dim);
+		if (s.meterlen > 255)
+			continue;
+		if (1 + s.meterlen + s.dimlen > (int) sizeof(tmp))
+			buf = palloc(1 + s.meterlen + s.dimlen);
+		buf[0] = (char) s.meterlen;
+		memcpy(buf + 1, s.meter, s.meterlen);
+		memcpy(buf + 1 + s.meterlen, s.dim, s.dimlen);
+		key.bytes = buf;
+		key.len = 1 + s.meterlen + s.dimlen;
+		ser = hash_search(cp->series_hash, &key, HASH_FIND, NULL);
+		if (ser == NULL || ser->meter == NULL)
+			continue;
+		memset(&rk, 0, sizeof(rk));
+		rk.account = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		rk.day = DatumGetTimestampTz(SPI_getbinval(tup, desc, 3, &isnull));
+		rk.series = ser->rank;
+		row = hash_search(rows, &rk, HASH_ENTER, &found);
+		memset(&row->total, 0, sizeof(UsageCell));
+		row->total.bucket = rk.day;
+		row->total.num = DatumGetNumericCopy(SPI_getbinval(tup, desc, 5, &isnull));
+		row->total.events = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
+		d = SPI_getbinval(tup, desc, 7, &isnull);
+		row->total.last_ts = isnull ? AGG_NO_TS : DatumGetTimestampTz(d);
+		d = SPI_getbinval(tup, desc, 8, &isnull);
+		row->total.last_seq = isnull ? AGG_NO_SEQ : DatumGetInt64(d);
+		row->cells = DatumGetByteaPCopy(SPI_getbinval(tup, desc, 9, &isnull));
+		row->tid = *(ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 10, &isnull));
+	}
+	MemoryContextSwitchTo(old);
+	SPI_freetuptable(SPI_tuptable);
+	(void) by_rank;
+	return rows;
+}
+
+/* append a batch cell to a packed value */
+static inline void
+store_batch_cell(StoreWriter *w, const BatchCell *b)
+{
+	if (b->scale >= 0 && b->scale <= STORE_MAX_SCALE)
+		billing_store_add_fixed(w, &b->c, b->coef, b->scale);
+	else
+	{
+		UsageCell	v = cell_value(b);
+
+		billing_store_add(w, &v);
+	}
+}
+
+/*
+ * billing_compact_write_row
+ *		Merge the cells new[0..n) (sorted, distinct buckets, one account,
+ *		series and day) with the existing row old (or none) and queue the
+ *		result for writing.
+ */
+void
+billing_compact_write_row(Compaction *cp, const Series *ser, int64 account,
+						  TimestampTz day, const BatchCell *new, int n, const OldRow *old,
+						  StringInfo buf)
+{
+	Aggregation agg = ser->meter->agg;
+	bool		is_last = agg == AGG_LAST;
+	StoreWriter w;
+	UsageCell	total;
+	int			k;
+	int			i = 0;
+	MemoryContext keep = MemoryContextSwitchTo(cp->row_cxt);
+
+	/* the numerics of the merge and of the total are temporary (row_cxt) */
+	billing_store_begin(&w, buf, is_last, day);
+	if (old != NULL)
+	{
+		StoreReader r;
+		UsageCell	oc;
+		bool		have;
+
+		total = old->total;
+		billing_store_open(&r, VARDATA_ANY(old->cells), VARSIZE_ANY_EXHDR(old->cells), day);
+		have = billing_store_next(&r, &oc);
+		while (have || i < n)
+		{
+			if (have && (i >= n || oc.bucket < new[i].c.bucket))
+			{
+				billing_store_add(&w, &oc);
+				have = billing_store_next(&r, &oc);
+			}
+			else if (have && oc.bucket == new[i].c.bucket)
+			{
+				UsageCell	v = cell_value(&new[i]);
+
+				billing_cell_combine(agg, &oc, &v);
+				billing_store_add(&w, &oc);
+				i++;
+				have = billing_store_next(&r, &oc);
+			}
+			else
+			{
+				store_batch_cell(&w, &new[i]);
+				i++;
+			}
+		}
+		k = 0;
+	}
+	else
+	{
+		total = cell_value(&new[0]);
+		for (int j = 0; j < n; j++)
+			store_batch_cell(&w, &new[j]);
+		k = 1;
+	}
+	for (; k < n; k++)
+	{
+		UsageCell	v = cell_value(&new[k]);
+
+		billing_cell_combine(agg, &total, &v);
+	}
+	/* what is written lives in the batch's context */
+	MemoryContextSwitchTo(keep);
+	billing_cell_keep(&total, cp->batch_cxt);
+	MemoryContextReset(cp->row_cxt);
+
+	if (cp->heap != NULL)
+	{
+		Datum		values[STORE_NATTS];
+		bool		nulls[STORE_NATTS] = {false};
+
+		values[0] = Int64GetDatum(account);
+		values[1] = PointerGetDatum(cstring_to_text_with_len(ser->meter->name, ser->meter->len));
+		values[2] = TimestampTzGetDatum(day);
+		values[3] = PointerGetDatum(cstring_to_text_with_len(ser->dim, ser->dimlen));
+		values[4] = NumericGetDatum(total.num);
+		values[5] = Int64GetDatum(total.events);
+		values[6] = TimestampTzGetDatum(total.last_ts);
+		nulls[6] = total.last_ts == AGG_NO_TS;
+		values[7] = Int64GetDatum(total.last_seq);
+		nulls[7] = total.last_seq == AGG_NO_SEQ;
+		values[8] = PointerGetDatum(billing_store_end(&w));
+		billing_compact_heap_write(cp->heap, values, nulls, old);
+		return;
+	}
+	if (cp->nout == WRITE_CHUNK)
+		billing_compact_out_flush(cp);
+	k = cp->nout++;
+	cp->o_account[k] = Int64GetDatum(account);
+	cp->o_meter[k] = PointerGetDatum(cstring_to_text_with_len(ser->meter->name, ser->meter->len));
+	cp->o_day[k] = TimestampTzGetDatum(day);
+	cp->o_dim[k] = PointerGetDatum(cstring_to_text_with_len(ser->dim, ser->dimlen));
+	cp->o_qty[k] = NumericGetDatum(total.num);
+	cp->o_events[k] = Int64GetDatum(total.events);
+	cp->o_ts[k] = TimestampTzGetDatum(total.last_ts);
+	cp->o_ts_null[k] = total.last_ts == AGG_NO_TS;
+	cp->o_seq[k] = Int64GetDatum(total.last_seq);
+	cp->o_seq_null[k] = total.last_seq == AGG_NO_SEQ;
+	cp->o_cells[k] = PointerGetDatum(billing_store_end(&w));
+}
