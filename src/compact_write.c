@@ -53,7 +53,8 @@ billing_compact_out_reserve(Compaction *cp, int cap)
 
 /* a one-dimensional array of n values */
 Datum
-billing_compact_array(Datum *values, bool *nulls, int n, Oid type, int len, bool byval, char align)
+billing_compact_array(Datum *values, bool *nulls, int n, Oid type, int len, bool byval,
+					  char align)
 {
 	int			dims[1] = {n};
 	int			lbs[1] = {1};
@@ -85,8 +86,10 @@ billing_compact_out_flush(Compaction *cp)
 	args[3] = billing_compact_array(cp->o_dim, NULL, n, TEXTOID, -1, false, TYPALIGN_INT);
 	args[4] = billing_compact_array(cp->o_qty, NULL, n, NUMERICOID, -1, false, TYPALIGN_INT);
 	args[5] = billing_compact_array(cp->o_events, NULL, n, INT8OID, 8, true, TYPALIGN_DOUBLE);
-	args[6] = billing_compact_array(cp->o_ts, cp->o_ts_null, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE);
-	args[7] = billing_compact_array(cp->o_seq, cp->o_seq_null, n, INT8OID, 8, true, TYPALIGN_DOUBLE);
+	args[6] = billing_compact_array(cp->o_ts, cp->o_ts_null, n, TIMESTAMPTZOID, 8, true,
+									TYPALIGN_DOUBLE);
+	args[7] = billing_compact_array(cp->o_seq, cp->o_seq_null, n, INT8OID, 8, true,
+									TYPALIGN_DOUBLE);
 	args[8] = billing_compact_array(cp->o_cells, NULL, n, BYTEAOID, -1, false, TYPALIGN_INT);
 	MemoryContextSwitchTo(old);
 	ret = SPI_execute_with_args("INSERT INTO billing.usage_days AS u (account_id, meter, day, "
