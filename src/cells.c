@@ -20,6 +20,7 @@
 
 #include "cells.h"
 #include "util.h"
+#include "varint.h"
 
 PG_FUNCTION_INFO_V1(billing_delta_cells);
 PG_FUNCTION_INFO_V1(billing_delta_pack);
@@ -54,27 +55,20 @@ put_uint(StringInfo b, uint64 v, int nbytes)
 #endif
 }
 
-/* an unsigned LEB128 varint: 7 bits a byte, least significant first */
+/* an unsigned varint (varint.h) */
 static inline void
 put_varint(StringInfo b, uint64 v)
 {
-	unsigned char tmp[10];
-	int			n = 0;
+	unsigned char tmp[BILLING_VARINT_MAX];
 
-	while (v >= 0x80)
-	{
-		tmp[n++] = (unsigned char) (v | 0x80);
-		v >>= 7;
-	}
-	tmp[n++] = (unsigned char) v;
-	put_bytes(b, tmp, n);
+	put_bytes(b, tmp, billing_varint_put(tmp, v));
 }
 
 /* a signed value as a varint (zigzag: small magnitudes, few bytes) */
 static inline void
 put_svarint(StringInfo b, int64 v)
 {
-	put_varint(b, ((uint64) v << 1) ^ (uint64) (v >> 63));
+	put_varint(b, billing_zigzag(v));
 }
 
 /* bytes that hold v in two's complement (1..16) */
@@ -261,31 +255,22 @@ get_i128(CellReader *r)
 	return (int128_t) (((unsigned __int128) hi << 64) | lo);
 }
 
-/* an unsigned LEB128 varint */
+/* an unsigned varint (varint.h) */
 static inline uint64
 get_varint(CellReader *r)
 {
-	uint64		v = 0;
+	uint64		v;
 
-	for (int shift = 0; shift < 70; shift += 7)
-	{
-		unsigned char c = *take(r, 1);
-
-		v |= (uint64) (c & 0x7F) << shift;
-		if ((c & 0x80) == 0)
-			return v;
-	}
-	corrupt();
-	return 0;					/* keep the compiler quiet */
+	if (!billing_varint_get(&r->p, r->end, &v))
+		corrupt();
+	return v;
 }
 
 /* a zigzag varint */
 static inline int64
 get_svarint(CellReader *r)
 {
-	uint64		u = get_varint(r);
-
-	return (int64) (u >> 1) ^ -(int64) (u & 1);
+	return billing_unzigzag(get_varint(r));
 }
 
 /* n bytes (1..16) of a two's complement value, sign-extended */

@@ -21,6 +21,7 @@
 
 #include "decimal.h"
 #include "store.h"
+#include "varint.h"
 
 PG_FUNCTION_INFO_V1(billing_day_cells);
 
@@ -29,27 +30,20 @@ PG_FUNCTION_INFO_V1(billing_day_cells);
  * ---------------------------------------------------------------------
  */
 
-/* an unsigned LEB128 varint */
+/* an unsigned varint (varint.h) */
 static inline void
 put_varint(StringInfo b, uint64 v)
 {
-	unsigned char tmp[10];
-	int			n = 0;
+	unsigned char tmp[BILLING_VARINT_MAX];
 
-	while (v >= 0x80)
-	{
-		tmp[n++] = (unsigned char) (v | 0x80);
-		v >>= 7;
-	}
-	tmp[n++] = (unsigned char) v;
-	appendBinaryStringInfo(b, (char *) tmp, n);
+	appendBinaryStringInfo(b, (char *) tmp, billing_varint_put(tmp, v));
 }
 
 /* a signed value as the varint of its zigzag form */
 static inline void
 put_svarint(StringInfo b, int64 v)
 {
-	put_varint(b, ((uint64) v << 1) ^ (uint64) (v >> 63));
+	put_varint(b, billing_zigzag(v));
 }
 
 /* a 128-bit signed value as the LEB128 of its zigzag form */
@@ -205,28 +199,21 @@ get_byte(StoreReader *r)
 	return *r->p++;
 }
 
+/* an unsigned varint (varint.h) */
 static inline uint64
 get_varint(StoreReader *r)
 {
-	uint64		v = 0;
+	uint64		v;
 
-	for (int shift = 0; shift < 64; shift += 7)
-	{
-		unsigned char c = get_byte(r);
-
-		v |= (uint64) (c & 0x7F) << shift;
-		if ((c & 0x80) == 0)
-			return v;
-	}
-	corrupt();
+	if (!billing_varint_get(&r->p, r->end, &v))
+		corrupt();
+	return v;
 }
 
 static inline int64
 get_svarint(StoreReader *r)
 {
-	uint64		u = get_varint(r);
-
-	return (int64) ((u >> 1) ^ -(u & 1));
+	return billing_unzigzag(get_varint(r));
 }
 
 static inline int128_t
