@@ -111,3 +111,8 @@ stop_cluster() {
     rm -rf "$CLUSTER_DIR"
     CLUSTER_DIR=
 }
+
+# ok DESCRIPTION / not_ok DESCRIPTION: one TAP line of a shell section,
+# counted into n (and fails), which the section sets to 0 before its checks.
+ok() { n=$((n + 1)); echo "ok $n - $1"; }
+not_ok() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $1"; }

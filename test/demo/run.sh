@@ -17,8 +17,6 @@ cd "$(dirname "$0")/../.."
 
 n=0
 fails=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-not_ok() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $1"; }
 has() {     # has DESCRIPTION REGEX: a line of the demo's output matches
     if grep -Eq -- "$2" "$work/demo.out"; then ok "$1"; else not_ok "$1"; fi
 }

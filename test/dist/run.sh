@@ -15,8 +15,6 @@ cd "$(dirname "$0")/../.."
 
 n=0
 fails=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-not_ok() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $1"; }
 check() {   # check DESCRIPTION EXPECTED ACTUAL
     if [ "$2" = "$3" ]; then
         ok "$1"
