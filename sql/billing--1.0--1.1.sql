@@ -7269,3 +7269,68 @@ END
 $$;
 -- ---- end of issue 16, packed store ----
 
+
+-- ---- issue 16, sustained preview: the deltas read in C, through their index -------------
+-- billing._rollup_totals (src/totals.c) now folds the deltas not yet
+-- compacted of each period's account as well, read through
+-- usage_deltas_account: _usage_totals_many's SQL join of usage_deltas,
+-- which the planner turned into a scan of the whole backlog when the
+-- table's statistics were stale, is gone.
+COMMENT ON FUNCTION billing._rollup_totals(bigint[], timestamptz[], timestamptz[], text[], text[], integer[], text[], text[]) IS
+    'Internal: per period (1-based index) and meter, the aggregate of the cells in [start, end), compacted (day totals, edge days) or not (usage_deltas), with the latest cell''s last_ts and last_seq; the dimensions named for a period and meter (s_idx, s_meters, s_dims) apart, the rest with dimension NULL (src/totals.c)';
+
+CREATE OR REPLACE FUNCTION billing._usage_totals_many(p_accounts bigint[], p_starts timestamptz[],
+                                           p_ends timestamptz[], c_idx integer[] DEFAULT NULL,
+                                           c_meters text[] DEFAULT NULL, c_dims text[] DEFAULT NULL)
+    RETURNS TABLE (idx integer, meter text, quantity numeric, dimension text)
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+BEGIN
+    -- on Citus: one router query per account (see 90_distribute.sql)
+    IF billing._citus_table_kind('billing.usage_deltas') IS NOT NULL THEN
+        RETURN QUERY
+        SELECT x.i::integer, t.meter, t.quantity, t.dimension
+          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i),
+               LATERAL billing._usage_totals_citus(
+                   x.a, x.s, x.e,
+                   ARRAY(SELECT c.m FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d),
+                   ARRAY(SELECT c.d FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+                          WHERE c.i = x.i AND c.d IS NOT NULL ORDER BY c.m, c.d)) t
+        UNION ALL
+        SELECT u.idx, u.meter, u.quantity, u.dimension
+          FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;
+        RETURN;
+    END IF;
+    -- the day totals, the edge cells and the deltas not yet compacted of each
+    -- period, each meter aggregated in C (billing._rollup_totals, src/totals.c,
+    -- by the one rule of src/agg.c); the deltas are read through their index
+    -- on account_id whatever the table's statistics say
+    RETURN QUERY
+    WITH ms AS (
+        SELECT coalesce(array_agg(m.meter::text ORDER BY m.meter), '{}') AS meters,
+               coalesce(array_agg(m.aggregation::text ORDER BY m.meter), '{}') AS aggs
+          FROM billing.meters m
+         WHERE m.aggregation <> 'unique'
+    ), na AS (
+        -- the dimensions charged apart, per period and meter
+        SELECT coalesce(array_agg(n.i), '{}') AS i, coalesce(array_agg(n.m), '{}') AS m,
+               coalesce(array_agg(n.d), '{}') AS d
+          FROM (SELECT DISTINCT c.i, c.m::text AS m, c.d::text AS d
+                  FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+                 WHERE c.i IS NOT NULL AND c.m IS NOT NULL AND c.d IS NOT NULL) n
+    )
+    SELECT r.idx, r.meter, r.quantity, r.dimension
+      FROM ms, na,
+           billing._rollup_totals(p_accounts, p_starts, p_ends, ms.meters, ms.aggs,
+                                  na.i, na.m, na.d) r
+    UNION ALL
+    SELECT u.idx, u.meter, u.quantity, u.dimension
+      FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;
+END
+$$;
+COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[], integer[], text[], text[]) IS
+    'Internal: quantity per meter (and per dimension charged apart) of many (account, range) pairs, from roll-ups where whole hours and days allow';
+-- ---- end of issue 16, sustained preview ----

@@ -119,7 +119,7 @@ CREATE FUNCTION billing._rollup_totals(p_accounts bigint[], p_starts timestamptz
     AS 'MODULE_PATHNAME', 'billing_rollup_totals'
     LANGUAGE C STABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION billing._rollup_totals(bigint[], timestamptz[], timestamptz[], text[], text[], integer[], text[], text[]) IS
-    'Internal: per period (1-based index) and meter, the aggregate of the buckets and roll-ups covering [start, end), with the latest cell''s last_ts and last_seq; the dimensions named for a period and meter (s_idx, s_meters, s_dims) apart, the rest with dimension NULL (src/totals.c)';
+    'Internal: per period (1-based index) and meter, the aggregate of the cells in [start, end), compacted (day totals, edge days) or not (usage_deltas), with the latest cell''s last_ts and last_seq; the dimensions named for a period and meter (s_idx, s_meters, s_dims) apart, the rest with dimension NULL (src/totals.c)';
 
 /*
  * _usage_totals_many: the quantity of each meter of each (account,
@@ -164,47 +164,28 @@ BEGIN
           FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;
         RETURN;
     END IF;
-    -- the day totals and edge cells covering each period, each meter aggregated
-    -- in C (billing._rollup_totals), plus the deltas not yet compacted,
-    -- folded by the same rule (billing._cell_agg, src/agg.c)
+    -- the day totals, the edge cells and the deltas not yet compacted of each
+    -- period, each meter aggregated in C (billing._rollup_totals, src/totals.c,
+    -- by the one rule of src/agg.c); the deltas are read through their index
+    -- on account_id whatever the table's statistics say
     RETURN QUERY
     WITH ms AS (
         SELECT coalesce(array_agg(m.meter::text ORDER BY m.meter), '{}') AS meters,
                coalesce(array_agg(m.aggregation::text ORDER BY m.meter), '{}') AS aggs
           FROM billing.meters m
          WHERE m.aggregation <> 'unique'
-    ), named AS (
-        -- the dimensions charged apart, per period and meter
-        SELECT DISTINCT c.i AS idx, c.m COLLATE "C" AS meter, c.d COLLATE "C" AS dim
-          FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
-         WHERE c.i IS NOT NULL AND c.m IS NOT NULL AND c.d IS NOT NULL
     ), na AS (
-        SELECT coalesce(array_agg(n.idx), '{}') AS i, coalesce(array_agg(n.meter::text), '{}') AS m,
-               coalesce(array_agg(n.dim::text), '{}') AS d
-          FROM named n
-    ), per AS (
-        SELECT x.i::integer AS idx, x.a AS account_id, x.s AS ps, x.e AS pe
-          FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, i)
-    ), folded AS (
-        SELECT r.idx, r.meter COLLATE "C" AS meter, r.dimension COLLATE "C" AS dim, r.quantity,
-               r.last_ts, r.last_seq
-          FROM ms, na,
-               billing._rollup_totals(p_accounts, p_starts, p_ends, ms.meters, ms.aggs,
-                                      na.i, na.m, na.d) r
-        UNION ALL
-        -- not yet compacted
-        SELECT per.idx, x.meter, n.dim, x.quantity, x.last_ts,
-               CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
-          FROM per JOIN billing.usage_deltas d ON d.account_id = per.account_id
-               CROSS JOIN LATERAL billing._delta_cells(d.cells) x
-               LEFT JOIN named n ON n.idx = per.idx AND n.meter = x.meter AND n.dim = x.dimension
-         WHERE x.bucket_start >= per.ps AND x.bucket_start < per.pe
+        -- the dimensions charged apart, per period and meter
+        SELECT coalesce(array_agg(n.i), '{}') AS i, coalesce(array_agg(n.m), '{}') AS m,
+               coalesce(array_agg(n.d), '{}') AS d
+          FROM (SELECT DISTINCT c.i, c.m::text AS m, c.d::text AS d
+                  FROM unnest(c_idx, c_meters, c_dims) AS c(i, m, d)
+                 WHERE c.i IS NOT NULL AND c.m IS NOT NULL AND c.d IS NOT NULL) n
     )
-    SELECT f.idx, f.meter::text,
-           billing._cell_agg(m.aggregation, f.quantity, f.last_ts, f.last_seq),
-           f.dim::text
-      FROM folded f JOIN billing.meters m ON m.meter = f.meter AND m.aggregation <> 'unique'
-     GROUP BY f.idx, f.meter, f.dim, m.aggregation
+    SELECT r.idx, r.meter, r.quantity, r.dimension
+      FROM ms, na,
+           billing._rollup_totals(p_accounts, p_starts, p_ends, ms.meters, ms.aggs,
+                                  na.i, na.m, na.d) r
     UNION ALL
     SELECT u.idx, u.meter, u.quantity, u.dimension
       FROM billing._usage_totals_unique(p_accounts, p_starts, p_ends, c_idx, c_meters, c_dims) u;

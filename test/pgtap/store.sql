@@ -9,7 +9,7 @@
 -- and compacted in several batches; quantities keep their display scale
 -- and values beyond the fixed-point range round-trip.
 BEGIN;
-SELECT plan(34);
+SELECT plan(40);
 SELECT setseed(0.1616);
 SET LOCAL timezone = 'UTC';
 
@@ -157,6 +157,21 @@ SELECT is((SELECT count(*) FROM billing.usage_days WHERE account_id BETWEEN 7601
 -- 3. compacted plus new deltas, then compacted again (merged into the rows)
 SELECT pg_temp.send(500);
 SELECT * FROM pg_temp.check('compacted plus deltas');
+-- the totals read an account's deltas through the index on account_id, in
+-- C: no plan (the planner's settings, stale statistics) reads the whole
+-- backlog of every account
+SET LOCAL enable_indexscan = off;
+SET LOCAL enable_bitmapscan = off;
+CREATE TEMP TABLE scans_before AS
+SELECT pg_stat_get_xact_numscans('billing.usage_deltas'::regclass) AS seq,
+       pg_stat_get_xact_numscans('billing.usage_deltas_account'::regclass) AS idx;
+SELECT count(*) FROM pg_temp.totals();
+SELECT is(ARRAY[pg_stat_get_xact_numscans('billing.usage_deltas'::regclass) - (SELECT seq FROM scans_before),
+                pg_stat_get_xact_numscans('billing.usage_deltas_account'::regclass) - (SELECT idx FROM scans_before)],
+          ARRAY[0, 200]::bigint[],
+          'the period totals take each period''s deltas by one index scan, none sequential, with index scans disabled');
+RESET enable_indexscan;
+RESET enable_bitmapscan;
 SELECT is(billing.compact_usage(), 500::bigint, 'the second compaction folds the new delta cells');
 SELECT * FROM pg_temp.check('compacted twice');
 SELECT is((SELECT sum(d.events)::bigint FROM billing.usage_days d WHERE account_id BETWEEN 7601 AND 7603),
@@ -181,6 +196,8 @@ END
 $$;
 SELECT pg_temp.send_batch(1);
 SELECT pg_temp.send_batch(2);
+-- thousands of delta cells per period: the totals fold them in bounded memory
+SELECT * FROM pg_temp.check('72,000 new reports in deltas');
 SET LOCAL maintenance_work_mem = '1MB';
 SELECT is(billing.compact_usage(), 72000::bigint, 'a compaction in several batches folds every delta cell');
 RESET maintenance_work_mem;
