@@ -254,11 +254,12 @@ billing_store_open(StoreReader *r, const char *data, int len, TimestampTz day)
 }
 
 /*
- * quantity_numeric
- *		The numeric coef / 10^dscale with display scale dscale.
+ * billing_store_numeric
+ *		The numeric coef / 10^dscale with display scale dscale (a quantity
+ *		billing_store_next_fixed gave, or a sum of such quantities).
  */
-static Numeric
-quantity_numeric(int128_t coef, int dscale)
+Numeric
+billing_store_numeric(int128_t coef, int dscale)
 {
 	Numeric		n;
 	int			got;
@@ -282,6 +283,27 @@ quantity_numeric(int128_t coef, int dscale)
  */
 bool
 billing_store_next(StoreReader *r, UsageCell *c)
+{
+	int128_t	coef;
+	int			scale;
+
+	if (!billing_store_next_fixed(r, c, &coef, &scale))
+		return false;
+	if (scale >= 0)
+		c->num = billing_store_numeric(coef, scale);
+	return true;
+}
+
+/*
+ * billing_store_next_fixed
+ *		The next cell into *c (false at the end), its quantity left as it is
+ *		written: the integer *coef / 10^*scale, c->num NULL; or, for a
+ *		quantity written as text, *scale -1 and c->num a new numeric in the
+ *		current memory context.  Summing readers add the integers and make
+ *		one numeric (billing_store_numeric).
+ */
+bool
+billing_store_next_fixed(StoreReader *r, UsageCell *c, int128_t *coef, int *scale)
 {
 	int			head;
 	int			form;
@@ -316,12 +338,17 @@ billing_store_next(StoreReader *r, UsageCell *c)
 													 ObjectIdGetDatum(InvalidOid),
 													 Int32GetDatum(-1)));
 		pfree(s);
+		*scale = -1;
 	}
 	else
 	{
 		if (form > STORE_MAX_SCALE)
 			corrupt();
-		c->num = quantity_numeric(get_svarint128(r), form);
+		*coef = get_svarint128(r);
+		*scale = form;
+		c->num = NULL;
+		if (*coef >= billing_dec_pow10[DEC_MAX_DIGITS] || *coef <= -billing_dec_pow10[DEC_MAX_DIGITS])
+			corrupt();
 	}
 	if (r->is_last)
 	{

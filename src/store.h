@@ -46,6 +46,7 @@
 #include "lib/stringinfo.h"
 
 #include "agg.h"
+#include "decimal.h"
 
 #define STORE_VERSION		1
 #define STORE_LAST			0x01
@@ -83,5 +84,7 @@ extern bytea *billing_store_end(StoreWriter *w);
 
 extern void billing_store_open(StoreReader *r, const char *data, int len, TimestampTz day);
 extern bool billing_store_next(StoreReader *r, UsageCell *c);
+extern bool billing_store_next_fixed(StoreReader *r, UsageCell *c, int128_t *coef, int *scale);
+extern Numeric billing_store_numeric(int128_t coef, int dscale);
 
 #endif							/* BILLING_STORE_H */

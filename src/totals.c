@@ -55,6 +55,7 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "catalog/namespace.h"
+#include "common/int.h"
 #include "catalog/pg_type.h"
 #include "executor/tuptable.h"
 #include "fmgr.h"
@@ -232,6 +233,99 @@ text_equal(Datum a, Datum b)
 		memcmp(VARDATA_ANY(ta), VARDATA_ANY(tb), VARSIZE_ANY_EXHDR(ta)) == 0;
 }
 
+/* fold the cell with quantity coef / 10^scale and events events into m */
+static void
+fold_fixed(MeterTotal *m, Aggregation kind, int128_t coef, int scale, int64 events)
+{
+	UsageCell	v;
+
+	memset(&v, 0, sizeof(v));
+	v.num = billing_store_numeric(coef, scale);
+	v.events = events;
+	v.last_ts = AGG_NO_TS;
+	v.last_seq = AGG_NO_SEQ;
+	if (!m->any)
+	{
+		m->any = true;
+		m->acc = v;
+	}
+	else
+		billing_cell_combine(kind, &m->acc, &v);
+}
+
+/*
+ * sum_cells
+ *		Fold the cells of a sum or count meter read by r whose bucket is in
+ *		[lo, hi) into m: their quantities are added as the integers they are
+ *		written as (at the largest display scale met), and folded into m as
+ *		one numeric, which numeric addition of every cell would have given
+ *		too (the sum has the largest display scale of its terms).  A
+ *		quantity written as text, or a sum about to leave the 38 digits, is
+ *		folded by the numeric rule of agg.c.
+ */
+static void
+sum_cells(StoreReader *r, TimestampTz lo, TimestampTz hi, Aggregation kind, MeterTotal *m)
+{
+	int128_t	limit = billing_dec_pow10[DEC_MAX_DIGITS];
+	int128_t	acc = 0;
+	int			acc_scale = -1;	/* -1: nothing added yet */
+	int64		events = 0;
+	UsageCell	c;
+	int128_t	coef;
+	int			scale;
+
+	while (billing_store_next_fixed(r, &c, &coef, &scale))
+	{
+		int128_t	sum;
+		int64		ev;
+
+		if (c.bucket < lo || c.bucket >= hi)
+			continue;
+		if (scale < 0)
+		{
+			/* a quantity too large for the integers */
+			c.last_ts = AGG_NO_TS;
+			c.last_seq = AGG_NO_SEQ;
+			if (!m->any)
+			{
+				m->any = true;
+				m->acc = c;
+			}
+			else
+				billing_cell_combine(kind, &m->acc, &c);
+			continue;
+		}
+		if (acc_scale >= 0)
+		{
+			/* both at the larger scale; on overflow fold what was added */
+			while (acc_scale < scale && acc > -limit / 10 && acc < limit / 10)
+			{
+				acc *= 10;
+				acc_scale++;
+			}
+			while (scale < acc_scale && coef > -limit / 10 && coef < limit / 10)
+			{
+				coef *= 10;
+				scale++;
+			}
+			sum = acc + coef;
+			if (scale == acc_scale && sum > -limit && sum < limit &&
+				!pg_add_s64_overflow(events, c.events, &ev))
+			{
+				acc = sum;
+				events = ev;
+				continue;
+			}
+			fold_fixed(m, kind, acc, acc_scale, events);
+		}
+		acc = coef;
+		acc_scale = scale;
+		events = c.events;
+	}
+	if (acc_scale >= 0)
+		fold_fixed(m, kind, acc, acc_scale, events);
+}
+
 /*
  * fold the rows of one account and meter whose day is in [lo, hi) into
  * tots: with cells_lo < cells_hi, the cells of those rows whose bucket is
@@ -296,18 +390,21 @@ scan_range(CellTable *t, int64 account, Datum meter, TimestampTz lo, TimestampTz
 			old = MemoryContextSwitchTo(cxt);
 			b = DatumGetByteaPP(cells);
 			billing_store_open(&r, VARDATA_ANY(b), VARSIZE_ANY_EXHDR(b), lo);
-			while (billing_store_next(&r, &c))
-			{
-				if (c.bucket < cells_lo || c.bucket >= cells_hi)
-					continue;
-				if (!m->any)
+			if (kind == AGG_SUM || kind == AGG_COUNT)
+				sum_cells(&r, cells_lo, cells_hi, kind, m);
+			else
+				while (billing_store_next(&r, &c))
 				{
-					m->any = true;
-					m->acc = c;
+					if (c.bucket < cells_lo || c.bucket >= cells_hi)
+						continue;
+					if (!m->any)
+					{
+						m->any = true;
+						m->acc = c;
+					}
+					else
+						billing_cell_combine(kind, &m->acc, &c);
 				}
-				else
-					billing_cell_combine(kind, &m->acc, &c);
-			}
 			MemoryContextSwitchTo(old);
 			continue;
 		}

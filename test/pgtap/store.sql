@@ -9,7 +9,7 @@
 -- and compacted in several batches; quantities keep their display scale
 -- and values beyond the fixed-point range round-trip.
 BEGIN;
-SELECT plan(40);
+SELECT plan(42);
 SELECT setseed(0.1616);
 SET LOCAL timezone = 'UTC';
 
@@ -217,6 +217,24 @@ SELECT is((SELECT array_agg(quantity::text ORDER BY bucket_start)
 SELECT is((SELECT quantity::text FROM billing.usage_days WHERE account_id = 7603 AND meter = 'st_big'),
           '123456789012345678901234567890123456794.5000000000000000000000000000001',
           'the day total too');
+SELECT is((SELECT array_agg(t.quantity::text ORDER BY t.idx)
+             FROM billing._usage_totals_many(ARRAY[7603, 7603, 7603]::bigint[],
+                                             ARRAY['2025-06-10 09:00+00', '2025-06-10 10:00+00', '2025-06-10 10:00:30+00']::timestamptz[],
+                                             ARRAY['2025-06-10 14:00+00', '2025-06-10 11:00:01+00', '2025-06-10 12:00:00+00']::timestamptz[]) t
+            WHERE t.meter = 'st_big'),
+          ARRAY['123456789012345678901234567890123456794.5000000000000000000000000000001',
+                '3.0000000000000000000000000000001', '0.0000000000000000000000000000001'],
+          'period totals cut inside a day add its cells exactly, at the largest display scale');
+SELECT billing.record(7603, 'st_big', 99999999999999999999999999999999999999, '2025-06-10 15:00:00+00');
+SELECT billing.record(7603, 'st_big', 99999999999999999999999999999999999999, '2025-06-10 16:00:00+00');
+SELECT billing.record(7603, 'st_big', 0.5, '2025-06-10 17:00:00+00');
+SELECT billing.compact_usage();
+SELECT is((SELECT t.quantity::text
+             FROM billing._usage_totals_many(ARRAY[7603]::bigint[], ARRAY['2025-06-10 14:30+00']::timestamptz[],
+                                             ARRAY['2025-06-10 18:00+00']::timestamptz[]) t
+            WHERE t.meter = 'st_big'),
+          '199999999999999999999999999999999999998.5',
+          'a sum of cells beyond 38 digits is exact');
 
 SELECT * FROM finish();
 ROLLBACK;
