@@ -7333,4 +7333,8 @@ END
 $$;
 COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestamptz[], integer[], text[], text[]) IS
     'Internal: quantity per meter (and per dimension charged apart) of many (account, range) pairs, from roll-ups where whole hours and days allow';
+-- _period_usage_from kept one plan: a custom plan always looked cheaper,
+-- so every invoice preview planned its query again
+ALTER FUNCTION billing._period_usage_from(bigint[], timestamptz[])
+    SET plan_cache_mode = force_generic_plan;
 -- ---- end of issue 16, sustained preview ----

@@ -279,7 +279,9 @@ sum_cells(StoreReader *r, TimestampTz lo, TimestampTz hi, Aggregation kind, Mete
 		int128_t	sum;
 		int64		ev;
 
-		if (c.bucket < lo || c.bucket >= hi)
+		if (c.bucket >= hi)
+			break;				/* the cells come in increasing bucket order */
+		if (c.bucket < lo)
 			continue;
 		if (scale < 0)
 		{
@@ -395,7 +397,9 @@ scan_range(CellTable *t, int64 account, Datum meter, TimestampTz lo, TimestampTz
 			else
 				while (billing_store_next(&r, &c))
 				{
-					if (c.bucket < cells_lo || c.bucket >= cells_hi)
+					if (c.bucket >= cells_hi)
+						break;	/* the cells come in increasing bucket order */
+					if (c.bucket < cells_lo)
 						continue;
 					if (!m->any)
 					{

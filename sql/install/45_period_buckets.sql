@@ -38,7 +38,10 @@ COMMENT ON FUNCTION billing._period_fits_width(interval, interval) IS
 CREATE FUNCTION billing._period_usage_from(p_accounts bigint[], p_starts timestamptz[])
     RETURNS TABLE (idx integer, usage_from timestamptz)
     LANGUAGE plpgsql STABLE
-    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SET search_path = pg_catalog, billing, pg_temp
+    -- one plan for every call: a custom plan (the arrays' lengths known)
+    -- always looked cheaper, so each invoice preview planned it again
+    SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     acc bigint;
