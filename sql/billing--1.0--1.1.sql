@@ -7337,4 +7337,72 @@ COMMENT ON FUNCTION billing._usage_totals_many(bigint[], timestamptz[], timestam
 -- so every invoice preview planned its query again
 ALTER FUNCTION billing._period_usage_from(bigint[], timestamptz[])
     SET plan_cache_mode = force_generic_plan;
+-- _period_build joins each line to its period by number: subscripts of its
+-- arrays of text walked them from the start once per line (rerate of
+-- 10,000 accounts spent 1.8 s there)
+CREATE OR REPLACE FUNCTION billing._period_build(p_accounts bigint[], p_ats timestamptz[],
+                                      p_rated_only boolean DEFAULT false)
+    RETURNS TABLE (account_id bigint, period_start timestamptz, period_end timestamptz,
+                   currency text, spend_cap numeric, invoice_plan text, line billing._invoice_line)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+#variable_conflict use_column
+DECLARE
+    v_accounts bigint[];
+    v_currencies text[];
+    v_caps numeric[];
+    v_starts timestamptz[];
+    v_ends timestamptz[];
+    v_firsts boolean[];
+    v_plans text[];
+    v_s_idx integer[];
+    v_s_plans text[];
+    v_s_starts timestamptz[];
+    v_s_ends timestamptz[];
+BEGIN
+    -- the periods (k = 1..) and their segments, as _invoice_build's arrays
+    SELECT array_agg(x.account_id ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS accounts,
+           array_agg(x.currency ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS currencies,
+           array_agg(x.cap ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS caps,
+           array_agg(x.period_start ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS starts,
+           array_agg(x.period_end ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS ends,
+           array_agg(x.first ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS firsts,
+           array_agg(x.invoice_plan ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS plans,
+           array_agg(x.k ORDER BY x.k, x.segment_start) AS s_idx,
+           array_agg(x.plan ORDER BY x.k, x.segment_start) AS s_plans,
+           array_agg(x.segment_start ORDER BY x.k, x.segment_start) AS s_starts,
+           array_agg(x.segment_end ORDER BY x.k, x.segment_start) AS s_ends
+      INTO v_accounts, v_currencies, v_caps, v_starts, v_ends, v_firsts, v_plans,
+           v_s_idx, v_s_plans, v_s_starts, v_s_ends
+      FROM (SELECT y.*, (dense_rank() OVER (ORDER BY y.account_id, y.grid_start))::integer AS k,
+                   y.grid_start = min(y.grid_start) OVER (PARTITION BY y.account_id) AS first,
+                   (row_number() OVER w)::integer AS segment_no,
+                   first_value(y.segment_start) OVER w AS period_start,
+                   last_value(y.segment_end) OVER w AS period_end,
+                   last_value(y.spend_cap) OVER w AS cap,
+                   last_value(y.plan) OVER w AS invoice_plan
+              FROM (SELECT DISTINCT ON (s.account_id, s.grid_start, s.segment_start) s.*
+                      FROM billing._segments(p_accounts, p_ats) s
+                     ORDER BY s.account_id, s.grid_start, s.segment_start) y
+            WINDOW w AS (PARTITION BY y.account_id, y.grid_start ORDER BY y.segment_start
+                         ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)) x;
+    IF v_accounts IS NULL THEN
+        RETURN;
+    END IF;
+    -- each line with its period, joined by the period's number: not by
+    -- subscripts (v_currencies[b.idx]), which walk an array of text, or
+    -- of numerics with NULLs, from its start, once per line
+    RETURN QUERY
+    SELECT p.a, p.s, p.e, p.cur, p.cap, p.pl, b.line
+      FROM (SELECT x AS line, row_number() OVER () AS n
+              FROM billing._invoice_build(v_accounts, v_currencies, v_caps, v_starts, v_ends,
+                                          v_firsts, v_s_idx, v_s_plans, v_s_starts, v_s_ends,
+                                          p_rated_only, false) x) b
+           JOIN unnest(v_accounts, v_starts, v_ends, v_currencies, v_caps, v_plans)
+                WITH ORDINALITY AS p(a, s, e, cur, cap, pl, i) ON p.i = (b.line).idx
+     ORDER BY b.n;
+END
+$$;
 -- ---- end of issue 16, sustained preview ----

@@ -724,7 +724,17 @@ CREATE FUNCTION billing._period_build(p_accounts bigint[], p_ats timestamptz[],
     SET jit = off AS $$
 #variable_conflict use_column
 DECLARE
-    v record;
+    v_accounts bigint[];
+    v_currencies text[];
+    v_caps numeric[];
+    v_starts timestamptz[];
+    v_ends timestamptz[];
+    v_firsts boolean[];
+    v_plans text[];
+    v_s_idx integer[];
+    v_s_plans text[];
+    v_s_starts timestamptz[];
+    v_s_ends timestamptz[];
 BEGIN
     -- the periods (k = 1..) and their segments, as _invoice_build's arrays
     SELECT array_agg(x.account_id ORDER BY x.k) FILTER (WHERE x.segment_no = 1) AS accounts,
@@ -738,7 +748,8 @@ BEGIN
            array_agg(x.plan ORDER BY x.k, x.segment_start) AS s_plans,
            array_agg(x.segment_start ORDER BY x.k, x.segment_start) AS s_starts,
            array_agg(x.segment_end ORDER BY x.k, x.segment_start) AS s_ends
-      INTO v
+      INTO v_accounts, v_currencies, v_caps, v_starts, v_ends, v_firsts, v_plans,
+           v_s_idx, v_s_plans, v_s_starts, v_s_ends
       FROM (SELECT y.*, (dense_rank() OVER (ORDER BY y.account_id, y.grid_start))::integer AS k,
                    y.grid_start = min(y.grid_start) OVER (PARTITION BY y.account_id) AS first,
                    (row_number() OVER w)::integer AS segment_no,
@@ -751,14 +762,21 @@ BEGIN
                      ORDER BY s.account_id, s.grid_start, s.segment_start) y
             WINDOW w AS (PARTITION BY y.account_id, y.grid_start ORDER BY y.segment_start
                          ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)) x;
-    IF v.accounts IS NULL THEN
+    IF v_accounts IS NULL THEN
         RETURN;
     END IF;
+    -- each line with its period, joined by the period's number: not by
+    -- subscripts (v_currencies[b.idx]), which walk an array of text, or
+    -- of numerics with NULLs, from its start, once per line
     RETURN QUERY
-    SELECT v.accounts[b.idx], v.starts[b.idx], v.ends[b.idx], v.currencies[b.idx], v.caps[b.idx],
-           v.plans[b.idx], b
-      FROM billing._invoice_build(v.accounts, v.currencies, v.caps, v.starts, v.ends, v.firsts,
-                                  v.s_idx, v.s_plans, v.s_starts, v.s_ends, p_rated_only, false) b;
+    SELECT p.a, p.s, p.e, p.cur, p.cap, p.pl, b.line
+      FROM (SELECT x AS line, row_number() OVER () AS n
+              FROM billing._invoice_build(v_accounts, v_currencies, v_caps, v_starts, v_ends,
+                                          v_firsts, v_s_idx, v_s_plans, v_s_starts, v_s_ends,
+                                          p_rated_only, false) x) b
+           JOIN unnest(v_accounts, v_starts, v_ends, v_currencies, v_caps, v_plans)
+                WITH ORDINALITY AS p(a, s, e, cur, cap, pl, i) ON p.i = (b.line).idx
+     ORDER BY b.n;
 END
 $$;
 COMMENT ON FUNCTION billing._period_build(bigint[], timestamptz[], boolean) IS
