@@ -15,10 +15,15 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 
 #include "catalog.h"
@@ -26,6 +31,7 @@
 #include "util.h"
 
 PG_FUNCTION_INFO_V1(billing_compact_usage);
+PG_FUNCTION_INFO_V1(billing_compact_pair);
 
 /*
  * load_meters
@@ -167,23 +173,25 @@ billing_compact_fold(Compaction *cp)
 }
 
 /*
- * billing_compact_usage
- *		billing.compact_usage(): see compact.h.
+ * compact_relations
+ *		Compact the deltas of deltas (usage_deltas, or a shard of it) into
+ *		days (usage_days, or the co-located shard): straight through their
+ *		heaps when heap, else through SQL that Citus routes (both InvalidOid).
+ *		Connected to SPI, the lock taken; returns the delta cells folded.
  */
-Datum
-billing_compact_usage(PG_FUNCTION_ARGS)
+static int64
+compact_relations(Oid deltas, Oid days, bool heap, MemoryContext cxt)
 {
 	Compaction	cp;
-	MemoryContext cxt = CurrentMemoryContext;
-	int			ret;
 
 	memset(&cp, 0, sizeof(cp));
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	/* one compaction at a time; concurrent ingest goes on (it only appends) */
-	ret = SPI_execute("SELECT pg_catalog.pg_advisory_xact_lock(1651074162, 1)", false, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "pg_advisory_xact_lock failed: %s", SPI_result_code_string(ret));
+	cp.deltas_rel = deltas;
+	cp.days_rel = days;
+	if (OidIsValid(days))
+		cp.days_name = quote_qualified_identifier(get_namespace_name(get_rel_namespace(days)),
+												  get_rel_name(days));
+	else
+		cp.days_name = "billing.usage_days";
 	load_meters(&cp, cxt);
 	cp.batch_cxt = AllocSetContextCreate(cxt, "billing compaction batch",
 										 ALLOCSET_DEFAULT_SIZES);
@@ -193,9 +201,8 @@ billing_compact_usage(PG_FUNCTION_ARGS)
 										 ALLOCSET_DEFAULT_SIZES);
 	cp.limit = (Size) maintenance_work_mem * 1024;
 	billing_compact_begin(&cp);
-	/* one node: usage_days is written straight into its heap and index */
-	if (!billing_distributed())
-		cp.heap = billing_compact_heap_begin();
+	if (heap)
+		cp.heap = billing_compact_heap_begin(days);
 
 	if (cp.heap != NULL)
 		billing_compact_take_heap(&cp);
@@ -207,6 +214,112 @@ billing_compact_usage(PG_FUNCTION_ARGS)
 	MemoryContextDelete(cp.batch_cxt);
 	MemoryContextDelete(cp.row_cxt);
 	MemoryContextDelete(cp.cells_cxt);
+	return cp.folded;
+}
+
+/*
+ * lock_compaction
+ *		The transaction-level advisory lock that keeps two compactions of
+ *		the same relations apart: key 1 for the tables themselves (one node,
+ *		or a Citus coordinator working through SQL), the OID of the
+ *		usage_deltas shard for a pair of shards (on the node that has them).
+ */
+static void
+lock_compaction(int32 key)
+{
+	Datum		args[1] = {Int32GetDatum(key)};
+	Oid			types[1] = {INT4OID};
+
+	if (SPI_execute_with_args("SELECT pg_catalog.pg_advisory_xact_lock(1651074162, $1)",
+							  1, types, args, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "pg_advisory_xact_lock failed");
+}
+
+/*
+ * sql_int8
+ *		The bigint the one-row query sql returns (0 for NULL).
+ */
+static int64
+sql_int8(const char *sql)
+{
+	bool		isnull;
+	Datum		d;
+
+	if (SPI_execute(sql, false, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "%s failed", sql);
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? 0 : DatumGetInt64(d);
+}
+
+/*
+ * billing_compact_usage
+ *		billing.compact_usage(): see compact.h.  On one node, the tables
+ *		themselves through their heaps.  On Citus, every pair of co-located
+ *		shards on the node that holds it (billing._compact_citus: from the
+ *		coordinator all of them, in parallel; from a worker node its own),
+ *		except on a coordinator in a transaction block, or in a transaction
+ *		that wrote already: the nodes' own connections would not see what
+ *		it wrote and could wait for its locks, so the tables are compacted
+ *		there through SQL that Citus routes to the shards, in the caller's
+ *		transaction.
+ */
+Datum
+billing_compact_usage(PG_FUNCTION_ARGS)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	int64		folded;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (!billing_distributed())
+	{
+		/* one compaction at a time; concurrent ingest goes on (it only appends) */
+		lock_compaction(1);
+		folded = compact_relations(billing_relid("usage_deltas"), billing_relid("usage_days"),
+								   true, cxt);
+	}
+	else if ((IsTransactionBlock() || TransactionIdIsValid(GetTopTransactionIdIfAny())) &&
+			 sql_int8("SELECT CASE WHEN pg_catalog.citus_is_coordinator() THEN 1::int8 ELSE 0::int8 END") == 1)
+	{
+		lock_compaction(1);
+		folded = compact_relations(InvalidOid, InvalidOid, false, cxt);
+	}
+	else
+		folded = sql_int8("SELECT billing._compact_citus()");
 	SPI_finish();
-	PG_RETURN_INT64(cp.folded);
+	PG_RETURN_INT64(folded);
+}
+
+/*
+ * billing_compact_pair
+ *		billing._compact_pair(deltas regclass, days regclass): compact one
+ *		shard of usage_deltas into the co-located shard of usage_days, on the
+ *		node that holds them, through their heaps as on one node.  Called by
+ *		billing._compact_shard (34_compaction.sql), which checked the pair in
+ *		Citus's metadata and locked it against a move.
+ */
+Datum
+billing_compact_pair(PG_FUNCTION_ARGS)
+{
+	Oid			deltas = PG_GETARG_OID(0);
+	Oid			days = PG_GETARG_OID(1);
+	Oid			ns = get_namespace_oid("billing", false);
+	MemoryContext cxt = CurrentMemoryContext;
+	const char *dn = get_rel_name(deltas);
+	const char *un = get_rel_name(days);
+	int64		folded;
+
+	if (dn == NULL || un == NULL || get_rel_namespace(deltas) != ns ||
+		get_rel_namespace(days) != ns || strncmp(dn, "usage_deltas_", 13) != 0 ||
+		strncmp(un, "usage_days_", 11) != 0 || get_rel_relkind(deltas) != RELKIND_RELATION ||
+		get_rel_relkind(days) != RELKIND_RELATION)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("billing._compact_pair compacts a shard of billing.usage_deltas into one of billing.usage_days")));
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	lock_compaction((int32) deltas);
+	folded = compact_relations(deltas, days, true, cxt);
+	SPI_finish();
+	PG_RETURN_INT64(folded);
 }

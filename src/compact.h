@@ -166,7 +166,12 @@ typedef struct Compaction
 			   *o_cells;
 	bool	   *o_ts_null,
 			   *o_seq_null;
-	StoreHeap  *heap;			/* one node: the heap writer, else NULL (SQL) */
+	StoreHeap  *heap;			/* heap path: the heap writer, else NULL (SQL) */
+	/* the relations worked on (heap path): usage_deltas and usage_days or a
+	 * co-located pair of their shards */
+	Oid			deltas_rel;
+	Oid			days_rel;
+	const char *days_name;		/* usage_days or its shard, quoted for SQL */
 } Compaction;
 
 /*
@@ -206,7 +211,7 @@ extern void billing_compact_out_reserve(Compaction *cp, int cap);
 extern Datum billing_compact_array(Datum *values, bool *nulls, int n, Oid type, int len,
 								   bool byval, char align);
 extern void billing_compact_out_flush(Compaction *cp);
-extern StoreHeap *billing_compact_heap_begin(void);
+extern StoreHeap *billing_compact_heap_begin(Oid days_rel);
 extern void billing_compact_heap_flush(StoreHeap *h);
 extern void billing_compact_heap_end(StoreHeap *h);
 extern void billing_compact_heap_write(StoreHeap *h, Datum *values, bool *nulls,

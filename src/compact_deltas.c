@@ -319,7 +319,7 @@ billing_compact_take_sql(Compaction *cp)
 void
 billing_compact_take_heap(Compaction *cp)
 {
-	Relation	rel = table_open(billing_relid("usage_deltas"), RowExclusiveLock);
+	Relation	rel = table_open(cp->deltas_rel, RowExclusiveLock);
 	Snapshot	snap = RegisterSnapshot(GetLatestSnapshot());
 	TableScanDesc scan = table_beginscan(rel, snap, 0, NULL);
 	TupleTableSlot *slot = table_slot_create(rel, NULL);

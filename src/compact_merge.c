@@ -39,6 +39,7 @@ billing_compact_old_rows(Compaction *cp, Series **by_rank)
 	Datum		args[3];
 	Oid			types[3] = {INT8ARRAYOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
 	int			ret;
+	StringInfoData sql;
 	MemoryContext old = MemoryContextSwitchTo(cp->batch_cxt);
 
 	memset(&ctl, 0, sizeof(ctl));
@@ -64,11 +65,16 @@ billing_compact_old_rows(Compaction *cp, Series **by_rank)
 	args[2] = TimestampTzGetDatum(hi);
 	MemoryContextSwitchTo(old);
 
-	/* not read-only: it must see the rows the earlier batches wrote */
-	ret = SPI_execute_with_args("SELECT account_id, meter::text, day, dimension::text, quantity, "
-								"events, last_ts, last_seq, cells, ctid FROM billing.usage_days "
-								"WHERE account_id = ANY ($1) AND day >= $2 AND day <= $3",
-								3, types, args, NULL, false, 0);
+	/*
+	 * usage_days or the shard being compacted; not read-only: it must see
+	 * the rows the earlier batches wrote
+	 */
+	initStringInfo(&sql);
+	appendStringInfo(&sql, "SELECT account_id, meter::text, day, dimension::text, quantity, "
+					 "events, last_ts, last_seq, cells, ctid FROM %s "
+					 "WHERE account_id = ANY ($1) AND day >= $2 AND day <= $3", cp->days_name);
+	ret = SPI_execute_with_args(sql.data, 3, types, args, NULL, false, 0);
+	pfree(sql.data);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading billing.usage_days failed: %s", SPI_result_code_string(ret));
 

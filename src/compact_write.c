@@ -105,13 +105,13 @@ billing_compact_out_flush(Compaction *cp)
 	cp->nout = 0;
 }
 
-/* open usage_days for writing straight into its heap and indexes */
+/* open usage_days (or a shard of it) for writing straight into its heap and indexes */
 StoreHeap *
-billing_compact_heap_begin(void)
+billing_compact_heap_begin(Oid days_rel)
 {
 	StoreHeap  *h = palloc0(sizeof(StoreHeap));
 
-	h->rel = table_open(billing_relid("usage_days"), RowExclusiveLock);
+	h->rel = table_open(days_rel, RowExclusiveLock);
 	if (RelationGetDescr(h->rel)->natts != STORE_NATTS)
 		elog(ERROR, "billing.usage_days does not have the columns compaction writes");
 	h->estate = CreateExecutorState();

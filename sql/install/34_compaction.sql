@@ -85,3 +85,157 @@ CREATE FUNCTION billing.compact_usage() RETURNS bigint
 
 COMMENT ON FUNCTION billing.compact_usage() IS
     'Folds appended usage deltas into the bucket counters; returns the number of delta cells merged';
+
+/*
+ * Compaction on Citus (issue 16 part 3): each node compacts its own shards.
+ * usage_deltas and usage_days are co-located, so the deltas of a shard of
+ * usage_deltas fold into the usage_days shard of the same shard group, on
+ * the node that holds both, with the heap path of one node
+ * (billing._compact_pair).  compact_usage() on the coordinator sends
+ * billing._compact_shard to every placement at once
+ * (billing._compact_placements) and sums what they folded; on a worker node
+ * it compacts the shards that node holds.
+ */
+
+-- one shard of usage_deltas into the co-located shard of usage_days, through
+-- their heaps (src/compact.c); billing._compact_shard checks and locks first
+CREATE FUNCTION billing._compact_pair(deltas regclass, days regclass) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_compact_pair'
+    LANGUAGE C STRICT
+    SET search_path = pg_catalog, billing, pg_temp
+    SET jit = off
+    SET client_min_messages = warning;
+COMMENT ON FUNCTION billing._compact_pair(regclass, regclass) IS
+    'Internal: compacts one shard of usage_deltas into the co-located shard of usage_days, on the node that holds them (billing._compact_shard calls it)';
+
+-- a pair of co-located shards (by shard id), on this node: checked in
+-- Citus's metadata, locked as Citus locks a shard it writes (a shard move
+-- takes that lock exclusively before it switches the placements), then
+-- compacted if this node still holds both (after a move, the node it went
+-- to compacts it: 0 here)
+CREATE FUNCTION billing._compact_shard(deltas_shard bigint, days_shard bigint) RETURNS bigint
+    LANGUAGE plpgsql STRICT
+    SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    paired boolean;
+    here boolean;
+    d regclass;
+    u regclass;
+BEGIN
+    EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_dist_shard d JOIN pg_dist_shard u
+                              ON u.shardminvalue = d.shardminvalue AND u.shardmaxvalue = d.shardmaxvalue
+                             WHERE d.shardid = $1 AND d.logicalrelid = ''billing.usage_deltas''::regclass
+                               AND u.shardid = $2 AND u.logicalrelid = ''billing.usage_days''::regclass)'
+        INTO paired USING deltas_shard, days_shard;
+    IF NOT paired THEN
+        RAISE EXCEPTION 'shards % and % are not co-located shards of billing.usage_deltas and billing.usage_days',
+            deltas_shard, days_shard USING ERRCODE = '22023';
+    END IF;
+    -- ShareLock (5), as Citus's own writes take it; in shard id order
+    EXECUTE 'SELECT lock_shard_metadata(5, ARRAY[least($1, $2), greatest($1, $2)])'
+        USING deltas_shard, days_shard;
+    EXECUTE 'SELECT count(*) = 2 FROM pg_dist_placement p
+              WHERE p.shardid IN ($1, $2) AND p.shardstate = 1
+                AND p.groupid = (SELECT groupid FROM pg_dist_local_group)'
+        INTO here USING deltas_shard, days_shard;
+    IF NOT here THEN
+        RETURN 0;
+    END IF;
+    EXECUTE 'SELECT to_regclass(shard_name(''billing.usage_deltas''::regclass, $1)),
+                    to_regclass(shard_name(''billing.usage_days''::regclass, $2))'
+        INTO d, u USING deltas_shard, days_shard;
+    IF d IS NULL OR u IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN billing._compact_pair(d, u);
+END
+$$;
+COMMENT ON FUNCTION billing._compact_shard(bigint, bigint) IS
+    'Internal: compacts a co-located pair of shards of usage_deltas and usage_days (by shard id) if this node holds them; returns the delta cells folded';
+
+-- from the coordinator: billing._compact_shard on every placement of every
+-- shard group, all at once (one connection each, each its own transaction),
+-- with what each returned
+CREATE FUNCTION billing._compact_placements()
+    RETURNS TABLE (nodename text, nodeport integer, deltas_shard bigint, days_shard bigint,
+                   success boolean, result text)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    names text[];
+    ports integer[];
+    ds bigint[];
+    us bigint[];
+BEGIN
+    EXECUTE 'SELECT array_agg(p.nodename ORDER BY d.shardid, p.nodename, p.nodeport),
+                    array_agg(p.nodeport ORDER BY d.shardid, p.nodename, p.nodeport),
+                    array_agg(d.shardid ORDER BY d.shardid, p.nodename, p.nodeport),
+                    array_agg(u.shardid ORDER BY d.shardid, p.nodename, p.nodeport)
+               FROM pg_dist_shard d
+               JOIN pg_dist_shard u ON u.logicalrelid = ''billing.usage_days''::regclass
+                                   AND u.shardminvalue = d.shardminvalue
+                                   AND u.shardmaxvalue = d.shardmaxvalue
+               JOIN pg_dist_shard_placement p ON p.shardid = d.shardid AND p.shardstate = 1
+               JOIN pg_dist_shard_placement q ON q.shardid = u.shardid AND q.shardstate = 1
+                                             AND q.nodename = p.nodename AND q.nodeport = p.nodeport
+              WHERE d.logicalrelid = ''billing.usage_deltas''::regclass'
+        INTO names, ports, ds, us;
+    IF names IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE
+        'SELECT w.node_name, w.node_port, $3[w.i], $4[w.i], w.success, w.result
+           FROM master_run_on_worker($1, $2, $5, true)
+                WITH ORDINALITY AS w(node_name, node_port, success, result, i)'
+        USING names, ports, ds, us,
+              ARRAY(SELECT format('SELECT billing._compact_shard(%s, %s)', ds[i], us[i])
+                      FROM generate_subscripts(ds, 1) i ORDER BY i);
+END
+$$;
+COMMENT ON FUNCTION billing._compact_placements() IS
+    'Internal: on a Citus coordinator, compacts every placement of usage_deltas into its co-located usage_days shard on its own node, all at once; one row per placement with its result';
+
+-- compact_usage() on Citus: from the coordinator every placement (an error
+-- names the first that failed; the others are compacted all the same),
+-- from a worker node the shards it holds
+CREATE FUNCTION billing._compact_citus() RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    folded bigint := 0;
+    failed bigint;
+    err text;
+    r record;
+BEGIN
+    IF citus_is_coordinator() THEN
+        SELECT coalesce(sum(p.result::bigint) FILTER (WHERE p.success), 0),
+               count(*) FILTER (WHERE NOT p.success),
+               min(format('shard %s on %s:%s: %s', p.deltas_shard, p.nodename, p.nodeport, p.result))
+                   FILTER (WHERE NOT p.success)
+          INTO folded, failed, err
+          FROM billing._compact_placements() p;
+        IF failed > 0 THEN
+            RAISE EXCEPTION 'compaction failed on % of the placements of billing.usage_deltas', failed
+                USING ERRCODE = '58000', DETAIL = err;
+        END IF;
+        RETURN folded;
+    END IF;
+    FOR r IN EXECUTE
+        'SELECT d.shardid AS ds, u.shardid AS us
+           FROM pg_dist_shard d
+           JOIN pg_dist_shard u ON u.logicalrelid = ''billing.usage_days''::regclass
+                               AND u.shardminvalue = d.shardminvalue
+                               AND u.shardmaxvalue = d.shardmaxvalue
+          WHERE d.logicalrelid = ''billing.usage_deltas''::regclass
+            AND EXISTS (SELECT 1 FROM pg_dist_placement p
+                         WHERE p.shardid = d.shardid AND p.shardstate = 1
+                           AND p.groupid = (SELECT groupid FROM pg_dist_local_group))
+          ORDER BY d.shardid'
+    LOOP
+        folded := folded + billing._compact_shard(r.ds, r.us);
+    END LOOP;
+    RETURN folded;
+END
+$$;
+COMMENT ON FUNCTION billing._compact_citus() IS
+    'Internal: compact_usage() on Citus: from the coordinator every shard placement on its node, in parallel; from a worker node the shards it holds';

@@ -25,24 +25,41 @@ COMMENT ON VIEW billing.maintenance_status IS
 
 /*
  * _maintenance_runs_here: does the worker of this node run job?  On one
- * node, every job.  On Citus, today's jobs run on the coordinator, from
- * where their statements reach every shard; the workers of the other nodes
- * skip them (the view shows "skipped").  Compaction that runs on each node
- * over its own shards (issue 16 part 3) answers true there for
- * 'compact_usage'.
+ * node, every job.  On Citus, compact_usage runs on every worker node, each
+ * over the shards it holds (issue 16 part 3); on the coordinator only when
+ * it holds placements of usage_deltas itself, or a node holding some has no
+ * copy of Citus's metadata (and so cannot find its own shards): the
+ * coordinator's compact_usage() then compacts every placement, on its node
+ * (a shard compacted from two nodes at once is compacted by one after the
+ * other: the lock of billing._compact_pair).  The other jobs run on the
+ * coordinator, from where their statements reach every shard; the workers
+ * of the other nodes skip them (the view shows "skipped").
  */
 CREATE FUNCTION billing._maintenance_runs_here(job text) RETURNS boolean
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     grp integer;
+    res boolean;
 BEGIN
     IF billing._citus_table_kind('billing.usage_deltas') IS NULL THEN
         RETURN true;
     END IF;
     EXECUTE 'SELECT groupid FROM pg_catalog.pg_dist_local_group' INTO grp;
-    RETURN grp = 0;
+    IF job <> 'compact_usage' THEN
+        RETURN grp = 0;
+    END IF;
+    IF grp <> 0 THEN
+        RETURN true;
+    END IF;
+    EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_shard s
+                              JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid
+                              JOIN pg_catalog.pg_dist_node n ON n.groupid = p.groupid
+                             WHERE s.logicalrelid = ''billing.usage_deltas''::regclass
+                               AND (p.groupid = 0 OR NOT n.hasmetadata))'
+        INTO res;
+    RETURN res;
 END
 $$;
 COMMENT ON FUNCTION billing._maintenance_runs_here(text) IS
-    'Internal: whether the maintenance worker of this node runs job (on Citus: the coordinator only)';
+    'Internal: whether the maintenance worker of this node runs job (on Citus: compact_usage on the nodes that hold shards, the other jobs on the coordinator)';
