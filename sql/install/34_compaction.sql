@@ -91,10 +91,13 @@ COMMENT ON FUNCTION billing.compact_usage() IS
  * usage_deltas and usage_days are co-located, so the deltas of a shard of
  * usage_deltas fold into the usage_days shard of the same shard group, on
  * the node that holds both, with the heap path of one node
- * (billing._compact_pair).  compact_usage() on the coordinator sends
- * billing._compact_shard to every placement at once
- * (billing._compact_placements) and sums what they folded; on a worker node
- * it compacts the shards that node holds.
+ * (billing._compact_pair).  compact_usage() on the coordinator has every
+ * node compact the shards it holds, all nodes at once, one connection each
+ * (billing._compact_placements), and sums what they folded; on a worker
+ * node it compacts the shards that node holds.  One connection per node,
+ * not per placement: measured on one machine (2 cores, 32 shards, 1M rows),
+ * a connection per placement took twice as long as the coordinator's SQL,
+ * one per node under a third of it.
  */
 
 -- one shard of usage_deltas into the co-located shard of usage_days, through
@@ -153,51 +156,66 @@ $$;
 COMMENT ON FUNCTION billing._compact_shard(bigint, bigint) IS
     'Internal: compacts a co-located pair of shards of usage_deltas and usage_days (by shard id) if this node holds them; returns the delta cells folded';
 
--- from the coordinator: billing._compact_shard on every placement of every
--- shard group, all at once (one connection each, each its own transaction),
--- with what each returned
+-- the pairs of co-located shards given, on this node, one after the other
+CREATE FUNCTION billing._compact_shards(deltas_shards bigint[], days_shards bigint[])
+    RETURNS bigint
+    LANGUAGE sql STRICT
+    SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(sum(billing._compact_shard(d, u)), 0)::bigint
+      FROM unnest(deltas_shards, days_shards) AS p(d, u)
+$$;
+COMMENT ON FUNCTION billing._compact_shards(bigint[], bigint[]) IS
+    'Internal: billing._compact_shard on each pair of co-located shards given, on this node, in one transaction; returns the delta cells folded';
+
+-- from the coordinator: every node that holds shards compacts them
+-- (billing._compact_shards, one connection and transaction per node, all
+-- nodes at once), with what each returned
 CREATE FUNCTION billing._compact_placements()
-    RETURNS TABLE (nodename text, nodeport integer, deltas_shard bigint, days_shard bigint,
-                   success boolean, result text)
+    RETURNS TABLE (nodename text, nodeport integer, shard_groups integer, success boolean,
+                   result text)
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     names text[];
     ports integer[];
-    ds bigint[];
-    us bigint[];
+    counts integer[];
+    cmds text[];
 BEGIN
-    EXECUTE 'SELECT array_agg(p.nodename ORDER BY d.shardid, p.nodename, p.nodeport),
-                    array_agg(p.nodeport ORDER BY d.shardid, p.nodename, p.nodeport),
-                    array_agg(d.shardid ORDER BY d.shardid, p.nodename, p.nodeport),
-                    array_agg(u.shardid ORDER BY d.shardid, p.nodename, p.nodeport)
-               FROM pg_dist_shard d
-               JOIN pg_dist_shard u ON u.logicalrelid = ''billing.usage_days''::regclass
-                                   AND u.shardminvalue = d.shardminvalue
-                                   AND u.shardmaxvalue = d.shardmaxvalue
-               JOIN pg_dist_shard_placement p ON p.shardid = d.shardid AND p.shardstate = 1
-               JOIN pg_dist_shard_placement q ON q.shardid = u.shardid AND q.shardstate = 1
-                                             AND q.nodename = p.nodename AND q.nodeport = p.nodeport
-              WHERE d.logicalrelid = ''billing.usage_deltas''::regclass'
-        INTO names, ports, ds, us;
+    EXECUTE 'SELECT array_agg(nodename ORDER BY nodename, nodeport),
+                    array_agg(nodeport ORDER BY nodename, nodeport),
+                    array_agg(n ORDER BY nodename, nodeport),
+                    array_agg(format(''SELECT billing._compact_shards(%L, %L)'', ds, us)
+                              ORDER BY nodename, nodeport)
+               FROM (SELECT p.nodename, p.nodeport, count(*)::int AS n,
+                            array_agg(d.shardid ORDER BY d.shardid) AS ds,
+                            array_agg(u.shardid ORDER BY d.shardid) AS us
+                       FROM pg_dist_shard d
+                       JOIN pg_dist_shard u ON u.logicalrelid = ''billing.usage_days''::regclass
+                                           AND u.shardminvalue = d.shardminvalue
+                                           AND u.shardmaxvalue = d.shardmaxvalue
+                       JOIN pg_dist_shard_placement p ON p.shardid = d.shardid AND p.shardstate = 1
+                       JOIN pg_dist_shard_placement q ON q.shardid = u.shardid AND q.shardstate = 1
+                                                     AND q.nodename = p.nodename
+                                                     AND q.nodeport = p.nodeport
+                      WHERE d.logicalrelid = ''billing.usage_deltas''::regclass
+                      GROUP BY p.nodename, p.nodeport) x'
+        INTO names, ports, counts, cmds;
     IF names IS NULL THEN
         RETURN;
     END IF;
     RETURN QUERY EXECUTE
-        'SELECT w.node_name, w.node_port, $3[w.i], $4[w.i], w.success, w.result
-           FROM master_run_on_worker($1, $2, $5, true)
+        'SELECT w.node_name, w.node_port, $3[w.i]::integer, w.success, w.result
+           FROM master_run_on_worker($1, $2, $4, true)
                 WITH ORDINALITY AS w(node_name, node_port, success, result, i)'
-        USING names, ports, ds, us,
-              ARRAY(SELECT format('SELECT billing._compact_shard(%s, %s)', ds[i], us[i])
-                      FROM generate_subscripts(ds, 1) i ORDER BY i);
+        USING names, ports, counts, cmds;
 END
 $$;
 COMMENT ON FUNCTION billing._compact_placements() IS
-    'Internal: on a Citus coordinator, compacts every placement of usage_deltas into its co-located usage_days shard on its own node, all at once; one row per placement with its result';
+    'Internal: on a Citus coordinator, has every node compact its placements of usage_deltas into their co-located usage_days shards, all nodes at once; one row per node with its result';
 
--- compact_usage() on Citus: from the coordinator every placement (an error
--- names the first that failed; the others are compacted all the same),
--- from a worker node the shards it holds
+-- compact_usage() on Citus: from the coordinator every node's placements
+-- (an error names the first node that failed; the others are compacted
+-- all the same), from a worker node the shards it holds
 CREATE FUNCTION billing._compact_citus() RETURNS bigint
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp AS $$
@@ -205,37 +223,33 @@ DECLARE
     folded bigint := 0;
     failed bigint;
     err text;
-    r record;
+    ds bigint[];
+    us bigint[];
 BEGIN
     IF citus_is_coordinator() THEN
         SELECT coalesce(sum(p.result::bigint) FILTER (WHERE p.success), 0),
                count(*) FILTER (WHERE NOT p.success),
-               min(format('shard %s on %s:%s: %s', p.deltas_shard, p.nodename, p.nodeport, p.result))
-                   FILTER (WHERE NOT p.success)
+               min(format('%s:%s: %s', p.nodename, p.nodeport, p.result)) FILTER (WHERE NOT p.success)
           INTO folded, failed, err
           FROM billing._compact_placements() p;
         IF failed > 0 THEN
-            RAISE EXCEPTION 'compaction failed on % of the placements of billing.usage_deltas', failed
+            RAISE EXCEPTION 'compaction failed on % of the nodes holding billing.usage_deltas', failed
                 USING ERRCODE = '58000', DETAIL = err;
         END IF;
         RETURN folded;
     END IF;
-    FOR r IN EXECUTE
-        'SELECT d.shardid AS ds, u.shardid AS us
-           FROM pg_dist_shard d
-           JOIN pg_dist_shard u ON u.logicalrelid = ''billing.usage_days''::regclass
-                               AND u.shardminvalue = d.shardminvalue
-                               AND u.shardmaxvalue = d.shardmaxvalue
-          WHERE d.logicalrelid = ''billing.usage_deltas''::regclass
-            AND EXISTS (SELECT 1 FROM pg_dist_placement p
-                         WHERE p.shardid = d.shardid AND p.shardstate = 1
-                           AND p.groupid = (SELECT groupid FROM pg_dist_local_group))
-          ORDER BY d.shardid'
-    LOOP
-        folded := folded + billing._compact_shard(r.ds, r.us);
-    END LOOP;
-    RETURN folded;
+    EXECUTE 'SELECT array_agg(d.shardid ORDER BY d.shardid), array_agg(u.shardid ORDER BY d.shardid)
+               FROM pg_dist_shard d
+               JOIN pg_dist_shard u ON u.logicalrelid = ''billing.usage_days''::regclass
+                                   AND u.shardminvalue = d.shardminvalue
+                                   AND u.shardmaxvalue = d.shardmaxvalue
+              WHERE d.logicalrelid = ''billing.usage_deltas''::regclass
+                AND EXISTS (SELECT 1 FROM pg_dist_placement p
+                             WHERE p.shardid = d.shardid AND p.shardstate = 1
+                               AND p.groupid = (SELECT groupid FROM pg_dist_local_group))'
+        INTO ds, us;
+    RETURN coalesce(billing._compact_shards(ds, us), 0);
 END
 $$;
 COMMENT ON FUNCTION billing._compact_citus() IS
-    'Internal: compact_usage() on Citus: from the coordinator every shard placement on its node, in parallel; from a worker node the shards it holds';
+    'Internal: compact_usage() on Citus: from the coordinator every node over the shards it holds, all nodes at once; from a worker node the shards it holds';
