@@ -30,6 +30,9 @@ shared_preload_libraries = 'citus,billing'
 billing.maintenance_interval = '${MAINTENANCE_INTERVAL:-1h}'
 max_connections = 100
 max_prepared_transactions = 100
+# a Citus maintenance daemon per Citus database and a billing maintenance
+# worker per billing database (8, the default, runs out with a few databases)
+max_worker_processes = 32
 fsync = off
 synchronous_commit = off
 full_page_writes = off

@@ -378,6 +378,127 @@ for side in single citus; do
 done
 echo "# the tie rule took $(( $(date +%s) - t ))s"
 
+# 4c. compaction on the workers, each over its own shards (issue 16 part 3),
+# in a database of its own: test/citus/compact_shards.sql on one node and
+# on the cluster (meters of every aggregation, compacted from each worker
+# node directly, from the coordinator, and in a transaction block; reads
+# uncompacted, compacted and mixed) prints what compact_shards.out says on
+# both.  Then on the cluster: what each node folded is what its own shards
+# held, counted on the node; compact_usage() on a worker node compacts its
+# shards only; the maintenance worker of a worker node compacts its shards;
+# the coordinator and a worker node compacting at once fold every cell once;
+# after a shard moves, it is compacted where it went, and not where it was
+t=$(date +%s)
+C=compact
+psql -qX -d postgres -c "DROP DATABASE IF EXISTS $C" -c "CREATE DATABASE $C" >/dev/null 2>&1
+for p in "$CITUS_COORD_PORT" "${CITUS_WORKER_PORTS[@]}"; do
+    citus_psql "$p" -qc "DROP DATABASE IF EXISTS $C WITH (FORCE)" >/dev/null 2>&1
+done
+psql -X -d $C -v citus=false -f test/citus/compact_shards.sql >"$WORK/compact_single.out" 2>&1
+rc1=$?
+rc2=1
+if citus_db $C >"$WORK/citus_db_$C.log" 2>&1; then
+    citus_psql "$CITUS_COORD_PORT" -X -d $C -v citus=true -f test/citus/compact_shards.sql \
+        >"$WORK/compact_citus.out" 2>&1
+    rc2=$?
+else
+    cat "$WORK/citus_db_$C.log"
+fi
+check "compaction on the workers: the scenario runs on one node and on the cluster" [ $rc1 -eq 0 -a $rc2 -eq 0 ]
+for side in single citus; do
+    if diff -u test/citus/compact_shards.out "$WORK/compact_$side.out" >"$WORK/diff" 2>&1; then
+        ok "compaction on the workers: every read, uncompacted, compacted and mixed, as compact_shards.out says ($side)"
+    else
+        sed 's/^/# /' "$WORK/diff" | cut -c1-240 | head -30
+        not_ok "compaction on the workers: every read, uncompacted, compacted and mixed, as compact_shards.out says ($side)"
+    fi
+done
+ccq() { citus_psql "$CITUS_COORD_PORT" -qAt -d $C -c "$1" 2>&1; }
+wq() { citus_psql "$1" -qAt -d $C -c "$2" 2>&1; }
+W1=${CITUS_WORKER_PORTS[0]}
+W2=${CITUS_WORKER_PORTS[1]}
+# per node (port:n), counted on the node over each of its shards of TABLE
+per_node() {   # per_node TABLE QUERY-WITH-%s
+    ccq "SELECT string_agg(nodeport || ':' || n, ' ' ORDER BY nodeport)
+           FROM (SELECT nodeport, sum(result::bigint) AS n
+                   FROM run_command_on_placements('$1', \$q\$$2\$q\$) GROUP BY nodeport) x"
+}
+deltas() { per_node billing.usage_deltas 'SELECT count(*) FROM %s d, billing._delta_cells(d.cells)'; }
+days() { per_node billing.usage_days 'SELECT count(*) FROM %s'; }
+usage_round() {   # usage_round N: a report of cs_sum for every account, on day N of March
+    ccq "SELECT accepted FROM billing.ingest('cs', $1, 1, ARRAY(SELECT generate_series(1, 40)::bigint),
+           array_fill('cs_sum'::text, ARRAY[40]), array_fill($1::numeric, ARRAY[40]),
+           ARRAY(SELECT timestamptz '2024-03-01 10:00+00' + ($1 - 1) * interval '1 day'
+                        + a * interval '1 minute' FROM generate_series(1, 40) a))"
+}
+total() { ccq "SELECT sum(u.quantity) FROM generate_series(1, 40) a, billing.usage(a, '2024-03-01', '2024-04-01', '1 month', 'cs_sum') u"; }
+# "P1:n P2:m" with n and m above 0
+held_on_both() { [[ "$1" =~ ^[0-9]+:[1-9][0-9]*\ [0-9]+:[1-9][0-9]*$ ]]; }
+usage_round 14 >/dev/null
+before=$(deltas)
+d0=$(days)
+groups=$(ccq "SELECT string_agg(nodeport || ':' || n, ' ' ORDER BY nodeport)
+                FROM (SELECT nodeport, count(*) AS n FROM pg_dist_shard_placement JOIN pg_dist_shard USING (shardid)
+                       WHERE logicalrelid = 'billing.usage_deltas'::regclass GROUP BY nodeport) x")
+r=$(ccq "SELECT string_agg(nodeport || ':' || result, ' ' ORDER BY nodeport) FROM billing._compact_placements() WHERE success")
+v=$(held_on_both "$before" && [ "$r" = "$before" ] && echo y)
+check "from the coordinator each worker node compacted its own shards, all at once: each folded what its shards held ($r; held $before)" \
+    [ "$v" = y ]
+after=$(deltas)
+d1=$(days)
+grew=$(ccq "SELECT bool_and(split_part(b, ':', 2)::int > split_part(a, ':', 2)::int)
+              FROM unnest(string_to_array('$d0', ' '), string_to_array('$d1', ' ')) x(a, b)")
+check "and each node's shards of usage_deltas are empty, its shards of usage_days took the rows ($after; rows $d0 -> $d1; shard groups $groups)" \
+    [ "$after" = "$W1:0 $W2:0" -a "$(echo "$d1" | wc -w)" = 2 -a "$grew" = t ]
+usage_round 15 >/dev/null
+before=$(deltas)
+r=$(wq "$W1" "SELECT billing.compact_usage()")
+after=$(deltas)
+v=$(held_on_both "$before" && [ "$W1:$r" = "${before%% *}" -a "$after" = "$W1:0 ${before##* }" ] && echo y)
+check "compact_usage() on worker node $W1 compacts its own shards only ($r of $before; after: $after)" \
+    [ "$v" = y ]
+# the maintenance worker of a worker node: its own shards, every second here
+wq "$W2" "ALTER SYSTEM SET billing.maintenance_interval = '1s'" >/dev/null
+wq "$W2" "SELECT pg_reload_conf()" >/dev/null
+for i in $(seq 1 60); do
+    r=$(wq "$W2" "SELECT last_result FROM billing.maintenance_status WHERE job = 'compact_usage'")
+    [ "$r" = ok ] && break
+    sleep 0.5
+done
+after=$(deltas)
+wq "$W2" "ALTER SYSTEM RESET billing.maintenance_interval" >/dev/null
+wq "$W2" "SELECT pg_reload_conf()" >/dev/null
+check "the maintenance worker of worker node $W2 compacts its shards ($after, last run: $r)" \
+    [ "$after" = "$W1:0 $W2:0" -a "$r" = ok ]
+# the coordinator and a worker node at once: every cell folded once
+usage_round 16 >/dev/null
+want=$(total)
+held=$(ccq "SELECT count(*) FROM billing.usage_deltas d, billing._delta_cells(d.cells)")
+wq "$W1" "SELECT billing.compact_usage()" >"$WORK/compact_w1" 2>&1 &
+a=$(ccq "SELECT billing.compact_usage()")
+wait
+b=$(cat "$WORK/compact_w1")
+check "the coordinator and worker node $W1 compacting at once fold every cell once ($a + $b of $held; total $(total) = $want)" \
+    [ "$held" -gt 0 -a "$(( a + b ))" = "$held" -a "$(deltas)" = "$W1:0 $W2:0" -a "$(total)" = "$want" ]
+# a shard moves with deltas not yet compacted
+usage_round 17 >/dev/null
+want=$(total)
+sh=$(ccq "SELECT shardid FROM run_command_on_placements('billing.usage_deltas', 'SELECT count(*) FROM %s')
+           WHERE nodeport = $W1 AND result::bigint > 0 ORDER BY shardid LIMIT 1")
+dsh=$(ccq "SELECT u.shardid FROM pg_dist_shard d JOIN pg_dist_shard u ON u.shardminvalue = d.shardminvalue
+            WHERE d.shardid = $sh AND u.logicalrelid = 'billing.usage_days'::regclass")
+m=$(ccq "SELECT citus_move_shard_placement($sh, '127.0.0.1', $W1, '127.0.0.1', $W2, shard_transfer_mode => 'block_writes')")
+r=$(wq "$W1" "SELECT billing._compact_shard($sh, $dsh)")
+held=$(ccq "SELECT count(*) FROM billing.usage_deltas d, billing._delta_cells(d.cells)")
+a=$(ccq "SELECT billing.compact_usage()")
+where=$(ccq "SELECT nodeport FROM pg_dist_shard_placement WHERE shardid = $dsh")
+check "shard $sh moved to $W2 ($m): not compacted on $W1 where it was ($r), compacted where it went (folded $a of $held, $(deltas); total $(total) = $want)" \
+    [ "$where" = "$W2" -a "$r" = 0 -a "$held" -gt 0 -a "$a" = "$held" -a "$(deltas)" = "$W1:0 $W2:0" -a "$(total)" = "$want" ]
+for p in "$CITUS_COORD_PORT" "${CITUS_WORKER_PORTS[@]}"; do
+    citus_psql "$p" -qc "DROP DATABASE $C WITH (FORCE)" >/dev/null 2>&1
+done
+echo "# compaction on the workers took $(( $(date +%s) - t ))s"
+
 # 5. the cluster itself
 t=$(date +%s)
 r=$(cq "SELECT count(*) FROM billing.distribute() WHERE changed")
@@ -434,15 +555,17 @@ check "the shells of usage_deltas and dedupe_keys stay empty on every node ($r,$
     test "$r" = 0 -a "$w" = "0,0"
 r=$(cq "SELECT count(*) FROM pg_dist_object WHERE distribution_argument_index IS NOT NULL")
 check "per-account functions run on the account's node ($r registered)" [ "$r" -ge 6 ]
-# the maintenance worker: on every node; the jobs run from the coordinator
+# the maintenance worker: on every node; compaction on the worker nodes,
+# each over its own shards, the other jobs from the coordinator
 r=$(cq "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'billing maintenance launcher'")
 w=$(cq "SELECT string_agg(result, ',') FROM run_command_on_workers(
           \$\$SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'billing maintenance launcher'\$\$)")
 check "every node runs the maintenance launcher ($r,$w)" test "$r" = 1 -a "$w" = "1,1"
-r=$(cq "SELECT billing._maintenance_runs_here('compact_usage')")
+r=$(cq "SELECT billing._maintenance_runs_here('compact_usage') || '/' || billing._maintenance_runs_here('purge_dedupe')")
 w=$(cq "SELECT string_agg(result, ',') FROM run_command_on_workers(
-          \$\$SELECT billing._maintenance_runs_here('compact_usage')\$\$)")
-check "maintenance jobs run on the coordinator, the workers skip them ($r,$w)" test "$r" = t -a "$w" = "f,f"
+          \$\$SELECT billing._maintenance_runs_here('compact_usage') || '/' || billing._maintenance_runs_here('purge_dedupe')\$\$)")
+check "maintenance: the worker nodes compact their own shards, the coordinator does not; the other jobs run on the coordinator only ($r,$w)" \
+    test "$r" = false/true -a "$w" = "true/false,true/false"
 acct=$(cq "SELECT max(account_id) FROM billing.accounts")
 r=$(cq "SELECT billing.record($acct, '$meter', 1, now(), 'pushed-down')")
 check "record() pushed down to the worker of account $acct counts" [ "$r" = t ]
