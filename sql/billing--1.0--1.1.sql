@@ -7597,4 +7597,9 @@ COMMENT ON FUNCTION billing._maintenance_runs_here(text) IS
 REVOKE ALL ON FUNCTION billing._compact_pair(regclass, regclass), billing._compact_shard(bigint, bigint),
     billing._compact_shards(bigint[], bigint[]), billing._compact_placements(),
     billing._compact_citus() FROM PUBLIC;
+-- internal helpers are the readers' (99_roles.sql); _compact_pair checks the
+-- rights on the shards it writes
+GRANT EXECUTE ON FUNCTION billing._compact_pair(regclass, regclass), billing._compact_shard(bigint, bigint),
+    billing._compact_shards(bigint[], bigint[]), billing._compact_placements(),
+    billing._compact_citus() TO billing_reader;
 -- ---- end of issue 16 part 3 ----

@@ -22,6 +22,7 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -296,7 +297,9 @@ billing_compact_usage(PG_FUNCTION_ARGS)
  *		shard of usage_deltas into the co-located shard of usage_days, on the
  *		node that holds them, through their heaps as on one node.  Called by
  *		billing._compact_shard (34_compaction.sql), which checked the pair in
- *		Citus's metadata and locked it against a move.
+ *		Citus's metadata and locked it against a move.  It writes the heaps
+ *		straight, so it checks the caller's rights on them first (the
+ *		extension owner's, in compact_usage()).
  */
 Datum
 billing_compact_pair(PG_FUNCTION_ARGS)
@@ -309,6 +312,15 @@ billing_compact_pair(PG_FUNCTION_ARGS)
 	const char *un = get_rel_name(days);
 	int64		folded;
 
+	/* the internal helpers are the readers' (99_roles.sql): table rights apply */
+	if (dn != NULL && un != NULL &&
+		(pg_class_aclmask(deltas, GetUserId(), ACL_SELECT | ACL_DELETE, ACLMASK_ALL) !=
+		 (ACL_SELECT | ACL_DELETE) ||
+		 pg_class_aclmask(days, GetUserId(), ACL_SELECT | ACL_INSERT | ACL_UPDATE, ACLMASK_ALL) !=
+		 (ACL_SELECT | ACL_INSERT | ACL_UPDATE)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to compact %s into %s", dn, un)));
 	if (dn == NULL || un == NULL || get_rel_namespace(deltas) != ns ||
 		get_rel_namespace(days) != ns || strncmp(dn, "usage_deltas_", 13) != 0 ||
 		strncmp(un, "usage_days_", 11) != 0 || get_rel_relkind(deltas) != RELKIND_RELATION ||

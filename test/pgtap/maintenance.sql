@@ -2,7 +2,7 @@
 -- the view that shows it, without depending on whether a worker runs here
 -- (test/worker/run.sh tests the worker itself on a cluster of its own).
 BEGIN;
-SELECT plan(37);
+SELECT plan(40);
 
 CREATE ROLE m_reader NOLOGIN IN ROLE billing_reader;
 CREATE ROLE m_writer NOLOGIN IN ROLE billing_writer;
@@ -39,6 +39,22 @@ RESET ROLE;
 SELECT results_eq($$SELECT bool_and(billing._maintenance_runs_here(j))
                       FROM unnest(ARRAY['compact_usage', 'purge_dedupe', 'finalize_invoices']) j$$,
                   ARRAY[true], 'on one node the worker runs every job');
+
+-- compaction of a pair of shards (issue 16 part 3): only shards of usage_deltas and
+-- usage_days, only through compact_usage(); on one node there are none
+SELECT throws_ok($$SELECT billing._compact_pair('billing.usage_deltas', 'billing.usage_days')$$,
+                 '22023', NULL, '_compact_pair refuses relations other than shards of usage_deltas and usage_days');
+SELECT is((SELECT count(*) FROM pg_proc p
+            WHERE p.pronamespace = 'billing'::regnamespace
+              AND p.proname IN ('_compact_pair', '_compact_shard', '_compact_shards',
+                                '_compact_placements', '_compact_citus')
+              AND has_function_privilege('m_nobody', p.oid, 'EXECUTE')), 0::bigint,
+          'PUBLIC may not run the internal compaction functions');
+SET ROLE m_reader;
+SELECT throws_ok($$SELECT billing._compact_pair('billing.usage_deltas', 'billing.usage_days')$$,
+                 '42501', NULL,
+                 'billing_reader may not write the store through _compact_pair (compact_usage() calls it as the owner)');
+RESET ROLE;
 
 -- billing.maintenance_interval: a time setting in the usual units or interval syntax ---------
 SELECT is(current_setting('billing.auto_finalize'), 'off', 'billing.auto_finalize is off by default');
