@@ -3,11 +3,12 @@
  *		billing.compact_usage(): folds the appended usage deltas into the
  *		packed store billing.usage_days; how is told in compact.h.
  *
- * This file holds the SQL entry point and the batch driver.  The entry
- * point takes the advisory lock (one compaction at a time), loads the
- * meters, makes the memory contexts (the batch's, one row's, the batch's
- * cell array) and chooses the writer: straight into the heap on one node,
- * SQL on Citus.  The deltas are then taken out batch by batch
+ * This file holds the SQL entry points and the batch driver.  An entry
+ * point takes the advisory lock (one compaction of the same relations at a
+ * time), loads the meters, makes the memory contexts (the batch's, one
+ * row's, the batch's cell array) and chooses the writer: straight into the
+ * heap on one node and for a pair of Citus shards on their node, SQL on a
+ * Citus coordinator in a transaction block.  The deltas are then taken out batch by batch
  * (compact_deltas.c), each batch folded by billing_compact_fold: sorted and
  * combined (compact_sort.c), merged with the rows usage_days has already
  * (compact_merge.c), written (compact_write.c), and the cells of unique

@@ -24,22 +24,30 @@
  *
  * On one node the rows are written straight into the heap and primary key
  * of usage_days (new ones multi-inserted as COPY does, existing ones
- * updated in place); the rest is SQL through SPI.  On a Citus coordinator,
- * where usage_days is a shell, the writes are SQL too (one upsert per
- * 10,000 rows), which Citus routes to the shards.
+ * updated in place); the rest is SQL through SPI.  On Citus the same heap
+ * path runs on the node that holds each pair of co-located shards (a shard
+ * of usage_deltas and the usage_days shard of its shard group), under a
+ * lock of its own: compact_usage() on the coordinator has every node
+ * compact the shards it holds, all nodes at once; on a worker node it
+ * compacts that node's shards (34_compaction.sql, billing._compact_pair).
+ * Only on a coordinator in a transaction block, whose writes the nodes'
+ * own connections would not see, are the deltas taken out and the rows
+ * written through SQL that Citus routes (one upsert per 10,000 rows).
  *
  * One job per file, sharing Compaction:
  *
- *		compact.c			the SQL entry point, the meters, the batch
- *							driver (steps 2 to 4) and the unique meters
+ *		compact.c			the SQL entry points (compact_usage, and
+ *							_compact_pair for a pair of shards), the
+ *							meters, the batch driver (steps 2 to 4) and
+ *							the unique meters
  *		compact_deltas.c	the deltas taken out (heap or SQL) and decoded
  *							into a batch (step 1)
  *		compact_sort.c		a batch's series ranked, its cells sorted and
  *							combined (step 2)
  *		compact_merge.c		the rows usage_days has already, merged with
  *							the batch's cells (step 3)
- *		compact_write.c		the rows written: heap and primary key on one
- *							node, upserts through SQL on Citus
+ *		compact_write.c		the rows written: heap and primary key (one
+ *							node, a Citus shard), or upserts through SQL
  */
 #ifndef BILLING_COMPACT_H
 #define BILLING_COMPACT_H
@@ -58,7 +66,7 @@
 #include "decimal.h"
 #include "store.h"
 
-/* rows of usage_days written per statement (Citus) */
+/* rows of usage_days written per statement (SQL, a Citus coordinator) */
 #define WRITE_CHUNK		10000
 
 /* a meter of billing.meters */

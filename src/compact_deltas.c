@@ -3,9 +3,10 @@
  *		The deltas taken out of billing.usage_deltas and decoded into a
  *		batch (step 1 of compact.h).
  *
- * On one node the heap of usage_deltas is read straight, with a snapshot
- * taken after the compaction's lock, and every row read is deleted; rows
- * appended after the snapshot stay for the next compaction.  On Citus one
+ * On one node (and for a shard of usage_deltas, on its node) the heap is
+ * read straight, with a snapshot taken after the compaction's lock, and
+ * every row read is deleted; rows appended after the snapshot stay for the
+ * next compaction.  On a Citus coordinator in a transaction block one
  * DELETE ... RETURNING, read through a cursor, takes them out of every
  * shard.  Either way, whenever the batch takes maintenance_work_mem it is
  * folded (billing_compact_fold) and a new one begun.
@@ -258,7 +259,8 @@ add_delta_row(Compaction *cp, int64 account, bool seq_null, int64 seq, bytea *pa
 /*
  * billing_compact_take_sql
  *		Take the deltas out with DELETE ... RETURNING through a cursor
- *		(Citus: the statement reaches every shard) and fold them in batches.
+ *		(a Citus coordinator: the statement reaches every shard) and fold
+ *		them in batches.
  */
 void
 billing_compact_take_sql(Compaction *cp)
@@ -310,7 +312,8 @@ billing_compact_take_sql(Compaction *cp)
 
 /*
  * billing_compact_take_heap
- *		One node: read the deltas straight from the heap of usage_deltas,
+ *		Read the deltas straight from the heap of usage_deltas (one node)
+ *		or of a shard of it (on its node),
  *		with a snapshot taken now (after the lock: what an earlier
  *		compaction deleted is gone), deleting each row read, and fold them
  *		in batches.  Rows appended after the snapshot stay for the next

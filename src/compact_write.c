@@ -2,13 +2,14 @@
  * compact_write.c
  *		The rows of usage_days written, one way or the other.
  *
- * On one node, straight into the heap and primary key of usage_days: new
- * rows multi-inserted as COPY does, HEAP_CHUNK at a time, existing ones
- * updated in place (with index entries unless the new version stays on its
- * page as a heap-only tuple).  On a Citus coordinator, where usage_days is
- * a shell, the rows are collected in parallel arrays and written by one
- * INSERT ... ON CONFLICT DO UPDATE over their unnest per WRITE_CHUNK rows,
- * which Citus routes to the shards.
+ * On one node (and into a shard of usage_days, on its node), straight into
+ * the heap and primary key: new rows multi-inserted as COPY does,
+ * HEAP_CHUNK at a time, existing ones updated in place (with index entries
+ * unless the new version stays on its page as a heap-only tuple).  On a
+ * Citus coordinator in a transaction block, where usage_days is a shell,
+ * the rows are collected in parallel arrays and written by one INSERT ...
+ * ON CONFLICT DO UPDATE over their unnest per WRITE_CHUNK rows, which Citus
+ * routes to the shards.
  */
 #include "postgres.h"
 
@@ -27,7 +28,7 @@
 #include "catalog.h"
 #include "compact.h"
 
-/* new rows of usage_days multi-inserted at a time (one node) */
+/* new rows of usage_days multi-inserted at a time (heap path) */
 #define HEAP_CHUNK		1000
 
 /* make room for n more rows to write */
