@@ -6,7 +6,9 @@
 # multi-shard writes commit with two-phase commit.
 #
 #  1. metered COPY of 1M rows (10k Zipf-skewed accounts, 6 meters, one hour;
-#     keep_rows = false) into a table distributed by account with billing
+#     keep_rows = false) into a table distributed by account with billing,
+#     then compact_usage() of that load (on the cluster every worker node
+#     compacts its own shards, issue 16)
 #  2. 10k record() calls from 8 pgbench clients on 100 hot accounts, then a
 #     check that none was lost or doubled
 #  3. invoice_preview latency (p50, p95) for the hottest account
@@ -76,6 +78,12 @@ for target in single cluster; do
     R[$target.copy]=$(secs "$t" "$(date +%s.%N)")
     R[$target.copy_total]=$(psql -qXAt "${args[@]}" -c \
         "SELECT sum(quantity) FROM billing.usage_cells WHERE meter <> 'x'")
+    # compaction of that load (on the cluster: every node over its own shards)
+    t=$(date +%s.%N)
+    psql -qX -v ON_ERROR_STOP=1 "${args[@]}" -c "SELECT billing.compact_usage()" >/dev/null
+    R[$target.compact]=$(secs "$t" "$(date +%s.%N)")
+    R[$target.compact_total]=$(psql -qXAt "${args[@]}" -c \
+        "SELECT sum(quantity) FROM billing.usage_cells WHERE meter <> 'x'")
 
     # 2. record() from 8 clients, hot accounts
     cat >"$WORK/record.sql" <<'EOF'
@@ -105,6 +113,8 @@ printf '%-44s %13ss %13ss %10s\n' "plain COPY, 1M rows, no metering (transport)"
     "${R[single.plain]}" "${R[cluster.plain]}" "$(ratio "${R[cluster.plain]}" "${R[single.plain]}")"
 printf '%-44s %13ss %13ss %10s\n' "metered COPY, 1M rows (keep_rows = false)" \
     "${R[single.copy]}" "${R[cluster.copy]}" "$(ratio "${R[cluster.copy]}" "${R[single.copy]}")"
+printf '%-44s %13ss %13ss %10s\n' "compact_usage() of that load" \
+    "${R[single.compact]}" "${R[cluster.compact]}" "$(ratio "${R[cluster.compact]}" "${R[single.compact]}")"
 printf '%-44s %10s tps %10s tps %10s\n' "record(), 8 clients, 10k calls" \
     "${R[single.record_tps]}" "${R[cluster.record_tps]}" "$(ratio "${R[single.record_tps]}" "${R[cluster.record_tps]}")"
 printf '%-44s %11s ms %11s ms %10s\n' "record() mean latency" \
@@ -113,7 +123,9 @@ printf '%-44s %11s ms %11s ms %10s\n' "invoice_preview p50" \
     "${R[single.preview_p50]}" "${R[cluster.preview_p50]}" "$(ratio "${R[cluster.preview_p50]}" "${R[single.preview_p50]}")"
 printf '%-44s %11s ms %11s ms %10s\n' "invoice_preview p95" \
     "${R[single.preview_p95]}" "${R[cluster.preview_p95]}" "$(ratio "${R[cluster.preview_p95]}" "${R[single.preview_p95]}")"
-echo "counted: COPY ${R[single.copy_total]} / ${R[cluster.copy_total]} units;" \
+echo "counted: COPY ${R[single.copy_total]} / ${R[cluster.copy_total]} units, compacted ${R[single.compact_total]} / ${R[cluster.compact_total]};" \
      "record() ${R[single.record_count]} / ${R[cluster.record_count]} of 10000 (none lost or doubled when both are 10000)"
 [ "${R[single.record_count]}" = 10000 ] && [ "${R[cluster.record_count]}" = 10000 ] \
-    && [ "${R[single.copy_total]}" = "${R[cluster.copy_total]}" ]
+    && [ "${R[single.copy_total]}" = "${R[cluster.copy_total]}" ] \
+    && [ "${R[single.compact_total]}" = "${R[cluster.compact_total]}" ] \
+    && [ "${R[single.compact_total]}" = "${R[single.copy_total]}" ]
