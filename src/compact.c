@@ -113,7 +113,7 @@ void
 billing_compact_fold(Compaction *cp)
 {
 	Series	  **by_rank;
-	HTAB	   *old_rows;
+	MemoryContext slice_cxt;
 	bool		any_unique = false;
 	StringInfoData buf;
 	MemoryContext old;
@@ -124,32 +124,55 @@ billing_compact_fold(Compaction *cp)
 	/* series ranked by (meter, dimension); cells sorted and combined */
 	by_rank = billing_compact_sort(cp, &any_unique);
 
-	/* the rows the batch's keys have already */
-	old_rows = billing_compact_old_rows(cp, by_rank);
-
-	/* one row per (account, series, day) */
+	/*
+	 * one row per (account, series, day), SLICE_KEYS keys at a time: the
+	 * rows those keys have already are read (and held) for the slice only
+	 */
+	slice_cxt = AllocSetContextCreate(cp->batch_cxt, "billing compaction slice",
+									  ALLOCSET_DEFAULT_SIZES);
 	old = MemoryContextSwitchTo(cp->batch_cxt);
 	billing_compact_out_reserve(cp, WRITE_CHUNK);
 	initStringInfo(&buf);
-	for (int i = 0; i < cp->ncells;)
+	for (int from = 0; from < cp->ncells;)
 	{
-		const BatchCell *first = &cp->cells[i];
-		TimestampTz day = STORE_DAY(first->c.bucket);
-		int			j = i + 1;
-		RowKey		rk;
+		int			to = from;
+		HTAB	   *old_rows;
 
-		CHECK_FOR_INTERRUPTS();
-		while (j < cp->ncells && cp->cells[j].account == first->account &&
-			   cp->cells[j].series == first->series &&
-			   STORE_DAY(cp->cells[j].c.bucket) == day)
-			j++;
-		memset(&rk, 0, sizeof(rk));
-		rk.account = first->account;
-		rk.day = day;
-		rk.series = first->series;
-		billing_compact_write_row(cp, by_rank[first->series], first->account, day, first,
-								  j - i, hash_search(old_rows, &rk, HASH_FIND, NULL), &buf);
-		i = j;
+		/* the slice: SLICE_KEYS keys, cut between two keys */
+		for (int nkeys = 0; to < cp->ncells && nkeys < SLICE_KEYS; nkeys++)
+		{
+			const BatchCell *first = &cp->cells[to];
+			TimestampTz day = STORE_DAY(first->c.bucket);
+
+			to++;
+			while (to < cp->ncells && cp->cells[to].account == first->account &&
+				   cp->cells[to].series == first->series &&
+				   STORE_DAY(cp->cells[to].c.bucket) == day)
+				to++;
+		}
+		old_rows = billing_compact_old_rows(cp, by_rank, from, to, slice_cxt);
+		for (int i = from; i < to;)
+		{
+			const BatchCell *first = &cp->cells[i];
+			TimestampTz day = STORE_DAY(first->c.bucket);
+			int			j = i + 1;
+			RowKey		rk;
+
+			CHECK_FOR_INTERRUPTS();
+			while (j < to && cp->cells[j].account == first->account &&
+				   cp->cells[j].series == first->series &&
+				   STORE_DAY(cp->cells[j].c.bucket) == day)
+				j++;
+			memset(&rk, 0, sizeof(rk));
+			rk.account = first->account;
+			rk.day = day;
+			rk.series = first->series;
+			billing_compact_write_row(cp, by_rank[first->series], first->account, day, first,
+									  j - i, hash_search(old_rows, &rk, HASH_FIND, NULL), &buf);
+			i = j;
+		}
+		MemoryContextReset(slice_cxt);
+		from = to;
 	}
 	MemoryContextSwitchTo(old);
 	if (cp->heap != NULL)

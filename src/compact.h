@@ -16,7 +16,10 @@
  *	2. sorts them by (account, series, bucket) and combines the cells of
  *	   one key by the one rule of src/agg.c;
  *	3. reads the rows of usage_days that the batch's (account, meter, day,
- *	   dimension) keys already have, merges each with the batch's cells of
+ *	   dimension) keys already have (SLICE_KEYS keys at a time, day by day
+ *	   by the accounts and meters with cells that day, so a late cell reads
+ *	   its own day and the rows held stay bounded), merges each with the
+ *	   batch's cells of
  *	   the key (decode, merge by bucket, combine, re-encode) and its day
  *	   total with theirs, and writes the rows in one upsert per 10,000;
  *	4. for the unique meters, hands the cells to billing._unique_fold per
@@ -65,6 +68,9 @@
 #include "cells.h"
 #include "decimal.h"
 #include "store.h"
+
+/* keys of a batch whose existing rows are read and merged at a time */
+#define SLICE_KEYS		4096
 
 /* rows of usage_days written per statement (SQL, a Citus coordinator) */
 #define WRITE_CHUNK		10000
@@ -209,7 +215,8 @@ extern void billing_compact_take_heap(Compaction *cp);
 extern Series **billing_compact_sort(Compaction *cp, bool *any_unique);
 
 /* compact_merge.c */
-extern HTAB *billing_compact_old_rows(Compaction *cp, Series **by_rank);
+extern HTAB *billing_compact_old_rows(Compaction *cp, Series **by_rank, int from, int to,
+										MemoryContext cxt);
 extern void billing_compact_write_row(Compaction *cp, const Series *ser, int64 account,
 									  TimestampTz day, const BatchCell *new, int n,
 									  const OldRow *old, StringInfo buf);

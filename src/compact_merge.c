@@ -23,46 +23,26 @@
 #include "compact.h"
 
 /*
- * billing_compact_old_rows
- *		The rows of usage_days of the batch's accounts and days whose
- *		series is in the batch, keyed by (account, day, series rank).
+ * old_rows_of_day
+ *		Read into rows the rows of usage_days (or the shard being compacted)
+ *		of day day whose account and meter are among the given ones: one
+ *		index scan with the two arrays as keys of the primary key (account,
+ *		meter, day), so only that day's rows of those accounts are read.
  */
-HTAB *
-billing_compact_old_rows(Compaction *cp, Series **by_rank)
+static void
+old_rows_of_day(Compaction *cp, HTAB *rows, Datum *accounts, int naccounts, Datum *meters,
+				int nmeters, TimestampTz day, MemoryContext cxt)
 {
-	HASHCTL		ctl;
-	HTAB	   *rows;
-	Datum	   *accounts;
-	int			naccounts = 0;
-	TimestampTz lo = DT_NOEND,
-				hi = DT_NOBEGIN;
 	Datum		args[3];
-	Oid			types[3] = {INT8ARRAYOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+	Oid			types[3] = {INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPTZOID};
 	int			ret;
 	StringInfoData sql;
-	MemoryContext old = MemoryContextSwitchTo(cp->batch_cxt);
+	MemoryContext old = MemoryContextSwitchTo(cxt);
 
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(RowKey);
-	ctl.entrysize = sizeof(OldRow);
-	ctl.hcxt = cp->batch_cxt;
-	rows = hash_create("billing compaction rows", 1024, &ctl,
-					   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
-
-	accounts = palloc(Max(cp->ncells, 1) * sizeof(Datum));
-	for (int i = 0; i < cp->ncells; i++)
-	{
-		TimestampTz day = STORE_DAY(cp->cells[i].c.bucket);
-
-		if (naccounts == 0 || DatumGetInt64(accounts[naccounts - 1]) != cp->cells[i].account)
-			accounts[naccounts++] = Int64GetDatum(cp->cells[i].account);
-		lo = Min(lo, day);
-		hi = Max(hi, day);
-	}
 	args[0] = PointerGetDatum(construct_array(accounts, naccounts, INT8OID, 8, true,
 											  TYPALIGN_DOUBLE));
-	args[1] = TimestampTzGetDatum(lo);
-	args[2] = TimestampTzGetDatum(hi);
+	args[1] = PointerGetDatum(construct_array(meters, nmeters, TEXTOID, -1, false, TYPALIGN_INT));
+	args[2] = TimestampTzGetDatum(day);
 	MemoryContextSwitchTo(old);
 
 	/*
@@ -72,13 +52,15 @@ billing_compact_old_rows(Compaction *cp, Series **by_rank)
 	initStringInfo(&sql);
 	appendStringInfo(&sql, "SELECT account_id, meter::text, day, dimension::text, quantity, "
 					 "events, last_ts, last_seq, cells, ctid FROM %s "
-					 "WHERE account_id = ANY ($1) AND day >= $2 AND day <= $3", cp->days_name);
+					 "WHERE account_id OPERATOR(pg_catalog.=) ANY ($1) "
+					 "AND meter OPERATOR(pg_catalog.=) ANY ($2::text[] COLLATE \"C\") "
+					 "AND day OPERATOR(pg_catalog.=) $3", cp->days_name);
 	ret = SPI_execute_with_args(sql.data, 3, types, args, NULL, false, 0);
 	pfree(sql.data);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading billing.usage_days failed: %s", SPI_result_code_string(ret));
 
-	old = MemoryContextSwitchTo(cp->batch_cxt);
+	old = MemoryContextSwitchTo(cxt);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
@@ -130,9 +112,84 @@ billing_compact_old_rows(Compaction *cp, Series **by_rank)
 	}
 	MemoryContextSwitchTo(old);
 	SPI_freetuptable(SPI_tuptable);
-	(void) by_rank;
+}
+
+/*
+ * billing_compact_old_rows
+ *		The rows of usage_days (or the shard being compacted) that the keys
+ *		of cells[from, to) have already, keyed by (account, day, series
+ *		rank), in cxt.  They are read day by day, each day's by the accounts
+ *		and meters that have cells that day (old_rows_of_day): a batch
+ *		holding one late cell of an account reads that day's row, not every
+ *		day between it and today.
+ */
+HTAB *
+billing_compact_old_rows(Compaction *cp, Series **by_rank, int from, int to, MemoryContext cxt)
+{
+	HASHCTL		ctl;
+	HTAB	   *rows;
+	TimestampTz *days;
+	int			ndays = 0;
+	Datum	   *accounts;
+	Datum	   *meters;
+	const CMeter **seen;
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(RowKey);
+	ctl.entrysize = sizeof(OldRow);
+	ctl.hcxt = cxt;
+	rows = hash_create("billing compaction rows", 1024, &ctl,
+					   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+
+	/* the days of the slice (few: usually today's, some late ones) */
+	days = palloc(Max(to - from, 1) * sizeof(TimestampTz));
+	for (int i = from; i < to; i++)
+	{
+		TimestampTz day = STORE_DAY(cp->cells[i].c.bucket);
+		int			k;
+
+		for (k = ndays - 1; k >= 0 && days[k] != day; k--)
+			;
+		if (k < 0)
+			days[ndays++] = day;
+	}
+	accounts = palloc(Max(to - from, 1) * sizeof(Datum));
+	meters = palloc(Max(cp->nmeters, 1) * sizeof(Datum));
+	seen = palloc(Max(cp->nmeters, 1) * sizeof(CMeter *));
+	MemoryContextSwitchTo(old);
+
+	for (int d = 0; d < ndays; d++)
+	{
+		int			naccounts = 0,
+					nmeters = 0;
+
+		/* the accounts (sorted: the cells are) and meters with cells that day */
+		for (int i = from; i < to; i++)
+		{
+			const BatchCell *c = &cp->cells[i];
+			const CMeter *m = by_rank[c->series]->meter;
+			int			k;
+
+			if (STORE_DAY(c->c.bucket) != days[d])
+				continue;
+			if (naccounts == 0 || DatumGetInt64(accounts[naccounts - 1]) != c->account)
+				accounts[naccounts++] = Int64GetDatum(c->account);
+			for (k = 0; k < nmeters && seen[k] != m; k++)
+				;
+			if (k == nmeters)
+			{
+				seen[nmeters] = m;
+				old = MemoryContextSwitchTo(cxt);
+				meters[nmeters++] = PointerGetDatum(cstring_to_text_with_len(m->name, m->len));
+				MemoryContextSwitchTo(old);
+			}
+		}
+		old_rows_of_day(cp, rows, accounts, naccounts, meters, nmeters, days[d], cxt);
+	}
 	return rows;
 }
+
 
 /* append a batch cell to a packed value */
 static inline void
