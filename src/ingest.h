@@ -361,6 +361,7 @@ extern bool billing_claim_direct(ClaimQueue *q, const Accum *acc, const int *fir
 								 int nkeys, bool *won);
 
 /* ingest_accounts.c */
+extern void billing_accounts_cache_init(void);
 extern void billing_check_accounts(const int64 *accounts, long n);
 extern void billing_check_new_accounts(KnownAccounts *known, int64 *accounts, long n);
 extern void billing_forget_accounts(KnownAccounts *known);
