@@ -34,9 +34,12 @@
  *	  the invalidations, and holds the lock while it uses and fills the
  *	  cache: no deletion can then be committed and not yet read;
  *	- an account missing from the cache is looked up as the statement sees
- *	  it (raising 23503 as without the cache), and cached only if a
- *	  snapshot taken under the lock sees it too, inserted by another, so
- *	  committed, transaction.
+ *	  it (raising 23503 as without the cache), and cached only if its row
+ *	  was inserted by another, so committed, transaction and no
+ *	  transaction has deleted or updated it, committed or not (its xmax):
+ *	  a change committed before the lock was taken, which the statement's
+ *	  snapshot may not see, has set it; one not committed yet will send its
+ *	  invalidation after the check.
  */
 #include "postgres.h"
 
@@ -181,25 +184,18 @@ account_cache_guarded(Relation rel)
 /*
  * account_probe
  *		Is there a row for account_id in billing.accounts (rel) as snap
- *		sees it?  A direct probe of the primary key.  Sets *committed (when
- *		not NULL) to whether the row found was inserted by another
- *		transaction than this one.
+ *		sees it?  A direct probe of the primary key.
  */
 static bool
-account_probe(Relation rel, Snapshot snap, int64 account_id, bool *committed)
+account_probe(Relation rel, Snapshot snap, int64 account_id)
 {
 	ScanKeyData key;
 	SysScanDesc scan;
-	HeapTuple	tup;
 	bool		found;
 
 	ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(account_id));
 	scan = systable_beginscan(rel, billing_relid("accounts_pkey"), true, snap, 1, &key);
-	tup = systable_getnext(scan);
-	found = HeapTupleIsValid(tup);
-	if (committed)
-		*committed = found &&
-			!TransactionIdIsCurrentTransactionId(HeapTupleHeaderGetXmin(tup->t_data));
+	found = HeapTupleIsValid(systable_getnext(scan));
 	systable_endscan(scan);
 	return found;
 }
@@ -213,7 +209,7 @@ static bool
 account_exists(int64 account_id)
 {
 	Relation	rel = table_open(billing_relid("accounts"), AccessShareLock);
-	bool		found = account_probe(rel, GetActiveSnapshot(), account_id, NULL);
+	bool		found = account_probe(rel, GetActiveSnapshot(), account_id);
 
 	table_close(rel, AccessShareLock);
 	return found;
@@ -227,6 +223,50 @@ account_missing(int64 account_id)
 			(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
 			 errmsg("account %lld does not exist", (long long) account_id),
 			 errhint("Accounts are defined in billing.accounts.")));
+}
+
+/*
+ * probe_missing
+ *		Look the accounts ids[0..n) (sorted, distinct) up in billing.accounts
+ *		(rel) as the statement sees them, with one index scan rescanned per
+ *		id; raise 23503 for the first that is missing.  Sets cacheable[i] to
+ *		whether the row found may enter the account cache: inserted by
+ *		another transaction (so committed), and neither deleted nor
+ *		updated, even by a transaction the statement does not see (its
+ *		xmax is invalid or only a locker's).  The caller holds the
+ *		account-cache lock: a change not yet made will send its
+ *		invalidation after the caller is done.
+ */
+static void
+probe_missing(Relation rel, const int64 *ids, long n, bool *cacheable)
+{
+	Relation	idx = index_open(billing_relid("accounts_pkey"), AccessShareLock);
+	TupleTableSlot *slot = table_slot_create(rel, NULL);
+	IndexScanDesc scan = index_beginscan(rel, idx, GetActiveSnapshot(), 1, 0);
+	ScanKeyData key;
+
+	for (long i = 0; i < n; i++)
+	{
+		HeapTuple	tup;
+		bool		should_free;
+		uint16		infomask;
+
+		ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(ids[i]));
+		index_rescan(scan, &key, 1, NULL, 0);
+		if (!index_getnext_slot(scan, ForwardScanDirection, slot))
+			account_missing(ids[i]);
+		tup = ExecFetchSlotHeapTuple(slot, false, &should_free);
+		infomask = tup->t_data->t_infomask;
+		cacheable[i] =
+			!TransactionIdIsCurrentTransactionId(HeapTupleHeaderGetXmin(tup->t_data)) &&
+			((infomask & HEAP_XMAX_INVALID) || HEAP_XMAX_IS_LOCKED_ONLY(infomask));
+		if (should_free)
+			heap_freetuple(tup);
+		ExecClearTuple(slot);
+	}
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
+	index_close(idx, AccessShareLock);
 }
 
 /*
@@ -244,7 +284,6 @@ check_accounts_cached(const int64 *accounts, long n)
 	int64	   *miss;
 	long		nmiss = 0;
 	uint64		gen;
-	Snapshot	latest;
 
 	/* the snapshot of a REPEATABLE READ transaction may be older than the cache */
 	if (IsolationUsesXactSnapshot())
@@ -287,13 +326,11 @@ check_accounts_cached(const int64 *accounts, long n)
 		if (!found)
 			miss[nmiss++] = accounts[i];
 	}
-	for (long i = 0; i < nmiss; i++)
-		if (!account_probe(rel, GetActiveSnapshot(), miss[i], NULL))
-			account_missing(miss[i]);
-
-	/* cache those a snapshot taken now sees, committed */
 	if (nmiss > 0)
 	{
+		bool	   *cacheable = palloc(nmiss * sizeof(bool));
+
+		probe_missing(rel, miss, nmiss, cacheable);
 		if (account_cache == NULL)
 		{
 			HASHCTL		ctl;
@@ -307,18 +344,12 @@ check_accounts_cached(const int64 *accounts, long n)
 			account_cache = hash_create("billing account cache", 1024, &ctl,
 										HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 		}
-		latest = RegisterSnapshot(GetLatestSnapshot());
-		for (long i = 0; i < nmiss; i++)
-		{
-			bool		committed;
-
-			if (account_cache_gen != gen || account_cache_stale ||
-				hash_get_num_entries(account_cache) >= ACCOUNT_CACHE_MAX)
-				break;
-			if (account_probe(rel, latest, miss[i], &committed) && committed)
+		/* an invalidation read while probing: cache nothing this time */
+		for (long i = 0; i < nmiss && account_cache_gen == gen && !account_cache_stale &&
+			 hash_get_num_entries(account_cache) < ACCOUNT_CACHE_MAX; i++)
+			if (cacheable[i])
 				hash_search(account_cache, &miss[i], HASH_ENTER, NULL);
-		}
-		UnregisterSnapshot(latest);
+		pfree(cacheable);
 	}
 	pfree(miss);
 	LockRelease(&tag, AccessShareLock, false);
