@@ -46,8 +46,10 @@
 #include "access/genam.h"
 #include "access/skey.h"
 #include "access/stratnum.h"
+#include "access/heapam.h"
 #include "access/htup_details.h"
 #include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_trigger.h"
@@ -55,6 +57,7 @@
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "storage/bufmgr.h"
 #include "storage/lmgr.h"
 #include "storage/lock.h"
 #include "utils/array.h"
@@ -226,40 +229,103 @@ account_missing(int64 account_id)
 }
 
 /*
+ * row_cacheable
+ *		May the row of an account, found as the statement sees it, enter
+ *		the account cache?  Only if it was inserted by another transaction
+ *		(so committed), and no transaction, even one the statement does not
+ *		see, has deleted or updated it (its xmax is invalid or only a
+ *		locker's).  The caller holds the account-cache lock: a change not
+ *		yet made will send its invalidation after the caller is done.
+ */
+static inline bool
+row_cacheable(HeapTupleHeader tup)
+{
+	uint16		infomask = tup->t_infomask;
+
+	return !TransactionIdIsCurrentTransactionId(HeapTupleHeaderGetXmin(tup)) &&
+		((infomask & HEAP_XMAX_INVALID) || HEAP_XMAX_IS_LOCKED_ONLY(infomask));
+}
+
+/*
+ * scan_missing
+ *		probe_missing for many ids: one sequential scan of billing.accounts
+ *		(rel), each row's id searched among ids (the hash anti-join the
+ *		planner would choose).
+ */
+static void
+scan_missing(Relation rel, const int64 *ids, long n, bool *cacheable)
+{
+	bool	   *found = palloc0(n * sizeof(bool));
+	TableScanDesc scan = table_beginscan(rel, GetActiveSnapshot(), 0, NULL);
+	TupleDesc	desc = RelationGetDescr(rel);
+	HeapTuple	tup;
+
+	while ((tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		bool		isnull;
+		int64		id = DatumGetInt64(heap_getattr(tup, 1, desc, &isnull));
+		long		lo = 0,
+					hi = n;
+
+		/* ids is sorted: binary search */
+		while (lo < hi)
+		{
+			long		mid = lo + (hi - lo) / 2;
+
+			if (ids[mid] < id)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		if (lo < n && ids[lo] == id && !isnull)
+		{
+			found[lo] = true;
+			cacheable[lo] = row_cacheable(tup->t_data);
+		}
+	}
+	table_endscan(scan);
+	for (long i = 0; i < n; i++)
+		if (!found[i])
+			account_missing(ids[i]);
+	pfree(found);
+}
+
+/*
  * probe_missing
  *		Look the accounts ids[0..n) (sorted, distinct) up in billing.accounts
- *		(rel) as the statement sees them, with one index scan rescanned per
- *		id; raise 23503 for the first that is missing.  Sets cacheable[i] to
- *		whether the row found may enter the account cache: inserted by
- *		another transaction (so committed), and neither deleted nor
- *		updated, even by a transaction the statement does not see (its
- *		xmax is invalid or only a locker's).  The caller holds the
- *		account-cache lock: a change not yet made will send its
- *		invalidation after the caller is done.
+ *		(rel) as the statement sees them; raise 23503 for the first that is
+ *		missing.  Sets cacheable[i] to whether the row found may enter the
+ *		account cache (row_cacheable).  One index scan rescanned per id, or
+ *		for many ids (more than about five per page of the table, where a
+ *		probe costs more than reading the pages) scan_missing.
  */
 static void
 probe_missing(Relation rel, const int64 *ids, long n, bool *cacheable)
 {
-	Relation	idx = index_open(billing_relid("accounts_pkey"), AccessShareLock);
-	TupleTableSlot *slot = table_slot_create(rel, NULL);
-	IndexScanDesc scan = index_beginscan(rel, idx, GetActiveSnapshot(), 1, 0);
+	Relation	idx;
+	TupleTableSlot *slot;
+	IndexScanDesc scan;
 	ScanKeyData key;
 
+	if (n > 5 * (long) RelationGetNumberOfBlocks(rel))
+	{
+		scan_missing(rel, ids, n, cacheable);
+		return;
+	}
+	idx = index_open(billing_relid("accounts_pkey"), AccessShareLock);
+	slot = table_slot_create(rel, NULL);
+	scan = index_beginscan(rel, idx, GetActiveSnapshot(), 1, 0);
 	for (long i = 0; i < n; i++)
 	{
 		HeapTuple	tup;
 		bool		should_free;
-		uint16		infomask;
 
 		ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(ids[i]));
 		index_rescan(scan, &key, 1, NULL, 0);
 		if (!index_getnext_slot(scan, ForwardScanDirection, slot))
 			account_missing(ids[i]);
 		tup = ExecFetchSlotHeapTuple(slot, false, &should_free);
-		infomask = tup->t_data->t_infomask;
-		cacheable[i] =
-			!TransactionIdIsCurrentTransactionId(HeapTupleHeaderGetXmin(tup->t_data)) &&
-			((infomask & HEAP_XMAX_INVALID) || HEAP_XMAX_IS_LOCKED_ONLY(infomask));
+		cacheable[i] = row_cacheable(tup->t_data);
 		if (should_free)
 			heap_freetuple(tup);
 		ExecClearTuple(slot);
