@@ -24,15 +24,18 @@
  *	  statement trigger accounts_changed (ENABLE ALWAYS, so no
  *	  session_replication_role skips it), which sends a relcache
  *	  invalidation of billing.accounts (every backend drops its cache when
- *	  it reads it) and takes the account-cache lock (AccessExclusiveLock on
- *	  the object lock tag of billing.accounts) to the end of its
- *	  transaction: it is released after the transaction is visible and its
- *	  invalidation sent;
- *	- a check that uses the cache first takes that lock in share mode
- *	  without waiting (else it checks without the cache, as on a 1.0
- *	  database or when the trigger is not there and enabled always), reads
- *	  the invalidations, and holds the lock while it uses and fills the
- *	  cache: no deletion can then be committed and not yet read;
+ *	  it reads it) and takes the account-cache lock (the object lock tag of
+ *	  billing.accounts) in ShareLock mode to the end of its transaction:
+ *	  it is released after the transaction is visible and its invalidation
+ *	  sent.  Changes do not lock each other out (ShareLock is compatible
+ *	  with itself), so they wait for nothing they did not wait for before
+ *	  but checks running at that moment;
+ *	- a check that uses the cache first takes that lock in RowExclusiveLock
+ *	  mode (which conflicts with ShareLock, not with itself) without
+ *	  waiting (else it checks without the cache, as on a 1.0 database or
+ *	  when the trigger is not there and enabled always), reads the
+ *	  invalidations, and holds the lock while it uses and fills the cache:
+ *	  no change can then be committed and its invalidation not yet read;
  *	- an account missing from the cache is looked up as the statement sees
  *	  it (raising 23503 as without the cache), and cached only if its row
  *	  was inserted by another, so committed, transaction and no
@@ -152,7 +155,7 @@ billing_accounts_changed(PG_FUNCTION_ARGS)
 	if (relid != billing_relid("accounts"))
 		return PointerGetDatum(NULL);
 	account_cache_locktag(&tag, relid);
-	(void) LockAcquire(&tag, AccessExclusiveLock, false, false);
+	(void) LockAcquire(&tag, ShareLock, false, false);
 	CacheInvalidateRelcacheByRelid(relid);
 	return PointerGetDatum(NULL);
 }
@@ -361,7 +364,7 @@ check_accounts_cached(const int64 *accounts, long n)
 		return false;
 	}
 	account_cache_locktag(&tag, relid);
-	if (LockAcquire(&tag, AccessShareLock, false, true) == LOCKACQUIRE_NOT_AVAIL)
+	if (LockAcquire(&tag, RowExclusiveLock, false, true) == LOCKACQUIRE_NOT_AVAIL)
 	{
 		/* an account is being changed: check without the cache */
 		table_close(rel, AccessShareLock);
@@ -418,7 +421,7 @@ check_accounts_cached(const int64 *accounts, long n)
 		pfree(cacheable);
 	}
 	pfree(miss);
-	LockRelease(&tag, AccessShareLock, false);
+	LockRelease(&tag, RowExclusiveLock, false);
 	table_close(rel, AccessShareLock);
 	return true;
 }
