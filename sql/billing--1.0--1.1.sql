@@ -7406,6 +7406,7 @@ BEGIN
 END
 $$;
 -- ---- end of issue 16, sustained preview ----
+
 -- ---- issue 16, ingest() batches: the account cache (sql/install/10_reference.sql) ----
 -- Backends keep the accounts they found across transactions; the trigger
 -- accounts_changed keeps that cache exact (src/ingest_accounts.c).  On a
