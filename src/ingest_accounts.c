@@ -148,9 +148,17 @@ billing_accounts_changed(PG_FUNCTION_ARGS)
 	Oid			relid;
 	LOCKTAG		tag;
 
-	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("function \"%s\" was not called by trigger manager",
+						"billing._accounts_changed")));
+	if (!TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
 		!TRIGGER_FIRED_FOR_STATEMENT(trigdata->tg_event))
-		elog(ERROR, "billing_accounts_changed: not called as an AFTER statement trigger");
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("function \"%s\" must be fired AFTER ... FOR EACH STATEMENT",
+						"billing._accounts_changed")));
 	relid = RelationGetRelid(trigdata->tg_relation);
 	if (relid != billing_relid("accounts"))
 		return PointerGetDatum(NULL);
