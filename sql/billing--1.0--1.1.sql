@@ -7603,3 +7603,35 @@ GRANT EXECUTE ON FUNCTION billing._compact_pair(regclass, regclass), billing._co
     billing._compact_shards(bigint[], bigint[]), billing._compact_placements(),
     billing._compact_citus() TO billing_reader;
 -- ---- end of issue 16 part 3 ----
+
+-- ---- issue 16, ingest() batches: the account cache (sql/install/10_reference.sql) ----
+-- Backends keep the accounts they found across transactions; the trigger
+-- accounts_changed keeps that cache exact (src/ingest_accounts.c).  On a
+-- database 1.0's distribute() spread over Citus the trigger goes on the
+-- shards too (where it does nothing) but is enabled always on the table
+-- only; no cache is kept on Citus.
+CREATE FUNCTION billing._accounts_changed() RETURNS trigger
+    LANGUAGE C AS 'MODULE_PATHNAME', 'billing_accounts_changed';
+COMMENT ON FUNCTION billing._accounts_changed() IS
+    'Internal: invalidates the account caches of all backends';
+REVOKE ALL ON FUNCTION billing._accounts_changed() FROM PUBLIC;
+SELECT billing._update_ddl('billing.accounts', ARRAY[
+    $ddl$CREATE TRIGGER accounts_changed
+        AFTER UPDATE OR DELETE OR TRUNCATE ON billing.accounts
+        FOR EACH STATEMENT EXECUTE FUNCTION billing._accounts_changed()$ddl$
+]);
+SELECT billing._update_ddl('billing.accounts', ARRAY[
+    $ddl$ALTER TABLE billing.accounts ENABLE ALWAYS TRIGGER accounts_changed$ddl$
+]) WHERE billing._citus_table_kind('billing.accounts') IS NULL;
+DO $$
+DECLARE
+    propagation text := current_setting('citus.enable_ddl_propagation', true);
+BEGIN
+    IF billing._citus_table_kind('billing.accounts') IS NOT NULL THEN
+        PERFORM set_config('citus.enable_ddl_propagation', 'off', true);
+        ALTER TABLE billing.accounts ENABLE ALWAYS TRIGGER accounts_changed;
+        PERFORM set_config('citus.enable_ddl_propagation', propagation, true);
+    END IF;
+END
+$$;
+-- ---- end of issue 16, ingest() batches ----

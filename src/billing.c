@@ -30,6 +30,7 @@
 #include "audit.h"
 #include "billing.h"
 #include "catalog.h"
+#include "ingest.h"
 
 PG_MODULE_MAGIC;
 
@@ -208,6 +209,7 @@ _PG_init(void)
 	MarkGUCPrefixReserved("billing");
 
 	billing_catalog_init();
+	billing_accounts_cache_init();
 	billing_ingest_init();
 	billing_audit_init();
 }

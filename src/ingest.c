@@ -11,6 +11,7 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
@@ -31,6 +32,18 @@ static SPIPlanPtr cumulative_lock_plan = NULL;
 static SPIPlanPtr cumulative_update_plan = NULL;
 
 /*
+ * The cell table and flush buffers of the last billing.ingest call, empty,
+ * kept for the next call in spare_cxt (a child of TopMemoryContext while
+ * kept): the table of a 10k-event batch is about 2 MB, and allocating it
+ * afresh in every call costs more in page faults than the rest of the
+ * counting.  A call takes them (spare_cxt becomes a child of its state, so
+ * an error frees them with it) and gives them back when it ends well.
+ */
+static MemoryContext spare_cxt = NULL;
+static bucket_hash *spare_cells = NULL;
+static FlushBufs spare_flush;
+
+/*
  * billing_ingest_create
  *		A new, empty accumulator in a child of parent, with room for ncells
  *		counter cells to start.  Each job's part of it starts empty and
@@ -43,14 +56,65 @@ billing_ingest_create(MemoryContext parent, uint32 ncells)
 	MemoryContext ctx = AllocSetContextCreate(parent, "billing ingest",
 											  ALLOCSET_DEFAULT_SIZES);
 	IngestState *st = MemoryContextAllocZero(ctx, sizeof(IngestState));
+	MemoryContext cells_cxt = AllocSetContextCreate(ctx, "billing ingest cells",
+													ALLOCSET_DEFAULT_SIZES);
 
 	st->ctx = ctx;
-	billing_acc_init(&st->acc, ctx, ncells);
+	billing_acc_init(&st->acc, ctx, cells_cxt, NULL, ncells);
 	st->claims.cxt = ctx;
-	st->flush.cxt = ctx;
+	st->flush.cxt = cells_cxt;
 	st->known.cxt = ctx;
 	st->runs.cxt = ctx;
 	return st;
+}
+
+/*
+ * ingest_create_spare
+ *		billing_ingest_create for billing.ingest: the same, with the cell
+ *		table and flush buffers the last call left, when there are.
+ */
+static IngestState *
+ingest_create_spare(MemoryContext parent, uint32 ncells)
+{
+	MemoryContext ctx;
+	IngestState *st;
+
+	if (spare_cxt == NULL)
+		return billing_ingest_create(parent, ncells);
+	ctx = AllocSetContextCreate(parent, "billing ingest", ALLOCSET_DEFAULT_SIZES);
+	st = MemoryContextAllocZero(ctx, sizeof(IngestState));
+	st->ctx = ctx;
+	MemoryContextSetParent(spare_cxt, ctx);
+	Assert(spare_cells->members == 0);
+	billing_acc_init(&st->acc, ctx, spare_cxt, spare_cells, 0);
+	st->claims.cxt = ctx;
+	st->flush = spare_flush;
+	st->known.cxt = ctx;
+	st->runs.cxt = ctx;
+	spare_cxt = NULL;
+	spare_cells = NULL;
+	return st;
+}
+
+/*
+ * ingest_keep_spare
+ *		After the last flush of a billing.ingest call: keep its (empty) cell
+ *		table and flush buffers for the next call, unless they outgrew
+ *		work_mem.
+ */
+static void
+ingest_keep_spare(IngestState *st)
+{
+	Size		budget = (Size) work_mem * 1024;
+
+	if (spare_cxt != NULL || st->acc.buckets->members != 0 ||
+		(Size) st->acc.buckets->size * sizeof(BucketAcc) > budget ||
+		(Size) st->flush.cap * sizeof(BucketAcc) > budget)
+		return;
+	MemoryContextSetParent(st->acc.cells_cxt, TopMemoryContext);
+	spare_cxt = st->acc.cells_cxt;
+	spare_cells = st->acc.buckets;
+	spare_flush = st->flush;
 }
 
 /*
@@ -218,7 +282,7 @@ billing_ingest(PG_FUNCTION_ARGS)
 		return (Datum) 0;
 	}
 
-	st = billing_ingest_create(CurrentMemoryContext, Min(Max(n, 16), 1024));
+	st = ingest_create_spare(CurrentMemoryContext, Min(Max(n, 16), 1024));
 	for (int i = 0; i < n; i++)
 	{
 		const char *m,
@@ -243,6 +307,7 @@ billing_ingest(PG_FUNCTION_ARGS)
 	out[1] = Int32GetDatum((int32) st->claims.duplicates);
 	out[2] = BoolGetDatum(false);
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, out, outnull);
+	ingest_keep_spare(st);
 	MemoryContextDelete(st->ctx);
 	return (Datum) 0;
 }

@@ -159,6 +159,9 @@ bucketkey_hash(const BucketKey *k)
 typedef struct Accum
 {
 	MemoryContext cxt;			/* the accumulator's: holds all of it */
+	MemoryContext cells_cxt;	/* a child of cxt: the cell table and the
+								 * flush buffers (kept between calls of
+								 * billing.ingest, see ingest.c) */
 	TimestampTz now;
 	HTAB	   *meters;			/* name -> MeterSlot */
 	MeterSlot **slots;
@@ -220,7 +223,7 @@ typedef struct DeltaRows
  */
 typedef struct FlushBufs
 {
-	MemoryContext cxt;			/* the accumulator's */
+	MemoryContext cxt;			/* the accumulator's cells_cxt */
 	long		cap;			/* cells (and so rows) the arrays hold */
 	struct CellRef *cells;		/* the cells, sorted */
 	int64	   *accounts;		/* accounts to check */
@@ -331,7 +334,8 @@ cells_at_limit(IngestState *st, Size budget)
 extern IngestState *billing_ingest_create(MemoryContext parent, uint32 ncells);
 
 /* ingest_accum.c */
-extern void billing_acc_init(Accum *acc, MemoryContext cxt, uint32 ncells);
+extern void billing_acc_init(Accum *acc, MemoryContext cxt, MemoryContext cells_cxt,
+							 bucket_hash *cells, uint32 ncells);
 extern MeterSlot *billing_acc_slot(Accum *acc, const char *name, int len);
 extern int32 billing_acc_dim(Accum *acc, const char *s, int len);
 extern void billing_acc_add(Accum *acc, const BucketKey *key, const Qty *v,
@@ -357,6 +361,7 @@ extern bool billing_claim_direct(ClaimQueue *q, const Accum *acc, const int *fir
 								 int nkeys, bool *won);
 
 /* ingest_accounts.c */
+extern void billing_accounts_cache_init(void);
 extern void billing_check_accounts(const int64 *accounts, long n);
 extern void billing_check_new_accounts(KnownAccounts *known, int64 *accounts, long n);
 extern void billing_forget_accounts(KnownAccounts *known);

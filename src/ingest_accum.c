@@ -151,14 +151,18 @@ qty_add(Qty *acc, const Qty *v, MemoryContext cxt)
 
 /*
  * billing_acc_init
- *		An empty accumulator in cxt, with room for ncells cells to start.
+ *		An empty accumulator in cxt, its cell table in cells_cxt (a child of
+ *		cxt): cells, an empty table allocated there, or a new one with room
+ *		for ncells cells to start.
  */
 void
-billing_acc_init(Accum *acc, MemoryContext cxt, uint32 ncells)
+billing_acc_init(Accum *acc, MemoryContext cxt, MemoryContext cells_cxt,
+				 bucket_hash *cells, uint32 ncells)
 {
 	HASHCTL		ctl;
 
 	acc->cxt = cxt;
+	acc->cells_cxt = cells_cxt;
 	acc->now = GetCurrentTransactionStartTimestamp();
 
 	memset(&ctl, 0, sizeof(ctl));
@@ -175,7 +179,7 @@ billing_acc_init(Accum *acc, MemoryContext cxt, uint32 ncells)
 	acc->dimhash = hash_create("billing ingest dimensions", 16, &ctl,
 							   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 
-	acc->buckets = bucket_create(cxt, ncells, NULL);
+	acc->buckets = cells ? cells : bucket_create(cells_cxt, ncells, NULL);
 }
 
 /*

@@ -339,6 +339,6 @@ billing_flush_if_full(IngestState *st)
 		/* the largest table that fits the room it lacked (at least 64 cells) */
 		while ((Size) size * 2 * sizeof(BucketAcc) <= room)
 			size *= 2;
-		st->acc.buckets = bucket_create(st->acc.cxt, size / 2, NULL);
+		st->acc.buckets = bucket_create(st->acc.cells_cxt, size / 2, NULL);
 	}
 }

@@ -99,3 +99,17 @@ COMMENT ON FUNCTION billing._accounts_currency_check() IS
     'Internal: an account keeps the currency of the plans it is subscribed to';
 CREATE TRIGGER accounts_currency_check BEFORE UPDATE OF currency ON billing.accounts
     FOR EACH ROW EXECUTE FUNCTION billing._accounts_currency_check();
+
+-- Backends keep the accounts they found across transactions (the account
+-- cache of src/ingest_accounts.c); any change that could remove one drops
+-- every backend's cache and holds the cache's lock to the commit.  Enabled
+-- ALWAYS: no session_replication_role skips it (the cache is used only
+-- while this trigger is there and enabled always).
+CREATE FUNCTION billing._accounts_changed() RETURNS trigger
+    LANGUAGE C AS 'MODULE_PATHNAME', 'billing_accounts_changed';
+COMMENT ON FUNCTION billing._accounts_changed() IS
+    'Internal: invalidates the account caches of all backends';
+CREATE TRIGGER accounts_changed
+    AFTER UPDATE OR DELETE OR TRUNCATE ON billing.accounts
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._accounts_changed();
+ALTER TABLE billing.accounts ENABLE ALWAYS TRIGGER accounts_changed;

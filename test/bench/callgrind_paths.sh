@@ -14,11 +14,13 @@
 # single-user backend under valgrind --tool=callgrind, on a copy of the same
 # data directory: metered COPY (keep_rows false), COPY with event-id dedupe,
 # 40 invoice previews, 2,000 record() calls, rate() over 200k quantities, an
-# ingest() batch of 20k events, finalize_invoices for 2,000 accounts, the
+# ingest() batch of 20k events, 4 ingest() batches of 5k events without
+# event ids, finalize_invoices for 2,000 accounts, the
 # same followed by a past price change and rerate, and a second COPY with
 # compact_usage().  It prints one CSV line per path and build: the
 # instructions of the session minus those of a session running SELECT 1.
-# Run as root (the clusters run as postgres).  Not part of make test.
+# CG_ONLY="path ..." measures only the paths named.  Run as root (the
+# clusters run as postgres).  Not part of make test.
 set -uo pipefail
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 command -v valgrind >/dev/null || { echo "valgrind is needed" >&2; exit 1; }
@@ -86,13 +88,29 @@ cg() {
   fi
 }
 base=$(cg baseline "SELECT 1;" | cut -d, -f2)
-path() { cg "$@" | awk -F, -v b="$base" -v d="$B" '{ printf "%s,%s,%.0f\n", d, $1, $2 - b }'; }
+path() {
+  [ -n "${CG_ONLY:-}" ] && [[ " $CG_ONLY " != *" $1 "* ]] && return
+  cg "$@" | awk -F, -v b="$base" -v d="$B" '{ printf "%s,%s,%.0f\n", d, $1, $2 - b }'
+}
 path copy_keep_false "COPY t FROM '$W/raw4.tsv';"
 path copy_dedupe "COPY u FROM '$W/raw.tsv';"
 path preview "SELECT count(*) FROM generate_series(1, 40) i, LATERAL billing.invoice_preview(1 + i, '2025-03-20');"
 path record_2000 "DO \$\$ BEGIN FOR i IN 1..2000 LOOP PERFORM billing.record(1 + i % 50, 'error', 1, timestamptz '2025-03-12 09:30 UTC'); END LOOP; END \$\$;"
 path rate_200k "SELECT sum(billing.rate('graduated 5000 @ 0 | 100000 @ 0.00029 | 1000000 @ 0.0002 | inf @ 0.0001 + 10', (g % 2000000)::numeric)) FROM generate_series(1, 200000) g;"
 path ingest_20k "SELECT * FROM billing.ingest('src', 0, 1, (SELECT array_agg(account_id) FROM r), (SELECT array_agg(meter) FROM r), (SELECT array_agg(quantity) FROM r), (SELECT array_agg(ts) FROM r), (SELECT array_agg(event_id) FROM r));"
+# ingest_4x5k: what a client sending batches does: 4 ingest() calls of 5k
+# events without event ids, each its own transaction, in one session
+batch() { echo "SELECT * FROM billing.ingest('b', 0, $1, (SELECT array_agg(account_id) FROM (SELECT account_id FROM r LIMIT 5000 OFFSET $2) s), (SELECT array_agg(meter) FROM (SELECT meter FROM r LIMIT 5000 OFFSET $2) s), (SELECT array_agg(quantity) FROM (SELECT quantity FROM r LIMIT 5000 OFFSET $2) s), (SELECT array_agg(ts) FROM (SELECT ts FROM r LIMIT 5000 OFFSET $2) s));"; }
+path ingest_4x5k "$(batch 1 0)
+;
+
+$(batch 2 5000)
+;
+
+$(batch 3 10000)
+;
+
+$(batch 4 15000)"
 path finalize "SELECT billing.finalize_invoices('2025-04-02');"
 path finalize_rerate "SELECT billing.finalize_invoices('2025-04-02'); INSERT INTO billing.charges (plan, meter, price, valid_from, description) VALUES ('team', 'error', 'unit 0.001', '2025-03-01', 'error'); SELECT count(*) FROM billing.rerate('2025-03-01', '2025-04-01');"
 path compact "COPY t FROM '$W/raw4.tsv'; SELECT billing.compact_usage();"

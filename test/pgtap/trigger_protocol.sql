@@ -6,7 +6,7 @@
 -- Nothing is counted, and the table's triggers made by meter_table keep
 -- working afterwards.
 BEGIN;
-SELECT plan(14);
+SELECT plan(16);
 SET LOCAL timezone = 'UTC';
 
 INSERT INTO billing.meters (meter, late_window) VALUES ('tp_m', '100 years');
@@ -26,6 +26,9 @@ SELECT throws_ok($$SELECT billing._meter_flush()$$, '39P01',
 SELECT throws_ok($$SELECT billing._meters_changed()$$, '39P01',
                  'function "billing._meters_changed" was not called by trigger manager',
                  '_meters_changed called directly');
+SELECT throws_ok($$SELECT billing._accounts_changed()$$, '39P01',
+                 'function "billing._accounts_changed" was not called by trigger manager',
+                 '_accounts_changed called directly');
 
 -- fired at the wrong event or level: each trigger alone on the table, in a
 -- savepoint so that the next one starts from a clean table
@@ -93,6 +96,12 @@ SELECT is(pg_temp.fired(
     $$INSERT INTO pg_temp.tp VALUES (8401, 'tp_m', 1, '2025-06-01')$$),
     '39P01: function "billing._meter_flush" must be fired AFTER ... FOR EACH STATEMENT',
     '_meter_flush fired FOR EACH ROW');
+SELECT is(pg_temp.fired(
+    $$CREATE TRIGGER t AFTER UPDATE ON pg_temp.tp FOR EACH ROW
+      EXECUTE FUNCTION billing._accounts_changed()$$,
+    $$UPDATE pg_temp.tp SET quantity = 2$$),
+    '39P01: function "billing._accounts_changed" must be fired AFTER ... FOR EACH STATEMENT',
+    '_accounts_changed fired FOR EACH ROW');
 
 -- none of it counted anything, and meter_table's triggers work as before
 SELECT is_empty($$SELECT * FROM billing.usage(8401, '2025-06-01', '2025-06-02')$$,
