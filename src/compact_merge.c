@@ -18,6 +18,7 @@
 #include "executor/spi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 
 #include "compact.h"
@@ -133,6 +134,7 @@ billing_compact_old_rows(Compaction *cp, Series **by_rank, int from, int to, Mem
 	Datum	   *accounts;
 	Datum	   *meters;
 	const CMeter **seen;
+	int			save_nestlevel;
 	MemoryContext old = MemoryContextSwitchTo(cxt);
 
 	memset(&ctl, 0, sizeof(ctl));
@@ -159,6 +161,15 @@ billing_compact_old_rows(Compaction *cp, Series **by_rank, int from, int to, Mem
 	seen = palloc(Max(cp->nmeters, 1) * sizeof(CMeter *));
 	MemoryContextSwitchTo(old);
 
+	/*
+	 * the reads go by the primary key whatever the planner makes of the
+	 * table's size and statistics (a sequential scan would read every day
+	 * of every account): seqscans are off for them, as for a function with
+	 * SET enable_seqscan = off
+	 */
+	save_nestlevel = NewGUCNestLevel();
+	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
 	for (int d = 0; d < ndays; d++)
 	{
 		int			naccounts = 0,
@@ -187,6 +198,7 @@ billing_compact_old_rows(Compaction *cp, Series **by_rank, int from, int to, Mem
 		}
 		old_rows_of_day(cp, rows, accounts, naccounts, meters, nmeters, days[d], cxt);
 	}
+	AtEOXact_GUC(true, save_nestlevel);
 	return rows;
 }
 
