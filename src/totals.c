@@ -157,14 +157,21 @@ open_table(CellTable *t, const char *name, const char *key, Snapshot snapshot)
 	t->scan = index_beginscan(t->heap, t->index, snapshot, 4, 0);
 }
 
+/* end an index scan of heap through index, and close both */
+static void
+close_scan(Relation heap, Relation index, IndexScanDesc scan, TupleTableSlot *slot)
+{
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
+	index_close(index, AccessShareLock);
+	table_close(heap, AccessShareLock);
+}
+
 /* close what open_table opened */
 static void
 close_table(CellTable *t)
 {
-	index_endscan(t->scan);
-	ExecDropSingleTupleTableSlot(t->slot);
-	index_close(t->index, AccessShareLock);
-	table_close(t->heap, AccessShareLock);
+	close_scan(t->heap, t->index, t->scan, t->slot);
 }
 
 /*
@@ -191,10 +198,7 @@ open_deltas(DeltaTable *t, Snapshot snapshot)
 static void
 close_deltas(DeltaTable *t)
 {
-	index_endscan(t->scan);
-	ExecDropSingleTupleTableSlot(t->slot);
-	index_close(t->index, AccessShareLock);
-	table_close(t->heap, AccessShareLock);
+	close_scan(t->heap, t->index, t->scan, t->slot);
 }
 
 /*
