@@ -202,6 +202,26 @@ close_deltas(DeltaTable *t)
 }
 
 /*
+ * fold_cell
+ *		Fold cell v into a meter's aggregate by the one rule of agg.c
+ *		(billing_cell_combine): the first cell becomes the aggregate.  A
+ *		numeric result is made in the current memory context; the
+ *		aggregate may also take v's quantity itself (the first cell, max,
+ *		last), which the caller keeps if it must outlive v.
+ */
+static inline void
+fold_cell(MeterTotal *m, Aggregation kind, const UsageCell *v)
+{
+	if (!m->any)
+	{
+		m->any = true;
+		m->acc = *v;
+	}
+	else
+		billing_cell_combine(kind, &m->acc, v);
+}
+
+/*
  * add_cell
  *		Fold one cell into a meter's aggregate by the one rule of agg.c
  *		(billing_cell_combine), in the current memory context (the
@@ -217,13 +237,7 @@ add_cell(MeterTotal *m, Aggregation kind, Datum q, TimestampTz ts, bool ts_null,
 	billing_cell_set_numeric(&v, (Numeric) PG_DETOAST_DATUM_COPY(q));
 	v.last_ts = ts_null ? AGG_NO_TS : ts;
 	v.last_seq = seq_null ? AGG_NO_SEQ : seq;
-	if (!m->any)
-	{
-		m->any = true;
-		m->acc = v;
-		return;
-	}
-	billing_cell_combine(kind, &m->acc, &v);
+	fold_cell(m, kind, &v);
 }
 
 /* are two text datums the same string (byte for byte, as COLLATE "C")? */
@@ -248,13 +262,7 @@ fold_fixed(MeterTotal *m, Aggregation kind, int128_t coef, int scale, int64 even
 	v.events = events;
 	v.last_ts = AGG_NO_TS;
 	v.last_seq = AGG_NO_SEQ;
-	if (!m->any)
-	{
-		m->any = true;
-		m->acc = v;
-	}
-	else
-		billing_cell_combine(kind, &m->acc, &v);
+	fold_cell(m, kind, &v);
 }
 
 /*
@@ -292,13 +300,7 @@ sum_cells(StoreReader *r, TimestampTz lo, TimestampTz hi, Aggregation kind, Mete
 			/* a quantity too large for the integers */
 			c.last_ts = AGG_NO_TS;
 			c.last_seq = AGG_NO_SEQ;
-			if (!m->any)
-			{
-				m->any = true;
-				m->acc = c;
-			}
-			else
-				billing_cell_combine(kind, &m->acc, &c);
+			fold_cell(m, kind, &c);
 			continue;
 		}
 		if (acc_scale >= 0)
@@ -405,13 +407,7 @@ scan_range(CellTable *t, int64 account, Datum meter, TimestampTz lo, TimestampTz
 						break;	/* the cells come in increasing bucket order */
 					if (c.bucket < cells_lo)
 						continue;
-					if (!m->any)
-					{
-						m->any = true;
-						m->acc = c;
-					}
-					else
-						billing_cell_combine(kind, &m->acc, &c);
+					fold_cell(m, kind, &c);
 				}
 			MemoryContextSwitchTo(old);
 			continue;
@@ -538,19 +534,10 @@ fold_deltas(DeltaTable *t, int64 account, TimestampTz ps, TimestampTz pe, Period
 				v.last_ts = s.is_last ? c.last_ts : AGG_NO_TS;
 				v.last_seq = (s.is_last && !null_seq) ? DatumGetInt64(seq) : AGG_NO_SEQ;
 				MemoryContextSwitchTo(*cxt);
-				if (!m->any)
-				{
-					m->any = true;
-					m->acc = v;
+				fold_cell(m, pt->kinds[k], &v);
+				/* the first cell, max and last may take v's quantity itself */
+				if (m->acc.num == v.num)
 					billing_cell_keep(&m->acc, *cxt);
-				}
-				else
-				{
-					billing_cell_combine(pt->kinds[k], &m->acc, &v);
-					/* max and last may take v's quantity itself */
-					if (m->acc.num == v.num)
-						billing_cell_keep(&m->acc, *cxt);
-				}
 				MemoryContextSwitchTo(row_cxt);
 				folded++;
 			}
