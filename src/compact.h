@@ -91,6 +91,30 @@ typedef struct SeriesKey
 	int			len;
 } SeriesKey;
 
+/* room for the key of most series without an allocation */
+#define SERIES_KEY_TMP	(1 + 255 + 1024)
+
+/*
+ * billing_series_key
+ *		The key of series (meter, dimension), written in tmp (SERIES_KEY_TMP
+ *		bytes) when it fits, else in palloc'd memory; meterlen <= 255.
+ */
+static inline SeriesKey
+billing_series_key(const char *meter, int meterlen, const char *dim, int dimlen, char *tmp)
+{
+	SeriesKey	key;
+	char	   *buf = tmp;
+
+	key.len = 1 + meterlen + dimlen;
+	if (key.len > SERIES_KEY_TMP)
+		buf = palloc(key.len);
+	buf[0] = (char) meterlen;
+	memcpy(buf + 1, meter, meterlen);
+	memcpy(buf + 1 + meterlen, dim, dimlen);
+	key.bytes = buf;
+	return key;
+}
+
 /* a (meter, dimension) of the batch */
 typedef struct Series
 {

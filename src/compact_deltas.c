@@ -129,20 +129,13 @@ batch_bytes(Compaction *cp)
 static Series *
 series_of(Compaction *cp, const CellSeries *s)
 {
-	char		tmp[1 + 255 + 1024];
-	char	   *buf = tmp;
-	SeriesKey	key;
+	char		tmp[SERIES_KEY_TMP];
+	SeriesKey	key = billing_series_key(s->meter, s->meterlen, s->dim, s->dimlen, tmp);
+	const char *buf = key.bytes;
 	Series	   *e;
 	bool		found;
 	const CMeter *m;
 
-	if (1 + s->meterlen + s->dimlen > (int) sizeof(tmp))
-		buf = palloc(1 + s->meterlen + s->dimlen);
-	buf[0] = (char) s->meterlen;
-	memcpy(buf + 1, s->meter, s->meterlen);
-	memcpy(buf + 1 + s->meterlen, s->dim, s->dimlen);
-	key.bytes = buf;
-	key.len = 1 + s->meterlen + s->dimlen;
 	e = hash_search(cp->series_hash, &key, HASH_FIND, NULL);
 	if (e != NULL)
 		return e->meter ? e : NULL;

@@ -69,29 +69,18 @@ old_rows_of_day(Compaction *cp, HTAB *rows, Datum *accounts, int naccounts, Datu
 		bool		isnull;
 		text	   *meter = DatumGetTextPP(SPI_getbinval(tup, desc, 2, &isnull));
 		text	   *dim = DatumGetTextPP(SPI_getbinval(tup, desc, 4, &isnull));
-		CellSeries	s;
 		Series	   *ser;
 		SeriesKey	key;
-		char		tmp[1 + 255 + 1024];
-		char	   *buf = tmp;
+		char		tmp[SERIES_KEY_TMP];
 		RowKey		rk;
 		OldRow	   *row;
 		bool		found;
 		Datum		d;
 
-		s.meter = VARDATA_ANY(meter);
-		s.meterlen = VARSIZE_ANY_EXHDR(meter);
-		s.dim = VARDATA_ANY(dim);
-		s.dimlen = VARSIZE_ANY_EXHDR(dim);
-		if (s.meterlen > 255)
+		if (VARSIZE_ANY_EXHDR(meter) > 255)
 			continue;
-		if (1 + s.meterlen + s.dimlen > (int) sizeof(tmp))
-			buf = palloc(1 + s.meterlen + s.dimlen);
-		buf[0] = (char) s.meterlen;
-		memcpy(buf + 1, s.meter, s.meterlen);
-		memcpy(buf + 1 + s.meterlen, s.dim, s.dimlen);
-		key.bytes = buf;
-		key.len = 1 + s.meterlen + s.dimlen;
+		key = billing_series_key(VARDATA_ANY(meter), VARSIZE_ANY_EXHDR(meter),
+								 VARDATA_ANY(dim), VARSIZE_ANY_EXHDR(dim), tmp);
 		ser = hash_search(cp->series_hash, &key, HASH_FIND, NULL);
 		if (ser == NULL || ser->meter == NULL)
 			continue;
@@ -115,6 +104,28 @@ old_rows_of_day(Compaction *cp, HTAB *rows, Datum *accounts, int naccounts, Datu
 	SPI_freetuptable(SPI_tuptable);
 }
 
+/* a key of the batch: its account, meter and day */
+typedef struct DayKey
+{
+	TimestampTz day;
+	int64		account;
+	const CMeter *meter;
+} DayKey;
+
+/* order DayKeys by day, then account (the order the reads want) */
+static int
+daykey_cmp(const void *a, const void *b)
+{
+	const DayKey *x = (const DayKey *) a;
+	const DayKey *y = (const DayKey *) b;
+
+	if (x->day != y->day)
+		return x->day < y->day ? -1 : 1;
+	if (x->account != y->account)
+		return x->account < y->account ? -1 : 1;
+	return 0;
+}
+
 /*
  * billing_compact_old_rows
  *		The rows of usage_days (or the shard being compacted) that the keys
@@ -129,8 +140,8 @@ billing_compact_old_rows(Compaction *cp, Series **by_rank, int from, int to, Mem
 {
 	HASHCTL		ctl;
 	HTAB	   *rows;
-	TimestampTz *days;
-	int			ndays = 0;
+	DayKey	   *keys;
+	int			nkeys = 0;
 	Datum	   *accounts;
 	Datum	   *meters;
 	const CMeter **seen;
@@ -144,19 +155,23 @@ billing_compact_old_rows(Compaction *cp, Series **by_rank, int from, int to, Mem
 	rows = hash_create("billing compaction rows", 1024, &ctl,
 					   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 
-	/* the days of the slice (few: usually today's, some late ones) */
-	days = palloc(Max(to - from, 1) * sizeof(TimestampTz));
+	/* the keys (a run of cells each: sorted by account, series, bucket), by day */
+	keys = palloc(Max(to - from, 1) * sizeof(DayKey));
 	for (int i = from; i < to; i++)
 	{
-		TimestampTz day = STORE_DAY(cp->cells[i].c.bucket);
-		int			k;
+		const BatchCell *c = &cp->cells[i];
+		TimestampTz day = STORE_DAY(c->c.bucket);
 
-		for (k = ndays - 1; k >= 0 && days[k] != day; k--)
-			;
-		if (k < 0)
-			days[ndays++] = day;
+		if (i > from && c->account == c[-1].account && c->series == c[-1].series &&
+			day == STORE_DAY(c[-1].c.bucket))
+			continue;
+		keys[nkeys].day = day;
+		keys[nkeys].account = c->account;
+		keys[nkeys].meter = by_rank[c->series]->meter;
+		nkeys++;
 	}
-	accounts = palloc(Max(to - from, 1) * sizeof(Datum));
+	qsort(keys, nkeys, sizeof(DayKey), daykey_cmp);
+	accounts = palloc(Max(nkeys, 1) * sizeof(Datum));
 	meters = palloc(Max(cp->nmeters, 1) * sizeof(Datum));
 	seen = palloc(Max(cp->nmeters, 1) * sizeof(CMeter *));
 	MemoryContextSwitchTo(old);
@@ -170,33 +185,32 @@ billing_compact_old_rows(Compaction *cp, Series **by_rank, int from, int to, Mem
 	save_nestlevel = NewGUCNestLevel();
 	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
-	for (int d = 0; d < ndays; d++)
+	for (int first = 0; first < nkeys;)
 	{
 		int			naccounts = 0,
-					nmeters = 0;
+					nmeters = 0,
+					i;
 
-		/* the accounts (sorted: the cells are) and meters with cells that day */
-		for (int i = from; i < to; i++)
+		/* the accounts (sorted) and meters with cells that day */
+		for (i = first; i < nkeys && keys[i].day == keys[first].day; i++)
 		{
-			const BatchCell *c = &cp->cells[i];
-			const CMeter *m = by_rank[c->series]->meter;
 			int			k;
 
-			if (STORE_DAY(c->c.bucket) != days[d])
-				continue;
-			if (naccounts == 0 || DatumGetInt64(accounts[naccounts - 1]) != c->account)
-				accounts[naccounts++] = Int64GetDatum(c->account);
-			for (k = 0; k < nmeters && seen[k] != m; k++)
+			if (naccounts == 0 || DatumGetInt64(accounts[naccounts - 1]) != keys[i].account)
+				accounts[naccounts++] = Int64GetDatum(keys[i].account);
+			for (k = 0; k < nmeters && seen[k] != keys[i].meter; k++)
 				;
 			if (k == nmeters)
 			{
-				seen[nmeters] = m;
+				seen[nmeters] = keys[i].meter;
 				old = MemoryContextSwitchTo(cxt);
-				meters[nmeters++] = PointerGetDatum(cstring_to_text_with_len(m->name, m->len));
+				meters[nmeters++] = PointerGetDatum(cstring_to_text_with_len(keys[i].meter->name,
+																			  keys[i].meter->len));
 				MemoryContextSwitchTo(old);
 			}
 		}
-		old_rows_of_day(cp, rows, accounts, naccounts, meters, nmeters, days[d], cxt);
+		old_rows_of_day(cp, rows, accounts, naccounts, meters, nmeters, keys[first].day, cxt);
+		first = i;
 	}
 	AtEOXact_GUC(true, save_nestlevel);
 	return rows;
