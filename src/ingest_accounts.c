@@ -257,6 +257,16 @@ row_cacheable(HeapTupleHeader tup)
 		((infomask & HEAP_XMAX_INVALID) || HEAP_XMAX_IS_LOCKED_ONLY(infomask));
 }
 
+/* qsort order of int64 values */
+static int
+int64_cmp(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return x < y ? -1 : (x > y ? 1 : 0);
+}
+
 /*
  * scan_missing
  *		probe_missing for many ids: one sequential scan of billing.accounts
@@ -275,23 +285,13 @@ scan_missing(Relation rel, const int64 *ids, long n, bool *cacheable)
 	{
 		bool		isnull;
 		int64		id = DatumGetInt64(heap_getattr(tup, 1, desc, &isnull));
-		long		lo = 0,
-					hi = n;
+		const int64 *at = isnull ? NULL : bsearch(&id, ids, n, sizeof(int64), int64_cmp);
 
-		/* ids is sorted: binary search */
-		while (lo < hi)
+		/* ids is sorted */
+		if (at != NULL)
 		{
-			long		mid = lo + (hi - lo) / 2;
-
-			if (ids[mid] < id)
-				lo = mid + 1;
-			else
-				hi = mid;
-		}
-		if (lo < n && ids[lo] == id && !isnull)
-		{
-			found[lo] = true;
-			cacheable[lo] = row_cacheable(tup->t_data);
+			found[at - ids] = true;
+			cacheable[at - ids] = row_cacheable(tup->t_data);
 		}
 	}
 	table_endscan(scan);
@@ -432,16 +432,6 @@ check_accounts_cached(const int64 *accounts, long n)
 	LockRelease(&tag, RowExclusiveLock, false);
 	table_close(rel, AccessShareLock);
 	return true;
-}
-
-/* qsort order of int64 values */
-static int
-int64_cmp(const void *a, const void *b)
-{
-	int64		x = *(const int64 *) a;
-	int64		y = *(const int64 *) b;
-
-	return x < y ? -1 : (x > y ? 1 : 0);
 }
 
 /*
