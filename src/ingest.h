@@ -48,10 +48,14 @@
 
 #include "postgres.h"
 
+#include "commands/copy.h"
+#include "fmgr.h"
 #include "lib/stringinfo.h"
 #include "utils/hsearch.h"
 #include "utils/logtape.h"
 #include "utils/numeric.h"
+#include "utils/relcache.h"
+#include "utils/reltrigger.h"
 #include "utils/timestamp.h"
 
 #include "catalog.h"
@@ -370,6 +374,14 @@ extern void billing_forget_accounts(KnownAccounts *known);
 extern void billing_flush(IngestState *st);
 extern void billing_flush_if_full(IngestState *st);
 extern void billing_flush_cells(IngestState *st, bool final);
+
+/* ingest_trigger.c */
+extern PGDLLEXPORT Datum billing_meter_row(PG_FUNCTION_ARGS);
+extern PGDLLEXPORT Datum billing_meter_flush(PG_FUNCTION_ARGS);
+extern uint64 billing_meter_copy(Relation rel, Trigger *row_trigger, CopyFromState cstate);
+
+/* ingest_copy.c */
+extern void billing_copy_hook_install(void);
 
 /* ingest_deltas.c */
 extern DeltaWriter *billing_deltas_open(bool distributed);

@@ -22,10 +22,12 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "commands/copy.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "executor/tuptable.h"
 #include "fmgr.h"
+#include "miscadmin.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/tuplestore.h"
@@ -143,13 +145,14 @@ ingest_subxact_cb(SubXactEvent event, SubTransactionId mySubid,
 
 /*
  * billing_ingest_init
- *		Register the transaction callbacks (from _PG_init).
+ *		Register the transaction callbacks and the COPY hook (from _PG_init).
  */
 void
 billing_ingest_init(void)
 {
 	RegisterXactCallback(ingest_xact_cb, NULL);
 	RegisterSubXactCallback(ingest_subxact_cb, NULL);
+	billing_copy_hook_install();
 }
 
 /*
@@ -208,15 +211,14 @@ wrong_firing(TriggerData *td, const char *fn, const char *how)
 
 /*
  * table_conf
- *		Column numbers of a metered table's trigger, resolved once per
- *		accumulator.  Trigger arguments: account, meter, quantity, ts,
+ *		Column numbers of a metered table's trigger tg on rel, resolved once
+ *		per accumulator.  Trigger arguments: account, meter, quantity, ts,
  *		event id ('' if none), dimension ('' if none), keep_rows ('t'/'f').
  */
 static TableConf *
-table_conf(TriggerState *ts, TriggerData *td)
+table_conf(TriggerState *ts, Trigger *tg, Relation rel)
 {
-	Trigger    *tg = td->tg_trigger;
-	TupleDesc	desc = RelationGetDescr(td->tg_relation);
+	TupleDesc	desc = RelationGetDescr(rel);
 	TableConf  *c;
 	int			i;
 	AttrNumber *atts[6];
@@ -230,7 +232,7 @@ table_conf(TriggerState *ts, TriggerData *td)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("trigger \"%s\" on table \"%s\" must pass 7 arguments, not %d",
-						tg->tgname, RelationGetRelationName(td->tg_relation), tg->tgnargs),
+						tg->tgname, RelationGetRelationName(rel), tg->tgnargs),
 				 errhint("billing.meter_table creates the triggers of metered tables.")));
 
 	old = MemoryContextSwitchTo(ts->st->ctx);
@@ -269,7 +271,7 @@ table_conf(TriggerState *ts, TriggerData *td)
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_COLUMN),
 					 errmsg("column \"%s\" of metered table \"%s\" does not exist",
-							col, RelationGetRelationName(td->tg_relation)),
+							col, RelationGetRelationName(rel)),
 					 errhint("Run billing.meter_table again after renaming or dropping columns.")));
 	}
 	c->keep_rows = (tg->tgargs[6][0] == 't');
@@ -355,6 +357,24 @@ meter_tuple(IngestState *st, TableConf *c, TriggerData *td, ReportMode mode)
 }
 
 /*
+ * flush_statement
+ *		Write what the current subtransaction's metered statements counted:
+ *		the work of billing_meter_flush, at the end of a statement.
+ */
+static void
+flush_statement(void)
+{
+	SubTransactionId subid = GetCurrentSubTransactionId();
+	TriggerState *ts;
+
+	for (ts = trigger_states; ts && ts->subid == subid; ts = ts->next)
+	{
+		billing_flush(ts->st);
+		billing_forget_accounts(&ts->st->known);
+	}
+}
+
+/*
  * billing_meter_row
  *		BEFORE INSERT FOR EACH ROW trigger of a metered table.  With
  *		keep_rows false it counts the row and drops it (returns NULL).  With
@@ -377,7 +397,7 @@ billing_meter_row(PG_FUNCTION_ARGS)
 		wrong_firing(td, "billing._meter_row", "BEFORE INSERT FOR EACH ROW");
 
 	ts = current_trigger_state();
-	c = table_conf(ts, td);
+	c = table_conf(ts, td->tg_trigger, td->tg_relation);
 	r = meter_tuple(ts->st, c, td, c->keep_rows ? MODE_CLAIM_ONLY : MODE_QUEUE);
 	billing_flush_if_full(ts->st);
 
@@ -412,7 +432,7 @@ billing_meter_after_rows(PG_FUNCTION_ARGS)
 					 "AFTER INSERT FOR EACH STATEMENT with a transition table (REFERENCING NEW TABLE)");
 
 	ts = current_trigger_state();
-	c = table_conf(ts, td);
+	c = table_conf(ts, td->tg_trigger, td->tg_relation);
 	slot = MakeSingleTupleTableSlot(RelationGetDescr(td->tg_relation), &TTSOpsMinimalTuple);
 	/* a read pointer of our own, from the start */
 	ptr = tuplestore_alloc_read_pointer(td->tg_newtable, EXEC_FLAG_REWIND);
@@ -445,16 +465,58 @@ Datum
 billing_meter_flush(PG_FUNCTION_ARGS)
 {
 	TriggerData *td = trigger_data(fcinfo, "billing._meter_flush");
-	SubTransactionId subid = GetCurrentSubTransactionId();
-	TriggerState *ts;
 
 	if (!TRIGGER_FIRED_AFTER(td->tg_event) || !TRIGGER_FIRED_FOR_STATEMENT(td->tg_event))
 		wrong_firing(td, "billing._meter_flush", "AFTER ... FOR EACH STATEMENT");
 
-	for (ts = trigger_states; ts && ts->subid == subid; ts = ts->next)
-	{
-		billing_flush(ts->st);
-		billing_forget_accounts(&ts->st->known);
-	}
+	flush_statement();
 	return PointerGetDatum(NULL);
+}
+
+/*
+ * billing_meter_copy
+ *		The rows of a COPY FROM into a metered table whose triggers would
+ *		only count them and drop them (keep_rows false; see ingest_copy.c),
+ *		counted without firing the triggers: what billing_meter_row does for
+ *		each row and billing_meter_flush at the end, on the values COPY
+ *		parsed, without forming each row into a heap tuple for a trigger
+ *		call.  Errors carry COPY's context (the line).  Returns the rows
+ *		stored, 0, as COPY through the triggers reports.
+ */
+uint64
+billing_meter_copy(Relation rel, Trigger *row_trigger, CopyFromState cstate)
+{
+	TriggerState *ts = current_trigger_state();
+	TableConf  *c = table_conf(ts, row_trigger, rel);
+	EState	   *estate = CreateExecutorState();
+	ExprContext *econtext = GetPerTupleExprContext(estate);
+	TupleTableSlot *slot = MakeSingleTupleTableSlot(RelationGetDescr(rel), &TTSOpsVirtual);
+	ErrorContextCallback errcallback;
+	MemoryContext old = CurrentMemoryContext;
+
+	errcallback.callback = CopyFromErrorCallback;
+	errcallback.arg = (void *) cstate;
+	errcallback.previous = error_context_stack;
+	error_context_stack = &errcallback;
+
+	for (;;)
+	{
+		CHECK_FOR_INTERRUPTS();
+		ResetPerTupleExprContext(estate);
+		MemoryContextSwitchTo(GetPerTupleMemoryContext(estate));
+		ExecClearTuple(slot);
+		if (!NextCopyFrom(cstate, econtext, slot->tts_values, slot->tts_isnull))
+			break;
+		ExecStoreVirtualTuple(slot);
+		(void) meter_slot(ts->st, c, slot, rel, MODE_QUEUE);
+		billing_flush_if_full(ts->st);
+	}
+	MemoryContextSwitchTo(old);
+	error_context_stack = errcallback.previous;
+
+	flush_statement();
+
+	ExecDropSingleTupleTableSlot(slot);
+	FreeExecutorState(estate);
+	return 0;
 }

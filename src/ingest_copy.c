@@ -1,0 +1,268 @@
+/*
+ * ingest_copy.c
+ *		COPY FROM into a metered table that keeps no rows, counted without
+ *		firing its triggers.
+ *
+ * billing.meter_table(..., keep_rows => false) puts two triggers on a
+ * table: billing_meter_row, BEFORE INSERT FOR EACH ROW, counts each row
+ * and drops it; billing_meter_flush, AFTER INSERT FOR EACH STATEMENT,
+ * writes the counts.  Through the trigger manager every row COPY parses is
+ * formed into a heap tuple for the call and taken apart again by the
+ * trigger, which costs about as much as the counting itself.  A
+ * ProcessUtility hook therefore runs such a COPY itself when nothing else
+ * could happen to its rows: it parses them with COPY's own code (options,
+ * formats, defaults, STDIN or a file, the error context with the line) and
+ * hands each row's values to the same counting as the row trigger
+ * (billing_meter_copy in ingest_trigger.c), then writes the counts as the
+ * flush trigger does.
+ *
+ * It does so only when the result is the same as through the triggers,
+ * and leaves the statement to PostgreSQL otherwise:
+ *   - the table's INSERT triggers are exactly those two, with no WHEN
+ *     condition, and both fire under the session's session_replication_role;
+ *     any other INSERT trigger (the user's, a foreign key's, an audit
+ *     trigger) could see or change the rows;
+ *   - an ordinary table, no WHERE clause, no FREEZE option, no row-level
+ *     security, Citus not installed (Citus routes COPY itself);
+ *   - a transaction that may write (not read-only, not in recovery or
+ *     parallel mode), and the checks PostgreSQL makes before a COPY FROM
+ *     pass: the rights to read a server file or run a program, and INSERT
+ *     on the columns copied.  When one fails, PostgreSQL raises its own
+ *     error.
+ * The command tag is COPY 0, as through the triggers, which drop every
+ * row.  The hook is installed when the library is loaded (at server start
+ * with shared_preload_libraries); before that, in a session that has not
+ * used billing yet, COPY goes through the triggers, with the same counts.
+ */
+#include "postgres.h"
+
+#include "access/table.h"
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/pg_authid.h"
+#include "catalog/pg_trigger.h"
+#include "commands/copy.h"
+#include "commands/extension.h"
+#include "commands/trigger.h"
+#include "executor/executor.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "nodes/parsenodes.h"
+#include "parser/parse_node.h"
+#include "parser/parse_relation.h"
+#include "tcop/utility.h"
+#include "utils/acl.h"
+#include "utils/rel.h"
+#include "utils/rls.h"
+
+#include "ingest.h"
+
+static ProcessUtility_hook_type prev_copy_hook = NULL;
+
+/*
+ * trigger_fires
+ *		Would trigger tg fire in this session?  The rule of the trigger
+ *		manager: disabled never, ENABLE REPLICA only under
+ *		session_replication_role = replica, ENABLE only under origin or
+ *		local, ENABLE ALWAYS always.
+ */
+static bool
+trigger_fires(const Trigger *tg)
+{
+	if (SessionReplicationRole == SESSION_REPLICATION_ROLE_REPLICA)
+		return tg->tgenabled == TRIGGER_FIRES_ON_REPLICA ||
+			tg->tgenabled == TRIGGER_FIRES_ALWAYS;
+	return tg->tgenabled == TRIGGER_FIRES_ON_ORIGIN ||
+		tg->tgenabled == TRIGGER_FIRES_ALWAYS;
+}
+
+/*
+ * calls
+ *		Does trigger tg call the C function fn?
+ */
+static bool
+calls(const Trigger *tg, PGFunction fn)
+{
+	FmgrInfo	flinfo;
+
+	fmgr_info(tg->tgfoid, &flinfo);
+	return flinfo.fn_addr == fn;
+}
+
+/*
+ * counting_trigger
+ *		The row trigger of rel when its INSERT triggers are exactly the two
+ *		of a metered table that keeps no rows, both firing in this session;
+ *		NULL otherwise.
+ */
+static Trigger *
+counting_trigger(Relation rel)
+{
+	TriggerDesc *desc = rel->trigdesc;
+	Trigger    *row = NULL;
+	bool		flush = false;
+
+	if (desc == NULL)
+		return NULL;
+	for (int i = 0; i < desc->numtriggers; i++)
+	{
+		Trigger    *tg = &desc->triggers[i];
+
+		if (!TRIGGER_FOR_INSERT(tg->tgtype))
+			continue;
+		if (!trigger_fires(tg) || tg->tgqual != NULL)
+			return NULL;
+		if (row == NULL && TRIGGER_FOR_ROW(tg->tgtype) && TRIGGER_FOR_BEFORE(tg->tgtype) &&
+			tg->tgnargs == 7 && strcmp(tg->tgargs[6], "f") == 0 &&
+			calls(tg, billing_meter_row))
+			row = tg;
+		else if (!flush && !TRIGGER_FOR_ROW(tg->tgtype) && TRIGGER_FOR_AFTER(tg->tgtype) &&
+				 tg->tgnewtable == NULL && calls(tg, billing_meter_flush))
+			flush = true;
+		else
+			return NULL;
+	}
+	return flush ? row : NULL;
+}
+
+/*
+ * may_read_source
+ *		Has the user the rights COPY FROM a server file or program needs?
+ */
+static bool
+may_read_source(const CopyStmt *stmt)
+{
+	if (stmt->filename == NULL)
+		return true;			/* STDIN: anybody */
+	if (stmt->is_program)
+		return has_privs_of_role(GetUserId(), ROLE_PG_EXECUTE_SERVER_PROGRAM);
+	return has_privs_of_role(GetUserId(), ROLE_PG_READ_SERVER_FILES);
+}
+
+/*
+ * may_insert
+ *		Would PostgreSQL let this COPY FROM into rel run: INSERT on the
+ *		columns copied, no row-level security, a transaction that may write?
+ */
+static bool
+may_insert(ParseState *pstate, Relation rel, const CopyStmt *stmt)
+{
+	ParseNamespaceItem *nsitem;
+	RangeTblEntry *rte;
+	List	   *attnums;
+	ListCell   *lc;
+
+	if (RecoveryInProgress() || IsInParallelMode() ||
+		(XactReadOnly && !rel->rd_islocaltemp))
+		return false;
+	nsitem = addRangeTableEntryForRelation(pstate, rel, RowExclusiveLock,
+										   NULL, false, false);
+	rte = nsitem->p_rte;
+	rte->requiredPerms = ACL_INSERT;
+	attnums = CopyGetAttnums(RelationGetDescr(rel), rel, stmt->attlist);
+	foreach(lc, attnums)
+		rte->insertedCols = bms_add_member(rte->insertedCols,
+										   lfirst_int(lc) - FirstLowInvalidHeapAttributeNumber);
+	if (!ExecCheckRTPerms(pstate->p_rtable, false))
+		return false;
+	return check_enable_rls(RelationGetRelid(rel), InvalidOid, false) != RLS_ENABLED;
+}
+
+/*
+ * has_option
+ *		Is option name among the COPY statement's options?
+ */
+static bool
+has_option(const CopyStmt *stmt, const char *name)
+{
+	ListCell   *lc;
+
+	foreach(lc, stmt->options)
+		if (strcmp(((DefElem *) lfirst(lc))->defname, name) == 0)
+			return true;
+	return false;
+}
+
+/*
+ * copy_counted
+ *		Run stmt, a COPY FROM, by counting its rows when its table is a
+ *		metered table that keeps none and nothing else could happen to them
+ *		(see the file header).  Returns false, having done nothing the
+ *		standard COPY would not do, when PostgreSQL must run it.
+ */
+static bool
+copy_counted(CopyStmt *stmt, const char *queryString, QueryEnvironment *queryEnv,
+			 QueryCompletion *qc)
+{
+	Relation	rel;
+	Trigger    *row;
+	ParseState *pstate;
+	CopyFromState cstate;
+	uint64		processed;
+
+	if (!stmt->is_from || stmt->relation == NULL || stmt->query != NULL ||
+		stmt->whereClause != NULL || has_option(stmt, "freeze") || !may_read_source(stmt))
+		return false;
+
+	/* the lock COPY FROM takes; kept to the end of the transaction */
+	rel = table_openrv(stmt->relation, RowExclusiveLock);
+	if (rel->rd_rel->relkind != RELKIND_RELATION ||
+		(row = counting_trigger(rel)) == NULL ||
+		OidIsValid(get_extension_oid("citus", true)))
+	{
+		table_close(rel, NoLock);
+		return false;
+	}
+	pstate = make_parsestate(NULL);
+	pstate->p_sourcetext = queryString;
+	pstate->p_queryEnv = queryEnv;
+	if (!may_insert(pstate, rel, stmt))
+	{
+		free_parsestate(pstate);
+		table_close(rel, NoLock);
+		return false;
+	}
+
+	cstate = BeginCopyFrom(pstate, rel, NULL, stmt->filename, stmt->is_program,
+						   NULL, stmt->attlist, stmt->options);
+	processed = billing_meter_copy(rel, row, cstate);
+	EndCopyFrom(cstate);
+	free_parsestate(pstate);
+	table_close(rel, NoLock);
+	if (qc)
+		SetQueryCompletion(qc, CMDTAG_COPY, processed);
+	return true;
+}
+
+/*
+ * copy_hook
+ *		ProcessUtility hook: a COPY FROM into a metered table that keeps no
+ *		rows is counted here; everything else goes on down the chain.
+ */
+static void
+copy_hook(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
+		  ProcessUtilityContext context, ParamListInfo params,
+		  QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc)
+{
+	if (IsA(pstmt->utilityStmt, CopyStmt) &&
+		copy_counted((CopyStmt *) pstmt->utilityStmt, queryString, queryEnv, qc))
+		return;
+
+	if (prev_copy_hook)
+		prev_copy_hook(pstmt, queryString, readOnlyTree, context, params,
+					   queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
+								params, queryEnv, dest, qc);
+}
+
+/*
+ * billing_copy_hook_install
+ *		Install the COPY hook (from _PG_init, whenever the library loads).
+ */
+void
+billing_copy_hook_install(void)
+{
+	prev_copy_hook = ProcessUtility_hook;
+	ProcessUtility_hook = copy_hook;
+}
