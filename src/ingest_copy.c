@@ -39,6 +39,7 @@
 #include "access/table.h"
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_authid.h"
 #include "catalog/pg_trigger.h"
 #include "commands/copy.h"
@@ -194,6 +195,7 @@ static bool
 copy_counted(CopyStmt *stmt, const char *queryString, QueryEnvironment *queryEnv,
 			 QueryCompletion *qc)
 {
+	Oid			relid;
 	Relation	rel;
 	Trigger    *row;
 	ParseState *pstate;
@@ -204,11 +206,23 @@ copy_counted(CopyStmt *stmt, const char *queryString, QueryEnvironment *queryEnv
 		stmt->whereClause != NULL || has_option(stmt, "freeze") || !may_read_source(stmt))
 		return false;
 
-	/* the lock COPY FROM takes; kept to the end of the transaction */
-	rel = table_openrv(stmt->relation, RowExclusiveLock);
-	if (rel->rd_rel->relkind != RELKIND_RELATION ||
-		(row = counting_trigger(rel)) == NULL ||
-		OidIsValid(get_extension_oid("citus", true)))
+	/*
+	 * Citus runs COPY itself, including COPYs into relations that do not
+	 * exist (its intermediate results): leave it every COPY.
+	 */
+	if (OidIsValid(get_extension_oid("citus", true)))
+		return false;
+
+	/*
+	 * The lock COPY FROM takes, kept to the end of the transaction.  A
+	 * relation that does not exist is another hook's or PostgreSQL's error
+	 * to raise.
+	 */
+	relid = RangeVarGetRelid(stmt->relation, RowExclusiveLock, true);
+	if (!OidIsValid(relid))
+		return false;
+	rel = table_open(relid, NoLock);
+	if (rel->rd_rel->relkind != RELKIND_RELATION || (row = counting_trigger(rel)) == NULL)
 	{
 		table_close(rel, NoLock);
 		return false;

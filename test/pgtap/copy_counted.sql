@@ -9,7 +9,7 @@
 -- transaction or the user's rights would make the result differ; those
 -- cases give what the triggers and PostgreSQL give.
 BEGIN;
-SELECT plan(25);
+SELECT plan(26);
 
 SET LOCAL track_functions = 'all';
 INSERT INTO billing.accounts (account_id) SELECT 7400 + a FROM generate_series(1, 40) a;
@@ -103,6 +103,8 @@ SELECT throws_ok($$COPY pg_temp.cc_t FROM PROGRAM 'printf "7499\tcc_sum\t1\t2025
 SELECT throws_ok($$COPY pg_temp.cc_t FROM PROGRAM 'printf "7401\tcc_nope\t1\t2025-03-12 09:00+00\t\\\\N\t\\\\N\n"'$$,
                  '23503', NULL, 'an unknown meter: 23503');
 SELECT is(pg_temp.row_calls(), 40000::bigint, 'those errors came from the hook');
+SELECT throws_ok($$COPY pg_temp.cc_nosuch FROM PROGRAM 'true'$$, '42P01',
+                 'relation "pg_temp.cc_nosuch" does not exist', 'a table that does not exist: PostgreSQL''s 42P01');
 
 -- ------------------------------------------- when the hook stays out of it
 -- session_replication_role = replica: the triggers (ENABLE) do not fire, the
