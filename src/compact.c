@@ -209,6 +209,9 @@ compact_relations(Oid deltas, Oid days, bool heap, MemoryContext cxt)
 {
 	Compaction	cp;
 
+	/* the heaps are written straight, past the executor's read-only check */
+	if (heap)
+		PreventCommandIfReadOnly("compact_usage()");
 	memset(&cp, 0, sizeof(cp));
 	cp.deltas_rel = deltas;
 	cp.days_rel = days;

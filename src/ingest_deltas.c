@@ -21,6 +21,7 @@
 #include "executor/executor.h"
 #include "executor/spi.h"
 #include "nodes/makefuncs.h"
+#include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
@@ -143,13 +144,17 @@ heap_close(DeltaWriter *dw)
  * heap_open
  *		A writer into the heap and indexes of billing.usage_deltas, in the
  *		current memory context and command.  What the executor allocates
- *		for the relation's indexes stays in that context after close.
+ *		for the relation's indexes stays in that context after close.  A
+ *		read-only transaction gets 25006.
  */
 static DeltaWriter *
 heap_open(void)
 {
-	HeapWriter *w = palloc0(sizeof(HeapWriter));
+	HeapWriter *w;
 
+	/* the heap is written straight, past the executor's read-only check */
+	PreventCommandIfReadOnly("a usage write");
+	w = palloc0(sizeof(HeapWriter));
 	w->cxt = CurrentMemoryContext;
 	w->pub.add = heap_add;
 	w->pub.close = heap_close;
