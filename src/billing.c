@@ -23,6 +23,7 @@
 #include "access/parallel.h"
 #include "datatype/timestamp.h"
 #include "fmgr.h"
+#include "tcop/utility.h"
 #include "utils/datetime.h"
 #include "common/int.h"
 #include "utils/guc.h"
@@ -31,6 +32,7 @@
 #include "billing.h"
 #include "catalog.h"
 #include "ingest.h"
+#include "worker.h"
 
 PG_MODULE_MAGIC;
 
@@ -60,6 +62,8 @@ static const struct config_enum_entry rounding_options[] = {
 };
 
 void		_PG_init(void);
+
+static ProcessUtility_hook_type prev_utility_hook = NULL;
 
 PG_FUNCTION_INFO_V1(billing_grace_seconds);
 
@@ -175,8 +179,35 @@ billing_grace_seconds(PG_FUNCTION_ARGS)
 }
 
 /*
+ * billing_utility_hook
+ *		ProcessUtility hook: what the maintenance worker needs before a
+ *		database command, and a COPY into a metered table that keeps no rows
+ *		counted here; everything else goes on down the chain.
+ */
+static void
+billing_utility_hook(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
+					 ProcessUtilityContext context, ParamListInfo params,
+					 QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc)
+{
+	Node	   *parsetree = pstmt->utilityStmt;
+
+	billing_maint_before_utility(parsetree);
+	if (IsA(parsetree, CopyStmt) &&
+		billing_copy_counted((CopyStmt *) parsetree, queryString, queryEnv, qc))
+		return;
+
+	if (prev_utility_hook)
+		prev_utility_hook(pstmt, queryString, readOnlyTree, context, params,
+						  queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
+								params, queryEnv, dest, qc);
+}
+
+/*
  * _PG_init
- *		Define the GUCs and set up per-backend state of the modules.
+ *		Define the GUCs, set up per-backend state of the modules and install
+ *		the ProcessUtility hook.
  */
 void
 _PG_init(void)
@@ -212,4 +243,7 @@ _PG_init(void)
 	billing_accounts_cache_init();
 	billing_ingest_init();
 	billing_audit_init();
+
+	prev_utility_hook = ProcessUtility_hook;
+	ProcessUtility_hook = billing_utility_hook;
 }

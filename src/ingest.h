@@ -381,7 +381,8 @@ extern PGDLLEXPORT Datum billing_meter_flush(PG_FUNCTION_ARGS);
 extern uint64 billing_meter_copy(Relation rel, Trigger *row_trigger, CopyFromState cstate);
 
 /* ingest_copy.c */
-extern void billing_copy_hook_install(void);
+extern bool billing_copy_counted(CopyStmt *stmt, const char *queryString,
+								 QueryEnvironment *queryEnv, QueryCompletion *qc);
 
 /* ingest_deltas.c */
 extern DeltaWriter *billing_deltas_open(bool distributed);

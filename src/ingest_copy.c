@@ -14,7 +14,7 @@
  * formats, defaults, STDIN or a file, the error context with the line) and
  * hands each row's values to the same counting as the row trigger
  * (billing_meter_copy in ingest_trigger.c), then writes the counts as the
- * flush trigger does.
+ * flush trigger does.  billing's ProcessUtility hook (billing.c) calls it.
  *
  * It does so only when the result is the same as through the triggers,
  * and leaves the statement to PostgreSQL otherwise:
@@ -57,8 +57,6 @@
 #include "utils/rls.h"
 
 #include "ingest.h"
-
-static ProcessUtility_hook_type prev_copy_hook = NULL;
 
 /*
  * trigger_fires
@@ -185,14 +183,15 @@ has_option(const CopyStmt *stmt, const char *name)
 }
 
 /*
- * copy_counted
- *		Run stmt, a COPY FROM, by counting its rows when its table is a
- *		metered table that keeps none and nothing else could happen to them
- *		(see the file header).  Returns false, having done nothing the
- *		standard COPY would not do, when PostgreSQL must run it.
+ * billing_copy_counted
+ *		From billing's ProcessUtility hook (billing.c): run stmt, a COPY, by
+ *		counting its rows when it copies into a metered table that keeps
+ *		none and nothing else could happen to them (see the file header).
+ *		Returns false, having done nothing the standard COPY would not do,
+ *		when PostgreSQL must run it.
  */
-static bool
-copy_counted(CopyStmt *stmt, const char *queryString, QueryEnvironment *queryEnv,
+bool
+billing_copy_counted(CopyStmt *stmt, const char *queryString, QueryEnvironment *queryEnv,
 			 QueryCompletion *qc)
 {
 	Oid			relid;
@@ -246,37 +245,4 @@ copy_counted(CopyStmt *stmt, const char *queryString, QueryEnvironment *queryEnv
 	if (qc)
 		SetQueryCompletion(qc, CMDTAG_COPY, processed);
 	return true;
-}
-
-/*
- * copy_hook
- *		ProcessUtility hook: a COPY FROM into a metered table that keeps no
- *		rows is counted here; everything else goes on down the chain.
- */
-static void
-copy_hook(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
-		  ProcessUtilityContext context, ParamListInfo params,
-		  QueryEnvironment *queryEnv, DestReceiver *dest, QueryCompletion *qc)
-{
-	if (IsA(pstmt->utilityStmt, CopyStmt) &&
-		copy_counted((CopyStmt *) pstmt->utilityStmt, queryString, queryEnv, qc))
-		return;
-
-	if (prev_copy_hook)
-		prev_copy_hook(pstmt, queryString, readOnlyTree, context, params,
-					   queryEnv, dest, qc);
-	else
-		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
-								params, queryEnv, dest, qc);
-}
-
-/*
- * billing_copy_hook_install
- *		Install the COPY hook (from _PG_init, whenever the library loads).
- */
-void
-billing_copy_hook_install(void)
-{
-	prev_copy_hook = ProcessUtility_hook;
-	ProcessUtility_hook = copy_hook;
 }

@@ -145,14 +145,13 @@ ingest_subxact_cb(SubXactEvent event, SubTransactionId mySubid,
 
 /*
  * billing_ingest_init
- *		Register the transaction callbacks and the COPY hook (from _PG_init).
+ *		Register the transaction callbacks (from _PG_init).
  */
 void
 billing_ingest_init(void)
 {
 	RegisterXactCallback(ingest_xact_cb, NULL);
 	RegisterSubXactCallback(ingest_subxact_cb, NULL);
-	billing_copy_hook_install();
 }
 
 /*

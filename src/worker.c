@@ -249,7 +249,6 @@ billing_worker_init(void)
 		return;
 
 	billing_maint_shmem_install();
-	billing_maint_utility_install();
 
 	memset(&bgw, 0, sizeof(bgw));
 	bgw.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;

@@ -101,7 +101,7 @@ extern void billing_maint_shmem_install(void);
 extern MaintSlot *billing_maint_find_slot(Oid dbid);
 
 /* worker_utility.c */
-extern void billing_maint_utility_install(void);
+extern void billing_maint_before_utility(Node *parsetree);
 
 /* worker_launcher.c, worker_db.c: the entry points of the processes */
 PGDLLEXPORT void billing_maintenance_launcher_main(Datum main_arg);

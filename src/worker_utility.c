@@ -1,12 +1,12 @@
 /*
  * worker_utility.c
- *		The maintenance worker's ProcessUtility hook.
+ *		What the maintenance worker needs before a utility command runs.
  *
  * Commands that need a database nobody is connected to (DROP DATABASE,
  * ALTER DATABASE ... RENAME TO / SET TABLESPACE, CREATE DATABASE ...
  * TEMPLATE) wait up to 5 seconds for other sessions and then fail; a
- * worker is such a session.  A ProcessUtility hook therefore stops the
- * worker of that database first (SIGTERM, then waits for it to exit) and
+ * worker is such a session.  billing's ProcessUtility hook (billing.c)
+ * therefore stops the worker of that database first (SIGTERM, then waits for it to exit) and
  * keeps the launcher from starting one there for a few seconds, by which
  * time the command holds the database lock that makes new connections wait.
  */
@@ -54,8 +54,6 @@
 
 #include "billing.h"
 #include "worker.h"
-
-static ProcessUtility_hook_type prev_ProcessUtility = NULL;
 
 /* ---------------------------------------------------------------------
  * Database commands that need the database free of sessions
@@ -114,18 +112,15 @@ stop_database_worker(const char *dbname)
 }
 
 /*
- * maint_utility_hook
- *		ProcessUtility hook: before DROP DATABASE, ALTER DATABASE ...
- *		RENAME TO, ALTER DATABASE ... SET TABLESPACE and CREATE DATABASE
- *		... TEMPLATE, stop the worker of the database concerned.
+ * billing_maint_before_utility
+ *		From billing's ProcessUtility hook: before DROP DATABASE, ALTER
+ *		DATABASE ... RENAME TO, ALTER DATABASE ... SET TABLESPACE and CREATE
+ *		DATABASE ... TEMPLATE, stop the worker of the database concerned
+ *		(only with the library preloaded: otherwise there are no workers).
  */
-static void
-maint_utility_hook(PlannedStmt *pstmt, const char *queryString,
-				   bool readOnlyTree, ProcessUtilityContext context,
-				   ParamListInfo params, QueryEnvironment *queryEnv,
-				   DestReceiver *dest, QueryCompletion *qc)
+void
+billing_maint_before_utility(Node *parsetree)
 {
-	Node	   *parsetree = pstmt->utilityStmt;
 	const char *dbname = NULL;
 	ListCell   *lc;
 
@@ -161,23 +156,4 @@ maint_utility_hook(PlannedStmt *pstmt, const char *queryString,
 	}
 	if (dbname != NULL && billing_maint != NULL)
 		stop_database_worker(dbname);
-
-	if (prev_ProcessUtility)
-		prev_ProcessUtility(pstmt, queryString, readOnlyTree, context, params,
-							queryEnv, dest, qc);
-	else
-		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
-								params, queryEnv, dest, qc);
-}
-
-/*
- * billing_maint_utility_install
- *		From _PG_init under shared_preload_libraries: hook the database
- *		commands.
- */
-void
-billing_maint_utility_install(void)
-{
-	prev_ProcessUtility = ProcessUtility_hook;
-	ProcessUtility_hook = maint_utility_hook;
 }
