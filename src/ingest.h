@@ -113,16 +113,63 @@ typedef struct BucketKey
 	int32		dim;			/* index in Accum.dims */
 } BucketKey;
 
-/* one counter cell */
+/*
+ * One counter cell, 64 bytes: the cell table of a statement holds as many
+ * cells as work_mem allows, and each cell it cannot hold is written again
+ * by a later flush (and folded again by compaction), so the cell is packed.
+ * Its quantity is a Qty kept in 16 bytes (the fixed point as two words, so
+ * the cell needs no 16-byte alignment, or the numeric); read and written
+ * with cell_qty and cell_set_qty.  last_ord is the arrival order within the
+ * cell table (Accum.nreports, which restarts when the table is flushed and
+ * empty, and forces a flush before it would pass PG_INT32_MAX).
+ */
 typedef struct BucketAcc
 {
 	BucketKey	key;
-	char		status;			/* simplehash's slot status */
-	Qty			value;
 	int64		events;
+	union
+	{
+		uint64		dec[2];		/* isdec: the int128, as two words */
+		Numeric		num;		/* else the numeric, in Accum.cxt */
+	}			q;
 	TimestampTz last_ts;		/* last meters: timestamp of value */
-	int64		last_ord;		/* last meters: arrival order of value */
+	int32		last_ord;		/* last meters: arrival order of value */
+	char		status;			/* simplehash's slot status */
+	bool		isdec;
 } BucketAcc;
+
+StaticAssertDecl(sizeof(BucketAcc) == 64, "a counter cell is 64 bytes");
+
+/* the most reports a cell table takes before it is flushed */
+#define MAX_TABLE_REPORTS	PG_INT32_MAX
+
+/* the quantity of a cell, as a Qty (a numeric stays the cell's) */
+static inline void
+cell_qty(const BucketAcc *c, Qty *q)
+{
+	q->isdec = c->isdec;
+	if (c->isdec)
+	{
+		memcpy(&q->dec, c->q.dec, sizeof(q->dec));
+		q->num = NULL;
+	}
+	else
+	{
+		q->dec = 0;
+		q->num = c->q.num;
+	}
+}
+
+/* set the quantity of a cell (a numeric becomes the cell's) */
+static inline void
+cell_set_qty(BucketAcc *c, const Qty *q)
+{
+	c->isdec = q->isdec;
+	if (q->isdec)
+		memcpy(c->q.dec, &q->dec, sizeof(c->q.dec));
+	else
+		c->q.num = q->num;
+}
 
 /*
  * bucketkey_hash

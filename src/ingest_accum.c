@@ -299,21 +299,24 @@ billing_acc_add(Accum *acc, const BucketKey *key, const Qty *v, TimestampTz ts,
 	BucketAcc  *cell;
 	bool		found;
 	Aggregation agg = acc->slots[key->meter]->def.agg;
+	Qty			q;
 
+	Assert(ord >= 0 && ord <= MAX_TABLE_REPORTS);
 	cell = bucket_insert(acc->buckets, *key, &found);
 	if (!found)
 	{
 		cell->events = 1;
 		cell->last_ts = ts;
-		cell->last_ord = ord;
-		cell->value.isdec = true;
-		cell->value.dec = 0;
-		cell->value.num = NULL;
+		cell->last_ord = (int32) ord;
+		q.isdec = true;
+		q.dec = 0;
+		q.num = NULL;
 		if (agg == AGG_COUNT)
-			cell->value.dec = billing_dec_pow10[QTY_SCALE];
+			q.dec = billing_dec_pow10[QTY_SCALE];
 		else
-			billing_qty_store(&cell->value, v, acc->cxt);
-		acc->numeric_cells |= !cell->value.isdec;
+			billing_qty_store(&q, v, acc->cxt);
+		cell_set_qty(cell, &q);
+		acc->numeric_cells |= !q.isdec;
 		acc->counted++;
 		return;
 	}
@@ -324,33 +327,35 @@ billing_acc_add(Accum *acc, const BucketKey *key, const Qty *v, TimestampTz ts,
 				 errmsg("event count of a usage bucket is out of range")));
 	acc->counted++;
 
+	cell_qty(cell, &q);
 	switch (agg)
 	{
 		case AGG_SUM:
-			qty_add(&cell->value, v, acc->cxt);
+			qty_add(&q, v, acc->cxt);
 			break;
 		case AGG_COUNT:
 			{
 				Qty			one = {true, billing_dec_pow10[QTY_SCALE], NULL};
 
-				qty_add(&cell->value, &one, acc->cxt);
+				qty_add(&q, &one, acc->cxt);
 			}
 			break;
 		case AGG_MAX:
-			if (qty_cmp(v, &cell->value) > 0)
-				billing_qty_store(&cell->value, v, acc->cxt);
+			if (qty_cmp(v, &q) > 0)
+				billing_qty_store(&q, v, acc->cxt);
 			break;
 		case AGG_LAST:
 			/* the tie rule of agg.h: the later arrival wins */
 			if (billing_last_later(ts, ord, cell->last_ts, cell->last_ord))
 			{
-				billing_qty_store(&cell->value, v, acc->cxt);
+				billing_qty_store(&q, v, acc->cxt);
 				cell->last_ts = ts;
-				cell->last_ord = ord;
+				cell->last_ord = (int32) ord;
 			}
 			break;
 	}
-	acc->numeric_cells |= !cell->value.isdec;
+	cell_set_qty(cell, &q);
+	acc->numeric_cells |= !q.isdec;
 }
 
 /* ---------------------------------------------------------------------

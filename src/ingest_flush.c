@@ -131,6 +131,7 @@ pack_deltas(const Accum *acc, FlushBufs *fb, long ncells)
 		{
 			BucketKey  *k = &cells[i].key;
 			BucketAcc  *cell = cells[i].acc;
+			Qty			q;
 
 			/* the cells are spread over the hash table: fetch ahead */
 			if (i + 8 < ncells)
@@ -148,8 +149,9 @@ pack_deltas(const Accum *acc, FlushBufs *fb, long ncells)
 				meter = k->meter;
 				dim = k->dim;
 			}
-			billing_cells_add(&cw, k->bucket_start, cell->events, cell->value.isdec,
-							  cell->value.dec, cell->value.num, cell->last_ts);
+			cell_qty(cell, &q);
+			billing_cells_add(&cw, k->bucket_start, cell->events, q.isdec,
+							  q.dec, q.num, cell->last_ts);
 		}
 		rows->accounts[r] = account;
 		rows->noseq[r] = !has_last;
@@ -262,8 +264,8 @@ billing_flush_cells(IngestState *st, bool final)
 	MemoryContextDelete(tmp);
 	if (acc->numeric_cells)
 		for (i = 0; i < ncells; i++)
-			if (!fb->cells[i].acc->value.isdec)
-				pfree(fb->cells[i].acc->value.num);
+			if (!fb->cells[i].acc->isdec)
+				pfree(fb->cells[i].acc->q.num);
 	acc->numeric_cells = false;
 
 	/* empty the counters; the table keeps its (bounded) capacity */
@@ -285,6 +287,7 @@ billing_flush(IngestState *st)
 	billing_owner_begin(&scope);
 	billing_claim_pending(st);
 	billing_flush_cells(st, true);
+	st->acc.nreports = 0;		/* the table is empty: arrival order restarts */
 	billing_owner_end(&scope);
 }
 
@@ -302,13 +305,15 @@ flush_some(IngestState *st)
 	billing_owner_begin(&scope);
 	billing_claim_pending(st);
 	billing_flush_cells(st, false);
+	st->acc.nreports = 0;		/* the table is empty: arrival order restarts */
 	billing_owner_end(&scope);
 }
 
 /*
  * billing_flush_if_full
  *		Flush early when the accumulator has grown past work_mem, so memory
- *		stays bounded however many rows a statement sends.
+ *		stays bounded however many rows a statement sends, or when its
+ *		arrival order would pass what a cell keeps (MAX_TABLE_REPORTS).
  */
 void
 billing_flush_if_full(IngestState *st)
@@ -321,7 +326,8 @@ billing_flush_if_full(IngestState *st)
 	 * winners into the cell table and writes it whenever it fills (see
 	 * billing_claim_pending): big queues make the claim cheaper per id.
 	 */
-	if (cells_at_limit(st, budget) || st->claims.pending_bytes > budget - budget / 4)
+	if (cells_at_limit(st, budget) || st->claims.pending_bytes > budget - budget / 4 ||
+		st->acc.nreports >= MAX_TABLE_REPORTS)
 		flush_some(st);
 
 	/*
