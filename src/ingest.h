@@ -199,6 +199,12 @@ bucketkey_hash(const BucketKey *k)
 #define SH_HASH_KEY(tb, k)	bucketkey_hash(&(k))
 #define SH_EQUAL(tb, a, b)	(memcmp(&(a), &(b), sizeof(BucketKey)) == 0)
 #define SH_SCOPE		static inline
+/*
+ * Grow early (and so flush, see billing_flush_if_full) only on probes much
+ * longer than simplehash.h would allow: a flush costs more than a long probe.
+ */
+#define SH_GROW_MAX_DIB	256
+#define SH_GROW_MAX_MOVE	4096
 #define SH_DECLARE
 #define SH_DEFINE
 #include "lib/simplehash.h"
