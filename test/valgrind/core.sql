@@ -23,6 +23,8 @@ SELECT billing.meter_table('v_batch', 'org', 'category', 'quantity', 'received')
 INSERT INTO v_batch SELECT 1 + g % 20, 'v_last', g * 0.0000000000000000000001, date_trunc('day', now()) - interval '1 day' + (g % 300) * interval '1 minute' FROM generate_series(1, 1000) g;
 SET work_mem = '64kB';
 INSERT INTO v_outcomes SELECT 1 + g % 20, 'v_sum', (g % 5) + 0.123456789012345678901, date_trunc('day', now()) - interval '3 days' + (g % 4000) * interval '1 minute', 'o-' || (g % 4500), (ARRAY['eu', 'us'])[1 + g % 2] FROM generate_series(1, 5000) g;
+ALTER TABLE v_outcomes ALTER received SET DEFAULT date_trunc('day', now()) - interval '2 days';
+COPY v_outcomes (org, category, quantity, event_id, region) FROM PROGRAM $$awk 'BEGIN { for (i = 0; i < 3000; i++) printf "%d\tv_sum\t%d.000000000000000000001\to-c%d\t%s\n", 1 + i % 20, i % 9, i % 2500, (i % 2) ? "eu" : "us" }'$$;
 RESET work_mem;
 SELECT count(*) FROM billing._delta_cells(billing._delta_pack(ARRAY['a', 'a', 'b'], ARRAY['', '', 'x'], ARRAY[now(), now(), now()], ARRAY[1e-30, 5, 1e40], ARRAY[1, 2, 3]::bigint[], ARRAY[NULL, NULL, now()]::timestamptz[]));
 DO $$ BEGIN PERFORM * FROM billing._delta_cells('\x01026d3100000002000000'::bytea); EXCEPTION WHEN data_corrupted THEN NULL; END $$;
