@@ -431,7 +431,7 @@ extern void billing_flush_cells(IngestState *st, bool final);
 /* ingest_trigger.c */
 extern PGDLLEXPORT Datum billing_meter_row(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT Datum billing_meter_flush(PG_FUNCTION_ARGS);
-extern uint64 billing_meter_copy(Relation rel, Trigger *row_trigger, CopyFromState cstate);
+extern void billing_meter_copy(Relation rel, Trigger *row_trigger, CopyFromState cstate);
 
 /* ingest_copy.c */
 extern bool billing_copy_counted(CopyStmt *stmt, const char *queryString,

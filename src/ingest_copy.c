@@ -199,7 +199,6 @@ billing_copy_counted(CopyStmt *stmt, const char *queryString, QueryEnvironment *
 	Trigger    *row;
 	ParseState *pstate;
 	CopyFromState cstate;
-	uint64		processed;
 
 	if (!stmt->is_from || stmt->relation == NULL || stmt->query != NULL ||
 		stmt->whereClause != NULL || has_option(stmt, "freeze") || !may_read_source(stmt))
@@ -238,11 +237,12 @@ billing_copy_counted(CopyStmt *stmt, const char *queryString, QueryEnvironment *
 
 	cstate = BeginCopyFrom(pstate, rel, NULL, stmt->filename, stmt->is_program,
 						   NULL, stmt->attlist, stmt->options);
-	processed = billing_meter_copy(rel, row, cstate);
+	billing_meter_copy(rel, row, cstate);
 	EndCopyFrom(cstate);
 	free_parsestate(pstate);
 	table_close(rel, NoLock);
+	/* no row is stored: COPY 0, as through the triggers */
 	if (qc)
-		SetQueryCompletion(qc, CMDTAG_COPY, processed);
+		SetQueryCompletion(qc, CMDTAG_COPY, 0);
 	return true;
 }

@@ -479,10 +479,9 @@ billing_meter_flush(PG_FUNCTION_ARGS)
  *		counted without firing the triggers: what billing_meter_row does for
  *		each row and billing_meter_flush at the end, on the values COPY
  *		parsed, without forming each row into a heap tuple for a trigger
- *		call.  Errors carry COPY's context (the line).  Returns the rows
- *		stored, 0, as COPY through the triggers reports.
+ *		call.  Errors carry COPY's context (the line).
  */
-uint64
+void
 billing_meter_copy(Relation rel, Trigger *row_trigger, CopyFromState cstate)
 {
 	TriggerState *ts = current_trigger_state();
@@ -517,5 +516,4 @@ billing_meter_copy(Relation rel, Trigger *row_trigger, CopyFromState cstate)
 
 	ExecDropSingleTupleTableSlot(slot);
 	FreeExecutorState(estate);
-	return 0;
 }
