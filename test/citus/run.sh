@@ -52,6 +52,19 @@ check() {   # check NAME COMMAND...: one test line from a command's status
     local name=$1; shift
     if "$@"; then ok "$name"; else not_ok "$name"; fi
 }
+# expect_both EXPECTED PREFIX NAME: one test line per side, that
+# $WORK/PREFIX_single.out and $WORK/PREFIX_citus.out each print EXPECTED
+expect_both() {
+    local side
+    for side in single citus; do
+        if diff -u "$1" "$WORK/$2_$side.out" >"$WORK/diff" 2>&1; then
+            ok "$3 ($side)"
+        else
+            sed 's/^/# /' "$WORK/diff" | cut -c1-240 | head -30
+            not_ok "$3 ($side)"
+        fi
+    done
+}
 
 WORK=$(mktemp -d /tmp/billing-citus-run.XXXXXX)
 chmod 755 "$WORK"
@@ -368,14 +381,7 @@ echo "# the guards on the cluster took $(( $(date +%s) - t ))s"
 t=$(date +%s)
 psql -X -d "$DB" -f test/citus/last_rule.sql >"$WORK/last_rule_single.out" 2>&1
 citus_psql "$CITUS_COORD_PORT" -X -d "$DB" -f test/citus/last_rule.sql >"$WORK/last_rule_citus.out" 2>&1
-for side in single citus; do
-    if diff -u test/citus/last_rule.out "$WORK/last_rule_$side.out" >"$WORK/diff" 2>&1; then
-        ok "last meters: every read path keeps the later arrival of a tie ($side)"
-    else
-        sed 's/^/# /' "$WORK/diff" | cut -c1-240 | head -30
-        not_ok "last meters: every read path keeps the later arrival of a tie ($side)"
-    fi
-done
+expect_both test/citus/last_rule.out last_rule "last meters: every read path keeps the later arrival of a tie"
 echo "# the tie rule took $(( $(date +%s) - t ))s"
 
 # 4c. compaction on the workers, each over its own shards (issue 16 part 3),
@@ -405,14 +411,8 @@ else
     cat "$WORK/citus_db_$C.log"
 fi
 check "compaction on the workers: the scenario runs on one node and on the cluster" [ $rc1 -eq 0 -a $rc2 -eq 0 ]
-for side in single citus; do
-    if diff -u test/citus/compact_shards.out "$WORK/compact_$side.out" >"$WORK/diff" 2>&1; then
-        ok "compaction on the workers: every read, uncompacted, compacted and mixed, as compact_shards.out says ($side)"
-    else
-        sed 's/^/# /' "$WORK/diff" | cut -c1-240 | head -30
-        not_ok "compaction on the workers: every read, uncompacted, compacted and mixed, as compact_shards.out says ($side)"
-    fi
-done
+expect_both test/citus/compact_shards.out compact \
+    "compaction on the workers: every read, uncompacted, compacted and mixed, as compact_shards.out says"
 ccq() { citus_psql "$CITUS_COORD_PORT" -qAt -d $C -c "$1" 2>&1; }
 wq() { citus_psql "$1" -qAt -d $C -c "$2" 2>&1; }
 W1=${CITUS_WORKER_PORTS[0]}
