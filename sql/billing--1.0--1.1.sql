@@ -7635,3 +7635,19 @@ BEGIN
 END
 $$;
 -- ---- end of issue 16, ingest() batches ----
+
+-- ---- issue 16, COPY reads timestamps and counts itself ----------------------
+-- A COPY the hook counts (src/ingest_copy.c) reads timestamptz in its ISO
+-- form and numeric integers without PostgreSQL's general parsers
+-- (src/copy_input.c); the two functions show the reader's result (tests).
+CREATE FUNCTION billing._copy_timestamptz_fast(value text) RETURNS timestamptz
+    LANGUAGE C IMMUTABLE STRICT AS 'MODULE_PATHNAME', 'billing_copy_timestamptz_fast';
+COMMENT ON FUNCTION billing._copy_timestamptz_fast(text) IS
+    'Internal: what the COPY hook''s own reader makes of value (src/copy_input.c); NULL when it leaves value to timestamptz_in';
+CREATE FUNCTION billing._copy_numeric_fast(value text) RETURNS numeric
+    LANGUAGE C IMMUTABLE STRICT AS 'MODULE_PATHNAME', 'billing_copy_numeric_fast';
+COMMENT ON FUNCTION billing._copy_numeric_fast(text) IS
+    'Internal: what the COPY hook''s own reader makes of value (src/copy_input.c); NULL when it leaves value to numeric_in';
+REVOKE ALL ON FUNCTION billing._copy_timestamptz_fast(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing._copy_numeric_fast(text) FROM PUBLIC;
+-- ---- end of issue 16, COPY input ----

@@ -170,6 +170,7 @@ typedef struct StoreHeap
 	TupleTableSlot **slots;		/* new rows queued */
 	int			n;
 	TupleTableSlot *upd_slot;	/* an updated row, for its index entries */
+	bool		key_only;		/* the primary key is the only index */
 	CommandId	cid;
 	MemoryContext cxt;			/* the writer's own (outlives batches) */
 } StoreHeap;

@@ -14,6 +14,7 @@
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "utils/array.h"
@@ -64,19 +65,21 @@ old_rows_of_day(Compaction *cp, HTAB *rows, Datum *accounts, int naccounts, Datu
 	old = MemoryContextSwitchTo(cxt);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		bool		isnull;
-		text	   *meter = DatumGetTextPP(SPI_getbinval(tup, desc, 2, &isnull));
-		text	   *dim = DatumGetTextPP(SPI_getbinval(tup, desc, 4, &isnull));
+		Datum		v[10];
+		bool		n[10];
+		text	   *meter;
+		text	   *dim;
 		Series	   *ser;
 		SeriesKey	key;
 		char		tmp[SERIES_KEY_TMP];
 		RowKey		rk;
 		OldRow	   *row;
 		bool		found;
-		Datum		d;
 
+		/* one pass over the row's columns (SPI_getbinval would walk them per column) */
+		heap_deform_tuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, v, n);
+		meter = DatumGetTextPP(v[1]);
+		dim = DatumGetTextPP(v[3]);
 		if (VARSIZE_ANY_EXHDR(meter) > 255)
 			continue;
 		key = billing_series_key(VARDATA_ANY(meter), VARSIZE_ANY_EXHDR(meter),
@@ -85,20 +88,18 @@ old_rows_of_day(Compaction *cp, HTAB *rows, Datum *accounts, int naccounts, Datu
 		if (ser == NULL || ser->meter == NULL)
 			continue;
 		memset(&rk, 0, sizeof(rk));
-		rk.account = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-		rk.day = DatumGetTimestampTz(SPI_getbinval(tup, desc, 3, &isnull));
+		rk.account = DatumGetInt64(v[0]);
+		rk.day = DatumGetTimestampTz(v[2]);
 		rk.series = ser->rank;
 		row = hash_search(rows, &rk, HASH_ENTER, &found);
 		memset(&row->total, 0, sizeof(UsageCell));
 		row->total.bucket = rk.day;
-		row->total.num = DatumGetNumericCopy(SPI_getbinval(tup, desc, 5, &isnull));
-		row->total.events = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
-		d = SPI_getbinval(tup, desc, 7, &isnull);
-		row->total.last_ts = isnull ? AGG_NO_TS : DatumGetTimestampTz(d);
-		d = SPI_getbinval(tup, desc, 8, &isnull);
-		row->total.last_seq = isnull ? AGG_NO_SEQ : DatumGetInt64(d);
-		row->cells = DatumGetByteaPCopy(SPI_getbinval(tup, desc, 9, &isnull));
-		row->tid = *(ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 10, &isnull));
+		row->total.num = DatumGetNumericCopy(v[4]);
+		row->total.events = DatumGetInt64(v[5]);
+		row->total.last_ts = n[6] ? AGG_NO_TS : DatumGetTimestampTz(v[6]);
+		row->total.last_seq = n[7] ? AGG_NO_SEQ : DatumGetInt64(v[7]);
+		row->cells = DatumGetByteaPCopy(v[8]);
+		row->tid = *(ItemPointer) DatumGetPointer(v[9]);
 	}
 	MemoryContextSwitchTo(old);
 	SPI_freetuptable(SPI_tuptable);

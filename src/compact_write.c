@@ -13,11 +13,13 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
 #include "access/heapam.h"
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/index.h"
 #include "catalog/pg_type.h"
 #include "executor/executor.h"
 #include "executor/spi.h"
@@ -119,6 +121,14 @@ billing_compact_heap_begin(Oid days_rel)
 	h->rri = makeNode(ResultRelInfo);
 	InitResultRelInfo(h->rri, h->rel, 1, NULL, 0);
 	ExecOpenIndices(h->rri, false);
+	if (h->rri->ri_NumIndices == 1)
+	{
+		IndexInfo  *ii = h->rri->ri_IndexRelationInfo[0];
+
+		h->key_only = h->rri->ri_IndexRelationDescs[0]->rd_index->indisprimary &&
+			ii->ii_ReadyForInserts && ii->ii_Expressions == NIL &&
+			ii->ii_Predicate == NIL && ii->ii_ExclusionOps == NULL;
+	}
 	h->slots = palloc(HEAP_CHUNK * sizeof(TupleTableSlot *));
 	for (int i = 0; i < HEAP_CHUNK; i++)
 		h->slots[i] = NULL;
@@ -176,7 +186,26 @@ billing_compact_heap_write(StoreHeap *h, Datum *values, bool *nulls, const OldRo
 		ItemPointerData otid = old->tid;
 
 		simple_heap_update(h->rel, &otid, tup);
-		if (!HeapTupleIsHeapOnly(tup))
+		if (h->key_only && !HeapTupleIsHeapOnly(tup))
+		{
+			/*
+			 * The new version keeps the key of the row it replaces, which
+			 * this compaction (one at a time, under its advisory lock) found
+			 * live: it cannot duplicate a key, so the entry goes in without
+			 * the unique check, which would visit the old version in the
+			 * heap and, on a full page, try to delete the entries of the
+			 * versions this same transaction is replacing.
+			 */
+			Datum		kv[INDEX_MAX_KEYS];
+			bool		kn[INDEX_MAX_KEYS];
+
+			ExecStoreHeapTuple(tup, h->upd_slot, false);
+			FormIndexDatum(h->rri->ri_IndexRelationInfo[0], h->upd_slot, h->estate, kv, kn);
+			index_insert(h->rri->ri_IndexRelationDescs[0], kv, kn, &tup->t_self, h->rel,
+						 UNIQUE_CHECK_NO, false, h->rri->ri_IndexRelationInfo[0]);
+			ExecClearTuple(h->upd_slot);
+		}
+		else if (!HeapTupleIsHeapOnly(tup))
 		{
 			List	   *r;
 

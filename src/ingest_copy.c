@@ -237,6 +237,7 @@ billing_copy_counted(CopyStmt *stmt, const char *queryString, QueryEnvironment *
 
 	cstate = BeginCopyFrom(pstate, rel, NULL, stmt->filename, stmt->is_program,
 						   NULL, stmt->attlist, stmt->options);
+	billing_copy_fast_inputs(cstate);
 	billing_meter_copy(rel, row, cstate);
 	EndCopyFrom(cstate);
 	free_parsestate(pstate);

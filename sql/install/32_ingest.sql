@@ -29,6 +29,14 @@ CREATE FUNCTION billing._meter_flush() RETURNS trigger
     LANGUAGE C AS 'MODULE_PATHNAME', 'billing_meter_flush';
 COMMENT ON FUNCTION billing._meter_flush() IS
     'Internal: AFTER INSERT statement trigger of metered tables; writes the counters';
+CREATE FUNCTION billing._copy_timestamptz_fast(value text) RETURNS timestamptz
+    LANGUAGE C IMMUTABLE STRICT AS 'MODULE_PATHNAME', 'billing_copy_timestamptz_fast';
+COMMENT ON FUNCTION billing._copy_timestamptz_fast(text) IS
+    'Internal: what the COPY hook''s own reader makes of value (src/copy_input.c); NULL when it leaves value to timestamptz_in';
+CREATE FUNCTION billing._copy_numeric_fast(value text) RETURNS numeric
+    LANGUAGE C IMMUTABLE STRICT AS 'MODULE_PATHNAME', 'billing_copy_numeric_fast';
+COMMENT ON FUNCTION billing._copy_numeric_fast(text) IS
+    'Internal: what the COPY hook''s own reader makes of value (src/copy_input.c); NULL when it leaves value to numeric_in';
 
 CREATE FUNCTION billing.meter_table(tbl regclass, account_column name, meter_column name,
                                     quantity_column name, ts_column name,
