@@ -7650,4 +7650,6 @@ COMMENT ON FUNCTION billing._copy_numeric_fast(text) IS
     'Internal: what the COPY hook''s own reader makes of value (src/copy_input.c); NULL when it leaves value to numeric_in';
 REVOKE ALL ON FUNCTION billing._copy_timestamptz_fast(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing._copy_numeric_fast(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._copy_timestamptz_fast(text) TO billing_reader;
+GRANT EXECUTE ON FUNCTION billing._copy_numeric_fast(text) TO billing_reader;
 -- ---- end of issue 16, COPY input ----

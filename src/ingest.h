@@ -431,6 +431,7 @@ extern void billing_flush_cells(IngestState *st, bool final);
 /* ingest_trigger.c */
 extern PGDLLEXPORT Datum billing_meter_row(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT Datum billing_meter_flush(PG_FUNCTION_ARGS);
+extern PGDLLEXPORT Datum billing_meter_after_rows(PG_FUNCTION_ARGS);
 extern void billing_meter_copy(Relation rel, Trigger *row_trigger, CopyFromState cstate);
 
 /* copy_input.c */
