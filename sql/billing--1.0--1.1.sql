@@ -6868,7 +6868,13 @@ CREATE TABLE billing.usage_days (
     last_seq      bigint,                 -- last meters: arrival order
     cells         bytea NOT NULL,         -- the day's cells, packed: billing._day_cells(day, cells)
     PRIMARY KEY (account_id, meter, day, dimension)
-);
+)
+-- half of each page free: compaction rewrites a row in place whenever new
+-- cells reach its day (the worker every few seconds, a backfill every row
+-- of a page), and a new version that fits on its page is heap-only, with
+-- no new index entry (a compaction that rewrites every row takes about 30%
+-- fewer instructions; storage is about 27 bytes a minute cell, not 16)
+WITH (fillfactor = 50);
 COMMENT ON TABLE billing.usage_days IS
     'Compacted usage, one row per (account, meter, UTC day, dimension): the day''s cells packed and its total; add usage_deltas to read';
 SELECT pg_catalog.pg_extension_config_dump('billing.usage_days', '');
