@@ -42,6 +42,11 @@
  *							through Citus
  *		ingest_spill.c		delta rows of a statement's earlier flushes on
  *							tape, and their merge (RunSet)
+ *		ingest_copy.c		COPY into a metered table, from billing's
+ *							ProcessUtility hook: counted without the
+ *							triggers, or PostgreSQL's CopyFrom
+ *		copy_input.c		that COPY's readers of ISO timestamps and
+ *							integer quantities
  */
 #ifndef BILLING_INGEST_H
 #define BILLING_INGEST_H
