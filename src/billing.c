@@ -181,8 +181,8 @@ billing_grace_seconds(PG_FUNCTION_ARGS)
 /*
  * billing_utility_hook
  *		ProcessUtility hook: what the maintenance worker needs before a
- *		database command, and a COPY into a metered table that keeps no rows
- *		counted here; everything else goes on down the chain.
+ *		database command, and a COPY into a metered table run here
+ *		(ingest_copy.c); everything else goes on down the chain.
  */
 static void
 billing_utility_hook(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
@@ -193,7 +193,7 @@ billing_utility_hook(PlannedStmt *pstmt, const char *queryString, bool readOnlyT
 
 	billing_maint_before_utility(parsetree);
 	if (IsA(parsetree, CopyStmt) &&
-		billing_copy_counted((CopyStmt *) parsetree, queryString, queryEnv, qc))
+		billing_copy_metered((CopyStmt *) parsetree, queryString, queryEnv, qc))
 		return;
 
 	if (prev_utility_hook)

@@ -186,33 +186,33 @@ billing_compact_heap_write(StoreHeap *h, Datum *values, bool *nulls, const OldRo
 		ItemPointerData otid = old->tid;
 
 		simple_heap_update(h->rel, &otid, tup);
-		if (h->key_only && !HeapTupleIsHeapOnly(tup))
+		if (!HeapTupleIsHeapOnly(tup))
 		{
-			/*
-			 * The new version keeps the key of the row it replaces, which
-			 * this compaction (one at a time, under its advisory lock) found
-			 * live: it cannot duplicate a key, so the entry goes in without
-			 * the unique check, which would visit the old version in the
-			 * heap and, on a full page, try to delete the entries of the
-			 * versions this same transaction is replacing.
-			 */
-			Datum		kv[INDEX_MAX_KEYS];
-			bool		kn[INDEX_MAX_KEYS];
-
 			ExecStoreHeapTuple(tup, h->upd_slot, false);
-			FormIndexDatum(h->rri->ri_IndexRelationInfo[0], h->upd_slot, h->estate, kv, kn);
-			index_insert(h->rri->ri_IndexRelationDescs[0], kv, kn, &tup->t_self, h->rel,
-						 UNIQUE_CHECK_NO, false, h->rri->ri_IndexRelationInfo[0]);
-			ExecClearTuple(h->upd_slot);
-		}
-		else if (!HeapTupleIsHeapOnly(tup))
-		{
-			List	   *r;
+			if (h->key_only)
+			{
+				/*
+				 * The new version keeps the key of the row it replaces,
+				 * which this compaction (one at a time, under its advisory
+				 * lock) found live: it cannot duplicate a key, so the entry
+				 * goes in without the unique check, which would visit the
+				 * old version in the heap and, on a full page, try to delete
+				 * the entries of the versions this same transaction is
+				 * replacing.
+				 */
+				Datum		kv[INDEX_MAX_KEYS];
+				bool		kn[INDEX_MAX_KEYS];
 
-			ExecStoreHeapTuple(tup, h->upd_slot, false);
-			/* not as an UPDATE: that would look for the updated columns in a range table */
-			r = ExecInsertIndexTuples(h->rri, h->upd_slot, h->estate, false, false, NULL, NIL);
-			list_free(r);
+				FormIndexDatum(h->rri->ri_IndexRelationInfo[0], h->upd_slot, h->estate, kv, kn);
+				index_insert(h->rri->ri_IndexRelationDescs[0], kv, kn, &tup->t_self, h->rel,
+							 UNIQUE_CHECK_NO, false, h->rri->ri_IndexRelationInfo[0]);
+			}
+			else
+			{
+				/* not as an UPDATE: that would look for the updated columns in a range table */
+				list_free(ExecInsertIndexTuples(h->rri, h->upd_slot, h->estate,
+												false, false, NULL, NIL));
+			}
 			ExecClearTuple(h->upd_slot);
 		}
 		heap_freetuple(tup);

@@ -1,9 +1,10 @@
 /*
  * copy_input.c
- *		Faster input functions for the COPY that billing counts itself.
+ *		Faster input functions for a COPY into a metered table.
  *
- * In a COPY of usage rows into a table that keeps no rows (ingest_copy.c),
- * PostgreSQL's timestamptz_in takes about 40% of the statement: it is a
+ * In a COPY of usage rows that billing's hook runs (ingest_copy.c: counted
+ * without the triggers, or PostgreSQL's CopyFrom), PostgreSQL's
+ * timestamptz_in takes about 40% of the statement: it is a
  * general parser (time zone names, abbreviations, DateStyle, special
  * values), while usage files carry their timestamps in one form, the ISO
  * form timestamptz prints:
@@ -53,17 +54,15 @@ digits(const char *s, int n)
 }
 
 /*
- * billing_parse_timestamptz
+ * parse_timestamptz
  *		Read s in the ISO form above into *result; false when s is not in
  *		that form or a field is out of its range (PostgreSQL then decides).
+ *		Days per month are PostgreSQL's own table (day_tab, isleap), the one
+ *		its date validation uses.
  */
-bool
-billing_parse_timestamptz(const char *s, TimestampTz *result)
+static bool
+parse_timestamptz(const char *s, TimestampTz *result)
 {
-	static const int mdays[2][12] = {
-		{31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31},
-		{31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31}
-	};
 	int			year,
 				mon,
 				mday,
@@ -81,7 +80,7 @@ billing_parse_timestamptz(const char *s, TimestampTz *result)
 	if (year < 1 || s[4] != '-' || (mon = digits(s + 5, 2)) < 1 || mon > 12 ||
 		s[7] != '-' || (mday = digits(s + 8, 2)) < 1)
 		return false;
-	if (mday > mdays[(year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)) ? 1 : 0][mon - 1])
+	if (mday > day_tab[isleap(year)][mon - 1])
 		return false;
 	/* ' ' or 'T', HH:MM:SS */
 	if ((s[10] != ' ' && s[10] != 'T') ||
@@ -134,11 +133,11 @@ billing_parse_timestamptz(const char *s, TimestampTz *result)
 }
 
 /*
- * billing_parse_count
+ * parse_count
  *		Read s, 1 to 18 decimal digits and nothing else, into *result.
  */
-bool
-billing_parse_count(const char *s, int64 *result)
+static bool
+parse_count(const char *s, int64 *result)
 {
 	int64		v = 0;
 	int			n = 0;
@@ -161,7 +160,7 @@ copy_timestamptz_in(PG_FUNCTION_ARGS)
 {
 	TimestampTz ts;
 
-	if (PG_GETARG_INT32(2) == -1 && billing_parse_timestamptz(PG_GETARG_CSTRING(0), &ts))
+	if (PG_GETARG_INT32(2) == -1 && parse_timestamptz(PG_GETARG_CSTRING(0), &ts))
 		PG_RETURN_TIMESTAMPTZ(ts);
 	return timestamptz_in(fcinfo);
 }
@@ -172,7 +171,7 @@ copy_numeric_in(PG_FUNCTION_ARGS)
 {
 	int64		v;
 
-	if (PG_GETARG_INT32(2) == -1 && billing_parse_count(PG_GETARG_CSTRING(0), &v))
+	if (PG_GETARG_INT32(2) == -1 && parse_count(PG_GETARG_CSTRING(0), &v))
 		PG_RETURN_NUMERIC(int64_to_numeric(v));
 	return numeric_in(fcinfo);
 }
@@ -210,7 +209,7 @@ billing_copy_timestamptz_fast(PG_FUNCTION_ARGS)
 {
 	TimestampTz ts;
 
-	if (!billing_parse_timestamptz(text_to_cstring(PG_GETARG_TEXT_PP(0)), &ts))
+	if (!parse_timestamptz(text_to_cstring(PG_GETARG_TEXT_PP(0)), &ts))
 		PG_RETURN_NULL();
 	PG_RETURN_TIMESTAMPTZ(ts);
 }
@@ -220,7 +219,7 @@ billing_copy_numeric_fast(PG_FUNCTION_ARGS)
 {
 	int64		v;
 
-	if (!billing_parse_count(text_to_cstring(PG_GETARG_TEXT_PP(0)), &v))
+	if (!parse_count(text_to_cstring(PG_GETARG_TEXT_PP(0)), &v))
 		PG_RETURN_NULL();
 	PG_RETURN_NUMERIC(int64_to_numeric(v));
 }

@@ -440,12 +440,10 @@ extern PGDLLEXPORT Datum billing_meter_after_rows(PG_FUNCTION_ARGS);
 extern void billing_meter_copy(Relation rel, Trigger *row_trigger, CopyFromState cstate);
 
 /* copy_input.c */
-extern bool billing_parse_timestamptz(const char *s, TimestampTz *result);
-extern bool billing_parse_count(const char *s, int64 *result);
 extern void billing_copy_fast_inputs(CopyFromState cstate);
 
 /* ingest_copy.c */
-extern bool billing_copy_counted(CopyStmt *stmt, const char *queryString,
+extern bool billing_copy_metered(CopyStmt *stmt, const char *queryString,
 								 QueryEnvironment *queryEnv, QueryCompletion *qc);
 
 /* ingest_deltas.c */

@@ -212,7 +212,7 @@ has_option(const CopyStmt *stmt, const char *name)
 }
 
 /*
- * billing_copy_counted
+ * billing_copy_metered
  *		From billing's ProcessUtility hook (billing.c): run stmt, a COPY
  *		into a metered table, by counting its rows when the table keeps
  *		none and nothing else could happen to them, else by PostgreSQL's
@@ -221,8 +221,8 @@ has_option(const CopyStmt *stmt, const char *name)
  *		when PostgreSQL must run it.
  */
 bool
-billing_copy_counted(CopyStmt *stmt, const char *queryString, QueryEnvironment *queryEnv,
-			 QueryCompletion *qc)
+billing_copy_metered(CopyStmt *stmt, const char *queryString, QueryEnvironment *queryEnv,
+					 QueryCompletion *qc)
 {
 	Oid			relid;
 	Relation	rel;
