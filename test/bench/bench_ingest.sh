@@ -416,6 +416,49 @@ storage_row() {
     fi
 }
 
+# ours_e2e UNIT: end to end, as (2) is timed (the best of REPEAT runs, each
+# on a fresh state).  A run: fresh extension, meter t (keep_rows false),
+# COPY of the file plus compact_usage() (the first load), then COPY of the
+# second file on top plus compact_usage(), merging into the first's buckets
+# (the second load).  Sets E1 and E2 to the best ms of each load over the
+# runs (or to a message), prints each run's times, and checks the buckets after each load
+# of the last run against truth and truth2 (not in a subshell: it adds
+# sanity lines and the storage row).
+ours_e2e() {
+    local unit=$1 b1= b2= i o c o2 c2 err
+    E1="n/a (no compact_usage)"; E2=$E1
+    has_fn compact_usage || return 0
+    for ((i = 0; i < REPEAT; i++)); do
+        err=
+        if ! reset_ours "$unit" 2>>"$LOG"; then err="error (CREATE EXTENSION)"
+        elif ! q -c "SELECT billing.meter_table('t', 'account_id', 'meter', 'quantity', 'ts',
+                                                keep_rows => false)" >/dev/null 2>>"$LOG"; then
+            err="error (meter_table)"
+        fi
+        [ -n "$err" ] && { E1=$err; E2=$err; return 0; }
+        q -c "CHECKPOINT"
+        o=$(timed_ms "COPY t FROM '$DATA'" 2>>"$LOG") || o=
+        c=; [[ $o =~ ^[0-9.]+$ ]] && { c=$(timed_ms "SELECT billing.compact_usage()" 2>>"$LOG") || c=; }
+        [[ $c =~ ^[0-9.]+$ ]] || { E1="error (first load)"; E2=$E1; return 0; }
+        if [ "$i" = $((REPEAT - 1)) ]; then
+            compare "$unit ours keep_rows=false after compact_usage()" "$OURS_BUCKETS"
+            [ "$unit" = minute ] && storage_row
+        fi
+        q -c "CHECKPOINT"
+        o2=$(timed_ms "COPY t FROM '$DATA2'" 2>>"$LOG") || o2=
+        c2=; [[ $o2 =~ ^[0-9.]+$ ]] && { c2=$(timed_ms "SELECT billing.compact_usage()" 2>>"$LOG") || c2=; }
+        echo "ours e2e run $((i + 1)): first load COPY $o + compact_usage() $c ms;" \
+             "second load COPY $o2 + compact_usage() $c2 ms"
+        [[ $c2 =~ ^[0-9.]+$ ]] || { E1=$b1; E2="error (second load)"; return 0; }
+        if [ "$i" = $((REPEAT - 1)) ]; then
+            TRUTH=truth2 compare "$unit ours keep_rows=false, both loads, compacted" "$OURS_BUCKETS"
+        fi
+        b1=$(awk -v a="$o" -v b="$c" -v m="$b1" 'BEGIN { s = a + b; printf "%.3f", (m == "" || s < m) ? s : m }')
+        b2=$(awk -v a="$o2" -v b="$c2" -v m="$b2" 'BEGIN { s = a + b; printf "%.3f", (m == "" || s < m) ? s : m }')
+    done
+    E1=$b1; E2=$b2
+}
+
 # make_ingest_sql: the ingest() calls of the file, INGEST_BATCH rows each in
 # file order, as a client would send them (arrays as literals), into
 # INGEST_SQL; each call returns its accepted count.
@@ -558,34 +601,9 @@ for unit in $UNITS; do
     fi
     o_copy=$o
     # End to end: our ingest appends delta rows; compact_usage() folds them
-    # into the compacted store, which makes reads fast.  First load: the
-    # COPY above plus compact_usage(); second load: COPY of the second file
-    # on top plus compact_usage(), merging into the first's buckets.
-    e1=n/a; e2=n/a
-    if ! [[ $o =~ ^[0-9.]+$ ]]; then e1=$o; e2=$o
-    elif ! has_fn compact_usage; then e1="n/a (no compact_usage)"; e2=$e1
-    else
-        c=$(timed_ms "SELECT billing.compact_usage()" 2>>"$LOG") || c="error"
-        echo "ours compact_usage() after keep_rows=false: $c"
-        if [[ $c =~ ^[0-9.]+$ ]]; then
-            compare "$unit ours keep_rows=false after compact_usage()" "$OURS_BUCKETS"
-            e1=$(awk -v a="$o" -v b="$c" 'BEGIN { printf "%.3f", a + b }')
-            [ "$unit" = minute ] && storage_row
-            q -c "CHECKPOINT"
-            o2=$(timed_ms "COPY t FROM '$DATA2'" 2>>"$LOG") || o2="error"
-            c2=error
-            [[ $o2 =~ ^[0-9.]+$ ]] && { c2=$(timed_ms "SELECT billing.compact_usage()" 2>>"$LOG") || c2=error; }
-            echo "ours second load: COPY $o2 ms, compact_usage() $c2 ms"
-            if [[ $c2 =~ ^[0-9.]+$ ]]; then
-                e2=$(awk -v a="$o2" -v b="$c2" 'BEGIN { printf "%.3f", a + b }')
-                TRUTH=truth2 compare "$unit ours keep_rows=false, both loads, compacted" "$OURS_BUCKETS"
-            else
-                e2="error (second load)"
-            fi
-        else
-            e1="error (compact_usage)"; e2=$e1
-        fi
-    fi
+    # into the compacted store, which makes reads fast (ours_e2e).
+    ours_e2e "$unit"
+    e1=$E1; e2=$E2
     row "keep_rows=false + compact_usage(), first load" "$e1" "(2) stmt trigger" "$p2" 2
     row "keep_rows=false + compact_usage(), second load" "$e2" "(2) stmt trigger, 2nd" "$p2b" 2
 
