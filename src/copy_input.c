@@ -12,7 +12,7 @@
  *		YYYY-MM-DD HH:MM:SS[.ffffff]+HH[:MM]     (or T between date and time)
  *
  * The functions here read that form, and plain unsigned integers for
- * numeric, directly; any other text (another form, a value out of range, a
+ * numeric (built in numeric's on-disk form by decimal.c), directly; any other text (another form, a value out of range, a
  * typmod to apply) goes to PostgreSQL's own input function, which gives
  * the result or raises its error.  The form read here is exact: a numeric
  * UTC offset, so neither TimeZone, DateStyle nor timezone_abbreviations
@@ -33,6 +33,7 @@
 #include "utils/numeric.h"
 #include "utils/timestamp.h"
 
+#include "decimal.h"
 #include "ingest.h"
 
 PG_FUNCTION_INFO_V1(billing_copy_timestamptz_fast);
@@ -172,7 +173,7 @@ copy_numeric_in(PG_FUNCTION_ARGS)
 	int64		v;
 
 	if (PG_GETARG_INT32(2) == -1 && parse_count(PG_GETARG_CSTRING(0), &v))
-		PG_RETURN_NUMERIC(int64_to_numeric(v));
+		PG_RETURN_NUMERIC(billing_dec_to_numeric((int128_t) v, 0));
 	return numeric_in(fcinfo);
 }
 
@@ -221,5 +222,5 @@ billing_copy_numeric_fast(PG_FUNCTION_ARGS)
 
 	if (!parse_count(text_to_cstring(PG_GETARG_TEXT_PP(0)), &v))
 		PG_RETURN_NULL();
-	PG_RETURN_NUMERIC(int64_to_numeric(v));
+	PG_RETURN_NUMERIC(billing_dec_to_numeric((int128_t) v, 0));
 }

@@ -222,6 +222,36 @@ billing_dec_to_numeric(int128_t value, int scale)
 	Assert(scale >= 0 && scale <= DEC_MAX_DIGITS);
 	u = value < 0 ? -(unsigned __int128) value : (unsigned __int128) value;
 
+	/*
+	 * An integer below 2^64 (a count read by COPY, a whole quantity): its
+	 * base-10000 digits directly, least significant first, without the
+	 * trailing zero digits.
+	 */
+	if (scale == 0 && u != 0 && !(u >> 64))
+	{
+		int16		g[5];		/* 2^64 < 10000^5 */
+		int			ng = 0,
+					low = 0;
+
+		u64 = (uint64) u;
+		while (u64 != 0)
+		{
+			g[ng++] = (int16) (u64 % NUM_NBASE);
+			u64 /= NUM_NBASE;
+		}
+		while (g[low] == 0)
+			low++;
+		ndig = ng - low;
+		result = (Numeric) palloc(VARHDRSZ + sizeof(uint16) * (1 + ndig));
+		SET_VARSIZE(result, VARHDRSZ + sizeof(uint16) * (1 + ndig));
+		p = (uint16 *) VARDATA(result);
+		/* weight ng - 1 (at most 4), display scale 0 */
+		p[0] = NUM_SHORT | (value < 0 ? NUM_SHORT_SIGN : 0) | (uint16) (ng - 1);
+		for (int k = 0; k < ndig; k++)
+			p[1 + k] = (uint16) g[ng - 1 - k];
+		return result;
+	}
+
 	/* decimal digits; 64-bit arithmetic for the common case */
 	if (u >> 64)
 	{

@@ -55,9 +55,17 @@ billing_qty_from_datum(Datum d, Oid type, Qty *q, bool *notfinite)
 			return;
 		default:
 			{
-				Numeric		n = DatumGetNumeric(d);
+				/*
+				 * Read the value where it lies: a numeric stored in a row
+				 * has a 1-byte header, which DatumGetNumeric would copy to
+				 * a 4-byte one.  Only a value the 128-bit decimal cannot
+				 * hold is detoasted for numeric's own functions.
+				 */
+				Numeric		n = (Numeric) PG_DETOAST_DATUM_PACKED(d);
+				int			dscale;
+				int			kind = billing_dec_numeric_classify(n, &dscale);
 
-				if (numeric_is_nan(n) || numeric_is_inf(n))
+				if (kind == DEC_NUM_NAN || kind == DEC_NUM_PINF || kind == DEC_NUM_NINF)
 				{
 					*notfinite = true;
 					q->isdec = false;
@@ -65,7 +73,7 @@ billing_qty_from_datum(Datum d, Oid type, Qty *q, bool *notfinite)
 				}
 				q->isdec = billing_dec_from_numeric(n, QTY_SCALE, &q->dec);
 				if (!q->isdec)
-					q->num = n;
+					q->num = DatumGetNumeric(d);
 			}
 	}
 }

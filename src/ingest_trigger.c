@@ -302,11 +302,19 @@ meter_slot(IngestState *st, TableConf *c, TupleTableSlot *slot, Relation rel, Re
 				elen = 0,
 				dlen = 0;
 	int64		account_id;
+	int			natts = Max(Max(c->account_att, c->meter_att), Max(c->qty_att, c->ts_att));
 
-	account = slot_getattr(slot, c->account_att, &n1);
-	meter = slot_getattr(slot, c->meter_att, &n2);
-	qty = slot_getattr(slot, c->qty_att, &n3);
-	ts = slot_getattr(slot, c->ts_att, &n4);
+	/* deform the row once, up to the last column read */
+	natts = Max(natts, Max(c->event_att, c->dim_att));
+	slot_getsomeattrs(slot, natts);
+	account = slot->tts_values[c->account_att - 1];
+	n1 = slot->tts_isnull[c->account_att - 1];
+	meter = slot->tts_values[c->meter_att - 1];
+	n2 = slot->tts_isnull[c->meter_att - 1];
+	qty = slot->tts_values[c->qty_att - 1];
+	n3 = slot->tts_isnull[c->qty_att - 1];
+	ts = slot->tts_values[c->ts_att - 1];
+	n4 = slot->tts_isnull[c->ts_att - 1];
 	if (n1 || n2 || n3 || n4)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
@@ -329,19 +337,13 @@ meter_slot(IngestState *st, TableConf *c, TupleTableSlot *slot, Relation rel, Re
 	billing_text_bytes(meter, &mstr, &mlen);
 	if (c->event_att)
 	{
-		bool		isnull;
-		Datum		e = slot_getattr(slot, c->event_att, &isnull);
-
-		if (!isnull)
-			billing_text_bytes(e, &estr, &elen);
+		if (!slot->tts_isnull[c->event_att - 1])
+			billing_text_bytes(slot->tts_values[c->event_att - 1], &estr, &elen);
 	}
 	if (c->dim_att)
 	{
-		bool		isnull;
-		Datum		d = slot_getattr(slot, c->dim_att, &isnull);
-
-		if (!isnull)
-			billing_text_bytes(d, &dstr, &dlen);
+		if (!slot->tts_isnull[c->dim_att - 1])
+			billing_text_bytes(slot->tts_values[c->dim_att - 1], &dstr, &dlen);
 	}
 
 	return billing_report(st, account_id, mstr, mlen, qty, c->qty_type,

@@ -8,7 +8,7 @@
 -- through the triggers and PostgreSQL's parsers, so the same rows loaded
 -- both ways must give the same last_ts, to the microsecond.
 BEGIN;
-SELECT plan(20);
+SELECT plan(21);
 
 -- PostgreSQL's reading of s, or its SQLSTATE
 CREATE FUNCTION pg_temp.pg_in(typ regtype, s text) RETURNS text LANGUAGE plpgsql AS $$
@@ -119,11 +119,17 @@ INSERT INTO num_text
 SELECT lpad((floor(random() * 10 ^ (1 + i % 18)))::numeric::text, 1 + i % 20, '0')
   FROM generate_series(1, 5000) i;
 INSERT INTO num_text VALUES ('0'), ('1'), ('999999999999999999'), ('1000000000000000000'),
-    ('-1'), ('+1'), ('1.0'), ('1e3'), (' 1'), ('1 '), ('NaN'), ('Infinity'), (''), ('0x1F'), ('١٢');
+    ('-1'), ('+1'), ('1.0'), ('1e3'), (' 1'), ('1 '), ('NaN'), ('Infinity'), (''), ('0x1F'), ('١٢'),
+    ('10000'), ('100000000'), ('000010000'), ('120000'), ('999900000000'), ('100000000000000000');
 SELECT is((SELECT count(*) FROM num_text
             WHERE billing._copy_numeric_fast(s) IS NOT NULL
               AND pg_temp.fast_in('numeric', s) IS DISTINCT FROM pg_temp.pg_in('numeric', s)),
           0::bigint, 'numeric: what the reader takes it reads as numeric_in does, scale included');
+SELECT is((SELECT count(*) FROM num_text
+            WHERE billing._copy_numeric_fast(s) IS NOT NULL
+              AND (numeric_send(billing._copy_numeric_fast(s)) <> numeric_send(s::numeric)
+                   OR pg_column_size(billing._copy_numeric_fast(s)) <> pg_column_size(s::numeric))),
+          0::bigint, 'and builds the same value as numeric_in, digit for digit (weight, trailing zero digits)');
 SELECT is((SELECT count(*) FROM num_text WHERE billing._copy_numeric_fast(s) IS NULL),
           (SELECT count(*) FROM num_text WHERE s !~ '^\d{1,18}$'),
           'it declines all but 1 to 18 digits');
