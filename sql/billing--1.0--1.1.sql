@@ -7659,3 +7659,209 @@ REVOKE ALL ON FUNCTION billing._copy_numeric_fast(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION billing._copy_timestamptz_fast(text) TO billing_reader;
 GRANT EXECUTE ON FUNCTION billing._copy_numeric_fast(text) TO billing_reader;
 -- ---- end of issue 16, COPY input ----
+
+-- ---- issue 16, preview: one generic plan for a few periods -----------------
+-- _rate_periods (for at most 16 periods) and _unique_counts keep one
+-- generic plan per statement and session instead of planning each call.
+CREATE OR REPLACE FUNCTION billing._rate_periods(p_accounts bigint[], p_plans text[], p_currencies text[],
+                                      p_caps numeric[], p_starts timestamptz[],
+                                      p_ends timestamptz[])
+    RETURNS TABLE (idx integer, ord integer, kind text, meter text, description text,
+                   quantity numeric, amount numeric, unrounded_amount numeric,
+                   charge_id bigint, price billing.price, dimension text)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run; the plan
+    -- cache mode is a level to change it on, for this call only
+    SET jit = off SET plan_cache_mode = auto AS $$
+BEGIN
+    -- A few periods (a preview): one generic plan per session.  Planning
+    -- this statement anew took longer than running it for one account (a
+    -- custom plan, the arrays' lengths known, always looked cheaper).  Many
+    -- (finalize, rerate): plans that know the arrays' sizes (a generic plan
+    -- takes each for 10 rows and may join them in loops).  Not with Citus
+    -- loaded: it plans distributed statements with their parameters' values.
+    IF cardinality(p_accounts) <= 16 AND current_setting('citus.version', true) IS NULL THEN
+        PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
+    ELSE
+        PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);
+    END IF;
+    RETURN QUERY
+    WITH per AS (
+        SELECT x.i::integer AS idx, x.pl AS plan, x.cur AS currency, x.cap, x.s AS ps
+          FROM unnest(p_plans, p_currencies, p_caps, p_starts) WITH ORDINALITY AS x(pl, cur, cap, s, i)
+    ), versions AS (
+        -- the charge versions in force, once per (plan, period start) however
+        -- many accounts share them, numbered in invoice order: fixed fees by
+        -- description, then usage by description, meter and dimension (the
+        -- spend cap comes last)
+        SELECT v.*, (row_number() OVER (PARTITION BY v.plan, v.ps
+                                        ORDER BY v.grp, v.description, v.meter,
+                                                 v.dimension NULLS FIRST))::integer AS ord,
+               (count(*) OVER (PARTITION BY v.plan, v.ps))::integer AS n_lines
+          FROM (SELECT DISTINCT ON (k.plan, k.ps, c.meter, c.dimension,
+                                    CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END)
+                       k.plan, k.ps, c.charge_id, c.meter::text AS meter,
+                       c.dimension::text AS dimension,
+                       coalesce(c.description,
+                                CASE WHEN c.dimension IS NULL THEN c.meter::text
+                                     ELSE format('%s (%s)', c.meter, c.dimension) END) AS description,
+                       c.price,
+                       CASE WHEN c.meter IS NULL THEN 1 ELSE 2 END AS grp
+                  FROM (SELECT DISTINCT per.plan, per.ps FROM per) k
+                       JOIN billing.charges c ON c.plan = k.plan AND c.valid_from <= k.ps
+                 ORDER BY k.plan, k.ps, c.meter, c.dimension,
+                          CASE WHEN c.meter IS NULL THEN coalesce(c.description, '') END,
+                          c.valid_from DESC) v
+    ), widths AS (
+        -- the bucket widths of the meters each (plan, period start) charges
+        SELECT DISTINCT v.plan, v.ps, m.bucket_width
+          FROM versions v JOIN billing.meters m ON m.meter = v.meter
+    ), firsts AS (
+        -- a metered charge of a period bills the buckets of its meter that
+        -- start in [lo, period end), lo by the one rule of src/periods.c
+        -- for the meter's bucket width: the bucket straddling a
+        -- subscription's start goes to its first period, every other one
+        -- to the period holding its start
+        SELECT per.idx, w.bucket_width,
+               billing._period_first_bucket(per.ps, uf.usage_from, w.bucket_width) AS lo
+          FROM per JOIN widths w ON w.plan = per.plan AND w.ps = per.ps
+               JOIN billing._period_usage_from(p_accounts, p_starts) uf ON uf.idx = per.idx
+    ), reads AS (
+        -- one read of the usage store per period and distinct lo (more than
+        -- one only in a first period whose meters' buckets straddle its
+        -- start at different points)
+        SELECT r.idx, r.lo, (row_number() OVER (ORDER BY r.idx, r.lo))::integer AS j
+          FROM (SELECT DISTINCT f.idx, f.lo FROM firsts f) r
+    ), charged AS (
+        -- the usage charges of each read (those of its period whose
+        -- meter's bucket width gives its lo), for the totals: a matrix
+        -- charge's dimension is totalled apart
+        SELECT array_agg(rd.j) AS i, array_agg(v.meter) AS m, array_agg(v.dimension) AS d
+          FROM reads rd JOIN per ON per.idx = rd.idx
+               JOIN versions v ON v.plan = per.plan AND v.ps = per.ps AND v.meter IS NOT NULL
+               JOIN billing.meters m ON m.meter = v.meter
+               JOIN firsts f ON f.idx = rd.idx AND f.lo = rd.lo AND f.bucket_width = m.bucket_width
+    ), totals AS MATERIALIZED (
+        -- (read once: inlined, the join below would read the store per line)
+        -- each meter from the read whose lo is that of its bucket width
+        SELECT rd.idx, t.meter, t.dimension, t.quantity
+          FROM (SELECT array_agg(p_accounts[rd.idx] ORDER BY rd.j) AS accounts,
+                       array_agg(rd.lo ORDER BY rd.j) AS starts,
+                       array_agg(p_ends[rd.idx] ORDER BY rd.j) AS ends
+                  FROM reads rd) a, charged c,
+               LATERAL billing._usage_totals_many(a.accounts, a.starts, a.ends, c.i, c.m, c.d) t
+               JOIN reads rd ON rd.j = t.idx
+               JOIN billing.meters m ON m.meter = t.meter
+               JOIN firsts f ON f.idx = rd.idx AND f.lo = rd.lo AND f.bucket_width = m.bucket_width
+    ), rated AS (
+        SELECT per.idx, per.currency, v.ord, v.n_lines, v.grp,
+               CASE WHEN v.meter IS NULL THEN 'fixed' ELSE 'usage' END AS kind,
+               v.meter, v.description,
+               CASE WHEN v.meter IS NULL THEN NULL ELSE coalesce(t.quantity, 0) END AS quantity,
+               billing.rate(v.price, CASE WHEN v.meter IS NULL THEN 0 ELSE coalesce(t.quantity, 0) END)
+                   AS unrounded_amount,
+               v.charge_id, v.price, v.dimension
+          FROM per JOIN versions v ON v.plan = per.plan AND v.ps = per.ps
+               LEFT JOIN totals t ON t.idx = per.idx AND t.meter = v.meter
+                                 AND t.dimension IS NOT DISTINCT FROM v.dimension
+    ), lines AS (
+        SELECT r.*, billing.round_money(r.unrounded_amount, r.currency) AS amount FROM rated r
+    ), capped AS (
+        SELECT per.idx, max(l.n_lines) + 1 AS ord, 'cap'::text AS kind, NULL::text AS meter,
+               'spend cap'::text AS description, NULL::numeric AS quantity,
+               NULL::numeric AS unrounded_amount, NULL::bigint AS charge_id,
+               NULL::billing.price AS price, NULL::text AS dimension,
+               billing._cap_amount(per.cap, per.currency, sum(l.amount)) AS amount
+          FROM per JOIN lines l ON l.idx = per.idx AND l.kind = 'usage'
+         WHERE per.cap IS NOT NULL
+         GROUP BY per.idx, per.cap, per.currency
+        HAVING billing._cap_amount(per.cap, per.currency, sum(l.amount)) IS NOT NULL
+    )
+    SELECT l.idx, l.ord, l.kind, l.meter, l.description, l.quantity, l.amount,
+           l.unrounded_amount, l.charge_id, l.price, l.dimension
+      FROM lines l
+    UNION ALL
+    SELECT c.idx, c.ord, c.kind, c.meter, c.description, c.quantity, c.amount,
+           c.unrounded_amount, c.charge_id, c.price, c.dimension
+      FROM capped c;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing._unique_counts(p_account bigint, p_from timestamptz, p_to timestamptz,
+                                       p_meters text[], s_meters text[] DEFAULT '{}',
+                                       s_dims text[] DEFAULT '{}')
+    RETURNS TABLE (meter text, dimension text, quantity numeric)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- the plan cache mode: a level to change it on, for this call only
+    SET plan_cache_mode = auto AS $$
+#variable_conflict use_column
+DECLARE
+    mtr text;
+    reg record;
+    total bigint;
+    delta_dims text[];
+    seen text[];
+    named text[];
+    present text[];
+BEGIN
+    IF p_from >= p_to THEN
+        RETURN;
+    END IF;
+    -- one account: one generic plan per statement and session (a custom
+    -- plan for each call planned the statements anew, which took longer
+    -- than running them).  Not with Citus loaded: it plans distributed
+    -- statements with their parameters' values.
+    IF current_setting('citus.version', true) IS NULL THEN
+        PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
+    END IF;
+    FOREACH mtr IN ARRAY p_meters LOOP
+        named := ARRAY(SELECT DISTINCT x.d FROM unnest(s_meters, s_dims) AS x(m, d)
+                        WHERE x.m = mtr AND x.d IS NOT NULL);
+        SELECT p.period_end, p.distinct_count INTO reg
+          FROM billing.unique_periods p
+         WHERE p.account_id = p_account AND p.meter = mtr AND p.period_start = p_from
+           AND p.period_end >= p_to;
+        IF FOUND THEN
+            -- the values compaction has seen, and those only in the deltas
+            IF reg.period_end = p_to THEN
+                total := reg.distinct_count;
+            ELSE
+                SELECT count(*) INTO total FROM billing.unique_values v
+                 WHERE v.account_id = p_account AND v.meter = mtr AND v.period_start = p_from
+                   AND v.first_bucket < p_to;
+            END IF;
+            delta_dims := ARRAY(SELECT DISTINCT x.dimension::text
+                                  FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
+                                 WHERE d.account_id = p_account AND x.meter = mtr
+                                   AND x.bucket_start >= p_from AND x.bucket_start < p_to);
+            IF cardinality(delta_dims) > 0 THEN
+                total := total + (SELECT count(*) FROM unnest(delta_dims) AS x(d)
+                                   WHERE NOT EXISTS (SELECT 1 FROM billing.unique_values v
+                                                      WHERE v.account_id = p_account AND v.meter = mtr
+                                                        AND v.period_start = p_from
+                                                        AND v.dimension = x.d
+                                                        AND v.first_bucket < p_to));
+            END IF;
+            present := ARRAY(SELECT x.d FROM unnest(named) AS x(d)
+                              WHERE x.d = ANY (delta_dims)
+                                 OR EXISTS (SELECT 1 FROM billing.unique_values v
+                                             WHERE v.account_id = p_account AND v.meter = mtr
+                                               AND v.period_start = p_from AND v.dimension = x.d
+                                               AND v.first_bucket < p_to));
+        ELSE
+            -- no row for this period: the cells themselves
+            seen := ARRAY(SELECT s FROM billing._unique_scan(p_account, mtr, p_from, p_to) s);
+            total := cardinality(seen);
+            present := ARRAY(SELECT x.d FROM unnest(named) AS x(d) WHERE x.d = ANY (seen));
+        END IF;
+        CONTINUE WHEN total = 0;
+        RETURN QUERY
+        SELECT mtr, x.d, 1::numeric FROM unnest(present) AS x(d)
+        UNION ALL
+        SELECT mtr, NULL::text, (total - cardinality(present))::numeric
+         WHERE total > cardinality(present);
+    END LOOP;
+END
+$$;
+-- ---- end of issue 16, preview plans ----

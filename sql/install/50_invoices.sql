@@ -130,9 +130,21 @@ CREATE FUNCTION billing._rate_periods(p_accounts bigint[], p_plans text[], p_cur
                    charge_id bigint, price billing.price, dimension text)
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp
-    -- JIT compiles these large plans for longer than they run
-    SET jit = off AS $$
+    -- JIT compiles these large plans for longer than they run; the plan
+    -- cache mode is a level to change it on, for this call only
+    SET jit = off SET plan_cache_mode = auto AS $$
 BEGIN
+    -- A few periods (a preview): one generic plan per session.  Planning
+    -- this statement anew took longer than running it for one account (a
+    -- custom plan, the arrays' lengths known, always looked cheaper).  Many
+    -- (finalize, rerate): plans that know the arrays' sizes (a generic plan
+    -- takes each for 10 rows and may join them in loops).  Not with Citus
+    -- loaded: it plans distributed statements with their parameters' values.
+    IF cardinality(p_accounts) <= 16 AND current_setting('citus.version', true) IS NULL THEN
+        PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
+    ELSE
+        PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);
+    END IF;
     RETURN QUERY
     WITH per AS (
         SELECT x.i::integer AS idx, x.pl AS plan, x.cur AS currency, x.cap, x.s AS ps
