@@ -17,7 +17,8 @@
 # End to end (1.1): our metered COPY plus the compact_usage() that makes
 # reads fast, against (2), whose buckets need no maintenance; on a first
 # load, and on a second load of a second file (the same hour, another seed:
-# its buckets partly merge into the first's) on top of the first.  After
+# its buckets partly merge into the first's) on top of the first; each load
+# the best of BENCH_REPEAT runs from a fresh state, as (2)'s are.  After
 # the first load (minute buckets) the compacted storage per minute cell is
 # measured: every billing table named usage_* but usage_deltas (whatever
 # holds compacted usage), heap, TOAST and indexes, against (2)'s
@@ -34,7 +35,8 @@
 #   BENCH_ROWS=1000000      rows of the main file
 #   BENCH_BIG_ROWS=10000000 rows of the memory test file (0 to skip)
 #   BENCH_PGBENCH_T=15      seconds per pgbench run
-#   BENCH_REPEAT=1          runs per COPY path; the fastest is reported
+#   BENCH_REPEAT=1          runs per COPY path (and end to end, ours and
+#                           the peers'); the fastest is reported
 #   BENCH_UNITS="minute hour"
 #   BENCH_INGEST_BATCH=10000 rows per ingest() call
 #
