@@ -438,6 +438,7 @@ extern PGDLLEXPORT Datum billing_meter_row(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT Datum billing_meter_flush(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT Datum billing_meter_after_rows(PG_FUNCTION_ARGS);
 extern void billing_meter_copy(Relation rel, Trigger *row_trigger, CopyFromState cstate);
+extern uint64 billing_meter_copy_keep(Relation rel, Trigger *rows_trigger, CopyFromState cstate);
 
 /* copy_input.c */
 extern void billing_copy_fast_inputs(CopyFromState cstate);

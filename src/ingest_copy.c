@@ -29,14 +29,24 @@
  *     pass: the rights to read a server file or run a program, and INSERT
  *     on the columns copied.  When one fails, PostgreSQL raises its own
  *     error.
- * Into any other metered table (one that keeps its rows, or has other
- * triggers), under the same conditions but the first, the hook runs
- * PostgreSQL's own CopyFrom, as COPY would, with every trigger.  Either
- * way the rows are parsed with the readers of copy_input.c for ISO
+ * A table that keeps its rows and has no event ids has two statement
+ * triggers instead: billing_meter_after_rows counts the rows the statement
+ * stored, from its transition table, and billing_meter_flush writes the
+ * counts.  When those are its only INSERT triggers (and under the other
+ * conditions above), and no column has a volatile default or is
+ * generated, the hook stores and counts the rows itself
+ * (billing_meter_copy_keep): each row is checked against the table's NOT
+ * NULL and CHECK constraints, counted as billing_meter_after_rows counts
+ * it, and stored in batches with its index entries (and their unique and
+ * exclusion checks), as CopyFrom stores rows; the rows are not written to
+ * a transition table and read back.  Into any other metered table (with
+ * event ids, or other triggers), under the same conditions but the first,
+ * the hook runs PostgreSQL's own CopyFrom, as COPY would, with every
+ * trigger.  Either way the rows are parsed with the readers of copy_input.c for ISO
  * timestamps and integer quantities, which give exactly what PostgreSQL's
  * input functions give, at a tenth of timestamptz_in's cost.
  * The command tag is COPY 0 when counted, as through the triggers, which
- * drop every row, and CopyFrom's count of rows stored otherwise.  The
+ * drop every row, and the count of rows stored otherwise.  The
  * hook is installed when the library is loaded (at server start with
  * shared_preload_libraries); before that, in a session that has not used
  * billing yet, COPY goes through the triggers, with the same counts.
@@ -50,6 +60,7 @@
 #include "catalog/pg_authid.h"
 #include "catalog/pg_trigger.h"
 #include "commands/copy.h"
+#include "commands/copyfrom_internal.h"
 #include "commands/extension.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
@@ -129,6 +140,43 @@ counting_trigger(Relation rel)
 			return NULL;
 	}
 	return flush ? row : NULL;
+}
+
+/*
+ * keeping_trigger
+ *		The statement trigger that counts the rows stored (REFERENCING NEW
+ *		TABLE) when rel's INSERT triggers are exactly the two of a metered
+ *		table that keeps its rows and has no event ids (no row trigger),
+ *		both firing in this session; NULL otherwise.
+ */
+static Trigger *
+keeping_trigger(Relation rel)
+{
+	TriggerDesc *desc = rel->trigdesc;
+	Trigger    *rows = NULL;
+	bool		flush = false;
+
+	if (desc == NULL)
+		return NULL;
+	for (int i = 0; i < desc->numtriggers; i++)
+	{
+		Trigger    *tg = &desc->triggers[i];
+
+		if (!TRIGGER_FOR_INSERT(tg->tgtype))
+			continue;
+		if (!trigger_fires(tg) || tg->tgqual != NULL || TRIGGER_FOR_ROW(tg->tgtype) ||
+			!TRIGGER_FOR_AFTER(tg->tgtype))
+			return NULL;
+		if (rows == NULL && tg->tgnewtable != NULL && tg->tgoldtable == NULL &&
+			tg->tgnargs == 7 && strcmp(tg->tgargs[4], "") == 0 &&
+			calls(tg, billing_meter_after_rows))
+			rows = tg;
+		else if (!flush && tg->tgnewtable == NULL && calls(tg, billing_meter_flush))
+			flush = true;
+		else
+			return NULL;
+	}
+	return flush ? rows : NULL;
 }
 
 /*
@@ -274,6 +322,10 @@ billing_copy_metered(CopyStmt *stmt, const char *queryString, QueryEnvironment *
 		billing_meter_copy(rel, row, cstate);
 		processed = 0;			/* no row is stored, as through the triggers */
 	}
+	else if ((row = keeping_trigger(rel)) != NULL && !cstate->volatile_defexprs &&
+			 !(RelationGetDescr(rel)->constr &&
+			   RelationGetDescr(rel)->constr->has_generated_stored))
+		processed = billing_meter_copy_keep(rel, row, cstate);
 	else
 		processed = CopyFrom(cstate);	/* PostgreSQL's COPY, every trigger */
 	EndCopyFrom(cstate);

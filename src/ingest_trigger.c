@@ -21,8 +21,11 @@
  */
 #include "postgres.h"
 
+#include "access/heapam.h"
+#include "access/tableam.h"
 #include "access/xact.h"
 #include "commands/copy.h"
+#include "commands/copyfrom_internal.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "executor/tuptable.h"
@@ -518,4 +521,128 @@ billing_meter_copy(Relation rel, Trigger *row_trigger, CopyFromState cstate)
 
 	ExecDropSingleTupleTableSlot(slot);
 	FreeExecutorState(estate);
+}
+
+
+/* rows a keep-rows COPY buffers before writing them, and their bytes */
+#define KEEP_BUFFER_ROWS	1000
+#define KEEP_BUFFER_BYTES	65535
+
+/*
+ * store_buffered
+ *		Write the n rows buffered in slots to rel in one multi-insert, then
+ *		their index entries (with the unique and exclusion checks, as
+ *		COPY's own buffer flush does), and empty the buffer.
+ */
+static void
+store_buffered(ResultRelInfo *rri, EState *estate, TupleTableSlot **slots, int n,
+			   CommandId cid, BulkInsertState bistate)
+{
+	Relation	rel = rri->ri_RelationDesc;
+
+	if (n == 0)
+		return;
+	table_multi_insert(rel, slots, n, cid, 0, bistate);
+	for (int i = 0; i < n; i++)
+	{
+		if (rri->ri_NumIndices > 0)
+		{
+			List	   *recheck = ExecInsertIndexTuples(rri, slots[i], estate, false,
+														false, NULL, NIL);
+
+			/* only a deferrable constraint asks for a recheck: none here */
+			Assert(recheck == NIL);
+			list_free(recheck);
+		}
+		ExecClearTuple(slots[i]);
+	}
+}
+
+/*
+ * billing_meter_copy_keep
+ *		The rows of a COPY FROM into a metered table that keeps its rows
+ *		and whose only INSERT triggers are billing_meter_after_rows (rows
+ *		counted from the statement's transition table) and
+ *		billing_meter_flush (see ingest_copy.c for the other conditions):
+ *		each row parsed is checked (NOT NULL and CHECK constraints), counted
+ *		as billing_meter_after_rows counts it and stored with its index
+ *		entries, in batches as COPY stores them, and the counts are written
+ *		at the end as billing_meter_flush writes them.  The rows are not
+ *		formed into a transition table and read back.  Returns the number
+ *		of rows stored; errors carry COPY's context (the line).
+ */
+uint64
+billing_meter_copy_keep(Relation rel, Trigger *rows_trigger, CopyFromState cstate)
+{
+	TriggerState *ts = current_trigger_state();
+	TableConf  *c = table_conf(ts, rows_trigger, rel);
+	EState	   *estate = CreateExecutorState();
+	ExprContext *econtext = GetPerTupleExprContext(estate);
+	ResultRelInfo *rri = makeNode(ResultRelInfo);
+	TupleTableSlot *row;
+	TupleTableSlot *slots[KEEP_BUFFER_ROWS];
+	int			nbuffered = 0;
+	Size		bytes = 0;
+	bool		constrained = RelationGetDescr(rel)->constr != NULL;
+	CommandId	cid = GetCurrentCommandId(true);
+	BulkInsertState bistate = GetBulkInsertState();
+	uint64		processed = 0;
+	ErrorContextCallback errcallback;
+	MemoryContext old = CurrentMemoryContext;
+
+	/* the relation as COPY's executor state knows it (range table entry 1) */
+	ExecInitRangeTable(estate, cstate->range_table);
+	ExecInitResultRelation(estate, rri, 1);
+	CheckValidResultRel(rri, CMD_INSERT);
+	ExecOpenIndices(rri, false);
+
+	row = MakeSingleTupleTableSlot(RelationGetDescr(rel), &TTSOpsVirtual);
+	for (int i = 0; i < KEEP_BUFFER_ROWS; i++)
+		slots[i] = table_slot_create(rel, NULL);
+
+	errcallback.callback = CopyFromErrorCallback;
+	errcallback.arg = (void *) cstate;
+	errcallback.previous = error_context_stack;
+	error_context_stack = &errcallback;
+
+	for (;;)
+	{
+		CHECK_FOR_INTERRUPTS();
+		ResetPerTupleExprContext(estate);
+		MemoryContextSwitchTo(GetPerTupleMemoryContext(estate));
+		ExecClearTuple(row);
+		if (!NextCopyFrom(cstate, econtext, row->tts_values, row->tts_isnull))
+			break;
+		ExecStoreVirtualTuple(row);
+		if (constrained)
+			ExecConstraints(rri, row, estate);
+		(void) meter_slot(ts->st, c, row, rel, MODE_COUNT_ONLY);
+		billing_flush_if_full(ts->st);
+		/* into the buffer: the row's values copied into a tuple of its own */
+		MemoryContextSwitchTo(old);
+		ExecCopySlot(slots[nbuffered], row);
+		bytes += cstate->line_buf.len;
+		processed++;
+		if (++nbuffered == KEEP_BUFFER_ROWS || bytes > KEEP_BUFFER_BYTES)
+		{
+			store_buffered(rri, estate, slots, nbuffered, cid, bistate);
+			nbuffered = 0;
+			bytes = 0;
+		}
+	}
+	MemoryContextSwitchTo(old);
+	store_buffered(rri, estate, slots, nbuffered, cid, bistate);
+	error_context_stack = errcallback.previous;
+
+	flush_statement();
+
+	FreeBulkInsertState(bistate);
+	table_finish_bulk_insert(rel, 0);
+	for (int i = 0; i < KEEP_BUFFER_ROWS; i++)
+		ExecDropSingleTupleTableSlot(slots[i]);
+	ExecDropSingleTupleTableSlot(row);
+	ExecCloseResultRelations(estate);	/* and its indexes */
+	ExecCloseRangeTableRelations(estate);
+	FreeExecutorState(estate);
+	return processed;
 }
