@@ -33,8 +33,9 @@
  * triggers instead: billing_meter_after_rows counts the rows the statement
  * stored, from its transition table, and billing_meter_flush writes the
  * counts.  When those are its only INSERT triggers (and under the other
- * conditions above), and no column has a volatile default or is
- * generated, the hook stores and counts the rows itself
+ * conditions above), the table is not a partition (whose bounds COPY
+ * checks) and no column has a volatile default or is generated, the hook
+ * stores and counts the rows itself
  * (billing_meter_copy_keep): each row is checked against the table's NOT
  * NULL and CHECK constraints, counted as billing_meter_after_rows counts
  * it, and stored in batches with its index entries (and their unique and
@@ -323,6 +324,7 @@ billing_copy_metered(CopyStmt *stmt, const char *queryString, QueryEnvironment *
 		processed = 0;			/* no row is stored, as through the triggers */
 	}
 	else if ((row = keeping_trigger(rel)) != NULL && !cstate->volatile_defexprs &&
+			 !rel->rd_rel->relispartition &&
 			 !(RelationGetDescr(rel)->constr &&
 			   RelationGetDescr(rel)->constr->has_generated_stored))
 		processed = billing_meter_copy_keep(rel, row, cstate);
