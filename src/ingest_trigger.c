@@ -26,11 +26,13 @@
 #include "access/xact.h"
 #include "commands/copy.h"
 #include "commands/copyfrom_internal.h"
+#include "commands/progress.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "executor/tuptable.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "pgstat.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/tuplestore.h"
@@ -622,7 +624,7 @@ billing_meter_copy_keep(Relation rel, Trigger *rows_trigger, CopyFromState cstat
 		MemoryContextSwitchTo(old);
 		ExecCopySlot(slots[nbuffered], row);
 		bytes += cstate->line_buf.len;
-		processed++;
+		pgstat_progress_update_param(PROGRESS_COPY_TUPLES_PROCESSED, ++processed);
 		if (++nbuffered == KEEP_BUFFER_ROWS || bytes > KEEP_BUFFER_BYTES)
 		{
 			store_buffered(rri, estate, slots, nbuffered, cid, bistate);
