@@ -27,7 +27,8 @@
  *
  *		ingest.c			SQL entry points record, ingest, report_cumulative
  *		ingest_trigger.c	metered-table triggers, their accumulators per
- *							subtransaction, transaction callbacks
+ *							subtransaction, transaction callbacks; the
+ *							COPY hook's counting and storing loops
  *		ingest_accum.c		quantities, validating a report, the counter
  *							cells (Accum)
  *		ingest_claim.c		the queue of event ids and the batch claim
@@ -44,7 +45,8 @@
  *							tape, and their merge (RunSet)
  *		ingest_copy.c		COPY into a metered table, from billing's
  *							ProcessUtility hook: counted without the
- *							triggers, or PostgreSQL's CopyFrom
+ *							triggers, stored and counted without the
+ *							transition table, or PostgreSQL's CopyFrom
  *		copy_input.c		that COPY's readers of ISO timestamps and
  *							integer quantities
  */
