@@ -108,76 +108,61 @@ calls(const Trigger *tg, PGFunction fn)
 }
 
 /*
- * counting_trigger
- *		The row trigger of rel when its INSERT triggers are exactly the two
- *		of a metered table that keeps no rows, both firing in this session;
- *		NULL otherwise.
+ * copy_shape
+ *		How the hook may run a COPY into rel, from its INSERT triggers, all
+ *		of which must fire in this session with no WHEN condition:
+ *		COPY_COUNTS when they are exactly the two of a metered table that
+ *		keeps no rows (*tg: its row trigger, billing_meter_row);
+ *		COPY_KEEPS when they are exactly the two of one that keeps its rows
+ *		and has no event ids, so no row trigger (*tg: the statement trigger
+ *		that counts the rows stored, billing_meter_after_rows, REFERENCING
+ *		NEW TABLE); COPY_OTHER otherwise.
  */
-static Trigger *
-counting_trigger(Relation rel)
+typedef enum CopyShape
+{
+	COPY_OTHER,
+	COPY_COUNTS,
+	COPY_KEEPS
+} CopyShape;
+
+static CopyShape
+copy_shape(Relation rel, Trigger **tg_out)
 {
 	TriggerDesc *desc = rel->trigdesc;
 	Trigger    *row = NULL;
+	Trigger    *rows = NULL;
 	bool		flush = false;
 
+	*tg_out = NULL;
 	if (desc == NULL)
-		return NULL;
+		return COPY_OTHER;
 	for (int i = 0; i < desc->numtriggers; i++)
 	{
 		Trigger    *tg = &desc->triggers[i];
+		bool		stmt_after = !TRIGGER_FOR_ROW(tg->tgtype) && TRIGGER_FOR_AFTER(tg->tgtype);
 
 		if (!TRIGGER_FOR_INSERT(tg->tgtype))
 			continue;
 		if (!trigger_fires(tg) || tg->tgqual != NULL)
-			return NULL;
+			return COPY_OTHER;
 		if (row == NULL && TRIGGER_FOR_ROW(tg->tgtype) && TRIGGER_FOR_BEFORE(tg->tgtype) &&
 			tg->tgnargs == 7 && strcmp(tg->tgargs[6], "f") == 0 &&
 			calls(tg, billing_meter_row))
 			row = tg;
-		else if (!flush && !TRIGGER_FOR_ROW(tg->tgtype) && TRIGGER_FOR_AFTER(tg->tgtype) &&
-				 tg->tgnewtable == NULL && calls(tg, billing_meter_flush))
-			flush = true;
-		else
-			return NULL;
-	}
-	return flush ? row : NULL;
-}
-
-/*
- * keeping_trigger
- *		The statement trigger that counts the rows stored (REFERENCING NEW
- *		TABLE) when rel's INSERT triggers are exactly the two of a metered
- *		table that keeps its rows and has no event ids (no row trigger),
- *		both firing in this session; NULL otherwise.
- */
-static Trigger *
-keeping_trigger(Relation rel)
-{
-	TriggerDesc *desc = rel->trigdesc;
-	Trigger    *rows = NULL;
-	bool		flush = false;
-
-	if (desc == NULL)
-		return NULL;
-	for (int i = 0; i < desc->numtriggers; i++)
-	{
-		Trigger    *tg = &desc->triggers[i];
-
-		if (!TRIGGER_FOR_INSERT(tg->tgtype))
-			continue;
-		if (!trigger_fires(tg) || tg->tgqual != NULL || TRIGGER_FOR_ROW(tg->tgtype) ||
-			!TRIGGER_FOR_AFTER(tg->tgtype))
-			return NULL;
-		if (rows == NULL && tg->tgnewtable != NULL && tg->tgoldtable == NULL &&
-			tg->tgnargs == 7 && strcmp(tg->tgargs[4], "") == 0 &&
-			calls(tg, billing_meter_after_rows))
+		else if (rows == NULL && stmt_after && tg->tgnewtable != NULL && tg->tgoldtable == NULL &&
+				 tg->tgnargs == 7 && strcmp(tg->tgargs[4], "") == 0 &&
+				 calls(tg, billing_meter_after_rows))
 			rows = tg;
-		else if (!flush && tg->tgnewtable == NULL && calls(tg, billing_meter_flush))
+		else if (!flush && stmt_after && tg->tgnewtable == NULL && calls(tg, billing_meter_flush))
 			flush = true;
 		else
-			return NULL;
+			return COPY_OTHER;
 	}
-	return flush ? rows : NULL;
+	/* the flush trigger and exactly one of the other two */
+	if (!flush || (row == NULL) == (rows == NULL))
+		return COPY_OTHER;
+	*tg_out = row ? row : rows;
+	return row ? COPY_COUNTS : COPY_KEEPS;
 }
 
 /*
@@ -275,7 +260,8 @@ billing_copy_metered(CopyStmt *stmt, const char *queryString, QueryEnvironment *
 {
 	Oid			relid;
 	Relation	rel;
-	Trigger    *row;
+	Trigger    *tg;
+	CopyShape	shape;
 	ParseState *pstate;
 	CopyFromState cstate;
 	uint64		processed;
@@ -318,16 +304,17 @@ billing_copy_metered(CopyStmt *stmt, const char *queryString, QueryEnvironment *
 	cstate = BeginCopyFrom(pstate, rel, NULL, stmt->filename, stmt->is_program,
 						   NULL, stmt->attlist, stmt->options);
 	billing_copy_fast_inputs(cstate);
-	if ((row = counting_trigger(rel)) != NULL)
+	shape = copy_shape(rel, &tg);
+	if (shape == COPY_COUNTS)
 	{
-		billing_meter_copy(rel, row, cstate);
+		billing_meter_copy(rel, tg, cstate);
 		processed = 0;			/* no row is stored, as through the triggers */
 	}
-	else if ((row = keeping_trigger(rel)) != NULL && !cstate->volatile_defexprs &&
+	else if (shape == COPY_KEEPS && !cstate->volatile_defexprs &&
 			 !rel->rd_rel->relispartition &&
 			 !(RelationGetDescr(rel)->constr &&
 			   RelationGetDescr(rel)->constr->has_generated_stored))
-		processed = billing_meter_copy_keep(rel, row, cstate);
+		processed = billing_meter_copy_keep(rel, tg, cstate);
 	else
 		processed = CopyFrom(cstate);	/* PostgreSQL's COPY, every trigger */
 	EndCopyFrom(cstate);

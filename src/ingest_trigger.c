@@ -480,6 +480,38 @@ billing_meter_flush(PG_FUNCTION_ARGS)
 }
 
 /*
+ * copy_context_push
+ *		Have errors carry COPY's context (the line), as COPY's own do.
+ */
+static void
+copy_context_push(ErrorContextCallback *cb, CopyFromState cstate)
+{
+	cb->callback = CopyFromErrorCallback;
+	cb->arg = (void *) cstate;
+	cb->previous = error_context_stack;
+	error_context_stack = cb;
+}
+
+/*
+ * next_copy_row
+ *		COPY's next row into slot (a virtual slot), parsed in estate's
+ *		per-tuple memory, which it resets first and leaves current; false
+ *		at the end of the input.
+ */
+static bool
+next_copy_row(CopyFromState cstate, EState *estate, TupleTableSlot *slot)
+{
+	CHECK_FOR_INTERRUPTS();
+	ResetPerTupleExprContext(estate);
+	MemoryContextSwitchTo(GetPerTupleMemoryContext(estate));
+	ExecClearTuple(slot);
+	if (!NextCopyFrom(cstate, GetPerTupleExprContext(estate), slot->tts_values, slot->tts_isnull))
+		return false;
+	ExecStoreVirtualTuple(slot);
+	return true;
+}
+
+/*
  * billing_meter_copy
  *		The rows of a COPY FROM into a metered table whose triggers would
  *		only count them and drop them (keep_rows false; see ingest_copy.c),
@@ -494,25 +526,13 @@ billing_meter_copy(Relation rel, Trigger *row_trigger, CopyFromState cstate)
 	TriggerState *ts = current_trigger_state();
 	TableConf  *c = table_conf(ts, row_trigger, rel);
 	EState	   *estate = CreateExecutorState();
-	ExprContext *econtext = GetPerTupleExprContext(estate);
 	TupleTableSlot *slot = MakeSingleTupleTableSlot(RelationGetDescr(rel), &TTSOpsVirtual);
 	ErrorContextCallback errcallback;
 	MemoryContext old = CurrentMemoryContext;
 
-	errcallback.callback = CopyFromErrorCallback;
-	errcallback.arg = (void *) cstate;
-	errcallback.previous = error_context_stack;
-	error_context_stack = &errcallback;
-
-	for (;;)
+	copy_context_push(&errcallback, cstate);
+	while (next_copy_row(cstate, estate, slot))
 	{
-		CHECK_FOR_INTERRUPTS();
-		ResetPerTupleExprContext(estate);
-		MemoryContextSwitchTo(GetPerTupleMemoryContext(estate));
-		ExecClearTuple(slot);
-		if (!NextCopyFrom(cstate, econtext, slot->tts_values, slot->tts_isnull))
-			break;
-		ExecStoreVirtualTuple(slot);
 		(void) meter_slot(ts->st, c, slot, rel, MODE_QUEUE);
 		billing_flush_if_full(ts->st);
 	}
@@ -579,7 +599,6 @@ billing_meter_copy_keep(Relation rel, Trigger *rows_trigger, CopyFromState cstat
 	TriggerState *ts = current_trigger_state();
 	TableConf  *c = table_conf(ts, rows_trigger, rel);
 	EState	   *estate = CreateExecutorState();
-	ExprContext *econtext = GetPerTupleExprContext(estate);
 	ResultRelInfo *rri = makeNode(ResultRelInfo);
 	TupleTableSlot *row;
 	TupleTableSlot *slots[KEEP_BUFFER_ROWS];
@@ -602,20 +621,9 @@ billing_meter_copy_keep(Relation rel, Trigger *rows_trigger, CopyFromState cstat
 	for (int i = 0; i < KEEP_BUFFER_ROWS; i++)
 		slots[i] = table_slot_create(rel, NULL);
 
-	errcallback.callback = CopyFromErrorCallback;
-	errcallback.arg = (void *) cstate;
-	errcallback.previous = error_context_stack;
-	error_context_stack = &errcallback;
-
-	for (;;)
+	copy_context_push(&errcallback, cstate);
+	while (next_copy_row(cstate, estate, row))
 	{
-		CHECK_FOR_INTERRUPTS();
-		ResetPerTupleExprContext(estate);
-		MemoryContextSwitchTo(GetPerTupleMemoryContext(estate));
-		ExecClearTuple(row);
-		if (!NextCopyFrom(cstate, econtext, row->tts_values, row->tts_isnull))
-			break;
-		ExecStoreVirtualTuple(row);
 		if (constrained)
 			ExecConstraints(rri, row, estate);
 		(void) meter_slot(ts->st, c, row, rel, MODE_COUNT_ONLY);
