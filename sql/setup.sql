@@ -7,8 +7,8 @@ CREATE EXTENSION billing VERSION '1.0';
 ALTER EXTENSION billing UPDATE;
 SELECT extname, extversion FROM pg_extension WHERE extname = 'billing';
 
--- The helpers the other tests share (schema "test": sqlstate_of, show),
--- created once here; pgTAP files include the same file.  (pg_regress feeds
--- this script on standard input, so the path is relative to the top
--- directory, where make runs it.)
+-- The helpers the other tests share (schema "test": sqlstate_of,
+-- row_count_of, show), created once here; pgTAP files include the same
+-- file.  (pg_regress feeds this script on standard input, so the path is
+-- relative to the top directory, where make runs it.)
 \ir test/helpers.sql

@@ -7,8 +7,9 @@
  * TEMPLATE) wait up to 5 seconds for other sessions and then fail; a
  * worker is such a session.  billing's ProcessUtility hook (billing.c)
  * therefore stops the worker of that database first (SIGTERM, then waits
- * for it to exit) and keeps the launcher from starting one there for a few seconds, by which
- * time the command holds the database lock that makes new connections wait.
+ * for it to exit) and keeps the launcher from starting one there for a few
+ * seconds, by which time the command holds the database lock that makes
+ * new connections wait.
  */
 #include "postgres.h"
 

@@ -18,6 +18,19 @@ EXCEPTION WHEN OTHERS THEN
 END
 $$;
 
+-- row_count_of(statement): runs it and returns the number of rows it
+-- processed (for a COPY, the n of its command tag COPY n)
+CREATE OR REPLACE FUNCTION test.row_count_of(stmt text) RETURNS bigint
+    LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    EXECUTE stmt;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
 -- show(account, t0, grain, meter): billing.usage() from t0 - 1 day to
 -- t0 + 1 day, with bucket starts as offsets from t0
 CREATE OR REPLACE FUNCTION test.show(acct bigint, t0 timestamptz, grain interval DEFAULT NULL,

@@ -9,6 +9,7 @@
 -- both ways must give the same last_ts, to the microsecond.
 BEGIN;
 SELECT plan(21);
+\ir ../helpers.sql
 
 -- PostgreSQL's reading of s, or its SQLSTATE
 CREATE FUNCTION pg_temp.pg_in(typ regtype, s text) RETURNS text LANGUAGE plpgsql AS $$
@@ -195,13 +196,6 @@ CREATE TABLE pg_temp.ck_t (account_id bigint, meter text, quantity numeric, ts t
                            event_id text);
 SELECT billing.meter_table('pg_temp.ck_t', 'account_id', 'meter', 'quantity', 'ts',
                            event_id_column => 'event_id', keep_rows => true);
-CREATE FUNCTION pg_temp.copy_count(sql text) RETURNS bigint LANGUAGE plpgsql AS $$
-DECLARE n bigint;
-BEGIN
-    EXECUTE sql;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END $$;
 CREATE FUNCTION pg_temp.kept() RETURNS text LANGUAGE sql AS
 $$SELECT md5(string_agg(format('%s %s %s %s', account_id, quantity, ts, event_id), ';'
                         ORDER BY account_id, ts, event_id)) FROM pg_temp.ck_t$$;
@@ -210,7 +204,7 @@ SELECT format('COPY (SELECT account_id, meter, quantity, ts, ''e'' || account_id
               :'copy_file') AS out_sql \gset
 :out_sql;
 SAVEPOINT s;
-SELECT pg_temp.copy_count(format('COPY pg_temp.ck_t FROM %L', :'copy_file')) AS hook_n \gset
+SELECT test.row_count_of(format('COPY pg_temp.ck_t FROM %L', :'copy_file')) AS hook_n \gset
 SELECT pg_temp.kept() AS hook_kept, pg_temp.last_ts() AS hook_last \gset
 SELECT is(:hook_n::bigint, (SELECT count(*) FROM ci_rows),
           'keep_rows: COPY through the hook stores each row once (the repeats dropped), tag included');
@@ -218,7 +212,7 @@ SELECT is((SELECT count(*) FROM pg_temp.ck_t k JOIN ci_rows r USING (account_id)
             WHERE k.ts = r.ts::timestamptz AND k.quantity = r.quantity::numeric),
           (SELECT count(*) FROM ci_rows), 'each stored as PostgreSQL reads it');
 ROLLBACK TO SAVEPOINT s;
-SELECT is(pg_temp.copy_count(format('COPY pg_temp.ck_t FROM %L WHERE true', :'copy_file')), :hook_n::bigint,
+SELECT is(test.row_count_of(format('COPY pg_temp.ck_t FROM %L WHERE true', :'copy_file')), :hook_n::bigint,
           'through PostgreSQL''s COPY: the same command tag');
 SELECT is(pg_temp.kept() || ' ' || pg_temp.last_ts(), :'hook_kept' || ' ' || :'hook_last',
           'the same rows stored and the same cells');

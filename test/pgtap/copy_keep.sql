@@ -13,6 +13,7 @@
 -- PostgreSQL's CopyFrom.
 BEGIN;
 SELECT plan(29);
+\ir ../helpers.sql
 
 SET LOCAL track_functions = 'all';
 SET LOCAL client_min_messages = warning;
@@ -49,21 +50,6 @@ SELECT format('COPY pg_temp.kk_t (id, account_id, meter, quantity, ts, region, b
               :'copy_file') AS hook_sql \gset
 SELECT :'hook_sql' || ' WHERE true' AS pg_sql \gset
 
-CREATE FUNCTION pg_temp.copy_count(sql text) RETURNS bigint LANGUAGE plpgsql AS $$
-DECLARE n bigint;
-BEGIN
-    EXECUTE sql;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END $$;
--- the SQLSTATE a statement raises, or 'ok'
-CREATE FUNCTION pg_temp.state_of(sql text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE sql;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE;
-END $$;
 CREATE FUNCTION pg_temp.rows_calls() RETURNS bigint LANGUAGE sql AS
 $$SELECT coalesce(pg_stat_get_xact_function_calls('billing._meter_after_rows'::regproc), 0)$$;
 -- every row stored, every column, as one value
@@ -82,7 +68,7 @@ $$SELECT coalesce(md5(string_agg(format('%s %s %s %s %s %s', a.account_id, u.met
 -- ---------------------------------------------------------------- the hook
 SAVEPOINT s;
 SELECT pg_temp.rows_calls() AS calls0 \gset
-SELECT is(pg_temp.copy_count(:'hook_sql'), 2500::bigint, 'the hook stores the 2,500 rows: COPY 2500');
+SELECT is(test.row_count_of(:'hook_sql'), 2500::bigint, 'the hook stores the 2,500 rows: COPY 2500');
 SELECT is(pg_temp.rows_calls(), :calls0::bigint,
           'without the statement trigger and its transition table');
 SELECT is((SELECT count(*) FROM pg_temp.kk_t k JOIN kk_rows r USING (id)
@@ -107,7 +93,7 @@ SELECT pg_temp.kept() AS hook_kept, pg_temp.usage() AS hook_usage \gset
 ROLLBACK TO SAVEPOINT s;
 
 -- ------------------------------------------------- PostgreSQL's COPY, same file
-SELECT is(pg_temp.copy_count(:'pg_sql'), 2500::bigint, 'PostgreSQL''s COPY (WHERE true): COPY 2500');
+SELECT is(test.row_count_of(:'pg_sql'), 2500::bigint, 'PostgreSQL''s COPY (WHERE true): COPY 2500');
 SELECT is(pg_temp.rows_calls(), :calls0::bigint + 1, 'through the statement trigger');
 SELECT is(pg_temp.kept(), :'hook_kept', 'the same rows stored, every column');
 SELECT is(pg_temp.usage(), :'hook_usage', 'the same cells');
@@ -115,7 +101,7 @@ ROLLBACK TO SAVEPOINT s;
 
 -- counted in several flushes (a small work_mem): the same cells
 SET LOCAL work_mem = '64kB';
-SELECT pg_temp.copy_count(:'hook_sql') AS n \gset
+SELECT test.row_count_of(:'hook_sql') AS n \gset
 SELECT is(pg_temp.usage(), :'hook_usage', 'with work_mem at 64kB (counts flushed during the COPY): the same cells');
 RESET work_mem;
 ROLLBACK TO SAVEPOINT s;
@@ -131,8 +117,8 @@ DECLARE
     pg text;
 BEGIN
     EXECUTE format('COPY (%s) TO %L', sql_rows, f);
-    hook := pg_temp.state_of(format('COPY pg_temp.kk_t %s FROM %L', cols, f));
-    pg := pg_temp.state_of(format('COPY pg_temp.kk_t %s FROM %L WHERE true', cols, f));
+    hook := test.sqlstate_of(format('COPY pg_temp.kk_t %s FROM %L', cols, f));
+    pg := test.sqlstate_of(format('COPY pg_temp.kk_t %s FROM %L WHERE true', cols, f));
     RETURN hook || ' ' || pg || ' ' || (SELECT count(*) FROM pg_temp.kk_t) || ' ' || pg_temp.usage();
 END $$;
 SELECT pg_temp.usage() AS none_usage \gset
@@ -154,13 +140,13 @@ SELECT is(pg_temp.bad('SELECT id, CASE WHEN id = 2222 THEN 99999 ELSE account_id
 -- a volatile default: rows stored one at a time by PostgreSQL, every trigger
 ALTER TABLE pg_temp.kk_t ALTER COLUMN note SET DEFAULT ('v' || (random() * 0)::int);
 SELECT pg_temp.rows_calls() AS calls1 \gset
-SELECT is(pg_temp.copy_count(:'hook_sql'), 2500::bigint, 'a volatile default: COPY 2500');
+SELECT is(test.row_count_of(:'hook_sql'), 2500::bigint, 'a volatile default: COPY 2500');
 SELECT is(pg_temp.rows_calls(), :calls1::bigint + 1, 'through the statement trigger');
 SELECT is(pg_temp.usage(), :'hook_usage', 'the same cells');
 ROLLBACK TO SAVEPOINT s;
 ALTER TABLE pg_temp.kk_t ADD COLUMN q2 numeric GENERATED ALWAYS AS (quantity * 2) STORED;
 SELECT pg_temp.rows_calls() AS calls1 \gset
-SELECT is(pg_temp.copy_count(:'hook_sql') || ' ' || pg_temp.rows_calls(),
+SELECT is(test.row_count_of(:'hook_sql') || ' ' || pg_temp.rows_calls(),
           '2500 ' || (:calls1::bigint + 1), 'a generated column: COPY 2500, through the statement trigger');
 SELECT is(pg_temp.usage(), :'hook_usage', 'the same cells');
 ROLLBACK TO SAVEPOINT s;
@@ -169,7 +155,7 @@ CREATE TABLE pg_temp.kk_accounts (account_id bigint PRIMARY KEY);
 INSERT INTO pg_temp.kk_accounts SELECT 7700 + a FROM generate_series(1, 50) a;
 ALTER TABLE pg_temp.kk_t ADD FOREIGN KEY (account_id) REFERENCES pg_temp.kk_accounts;
 SELECT pg_temp.rows_calls() AS calls1 \gset
-SELECT is(pg_temp.copy_count(:'hook_sql') || ' ' || pg_temp.rows_calls() || ' ' || pg_temp.usage(),
+SELECT is(test.row_count_of(:'hook_sql') || ' ' || pg_temp.rows_calls() || ' ' || pg_temp.usage(),
           '2500 ' || (:calls1::bigint + 1) || ' ' || :'hook_usage',
           'a foreign key: COPY 2500 through the statement trigger, the same cells');
 ROLLBACK TO SAVEPOINT s;
@@ -178,7 +164,7 @@ SELECT format('COPY (SELECT id::bigint, account_id::bigint, meter, quantity, ts,
               :'copy_file') AS out_sql \gset
 :out_sql;
 SELECT pg_temp.rows_calls() AS calls1 \gset
-SELECT is(pg_temp.copy_count(:'hook_sql' || ' WITH (FORMAT binary)') || ' ' || pg_temp.rows_calls() || ' '
+SELECT is(test.row_count_of(:'hook_sql' || ' WITH (FORMAT binary)') || ' ' || pg_temp.rows_calls() || ' '
           || pg_temp.kept() || ' ' || pg_temp.usage(),
           '2500 ' || :calls1 || ' ' || :'hook_kept' || ' ' || :'hook_usage',
           'a binary file through the hook: the same rows and cells');
@@ -186,7 +172,7 @@ ROLLBACK TO SAVEPOINT s;
 SELECT format('COPY (SELECT id, account_id, meter, quantity, ts, region, big FROM kk_rows) TO %L WITH (FORMAT csv, HEADER)',
               :'copy_file') AS out_sql \gset
 :out_sql;
-SELECT is(pg_temp.copy_count(:'hook_sql' || ' WITH (FORMAT csv, HEADER)') || ' ' || pg_temp.rows_calls() || ' '
+SELECT is(test.row_count_of(:'hook_sql' || ' WITH (FORMAT csv, HEADER)') || ' ' || pg_temp.rows_calls() || ' '
           || pg_temp.kept() || ' ' || pg_temp.usage(),
           '2500 ' || :calls1 || ' ' || :'hook_kept' || ' ' || :'hook_usage',
           'a CSV file with a header through the hook: the same rows and cells');
@@ -201,7 +187,7 @@ SELECT billing.meter_table('pg_temp.kk_part', 'account_id', 'meter', 'quantity',
 ALTER TABLE pg_temp.kk_parent ATTACH PARTITION pg_temp.kk_part FOR VALUES FROM (1) TO (2000);
 SELECT format('COPY (SELECT id, account_id, meter, quantity, ts FROM kk_rows) TO %L', :'copy_file') AS out_sql \gset
 :out_sql;
-SELECT is(pg_temp.state_of(format('COPY pg_temp.kk_part FROM %L', :'copy_file')) || ' '
+SELECT is(test.sqlstate_of(format('COPY pg_temp.kk_part FROM %L', :'copy_file')) || ' '
           || (SELECT count(*) FROM pg_temp.kk_part) || ' ' || pg_temp.usage(),
           '23514 0 none', 'a row outside a partition''s bounds: 23514, nothing stored or counted');
 ROLLBACK TO SAVEPOINT s;
