@@ -7661,8 +7661,25 @@ GRANT EXECUTE ON FUNCTION billing._copy_numeric_fast(text) TO billing_reader;
 -- ---- end of issue 16, COPY input ----
 
 -- ---- issue 16, preview: one generic plan for a few periods -----------------
--- _rate_periods (for at most 16 periods) and _unique_counts keep one
--- generic plan per statement and session instead of planning each call.
+-- _rate_periods (for at most 16 periods), _unique_counts and _invoice_build
+-- (from its step 2, for at most 16) keep one generic plan per statement and
+-- session instead of planning each call; the rule is _plan_cache_for's
+-- (sql/install/00_helpers.sql), which every rating path calls.
+CREATE FUNCTION billing._plan_cache_for(p_periods integer, p_generic boolean DEFAULT true)
+    RETURNS void
+    LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_periods > 16 THEN
+        PERFORM pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', true);
+    ELSIF p_generic AND pg_catalog.current_setting('citus.version', true) IS NULL THEN
+        PERFORM pg_catalog.set_config('plan_cache_mode', 'force_generic_plan', true);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION billing._plan_cache_for(integer, boolean) IS
+    'Internal: sets plan_cache_mode for the rest of the caller''s call, from the number of periods it rates';
+REVOKE ALL ON FUNCTION billing._plan_cache_for(integer, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._plan_cache_for(integer, boolean) TO billing_reader;
 CREATE OR REPLACE FUNCTION billing._rate_periods(p_accounts bigint[], p_plans text[], p_currencies text[],
                                       p_caps numeric[], p_starts timestamptz[],
                                       p_ends timestamptz[])
@@ -7675,17 +7692,11 @@ CREATE OR REPLACE FUNCTION billing._rate_periods(p_accounts bigint[], p_plans te
     -- cache mode is a level to change it on, for this call only
     SET jit = off SET plan_cache_mode = auto AS $$
 BEGIN
-    -- A few periods (a preview): one generic plan per session.  Planning
-    -- this statement anew took longer than running it for one account (a
-    -- custom plan, the arrays' lengths known, always looked cheaper).  Many
-    -- (finalize, rerate): plans that know the arrays' sizes (a generic plan
-    -- takes each for 10 rows and may join them in loops).  Not with Citus
-    -- loaded: it plans distributed statements with their parameters' values.
-    IF cardinality(p_accounts) <= 16 AND current_setting('citus.version', true) IS NULL THEN
-        PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
-    ELSE
-        PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);
-    END IF;
+    -- A few periods (a preview): one generic plan per session (for one
+    -- account a custom plan, the arrays' lengths known, always looked
+    -- cheaper, and planning it took longer than running it).  Many
+    -- (finalize, rerate): custom plans.  See _plan_cache_for.
+    PERFORM billing._plan_cache_for(cardinality(p_accounts));
     RETURN QUERY
     WITH per AS (
         SELECT x.i::integer AS idx, x.pl AS plan, x.cur AS currency, x.cap, x.s AS ps
@@ -7810,11 +7821,8 @@ BEGIN
     END IF;
     -- one account: one generic plan per statement and session (a custom
     -- plan for each call planned the statements anew, which took longer
-    -- than running them).  Not with Citus loaded: it plans distributed
-    -- statements with their parameters' values.
-    IF current_setting('citus.version', true) IS NULL THEN
-        PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
-    END IF;
+    -- than running them); see _plan_cache_for
+    PERFORM billing._plan_cache_for(1);
     FOREACH mtr IN ARRAY p_meters LOOP
         named := ARRAY(SELECT DISTINCT x.d FROM unnest(s_meters, s_dims) AS x(m, d)
                         WHERE x.m = mtr AND x.d IS NOT NULL);
@@ -7862,6 +7870,236 @@ BEGIN
         SELECT mtr, NULL::text, (total - cardinality(present))::numeric
          WHERE total > cardinality(present);
     END LOOP;
+END
+$$;
+CREATE OR REPLACE FUNCTION billing._invoice_build(p_accounts bigint[], p_currencies text[], p_caps numeric[],
+                                       p_starts timestamptz[], p_ends timestamptz[],
+                                       p_first boolean[], s_idx integer[], s_plans text[],
+                                       s_starts timestamptz[], s_ends timestamptz[],
+                                       p_rated_only boolean DEFAULT false,
+                                       p_book boolean DEFAULT false)
+    RETURNS SETOF billing._invoice_line
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run; the plan
+    -- cache mode is the default, and a level to change it on (see 2.)
+    SET jit = off SET plan_cache_mode = auto AS $$
+DECLARE
+    accs bigint[];
+    t_from timestamptz;
+    t_to timestamptz;
+    l billing._invoice_line[];
+    wins billing._window[];
+    grs billing._credit_state[];
+    adjs billing._invoice_line[];   -- pending adjustments (grant_id: the account)
+    sa record;
+    sp record;
+    has_true_ups boolean;
+    has_installments boolean;
+BEGIN
+    IF coalesce(array_length(p_accounts, 1), 0) = 0 THEN
+        RETURN;
+    END IF;
+    -- many periods (finalize, rerate): custom plans from here on; a few
+    -- keep the caller's mode until 2. (_plan_cache_for)
+    PERFORM billing._plan_cache_for(cardinality(p_accounts), false);
+    -- 1. usage and fixed lines of every segment (one set-based rating), the
+    -- cap.  Each period one segment (no plan change): _rate_periods rates
+    -- the periods, cap included, as they are.
+    IF cardinality(s_idx) = cardinality(p_accounts) THEN
+        SELECT array_agg(ROW(r.idx, r.ord, r.kind, r.meter, r.description, r.quantity, r.amount,
+                             r.unrounded_amount, r.charge_id, r.price, NULL, NULL, NULL, NULL, NULL,
+                             NULL, NULL, NULL, NULL, r.dimension)::billing._invoice_line
+                         ORDER BY r.idx, r.ord)
+          INTO l
+          FROM billing._rate_periods(p_accounts, s_plans, p_currencies, p_caps, s_starts, s_ends) r;
+    ELSE
+        -- a plan change: each segment rated on its own from its start to
+        -- its end with its plan, then _segment_lines (a statement of its own:
+        -- the rating's plans stay its own)
+        SELECT array_agg(x.a ORDER BY y.n) AS accounts, array_agg(x.cur ORDER BY y.n) AS currencies
+          INTO sa
+          FROM unnest(s_idx) WITH ORDINALITY AS y(p, n)
+               JOIN unnest(p_accounts, p_currencies) WITH ORDINALITY AS x(a, cur, k) ON x.k = y.p;
+        l := ARRAY(SELECT ROW(r.idx, r.ord, r.kind, r.meter, r.description, r.quantity, r.amount,
+                              r.unrounded_amount, r.charge_id, r.price, NULL, NULL, NULL, NULL,
+                              NULL, NULL, NULL, NULL, NULL, r.dimension)::billing._invoice_line
+                     FROM billing._rate_periods(sa.accounts, s_plans, sa.currencies,
+                                                array_fill(NULL::numeric, ARRAY[cardinality(s_idx)]),
+                                                s_starts, s_ends) r);
+        l := ARRAY(SELECT x FROM billing._segment_lines(l, s_idx, s_plans, s_starts, s_ends,
+                                                        p_currencies, p_caps, p_starts, p_ends) x
+                    ORDER BY x.idx, x.ord);
+    END IF;
+    IF p_rated_only THEN
+        RETURN QUERY SELECT * FROM unnest(l);
+        RETURN;
+    END IF;
+
+    -- 2. what the accounts have (one statement; each subquery routed by the
+    -- accounts on Citus).  From here on, for a few periods (a preview), one
+    -- generic plan per statement and session: planning these statements
+    -- anew costs more than running them.  (Not above: the rating's
+    -- statements here and in the callees that set no mode of their own,
+    -- such as _segment_lines, keep the caller's.)  See _plan_cache_for.
+    PERFORM billing._plan_cache_for(cardinality(p_accounts));
+    IF cardinality(p_accounts) = 1 THEN
+        accs := p_accounts;
+        t_from := p_starts[1];
+        t_to := p_ends[1];
+    ELSE
+        SELECT array_agg(DISTINCT a), min(s), max(e) INTO accs, t_from, t_to
+          FROM unnest(p_accounts, p_starts, p_ends) AS x(a, s, e);
+    END IF;
+    SELECT cw.wins, cw.has_true_ups, cw.has_installments,
+           -- pending adjustments, as lines (the row rebuilt as
+           -- billing.adjustments: on Citus a is a shard's row)
+           (SELECT array_agg(ROW(NULL, a.adjustment_id, 'adjustment', a.meter,
+                                 billing._adjustment_text(ROW(a.*)::billing.adjustments),
+                                 a.new_quantity - a.old_quantity, a.delta, NULL, NULL, NULL,
+                                 a.adjustment_id, NULL, a.account_id, NULL, NULL, NULL, NULL, NULL,
+                                 NULL, a.dimension)::billing._invoice_line)
+              FROM billing.adjustments a
+             WHERE a.account_id = ANY (accs) AND a.billed_invoice_id IS NULL),
+           -- grants with something left, effective before the last period
+           -- ends, with the next window of their commitment (for a rollover)
+           (SELECT array_agg(ROW(g.account_id, g.grant_id, g.priority, g.effective_at, g.expires_at,
+                                 g.applies_to::text[], g.source, l.remaining,
+                                 CASE WHEN g.source = 'commitment' THEN c.rollover_fraction ELSE 0 END,
+                                 nw.starts_at, nw.ends_at,
+                                 coalesce(g.reason, g.source))::billing._credit_state)
+              FROM billing.credit_grants g
+                   JOIN LATERAL (SELECT sum(x.amount) AS remaining FROM billing.credit_ledger x
+                                  WHERE x.account_id = g.account_id AND x.grant_id = g.grant_id) l ON true
+                   LEFT JOIN billing.commitments c
+                          ON c.account_id = g.account_id AND c.commitment_id = g.commitment_id
+                   LEFT JOIN billing.commitment_windows nw
+                          ON nw.account_id = g.account_id AND nw.commitment_id = g.commitment_id
+                         AND nw.window_no = g.window_no + 1
+             WHERE g.account_id = ANY (accs) AND g.voided_at IS NULL AND g.effective_at < t_to
+               AND l.remaining > 0)
+      INTO wins, has_true_ups, has_installments, adjs, grs
+      -- the commitment windows overlapping the periods; minimum ones ending
+      -- in them (true-ups), prepaid ones (installments)
+      FROM (SELECT array_agg(ROW(w.account_id, w.commitment_id, w.window_no, c.kind, w.starts_at,
+                                 w.ends_at, w.amount, c.applies_to::text[], c.installments,
+                                 w.installment_due, w.installment_amounts)::billing._window) AS wins,
+                   coalesce(bool_or(c.kind = 'minimum' AND w.ends_at > t_from AND w.ends_at <= t_to),
+                            false) AS has_true_ups,
+                   coalesce(bool_or(c.kind = 'prepaid'), false) AS has_installments
+              FROM billing.commitment_windows w
+                   JOIN billing.commitments c
+                     ON c.account_id = w.account_id AND c.commitment_id = w.commitment_id
+             WHERE w.account_id = ANY (accs) AND w.starts_at < t_to AND w.ends_at > t_from) cw;
+    IF wins IS NULL AND adjs IS NULL AND grs IS NULL THEN
+        RETURN QUERY SELECT * FROM unnest(l);
+        RETURN;
+    END IF;
+    -- 3. true_up lines: the minimum windows ending in a period, short of
+    -- the eligible spend of the finalized invoices inside the window (each
+    -- invoice's usage, fixed and cap lines plus the adjustments made to it
+    -- since, billed or pending) and of the periods built here
+    IF has_true_ups THEN
+        SELECT array_agg(y.account_id) AS accounts, array_agg(y.commitment_id) AS commitments,
+               array_agg(y.window_no) AS windows, array_agg(y.spend) AS spends
+          INTO sp
+          FROM (SELECT w.account_id, w.commitment_id, w.window_no,
+                       sum(billing._eligible_spend(c.applies_to::text[], b.kinds, b.meters, b.amounts)) AS spend
+                  FROM billing.commitment_windows w
+                       JOIN billing.commitments c
+                         ON c.account_id = w.account_id AND c.commitment_id = w.commitment_id
+                       JOIN billing.invoices i
+                         ON i.account_id = w.account_id AND i.status = 'finalized'
+                        AND i.period_start >= w.starts_at AND i.period_end <= w.ends_at
+                       CROSS JOIN LATERAL (
+                           SELECT array_agg(z.kind) AS kinds, array_agg(z.meter) AS meters,
+                                  array_agg(z.amount) AS amounts
+                             FROM (SELECT x.kind, x.meter::text AS meter, x.amount
+                                     FROM billing.invoice_lines x
+                                    WHERE x.account_id = i.account_id AND x.invoice_id = i.invoice_id
+                                      AND x.kind IN ('usage', 'fixed', 'cap')
+                                   UNION ALL
+                                   SELECT a.line_kind, a.meter::text, a.delta FROM billing.adjustments a
+                                    WHERE a.account_id = i.account_id AND a.invoice_id = i.invoice_id) z) b
+                 WHERE w.account_id = ANY (accs) AND c.kind = 'minimum'
+                   AND w.ends_at > t_from AND w.ends_at <= t_to
+                 GROUP BY w.account_id, w.commitment_id, w.window_no) y;
+        l := l || ARRAY(
+            WITH per AS (
+                SELECT x.n::integer AS idx, x.a AS account_id, x.cur AS currency, x.s AS ps, x.e AS pe
+                  FROM unnest(p_accounts, p_currencies, p_starts, p_ends)
+                       WITH ORDINALITY AS x(a, cur, s, e, n)
+            ), batch AS (
+                -- the periods being built, as (kind, meter, amount) lists
+                SELECT x.idx, array_agg(x.kind) AS kinds, array_agg(x.meter) AS meters,
+                       array_agg(x.amount) AS amounts
+                  FROM unnest(l) x GROUP BY x.idx
+            ), t AS (
+                SELECT per.idx, w.commitment_id, w.window_no, w.starts_at, w.ends_at, per.currency,
+                       w.amount, w.amount
+                       - coalesce((SELECT s.spend
+                                     FROM unnest(sp.accounts, sp.commitments, sp.windows, sp.spends)
+                                          AS s(account_id, commitment_id, window_no, spend)
+                                    WHERE s.account_id = w.account_id AND s.commitment_id = w.commitment_id
+                                      AND s.window_no = w.window_no), 0)
+                       - coalesce((SELECT sum(billing._eligible_spend(w.applies_to, b.kinds, b.meters, b.amounts))
+                                     FROM per p2 JOIN batch b ON b.idx = p2.idx
+                                    WHERE p2.account_id = w.account_id
+                                      AND p2.ps >= w.starts_at AND p2.pe <= w.ends_at), 0) AS short
+                  FROM per JOIN unnest(wins) w
+                         ON w.account_id = per.account_id AND w.kind = 'minimum'
+                        AND w.ends_at > per.ps AND w.ends_at <= per.pe
+            )
+            SELECT ROW(t.idx, 2000000000 + row_number() OVER (PARTITION BY t.idx ORDER BY t.commitment_id, t.window_no),
+                       'true_up', NULL,
+                       format('minimum commitment %s, %s to %s: shortfall', t.commitment_id,
+                              to_char(t.starts_at AT TIME ZONE 'UTC', 'YYYY-MM-DD'),
+                              to_char(t.ends_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')),
+                       -- quantity: the window's eligible spend
+                       t.amount - t.short, billing.round_money(t.short, t.currency), t.short, NULL,
+                       NULL, NULL, t.commitment_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                       NULL)::billing._invoice_line
+              FROM t
+             WHERE billing.round_money(t.short, t.currency) > 0);
+    END IF;
+    -- commitment lines: each installment of a prepaid window on the period
+    -- its schedule puts it in
+    IF has_installments THEN
+        l := l || ARRAY(
+            SELECT ROW(x.n, 3000000000 + row_number() OVER (PARTITION BY x.n ORDER BY w.commitment_id, w.window_no, i.j),
+                       'commitment', NULL,
+                       CASE WHEN w.installments = 1
+                            THEN format('prepaid commitment %s, window %s', w.commitment_id, w.window_no)
+                            ELSE format('prepaid commitment %s, window %s: installment %s of %s',
+                                        w.commitment_id, w.window_no, i.j, w.installments) END,
+                       NULL, i.amount, NULL, NULL, NULL, NULL, w.commitment_id, NULL, NULL, NULL, NULL,
+                       NULL, NULL, NULL, NULL)::billing._invoice_line
+              FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, n)
+                   JOIN unnest(wins) w ON w.account_id = x.a AND w.kind = 'prepaid',
+                   unnest(w.installment_due, w.installment_amounts) WITH ORDINALITY AS i(due, amount, j)
+             WHERE i.due >= x.s AND i.due < x.e);
+    END IF;
+    -- adjustment lines: the account's pending adjustments, on its first period
+    IF adjs IS NOT NULL THEN
+        l := l || ARRAY(
+            SELECT ROW(x.n, 4000000000 + row_number() OVER (PARTITION BY x.n ORDER BY a.adjustment_id),
+                       'adjustment', a.meter, a.description, a.quantity, a.amount, NULL, NULL, NULL,
+                       a.adjustment_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                       a.dimension)::billing._invoice_line
+              FROM unnest(p_accounts, p_first) WITH ORDINALITY AS x(a, f, n)
+                   JOIN unnest(adjs) a ON a.grant_id = x.a
+             WHERE x.f);
+    END IF;
+    -- 4. the credits, after every line above (_credit_draws)
+    IF grs IS NOT NULL THEN
+        l := l || ARRAY(SELECT x FROM billing._credit_draws(p_accounts, p_currencies, p_starts,
+                                                            p_ends, p_book, l, grs) x);
+    END IF;
+    IF cardinality(p_accounts) = 1 THEN
+        RETURN QUERY SELECT * FROM unnest(l);     -- in order already
+    ELSE
+        RETURN QUERY SELECT * FROM unnest(l) x ORDER BY x.idx, x.ord;
+    END IF;
 END
 $$;
 -- ---- end of issue 16, preview plans ----

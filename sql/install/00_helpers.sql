@@ -199,3 +199,33 @@ END
 $$;
 COMMENT ON FUNCTION billing._refuse_change() IS
     'Internal: refuses UPDATE, DELETE or TRUNCATE of immutable and append-only tables (arguments: detail, hint, columns an UPDATE may set once)';
+
+/*
+ * _plan_cache_for: the plan cache mode for the statements that rate or
+ * build p_periods billing periods, set with set_config(..., true) at the
+ * caller's level: the caller declares SET plan_cache_mode = auto, so the
+ * mode ends with its call.  (This function has no SET clause of its own,
+ * which would end the mode with this call.)  The one rule for every
+ * rating path:
+ *   - more than 16 periods (finalize, rerate): custom plans, which know
+ *     the arrays' sizes (a generic plan takes each array for 10 rows and
+ *     may join them in loops);
+ *   - at most 16 (a preview, remaining), without Citus and with p_generic:
+ *     one generic plan per statement and session (planning the statements
+ *     anew took longer than running them for one account);
+ *   - otherwise the caller's mode: with Citus loaded, which plans
+ *     distributed statements with their parameters' values.
+ */
+CREATE FUNCTION billing._plan_cache_for(p_periods integer, p_generic boolean DEFAULT true)
+    RETURNS void
+    LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_periods > 16 THEN
+        PERFORM pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', true);
+    ELSIF p_generic AND pg_catalog.current_setting('citus.version', true) IS NULL THEN
+        PERFORM pg_catalog.set_config('plan_cache_mode', 'force_generic_plan', true);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION billing._plan_cache_for(integer, boolean) IS
+    'Internal: sets plan_cache_mode for the rest of the caller''s call, from the number of periods it rates';

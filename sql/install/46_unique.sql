@@ -233,11 +233,8 @@ BEGIN
     END IF;
     -- one account: one generic plan per statement and session (a custom
     -- plan for each call planned the statements anew, which took longer
-    -- than running them).  Not with Citus loaded: it plans distributed
-    -- statements with their parameters' values.
-    IF current_setting('citus.version', true) IS NULL THEN
-        PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
-    END IF;
+    -- than running them); see _plan_cache_for
+    PERFORM billing._plan_cache_for(1);
     FOREACH mtr IN ARRAY p_meters LOOP
         named := ARRAY(SELECT DISTINCT x.d FROM unnest(s_meters, s_dims) AS x(m, d)
                         WHERE x.m = mtr AND x.d IS NOT NULL);

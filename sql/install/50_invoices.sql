@@ -134,17 +134,11 @@ CREATE FUNCTION billing._rate_periods(p_accounts bigint[], p_plans text[], p_cur
     -- cache mode is a level to change it on, for this call only
     SET jit = off SET plan_cache_mode = auto AS $$
 BEGIN
-    -- A few periods (a preview): one generic plan per session.  Planning
-    -- this statement anew took longer than running it for one account (a
-    -- custom plan, the arrays' lengths known, always looked cheaper).  Many
-    -- (finalize, rerate): plans that know the arrays' sizes (a generic plan
-    -- takes each for 10 rows and may join them in loops).  Not with Citus
-    -- loaded: it plans distributed statements with their parameters' values.
-    IF cardinality(p_accounts) <= 16 AND current_setting('citus.version', true) IS NULL THEN
-        PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
-    ELSE
-        PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);
-    END IF;
+    -- A few periods (a preview): one generic plan per session (for one
+    -- account a custom plan, the arrays' lengths known, always looked
+    -- cheaper, and planning it took longer than running it).  Many
+    -- (finalize, rerate): custom plans.  See _plan_cache_for.
+    PERFORM billing._plan_cache_for(cardinality(p_accounts));
     RETURN QUERY
     WITH per AS (
         SELECT x.i::integer AS idx, x.pl AS plan, x.cur AS currency, x.cap, x.s AS ps

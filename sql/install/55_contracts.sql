@@ -498,11 +498,10 @@ DECLARE
 BEGIN
     IF coalesce(array_length(p_accounts, 1), 0) = 0 THEN
         RETURN;
-    ELSIF cardinality(p_accounts) > 16 THEN
-        -- many periods (finalize): plans that know the arrays' sizes (a
-        -- generic plan takes each for 10 rows and may join them in loops)
-        PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);
     END IF;
+    -- many periods (finalize, rerate): custom plans from here on; a few
+    -- keep the caller's mode until 2. (_plan_cache_for)
+    PERFORM billing._plan_cache_for(cardinality(p_accounts), false);
     -- 1. usage and fixed lines of every segment (one set-based rating), the
     -- cap.  Each period one segment (no plan change): _rate_periods rates
     -- the periods, cap included, as they are.
@@ -539,13 +538,10 @@ BEGIN
     -- 2. what the accounts have (one statement; each subquery routed by the
     -- accounts on Citus).  From here on, for a few periods (a preview), one
     -- generic plan per statement and session: planning these statements
-    -- anew costs more than running them.  (Not for many: a generic plan
-    -- takes each array for 10 rows.  Not above: the callees of the rating
-    -- keep their own plans.  Not with Citus loaded: it plans distributed
-    -- statements with their parameters' values.)
-    IF cardinality(p_accounts) <= 16 AND current_setting('citus.version', true) IS NULL THEN
-        PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
-    END IF;
+    -- anew costs more than running them.  (Not above: the rating's
+    -- statements here and in the callees that set no mode of their own,
+    -- such as _segment_lines, keep the caller's.)  See _plan_cache_for.
+    PERFORM billing._plan_cache_for(cardinality(p_accounts));
     IF cardinality(p_accounts) = 1 THEN
         accs := p_accounts;
         t_from := p_starts[1];

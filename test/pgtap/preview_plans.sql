@@ -6,9 +6,10 @@
 -- 17 copies (custom plans) gives the same lines, and the preview's lines
 -- do not change over repeated calls (the cached plan).  (3) The distinct
 -- count of a unique meter and the matrix lines equal a brute-force count
--- of the reports, compacted and not.
+-- of the reports, compacted and not.  (0) The rule itself is one function,
+-- _plan_cache_for, which every function that sets the mode calls.
 BEGIN;
-SELECT plan(9);
+SELECT plan(14);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
 
@@ -48,6 +49,30 @@ CREATE FUNCTION pg_temp.truth() RETURNS SETOF text LANGUAGE sql AS $$
 CREATE FUNCTION pg_temp.usage_lines() RETURNS SETOF text LANGUAGE sql AS $$
     SELECT format('%s|%s|%s', meter, dimension, quantity)
       FROM billing.invoice_preview(9901, '2025-03-20 00:00+00') WHERE kind = 'usage' $$;
+
+-- (0) _plan_cache_for, called from a function that declares the mode
+CREATE FUNCTION pg_temp.mode_for(n integer, g boolean DEFAULT true) RETURNS text
+    LANGUAGE plpgsql SET plan_cache_mode = auto AS $$
+BEGIN
+    PERFORM billing._plan_cache_for(n, g);
+    RETURN current_setting('plan_cache_mode');
+END $$;
+SET LOCAL plan_cache_mode = force_custom_plan;
+SELECT is(pg_temp.mode_for(17), 'force_custom_plan', '17 periods: custom plans');
+SELECT is(pg_temp.mode_for(16),
+          CASE WHEN current_setting('citus.version', true) IS NULL THEN 'force_generic_plan' ELSE 'auto' END,
+          '16 periods: one generic plan (without Citus)');
+SELECT is(pg_temp.mode_for(1, false), 'auto', 'one period, generic plans not asked for: the caller''s mode');
+SELECT is(current_setting('plan_cache_mode'), 'force_custom_plan',
+          'the mode ends with the call that declared it');
+-- the functions that declare the mode call _plan_cache_for, and nothing
+-- else in the schema sets it
+SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
+            WHERE p.pronamespace = 'billing'::regnamespace AND p.proname <> '_plan_cache_for'
+              AND (p.prosrc ~* 'plan_cache_mode[''"]?\s*,'
+                   OR ('plan_cache_mode=auto' = ANY (p.proconfig)
+                       AND p.prosrc !~ 'billing\._plan_cache_for\('))),
+          NULL, 'the plan cache rule is written once (_plan_cache_for)');
 
 -- (1) the caller's plan_cache_mode survives every path
 SET LOCAL plan_cache_mode = force_custom_plan;
