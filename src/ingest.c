@@ -428,7 +428,7 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 	SPI_finish();
 
 	/* the accumulator holds the report; replace it by the increase */
-	bucket_reset(st->acc.buckets);
+	billing_acc_discard(&st->acc);
 	if (cmp > 0 || new_source)
 	{
 		BucketKey	key;
@@ -451,6 +451,7 @@ billing_report_cumulative(PG_FUNCTION_ARGS)
 			inc.num = NULL;
 		}
 		billing_acc_add(&st->acc, &key, &inc, ts, 0);
+		billing_acc_settle(&st->acc);
 		/* a source counts as one event, the first time it reports */
 		cell = bucket_lookup(st->acc.buckets, key);
 		cell->events = new_source ? 1 : 0;

@@ -220,6 +220,27 @@ bucketkey_hash(const BucketKey *k)
  * Accum: the counters of one accumulator (ingest_accum.c), the meters and
  * dimensions they use, interned, and what was counted.
  */
+/*
+ * A report on its way into the cell table.  A COPY or ingest() batch of a
+ * million reports over tens of thousands of cells finds each report's cell
+ * at a random place of a table of megabytes: most lookups missed the CPU's
+ * caches (and its TLB) and waited on memory.  billing_acc_add starts
+ * loading the cell's bucket and adds the report ACC_AHEAD reports later,
+ * when it has arrived.  Only reports with a 128-bit decimal quantity wait
+ * (a numeric lives in the caller's memory): the cells' sums, maxima and
+ * latest values do not depend on the order reports are added in.
+ */
+#define ACC_AHEAD	8
+
+typedef struct AccAhead
+{
+	BucketKey	key;
+	uint64		dec[2];			/* the quantity, as BucketAcc keeps it */
+	TimestampTz ts;
+	int32		ord;
+	uint32		hash;
+} AccAhead;
+
 typedef struct Accum
 {
 	MemoryContext cxt;			/* the accumulator's: holds all of it */
@@ -237,6 +258,10 @@ typedef struct Accum
 	int			maxdims;
 	int			last_dim;		/* id of the dimension used last */
 	bucket_hash *buckets;		/* BucketKey -> BucketAcc */
+	AccAhead	ahead[ACC_AHEAD];	/* reports counted, not yet added to
+									 * their cells (billing_acc_add) */
+	int			nahead;
+	int			ahead_next;		/* the oldest, when ACC_AHEAD are waiting */
 	int64		counted;		/* reports counted */
 	int64		nreports;		/* reports seen: their arrival order */
 	bool		numeric_cells;	/* a cell may hold a numeric (to free at flush) */
@@ -390,7 +415,8 @@ cells_room(IngestState *st, Size budget)
 static inline bool
 cells_at_limit(IngestState *st, Size budget)
 {
-	return st->acc.buckets->members + 1 >= st->acc.buckets->grow_threshold &&
+	/* (the reports still on their way may each make a cell) */
+	return st->acc.buckets->members + st->acc.nahead + 1 >= st->acc.buckets->grow_threshold &&
 		(Size) st->acc.buckets->size * 2 * sizeof(BucketAcc) > cells_room(st, budget);
 }
 
@@ -404,6 +430,8 @@ extern MeterSlot *billing_acc_slot(Accum *acc, const char *name, int len);
 extern int32 billing_acc_dim(Accum *acc, const char *s, int len);
 extern void billing_acc_add(Accum *acc, const BucketKey *key, const Qty *v,
 							TimestampTz ts, int64 ord);
+extern void billing_acc_settle(Accum *acc);
+extern void billing_acc_discard(Accum *acc);
 extern void billing_qty_from_datum(Datum d, Oid type, Qty *q, bool *notfinite);
 extern void billing_qty_store(Qty *dst, const Qty *src, MemoryContext cxt);
 extern ReportResult billing_report(IngestState *st, int64 account_id,

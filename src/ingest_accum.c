@@ -188,6 +188,8 @@ billing_acc_init(Accum *acc, MemoryContext cxt, MemoryContext cells_cxt,
 							   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 
 	acc->buckets = cells ? cells : bucket_create(cells_cxt, ncells, NULL);
+	acc->nahead = 0;
+	acc->ahead_next = 0;
 }
 
 /*
@@ -296,26 +298,31 @@ billing_acc_dim(Accum *acc, const char *s, int len)
 	return e->id;
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+#define acc_prefetch(p)	__builtin_prefetch(p)
+#else
+#define acc_prefetch(p)	((void) 0)
+#endif
+
 /*
- * billing_acc_add
- *		Add one report (already validated and claimed) to the counters.
+ * acc_add_now
+ *		Add one report to its cell, whose key hashes to hash.
  */
-void
-billing_acc_add(Accum *acc, const BucketKey *key, const Qty *v, TimestampTz ts,
-				int64 ord)
+static void
+acc_add_now(Accum *acc, const BucketKey *key, uint32 hash, const Qty *v, TimestampTz ts,
+			int32 ord)
 {
 	BucketAcc  *cell;
 	bool		found;
 	Aggregation agg = acc->slots[key->meter]->def.agg;
 	Qty			q;
 
-	Assert(ord >= 0 && ord <= MAX_TABLE_REPORTS);
-	cell = bucket_insert(acc->buckets, *key, &found);
+	cell = bucket_insert_hash(acc->buckets, *key, hash, &found);
 	if (!found)
 	{
 		cell->events = 1;
 		cell->last_ts = ts;
-		cell->last_ord = (int32) ord;
+		cell->last_ord = ord;
 		q.isdec = true;
 		q.dec = 0;
 		q.num = NULL;
@@ -325,7 +332,6 @@ billing_acc_add(Accum *acc, const BucketKey *key, const Qty *v, TimestampTz ts,
 			billing_qty_store(&q, v, acc->cxt);
 		cell_set_qty(cell, &q);
 		acc->numeric_cells |= !q.isdec;
-		acc->counted++;
 		return;
 	}
 
@@ -333,7 +339,6 @@ billing_acc_add(Accum *acc, const BucketKey *key, const Qty *v, TimestampTz ts,
 		ereport(ERROR,
 				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
 				 errmsg("event count of a usage bucket is out of range")));
-	acc->counted++;
 
 	cell_qty(cell, &q);
 	switch (agg)
@@ -358,12 +363,92 @@ billing_acc_add(Accum *acc, const BucketKey *key, const Qty *v, TimestampTz ts,
 			{
 				billing_qty_store(&q, v, acc->cxt);
 				cell->last_ts = ts;
-				cell->last_ord = (int32) ord;
+				cell->last_ord = ord;
 			}
 			break;
 	}
 	cell_set_qty(cell, &q);
 	acc->numeric_cells |= !q.isdec;
+}
+
+/* add the waiting report a to its cell */
+static inline void
+acc_add_ahead(Accum *acc, const AccAhead *a)
+{
+	Qty			v;
+
+	v.isdec = true;
+	memcpy(&v.dec, a->dec, sizeof(v.dec));
+	v.num = NULL;
+	acc_add_now(acc, &a->key, a->hash, &v, a->ts, a->ord);
+}
+
+/*
+ * billing_acc_add
+ *		Count one report (already validated and claimed): now when its
+ *		quantity is a numeric, else ACC_AHEAD reports later (or at
+ *		billing_acc_settle), its cell's bucket being loaded meanwhile (see
+ *		AccAhead in ingest.h).  acc->counted counts it at once.
+ */
+void
+billing_acc_add(Accum *acc, const BucketKey *key, const Qty *v, TimestampTz ts,
+				int64 ord)
+{
+	uint32		hash = bucketkey_hash(key);
+	AccAhead   *a;
+
+	Assert(ord >= 0 && ord <= MAX_TABLE_REPORTS);
+	acc->counted++;
+	if (!v->isdec)
+	{
+		acc_add_now(acc, key, hash, v, ts, (int32) ord);
+		return;
+	}
+	acc_prefetch(&acc->buckets->data[hash & acc->buckets->sizemask]);
+	if (acc->nahead < ACC_AHEAD)
+		a = &acc->ahead[acc->nahead++];
+	else
+	{
+		/* the oldest has waited ACC_AHEAD reports: add it, take its place */
+		a = &acc->ahead[acc->ahead_next];
+		acc_add_ahead(acc, a);
+		acc->ahead_next = (acc->ahead_next + 1) % ACC_AHEAD;
+	}
+	a->key = *key;
+	memcpy(a->dec, &v->dec, sizeof(a->dec));
+	a->ts = ts;
+	a->ord = (int32) ord;
+	a->hash = hash;
+}
+
+/*
+ * billing_acc_settle
+ *		Add the reports still on their way to their cells: before anything
+ *		reads, writes or empties the cell table.
+ */
+void
+billing_acc_settle(Accum *acc)
+{
+	int			n = acc->nahead;
+	int			first = n < ACC_AHEAD ? 0 : acc->ahead_next;
+
+	/* emptied first: an error below leaves no report to add twice */
+	acc->nahead = 0;
+	acc->ahead_next = 0;
+	for (int i = 0; i < n; i++)
+		acc_add_ahead(acc, &acc->ahead[(first + i) % ACC_AHEAD]);
+}
+
+/*
+ * billing_acc_discard
+ *		Empty the cell table and forget the reports on their way.
+ */
+void
+billing_acc_discard(Accum *acc)
+{
+	acc->nahead = 0;
+	acc->ahead_next = 0;
+	bucket_reset(acc->buckets);
 }
 
 /* ---------------------------------------------------------------------

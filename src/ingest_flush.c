@@ -204,6 +204,7 @@ billing_flush_cells(IngestState *st, bool final)
 	MemoryContext tmp;
 	MemoryContext old;
 
+	billing_acc_settle(acc);
 	if (acc->buckets->members == 0)
 	{
 		/* runs exist on one node only */
