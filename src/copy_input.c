@@ -15,12 +15,12 @@
  * numeric (built in numeric's on-disk form by decimal.c), directly; any
  * other text (another form, a value out of range, a typmod to apply) goes
  * to PostgreSQL's own input function, which gives the result or raises its
- * error.  The form read here is exact: a numeric
- * UTC offset, so neither TimeZone, DateStyle nor timezone_abbreviations
- * can change its meaning, and fractions of at most 6 digits, which
- * timestamptz keeps whole.  pgTAP copy_input.sql compares both parsers on
- * generated text (billing._copy_timestamptz_fast and _copy_numeric_fast
- * show what the reader alone returns).
+ * error.  The form read here is exact: a numeric UTC offset, so neither
+ * TimeZone, DateStyle nor timezone_abbreviations can change its meaning,
+ * and fractions of at most 6 digits, which timestamptz keeps whole.  pgTAP
+ * copy_input.sql compares both parsers on generated text
+ * (billing._copy_timestamptz_fast and _copy_numeric_fast show what the
+ * reader alone returns).
  */
 #include "postgres.h"
 

@@ -217,10 +217,6 @@ bucketkey_hash(const BucketKey *k)
 #include "lib/simplehash.h"
 
 /*
- * Accum: the counters of one accumulator (ingest_accum.c), the meters and
- * dimensions they use, interned, and what was counted.
- */
-/*
  * A report on its way into the cell table.  A COPY or ingest() batch of a
  * million reports over tens of thousands of cells finds each report's cell
  * at a random place of a table of megabytes: most lookups missed the CPU's
@@ -241,6 +237,10 @@ typedef struct AccAhead
 	uint32		hash;
 } AccAhead;
 
+/*
+ * Accum: the counters of one accumulator (ingest_accum.c), the meters and
+ * dimensions they use, interned, and what was counted.
+ */
 typedef struct Accum
 {
 	MemoryContext cxt;			/* the accumulator's: holds all of it */
@@ -416,7 +416,8 @@ static inline bool
 cells_at_limit(IngestState *st, Size budget)
 {
 	/* (the reports still on their way may each make a cell) */
-	return st->acc.buckets->members + st->acc.nahead + 1 >= st->acc.buckets->grow_threshold &&
+	return st->acc.buckets->members + st->acc.nahead + 1 >=
+		st->acc.buckets->grow_threshold &&
 		(Size) st->acc.buckets->size * 2 * sizeof(BucketAcc) > cells_room(st, budget);
 }
 

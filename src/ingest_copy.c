@@ -35,22 +35,22 @@
  * counts.  When those are its only INSERT triggers (and under the other
  * conditions above), the table is not a partition (whose bounds COPY
  * checks) and no column has a volatile default or is generated, the hook
- * stores and counts the rows itself (billing_meter_copy_keep): each row is checked against the table's NOT
- * NULL and CHECK constraints, counted as billing_meter_after_rows counts
- * it, and stored in batches with its index entries (and their unique and
- * exclusion checks), as CopyFrom stores rows; the rows are not written to
- * a transition table and read back.  Into any other metered table (with
- * event ids, or other triggers), under the same conditions but the first,
- * the hook runs PostgreSQL's own CopyFrom, as COPY would, with every
- * trigger.  Either way the rows are parsed with the readers of
- * copy_input.c for ISO timestamps and integer quantities, which give
- * exactly what PostgreSQL's input functions give, at a tenth of
- * timestamptz_in's cost.
- * The command tag is COPY 0 when counted, as through the triggers, which
- * drop every row, and the count of rows stored otherwise.  The
- * hook is installed when the library is loaded (at server start with
- * shared_preload_libraries); before that, in a session that has not used
- * billing yet, COPY goes through the triggers, with the same counts.
+ * stores and counts the rows itself (billing_meter_copy_keep): each row is
+ * checked against the table's NOT NULL and CHECK constraints, counted as
+ * billing_meter_after_rows counts it, and stored in batches with its index
+ * entries (and their unique and exclusion checks), as CopyFrom stores
+ * rows; the rows are not written to a transition table and read back.
+ * Into any other metered table (with event ids, or other triggers), under
+ * the same conditions but the first, the hook runs PostgreSQL's own
+ * CopyFrom, as COPY would, with every trigger.  Either way the rows are
+ * parsed with the readers of copy_input.c for ISO timestamps and integer
+ * quantities, which give exactly what PostgreSQL's input functions give,
+ * at a tenth of timestamptz_in's cost.  The command tag is COPY 0 when
+ * counted, as through the triggers, which drop every row, and the count of
+ * rows stored otherwise.  The hook is installed when the library is
+ * loaded (at server start with shared_preload_libraries); before that, in
+ * a session that has not used billing yet, COPY goes through the triggers,
+ * with the same counts.
  */
 #include "postgres.h"
 

@@ -81,8 +81,8 @@ static TriggerState *trigger_states = NULL;
 static bool
 state_is_empty(IngestState *st)
 {
-	return st->acc.buckets->members == 0 && st->acc.nahead == 0 && st->claims.npending == 0 &&
-		st->runs.nruns == 0;
+	return st->acc.buckets->members == 0 && st->acc.nahead == 0 &&
+		st->claims.npending == 0 && st->runs.nruns == 0;
 }
 
 /*

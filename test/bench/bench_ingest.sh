@@ -431,12 +431,11 @@ storage_row() {
 ours_e2e() {
     local unit=$1 b0= b1= b2= i o c o2 c2 err
     E1="n/a (no compact_usage)"; E2=$E1; E0=
-    # the extension as a run creates it (the peers' runs drop it)
-    reset_ours "$unit" 2>>"$LOG" || { E1="error (CREATE EXTENSION)"; E2=$E1; return 0; }
-    has_fn compact_usage || return 0
     for ((i = 0; i < REPEAT; i++)); do
         err=
         if ! reset_ours "$unit" 2>>"$LOG"; then err="error (CREATE EXTENSION)"
+        # (known once the extension exists: the peers' runs drop it)
+        elif [ "$i" = 0 ] && ! has_fn compact_usage; then return 0
         elif ! q -c "SELECT billing.meter_table('t', 'account_id', 'meter', 'quantity', 'ts',
                                                 keep_rows => false)" >/dev/null 2>>"$LOG"; then
             err="error (meter_table)"
