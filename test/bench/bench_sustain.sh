@@ -127,7 +127,12 @@ SELECT billing.compact_usage() AS prefill_compacted;
 CREATE TABLE public.t (account_id bigint NOT NULL, meter text NOT NULL,
                        quantity numeric NOT NULL, ts timestamptz NOT NULL DEFAULT now());
 SELECT billing.meter_table('public.t', 'account_id', 'meter', 'quantity', 'ts', keep_rows => false) \g /dev/null
-CREATE TABLE public.preview_lat (at timestamptz, ms float8);
+-- wait_ms: of ms, the time the preview's backend was ready to run but
+-- waited for a CPU (the kernel's run_delay, /proc/self/schedstat; NULL
+-- where the kernel does not keep it)
+CREATE TABLE public.preview_lat (at timestamptz, ms float8, wait_ms float8);
+CREATE FUNCTION public.run_delay_ns() RETURNS bigint LANGUAGE sql AS
+    \$\$ SELECT split_part(pg_read_file('/proc/self/schedstat', 0, 200, true), ' ', 2)::bigint \$\$;
 CREATE TABLE public.backlog (at timestamptz, deltas bigint, deltas_bytes bigint,
                              compact_runs bigint, compact_ms float8, compact_result text);
 -- the preview client: one preview of account 1 every p_every seconds until
@@ -137,11 +142,15 @@ LANGUAGE plpgsql AS \$\$
 DECLARE
     t0 timestamptz;
     n int;
+    w0 bigint;
 BEGIN
     WHILE clock_timestamp() < p_until LOOP
+        w0 := public.run_delay_ns();
         t0 := clock_timestamp();
         SELECT count(*) INTO n FROM billing.invoice_preview(1, t0);
-        INSERT INTO public.preview_lat VALUES (t0, extract(epoch FROM clock_timestamp() - t0) * 1000);
+        INSERT INTO public.preview_lat
+        VALUES (t0, extract(epoch FROM clock_timestamp() - t0) * 1000,
+                (public.run_delay_ns() - w0) / 1e6);
         COMMIT;
         PERFORM pg_sleep(greatest(0, p_every - extract(epoch FROM clock_timestamp() - t0)));
     END LOOP;
@@ -274,6 +283,19 @@ echo
 echo "previews: $N, p95 overall $P95 ms, worst minute's p95 $WORST ms (minute $WORSTMIN)"
 echo "backlog (usage_deltas rows), $NS samples after a warm-up of $((2 * INTERVAL)) s:" \
      "mean of the first third $FIRST, of the last third $LAST"
+# where the tail comes from: the previews whose backend waited for a CPU
+# (more than 0.5 ms of run_delay) against the others
+echo "previews that waited for a CPU (run queue > 0.5 ms, /proc/self/schedstat):"
+q -c "
+    SELECT count(*) FILTER (WHERE wait_ms > 0.5) AS waited,
+           round(100.0 * count(*) FILTER (WHERE wait_ms > 0.5) / count(*), 1) AS waited_pct,
+           round((percentile_cont(0.5) WITHIN GROUP (ORDER BY wait_ms)
+                  FILTER (WHERE wait_ms > 0.5))::numeric, 3) AS their_wait_p50_ms,
+           round((percentile_cont(0.95) WITHIN GROUP (ORDER BY ms)
+                  FILTER (WHERE wait_ms <= 0.5))::numeric, 3) AS p95_ms_of_the_others,
+           round((percentile_cont(0.95) WITHIN GROUP (ORDER BY ms - wait_ms))::numeric, 3)
+               AS p95_ms_less_the_wait
+      FROM public.preview_lat WHERE wait_ms IS NOT NULL"
 
 if [ "${N:-0}" -gt 0 ] && [ "$NC" -gt 0 ] && [ "$NI" -gt 0 ]; then
     goal_add sustain "invoice_preview p95, every minute (worst: minute $WORSTMIN)" "$WORST ms" \
