@@ -7,9 +7,10 @@
 -- do not change over repeated calls (the cached plan).  (3) The distinct
 -- count of a unique meter and the matrix lines equal a brute-force count
 -- of the reports, compacted and not.  (0) The rule itself is one function,
--- _plan_cache_for, which every function that sets the mode calls.
+-- _plan_cache_for, which every function that sets the mode calls.  (4)
+-- invoice_preview is PL/pgSQL, its plans cached.
 BEGIN;
-SELECT plan(14);
+SELECT plan(16);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
 
@@ -130,6 +131,16 @@ SELECT set_eq('SELECT * FROM pg_temp.usage_lines()', 'SELECT * FROM pg_temp.trut
               'and compacted plus new deltas (a new user, a user seen before)');
 SELECT is((SELECT quantity FROM billing.invoice_preview(9901, '2025-03-20 00:00+00') WHERE meter = 'pp_users'),
           41::numeric, 'the unique meter counts 41 distinct users');
+
+-- (4) invoice_preview is PL/pgSQL (its plan cached per session; a SQL
+-- function with a SET clause is parsed and planned at every call) and
+-- returns its body's lines, in their order
+SELECT is((SELECT l.lanname::text FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+            WHERE p.oid = 'billing.invoice_preview(bigint,timestamptz)'::regprocedure),
+          'plpgsql', 'invoice_preview is a PL/pgSQL function');
+SELECT results_eq('SELECT * FROM billing.invoice_preview(9901, ''2025-03-20 00:00+00'')',
+                  'SELECT * FROM billing._invoice_preview(9901, ''2025-03-20 00:00+00'')',
+                  'invoice_preview returns _invoice_preview''s lines in order');
 
 SELECT * FROM finish();
 ROLLBACK;
