@@ -234,10 +234,11 @@ SELECT a, NULL,
  GROUP BY a, m;
 SELECT compact_usage() AS cells_compacted;
 -- the peer keeps its own minute buckets (the same cells, read back through
--- billing.usage() when the store is not a table of minute buckets)
+-- billing.usage() when the store is not a table of minute buckets: since
+-- 1.1, usage_buckets exists but stays empty)
 DO \$\$
 BEGIN
-    IF to_regclass('billing.usage_buckets') IS NOT NULL THEN
+    IF EXISTS (SELECT 1 FROM billing.usage_buckets) THEN
         CREATE TABLE public.peer_minute_buckets AS
         SELECT account_id, meter, dimension, bucket_start, quantity FROM billing.usage_buckets;
     ELSE
@@ -335,14 +336,19 @@ for i in 1 2 3; do
     OURS+=("$(run_ms "SELECT count(*) FROM billing.rerate('$M0', '$M1');")")
     PEER+=("$(run_ms "\\i /tmp/billing_peer_rerate.sql")")
 done
-N_OURS=$("${PSQL[@]}" -At -d $DB -c "BEGIN" -c "SELECT count(*) FROM billing.rerate('$M0', '$M1')" -c "ROLLBACK" | grep -E "^[0-9]+$" | head -1)
+# both must find the same differences for the 10,000 accounts (3..10002):
+# as many, adding up to the same amount (the peer does not model the spend
+# cap and plan change of the preview accounts 1 and 2)
+N_OURS=$("${PSQL[@]}" -At -d $DB -c "BEGIN" -c "SELECT count(*) FILTER (WHERE account_id BETWEEN 3 AND 10002) || ' ' || coalesce(sum(delta) FILTER (WHERE account_id BETWEEN 3 AND 10002), 0) FROM billing.rerate('$M0', '$M1')" -c "ROLLBACK" | grep -E "^[0-9]+ " | head -1)
 N_PEER=$("${PSQL[@]}" -At -d $DB <<SQL | tail -1
 BEGIN;
 \i /tmp/billing_peer_rerate.sql
-SELECT count(*) FROM billing.peer_adjustments;
+SELECT count(*) || ' ' || coalesce(sum(delta), 0) FROM billing.peer_adjustments WHERE account_id BETWEEN 3 AND 10002;
 ROLLBACK;
 SQL
 )
+read -r N_OURS S_OURS <<<"$N_OURS"
+read -r N_PEER S_PEER <<<"$N_PEER"
 O=$(printf '%s\n' "${OURS[@]}" | best); P=$(printf '%s\n' "${PEER[@]}" | best)
 echo
 echo "-- results (best of 3)"
@@ -351,8 +357,13 @@ printf '%-44s %10s   (%s invoices, %s invoices/s)\n' "finalize_invoices, 10,000 
     "$(awk -v n="$FIN0_N" -v ms="$FIN0_MS" 'BEGIN { printf "%.0f", n * 1000 / ms }')"
 printf '%-44s %10s   (%s invoices, %s invoices/s)\n' "the same with two credits per account" "$FIN_MS" "$FIN_N" \
     "$(awk -v n="$FIN_N" -v ms="$FIN_MS" 'BEGIN { printf "%.0f", n * 1000 / ms }')"
-printf '%-44s %10s   (%s adjustments)\n' "rerate, 10,000 accounts (ours)" "$O" "$N_OURS"
-printf '%-44s %10s   (%s adjustments)\n' "same recompute in plain SQL (peer)" "$P" "$N_PEER"
+printf '%-44s %10s   (of accounts 3..10002: %s adjustments, deltas %s)\n' "rerate, 10,000 accounts (ours)" "$O" "$N_OURS" "$S_OURS"
+printf '%-44s %10s   (of accounts 3..10002: %s adjustments, deltas %s)\n' "same recompute in plain SQL (peer)" "$P" "$N_PEER" "$S_PEER"
+SAME=yes
+if [ "$N_OURS" != "$N_PEER" ] || [ "$(awk -v a="$S_OURS" -v b="$S_PEER" 'BEGIN { print (a == b) }')" != 1 ]; then
+    SAME=no
+    echo "the peer and ours do not find the same differences: the ratio is not judged"
+fi
 awk -v o="$O" -v p="$P" 'BEGIN { r = p / o; printf "ratio peer/ours: %.2fx  goal >= 5x: %s\n", r, (r >= 5 ? "met" : "NOT met") }'
 
 # the closing table of make bench
@@ -368,5 +379,10 @@ p95=$(rv matrix_p95)
 goal_add invoice "invoice_preview p95, 100k unique users + 20 matrix charges" "$p95 ms" "-" "-" "-" \
     "<= 2 ms" "$(goal_met "$p95" "<=" 2)"
 rr=$(awk -v o="$O" -v p="$P" 'BEGIN { printf "%.2f", p / o }')
-goal_add invoice "rerate, 10,000 accounts" "$O ms" "plain SQL recompute" "$P ms" "${rr}x" ">= 5x" \
-    "$(goal_met "$rr" ">=" 5)"
+if [ "$SAME" = yes ]; then
+    goal_add invoice "rerate, 10,000 accounts" "$O ms" "plain SQL recompute" "$P ms" "${rr}x" ">= 5x" \
+        "$(goal_met "$rr" ">=" 5)"
+else
+    goal_add invoice "rerate, 10,000 accounts" "$O ms" "plain SQL recompute" "$P ms" "${rr}x" ">= 5x" \
+        "n/a (the peer found $N_PEER differences, ours $N_OURS)"
+fi
