@@ -167,6 +167,7 @@ typedef struct StoreHeap
 	Relation	rel;
 	EState	   *estate;
 	ResultRelInfo *rri;
+	TupleDesc	desc;			/* a copy of the relation's, for slots */
 	TupleTableSlot **slots;		/* new rows queued */
 	int			n;
 	TupleTableSlot *upd_slot;	/* an updated row, for its index entries */

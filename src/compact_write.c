@@ -129,6 +129,8 @@ billing_compact_heap_begin(Oid days_rel)
 			ii->ii_ReadyForInserts && ii->ii_Expressions == NIL &&
 			ii->ii_Predicate == NIL && ii->ii_ExclusionOps == NULL;
 	}
+	/* new rows' slots: an unpinned copy of the descriptor (ingest_deltas.c) */
+	h->desc = CreateTupleDescCopy(RelationGetDescr(h->rel));
 	h->slots = palloc(HEAP_CHUNK * sizeof(TupleTableSlot *));
 	for (int i = 0; i < HEAP_CHUNK; i++)
 		h->slots[i] = NULL;
@@ -166,6 +168,7 @@ billing_compact_heap_end(StoreHeap *h)
 		if (h->slots[i] != NULL)
 			ExecDropSingleTupleTableSlot(h->slots[i]);
 	ExecDropSingleTupleTableSlot(h->upd_slot);
+	FreeTupleDesc(h->desc);
 	ExecCloseIndices(h->rri);
 	FreeExecutorState(h->estate);
 	table_close(h->rel, NoLock);
@@ -222,8 +225,7 @@ billing_compact_heap_write(StoreHeap *h, Datum *values, bool *nulls, const OldRo
 	{
 		MemoryContext oldcxt = MemoryContextSwitchTo(h->cxt);
 
-		h->slots[h->n] = MakeSingleTupleTableSlot(RelationGetDescr(h->rel),
-												  table_slot_callbacks(h->rel));
+		h->slots[h->n] = MakeSingleTupleTableSlot(h->desc, table_slot_callbacks(h->rel));
 		MemoryContextSwitchTo(oldcxt);
 	}
 	ExecClearTuple(h->slots[h->n]);
