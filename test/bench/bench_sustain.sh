@@ -288,7 +288,7 @@ echo "backlog (usage_deltas rows), $NS samples after a warm-up of $((2 * INTERVA
 echo "previews that waited for a CPU (run queue > 0.5 ms, /proc/self/schedstat):"
 q -c "
     SELECT count(*) FILTER (WHERE wait_ms > 0.5) AS waited,
-           round(100.0 * count(*) FILTER (WHERE wait_ms > 0.5) / count(*), 1) AS waited_pct,
+           round(100.0 * count(*) FILTER (WHERE wait_ms > 0.5) / nullif(count(*), 0), 1) AS waited_pct,
            round((percentile_cont(0.5) WITHIN GROUP (ORDER BY wait_ms)
                   FILTER (WHERE wait_ms > 0.5))::numeric, 3) AS their_wait_p50_ms,
            round((percentile_cont(0.95) WITHIN GROUP (ORDER BY ms)
