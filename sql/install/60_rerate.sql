@@ -157,8 +157,8 @@ BEGIN
     -- no table
     RETURN QUERY
     WITH invs AS (
-        SELECT k.n::integer AS n, k.a AS account_id, k.i AS invoice_id, k.s AS period_start
-          FROM unnest(inv.accounts, inv.invoices, inv.starts) WITH ORDINALITY AS k(a, i, s, n)
+        SELECT k.a AS account_id, k.i AS invoice_id, k.s AS period_start
+          FROM unnest(inv.accounts, inv.invoices, inv.starts) AS k(a, i, s)
     ), correct AS (
         SELECT invs.account_id, invs.invoice_id, (b.line).kind, (b.line).meter,
                (b.line).description, (b.line).quantity, (b.line).amount,
