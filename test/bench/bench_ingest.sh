@@ -94,6 +94,9 @@ has_fn() {
 # ratio A B: A / B with 2 decimals.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
+# lesser A B: the smaller of A and B (B empty: A), for best-of-REPEAT.
+lesser() { awk -v a="$1" -v b="$2" 'BEGIN { print (b == "" || a < b) ? a : b }'; }
+
 # met RATIO GOAL: "yes" when RATIO >= GOAL.
 met() { awk -v r="$1" -v g="$2" 'BEGIN { print (r >= g) ? "yes" : "NO" }'; }
 
@@ -223,7 +226,7 @@ peer_copy() {
         q -c "CHECKPOINT"
         if [ "${SECOND:-0}" = 1 ]; then ms=$(timed_ms "COPY t FROM '$DATA2'")
         else ms=$(timed_ms "COPY t FROM '$DATA'"); fi
-        best=$(awk -v a="$ms" -v b="$best" 'BEGIN { print (b == "" || a < b) ? a : b }')
+        best=$(lesser "$ms" "$best")
     done
     echo "$best"
 }
@@ -247,7 +250,7 @@ ours_copy() {
         fi
         q -c "CHECKPOINT"
         ms=$(timed_ms "COPY t FROM '$DATA'" 2>>"$LOG") || { echo "error (COPY)"; return; }
-        best=$(awk -v a="$ms" -v b="$best" 'BEGIN { print (b == "" || a < b) ? a : b }')
+        best=$(lesser "$ms" "$best")
     done
     echo "$best"
 }
@@ -490,23 +493,20 @@ make_ingest_sql() {
              GROUP BY b ORDER BY b) TO '$INGEST_SQL'"
 }
 
-# ingest_run UNIT: fresh extension, send every ingest() call of INGEST_SQL
-# from one psql client; prints the client's wall ms (best of REPEAT) or a
-# message.  Checks the accepted total, and leaves the state for check_ours.
-ingest_run() {
-    local unit=$1 best= ms i t0 acc
-    for ((i = 0; i < REPEAT; i++)); do
-        if ! reset_ours "$unit" 2>>"$LOG"; then echo "error (CREATE EXTENSION)"; return; fi
-        if ! has_fn ingest; then echo "n/a (not implemented)"; return; fi
-        q -c "CHECKPOINT"
-        t0=$(date +%s%N)
-        acc=$(q -At -f "$INGEST_SQL" 2>>"$LOG") || { echo "error (ingest, see $LOG)"; return; }
-        ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-        acc=$(awk '{ s += $1 } END { print s + 0 }' <<<"$acc")
-        [ "$acc" = "$ROWS" ] || { echo "error (accepted $acc of $ROWS)"; return; }
-        best=$(awk -v a="$ms" -v b="$best" 'BEGIN { print (b == "" || a < b) ? a : b }')
-    done
-    echo "$best"
+# send_psql: every ingest() call of INGEST_SQL from one psql client, the
+# arrays as literals; prints "ACCEPTED MS" (the client's wall ms).
+send_psql() {
+    local t0 acc
+    t0=$(date +%s%N)
+    acc=$(q -At -f "$INGEST_SQL" 2>>"$LOG") || return
+    echo "$(awk '{ s += $1 } END { print s + 0 }' <<<"$acc") $(( ($(date +%s%N) - t0) / 1000000 ))"
+}
+
+# send_binary: the same batches of the same file from ingest_client (one
+# prepared statement, binary arrays converted before the clock starts);
+# prints "ACCEPTED MS" (its sending loop's ms).
+send_binary() {
+    PGDATABASE=$DB "$INGEST_CLIENT" "$DATA" "$INGEST_BATCH" bench 2>>"$LOG"
 }
 
 # build_ingest_client: compile ingest_client.c (a libpq client sending the
@@ -521,22 +521,22 @@ build_ingest_client() {
     fi
 }
 
-# ingest_bin_run UNIT: as ingest_run, the same batches of the same file sent
-# by ingest_client (one prepared statement, binary arrays, converted before
-# the clock starts); prints the sending loop's ms (best of REPEAT) or a
-# message.
-ingest_bin_run() {
-    local unit=$1 best= out ms acc i
-    [ -n "$INGEST_CLIENT" ] || { echo "n/a (ingest_client did not build, see $LOG)"; return; }
+# ingest_run UNIT SENDER: fresh extension, SENDER (send_psql or
+# send_binary) sends the ingest() calls; prints the best ms of REPEAT or a
+# message.  Checks the accepted total, and leaves the state for check_ours.
+ingest_run() {
+    local unit=$1 sender=$2 best= out ms i acc
+    if [ "$sender" = send_binary ] && [ -z "$INGEST_CLIENT" ]; then
+        echo "n/a (ingest_client did not build, see $LOG)"; return
+    fi
     for ((i = 0; i < REPEAT; i++)); do
         if ! reset_ours "$unit" 2>>"$LOG"; then echo "error (CREATE EXTENSION)"; return; fi
         if ! has_fn ingest; then echo "n/a (not implemented)"; return; fi
         q -c "CHECKPOINT"
-        out=$(PGDATABASE=$DB "$INGEST_CLIENT" "$DATA" "$INGEST_BATCH" bench 2>>"$LOG") \
-            || { echo "error (ingest_client, see $LOG)"; return; }
+        out=$("$sender") || { echo "error (ingest, $sender, see $LOG)"; return; }
         read -r acc ms <<<"$out"
         [ "$acc" = "$ROWS" ] || { echo "error (accepted $acc of $ROWS)"; return; }
-        best=$(awk -v a="$ms" -v b="$best" 'BEGIN { print (b == "" || a < b) ? a : b }')
+        best=$(lesser "$ms" "$best")
     done
     echo "$best"
 }
@@ -662,7 +662,7 @@ for unit in $UNITS; do
     row "keep_rows=false + compact_usage(), second load" "$e2" "(2) stmt trigger, 2nd" "$p2b" 2
 
     # ingest() batches sent by a client, against the metered COPY above
-    o=$(ingest_run "$unit")
+    o=$(ingest_run "$unit" send_psql)
     echo "ours ingest() batches of $INGEST_BATCH: $o"
     [[ $o =~ ^[0-9.]+$ ]] && check_ours "$unit ours ingest() batches" "0"
     if [[ $o =~ ^[0-9.]+$ ]] && [[ $o_copy =~ ^[0-9.]+$ ]]; then
@@ -672,7 +672,7 @@ for unit in $UNITS; do
         TABLE+=("ingest() batches of $INGEST_BATCH from a client|$o|metered COPY keep_rows=false|$o_copy|-|>= 0.7x|n/a")
     fi
     # the same batches from a driver: binary parameters, no SQL text to lex
-    o=$(ingest_bin_run "$unit")
+    o=$(ingest_run "$unit" send_binary)
     echo "ours ingest() batches of $INGEST_BATCH, binary parameters: $o"
     [[ $o =~ ^[0-9.]+$ ]] && check_ours "$unit ours ingest() batches, binary parameters" "0"
     row "ingest() batches of $INGEST_BATCH, binary parameters" "$o" "metered COPY keep_rows=false" "$o_copy" info

@@ -56,38 +56,43 @@ put(Buf *b, const void *src, size_t n)
 	b->len += n;
 }
 
+/* a 2-, 4- or 8-byte integer in network order into out */
 static void
-put16(Buf *b, uint16_t v)
+be_bytes(unsigned char *out, uint64_t v, int len)
 {
-	unsigned char c[2] = {v >> 8, v};
-
-	put(b, c, 2);
+	for (int i = len - 1; i >= 0; i--, v >>= 8)
+		out[i] = (unsigned char) v;
 }
 
 static void
-put32(Buf *b, uint32_t v)
+put_be(Buf *b, uint64_t v, int len)
 {
-	unsigned char c[4] = {v >> 24, v >> 16, v >> 8, v};
+	unsigned char c[8];
 
-	put(b, c, 4);
+	be_bytes(c, v, len);
+	put(b, c, len);
 }
 
-static void
-put64(Buf *b, uint64_t v)
-{
-	put32(b, (uint32_t) (v >> 32));
-	put32(b, (uint32_t) v);
-}
+#define put16(b, v) put_be((b), (uint16_t) (v), 2)
+#define put32(b, v) put_be((b), (uint32_t) (v), 4)
+#define put64(b, v) put_be((b), (uint64_t) (v), 8)
 
-/* the header of a one-dimensional array of n elements without NULLs */
+/* the header of a one-dimensional array without NULLs, its length 0 */
 static void
-array_header(Buf *b, uint32_t elem_oid, int n)
+array_header(Buf *b, uint32_t elem_oid)
 {
 	put32(b, 1);				/* ndim */
 	put32(b, 0);				/* no NULLs */
 	put32(b, elem_oid);
-	put32(b, (uint32_t) n);		/* length */
+	put32(b, 0);				/* length: array_length() sets it */
 	put32(b, 1);				/* lower bound */
+}
+
+/* set the length in the header array_header wrote at the start of b */
+static void
+array_length(Buf *b, int n)
+{
+	be_bytes((unsigned char *) b->p + 12, (uint32_t) n, 4);
 }
 
 /*
@@ -242,6 +247,7 @@ main(int argc, char **argv)
 				t1;
 	long long	accepted = 0;
 	const Oid	types[7] = {OID_TEXT, 23, OID_INT8, 1016, 1009, 1231, 1185};
+	const uint32_t elem[4] = {OID_INT8, OID_TEXT, OID_NUMERIC, OID_TIMESTAMPTZ};
 
 	if (argc != 4)
 		die("usage: ingest_client FILE BATCH SOURCE", NULL);
@@ -279,6 +285,8 @@ main(int argc, char **argv)
 					die("out of memory", NULL);
 			}
 			memset(&batches[nbatches], 0, sizeof(Batch));
+			for (int a = 0; a < 4; a++)
+				array_header(&batches[nbatches].arr[a], elem[a]);
 			nbatches++;
 		}
 		b = &batches[nbatches - 1];
@@ -305,38 +313,27 @@ main(int argc, char **argv)
 		die("PREPARE failed", PQerrorMessage(conn));
 	PQclear(res);
 
-	/* the arrays: header first (the element count is known now) */
+	/* the arrays' lengths, known now */
 	for (int k = 0; k < nbatches; k++)
-	{
-		static const uint32_t elem[4] = {OID_INT8, OID_TEXT, OID_NUMERIC, OID_TIMESTAMPTZ};
-
 		for (int a = 0; a < 4; a++)
-		{
-			Buf			h = {0};
-
-			array_header(&h, elem[a], batches[k].n);
-			put(&h, batches[k].arr[a].p, batches[k].arr[a].len);
-			free(batches[k].arr[a].p);
-			batches[k].arr[a] = h;
-		}
-	}
+			array_length(&batches[k].arr[a], batches[k].n);
 
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (int k = 0; k < nbatches; k++)
 	{
-		Buf			part = {0},
-					off = {0};
+		unsigned char part[4],
+					off[8];
 		const char *values[7];
 		int			lengths[7];
 		const int	formats[7] = {1, 1, 1, 1, 1, 1, 1};
 
-		put32(&part, 1);
-		put64(&off, (uint64_t) (k + 1));
+		be_bytes(part, 1, 4);
+		be_bytes(off, (uint64_t) (k + 1), 8);
 		values[0] = argv[3];
 		lengths[0] = (int) strlen(argv[3]);
-		values[1] = part.p;
+		values[1] = (const char *) part;
 		lengths[1] = 4;
-		values[2] = off.p;
+		values[2] = (const char *) off;
 		lengths[2] = 8;
 		for (int a = 0; a < 4; a++)
 		{
@@ -348,8 +345,6 @@ main(int argc, char **argv)
 			die("ingest() failed", PQerrorMessage(conn));
 		accepted += atoll(PQgetvalue(res, 0, 0));
 		PQclear(res);
-		free(part.p);
-		free(off.p);
 	}
 	clock_gettime(CLOCK_MONOTONIC, &t1);
 	printf("%lld %.0f\n", accepted,
