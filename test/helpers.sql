@@ -40,3 +40,49 @@ CREATE OR REPLACE FUNCTION test.show(acct bigint, t0 timestamptz, grain interval
     SELECT u.meter, u.dimension, u.bucket_start - t0, u.quantity, u.events
       FROM billing.usage(acct, t0 - interval '1 day', t0 + interval '1 day', grain, m) u
 $$;
+
+-- finalized_digest(lo, hi): an md5 of what finalize_invoices wrote for the
+-- accounts lo..hi, free of the ids sequences hand out (a run rolled back to
+-- a savepoint keeps its nextval()s): each invoice by (account, period), its
+-- lines, the ledger entries, the rollover grants and the adjustments it
+-- carries, each naming an invoice by its period and a rollover grant by the
+-- grant it rolled.  Two runs that wrote the same invoices have the same
+-- digest.
+CREATE OR REPLACE FUNCTION test.finalized_digest(lo bigint, hi bigint) RETURNS text
+    LANGUAGE sql AS $$
+    WITH inv AS (
+        SELECT i.account_id, i.invoice_id, i.period_start::text AS per
+          FROM billing.invoices i WHERE i.account_id BETWEEN lo AND hi
+    ), gr AS (
+        SELECT g.account_id, g.grant_id,
+               CASE WHEN g.source = 'rollover' THEN 'rollover of ' || g.rolled_from
+                    ELSE g.grant_id::text END AS name
+          FROM billing.credit_grants g WHERE g.account_id BETWEEN lo AND hi
+    )
+    SELECT md5(concat_ws('|',
+        (SELECT string_agg(concat_ws(' ', i.account_id, i.plan, i.period_start, i.period_end,
+                                     i.currency, i.total, i.status), ',' ORDER BY i.account_id, i.period_start)
+           FROM billing.invoices i WHERE i.account_id BETWEEN lo AND hi),
+        (SELECT string_agg(concat_ws(' ', l.account_id, v.per, l.line_no, l.kind, l.meter, l.description,
+                                     l.quantity, l.amount, l.unrounded_amount, l.charge_id,
+                                     l.segment_start, l.segment_end, l.proration, l.commitment_id,
+                                     g.name, l.dimension, l.adjustment_id),
+                           ',' ORDER BY l.account_id, v.per, l.line_no)
+           FROM billing.invoice_lines l JOIN inv v USING (account_id, invoice_id)
+                LEFT JOIN gr g ON g.account_id = l.account_id AND g.grant_id = l.grant_id),
+        (SELECT string_agg(concat_ws(' ', e.account_id, e.seq, g.name, e.kind, e.amount, e.effective_at,
+                                     v.per), ',' ORDER BY e.account_id, e.seq)
+           FROM billing.credit_ledger e LEFT JOIN gr g USING (account_id, grant_id)
+                LEFT JOIN inv v USING (account_id, invoice_id)
+          WHERE e.account_id BETWEEN lo AND hi),
+        (SELECT string_agg(concat_ws(' ', c.account_id, g.name, c.amount, c.effective_at, c.expires_at,
+                                     c.priority, c.applies_to, c.reason, c.commitment_id, c.window_no),
+                           ',' ORDER BY c.account_id, g.name)
+           FROM billing.credit_grants c JOIN gr g USING (account_id, grant_id)
+          WHERE c.source = 'rollover'),
+        (SELECT string_agg(concat_ws(' ', a.account_id, a.adjustment_id, v.per), ','
+                           ORDER BY a.account_id, a.adjustment_id)
+           FROM billing.adjustments a LEFT JOIN inv v ON v.account_id = a.account_id
+                                                    AND v.invoice_id = a.billed_invoice_id
+          WHERE a.account_id BETWEEN lo AND hi)))
+$$;

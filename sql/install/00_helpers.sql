@@ -229,3 +229,22 @@ END
 $$;
 COMMENT ON FUNCTION billing._plan_cache_for(integer, boolean) IS
     'Internal: sets plan_cache_mode for the rest of the caller''s call, from the number of periods it rates';
+
+/*
+ * _chunk_ends: the batches of a job over many accounts (finalize_invoices,
+ * rerate), so that its memory is that of a batch, not of every account.
+ * Given the accounts of the job's rows in account order, the index of the
+ * last row of each run of p_per accounts (at least one): a batch never
+ * splits an account's rows.
+ */
+CREATE FUNCTION billing._chunk_ends(p_accounts bigint[], p_per integer) RETURNS integer[]
+    LANGUAGE sql IMMUTABLE STRICT
+    SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(array_agg(y.e ORDER BY y.e), '{}')
+      FROM (SELECT max(z.k)::integer AS e
+              FROM (SELECT u.k, dense_rank() OVER (ORDER BY u.a) AS r
+                      FROM unnest(p_accounts) WITH ORDINALITY AS u(a, k)) z
+             GROUP BY (z.r - 1) / greatest(p_per, 1)) y
+$$;
+COMMENT ON FUNCTION billing._chunk_ends(bigint[], integer) IS
+    'Internal: the last index of each run of p_per accounts in an account-ordered array (the batches of finalize_invoices and rerate)';

@@ -364,12 +364,13 @@ COMMENT ON FUNCTION billing._ledger_kind(text) IS
 /*
  * _due_periods: the billing periods that ended at or before cutoff and have
  * no invoice, one row per plan segment (_segments: a period with a plan
- * change has two).  Each subscription is walked from the period after the
- * latest invoice overlapping it, up to the one holding cutoff, so that a
- * period one of whose segments has not ended is seen whole and is not due.
- * PL/pgSQL: Citus plans the queries with cutoff's value.
+ * change has two), of some accounts (NULL: every account).  Each
+ * subscription is walked from the period after the latest invoice
+ * overlapping it, up to the one holding cutoff, so that a period one of
+ * whose segments has not ended is seen whole and is not due.  PL/pgSQL:
+ * Citus plans the queries with cutoff's value.
  */
-CREATE FUNCTION billing._due_periods(cutoff timestamptz)
+CREATE FUNCTION billing._due_periods(cutoff timestamptz, p_accounts bigint[] DEFAULT NULL)
     RETURNS TABLE (account_id bigint, plan text, currency text, spend_cap numeric,
                    period_start timestamptz, period_end timestamptz, segment_plan text,
                    segment_start timestamptz, segment_end timestamptz)
@@ -383,7 +384,7 @@ DECLARE
     ats timestamptz[];
 BEGIN
     WITH subs AS (
-        SELECT * FROM billing._subscriptions_of(NULL, true)
+        SELECT * FROM billing._subscriptions_of(p_accounts, true)
     ), walk AS (
         SELECT s.*, billing._period_index(s.anchor, s.period, s.starts_at) AS n_first,
                billing._period_index(s.anchor, s.period, s.last_invoiced) + 1 AS n_next,
@@ -415,21 +416,24 @@ BEGIN
      ORDER BY y.account_id, y.period_start, y.segment_start;
 END
 $$;
-COMMENT ON FUNCTION billing._due_periods(timestamptz) IS
-    'Internal: billing periods ended by a cutoff that have no invoice yet, one row per plan segment';
+COMMENT ON FUNCTION billing._due_periods(timestamptz, bigint[]) IS
+    'Internal: billing periods ended by a cutoff that have no invoice yet, one row per plan segment, of some accounts (NULL: all)';
 
 /*
  * finalize_invoices: lock the accounts with due periods (row locks, in
- * account order), look the due periods up again under the locks (a
- * concurrent finalizer may have written some), then write every invoice,
- * its lines, the adjustments it carries, the credit ledger's draws,
- * expiries and rollovers and the rollover grants in one set-based
- * statement over _invoice_build (which on Citus _finalize_citus calls one
- * period at a time).  Each account's pending adjustments go on its
- * earliest new invoice.  Rollover grants get their ids here (the build
- * names them -1, -2, ...); ledger seqs continue each account's.
+ * account order), then, p_chunk accounts at a time (in account order),
+ * look their due periods up again under the locks (a concurrent finalizer
+ * may have written some) and write every invoice, its lines, the
+ * adjustments it carries, the credit ledger's draws, expiries and
+ * rollovers and the rollover grants in one set-based statement over
+ * _invoice_build (which on Citus _finalize_citus calls one period at a
+ * time).  A batch's memory is freed before the next one: a run over a
+ * million accounts needs the memory of p_chunk of them, not of a million.
+ * Each account's pending adjustments go on its earliest new invoice.
+ * Rollover grants get their ids here (the build names them -1, -2, ...);
+ * ledger seqs continue each account's.
  */
-CREATE FUNCTION billing._finalize(p_as_of timestamptz)
+CREATE FUNCTION billing._finalize(p_as_of timestamptz, p_chunk integer DEFAULT 1000)
     RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
                    r_period_end timestamptz, r_total numeric)
     LANGUAGE plpgsql
@@ -438,6 +442,10 @@ CREATE FUNCTION billing._finalize(p_as_of timestamptz)
     SET jit = off AS $$
 DECLARE
     cutoff timestamptz;
+    accs bigint[];      -- the accounts with due periods, locked, in order
+    chunk bigint[];     -- the accounts of a batch
+    lo integer := 1;
+    hi integer;
 BEGIN
     IF p_as_of IS NULL THEN
         RAISE EXCEPTION 'finalize_invoices: as_of must not be null' USING ERRCODE = '22004';
@@ -451,118 +459,127 @@ BEGIN
         RETURN QUERY SELECT * FROM billing._finalize_citus(cutoff);
         RETURN;
     END IF;
-    PERFORM 1 FROM billing.accounts a
-     WHERE a.account_id IN (SELECT d.account_id FROM billing._due_periods(cutoff) d)
-     ORDER BY a.account_id
-       FOR NO KEY UPDATE;
+    SELECT array_agg(l.account_id ORDER BY l.account_id) INTO accs
+      FROM (SELECT a.account_id FROM billing.accounts a
+             WHERE a.account_id IN (SELECT d.account_id FROM billing._due_periods(cutoff) d)
+             ORDER BY a.account_id
+               FOR NO KEY UPDATE) l;
+    IF accs IS NULL THEN
+        RETURN;
+    END IF;
 
     -- the invoices' audit rows (a trigger deferred to the commit, for
-    -- Citus: 70_audit.sql) written at the end of the one statement that
-    -- writes the invoices and their lines
+    -- Citus: 70_audit.sql) written at the end of each statement that
+    -- writes invoices and their lines
     SET CONSTRAINTS billing.invoices_audit IMMEDIATE;
-    RETURN QUERY
-    WITH d AS MATERIALIZED (
-        SELECT * FROM billing._due_periods(cutoff)
-    ), due AS (
-        SELECT p.*, nextval('billing.invoice_id_seq') AS invoice_id,
-               (row_number() OVER (ORDER BY p.account_id, p.period_start))::integer AS k,
-               row_number() OVER (PARTITION BY p.account_id ORDER BY p.period_start) = 1 AS first_of_account
-          FROM (SELECT DISTINCT d.account_id, d.plan, d.currency, d.spend_cap, d.period_start,
-                       d.period_end FROM d) p
-    ), pa AS (
-        SELECT array_agg(due.account_id ORDER BY due.k) AS accounts,
-               array_agg(due.currency ORDER BY due.k) AS currencies,
-               array_agg(due.spend_cap ORDER BY due.k) AS caps,
-               array_agg(due.period_start ORDER BY due.k) AS starts,
-               array_agg(due.period_end ORDER BY due.k) AS ends,
-               array_agg(due.first_of_account ORDER BY due.k) AS firsts
-          FROM due
-    ), sa AS (
-        SELECT array_agg(due.k ORDER BY due.k, d.segment_start) AS idx,
-               array_agg(d.segment_plan ORDER BY due.k, d.segment_start) AS plans,
-               array_agg(d.segment_start ORDER BY due.k, d.segment_start) AS starts,
-               array_agg(d.segment_end ORDER BY due.k, d.segment_start) AS ends
-          FROM d JOIN due ON due.account_id = d.account_id AND due.period_start = d.period_start
-    ), built AS MATERIALIZED (
-        SELECT due.account_id, due.invoice_id, x.*
-          FROM pa, sa,
-               LATERAL billing._invoice_build(pa.accounts, pa.currencies, pa.caps, pa.starts, pa.ends,
-                                              pa.firsts, sa.idx, sa.plans, sa.starts, sa.ends,
-                                              false, true) x
-               JOIN due ON due.k = x.idx
-    ), new_grants AS MATERIALIZED (
-        SELECT b.account_id, b.grant_id AS placeholder,
-               nextval('billing.credit_grant_id_seq') AS grant_id, b.amount, b.effective_at,
-               b.expires_at, b.source_grant
-          FROM built b WHERE b.kind = 'grant'
-    ), mapped AS (
-        SELECT b.*, coalesce(ng.grant_id, b.grant_id) AS real_grant_id
-          FROM built b LEFT JOIN new_grants ng
-                 ON ng.account_id = b.account_id AND ng.placeholder = b.grant_id
-    ), numbered AS (
-        SELECT m.*, (row_number() OVER (PARTITION BY m.invoice_id ORDER BY m.ord))::integer AS line_no
-          FROM mapped m
-         WHERE billing._is_invoice_line(m.kind)
-    ), totals AS (
-        SELECT n.invoice_id, sum(n.amount) AS total FROM numbered n GROUP BY n.invoice_id
-    ), invoices_written AS (
-        INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
-                                      currency, total)
-        SELECT due.account_id, due.invoice_id, due.plan, due.period_start, due.period_end,
-               due.currency, coalesce(t.total, 0)
-          FROM due LEFT JOIN totals t ON t.invoice_id = due.invoice_id
-        RETURNING billing.invoices.invoice_id, billing.invoices.account_id,
-                  billing.invoices.period_start, billing.invoices.period_end,
-                  billing.invoices.total
-    ), lines_written AS (
-        INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
-                                          description, quantity, amount, unrounded_amount,
-                                          charge_id, price, adjustment_id, segment_start,
-                                          segment_end, proration, commitment_id, grant_id, dimension)
-        SELECT n.account_id, n.invoice_id, n.line_no, n.kind, n.meter, n.description, n.quantity,
-               n.amount, n.unrounded_amount, n.charge_id, n.price, n.adjustment_id,
-               n.segment_start, n.segment_end, n.proration, n.commitment_id, n.real_grant_id,
-               n.dimension
-          FROM numbered n
-        RETURNING billing.invoice_lines.account_id, billing.invoice_lines.invoice_id,
-                  billing.invoice_lines.adjustment_id
-    ), grants_written AS (
-        INSERT INTO billing.credit_grants (account_id, grant_id, amount, effective_at, expires_at,
-                                           priority, applies_to, source, reason, commitment_id,
-                                           window_no, rolled_from)
-        SELECT ng.account_id, ng.grant_id, ng.amount, ng.effective_at, ng.expires_at, g.priority,
-               g.applies_to, 'rollover', format('rollover of grant %s', g.grant_id),
-               g.commitment_id, g.window_no + 1, g.grant_id
-          FROM new_grants ng
-               JOIN billing.credit_grants g
-                 ON g.account_id = ng.account_id AND g.grant_id = ng.source_grant
-        RETURNING 1
-    ), ledger_written AS (
-        INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at,
-                                           invoice_id)
-        SELECT m.account_id,
-               h.seq + row_number() OVER (PARTITION BY m.account_id ORDER BY m.idx, m.ord),
-               m.real_grant_id, billing._ledger_kind(m.kind), m.amount,
-               m.effective_at, CASE WHEN m.kind = 'credit' THEN m.invoice_id END
-          FROM mapped m
-               CROSS JOIN LATERAL (SELECT coalesce(max(x.seq), 0) AS seq FROM billing.credit_ledger x
-                                    WHERE x.account_id = m.account_id) h
-         WHERE billing._ledger_kind(m.kind) IS NOT NULL
-        RETURNING 1
-    ), carried AS (
-        UPDATE billing.adjustments adj SET billed_invoice_id = w.invoice_id
-          FROM lines_written w
-         WHERE w.adjustment_id IS NOT NULL AND adj.account_id = w.account_id
-           AND adj.adjustment_id = w.adjustment_id
-        RETURNING 1
-    )
-    SELECT w.invoice_id, w.account_id, w.period_start, w.period_end, w.total
-      FROM invoices_written w
-     ORDER BY w.account_id, w.period_start;
+    FOREACH hi IN ARRAY billing._chunk_ends(accs, p_chunk) LOOP
+        chunk := accs[lo:hi];
+        lo := hi + 1;
+        RETURN QUERY
+        WITH d AS MATERIALIZED (
+            SELECT * FROM billing._due_periods(cutoff, chunk)
+        ), due AS (
+            SELECT p.*, nextval('billing.invoice_id_seq') AS invoice_id,
+                   (row_number() OVER (ORDER BY p.account_id, p.period_start))::integer AS k,
+                   row_number() OVER (PARTITION BY p.account_id ORDER BY p.period_start) = 1 AS first_of_account
+              FROM (SELECT DISTINCT d.account_id, d.plan, d.currency, d.spend_cap, d.period_start,
+                           d.period_end FROM d) p
+        ), pa AS (
+            SELECT array_agg(due.account_id ORDER BY due.k) AS accounts,
+                   array_agg(due.currency ORDER BY due.k) AS currencies,
+                   array_agg(due.spend_cap ORDER BY due.k) AS caps,
+                   array_agg(due.period_start ORDER BY due.k) AS starts,
+                   array_agg(due.period_end ORDER BY due.k) AS ends,
+                   array_agg(due.first_of_account ORDER BY due.k) AS firsts
+              FROM due
+        ), sa AS (
+            SELECT array_agg(due.k ORDER BY due.k, d.segment_start) AS idx,
+                   array_agg(d.segment_plan ORDER BY due.k, d.segment_start) AS plans,
+                   array_agg(d.segment_start ORDER BY due.k, d.segment_start) AS starts,
+                   array_agg(d.segment_end ORDER BY due.k, d.segment_start) AS ends
+              FROM d JOIN due ON due.account_id = d.account_id AND due.period_start = d.period_start
+        ), built AS MATERIALIZED (
+            SELECT due.account_id, due.invoice_id, x.*
+              FROM pa, sa,
+                   LATERAL billing._invoice_build(pa.accounts, pa.currencies, pa.caps, pa.starts, pa.ends,
+                                                  pa.firsts, sa.idx, sa.plans, sa.starts, sa.ends,
+                                                  false, true) x
+                   JOIN due ON due.k = x.idx
+        ), new_grants AS MATERIALIZED (
+            SELECT b.account_id, b.grant_id AS placeholder,
+                   nextval('billing.credit_grant_id_seq') AS grant_id, b.amount, b.effective_at,
+                   b.expires_at, b.source_grant
+              FROM built b WHERE b.kind = 'grant'
+        ), mapped AS (
+            SELECT b.*, coalesce(ng.grant_id, b.grant_id) AS real_grant_id
+              FROM built b LEFT JOIN new_grants ng
+                     ON ng.account_id = b.account_id AND ng.placeholder = b.grant_id
+        ), numbered AS (
+            SELECT m.*, (row_number() OVER (PARTITION BY m.invoice_id ORDER BY m.ord))::integer AS line_no
+              FROM mapped m
+             WHERE billing._is_invoice_line(m.kind)
+        ), totals AS (
+            SELECT n.invoice_id, sum(n.amount) AS total FROM numbered n GROUP BY n.invoice_id
+        ), invoices_written AS (
+            INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
+                                          currency, total)
+            SELECT due.account_id, due.invoice_id, due.plan, due.period_start, due.period_end,
+                   due.currency, coalesce(t.total, 0)
+              FROM due LEFT JOIN totals t ON t.invoice_id = due.invoice_id
+            RETURNING billing.invoices.invoice_id, billing.invoices.account_id,
+                      billing.invoices.period_start, billing.invoices.period_end,
+                      billing.invoices.total
+        ), lines_written AS (
+            INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
+                                              description, quantity, amount, unrounded_amount,
+                                              charge_id, price, adjustment_id, segment_start,
+                                              segment_end, proration, commitment_id, grant_id, dimension)
+            SELECT n.account_id, n.invoice_id, n.line_no, n.kind, n.meter, n.description, n.quantity,
+                   n.amount, n.unrounded_amount, n.charge_id, n.price, n.adjustment_id,
+                   n.segment_start, n.segment_end, n.proration, n.commitment_id, n.real_grant_id,
+                   n.dimension
+              FROM numbered n
+            RETURNING billing.invoice_lines.account_id, billing.invoice_lines.invoice_id,
+                      billing.invoice_lines.adjustment_id
+        ), grants_written AS (
+            INSERT INTO billing.credit_grants (account_id, grant_id, amount, effective_at, expires_at,
+                                               priority, applies_to, source, reason, commitment_id,
+                                               window_no, rolled_from)
+            SELECT ng.account_id, ng.grant_id, ng.amount, ng.effective_at, ng.expires_at, g.priority,
+                   g.applies_to, 'rollover', format('rollover of grant %s', g.grant_id),
+                   g.commitment_id, g.window_no + 1, g.grant_id
+              FROM new_grants ng
+                   JOIN billing.credit_grants g
+                     ON g.account_id = ng.account_id AND g.grant_id = ng.source_grant
+            RETURNING 1
+        ), ledger_written AS (
+            INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at,
+                                               invoice_id)
+            SELECT m.account_id,
+                   h.seq + row_number() OVER (PARTITION BY m.account_id ORDER BY m.idx, m.ord),
+                   m.real_grant_id, billing._ledger_kind(m.kind), m.amount,
+                   m.effective_at, CASE WHEN m.kind = 'credit' THEN m.invoice_id END
+              FROM mapped m
+                   CROSS JOIN LATERAL (SELECT coalesce(max(x.seq), 0) AS seq FROM billing.credit_ledger x
+                                        WHERE x.account_id = m.account_id) h
+             WHERE billing._ledger_kind(m.kind) IS NOT NULL
+            RETURNING 1
+        ), carried AS (
+            UPDATE billing.adjustments adj SET billed_invoice_id = w.invoice_id
+              FROM lines_written w
+             WHERE w.adjustment_id IS NOT NULL AND adj.account_id = w.account_id
+               AND adj.adjustment_id = w.adjustment_id
+            RETURNING 1
+        )
+        SELECT w.invoice_id, w.account_id, w.period_start, w.period_end, w.total
+          FROM invoices_written w
+         ORDER BY w.account_id, w.period_start;
+    END LOOP;
     SET CONSTRAINTS billing.invoices_audit DEFERRED;
 END
 $$;
-COMMENT ON FUNCTION billing._finalize(timestamptz) IS 'Internal: the body of finalize_invoices';
+COMMENT ON FUNCTION billing._finalize(timestamptz, integer) IS
+    'Internal: the body of finalize_invoices, p_chunk accounts per statement';
 
 /*
  * _finalize_citus: the body of finalize_invoices on Citus, for the periods
@@ -600,8 +617,7 @@ BEGIN
                    array_agg(d.segment_plan ORDER BY d.segment_start) AS plans,
                    array_agg(d.segment_start ORDER BY d.segment_start) AS starts,
                    array_agg(d.segment_end ORDER BY d.segment_start) AS ends
-              FROM billing._due_periods(cutoff) d
-             WHERE d.account_id = acc
+              FROM billing._due_periods(cutoff, ARRAY[acc]) d
              GROUP BY 1, 2, 3, 4, 5
              ORDER BY d.period_start
         LOOP

@@ -19,13 +19,17 @@
 --     the invoice gets;
 --   - finalizing again creates nothing and books nothing;
 --   - verify_invoices and verify_audit_log find nothing; every ledger entry
---     has its audit row.
+--     has its audit row;
+--   - the first run, made one account per statement (rolled back), writes
+--     the same invoices, lines, ledger entries and rollover grants, and
+--     returns them in the same order, as the run in one statement.
 BEGIN;
-SELECT plan(15);
+SELECT plan(17);
 SELECT setseed(0.1717);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
 \o /dev/null
+\ir ../helpers.sql
 
 INSERT INTO billing.meters (meter, late_window) VALUES
     ('kp_api', '100 years'), ('kp_gpu', '100 years'), ('kp_gb', '100 years');
@@ -89,7 +93,17 @@ CREATE TEMP TABLE pv AS
 SELECT a.x::bigint AS account_id, p.*
   FROM (SELECT account_id AS x FROM acc UNION ALL SELECT twin FROM acc) a,
        LATERAL billing.invoice_preview(a.x, '2025-01-20') p;
-CREATE TEMP TABLE run1 AS SELECT * FROM billing.finalize_invoices('2025-03-01 01:00');
+-- the first run one account per statement (batches of 1), rolled back
+SAVEPOINT batches;
+CREATE TEMP TABLE run1_batched AS
+SELECT * FROM billing._finalize('2025-03-01 01:00', 1)
+         WITH ORDINALITY AS r(invoice_id, account_id, period_start, period_end, total, n);
+SELECT test.finalized_digest(9701, 9830) AS digest_batched,
+       (SELECT string_agg(concat_ws(' ', r.account_id, r.period_start, r.period_end, r.total), ','
+                          ORDER BY r.n) FROM run1_batched r) AS out_batched \gset
+ROLLBACK TO SAVEPOINT batches;
+CREATE TEMP TABLE run1 AS SELECT * FROM billing.finalize_invoices('2025-03-01 01:00') WITH ORDINALITY AS r;
+SELECT test.finalized_digest(9701, 9830) AS digest_one \gset
 -- void a few grants between the runs (the same ones on the twins)
 SELECT count(billing.void_credit(c.account_id, c.grant_id, 'churned', '2025-03-05'))
   FROM billing.credit_grants c JOIN gr ON gr.account_id = c.account_id AND c.reason = 'g' || gr.k
@@ -105,6 +119,11 @@ CREATE TEMP TABLE run2 AS SELECT * FROM billing.finalize_invoices('2025-05-01 01
 
 \o
 SELECT is((SELECT count(*) FROM run1), 120::bigint, 'the first run finalizes January and February of 60 accounts');
+SELECT is(:'digest_one'::text, :'digest_batched'::text,
+          'one account per statement, the first run writes the same invoices, lines, ledger entries and rollover grants');
+SELECT is((SELECT string_agg(concat_ws(' ', account_id, period_start, period_end, total), ',' ORDER BY ordinality)
+             FROM run1), :'out_batched',
+          'and returns the same rows in the same order (account, period)');
 SELECT is((SELECT count(*) FROM run2), 120::bigint, 'the second run finalizes March and April');
 
 -- the scenario has something of everything

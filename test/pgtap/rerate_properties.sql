@@ -10,10 +10,11 @@
 -- minor unit; a second rerate returns nothing; each adjustment is carried
 -- once.
 BEGIN;
-SELECT plan(23);
+SELECT plan(27);
 SELECT setseed(0.0606);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
+\ir ../helpers.sql
 
 INSERT INTO billing.meters (meter, aggregation, late_window) VALUES
     ('pp_err', 'sum', '100 years'), ('pp_gb', 'sum', '100 years'), ('pp_seat', 'max', '100 years');
@@ -169,6 +170,20 @@ UPDATE billing.subscriptions SET spend_cap = NULL WHERE account_id = 7209;
 UPDATE billing.subscriptions SET ends_at = '2024-02-20' WHERE account_id = 7205;
 SELECT isnt_empty($$SELECT * FROM pg_temp.mismatches()$$,
                   'the changes make finalized invoices stale (the reference sees them)');
+-- batches end at the last row of every p_per-th account, never inside an account
+SELECT is(ARRAY[billing._chunk_ends('{1,1,2,3,3,3,4}', 2)::text, billing._chunk_ends('{1,1,2,3,3,3,4}', 1)::text,
+                billing._chunk_ends('{1,1,2,3,3,3,4}', 1000)::text, billing._chunk_ends('{5}', 0)::text,
+                billing._chunk_ends('{7,7,7}', 1)::text],
+          ARRAY['{3,7}', '{2,3,6,7}', '{7}', '{1}', '{3}'],
+          '_chunk_ends: the last row of each run of p_per accounts');
+-- the comparison runs in batches of accounts: one per statement, or 7,
+-- finds what one statement over every account finds
+SELECT is_empty($$(SELECT * FROM billing._rerate_diff('2024-01-01', '2024-05-01', NULL, 1)
+                   EXCEPT ALL SELECT * FROM billing._rerate_diff('2024-01-01', '2024-05-01', NULL, 1000))
+                  UNION ALL
+                  (SELECT * FROM billing._rerate_diff('2024-01-01', '2024-05-01', NULL, 1000)
+                   EXCEPT ALL SELECT * FROM billing._rerate_diff('2024-01-01', '2024-05-01', NULL, 1))$$,
+                'rerate compares the same lines one account per statement as every account in one');
 CREATE TEMP TABLE pp_round1 AS
 SELECT * FROM billing.rerate('2024-01-01', '2024-05-01');
 SELECT cmp_ok((SELECT count(*)::int FROM pp_round1), '>', 20, 're-rating round 1 found deltas');
@@ -203,8 +218,14 @@ DO $$ BEGIN PERFORM pg_temp.random_usage(100, '2024-01-01', '2024-05-01'); END $
 DO $$ BEGIN PERFORM pg_temp.random_corrections(10); END $$;
 INSERT INTO billing.charges (plan, meter, price, valid_from, description) VALUES
     ('pp_jpy', 'pp_err', 'unit 0.4', '2024-01-01', 'Errors');
+SAVEPOINT batches;
+CREATE TEMP TABLE april_batched AS SELECT * FROM billing._finalize('2024-05-01 01:00', 1);
+SELECT test.finalized_digest(7201, 7220) AS digest_batched \gset
+ROLLBACK TO SAVEPOINT batches;
 SELECT cmp_ok((SELECT count(*)::int FROM billing.finalize_invoices('2024-05-01 01:00')
                 WHERE account_id BETWEEN 7201 AND 7220), '>=', 15, 'April finalized');
+SELECT is(test.finalized_digest(7201, 7220), :'digest_batched',
+          'finalizing April one account per statement writes the same invoices and carries the same adjustments');
 SELECT is((SELECT count(*)::int FROM billing.invoice_lines WHERE account_id BETWEEN 7201 AND 7220 AND kind = 'adjustment'),
           (SELECT count(DISTINCT adjustment_id)::int FROM billing.invoice_lines
             WHERE account_id BETWEEN 7201 AND 7220 AND kind = 'adjustment'),
@@ -223,6 +244,12 @@ SELECT is_empty($$SELECT a.adjustment_id
 
 -- 4. re-rate everything again
 SELECT isnt_empty($$SELECT * FROM pg_temp.mismatches()$$, 'round 2 changes make invoices stale again');
+SELECT is_empty($$(SELECT * FROM billing._rerate_diff('2024-01-01', '2024-06-01', NULL, 7)
+                   EXCEPT ALL SELECT * FROM billing._rerate_diff('2024-01-01', '2024-06-01', NULL, 1000))
+                  UNION ALL
+                  (SELECT * FROM billing._rerate_diff('2024-01-01', '2024-06-01', NULL, 1000)
+                   EXCEPT ALL SELECT * FROM billing._rerate_diff('2024-01-01', '2024-06-01', NULL, 7))$$,
+                'with adjustments recorded, batches of 7 accounts compare the same lines');
 CREATE TEMP TABLE pp_round2 AS
 SELECT * FROM billing.rerate('2024-01-01', '2024-06-01');
 SELECT cmp_ok((SELECT count(*)::int FROM pp_round2), '>', 10, 're-rating round 2 found deltas');
