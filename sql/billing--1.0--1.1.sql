@@ -8224,7 +8224,9 @@ $$;
 -- accounts in one backend, the maintenance worker's with auto_finalize.
 -- Both now run p_chunk accounts (1000) per statement.  On Citus,
 -- _finalize_citus looked every account's due periods up for each account
--- (quadratic); it now looks up the account's own.
+-- (quadratic); it now looks up the account's own.  _subscriptions_of is
+-- planned with its arguments' values: its generic plan read every
+-- subscription for a batch (or one account).
 /*
  * _chunk_ends: the batches of a job over many accounts (finalize_invoices,
  * rerate), so that its memory is that of a batch, not of every account.
@@ -8243,6 +8245,39 @@ CREATE FUNCTION billing._chunk_ends(p_accounts bigint[], p_per integer) RETURNS 
 $$;
 COMMENT ON FUNCTION billing._chunk_ends(bigint[], integer) IS
     'Internal: the last index of each run of p_per accounts in an account-ordered array (the batches of finalize_invoices and rerate)';
+
+/*
+ * _subscriptions_of: the subscriptions of some accounts (NULL: all), with
+ * their plan's period and currency and the start of their grid; with
+ * p_invoiced, also the start of the latest invoice whose period overlaps
+ * them.  PL/pgSQL, so that Citus routes the query by the accounts' values
+ * (the callers compose its rows in queries over functions only).  Always
+ * planned with the arguments' values: a generic plan of "p_accounts IS
+ * NULL OR account_id = ANY (p_accounts)" reads every subscription, and
+ * compares each with every account given.
+ */
+CREATE OR REPLACE FUNCTION billing._subscriptions_of(p_accounts bigint[], p_invoiced boolean DEFAULT false)
+    RETURNS TABLE (account_id bigint, plan text, starts_at timestamptz, ends_at timestamptz,
+                   spend_cap numeric, period interval, currency text, anchor timestamptz,
+                   last_invoiced timestamptz)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    SET plan_cache_mode = force_custom_plan AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT s.account_id, s.plan::text, s.starts_at, s.ends_at, s.spend_cap, p.period, p.currency,
+           coalesce(s.period_anchor, s.starts_at),
+           CASE WHEN p_invoiced THEN
+               (SELECT max(i.period_start) FROM billing.invoices i
+                 WHERE i.account_id = s.account_id AND i.period_start < coalesce(s.ends_at, 'infinity')
+                   AND i.period_end > s.starts_at) END
+      FROM billing.subscriptions s JOIN billing.plans p ON p.plan = s.plan
+     WHERE p_accounts IS NULL OR s.account_id = ANY (p_accounts);
+END
+$$;
+COMMENT ON FUNCTION billing._subscriptions_of(bigint[], boolean) IS
+    'Internal: subscriptions of some accounts (NULL: all) with period, currency, grid start and (p_invoiced) the latest overlapping invoice';
 
 DROP FUNCTION billing._due_periods(timestamptz);
 /*
@@ -8305,18 +8340,19 @@ COMMENT ON FUNCTION billing._due_periods(timestamptz, bigint[]) IS
 
 DROP FUNCTION billing._finalize(timestamptz);
 /*
- * finalize_invoices: lock the accounts with due periods (row locks, in
- * account order), then, p_chunk accounts at a time (in account order),
+ * finalize_invoices: the accounts with a subscription, p_chunk at a time in
+ * account order: lock those with due periods (row locks, in account order),
  * look their due periods up again under the locks (a concurrent finalizer
- * may have written some) and write every invoice, its lines, the
+ * may have written some), then write every invoice, its lines, the
  * adjustments it carries, the credit ledger's draws, expiries and
  * rollovers and the rollover grants in one set-based statement over
  * _invoice_build (which on Citus _finalize_citus calls one period at a
  * time).  A batch's memory is freed before the next one: a run over a
- * million accounts needs the memory of p_chunk of them, not of a million.
- * Each account's pending adjustments go on its earliest new invoice.
- * Rollover grants get their ids here (the build names them -1, -2, ...);
- * ledger seqs continue each account's.
+ * million accounts needs the memory of p_chunk of them (and 8 bytes per
+ * account for the list), not of a million.  Each account's pending
+ * adjustments go on its earliest new invoice.  Rollover grants get their
+ * ids here (the build names them -1, -2, ...); ledger seqs continue each
+ * account's.
  */
 CREATE FUNCTION billing._finalize(p_as_of timestamptz, p_chunk integer DEFAULT 1000)
     RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
@@ -8327,8 +8363,9 @@ CREATE FUNCTION billing._finalize(p_as_of timestamptz, p_chunk integer DEFAULT 1
     SET jit = off AS $$
 DECLARE
     cutoff timestamptz;
-    accs bigint[];      -- the accounts with due periods, locked, in order
-    chunk bigint[];     -- the accounts of a batch
+    accs bigint[];      -- the accounts with a subscription, in order
+    batch bigint[];     -- p_chunk of them
+    chunk bigint[];     -- those of the batch with due periods, locked
     lo integer := 1;
     hi integer;
 BEGIN
@@ -8344,11 +8381,8 @@ BEGIN
         RETURN QUERY SELECT * FROM billing._finalize_citus(cutoff);
         RETURN;
     END IF;
-    SELECT array_agg(l.account_id ORDER BY l.account_id) INTO accs
-      FROM (SELECT a.account_id FROM billing.accounts a
-             WHERE a.account_id IN (SELECT d.account_id FROM billing._due_periods(cutoff) d)
-             ORDER BY a.account_id
-               FOR NO KEY UPDATE) l;
+    SELECT array_agg(DISTINCT s.account_id ORDER BY s.account_id) INTO accs
+      FROM billing.subscriptions s;
     IF accs IS NULL THEN
         RETURN;
     END IF;
@@ -8358,8 +8392,14 @@ BEGIN
     -- writes invoices and their lines
     SET CONSTRAINTS billing.invoices_audit IMMEDIATE;
     FOREACH hi IN ARRAY billing._chunk_ends(accs, p_chunk) LOOP
-        chunk := accs[lo:hi];
+        batch := accs[lo:hi];
         lo := hi + 1;
+        SELECT array_agg(l.account_id ORDER BY l.account_id) INTO chunk
+          FROM (SELECT a.account_id FROM billing.accounts a
+                 WHERE a.account_id IN (SELECT d.account_id FROM billing._due_periods(cutoff, batch) d)
+                 ORDER BY a.account_id
+                   FOR NO KEY UPDATE) l;
+        CONTINUE WHEN chunk IS NULL;
         RETURN QUERY
         WITH d AS MATERIALIZED (
             SELECT * FROM billing._due_periods(cutoff, chunk)

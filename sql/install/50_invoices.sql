@@ -420,18 +420,19 @@ COMMENT ON FUNCTION billing._due_periods(timestamptz, bigint[]) IS
     'Internal: billing periods ended by a cutoff that have no invoice yet, one row per plan segment, of some accounts (NULL: all)';
 
 /*
- * finalize_invoices: lock the accounts with due periods (row locks, in
- * account order), then, p_chunk accounts at a time (in account order),
+ * finalize_invoices: the accounts with a subscription, p_chunk at a time in
+ * account order: lock those with due periods (row locks, in account order),
  * look their due periods up again under the locks (a concurrent finalizer
- * may have written some) and write every invoice, its lines, the
+ * may have written some), then write every invoice, its lines, the
  * adjustments it carries, the credit ledger's draws, expiries and
  * rollovers and the rollover grants in one set-based statement over
  * _invoice_build (which on Citus _finalize_citus calls one period at a
  * time).  A batch's memory is freed before the next one: a run over a
- * million accounts needs the memory of p_chunk of them, not of a million.
- * Each account's pending adjustments go on its earliest new invoice.
- * Rollover grants get their ids here (the build names them -1, -2, ...);
- * ledger seqs continue each account's.
+ * million accounts needs the memory of p_chunk of them (and 8 bytes per
+ * account for the list), not of a million.  Each account's pending
+ * adjustments go on its earliest new invoice.  Rollover grants get their
+ * ids here (the build names them -1, -2, ...); ledger seqs continue each
+ * account's.
  */
 CREATE FUNCTION billing._finalize(p_as_of timestamptz, p_chunk integer DEFAULT 1000)
     RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
@@ -442,8 +443,9 @@ CREATE FUNCTION billing._finalize(p_as_of timestamptz, p_chunk integer DEFAULT 1
     SET jit = off AS $$
 DECLARE
     cutoff timestamptz;
-    accs bigint[];      -- the accounts with due periods, locked, in order
-    chunk bigint[];     -- the accounts of a batch
+    accs bigint[];      -- the accounts with a subscription, in order
+    batch bigint[];     -- p_chunk of them
+    chunk bigint[];     -- those of the batch with due periods, locked
     lo integer := 1;
     hi integer;
 BEGIN
@@ -459,11 +461,8 @@ BEGIN
         RETURN QUERY SELECT * FROM billing._finalize_citus(cutoff);
         RETURN;
     END IF;
-    SELECT array_agg(l.account_id ORDER BY l.account_id) INTO accs
-      FROM (SELECT a.account_id FROM billing.accounts a
-             WHERE a.account_id IN (SELECT d.account_id FROM billing._due_periods(cutoff) d)
-             ORDER BY a.account_id
-               FOR NO KEY UPDATE) l;
+    SELECT array_agg(DISTINCT s.account_id ORDER BY s.account_id) INTO accs
+      FROM billing.subscriptions s;
     IF accs IS NULL THEN
         RETURN;
     END IF;
@@ -473,8 +472,14 @@ BEGIN
     -- writes invoices and their lines
     SET CONSTRAINTS billing.invoices_audit IMMEDIATE;
     FOREACH hi IN ARRAY billing._chunk_ends(accs, p_chunk) LOOP
-        chunk := accs[lo:hi];
+        batch := accs[lo:hi];
         lo := hi + 1;
+        SELECT array_agg(l.account_id ORDER BY l.account_id) INTO chunk
+          FROM (SELECT a.account_id FROM billing.accounts a
+                 WHERE a.account_id IN (SELECT d.account_id FROM billing._due_periods(cutoff, batch) d)
+                 ORDER BY a.account_id
+                   FOR NO KEY UPDATE) l;
+        CONTINUE WHEN chunk IS NULL;
         RETURN QUERY
         WITH d AS MATERIALIZED (
             SELECT * FROM billing._due_periods(cutoff, chunk)

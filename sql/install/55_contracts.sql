@@ -211,16 +211,19 @@ CREATE TRIGGER credit_ledger_audit AFTER INSERT ON billing.credit_ledger
  * _subscriptions_of: the subscriptions of some accounts (NULL: all), with
  * their plan's period and currency and the start of their grid; with
  * p_invoiced, also the start of the latest invoice whose period overlaps
- * them.  The one place the segment functions read subscriptions:
- * PL/pgSQL, so that Citus routes the query by the accounts' values (the
- * callers compose its rows in queries over functions only).
+ * them.  PL/pgSQL, so that Citus routes the query by the accounts' values
+ * (the callers compose its rows in queries over functions only).  Always
+ * planned with the arguments' values: a generic plan of "p_accounts IS
+ * NULL OR account_id = ANY (p_accounts)" reads every subscription, and
+ * compares each with every account given.
  */
 CREATE FUNCTION billing._subscriptions_of(p_accounts bigint[], p_invoiced boolean DEFAULT false)
     RETURNS TABLE (account_id bigint, plan text, starts_at timestamptz, ends_at timestamptz,
                    spend_cap numeric, period interval, currency text, anchor timestamptz,
                    last_invoiced timestamptz)
     LANGUAGE plpgsql STABLE
-    SET search_path = pg_catalog, billing, pg_temp AS $$
+    SET search_path = pg_catalog, billing, pg_temp
+    SET plan_cache_mode = force_custom_plan AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
