@@ -542,12 +542,17 @@ billing_audit_chain_flush(void)
 		billing_audit_owner_enter(&scope, true);
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
-		if (flush_plan == NULL)
-			flush_plan = billing_audit_prepare_kept("UPDATE billing.audit_heads h SET seq = u.seq, hash = u.hash "
-													"FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
-													"pg_catalog.unnest($3)) AS u(account_id, seq, hash) "
-													"WHERE h.account_id OPERATOR(pg_catalog.=) u.account_id",
-													3, types);
+		/*
+		 * one generic plan: with custom plans (the planner's choice, the
+		 * arrays' lengths known) every flush planned the statement again,
+		 * and a finalize of many invoices flushes once per invoice
+		 */
+		(void) billing_spi_plan(&flush_plan,
+								"UPDATE billing.audit_heads h SET seq = u.seq, hash = u.hash "
+								"FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
+								"pg_catalog.unnest($3)) AS u(account_id, seq, hash) "
+								"WHERE h.account_id OPERATOR(pg_catalog.=) u.account_id",
+								3, types, CURSOR_OPT_GENERIC_PLAN);
 		values[0] = PointerGetDatum(construct_array(chains, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
 		values[1] = PointerGetDatum(construct_array(seqs, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
 		values[2] = PointerGetDatum(construct_array(hashes, n, BYTEAOID, -1, false, TYPALIGN_INT));
