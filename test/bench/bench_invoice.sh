@@ -280,6 +280,11 @@ read -r FIN_N FIN_MS <<<"$FIN"
 echo "finalize_invoices: $FIN0_N invoices in $FIN0_MS ms without credits, $FIN_N in $FIN_MS ms with two credits each"
 "${PSQL[@]}" -d $DB -c "SELECT kind, count(*), sum(amount) FROM billing.credit_ledger GROUP BY kind ORDER BY kind"
 
+# statistics, as autovacuum would have them by now in production: with the
+# few rows of meters and charges analyzed, plans that assume default sizes
+# stop hiding (see _rate_periods)
+"${PSQL[@]}" -q -d $DB -c "ANALYZE"
+
 # a retroactive price change: a cheaper span tier from the start of the month
 "${PSQL[@]}" -d $DB -c "INSERT INTO billing.charges (plan, meter, price, valid_from, description) VALUES ('team', 'span', 'graduated 50000 @ 0 | 500000 @ 0.00025 | 5000000 @ 0.0002 | inf @ 0.0001', '$M0', 'span (new price)')"
 
