@@ -46,18 +46,23 @@ $$;
 -- a savepoint keeps its nextval()s): each invoice by (account, period), its
 -- lines, the ledger entries, the rollover grants and the adjustments it
 -- carries, each naming an invoice by its period and a rollover grant by the
--- grant it rolled.  Two runs that wrote the same invoices have the same
--- digest.
+-- grant its chain of rollovers started from and the windows it went
+-- through (a rollover of a rollover has no id that two runs share).  Two
+-- runs that wrote the same invoices have the same digest.
 CREATE OR REPLACE FUNCTION test.finalized_digest(lo bigint, hi bigint) RETURNS text
     LANGUAGE sql AS $$
-    WITH inv AS (
+    WITH RECURSIVE inv AS (
         SELECT i.account_id, i.invoice_id, i.period_start::text AS per
           FROM billing.invoices i WHERE i.account_id BETWEEN lo AND hi
     ), gr AS (
-        SELECT g.account_id, g.grant_id,
-               CASE WHEN g.source = 'rollover' THEN 'rollover of ' || g.rolled_from
-                    ELSE g.grant_id::text END AS name
-          FROM billing.credit_grants g WHERE g.account_id BETWEEN lo AND hi
+        SELECT g.account_id, g.grant_id, g.grant_id::text AS name
+          FROM billing.credit_grants g
+         WHERE g.account_id BETWEEN lo AND hi AND g.source <> 'rollover'
+        UNION ALL
+        SELECT g.account_id, g.grant_id, 'rollover of ' || r.name || ' into window ' || g.window_no
+          FROM billing.credit_grants g
+               JOIN gr r ON r.account_id = g.account_id AND r.grant_id = g.rolled_from
+         WHERE g.source = 'rollover'
     )
     SELECT md5(concat_ws('|',
         (SELECT string_agg(concat_ws(' ', i.account_id, i.plan, i.period_start, i.period_end,
@@ -75,8 +80,9 @@ CREATE OR REPLACE FUNCTION test.finalized_digest(lo bigint, hi bigint) RETURNS t
            FROM billing.credit_ledger e LEFT JOIN gr g USING (account_id, grant_id)
                 LEFT JOIN inv v USING (account_id, invoice_id)
           WHERE e.account_id BETWEEN lo AND hi),
+        -- (not the reason: it names the rolled grant by its id)
         (SELECT string_agg(concat_ws(' ', c.account_id, g.name, c.amount, c.effective_at, c.expires_at,
-                                     c.priority, c.applies_to, c.reason, c.commitment_id, c.window_no),
+                                     c.priority, c.applies_to, c.commitment_id, c.window_no),
                            ',' ORDER BY c.account_id, g.name)
            FROM billing.credit_grants c JOIN gr g USING (account_id, grant_id)
           WHERE c.source = 'rollover'),
