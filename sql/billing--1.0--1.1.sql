@@ -8876,3 +8876,169 @@ GRANT EXECUTE ON FUNCTION
     billing._rerate_diff(timestamptz, timestamptz, bigint, integer)
     TO billing_reader;
 -- ---- end of batches of accounts ----
+
+-- ---- audit rows of row triggers written once per statement (sql/install/70_audit.sql,
+-- 55_contracts.sql) ----
+-- The row triggers of invoices, the credit ledger and the audited catalog
+-- tables wrote their audit row and the chain's head once per row (a
+-- statement of its own for each head).  They now hash the row into its
+-- chain at once and leave the writing to a statement trigger on the table,
+-- as the triggers of audited user tables (audit_table) always did.
+/*
+ * _audit_append_deferred: _audit_append for the row triggers of a table
+ * that also has the statement trigger billing._audit_statement() (below):
+ * the row is hashed into its chain at once, and written with the
+ * statement's other rows, and each moved head once, by that trigger at the
+ * end of the statement (or by the commit, for a row trigger deferred to
+ * it).  Writing once per statement instead of once per row is what makes
+ * a finalize of many invoices or a bulk load of accounts cheap; the
+ * chain, its order and every row are the same.  Where appends go through
+ * SQL (Citus) the row is written at once, as by _audit_append.
+ */
+CREATE FUNCTION billing._audit_append_deferred(p_chain bigint, p_action text, p_object text,
+                                               p_details jsonb, p_on_placement boolean DEFAULT false)
+    RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_audit_append_deferred'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION billing._audit_append_deferred(bigint, text, text, jsonb, boolean) IS
+    'Internal: _audit_append for a row trigger; the row is written by the table''s statement trigger billing._audit_statement() or at commit';
+
+REVOKE ALL ON FUNCTION billing._audit_append_deferred(bigint, text, text, jsonb, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._audit_append_deferred(bigint, text, text, jsonb, boolean) TO billing_reader;
+CREATE OR REPLACE FUNCTION billing._audit_change() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+DECLARE
+    o jsonb;
+    n jsonb;
+    r jsonb;
+    k text;
+    key text := '';
+    chains bigint[];
+    c bigint;
+    -- on Citus the trigger fires on a shard or a reference table's copy,
+    -- named after the table with the shard's number
+    on_placement boolean := TG_TABLE_NAME ~ '_[0-9]+$';
+    tbl text := regexp_replace(TG_TABLE_NAME, '_[0-9]+$', '');
+BEGIN
+    IF billing._audit_suspended() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'TRUNCATE' THEN
+        PERFORM billing._audit_append(0, 'truncate', format('table:%s', tbl),
+                                      jsonb_build_object('table', format('%I.%I', TG_TABLE_SCHEMA, tbl)),
+                                      on_placement);
+        RETURN NULL;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        o := to_jsonb(OLD);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        n := to_jsonb(NEW);
+    END IF;
+    IF TG_OP = 'UPDATE' AND o = n THEN
+        RETURN NULL;
+    END IF;
+    r := coalesce(n, o);
+    FOR i IN 2 .. TG_NARGS - 1 LOOP
+        k := r ->> TG_ARGV[i];
+        key := key || CASE WHEN i > 2 THEN '/' ELSE '' END || coalesce(k, '');
+    END LOOP;
+    IF TG_ARGV[1] = 'catalog' THEN
+        chains := ARRAY[0::bigint];
+    ELSE
+        chains := ARRAY(SELECT DISTINCT x FROM unnest(ARRAY[(o ->> 'account_id')::bigint,
+                                                           (n ->> 'account_id')::bigint]) x
+                         WHERE x IS NOT NULL ORDER BY x);
+    END IF;
+    FOREACH c IN ARRAY chains LOOP
+        PERFORM billing._audit_append_deferred(c, lower(TG_OP), format('%s:%s', TG_ARGV[0], key),
+                                      CASE TG_OP WHEN 'INSERT' THEN jsonb_build_object('new', n)
+                                                 WHEN 'DELETE' THEN jsonb_build_object('old', o)
+                                                 ELSE jsonb_build_object('old', o, 'new', n) END,
+                                               on_placement);
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._audit_change() IS
+    'Internal: audit trigger of meters, accounts, plans, charges, subscriptions and metered_tables';
+
+CREATE OR REPLACE FUNCTION billing._audit_invoice() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+BEGIN
+    IF billing._audit_suspended() THEN
+        RETURN NULL;
+    END IF;
+    PERFORM billing._audit_append_deferred(
+        NEW.account_id, 'finalize', format('invoice:%s', NEW.invoice_id),
+        jsonb_build_object(
+            'invoice', to_jsonb(NEW),
+            'lines', (SELECT coalesce(jsonb_agg(to_jsonb(l) ORDER BY l.line_no), '[]'::jsonb)
+                        FROM billing.invoice_lines l
+                       WHERE l.account_id = NEW.account_id AND l.invoice_id = NEW.invoice_id)));
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._audit_invoice() IS
+    'Internal: writes the audit row of a finalized invoice, with its lines';
+
+CREATE OR REPLACE FUNCTION billing._audit_credit() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+DECLARE
+    d jsonb := to_jsonb(NEW);
+BEGIN
+    IF billing._audit_suspended() THEN
+        RETURN NULL;
+    END IF;
+    IF NEW.kind IN ('grant', 'void') THEN
+        d := d || jsonb_build_object('credit_grant',
+                       (SELECT to_jsonb(g) FROM billing.credit_grants g
+                         WHERE g.account_id = NEW.account_id AND g.grant_id = NEW.grant_id));
+    END IF;
+    PERFORM billing._audit_append_deferred(NEW.account_id, NEW.kind, format('credit_grant:%s', NEW.grant_id),
+                                           d);
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION billing._audit_credit() IS
+    'Internal: writes the audit row of a credit ledger entry (action: its kind)';
+
+SELECT billing._update_ddl('billing.meters', ARRAY[
+    $ddl$CREATE TRIGGER meters_audit_flush AFTER INSERT OR UPDATE OR DELETE ON billing.meters
+        FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement()$ddl$
+]);
+SELECT billing._update_ddl('billing.plans', ARRAY[
+    $ddl$CREATE TRIGGER plans_audit_flush AFTER INSERT OR UPDATE OR DELETE ON billing.plans
+        FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement()$ddl$
+]);
+SELECT billing._update_ddl('billing.charges', ARRAY[
+    $ddl$CREATE TRIGGER charges_audit_flush AFTER INSERT OR UPDATE OR DELETE ON billing.charges
+        FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement()$ddl$
+]);
+SELECT billing._update_ddl('billing.metered_tables', ARRAY[
+    $ddl$CREATE TRIGGER metered_tables_audit_flush AFTER INSERT OR UPDATE OR DELETE ON billing.metered_tables
+        FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement()$ddl$
+]);
+SELECT billing._update_ddl('billing.accounts', ARRAY[
+    $ddl$CREATE TRIGGER accounts_audit_flush AFTER INSERT OR UPDATE OR DELETE ON billing.accounts
+        FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement()$ddl$
+]);
+SELECT billing._update_ddl('billing.subscriptions', ARRAY[
+    $ddl$CREATE TRIGGER subscriptions_audit_flush AFTER INSERT OR UPDATE OR DELETE ON billing.subscriptions
+        FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement()$ddl$
+]);
+SELECT billing._update_ddl('billing.invoices', ARRAY[
+    $ddl$CREATE TRIGGER invoices_audit_flush AFTER INSERT ON billing.invoices
+        FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement()$ddl$
+]);
+SELECT billing._update_ddl('billing.credit_ledger', ARRAY[
+    $ddl$CREATE TRIGGER credit_ledger_audit_flush AFTER INSERT ON billing.credit_ledger
+        FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement()$ddl$
+]);
+-- ---- end of audit rows written once per statement ----

@@ -65,6 +65,7 @@
 PG_FUNCTION_INFO_V1(billing_audit_actor);
 PG_FUNCTION_INFO_V1(billing_audit_suspended);
 PG_FUNCTION_INFO_V1(billing_audit_append);
+PG_FUNCTION_INFO_V1(billing_audit_append_deferred);
 PG_FUNCTION_INFO_V1(billing_audit_append_many);
 
 /*
@@ -159,16 +160,13 @@ chain_is_local(int64 chain)
 }
 
 /*
- * billing_audit_append
- *		billing._audit_append(p_chain, p_action, p_object, p_details,
- *		p_on_placement DEFAULT false) RETURNS bigint: add a row to the chain
- *		of p_chain and bring its head row up to date; returns its seq, or
- *		NULL when p_on_placement and a Citus placement leaves the row to the
- *		node holding the chain.  Under REPEATABLE READ or SERIALIZABLE a
- *		concurrent append to the same chain makes this raise 40001.
+ * append_from_sql
+ *		The body of billing._audit_append and _audit_append_deferred: check
+ *		the arguments, append the row and, when flush, write it (and the
+ *		chain's head) before returning.
  */
-Datum
-billing_audit_append(PG_FUNCTION_ARGS)
+static Datum
+append_from_sql(FunctionCallInfo fcinfo, bool flush)
 {
 	int64		chain;
 	char	   *action;
@@ -192,8 +190,41 @@ billing_audit_append(PG_FUNCTION_ARGS)
 	if (PG_NARGS() > 4 && !PG_ARGISNULL(4) && PG_GETARG_BOOL(4) && !chain_is_local(chain))
 		PG_RETURN_NULL();
 	seq = billing_audit_chain_append(chain, action, object, details, NULL);
-	billing_audit_chain_flush();
+	if (flush)
+		billing_audit_chain_flush();
 	PG_RETURN_INT64(seq);
+}
+
+/*
+ * billing_audit_append
+ *		billing._audit_append(p_chain, p_action, p_object, p_details,
+ *		p_on_placement DEFAULT false) RETURNS bigint: add a row to the chain
+ *		of p_chain and bring its head row up to date; returns its seq, or
+ *		NULL when p_on_placement and a Citus placement leaves the row to the
+ *		node holding the chain.  Under REPEATABLE READ or SERIALIZABLE a
+ *		concurrent append to the same chain makes this raise 40001.
+ */
+Datum
+billing_audit_append(PG_FUNCTION_ARGS)
+{
+	return append_from_sql(fcinfo, true);
+}
+
+/*
+ * billing_audit_append_deferred
+ *		billing._audit_append_deferred(p_chain, p_action, p_object,
+ *		p_details) RETURNS bigint: _audit_append for a row trigger whose
+ *		table also has the statement trigger billing._audit_statement():
+ *		the row is hashed into its chain now and written with the
+ *		statement's other rows by that trigger (or by the commit, for a
+ *		row trigger deferred to it), as audit_table's triggers do: one
+ *		write of the rows and of the heads per statement, not per row.
+ *		Where appends go through SQL (Citus) the row is written at once.
+ */
+Datum
+billing_audit_append_deferred(PG_FUNCTION_ARGS)
+{
+	return append_from_sql(fcinfo, false);
 }
 
 /* order of the rows of _audit_append_many: chain, then key */

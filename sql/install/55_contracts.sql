@@ -196,7 +196,8 @@ BEGIN
                        (SELECT to_jsonb(g) FROM billing.credit_grants g
                          WHERE g.account_id = NEW.account_id AND g.grant_id = NEW.grant_id));
     END IF;
-    PERFORM billing._audit_append(NEW.account_id, NEW.kind, format('credit_grant:%s', NEW.grant_id), d);
+    PERFORM billing._audit_append_deferred(NEW.account_id, NEW.kind, format('credit_grant:%s', NEW.grant_id),
+                                           d);
     RETURN NULL;
 END
 $$;

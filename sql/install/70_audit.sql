@@ -10,12 +10,17 @@
  * writers of different chains never wait for each other.  Appending is C
  * (_audit_append, src/audit.c), the same for these tables and for the
  * users' tables audited with billing.audit_table (75_audit_table.sql).
+ * A row trigger hashes its row into the chain at once
+ * (_audit_append_deferred); the table's statement trigger
+ * (_audit_statement) writes the statement's rows and the heads they moved
+ * once, at the end of the statement.
  *
  * What writes a row (action, chain, object):
  *   meters, plans, charges, metered_tables   insert/update/delete, chain 0
  *   accounts, subscriptions                   insert/update/delete, the account
  *   TRUNCATE of any of those tables           truncate, chain 0
  *   invoices (finalize_invoices)              finalize, the account
+ *   credit_ledger (55_contracts.sql)          the entry's kind, the account
  *   adjustments (rerate)                      adjust, the account
  *   usage_corrections (correct_usage)         correct, the account
  *   a rerate run (not a dry run)              rerate, chain 0
@@ -131,6 +136,38 @@ CREATE FUNCTION billing._audit_append_many(p_chains bigint[], p_keys bigint[], p
 COMMENT ON FUNCTION billing._audit_append_many(bigint[], bigint[], text, text[], jsonb[]) IS
     'Internal: appends many rows to their audit chains in one go (the statement-level audit of adjustments and usage corrections)';
 
+/*
+ * _audit_append_deferred: _audit_append for the row triggers of a table
+ * that also has the statement trigger billing._audit_statement() (below):
+ * the row is hashed into its chain at once, and written with the
+ * statement's other rows, and each moved head once, by that trigger at the
+ * end of the statement (or by the commit, for a row trigger deferred to
+ * it).  Writing once per statement instead of once per row is what makes
+ * a finalize of many invoices or a bulk load of accounts cheap; the
+ * chain, its order and every row are the same.  Where appends go through
+ * SQL (Citus) the row is written at once, as by _audit_append.
+ */
+CREATE FUNCTION billing._audit_append_deferred(p_chain bigint, p_action text, p_object text,
+                                               p_details jsonb, p_on_placement boolean DEFAULT false)
+    RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_audit_append_deferred'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION billing._audit_append_deferred(bigint, text, text, jsonb, boolean) IS
+    'Internal: _audit_append for a row trigger; the row is written by the table''s statement trigger billing._audit_statement() or at commit';
+
+/*
+ * _audit_statement: the statement trigger that writes the rows the row
+ * triggers appended with _audit_append_deferred (and audit_table's
+ * _audit_row, 75_audit_table.sql), and the chain heads they moved, once
+ * per statement; before TRUNCATE (audited user tables) it refuses the
+ * statement.
+ */
+CREATE FUNCTION billing._audit_statement() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'billing_audit_statement'
+    LANGUAGE C;
+COMMENT ON FUNCTION billing._audit_statement() IS
+    'Internal: statement trigger of an audited table and its partitions; writes the audit chain heads after INSERT, UPDATE or DELETE, refuses TRUNCATE';
+
 -- triggers ------------------------------------------------------------------------------
 
 /*
@@ -189,11 +226,11 @@ BEGIN
                          WHERE x IS NOT NULL ORDER BY x);
     END IF;
     FOREACH c IN ARRAY chains LOOP
-        PERFORM billing._audit_append(c, lower(TG_OP), format('%s:%s', TG_ARGV[0], key),
+        PERFORM billing._audit_append_deferred(c, lower(TG_OP), format('%s:%s', TG_ARGV[0], key),
                                       CASE TG_OP WHEN 'INSERT' THEN jsonb_build_object('new', n)
                                                  WHEN 'DELETE' THEN jsonb_build_object('old', o)
                                                  ELSE jsonb_build_object('old', o, 'new', n) END,
-                                      on_placement);
+                                               on_placement);
     END LOOP;
     RETURN NULL;
 END
@@ -245,7 +282,7 @@ BEGIN
     IF billing._audit_suspended() THEN
         RETURN NULL;
     END IF;
-    PERFORM billing._audit_append(
+    PERFORM billing._audit_append_deferred(
         NEW.account_id, 'finalize', format('invoice:%s', NEW.invoice_id),
         jsonb_build_object(
             'invoice', to_jsonb(NEW),
@@ -260,6 +297,30 @@ COMMENT ON FUNCTION billing._audit_invoice() IS
 CREATE CONSTRAINT TRIGGER invoices_audit AFTER INSERT ON billing.invoices
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION billing._audit_invoice();
+
+/*
+ * The statement triggers writing what the row triggers above (and the
+ * credit ledger's, 55_contracts.sql) appended: one write of the audit rows
+ * and of the chain heads per statement.  A row trigger fired after its
+ * statement's own (invoices_audit deferred to the commit) is written at
+ * the commit.
+ */
+CREATE TRIGGER meters_audit_flush AFTER INSERT OR UPDATE OR DELETE ON billing.meters
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement();
+CREATE TRIGGER plans_audit_flush AFTER INSERT OR UPDATE OR DELETE ON billing.plans
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement();
+CREATE TRIGGER charges_audit_flush AFTER INSERT OR UPDATE OR DELETE ON billing.charges
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement();
+CREATE TRIGGER metered_tables_audit_flush AFTER INSERT OR UPDATE OR DELETE ON billing.metered_tables
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement();
+CREATE TRIGGER accounts_audit_flush AFTER INSERT OR UPDATE OR DELETE ON billing.accounts
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement();
+CREATE TRIGGER subscriptions_audit_flush AFTER INSERT OR UPDATE OR DELETE ON billing.subscriptions
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement();
+CREATE TRIGGER invoices_audit_flush AFTER INSERT ON billing.invoices
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement();
+CREATE TRIGGER credit_ledger_audit_flush AFTER INSERT ON billing.credit_ledger
+    FOR EACH STATEMENT EXECUTE FUNCTION billing._audit_statement();
 
 /*
  * _audit_insert_rows: AFTER INSERT statement trigger of adjustments and

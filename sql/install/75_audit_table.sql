@@ -42,11 +42,8 @@ CREATE FUNCTION billing._audit_row() RETURNS trigger
 COMMENT ON FUNCTION billing._audit_row() IS
     'Internal: AFTER ROW trigger of an audited table (argument: the account column, empty for chain 0); appends each change to the audit log';
 
-CREATE FUNCTION billing._audit_statement() RETURNS trigger
-    AS 'MODULE_PATHNAME', 'billing_audit_statement'
-    LANGUAGE C;
-COMMENT ON FUNCTION billing._audit_statement() IS
-    'Internal: statement trigger of an audited table and its partitions; writes the audit chain heads after INSERT, UPDATE or DELETE, refuses TRUNCATE';
+-- billing._audit_statement(), the statement trigger, is in 70_audit.sql (the
+-- extension's own audited tables carry it too)
 
 /*
  * audited_tables: the audited tables (those carrying the row trigger of

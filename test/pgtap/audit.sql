@@ -4,7 +4,7 @@
 -- verify_audit_log() finds rows altered, removed or inserted even by a
 -- superuser with the triggers disabled.
 BEGIN;
-SELECT plan(69);
+SELECT plan(76);
 
 -- the table as pinned ----------------------------------------------------------------
 SELECT has_table('billing', 'audit_log', 'audit_log exists');
@@ -299,6 +299,45 @@ SELECT is((SELECT count(*) FROM billing.audit_log WHERE account_id = 7104), 1::b
           'a non-superuser cannot suspend the audit that way');
 RESET check_function_bodies;
 ROLLBACK TO SAVEPOINT t;
+
+-- a statement's rows are written by the table's statement trigger, at its
+-- end: seen by the next statement, gap-free, and gone with a rolled-back
+-- savepoint
+SELECT seq AS h0 FROM billing.audit_heads WHERE account_id = 0 \gset
+INSERT INTO billing.meters (meter) VALUES ('au_s1'), ('au_s2'), ('au_s3');
+SELECT is((SELECT array_agg(seq - :h0 ORDER BY seq) FROM billing.audit_log
+            WHERE account_id = 0 AND seq > :h0), ARRAY[1, 2, 3]::bigint[],
+          'a three-row INSERT leaves three catalog rows, seen by the next statement');
+SELECT is((SELECT seq - :h0 FROM billing.audit_heads WHERE account_id = 0), 3::bigint,
+          'and the chain head moved by three');
+SAVEPOINT s2;
+INSERT INTO billing.accounts (account_id) SELECT g FROM generate_series(7201, 7205) g;
+UPDATE billing.accounts SET name = 'x' WHERE account_id BETWEEN 7201 AND 7205;
+SELECT is((SELECT count(*) FROM billing.audit_log WHERE account_id BETWEEN 7201 AND 7205),
+          10::bigint, 'five accounts inserted and updated: ten rows');
+ROLLBACK TO SAVEPOINT s2;
+SELECT is((SELECT count(*) FROM billing.audit_log WHERE account_id BETWEEN 7201 AND 7205)
+          + (SELECT count(*) FROM billing.audit_heads WHERE account_id BETWEEN 7201 AND 7205),
+          0::bigint, 'a rolled-back savepoint takes its rows and chain heads with it');
+INSERT INTO billing.accounts (account_id) VALUES (7201), (7202);
+SELECT is((SELECT array_agg(account_id || ':' || seq ORDER BY account_id, seq) FROM billing.audit_log
+            WHERE account_id BETWEEN 7201 AND 7205), ARRAY['7201:1', '7202:1'],
+          'the chains start again at seq 1 after it');
+SELECT is_empty('SELECT * FROM billing.verify_audit_log()',
+                'verify_audit_log finds every chain intact after statements and a rollback');
+-- every table whose row trigger appends deferred rows has the statement
+-- trigger that writes them (SECURITY DEFINER row triggers of 70_audit.sql,
+-- 55_contracts.sql)
+SELECT is_empty($$
+    SELECT r.tgrelid::regclass
+      FROM pg_trigger r JOIN pg_proc p ON p.oid = r.tgfoid
+     WHERE p.pronamespace = 'billing'::regnamespace
+       AND p.prosrc LIKE '%_audit_append_deferred%'
+       AND NOT EXISTS (SELECT 1 FROM pg_trigger s
+                        WHERE s.tgrelid = r.tgrelid AND s.tgfoid = 'billing._audit_statement()'::regprocedure
+                          AND (s.tgtype & 1) = 0   -- FOR EACH STATEMENT
+                          AND (s.tgtype & 2) = 0)  -- AFTER
+$$, 'every table with a deferred-append row trigger has the statement trigger that writes its rows');
 
 -- TRUNCATE of an audited table is logged in the catalog chain
 TRUNCATE billing.metered_tables;
