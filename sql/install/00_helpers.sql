@@ -201,34 +201,43 @@ COMMENT ON FUNCTION billing._refuse_change() IS
     'Internal: refuses UPDATE, DELETE or TRUNCATE of immutable and append-only tables (arguments: detail, hint, columns an UPDATE may set once)';
 
 /*
- * _plan_cache_for: the plan cache mode for the statements that rate or
+ * _plan_cache_for: the planner settings for the statements that rate or
  * build p_periods billing periods, set with set_config(..., true) at the
- * caller's level: the caller declares SET plan_cache_mode = auto, so the
- * mode ends with its call.  (This function has no SET clause of its own,
- * which would end the mode with this call.)  The one rule for every
- * rating path:
+ * caller's level: the caller declares SET plan_cache_mode = auto (and SET
+ * enable_nestloop = on with p_hash_joins), so the settings end with its
+ * call.  (This function has no SET clause of its own, which would end them
+ * with this call.)  The one rule for every rating path, and the one place
+ * that says what "many periods" is:
  *   - more than 16 periods (finalize, rerate): custom plans, which know
  *     the arrays' sizes (a generic plan takes each array for 10 rows and
- *     may join them in loops);
+ *     may join them in loops); and with p_hash_joins no nested loops
+ *     (_rate_periods: once ANALYZE has seen the few rows of meters and
+ *     charges, the planner expects a handful of rows from CTEs that hold
+ *     one or more per period and joins them in nested loops, quadratic in
+ *     the periods);
  *   - at most 16 (a preview, remaining), without Citus and with p_generic:
  *     one generic plan per statement and session (planning the statements
  *     anew took longer than running them for one account);
  *   - otherwise the caller's mode: with Citus loaded, which plans
  *     distributed statements with their parameters' values.
  */
-CREATE FUNCTION billing._plan_cache_for(p_periods integer, p_generic boolean DEFAULT true)
+CREATE FUNCTION billing._plan_cache_for(p_periods integer, p_generic boolean DEFAULT true,
+                                        p_hash_joins boolean DEFAULT false)
     RETURNS void
     LANGUAGE plpgsql AS $$
 BEGIN
     IF p_periods > 16 THEN
         PERFORM pg_catalog.set_config('plan_cache_mode', 'force_custom_plan', true);
+        IF p_hash_joins THEN
+            PERFORM pg_catalog.set_config('enable_nestloop', 'off', true);
+        END IF;
     ELSIF p_generic AND pg_catalog.current_setting('citus.version', true) IS NULL THEN
         PERFORM pg_catalog.set_config('plan_cache_mode', 'force_generic_plan', true);
     END IF;
 END
 $$;
-COMMENT ON FUNCTION billing._plan_cache_for(integer, boolean) IS
-    'Internal: sets plan_cache_mode for the rest of the caller''s call, from the number of periods it rates';
+COMMENT ON FUNCTION billing._plan_cache_for(integer, boolean, boolean) IS
+    'Internal: sets plan_cache_mode (and enable_nestloop) for the rest of the caller''s call, from the number of periods it rates';
 
 /*
  * _chunk_ends: the batches of a job over many accounts (finalize_invoices,

@@ -138,16 +138,13 @@ BEGIN
     -- A few periods (a preview): one generic plan per session (for one
     -- account a custom plan, the arrays' lengths known, always looked
     -- cheaper, and planning it took longer than running it).  Many
-    -- (finalize, rerate): custom plans.  See _plan_cache_for.
-    PERFORM billing._plan_cache_for(cardinality(p_accounts));
-    -- Many periods: no nested loops.  Once ANALYZE has seen the few rows of
-    -- meters and charges, the planner expects a handful of rows from the
-    -- CTEs below that hold one or more per period, and joins them in nested
-    -- loops: quadratic in the periods (re-rating 10,000 accounts took 62 s
-    -- in one statement, 9 s in batches of 1,000, and 1.3 s without them).
-    IF cardinality(p_accounts) > 16 THEN
-        PERFORM pg_catalog.set_config('enable_nestloop', 'off', true);
-    END IF;
+    -- (finalize, rerate): custom plans, and no nested loops: with meters
+    -- and charges analyzed the planner expects a handful of rows from the
+    -- CTEs below, which hold one or more per period, and joined them in
+    -- nested loops, quadratic in the periods (re-rating 10,000 accounts
+    -- took 62 s in one statement, 9 s in batches of 1,000, and 1.3 s
+    -- without them).  See _plan_cache_for.
+    PERFORM billing._plan_cache_for(cardinality(p_accounts), p_hash_joins => true);
     RETURN QUERY
     WITH per AS (
         SELECT x.i::integer AS idx, x.pl AS plan, x.cur AS currency, x.cap, x.s AS ps

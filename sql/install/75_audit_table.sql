@@ -310,9 +310,12 @@ BEGIN
                                         WHERE a.tbl = r.audited)),
                       HINT = 'Stop auditing the table with billing.unaudit_table first, then audit it again.';
         END IF;
-        -- partitions detached: their statement triggers go
+        -- partitions detached: their statement triggers go (those
+        -- _audit_statement_triggers made: the extension's own tables carry
+        -- the same trigger function under other names, 70_audit.sql)
         FOR d IN SELECT g.tgrelid::regclass AS rel, g.tgname FROM pg_trigger g
                   WHERE g.tgfoid = 'billing._audit_statement()'::regprocedure
+                    AND g.tgname IN ('billing_audit_flush', 'billing_audit_truncate')
                     AND billing._audited_ancestor(g.tgrelid) IS NULL LOOP
             EXECUTE format('DROP TRIGGER %I ON %s', d.tgname, d.rel);
         END LOOP;

@@ -7,7 +7,7 @@
 -- for the session's code; and tampering with user-table audit rows, done
 -- by a superuser behind the triggers, found by verify_audit_log().
 BEGIN;
-SELECT plan(81);
+SELECT plan(82);
 
 -- the functions as pinned ----------------------------------------------------------------
 SELECT has_function('billing', 'audit_table', ARRAY['regclass', 'name'], 'audit_table(regclass, name)');
@@ -96,6 +96,10 @@ SELECT throws_ok($$ALTER TABLE at_contracts ALTER COLUMN account_id TYPE numeric
                  'making the account column a numeric: 55000');
 SELECT lives_ok($$ALTER TABLE at_contracts ALTER COLUMN account_id TYPE integer$$,
                 'an account column retyped to another integer type is fine');
+SELECT is((SELECT count(*) FROM pg_trigger g
+            WHERE g.tgrelid IN (SELECT c.oid FROM pg_class c WHERE c.relnamespace = 'billing'::regnamespace)
+              AND g.tgfoid = 'billing._audit_statement()'::regprocedure), 8::bigint,
+          'an ALTER TABLE of an audited table leaves the statement triggers of the extension''s own tables alone');
 SELECT throws_ok($$INSERT INTO at_contracts VALUES (1, -5, 1, NULL)$$, '23514', NULL,
                  'a negative account: 23514, nothing written');
 SELECT throws_ok($$UPDATE billing.audit_log SET actor = 'x' WHERE account_id = 0$$, '55000', NULL,

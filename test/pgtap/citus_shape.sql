@@ -58,10 +58,14 @@ INSERT INTO billing.invoices (account_id, plan, period_start, period_end, curren
 SELECT is((SELECT count(*) FROM billing.audit_log
             WHERE account_id = 7302 AND action = 'finalize'), 2::bigint,
           'after finalize_invoices the trigger is deferred again: an invoice inserted by hand has no audit row yet');
+-- when the trigger fires (at the commit, or here when it is set IMMEDIATE)
+-- the row is hashed into its chain; it is written at the commit or at the
+-- end of the next statement that writes audit rows (70_audit.sql)
 SET CONSTRAINTS billing.invoices_audit IMMEDIATE;
+INSERT INTO billing.meters (meter) VALUES ('sh_next');
 SELECT is((SELECT count(*) FROM billing.audit_log
             WHERE account_id = 7302 AND action = 'finalize'), 3::bigint,
-          'and gets it when the trigger fires (at the commit, or here when it is set IMMEDIATE)');
+          'and gets it when the trigger fires, written by the next statement that writes audit rows');
 SET CONSTRAINTS billing.invoices_audit DEFERRED;
 
 -- _audit_insert_rows where Citus runs it: on a shard, named after its table
