@@ -437,16 +437,61 @@ row_cmp(const void *a, const void *b)
 }
 
 /*
+ * chain_cmp
+ *		qsort/bsearch order of chain ids.
+ */
+static int
+chain_cmp(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
+/*
+ * pending_chains
+ *		The chains with rows in rows[0 .. upto), sorted and unique (*n of
+ *		them); NULL when there are none.
+ */
+static int64 *
+pending_chains(int upto, int *n)
+{
+	int64	   *c;
+	int			k = 0;
+
+	*n = 0;
+	if (upto == 0)
+		return NULL;
+	c = palloc(upto * sizeof(int64));
+	for (int i = 0; i < upto; i++)
+		c[i] = rows[i].chain;
+	qsort(c, upto, sizeof(int64), chain_cmp);
+	for (int i = 0; i < upto; i++)
+		if (k == 0 || c[k - 1] != c[i])
+			c[k++] = c[i];
+	*n = k;
+	return c;
+}
+
+/*
  * flush_rows
  *		Write into billing.audit_log the buffered rows of the current
- *		subtransaction: the tail of the buffer (rows of enclosing ones wait
- *		for their own statement's end, or the commit).
+ *		subtransaction: the tail of the buffer.  Rows of enclosing ones
+ *		wait for their own statement's end, or the commit (written here,
+ *		they would go if this subtransaction aborted); so do this one's
+ *		rows of a chain that has rows of an enclosing one waiting, which
+ *		come first in the chain: the log never shows a chain with a gap.
  */
 static void
 flush_rows(void)
 {
 	SubTransactionId cur = GetCurrentSubTransactionId();
 	int			first = nrows;
+	int			nout = 0;
+	int			nkept = 0;
+	int			nwait;
+	int64	   *waiting;
 	LogRow	  **sorted;
 	OwnerScope	scope;
 
@@ -454,16 +499,39 @@ flush_rows(void)
 		first--;
 	if (first == nrows)
 		return;
+	waiting = pending_chains(first, &nwait);
 	sorted = palloc((nrows - first) * sizeof(LogRow *));
 	for (int i = first; i < nrows; i++)
-		sorted[i - first] = &rows[i];
-	qsort(sorted, nrows - first, sizeof(LogRow *), row_cmp);
-	billing_audit_rels_load();
-	billing_audit_owner_enter(&scope, false);
-	billing_audit_write_rows(sorted, nrows - first);
-	billing_audit_owner_leave(&scope);
+		if (waiting == NULL ||
+			bsearch(&rows[i].chain, waiting, nwait, sizeof(int64), chain_cmp) == NULL)
+			sorted[nout++] = &rows[i];
+	if (nout > 0)
+	{
+		qsort(sorted, nout, sizeof(LogRow *), row_cmp);
+		billing_audit_rels_load();
+		billing_audit_owner_enter(&scope, false);
+		billing_audit_write_rows(sorted, nout);
+		billing_audit_owner_leave(&scope);
+	}
 	pfree(sorted);
-	rows_forget(first);
+	if (waiting == NULL)
+	{
+		rows_forget(first);
+		return;
+	}
+	/* keep the rows not written, in order, at the tail */
+	for (int i = first; i < nrows; i++)
+	{
+		if (bsearch(&rows[i].chain, waiting, nwait, sizeof(int64), chain_cmp) != NULL)
+			rows[first + nkept++] = rows[i];
+		else
+		{
+			rows_bytes -= VARSIZE(rows[i].details);
+			pfree(rows[i].details);
+		}
+	}
+	nrows = first + nkept;
+	pfree(waiting);
 }
 
 /*
@@ -507,12 +575,16 @@ billing_audit_chain_flush(void)
 	Oid			types[3] = {INT8ARRAYOID, INT8ARRAYOID, BYTEAARRAYOID};
 	OwnerScope	scope;
 	int			ret;
+	int64	   *buffered;
+	int			nbuffered;
 
 	if (heads == NULL)
 		return;
 	flush_rows();
 	if (ndirty == 0)
 		return;
+	/* a head moves with the rows written: not past a row still waiting */
+	buffered = pending_chains(nrows, &nbuffered);
 	chains = palloc(ndirty * sizeof(Datum));
 	seqs = palloc(ndirty * sizeof(Datum));
 	hashes = palloc(ndirty * sizeof(Datum));
@@ -521,6 +593,9 @@ billing_audit_chain_flush(void)
 		ChainHead  *e = hash_search(heads, &dirty_chains[i], HASH_FIND, NULL);
 
 		if (e == NULL || !e->listed || e->seq == e->written_seq)
+			continue;
+		if (buffered != NULL &&
+			bsearch(&e->chain, buffered, nbuffered, sizeof(int64), chain_cmp) != NULL)
 			continue;
 		Assert(e->has_hash);
 		chains[n] = Int64GetDatum(e->chain);
@@ -563,21 +638,34 @@ billing_audit_chain_flush(void)
 		billing_audit_owner_leave(&scope);
 	}
 
-	/* written: the heads are clean, in this subtransaction */
-	for (int i = 0; i < ndirty; i++)
+	/* written: the heads are clean, in this subtransaction; those waiting
+	 * for their rows stay on the list */
 	{
-		ChainHead  *e = hash_search(heads, &dirty_chains[i], HASH_FIND, NULL);
+		int			kept = 0;
 
-		if (e == NULL || !e->listed)
-			continue;
-		e->listed = false;
-		if (e->seq != e->written_seq)
+		for (int i = 0; i < ndirty; i++)
 		{
-			head_touch(e);
-			e->written_seq = e->seq;
+			ChainHead  *e = hash_search(heads, &dirty_chains[i], HASH_FIND, NULL);
+
+			if (e == NULL || !e->listed)
+				continue;
+			if (e->seq != e->written_seq && buffered != NULL &&
+				bsearch(&e->chain, buffered, nbuffered, sizeof(int64), chain_cmp) != NULL)
+			{
+				dirty_chains[kept++] = e->chain;
+				continue;
+			}
+			e->listed = false;
+			if (e->seq != e->written_seq)
+			{
+				head_touch(e);
+				e->written_seq = e->seq;
+			}
 		}
+		ndirty = kept;
 	}
-	ndirty = 0;
+	if (buffered != NULL)
+		pfree(buffered);
 	heads_trim();
 }
 
@@ -632,7 +720,14 @@ billing_audit_append_at(int64 chain, const char *action, const char *object,
 		details_text = json = JsonbToCString(NULL, &details->root, VARSIZE(details));
 	billing_audit_rels_load();
 
-	if (!billing_audit_rels.direct)
+	/*
+	 * Through SQL where audit_log is not as the extension made it (Citus,
+	 * its own triggers or indexes), unless this transaction already keeps
+	 * heads in memory: then it goes on buffering (its heads are ahead of
+	 * the table's), and the write of the buffered rows goes through SQL
+	 * (billing_audit_write_rows).
+	 */
+	if (!billing_audit_rels.direct && heads == NULL)
 	{
 		if (at == 0)
 			at = GetCurrentTimestamp();

@@ -80,6 +80,9 @@ static SPIPlanPtr create_plan = NULL;
 static SPIPlanPtr insert_plan = NULL;
 static SPIPlanPtr head_plan = NULL;
 
+static void insert_row_sql(const Datum *values, const char *nulls);
+static void write_rows_sql(LogRow **sorted, int n);
+
 /*
  * rels_invalidate
  *		Relcache callback: forget what is known about the audit relations
@@ -253,6 +256,13 @@ billing_audit_read_head(int64 chain, int64 *seq, bool *has_hash, uint8 *hash)
 	int			ret;
 
 	billing_audit_owner_enter(&scope, true);
+	/*
+	 * by the primary key, whatever the statistics say: planned when
+	 * audit_heads was small, the kept plan read the whole table for each
+	 * chain, and a load of many new accounts took time quadratic in them
+	 */
+	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	if (lock_plan == NULL)
@@ -321,8 +331,6 @@ billing_audit_append_sql(int64 chain, TimestampTz at, const char *actor, const c
 	StringInfoData buf;
 	Datum		values[LOG_NCOLS];
 	char		nulls[LOG_NCOLS];
-	Oid			types[LOG_NCOLS] = {INT8OID, INT8OID, TIMESTAMPTZOID, TEXTOID, TEXTOID,
-	TEXTOID, JSONBOID, BYTEAOID, BYTEAOID};
 	OwnerScope	scope;
 	int			ret;
 
@@ -351,14 +359,7 @@ billing_audit_append_sql(int64 chain, TimestampTz at, const char *actor, const c
 	billing_audit_owner_enter(&scope, true);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (insert_plan == NULL)
-		insert_plan = billing_audit_prepare_kept("INSERT INTO billing.audit_log (account_id, seq, at, actor, action, "
-												 "object, details, prev_hash, hash) "
-												 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-												 LOG_NCOLS, types);
-	ret = SPI_execute_plan(insert_plan, values, nulls, false, 0);
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "could not write an audit row: %s", SPI_result_code_string(ret));
+	insert_row_sql(values, nulls);
 	if (head_plan == NULL)
 	{
 		Oid			htypes[3] = {INT8OID, INT8OID, BYTEAOID};
@@ -380,6 +381,66 @@ billing_audit_append_sql(int64 chain, TimestampTz at, const char *actor, const c
 }
 
 /*
+ * insert_row_sql
+ *		INSERT one row into billing.audit_log through SQL (its triggers,
+ *		rules and indexes apply); runs with search_path pinned.
+ */
+static void
+insert_row_sql(const Datum *values, const char *nulls)
+{
+	Oid			types[LOG_NCOLS] = {INT8OID, INT8OID, TIMESTAMPTZOID, TEXTOID, TEXTOID,
+	TEXTOID, JSONBOID, BYTEAOID, BYTEAOID};
+	int			ret;
+
+	if (insert_plan == NULL)
+		insert_plan = billing_audit_prepare_kept("INSERT INTO billing.audit_log (account_id, seq, at, actor, action, "
+												 "object, details, prev_hash, hash) "
+												 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+												 LOG_NCOLS, types);
+	ret = SPI_execute_plan(insert_plan, (Datum *) values, nulls, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "could not write an audit row: %s", SPI_result_code_string(ret));
+}
+
+/*
+ * write_rows_sql
+ *		billing_audit_write_rows when billing.audit_log is no longer as the
+ *		extension made it: each row through SQL, in chain and seq order.
+ */
+static void
+write_rows_sql(LogRow **sorted, int n)
+{
+	OwnerScope	scope;
+
+	billing_audit_owner_enter(&scope, true);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	for (int i = 0; i < n; i++)
+	{
+		LogRow	   *r = sorted[i];
+		Datum		values[LOG_NCOLS];
+		char		nulls[LOG_NCOLS];
+
+		memset(nulls, ' ', sizeof(nulls));
+		values[LOG_ACCOUNT_ID] = Int64GetDatum(r->chain);
+		values[LOG_SEQ] = Int64GetDatum(r->seq);
+		values[LOG_AT] = TimestampTzGetDatum(r->at);
+		values[LOG_ACTOR] = PointerGetDatum(r->actor->txt);
+		values[LOG_ACTION] = PointerGetDatum(r->action->txt);
+		values[LOG_OBJECT] = PointerGetDatum(r->object->txt);
+		values[LOG_DETAILS] = JsonbPGetDatum(r->details);
+		values[LOG_PREV_HASH] = r->has_prev ?
+			PointerGetDatum(billing_audit_bytea((const char *) r->prev, sizeof(r->prev))) : (Datum) 0;
+		if (!r->has_prev)
+			nulls[LOG_PREV_HASH] = 'n';
+		values[LOG_HASH] = PointerGetDatum(billing_audit_bytea((const char *) r->hash, sizeof(r->hash)));
+		insert_row_sql(values, nulls);
+	}
+	SPI_finish();
+	billing_audit_owner_leave(&scope);
+}
+
+/*
  * billing_audit_write_rows
  *		Write buffered rows straight into billing.audit_log's heap (one
  *		multi-insert per batch) and primary key, in chain and seq order, as
@@ -390,17 +451,37 @@ billing_audit_append_sql(int64 chain, TimestampTz at, const char *actor, const c
 void
 billing_audit_write_rows(LogRow **sorted, int n)
 {
-	Relation	rel = table_open(billing_audit_rels.log_relid, RowExclusiveLock);
-	Relation	idx = index_open(billing_audit_rels.log_index, RowExclusiveLock);
-	TupleDesc	desc = RelationGetDescr(rel);
-	IndexInfo  *ii = billing_audit_rels.index_info;
+	Relation	rel;
+	Relation	idx;
+	TupleDesc	desc;
+	IndexInfo  *ii;
 	int			nslots = Min(n, WRITE_BATCH);
-	TupleTableSlot **slots = palloc(nslots * sizeof(TupleTableSlot *));
-	CommandId	cid = GetCurrentCommandId(true);
-	MemoryContext batch_cxt = AllocSetContextCreate(CurrentMemoryContext,
-													"billing audit write",
-													ALLOCSET_DEFAULT_SIZES);
+	TupleTableSlot **slots;
+	CommandId	cid;
+	MemoryContext batch_cxt;
 	MemoryContext old;
+
+	/*
+	 * What audit_log is like now, under the lock that keeps it so until the
+	 * transaction ends: the rows may have been appended (and buffered)
+	 * before an index, trigger, rule or column was added to it, in this
+	 * session or in one that committed since.  Then they go in through SQL.
+	 */
+	rel = table_open(billing_audit_rels.log_relid, RowExclusiveLock);
+	billing_audit_rels_load();
+	if (!billing_audit_rels.direct)
+	{
+		table_close(rel, NoLock);
+		write_rows_sql(sorted, n);
+		return;
+	}
+	idx = index_open(billing_audit_rels.log_index, RowExclusiveLock);
+	desc = RelationGetDescr(rel);
+	ii = billing_audit_rels.index_info;
+	slots = palloc(nslots * sizeof(TupleTableSlot *));
+	cid = GetCurrentCommandId(true);
+	batch_cxt = AllocSetContextCreate(CurrentMemoryContext, "billing audit write",
+									  ALLOCSET_DEFAULT_SIZES);
 
 	for (int i = 0; i < nslots; i++)
 		slots[i] = MakeSingleTupleTableSlot(desc, table_slot_callbacks(rel));

@@ -4,7 +4,7 @@
 -- verify_audit_log() finds rows altered, removed or inserted even by a
 -- superuser with the triggers disabled.
 BEGIN;
-SELECT plan(76);
+SELECT plan(80);
 
 -- the table as pinned ----------------------------------------------------------------
 SELECT has_table('billing', 'audit_log', 'audit_log exists');
@@ -338,6 +338,36 @@ SELECT is_empty($$
                           AND (s.tgtype & 1) = 0   -- FOR EACH STATEMENT
                           AND (s.tgtype & 2) = 0)  -- AFTER
 $$, 'every table with a deferred-append row trigger has the statement trigger that writes its rows');
+
+-- rows waiting in the buffer when audit_log changes under them (here an
+-- index added in the same transaction; a session that commits one does the
+-- same) are written through SQL, into every index; an invoice's row fired
+-- by SET CONSTRAINTS waits with a later row of its chain written in a
+-- savepoint, so the chain shows no gap
+SAVEPOINT ix;
+INSERT INTO billing.invoices (account_id, plan, period_start, period_end, currency, total)
+    VALUES (7101, 'au_daily', '2030-01-01 00:00+00', '2030-01-02 00:00+00', 'USD', 0);
+SET CONSTRAINTS billing.invoices_audit IMMEDIATE;
+SAVEPOINT inner_sp;
+UPDATE billing.accounts SET name = 'in a savepoint' WHERE account_id = 7101;
+RELEASE SAVEPOINT inner_sp;
+SELECT is_empty($$SELECT * FROM billing.verify_audit_log()
+                   WHERE account_id = 7101 AND problem NOT LIKE 'invoice % has no audit row'$$,
+                'a row written in a savepoint while an earlier row of its chain waits leaves no gap');
+CREATE INDEX audit_log_at_test ON billing.audit_log (at);
+UPDATE billing.accounts SET name = 'after the index' WHERE account_id = 7101;
+SET CONSTRAINTS billing.invoices_audit DEFERRED;
+SET LOCAL enable_seqscan = off;
+SELECT is((SELECT count(*) FROM billing.audit_log WHERE at >= '-infinity'),
+          (SELECT count(*) FROM billing.audit_log WHERE account_id >= 0),
+          'rows buffered before an index was added to audit_log are in that index too');
+RESET enable_seqscan;
+SELECT is((SELECT array_agg(action || ' ' || split_part(object, ':', 1) ORDER BY seq) FROM billing.audit_log
+            WHERE account_id = 7101 AND seq > (SELECT max(seq) - 3 FROM billing.audit_log WHERE account_id = 7101)),
+          ARRAY['finalize invoice', 'update account', 'update account'],
+          'the waiting invoice row and the two updates, in order');
+SELECT is_empty('SELECT * FROM billing.verify_audit_log()', 'and every chain verifies');
+ROLLBACK TO SAVEPOINT ix;
 
 -- TRUNCATE of an audited table is logged in the catalog chain
 TRUNCATE billing.metered_tables;
