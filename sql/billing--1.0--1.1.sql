@@ -9279,3 +9279,132 @@ COMMENT ON FUNCTION billing._rate_periods(bigint[], text[], text[], numeric[], t
     'Internal: the rated lines (fixed fees, usage per meter and dimension, spend cap) of many billing periods';
 
 -- ---- end of one definition of "many periods" ----
+
+-- ---- defects found by attack (sql/install/32_ingest.sql, 55_contracts.sql, 70_audit.sql,
+-- 75_audit_table.sql; the C fixes need no SQL) ----
+-- void_credit refused while a period of the grant's window that ends by
+-- `at` is not finalized (it voided what those periods would have drawn).
+CREATE OR REPLACE FUNCTION billing.void_credit(account_id bigint, grant_id bigint, reason text,
+                                    at timestamptz DEFAULT pg_catalog.now())
+    RETURNS numeric
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    g billing.credit_grants;
+    left_over numeric;
+BEGIN
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'voiding a credit needs a reason' USING ERRCODE = '22004';
+    END IF;
+    IF account_id IS NULL OR grant_id IS NULL OR at IS NULL THEN
+        RAISE EXCEPTION 'void_credit: account_id, grant_id and at must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF NOT isfinite(at) THEN
+        RAISE EXCEPTION 'void_credit: at must be finite' USING ERRCODE = '22023';
+    END IF;
+    PERFORM billing._contract_account(void_credit.account_id);
+    SELECT * INTO g FROM billing.credit_grants x
+     WHERE x.account_id = void_credit.account_id AND x.grant_id = void_credit.grant_id
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'credit grant % of account % does not exist', void_credit.grant_id,
+              void_credit.account_id USING ERRCODE = '23503';
+    END IF;
+    IF g.voided_at IS NOT NULL THEN
+        RETURN 0;             -- voided before: nothing left to forfeit
+    END IF;
+    -- what is left at `at` is known once every period of the grant's window
+    -- that ends by then is finalized: those periods draw from it first
+    IF EXISTS (SELECT 1 FROM billing._due_periods(void_credit.at, ARRAY[g.account_id]) d
+                WHERE d.period_end > g.effective_at
+                  AND (g.expires_at IS NULL OR d.period_start < g.expires_at)) THEN
+        RAISE EXCEPTION 'credit grant % of account % would still pay periods that end by %',
+              g.grant_id, g.account_id, void_credit.at
+            USING ERRCODE = '55000',
+                  DETAIL = 'void_credit forfeits what is left of a grant at "at"; periods of its window that end by then and are not finalized yet draw from it first.',
+                  HINT = 'Finalize those invoices first (finalize_invoices), or void the grant at an earlier time.';
+    END IF;
+    SELECT coalesce(sum(l.amount), 0) INTO left_over FROM billing.credit_ledger l
+     WHERE l.account_id = g.account_id AND l.grant_id = g.grant_id;
+    UPDATE billing.credit_grants x SET voided_at = void_credit.at, void_reason = void_credit.reason
+     WHERE x.account_id = g.account_id AND x.grant_id = g.grant_id;
+    INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at)
+    VALUES (g.account_id, billing._ledger_next_seq(g.account_id), g.grant_id, 'void', -left_over,
+            greatest(at, g.effective_at));
+    RETURN left_over;
+END
+$$;
+COMMENT ON FUNCTION billing.void_credit(bigint, bigint, text, timestamptz) IS
+    'Voids a credit grant: what is left of it is forfeited (returned) and booked as void; what was used stays used';
+
+-- the event trigger run by every DROP TABLE/SCHEMA/OWNED in the database
+-- failed for roles without rights on billing's tables: SECURITY DEFINER.
+CREATE OR REPLACE FUNCTION billing._metered_table_dropped() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, billing, pg_temp AS $$
+BEGIN
+    DELETE FROM billing.metered_tables m
+     WHERE m.tbl::oid IN (SELECT d.objid FROM pg_event_trigger_dropped_objects() d
+                           WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0);
+END
+$$;
+COMMENT ON FUNCTION billing._metered_table_dropped() IS
+    'Internal: forgets metered tables when they are dropped';
+
+-- purge_dedupe never purges past now() (a future as_of forgot ids that
+-- still dedupe: usage counted twice).
+CREATE OR REPLACE FUNCTION billing.purge_dedupe(as_of timestamptz DEFAULT pg_catalog.now())
+    RETURNS bigint
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    n bigint := 0;
+    k bigint;
+    m record;
+BEGIN
+    -- An id is kept until its dedupe window has passed (expires_at, set
+    -- when it was claimed c: c + dedupe_window) and until no report with its
+    -- timestamp can be accepted any more: a report is stamped at most 5
+    -- minutes after c and is accepted until its timestamp + late_window.
+    -- So an id goes once c + greatest(dedupe_window, late_window + 5 min)
+    -- <= as_of, with the meter's windows as they are now.  One delete per
+    -- meter (PL/pgSQL: Citus plans each with constants).  Never past now():
+    -- an as_of in the future would forget ids that still dedupe.
+    IF as_of IS NULL THEN
+        RETURN 0;       -- (as 1.0: NULL purges nothing)
+    END IF;
+    as_of := LEAST(as_of, pg_catalog.now());
+    FOR m IN
+        SELECT x.meter,
+               as_of - greatest(interval '0', x.late_window + interval '5 minutes' - x.dedupe_window) AS cutoff
+          FROM billing.meters x
+    LOOP
+        DELETE FROM billing.dedupe_keys d WHERE d.meter = m.meter AND d.expires_at <= m.cutoff;
+        GET DIAGNOSTICS k = ROW_COUNT;
+        n := n + k;
+    END LOOP;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION billing.purge_dedupe(timestamptz) IS
+    'Removes event ids whose dedupe window ended by as_of (at most now()) and for which no report can be accepted any more (late_window + 5 minutes after the claim); returns how many';
+
+-- (CREATE OR REPLACE made them SECURITY INVOKER: as 99_roles.sql has them)
+ALTER FUNCTION billing.purge_dedupe(timestamptz) SECURITY DEFINER;
+ALTER FUNCTION billing.void_credit(bigint, bigint, text, timestamptz) SECURITY DEFINER;
+-- credit grants, ledger entries and commitments name the client's role,
+-- not the extension's owner (they are written by SECURITY DEFINER functions)
+SELECT billing._update_ddl('billing.credit_grants', ARRAY[
+    $ddl$ALTER TABLE billing.credit_grants ALTER COLUMN actor SET DEFAULT billing._audit_actor()$ddl$
+]);
+SELECT billing._update_ddl('billing.credit_ledger', ARRAY[
+    $ddl$ALTER TABLE billing.credit_ledger ALTER COLUMN actor SET DEFAULT billing._audit_actor()$ddl$
+]);
+SELECT billing._update_ddl('billing.commitments', ARRAY[
+    $ddl$ALTER TABLE billing.commitments ALTER COLUMN actor SET DEFAULT billing._audit_actor()$ddl$
+]);
+-- a partition made by CREATE SCHEMA ... CREATE TABLE gets the statement
+-- triggers of its audited table too
+DROP EVENT TRIGGER billing_audit_ddl;
+CREATE EVENT TRIGGER billing_audit_ddl ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE SCHEMA')
+    EXECUTE FUNCTION billing._audit_ddl();
+-- ---- end of defects found by attack ----

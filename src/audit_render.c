@@ -24,6 +24,7 @@
 #include "nodes/makefuncs.h"
 #include "pgtime.h"
 #include "utils/builtins.h"
+#include "utils/float.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/json.h"
@@ -43,8 +44,9 @@
 
 /*
  * billing_rendering_pin
- *		Row images are rendered as with TimeZone UTC, DateStyle ISO and
- *		IntervalStyle postgres (as the SQL audit triggers' SET clauses do).
+ *		Row images are rendered as with TimeZone UTC, DateStyle ISO,
+ *		IntervalStyle postgres (as the SQL audit triggers' SET clauses do)
+ *		and floats exact (extra_float_digits 1).
  *		When the session's settings render the same already (a zone of
  *		offset 0, ISO dates, postgres intervals: the defaults of a server in
  *		UTC), nothing is changed; else the three are set in a new GUC nest
@@ -58,7 +60,8 @@ billing_rendering_pin(void)
 
 	if (session_timezone != NULL &&
 		pg_get_timezone_offset(session_timezone, &gmtoff) && gmtoff == 0 &&
-		DateStyle == USE_ISO_DATES && IntervalStyle == INTSTYLE_POSTGRES)
+		DateStyle == USE_ISO_DATES && IntervalStyle == INTSTYLE_POSTGRES &&
+		extra_float_digits > 0)
 		return -1;
 	level = NewGUCNestLevel();
 	(void) set_config_option("TimeZone", "UTC", PGC_USERSET, PGC_S_SESSION,
@@ -66,6 +69,11 @@ billing_rendering_pin(void)
 	(void) set_config_option("DateStyle", "ISO, YMD", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
 	(void) set_config_option("IntervalStyle", "postgres", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	/* floats exactly (the shortest text that reads back the same value):
+	 * a session's extra_float_digits below 1 rounds them, so that two
+	 * different values rendered alike and an UPDATE wrote no row */
+	(void) set_config_option("extra_float_digits", "1", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
 	return level;
 }

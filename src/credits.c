@@ -293,8 +293,10 @@ emit(DrawOut *out, int32 idx, int64 ord, const char *kind, text *description,
  * draw_account: the drawdown of one account's periods (in time order) from
  * its grants.  For each period: the grants overlapping it, in the total
  * order, each paying the positive part of the lines it applies to that
- * earlier grants left unpaid, in line order, at most what it has left and
- * never more than what takes the invoice's total to 0; each grant's draw
+ * earlier grants left unpaid, in line order (a usage line after the cap:
+ * scaled down in the proportion the cap cut the period's usage), at most
+ * what it has left and never more than what the lines credits may pay add
+ * up to (never commitment lines; negative lines lower it); each grant's draw
  * rounded once to the minor unit (exact: lines are rounded) is a 'credit'
  * row (negative).  With book, after the period's draws, each grant expired
  * by the period's end with something left: round(f * left) of a commitment
@@ -320,9 +322,49 @@ draw_account(DrawOut *out, DrawPeriod *periods, int n_periods, DrawLine *lines,
 		Numeric		owed = zero;
 		bool		created = false;
 
-		/* this period's lines: first .. last (sorted by period, then order) */
-		for (int j = first; j >= 0 && j <= last; j++)
-			owed = numeric_add_opt_error(owed, lines[j].amount, NULL);
+		/*
+		 * this period's lines: first .. last (sorted by period, then
+		 * order).  What credits may pay: the lines some grant may pay
+		 * (never commitment lines), the usage lines after the cap: each
+		 * scaled down in the proportion the cap cut the period's usage, as
+		 * a minimum's eligible spend counts them (_eligible_spend)
+		 */
+		if (first >= 0)
+		{
+			Numeric		usage = zero;
+			Numeric		capped = zero;
+			bool		scale;
+
+			for (int j = first; j <= last; j++)
+			{
+				if (strcmp(lines[j].kind, "usage") == 0)
+					usage = numeric_add_opt_error(usage, lines[j].amount, NULL);
+				else if (strcmp(lines[j].kind, "cap") == 0)
+					capped = numeric_add_opt_error(capped, lines[j].amount, NULL);
+			}
+			scale = billing_num_cmp(capped, zero) != 0 && billing_num_cmp(usage, zero) > 0;
+			if (scale)
+			{
+				capped = numeric_add_opt_error(usage, capped, NULL);
+				if (billing_num_cmp(capped, zero) < 0)
+					capped = zero;
+			}
+			for (int j = first; j <= last; j++)
+			{
+				DrawLine   *l = &lines[j];
+				Numeric		a = l->amount;
+
+				if (strcmp(l->kind, "usage") == 0 && scale)
+				{
+					/* amount * capped / usage: exact where it divides */
+					a = numeric_div_opt_error(numeric_mul_opt_error(a, capped, NULL), usage, NULL);
+					l->unpaid = billing_num_cmp(a, zero) > 0 ? a : zero;
+				}
+				if (strcmp(l->kind, "usage") == 0 || strcmp(l->kind, "fixed") == 0 ||
+					strcmp(l->kind, "true_up") == 0 || strcmp(l->kind, "adjustment") == 0)
+					owed = numeric_add_opt_error(owed, a, NULL);
+			}
+		}
 		for (int x = 0; x < n_grants && first >= 0; x++)
 		{
 			DrawGrant  *g = grants[x];

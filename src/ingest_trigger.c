@@ -24,6 +24,7 @@
 #include "access/heapam.h"
 #include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/pg_type.h"
 #include "commands/copy.h"
 #include "commands/copyfrom_internal.h"
 #include "commands/progress.h"
@@ -33,6 +34,7 @@
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/tuplestore.h"
@@ -214,6 +216,50 @@ wrong_firing(TriggerData *td, const char *fn, const char *how)
 }
 
 /*
+ * check_column_type
+ *		The type of column att, read as kind (0 account, 1 meter, 2
+ *		quantity, 3 timestamp, 4 event id, 5 dimension), must be one
+ *		billing.meter_table accepts: the table's owner may have retyped it
+ *		since (ALTER TABLE ... TYPE), and the values are read as those types.
+ *		42804 otherwise.
+ */
+static void
+check_column_type(Relation rel, Form_pg_attribute att, int kind)
+{
+	static const char *const kinds[6] = {"account", "meter", "quantity", "timestamp",
+	"event id", "dimension"};
+	Oid			t = att->atttypid;
+	bool		ok;
+
+	switch (kind)
+	{
+		case 0:
+			ok = (t == INT8OID || t == INT4OID || t == INT2OID);
+			break;
+		case 2:
+			ok = (t == NUMERICOID || t == INT8OID || t == INT4OID || t == INT2OID);
+			break;
+		case 3:
+			ok = (t == TIMESTAMPTZOID);
+			break;
+		default:
+			ok = (t == TEXTOID || t == VARCHAROID);
+			break;
+	}
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("%s column \"%s\" of metered table \"%s\" has type %s",
+						kinds[kind], NameStr(att->attname), RelationGetRelationName(rel),
+						format_type_be(t)),
+				 errdetail("billing.meter_table accepts %s.",
+						   kind == 0 ? "bigint, integer or smallint" :
+						   kind == 2 ? "numeric, bigint, integer or smallint" :
+						   kind == 3 ? "timestamp with time zone" : "text or character varying"),
+				 errhint("Change the column back, or run billing.unmeter_table and billing.meter_table again.")));
+}
+
+/*
  * table_conf
  *		Column numbers of a metered table's trigger tg on rel, resolved once
  *		per accumulator.  Trigger arguments: account, meter, quantity, ts,
@@ -268,6 +314,7 @@ table_conf(TriggerState *ts, Trigger *tg, Relation rel)
 				*atts[i] = att->attnum;
 				if (i == 2)
 					c->qty_type = att->atttypid;
+				check_column_type(rel, att, i);
 				break;
 			}
 		}

@@ -167,8 +167,10 @@ COMMENT ON FUNCTION billing.unmeter_table(regclass) IS
     'Stops counting usage from a table metered by billing.meter_table';
 
 -- a dropped metered table leaves no configuration behind
+-- (SECURITY DEFINER: it runs for every DROP TABLE, DROP SCHEMA and DROP
+-- OWNED in the database, by roles that have no right on billing's tables)
 CREATE FUNCTION billing._metered_table_dropped() RETURNS event_trigger
-    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, billing, pg_temp AS $$
 BEGIN
     DELETE FROM billing.metered_tables m
      WHERE m.tbl::oid IN (SELECT d.objid FROM pg_event_trigger_dropped_objects() d
@@ -216,7 +218,12 @@ BEGIN
     -- minutes after c and is accepted until its timestamp + late_window.
     -- So an id goes once c + greatest(dedupe_window, late_window + 5 min)
     -- <= as_of, with the meter's windows as they are now.  One delete per
-    -- meter (PL/pgSQL: Citus plans each with constants).
+    -- meter (PL/pgSQL: Citus plans each with constants).  Never past now():
+    -- an as_of in the future would forget ids that still dedupe.
+    IF as_of IS NULL THEN
+        RETURN 0;       -- (as 1.0: NULL purges nothing)
+    END IF;
+    as_of := LEAST(as_of, pg_catalog.now());
     FOR m IN
         SELECT x.meter,
                as_of - greatest(interval '0', x.late_window + interval '5 minutes' - x.dedupe_window) AS cutoff
@@ -230,4 +237,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing.purge_dedupe(timestamptz) IS
-    'Removes event ids whose dedupe window ended by as_of and for which no report can be accepted any more (late_window + 5 minutes after the claim); returns how many';
+    'Removes event ids whose dedupe window ended by as_of (at most now()) and for which no report can be accepted any more (late_window + 5 minutes after the claim); returns how many';

@@ -945,6 +945,17 @@ BEGIN
     IF g.voided_at IS NOT NULL THEN
         RETURN 0;             -- voided before: nothing left to forfeit
     END IF;
+    -- what is left at `at` is known once every period of the grant's window
+    -- that ends by then is finalized: those periods draw from it first
+    IF EXISTS (SELECT 1 FROM billing._due_periods(void_credit.at, ARRAY[g.account_id]) d
+                WHERE d.period_end > g.effective_at
+                  AND (g.expires_at IS NULL OR d.period_start < g.expires_at)) THEN
+        RAISE EXCEPTION 'credit grant % of account % would still pay periods that end by %',
+              g.grant_id, g.account_id, void_credit.at
+            USING ERRCODE = '55000',
+                  DETAIL = 'void_credit forfeits what is left of a grant at "at"; periods of its window that end by then and are not finalized yet draw from it first.',
+                  HINT = 'Finalize those invoices first (finalize_invoices), or void the grant at an earlier time.';
+    END IF;
     SELECT coalesce(sum(l.amount), 0) INTO left_over FROM billing.credit_ledger l
      WHERE l.account_id = g.account_id AND l.grant_id = g.grant_id;
     UPDATE billing.credit_grants x SET voided_at = void_credit.at, void_reason = void_credit.reason

@@ -399,6 +399,11 @@ COMMENT ON FUNCTION billing._audit_rerate(timestamptz, timestamptz, bigint, text
 -- the actor of adjustments and corrections: the client's role, also inside SECURITY DEFINER
 ALTER TABLE billing.adjustments ALTER COLUMN actor SET DEFAULT billing._audit_actor();
 ALTER TABLE billing.usage_corrections ALTER COLUMN actor SET DEFAULT billing._audit_actor();
+-- and of credit grants, ledger entries and commitments (55_contracts.sql),
+-- which SECURITY DEFINER functions write: CURRENT_USER there is the owner
+ALTER TABLE billing.credit_grants ALTER COLUMN actor SET DEFAULT billing._audit_actor();
+ALTER TABLE billing.credit_ledger ALTER COLUMN actor SET DEFAULT billing._audit_actor();
+ALTER TABLE billing.commitments ALTER COLUMN actor SET DEFAULT billing._audit_actor();
 
 -- immutability ----------------------------------------------------------------------------
 

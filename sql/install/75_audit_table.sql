@@ -254,7 +254,8 @@ COMMENT ON FUNCTION billing.unaudit_table(regclass) IS
     'Stops auditing a table audited by billing.audit_table';
 
 /*
- * billing_audit_ddl (ddl_command_end of CREATE TABLE and ALTER TABLE): a
+ * billing_audit_ddl (ddl_command_end of CREATE TABLE, ALTER TABLE and
+ * CREATE SCHEMA, whose CREATE TABLE subcommands it reports too): a
  * new or attached partition of an audited table gets the statement
  * triggers (its row trigger is cloned by PostgreSQL), a detached one loses
  * them; and an ALTER TABLE that would switch off or break the audit of a
@@ -325,5 +326,5 @@ $$;
 COMMENT ON FUNCTION billing._audit_ddl() IS
     'Internal: gives new partitions of audited tables their statement triggers and refuses an ALTER TABLE that switches an audit off';
 CREATE EVENT TRIGGER billing_audit_ddl ON ddl_command_end
-    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE SCHEMA')
     EXECUTE FUNCTION billing._audit_ddl();

@@ -7,7 +7,7 @@
 -- for the session's code; and tampering with user-table audit rows, done
 -- by a superuser behind the triggers, found by verify_audit_log().
 BEGIN;
-SELECT plan(82);
+SELECT plan(84);
 
 -- the functions as pinned ----------------------------------------------------------------
 SELECT has_function('billing', 'audit_table', ARRAY['regclass', 'name'], 'audit_table(regclass, name)');
@@ -392,6 +392,29 @@ SELECT results_eq('SELECT account_id, seq, problem FROM billing.verify_audit_log
              (7002, 3, 'prev_hash is not the hash of the previous row')$$,
     'a forged last row, even with a copied hash');
 ALTER TABLE billing.audit_log ENABLE TRIGGER audit_log_append_only;
+
+-- a session's extra_float_digits does not round the row images: two floats
+-- rendered alike would make an UPDATE look like no change
+CREATE TABLE at_meas (id int PRIMARY KEY, account_id bigint, price float8);
+SELECT billing.audit_table('at_meas', 'account_id');
+INSERT INTO at_meas VALUES (1, 7003, 123.456);
+SET LOCAL extra_float_digits = -15;
+UPDATE at_meas SET price = 149.99 WHERE id = 1;
+INSERT INTO at_meas VALUES (2, 7003, 987.654321);
+RESET extra_float_digits;
+SELECT is((SELECT array_agg(action || ' ' || coalesce(details -> 'new' ->> 'price', '-') ORDER BY seq)
+             FROM billing.audit_log WHERE account_id = 7003 AND object = 'public.at_meas'),
+          ARRAY['insert 123.456', 'update 149.99', 'insert 987.654321'],
+          'with extra_float_digits = -15 the update is logged and each float exactly');
+
+-- a partition created by CREATE SCHEMA ... CREATE TABLE gets the statement
+-- triggers too: its TRUNCATE is refused
+CREATE TABLE at_pc (account_id bigint NOT NULL, n int) PARTITION BY RANGE (account_id);
+CREATE TABLE at_pc1 PARTITION OF at_pc FOR VALUES FROM (0) TO (100);
+SELECT billing.audit_table('at_pc', 'account_id');
+CREATE SCHEMA at_s2 CREATE TABLE pc2 PARTITION OF public.at_pc FOR VALUES FROM (100) TO (200);
+SELECT throws_ok($$TRUNCATE at_s2.pc2$$, '55000', NULL,
+                 'TRUNCATE of a partition made by CREATE SCHEMA ... CREATE TABLE: 55000');
 
 SELECT * FROM finish();
 ROLLBACK;

@@ -7,7 +7,7 @@
 -- Times are relative to now() where the window of accepted reports is the
 -- point; only SQLSTATEs are checked, the same at any time of day.
 BEGIN;
-SELECT plan(272);
+SELECT plan(275);
 \ir ../helpers.sql
 
 -- fixtures
@@ -320,6 +320,10 @@ SELECT is(pg_temp.value_of($$SELECT billing.currency_exponent(NULL)$$), '<null>'
 SELECT is(pg_temp.value_of($$SELECT billing.currency_exponent('')$$), '<null>', 'currency_exponent('''') is NULL (unknown)');
 SELECT is(pg_temp.value_of($$SELECT billing.currency_exponent('usd')$$), '2', 'currency_exponent is case-insensitive');
 SELECT is(pg_temp.value_of($$SELECT billing.purge_dedupe(NULL)$$), '0', 'purge_dedupe(NULL) purges nothing');
+SELECT ok(billing.record(9001, 'bx_max', 1, now() - interval '1 minute', 'pd-future'), 'an id claimed');
+SELECT is(billing.purge_dedupe('infinity') >= 0, true, 'purge_dedupe(''infinity'') runs');
+SELECT is(billing.record(9001, 'bx_max', 1, now() - interval '1 minute', 'pd-future'), false,
+          'but purges as of now() at most: the id still dedupes');
 -- documented results of odd but valid calls
 SELECT is(pg_temp.value_of($$SELECT billing.record(9001, 'bx_max', -5, now(), 'neg')$$), 'true',
           'a max meter takes negative values');

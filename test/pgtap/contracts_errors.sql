@@ -1,7 +1,7 @@
 -- contracts_errors: every error of SPEC 10.2, the append-only ledger and
 -- the immutable grants and commitments (55000), and who may call what.
 BEGIN;
-SELECT plan(36);
+SELECT plan(40);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
 
@@ -88,10 +88,28 @@ SET LOCAL ROLE ke_admin;
 SELECT lives_ok($$SELECT billing.grant_credit(9902, 5, '2025-01-01', reason => 'admin grant')$$,
                 'billing_admin grants credit (SECURITY DEFINER writes the ledger and its audit row)');
 RESET ROLE;
+SELECT is((SELECT array_agg(DISTINCT x.actor) FROM
+             (SELECT g.actor FROM billing.credit_grants g WHERE g.account_id = 9902 AND g.reason = 'admin grant'
+              UNION ALL
+              SELECT l.actor FROM billing.credit_ledger l
+                JOIN billing.credit_grants g USING (account_id, grant_id)
+               WHERE g.account_id = 9902 AND g.reason = 'admin grant') x),
+          ARRAY['ke_admin']::text[], 'the grant and its ledger entry name the role that granted it, not the extension''s owner');
 SET LOCAL ROLE ke_reader;
 SELECT throws_ok($$SELECT billing.grant_credit(9902, 5, '2025-01-01')$$, '42501', NULL,
                  'billing_reader cannot grant credit');
 RESET ROLE;
+
+-- 55000: a void while a period of the grant's window that ends by `at` is
+-- not finalized (it would draw from the grant first)
+SELECT billing.grant_credit(9902, 7, '2025-01-01', reason => 'to void') AS gv \gset
+INSERT INTO billing.subscriptions (account_id, plan, starts_at) VALUES (9902, 'ke_a', '2025-01-01');
+SELECT throws_ok(format($$SELECT billing.void_credit(9902, %s, 'churn')$$, :gv), '55000', NULL,
+                 'void_credit now, with the periods since January not finalized: 55000');
+SELECT throws_ok(format($$SELECT billing.void_credit(9902, %s, 'churn', '2025-02-15')$$, :gv), '55000', NULL,
+                 'void_credit at a time after January ended, January not finalized: 55000');
+SELECT is(billing.void_credit(9902, :gv, 'churn', '2025-01-20'), 7::numeric,
+          'a void before the first period ends forfeits the whole grant');
 
 SELECT * FROM finish();
 ROLLBACK;

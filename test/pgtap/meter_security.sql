@@ -16,7 +16,7 @@
 --     event ids and writing deltas), and after an error inside billing's
 --     work (an unknown account) it is itself again, with its search_path.
 BEGIN;
-SELECT plan(12);
+SELECT plan(17);
 \ir ../helpers.sql
 SET LOCAL timezone = 'UTC';
 
@@ -205,6 +205,30 @@ SELECT is((SELECT quantity FROM billing.usage(8303, '2025-06-01', '2025-06-02', 
           3 + 4 + 5::numeric, 'the role''s rows were counted exactly');
 SELECT is_empty($$SELECT * FROM ms_evil.calls WHERE what NOT LIKE '%mine on %'$$,
                 'and none of the writer''s functions ran for it either');
+
+-- the owner of a metered table retypes a metered column: the triggers refuse
+-- its rows (42804) instead of reading the new type's bytes as the old one's
+-- (a crash of the server for an event id retyped to bigint), and a role
+-- with no right in schema billing drops its own tables, metered or not
+CREATE ROLE ms_owner NOLOGIN;
+GRANT CREATE ON SCHEMA public TO ms_owner;
+SET LOCAL ROLE ms_owner;
+CREATE TABLE public.ms_retyped (acc bigint, meter text, qty numeric, ts timestamptz, eid text);
+CREATE TABLE public.ms_plain (a int);
+RESET ROLE;
+SELECT billing.meter_table('public.ms_retyped', 'acc', 'meter', 'qty', 'ts', 'eid');
+SET LOCAL ROLE ms_owner;
+ALTER TABLE public.ms_retyped ALTER COLUMN eid TYPE bigint USING 1;
+SELECT throws_ok($$INSERT INTO public.ms_retyped VALUES (1, 'x', 1, now(), 12345678)$$, '42804', NULL,
+                 'an event id column retyped to bigint: 42804, nothing read');
+ALTER TABLE public.ms_retyped ALTER COLUMN eid TYPE text, ALTER COLUMN qty TYPE float8;
+SELECT throws_ok($$INSERT INTO public.ms_retyped VALUES (1, 'x', 1.5, now(), 'e1')$$, '42804', NULL,
+                 'a quantity column retyped to float8: 42804');
+SELECT lives_ok($$DROP TABLE public.ms_plain$$, 'a role with no right in schema billing drops its table');
+SELECT lives_ok($$DROP TABLE public.ms_retyped$$, 'and its metered table');
+RESET ROLE;
+SELECT is((SELECT count(*) FROM billing.metered_tables WHERE tbl::text LIKE '%ms_retyped%'), 0::bigint,
+          'which billing forgets');
 
 SELECT * FROM finish();
 ROLLBACK;
