@@ -9408,3 +9408,423 @@ CREATE EVENT TRIGGER billing_audit_ddl ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE SCHEMA')
     EXECUTE FUNCTION billing._audit_ddl();
 -- ---- end of defects found by attack ----
+
+-- ---- a grant's expiry booked when the account's subscriptions end before it
+-- (sql/install/55_contracts.sql, src/credits.c) ----
+-- What is left of a grant is booked 'expire' by the finalize of the
+-- account's last period overlapping its window; when the subscriptions all
+-- ended before the grant's expiry no period reached it, and nothing was
+-- ever booked.  The drawdown now gets the end of the account's last period.
+ALTER TYPE billing._credit_state ADD ATTRIBUTE last_end timestamptz;
+CREATE OR REPLACE FUNCTION billing._invoice_build(p_accounts bigint[], p_currencies text[], p_caps numeric[],
+                                       p_starts timestamptz[], p_ends timestamptz[],
+                                       p_first boolean[], s_idx integer[], s_plans text[],
+                                       s_starts timestamptz[], s_ends timestamptz[],
+                                       p_rated_only boolean DEFAULT false,
+                                       p_book boolean DEFAULT false)
+    RETURNS SETOF billing._invoice_line
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run; the plan
+    -- cache mode is the default, and a level to change it on (see 2.)
+    SET jit = off SET plan_cache_mode = auto AS $$
+DECLARE
+    accs bigint[];
+    t_from timestamptz;
+    t_to timestamptz;
+    l billing._invoice_line[];
+    wins billing._window[];
+    grs billing._credit_state[];
+    adjs billing._invoice_line[];   -- pending adjustments (grant_id: the account)
+    sa record;
+    sp record;
+    has_true_ups boolean;
+    has_installments boolean;
+BEGIN
+    IF coalesce(array_length(p_accounts, 1), 0) = 0 THEN
+        RETURN;
+    END IF;
+    -- many periods (finalize, rerate): custom plans from here on; a few
+    -- keep the caller's mode until 2. (_plan_cache_for)
+    PERFORM billing._plan_cache_for(cardinality(p_accounts), false);
+    -- 1. usage and fixed lines of every segment (one set-based rating), the
+    -- cap.  Each period one segment (no plan change): _rate_periods rates
+    -- the periods, cap included, as they are.
+    IF cardinality(s_idx) = cardinality(p_accounts) THEN
+        SELECT array_agg(ROW(r.idx, r.ord, r.kind, r.meter, r.description, r.quantity, r.amount,
+                             r.unrounded_amount, r.charge_id, r.price, NULL, NULL, NULL, NULL, NULL,
+                             NULL, NULL, NULL, NULL, r.dimension)::billing._invoice_line
+                         ORDER BY r.idx, r.ord)
+          INTO l
+          FROM billing._rate_periods(p_accounts, s_plans, p_currencies, p_caps, s_starts, s_ends) r;
+    ELSE
+        -- a plan change: each segment rated on its own from its start to
+        -- its end with its plan, then _segment_lines (a statement of its own:
+        -- the rating's plans stay its own)
+        SELECT array_agg(x.a ORDER BY y.n) AS accounts, array_agg(x.cur ORDER BY y.n) AS currencies
+          INTO sa
+          FROM unnest(s_idx) WITH ORDINALITY AS y(p, n)
+               JOIN unnest(p_accounts, p_currencies) WITH ORDINALITY AS x(a, cur, k) ON x.k = y.p;
+        l := ARRAY(SELECT ROW(r.idx, r.ord, r.kind, r.meter, r.description, r.quantity, r.amount,
+                              r.unrounded_amount, r.charge_id, r.price, NULL, NULL, NULL, NULL,
+                              NULL, NULL, NULL, NULL, NULL, r.dimension)::billing._invoice_line
+                     FROM billing._rate_periods(sa.accounts, s_plans, sa.currencies,
+                                                array_fill(NULL::numeric, ARRAY[cardinality(s_idx)]),
+                                                s_starts, s_ends) r);
+        l := ARRAY(SELECT x FROM billing._segment_lines(l, s_idx, s_plans, s_starts, s_ends,
+                                                        p_currencies, p_caps, p_starts, p_ends) x
+                    ORDER BY x.idx, x.ord);
+    END IF;
+    IF p_rated_only THEN
+        RETURN QUERY SELECT * FROM unnest(l);
+        RETURN;
+    END IF;
+
+    -- 2. what the accounts have (one statement; each subquery routed by the
+    -- accounts on Citus).  From here on, for a few periods (a preview), one
+    -- generic plan per statement and session: planning these statements
+    -- anew costs more than running them.  (Not above: the rating's
+    -- statements here and in the callees that set no mode of their own,
+    -- such as _segment_lines, keep the caller's.)  See _plan_cache_for.
+    PERFORM billing._plan_cache_for(cardinality(p_accounts));
+    IF cardinality(p_accounts) = 1 THEN
+        accs := p_accounts;
+        t_from := p_starts[1];
+        t_to := p_ends[1];
+    ELSE
+        SELECT array_agg(DISTINCT a), min(s), max(e) INTO accs, t_from, t_to
+          FROM unnest(p_accounts, p_starts, p_ends) AS x(a, s, e);
+    END IF;
+    SELECT cw.wins, cw.has_true_ups, cw.has_installments,
+           -- pending adjustments, as lines (the row rebuilt as
+           -- billing.adjustments: on Citus a is a shard's row)
+           (SELECT array_agg(ROW(NULL, a.adjustment_id, 'adjustment', a.meter,
+                                 billing._adjustment_text(ROW(a.*)::billing.adjustments),
+                                 a.new_quantity - a.old_quantity, a.delta, NULL, NULL, NULL,
+                                 a.adjustment_id, NULL, a.account_id, NULL, NULL, NULL, NULL, NULL,
+                                 NULL, a.dimension)::billing._invoice_line)
+              FROM billing.adjustments a
+             WHERE a.account_id = ANY (accs) AND a.billed_invoice_id IS NULL),
+           -- grants with something left, effective before the last period
+           -- ends, with the next window of their commitment (for a rollover)
+           (SELECT array_agg(ROW(g.account_id, g.grant_id, g.priority, g.effective_at, g.expires_at,
+                                 g.applies_to::text[], g.source, l.remaining,
+                                 CASE WHEN g.source = 'commitment' THEN c.rollover_fraction ELSE 0 END,
+                                 nw.starts_at, nw.ends_at,
+                                 coalesce(g.reason, g.source), se.last_end)::billing._credit_state)
+              FROM billing.credit_grants g
+                   JOIN LATERAL (SELECT sum(x.amount) AS remaining FROM billing.credit_ledger x
+                                  WHERE x.account_id = g.account_id AND x.grant_id = g.grant_id) l ON true
+                   -- a grant expiring after the account's subscriptions all
+                   -- end is booked by the finalize of its last period
+                   JOIN LATERAL (SELECT CASE WHEN bool_and(s.ends_at IS NOT NULL) THEN max(s.ends_at) END
+                                        AS last_end
+                                   FROM billing.subscriptions s
+                                  WHERE s.account_id = g.account_id) se ON true
+                   LEFT JOIN billing.commitments c
+                          ON c.account_id = g.account_id AND c.commitment_id = g.commitment_id
+                   LEFT JOIN billing.commitment_windows nw
+                          ON nw.account_id = g.account_id AND nw.commitment_id = g.commitment_id
+                         AND nw.window_no = g.window_no + 1
+             WHERE g.account_id = ANY (accs) AND g.voided_at IS NULL AND g.effective_at < t_to
+               AND l.remaining > 0)
+      INTO wins, has_true_ups, has_installments, adjs, grs
+      -- the commitment windows overlapping the periods; minimum ones ending
+      -- in them (true-ups), prepaid ones (installments)
+      FROM (SELECT array_agg(ROW(w.account_id, w.commitment_id, w.window_no, c.kind, w.starts_at,
+                                 w.ends_at, w.amount, c.applies_to::text[], c.installments,
+                                 w.installment_due, w.installment_amounts)::billing._window) AS wins,
+                   coalesce(bool_or(c.kind = 'minimum' AND w.ends_at > t_from AND w.ends_at <= t_to),
+                            false) AS has_true_ups,
+                   coalesce(bool_or(c.kind = 'prepaid'), false) AS has_installments
+              FROM billing.commitment_windows w
+                   JOIN billing.commitments c
+                     ON c.account_id = w.account_id AND c.commitment_id = w.commitment_id
+             WHERE w.account_id = ANY (accs) AND w.starts_at < t_to AND w.ends_at > t_from) cw;
+    IF wins IS NULL AND adjs IS NULL AND grs IS NULL THEN
+        RETURN QUERY SELECT * FROM unnest(l);
+        RETURN;
+    END IF;
+    -- 3. true_up lines: the minimum windows ending in a period, short of
+    -- the eligible spend of the finalized invoices inside the window (each
+    -- invoice's usage, fixed and cap lines plus the adjustments made to it
+    -- since, billed or pending) and of the periods built here
+    IF has_true_ups THEN
+        SELECT array_agg(y.account_id) AS accounts, array_agg(y.commitment_id) AS commitments,
+               array_agg(y.window_no) AS windows, array_agg(y.spend) AS spends
+          INTO sp
+          FROM (SELECT w.account_id, w.commitment_id, w.window_no,
+                       sum(billing._eligible_spend(c.applies_to::text[], b.kinds, b.meters, b.amounts)) AS spend
+                  FROM billing.commitment_windows w
+                       JOIN billing.commitments c
+                         ON c.account_id = w.account_id AND c.commitment_id = w.commitment_id
+                       JOIN billing.invoices i
+                         ON i.account_id = w.account_id AND i.status = 'finalized'
+                        AND i.period_start >= w.starts_at AND i.period_end <= w.ends_at
+                       CROSS JOIN LATERAL (
+                           SELECT array_agg(z.kind) AS kinds, array_agg(z.meter) AS meters,
+                                  array_agg(z.amount) AS amounts
+                             FROM (SELECT x.kind, x.meter::text AS meter, x.amount
+                                     FROM billing.invoice_lines x
+                                    WHERE x.account_id = i.account_id AND x.invoice_id = i.invoice_id
+                                      AND x.kind IN ('usage', 'fixed', 'cap')
+                                   UNION ALL
+                                   SELECT a.line_kind, a.meter::text, a.delta FROM billing.adjustments a
+                                    WHERE a.account_id = i.account_id AND a.invoice_id = i.invoice_id) z) b
+                 WHERE w.account_id = ANY (accs) AND c.kind = 'minimum'
+                   AND w.ends_at > t_from AND w.ends_at <= t_to
+                 GROUP BY w.account_id, w.commitment_id, w.window_no) y;
+        l := l || ARRAY(
+            WITH per AS (
+                SELECT x.n::integer AS idx, x.a AS account_id, x.cur AS currency, x.s AS ps, x.e AS pe
+                  FROM unnest(p_accounts, p_currencies, p_starts, p_ends)
+                       WITH ORDINALITY AS x(a, cur, s, e, n)
+            ), batch AS (
+                -- the periods being built, as (kind, meter, amount) lists
+                SELECT x.idx, array_agg(x.kind) AS kinds, array_agg(x.meter) AS meters,
+                       array_agg(x.amount) AS amounts
+                  FROM unnest(l) x GROUP BY x.idx
+            ), t AS (
+                SELECT per.idx, w.commitment_id, w.window_no, w.starts_at, w.ends_at, per.currency,
+                       w.amount, w.amount
+                       - coalesce((SELECT s.spend
+                                     FROM unnest(sp.accounts, sp.commitments, sp.windows, sp.spends)
+                                          AS s(account_id, commitment_id, window_no, spend)
+                                    WHERE s.account_id = w.account_id AND s.commitment_id = w.commitment_id
+                                      AND s.window_no = w.window_no), 0)
+                       - coalesce((SELECT sum(billing._eligible_spend(w.applies_to, b.kinds, b.meters, b.amounts))
+                                     FROM per p2 JOIN batch b ON b.idx = p2.idx
+                                    WHERE p2.account_id = w.account_id
+                                      AND p2.ps >= w.starts_at AND p2.pe <= w.ends_at), 0) AS short
+                  FROM per JOIN unnest(wins) w
+                         ON w.account_id = per.account_id AND w.kind = 'minimum'
+                        AND w.ends_at > per.ps AND w.ends_at <= per.pe
+            )
+            SELECT ROW(t.idx, 2000000000 + row_number() OVER (PARTITION BY t.idx ORDER BY t.commitment_id, t.window_no),
+                       'true_up', NULL,
+                       format('minimum commitment %s, %s to %s: shortfall', t.commitment_id,
+                              to_char(t.starts_at AT TIME ZONE 'UTC', 'YYYY-MM-DD'),
+                              to_char(t.ends_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')),
+                       -- quantity: the window's eligible spend
+                       t.amount - t.short, billing.round_money(t.short, t.currency), t.short, NULL,
+                       NULL, NULL, t.commitment_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                       NULL)::billing._invoice_line
+              FROM t
+             WHERE billing.round_money(t.short, t.currency) > 0);
+    END IF;
+    -- commitment lines: each installment of a prepaid window on the period
+    -- its schedule puts it in
+    IF has_installments THEN
+        l := l || ARRAY(
+            SELECT ROW(x.n, 3000000000 + row_number() OVER (PARTITION BY x.n ORDER BY w.commitment_id, w.window_no, i.j),
+                       'commitment', NULL,
+                       CASE WHEN w.installments = 1
+                            THEN format('prepaid commitment %s, window %s', w.commitment_id, w.window_no)
+                            ELSE format('prepaid commitment %s, window %s: installment %s of %s',
+                                        w.commitment_id, w.window_no, i.j, w.installments) END,
+                       NULL, i.amount, NULL, NULL, NULL, NULL, w.commitment_id, NULL, NULL, NULL, NULL,
+                       NULL, NULL, NULL, NULL)::billing._invoice_line
+              FROM unnest(p_accounts, p_starts, p_ends) WITH ORDINALITY AS x(a, s, e, n)
+                   JOIN unnest(wins) w ON w.account_id = x.a AND w.kind = 'prepaid',
+                   unnest(w.installment_due, w.installment_amounts) WITH ORDINALITY AS i(due, amount, j)
+             WHERE i.due >= x.s AND i.due < x.e);
+    END IF;
+    -- adjustment lines: the account's pending adjustments, on its first period
+    IF adjs IS NOT NULL THEN
+        l := l || ARRAY(
+            SELECT ROW(x.n, 4000000000 + row_number() OVER (PARTITION BY x.n ORDER BY a.adjustment_id),
+                       'adjustment', a.meter, a.description, a.quantity, a.amount, NULL, NULL, NULL,
+                       a.adjustment_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                       a.dimension)::billing._invoice_line
+              FROM unnest(p_accounts, p_first) WITH ORDINALITY AS x(a, f, n)
+                   JOIN unnest(adjs) a ON a.grant_id = x.a
+             WHERE x.f);
+    END IF;
+    -- 4. the credits, after every line above (_credit_draws)
+    IF grs IS NOT NULL THEN
+        l := l || ARRAY(SELECT x FROM billing._credit_draws(p_accounts, p_currencies, p_starts,
+                                                            p_ends, p_book, l, grs) x);
+    END IF;
+    IF cardinality(p_accounts) = 1 THEN
+        RETURN QUERY SELECT * FROM unnest(l);     -- in order already
+    ELSE
+        RETURN QUERY SELECT * FROM unnest(l) x ORDER BY x.idx, x.ord;
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION billing._invoice_build(bigint[], text[], numeric[], timestamptz[], timestamptz[], boolean[], integer[], text[], timestamptz[], timestamptz[], boolean, boolean) IS
+    'Internal: the lines of many billing periods in invoice order (usage and fixed per plan segment, cap, true_up, commitment, adjustment, credit) and the ledger entries they book';
+
+-- Commitment windows: a plan change inside a period is not a period
+-- boundary; installments and the count of a window's periods follow the
+-- account's grid (from its anchor), so a month-end anchor keeps month ends.
+/*
+ * _period_boundary: is ts a billing period boundary of the account: a
+ * point of the period grid of a subscription that holds it (the start of
+ * the first one is; a plan change inside a period is not: the period runs
+ * on), or the end of its last subscription, where its last period is cut?
+ * Returns the period length of that subscription (NULL: not a boundary).
+ */
+CREATE OR REPLACE FUNCTION billing._period_boundary(p_account bigint, p_ts timestamptz) RETURNS interval
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    starts timestamptz[];
+BEGIN
+    SELECT array_agg(s.starts_at) INTO starts
+      FROM billing._subscriptions_of(ARRAY[p_account], false) s;
+    RETURN (SELECT s.period FROM billing._subscriptions_of(ARRAY[p_account], false) s
+             WHERE (s.starts_at <= p_ts AND p_ts <= coalesce(s.ends_at, 'infinity')
+                    AND billing._add_periods(s.anchor, s.period,
+                                             billing._period_index(s.anchor, s.period, p_ts)) = p_ts)
+                OR (p_ts = s.ends_at AND p_ts <> ALL (starts))
+             ORDER BY s.starts_at DESC LIMIT 1);
+END
+$$;
+COMMENT ON FUNCTION billing._period_boundary(bigint, timestamptz) IS
+    'Internal: the period length of the subscription a moment is a period boundary of (NULL: not a boundary)';
+
+CREATE OR REPLACE FUNCTION billing.add_commitment(account_id bigint, kind text, amount numeric,
+                                       starts_at timestamptz, ends_at timestamptz,
+                                       commit_period interval DEFAULT NULL,
+                                       applies_to text[] DEFAULT NULL,
+                                       installments integer DEFAULT 1,
+                                       rollover_fraction numeric DEFAULT 0)
+    RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+DECLARE
+    cur text;
+    per interval;
+    id bigint;
+    n_windows integer := 0;
+    ws timestamptz;
+    we timestamptz;
+    w integer;
+    w_amount numeric;
+    gid bigint;
+    bad timestamptz;
+    details jsonb;
+    anc timestamptz;    -- the account's period grid starts here
+BEGIN
+    IF account_id IS NULL OR kind IS NULL OR amount IS NULL OR starts_at IS NULL OR ends_at IS NULL
+       OR installments IS NULL OR rollover_fraction IS NULL THEN
+        RAISE EXCEPTION 'add_commitment: only commit_period and applies_to may be null'
+            USING ERRCODE = '22004';
+    END IF;
+    cur := billing._contract_account(add_commitment.account_id);
+    IF kind NOT IN ('prepaid', 'minimum') THEN
+        RAISE EXCEPTION 'unknown commitment kind "%"', kind
+            USING ERRCODE = '22023', DETAIL = 'A commitment is prepaid or minimum.';
+    END IF;
+    PERFORM billing._check_money(amount, cur, 'commitment');
+    IF NOT isfinite(starts_at) OR NOT isfinite(ends_at) OR ends_at <= starts_at THEN
+        RAISE EXCEPTION 'invalid commitment term: % to %', starts_at, ends_at
+            USING ERRCODE = '22023', DETAIL = 'ends_at must be finite and after starts_at.';
+    END IF;
+    IF commit_period <= interval '0' THEN
+        RAISE EXCEPTION 'invalid commit_period: %', commit_period USING ERRCODE = '22023';
+    END IF;
+    IF installments < 1 THEN
+        RAISE EXCEPTION 'invalid installments: %', installments
+            USING ERRCODE = '22023', DETAIL = 'A window is invoiced in 1 or more installments.';
+    END IF;
+    IF rollover_fraction = 'NaN' OR rollover_fraction NOT BETWEEN 0 AND 1 THEN
+        RAISE EXCEPTION 'invalid rollover_fraction: %', rollover_fraction
+            USING ERRCODE = '22023', DETAIL = 'A rollover fraction is 0 to 1.';
+    END IF;
+    applies_to := billing._check_applies_to(applies_to);
+    IF EXISTS (SELECT 1 FROM billing.invoices i
+                WHERE i.account_id = add_commitment.account_id AND i.period_end > starts_at) THEN
+        RAISE EXCEPTION 'commitment of account % starts at %, inside an already finalized period',
+              add_commitment.account_id, starts_at
+            USING ERRCODE = '55000', HINT = 'Start it at or after the end of the last finalized period.';
+    END IF;
+
+    -- the windows: [starts_at + k * commit_period, ...) cut at ends_at, each
+    -- on the account's period boundaries; its periods and installments on
+    -- the account's grid (anc: a month-end anchor keeps month ends)
+    per := billing._period_boundary(add_commitment.account_id, starts_at);
+    SELECT s.anchor INTO anc FROM billing._subscriptions_of(ARRAY[add_commitment.account_id], false) s
+     WHERE s.starts_at <= add_commitment.starts_at ORDER BY s.starts_at DESC LIMIT 1;
+    LOOP
+        ws := CASE WHEN commit_period IS NULL THEN starts_at
+                   ELSE billing._add_periods(starts_at, commit_period, n_windows) END;
+        EXIT WHEN ws >= ends_at;
+        we := CASE WHEN commit_period IS NULL THEN ends_at
+                   ELSE least(billing._add_periods(starts_at, commit_period, n_windows + 1), ends_at) END;
+        IF per IS NULL OR billing._period_boundary(add_commitment.account_id, ws) IS DISTINCT FROM per
+           OR billing._period_boundary(add_commitment.account_id, we) IS DISTINCT FROM per THEN
+            bad := CASE WHEN per IS NULL OR billing._period_boundary(add_commitment.account_id, ws)
+                                             IS DISTINCT FROM per THEN ws ELSE we END;
+            RAISE EXCEPTION 'commitment window boundary % is not a billing period boundary of account %',
+                  bad, add_commitment.account_id
+                USING ERRCODE = '22023',
+                      DETAIL = 'Windows start and end where the account''s subscription periods do.';
+        END IF;
+        IF kind = 'prepaid' AND installments > billing._period_index(anc, per, we - interval '1 microsecond')
+                                               - billing._period_index(anc, per, ws) + 1 THEN
+            RAISE EXCEPTION 'commitment window % to % has % billing periods, fewer than % installments',
+                  ws, we, billing._period_index(anc, per, we - interval '1 microsecond')
+                          - billing._period_index(anc, per, ws) + 1, installments
+                USING ERRCODE = '22023', DETAIL = 'Each installment is invoiced on a period of its window.';
+        END IF;
+        n_windows := n_windows + 1;
+        EXIT WHEN commit_period IS NULL;
+    END LOOP;
+
+    INSERT INTO billing.commitments (account_id, kind, amount, starts_at, ends_at, commit_period,
+                                     applies_to, installments, rollover_fraction, period)
+    VALUES (add_commitment.account_id, kind, amount, starts_at, ends_at, commit_period, applies_to,
+            installments, rollover_fraction, per)
+    RETURNING billing.commitments.commitment_id INTO id;
+    FOR w IN 1 .. n_windows LOOP
+        ws := CASE WHEN commit_period IS NULL THEN starts_at
+                   ELSE billing._add_periods(starts_at, commit_period, w - 1) END;
+        we := CASE WHEN commit_period IS NULL THEN ends_at
+                   ELSE least(billing._add_periods(starts_at, commit_period, w), ends_at) END;
+        w_amount := billing._installment(amount, w, n_windows, cur);
+        INSERT INTO billing.commitment_windows (account_id, commitment_id, window_no, starts_at,
+                                                ends_at, amount, installment_due,
+                                                installment_amounts)
+        SELECT add_commitment.account_id, id, w, ws, we, w_amount,
+               CASE WHEN kind = 'prepaid'
+                    THEN array_agg(billing._add_periods(anc, per, billing._period_index(anc, per, ws) + i - 1)
+                                   ORDER BY i) END,
+               CASE WHEN kind = 'prepaid'
+                    THEN array_agg(billing._installment(w_amount, i, installments, cur) ORDER BY i) END
+          FROM generate_series(1, installments) i;
+        IF kind = 'prepaid' THEN
+            INSERT INTO billing.credit_grants (account_id, amount, effective_at, expires_at,
+                                               applies_to, source, reason, commitment_id, window_no)
+            VALUES (add_commitment.account_id, w_amount, ws, we, applies_to, 'commitment',
+                    format('prepaid commitment %s, window %s', id, w), id, w)
+            RETURNING billing.credit_grants.grant_id INTO gid;
+            INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at)
+            VALUES (add_commitment.account_id, billing._ledger_next_seq(add_commitment.account_id),
+                    gid, 'grant', w_amount, ws);
+        END IF;
+    END LOOP;
+    -- the details first: on Citus a call with queries in its arguments
+    -- would be pushed down to a shard
+    SELECT to_jsonb(c) INTO details FROM billing.commitments c
+     WHERE c.account_id = add_commitment.account_id AND c.commitment_id = id;
+    SELECT details || jsonb_build_object('windows',
+               jsonb_agg(jsonb_build_object('window_no', w2.window_no, 'starts_at', w2.starts_at,
+                                            'ends_at', w2.ends_at, 'amount', w2.amount)
+                         ORDER BY w2.window_no))
+      INTO details
+      FROM billing.commitment_windows w2
+     WHERE w2.account_id = add_commitment.account_id AND w2.commitment_id = id;
+    PERFORM billing._audit_append(add_commitment.account_id, 'commit', format('commitment:%s', id),
+                                  details);
+    RETURN id;
+END
+$$;
+COMMENT ON FUNCTION billing.add_commitment(bigint, text, numeric, timestamptz, timestamptz, interval, text[], integer, numeric) IS
+    'Adds a commitment: prepaid (a credit grant per window, invoiced in installments, with rollover) or minimum (a true-up line when a window''s eligible spend falls short)';
+
+ALTER FUNCTION billing.add_commitment(bigint, text, numeric, timestamptz, timestamptz, interval, text[], integer, numeric)
+    SECURITY DEFINER;
+-- ---- end of expiry after the last period ----

@@ -55,6 +55,8 @@ typedef struct DrawGrant
 	TimestampTz next_ends;
 	bool		has_next;		/* a next window of its commitment */
 	text	   *reason;
+	bool		has_last_end;	/* the account's subscriptions all end */
+	TimestampTz last_end;		/* at the end of its last billing period */
 } DrawGrant;
 
 /* a period of one account, in time order */
@@ -299,7 +301,9 @@ emit(DrawOut *out, int32 idx, int64 ord, const char *kind, text *description,
  * up to (never commitment lines; negative lines lower it); each grant's draw
  * rounded once to the minor unit (exact: lines are rounded) is a 'credit'
  * row (negative).  With book, after the period's draws, each grant expired
- * by the period's end with something left: round(f * left) of a commitment
+ * by the period's end with something left (or expiring after the account's
+ * last period, whose subscriptions all end, when this is it): round(f *
+ * left) of a commitment
  * grant with a next window rolls over ('rollover' on it, 'grant' of a new
  * grant -1, -2, ... for the next window, which later periods draw from),
  * the rest is booked 'expire'.
@@ -408,9 +412,21 @@ draw_account(DrawOut *out, DrawPeriod *periods, int n_periods, DrawLine *lines,
 			Numeric		roll = zero;
 			Numeric		rest;
 
-			if (billing_num_cmp(g->remaining, zero) <= 0 || !g->expires || g->expires_at > per->ends)
+			bool		last;
+
+			if (billing_num_cmp(g->remaining, zero) <= 0 || !g->expires)
 				continue;
-			if (strcmp(g->source, "commitment") == 0 && g->has_next &&
+			/*
+			 * the account's last period overlapping the grant's window: the
+			 * one its expiry falls in, or the last of the account when its
+			 * subscriptions end before the expiry (nothing rolls over then:
+			 * there is no next period to draw from it)
+			 */
+			last = g->has_last_end && per->ends >= g->last_end && g->effective_at < per->ends;
+			if (g->expires_at > per->ends && !last)
+				continue;
+			if (g->expires_at <= per->ends &&
+				strcmp(g->source, "commitment") == 0 && g->has_next &&
 				billing_num_cmp(g->rollover_fraction, zero) > 0)
 				roll = num_min(billing_round_money(numeric_mul_opt_error(g->rollover_fraction,
 																		 g->remaining, NULL),
@@ -574,7 +590,8 @@ billing_credit_draws(PG_FUNCTION_ARGS)
 					c_fraction = billing_attnum_of(gdesc, "rollover_fraction"),
 					c_next_starts = billing_attnum_of(gdesc, "next_starts"),
 					c_next_ends = billing_attnum_of(gdesc, "next_ends"),
-					c_reason = billing_attnum_of(gdesc, "reason");
+					c_reason = billing_attnum_of(gdesc, "reason"),
+					c_last_end = billing_attnum_of(gdesc, "last_end");
 
 		for (int k = 0; k < n_grants; k++)
 		{
@@ -611,6 +628,8 @@ billing_credit_draws(PG_FUNCTION_ARGS)
 			g->next_starts = g->has_next ? DatumGetTimestampTz(v[c_next_starts]) : 0;
 			g->next_ends = g->has_next ? DatumGetTimestampTz(v[c_next_ends]) : 0;
 			g->reason = z[c_reason] ? NULL : DatumGetTextPP(v[c_reason]);
+			g->has_last_end = !z[c_last_end];
+			g->last_end = g->has_last_end ? DatumGetTimestampTz(v[c_last_end]) : 0;
 		}
 	}
 	ReleaseTupleDesc(gdesc);

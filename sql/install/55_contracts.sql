@@ -346,7 +346,9 @@ CREATE TYPE billing._credit_state AS (
     rollover_fraction  numeric,       -- commitment grants: carried into the next window
     next_starts        timestamptz,   -- the next window of its commitment (NULL: none)
     next_ends          timestamptz,
-    reason             text
+    reason             text,
+    last_end           timestamptz    -- the end of the account's last period when its
+                                      -- subscriptions all end (NULL: one is open)
 );
 COMMENT ON TYPE billing._credit_state IS
     'Internal: a credit grant with its remaining amount and rollover terms, as _credit_draws takes it';
@@ -570,10 +572,16 @@ BEGIN
                                  g.applies_to::text[], g.source, l.remaining,
                                  CASE WHEN g.source = 'commitment' THEN c.rollover_fraction ELSE 0 END,
                                  nw.starts_at, nw.ends_at,
-                                 coalesce(g.reason, g.source))::billing._credit_state)
+                                 coalesce(g.reason, g.source), se.last_end)::billing._credit_state)
               FROM billing.credit_grants g
                    JOIN LATERAL (SELECT sum(x.amount) AS remaining FROM billing.credit_ledger x
                                   WHERE x.account_id = g.account_id AND x.grant_id = g.grant_id) l ON true
+                   -- a grant expiring after the account's subscriptions all
+                   -- end is booked by the finalize of its last period
+                   JOIN LATERAL (SELECT CASE WHEN bool_and(s.ends_at IS NOT NULL) THEN max(s.ends_at) END
+                                        AS last_end
+                                   FROM billing.subscriptions s
+                                  WHERE s.account_id = g.account_id) se ON true
                    LEFT JOIN billing.commitments c
                           ON c.account_id = g.account_id AND c.commitment_id = g.commitment_id
                    LEFT JOIN billing.commitment_windows nw
@@ -1012,19 +1020,25 @@ COMMENT ON FUNCTION billing.credit_balance(bigint, timestamptz) IS
 -- commitments ----------------------------------------------------------------------------------
 
 /*
- * _period_boundary: is ts a billing period boundary of the account (a
- * subscription's start or end, or a point of its period grid)?  Returns
- * the period length of the subscription it is a boundary of (NULL: none).
+ * _period_boundary: is ts a billing period boundary of the account: a
+ * point of the period grid of a subscription that holds it (the start of
+ * the first one is; a plan change inside a period is not: the period runs
+ * on), or the end of its last subscription, where its last period is cut?
+ * Returns the period length of that subscription (NULL: not a boundary).
  */
 CREATE FUNCTION billing._period_boundary(p_account bigint, p_ts timestamptz) RETURNS interval
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    starts timestamptz[];
 BEGIN
+    SELECT array_agg(s.starts_at) INTO starts
+      FROM billing._subscriptions_of(ARRAY[p_account], false) s;
     RETURN (SELECT s.period FROM billing._subscriptions_of(ARRAY[p_account], false) s
-             WHERE p_ts = s.starts_at OR p_ts = s.ends_at
-                OR (s.starts_at < p_ts AND p_ts < coalesce(s.ends_at, 'infinity')
+             WHERE (s.starts_at <= p_ts AND p_ts <= coalesce(s.ends_at, 'infinity')
                     AND billing._add_periods(s.anchor, s.period,
                                              billing._period_index(s.anchor, s.period, p_ts)) = p_ts)
+                OR (p_ts = s.ends_at AND p_ts <> ALL (starts))
              ORDER BY s.starts_at DESC LIMIT 1);
 END
 $$;
@@ -1053,6 +1067,7 @@ DECLARE
     gid bigint;
     bad timestamptz;
     details jsonb;
+    anc timestamptz;    -- the account's period grid starts here
 BEGIN
     IF account_id IS NULL OR kind IS NULL OR amount IS NULL OR starts_at IS NULL OR ends_at IS NULL
        OR installments IS NULL OR rollover_fraction IS NULL THEN
@@ -1089,8 +1104,11 @@ BEGIN
     END IF;
 
     -- the windows: [starts_at + k * commit_period, ...) cut at ends_at, each
-    -- on the account's period boundaries
+    -- on the account's period boundaries; its periods and installments on
+    -- the account's grid (anc: a month-end anchor keeps month ends)
     per := billing._period_boundary(add_commitment.account_id, starts_at);
+    SELECT s.anchor INTO anc FROM billing._subscriptions_of(ARRAY[add_commitment.account_id], false) s
+     WHERE s.starts_at <= add_commitment.starts_at ORDER BY s.starts_at DESC LIMIT 1;
     LOOP
         ws := CASE WHEN commit_period IS NULL THEN starts_at
                    ELSE billing._add_periods(starts_at, commit_period, n_windows) END;
@@ -1106,9 +1124,11 @@ BEGIN
                 USING ERRCODE = '22023',
                       DETAIL = 'Windows start and end where the account''s subscription periods do.';
         END IF;
-        IF kind = 'prepaid' AND installments > billing._period_index(ws, per, we - interval '1 microsecond') + 1 THEN
+        IF kind = 'prepaid' AND installments > billing._period_index(anc, per, we - interval '1 microsecond')
+                                               - billing._period_index(anc, per, ws) + 1 THEN
             RAISE EXCEPTION 'commitment window % to % has % billing periods, fewer than % installments',
-                  ws, we, billing._period_index(ws, per, we - interval '1 microsecond') + 1, installments
+                  ws, we, billing._period_index(anc, per, we - interval '1 microsecond')
+                          - billing._period_index(anc, per, ws) + 1, installments
                 USING ERRCODE = '22023', DETAIL = 'Each installment is invoiced on a period of its window.';
         END IF;
         n_windows := n_windows + 1;
@@ -1131,7 +1151,8 @@ BEGIN
                                                 installment_amounts)
         SELECT add_commitment.account_id, id, w, ws, we, w_amount,
                CASE WHEN kind = 'prepaid'
-                    THEN array_agg(billing._add_periods(ws, per, i - 1) ORDER BY i) END,
+                    THEN array_agg(billing._add_periods(anc, per, billing._period_index(anc, per, ws) + i - 1)
+                                   ORDER BY i) END,
                CASE WHEN kind = 'prepaid'
                     THEN array_agg(billing._installment(w_amount, i, installments, cur) ORDER BY i) END
           FROM generate_series(1, installments) i;

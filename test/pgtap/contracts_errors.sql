@@ -1,7 +1,7 @@
 -- contracts_errors: every error of SPEC 10.2, the append-only ledger and
 -- the immutable grants and commitments (55000), and who may call what.
 BEGIN;
-SELECT plan(40);
+SELECT plan(43);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
 
@@ -110,6 +110,24 @@ SELECT throws_ok(format($$SELECT billing.void_credit(9902, %s, 'churn', '2025-02
                  'void_credit at a time after January ended, January not finalized: 55000');
 SELECT is(billing.void_credit(9902, :gv, 'churn', '2025-01-20'), 7::numeric,
           'a void before the first period ends forfeits the whole grant');
+
+-- 22023: commitment windows and installments on the account's period grid:
+-- a plan change inside a period is not a boundary (the period runs on); a
+-- month-end anchor keeps month ends (Feb 28, Mar 31, Apr 30)
+INSERT INTO billing.plans (plan) VALUES ('ke_flat');
+INSERT INTO billing.charges (plan, meter, price) VALUES ('ke_flat', NULL, 'flat 100');
+INSERT INTO billing.accounts (account_id) VALUES (9931), (9932);
+INSERT INTO billing.subscriptions (account_id, plan, starts_at) VALUES (9931, 'ke_a', '2025-01-01'),
+    (9932, 'ke_flat', '2025-01-31');
+SELECT billing.change_plan(9931, 'ke_b', '2025-01-15');
+SELECT throws_ok($$SELECT billing.add_commitment(9931, 'minimum', 100, '2025-01-15', '2025-03-01')$$,
+                 '22023', NULL, 'add_commitment: a window starting at a plan change inside a period: 22023');
+SELECT throws_ok($$SELECT billing.add_commitment(9932, 'prepaid', 300, '2025-02-28', '2025-04-30', installments => 3)$$,
+                 '22023', NULL, 'add_commitment: 3 installments in a window of 2 month-end periods: 22023');
+SELECT billing.add_commitment(9932, 'prepaid', 200, '2025-02-28', '2025-04-30', installments => 2) AS c2 \gset
+SELECT is((SELECT installment_due FROM billing.commitment_windows WHERE account_id = 9932),
+          ARRAY['2025-02-28 00:00+00', '2025-03-31 00:00+00']::timestamptz[],
+          'installments due on the periods of the window, month ends kept');
 
 SELECT * FROM finish();
 ROLLBACK;

@@ -206,7 +206,7 @@ SELECT results_eq(
        WHERE p.pronamespace = 'billing'::regnamespace AND p.prosecdef ORDER BY 1$$,
     $$VALUES ('billing._audit_change()'), ('billing._audit_credit()'), ('billing._audit_ddl()'),
              ('billing._audit_insert_rows()'), ('billing._audit_invoice()'),
-             ('billing._audit_table_note(regclass)'),
+             ('billing._audit_table_note(regclass)'), ('billing._metered_table_dropped()'),
              ('billing.add_commitment(bigint,text,numeric,timestamp with time zone,timestamp with time zone,interval,text[],integer,numeric)'),
              ('billing.change_plan(bigint,text,timestamp with time zone)'),
              ('billing.compact_usage()'),
