@@ -9409,6 +9409,7 @@ CREATE EVENT TRIGGER billing_audit_ddl ON ddl_command_end
     EXECUTE FUNCTION billing._audit_ddl();
 -- ---- end of defects found by attack ----
 
+
 -- ---- a grant's expiry booked when the account's subscriptions end before it
 -- (sql/install/55_contracts.sql, src/credits.c) ----
 -- What is left of a grant is booked 'expire' by the finalize of the
@@ -9435,6 +9436,8 @@ DECLARE
     l billing._invoice_line[];
     wins billing._window[];
     grs billing._credit_state[];
+    le_accounts bigint[];   -- with p_book: accounts whose subscriptions all end,
+    le_ends timestamptz[];  -- and the end of their last period
     adjs billing._invoice_line[];   -- pending adjustments (grant_id: the account)
     sa record;
     sp record;
@@ -9495,6 +9498,18 @@ BEGIN
         SELECT array_agg(DISTINCT a), min(s), max(e) INTO accs, t_from, t_to
           FROM unnest(p_accounts, p_starts, p_ends) AS x(a, s, e);
     END IF;
+    -- booking: the end of the last period of the accounts whose
+    -- subscriptions all end (a grant expiring after it is booked by the
+    -- finalize of that period); a statement of its own, so that no query
+    -- joins subscriptions with tables Citus may hold apart
+    IF p_book THEN
+        SELECT array_agg(x.account_id), array_agg(x.last_end) INTO le_accounts, le_ends
+          FROM (SELECT s.account_id,
+                       CASE WHEN bool_and(s.ends_at IS NOT NULL) THEN max(s.ends_at) END AS last_end
+                  FROM billing.subscriptions s
+                 WHERE s.account_id = ANY (accs)
+                 GROUP BY s.account_id) x;
+    END IF;
     SELECT cw.wins, cw.has_true_ups, cw.has_installments,
            -- pending adjustments, as lines (the row rebuilt as
            -- billing.adjustments: on Citus a is a shard's row)
@@ -9511,16 +9526,12 @@ BEGIN
                                  g.applies_to::text[], g.source, l.remaining,
                                  CASE WHEN g.source = 'commitment' THEN c.rollover_fraction ELSE 0 END,
                                  nw.starts_at, nw.ends_at,
-                                 coalesce(g.reason, g.source), se.last_end)::billing._credit_state)
+                                 coalesce(g.reason, g.source),
+                                 (SELECT e.last_end FROM unnest(le_accounts, le_ends) AS e(account_id, last_end)
+                                   WHERE e.account_id = g.account_id))::billing._credit_state)
               FROM billing.credit_grants g
                    JOIN LATERAL (SELECT sum(x.amount) AS remaining FROM billing.credit_ledger x
                                   WHERE x.account_id = g.account_id AND x.grant_id = g.grant_id) l ON true
-                   -- a grant expiring after the account's subscriptions all
-                   -- end is booked by the finalize of its last period
-                   JOIN LATERAL (SELECT CASE WHEN bool_and(s.ends_at IS NOT NULL) THEN max(s.ends_at) END
-                                        AS last_end
-                                   FROM billing.subscriptions s
-                                  WHERE s.account_id = g.account_id) se ON true
                    LEFT JOIN billing.commitments c
                           ON c.account_id = g.account_id AND c.commitment_id = g.commitment_id
                    LEFT JOIN billing.commitment_windows nw
@@ -9828,3 +9839,172 @@ COMMENT ON FUNCTION billing.add_commitment(bigint, text, numeric, timestamptz, t
 ALTER FUNCTION billing.add_commitment(bigint, text, numeric, timestamptz, timestamptz, interval, text[], integer, numeric)
     SECURITY DEFINER;
 -- ---- end of expiry after the last period ----
+
+-- ---- remaining prices the bucket holding `at` with the plan that bills it
+-- (sql/install/50_invoices.sql) ----
+-- At a plan change inside a bucket, remaining priced at the new plan while
+-- the bucket (started before the change) is billed at the old one.
+CREATE OR REPLACE FUNCTION billing.remaining(account_id bigint, meter text,
+                                  at timestamptz DEFAULT pg_catalog.now(),
+                                  dimension text DEFAULT '')
+    RETURNS numeric
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    per record;
+    line record;
+    lines billing._invoice_line[];
+    others numeric;
+    budget numeric;
+    q0 numeric;
+    j jsonb;
+    ends numeric[];
+    seg_end numeric;
+    lo numeric := 0;          -- largest x known to fit
+    hi numeric;               -- smallest x known not to fit
+    mid numeric;
+    tail numeric;             -- past it, the charge is affine in x
+    b_at timestamptz;         -- the start of the meter's bucket holding at
+BEGIN
+    IF account_id IS NULL OR meter IS NULL OR at IS NULL THEN
+        RAISE EXCEPTION 'remaining: account_id, meter and at must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.accounts a WHERE a.account_id = remaining.account_id) THEN
+        RAISE EXCEPTION 'account % does not exist', remaining.account_id USING ERRCODE = '23503';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.meters m WHERE m.meter = remaining.meter) THEN
+        RAISE EXCEPTION 'meter "%" does not exist', remaining.meter USING ERRCODE = '23503';
+    END IF;
+    -- the period holding at, whose spend cap bounds the usage lines of
+    -- every plan segment (credits do not count: the cap bounds usage before)
+    SELECT s.spend_cap, s.currency INTO per
+      FROM billing._segments(ARRAY[remaining.account_id], ARRAY[at]) s
+     ORDER BY s.segment_start DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN 0;                 -- no subscription: nothing can be billed
+    END IF;
+    IF per.spend_cap IS NULL THEN
+        RETURN NULL;              -- no cap: unlimited
+    END IF;
+    lines := ARRAY(SELECT b.line
+                     FROM billing._period_build(ARRAY[remaining.account_id], ARRAY[at], true) b
+                    WHERE (b.line).kind = 'usage');
+    -- the line rating the dimension in the plan segment that bills the
+    -- bucket holding at (the charge naming it, else the rest of the
+    -- meter): a bucket starting before a plan change is the old plan's
+    SELECT billing._bin(m.bucket_width, at) INTO b_at FROM billing.meters m
+     WHERE m.meter = remaining.meter;
+    SELECT x.quantity, x.price, x.ord INTO line
+      FROM unnest(lines) x
+     WHERE x.meter = remaining.meter
+       AND (x.dimension = coalesce(remaining.dimension, '') OR x.dimension IS NULL)
+       AND (x.segment_start IS NULL OR (x.segment_start <= b_at AND b_at < x.segment_end))
+     ORDER BY x.dimension IS NULL
+     LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN NULL;              -- the plan does not bill this meter (or dimension)
+    END IF;
+    SELECT coalesce(sum(x.amount), 0) INTO others FROM unnest(lines) x WHERE x.ord <> line.ord;
+    budget := billing.round_money(per.spend_cap, per.currency) - others;
+    q0 := line.quantity;
+    IF NOT billing._fits(line.price, q0, per.currency, budget) THEN
+        RETURN 0;
+    END IF;
+
+    -- stretches on which the charge cannot decrease: volume tiers, then the
+    -- rest.  A tier ends where the quantity after per and free passes its
+    -- bound b: at (b + free) * N for per N exact (or no per), at
+    -- floor(b + free) * N for round up; for round down the stretch is open
+    -- at (floor(b + free) + 1) * N, so it ends at the last whole unit from
+    -- q0 before that.
+    j := billing.price_to_jsonb(line.price);
+    IF j ->> 'model' = 'volume' THEN
+        SELECT array_agg(CASE WHEN NOT j ? 'per' OR j ->> 'per_round' = 'exact'
+                                  THEN (b + f) * coalesce((j ->> 'per')::numeric, 1)
+                              WHEN j ->> 'per_round' = 'up'
+                                  THEN floor(b + f) * (j ->> 'per')::numeric
+                              ELSE q0 + ceil((floor(b + f) + 1) * (j ->> 'per')::numeric - q0) - 1
+                         END ORDER BY b)
+          INTO ends
+          FROM jsonb_array_elements(j -> 'tiers') t,
+               LATERAL (SELECT (t ->> 'up_to')::numeric AS b,
+                               coalesce((j ->> 'free')::numeric, 0) AS f) x
+         WHERE t ->> 'up_to' <> 'inf';
+    END IF;
+    -- Whole units from q0 only: in each stretch, its last whole unit; when
+    -- that is over the budget, the answer is in this stretch, where the
+    -- charge cannot decrease, so bisect (lo, hi]; else go on to the next.
+    FOREACH seg_end IN ARRAY coalesce(ends, '{}'::numeric[]) LOOP
+        CONTINUE WHEN floor(seg_end - q0) <= lo;
+        IF billing._fits(line.price, q0 + floor(seg_end - q0), per.currency, budget) THEN
+            lo := floor(seg_end - q0);
+        ELSE
+            hi := floor(seg_end - q0);
+            EXIT;
+        END IF;
+    END LOOP;
+    IF hi IS NULL THEN
+        -- open-ended: double until over the budget, however large it is.
+        -- Every point where the charge bends (a tier bound, the free units,
+        -- a package size, where a minimum stops applying: at most the
+        -- largest number K of the price over its smallest rate, 10^-22 a
+        -- unit; times a quantity divisor) lies below tail.  Past it the
+        -- charge is affine in the quantity (or a staircase of steps shorter
+        -- than tail): the same at x and 2x there, it never grows again.
+        SELECT (1 + coalesce(max(n[1]::numeric), 0)) ^ 2 * 1e24 INTO tail
+          FROM regexp_matches(billing.price_to_jsonb(line.price)::text, '([0-9]+(\.[0-9]+)?)', 'g') AS n;
+        hi := greatest(lo * 2, 1);
+        WHILE billing._fits(line.price, q0 + hi, per.currency, budget) LOOP
+            IF lo > tail AND billing.rate(line.price, q0 + hi) = billing.rate(line.price, q0 + lo) THEN
+                RETURN NULL;      -- the charge stopped growing below the budget
+            END IF;
+            lo := hi;
+            hi := hi * 2;
+        END LOOP;
+    END IF;
+    WHILE hi - lo > 1 LOOP
+        mid := floor((lo + hi) / 2);
+        IF billing._fits(line.price, q0 + mid, per.currency, budget) THEN
+            lo := mid;
+        ELSE
+            hi := mid;
+        END IF;
+    END LOOP;
+    RETURN lo;
+END
+$$;
+COMMENT ON FUNCTION billing.remaining(bigint, text, timestamptz, text) IS
+    'Whole units of a meter (of one dimension, by default '''') that can still be used this period before the usage lines (of every plan segment) exceed the spend cap (NULL: unlimited)';
+
+-- ---- end of remaining at a plan change ----
+
+-- ---- metered tables never become partitions (sql/install/32_ingest.sql) ----
+-- a metered table never becomes a partition: rows inserted through its
+-- parent would not fire the statement triggers that count them (meter_table
+-- refuses partitions; ATTACH PARTITION is refused here, 55000)
+CREATE FUNCTION billing._metered_table_attached() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    t regclass;
+BEGIN
+    SELECT m.tbl INTO t
+      FROM billing.metered_tables m
+           JOIN pg_inherits i ON i.inhrelid = m.tbl::oid
+     WHERE i.inhparent IN (SELECT d.objid FROM pg_event_trigger_ddl_commands() d
+                            WHERE d.classid = 'pg_class'::regclass)
+     LIMIT 1;
+    IF t IS NOT NULL THEN
+        RAISE EXCEPTION 'metered table % cannot become a partition', t
+            USING ERRCODE = '55000',
+                  DETAIL = 'Rows inserted through the partitioned table would not fire the statement triggers that count them.',
+                  HINT = 'Stop metering it first with billing.unmeter_table.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION billing._metered_table_attached() IS
+    'Internal: refuses to make a metered table a partition (ATTACH PARTITION, 55000)';
+CREATE EVENT TRIGGER billing_metered_table_attached ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION billing._metered_table_attached();
+REVOKE ALL ON FUNCTION billing._metered_table_attached() FROM PUBLIC;
+-- ---- end of metered tables never become partitions ----

@@ -183,6 +183,34 @@ CREATE EVENT TRIGGER billing_metered_table_dropped ON sql_drop
     WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
     EXECUTE FUNCTION billing._metered_table_dropped();
 
+-- a metered table never becomes a partition: rows inserted through its
+-- parent would not fire the statement triggers that count them (meter_table
+-- refuses partitions; ATTACH PARTITION is refused here, 55000)
+CREATE FUNCTION billing._metered_table_attached() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    t regclass;
+BEGIN
+    SELECT m.tbl INTO t
+      FROM billing.metered_tables m
+           JOIN pg_inherits i ON i.inhrelid = m.tbl::oid
+     WHERE i.inhparent IN (SELECT d.objid FROM pg_event_trigger_ddl_commands() d
+                            WHERE d.classid = 'pg_class'::regclass)
+     LIMIT 1;
+    IF t IS NOT NULL THEN
+        RAISE EXCEPTION 'metered table % cannot become a partition', t
+            USING ERRCODE = '55000',
+                  DETAIL = 'Rows inserted through the partitioned table would not fire the statement triggers that count them.',
+                  HINT = 'Stop metering it first with billing.unmeter_table.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION billing._metered_table_attached() IS
+    'Internal: refuses to make a metered table a partition (ATTACH PARTITION, 55000)';
+CREATE EVENT TRIGGER billing_metered_table_attached ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION billing._metered_table_attached();
+
 -- batches ------------------------------------------------------------------
 
 CREATE FUNCTION billing.ingest(source text, partition int, batch_offset bigint,

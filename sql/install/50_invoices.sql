@@ -748,6 +748,7 @@ DECLARE
     hi numeric;               -- smallest x known not to fit
     mid numeric;
     tail numeric;             -- past it, the charge is affine in x
+    b_at timestamptz;         -- the start of the meter's bucket holding at
 BEGIN
     IF account_id IS NULL OR meter IS NULL OR at IS NULL THEN
         RAISE EXCEPTION 'remaining: account_id, meter and at must not be null' USING ERRCODE = '22004';
@@ -772,13 +773,16 @@ BEGIN
     lines := ARRAY(SELECT b.line
                      FROM billing._period_build(ARRAY[remaining.account_id], ARRAY[at], true) b
                     WHERE (b.line).kind = 'usage');
-    -- the line rating the dimension in the plan segment holding at (the
-    -- charge naming it, else the rest of the meter)
+    -- the line rating the dimension in the plan segment that bills the
+    -- bucket holding at (the charge naming it, else the rest of the
+    -- meter): a bucket starting before a plan change is the old plan's
+    SELECT billing._bin(m.bucket_width, at) INTO b_at FROM billing.meters m
+     WHERE m.meter = remaining.meter;
     SELECT x.quantity, x.price, x.ord INTO line
       FROM unnest(lines) x
      WHERE x.meter = remaining.meter
        AND (x.dimension = coalesce(remaining.dimension, '') OR x.dimension IS NULL)
-       AND (x.segment_start IS NULL OR (x.segment_start <= at AND at < x.segment_end))
+       AND (x.segment_start IS NULL OR (x.segment_start <= b_at AND b_at < x.segment_end))
      ORDER BY x.dimension IS NULL
      LIMIT 1;
     IF NOT FOUND THEN

@@ -496,6 +496,8 @@ DECLARE
     l billing._invoice_line[];
     wins billing._window[];
     grs billing._credit_state[];
+    le_accounts bigint[];   -- with p_book: accounts whose subscriptions all end,
+    le_ends timestamptz[];  -- and the end of their last period
     adjs billing._invoice_line[];   -- pending adjustments (grant_id: the account)
     sa record;
     sp record;
@@ -556,6 +558,18 @@ BEGIN
         SELECT array_agg(DISTINCT a), min(s), max(e) INTO accs, t_from, t_to
           FROM unnest(p_accounts, p_starts, p_ends) AS x(a, s, e);
     END IF;
+    -- booking: the end of the last period of the accounts whose
+    -- subscriptions all end (a grant expiring after it is booked by the
+    -- finalize of that period); a statement of its own, so that no query
+    -- joins subscriptions with tables Citus may hold apart
+    IF p_book THEN
+        SELECT array_agg(x.account_id), array_agg(x.last_end) INTO le_accounts, le_ends
+          FROM (SELECT s.account_id,
+                       CASE WHEN bool_and(s.ends_at IS NOT NULL) THEN max(s.ends_at) END AS last_end
+                  FROM billing.subscriptions s
+                 WHERE s.account_id = ANY (accs)
+                 GROUP BY s.account_id) x;
+    END IF;
     SELECT cw.wins, cw.has_true_ups, cw.has_installments,
            -- pending adjustments, as lines (the row rebuilt as
            -- billing.adjustments: on Citus a is a shard's row)
@@ -572,16 +586,12 @@ BEGIN
                                  g.applies_to::text[], g.source, l.remaining,
                                  CASE WHEN g.source = 'commitment' THEN c.rollover_fraction ELSE 0 END,
                                  nw.starts_at, nw.ends_at,
-                                 coalesce(g.reason, g.source), se.last_end)::billing._credit_state)
+                                 coalesce(g.reason, g.source),
+                                 (SELECT e.last_end FROM unnest(le_accounts, le_ends) AS e(account_id, last_end)
+                                   WHERE e.account_id = g.account_id))::billing._credit_state)
               FROM billing.credit_grants g
                    JOIN LATERAL (SELECT sum(x.amount) AS remaining FROM billing.credit_ledger x
                                   WHERE x.account_id = g.account_id AND x.grant_id = g.grant_id) l ON true
-                   -- a grant expiring after the account's subscriptions all
-                   -- end is booked by the finalize of its last period
-                   JOIN LATERAL (SELECT CASE WHEN bool_and(s.ends_at IS NOT NULL) THEN max(s.ends_at) END
-                                        AS last_end
-                                   FROM billing.subscriptions s
-                                  WHERE s.account_id = g.account_id) se ON true
                    LEFT JOIN billing.commitments c
                           ON c.account_id = g.account_id AND c.commitment_id = g.commitment_id
                    LEFT JOIN billing.commitment_windows nw

@@ -2,7 +2,7 @@
 -- bounds usage before credits), whether they pay every line or only the
 -- capped meter, while invoice_preview shows them live.
 BEGIN;
-SELECT plan(4);
+SELECT plan(6);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
 
@@ -28,6 +28,21 @@ SELECT is(billing.remaining(9961, 'kr_api', '2025-01-20'), 2000::numeric,
 SELECT billing.void_credit(9961, :g2, 'gone', '2025-01-15') \gset
 SELECT is(billing.remaining(9961, 'kr_api', '2025-01-20'), 2000::numeric,
           'after a void: still 2000 units');
+
+-- a plan change inside a bucket: the bucket holding `at` started before
+-- the change, so it is billed by the old plan, and remaining prices it so
+INSERT INTO billing.meters (meter, bucket_width, late_window) VALUES ('kr_hr', '1 hour', '100 years');
+INSERT INTO billing.plans (plan) VALUES ('kr_exp'), ('kr_cheap');
+INSERT INTO billing.charges (plan, meter, price) VALUES ('kr_exp', 'kr_hr', 'unit 10'),
+    ('kr_cheap', 'kr_hr', 'unit 1');
+INSERT INTO billing.accounts (account_id) VALUES (9962);
+INSERT INTO billing.subscriptions (account_id, plan, starts_at, spend_cap)
+VALUES (9962, 'kr_exp', '2025-01-01', 100);
+SELECT billing.change_plan(9962, 'kr_cheap', '2025-01-10 12:30');
+SELECT is(billing.remaining(9962, 'kr_hr', '2025-01-10 12:45'), 10::numeric,
+          'in the bucket of the plan change (12:00, the old plan''s): 100 / 10 = 10 units');
+SELECT is(billing.remaining(9962, 'kr_hr', '2025-01-10 13:05'), 100::numeric,
+          'in the next bucket (the new plan''s): 100 / 1 = 100 units');
 
 SELECT * FROM finish();
 ROLLBACK;

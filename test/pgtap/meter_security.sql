@@ -16,7 +16,7 @@
 --     event ids and writing deltas), and after an error inside billing's
 --     work (an unknown account) it is itself again, with its search_path.
 BEGIN;
-SELECT plan(17);
+SELECT plan(18);
 \ir ../helpers.sql
 SET LOCAL timezone = 'UTC';
 
@@ -229,6 +229,14 @@ SELECT lives_ok($$DROP TABLE public.ms_retyped$$, 'and its metered table');
 RESET ROLE;
 SELECT is((SELECT count(*) FROM billing.metered_tables WHERE tbl::text LIKE '%ms_retyped%'), 0::bigint,
           'which billing forgets');
+
+-- a metered table never becomes a partition (rows routed through the
+-- parent would not be counted)
+CREATE TABLE public.ms_parent (acc bigint, meter text, qty numeric, ts timestamptz) PARTITION BY LIST (meter);
+CREATE TABLE public.ms_part (acc bigint, meter text, qty numeric, ts timestamptz);
+SELECT billing.meter_table('public.ms_part', 'acc', 'meter', 'qty', 'ts', keep_rows => true);
+SELECT throws_ok($$ALTER TABLE public.ms_parent ATTACH PARTITION public.ms_part FOR VALUES IN ('x')$$,
+                 '55000', NULL, 'attaching a metered table as a partition: 55000');
 
 SELECT * FROM finish();
 ROLLBACK;
