@@ -177,19 +177,14 @@ SELECT is(test.row_count_of(:'hook_sql' || ' WITH (FORMAT csv, HEADER)') || ' ' 
           '2500 ' || :calls1 || ' ' || :'hook_kept' || ' ' || :'hook_usage',
           'a CSV file with a header through the hook: the same rows and cells');
 ROLLBACK TO SAVEPOINT s;
--- a metered table attached as a partition (meter_table refuses a
--- partition; ATTACH keeps the triggers): PostgreSQL's CopyFrom, which
--- checks the partition's bounds
+-- a metered table cannot be attached as a partition (meter_table refuses a
+-- partition; rows routed through the parent would not be counted)
 CREATE TABLE pg_temp.kk_parent (id bigint, account_id bigint, meter text, quantity numeric, ts timestamptz)
     PARTITION BY RANGE (id);
 CREATE TABLE pg_temp.kk_part (id bigint, account_id bigint, meter text, quantity numeric, ts timestamptz);
 SELECT billing.meter_table('pg_temp.kk_part', 'account_id', 'meter', 'quantity', 'ts', keep_rows => true);
-ALTER TABLE pg_temp.kk_parent ATTACH PARTITION pg_temp.kk_part FOR VALUES FROM (1) TO (2000);
-SELECT format('COPY (SELECT id, account_id, meter, quantity, ts FROM kk_rows) TO %L', :'copy_file') AS out_sql \gset
-:out_sql;
-SELECT is(test.sqlstate_of(format('COPY pg_temp.kk_part FROM %L', :'copy_file')) || ' '
-          || (SELECT count(*) FROM pg_temp.kk_part) || ' ' || pg_temp.usage(),
-          '23514 0 none', 'a row outside a partition''s bounds: 23514, nothing stored or counted');
+SELECT throws_ok($$ALTER TABLE pg_temp.kk_parent ATTACH PARTITION pg_temp.kk_part FOR VALUES FROM (1) TO (2000)$$,
+                 '55000', NULL, 'a metered table attached as a partition: 55000');
 ROLLBACK TO SAVEPOINT s;
 -- (a test after the last rollback: pgTAP keeps its count in a table)
 SELECT is(pg_temp.kept() || ' ' || pg_temp.usage(), 'none none', 'each COPY above rolled back leaves nothing');
