@@ -10008,3 +10008,90 @@ CREATE EVENT TRIGGER billing_metered_table_attached ON ddl_command_end
     EXECUTE FUNCTION billing._metered_table_attached();
 REVOKE ALL ON FUNCTION billing._metered_table_attached() FROM PUBLIC;
 -- ---- end of metered tables never become partitions ----
+
+-- ---- change_plan back to the plan before, at the same moment (sql/install/55_contracts.sql) ----
+-- A to B and back to A at one moment left two subscriptions of A meeting
+-- there, so the tiers of A restarted; the two are one again.
+CREATE OR REPLACE FUNCTION billing.change_plan(account_id bigint, plan text, at timestamptz DEFAULT pg_catalog.now())
+    RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET DateStyle = 'ISO, YMD' AS $$
+DECLARE
+    s record;
+    new_period interval;
+    closed timestamptz;
+    prev_start timestamptz;
+BEGIN
+    IF account_id IS NULL OR plan IS NULL OR at IS NULL THEN
+        RAISE EXCEPTION 'change_plan: account_id, plan and at must not be null' USING ERRCODE = '22004';
+    END IF;
+    PERFORM billing._contract_account(change_plan.account_id);
+    SELECT p.period INTO new_period FROM billing.plans p WHERE p.plan = change_plan.plan;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'plan "%" does not exist', change_plan.plan USING ERRCODE = '23503';
+    END IF;
+    IF NOT isfinite(at) THEN
+        RAISE EXCEPTION 'change_plan: at must be finite' USING ERRCODE = '22023';
+    END IF;
+    SELECT max(i.period_end) INTO closed FROM billing.invoices i
+     WHERE i.account_id = change_plan.account_id;
+    IF closed > at THEN
+        RAISE EXCEPTION 'account % is invoiced up to %: % is inside an already finalized period',
+              change_plan.account_id, closed, at
+            USING ERRCODE = '55000', HINT = 'Change the plan at or after the end of the last finalized period.';
+    END IF;
+    SELECT sub.*, p.period INTO s
+      FROM billing.subscriptions sub JOIN billing.plans p ON p.plan = sub.plan
+     WHERE sub.account_id = change_plan.account_id AND sub.starts_at <= at
+       AND (sub.ends_at IS NULL OR at < sub.ends_at)
+       FOR UPDATE OF sub;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account % has no subscription at %', change_plan.account_id, at
+            USING ERRCODE = '55000', HINT = 'Subscribe the account (insert into billing.subscriptions).';
+    END IF;
+    IF s.plan = change_plan.plan THEN
+        RETURN;               -- already on it
+    END IF;
+    IF new_period <> s.period THEN
+        RAISE EXCEPTION 'plan "%" bills every %, plan "%" every %', change_plan.plan, new_period,
+              s.plan, s.period
+            USING ERRCODE = '22023', DETAIL = 'A plan change keeps the account''s billing periods.';
+    END IF;
+    IF s.starts_at = at THEN
+        -- a second change at the same moment: back to the plan the account
+        -- had before it, the two subscriptions are one again (nothing
+        -- changes at `at`: tiers do not restart there); else the one
+        -- starting at `at` takes the plan
+        SELECT prev.starts_at INTO prev_start FROM billing.subscriptions prev
+         WHERE prev.account_id = change_plan.account_id AND prev.ends_at = at
+           AND prev.plan = change_plan.plan
+           AND prev.spend_cap IS NOT DISTINCT FROM s.spend_cap
+           FOR UPDATE;
+        IF FOUND THEN
+            DELETE FROM billing.subscriptions sub
+             WHERE sub.account_id = change_plan.account_id AND sub.starts_at = s.starts_at;
+            UPDATE billing.subscriptions sub SET ends_at = s.ends_at
+             WHERE sub.account_id = change_plan.account_id AND sub.starts_at = prev_start;
+        ELSE
+            UPDATE billing.subscriptions sub SET plan = change_plan.plan
+             WHERE sub.account_id = change_plan.account_id AND sub.starts_at = s.starts_at;
+        END IF;
+    ELSE
+        UPDATE billing.subscriptions sub SET ends_at = at
+         WHERE sub.account_id = change_plan.account_id AND sub.starts_at = s.starts_at;
+        INSERT INTO billing.subscriptions (account_id, plan, starts_at, ends_at, spend_cap, period_anchor)
+        VALUES (change_plan.account_id, change_plan.plan, at, s.ends_at, s.spend_cap,
+                coalesce(s.period_anchor, s.starts_at));
+    END IF;
+    PERFORM billing._audit_append(change_plan.account_id, 'change_plan',
+        format('subscription:%s/%s', change_plan.account_id, at),
+        jsonb_build_object('account_id', change_plan.account_id, 'from_plan', s.plan,
+                           'to_plan', change_plan.plan, 'at', at));
+END
+$$;
+COMMENT ON FUNCTION billing.change_plan(bigint, text, timestamptz) IS
+    'Moves an account to another plan at a moment: the current subscription ends there and the new one starts there, on the same period grid; the period holding it is one invoice with both plans'' lines';
+
+ALTER FUNCTION billing.change_plan(bigint, text, timestamptz) SECURITY DEFINER;
+-- ---- end of change_plan back at the same moment ----

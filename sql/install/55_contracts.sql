@@ -1207,6 +1207,7 @@ DECLARE
     s record;
     new_period interval;
     closed timestamptz;
+    prev_start timestamptz;
 BEGIN
     IF account_id IS NULL OR plan IS NULL OR at IS NULL THEN
         RAISE EXCEPTION 'change_plan: account_id, plan and at must not be null' USING ERRCODE = '22004';
@@ -1244,8 +1245,24 @@ BEGIN
             USING ERRCODE = '22023', DETAIL = 'A plan change keeps the account''s billing periods.';
     END IF;
     IF s.starts_at = at THEN
-        UPDATE billing.subscriptions sub SET plan = change_plan.plan
-         WHERE sub.account_id = change_plan.account_id AND sub.starts_at = s.starts_at;
+        -- a second change at the same moment: back to the plan the account
+        -- had before it, the two subscriptions are one again (nothing
+        -- changes at `at`: tiers do not restart there); else the one
+        -- starting at `at` takes the plan
+        SELECT prev.starts_at INTO prev_start FROM billing.subscriptions prev
+         WHERE prev.account_id = change_plan.account_id AND prev.ends_at = at
+           AND prev.plan = change_plan.plan
+           AND prev.spend_cap IS NOT DISTINCT FROM s.spend_cap
+           FOR UPDATE;
+        IF FOUND THEN
+            DELETE FROM billing.subscriptions sub
+             WHERE sub.account_id = change_plan.account_id AND sub.starts_at = s.starts_at;
+            UPDATE billing.subscriptions sub SET ends_at = s.ends_at
+             WHERE sub.account_id = change_plan.account_id AND sub.starts_at = prev_start;
+        ELSE
+            UPDATE billing.subscriptions sub SET plan = change_plan.plan
+             WHERE sub.account_id = change_plan.account_id AND sub.starts_at = s.starts_at;
+        END IF;
     ELSE
         UPDATE billing.subscriptions sub SET ends_at = at
          WHERE sub.account_id = change_plan.account_id AND sub.starts_at = s.starts_at;

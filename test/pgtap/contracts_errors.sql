@@ -1,7 +1,7 @@
 -- contracts_errors: every error of SPEC 10.2, the append-only ledger and
 -- the immutable grants and commitments (55000), and who may call what.
 BEGIN;
-SELECT plan(43);
+SELECT plan(44);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
 
@@ -128,6 +128,12 @@ SELECT billing.add_commitment(9932, 'prepaid', 200, '2025-02-28', '2025-04-30', 
 SELECT is((SELECT installment_due FROM billing.commitment_windows WHERE account_id = 9932),
           ARRAY['2025-02-28 00:00+00', '2025-03-31 00:00+00']::timestamptz[],
           'installments due on the periods of the window, month ends kept');
+-- back to the first plan at the same moment: one subscription again (the
+-- same plan again changes nothing: tiers do not restart there)
+SELECT billing.change_plan(9931, 'ke_a', '2025-01-15');
+SELECT is((SELECT array_agg(plan || ' from ' || starts_at::date || coalesce(' to ' || ends_at::date, ''))
+             FROM billing.subscriptions WHERE account_id = 9931),
+          ARRAY['ke_a from 2025-01-01'], 'A to B and back to A at one moment: the subscription of A, whole');
 
 SELECT * FROM finish();
 ROLLBACK;
