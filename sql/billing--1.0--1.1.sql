@@ -9410,6 +9410,8 @@ CREATE EVENT TRIGGER billing_audit_ddl ON ddl_command_end
 -- ---- end of defects found by attack ----
 
 
+
+
 -- ---- a grant's expiry booked when the account's subscriptions end before it
 -- (sql/install/55_contracts.sql, src/credits.c) ----
 -- What is left of a grant is booked 'expire' by the finalize of the
@@ -9527,8 +9529,9 @@ BEGIN
                                  CASE WHEN g.source = 'commitment' THEN c.rollover_fraction ELSE 0 END,
                                  nw.starts_at, nw.ends_at,
                                  coalesce(g.reason, g.source),
-                                 (SELECT e.last_end FROM unnest(le_accounts, le_ends) AS e(account_id, last_end)
-                                   WHERE e.account_id = g.account_id))::billing._credit_state)
+                                 -- (an expression, not a join: the preview's
+                                 -- generic plan of this query stays as it was)
+                                 le_ends[array_position(le_accounts, g.account_id)])::billing._credit_state)
               FROM billing.credit_grants g
                    JOIN LATERAL (SELECT sum(x.amount) AS remaining FROM billing.credit_ledger x
                                   WHERE x.account_id = g.account_id AND x.grant_id = g.grant_id) l ON true
