@@ -179,7 +179,9 @@ CREATE TRIGGER credit_grants_no_truncate BEFORE TRUNCATE ON billing.credit_grant
  * _audit_credit: AFTER INSERT ROW trigger of credit_ledger.  The action is
  * the entry's kind; a grant's row carries the grant, a void's its reason.
  * Row by row on one node and on Citus alike (a finalize books a few
- * entries per account).
+ * entries per account); each row is hashed into its chain at once and
+ * written by the statement trigger credit_ledger_audit_flush (70_audit.sql)
+ * at the end of the statement.
  */
 CREATE FUNCTION billing._audit_credit() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
