@@ -356,18 +356,27 @@ draw_account(DrawOut *out, DrawPeriod *periods, int n_periods, DrawLine *lines,
 			for (int j = first; j <= last; j++)
 			{
 				DrawLine   *l = &lines[j];
-				Numeric		a = l->amount;
 
 				if (strcmp(l->kind, "usage") == 0 && scale)
 				{
 					/* amount * capped / usage: exact where it divides */
-					a = numeric_div_opt_error(numeric_mul_opt_error(a, capped, NULL), usage, NULL);
+					Numeric		a = numeric_div_opt_error(numeric_mul_opt_error(l->amount, capped, NULL),
+														  usage, NULL);
+
 					l->unpaid = billing_num_cmp(a, zero) > 0 ? a : zero;
 				}
-				if (strcmp(l->kind, "usage") == 0 || strcmp(l->kind, "fixed") == 0 ||
-					strcmp(l->kind, "true_up") == 0 || strcmp(l->kind, "adjustment") == 0)
-					owed = numeric_add_opt_error(owed, a, NULL);
+				else if (strcmp(l->kind, "usage") == 0 || strcmp(l->kind, "fixed") == 0 ||
+						 strcmp(l->kind, "true_up") == 0 || strcmp(l->kind, "adjustment") == 0)
+					owed = numeric_add_opt_error(owed, l->amount, NULL);
 			}
+			/*
+			 * the usage after the cap counts whole, not as the sum of its
+			 * scaled lines: a division that does not come out exact (1.00
+			 * over three lines) would leave the bound a hair under a cent
+			 * and a draw rounded to the cent above it
+			 */
+			if (scale)
+				owed = numeric_add_opt_error(owed, capped, NULL);
 		}
 		for (int x = 0; x < n_grants && first >= 0; x++)
 		{
@@ -425,7 +434,7 @@ draw_account(DrawOut *out, DrawPeriod *periods, int n_periods, DrawLine *lines,
 			last = g->has_last_end && per->ends >= g->last_end && g->effective_at < per->ends;
 			if (g->expires_at > per->ends && !last)
 				continue;
-			if (g->expires_at <= per->ends &&
+			if (!last &&
 				strcmp(g->source, "commitment") == 0 && g->has_next &&
 				billing_num_cmp(g->rollover_fraction, zero) > 0)
 				roll = num_min(billing_round_money(numeric_mul_opt_error(g->rollover_fraction,

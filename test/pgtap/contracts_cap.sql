@@ -5,7 +5,7 @@
 -- eligible spend counts them (billing._eligible_spend): the two paths give
 -- the same figure.  The preview shows what finalize writes.
 BEGIN;
-SELECT plan(9);
+SELECT plan(10);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
 
@@ -72,6 +72,22 @@ SELECT is_empty($$
 SELECT is_empty($$SELECT * FROM billing.credit_balance(9811, '2025-03-01')
                    WHERE granted <> used + expired + voided + rolled_over + remaining$$,
                 'the ledger adds up');
+
+-- three usage lines of 1.00 capped at 1.00: each counts a third, which does
+-- not come out exact; the credit is still 1.00 and the total 0.00
+INSERT INTO billing.meters (meter, late_window) VALUES ('ca_x', '100 years');
+INSERT INTO billing.plans (plan) VALUES ('ca_three');
+INSERT INTO billing.charges (plan, meter, price) VALUES ('ca_three', 'ca_api', 'unit 1'),
+    ('ca_three', 'ca_gpu', 'unit 1'), ('ca_three', 'ca_x', 'unit 1');
+INSERT INTO billing.accounts (account_id) VALUES (9814);
+INSERT INTO billing.subscriptions (account_id, plan, starts_at, spend_cap) VALUES (9814, 'ca_three', '2025-01-01', 1);
+SELECT billing.record(9814, m, 1, '2025-01-10') FROM unnest(ARRAY['ca_api', 'ca_gpu', 'ca_x']) m;
+SELECT billing.grant_credit(9814, 100, '2025-01-01', reason => 'thirds');
+SELECT count(*) FROM billing.finalize_invoices('2025-02-01 01:00+00');
+SELECT is((SELECT ARRAY[(SELECT amount FROM billing.invoice_lines l WHERE l.account_id = 9814 AND l.kind = 'credit'),
+                        i.total]
+             FROM billing.invoices i WHERE i.account_id = 9814),
+          ARRAY[-1.00, 0.00], 'usage cut to 1.00 over three lines: a credit of 1.00, total 0.00, whole cents');
 
 SELECT * FROM finish();
 ROLLBACK;

@@ -4,7 +4,7 @@
 -- subscriptions all end before the grant expires: then that is the
 -- account's last period.  A grant that never expires is never booked.
 BEGIN;
-SELECT plan(6);
+SELECT plan(7);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
 
@@ -42,6 +42,23 @@ SELECT is((SELECT ARRAY[used, expired, remaining] FROM billing.credit_balance(98
           ARRAY[40.00, 460.00, 0.00], 'its balance after the expiry: 40 used, 460 expired, nothing left');
 SELECT is((SELECT remaining FROM billing.credit_balance(9823, '2025-12-01')), 460.00,
           'the grant that never expires keeps what is left');
+
+-- a prepaid window with a rollover ending at the account's last period:
+-- nothing rolls over into a grant no period could draw; all of it expires
+INSERT INTO billing.plans (plan) VALUES ('ex_flat');
+INSERT INTO billing.charges (plan, meter, price) VALUES ('ex_flat', NULL, 'flat 10');
+INSERT INTO billing.accounts (account_id) VALUES (9824);
+INSERT INTO billing.subscriptions (account_id, plan, starts_at) VALUES (9824, 'ex_flat', '2025-01-01');
+SELECT billing.add_commitment(9824, 'prepaid', 200, '2025-01-01', '2025-03-01', commit_period => '1 month',
+                              rollover_fraction => 0.5);
+UPDATE billing.subscriptions SET ends_at = '2025-02-01' WHERE account_id = 9824;
+SELECT count(*) FROM billing.finalize_invoices('2025-07-01 01:00+00') WHERE account_id = 9824;
+SELECT results_eq(
+    $$SELECT l.kind, l.amount FROM billing.credit_ledger l
+        JOIN billing.credit_grants g USING (account_id, grant_id)
+       WHERE l.account_id = 9824 AND g.window_no = 1 ORDER BY l.seq$$,
+    $$VALUES ('grant'::text, 100.00), ('draw', -10.00), ('expire', -90.00)$$,
+    'the first window''s grant pays January and expires whole: no rollover after the last period');
 
 SELECT * FROM finish();
 ROLLBACK;
