@@ -9682,16 +9682,14 @@ COMMENT ON FUNCTION billing._invoice_build(bigint[], text[], numeric[], timestam
 CREATE OR REPLACE FUNCTION billing._period_boundary(p_account bigint, p_ts timestamptz) RETURNS interval
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
-DECLARE
-    starts timestamptz[];
 BEGIN
-    SELECT array_agg(s.starts_at) INTO starts
-      FROM billing._subscriptions_of(ARRAY[p_account], false) s;
-    RETURN (SELECT s.period FROM billing._subscriptions_of(ARRAY[p_account], false) s
+    RETURN (SELECT s.period
+              FROM (SELECT x.*, bool_or(x.starts_at = p_ts) OVER () AS one_starts_there
+                      FROM billing._subscriptions_of(ARRAY[p_account], false) x) s
              WHERE (s.starts_at <= p_ts AND p_ts <= coalesce(s.ends_at, 'infinity')
                     AND billing._add_periods(s.anchor, s.period,
                                              billing._period_index(s.anchor, s.period, p_ts)) = p_ts)
-                OR (p_ts = s.ends_at AND p_ts <> ALL (starts))
+                OR (p_ts = s.ends_at AND NOT s.one_starts_there)
              ORDER BY s.starts_at DESC LIMIT 1);
 END
 $$;
@@ -9875,7 +9873,10 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM billing.accounts a WHERE a.account_id = remaining.account_id) THEN
         RAISE EXCEPTION 'account % does not exist', remaining.account_id USING ERRCODE = '23503';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM billing.meters m WHERE m.meter = remaining.meter) THEN
+    -- the start of the meter's bucket holding at (used below)
+    SELECT billing._bin(m.bucket_width, at) INTO b_at FROM billing.meters m
+     WHERE m.meter = remaining.meter;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'meter "%" does not exist', remaining.meter USING ERRCODE = '23503';
     END IF;
     -- the period holding at, whose spend cap bounds the usage lines of
@@ -9895,8 +9896,6 @@ BEGIN
     -- the line rating the dimension in the plan segment that bills the
     -- bucket holding at (the charge naming it, else the rest of the
     -- meter): a bucket starting before a plan change is the old plan's
-    SELECT billing._bin(m.bucket_width, at) INTO b_at FROM billing.meters m
-     WHERE m.meter = remaining.meter;
     SELECT x.quantity, x.price, x.ord INTO line
       FROM unnest(lines) x
      WHERE x.meter = remaining.meter

@@ -756,7 +756,10 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM billing.accounts a WHERE a.account_id = remaining.account_id) THEN
         RAISE EXCEPTION 'account % does not exist', remaining.account_id USING ERRCODE = '23503';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM billing.meters m WHERE m.meter = remaining.meter) THEN
+    -- the start of the meter's bucket holding at (used below)
+    SELECT billing._bin(m.bucket_width, at) INTO b_at FROM billing.meters m
+     WHERE m.meter = remaining.meter;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'meter "%" does not exist', remaining.meter USING ERRCODE = '23503';
     END IF;
     -- the period holding at, whose spend cap bounds the usage lines of
@@ -776,8 +779,6 @@ BEGIN
     -- the line rating the dimension in the plan segment that bills the
     -- bucket holding at (the charge naming it, else the rest of the
     -- meter): a bucket starting before a plan change is the old plan's
-    SELECT billing._bin(m.bucket_width, at) INTO b_at FROM billing.meters m
-     WHERE m.meter = remaining.meter;
     SELECT x.quantity, x.price, x.ord INTO line
       FROM unnest(lines) x
      WHERE x.meter = remaining.meter

@@ -1042,16 +1042,14 @@ COMMENT ON FUNCTION billing.credit_balance(bigint, timestamptz) IS
 CREATE FUNCTION billing._period_boundary(p_account bigint, p_ts timestamptz) RETURNS interval
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp AS $$
-DECLARE
-    starts timestamptz[];
 BEGIN
-    SELECT array_agg(s.starts_at) INTO starts
-      FROM billing._subscriptions_of(ARRAY[p_account], false) s;
-    RETURN (SELECT s.period FROM billing._subscriptions_of(ARRAY[p_account], false) s
+    RETURN (SELECT s.period
+              FROM (SELECT x.*, bool_or(x.starts_at = p_ts) OVER () AS one_starts_there
+                      FROM billing._subscriptions_of(ARRAY[p_account], false) x) s
              WHERE (s.starts_at <= p_ts AND p_ts <= coalesce(s.ends_at, 'infinity')
                     AND billing._add_periods(s.anchor, s.period,
                                              billing._period_index(s.anchor, s.period, p_ts)) = p_ts)
-                OR (p_ts = s.ends_at AND p_ts <> ALL (starts))
+                OR (p_ts = s.ends_at AND NOT s.one_starts_there)
              ORDER BY s.starts_at DESC LIMIT 1);
 END
 $$;
