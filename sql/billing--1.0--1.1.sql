@@ -10097,3 +10097,397 @@ COMMENT ON FUNCTION billing.change_plan(bigint, text, timestamptz) IS
 
 ALTER FUNCTION billing.change_plan(bigint, text, timestamptz) SECURITY DEFINER;
 -- ---- end of change_plan back at the same moment ----
+
+-- ---- group rows of usage_deltas (src/cells.h, src/ingest_deltas.c) ----
+-- On one node a flush writes the cells of the accounts of one block of 64
+-- ids into one row: readers look under the account's id and its block's
+-- key (billing._delta_key) and read rows through billing._delta_rows.
+COMMENT ON TABLE billing.usage_deltas IS
+    'Usage counted since the last compact_usage(): per flush of an ingest statement, one row per account with the cells it touched, packed, or on one node one group row for the accounts of a block of 64 ids; appended, never updated';
+COMMENT ON FUNCTION billing._delta_cells(bytea) IS
+    'Internal: the counter cells packed in usage_deltas.cells, of every account of a group row (last_ts is NULL but for last meters)';
+CREATE TYPE billing.delta_row_cell AS (
+    account_id    bigint,
+    meter         text COLLATE "C",
+    dimension     text COLLATE "C",
+    bucket_start  timestamptz,
+    quantity      numeric,
+    events        bigint,
+    last_ts       timestamptz,          -- last meters only
+    seq           bigint                -- arrival order of the account's part of the row
+);
+COMMENT ON TYPE billing.delta_row_cell IS 'Internal: one counter cell of a row of usage_deltas and its account, as billing._delta_rows returns it';
+
+CREATE FUNCTION billing._delta_rows(row_account bigint, row_seq bigint, cells bytea, p_account bigint)
+    RETURNS SETOF billing.delta_row_cell
+    AS 'MODULE_PATHNAME', 'billing_delta_rows'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE ROWS 8;
+COMMENT ON FUNCTION billing._delta_rows(bigint, bigint, bytea, bigint) IS
+    'Internal: the counter cells of a row of usage_deltas (its account_id, seq and cells) with their accounts and seqs, only p_account''s unless it is NULL (a group row holds several accounts)';
+
+CREATE FUNCTION billing._delta_key(account_id bigint) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_delta_key'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION billing._delta_key(bigint) IS
+    'Internal: the account_id of the group rows of usage_deltas that may hold an account''s cells (the account''s own where billing is distributed: no group rows there); read rows with account_id = ANY (ARRAY[account, key]) through billing._delta_rows';
+
+REVOKE ALL ON FUNCTION billing._delta_rows(bigint, bigint, bytea, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._delta_rows(bigint, bigint, bytea, bigint) TO billing_reader;
+REVOKE ALL ON FUNCTION billing._delta_key(bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._delta_key(bigint) TO billing_reader;
+CREATE OR REPLACE VIEW billing.usage_cells AS
+    SELECT s.account_id, s.meter, s.dimension, c.bucket_start, c.quantity, c.events,
+           c.last_ts, c.last_seq
+      FROM billing.usage_days s, billing._day_cells(s.day, s.cells) c
+    UNION ALL
+    SELECT c.account_id, c.meter, c.dimension, c.bucket_start,
+           c.quantity, c.events, c.last_ts,
+           CASE WHEN c.last_ts IS NOT NULL THEN c.seq END
+      FROM billing.usage_deltas d, billing._delta_rows(d.account_id, d.seq, d.cells, NULL) c;
+
+CREATE OR REPLACE FUNCTION billing._cells_in(p_account bigint, p_from timestamptz, p_to timestamptz,
+                                  p_meter text)
+    RETURNS TABLE (meter text, dimension text, bucket_start timestamptz, quantity numeric,
+                   events bigint, last_ts timestamptz, last_seq bigint)
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    keys bigint[] := ARRAY[p_account, billing._delta_key(p_account)];
+BEGIN
+    RETURN QUERY
+    SELECT s.meter::text, s.dimension::text, c.bucket_start, c.quantity, c.events,
+           c.last_ts, c.last_seq
+      FROM billing.usage_days s, billing._day_cells(s.day, s.cells) c
+     WHERE s.account_id = p_account AND (p_meter IS NULL OR s.meter = p_meter)
+       AND s.day > p_from - interval '24 hours' AND s.day < p_to
+       AND c.bucket_start >= p_from AND c.bucket_start < p_to
+    UNION ALL
+    SELECT x.meter::text, x.dimension::text, x.bucket_start, x.quantity, x.events, x.last_ts,
+           CASE WHEN x.last_ts IS NOT NULL THEN x.seq END
+      FROM billing.usage_deltas d, billing._delta_rows(d.account_id, d.seq, d.cells, p_account) x
+     WHERE d.account_id = ANY (keys) AND (p_meter IS NULL OR x.meter = p_meter)
+       AND x.bucket_start >= p_from AND x.bucket_start < p_to;
+END
+$$;
+COMMENT ON FUNCTION billing._cells_in(bigint, timestamptz, timestamptz, text) IS
+    'Internal: the counter cells of an account (and meter) in [from, to), compacted or not, reading only the days of usage_days the range meets';
+
+CREATE OR REPLACE FUNCTION billing._unique_fold(p_account bigint, p_meters text[], p_dims text[],
+                                     p_buckets timestamptz[])
+    RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    lo timestamptz;
+    hi timestamptz;
+    per record;
+    cd text[];
+    cfb timestamptz[];
+    n bigint;
+BEGIN
+    SELECT min(b), max(b) INTO lo, hi FROM unnest(p_buckets) b;
+    IF lo IS NULL THEN
+        RETURN;
+    END IF;
+    -- 1. the rows the cells fall in: new values counted, earlier first buckets kept
+    FOR per IN
+        SELECT p.meter, p.period_start, p.period_end
+          FROM billing.unique_periods p
+         WHERE p.account_id = p_account AND p.meter = ANY (p_meters)
+           AND p.period_start <= hi AND p.period_end > lo
+    LOOP
+        SELECT array_agg(y.d), array_agg(y.fb) INTO cd, cfb
+          FROM (SELECT x.d, min(x.b) AS fb
+                  FROM unnest(p_meters, p_dims, p_buckets) AS x(m, d, b)
+                 WHERE x.m = per.meter AND x.b >= per.period_start AND x.b < per.period_end
+                 GROUP BY x.d) y;
+        CONTINUE WHEN cd IS NULL;
+        WITH added AS (
+            INSERT INTO billing.unique_values (account_id, meter, period_start, dimension, first_bucket)
+            SELECT p_account, per.meter, per.period_start, u.d, u.fb FROM unnest(cd, cfb) AS u(d, fb)
+            ON CONFLICT DO NOTHING
+            RETURNING 1
+        )
+        SELECT count(*) INTO n FROM added;
+        UPDATE billing.unique_values v SET first_bucket = u.fb
+          FROM unnest(cd, cfb) AS u(d, fb)
+         WHERE v.account_id = p_account AND v.meter = per.meter
+           AND v.period_start = per.period_start AND v.dimension = u.d AND u.fb < v.first_bucket;
+        IF n > 0 THEN
+            UPDATE billing.unique_periods p SET distinct_count = p.distinct_count + n
+             WHERE p.account_id = p_account AND p.meter = per.meter
+               AND p.period_start = per.period_start;
+        END IF;
+    END LOOP;
+
+    -- 2. a row for each billing period holding cells that has none (or one
+    -- ending earlier), from every cell of the period counted so far
+    FOR per IN
+        SELECT m.meter, w.period_start, w.period_end
+          FROM (SELECT DISTINCT x.m AS meter FROM unnest(p_meters) AS x(m)) m,
+               billing._unique_periods_of(p_account, lo, hi) w
+         WHERE EXISTS (SELECT 1 FROM unnest(p_meters, p_buckets) AS x(m, b)
+                        WHERE x.m = m.meter AND x.b >= w.period_start AND x.b < w.period_end)
+    LOOP
+        CONTINUE WHEN EXISTS (SELECT 1 FROM billing.unique_periods p
+                               WHERE p.account_id = p_account AND p.meter = per.meter
+                                 AND p.period_start = per.period_start
+                                 AND p.period_end >= per.period_end);
+        DELETE FROM billing.unique_values v
+         WHERE v.account_id = p_account AND v.meter = per.meter AND v.period_start = per.period_start;
+        DELETE FROM billing.unique_periods p
+         WHERE p.account_id = p_account AND p.meter = per.meter AND p.period_start = per.period_start;
+        INSERT INTO billing.unique_values (account_id, meter, period_start, dimension, first_bucket)
+        SELECT p_account, per.meter, per.period_start, c.dimension, min(c.bucket_start)
+          FROM billing._cells_in(p_account, per.period_start, per.period_end, per.meter) c
+         GROUP BY c.dimension;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        INSERT INTO billing.unique_periods (account_id, meter, period_start, period_end, distinct_count)
+        VALUES (p_account, per.meter, per.period_start, per.period_end, n);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._unique_fold(bigint, text[], text[], timestamptz[]) IS
+    'Internal: keeps unique_periods and unique_values for cells of unique meters of one account just compacted';
+
+CREATE OR REPLACE FUNCTION billing._unique_counts(p_account bigint, p_from timestamptz, p_to timestamptz,
+                                       p_meters text[], s_meters text[] DEFAULT '{}',
+                                       s_dims text[] DEFAULT '{}')
+    RETURNS TABLE (meter text, dimension text, quantity numeric)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp
+    -- the plan cache mode: a level to change it on, for this call only
+    SET plan_cache_mode = auto AS $$
+#variable_conflict use_column
+DECLARE
+    mtr text;
+    keys bigint[] := ARRAY[p_account, billing._delta_key(p_account)];
+    reg record;
+    total bigint;
+    delta_dims text[];
+    seen text[];
+    named text[];
+    present text[];
+BEGIN
+    IF p_from >= p_to THEN
+        RETURN;
+    END IF;
+    -- one account: one generic plan per statement and session (a custom
+    -- plan for each call planned the statements anew, which took longer
+    -- than running them); see _plan_cache_for
+    PERFORM billing._plan_cache_for(1);
+    FOREACH mtr IN ARRAY p_meters LOOP
+        named := ARRAY(SELECT DISTINCT x.d FROM unnest(s_meters, s_dims) AS x(m, d)
+                        WHERE x.m = mtr AND x.d IS NOT NULL);
+        SELECT p.period_end, p.distinct_count INTO reg
+          FROM billing.unique_periods p
+         WHERE p.account_id = p_account AND p.meter = mtr AND p.period_start = p_from
+           AND p.period_end >= p_to;
+        IF FOUND THEN
+            -- the values compaction has seen, and those only in the deltas
+            IF reg.period_end = p_to THEN
+                total := reg.distinct_count;
+            ELSE
+                SELECT count(*) INTO total FROM billing.unique_values v
+                 WHERE v.account_id = p_account AND v.meter = mtr AND v.period_start = p_from
+                   AND v.first_bucket < p_to;
+            END IF;
+            delta_dims := ARRAY(SELECT DISTINCT x.dimension::text
+                                  FROM billing.usage_deltas d,
+                                       billing._delta_rows(d.account_id, d.seq, d.cells, p_account) x
+                                 WHERE d.account_id = ANY (keys) AND x.meter = mtr
+                                   AND x.bucket_start >= p_from AND x.bucket_start < p_to);
+            IF cardinality(delta_dims) > 0 THEN
+                total := total + (SELECT count(*) FROM unnest(delta_dims) AS x(d)
+                                   WHERE NOT EXISTS (SELECT 1 FROM billing.unique_values v
+                                                      WHERE v.account_id = p_account AND v.meter = mtr
+                                                        AND v.period_start = p_from
+                                                        AND v.dimension = x.d
+                                                        AND v.first_bucket < p_to));
+            END IF;
+            present := ARRAY(SELECT x.d FROM unnest(named) AS x(d)
+                              WHERE x.d = ANY (delta_dims)
+                                 OR EXISTS (SELECT 1 FROM billing.unique_values v
+                                             WHERE v.account_id = p_account AND v.meter = mtr
+                                               AND v.period_start = p_from AND v.dimension = x.d
+                                               AND v.first_bucket < p_to));
+        ELSE
+            -- no row for this period: the cells themselves
+            seen := ARRAY(SELECT s FROM billing._unique_scan(p_account, mtr, p_from, p_to) s);
+            total := cardinality(seen);
+            present := ARRAY(SELECT x.d FROM unnest(named) AS x(d) WHERE x.d = ANY (seen));
+        END IF;
+        CONTINUE WHEN total = 0;
+        RETURN QUERY
+        SELECT mtr, x.d, 1::numeric FROM unnest(present) AS x(d)
+        UNION ALL
+        SELECT mtr, NULL::text, (total - cardinality(present))::numeric
+         WHERE total > cardinality(present);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing._unique_counts(bigint, timestamptz, timestamptz, text[], text[], text[]) IS
+    'Internal: distinct dimension values of unique meters reported in [from, to) by one account (named dimensions apart)';
+
+CREATE OR REPLACE FUNCTION billing.distribute()
+    RETURNS TABLE (object text, distribution text, changed boolean)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    t record;
+    f record;
+    fk record;
+    fks text[] := '{}';
+    kind text;
+    had_rows boolean;
+    emptied regclass[] := '{}';
+    rel regclass;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+        RAISE EXCEPTION 'citus is not installed'
+            USING ERRCODE = '55000',
+                  DETAIL = 'billing.distribute() shards the billing tables with Citus.',
+                  HINT = 'Load citus (shared_preload_libraries), run CREATE EXTENSION citus on every node, add the workers, then call billing.distribute() on the coordinator.';
+    END IF;
+    IF NOT citus_is_coordinator() THEN
+        RAISE EXCEPTION 'billing.distribute() must run on the coordinator'
+            USING ERRCODE = '55000';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_dist_node WHERE groupid = 0) THEN
+        RAISE EXCEPTION 'the coordinator is not in the Citus metadata'
+            USING ERRCODE = '55000',
+                  DETAIL = 'Reference tables need a copy on the coordinator, where guards on them run.',
+                  HINT = 'Run SELECT citus_set_coordinator_host(''host'', port) first.';
+    END IF;
+
+    -- the billing triggers move with their tables (they write only the
+    -- account's own, co-located rows); one connection per node keeps the
+    -- foreign keys created in this transaction valid
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
+
+    -- Citus enforces unique keys per shard only, so they must hold the
+    -- distribution column: invoice numbers stay unique through their sequence
+    IF to_regclass('billing.invoices_invoice_id_key') IS NOT NULL THEN
+        DROP INDEX billing.invoices_invoice_id_key;
+    END IF;
+
+    -- foreign keys between tables not yet converted: drop now, add back
+    -- once both sides are Citus tables (Citus converts only whole graphs)
+    FOR fk IN
+        SELECT format('billing.%I', r.relname) AS rel, c.conname, pg_get_constraintdef(c.oid) AS def
+          FROM pg_constraint c JOIN pg_class r ON r.oid = c.conrelid
+         WHERE c.contype = 'f' AND r.relnamespace = 'billing'::regnamespace
+           AND (billing._citus_table_kind(c.conrelid) IS NULL
+                OR billing._citus_table_kind(c.confrelid) IS NULL)
+         ORDER BY r.relname, c.conname
+    LOOP
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', fk.rel, fk.conname);
+        -- the workers' copies of the extension's tables become the shells
+        PERFORM run_command_on_workers(
+            format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I', fk.rel, fk.conname));
+        fks := fks || format('ALTER TABLE %s ADD CONSTRAINT %I %s', fk.rel, fk.conname, fk.def);
+    END LOOP;
+
+    -- group rows of usage_deltas hold the cells of several accounts (one
+    -- node only, cells.h): split them into one row per account, which
+    -- Citus places on the account's shard
+    IF billing._citus_table_kind('billing.usage_deltas') IS NULL THEN
+        WITH grp AS (
+            DELETE FROM billing.usage_deltas d
+             WHERE get_byte(d.cells, 0) = 3
+            RETURNING d.ctid AS row_id, d.account_id, d.seq, d.cells
+        )
+        INSERT INTO billing.usage_deltas (account_id, seq, cells)
+        SELECT c.account_id, c.seq,
+               billing._delta_pack(array_agg(c.meter ORDER BY c.meter, c.dimension, c.bucket_start),
+                                   array_agg(c.dimension ORDER BY c.meter, c.dimension, c.bucket_start),
+                                   array_agg(c.bucket_start ORDER BY c.meter, c.dimension, c.bucket_start),
+                                   array_agg(c.quantity ORDER BY c.meter, c.dimension, c.bucket_start),
+                                   array_agg(c.events ORDER BY c.meter, c.dimension, c.bucket_start),
+                                   array_agg(c.last_ts ORDER BY c.meter, c.dimension, c.bucket_start))
+          FROM grp g, billing._delta_rows(g.account_id, g.seq, g.cells, NULL) c
+         GROUP BY g.row_id, c.account_id, c.seq;
+    END IF;
+
+    -- tables: accounts first (the co-location group), reference tables next
+    FOR t IN
+        SELECT c.oid::regclass AS rel, c.relname,
+               EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = c.oid AND a.attname = 'account_id'
+                          AND a.attnum > 0 AND NOT a.attisdropped) AS per_account
+          FROM pg_class c
+         WHERE c.relnamespace = 'billing'::regnamespace AND c.relkind = 'r'
+           AND NOT c.relispartition
+         ORDER BY c.relname <> 'accounts', 3, c.relname
+    LOOP
+        kind := billing._citus_table_kind(t.rel);
+        IF t.relname = 'metered_tables' THEN
+            -- metered_tables holds regclass values, which differ per node
+            object := t.rel::text;
+            distribution := 'local (coordinator)';
+            changed := false;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        changed := kind IS NULL;
+        IF kind IS NULL THEN
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', t.rel) INTO had_rows;
+            IF t.per_account THEN
+                PERFORM create_distributed_table(t.rel, 'account_id',
+                    colocate_with => CASE WHEN t.relname = 'accounts' THEN 'default'
+                                          ELSE 'billing.accounts' END);
+            ELSE
+                PERFORM create_reference_table(t.rel);
+            END IF;
+            IF had_rows THEN
+                emptied := emptied || t.rel;
+            END IF;
+        ELSIF t.per_account AND NOT billing._citus_colocated(t.rel, 'account_id') THEN
+            RAISE EXCEPTION 'table % is a Citus table, but not distributed by account_id with billing.accounts', t.rel
+                USING ERRCODE = '55000',
+                      HINT = 'Undistribute it (undistribute_table) and run billing.distribute() again.';
+        ELSIF NOT t.per_account AND kind <> 'reference' THEN
+            RAISE EXCEPTION 'table % is a Citus table, but not a reference table', t.rel
+                USING ERRCODE = '55000',
+                      HINT = 'Undistribute it (undistribute_table) and run billing.distribute() again.';
+        END IF;
+        object := t.rel::text;
+        distribution := CASE WHEN t.per_account THEN 'distributed by account_id'
+                             ELSE 'reference' END;
+        RETURN NEXT;
+    END LOOP;
+
+    FOREACH object IN ARRAY fks LOOP
+        EXECUTE object;
+    END LOOP;
+
+    -- the data now lives in the shards; empty the coordinator's copies
+    -- (without firing the immutability triggers of invoices: nothing is
+    -- deleted, only moved)
+    IF array_length(emptied, 1) > 0 THEN
+        PERFORM set_config('session_replication_role', 'replica', true);
+        FOREACH rel IN ARRAY emptied LOOP
+            PERFORM truncate_local_data_after_distributing_table(rel);
+        END LOOP;
+        PERFORM set_config('session_replication_role', 'origin', true);
+    END IF;
+
+    -- functions: a call runs where its account is
+    FOR f IN SELECT * FROM billing._distributed_functions() LOOP
+        changed := NOT EXISTS (SELECT 1 FROM pg_dist_object o
+                                WHERE o.classid = 'pg_proc'::regclass AND o.objid = f.fn
+                                  AND o.distribution_argument_index IS NOT NULL);
+        IF changed THEN
+            PERFORM create_distributed_function(f.fn, f.account_arg,
+                                                colocate_with => 'billing.accounts');
+        END IF;
+        object := f.fn::text;
+        distribution := format('runs on the node of account %s', f.account_arg);
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION billing.distribute() IS
+    'On a Citus coordinator: distributes the per-account tables by account_id (co-located), makes the catalog tables reference tables and runs the per-account functions where their account is; idempotent';
+
+-- ---- end of group rows of usage_deltas ----

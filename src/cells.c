@@ -18,12 +18,15 @@
 #include "utils/builtins.h"
 #include "utils/tuplestore.h"
 
+#include "catalog.h"
 #include "cells.h"
 #include "util.h"
 #include "varint.h"
 
 PG_FUNCTION_INFO_V1(billing_delta_cells);
 PG_FUNCTION_INFO_V1(billing_delta_pack);
+PG_FUNCTION_INFO_V1(billing_delta_rows);
+PG_FUNCTION_INFO_V1(billing_delta_key);
 
 /* ---------------------------------------------------------------------
  * Writing
@@ -205,6 +208,50 @@ billing_cells_end(CellWriter *w)
 	return w->start;
 }
 
+/*
+ * billing_group_begin
+ *		Start a group row in buf (emptied): the header, the version.
+ */
+void
+billing_group_begin(StringInfo buf)
+{
+	resetStringInfo(buf);
+	appendStringInfoSpaces(buf, VARHDRSZ);
+	put_uint(buf, CELLS_GROUPED, 1);
+}
+
+/*
+ * billing_group_add
+ *		Add an account's cells, a version 2 value, to the group row in buf.
+ */
+void
+billing_group_add(StringInfo buf, int64 account_id, bool has_seq, int64 seq,
+				  const struct varlena *cells)
+{
+	const char *data = VARDATA_ANY(cells);
+	int			len = VARSIZE_ANY_EXHDR(cells);
+
+	if (len < 1 || (unsigned char) data[0] != CELLS_VERSION)
+		elog(ERROR, "only version %d cells go into a group row", CELLS_VERSION);
+	put_uint(buf, (uint64) account_id, 8);
+	put_uint(buf, has_seq ? CELLS_SEG_SEQ : 0, 1);
+	if (has_seq)
+		put_uint(buf, (uint64) seq, 8);
+	put_uint(buf, len - 1, 4);
+	put_bytes(buf, data + 1, len - 1);
+}
+
+/*
+ * billing_group_end
+ *		The group row in buf, as a bytea pointing into buf.
+ */
+bytea *
+billing_group_end(StringInfo buf)
+{
+	SET_VARSIZE(buf->data, buf->len);
+	return (bytea *) buf->data;
+}
+
 /* ---------------------------------------------------------------------
  * Reading
  * ---------------------------------------------------------------------
@@ -315,6 +362,71 @@ billing_cells_open(CellReader *r, const char *data, int len)
 }
 
 /*
+ * billing_segments_open
+ *		Start reading the accounts of a delta row: row_account and seq (if
+ *		has_seq) are its columns, data[0..len) its value (without the
+ *		varlena header).  A group row without an account is corrupt.
+ */
+void
+billing_segments_open(DeltaSegments *s, int64 row_account, bool has_seq, int64 seq,
+					  const char *data, int len)
+{
+	s->data = data;
+	s->len = len;
+	s->row_account = row_account;
+	s->row_has_seq = has_seq;
+	s->row_seq = seq;
+	s->state = 0;
+	if (len >= 1 && (unsigned char) data[0] == CELLS_GROUPED)
+	{
+		s->p = (const unsigned char *) data + 1;
+		s->end = (const unsigned char *) data + len;
+		s->state = 1;
+		if (s->p >= s->end)
+			corrupt();
+	}
+}
+
+/*
+ * billing_segments_next
+ *		The next account of the row into *seg, and a reader of its cells
+ *		into *r, or false at the end.  Raises XX001 on a corrupt value.
+ */
+bool
+billing_segments_next(DeltaSegments *s, DeltaSegment *seg, CellReader *r)
+{
+	uint32		len;
+	int			flags;
+
+	if (s->state == 0)
+	{
+		billing_cells_open(r, s->data, s->len);
+		seg->account_id = s->row_account;
+		seg->has_seq = s->row_has_seq;
+		seg->seq = s->row_seq;
+		s->state = 2;
+		return true;
+	}
+	if (s->state == 2 || s->p >= s->end)
+		return false;
+	r->p = s->p;
+	r->end = s->end;
+	seg->account_id = (int64) get_uint(r, 8);
+	flags = (int) get_uint(r, 1);
+	if ((flags & ~CELLS_SEG_SEQ) != 0)
+		corrupt();
+	seg->has_seq = (flags & CELLS_SEG_SEQ) != 0;
+	seg->seq = seg->has_seq ? (int64) get_uint(r, 8) : 0;
+	len = (uint32) get_uint(r, 4);
+	if ((uint32) (r->end - r->p) < len)
+		corrupt();
+	r->end = r->p + len;
+	r->version = CELLS_VERSION;
+	s->p = r->end;
+	return true;
+}
+
+/*
  * next_series
  *		The header of the next series into *s, or false at the end of the
  *		value.  The caller then reads its s->ncells cells.  Inlined into
@@ -417,30 +529,29 @@ billing_cells_next(CellReader *r, const CellSeries *s, Cell *c)
 }
 
 /*
- * billing._delta_cells(cells bytea)
- *		RETURNS TABLE (meter text, dimension text, bucket_start timestamptz,
- *					   quantity numeric, events bigint, last_ts timestamptz)
- *		The cells of one packed value; last_ts is NULL but for last meters.
+ * put_cells
+ *		Put the cells r reads into the SRF's tuplestore: (meter, dimension,
+ *		bucket_start, quantity, events, last_ts), preceded by account_id
+ *		and followed by seq when seg is not NULL.  tmp is reset after each
+ *		series.
  */
-Datum
-billing_delta_cells(PG_FUNCTION_ARGS)
+static void
+put_cells(ReturnSetInfo *rsinfo, CellReader *r, MemoryContext tmp, const DeltaSegment *seg)
 {
-	bytea	   *b = PG_GETARG_BYTEA_PP(0);
-	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	CellReader	r;
 	CellSeries	s;
-	MemoryContext tmp;
-	MemoryContext old;
-	Datum		values[6];
-	bool		nulls[6] = {false, false, false, false, false, false};
+	Datum		all[8];
+	bool		allnulls[8] = {false, false, false, false, false, false, false, false};
+	Datum	   *values = seg ? all + 1 : all;
+	bool	   *nulls = seg ? allnulls + 1 : allnulls;
+	MemoryContext old = MemoryContextSwitchTo(tmp);
 
-	InitMaterializedSRF(fcinfo, 0);
-	billing_cells_open(&r, VARDATA_ANY(b), VARSIZE_ANY_EXHDR(b));
-
-	tmp = AllocSetContextCreate(CurrentMemoryContext, "billing delta cells",
-								ALLOCSET_SMALL_SIZES);
-	old = MemoryContextSwitchTo(tmp);
-	while (next_series(&r, &s))
+	if (seg)
+	{
+		all[0] = Int64GetDatum(seg->account_id);
+		all[7] = Int64GetDatum(seg->seq);
+		allnulls[7] = !seg->has_seq;
+	}
+	while (next_series(r, &s))
 	{
 		values[0] = PointerGetDatum(cstring_to_text_with_len(s.meter, s.meterlen));
 		values[1] = PointerGetDatum(cstring_to_text_with_len(s.dim, s.dimlen));
@@ -449,22 +560,101 @@ billing_delta_cells(PG_FUNCTION_ARGS)
 		{
 			Cell		c;
 
-			next_cell(&r, &s, &c);
+			next_cell(r, &s, &c);
 			values[2] = TimestampTzGetDatum(c.bucket_start);
 			values[4] = Int64GetDatum(c.events);
 			values[3] = NumericGetDatum(c.isdec ? billing_dec_to_numeric(c.dec, CELLS_QTY_SCALE)
 										: c.num);
 			if (s.is_last)
 				values[5] = TimestampTzGetDatum(c.last_ts);
-			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, all, allnulls);
 			if (c.isdec)
 				pfree(DatumGetPointer(values[3]));
 		}
 		MemoryContextReset(tmp);
 	}
 	MemoryContextSwitchTo(old);
+}
+
+/*
+ * billing._delta_cells(cells bytea)
+ *		RETURNS TABLE (meter text, dimension text, bucket_start timestamptz,
+ *					   quantity numeric, events bigint, last_ts timestamptz)
+ *		The cells of one packed value, of every account of a group row;
+ *		last_ts is NULL but for last meters.
+ */
+Datum
+billing_delta_cells(PG_FUNCTION_ARGS)
+{
+	bytea	   *b = PG_GETARG_BYTEA_PP(0);
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	DeltaSegments segs;
+	DeltaSegment seg;
+	CellReader	r;
+	MemoryContext tmp;
+
+	InitMaterializedSRF(fcinfo, 0);
+	tmp = AllocSetContextCreate(CurrentMemoryContext, "billing delta cells",
+								ALLOCSET_SMALL_SIZES);
+	billing_segments_open(&segs, 0, false, 0, VARDATA_ANY(b), VARSIZE_ANY_EXHDR(b));
+	while (billing_segments_next(&segs, &seg, &r))
+		put_cells(rsinfo, &r, tmp, NULL);
 	MemoryContextDelete(tmp);
 	return (Datum) 0;
+}
+
+/*
+ * billing._delta_rows(row_account bigint, row_seq bigint, cells bytea,
+ *					   p_account bigint)
+ *		RETURNS TABLE (account_id bigint, meter text, dimension text,
+ *					   bucket_start timestamptz, quantity numeric,
+ *					   events bigint, last_ts timestamptz, seq bigint)
+ *		The cells of a row of billing.usage_deltas (its account_id, seq and
+ *		cells) with their accounts (a group row holds several); only
+ *		p_account's unless it is NULL.  seq is the account's part's (the
+ *		arrival order of its values of last meters), or NULL.
+ */
+Datum
+billing_delta_rows(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	bytea	   *b;
+	bool		one = !PG_ARGISNULL(3);
+	int64		want = one ? PG_GETARG_INT64(3) : 0;
+	DeltaSegments segs;
+	DeltaSegment seg;
+	CellReader	r;
+	MemoryContext tmp;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(2))
+		return (Datum) 0;
+	b = PG_GETARG_BYTEA_PP(2);
+	tmp = AllocSetContextCreate(CurrentMemoryContext, "billing delta cells",
+								ALLOCSET_SMALL_SIZES);
+	billing_segments_open(&segs, PG_GETARG_INT64(0), !PG_ARGISNULL(1),
+						  PG_ARGISNULL(1) ? 0 : PG_GETARG_INT64(1),
+						  VARDATA_ANY(b), VARSIZE_ANY_EXHDR(b));
+	while (billing_segments_next(&segs, &seg, &r))
+		if (!one || seg.account_id == want)
+			put_cells(rsinfo, &r, tmp, &seg);
+	MemoryContextDelete(tmp);
+	return (Datum) 0;
+}
+
+/*
+ * billing._delta_key(account_id bigint) RETURNS bigint
+ *		The account_id of the group rows of billing.usage_deltas that may
+ *		hold the account's cells: the account's own where billing is
+ *		distributed (no group rows there), so that Citus routes a query
+ *		for both keys to the account's shard.
+ */
+Datum
+billing_delta_key(PG_FUNCTION_ARGS)
+{
+	int64		account = PG_GETARG_INT64(0);
+
+	PG_RETURN_INT64(billing_distributed() ? account : billing_delta_group(account));
 }
 
 /* do two texts have the same bytes? */

@@ -22,6 +22,27 @@
  *		Version 1 (still read) had fixed-size cells: i64 bucket_start, i64
  *		events, u8 kind (0: i128 quantity, 1: text), i64 last_ts.
  *
+ * A group row (version CELLS_GROUPED) holds the cells of several accounts
+ * of one block of CELLS_GROUP_WIDTH consecutive account ids, so that a
+ * flush touching thousands of accounts writes a few hundred rows, not one
+ * row and one index entry per account:
+ *
+ *		u8 version (CELLS_GROUPED)
+ *		then, to the end of the value, segments:
+ *			i64 account_id
+ *			u8 flags (CELLS_SEG_SEQ: an i64 seq follows, the segment's
+ *			   arrival order, which a row of one account keeps in its seq
+ *			   column)
+ *			u32 length, then that many bytes of series as above (the body
+ *			   of a version 2 value, without its version byte)
+ *
+ * Its row's account_id is billing_delta_group() of the accounts in it, its
+ * seq is NULL; a row of one account is written as version 2 under the
+ * account's own id.
+ * Readers of an account look under both keys and keep only its segments
+ * (billing_segments_open/next).  Group rows are written on one node only:
+ * on Citus a row lives on its account's shard.
+ *
  * Integers are little-endian whatever the machine, so a dump restores on
  * any architecture.  billing._delta_cells() reads the cells back as rows,
  * with the reader below.  This format is all the file knows: it depends on
@@ -43,6 +64,16 @@
 #define CELLS_LAST			0x01
 #define CELLS_QTY_BYTES		0x1F
 #define CELLS_SECONDS		0x20
+#define CELLS_GROUPED		3
+#define CELLS_GROUP_WIDTH	64
+#define CELLS_SEG_SEQ		0x01
+
+/* the key of the group rows that may hold an account's cells */
+static inline int64
+billing_delta_group(int64 account_id)
+{
+	return account_id & ~(int64) (CELLS_GROUP_WIDTH - 1);
+}
 
 /*
  * One packed value being written into buf, a buffer that may hold several
@@ -105,6 +136,42 @@ typedef struct Cell
 } Cell;
 
 extern void billing_cells_open(CellReader *r, const char *data, int len);
+
+/*
+ * The accounts of a delta row: billing_segments_open with the row's
+ * account_id, seq and value, then billing_segments_next gives each account
+ * and its seq with a reader of its cells (one, the row's own, unless a
+ * group row).
+ */
+typedef struct DeltaSegments
+{
+	const unsigned char *p;		/* the next segment (group rows) */
+	const unsigned char *end;
+	const char *data;			/* the value (other rows) */
+	int			len;
+	int64		row_account;
+	bool		row_has_seq;
+	int64		row_seq;
+	int			state;			/* 0: first, 1: a group row, 2: done */
+} DeltaSegments;
+
+/* one account's part of a delta row */
+typedef struct DeltaSegment
+{
+	int64		account_id;
+	bool		has_seq;
+	int64		seq;
+} DeltaSegment;
+
+extern void billing_segments_open(DeltaSegments *s, int64 row_account, bool has_seq,
+								  int64 seq, const char *data, int len);
+extern bool billing_segments_next(DeltaSegments *s, DeltaSegment *seg, CellReader *r);
+
+/* writing a group row into buf: begin, then add each account's value */
+extern void billing_group_begin(StringInfo buf);
+extern void billing_group_add(StringInfo buf, int64 account_id, bool has_seq, int64 seq,
+							  const struct varlena *cells);
+extern bytea *billing_group_end(StringInfo buf);
 extern bool billing_cells_next_series(CellReader *r, CellSeries *s);
 extern void billing_cells_next(CellReader *r, const CellSeries *s, Cell *c);
 

@@ -192,18 +192,15 @@ fixed_quantity(BatchCell *b, int128_t dec)
 }
 
 /*
- * add_delta_row
- *		Decode the cells of one delta row (account, seq, packed cells) into
- *		the batch.
+ * add_cells
+ *		Decode the cells r reads, of account, into the batch.
  */
 static void
-add_delta_row(Compaction *cp, int64 account, bool seq_null, int64 seq, bytea *packed)
+add_cells(Compaction *cp, CellReader *rd, int64 account, bool seq_null, int64 seq)
 {
-	CellReader	r;
+	CellReader	r = *rd;
 	CellSeries	s;
-	MemoryContext old = MemoryContextSwitchTo(cp->batch_cxt);
 
-	billing_cells_open(&r, VARDATA_ANY(packed), VARSIZE_ANY_EXHDR(packed));
 	while (billing_cells_next_series(&r, &s))
 	{
 		Series	   *ser = series_of(cp, &s);
@@ -246,6 +243,26 @@ add_delta_row(Compaction *cp, int64 account, bool seq_null, int64 seq, bytea *pa
 			cp->folded++;
 		}
 	}
+}
+
+/*
+ * add_delta_row
+ *		Decode the cells of one delta row (its account_id, seq, packed
+ *		cells: one account's, or a group row's of several, each with its
+ *		own seq) into the batch.
+ */
+static void
+add_delta_row(Compaction *cp, int64 row_account, bool seq_null, int64 seq, bytea *packed)
+{
+	DeltaSegments segs;
+	DeltaSegment seg;
+	CellReader	r;
+	MemoryContext old = MemoryContextSwitchTo(cp->batch_cxt);
+
+	billing_segments_open(&segs, row_account, !seq_null, seq, VARDATA_ANY(packed),
+						  VARSIZE_ANY_EXHDR(packed));
+	while (billing_segments_next(&segs, &seg, &r))
+		add_cells(cp, &r, seg.account_id, !seg.has_seq, seg.seq);
 	MemoryContextSwitchTo(old);
 }
 

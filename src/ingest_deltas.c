@@ -6,7 +6,10 @@
  *
  *		- on one node, multi-inserts straight into the heap and index of
  *		  billing.usage_deltas, the way COPY writes, WRITE_BATCH rows at a
- *		  time;
+ *		  time.  The rows of consecutive accounts of one block of ids
+ *		  (billing_delta_group) go into one group row while it stays under
+ *		  CELLS_ROW_BYTES (cells.h): a flush over thousands of accounts
+ *		  writes a few hundred rows and index entries, not one per account;
  *		- on Citus, where usage_deltas is a shell here, SQL that Citus routes
  *		  to the shards, all rows at close: one row in a router INSERT, more
  *		  in one INSERT ... SELECT over parallel arrays, which Citus splits by
@@ -26,6 +29,7 @@
 #include "utils/memutils.h"
 #include "utils/rel.h"
 
+#include "cells.h"
 #include "ingest.h"
 
 /* the plan of the Citus writer's router INSERT */
@@ -45,6 +49,17 @@ typedef struct HeapWriter
 	int			n;				/* rows queued in slots[0..n) */
 	CommandId	cid;
 	MemoryContext cxt;			/* holds the writer's own state */
+	MemoryContext rowcxt;		/* the values of the queued rows */
+	/* the group being filled: its accounts' rows, as they came */
+	int64		gkey;			/* billing_delta_group of its accounts */
+	int			gn;				/* rows in it */
+	int			gbytes;			/* bytes it would take as a group row */
+	int			gcap;
+	int64	   *gaccounts;
+	Datum	   *gcells;			/* copies, in rowcxt */
+	int64	   *gseqs;			/* each row's seq, if gwith_seq */
+	bool	   *gwith_seq;
+	StringInfoData gbuf;		/* where a group row is formed */
 } HeapWriter;
 
 /* a DeltaWriter through Citus: the rows, written at close */
@@ -82,16 +97,18 @@ heap_flush(HeapWriter *w)
 	}
 	ResetPerTupleExprContext(w->estate);
 	w->n = 0;
+	/* the group being filled keeps its copies */
+	if (w->gn == 0)
+		MemoryContextReset(w->rowcxt);
 }
 
 /*
- * heap_add
- *		Queue one delta row; a full batch is written at once.
+ * heap_queue
+ *		Queue one row for the heap; a full batch is written at once.
  */
-static bool
-heap_add(DeltaWriter *dw, int64 account_id, bool has_seq, int64 seq, Datum cells)
+static void
+heap_queue(HeapWriter *w, int64 account_id, bool has_seq, int64 seq, Datum cells)
 {
-	HeapWriter *w = (HeapWriter *) dw;
 	TupleTableSlot *slot;
 
 	if (w->n == w->nmade)
@@ -116,7 +133,84 @@ heap_add(DeltaWriter *dw, int64 account_id, bool has_seq, int64 seq, Datum cells
 	ExecStoreVirtualTuple(slot);
 	if (++w->n == WRITE_BATCH)
 		heap_flush(w);
-	return w->n == 0;
+}
+
+/*
+ * group_write
+ *		Queue the group being filled: its one row as it came, or a group row
+ *		of its rows under the group's key.
+ */
+static void
+group_write(HeapWriter *w)
+{
+	if (w->gn == 0)
+		return;
+	if (w->gn == 1)
+		heap_queue(w, w->gaccounts[0], w->gwith_seq[0], w->gseqs[0], w->gcells[0]);
+	else
+	{
+		MemoryContext old = MemoryContextSwitchTo(w->rowcxt);
+		bytea	   *row;
+
+		billing_group_begin(&w->gbuf);
+		for (int i = 0; i < w->gn; i++)
+			billing_group_add(&w->gbuf, w->gaccounts[i], w->gwith_seq[i], w->gseqs[i],
+							  (struct varlena *) DatumGetPointer(w->gcells[i]));
+		row = billing_group_end(&w->gbuf);
+		row = (bytea *) memcpy(palloc(VARSIZE(row)), row, VARSIZE(row));
+		MemoryContextSwitchTo(old);
+		heap_queue(w, w->gkey, false, 0, PointerGetDatum(row));
+	}
+	w->gn = 0;
+	if (w->n == 0)
+		MemoryContextReset(w->rowcxt);
+}
+
+/*
+ * heap_add
+ *		Add one account's delta row: to the group being filled when the
+ *		account is of its block and the group row stays under
+ *		CELLS_ROW_BYTES, else to a new group.  The row's value is copied.
+ */
+static bool
+heap_add(DeltaWriter *dw, int64 account_id, bool has_seq, int64 seq, Datum cells)
+{
+	HeapWriter *w = (HeapWriter *) dw;
+	int64		key = billing_delta_group(account_id);
+	struct varlena *v = (struct varlena *) DatumGetPointer(cells);
+	/* as a segment: account, flags, seq, length, series */
+	int			bytes = 8 + 1 + (has_seq ? 8 : 0) + 4 + VARSIZE_ANY_EXHDR(v) - 1;
+	MemoryContext old;
+
+	if (w->gn > 0 && (key != w->gkey || w->gbytes + bytes > CELLS_ROW_BYTES))
+		group_write(w);
+	if (w->gn == 0)
+	{
+		w->gkey = key;
+		w->gbytes = VARHDRSZ + 1;
+	}
+	if (w->gn == w->gcap)
+	{
+		old = MemoryContextSwitchTo(w->cxt);
+		w->gcap = w->gcap ? w->gcap * 2 : 16;
+		w->gaccounts = w->gaccounts ? repalloc(w->gaccounts, w->gcap * sizeof(int64))
+			: palloc(w->gcap * sizeof(int64));
+		w->gcells = w->gcells ? repalloc(w->gcells, w->gcap * sizeof(Datum))
+			: palloc(w->gcap * sizeof(Datum));
+		w->gseqs = w->gseqs ? repalloc(w->gseqs, w->gcap * sizeof(int64))
+			: palloc(w->gcap * sizeof(int64));
+		w->gwith_seq = w->gwith_seq ? repalloc(w->gwith_seq, w->gcap * sizeof(bool))
+			: palloc(w->gcap * sizeof(bool));
+		MemoryContextSwitchTo(old);
+	}
+	old = MemoryContextSwitchTo(w->rowcxt);
+	w->gcells[w->gn] = PointerGetDatum(PG_DETOAST_DATUM_COPY(cells));
+	MemoryContextSwitchTo(old);
+	w->gaccounts[w->gn] = account_id;
+	w->gseqs[w->gn] = seq;
+	w->gwith_seq[w->gn++] = has_seq;
+	w->gbytes += bytes;
+	return true;
 }
 
 /*
@@ -129,6 +223,7 @@ heap_close(DeltaWriter *dw)
 	HeapWriter *w = (HeapWriter *) dw;
 	int			i;
 
+	group_write(w);
 	heap_flush(w);
 	for (i = 0; i < w->nmade; i++)
 		ExecDropSingleTupleTableSlot(w->slots[i]);
@@ -138,6 +233,15 @@ heap_close(DeltaWriter *dw)
 	ExecCloseIndices(w->rri);
 	FreeExecutorState(w->estate);
 	table_close(w->rel, NoLock);
+	MemoryContextDelete(w->rowcxt);
+	if (w->gcap > 0)
+	{
+		pfree(w->gaccounts);
+		pfree(w->gcells);
+		pfree(w->gseqs);
+		pfree(w->gwith_seq);
+	}
+	pfree(w->gbuf.data);
 	pfree(w);
 }
 
@@ -176,6 +280,8 @@ heap_open(void)
 	ExecOpenIndices(w->rri, false);
 	w->n = 0;
 	w->cid = GetCurrentCommandId(true);
+	w->rowcxt = AllocSetContextCreate(w->cxt, "billing delta rows", ALLOCSET_DEFAULT_SIZES);
+	initStringInfo(&w->gbuf);
 	return &w->pub;
 }
 

@@ -463,12 +463,74 @@ keep_totals(PeriodTotals *pt, MemoryContext cxt)
 }
 
 /*
+ * fold_cells
+ *		Fold the cells r reads (one account's part seg of a delta row)
+ *		whose bucket is in [ps, pe) into the period's
+ *		aggregates, in *cxt; cells of meters not in the list (unique
+ *		meters) are skipped.  Returns the cells folded.
+ */
+static int
+fold_cells(CellReader *r, const DeltaSegment *seg, TimestampTz ps, TimestampTz pe,
+		   PeriodTotals *pt, MemoryContext cxt)
+{
+	CellSeries	s;
+	int			folded = 0;
+
+	while (billing_cells_next_series(r, &s))
+	{
+		int			k;
+		MeterTotal *m = NULL;
+
+		for (k = 0; k < pt->n_meter; k++)
+			if (text_is(pt->meters[k], s.meter, s.meterlen))
+				break;
+		if (k < pt->n_meter)
+		{
+			const Datum *names = &pt->named[pt->first[k] - k];
+
+			m = &pt->tots[pt->first[k]];
+			for (int j = 0; j < pt->nnamed[k]; j++)
+				if (text_is(names[j], s.dim, s.dimlen))
+				{
+					m = &pt->tots[pt->first[k] + 1 + j];
+					break;
+				}
+		}
+		for (uint32 i = 0; i < s.ncells; i++)
+		{
+			Cell		c;
+			UsageCell	v;
+			MemoryContext old;
+
+			billing_cells_next(r, &s, &c);
+			if (m == NULL || c.bucket_start < ps || c.bucket_start >= pe)
+				continue;
+			memset(&v, 0, sizeof(v));
+			v.bucket = c.bucket_start;
+			v.events = c.events;
+			/* the numeric billing._delta_cells gives: the same display scale */
+			v.num = c.isdec ? billing_dec_to_numeric(c.dec, CELLS_QTY_SCALE) : c.num;
+			v.last_ts = s.is_last ? c.last_ts : AGG_NO_TS;
+			v.last_seq = (s.is_last && seg->has_seq) ? seg->seq : AGG_NO_SEQ;
+			old = MemoryContextSwitchTo(cxt);
+			fold_cell(m, pt->kinds[k], &v);
+			/* the first cell, max and last may take v's quantity itself */
+			if (m->acc.num == v.num)
+				billing_cell_keep(&m->acc, cxt);
+			MemoryContextSwitchTo(old);
+			folded++;
+		}
+	}
+	return folded;
+}
+
+/*
  * fold_deltas
  *		Fold the cells of account's delta rows (billing.usage_deltas: not yet
- *		compacted) whose bucket is in [ps, pe) into the period's aggregates,
- *		each by its meter's rule; cells of meters not in the list (unique
- *		meters) are skipped.  A last meter's cell has its row's seq as
- *		last_seq (NULL: unknown).  The aggregates live in *cxt; every few
+ *		compacted; its own rows, and its part of the group rows of its
+ *		block) whose bucket is in [ps, pe) into the period's aggregates,
+ *		each by its meter's rule.  A last meter's cell has its part's seq
+ *		as last_seq (NULL: unknown).  The aggregates live in *cxt; every few
  *		thousand cells they are copied into *spare and *cxt is emptied (the
  *		two swap), so a hot account's long backlog folds in bounded memory.
  */
@@ -476,83 +538,50 @@ static void
 fold_deltas(DeltaTable *t, int64 account, TimestampTz ps, TimestampTz pe, PeriodTotals *pt,
 			MemoryContext *cxt, MemoryContext *spare, MemoryContext row_cxt)
 {
-	ScanKeyData key;
+	int64		keys[2] = {account, billing_delta_group(account)};
 	int			folded = 0;
 
-	ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(account));
-	index_rescan(t->scan, &key, 1, NULL, 0);
-	while (index_getnext_slot(t->scan, ForwardScanDirection, t->slot))
+	for (int ki = 0; ki < (keys[1] == keys[0] ? 1 : 2); ki++)
 	{
-		bool		null_cells,
-					null_seq;
-		Datum		cells = slot_getattr(t->slot, t->att_cells, &null_cells);
-		Datum		seq = slot_getattr(t->slot, t->att_seq, &null_seq);
-		MemoryContext old;
-		CellReader	r;
-		CellSeries	s;
-		bytea	   *b;
+		ScanKeyData key;
 
-		CHECK_FOR_INTERRUPTS();
-		if (null_cells)
-			continue;
-		old = MemoryContextSwitchTo(row_cxt);
-		b = DatumGetByteaPP(cells);
-		billing_cells_open(&r, VARDATA_ANY(b), VARSIZE_ANY_EXHDR(b));
-		while (billing_cells_next_series(&r, &s))
+		ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(keys[ki]));
+		index_rescan(t->scan, &key, 1, NULL, 0);
+		while (index_getnext_slot(t->scan, ForwardScanDirection, t->slot))
 		{
-			int			k;
-			MeterTotal *m = NULL;
+			bool		null_cells,
+						null_seq;
+			Datum		cells = slot_getattr(t->slot, t->att_cells, &null_cells);
+			Datum		seq = slot_getattr(t->slot, t->att_seq, &null_seq);
+			MemoryContext old;
+			DeltaSegments segs;
+			DeltaSegment seg;
+			CellReader	r;
+			bytea	   *b;
 
-			for (k = 0; k < pt->n_meter; k++)
-				if (text_is(pt->meters[k], s.meter, s.meterlen))
-					break;
-			if (k < pt->n_meter)
+			CHECK_FOR_INTERRUPTS();
+			if (null_cells)
+				continue;
+			old = MemoryContextSwitchTo(row_cxt);
+			b = DatumGetByteaPP(cells);
+			billing_segments_open(&segs, keys[ki], !null_seq,
+								  null_seq ? 0 : DatumGetInt64(seq),
+								  VARDATA_ANY(b), VARSIZE_ANY_EXHDR(b));
+			while (billing_segments_next(&segs, &seg, &r))
+				if (seg.account_id == account)
+					folded += fold_cells(&r, &seg, ps, pe, pt, *cxt);
+			MemoryContextSwitchTo(old);
+			MemoryContextReset(row_cxt);
+			if (folded >= 4096)
 			{
-				const Datum *names = &pt->named[pt->first[k] - k];
+				MemoryContext t_cxt = *cxt;
 
-				m = &pt->tots[pt->first[k]];
-				for (int j = 0; j < pt->nnamed[k]; j++)
-					if (text_is(names[j], s.dim, s.dimlen))
-					{
-						m = &pt->tots[pt->first[k] + 1 + j];
-						break;
-					}
+				keep_totals(pt, *spare);
+				MemoryContextReset(t_cxt);
+				*cxt = *spare;
+				*spare = t_cxt;
+				folded = 0;
 			}
-			for (uint32 i = 0; i < s.ncells; i++)
-			{
-				Cell		c;
-				UsageCell	v;
-
-				billing_cells_next(&r, &s, &c);
-				if (m == NULL || c.bucket_start < ps || c.bucket_start >= pe)
-					continue;
-				memset(&v, 0, sizeof(v));
-				v.bucket = c.bucket_start;
-				v.events = c.events;
-				/* the numeric billing._delta_cells gives: the same display scale */
-				v.num = c.isdec ? billing_dec_to_numeric(c.dec, CELLS_QTY_SCALE) : c.num;
-				v.last_ts = s.is_last ? c.last_ts : AGG_NO_TS;
-				v.last_seq = (s.is_last && !null_seq) ? DatumGetInt64(seq) : AGG_NO_SEQ;
-				MemoryContextSwitchTo(*cxt);
-				fold_cell(m, pt->kinds[k], &v);
-				/* the first cell, max and last may take v's quantity itself */
-				if (m->acc.num == v.num)
-					billing_cell_keep(&m->acc, *cxt);
-				MemoryContextSwitchTo(row_cxt);
-				folded++;
-			}
-		}
-		MemoryContextSwitchTo(old);
-		MemoryContextReset(row_cxt);
-		if (folded >= 4096)
-		{
-			MemoryContext t_cxt = *cxt;
-
-			keep_totals(pt, *spare);
-			MemoryContextReset(t_cxt);
-			*cxt = *spare;
-			*spare = t_cxt;
-			folded = 0;
 		}
 	}
 }

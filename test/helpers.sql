@@ -92,3 +92,15 @@ CREATE OR REPLACE FUNCTION test.finalized_digest(lo bigint, hi bigint) RETURNS t
                                                     AND v.invoice_id = a.billed_invoice_id
           WHERE a.account_id BETWEEN lo AND hi)))
 $$;
+
+-- test.delta_parts(lo, hi): the parts of rows of billing.usage_deltas that
+-- hold cells of accounts lo..hi: a row of one account is one part, a group
+-- row (one node: the accounts of a block of 64 ids) one per account and
+-- arrival number (seq) in it
+CREATE OR REPLACE FUNCTION test.delta_parts(lo bigint, hi bigint) RETURNS bigint
+    LANGUAGE sql AS $$
+    SELECT count(*) FROM (
+        SELECT DISTINCT d.ctid, c.account_id, c.seq
+          FROM billing.usage_deltas d, billing._delta_rows(d.account_id, d.seq, d.cells, NULL) c
+         WHERE c.account_id BETWEEN lo AND hi) p
+$$;

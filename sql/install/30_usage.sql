@@ -51,13 +51,13 @@ COMMENT ON TABLE billing.usage_days IS
     'Compacted usage, one row per (account, meter, UTC day, dimension): the day''s cells packed and its total; add usage_deltas to read';
 
 CREATE TABLE billing.usage_deltas (
-    account_id  bigint NOT NULL,
-    seq         bigint,         -- arrival order, when cells holds a last meter
-    cells       bytea NOT NULL  -- packed cells: read with billing._delta_cells(cells)
+    account_id  bigint NOT NULL,    -- or the key of a group row (billing._delta_key)
+    seq         bigint,             -- arrival order, when cells holds a last meter
+    cells       bytea NOT NULL      -- packed cells: read with billing._delta_rows
 );
 CREATE INDEX usage_deltas_account ON billing.usage_deltas (account_id);
 COMMENT ON TABLE billing.usage_deltas IS
-    'Usage counted since the last compact_usage(): per flush of an ingest statement, one row per account with the cells it touched, packed; appended, never updated';
+    'Usage counted since the last compact_usage(): per flush of an ingest statement, one row per account with the cells it touched, packed, or on one node one group row for the accounts of a block of 64 ids; appended, never updated';
 
 CREATE TYPE billing.delta_cell AS (
     meter         text COLLATE "C",
@@ -73,7 +73,32 @@ CREATE FUNCTION billing._delta_cells(cells bytea) RETURNS SETOF billing.delta_ce
     AS 'MODULE_PATHNAME', 'billing_delta_cells'
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE ROWS 8;
 COMMENT ON FUNCTION billing._delta_cells(bytea) IS
-    'Internal: the counter cells packed in usage_deltas.cells (last_ts is NULL but for last meters)';
+    'Internal: the counter cells packed in usage_deltas.cells, of every account of a group row (last_ts is NULL but for last meters)';
+
+CREATE TYPE billing.delta_row_cell AS (
+    account_id    bigint,
+    meter         text COLLATE "C",
+    dimension     text COLLATE "C",
+    bucket_start  timestamptz,
+    quantity      numeric,
+    events        bigint,
+    last_ts       timestamptz,          -- last meters only
+    seq           bigint                -- arrival order of the account's part of the row
+);
+COMMENT ON TYPE billing.delta_row_cell IS 'Internal: one counter cell of a row of usage_deltas and its account, as billing._delta_rows returns it';
+
+CREATE FUNCTION billing._delta_rows(row_account bigint, row_seq bigint, cells bytea, p_account bigint)
+    RETURNS SETOF billing.delta_row_cell
+    AS 'MODULE_PATHNAME', 'billing_delta_rows'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE ROWS 8;
+COMMENT ON FUNCTION billing._delta_rows(bigint, bigint, bytea, bigint) IS
+    'Internal: the counter cells of a row of usage_deltas (its account_id, seq and cells) with their accounts and seqs, only p_account''s unless it is NULL (a group row holds several accounts)';
+
+CREATE FUNCTION billing._delta_key(account_id bigint) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_delta_key'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION billing._delta_key(bigint) IS
+    'Internal: the account_id of the group rows of usage_deltas that may hold an account''s cells (the account''s own where billing is distributed: no group rows there); read rows with account_id = ANY (ARRAY[account, key]) through billing._delta_rows';
 
 CREATE FUNCTION billing._delta_pack(meters text[], dimensions text[], bucket_starts timestamptz[],
                                     quantities numeric[], events bigint[], last_ts timestamptz[])
@@ -96,10 +121,10 @@ CREATE VIEW billing.usage_cells AS
            c.last_ts, c.last_seq
       FROM billing.usage_days s, billing._day_cells(s.day, s.cells) c
     UNION ALL
-    SELECT d.account_id, c.meter, c.dimension, c.bucket_start,
+    SELECT c.account_id, c.meter, c.dimension, c.bucket_start,
            c.quantity, c.events, c.last_ts,
-           CASE WHEN c.last_ts IS NOT NULL THEN d.seq END
-      FROM billing.usage_deltas d, billing._delta_cells(d.cells) c;
+           CASE WHEN c.last_ts IS NOT NULL THEN c.seq END
+      FROM billing.usage_deltas d, billing._delta_rows(d.account_id, d.seq, d.cells, NULL) c;
 COMMENT ON VIEW billing.usage_cells IS
     'Every counter cell, compacted or not: combine cells of one key by the meter''s aggregation';
 

@@ -48,6 +48,8 @@ CREATE FUNCTION billing._cells_in(p_account bigint, p_from timestamptz, p_to tim
     RETURNS TABLE (meter text, dimension text, bucket_start timestamptz, quantity numeric,
                    events bigint, last_ts timestamptz, last_seq bigint)
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    keys bigint[] := ARRAY[p_account, billing._delta_key(p_account)];
 BEGIN
     RETURN QUERY
     SELECT s.meter::text, s.dimension::text, c.bucket_start, c.quantity, c.events,
@@ -58,9 +60,9 @@ BEGIN
        AND c.bucket_start >= p_from AND c.bucket_start < p_to
     UNION ALL
     SELECT x.meter::text, x.dimension::text, x.bucket_start, x.quantity, x.events, x.last_ts,
-           CASE WHEN x.last_ts IS NOT NULL THEN d.seq END
-      FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
-     WHERE d.account_id = p_account AND (p_meter IS NULL OR x.meter = p_meter)
+           CASE WHEN x.last_ts IS NOT NULL THEN x.seq END
+      FROM billing.usage_deltas d, billing._delta_rows(d.account_id, d.seq, d.cells, p_account) x
+     WHERE d.account_id = ANY (keys) AND (p_meter IS NULL OR x.meter = p_meter)
        AND x.bucket_start >= p_from AND x.bucket_start < p_to;
 END
 $$;

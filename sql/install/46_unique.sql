@@ -169,9 +169,7 @@ BEGIN
          WHERE p.account_id = p_account AND p.meter = per.meter AND p.period_start = per.period_start;
         INSERT INTO billing.unique_values (account_id, meter, period_start, dimension, first_bucket)
         SELECT p_account, per.meter, per.period_start, c.dimension, min(c.bucket_start)
-          FROM billing.usage_cells c
-         WHERE c.account_id = p_account AND c.meter = per.meter
-           AND c.bucket_start >= per.period_start AND c.bucket_start < per.period_end
+          FROM billing._cells_in(p_account, per.period_start, per.period_end, per.meter) c
          GROUP BY c.dimension;
         GET DIAGNOSTICS n = ROW_COUNT;
         INSERT INTO billing.unique_periods (account_id, meter, period_start, period_end, distinct_count)
@@ -221,6 +219,7 @@ CREATE FUNCTION billing._unique_counts(p_account bigint, p_from timestamptz, p_t
 #variable_conflict use_column
 DECLARE
     mtr text;
+    keys bigint[] := ARRAY[p_account, billing._delta_key(p_account)];
     reg record;
     total bigint;
     delta_dims text[];
@@ -252,8 +251,9 @@ BEGIN
                    AND v.first_bucket < p_to;
             END IF;
             delta_dims := ARRAY(SELECT DISTINCT x.dimension::text
-                                  FROM billing.usage_deltas d, billing._delta_cells(d.cells) x
-                                 WHERE d.account_id = p_account AND x.meter = mtr
+                                  FROM billing.usage_deltas d,
+                                       billing._delta_rows(d.account_id, d.seq, d.cells, p_account) x
+                                 WHERE d.account_id = ANY (keys) AND x.meter = mtr
                                    AND x.bucket_start >= p_from AND x.bucket_start < p_to);
             IF cardinality(delta_dims) > 0 THEN
                 total := total + (SELECT count(*) FROM unnest(delta_dims) AS x(d)

@@ -110,6 +110,27 @@ BEGIN
         fks := fks || format('ALTER TABLE %s ADD CONSTRAINT %I %s', fk.rel, fk.conname, fk.def);
     END LOOP;
 
+    -- group rows of usage_deltas hold the cells of several accounts (one
+    -- node only, cells.h): split them into one row per account, which
+    -- Citus places on the account's shard
+    IF billing._citus_table_kind('billing.usage_deltas') IS NULL THEN
+        WITH grp AS (
+            DELETE FROM billing.usage_deltas d
+             WHERE get_byte(d.cells, 0) = 3
+            RETURNING d.ctid AS row_id, d.account_id, d.seq, d.cells
+        )
+        INSERT INTO billing.usage_deltas (account_id, seq, cells)
+        SELECT c.account_id, c.seq,
+               billing._delta_pack(array_agg(c.meter ORDER BY c.meter, c.dimension, c.bucket_start),
+                                   array_agg(c.dimension ORDER BY c.meter, c.dimension, c.bucket_start),
+                                   array_agg(c.bucket_start ORDER BY c.meter, c.dimension, c.bucket_start),
+                                   array_agg(c.quantity ORDER BY c.meter, c.dimension, c.bucket_start),
+                                   array_agg(c.events ORDER BY c.meter, c.dimension, c.bucket_start),
+                                   array_agg(c.last_ts ORDER BY c.meter, c.dimension, c.bucket_start))
+          FROM grp g, billing._delta_rows(g.account_id, g.seq, g.cells, NULL) c
+         GROUP BY g.row_id, c.account_id, c.seq;
+    END IF;
+
     -- tables: accounts first (the co-location group), reference tables next
     FOR t IN
         SELECT c.oid::regclass AS rel, c.relname,

@@ -29,9 +29,10 @@
 --                                           decide only ties of last_ts, and
 --                                           the scenario never sends two
 --                                           reports with the same timestamp
--- usage_deltas is compared as the cells it packs, not as its rows: how the
--- cells of one statement are split into rows is storage (per flush, and
--- per shard on Citus), not content.
+-- usage_deltas is compared as the cells it packs, with their accounts, not
+-- as its rows: how the cells of one statement are split into rows is
+-- storage (per flush, per shard on Citus, group rows on one node), not
+-- content.
 \set ON_ERROR_STOP 1
 \pset footer off
 \pset tuples_only on
@@ -53,9 +54,9 @@ SELECT * FROM billing.subscriptions ORDER BY account_id, starts_at;
 \echo == metered_tables
 SELECT * FROM billing.metered_tables ORDER BY tbl::text;
 \echo == usage_deltas
-SELECT d.account_id, c.*
-  FROM billing.usage_deltas d, billing._delta_cells(d.cells) c
- ORDER BY d.account_id, c.meter, c.dimension, c.bucket_start, c.quantity, c.events, c.last_ts;
+SELECT c.account_id, c.meter, c.dimension, c.bucket_start, c.quantity, c.events, c.last_ts
+  FROM billing.usage_deltas d, billing._delta_rows(d.account_id, d.seq, d.cells, NULL) c
+ ORDER BY 1, 2, 3, 4, 5, 6, 7;
 \echo == usage_buckets
 SELECT account_id, meter, dimension, bucket_start, quantity, events, last_ts
   FROM billing.usage_buckets ORDER BY account_id, meter, bucket_start, dimension;
