@@ -42,6 +42,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "catalog.h"
@@ -64,6 +65,13 @@ StaticAssertDecl(lengthof(cached_rel_names) == NUM_CACHED_RELS,
  */
 static int	citus_mode = -1;
 
+/*
+ * Does the installed SQL read group rows of usage_deltas (cells.h)?  -1: not
+ * known yet; reset with the relation OID cache.  billing.so also serves
+ * installs whose readers do not (1.0), which get a row per account.
+ */
+static int	group_rows = -1;
+
 /* backend cache of billing.meters */
 static HTAB *meter_cache = NULL;
 static Oid	meters_relid = InvalidOid;
@@ -85,6 +93,7 @@ meters_relcache_cb(Datum arg, Oid relid)
 	{
 		memset(cached_rel_oids, 0, sizeof(cached_rel_oids));
 		citus_mode = -1;
+		group_rows = -1;
 	}
 	if (relid == InvalidOid || relid == meters_relid)
 	{
@@ -263,6 +272,27 @@ billing_distributed(void)
 		billing_owner_end(&scope);
 	}
 	return citus_mode == 1;
+}
+
+/*
+ * billing_group_rows
+ *		May delta rows hold several accounts (group rows, cells.h)?  On one
+ *		node, when the installed SQL reads them: it has the type
+ *		billing.delta_row_cell that billing._delta_rows returns.
+ */
+bool
+billing_group_rows(void)
+{
+	if (group_rows < 0)
+	{
+		Oid			nsp = get_namespace_oid("billing", true);
+
+		group_rows = OidIsValid(nsp) &&
+			OidIsValid(GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
+									   CStringGetDatum("delta_row_cell"),
+									   ObjectIdGetDatum(nsp))) ? 1 : 0;
+	}
+	return group_rows == 1 && !billing_distributed();
 }
 
 /*

@@ -48,6 +48,7 @@ extern bool billing_citus_table(Oid relid);
 extern void billing_owner_begin(BillingOwnerScope *scope);
 extern void billing_owner_end(BillingOwnerScope *scope);
 extern bool billing_distributed(void);
+extern bool billing_group_rows(void);
 extern MeterDef *billing_lookup_meter(const char *key);
 extern void billing_catalog_init(void);
 

@@ -29,6 +29,7 @@
 #include "utils/memutils.h"
 #include "utils/rel.h"
 
+#include "catalog.h"
 #include "cells.h"
 #include "ingest.h"
 
@@ -50,6 +51,7 @@ typedef struct HeapWriter
 	CommandId	cid;
 	MemoryContext cxt;			/* holds the writer's own state */
 	MemoryContext rowcxt;		/* the values of the queued rows */
+	bool		grouping;		/* may rows hold several accounts? */
 	/* the group being filled: its accounts' rows, as they came */
 	int64		gkey;			/* billing_delta_group of its accounts */
 	int			gn;				/* rows in it */
@@ -182,7 +184,7 @@ heap_add(DeltaWriter *dw, int64 account_id, bool has_seq, int64 seq, Datum cells
 	int			bytes = 8 + 1 + (has_seq ? 8 : 0) + 4 + VARSIZE_ANY_EXHDR(v) - 1;
 	MemoryContext old;
 
-	if (w->gn > 0 && (key != w->gkey || w->gbytes + bytes > CELLS_ROW_BYTES))
+	if (w->gn > 0 && (!w->grouping || key != w->gkey || w->gbytes + bytes > CELLS_ROW_BYTES))
 		group_write(w);
 	if (w->gn == 0)
 	{
@@ -281,6 +283,7 @@ heap_open(void)
 	w->n = 0;
 	w->cid = GetCurrentCommandId(true);
 	w->rowcxt = AllocSetContextCreate(w->cxt, "billing delta rows", ALLOCSET_DEFAULT_SIZES);
+	w->grouping = billing_group_rows();
 	initStringInfo(&w->gbuf);
 	return &w->pub;
 }
