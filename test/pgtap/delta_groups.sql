@@ -7,7 +7,7 @@
 -- with the events sent, before compaction, after it, and mixed.  The
 -- byte format of a group row is pinned; corrupt ones raise XX001.
 BEGIN;
-SELECT plan(28);
+SELECT plan(27);
 \ir ../helpers.sql
 SET LOCAL timezone = 'UTC';
 
