@@ -10491,3 +10491,99 @@ COMMENT ON FUNCTION billing.distribute() IS
     'On a Citus coordinator: distributes the per-account tables by account_id (co-located), makes the catalog tables reference tables and runs the per-account functions where their account is; idempotent';
 
 -- ---- end of group rows of usage_deltas ----
+
+-- ---- invoice_preview with earlier periods not finalized (sql/install/50_invoices.sql) ----
+-- The earlier periods finalize will build first draw credits, count toward
+-- minimum windows and take pending adjustments: the preview builds them too.
+CREATE OR REPLACE FUNCTION billing._invoice_preview(p_account bigint, p_at timestamptz)
+    RETURNS TABLE (r_line_no int, r_kind text, r_meter text, r_description text,
+                   r_period_start timestamptz, r_period_end timestamptz,
+                   r_quantity numeric, r_amount numeric, r_dimension text)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    p record;
+    last_end timestamptz;
+BEGIN
+    -- the period's segments (its spend cap: the last one's)
+    SELECT min(s.segment_start) AS ps, max(s.segment_end) AS pe, min(s.currency) AS currency,
+           (array_agg(s.spend_cap ORDER BY s.segment_start DESC))[1] AS cap,
+           array_agg(s.plan ORDER BY s.segment_start) AS plans,
+           array_agg(s.segment_start ORDER BY s.segment_start) AS starts,
+           array_agg(s.segment_end ORDER BY s.segment_start) AS ends
+      INTO p
+      FROM billing._segments(ARRAY[p_account], ARRAY[p_at]) s;
+    IF p.plans IS NULL THEN
+        RETURN;               -- no subscription at p_at
+    END IF;
+    -- earlier periods without an invoice: only if the latest invoice before
+    -- the period does not end at its start, and a subscription started before
+    SELECT i.period_end INTO last_end
+      FROM billing.invoices i
+     WHERE i.account_id = p_account AND i.period_start < p.ps
+     ORDER BY i.period_start DESC LIMIT 1;
+    IF last_end IS NOT DISTINCT FROM p.ps
+       OR NOT EXISTS (SELECT 1 FROM billing.subscriptions s
+                       WHERE s.account_id = p_account AND s.starts_at < p.ps) THEN
+        -- the build's rows come in invoice order; without booking, all are lines
+        RETURN QUERY
+        SELECT b.n::integer, b.kind, b.meter, b.description, p.ps, p.pe, b.quantity, b.amount,
+               b.dimension
+          FROM billing._invoice_build(ARRAY[p_account], ARRAY[p.currency], ARRAY[p.cap], ARRAY[p.ps],
+                                      ARRAY[p.pe], ARRAY[true], array_fill(1, ARRAY[cardinality(p.plans)]),
+                                      p.plans, p.starts, p.ends)
+                   WITH ORDINALITY AS b(idx, ord, kind, meter, description, quantity, amount,
+                                        unrounded_amount, charge_id, price, adjustment_id,
+                                        commitment_id, grant_id, segment_start, segment_end,
+                                        proration, effective_at, expires_at, source_grant, dimension, n);
+        RETURN;
+    END IF;
+    -- the earlier periods (as finalize_invoices groups them), then this one
+    RETURN QUERY
+    WITH d AS MATERIALIZED (
+        SELECT * FROM billing._due_periods(p.ps, ARRAY[p_account])
+    ), per AS (
+        -- the earlier periods, then this one (k: its index in the build)
+        SELECT y.*, (row_number() OVER (ORDER BY y.period_start))::integer AS k
+          FROM (SELECT DISTINCT d.currency, d.spend_cap, d.period_start, d.period_end FROM d
+                UNION ALL
+                SELECT p.currency, p.cap, p.ps, p.pe) y
+    ), seg AS (
+        SELECT per.k, d.segment_plan AS plan, d.segment_start, d.segment_end
+          FROM d JOIN per ON per.period_start = d.period_start
+        UNION ALL
+        SELECT per.k, x.plan, x.s, x.e
+          FROM per, unnest(p.plans, p.starts, p.ends) AS x(plan, s, e)
+         WHERE per.period_start = p.ps
+    ), pa AS (
+        SELECT array_agg(p_account ORDER BY per.k) AS accounts,
+               array_agg(per.currency ORDER BY per.k) AS currencies,
+               array_agg(per.spend_cap ORDER BY per.k) AS caps,
+               array_agg(per.period_start ORDER BY per.k) AS starts,
+               array_agg(per.period_end ORDER BY per.k) AS ends,
+               array_agg(per.k = 1 ORDER BY per.k) AS firsts,
+               max(per.k) AS this_k
+          FROM per
+    ), sa AS (
+        SELECT array_agg(seg.k ORDER BY seg.k, seg.segment_start) AS idx,
+               array_agg(seg.plan ORDER BY seg.k, seg.segment_start) AS plans,
+               array_agg(seg.segment_start ORDER BY seg.k, seg.segment_start) AS starts,
+               array_agg(seg.segment_end ORDER BY seg.k, seg.segment_start) AS ends
+          FROM seg
+    )
+    SELECT (row_number() OVER (ORDER BY b.n))::integer, b.kind, b.meter, b.description, p.ps, p.pe,
+           b.quantity, b.amount, b.dimension
+      FROM pa, sa,
+           LATERAL billing._invoice_build(pa.accounts, pa.currencies, pa.caps, pa.starts, pa.ends,
+                                          pa.firsts, sa.idx, sa.plans, sa.starts, sa.ends)
+               WITH ORDINALITY AS b(idx, ord, kind, meter, description, quantity, amount,
+                                    unrounded_amount, charge_id, price, adjustment_id,
+                                    commitment_id, grant_id, segment_start, segment_end,
+                                    proration, effective_at, expires_at, source_grant, dimension, n)
+     WHERE b.idx = pa.this_k
+     ORDER BY b.n;
+END
+$$;
+COMMENT ON FUNCTION billing._invoice_preview(bigint, timestamptz) IS 'Internal: the body of invoice_preview';
+
+-- ---- end of invoice_preview with earlier periods not finalized ----

@@ -1,0 +1,64 @@
+-- preview_lag: invoice_preview of a period whose earlier periods have no
+-- invoice yet (the grace period, or finalize_invoices lagging) shows the
+-- invoice finalize will write: the earlier periods draw credits and count
+-- toward a minimum window first, as they will when finalized.  The preview
+-- is the same before and after the earlier period is finalized, and the
+-- invoice finalized later has the preview's lines.
+BEGIN;
+SELECT plan(9);
+SET LOCAL timezone = 'UTC';
+SET LOCAL client_min_messages = warning;
+
+INSERT INTO billing.meters (meter, late_window) VALUES ('pl_api', '100 years');
+INSERT INTO billing.plans (plan) VALUES ('pl_usage');
+INSERT INTO billing.charges (plan, meter, price) VALUES ('pl_usage', 'pl_api', 'unit 1');
+INSERT INTO billing.accounts (account_id) VALUES (9841), (9842), (9843);
+INSERT INTO billing.subscriptions (account_id, plan, starts_at)
+SELECT a, 'pl_usage', '2025-01-01' FROM unnest(ARRAY[9841, 9842, 9843]) a;
+-- 9841: a credit of 100; 9842: a minimum of 200 over January and February;
+-- 9843: neither (the usual preview)
+SELECT billing.grant_credit(9841, 100, '2025-01-01', reason => 'welcome');
+SELECT billing.add_commitment(9842, 'minimum', 200, '2025-01-01', '2025-03-01');
+-- 80 calls in January, 50 in February, 10 in March
+SELECT billing.record(a, 'pl_api', 80, '2025-01-10') FROM unnest(ARRAY[9841, 9842, 9843]) a;
+SELECT billing.record(a, 'pl_api', 50, '2025-02-10') FROM unnest(ARRAY[9841, 9842, 9843]) a;
+SELECT billing.record(a, 'pl_api', 10, '2025-03-10') FROM unnest(ARRAY[9841, 9842, 9843]) a;
+
+CREATE FUNCTION pg_temp.preview(a bigint) RETURNS text LANGUAGE sql AS
+$$SELECT string_agg(format('%s %s %s %s', line_no, kind, quantity, amount), '; ' ORDER BY line_no)
+    FROM billing.invoice_preview(a, '2025-02-15')$$;
+
+-- January has no invoice yet
+SELECT is(pg_temp.preview(9841), '1 usage 50 50.00; 2 credit  -20.00',
+          'credit: January draws 80 of the 100 first, February the 20 left');
+SELECT is(pg_temp.preview(9842), '1 usage 50 50.00; 2 true_up 130.00 70.00',
+          'minimum: the shortfall counts January''s spend too');
+SELECT is(pg_temp.preview(9843), '1 usage 50 50.00', 'neither: the usage');
+CREATE TEMP TABLE before_jan AS
+SELECT a, pg_temp.preview(a) AS lines FROM unnest(ARRAY[9841, 9842, 9843]) a;
+-- March, with January and February open: both draw first, nothing is left
+SELECT is((SELECT string_agg(format('%s %s %s %s', line_no, kind, quantity, amount), '; ' ORDER BY line_no)
+             FROM billing.invoice_preview(9841, '2025-03-15')),
+          '1 usage 10 10.00', 'March: January and February drew the whole credit first');
+
+-- January finalized: the previews do not change
+SELECT is((SELECT count(*) FROM billing.finalize_invoices('2025-02-01 01:00+00')
+            WHERE account_id BETWEEN 9841 AND 9843), 3::bigint, 'January finalized');
+SELECT is((SELECT count(*) FROM before_jan b WHERE b.lines IS DISTINCT FROM pg_temp.preview(b.a)),
+          0::bigint, 'each preview is the same once January is finalized');
+
+-- February finalized: its invoices have the preview's lines
+SELECT is((SELECT count(*) FROM billing.finalize_invoices('2025-03-01 01:00+00')
+            WHERE account_id BETWEEN 9841 AND 9843), 3::bigint, 'February finalized');
+SELECT is((SELECT count(*) FROM before_jan b
+            WHERE b.lines IS DISTINCT FROM
+                  (SELECT string_agg(format('%s %s %s %s', l.line_no, l.kind, l.quantity, l.amount),
+                                     '; ' ORDER BY l.line_no)
+                     FROM billing.invoices i JOIN billing.invoice_lines l USING (account_id, invoice_id)
+                    WHERE i.account_id = b.a AND i.period_start = '2025-02-01')),
+          0::bigint, 'each February invoice has the lines its preview showed while January was open');
+SELECT is((SELECT string_agg(format('%s %s %s %s', line_no, kind, quantity, amount), '; ' ORDER BY line_no)
+             FROM billing.invoice_preview(9841, '2025-03-15')),
+          '1 usage 10 10.00', 'and the same with both finalized');
+
+ROLLBACK;
