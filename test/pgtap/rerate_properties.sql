@@ -211,8 +211,11 @@ SELECT is((SELECT coalesce(sum(p.amount), 0) FROM generate_series(7201, 7220) AS
           (SELECT sum(a.delta) FROM billing.adjustments a
             WHERE a.account_id BETWEEN 7201 AND 7220 AND a.billed_invoice_id IS NULL
               AND EXISTS (SELECT 1 FROM billing.subscriptions s WHERE s.account_id = a.account_id
-                             AND s.starts_at <= '2024-04-15' AND coalesce(s.ends_at, 'infinity') > '2024-04-15')),
-          'previews show the pending adjustments of accounts with a current period');
+                             AND s.starts_at <= '2024-04-15' AND coalesce(s.ends_at, 'infinity') > '2024-04-15')
+              -- (an account anchored on the 10th has March 10 - April 10 still
+              -- open: finalize puts its adjustments there, and so does the preview)
+              AND NOT EXISTS (SELECT 1 FROM billing._due_periods('2024-04-15', ARRAY[a.account_id]))),
+          'previews show the pending adjustments of accounts with a current period and no earlier one open');
 DO $$ BEGIN PERFORM billing.compact_usage(); END $$;
 DO $$ BEGIN PERFORM pg_temp.random_usage(100, '2024-01-01', '2024-05-01'); END $$;
 DO $$ BEGIN PERFORM pg_temp.random_corrections(10); END $$;

@@ -55,7 +55,10 @@ STORE_READS='table billing.usage_buckets|table billing.usage_deltas|table billin
 # ('|'-separated read names as the TAP lines give them, e.g. 'remaining',
 # each with its issue in a comment): they are not compared before and after
 # the update, only between the updated database and a fresh install.
-CHANGED_READS=''
+# invoice_preview (#16): a preview builds the account's earlier periods
+# without an invoice first, as finalize does, so pending adjustments go on
+# the earliest of them, not on the previewed period (1.0 showed them there)
+CHANGED_READS='invoice_preview'
 # wall-clock columns, and the audit hashes made from them
 CLOCK_KEYS='finalized_at|created_at|corrected_at|applied_at|expires_at|at|prev_hash|hash'
 # sha256 of the frozen 1.0 install script: it never changes
