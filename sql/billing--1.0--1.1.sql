@@ -10587,3 +10587,142 @@ $$;
 COMMENT ON FUNCTION billing._invoice_preview(bigint, timestamptz) IS 'Internal: the body of invoice_preview';
 
 -- ---- end of invoice_preview with earlier periods not finalized ----
+
+-- ---- locks no session outside billing can hold (src/compact.c, src/catalog.c) ----
+-- compact_usage, rerate and correct_usage serialized on advisory locks,
+-- which any role may take: now on locks of billing's tables.
+CREATE FUNCTION billing._lock_table(rel regclass) RETURNS void
+    AS 'MODULE_PATHNAME', 'billing_lock_table'
+    LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION billing._lock_table(regclass) IS
+    'Internal: SHARE UPDATE EXCLUSIVE on a table, on this node, to the end of the transaction, for a role that may UPDATE, DELETE or TRUNCATE it (42501 otherwise): one holder at a time, rows still read and written';
+
+REVOKE ALL ON FUNCTION billing._lock_table(regclass) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._lock_table(regclass) TO billing_reader;
+CREATE OR REPLACE FUNCTION billing.correct_usage(account_id bigint, meter text, bucket_start timestamptz,
+                                      delta numeric, reason text, dimension text DEFAULT '')
+    RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    m record;
+    cur numeric;
+BEGIN
+    IF account_id IS NULL OR meter IS NULL OR bucket_start IS NULL OR delta IS NULL THEN
+        RAISE EXCEPTION 'correct_usage: account_id, meter, bucket_start and delta must not be null'
+            USING ERRCODE = '22004';
+    END IF;
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'a usage correction needs a reason' USING ERRCODE = '22004';
+    END IF;
+    dimension := coalesce(dimension, '');
+    IF octet_length(dimension) > 256 THEN
+        RAISE EXCEPTION 'usage dimension is too long'
+            USING ERRCODE = '22023', DETAIL = 'A dimension has at most 256 bytes.';
+    END IF;
+    SELECT * INTO m FROM billing.meters x WHERE x.meter = correct_usage.meter;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'meter "%" does not exist', correct_usage.meter USING ERRCODE = '23503';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM billing.accounts a WHERE a.account_id = correct_usage.account_id) THEN
+        RAISE EXCEPTION 'account % does not exist', correct_usage.account_id USING ERRCODE = '23503';
+    END IF;
+    IF m.aggregation NOT IN ('sum', 'count') THEN
+        RAISE EXCEPTION 'meter "%" has aggregation %', m.meter, m.aggregation
+            USING ERRCODE = '22023', DETAIL = 'Only sum and count meters take corrections.';
+    END IF;
+    IF delta IN ('NaN', 'Infinity', '-Infinity') OR NOT isfinite(bucket_start)
+       OR billing._bin(m.bucket_width, bucket_start) <> bucket_start THEN
+        RAISE EXCEPTION 'invalid usage correction'
+            USING ERRCODE = '22023',
+                  DETAIL = format('delta must be a number and bucket_start the start of a %s bucket.', m.bucket_width);
+    END IF;
+    PERFORM billing._check_quantity(delta, correct_usage.meter, correct_usage.account_id);
+    -- corrections of one account one at a time (ingest only adds, so a
+    -- bucket cannot race below zero): its row, which only roles that may
+    -- update accounts can lock
+    PERFORM 1 FROM billing.accounts a WHERE a.account_id = correct_usage.account_id FOR NO KEY UPDATE;
+    SELECT coalesce(billing._cell_agg(m.aggregation, u.quantity, u.last_ts, u.last_seq), 0) INTO cur
+      FROM billing._cells_in(correct_usage.account_id, correct_usage.bucket_start,
+                             correct_usage.bucket_start + interval '1 microsecond',
+                             correct_usage.meter) u
+     WHERE u.dimension = correct_usage.dimension;
+    IF cur + delta < 0 THEN
+        RAISE EXCEPTION 'correction would make the bucket negative'
+            USING ERRCODE = '22023',
+                  DETAIL = format('The bucket holds %s; the correction is %s.', cur, delta);
+    END IF;
+    INSERT INTO billing.usage_deltas (account_id, seq, cells)
+    VALUES (correct_usage.account_id, NULL,
+            billing._delta_pack(ARRAY[correct_usage.meter], ARRAY[correct_usage.dimension],
+                                ARRAY[bucket_start], ARRAY[delta], ARRAY[0::bigint], NULL));
+    INSERT INTO billing.usage_corrections (account_id, meter, dimension, bucket_start, delta, reason)
+    VALUES (correct_usage.account_id, correct_usage.meter, correct_usage.dimension, bucket_start,
+            delta, reason);
+END
+$$;
+COMMENT ON FUNCTION billing.correct_usage(bigint, text, timestamptz, numeric, text, text) IS
+    'Adds a signed correction to one bucket of a sum or count meter (any age), with a reason; the next rerate bills its effect';
+
+ALTER FUNCTION billing.correct_usage(bigint, text, timestamptz, numeric, text, text) SECURITY DEFINER;
+CREATE OR REPLACE FUNCTION billing._rerate(from_ts timestamptz, to_ts timestamptz, p_account bigint,
+                                dry_run boolean, p_reason text)
+    RETURNS TABLE (r_account bigint, r_invoice bigint, r_meter text,
+                   r_billed_quantity numeric, r_billed_amount numeric,
+                   r_correct_quantity numeric, r_correct_amount numeric, r_delta numeric,
+                   r_dimension text)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+DECLARE
+    n_written bigint;
+BEGIN
+    IF from_ts IS NULL OR to_ts IS NULL OR dry_run IS NULL THEN
+        RAISE EXCEPTION 'rerate: from_ts, to_ts and dry_run must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF from_ts >= to_ts THEN
+        RAISE EXCEPTION 'rerate: from_ts must be before to_ts' USING ERRCODE = '22023';
+    END IF;
+    IF dry_run THEN
+        RETURN QUERY
+        SELECT d.account_id, d.invoice_id, d.meter, d.billed_quantity, d.billed_amount,
+               d.correct_quantity, d.correct_amount, d.delta, d.dimension
+          FROM billing._rerate_diff(from_ts, to_ts, p_account) d
+         WHERE d.delta <> 0
+         ORDER BY 1, 2, 3, 9 NULLS FIRST;
+        RETURN;
+    END IF;
+    -- one re-rate at a time: a second run waits, then finds the first one's
+    -- adjustments (a table lock only roles that may write adjustments take)
+    PERFORM billing._lock_table('billing.adjustments');
+    RETURN QUERY
+    WITH d AS (
+        SELECT * FROM billing._rerate_diff(from_ts, to_ts, p_account) x
+         WHERE x.delta <> 0
+    ), written AS (
+        INSERT INTO billing.adjustments (account_id, invoice_id, line_kind, meter, description,
+                                         old_quantity, new_quantity, old_amount, new_amount, delta,
+                                         reason, segment_start, dimension)
+        SELECT d.account_id, d.invoice_id, d.line_kind, d.meter, d.description,
+               d.billed_quantity, d.correct_quantity, d.billed_amount, d.correct_amount, d.delta,
+               coalesce(p_reason, 're-rate'), d.segment_start, d.dimension
+          FROM d
+         -- adjustment ids in invoice line order (plan segments; fixed fees,
+         -- usage, the cap)
+         ORDER BY d.account_id, d.invoice_id, d.segment_start NULLS LAST,
+                  CASE d.line_kind WHEN 'fixed' THEN 1 WHEN 'usage' THEN 2 ELSE 3 END,
+                  d.description, d.meter, d.dimension NULLS FIRST
+    )
+    SELECT d.account_id, d.invoice_id, d.meter, d.billed_quantity, d.billed_amount,
+           d.correct_quantity, d.correct_amount, d.delta, d.dimension
+      FROM d
+     ORDER BY 1, 2, 3, 9 NULLS FIRST;
+    GET DIAGNOSTICS n_written = ROW_COUNT;
+    PERFORM billing._audit_rerate(from_ts, to_ts, p_account, coalesce(p_reason, 're-rate'), n_written);
+END
+$$;
+COMMENT ON FUNCTION billing._rerate(timestamptz, timestamptz, bigint, boolean, text) IS
+    'Internal: the body of billing.rerate';
+
+-- ---- end of locks no session outside billing can hold ----

@@ -34,7 +34,9 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "storage/lmgr.h"
 #include "storage/proc.h"
+#include "utils/acl.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/hsearch.h"
@@ -48,6 +50,7 @@
 #include "catalog.h"
 
 PG_FUNCTION_INFO_V1(billing_meters_changed);
+PG_FUNCTION_INFO_V1(billing_lock_table);
 
 /* OIDs of the relations the hot paths open (see billing_relid) */
 #define NUM_CACHED_RELS 6
@@ -386,4 +389,28 @@ billing_meters_changed(PG_FUNCTION_ARGS)
 	if (((TriggerData *) fcinfo->context)->tg_relation->rd_id != billing_relid("meters"))
 		CacheInvalidateRelcacheByRelid(billing_relid("meters"));
 	return PointerGetDatum(NULL);
+}
+
+/*
+ * billing._lock_table(rel regclass) RETURNS void
+ *		SHARE UPDATE EXCLUSIVE on rel, on this node, to the end of the
+ *		transaction: a lock one transaction at a time may hold, which does
+ *		not conflict with reading or writing rows.  As LOCK TABLE, only for
+ *		a role that may UPDATE, DELETE or TRUNCATE rel (42501 otherwise), so
+ *		that a session outside billing cannot take it to hold billing's
+ *		work off (an advisory lock, which any role may take, could).  On
+ *		Citus the coordinator's lock alone (LOCK TABLE would lock every
+ *		shard on every node).
+ */
+Datum
+billing_lock_table(PG_FUNCTION_ARGS)
+{
+	Oid			relid = PG_GETARG_OID(0);
+	AclResult	acl;
+
+	acl = pg_class_aclcheck(relid, GetUserId(), ACL_UPDATE | ACL_DELETE | ACL_TRUNCATE);
+	if (acl != ACLCHECK_OK)
+		aclcheck_error(acl, OBJECT_TABLE, get_rel_name(relid));
+	LockRelationOid(relid, ShareUpdateExclusiveLock);
+	PG_RETURN_VOID();
 }

@@ -4,8 +4,8 @@
  *		packed store billing.usage_days; how is told in compact.h.
  *
  * This file holds the SQL entry points and the batch driver.  An entry
- * point takes the advisory lock (one compaction of the same relations at a
- * time), loads the meters, makes the memory contexts (the batch's, one
+ * point takes the compaction lock (one compaction of the same relations at
+ * a time: lock_compaction), loads the meters, makes the memory contexts (the batch's, one
  * row's, the batch's cell array) and chooses the writer: straight into the
  * heap on one node and for a pair of Citus shards on their node, SQL on a
  * Citus coordinator in a transaction block.  The deltas are then taken out batch by batch
@@ -23,6 +23,7 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "storage/lmgr.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
@@ -247,20 +248,20 @@ compact_relations(Oid deltas, Oid days, bool heap, MemoryContext cxt)
 
 /*
  * lock_compaction
- *		The transaction-level advisory lock that keeps two compactions of
- *		the same relations apart: key 1 for the tables themselves (one node,
- *		or a Citus coordinator working through SQL), the OID of the
- *		usage_deltas shard for a pair of shards (on the node that has them).
+ *		The lock that keeps two compactions of the same relations apart:
+ *		SHARE ROW EXCLUSIVE on the usage_days relation they write (the table
+ *		on one node or a Citus coordinator, a shard on the node that has
+ *		it), held to the end of the transaction.  Nothing else writes it,
+ *		readers and ingest (which appends to usage_deltas) take modes it
+ *		does not conflict with, and a role must be able to write the table
+ *		to take a mode that conflicts with it, so a session outside billing
+ *		cannot hold compaction off (an advisory lock, which any role may
+ *		take, could).
  */
 static void
-lock_compaction(int32 key)
+lock_compaction(Oid days)
 {
-	Datum		args[1] = {Int32GetDatum(key)};
-	Oid			types[1] = {INT4OID};
-
-	if (SPI_execute_with_args("SELECT pg_catalog.pg_advisory_xact_lock(1651074162, $1)",
-							  1, types, args, NULL, false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "pg_advisory_xact_lock failed");
+	LockRelationOid(days, ShareRowExclusiveLock);
 }
 
 /*
@@ -302,14 +303,14 @@ billing_compact_usage(PG_FUNCTION_ARGS)
 	if (!billing_distributed())
 	{
 		/* one compaction at a time; concurrent ingest goes on (it only appends) */
-		lock_compaction(1);
+		lock_compaction(billing_relid("usage_days"));
 		folded = compact_relations(billing_relid("usage_deltas"), billing_relid("usage_days"),
 								   true, cxt);
 	}
 	else if ((IsTransactionBlock() || TransactionIdIsValid(GetTopTransactionIdIfAny())) &&
 			 sql_int8("SELECT CASE WHEN pg_catalog.citus_is_coordinator() THEN 1::int8 ELSE 0::int8 END") == 1)
 	{
-		lock_compaction(1);
+		lock_compaction(billing_relid("usage_days"));
 		folded = compact_relations(InvalidOid, InvalidOid, false, cxt);
 	}
 	else
@@ -357,7 +358,7 @@ billing_compact_pair(PG_FUNCTION_ARGS)
 				 errmsg("billing._compact_pair compacts a shard of billing.usage_deltas into one of billing.usage_days")));
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	lock_compaction((int32) deltas);
+	lock_compaction(days);
 	folded = compact_relations(deltas, days, true, cxt);
 	SPI_finish();
 	PG_RETURN_INT64(folded);

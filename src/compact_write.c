@@ -196,7 +196,7 @@ billing_compact_heap_write(StoreHeap *h, Datum *values, bool *nulls, const OldRo
 			{
 				/*
 				 * The new version keeps the key of the row it replaces,
-				 * which this compaction (one at a time, under its advisory
+				 * which this compaction (one at a time, under its
 				 * lock) found live: it cannot duplicate a key, so the entry
 				 * goes in without the unique check, which would visit the
 				 * old version in the heap and, on a full page, try to delete

@@ -257,3 +257,9 @@ CREATE FUNCTION billing._chunk_ends(p_accounts bigint[], p_per integer) RETURNS 
 $$;
 COMMENT ON FUNCTION billing._chunk_ends(bigint[], integer) IS
     'Internal: the last index of each run of p_per accounts in an account-ordered array (the batches of finalize_invoices and rerate)';
+
+CREATE FUNCTION billing._lock_table(rel regclass) RETURNS void
+    AS 'MODULE_PATHNAME', 'billing_lock_table'
+    LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION billing._lock_table(regclass) IS
+    'Internal: SHARE UPDATE EXCLUSIVE on a table, on this node, to the end of the transaction, for a role that may UPDATE, DELETE or TRUNCATE it (42501 otherwise): one holder at a time, rows still read and written';

@@ -67,9 +67,10 @@ BEGIN
                   DETAIL = format('delta must be a number and bucket_start the start of a %s bucket.', m.bucket_width);
     END IF;
     PERFORM billing._check_quantity(delta, correct_usage.meter, correct_usage.account_id);
-    -- corrections of one bucket one at a time (ingest only adds, so it cannot race below zero)
-    PERFORM pg_advisory_xact_lock(1651074162,
-        hashtext(format('%s/%s/%s/%s', account_id, meter, dimension, bucket_start)));
+    -- corrections of one account one at a time (ingest only adds, so a
+    -- bucket cannot race below zero): its row, which only roles that may
+    -- update accounts can lock
+    PERFORM 1 FROM billing.accounts a WHERE a.account_id = correct_usage.account_id FOR NO KEY UPDATE;
     SELECT coalesce(billing._cell_agg(m.aggregation, u.quantity, u.last_ts, u.last_seq), 0) INTO cur
       FROM billing._cells_in(correct_usage.account_id, correct_usage.bucket_start,
                              correct_usage.bucket_start + interval '1 microsecond',
@@ -242,8 +243,9 @@ BEGIN
          ORDER BY 1, 2, 3, 9 NULLS FIRST;
         RETURN;
     END IF;
-    -- one re-rate at a time: a second run waits, then finds the first one's adjustments
-    PERFORM pg_advisory_xact_lock(1651074162, 3);
+    -- one re-rate at a time: a second run waits, then finds the first one's
+    -- adjustments (a table lock only roles that may write adjustments take)
+    PERFORM billing._lock_table('billing.adjustments');
     RETURN QUERY
     WITH d AS (
         SELECT * FROM billing._rerate_diff(from_ts, to_ts, p_account) x

@@ -5,7 +5,7 @@
 -- at fixed dates; the calls that still pass now() are privilege checks,
 -- the same at any time of day.)
 BEGIN;
-SELECT plan(83);
+SELECT plan(87);
 
 CREATE ROLE r_admin NOLOGIN IN ROLE billing_admin;
 CREATE ROLE r_writer NOLOGIN IN ROLE billing_writer;
@@ -265,6 +265,19 @@ RESET ROLE;
 SELECT is_empty($$SELECT * FROM ro_evil.calls$$,
                 'the metering triggers'' statements never resolve names through the caller''s search_path');
 SELECT is((SELECT count(*) FROM pg_temp.ro_kept), 2::bigint, 'and they still dedupe (one row per event id and account)');
+
+-- the locks compaction and rerate serialize on (#16): no role of billing's
+-- but its owner takes them (a session outside billing took the advisory
+-- locks of earlier versions; test/isolation/specs/lock_squat.spec)
+SET ROLE r_admin;
+SELECT throws_ok($$SELECT billing._lock_table('billing.adjustments')$$, '42501', NULL,
+                 'admin: cannot take the rerate lock');
+SELECT throws_ok($$LOCK TABLE billing.usage_days IN SHARE ROW EXCLUSIVE MODE$$, '42501', NULL,
+                 'nor the compaction lock');
+SELECT throws_ok($$LOCK TABLE billing.adjustments IN SHARE UPDATE EXCLUSIVE MODE$$, '42501', NULL,
+                 'nor the rerate lock by LOCK TABLE');
+RESET ROLE;
+SELECT lives_ok($$SELECT billing._lock_table('billing.adjustments')$$, 'the owner takes it');
 
 SELECT * FROM finish();
 ROLLBACK;

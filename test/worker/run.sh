@@ -189,7 +189,7 @@ exec 7>"$fifo"
 echo "BEGIN; SELECT 'manual', billing.compact_usage();" >&7
 if wait_for w_late "SELECT EXISTS (SELECT 1 FROM pg_stat_activity a, billing.maintenance_status s
                    WHERE a.pid = s.worker_pid AND s.job = 'compact_usage' AND s.last_result = 'running'
-                     AND a.wait_event_type = 'Lock' AND a.wait_event = 'advisory')"; then r=t; else r=f; fi
+                     AND a.wait_event_type = 'Lock' AND a.wait_event = 'relation')"; then r=t; else r=f; fi
 check "the worker's compaction waits while a session's compaction holds the lock" t "$r"
 record w_late 3501 4000 >/dev/null
 echo "COMMIT;" >&7
