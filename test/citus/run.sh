@@ -384,6 +384,49 @@ citus_psql "$CITUS_COORD_PORT" -X -d "$DB" -f test/citus/last_rule.sql >"$WORK/l
 expect_both test/citus/last_rule.out last_rule "last meters: every read path keeps the later arrival of a tie"
 echo "# the tie rule took $(( $(date +%s) - t ))s"
 
+# 4b'. group rows (issue 16): on one node a flush writes the cells of the
+# accounts of a block of 64 ids in one row of usage_deltas; distribute()
+# splits such rows into one row per account, so that each lands on its
+# account's shard: the usage of every account reads the same before and
+# after distribute(), and after compaction on the workers
+t=$(date +%s)
+G=groups
+for p in "$CITUS_COORD_PORT" "${CITUS_WORKER_PORTS[@]}"; do
+    citus_psql "$p" -qc "DROP DATABASE IF EXISTS $G WITH (FORCE)" >/dev/null 2>&1
+done
+if citus_db $G >"$WORK/citus_db_$G.log" 2>&1; then
+    gq() { citus_psql "$CITUS_COORD_PORT" -qAt -d $G -c "$1" 2>&1; }
+    gq "CREATE EXTENSION billing" >/dev/null
+    gq "INSERT INTO billing.meters (meter, aggregation, late_window)
+        VALUES ('g_sum', 'sum', '100 years'), ('g_last', 'last', '100 years')" >/dev/null
+    gq "INSERT INTO billing.accounts (account_id) SELECT generate_series(1, 300)" >/dev/null
+    for b in 1 2; do
+        gq "SELECT accepted FROM billing.ingest('g', 1, $b,
+                ARRAY(SELECT 1 + (i * 7919) % 300 FROM generate_series(1, 3000) i ORDER BY i)::bigint[],
+                ARRAY(SELECT CASE WHEN i % 3 = 0 THEN 'g_last' ELSE 'g_sum' END FROM generate_series(1, 3000) i ORDER BY i),
+                ARRAY(SELECT (i % 17 + $b)::numeric FROM generate_series(1, 3000) i ORDER BY i),
+                ARRAY(SELECT timestamptz '2025-01-10 00:00+00' + (i % 50) * interval '1 minute'
+                        FROM generate_series(1, 3000) i ORDER BY i))" >/dev/null
+    done
+    gusage="SELECT md5(string_agg(format('%s %s %s %s %s', a, u.meter, u.bucket_start, u.quantity, u.events), ','
+                                  ORDER BY a, u.meter, u.bucket_start))
+              FROM generate_series(1, 300) a, billing.usage(a, '2025-01-01', '2025-02-01') u"
+    grows=$(gq "SELECT count(*) FROM billing.usage_deltas WHERE get_byte(cells, 0) = 3")
+    gbefore=$(gq "$gusage")
+    gq "SELECT count(*) FROM billing.distribute()" >/dev/null
+    gafter=$(gq "$gusage")
+    gleft=$(gq "SELECT coalesce(sum(result::int), -1) FROM run_command_on_placements('billing.usage_deltas',
+                    'SELECT count(*) FROM %s WHERE get_byte(cells, 0) = 3')")
+    gq "SELECT billing.compact_usage()" >/dev/null
+    gcompacted=$(gq "$gusage")
+    check "group rows: written on one node ($grows), split by distribute() (left on the shards: $gleft), every account's usage the same after it and after compaction ($gbefore)" \
+        [ "${grows:-0}" -gt 0 -a "$gleft" = 0 -a -n "$gbefore" -a "$gbefore" = "$gafter" -a "$gbefore" = "$gcompacted" ]
+else
+    cat "$WORK/citus_db_$G.log"
+    not_ok "group rows: a Citus database"
+fi
+echo "# group rows took $(( $(date +%s) - t ))s"
+
 # 4c. compaction on the workers, each over its own shards (issue 16 part 3),
 # in a database of its own: test/citus/compact_shards.sql on one node and
 # on the cluster (meters of every aggregation, compacted from each worker
