@@ -35,6 +35,12 @@ DO $$ BEGIN EXECUTE format($f$COPY v_stored (id, org, category, quantity, receiv
 RESET work_mem;
 SELECT count(*) FROM billing._delta_cells(billing._delta_pack(ARRAY['a', 'a', 'b'], ARRAY['', '', 'x'], ARRAY[now(), now(), now()], ARRAY[1e-30, 5, 1e40], ARRAY[1, 2, 3]::bigint[], ARRAY[NULL, NULL, now()]::timestamptz[]));
 DO $$ BEGIN PERFORM * FROM billing._delta_cells('\x01026d3100000002000000'::bytea); EXCEPTION WHEN data_corrupted THEN NULL; END $$;
+-- group rows (one node: accounts 1..20 of the batch above share rows)
+SELECT count(*) FROM billing.usage_cells;
+SELECT count(*) FROM billing.usage(3, now() - interval '3 days', now());
+SELECT count(*) FROM billing.usage_deltas d, billing._delta_rows(d.account_id, d.seq, d.cells, 5) c;
+DO $$ BEGIN PERFORM * FROM billing._delta_rows(0, NULL, '\x030100000000000000000900000000'::bytea, NULL); EXCEPTION WHEN data_corrupted THEN NULL; END $$;
+SELECT billing._lock_table('billing.adjustments');
 SELECT billing.compact_usage();
 SELECT count(*) FROM billing.usage(1, now() - interval '4 days', now(), '1 hour');
 SELECT count(*) FROM billing.invoice_preview(2);
