@@ -7,9 +7,10 @@
  *		- on one node, multi-inserts straight into the heap and index of
  *		  billing.usage_deltas, the way COPY writes, WRITE_BATCH rows at a
  *		  time.  The rows of consecutive accounts of one block of ids
- *		  (billing_delta_group) go into one group row while it stays under
- *		  CELLS_ROW_BYTES (cells.h): a flush over thousands of accounts
- *		  writes a few hundred rows and index entries, not one per account;
+ *		  (billing_delta_group) with few cells each go into one group row
+ *		  while it stays under CELLS_ROW_BYTES (cells.h): a flush over
+ *		  thousands of accounts writes a few hundred rows and index
+ *		  entries, not one per account;
  *		- on Citus, where usage_deltas is a shell here, SQL that Citus routes
  *		  to the shards, all rows at close: one row in a router INSERT, more
  *		  in one INSERT ... SELECT over parallel arrays, which Citus splits by
@@ -36,6 +37,12 @@
 /* the plan of the Citus writer's router INSERT */
 static SPIPlanPtr citus_delta_plan = NULL;
 
+/*
+ * The largest account's part that goes into a group row: an account with
+ * more cells in the flush gets a row of its own
+ */
+#define GROUP_PART_MAX		(CELLS_ROW_BYTES / 8)
+
 /* a DeltaWriter into the heap of billing.usage_deltas */
 typedef struct HeapWriter
 {
@@ -51,6 +58,7 @@ typedef struct HeapWriter
 	CommandId	cid;
 	MemoryContext cxt;			/* holds the writer's own state */
 	MemoryContext rowcxt;		/* the values of the queued rows */
+	MemoryContext groupcxt;		/* the rows of the group being filled */
 	bool		grouping;		/* may rows hold several accounts? */
 	/* the group being filled: its accounts' rows, as they came */
 	int64		gkey;			/* billing_delta_group of its accounts */
@@ -58,7 +66,7 @@ typedef struct HeapWriter
 	int			gbytes;			/* bytes it would take as a group row */
 	int			gcap;
 	int64	   *gaccounts;
-	Datum	   *gcells;			/* copies, in rowcxt */
+	Datum	   *gcells;			/* copies, in groupcxt */
 	int64	   *gseqs;			/* each row's seq, if gwith_seq */
 	bool	   *gwith_seq;
 	StringInfoData gbuf;		/* where a group row is formed */
@@ -99,9 +107,7 @@ heap_flush(HeapWriter *w)
 	}
 	ResetPerTupleExprContext(w->estate);
 	w->n = 0;
-	/* the group being filled keeps its copies */
-	if (w->gn == 0)
-		MemoryContextReset(w->rowcxt);
+	MemoryContextReset(w->rowcxt);
 }
 
 /*
@@ -148,10 +154,16 @@ group_write(HeapWriter *w)
 	if (w->gn == 0)
 		return;
 	if (w->gn == 1)
-		heap_queue(w, w->gaccounts[0], w->gwith_seq[0], w->gseqs[0], w->gcells[0]);
-	else
 	{
 		MemoryContext old = MemoryContextSwitchTo(w->rowcxt);
+		Datum		one = PointerGetDatum(PG_DETOAST_DATUM_COPY(w->gcells[0]));
+
+		MemoryContextSwitchTo(old);
+		heap_queue(w, w->gaccounts[0], w->gwith_seq[0], w->gseqs[0], one);
+	}
+	else
+	{
+		MemoryContext old;
 		bytea	   *row;
 
 		billing_group_begin(&w->gbuf);
@@ -159,19 +171,20 @@ group_write(HeapWriter *w)
 			billing_group_add(&w->gbuf, w->gaccounts[i], w->gwith_seq[i], w->gseqs[i],
 							  (struct varlena *) DatumGetPointer(w->gcells[i]));
 		row = billing_group_end(&w->gbuf);
+		old = MemoryContextSwitchTo(w->rowcxt);
 		row = (bytea *) memcpy(palloc(VARSIZE(row)), row, VARSIZE(row));
 		MemoryContextSwitchTo(old);
 		heap_queue(w, w->gkey, false, 0, PointerGetDatum(row));
 	}
 	w->gn = 0;
-	if (w->n == 0)
-		MemoryContextReset(w->rowcxt);
+	MemoryContextReset(w->groupcxt);
 }
 
 /*
  * heap_add
- *		Add one account's delta row: to the group being filled when the
- *		account is of its block and the group row stays under
+ *		Add one account's delta row: as a row of its own when it holds
+ *		more than GROUP_PART_MAX bytes, else to the group being filled when
+ *		the account is of its block and the group row stays under
  *		CELLS_ROW_BYTES, else to a new group.  The row's value is copied.
  */
 static bool
@@ -184,7 +197,20 @@ heap_add(DeltaWriter *dw, int64 account_id, bool has_seq, int64 seq, Datum cells
 	int			bytes = 8 + 1 + (has_seq ? 8 : 0) + 4 + VARSIZE_ANY_EXHDR(v) - 1;
 	MemoryContext old;
 
-	if (w->gn > 0 && (!w->grouping || key != w->gkey || w->gbytes + bytes > CELLS_ROW_BYTES))
+	if (!w->grouping || bytes > GROUP_PART_MAX)
+	{
+		/*
+		 * A row of its own: grouping is off, or the account has many cells
+		 * (a hot account, whose readers should not have to read through
+		 * its block's other accounts' cells, nor theirs through its)
+		 */
+		old = MemoryContextSwitchTo(w->rowcxt);
+		cells = PointerGetDatum(PG_DETOAST_DATUM_COPY(cells));
+		MemoryContextSwitchTo(old);
+		heap_queue(w, account_id, has_seq, seq, cells);
+		return true;
+	}
+	if (w->gn > 0 && (key != w->gkey || w->gbytes + bytes > CELLS_ROW_BYTES))
 		group_write(w);
 	if (w->gn == 0)
 	{
@@ -205,7 +231,7 @@ heap_add(DeltaWriter *dw, int64 account_id, bool has_seq, int64 seq, Datum cells
 			: palloc(w->gcap * sizeof(bool));
 		MemoryContextSwitchTo(old);
 	}
-	old = MemoryContextSwitchTo(w->rowcxt);
+	old = MemoryContextSwitchTo(w->groupcxt);
 	w->gcells[w->gn] = PointerGetDatum(PG_DETOAST_DATUM_COPY(cells));
 	MemoryContextSwitchTo(old);
 	w->gaccounts[w->gn] = account_id;
@@ -236,6 +262,7 @@ heap_close(DeltaWriter *dw)
 	FreeExecutorState(w->estate);
 	table_close(w->rel, NoLock);
 	MemoryContextDelete(w->rowcxt);
+	MemoryContextDelete(w->groupcxt);
 	if (w->gcap > 0)
 	{
 		pfree(w->gaccounts);
@@ -283,6 +310,7 @@ heap_open(void)
 	w->n = 0;
 	w->cid = GetCurrentCommandId(true);
 	w->rowcxt = AllocSetContextCreate(w->cxt, "billing delta rows", ALLOCSET_DEFAULT_SIZES);
+	w->groupcxt = AllocSetContextCreate(w->cxt, "billing delta group", ALLOCSET_DEFAULT_SIZES);
 	w->grouping = billing_group_rows();
 	initStringInfo(&w->gbuf);
 	return &w->pub;

@@ -125,10 +125,11 @@ SET LOCAL work_mem = '64kB';
 INSERT INTO dl_many SELECT account_id, meter, qty, ts FROM many ORDER BY n;
 RESET work_mem;
 SELECT ok((SELECT count(*) FROM (
-               SELECT DISTINCT d.ctid, c.account_id
+               SELECT d.ctid, c.account_id, c.seq
                  FROM billing.usage_deltas d, billing._delta_rows(d.account_id, d.seq, d.cells, NULL) c
-                WHERE c.account_id BETWEEN 7402 AND 7451 AND c.meter = 'dl_sum') p)
-          < 4 * 50, 'the sum cells of 50 accounts over many flushes: in under 4 rows per account');
+                WHERE c.account_id BETWEEN 7402 AND 7451
+                GROUP BY 1, 2, 3 HAVING bool_and(c.meter <> 'dl_last')) p)
+          < 4 * 50, 'the sum cells of 50 accounts over many flushes: under 4 rows (or parts of group rows) per account');
 SELECT bag_eq(
     $$SELECT account_id, bucket_start, sum(quantity) AS q, sum(events)::bigint AS n
         FROM billing.usage_cells WHERE account_id BETWEEN 7402 AND 7451 AND meter = 'dl_sum'
