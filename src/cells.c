@@ -334,13 +334,34 @@ get_i128_bytes(CellReader *r, int n)
 	return (int128_t) u;
 }
 
-/* a quantity stored as the numeric's text: u16 length, the text */
+/*
+ * a quantity stored as the numeric's text: u16 length, the text, as
+ * numeric_out writes a finite value (an optional minus, digits, and a
+ * point followed by digits): anything else is corrupt (XX001), not input
+ * numeric_in would refuse with an error of its own or, as NaN, accept
+ */
 static Numeric
 read_text_qty(CellReader *r)
 {
 	int			len = (int) get_uint(r, 2);
-	char	   *s = pnstrdup((const char *) take(r, len), len);
+	const char *t = (const char *) take(r, len);
+	int			i = (len > 0 && t[0] == '-') ? 1 : 0;
+	int			digits = 0;
+	char	   *s;
 
+	for (; i < len && t[i] >= '0' && t[i] <= '9'; i++)
+		digits++;
+	if (digits == 0)
+		corrupt();
+	if (i < len)
+	{
+		if (t[i++] != '.' || i == len)
+			corrupt();
+		for (; i < len; i++)
+			if (t[i] < '0' || t[i] > '9')
+				corrupt();
+	}
+	s = pnstrdup(t, len);
 	return DatumGetNumeric(DirectFunctionCall3(numeric_in, CStringGetDatum(s),
 											   ObjectIdGetDatum(InvalidOid),
 											   Int32GetDatum(-1)));

@@ -6,7 +6,7 @@
 -- in one flush is split into rows that stay out of TOAST, and its usage
 -- reads back as sent.
 BEGIN;
-SELECT plan(20);
+SELECT plan(22);
 \ir ../helpers.sql
 SET LOCAL timezone = 'UTC';
 
@@ -82,6 +82,12 @@ SELECT throws_ok($$SELECT * FROM billing._delta_cells('\x04'::bytea)$$, 'XX001',
 SELECT throws_ok($$SELECT * FROM billing._delta_cells(set_byte((SELECT v FROM packed), 11, 64))$$,
                  'XX001', NULL, 'an unknown flag in a cell''s head byte');
 SELECT throws_ok($$SELECT * FROM billing._delta_cells(''::bytea)$$, 'XX001', NULL, 'an empty value');
+-- a quantity kept as text ('0.000...1') with a letter in its digits, or
+-- starting with one (NaN would parse): corrupt, not a numeric input error
+SELECT throws_ok($$SELECT * FROM billing._delta_cells((SELECT set_byte(v, position('\x302e'::bytea IN v) + 1, 120) FROM packed))$$,
+                 'XX001', NULL, 'a text quantity with a letter in its digits');
+SELECT throws_ok($$SELECT * FROM billing._delta_cells((SELECT set_byte(v, position('\x302e'::bytea IN v) - 1, 78) FROM packed))$$,
+                 'XX001', NULL, 'a text quantity starting with a letter');
 
 -- one account sending many cells in one statement: several delta rows,
 -- each small enough to stay in the heap page
