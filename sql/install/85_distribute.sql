@@ -114,6 +114,9 @@ BEGIN
     -- node only, cells.h): split them into one row per account, which
     -- Citus places on the account's shard
     IF billing._citus_table_kind('billing.usage_deltas') IS NULL THEN
+        -- no session writes another group row before the table is
+        -- distributed (ingest waits, then writes through Citus)
+        LOCK TABLE billing.usage_deltas IN EXCLUSIVE MODE;
         WITH grp AS (
             DELETE FROM billing.usage_deltas d
              WHERE get_byte(d.cells, 0) = 3
