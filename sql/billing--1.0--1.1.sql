@@ -10627,7 +10627,11 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'meter "%" does not exist', correct_usage.meter USING ERRCODE = '23503';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM billing.accounts a WHERE a.account_id = correct_usage.account_id) THEN
+    -- the account's row, locked: corrections of one account one at a time
+    -- (ingest only adds, so a bucket cannot race below zero), on a lock only
+    -- roles that may update accounts can take
+    PERFORM 1 FROM billing.accounts a WHERE a.account_id = correct_usage.account_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'account % does not exist', correct_usage.account_id USING ERRCODE = '23503';
     END IF;
     IF m.aggregation NOT IN ('sum', 'count') THEN
@@ -10641,10 +10645,6 @@ BEGIN
                   DETAIL = format('delta must be a number and bucket_start the start of a %s bucket.', m.bucket_width);
     END IF;
     PERFORM billing._check_quantity(delta, correct_usage.meter, correct_usage.account_id);
-    -- corrections of one account one at a time (ingest only adds, so a
-    -- bucket cannot race below zero): its row, which only roles that may
-    -- update accounts can lock
-    PERFORM 1 FROM billing.accounts a WHERE a.account_id = correct_usage.account_id FOR NO KEY UPDATE;
     SELECT coalesce(billing._cell_agg(m.aggregation, u.quantity, u.last_ts, u.last_seq), 0) INTO cur
       FROM billing._cells_in(correct_usage.account_id, correct_usage.bucket_start,
                              correct_usage.bucket_start + interval '1 microsecond',

@@ -5,8 +5,9 @@
  *
  * This file holds the SQL entry points and the batch driver.  An entry
  * point takes the compaction lock (one compaction of the same relations at
- * a time: lock_compaction), loads the meters, makes the memory contexts (the batch's, one
- * row's, the batch's cell array) and chooses the writer: straight into the
+ * a time: lock_compaction), loads the meters, makes the memory contexts
+ * (the batch's, one row's, the batch's cell array) and chooses the
+ * writer: straight into the
  * heap on one node and for a pair of Citus shards on their node, SQL on a
  * Citus coordinator in a transaction block.  The deltas are then taken out batch by batch
  * (compact_deltas.c), each batch folded by billing_compact_fold: sorted and

@@ -6,8 +6,7 @@
  *		billing.compact_usage() -> bigint (the delta cells folded)
  *
  * One compaction at a time (a SHARE ROW EXCLUSIVE lock on usage_days);
- * ingest goes on meanwhile,
- * since it only appends.  The deltas are taken out by one DELETE ...
+ * ingest goes on meanwhile, since it only appends.  The deltas are taken out by one DELETE ...
  * RETURNING read through a cursor (its rows wait in a tuplestore, which
  * spills to disk), and folded in batches whose cells fit in
  * maintenance_work_mem.  A batch:

@@ -193,15 +193,15 @@ fixed_quantity(BatchCell *b, int128_t dec)
 
 /*
  * add_cells
- *		Decode the cells r reads, of account, into the batch.
+ *		Decode the cells r reads, one account's part seg of a delta row,
+ *		into the batch.
  */
 static void
-add_cells(Compaction *cp, CellReader *rd, int64 account, bool seq_null, int64 seq)
+add_cells(Compaction *cp, CellReader *r, const DeltaSegment *seg)
 {
-	CellReader	r = *rd;
 	CellSeries	s;
 
-	while (billing_cells_next_series(&r, &s))
+	while (billing_cells_next_series(r, &s))
 	{
 		Series	   *ser = series_of(cp, &s);
 
@@ -210,7 +210,7 @@ add_cells(Compaction *cp, CellReader *rd, int64 account, bool seq_null, int64 se
 			Cell		c;
 			BatchCell  *b;
 
-			billing_cells_next(&r, &s, &c);
+			billing_cells_next(r, &s, &c);
 			if (ser == NULL)
 				continue;
 			if (cp->ncells == cp->cells_cap)
@@ -220,7 +220,7 @@ add_cells(Compaction *cp, CellReader *rd, int64 account, bool seq_null, int64 se
 				cp->cells = repalloc_huge(cp->cells, cp->cells_cap * sizeof(BatchCell));
 			}
 			b = &cp->cells[cp->ncells++];
-			b->account = account;
+			b->account = seg->account_id;
 			b->series = ser->index;
 			b->c.bucket = c.bucket_start;
 			b->c.events = c.events;
@@ -233,7 +233,7 @@ add_cells(Compaction *cp, CellReader *rd, int64 account, bool seq_null, int64 se
 			if (s.is_last)
 			{
 				b->c.last_ts = c.last_ts;
-				b->c.last_seq = seq_null ? AGG_NO_SEQ : seq;
+				b->c.last_seq = seg->has_seq ? seg->seq : AGG_NO_SEQ;
 			}
 			else
 			{
@@ -262,7 +262,7 @@ add_delta_row(Compaction *cp, int64 row_account, bool seq_null, int64 seq, bytea
 	billing_segments_open(&segs, row_account, !seq_null, seq, VARDATA_ANY(packed),
 						  VARSIZE_ANY_EXHDR(packed));
 	while (billing_segments_next(&segs, &seg, &r))
-		add_cells(cp, &r, seg.account_id, !seg.has_seq, seg.seq);
+		add_cells(cp, &r, &seg);
 	MemoryContextSwitchTo(old);
 }
 
