@@ -38,6 +38,13 @@
 #   BENCH_SUSTAIN_PAUSE=0           seconds each ingest client sleeps
 #                                   between batches (0: flat out)
 #   BENCH_SUSTAIN_SAMPLE_S=5        seconds between backlog samples
+#   BENCH_SUSTAIN_CONTROL_S=30      seconds of each control phase (0: none)
+#
+# Control phases (info rows, before the load, worker still off): the same
+# preview loop for BENCH_SUSTAIN_CONTROL_S seconds on an idle server, then
+# while one backend per core ($(nproc)) burns CPU and does nothing else.
+# They separate what the machine's scheduler adds to a preview's latency
+# when every core is busy from what billing's own load adds.
 #
 #   BENCH_ONLY=sustain BENCH_SUSTAIN_S=60 make bench
 set -euo pipefail
@@ -50,6 +57,7 @@ INTERVAL=${BENCH_SUSTAIN_INTERVAL:-10}
 COPY_ROWS=${BENCH_SUSTAIN_COPY_ROWS:-50000}
 INGEST_ROWS=${BENCH_SUSTAIN_INGEST_ROWS:-10000}
 PAUSE=${BENCH_SUSTAIN_PAUSE:-0}
+CONTROL_S=${BENCH_SUSTAIN_CONTROL_S:-30}
 SAMPLE_S=${BENCH_SUSTAIN_SAMPLE_S:-5}
 TMP=${BENCH_TMP:?BENCH_TMP must be a directory the server can write (see run.sh)}
 COPY_FILE=$TMP/sustain_copy.tsv
@@ -171,6 +179,42 @@ q -At -c "SELECT setseed(0.6)" -c "
     SELECT format('SELECT accepted FROM billing.ingest(%L, 1, :off, %L::bigint[], %L::text[], %L::numeric[], array_fill(now(), ARRAY[%s]));',
                   'sustain', array_agg(a), array_agg(m), array_agg(qty), count(*))
       FROM ($(printf "$ROWGEN" "$INGEST_ROWS")) x" | tail -1 >"$INGEST_FILE"
+
+# ------------------------------------------------------- control phases
+
+# lat_summary TABLE: previews, p50, p95, waited % and the p95 less the wait
+lat_summary() {
+    qv "SELECT count(*) || '|' || round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 3)
+               || '|' || round(percentile_cont(0.95) WITHIN GROUP (ORDER BY ms)::numeric, 3)
+               || '|' || coalesce(round(100.0 * count(*) FILTER (WHERE wait_ms > 0.5) / nullif(count(*), 0), 1)::text, '-')
+               || '|' || coalesce(round((percentile_cont(0.95) WITHIN GROUP (ORDER BY ms - wait_ms))::numeric, 3)::text, '-')
+          FROM $1"
+}
+if [ "$CONTROL_S" -gt 0 ]; then
+    control() {  # LABEL BURNERS
+        local burners=() i t
+        q -c "TRUNCATE public.preview_lat"
+        for ((i = 0; i < $2; i++)); do
+            q -c "SET statement_timeout = '$((CONTROL_S + 5))s'" \
+              -c "SELECT count(*) FROM generate_series(1, 1000000000000::bigint)" >/dev/null 2>&1 &
+            burners+=($!)
+        done
+        [ "$2" = 0 ] || sleep 1
+        t=$(( $(date +%s) + CONTROL_S ))
+        q -c "CALL public.preview_loop(to_timestamp($t), 0.1)"
+        for i in "${burners[@]}"; do kill "$i" 2>/dev/null || true; done
+        psql -X -q -d postgres -c "SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+                                    WHERE datname = '$DB' AND query LIKE '%generate_series(1, 1000000000000%'
+                                      AND pid <> pg_backend_pid()" >/dev/null
+        wait "${burners[@]}" 2>/dev/null || true
+        IFS='|' read -r cn c50 c95 cw c95w <<<"$(lat_summary public.preview_lat)"
+        echo "control, $1: $cn previews, p50 $c50 ms, p95 $c95 ms, waited for a CPU $cw%, p95 less the wait $c95w ms"
+    }
+    echo "control phases ($CONTROL_S s each, worker off):"
+    control "idle server" 0
+    control "$(nproc) backends burning CPU, no billing load" "$(nproc)"
+    q -c "TRUNCATE public.preview_lat"
+fi
 
 # ------------------------------------------------------- the worker, on
 
