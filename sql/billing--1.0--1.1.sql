@@ -10729,3 +10729,153 @@ COMMENT ON FUNCTION billing._rerate(timestamptz, timestamptz, bigint, boolean, t
     'Internal: the body of billing.rerate';
 
 -- ---- end of locks no session outside billing can hold ----
+
+-- ---- the account range of each delta row in its index (src/cells.c, src/totals.c) ----
+-- The index of usage_deltas keeps the least and the greatest account with
+-- cells in each row (billing._delta_first, _delta_last), so that a reader
+-- of one account skips, in the index, the group rows of its block that do
+-- not hold it.  On Citus (no group rows there) the index stays on
+-- account_id alone, which the readers handle as before.
+CREATE FUNCTION billing._delta_first(account_id bigint, cells bytea) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_delta_first'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION billing._delta_first(bigint, bytea) IS
+    'Internal: the least account with cells in a row of usage_deltas (its account_id and cells): the row''s own account, or the least of a group row''s';
+CREATE FUNCTION billing._delta_last(account_id bigint, cells bytea) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_delta_last'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION billing._delta_last(bigint, bytea) IS
+    'Internal: the greatest account with cells in a row of usage_deltas (its account_id and cells): the row''s own account, or the greatest of a group row''s';
+REVOKE ALL ON FUNCTION billing._delta_first(bigint, bytea) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._delta_first(bigint, bytea) TO billing_reader;
+REVOKE ALL ON FUNCTION billing._delta_last(bigint, bytea) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._delta_last(bigint, bytea) TO billing_reader;
+DO $$
+BEGIN
+    IF billing._citus_table_kind('billing.usage_deltas') IS NULL THEN
+        DROP INDEX billing.usage_deltas_account;
+        CREATE INDEX usage_deltas_account ON billing.usage_deltas
+            (account_id, billing._delta_first(account_id, cells), billing._delta_last(account_id, cells));
+    END IF;
+END
+$$;
+-- ---- end of the account range of each delta row in its index ----
+
+
+-- ---- invoice_preview: earlier periods booked as finalize books them, and found behind a later invoice (sql/install/50_invoices.sql) ----
+-- The earlier periods a preview builds first are booked (a window ending in
+-- one rolls its rest over into a grant the previewed period draws from), a
+-- period with no invoice behind a later one that has one is found, and a
+-- period already finalized previews as its invoice.
+CREATE OR REPLACE FUNCTION billing._invoice_preview(p_account bigint, p_at timestamptz)
+    RETURNS TABLE (r_line_no int, r_kind text, r_meter text, r_description text,
+                   r_period_start timestamptz, r_period_end timestamptz,
+                   r_quantity numeric, r_amount numeric, r_dimension text)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    p record;
+BEGIN
+    -- the period's segments (its spend cap: the last one's)
+    SELECT min(s.segment_start) AS ps, max(s.segment_end) AS pe, min(s.currency) AS currency,
+           (array_agg(s.spend_cap ORDER BY s.segment_start DESC))[1] AS cap,
+           array_agg(s.plan ORDER BY s.segment_start) AS plans,
+           array_agg(s.segment_start ORDER BY s.segment_start) AS starts,
+           array_agg(s.segment_end ORDER BY s.segment_start) AS ends
+      INTO p
+      FROM billing._segments(ARRAY[p_account], ARRAY[p_at]) s;
+    IF p.plans IS NULL THEN
+        RETURN;               -- no subscription at p_at
+    END IF;
+    -- a period already finalized stands as its invoice: rebuilt, it would
+    -- show today's rating and the pending adjustments that correct it
+    -- (which go on the next invoice), and draw credits a second time
+    IF EXISTS (SELECT 1 FROM billing.invoices i
+                WHERE i.account_id = p_account AND i.period_start = p.ps AND i.status = 'finalized') THEN
+        RETURN QUERY
+        SELECT l.line_no, l.kind, l.meter::text, l.description, i.period_start, i.period_end,
+               l.quantity, l.amount, l.dimension::text
+          FROM billing.invoices i
+               JOIN billing.invoice_lines l ON l.account_id = i.account_id AND l.invoice_id = i.invoice_id
+         WHERE i.account_id = p_account AND i.period_start = p.ps AND i.status = 'finalized'
+         ORDER BY l.line_no;
+        RETURN;
+    END IF;
+    -- earlier periods without an invoice (what _due_periods would find): a
+    -- subscription that started before the period and whose first period
+    -- after the latest invoice overlapping it (its first period, if none)
+    -- starts before the period and before the subscription ends.  One index
+    -- probe per subscription; a hole behind a later invoice is seen too.
+    IF NOT EXISTS (
+        SELECT 1 FROM billing.subscriptions s
+         WHERE s.account_id = p_account AND s.starts_at < p.ps
+           AND coalesce((SELECT max(i.period_end) FROM billing.invoices i
+                          WHERE i.account_id = p_account
+                            AND i.period_start < coalesce(s.ends_at, 'infinity')
+                            AND i.period_end > s.starts_at), s.starts_at)
+               < least(coalesce(s.ends_at, 'infinity'), p.ps)) THEN
+        -- the build's rows come in invoice order; without booking, all are lines
+        RETURN QUERY
+        SELECT b.n::integer, b.kind, b.meter, b.description, p.ps, p.pe, b.quantity, b.amount,
+               b.dimension
+          FROM billing._invoice_build(ARRAY[p_account], ARRAY[p.currency], ARRAY[p.cap], ARRAY[p.ps],
+                                      ARRAY[p.pe], ARRAY[true], array_fill(1, ARRAY[cardinality(p.plans)]),
+                                      p.plans, p.starts, p.ends)
+                   WITH ORDINALITY AS b(idx, ord, kind, meter, description, quantity, amount,
+                                        unrounded_amount, charge_id, price, adjustment_id,
+                                        commitment_id, grant_id, segment_start, segment_end,
+                                        proration, effective_at, expires_at, source_grant, dimension, n);
+        RETURN;
+    END IF;
+    -- the earlier periods (as finalize_invoices groups them), then this one,
+    -- booked as finalize books them: a window ending in an earlier period
+    -- rolls its rest over into a grant this period may draw from.  Of this
+    -- period's rows only its invoice lines are shown (its own expiries and
+    -- rollovers come after its draws).
+    RETURN QUERY
+    WITH d AS MATERIALIZED (
+        SELECT * FROM billing._due_periods(p.ps, ARRAY[p_account])
+    ), per AS (
+        -- the earlier periods, then this one (k: its index in the build)
+        SELECT y.*, (row_number() OVER (ORDER BY y.period_start))::integer AS k
+          FROM (SELECT DISTINCT d.currency, d.spend_cap, d.period_start, d.period_end FROM d
+                UNION ALL
+                SELECT p.currency, p.cap, p.ps, p.pe) y
+    ), seg AS (
+        SELECT per.k, d.segment_plan AS plan, d.segment_start, d.segment_end
+          FROM d JOIN per ON per.period_start = d.period_start
+        UNION ALL
+        SELECT per.k, x.plan, x.s, x.e
+          FROM per, unnest(p.plans, p.starts, p.ends) AS x(plan, s, e)
+         WHERE per.period_start = p.ps
+    ), pa AS (
+        SELECT array_agg(p_account ORDER BY per.k) AS accounts,
+               array_agg(per.currency ORDER BY per.k) AS currencies,
+               array_agg(per.spend_cap ORDER BY per.k) AS caps,
+               array_agg(per.period_start ORDER BY per.k) AS starts,
+               array_agg(per.period_end ORDER BY per.k) AS ends,
+               array_agg(per.k = 1 ORDER BY per.k) AS firsts,
+               max(per.k) AS this_k
+          FROM per
+    ), sa AS (
+        SELECT array_agg(seg.k ORDER BY seg.k, seg.segment_start) AS idx,
+               array_agg(seg.plan ORDER BY seg.k, seg.segment_start) AS plans,
+               array_agg(seg.segment_start ORDER BY seg.k, seg.segment_start) AS starts,
+               array_agg(seg.segment_end ORDER BY seg.k, seg.segment_start) AS ends
+          FROM seg
+    )
+    SELECT (row_number() OVER (ORDER BY b.n))::integer, b.kind, b.meter, b.description, p.ps, p.pe,
+           b.quantity, b.amount, b.dimension
+      FROM pa, sa,
+           LATERAL billing._invoice_build(pa.accounts, pa.currencies, pa.caps, pa.starts, pa.ends,
+                                          pa.firsts, sa.idx, sa.plans, sa.starts, sa.ends,
+                                          false, true)
+               WITH ORDINALITY AS b(idx, ord, kind, meter, description, quantity, amount,
+                                    unrounded_amount, charge_id, price, adjustment_id,
+                                    commitment_id, grant_id, segment_start, segment_end,
+                                    proration, effective_at, expires_at, source_grant, dimension, n)
+     WHERE b.idx = pa.this_k AND billing._is_invoice_line(b.kind)
+     ORDER BY b.n;
+END
+$$;
+-- ---- end of invoice_preview: earlier periods booked, and found behind a later invoice ----

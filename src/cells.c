@@ -27,6 +27,8 @@ PG_FUNCTION_INFO_V1(billing_delta_cells);
 PG_FUNCTION_INFO_V1(billing_delta_pack);
 PG_FUNCTION_INFO_V1(billing_delta_rows);
 PG_FUNCTION_INFO_V1(billing_delta_key);
+PG_FUNCTION_INFO_V1(billing_delta_first);
+PG_FUNCTION_INFO_V1(billing_delta_last);
 
 /* ---------------------------------------------------------------------
  * Writing
@@ -661,6 +663,102 @@ billing_delta_rows(PG_FUNCTION_ARGS)
 			put_cells(rsinfo, &r, tmp, &seg);
 	MemoryContextDelete(tmp);
 	return (Datum) 0;
+}
+
+/*
+ * billing_delta_span
+ *		The least and the greatest account with cells in a delta row
+ *		(row_account, and data[0..len) its value without the varlena
+ *		header): the row's own account for a row of one account, the
+ *		least and greatest of its segments' for a group row.  It reads the
+ *		segments' headers only, and never raises: a group row whose
+ *		headers are not what billing writes spans every account, so that
+ *		every reader of its key still reads it and reports it (XX001).
+ */
+void
+billing_delta_span(int64 row_account, const char *data, int len, int64 *first, int64 *last)
+{
+	const unsigned char *p = (const unsigned char *) data + 1;
+	const unsigned char *end = (const unsigned char *) data + len;
+	int64		lo = PG_INT64_MAX;
+	int64		hi = PG_INT64_MIN;
+	bool		bad = false;
+
+	*first = *last = row_account;
+	if (len < 1 || (unsigned char) data[0] != CELLS_GROUPED)
+		return;
+	while (p < end && !bad)
+	{
+		uint64		account = 0;
+		uint32		n = 0;
+		int			flags;
+		int			head;
+
+		if (end - p < 8 + 1)
+		{
+			bad = true;
+			break;
+		}
+		for (int i = 0; i < 8; i++)
+			account |= (uint64) p[i] << (8 * i);
+		flags = p[8];
+		head = 8 + 1 + ((flags & CELLS_SEG_SEQ) ? 8 : 0) + 4;
+		if ((flags & ~CELLS_SEG_SEQ) != 0 || end - p < head)
+		{
+			bad = true;
+			break;
+		}
+		for (int i = 0; i < 4; i++)
+			n |= (uint32) p[head - 4 + i] << (8 * i);
+		p += head;
+		if ((uint64) (end - p) < n)
+		{
+			bad = true;
+			break;
+		}
+		p += n;
+		lo = Min(lo, (int64) account);
+		hi = Max(hi, (int64) account);
+	}
+	if (bad || lo > hi)
+	{
+		/* not what billing writes: every reader of the key reads it */
+		*first = PG_INT64_MIN;
+		*last = PG_INT64_MAX;
+		return;
+	}
+	*first = lo;
+	*last = hi;
+}
+
+/*
+ * billing._delta_first(account_id bigint, cells bytea) RETURNS bigint
+ * billing._delta_last(account_id bigint, cells bytea) RETURNS bigint
+ *		The least and the greatest account with cells in a row of
+ *		billing.usage_deltas (billing_delta_span): the second and third
+ *		columns of its index, so that a reader of one account skips, in
+ *		the index, the group rows of its block that do not hold it.
+ */
+Datum
+billing_delta_first(PG_FUNCTION_ARGS)
+{
+	bytea	   *b = PG_GETARG_BYTEA_PP(1);
+	int64		first,
+				last;
+
+	billing_delta_span(PG_GETARG_INT64(0), VARDATA_ANY(b), VARSIZE_ANY_EXHDR(b), &first, &last);
+	PG_RETURN_INT64(first);
+}
+
+Datum
+billing_delta_last(PG_FUNCTION_ARGS)
+{
+	bytea	   *b = PG_GETARG_BYTEA_PP(1);
+	int64		first,
+				last;
+
+	billing_delta_span(PG_GETARG_INT64(0), VARDATA_ANY(b), VARSIZE_ANY_EXHDR(b), &first, &last);
+	PG_RETURN_INT64(last);
 }
 
 /*

@@ -40,7 +40,9 @@
  * seq is NULL; a row of one account is written as version 2 under the
  * account's own id.
  * Readers of an account look under both keys and keep only its segments
- * (billing_segments_open/next).  Group rows are written on one node only:
+ * (billing_segments_open/next).  The index of usage_deltas also keeps the
+ * least and greatest account of each row (billing_delta_span), so that a
+ * reader skips, in the index, the rows of its block that cannot hold it.  Group rows are written on one node only:
  * on Citus a row lives on its account's shard.
  *
  * Integers are little-endian whatever the machine, so a dump restores on
@@ -166,6 +168,14 @@ typedef struct DeltaSegment
 extern void billing_segments_open(DeltaSegments *s, int64 row_account, bool has_seq,
 								  int64 seq, const char *data, int len);
 extern bool billing_segments_next(DeltaSegments *s, DeltaSegment *seg, CellReader *r);
+
+/*
+ * The least and the greatest account with cells in a delta row (its
+ * account_id and value): what the second and third columns of the index
+ * usage_deltas_account hold (billing._delta_first, _delta_last)
+ */
+extern void billing_delta_span(int64 row_account, const char *data, int len,
+							   int64 *first, int64 *last);
 
 /* writing a group row into buf: begin, then add each account's value */
 extern void billing_group_begin(StringInfo buf);

@@ -56,8 +56,10 @@
 #include "access/tableam.h"
 #include "catalog/namespace.h"
 #include "common/int.h"
+#include "catalog/pg_index.h"
 #include "catalog/pg_type.h"
 #include "executor/tuptable.h"
+#include "nodes/primnodes.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
@@ -66,6 +68,7 @@
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
+#include "utils/relcache.h"
 #include "utils/memutils.h"
 #include "utils/numeric.h"
 #include "utils/rel.h"
@@ -105,6 +108,7 @@ typedef struct DeltaTable
 	TupleTableSlot *slot;
 	AttrNumber	att_seq;
 	AttrNumber	att_cells;
+	bool		spans;			/* the index keeps each row's account range */
 } DeltaTable;
 
 /* the aggregate of one meter over one period: a cell folded by agg.c */
@@ -174,24 +178,64 @@ close_table(CellTable *t)
 	close_scan(t->heap, t->index, t->scan, t->slot);
 }
 
+/* is expression e a call of billing.<name>(account_id, cells)? */
+static bool
+is_span_call(Node *e, const char *name, Oid nsp, AttrNumber account, AttrNumber cells)
+{
+	FuncExpr   *f = (FuncExpr *) e;
+	char	   *fname;
+	bool		ok;
+
+	if (!IsA(e, FuncExpr) || list_length(f->args) != 2 ||
+		!IsA(linitial(f->args), Var) || ((Var *) linitial(f->args))->varattno != account ||
+		!IsA(lsecond(f->args), Var) || ((Var *) lsecond(f->args))->varattno != cells ||
+		get_func_namespace(f->funcid) != nsp)
+		return false;
+	fname = get_func_name(f->funcid);
+	ok = fname != NULL && strcmp(fname, name) == 0;
+	if (fname)
+		pfree(fname);
+	return ok;
+}
+
 /*
  * open_deltas
  *		Open billing.usage_deltas and its index on account_id, checked to
- *		begin with account_id, for index scans.
+ *		begin with account_id, for index scans.  When the index is 1.1's,
+ *		(account_id, _delta_first(account_id, cells), _delta_last(account_id,
+ *		cells)), t->spans is set: a scan for one account then also bounds
+ *		the rows' account range, and skips in the index the group rows of
+ *		the account's block that cannot hold it.  (A 1.0 install served by
+ *		this library has the index on account_id alone.)
  */
 static void
 open_deltas(DeltaTable *t, Snapshot snapshot)
 {
+	Form_pg_index ix;
+	AttrNumber	att_account;
+
 	t->heap = table_open(billing_relid("usage_deltas"), AccessShareLock);
 	t->index = index_open(billing_relid("usage_deltas_account"), AccessShareLock);
-	if (t->index->rd_index->indrelid != RelationGetRelid(t->heap) ||
-		t->index->rd_index->indnkeyatts < 1 ||
-		t->index->rd_index->indkey.values[0] != column_number(t->heap, "account_id"))
+	ix = t->index->rd_index;
+	att_account = column_number(t->heap, "account_id");
+	if (ix->indrelid != RelationGetRelid(t->heap) || ix->indnkeyatts < 1 ||
+		ix->indkey.values[0] != att_account)
 		elog(ERROR, "billing.usage_deltas_account is not an index of usage_deltas on (account_id, ...)");
 	t->att_seq = column_number(t->heap, "seq");
 	t->att_cells = column_number(t->heap, "cells");
+	t->spans = false;
+	if (ix->indnkeyatts == 3 && ix->indkey.values[1] == 0 && ix->indkey.values[2] == 0)
+	{
+		List	   *exprs = RelationGetIndexExpressions(t->index);
+		Oid			nsp = RelationGetNamespace(t->heap);
+
+		t->spans = list_length(exprs) == 2 &&
+			is_span_call(linitial(exprs), "_delta_first", nsp, att_account, t->att_cells) &&
+			is_span_call(lsecond(exprs), "_delta_last", nsp, att_account, t->att_cells);
+		list_free_deep(exprs);
+	}
 	t->slot = table_slot_create(t->heap, NULL);
-	t->scan = index_beginscan(t->heap, t->index, snapshot, 1, 0);
+	t->scan = index_beginscan(t->heap, t->index, snapshot, t->spans ? 3 : 1, 0);
 }
 
 /* close what open_deltas opened */
@@ -543,10 +587,13 @@ fold_deltas(DeltaTable *t, int64 account, TimestampTz ps, TimestampTz pe, Period
 
 	for (int ki = 0; ki < (keys[1] == keys[0] ? 1 : 2); ki++)
 	{
-		ScanKeyData key;
+		ScanKeyData key[3];
 
-		ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(keys[ki]));
-		index_rescan(t->scan, &key, 1, NULL, 0);
+		/* the rows under the key that may hold the account: first <= it <= last */
+		ScanKeyInit(&key[0], 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(keys[ki]));
+		ScanKeyInit(&key[1], 2, BTLessEqualStrategyNumber, F_INT8LE, Int64GetDatum(account));
+		ScanKeyInit(&key[2], 3, BTGreaterEqualStrategyNumber, F_INT8GE, Int64GetDatum(account));
+		index_rescan(t->scan, key, t->spans ? 3 : 1, NULL, 0);
 		while (index_getnext_slot(t->scan, ForwardScanDirection, t->slot))
 		{
 			bool		null_cells,

@@ -55,7 +55,6 @@ CREATE TABLE billing.usage_deltas (
     seq         bigint,             -- arrival order, when cells holds a last meter
     cells       bytea NOT NULL      -- packed cells: read with billing._delta_rows
 );
-CREATE INDEX usage_deltas_account ON billing.usage_deltas (account_id);
 COMMENT ON TABLE billing.usage_deltas IS
     'Usage counted since the last compact_usage(): per flush of an ingest statement, one row per account with the cells it touched, packed, or on one node one group row for the accounts of a block of 64 ids; appended, never updated';
 
@@ -99,6 +98,24 @@ CREATE FUNCTION billing._delta_key(account_id bigint) RETURNS bigint
     LANGUAGE C STABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION billing._delta_key(bigint) IS
     'Internal: the account_id of the group rows of usage_deltas that may hold an account''s cells (the account''s own where billing is distributed: no group rows there); read rows with account_id = ANY (ARRAY[account, key]) through billing._delta_rows';
+
+CREATE FUNCTION billing._delta_first(account_id bigint, cells bytea) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_delta_first'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION billing._delta_first(bigint, bytea) IS
+    'Internal: the least account with cells in a row of usage_deltas (its account_id and cells): the row''s own account, or the least of a group row''s';
+CREATE FUNCTION billing._delta_last(account_id bigint, cells bytea) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'billing_delta_last'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION billing._delta_last(bigint, bytea) IS
+    'Internal: the greatest account with cells in a row of usage_deltas (its account_id and cells): the row''s own account, or the greatest of a group row''s';
+-- the rows of an account: its own (account_id = it) and the group rows of
+-- its block that hold it (account_id = billing._delta_key(it), first <= it
+-- <= last).  The account range is in the index, so that a reader of one
+-- account skips there the group rows of its block that do not hold it
+-- (src/totals.c): a busy block has several group rows per flush.
+CREATE INDEX usage_deltas_account ON billing.usage_deltas
+    (account_id, billing._delta_first(account_id, cells), billing._delta_last(account_id, cells));
 
 CREATE FUNCTION billing._delta_pack(meters text[], dimensions text[], bucket_starts timestamptz[],
                                     quantities numeric[], events bigint[], last_ts timestamptz[])

@@ -282,10 +282,11 @@ COMMENT ON FUNCTION billing._adjustment_text(billing.adjustments) IS
  * When earlier periods of the account have no invoice yet (the grace
  * period, or finalize lagging), finalize will build them first, and they
  * draw credits, count toward minimum windows and take the pending
- * adjustments before this one: they are built with it, as finalize will,
- * and only this period's lines are returned.  Two index probes tell
- * whether there are any (the latest invoice before the period, and a
- * subscription starting before it).
+ * adjustments before this one, and their windows' rollovers are booked
+ * into grants it may draw from: they are built with it and booked, as
+ * finalize will, and only this period's lines are returned.  An index
+ * probe per subscription of the account tells whether there are any.  A
+ * period already finalized returns its invoice's lines.
  */
 CREATE FUNCTION billing._invoice_preview(p_account bigint, p_at timestamptz)
     RETURNS TABLE (r_line_no int, r_kind text, r_meter text, r_description text,
@@ -295,7 +296,6 @@ CREATE FUNCTION billing._invoice_preview(p_account bigint, p_at timestamptz)
     SET search_path = pg_catalog, billing, pg_temp AS $$
 DECLARE
     p record;
-    last_end timestamptz;
 BEGIN
     -- the period's segments (its spend cap: the last one's)
     SELECT min(s.segment_start) AS ps, max(s.segment_end) AS pe, min(s.currency) AS currency,
@@ -308,15 +308,33 @@ BEGIN
     IF p.plans IS NULL THEN
         RETURN;               -- no subscription at p_at
     END IF;
-    -- earlier periods without an invoice: only if the latest invoice before
-    -- the period does not end at its start, and a subscription started before
-    SELECT i.period_end INTO last_end
-      FROM billing.invoices i
-     WHERE i.account_id = p_account AND i.period_start < p.ps
-     ORDER BY i.period_start DESC LIMIT 1;
-    IF last_end IS NOT DISTINCT FROM p.ps
-       OR NOT EXISTS (SELECT 1 FROM billing.subscriptions s
-                       WHERE s.account_id = p_account AND s.starts_at < p.ps) THEN
+    -- a period already finalized stands as its invoice: rebuilt, it would
+    -- show today's rating and the pending adjustments that correct it
+    -- (which go on the next invoice), and draw credits a second time
+    IF EXISTS (SELECT 1 FROM billing.invoices i
+                WHERE i.account_id = p_account AND i.period_start = p.ps AND i.status = 'finalized') THEN
+        RETURN QUERY
+        SELECT l.line_no, l.kind, l.meter::text, l.description, i.period_start, i.period_end,
+               l.quantity, l.amount, l.dimension::text
+          FROM billing.invoices i
+               JOIN billing.invoice_lines l ON l.account_id = i.account_id AND l.invoice_id = i.invoice_id
+         WHERE i.account_id = p_account AND i.period_start = p.ps AND i.status = 'finalized'
+         ORDER BY l.line_no;
+        RETURN;
+    END IF;
+    -- earlier periods without an invoice (what _due_periods would find): a
+    -- subscription that started before the period and whose first period
+    -- after the latest invoice overlapping it (its first period, if none)
+    -- starts before the period and before the subscription ends.  One index
+    -- probe per subscription; a hole behind a later invoice is seen too.
+    IF NOT EXISTS (
+        SELECT 1 FROM billing.subscriptions s
+         WHERE s.account_id = p_account AND s.starts_at < p.ps
+           AND coalesce((SELECT max(i.period_end) FROM billing.invoices i
+                          WHERE i.account_id = p_account
+                            AND i.period_start < coalesce(s.ends_at, 'infinity')
+                            AND i.period_end > s.starts_at), s.starts_at)
+               < least(coalesce(s.ends_at, 'infinity'), p.ps)) THEN
         -- the build's rows come in invoice order; without booking, all are lines
         RETURN QUERY
         SELECT b.n::integer, b.kind, b.meter, b.description, p.ps, p.pe, b.quantity, b.amount,
@@ -330,7 +348,11 @@ BEGIN
                                         proration, effective_at, expires_at, source_grant, dimension, n);
         RETURN;
     END IF;
-    -- the earlier periods (as finalize_invoices groups them), then this one
+    -- the earlier periods (as finalize_invoices groups them), then this one,
+    -- booked as finalize books them: a window ending in an earlier period
+    -- rolls its rest over into a grant this period may draw from.  Of this
+    -- period's rows only its invoice lines are shown (its own expiries and
+    -- rollovers come after its draws).
     RETURN QUERY
     WITH d AS MATERIALIZED (
         SELECT * FROM billing._due_periods(p.ps, ARRAY[p_account])
@@ -367,12 +389,13 @@ BEGIN
            b.quantity, b.amount, b.dimension
       FROM pa, sa,
            LATERAL billing._invoice_build(pa.accounts, pa.currencies, pa.caps, pa.starts, pa.ends,
-                                          pa.firsts, sa.idx, sa.plans, sa.starts, sa.ends)
+                                          pa.firsts, sa.idx, sa.plans, sa.starts, sa.ends,
+                                          false, true)
                WITH ORDINALITY AS b(idx, ord, kind, meter, description, quantity, amount,
                                     unrounded_amount, charge_id, price, adjustment_id,
                                     commitment_id, grant_id, segment_start, segment_end,
                                     proration, effective_at, expires_at, source_grant, dimension, n)
-     WHERE b.idx = pa.this_k
+     WHERE b.idx = pa.this_k AND billing._is_invoice_line(b.kind)
      ORDER BY b.n;
 END
 $$;

@@ -7,7 +7,7 @@
 -- with the events sent, before compaction, after it, and mixed.  The
 -- byte format of a group row is pinned; corrupt ones raise XX001.
 BEGIN;
-SELECT plan(27);
+SELECT plan(32);
 \ir ../helpers.sql
 SET LOCAL timezone = 'UTC';
 
@@ -131,6 +131,28 @@ SELECT is(pg_temp.diff('by_unique', 1), 0::bigint, 'uncompacted: unique counts a
 -- batch 2 on top, then compaction of both
 SELECT is(pg_temp.send(2), 2000::bigint, 'batch 2 accepted');
 SELECT is(pg_temp.diff('by_totals', 2), 0::bigint, 'two batches uncompacted: the C totals (last rule across calls)');
+-- the index keeps each row's account range (_delta_first, _delta_last):
+-- the C totals of an account take from the index only the rows under its
+-- keys whose range holds it, not every group row of its block
+CREATE TEMP TABLE range_rows AS
+SELECT count(*) FILTER (WHERE billing._delta_first(d.account_id, d.cells) <= a
+                          AND billing._delta_last(d.account_id, d.cells) >= a) AS in_range,
+       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM billing._delta_rows(d.account_id, d.seq, d.cells, a))) AS holding,
+       count(*) AS under_keys
+  FROM generate_series(7600::bigint, 7850) a
+       JOIN billing.usage_deltas d ON d.account_id IN (a, a & ~63::bigint);
+CREATE TEMP TABLE idx_before AS
+SELECT pg_stat_get_xact_tuples_returned('billing.usage_deltas_account'::regclass) AS n;
+SELECT count(*) FROM billing._rollup_totals(
+    ARRAY(SELECT generate_series(7600::bigint, 7850)),
+    array_fill('2025-03-12 00:00+00'::timestamptz, ARRAY[251]),
+    array_fill('2025-03-13 00:00+00'::timestamptz, ARRAY[251]),
+    ARRAY['dg_sum'], ARRAY['sum']);
+SELECT is(pg_stat_get_xact_tuples_returned('billing.usage_deltas_account'::regclass) - (SELECT n FROM idx_before),
+          (SELECT in_range FROM range_rows),
+          'the C totals take from the index only the rows whose account range holds the account');
+SELECT ok((SELECT holding <= in_range AND in_range < under_keys FROM range_rows),
+          'which are every row holding it, and fewer than all the rows under its keys');
 SELECT ok(billing.compact_usage() > 0, 'compaction folds the group rows');
 SELECT is((SELECT count(*) FROM billing.usage_deltas), 0::bigint, 'and leaves no deltas');
 SELECT is(pg_temp.diff('by_usage', 2), 0::bigint, 'compacted: usage()');
@@ -181,6 +203,17 @@ SELECT results_eq(
 SELECT is((SELECT array_agg(account_id) FROM grp, billing._delta_rows(7680, NULL, g, 7682)), ARRAY[7682::bigint],
           'only the account asked for');
 SELECT is((SELECT count(*) FROM grp, billing._delta_cells(g))::int, 2, '_delta_cells reads every account''s cells');
+SELECT is((SELECT ARRAY[billing._delta_first(7680, g), billing._delta_last(7680, g)] FROM grp),
+          ARRAY[7681, 7682]::bigint[], 'the account range of a group row: its least and greatest account');
+SELECT is((SELECT ARRAY[billing._delta_first(7681, v), billing._delta_last(7681, v)] FROM one),
+          ARRAY[7681, 7681]::bigint[], 'of a row of one account: its account');
+-- a group row cut anywhere but at an account's end spans every account, so
+-- that every reader of its key reads it and raises XX001
+SELECT is((SELECT string_agg(n::text, ',')
+             FROM grp, generate_series(1, length(g) - 1) n
+            WHERE ARRAY[billing._delta_first(7680, substr(g, 1, n)), billing._delta_last(7680, substr(g, 1, n))]
+                  <> ARRAY[-9223372036854775808, 9223372036854775807]::bigint[]),
+          (SELECT first_end::text FROM grp), 'a truncated group row spans every account');
 -- corrupt: cut anywhere but at an account's end (the version alone too)
 SELECT is((SELECT string_agg(n::text, ',')
              FROM grp, generate_series(1, length(g) - 1) n

@@ -3,18 +3,19 @@
 -- invoice finalize will write: the earlier periods draw credits and count
 -- toward a minimum window first, as they will when finalized.  The preview
 -- is the same before and after the earlier period is finalized, and the
--- invoice finalized later has the preview's lines.
+-- invoice finalized later has the preview's lines; a period already
+-- finalized previews as its invoice.
 BEGIN;
-SELECT plan(9);
+SELECT plan(16);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
 
 INSERT INTO billing.meters (meter, late_window) VALUES ('pl_api', '100 years');
 INSERT INTO billing.plans (plan) VALUES ('pl_usage');
 INSERT INTO billing.charges (plan, meter, price) VALUES ('pl_usage', 'pl_api', 'unit 1');
-INSERT INTO billing.accounts (account_id) VALUES (9841), (9842), (9843);
+INSERT INTO billing.accounts (account_id) VALUES (9841), (9842), (9843), (9844);
 INSERT INTO billing.subscriptions (account_id, plan, starts_at)
-SELECT a, 'pl_usage', '2025-01-01' FROM unnest(ARRAY[9841, 9842, 9843]) a;
+SELECT a, 'pl_usage', '2025-01-01' FROM unnest(ARRAY[9841, 9842, 9843, 9844]) a;
 -- 9841: a credit of 100; 9842: a minimum of 200 over January and February;
 -- 9843: neither (the usual preview)
 SELECT billing.grant_credit(9841, 100, '2025-01-01', reason => 'welcome');
@@ -23,6 +24,12 @@ SELECT billing.add_commitment(9842, 'minimum', 200, '2025-01-01', '2025-03-01');
 SELECT billing.record(a, 'pl_api', 80, '2025-01-10') FROM unnest(ARRAY[9841, 9842, 9843]) a;
 SELECT billing.record(a, 'pl_api', 50, '2025-02-10') FROM unnest(ARRAY[9841, 9842, 9843]) a;
 SELECT billing.record(a, 'pl_api', 10, '2025-03-10') FROM unnest(ARRAY[9841, 9842, 9843]) a;
+-- 9844: a prepaid commitment of 100 a month, the rest rolling over; 80
+-- calls in January leave 20, which February draws after its own 100
+SELECT billing.add_commitment(9844, 'prepaid', 200, '2025-01-01', '2025-03-01',
+                              commit_period => '1 month', rollover_fraction => 1);
+SELECT billing.record(9844, 'pl_api', 80, '2025-01-10');
+SELECT billing.record(9844, 'pl_api', 130, '2025-02-10');
 
 CREATE FUNCTION pg_temp.preview(a bigint) RETURNS text LANGUAGE sql AS
 $$SELECT string_agg(format('%s %s %s %s', line_no, kind, quantity, amount), '; ' ORDER BY line_no)
@@ -34,8 +41,11 @@ SELECT is(pg_temp.preview(9841), '1 usage 50 50.00; 2 credit  -20.00',
 SELECT is(pg_temp.preview(9842), '1 usage 50 50.00; 2 true_up 130.00 70.00',
           'minimum: the shortfall counts January''s spend too');
 SELECT is(pg_temp.preview(9843), '1 usage 50 50.00', 'neither: the usage');
+SELECT is(pg_temp.preview(9844),
+          '1 usage 130 130.00; 2 commitment  100.00; 3 credit  -100.00; 4 credit  -20.00',
+          'rollover: January''s rest rolls over into a grant February draws (January booked as finalize books it)');
 CREATE TEMP TABLE before_jan AS
-SELECT a, pg_temp.preview(a) AS lines FROM unnest(ARRAY[9841, 9842, 9843]) a;
+SELECT a, pg_temp.preview(a) AS lines FROM unnest(ARRAY[9841, 9842, 9843, 9844]) a;
 -- March, with January and February open: both draw first, nothing is left
 SELECT is((SELECT string_agg(format('%s %s %s %s', line_no, kind, quantity, amount), '; ' ORDER BY line_no)
              FROM billing.invoice_preview(9841, '2025-03-15')),
@@ -43,13 +53,13 @@ SELECT is((SELECT string_agg(format('%s %s %s %s', line_no, kind, quantity, amou
 
 -- January finalized: the previews do not change
 SELECT is((SELECT count(*) FROM billing.finalize_invoices('2025-02-01 01:00+00')
-            WHERE account_id BETWEEN 9841 AND 9843), 3::bigint, 'January finalized');
+            WHERE account_id BETWEEN 9841 AND 9844), 4::bigint, 'January finalized');
 SELECT is((SELECT count(*) FROM before_jan b WHERE b.lines IS DISTINCT FROM pg_temp.preview(b.a)),
           0::bigint, 'each preview is the same once January is finalized');
 
 -- February finalized: its invoices have the preview's lines
 SELECT is((SELECT count(*) FROM billing.finalize_invoices('2025-03-01 01:00+00')
-            WHERE account_id BETWEEN 9841 AND 9843), 3::bigint, 'February finalized');
+            WHERE account_id BETWEEN 9841 AND 9844), 4::bigint, 'February finalized');
 SELECT is((SELECT count(*) FROM before_jan b
             WHERE b.lines IS DISTINCT FROM
                   (SELECT string_agg(format('%s %s %s %s', l.line_no, l.kind, l.quantity, l.amount),
@@ -60,5 +70,40 @@ SELECT is((SELECT count(*) FROM before_jan b
 SELECT is((SELECT string_agg(format('%s %s %s %s', line_no, kind, quantity, amount), '; ' ORDER BY line_no)
              FROM billing.invoice_preview(9841, '2025-03-15')),
           '1 usage 10 10.00', 'and the same with both finalized');
+
+-- 9845: a period with no invoice behind a later one that has one.  January
+-- and March are finalized; then the first subscription is extended over
+-- February, which finalize will bill first: it draws 100 of the credit of
+-- 150 before April does
+INSERT INTO billing.accounts (account_id) VALUES (9845);
+INSERT INTO billing.subscriptions (account_id, plan, starts_at, ends_at) VALUES
+    (9845, 'pl_usage', '2025-01-01', '2025-02-01'), (9845, 'pl_usage', '2025-03-01', NULL);
+SELECT billing.record(9845, 'pl_api', 100, '2025-02-10');
+SELECT billing.record(9845, 'pl_api', 100, '2025-04-10');
+SELECT is((SELECT string_agg(to_char(period_start, 'MM'), ',' ORDER BY period_start)
+             FROM billing.finalize_invoices('2025-04-01 01:00+00') WHERE account_id = 9845),
+          '01,03', 'January and March finalized');
+UPDATE billing.subscriptions SET ends_at = '2025-03-01' WHERE account_id = 9845 AND starts_at = '2025-01-01';
+SELECT billing.grant_credit(9845, 150, '2025-01-01');
+SELECT is((SELECT string_agg(format('%s %s %s %s', line_no, kind, quantity, amount), '; ' ORDER BY line_no)
+             FROM billing.invoice_preview(9845, '2025-04-15')),
+          '1 usage 100 100.00; 2 credit  -50.00',
+          'a period with no invoice behind a finalized one draws first');
+SELECT is((SELECT string_agg(to_char(period_start, 'MM'), ',' ORDER BY period_start)
+             FROM billing.finalize_invoices('2025-05-01 01:00+00') WHERE account_id = 9845),
+          '02,04', 'finalize bills February, then April');
+SELECT is((SELECT string_agg(format('%s %s %s %s', l.line_no, l.kind, l.quantity, l.amount), '; ' ORDER BY l.line_no)
+             FROM billing.invoices i JOIN billing.invoice_lines l USING (account_id, invoice_id)
+            WHERE i.account_id = 9845 AND i.period_start = '2025-04-01'),
+          '1 usage 100 100.00; 2 credit  -50.00', 'with the lines the preview showed');
+
+-- a period already finalized shows its invoice: a price changed back to
+-- February leaves a correction pending for the next invoice, not on it
+INSERT INTO billing.charges (plan, meter, price, valid_from) VALUES ('pl_usage', 'pl_api', 'unit 2', '2025-02-01');
+SELECT is((SELECT count(*) FROM billing.rerate('2025-02-01', '2025-03-01', 9843)), 1::bigint,
+          'a re-rate of February leaves one adjustment pending');
+SELECT is((SELECT string_agg(format('%s %s %s %s', line_no, kind, quantity, amount), '; ' ORDER BY line_no)
+             FROM billing.invoice_preview(9843, '2025-02-15')),
+          '1 usage 50 50.00', 'the preview of finalized February is its invoice, without the pending correction');
 
 ROLLBACK;
