@@ -10879,3 +10879,12 @@ BEGIN
 END
 $$;
 -- ---- end of invoice_preview: earlier periods booked, and found behind a later invoice ----
+
+-- ---- _unique_counts keeps nested loops on (sql/install/46_unique.sql) ----
+-- Rating more than 16 periods turns nested loops off; _unique_counts, which
+-- reads one account's rows by index lookups, inherited that, and the
+-- disabled loops' cost made the planner read each period's cells in
+-- parallel workers.
+ALTER FUNCTION billing._unique_counts(bigint, timestamptz, timestamptz, text[], text[], text[])
+    SET enable_nestloop = on;
+-- ---- end of _unique_counts keeps nested loops on ----

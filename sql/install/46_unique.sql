@@ -214,8 +214,12 @@ CREATE FUNCTION billing._unique_counts(p_account bigint, p_from timestamptz, p_t
     RETURNS TABLE (meter text, dimension text, quantity numeric)
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, billing, pg_temp
-    -- the plan cache mode: a level to change it on, for this call only
-    SET plan_cache_mode = auto AS $$
+    -- the plan cache mode: a level to change it on, for this call only;
+    -- and nested loops on, whatever the caller set: one account's rows are
+    -- index lookups (rating many periods turns them off, and the disabled
+    -- loops' cost made the planner run _cells_in's read in parallel
+    -- workers, started anew for each period: 60 ms each)
+    SET plan_cache_mode = auto SET enable_nestloop = on AS $$
 #variable_conflict use_column
 DECLARE
     mtr text;

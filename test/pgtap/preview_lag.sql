@@ -6,7 +6,7 @@
 -- invoice finalized later has the preview's lines; a period already
 -- finalized previews as its invoice.
 BEGIN;
-SELECT plan(16);
+SELECT plan(20);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
 
@@ -105,5 +105,32 @@ SELECT is((SELECT count(*) FROM billing.rerate('2025-02-01', '2025-03-01', 9843)
 SELECT is((SELECT string_agg(format('%s %s %s %s', line_no, kind, quantity, amount), '; ' ORDER BY line_no)
              FROM billing.invoice_preview(9843, '2025-02-15')),
           '1 usage 50 50.00', 'the preview of finalized February is its invoice, without the pending correction');
+
+-- 9846: a daily plan with a unique meter, 20 days open: the preview rates
+-- 21 periods (more than 16: hash joins, no nested loops), and each
+-- period's distinct users are counted by _unique_counts, which keeps
+-- nested loops on for its one account's lookups (with them off, the
+-- planner ran each of its reads in parallel workers)
+INSERT INTO billing.meters (meter, aggregation, late_window) VALUES ('pl_users', 'unique', '100 years');
+INSERT INTO billing.plans (plan, period) VALUES ('pl_daily', '1 day');
+INSERT INTO billing.charges (plan, meter, price) VALUES ('pl_daily', 'pl_users', 'unit 1');
+INSERT INTO billing.accounts (account_id) VALUES (9846);
+INSERT INTO billing.subscriptions (account_id, plan, starts_at) VALUES (9846, 'pl_daily', '2025-06-01');
+SELECT billing.grant_credit(9846, 50, '2025-06-01');
+SELECT count(*) FROM (
+    SELECT billing.record(9846, 'pl_users', 1, timestamptz '2025-06-01 10:00+00' + d * interval '1 day', dimension => 'u' || u)
+      FROM generate_series(0, 20) d, generate_series(1, 3) u) x;
+SELECT is((SELECT string_agg(format('%s %s %s %s', line_no, kind, quantity, amount), '; ' ORDER BY line_no)
+             FROM billing.invoice_preview(9846, '2025-06-21 12:00')),
+          '1 usage 3 3.00', 'day 21 of a daily plan: the 20 days before drew the whole credit of 50 first');
+SELECT ok((SELECT 'enable_nestloop=on' = ANY (proconfig) FROM pg_proc
+            WHERE oid = 'billing._unique_counts(bigint, timestamptz, timestamptz, text[], text[], text[])'::regprocedure),
+          '_unique_counts keeps nested loops on whatever its caller set');
+SELECT is((SELECT count(*) FROM billing.finalize_invoices('2025-06-22 01:00+00') WHERE account_id = 9846),
+          21::bigint, 'finalize bills the 21 days');
+SELECT is((SELECT string_agg(format('%s %s %s %s', l.line_no, l.kind, l.quantity, l.amount), '; ' ORDER BY l.line_no)
+             FROM billing.invoices i JOIN billing.invoice_lines l USING (account_id, invoice_id)
+            WHERE i.account_id = 9846 AND i.period_start = '2025-06-21'),
+          '1 usage 3 3.00', 'with day 21 as the preview showed it');
 
 ROLLBACK;
