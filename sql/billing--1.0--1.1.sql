@@ -10762,11 +10762,21 @@ $$;
 -- ---- end of the account range of each delta row in its index ----
 
 
+-- ---- _unique_counts keeps nested loops on (sql/install/46_unique.sql) ----
+-- Rating more than 16 periods turns nested loops off; _unique_counts, which
+-- reads one account's rows by index lookups, inherited that, and the
+-- disabled loops' cost made the planner read each period's cells in
+-- parallel workers.
+ALTER FUNCTION billing._unique_counts(bigint, timestamptz, timestamptz, text[], text[], text[])
+    SET enable_nestloop = on;
+-- ---- end of _unique_counts keeps nested loops on ----
+
 -- ---- invoice_preview: earlier periods booked as finalize books them, and found behind a later invoice (sql/install/50_invoices.sql) ----
 -- The earlier periods a preview builds first are booked (a window ending in
 -- one rolls its rest over into a grant the previewed period draws from), a
--- period with no invoice behind a later one that has one is found, and a
--- period already finalized previews as its invoice.
+-- period with no invoice is found by _due_periods' walk of each
+-- subscription's own grid, and a period already finalized previews as its
+-- invoice.
 CREATE OR REPLACE FUNCTION billing._invoice_preview(p_account bigint, p_at timestamptz)
     RETURNS TABLE (r_line_no int, r_kind text, r_meter text, r_description text,
                    r_period_start timestamptz, r_period_end timestamptz,
@@ -10801,19 +10811,27 @@ BEGIN
          ORDER BY l.line_no;
         RETURN;
     END IF;
-    -- earlier periods without an invoice (what _due_periods would find): a
-    -- subscription that started before the period and whose first period
-    -- after the latest invoice overlapping it (its first period, if none)
-    -- starts before the period and before the subscription ends.  One index
-    -- probe per subscription; a hole behind a later invoice is seen too.
+    -- earlier periods without an invoice, by _due_periods' walk: a
+    -- subscription that started before the period, whose next period on its
+    -- own grid (after the one holding the latest invoice overlapping it, or
+    -- its first) ends by the period's start and starts before its own end.
+    -- One index probe per subscription of the account; it may say yes when
+    -- there is none (the path below then builds this period alone), never
+    -- no when there is one.
     IF NOT EXISTS (
-        SELECT 1 FROM billing.subscriptions s
+        SELECT 1
+          FROM billing.subscriptions s
+               JOIN billing.plans pl ON pl.plan = s.plan,
+               LATERAL (SELECT coalesce(s.period_anchor, s.starts_at) AS anchor) g,
+               LATERAL (SELECT max(i.period_start) AS li FROM billing.invoices i
+                         WHERE i.account_id = p_account
+                           AND i.period_start < coalesce(s.ends_at, 'infinity')
+                           AND i.period_end > s.starts_at) l
          WHERE s.account_id = p_account AND s.starts_at < p.ps
-           AND coalesce((SELECT max(i.period_end) FROM billing.invoices i
-                          WHERE i.account_id = p_account
-                            AND i.period_start < coalesce(s.ends_at, 'infinity')
-                            AND i.period_end > s.starts_at), s.starts_at)
-               < least(coalesce(s.ends_at, 'infinity'), p.ps)) THEN
+           AND greatest(billing._period_index(g.anchor, pl.period, s.starts_at),
+                        billing._period_index(g.anchor, pl.period, l.li) + 1)
+               <= billing._period_index(g.anchor, pl.period,
+                                        least(coalesce(s.ends_at, 'infinity'), p.ps) - interval '1 microsecond')) THEN
         -- the build's rows come in invoice order; without booking, all are lines
         RETURN QUERY
         SELECT b.n::integer, b.kind, b.meter, b.description, p.ps, p.pe, b.quantity, b.amount,
@@ -10879,12 +10897,3 @@ BEGIN
 END
 $$;
 -- ---- end of invoice_preview: earlier periods booked, and found behind a later invoice ----
-
--- ---- _unique_counts keeps nested loops on (sql/install/46_unique.sql) ----
--- Rating more than 16 periods turns nested loops off; _unique_counts, which
--- reads one account's rows by index lookups, inherited that, and the
--- disabled loops' cost made the planner read each period's cells in
--- parallel workers.
-ALTER FUNCTION billing._unique_counts(bigint, timestamptz, timestamptz, text[], text[], text[])
-    SET enable_nestloop = on;
--- ---- end of _unique_counts keeps nested loops on ----

@@ -669,10 +669,11 @@ billing_delta_rows(PG_FUNCTION_ARGS)
  * billing_delta_span
  *		The least and the greatest account with cells in a delta row
  *		(row_account, and data[0..len) its value without the varlena
- *		header): the row's own account for a row of one account, the
- *		least and greatest of its segments' for a group row.  It reads the
- *		segments' headers only, and never raises: a group row whose
- *		headers are not what billing writes spans every account, so that
+ *		header): the row's own account for a row of one account (versions
+ *		1 and 2), the least and greatest of its segments' for a group row.
+ *		It reads the segments' headers only, and never raises: a value
+ *		whose version no reader knows (or empty), or a group row whose
+ *		headers are not what billing writes, spans every account, so that
  *		every reader of its key still reads it and reports it (XX001).
  */
 void
@@ -685,8 +686,10 @@ billing_delta_span(int64 row_account, const char *data, int len, int64 *first, i
 	bool		bad = false;
 
 	*first = *last = row_account;
+	if (len >= 1 && ((unsigned char) data[0] == 1 || (unsigned char) data[0] == CELLS_VERSION))
+		return;					/* a row of one account */
 	if (len < 1 || (unsigned char) data[0] != CELLS_GROUPED)
-		return;
+		bad = true;				/* no version a reader knows */
 	while (p < end && !bad)
 	{
 		uint64		account = 0;

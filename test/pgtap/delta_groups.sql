@@ -7,7 +7,7 @@
 -- with the events sent, before compaction, after it, and mixed.  The
 -- byte format of a group row is pinned; corrupt ones raise XX001.
 BEGIN;
-SELECT plan(32);
+SELECT plan(34);
 \ir ../helpers.sql
 SET LOCAL timezone = 'UTC';
 
@@ -214,6 +214,21 @@ SELECT is((SELECT string_agg(n::text, ',')
             WHERE ARRAY[billing._delta_first(7680, substr(g, 1, n)), billing._delta_last(7680, substr(g, 1, n))]
                   <> ARRAY[-9223372036854775808, 9223372036854775807]::bigint[]),
           (SELECT first_end::text FROM grp), 'a truncated group row spans every account');
+SELECT is((SELECT array_agg(billing._delta_first(7680, x) || ':' || billing._delta_last(7680, x) ORDER BY x)
+             FROM grp, unnest(ARRAY[set_byte(g, 0, 4), set_byte(g, 0, 255), ''::bytea]) x),
+          ARRAY['-9223372036854775808:9223372036854775807', '-9223372036854775808:9223372036854775807',
+                '-9223372036854775808:9223372036854775807'],
+          'so does a value whose version no reader knows, and an empty one');
+-- and the C totals of an account of the block other than its first raise
+-- XX001 on it, as the SQL readers do, instead of skipping it
+SAVEPOINT damaged;
+DELETE FROM billing.usage_deltas;
+INSERT INTO billing.usage_deltas (account_id, seq, cells) SELECT 7680, NULL, set_byte(g, 0, 4) FROM grp;
+SELECT is(test.sqlstate_of($$SELECT count(*) FROM billing._rollup_totals(ARRAY[7682::bigint],
+              ARRAY['2025-03-12 00:00+00'::timestamptz], ARRAY['2025-03-13 00:00+00'::timestamptz],
+              ARRAY['dg_sum'], ARRAY['sum'])$$),
+          'XX001', 'a group row with a damaged version byte: the C totals of 7682 raise XX001');
+ROLLBACK TO SAVEPOINT damaged;
 -- corrupt: cut anywhere but at an account's end (the version alone too)
 SELECT is((SELECT string_agg(n::text, ',')
              FROM grp, generate_series(1, length(g) - 1) n

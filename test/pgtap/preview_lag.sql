@@ -6,7 +6,7 @@
 -- invoice finalized later has the preview's lines; a period already
 -- finalized previews as its invoice.
 BEGIN;
-SELECT plan(20);
+SELECT plan(22);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
 
@@ -132,5 +132,29 @@ SELECT is((SELECT string_agg(format('%s %s %s %s', l.line_no, l.kind, l.quantity
              FROM billing.invoices i JOIN billing.invoice_lines l USING (account_id, invoice_id)
             WHERE i.account_id = 9846 AND i.period_start = '2025-06-21'),
           '1 usage 3 3.00', 'with day 21 as the preview showed it');
+
+-- 9847: the latest invoice overlapping a subscription is on another grid
+-- (a quarter, then months): the probe walks each subscription's own grid
+-- from the period after the one holding that invoice's start, as
+-- _due_periods does, so the preview of October sees August and September
+-- open, and shows what finalize will write
+INSERT INTO billing.plans (plan, period) VALUES ('pl_quarter', '3 months'), ('pl_month', '1 month');
+INSERT INTO billing.charges (plan, meter, price, description) VALUES
+    ('pl_quarter', NULL, 'flat 300', 'quarter'), ('pl_month', NULL, 'flat 100', 'month');
+INSERT INTO billing.accounts (account_id) VALUES (9847);
+INSERT INTO billing.subscriptions (account_id, plan, starts_at) VALUES (9847, 'pl_quarter', '2025-07-01');
+SELECT is((SELECT count(*) FROM billing.finalize_invoices('2025-10-01 01:00+00') WHERE account_id = 9847),
+          1::bigint, 'the third quarter finalized');
+UPDATE billing.subscriptions SET ends_at = '2025-08-01' WHERE account_id = 9847;
+INSERT INTO billing.subscriptions (account_id, plan, starts_at) VALUES (9847, 'pl_month', '2025-08-01');
+SELECT billing.grant_credit(9847, 150, '2025-07-01');
+CREATE TEMP TABLE oct_preview AS
+SELECT string_agg(format('%s %s %s %s', line_no, kind, quantity, amount), '; ' ORDER BY line_no) AS lines
+  FROM billing.invoice_preview(9847, '2025-10-15');
+SELECT count(*) FROM billing.finalize_invoices('2025-11-01 01:00+00');
+SELECT is((SELECT string_agg(format('%s %s %s %s', l.line_no, l.kind, l.quantity, l.amount), '; ' ORDER BY l.line_no)
+             FROM billing.invoices i JOIN billing.invoice_lines l USING (account_id, invoice_id)
+            WHERE i.account_id = 9847 AND i.period_start = '2025-10-01'),
+          (SELECT lines FROM oct_preview), 'October''s invoice has the lines its preview showed');
 
 ROLLBACK;
