@@ -10897,3 +10897,103 @@ BEGIN
 END
 $$;
 -- ---- end of invoice_preview: earlier periods booked, and found behind a later invoice ----
+
+-- ---- a subscription may not end inside a finalized period of another one (sql/install/40_plans.sql) ----
+-- The grid period holding a new end (as the one holding a new start) may
+-- not be the grid period of another invoiced subscription: finalize would
+-- write a second invoice for it.
+CREATE OR REPLACE FUNCTION billing._subscriptions_check() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    acc_currency text;
+    plan_currency text;
+    per interval;
+    anchor timestamptz;
+    n integer;
+    gs timestamptz;
+    k integer;
+BEGIN
+    SELECT a.currency INTO acc_currency FROM billing.accounts a WHERE a.account_id = NEW.account_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account % does not exist', NEW.account_id USING ERRCODE = '23503';
+    END IF;
+    SELECT p.currency INTO plan_currency FROM billing.plans p WHERE p.plan = NEW.plan;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'plan "%" does not exist', NEW.plan USING ERRCODE = '23503';
+    END IF;
+    IF acc_currency IS DISTINCT FROM plan_currency THEN
+        RAISE EXCEPTION 'plan "%" bills in %, account % in %', NEW.plan, plan_currency,
+              NEW.account_id, acc_currency
+            USING ERRCODE = '22023',
+                  HINT = 'Subscribe the account to a plan in its own currency.';
+    END IF;
+    -- changes to an account's subscriptions one at a time (a row lock: no
+    -- lock table entry, however many accounts one statement touches)
+    PERFORM 1 FROM billing.accounts a WHERE a.account_id = NEW.account_id FOR NO KEY UPDATE;
+    IF EXISTS (SELECT 1 FROM billing.subscriptions s
+                WHERE s.account_id = NEW.account_id
+                  AND (TG_OP = 'INSERT' OR s.starts_at <> OLD.starts_at)
+                  AND s.starts_at < coalesce(NEW.ends_at, 'infinity')
+                  AND NEW.starts_at < coalesce(s.ends_at, 'infinity')) THEN
+        RAISE EXCEPTION 'subscription of account % from % overlaps another', NEW.account_id, NEW.starts_at
+            USING ERRCODE = '23P01',
+                  HINT = 'End the current subscription (ends_at) where the next one starts.';
+    END IF;
+    IF TG_OP = 'UPDATE' AND (NEW.plan IS DISTINCT FROM OLD.plan OR NEW.starts_at IS DISTINCT FROM OLD.starts_at
+                             OR NEW.account_id IS DISTINCT FROM OLD.account_id
+                             OR NEW.period_anchor IS DISTINCT FROM OLD.period_anchor)
+       AND EXISTS (SELECT 1 FROM billing.invoices i
+                    WHERE i.account_id = OLD.account_id AND i.period_start < coalesce(OLD.ends_at, 'infinity')
+                      AND i.period_end > OLD.starts_at) THEN
+        RAISE EXCEPTION 'subscription of account % from % has finalized invoices', OLD.account_id, OLD.starts_at
+            USING ERRCODE = '55000',
+                  DETAIL = 'Its plan and start cannot change; its end and spend cap can (re-rate to bill the effect).';
+    END IF;
+    -- a new start, or a new end, must not add a plan segment to a finalized
+    -- period: the grid period holding it (on its own grid) may not be the
+    -- grid period of an invoiced subscription (change_plan's pieces of one
+    -- period share it).  For an end: of another subscription (a
+    -- subscription's own end can move after invoicing: re-rate to bill the
+    -- effect).
+    IF isfinite(NEW.starts_at) AND coalesce(isfinite(NEW.period_anchor), true)
+       AND coalesce(NEW.period_anchor <= NEW.starts_at, true) THEN
+        SELECT p.period INTO per FROM billing.plans p WHERE p.plan = NEW.plan;
+        anchor := coalesce(NEW.period_anchor, NEW.starts_at);
+        FOR k IN 1..2 LOOP
+            IF k = 1 THEN
+                CONTINUE WHEN NOT (TG_OP = 'INSERT' OR NEW.starts_at IS DISTINCT FROM OLD.starts_at
+                                   OR NEW.period_anchor IS DISTINCT FROM OLD.period_anchor);
+                n := billing._period_index(anchor, per, NEW.starts_at);
+            ELSE
+                CONTINUE WHEN NEW.ends_at IS NULL OR NOT isfinite(NEW.ends_at)
+                           OR NEW.ends_at <= NEW.starts_at
+                           OR (TG_OP = 'UPDATE' AND NEW.ends_at IS NOT DISTINCT FROM OLD.ends_at);
+                n := billing._period_index(anchor, per, NEW.ends_at - interval '1 microsecond');
+            END IF;
+            gs := billing._add_periods(anchor, per, n);
+            IF EXISTS (SELECT 1 FROM billing.invoices i
+                            JOIN billing.subscriptions s
+                              ON s.account_id = i.account_id AND s.starts_at <= i.period_start
+                             AND i.period_start < coalesce(s.ends_at, 'infinity')
+                            JOIN billing.plans p ON p.plan = s.plan
+                        WHERE i.account_id = NEW.account_id AND i.status = 'finalized'
+                          AND i.period_start < billing._add_periods(anchor, per, n + 1)
+                          AND i.period_end > gs AND p.period = per
+                          AND (k = 1 OR TG_OP = 'INSERT' OR s.starts_at <> OLD.starts_at)
+                          AND billing._add_periods(coalesce(s.period_anchor, s.starts_at), per,
+                                  billing._period_index(coalesce(s.period_anchor, s.starts_at), per,
+                                                        i.period_start)) = gs) THEN
+                RAISE EXCEPTION 'the billing period of account % from % is already finalized', NEW.account_id, gs
+                    USING ERRCODE = '55000',
+                          DETAIL = CASE WHEN k = 1
+                                        THEN 'A subscription starting there would add a plan segment to a finalized invoice.'
+                                        ELSE 'A subscription ending there would add a plan segment to a finalized invoice.' END;
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION billing._subscriptions_check() IS
+    'Internal: a subscription''s plan must bill in the account''s currency, subscriptions of an account must not overlap, and none may add a plan segment to a finalized period';
+-- ---- end of a subscription may not end inside a finalized period of another one ----

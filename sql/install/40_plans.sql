@@ -98,6 +98,7 @@ DECLARE
     anchor timestamptz;
     n integer;
     gs timestamptz;
+    k integer;
 BEGIN
     SELECT a.currency INTO acc_currency FROM billing.accounts a WHERE a.account_id = NEW.account_id;
     IF NOT FOUND THEN
@@ -135,32 +136,47 @@ BEGIN
             USING ERRCODE = '55000',
                   DETAIL = 'Its plan and start cannot change; its end and spend cap can (re-rate to bill the effect).';
     END IF;
-    -- a new start must not add a plan segment to a finalized period: the
-    -- grid period holding it (on its own grid) may not be the grid period of
-    -- an invoiced subscription (change_plan's pieces of one period share it)
-    IF (TG_OP = 'INSERT' OR NEW.starts_at IS DISTINCT FROM OLD.starts_at
-        OR NEW.period_anchor IS DISTINCT FROM OLD.period_anchor)
-       AND isfinite(NEW.starts_at) AND coalesce(isfinite(NEW.period_anchor), true)
+    -- a new start, or a new end, must not add a plan segment to a finalized
+    -- period: the grid period holding it (on its own grid) may not be the
+    -- grid period of an invoiced subscription (change_plan's pieces of one
+    -- period share it).  For an end: of another subscription (a
+    -- subscription's own end can move after invoicing: re-rate to bill the
+    -- effect).
+    IF isfinite(NEW.starts_at) AND coalesce(isfinite(NEW.period_anchor), true)
        AND coalesce(NEW.period_anchor <= NEW.starts_at, true) THEN
         SELECT p.period INTO per FROM billing.plans p WHERE p.plan = NEW.plan;
         anchor := coalesce(NEW.period_anchor, NEW.starts_at);
-        n := billing._period_index(anchor, per, NEW.starts_at);
-        gs := billing._add_periods(anchor, per, n);
-        IF EXISTS (SELECT 1 FROM billing.invoices i
-                        JOIN billing.subscriptions s
-                          ON s.account_id = i.account_id AND s.starts_at <= i.period_start
-                         AND i.period_start < coalesce(s.ends_at, 'infinity')
-                        JOIN billing.plans p ON p.plan = s.plan
-                    WHERE i.account_id = NEW.account_id AND i.status = 'finalized'
-                      AND i.period_start < billing._add_periods(anchor, per, n + 1)
-                      AND i.period_end > gs AND p.period = per
-                      AND billing._add_periods(coalesce(s.period_anchor, s.starts_at), per,
-                              billing._period_index(coalesce(s.period_anchor, s.starts_at), per,
-                                                    i.period_start)) = gs) THEN
-            RAISE EXCEPTION 'the billing period of account % from % is already finalized', NEW.account_id, gs
-                USING ERRCODE = '55000',
-                      DETAIL = 'A subscription starting there would add a plan segment to a finalized invoice.';
-        END IF;
+        FOR k IN 1..2 LOOP
+            IF k = 1 THEN
+                CONTINUE WHEN NOT (TG_OP = 'INSERT' OR NEW.starts_at IS DISTINCT FROM OLD.starts_at
+                                   OR NEW.period_anchor IS DISTINCT FROM OLD.period_anchor);
+                n := billing._period_index(anchor, per, NEW.starts_at);
+            ELSE
+                CONTINUE WHEN NEW.ends_at IS NULL OR NOT isfinite(NEW.ends_at)
+                           OR NEW.ends_at <= NEW.starts_at
+                           OR (TG_OP = 'UPDATE' AND NEW.ends_at IS NOT DISTINCT FROM OLD.ends_at);
+                n := billing._period_index(anchor, per, NEW.ends_at - interval '1 microsecond');
+            END IF;
+            gs := billing._add_periods(anchor, per, n);
+            IF EXISTS (SELECT 1 FROM billing.invoices i
+                            JOIN billing.subscriptions s
+                              ON s.account_id = i.account_id AND s.starts_at <= i.period_start
+                             AND i.period_start < coalesce(s.ends_at, 'infinity')
+                            JOIN billing.plans p ON p.plan = s.plan
+                        WHERE i.account_id = NEW.account_id AND i.status = 'finalized'
+                          AND i.period_start < billing._add_periods(anchor, per, n + 1)
+                          AND i.period_end > gs AND p.period = per
+                          AND (k = 1 OR TG_OP = 'INSERT' OR s.starts_at <> OLD.starts_at)
+                          AND billing._add_periods(coalesce(s.period_anchor, s.starts_at), per,
+                                  billing._period_index(coalesce(s.period_anchor, s.starts_at), per,
+                                                        i.period_start)) = gs) THEN
+                RAISE EXCEPTION 'the billing period of account % from % is already finalized', NEW.account_id, gs
+                    USING ERRCODE = '55000',
+                          DETAIL = CASE WHEN k = 1
+                                        THEN 'A subscription starting there would add a plan segment to a finalized invoice.'
+                                        ELSE 'A subscription ending there would add a plan segment to a finalized invoice.' END;
+            END IF;
+        END LOOP;
     END IF;
     RETURN NEW;
 END

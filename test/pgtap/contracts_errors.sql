@@ -1,7 +1,7 @@
 -- contracts_errors: every error of SPEC 10.2, the append-only ledger and
 -- the immutable grants and commitments (55000), and who may call what.
 BEGIN;
-SELECT plan(44);
+SELECT plan(46);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
 
@@ -134,6 +134,20 @@ SELECT billing.change_plan(9931, 'ke_a', '2025-01-15');
 SELECT is((SELECT array_agg(plan || ' from ' || starts_at::date || coalesce(' to ' || ends_at::date, ''))
              FROM billing.subscriptions WHERE account_id = 9931),
           ARRAY['ke_a from 2025-01-01'], 'A to B and back to A at one moment: the subscription of A, whole');
+
+-- 55000: a subscription ending inside a finalized period of another one on
+-- the same grid would add a plan segment to its invoice (finalize would
+-- then write a second invoice for the month); its own end may still move
+INSERT INTO billing.accounts (account_id) VALUES (9941);
+INSERT INTO billing.subscriptions (account_id, plan, starts_at, period_anchor)
+VALUES (9941, 'ke_b', '2025-01-15', '2025-01-01');
+SELECT count(*) FROM billing.finalize_invoices('2025-02-01 01:00') \gset
+SELECT throws_ok($$INSERT INTO billing.subscriptions (account_id, plan, starts_at, ends_at)
+                   VALUES (9941, 'ke_a', '2024-12-01', '2025-01-15')$$, '55000', NULL,
+                 'a subscription ending inside the finalized January of another one: 55000');
+SELECT lives_ok($$INSERT INTO billing.subscriptions (account_id, plan, starts_at, ends_at)
+                  VALUES (9941, 'ke_a', '2024-12-01', '2025-01-01')$$,
+                'one ending where that period starts');
 
 SELECT * FROM finish();
 ROLLBACK;
