@@ -10898,6 +10898,7 @@ END
 $$;
 -- ---- end of invoice_preview: earlier periods booked, and found behind a later invoice ----
 
+
 -- ---- a subscription may not end inside a finalized period of another one (sql/install/40_plans.sql) ----
 -- The grid period holding a new end (as the one holding a new start) may
 -- not be the grid period of another invoiced subscription: finalize would
@@ -10952,9 +10953,10 @@ BEGIN
     -- a new start, or a new end, must not add a plan segment to a finalized
     -- period: the grid period holding it (on its own grid) may not be the
     -- grid period of an invoiced subscription (change_plan's pieces of one
-    -- period share it).  For an end: of another subscription (a
-    -- subscription's own end can move after invoicing: re-rate to bill the
-    -- effect).
+    -- period share it).  For an end: of another subscription, and only an
+    -- end that reaches into a later grid period than before (a
+    -- subscription's own end can move back after invoicing: re-rate to
+    -- bill the effect).
     IF isfinite(NEW.starts_at) AND coalesce(isfinite(NEW.period_anchor), true)
        AND coalesce(NEW.period_anchor <= NEW.starts_at, true) THEN
         SELECT p.period INTO per FROM billing.plans p WHERE p.plan = NEW.plan;
@@ -10965,10 +10967,13 @@ BEGIN
                                    OR NEW.period_anchor IS DISTINCT FROM OLD.period_anchor);
                 n := billing._period_index(anchor, per, NEW.starts_at);
             ELSE
+                -- (an end moved earlier, or within its grid period, adds no segment)
                 CONTINUE WHEN NEW.ends_at IS NULL OR NOT isfinite(NEW.ends_at)
-                           OR NEW.ends_at <= NEW.starts_at
-                           OR (TG_OP = 'UPDATE' AND NEW.ends_at IS NOT DISTINCT FROM OLD.ends_at);
+                           OR NEW.ends_at <= NEW.starts_at;
                 n := billing._period_index(anchor, per, NEW.ends_at - interval '1 microsecond');
+                CONTINUE WHEN TG_OP = 'UPDATE'
+                          AND (OLD.ends_at IS NULL OR NOT isfinite(OLD.ends_at) OR NEW.ends_at <= OLD.ends_at
+                               OR n <= billing._period_index(anchor, per, OLD.ends_at - interval '1 microsecond'));
             END IF;
             gs := billing._add_periods(anchor, per, n);
             IF EXISTS (SELECT 1 FROM billing.invoices i
