@@ -1,7 +1,7 @@
 -- contracts_errors: every error of SPEC 10.2, the append-only ledger and
 -- the immutable grants and commitments (55000), and who may call what.
 BEGIN;
-SELECT plan(46);
+SELECT plan(48);
 SET LOCAL timezone = 'UTC';
 SET LOCAL client_min_messages = warning;
 
@@ -148,6 +148,12 @@ SELECT throws_ok($$INSERT INTO billing.subscriptions (account_id, plan, starts_a
 SELECT lives_ok($$INSERT INTO billing.subscriptions (account_id, plan, starts_at, ends_at)
                   VALUES (9941, 'ke_a', '2024-12-01', '2025-01-01')$$,
                 'one ending where that period starts');
+SELECT throws_ok($$UPDATE billing.subscriptions SET ends_at = '2025-01-10'
+                   WHERE account_id = 9941 AND starts_at = '2024-12-01'$$, '55000', NULL,
+                 'nor may its end move into that finalized January: 55000');
+SELECT lives_ok($$UPDATE billing.subscriptions SET ends_at = '2024-12-20'
+                  WHERE account_id = 9941 AND starts_at = '2024-12-01'$$,
+                'its end may move back');
 
 SELECT * FROM finish();
 ROLLBACK;
