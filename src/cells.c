@@ -282,16 +282,22 @@ take(CellReader *r, int n)
 	return p;
 }
 
-/* an unsigned integer of nbytes bytes, least significant first */
+/* the unsigned integer of the nbytes bytes at p, least significant first */
 static inline uint64
-get_uint(CellReader *r, int nbytes)
+le_uint(const unsigned char *p, int nbytes)
 {
-	const unsigned char *p = take(r, nbytes);
 	uint64		v = 0;
 
 	for (int i = 0; i < nbytes; i++)
 		v |= (uint64) p[i] << (8 * i);
 	return v;
+}
+
+/* an unsigned integer of nbytes bytes, least significant first */
+static inline uint64
+get_uint(CellReader *r, int nbytes)
+{
+	return le_uint(take(r, nbytes), nbytes);
 }
 
 /* a 16-byte two's complement value (version 1) */
@@ -411,6 +417,36 @@ billing_segments_open(DeltaSegments *s, int64 row_account, bool has_seq, int64 s
 }
 
 /*
+ * segment_header
+ *		The header of the group row segment at p (its account, flags, seq
+ *		and length, see cells.h) into *seg and *len: the first byte of its
+ *		series, or NULL when the bytes up to end do not hold a header and
+ *		its series as billing writes them.  Raises nothing: the readers
+ *		raise XX001 on NULL, billing_delta_span does not.
+ */
+static inline const unsigned char *
+segment_header(const unsigned char *p, const unsigned char *end, DeltaSegment *seg, uint32 *len)
+{
+	int			flags;
+	int			head;
+
+	if (end - p < 8 + 1)
+		return NULL;
+	seg->account_id = (int64) le_uint(p, 8);
+	flags = p[8];
+	seg->has_seq = (flags & CELLS_SEG_SEQ) != 0;
+	head = 8 + 1 + (seg->has_seq ? 8 : 0) + 4;
+	if ((flags & ~CELLS_SEG_SEQ) != 0 || end - p < head)
+		return NULL;
+	seg->seq = seg->has_seq ? (int64) le_uint(p + 9, 8) : 0;
+	*len = (uint32) le_uint(p + head - 4, 4);
+	p += head;
+	if ((uint64) (end - p) < *len)
+		return NULL;
+	return p;
+}
+
+/*
  * billing_segments_next
  *		The next account of the row into *seg, and a reader of its cells
  *		into *r, or false at the end.  Raises XX001 on a corrupt value.
@@ -419,7 +455,6 @@ bool
 billing_segments_next(DeltaSegments *s, DeltaSegment *seg, CellReader *r)
 {
 	uint32		len;
-	int			flags;
 
 	if (s->state == 0)
 	{
@@ -432,16 +467,8 @@ billing_segments_next(DeltaSegments *s, DeltaSegment *seg, CellReader *r)
 	}
 	if (s->state == 2 || s->p >= s->end)
 		return false;
-	r->p = s->p;
-	r->end = s->end;
-	seg->account_id = (int64) get_uint(r, 8);
-	flags = (int) get_uint(r, 1);
-	if ((flags & ~CELLS_SEG_SEQ) != 0)
-		corrupt();
-	seg->has_seq = (flags & CELLS_SEG_SEQ) != 0;
-	seg->seq = seg->has_seq ? (int64) get_uint(r, 8) : 0;
-	len = (uint32) get_uint(r, 4);
-	if ((uint32) (r->end - r->p) < len)
+	r->p = segment_header(s->p, s->end, seg, &len);
+	if (r->p == NULL)
 		corrupt();
 	r->end = r->p + len;
 	r->version = CELLS_VERSION;
@@ -683,49 +710,26 @@ billing_delta_span(int64 row_account, const char *data, int len, int64 *first, i
 	const unsigned char *end = (const unsigned char *) data + len;
 	int64		lo = PG_INT64_MAX;
 	int64		hi = PG_INT64_MIN;
-	bool		bad = false;
 
 	*first = *last = row_account;
 	if (len >= 1 && ((unsigned char) data[0] == 1 || (unsigned char) data[0] == CELLS_VERSION))
 		return;					/* a row of one account */
-	if (len < 1 || (unsigned char) data[0] != CELLS_GROUPED)
-		bad = true;				/* no version a reader knows */
-	while (p < end && !bad)
-	{
-		uint64		account = 0;
-		uint32		n = 0;
-		int			flags;
-		int			head;
+	if (len >= 1 && (unsigned char) data[0] == CELLS_GROUPED)
+		while (p != NULL && p < end)
+		{
+			DeltaSegment seg;
+			uint32		n;
 
-		if (end - p < 8 + 1)
-		{
-			bad = true;
-			break;
+			p = segment_header(p, end, &seg, &n);
+			if (p == NULL)
+				break;
+			p += n;
+			lo = Min(lo, seg.account_id);
+			hi = Max(hi, seg.account_id);
 		}
-		for (int i = 0; i < 8; i++)
-			account |= (uint64) p[i] << (8 * i);
-		flags = p[8];
-		head = 8 + 1 + ((flags & CELLS_SEG_SEQ) ? 8 : 0) + 4;
-		if ((flags & ~CELLS_SEG_SEQ) != 0 || end - p < head)
-		{
-			bad = true;
-			break;
-		}
-		for (int i = 0; i < 4; i++)
-			n |= (uint32) p[head - 4 + i] << (8 * i);
-		p += head;
-		if ((uint64) (end - p) < n)
-		{
-			bad = true;
-			break;
-		}
-		p += n;
-		lo = Min(lo, (int64) account);
-		hi = Max(hi, (int64) account);
-	}
-	if (bad || lo > hi)
+	if (p == NULL || lo > hi)
 	{
-		/* not what billing writes: every reader of the key reads it */
+		/* no version a reader knows, or not what billing writes */
 		*first = PG_INT64_MIN;
 		*last = PG_INT64_MAX;
 		return;
@@ -742,26 +746,27 @@ billing_delta_span(int64 row_account, const char *data, int len, int64 *first, i
  *		columns of its index, so that a reader of one account skips, in
  *		the index, the group rows of its block that do not hold it.
  */
-Datum
-billing_delta_first(PG_FUNCTION_ARGS)
+static int64
+delta_span_arg(FunctionCallInfo fcinfo, bool want_last)
 {
 	bytea	   *b = PG_GETARG_BYTEA_PP(1);
 	int64		first,
 				last;
 
 	billing_delta_span(PG_GETARG_INT64(0), VARDATA_ANY(b), VARSIZE_ANY_EXHDR(b), &first, &last);
-	PG_RETURN_INT64(first);
+	return want_last ? last : first;
+}
+
+Datum
+billing_delta_first(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INT64(delta_span_arg(fcinfo, false));
 }
 
 Datum
 billing_delta_last(PG_FUNCTION_ARGS)
 {
-	bytea	   *b = PG_GETARG_BYTEA_PP(1);
-	int64		first,
-				last;
-
-	billing_delta_span(PG_GETARG_INT64(0), VARDATA_ANY(b), VARSIZE_ANY_EXHDR(b), &first, &last);
-	PG_RETURN_INT64(last);
+	PG_RETURN_INT64(delta_span_arg(fcinfo, true));
 }
 
 /*
