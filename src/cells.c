@@ -112,14 +112,30 @@ billing_cells_begin(CellWriter *w, StringInfo buf)
 	w->is_last = false;
 }
 
-/* write the open series' cell count into its header */
+/*
+ * close_series
+ *		Write the open series' cell count into its header, as a varint in
+ *		place of the four bytes kept for it: the cells after it move back
+ *		by what the varint does not take, and the flags say so
+ *		(CELLS_VARCOUNT).
+ */
 static void
 close_series(CellWriter *w)
 {
+	unsigned char tmp[BILLING_VARINT_MAX];
+	int			n;
+	char	   *at;
+
 	if (w->count_at < 0)
 		return;
-	for (int i = 0; i < 4; i++)
-		w->buf->data[w->count_at + i] = (char) (w->ncells >> (8 * i));
+	n = billing_varint_put(tmp, w->ncells);
+	Assert(n <= 4);
+	at = w->buf->data + w->count_at;
+	memmove(at + n, at + 4, w->buf->len - (w->count_at + 4));
+	memcpy(at, tmp, n);
+	w->buf->len -= 4 - n;
+	w->buf->data[w->buf->len] = '\0';
+	at[-1] |= CELLS_VARCOUNT;
 	w->count_at = -1;
 }
 
@@ -156,15 +172,45 @@ billing_cells_add(CellWriter *w, TimestampTz bucket_start, int64 events,
 {
 	int			head = 0;
 	int			n = 0;
-	bool		secs = (bucket_start % USECS_PER_SEC) == 0;
+	int64		t = bucket_start;
 
 	Assert(w->count_at >= 0);
 	if (isdec)
-		n = head = i128_bytes(dec);
-	if (secs)
-		head |= CELLS_SECONDS;
+	{
+		/*
+		 * a whole quantity as its integer: 1 takes one byte, not the nine
+		 * of 10^20 (the low 20 bits of a multiple of 10^20 are zero, which
+		 * saves the division for most fractions)
+		 */
+		if (((uint64) dec & 0xFFFFF) == 0 && dec % billing_dec_pow10[CELLS_QTY_SCALE] == 0)
+		{
+			dec /= billing_dec_pow10[CELLS_QTY_SCALE];
+			head = CELLS_INTEGER;
+		}
+		n = i128_bytes(dec);
+		head |= n;
+	}
+	/* the bucket's start in the coarsest unit that holds it exactly */
+	if (t % USECS_PER_SEC == 0)
+	{
+		if (t % USECS_PER_HOUR == 0)
+		{
+			t /= USECS_PER_HOUR;
+			head |= CELLS_HOURS;
+		}
+		else if (t % USECS_PER_MINUTE == 0)
+		{
+			t /= USECS_PER_MINUTE;
+			head |= CELLS_MINUTES;
+		}
+		else
+		{
+			t /= USECS_PER_SEC;
+			head |= CELLS_SECONDS;
+		}
+	}
 	put_uint(w->buf, head, 1);
-	put_svarint(w->buf, secs ? bucket_start / USECS_PER_SEC : bucket_start);
+	put_svarint(w->buf, t);
 	put_svarint(w->buf, events);
 	if (isdec)
 	{
@@ -494,8 +540,17 @@ next_series(CellReader *r, CellSeries *s)
 	s->dimlen = (int) get_uint(r, 2);
 	s->dim = (const char *) take(r, s->dimlen);
 	flags = (int) get_uint(r, 1);
-	s->ncells = (uint32) get_uint(r, 4);
-	if (s->meterlen == 0 || (flags & ~CELLS_LAST) != 0 || s->ncells == 0)
+	if (flags & CELLS_VARCOUNT)
+	{
+		uint64		n = get_varint(r);
+
+		if (n > PG_UINT32_MAX)
+			corrupt();
+		s->ncells = (uint32) n;
+	}
+	else
+		s->ncells = (uint32) get_uint(r, 4);
+	if (s->meterlen == 0 || (flags & ~(CELLS_LAST | CELLS_VARCOUNT)) != 0 || s->ncells == 0)
 		corrupt();
 	s->is_last = (flags & CELLS_LAST) != 0;
 	return true;
@@ -536,20 +591,46 @@ next_cell(CellReader *r, const CellSeries *s, Cell *c)
 		int			head = (int) get_uint(r, 1);
 		int			qbytes = head & CELLS_QTY_BYTES;
 		int64		b;
+		int64		unit;
 
-		if ((head & ~(CELLS_QTY_BYTES | CELLS_SECONDS)) != 0 || qbytes > 16)
+		if (qbytes > 16 || (qbytes == 0 && (head & CELLS_INTEGER)))
 			corrupt();
-		b = get_svarint(r);
-		if (head & CELLS_SECONDS)
+		switch (head & CELLS_TIME_UNIT)
 		{
-			if (pg_mul_s64_overflow(b, USECS_PER_SEC, &b))
-				corrupt();
+			case CELLS_SECONDS:
+				unit = USECS_PER_SEC;
+				break;
+			case CELLS_MINUTES:
+				unit = USECS_PER_MINUTE;
+				break;
+			case CELLS_HOURS:
+				unit = USECS_PER_HOUR;
+				break;
+			default:
+				unit = 1;
+				break;
 		}
+		b = get_svarint(r);
+		if (pg_mul_s64_overflow(b, unit, &b))
+			corrupt();
 		c->bucket_start = (TimestampTz) b;
 		c->events = get_svarint(r);
 		c->isdec = (qbytes > 0);
 		if (c->isdec)
+		{
 			c->dec = get_i128_bytes(r, qbytes);
+			if (head & CELLS_INTEGER)
+			{
+				/* an integer: back to fixed point, if it fits */
+				const int128_t scale = (int128_t) 10000000000 * 10000000000;
+				const int128_t most = ((int128_t) (~(unsigned __int128) 0 >> 1)) / scale;
+
+				StaticAssertStmt(CELLS_QTY_SCALE == 20, "the scale is 10^20");
+				if (qbytes > 8 || c->dec > most || c->dec < -most)
+					corrupt();
+				c->dec *= scale;
+			}
+		}
 		else
 			c->num = read_text_qty(r);
 		if (s->is_last)

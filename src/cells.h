@@ -9,15 +9,24 @@
  *		then, to the end of the value, series:
  *			u8 meter name length, the name
  *			u16 dimension length, the dimension
- *			u8 flags (CELLS_LAST: the meter is a last meter, cells carry last_ts)
- *			u32 number of cells, then each cell:
+ *			u8 flags (CELLS_LAST: the meter is a last meter, cells carry
+ *			   last_ts; CELLS_VARCOUNT: the count is an unsigned varint)
+ *			the number of cells: an unsigned varint, or a u32 (what writers
+ *			   before CELLS_VARCOUNT wrote), then each cell:
  *				u8 head: the quantity's byte count (CELLS_QTY_BYTES; 0: as
- *				   text) and CELLS_SECONDS (bucket_start in whole seconds)
- *				varint bucket_start (microseconds, or seconds), varint events,
+ *				   text), CELLS_INTEGER (those bytes are the quantity's
+ *				   integer value, at most 8 of them), and the unit of
+ *				   bucket_start (CELLS_TIME_UNIT: none for microseconds,
+ *				   CELLS_SECONDS, CELLS_MINUTES or CELLS_HOURS)
+ *				varint bucket_start (in that unit), varint events,
  *				the quantity: that many bytes of an i128 in two's complement,
- *				   fixed point with CELLS_QTY_SCALE digits; or u16 length and
- *				   the numeric as text
+ *				   fixed point with CELLS_QTY_SCALE digits, or the integer
+ *				   (CELLS_INTEGER); or u16 length and the numeric as text
  *				varint last_ts (CELLS_LAST only)
+ *		Writers use the smallest form: a varint count, the coarsest unit
+ *		that holds bucket_start exactly, the integer of a whole quantity
+ *		(one byte for 1, against nine for 10^20).  The older forms (a u32
+ *		count, seconds or microseconds, fixed point only) stay readable.
  *		A varint is LEB128 of the zigzag form (small magnitudes, few bytes).
  *		Version 1 (still read) had fixed-size cells: i64 bucket_start, i64
  *		events, u8 kind (0: i128 quantity, 1: text), i64 last_ts.
@@ -64,8 +73,13 @@
 #define CELLS_VERSION		2
 #define CELLS_QTY_SCALE		20
 #define CELLS_LAST			0x01
+#define CELLS_VARCOUNT		0x02
 #define CELLS_QTY_BYTES		0x1F
+#define CELLS_INTEGER		0x40
+#define CELLS_TIME_UNIT		0xA0
 #define CELLS_SECONDS		0x20
+#define CELLS_MINUTES		0x80
+#define CELLS_HOURS			0xA0
 #define CELLS_GROUPED		3
 #define CELLS_GROUP_WIDTH	64
 #define CELLS_SEG_SEQ		0x01

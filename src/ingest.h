@@ -329,6 +329,7 @@ typedef struct KnownAccounts
 {
 	MemoryContext cxt;			/* the accumulator's */
 	HTAB	   *hash;			/* int64 -> int64; NULL when empty */
+	bool		checked;		/* has a flush of the statement checked? */
 } KnownAccounts;
 
 /*

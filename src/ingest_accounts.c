@@ -14,6 +14,8 @@
  * statement's flushes have found are kept (KnownAccounts) until the
  * statement ends (billing_meter_flush), so a later statement checks again;
  * at most KNOWN_ACCOUNTS_MAX entries (about 2 MB), then no more are added.
+ * They are kept from the second flush on: a statement that flushes once
+ * has no use for them.
  *
  * On one node, in READ COMMITTED, the backend also keeps the accounts it
  * found across transactions (the account cache, at most ACCOUNT_CACHE_MAX):
@@ -598,13 +600,22 @@ billing_check_accounts(const int64 *accounts, long n)
  * billing_check_new_accounts
  *		billing_check_accounts for the accounts[0..n) (sorted, distinct)
  *		that this statement has not checked yet, then remember them.  The
- *		array is overwritten.
+ *		array is overwritten.  The first flush of a statement remembers
+ *		nothing: most statements (an ingest() batch, a small COPY) flush
+ *		once, and would fill a hash table of thousands of accounts only to
+ *		drop it; a second flush checks its accounts and remembers them.
  */
 void
 billing_check_new_accounts(KnownAccounts *known, int64 *accounts, long n)
 {
 	long		m = 0;
 
+	if (!known->checked)
+	{
+		known->checked = true;
+		billing_check_accounts(accounts, n);
+		return;
+	}
 	for (long i = 0; i < n; i++)
 	{
 		bool		found = false;
@@ -639,6 +650,7 @@ billing_check_new_accounts(KnownAccounts *known, int64 *accounts, long n)
 void
 billing_forget_accounts(KnownAccounts *known)
 {
+	known->checked = false;
 	if (known->hash)
 	{
 		hash_destroy(known->hash);
