@@ -315,6 +315,7 @@ typedef struct FlushBufs
 	MemoryContext cxt;			/* the accumulator's cells_cxt */
 	long		cap;			/* cells (and so rows) the arrays hold */
 	struct CellRef *cells;		/* the cells, sorted */
+	struct CellRef *sortbuf;	/* room for as many, for sorting */
 	int64	   *accounts;		/* accounts to check */
 	DeltaRows	rows;			/* the delta rows, */
 	int		   *row_offsets;	/* offset of each row's cells in pack */

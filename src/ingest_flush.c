@@ -63,6 +63,82 @@ cell_cmp(const CellRef *a, const CellRef *b)
 #define ST_DEFINE
 #include "lib/sort_template.h"
 
+/* the sort key of an account id: unsigned, in the order of the signed id */
+static inline uint64
+account_key(const CellRef *c)
+{
+	return (uint64) c->key.account_id ^ ((uint64) 1 << 63);
+}
+
+/*
+ * order_cells
+ *		Sort cells[0..n) in cell_cmp order, with room for n more in tmp.
+ *		A flush holds thousands of accounts with a few cells each: the
+ *		cells go in account order by an LSD radix sort over the bits in
+ *		which the accounts differ (two passes for ten thousand accounts),
+ *		then each account's few cells by sort_cells.  That takes a fraction
+ *		of the time sort_cells takes over all of them.
+ */
+static void
+order_cells(CellRef *cells, CellRef *tmp, long n)
+{
+	uint64		lo,
+				hi;
+	CellRef    *src = cells;
+	CellRef    *dst = tmp;
+	int			bits;
+	long		i,
+				j;
+
+	if (n < 64)
+	{
+		sort_cells(cells, n);
+		return;
+	}
+	lo = hi = account_key(&cells[0]);
+	for (i = 1; i < n; i++)
+	{
+		uint64		k = account_key(&cells[i]);
+
+		lo = Min(lo, k);
+		hi = Max(hi, k);
+	}
+	bits = (hi == lo) ? 0 : 64 - __builtin_clzll(hi - lo);
+	for (int shift = 0; shift < bits; shift += 8)
+	{
+		long		count[256] = {0};
+		long		at = 0;
+		CellRef    *swap;
+
+		for (i = 0; i < n; i++)
+			count[((account_key(&src[i]) - lo) >> shift) & 0xFF]++;
+		if (count[((account_key(&src[0]) - lo) >> shift) & 0xFF] == n)
+			continue;			/* one digit: nothing moves */
+		for (int d = 0; d < 256; d++)
+		{
+			long		c = count[d];
+
+			count[d] = at;
+			at += c;
+		}
+		for (i = 0; i < n; i++)
+			dst[count[((account_key(&src[i]) - lo) >> shift) & 0xFF]++] = src[i];
+		swap = src;
+		src = dst;
+		dst = swap;
+	}
+	if (src != cells)
+		memcpy(cells, src, n * sizeof(CellRef));
+	/* each account's cells */
+	for (i = 0; i < n; i = j)
+	{
+		for (j = i + 1; j < n && cells[j].key.account_id == cells[i].key.account_id; j++)
+			;
+		if (j - i > 1)
+			sort_cells(cells + i, j - i);
+	}
+}
+
 /*
  * flush_bufs
  *		The accumulator's flush buffers, able to hold ncells cells.
@@ -78,6 +154,7 @@ flush_bufs(FlushBufs *fb, long ncells)
 		if (fb->cap > 0)
 		{
 			pfree(fb->cells);
+			pfree(fb->sortbuf);
 			pfree(fb->accounts);
 			pfree(fb->rows.accounts);
 			pfree(fb->rows.seqs);
@@ -88,6 +165,7 @@ flush_bufs(FlushBufs *fb, long ncells)
 		else
 			initStringInfo(&fb->pack);
 		fb->cells = palloc(cap * sizeof(CellRef));
+		fb->sortbuf = palloc(cap * sizeof(CellRef));
 		fb->accounts = palloc(cap * sizeof(int64));
 		fb->rows.accounts = palloc(cap * sizeof(int64));
 		fb->rows.seqs = palloc(cap * sizeof(Datum));
@@ -230,7 +308,7 @@ billing_flush_cells(IngestState *st, bool final)
 		fb->cells[i].key = cell->key;
 		fb->cells[i++].acc = cell;
 	}
-	sort_cells(fb->cells, ncells);
+	order_cells(fb->cells, fb->sortbuf, ncells);
 
 	/* every account counted must exist */
 	for (i = 0; i < ncells; i++)

@@ -34,7 +34,8 @@ $$SELECT coalesce(pg_stat_get_xact_function_calls('billing._meter_flush'::regpro
 CREATE FUNCTION pg_temp.deltas() RETURNS text LANGUAGE sql AS
 $$SELECT coalesce(md5(string_agg(format('%s/%s/%s/%s/%s/%s/%s/%s', c.account_id, c.seq IS NULL, c.meter,
                                         c.dimension, c.bucket_start, c.quantity, c.events, c.last_ts), ';'
-                                 ORDER BY c.account_id, c.meter, c.dimension, c.bucket_start)), 'none')
+                                 ORDER BY c.account_id, c.meter, c.dimension, c.bucket_start,
+                                          c.quantity, c.events, c.last_ts, c.seq IS NULL)), 'none')
     FROM billing.usage_deltas d, billing._delta_rows(d.account_id, d.seq, d.cells, NULL) c
    WHERE c.account_id BETWEEN 7401 AND 7440$$;
 -- the usage of the test's accounts, as one value

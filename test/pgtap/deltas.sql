@@ -1,12 +1,14 @@
 -- deltas: the packed cells of billing.usage_deltas (src/cells.c).  What
 -- billing._delta_pack packs, billing._delta_cells reads back exactly; the
--- byte format is pinned, and version 1 still reads (dumps and existing
--- deltas must keep reading);
+-- byte format is pinned, and version 1 and the earlier form of version 2
+-- (a u32 cell count, seconds, fixed-point quantities) still read (dumps
+-- and existing deltas must keep reading); whole quantities and bucket
+-- starts in whole hours, minutes or seconds take their short forms;
 -- corrupt values raise XX001 and never crash; an account with many cells
 -- in one flush is split into rows that stay out of TOAST, and its usage
 -- reads back as sent.
 BEGIN;
-SELECT plan(22);
+SELECT plan(30);
 \ir ../helpers.sql
 SET LOCAL timezone = 'UTC';
 
@@ -26,14 +28,48 @@ SELECT results_eq(
     'cells read back as packed: series, a quantity past fixed point, a negative one, a last meter');
 
 SELECT is((SELECT v FROM packed),
-          '\x02026d31000000020000002980d6c38e060400009814440dab210820f8d6c38e06021b00302e30303030303030303030303030303030303030303030303031026d320200657501010000002980d6c38e06020000d0d677e5a9bcef808e91cbe191f502'::bytea,
-          'the byte format is pinned (version 2: varints, quantities in as few bytes as they need)');
+          '\x02026d3100000202a9b0e91b0400009814440dab210880c2b2850d021b00302e30303030303030303030303030303030303030303030303031026d32020065750301e1b0e91b02fd808e91cbe191f502'::bytea,
+          'the byte format is pinned (version 2: varints, a varint cell count, bucket starts in hours or minutes, quantities in as few bytes as they need, -3 as the integer)');
+SELECT results_eq(
+    $$SELECT meter COLLATE "default", dimension COLLATE "default", bucket_start, quantity, events, last_ts
+        FROM billing._delta_cells('\x02026d31000000020000002980d6c38e060400009814440dab210820f8d6c38e06021b00302e30303030303030303030303030303030303030303030303031026d320200657501010000002980d6c38e06020000d0d677e5a9bcef808e91cbe191f502'::bytea)$$,
+    $$SELECT meter COLLATE "default", dimension COLLATE "default", bucket_start, quantity, events, last_ts
+        FROM packed, billing._delta_cells(v)$$,
+    'the earlier form of version 2 (a u32 cell count, seconds, fixed point only) still reads, the same cells');
+SELECT is(length(billing._delta_pack(ARRAY['m'], ARRAY[''], ARRAY['2026-01-01 00:00+00']::timestamptz[],
+                                     ARRAY[1]::numeric[], ARRAY[1]::bigint[], NULL)), 13,
+          'one cell of quantity 1 in an hour bucket: 13 bytes (version, 6 of series header, 6 of cell)');
 SELECT results_eq(
     $$SELECT meter COLLATE "default", dimension COLLATE "default", bucket_start, quantity, events, last_ts
         FROM billing._delta_cells('\x01026d31000000020000000060e80a47ea020002000000000000000000009814440dab21080000000000000000e77b0e47ea02000100000000000000011b00302e30303030303030303030303030303030303030303030303031026d320200657501010000000060e80a47ea02000100000000000000000000d0d677e5a9bcefffffffffffffff8023b20c47ea0200'::bytea)$$,
     $$SELECT meter COLLATE "default", dimension COLLATE "default", bucket_start, quantity, events, last_ts
         FROM packed, billing._delta_cells(v)$$,
     'a value of version 1 (fixed-size cells) still reads, the same cells');
+
+-- whole quantities: their integer, up to the largest whose fixed point
+-- fits; the next one is kept as text
+SELECT results_eq(
+    $$SELECT quantity FROM billing._delta_cells(billing._delta_pack(
+          ARRAY['m', 'm', 'm', 'm', 'm', 'm', 'm'], ARRAY['', '', '', '', '', '', ''],
+          ARRAY[now(), now(), now(), now(), now(), now(), now()],
+          ARRAY[1, -1, 255, 1e17, 1701411834604692317, -1701411834604692317,
+                1701411834604692318]::numeric[],
+          ARRAY[1, 1, 1, 1, 1, 1, 1]::bigint[], NULL))$$,
+    $$VALUES (1::numeric), (-1), (255), (1e17), (1701411834604692317), (-1701411834604692317),
+             (1701411834604692318)$$,
+    'whole quantities read back exactly, at the edge of the fixed-point range and past it');
+-- bucket starts in each unit, before and after 2000
+SELECT results_eq(
+    $$SELECT bucket_start FROM billing._delta_cells(billing._delta_pack(
+          ARRAY['m', 'm', 'm', 'm', 'm', 'm', 'm', 'm'], ARRAY['', '', '', '', '', '', '', ''],
+          ARRAY['1999-12-31 23:00+00', '1999-12-31 23:59+00', '1999-12-31 23:59:59+00',
+                '1999-12-31 23:59:59.5+00', '2000-01-01 00:00+00', '2026-12-07 16:00+00',
+                '2026-12-07 16:01+00', '2026-12-07 16:01:01+00']::timestamptz[],
+          ARRAY[1, 1, 1, 1, 1, 1, 1, 1]::numeric[], ARRAY[1, 1, 1, 1, 1, 1, 1, 1]::bigint[], NULL))$$,
+    $$VALUES ('1999-12-31 23:00+00'::timestamptz), ('1999-12-31 23:59+00'), ('1999-12-31 23:59:59+00'),
+             ('1999-12-31 23:59:59.5+00'), ('2000-01-01 00:00+00'), ('2026-12-07 16:00+00'),
+             ('2026-12-07 16:01+00'), ('2026-12-07 16:01:01+00')$$,
+    'bucket starts in hours, minutes, seconds and microseconds, before and after 2000, read back exactly');
 
 -- quantities at the edges of the fixed-point range keep every digit
 SELECT results_eq(
@@ -77,10 +113,18 @@ SELECT is((SELECT string_agg(n::text, ',')
              FROM packed, generate_series(2, length(v) - 1) n
             WHERE test.sqlstate_of(format('SELECT count(*) FROM billing._delta_cells(%L::bytea)',
                                           substr(v, 1, n))) <> 'XX001'),
-          '63', 'every truncated value raises XX001 but the one ending after the first series');
+          '57', 'every truncated value raises XX001 but the one ending after the first series');
 SELECT throws_ok($$SELECT * FROM billing._delta_cells('\x04'::bytea)$$, 'XX001', NULL, 'an unknown version');
-SELECT throws_ok($$SELECT * FROM billing._delta_cells(set_byte((SELECT v FROM packed), 11, 64))$$,
-                 'XX001', NULL, 'an unknown flag in a cell''s head byte');
+SELECT throws_ok($$SELECT * FROM billing._delta_cells(set_byte((SELECT v FROM packed), 8, 17))$$,
+                 'XX001', NULL, 'a quantity of 17 bytes in a cell''s head byte');
+SELECT throws_ok($$SELECT * FROM billing._delta_cells(set_byte((SELECT v FROM packed), 8, x'49'::int))$$,
+                 'XX001', NULL, 'a whole quantity of 9 bytes');
+SELECT throws_ok($$SELECT * FROM billing._delta_cells('\x02016d0000020140000000'::bytea)$$,
+                 'XX001', NULL, 'a whole quantity of no bytes');
+SELECT throws_ok($$SELECT * FROM billing._delta_cells('\x02016d00000201480000ffffffffffffff7f'::bytea)$$,
+                 'XX001', NULL, 'a whole quantity whose fixed point does not fit');
+SELECT throws_ok($$SELECT * FROM billing._delta_cells(set_byte((SELECT v FROM packed), 6, 6))$$,
+                 'XX001', NULL, 'an unknown flag in a series header');
 SELECT throws_ok($$SELECT * FROM billing._delta_cells(''::bytea)$$, 'XX001', NULL, 'an empty value');
 -- a quantity kept as text ('0.000...1') with a letter in its digits, or
 -- starting with one (NaN would parse): corrupt, not a numeric input error
