@@ -35,6 +35,11 @@ PG_FUNCTION_INFO_V1(billing_delta_last);
  * ---------------------------------------------------------------------
  */
 
+/* 1 in fixed point (CELLS_QTY_SCALE digits), and the largest integer that fits */
+#define QTY_ONE				((int128_t) 10000000000 * 10000000000)
+#define QTY_MOST_INTEGER	(((int128_t) (~(unsigned __int128) 0 >> 1)) / QTY_ONE)
+StaticAssertDecl(CELLS_QTY_SCALE == 20, "QTY_ONE is 10^CELLS_QTY_SCALE");
+
 /* n bytes from p */
 static inline void
 put_bytes(StringInfo b, const void *p, int n)
@@ -182,9 +187,9 @@ billing_cells_add(CellWriter *w, TimestampTz bucket_start, int64 events,
 		 * of 10^20 (the low 20 bits of a multiple of 10^20 are zero, which
 		 * saves the division for most fractions)
 		 */
-		if (((uint64) dec & 0xFFFFF) == 0 && dec % billing_dec_pow10[CELLS_QTY_SCALE] == 0)
+		if (((uint64) dec & 0xFFFFF) == 0 && dec % QTY_ONE == 0)
 		{
-			dec /= billing_dec_pow10[CELLS_QTY_SCALE];
+			dec /= QTY_ONE;
 			head = CELLS_INTEGER;
 		}
 		n = i128_bytes(dec);
@@ -622,13 +627,9 @@ next_cell(CellReader *r, const CellSeries *s, Cell *c)
 			if (head & CELLS_INTEGER)
 			{
 				/* an integer: back to fixed point, if it fits */
-				const int128_t scale = (int128_t) 10000000000 * 10000000000;
-				const int128_t most = ((int128_t) (~(unsigned __int128) 0 >> 1)) / scale;
-
-				StaticAssertStmt(CELLS_QTY_SCALE == 20, "the scale is 10^20");
-				if (qbytes > 8 || c->dec > most || c->dec < -most)
+				if (qbytes > 8 || c->dec > QTY_MOST_INTEGER || c->dec < -QTY_MOST_INTEGER)
 					corrupt();
-				c->dec *= scale;
+				c->dec *= QTY_ONE;
 			}
 		}
 		else
