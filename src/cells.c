@@ -561,6 +561,13 @@ next_series(CellReader *r, CellSeries *s)
 	return true;
 }
 
+/* t is a timestamp PostgreSQL can hold: in range, or -infinity or infinity */
+static inline bool
+valid_ts(TimestampTz t)
+{
+	return IS_VALID_TIMESTAMP(t) || TIMESTAMP_NOT_FINITE(t);
+}
+
 /*
  * next_cell
  *		The next cell of series s into *c.  A quantity kept as text (too
@@ -637,6 +644,9 @@ next_cell(CellReader *r, const CellSeries *s, Cell *c)
 		if (s->is_last)
 			c->last_ts = (TimestampTz) get_svarint(r);
 	}
+	/* a timestamp is finite and in range, or infinite */
+	if (!valid_ts(c->bucket_start) || !valid_ts(c->last_ts))
+		corrupt();
 }
 
 /*

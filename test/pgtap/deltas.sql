@@ -8,7 +8,7 @@
 -- in one flush is split into rows that stay out of TOAST, and its usage
 -- reads back as sent.
 BEGIN;
-SELECT plan(30);
+SELECT plan(35);
 \ir ../helpers.sql
 SET LOCAL timezone = 'UTC';
 
@@ -46,18 +46,21 @@ SELECT results_eq(
         FROM packed, billing._delta_cells(v)$$,
     'a value of version 1 (fixed-size cells) still reads, the same cells');
 
--- whole quantities: their integer, up to the largest whose fixed point
--- fits; the next one is kept as text
+-- whole quantities: their integer while fixed point holds them (below
+-- 10^18, 38 digits with the 20 fraction digits); beyond, the text
 SELECT results_eq(
     $$SELECT quantity FROM billing._delta_cells(billing._delta_pack(
-          ARRAY['m', 'm', 'm', 'm', 'm', 'm', 'm'], ARRAY['', '', '', '', '', '', ''],
-          ARRAY[now(), now(), now(), now(), now(), now(), now()],
-          ARRAY[1, -1, 255, 1e17, 1701411834604692317, -1701411834604692317,
-                1701411834604692318]::numeric[],
-          ARRAY[1, 1, 1, 1, 1, 1, 1]::bigint[], NULL))$$,
-    $$VALUES (1::numeric), (-1), (255), (1e17), (1701411834604692317), (-1701411834604692317),
-             (1701411834604692318)$$,
-    'whole quantities read back exactly, at the edge of the fixed-point range and past it');
+          ARRAY['m', 'm', 'm', 'm', 'm', 'm', 'm', 'm'], ARRAY['', '', '', '', '', '', '', ''],
+          ARRAY[now(), now(), now(), now(), now(), now(), now(), now()],
+          ARRAY[1, -1, 255, 1e17, 999999999999999999, -999999999999999999,
+                1000000000000000000, 1701411834604692318]::numeric[],
+          ARRAY[1, 1, 1, 1, 1, 1, 1, 1]::bigint[], NULL))$$,
+    $$VALUES (1::numeric), (-1), (255), (1e17), (999999999999999999), (-999999999999999999),
+             (1000000000000000000), (1701411834604692318)$$,
+    'whole quantities read back exactly, up to the edge of fixed point and past it');
+SELECT is(length(billing._delta_pack(ARRAY['m'], ARRAY[''], ARRAY['2026-01-01 00:00+00']::timestamptz[],
+                                     ARRAY[999999999999999999]::numeric[], ARRAY[1]::bigint[], NULL)), 20,
+          'the largest whole quantity fixed point holds takes 8 bytes');
 -- bucket starts in each unit, before and after 2000
 SELECT results_eq(
     $$SELECT bucket_start FROM billing._delta_cells(billing._delta_pack(
@@ -125,6 +128,21 @@ SELECT throws_ok($$SELECT * FROM billing._delta_cells('\x02016d00000201480000fff
                  'XX001', NULL, 'a whole quantity whose fixed point does not fit');
 SELECT throws_ok($$SELECT * FROM billing._delta_cells(set_byte((SELECT v FROM packed), 6, 6))$$,
                  'XX001', NULL, 'an unknown flag in a series header');
+-- a bucket start or last_ts past the timestamp range is corrupt, whatever
+-- reads it (not an error only when the timestamp is printed)
+SELECT throws_ok($$SELECT count(*) FROM billing._delta_cells('\x02016d00000201e1ffffffff070201'::bytea)$$,
+                 'XX001', NULL, 'a bucket start of 2^31 hours before 2000');
+SELECT throws_ok($$SELECT count(*) FROM billing._delta_cells('\x02016d0000000100000001ffffffffffffffff7f0200'::bytea)$$,
+                 'XX001', NULL, 'a bucket start past the timestamp range (the earlier form, microseconds)');
+SELECT throws_ok($$SELECT count(*) FROM billing._delta_cells('\x02016d0000030101000201fcffffffffffffffff01'::bytea)$$,
+                 'XX001', NULL, 'a last_ts past the timestamp range');
+SELECT results_eq(
+    $$SELECT bucket_start, last_ts FROM billing._delta_cells(billing._delta_pack(
+          ARRAY['m', 'm'], ARRAY['', ''], ARRAY['-infinity', '294276-12-31 23:00+00']::timestamptz[],
+          ARRAY[1, 1]::numeric[], ARRAY[1, 1]::bigint[], ARRAY['infinity', '4713-11-24 00:00+00 BC']::timestamptz[]))$$,
+    $$VALUES ('-infinity'::timestamptz, 'infinity'::timestamptz),
+             ('294276-12-31 23:00+00', '4713-11-24 00:00+00 BC')$$,
+    'infinite timestamps and the ends of the range read back');
 SELECT throws_ok($$SELECT * FROM billing._delta_cells(''::bytea)$$, 'XX001', NULL, 'an empty value');
 -- a quantity kept as text ('0.000...1') with a letter in its digits, or
 -- starting with one (NaN would parse): corrupt, not a numeric input error
