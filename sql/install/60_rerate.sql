@@ -157,12 +157,16 @@ BEGIN
                        JOIN billing.invoice_lines l
                          ON l.account_id = v.account_id AND l.invoice_id = v.invoice_id
                  WHERE l.kind IN ('usage', 'fixed', 'cap')
+                   -- the batch's accounts are in order: a range of the primary
+                   -- key, not a scan of every account's lines per batch
+                   AND l.account_id BETWEEN c_accounts[1] AND c_accounts[cardinality(c_accounts)]
                 UNION ALL
                 SELECT a.account_id, a.invoice_id, a.line_kind, a.meter::text, a.description,
                        a.new_quantity - a.old_quantity, a.delta, a.segment_start, a.dimension::text
                   FROM unnest(c_accounts, c_invoices) v(account_id, invoice_id)
                        JOIN billing.adjustments a
-                         ON a.account_id = v.account_id AND a.invoice_id = v.invoice_id) y;
+                         ON a.account_id = v.account_id AND a.invoice_id = v.invoice_id
+                 WHERE a.account_id BETWEEN c_accounts[1] AND c_accounts[cardinality(c_accounts)]) y;
         -- 3. compare today's lines of each invoice's period (every plan segment,
         -- the cap; a period no subscription covers any more bills nothing) with
         -- them: in one statement, the lines streamed from _period_build (an
