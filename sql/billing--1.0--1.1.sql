@@ -11131,3 +11131,53 @@ END
 $$;
 COMMENT ON FUNCTION billing._rerate_diff(timestamptz, timestamptz, bigint, integer) IS
     'Internal: billed versus correct lines of the finalized invoices overlapping a range, p_chunk accounts at a time';
+
+-- ---- purge_dedupe keeps an event id while a transaction open since before its cutoff ----
+-- could still accept a report with it (it judges lateness by its own now()): the cutoff
+-- is at most the start of the oldest transaction still open in the database
+CREATE FUNCTION billing._oldest_xact_start() RETURNS timestamptz
+    AS 'MODULE_PATHNAME', 'billing_oldest_xact_start'
+    LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION billing._oldest_xact_start() IS
+    'Internal: the earliest start of a transaction still open in this database (client backends and background workers, this one included; src/ingest_claim.c)';
+
+CREATE OR REPLACE FUNCTION billing.purge_dedupe(as_of timestamptz DEFAULT pg_catalog.now())
+    RETURNS bigint
+    LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    n bigint := 0;
+    k bigint;
+    m record;
+BEGIN
+    -- An id is kept until its dedupe window has passed (expires_at, set
+    -- when it was claimed c: c + dedupe_window) and until no report with its
+    -- timestamp can be accepted any more: a report is stamped at most 5
+    -- minutes after c and is accepted until its timestamp + late_window.
+    -- So an id goes once c + greatest(dedupe_window, late_window + 5 min)
+    -- <= as_of, with the meter's windows as they are now.  One delete per
+    -- meter (PL/pgSQL: Citus plans each with constants).  Never past now():
+    -- an as_of in the future would forget ids that still dedupe.  Nor past
+    -- the start of the oldest transaction still open in the database: it
+    -- judges lateness by its own now(), so it may still accept a report
+    -- whose id a cutoff at this now() would forget.
+    IF as_of IS NULL THEN
+        RETURN 0;       -- (as 1.0: NULL purges nothing)
+    END IF;
+    as_of := LEAST(as_of, pg_catalog.now(), billing._oldest_xact_start());
+    FOR m IN
+        SELECT x.meter,
+               as_of - greatest(interval '0', x.late_window + interval '5 minutes' - x.dedupe_window) AS cutoff
+          FROM billing.meters x
+    LOOP
+        DELETE FROM billing.dedupe_keys d WHERE d.meter = m.meter AND d.expires_at <= m.cutoff;
+        GET DIAGNOSTICS k = ROW_COUNT;
+        n := n + k;
+    END LOOP;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION billing.purge_dedupe(timestamptz) IS
+    'Removes event ids whose dedupe window ended by as_of (at most now(), and at most the start of the oldest transaction still open in the database) and for which no report can be accepted any more (late_window + 5 minutes after the claim); returns how many';
+REVOKE ALL ON FUNCTION billing._oldest_xact_start() FROM PUBLIC;
+-- (CREATE OR REPLACE made it SECURITY INVOKER: as 99_roles.sql has it)
+ALTER FUNCTION billing.purge_dedupe(timestamptz) SECURITY DEFINER;

@@ -16,14 +16,20 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "fmgr.h"
 #include "miscadmin.h"
 #include "utils/array.h"
+#include "utils/backend_status.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 #include "ingest.h"
+
+PG_FUNCTION_INFO_V1(billing_oldest_xact_start);
 
 /* saved plans */
 static SPIPlanPtr claim_batch_plan = NULL;
@@ -311,4 +317,47 @@ billing_claim_pending(IngestState *st)
 	pfree(first);
 	q->npending = 0;
 	q->pending_bytes = 0;
+}
+
+/*
+ * billing._oldest_xact_start() -> timestamptz
+ *		The earliest start of a transaction still open in this database, in
+ *		a client backend or a background worker (the ones that can report
+ *		usage), this one's included.  A transaction judges a report's
+ *		lateness by its own start (now()), so purge_dedupe must not forget
+ *		an id that a transaction started before its cutoff could still
+ *		accept.  Read from the backends' status in shared memory, which
+ *		every role sees whole here (pg_stat_activity hides other roles'
+ *		transactions from most).  A backend that does not report its
+ *		transactions (track_activities off) counts from its own start, the
+ *		earliest its transaction can have begun.
+ */
+Datum
+billing_oldest_xact_start(PG_FUNCTION_ARGS)
+{
+	TimestampTz oldest = GetCurrentTransactionStartTimestamp();
+	int			n = pgstat_fetch_stat_numbackends();
+
+	for (int i = 1; i <= n; i++)
+	{
+		LocalPgBackendStatus *l = pgstat_fetch_stat_local_beentry(i);
+		PgBackendStatus *b;
+		TimestampTz start;
+
+		if (l == NULL)
+			continue;
+		b = &l->backendStatus;
+		if (b->st_procpid <= 0 || b->st_databaseid != MyDatabaseId ||
+			(b->st_backendType != B_BACKEND && b->st_backendType != B_BG_WORKER))
+			continue;
+		if (b->st_state == STATE_DISABLED)
+			start = b->st_proc_start_timestamp;	/* not reported: no earlier than this */
+		else if (b->st_xact_start_timestamp != 0)
+			start = b->st_xact_start_timestamp;
+		else
+			continue;			/* no transaction open */
+		if (start != 0 && start < oldest)
+			oldest = start;
+	}
+	PG_RETURN_TIMESTAMPTZ(oldest);
 }

@@ -232,6 +232,12 @@ COMMENT ON FUNCTION billing.report_cumulative(text, bigint, text, timestamptz, n
 
 -- maintenance ----------------------------------------------------------------
 
+CREATE FUNCTION billing._oldest_xact_start() RETURNS timestamptz
+    AS 'MODULE_PATHNAME', 'billing_oldest_xact_start'
+    LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION billing._oldest_xact_start() IS
+    'Internal: the earliest start of a transaction still open in this database (client backends and background workers, this one included; src/ingest_claim.c)';
+
 CREATE FUNCTION billing.purge_dedupe(as_of timestamptz DEFAULT pg_catalog.now())
     RETURNS bigint
     LANGUAGE plpgsql SET search_path = pg_catalog, billing, pg_temp AS $$
@@ -247,11 +253,14 @@ BEGIN
     -- So an id goes once c + greatest(dedupe_window, late_window + 5 min)
     -- <= as_of, with the meter's windows as they are now.  One delete per
     -- meter (PL/pgSQL: Citus plans each with constants).  Never past now():
-    -- an as_of in the future would forget ids that still dedupe.
+    -- an as_of in the future would forget ids that still dedupe.  Nor past
+    -- the start of the oldest transaction still open in the database: it
+    -- judges lateness by its own now(), so it may still accept a report
+    -- whose id a cutoff at this now() would forget.
     IF as_of IS NULL THEN
         RETURN 0;       -- (as 1.0: NULL purges nothing)
     END IF;
-    as_of := LEAST(as_of, pg_catalog.now());
+    as_of := LEAST(as_of, pg_catalog.now(), billing._oldest_xact_start());
     FOR m IN
         SELECT x.meter,
                as_of - greatest(interval '0', x.late_window + interval '5 minutes' - x.dedupe_window) AS cutoff
@@ -265,4 +274,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION billing.purge_dedupe(timestamptz) IS
-    'Removes event ids whose dedupe window ended by as_of (at most now()) and for which no report can be accepted any more (late_window + 5 minutes after the claim); returns how many';
+    'Removes event ids whose dedupe window ended by as_of (at most now(), and at most the start of the oldest transaction still open in the database) and for which no report can be accepted any more (late_window + 5 minutes after the claim); returns how many';
