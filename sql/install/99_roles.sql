@@ -175,3 +175,7 @@ BEGIN
     END LOOP;
 END
 $$;
+-- except _oldest_xact_start: it reads every backend's transaction start,
+-- which pg_stat_activity shows only to privileged roles; purge_dedupe
+-- (SECURITY DEFINER) is its one caller
+REVOKE EXECUTE ON FUNCTION billing._oldest_xact_start() FROM billing_reader;
