@@ -11181,3 +11181,304 @@ COMMENT ON FUNCTION billing.purge_dedupe(timestamptz) IS
 REVOKE ALL ON FUNCTION billing._oldest_xact_start() FROM PUBLIC;
 -- (CREATE OR REPLACE made it SECURITY INVOKER: as 99_roles.sql has it)
 ALTER FUNCTION billing.purge_dedupe(timestamptz) SECURITY DEFINER;
+
+-- ---- writers that lock, then read what they must not write twice, raise 40001 under ----
+-- REPEATABLE READ or SERIALIZABLE when a concurrent transaction committed those rows first
+-- (finalize_invoices, grant_credit with an idempotency key, void_credit): 23505 before
+CREATE FUNCTION billing._retry_if_snapshot(p_what text) RETURNS void
+    LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION '%: a concurrent transaction wrote rows this transaction''s snapshot does not show', p_what
+            USING ERRCODE = '40001', HINT = 'Retry the transaction.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION billing._retry_if_snapshot(text) IS
+    'Internal: after a unique violation of a writer that locked first, raises 40001 under REPEATABLE READ or SERIALIZABLE (its snapshot predates the lock); returns under READ COMMITTED';
+
+REVOKE ALL ON FUNCTION billing._retry_if_snapshot(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION billing._retry_if_snapshot(text) TO billing_reader;
+
+CREATE OR REPLACE FUNCTION billing._finalize(p_as_of timestamptz, p_chunk integer DEFAULT 1000)
+    RETURNS TABLE (r_invoice_id bigint, r_account_id bigint, r_period_start timestamptz,
+                   r_period_end timestamptz, r_total numeric)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp
+    -- JIT compiles these large plans for longer than they run
+    SET jit = off AS $$
+DECLARE
+    cutoff timestamptz;
+    accs bigint[];      -- the accounts with a subscription, in order
+    batch bigint[];     -- p_chunk of them
+    chunk bigint[];     -- those of the batch with due periods, locked
+    lo integer := 1;
+    hi integer;
+BEGIN
+    IF p_as_of IS NULL THEN
+        RAISE EXCEPTION 'finalize_invoices: as_of must not be null' USING ERRCODE = '22004';
+    END IF;
+    -- never a period that ends after now() - grace, whatever as_of says
+    -- (a future or infinite as_of would finalize periods still open)
+    cutoff := LEAST(p_as_of, pg_catalog.now()) - billing._grace_period();
+    -- on Citus these statements may not call functions that read the
+    -- shards: the same invoices, one period at a time (_finalize_citus)
+    IF billing._citus_table_kind('billing.invoices') IS NOT NULL THEN
+        RETURN QUERY SELECT * FROM billing._finalize_citus(cutoff);
+        RETURN;
+    END IF;
+    SELECT array_agg(DISTINCT s.account_id ORDER BY s.account_id) INTO accs
+      FROM billing.subscriptions s;
+    IF accs IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- the invoices' audit rows (a trigger deferred to the commit, for
+    -- Citus: 70_audit.sql) written at the end of each statement that
+    -- writes invoices and their lines
+    SET CONSTRAINTS billing.invoices_audit IMMEDIATE;
+    FOREACH hi IN ARRAY billing._chunk_ends(accs, p_chunk) LOOP
+        batch := accs[lo:hi];
+        lo := hi + 1;
+        SELECT array_agg(l.account_id ORDER BY l.account_id) INTO chunk
+          FROM (SELECT a.account_id FROM billing.accounts a
+                 WHERE a.account_id IN (SELECT d.account_id FROM billing._due_periods(cutoff, batch) d)
+                 ORDER BY a.account_id
+                   FOR NO KEY UPDATE) l;
+        CONTINUE WHEN chunk IS NULL;
+        -- (a unique violation: under REPEATABLE READ, a concurrent finalize
+        -- committed invoices of the chunk that this snapshot does not show)
+        BEGIN
+        RETURN QUERY
+        WITH d AS MATERIALIZED (
+            SELECT * FROM billing._due_periods(cutoff, chunk)
+        ), due AS (
+            SELECT p.*, nextval('billing.invoice_id_seq') AS invoice_id,
+                   (row_number() OVER (ORDER BY p.account_id, p.period_start))::integer AS k,
+                   row_number() OVER (PARTITION BY p.account_id ORDER BY p.period_start) = 1 AS first_of_account
+              FROM (SELECT DISTINCT d.account_id, d.plan, d.currency, d.spend_cap, d.period_start,
+                           d.period_end FROM d) p
+        ), pa AS (
+            SELECT array_agg(due.account_id ORDER BY due.k) AS accounts,
+                   array_agg(due.currency ORDER BY due.k) AS currencies,
+                   array_agg(due.spend_cap ORDER BY due.k) AS caps,
+                   array_agg(due.period_start ORDER BY due.k) AS starts,
+                   array_agg(due.period_end ORDER BY due.k) AS ends,
+                   array_agg(due.first_of_account ORDER BY due.k) AS firsts
+              FROM due
+        ), sa AS (
+            SELECT array_agg(due.k ORDER BY due.k, d.segment_start) AS idx,
+                   array_agg(d.segment_plan ORDER BY due.k, d.segment_start) AS plans,
+                   array_agg(d.segment_start ORDER BY due.k, d.segment_start) AS starts,
+                   array_agg(d.segment_end ORDER BY due.k, d.segment_start) AS ends
+              FROM d JOIN due ON due.account_id = d.account_id AND due.period_start = d.period_start
+        ), built AS MATERIALIZED (
+            SELECT due.account_id, due.invoice_id, x.*
+              FROM pa, sa,
+                   LATERAL billing._invoice_build(pa.accounts, pa.currencies, pa.caps, pa.starts, pa.ends,
+                                                  pa.firsts, sa.idx, sa.plans, sa.starts, sa.ends,
+                                                  false, true) x
+                   JOIN due ON due.k = x.idx
+        ), new_grants AS MATERIALIZED (
+            SELECT b.account_id, b.grant_id AS placeholder,
+                   nextval('billing.credit_grant_id_seq') AS grant_id, b.amount, b.effective_at,
+                   b.expires_at, b.source_grant
+              FROM built b WHERE b.kind = 'grant'
+        ), mapped AS (
+            SELECT b.*, coalesce(ng.grant_id, b.grant_id) AS real_grant_id
+              FROM built b LEFT JOIN new_grants ng
+                     ON ng.account_id = b.account_id AND ng.placeholder = b.grant_id
+        ), numbered AS (
+            SELECT m.*, (row_number() OVER (PARTITION BY m.invoice_id ORDER BY m.ord))::integer AS line_no
+              FROM mapped m
+             WHERE billing._is_invoice_line(m.kind)
+        ), totals AS (
+            SELECT n.invoice_id, sum(n.amount) AS total FROM numbered n GROUP BY n.invoice_id
+        ), invoices_written AS (
+            INSERT INTO billing.invoices (account_id, invoice_id, plan, period_start, period_end,
+                                          currency, total)
+            SELECT due.account_id, due.invoice_id, due.plan, due.period_start, due.period_end,
+                   due.currency, coalesce(t.total, 0)
+              FROM due LEFT JOIN totals t ON t.invoice_id = due.invoice_id
+            RETURNING billing.invoices.invoice_id, billing.invoices.account_id,
+                      billing.invoices.period_start, billing.invoices.period_end,
+                      billing.invoices.total
+        ), lines_written AS (
+            INSERT INTO billing.invoice_lines (account_id, invoice_id, line_no, kind, meter,
+                                              description, quantity, amount, unrounded_amount,
+                                              charge_id, price, adjustment_id, segment_start,
+                                              segment_end, proration, commitment_id, grant_id, dimension)
+            SELECT n.account_id, n.invoice_id, n.line_no, n.kind, n.meter, n.description, n.quantity,
+                   n.amount, n.unrounded_amount, n.charge_id, n.price, n.adjustment_id,
+                   n.segment_start, n.segment_end, n.proration, n.commitment_id, n.real_grant_id,
+                   n.dimension
+              FROM numbered n
+            RETURNING billing.invoice_lines.account_id, billing.invoice_lines.invoice_id,
+                      billing.invoice_lines.adjustment_id
+        ), grants_written AS (
+            INSERT INTO billing.credit_grants (account_id, grant_id, amount, effective_at, expires_at,
+                                               priority, applies_to, source, reason, commitment_id,
+                                               window_no, rolled_from)
+            SELECT ng.account_id, ng.grant_id, ng.amount, ng.effective_at, ng.expires_at, g.priority,
+                   g.applies_to, 'rollover', format('rollover of grant %s', g.grant_id),
+                   g.commitment_id, g.window_no + 1, g.grant_id
+              FROM new_grants ng
+                   JOIN billing.credit_grants g
+                     ON g.account_id = ng.account_id AND g.grant_id = ng.source_grant
+            RETURNING 1
+        ), ledger_written AS (
+            INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at,
+                                               invoice_id)
+            SELECT m.account_id,
+                   h.seq + row_number() OVER (PARTITION BY m.account_id ORDER BY m.idx, m.ord),
+                   m.real_grant_id, billing._ledger_kind(m.kind), m.amount,
+                   m.effective_at, CASE WHEN m.kind = 'credit' THEN m.invoice_id END
+              FROM mapped m
+                   CROSS JOIN LATERAL (SELECT coalesce(max(x.seq), 0) AS seq FROM billing.credit_ledger x
+                                        WHERE x.account_id = m.account_id) h
+             WHERE billing._ledger_kind(m.kind) IS NOT NULL
+            RETURNING 1
+        ), carried AS (
+            UPDATE billing.adjustments adj SET billed_invoice_id = w.invoice_id
+              FROM lines_written w
+             WHERE w.adjustment_id IS NOT NULL AND adj.account_id = w.account_id
+               AND adj.adjustment_id = w.adjustment_id
+            RETURNING 1
+        )
+        SELECT w.invoice_id, w.account_id, w.period_start, w.period_end, w.total
+          FROM invoices_written w
+         ORDER BY w.account_id, w.period_start;
+        EXCEPTION WHEN unique_violation THEN
+            PERFORM billing._retry_if_snapshot('finalize_invoices');
+            RAISE;
+        END;
+    END LOOP;
+    SET CONSTRAINTS billing.invoices_audit DEFERRED;
+END
+$$;
+COMMENT ON FUNCTION billing._finalize(timestamptz, integer) IS
+    'Internal: the body of finalize_invoices, p_chunk accounts per statement';
+
+
+CREATE OR REPLACE FUNCTION billing.grant_credit(account_id bigint, amount numeric,
+                                     effective_at timestamptz DEFAULT pg_catalog.now(),
+                                     expires_at timestamptz DEFAULT NULL,
+                                     priority integer DEFAULT 50, applies_to text[] DEFAULT NULL,
+                                     reason text DEFAULT NULL, idempotency_key text DEFAULT NULL)
+    RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    cur text;
+    id bigint;
+BEGIN
+    IF account_id IS NULL OR amount IS NULL OR effective_at IS NULL OR priority IS NULL THEN
+        RAISE EXCEPTION 'grant_credit: account_id, amount, effective_at and priority must not be null'
+            USING ERRCODE = '22004';
+    END IF;
+    cur := billing._contract_account(grant_credit.account_id);
+    IF idempotency_key IS NOT NULL THEN
+        SELECT g.grant_id INTO id FROM billing.credit_grants g
+         WHERE g.account_id = grant_credit.account_id
+           AND g.idempotency_key = grant_credit.idempotency_key;
+        IF FOUND THEN
+            RETURN id;        -- a repeated key: the first grant
+        END IF;
+    END IF;
+    PERFORM billing._check_money(amount, cur, 'credit');
+    IF priority NOT BETWEEN 0 AND 100 THEN
+        RAISE EXCEPTION 'invalid priority: %', priority
+            USING ERRCODE = '22023', DETAIL = 'A priority is 0 to 100; lower is drawn first.';
+    END IF;
+    IF NOT isfinite(effective_at) OR NOT coalesce(isfinite(expires_at), true)
+       OR expires_at <= effective_at THEN
+        RAISE EXCEPTION 'invalid credit window: effective % to %', effective_at, coalesce(expires_at::text, 'never')
+            USING ERRCODE = '22023', DETAIL = 'expires_at must be finite and after effective_at (or NULL: never).';
+    END IF;
+    applies_to := billing._check_applies_to(applies_to);
+    BEGIN
+        INSERT INTO billing.credit_grants (account_id, amount, effective_at, expires_at, priority,
+                                           applies_to, source, reason, idempotency_key)
+        VALUES (grant_credit.account_id, billing.round_money(amount, cur), effective_at, expires_at,
+                priority, applies_to, 'manual', reason, idempotency_key)
+        RETURNING billing.credit_grants.grant_id INTO id;
+        INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at)
+        VALUES (grant_credit.account_id, billing._ledger_next_seq(grant_credit.account_id), id,
+                'grant', billing.round_money(amount, cur), effective_at);
+    EXCEPTION WHEN unique_violation THEN
+        -- under REPEATABLE READ: the key or a ledger entry of a concurrent
+        -- transaction, which this snapshot does not show
+        PERFORM billing._retry_if_snapshot('grant_credit');
+        RAISE;
+    END;
+    RETURN id;
+END
+$$;
+COMMENT ON FUNCTION billing.grant_credit(bigint, numeric, timestamptz, timestamptz, integer, text[], text, text) IS
+    'Grants an account credit (prepaid or promotional) that invoices draw from; a repeated idempotency_key returns the first grant''s id';
+
+
+CREATE OR REPLACE FUNCTION billing.void_credit(account_id bigint, grant_id bigint, reason text,
+                                    at timestamptz DEFAULT pg_catalog.now())
+    RETURNS numeric
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, billing, pg_temp AS $$
+DECLARE
+    g billing.credit_grants;
+    left_over numeric;
+BEGIN
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'voiding a credit needs a reason' USING ERRCODE = '22004';
+    END IF;
+    IF account_id IS NULL OR grant_id IS NULL OR at IS NULL THEN
+        RAISE EXCEPTION 'void_credit: account_id, grant_id and at must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF NOT isfinite(at) THEN
+        RAISE EXCEPTION 'void_credit: at must be finite' USING ERRCODE = '22023';
+    END IF;
+    PERFORM billing._contract_account(void_credit.account_id);
+    SELECT * INTO g FROM billing.credit_grants x
+     WHERE x.account_id = void_credit.account_id AND x.grant_id = void_credit.grant_id
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'credit grant % of account % does not exist', void_credit.grant_id,
+              void_credit.account_id USING ERRCODE = '23503';
+    END IF;
+    IF g.voided_at IS NOT NULL THEN
+        RETURN 0;             -- voided before: nothing left to forfeit
+    END IF;
+    -- what is left at `at` is known once every period of the grant's window
+    -- that ends by then is finalized: those periods draw from it first
+    IF EXISTS (SELECT 1 FROM billing._due_periods(void_credit.at, ARRAY[g.account_id]) d
+                WHERE d.period_end > g.effective_at
+                  AND (g.expires_at IS NULL OR d.period_start < g.expires_at)) THEN
+        RAISE EXCEPTION 'credit grant % of account % would still pay periods that end by %',
+              g.grant_id, g.account_id, void_credit.at
+            USING ERRCODE = '55000',
+                  DETAIL = 'void_credit forfeits what is left of a grant at "at"; periods of its window that end by then and are not finalized yet draw from it first.',
+                  HINT = 'Finalize those invoices first (finalize_invoices), or void the grant at an earlier time.';
+    END IF;
+    SELECT coalesce(sum(l.amount), 0) INTO left_over FROM billing.credit_ledger l
+     WHERE l.account_id = g.account_id AND l.grant_id = g.grant_id;
+    BEGIN
+        UPDATE billing.credit_grants x SET voided_at = void_credit.at, void_reason = void_credit.reason
+         WHERE x.account_id = g.account_id AND x.grant_id = g.grant_id;
+        INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at)
+        VALUES (g.account_id, billing._ledger_next_seq(g.account_id), g.grant_id, 'void', -left_over,
+                greatest(at, g.effective_at));
+    EXCEPTION WHEN unique_violation THEN
+        -- under REPEATABLE READ: a concurrent finalize's ledger entries (its
+        -- draws of this grant too), which this snapshot does not show
+        PERFORM billing._retry_if_snapshot('void_credit');
+        RAISE;
+    END;
+    RETURN left_over;
+END
+$$;
+COMMENT ON FUNCTION billing.void_credit(bigint, bigint, text, timestamptz) IS
+    'Voids a credit grant: what is left of it is forfeited (returned) and booked as void; what was used stays used';
+
+-- (CREATE OR REPLACE made them SECURITY INVOKER: as 99_roles.sql has them)
+ALTER FUNCTION billing.grant_credit(bigint, numeric, timestamptz, timestamptz, integer, text[], text, text)
+    SECURITY DEFINER;
+ALTER FUNCTION billing.void_credit(bigint, bigint, text, timestamptz) SECURITY DEFINER;

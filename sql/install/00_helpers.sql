@@ -240,6 +240,30 @@ COMMENT ON FUNCTION billing._plan_cache_for(integer, boolean, boolean) IS
     'Internal: sets plan_cache_mode (and enable_nestloop) for the rest of the caller''s call, from the number of periods it rates';
 
 /*
+ * _retry_if_snapshot: called by a writer that takes its locks and then
+ * reads what it must not write twice (invoices, an idempotency key, the
+ * next ledger seq) when a write fails with a unique violation.  Under
+ * READ COMMITTED the reads after the lock see what a concurrent writer
+ * committed, so the violation is a real one and the caller raises it
+ * again.  Under REPEATABLE READ or SERIALIZABLE they read the snapshot
+ * taken before the lock, which may miss a concurrent writer's rows: that
+ * is a serialization failure (40001, retry the transaction), as a
+ * concurrent update of a locked row is.  The one rule for every such
+ * writer.
+ */
+CREATE FUNCTION billing._retry_if_snapshot(p_what text) RETURNS void
+    LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION '%: a concurrent transaction wrote rows this transaction''s snapshot does not show', p_what
+            USING ERRCODE = '40001', HINT = 'Retry the transaction.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION billing._retry_if_snapshot(text) IS
+    'Internal: after a unique violation of a writer that locked first, raises 40001 under REPEATABLE READ or SERIALIZABLE (its snapshot predates the lock); returns under READ COMMITTED';
+
+/*
  * _chunk_ends: the batches of a job over many accounts (finalize_invoices,
  * rerate), so that its memory is that of a batch, not of every account.
  * Given the accounts of the job's rows in account order, the index of the

@@ -580,6 +580,9 @@ BEGIN
                  ORDER BY a.account_id
                    FOR NO KEY UPDATE) l;
         CONTINUE WHEN chunk IS NULL;
+        -- (a unique violation: under REPEATABLE READ, a concurrent finalize
+        -- committed invoices of the chunk that this snapshot does not show)
+        BEGIN
         RETURN QUERY
         WITH d AS MATERIALIZED (
             SELECT * FROM billing._due_periods(cutoff, chunk)
@@ -679,6 +682,10 @@ BEGIN
         SELECT w.invoice_id, w.account_id, w.period_start, w.period_end, w.total
           FROM invoices_written w
          ORDER BY w.account_id, w.period_start;
+        EXCEPTION WHEN unique_violation THEN
+            PERFORM billing._retry_if_snapshot('finalize_invoices');
+            RAISE;
+        END;
     END LOOP;
     SET CONSTRAINTS billing.invoices_audit DEFERRED;
 END

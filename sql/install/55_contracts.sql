@@ -923,14 +923,21 @@ BEGIN
             USING ERRCODE = '22023', DETAIL = 'expires_at must be finite and after effective_at (or NULL: never).';
     END IF;
     applies_to := billing._check_applies_to(applies_to);
-    INSERT INTO billing.credit_grants (account_id, amount, effective_at, expires_at, priority,
-                                       applies_to, source, reason, idempotency_key)
-    VALUES (grant_credit.account_id, billing.round_money(amount, cur), effective_at, expires_at,
-            priority, applies_to, 'manual', reason, idempotency_key)
-    RETURNING billing.credit_grants.grant_id INTO id;
-    INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at)
-    VALUES (grant_credit.account_id, billing._ledger_next_seq(grant_credit.account_id), id,
-            'grant', billing.round_money(amount, cur), effective_at);
+    BEGIN
+        INSERT INTO billing.credit_grants (account_id, amount, effective_at, expires_at, priority,
+                                           applies_to, source, reason, idempotency_key)
+        VALUES (grant_credit.account_id, billing.round_money(amount, cur), effective_at, expires_at,
+                priority, applies_to, 'manual', reason, idempotency_key)
+        RETURNING billing.credit_grants.grant_id INTO id;
+        INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at)
+        VALUES (grant_credit.account_id, billing._ledger_next_seq(grant_credit.account_id), id,
+                'grant', billing.round_money(amount, cur), effective_at);
+    EXCEPTION WHEN unique_violation THEN
+        -- under REPEATABLE READ: the key or a ledger entry of a concurrent
+        -- transaction, which this snapshot does not show
+        PERFORM billing._retry_if_snapshot('grant_credit');
+        RAISE;
+    END;
     RETURN id;
 END
 $$;
@@ -979,11 +986,18 @@ BEGIN
     END IF;
     SELECT coalesce(sum(l.amount), 0) INTO left_over FROM billing.credit_ledger l
      WHERE l.account_id = g.account_id AND l.grant_id = g.grant_id;
-    UPDATE billing.credit_grants x SET voided_at = void_credit.at, void_reason = void_credit.reason
-     WHERE x.account_id = g.account_id AND x.grant_id = g.grant_id;
-    INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at)
-    VALUES (g.account_id, billing._ledger_next_seq(g.account_id), g.grant_id, 'void', -left_over,
-            greatest(at, g.effective_at));
+    BEGIN
+        UPDATE billing.credit_grants x SET voided_at = void_credit.at, void_reason = void_credit.reason
+         WHERE x.account_id = g.account_id AND x.grant_id = g.grant_id;
+        INSERT INTO billing.credit_ledger (account_id, seq, grant_id, kind, amount, effective_at)
+        VALUES (g.account_id, billing._ledger_next_seq(g.account_id), g.grant_id, 'void', -left_over,
+                greatest(at, g.effective_at));
+    EXCEPTION WHEN unique_violation THEN
+        -- under REPEATABLE READ: a concurrent finalize's ledger entries (its
+        -- draws of this grant too), which this snapshot does not show
+        PERFORM billing._retry_if_snapshot('void_credit');
+        RAISE;
+    END;
     RETURN left_over;
 END
 $$;
