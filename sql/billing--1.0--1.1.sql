@@ -11188,14 +11188,15 @@ ALTER FUNCTION billing.purge_dedupe(timestamptz) SECURITY DEFINER;
 CREATE FUNCTION billing._retry_if_snapshot(p_what text) RETURNS void
     LANGUAGE plpgsql AS $$
 BEGIN
-    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+    -- (READ UNCOMMITTED runs as READ COMMITTED: a violation there is real too)
+    IF pg_catalog.current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
         RAISE EXCEPTION '%: a concurrent transaction wrote rows this transaction''s snapshot does not show', p_what
             USING ERRCODE = '40001', HINT = 'Retry the transaction.';
     END IF;
 END
 $$;
 COMMENT ON FUNCTION billing._retry_if_snapshot(text) IS
-    'Internal: after a unique violation of a writer that locked first, raises 40001 under REPEATABLE READ or SERIALIZABLE (its snapshot predates the lock); returns under READ COMMITTED';
+    'Internal: after a unique violation of a writer that locked first, raises 40001 under REPEATABLE READ or SERIALIZABLE (its snapshot predates the lock); returns under READ COMMITTED (and READ UNCOMMITTED, which runs as it)';
 
 REVOKE ALL ON FUNCTION billing._retry_if_snapshot(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION billing._retry_if_snapshot(text) TO billing_reader;
